@@ -1,0 +1,138 @@
+//! NATS JetStream for Switchboard: the `[nats]` config section, stream set-up, and the usage-event
+//! envelope.
+//!
+//! Subjects (all under the configured prefix, `switchboard` by default):
+//! - `<prefix>.usage.<app>`: one [`UsageEvent`] per request, protobuf-encoded, `Nats-Msg-Id` = our
+//!   request id (JetStream de-duplicates redeliveries within the stream's duplicate window), W3C
+//!   `traceparent` in the headers. Captured by the stream `<STREAM>` (`SWITCHBOARD_USAGE` by default).
+
+use std::time::Duration;
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream},
+};
+use prost::Message as _;
+use serde::Deserialize;
+pub use switchboard_proto::ledger::v1::UsageEvent;
+
+/// The `[nats]` section of the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL.
+    pub url: String,
+    /// Subject prefix; tests use a unique one per run.
+    pub subject_prefix: String,
+    /// Name of the JetStream stream holding usage events.
+    pub usage_stream: String,
+    /// De-duplication window of the usage stream, seconds.
+    pub duplicate_window_secs: u64,
+    /// How long usage events are kept in the stream, hours.
+    pub max_age_hours: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            subject_prefix: "switchboard".to_owned(),
+            usage_stream: "SWITCHBOARD_USAGE".to_owned(),
+            duplicate_window_secs: 600,
+            max_age_hours: 24 * 7,
+        }
+    }
+}
+
+/// Bus errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Could not connect.
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    /// Stream set-up failed.
+    #[error("cannot set up JetStream stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    /// Publishing failed.
+    #[error("cannot publish to {subject}: {message}")]
+    Publish { subject: String, message: String },
+}
+
+impl NatsConfig {
+    /// Subject of usage events for `app`.
+    pub fn usage_subject(&self, app: &str) -> String {
+        format!("{}.usage.{}", self.subject_prefix, sanitize_token(app))
+    }
+
+    /// Wildcard over every usage subject.
+    pub fn usage_wildcard(&self) -> String {
+        format!("{}.usage.>", self.subject_prefix)
+    }
+
+    /// Connects (the client reconnects by itself afterwards).
+    pub async fn connect(&self) -> Result<async_nats::Client, BusError> {
+        async_nats::ConnectOptions::new()
+            .name("switchboard")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(&self.url)
+            .await
+            .map_err(|e| BusError::Connect { url: self.url.clone(), message: e.to_string() })
+    }
+
+    /// Creates the usage stream if needed and returns it.
+    pub async fn ensure_usage_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, BusError> {
+        js.get_or_create_stream(stream::Config {
+            name: self.usage_stream.clone(),
+            subjects: vec![self.usage_wildcard()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
+            max_age: Duration::from_secs(self.max_age_hours * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Stream { stream: self.usage_stream.clone(), message: e.to_string() })
+    }
+}
+
+/// Replaces characters that are not valid in a subject token.
+fn sanitize_token(token: &str) -> String {
+    let cleaned: String = token
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if cleaned.is_empty() { "_".to_owned() } else { cleaned }
+}
+
+/// Publishes a usage event with `Nats-Msg-Id` = its request id and the current trace context.
+/// Await the returned future to know JetStream has stored it.
+pub async fn publish_usage(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    event: &UsageEvent,
+) -> Result<PublishAckFuture, BusError> {
+    let subject = config.usage_subject(&event.app);
+    let mut headers = HeaderMap::new();
+    switchboard_telemetry::inject_nats(&mut headers);
+    let message = PublishMessage::build()
+        .headers(headers)
+        .message_id(&event.request_id)
+        .payload(event.encode_to_vec().into());
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|e| BusError::Publish { subject, message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_scoped_and_sanitized() {
+        let config = NatsConfig { subject_prefix: "test.abc".into(), ..Default::default() };
+        assert_eq!(config.usage_subject("billing app.v2"), "test.abc.usage.billing_app_v2");
+        assert_eq!(config.usage_subject(""), "test.abc.usage._");
+        assert_eq!(config.usage_wildcard(), "test.abc.usage.>");
+    }
+}

@@ -1,0 +1,232 @@
+//! The small set of error codes every Switchboard service speaks, mapped to gRPC and HTTP in one place.
+//!
+//! Each service has one request-path error enum that implements [`ServiceError`]. Converting it to a
+//! [`tonic::Status`] goes through [`to_status`], which attaches a `google.rpc.ErrorInfo` detail
+//! (`reason` = the stable code name, `domain` = the service) so that callers branch on the reason and
+//! never on the message. The gateway turns a status back into an OpenAI-style HTTP error with
+//! [`ErrorCode::from_status`] and [`ErrorCode::http_status`].
+
+use std::collections::HashMap;
+
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The stable error codes. Names are part of the API (they appear as `ErrorInfo.reason` and as the
+/// `code` of OpenAI-style error bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request is malformed or fails validation.
+    InvalidArgument,
+    /// No credentials, or credentials that do not match any key.
+    Unauthenticated,
+    /// The caller may not do this (for example a guard block).
+    PermissionDenied,
+    /// The requested model (route) or record does not exist.
+    NotFound,
+    /// The request body is larger than the configured limit.
+    PayloadTooLarge,
+    /// A rate limit or budget was hit.
+    RateLimited,
+    /// Every provider target failed.
+    UpstreamUnavailable,
+    /// A provider rejected the request as invalid (context too long, bad parameters).
+    UpstreamRejected,
+    /// A deadline passed.
+    Timeout,
+    /// A dependency of ours is down.
+    Unavailable,
+    /// A bug or an unexpected failure; details are logged, not returned.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The stable name (`ErrorInfo.reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            ErrorCode::UpstreamRejected => "UPSTREAM_REJECTED",
+            ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    /// Parses a stable name.
+    pub fn parse(name: &str) -> Option<Self> {
+        ALL.iter().copied().find(|code| code.as_str() == name)
+    }
+
+    /// The gRPC code.
+    pub fn grpc(self) -> tonic::Code {
+        match self {
+            ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
+            ErrorCode::NotFound => tonic::Code::NotFound,
+            ErrorCode::PayloadTooLarge => tonic::Code::InvalidArgument,
+            ErrorCode::RateLimited => tonic::Code::ResourceExhausted,
+            ErrorCode::UpstreamUnavailable => tonic::Code::Unavailable,
+            ErrorCode::UpstreamRejected => tonic::Code::FailedPrecondition,
+            ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
+            ErrorCode::Unavailable => tonic::Code::Unavailable,
+            ErrorCode::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn http_status(self) -> http::StatusCode {
+        match self {
+            ErrorCode::InvalidArgument => http::StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated => http::StatusCode::UNAUTHORIZED,
+            ErrorCode::PermissionDenied => http::StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => http::StatusCode::NOT_FOUND,
+            ErrorCode::PayloadTooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RateLimited => http::StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::UpstreamUnavailable => http::StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamRejected => http::StatusCode::BAD_REQUEST,
+            ErrorCode::Timeout => http::StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error `type` for an HTTP body.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge | ErrorCode::UpstreamRejected => {
+                "invalid_request_error"
+            }
+            ErrorCode::Unauthenticated => "authentication_error",
+            ErrorCode::PermissionDenied => "permission_error",
+            ErrorCode::NotFound => "not_found_error",
+            ErrorCode::RateLimited => "rate_limit_error",
+            ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Unavailable => "api_error",
+            ErrorCode::Internal => "server_error",
+        }
+    }
+
+    /// The code a status carries: its `ErrorInfo.reason` when it has one, else derived from the gRPC code.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        if let Some(info) = status.get_details_error_info() {
+            if let Some(code) = ErrorCode::parse(&info.reason) {
+                return code;
+            }
+        }
+        match status.code() {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidArgument,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
+            tonic::Code::PermissionDenied => ErrorCode::PermissionDenied,
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::ResourceExhausted => ErrorCode::RateLimited,
+            tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
+            tonic::Code::Unavailable => ErrorCode::Unavailable,
+            tonic::Code::FailedPrecondition => ErrorCode::UpstreamRejected,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+const ALL: [ErrorCode; 11] = [
+    ErrorCode::InvalidArgument,
+    ErrorCode::Unauthenticated,
+    ErrorCode::PermissionDenied,
+    ErrorCode::NotFound,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::RateLimited,
+    ErrorCode::UpstreamUnavailable,
+    ErrorCode::UpstreamRejected,
+    ErrorCode::Timeout,
+    ErrorCode::Unavailable,
+    ErrorCode::Internal,
+];
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A service's request-path error.
+pub trait ServiceError: std::error::Error {
+    /// The stable code.
+    fn code(&self) -> ErrorCode;
+    /// Extra `ErrorInfo.metadata` (for example the field that failed validation). Never a prompt or a secret.
+    fn metadata(&self) -> HashMap<String, String> {
+        HashMap::new()
+    }
+}
+
+/// Converts a service error into a status with an `ErrorInfo` detail. `Internal` errors are logged
+/// here, once, and returned with a generic message.
+pub fn to_status(domain: &'static str, error: &dyn ServiceError) -> tonic::Status {
+    let code = error.code();
+    let message = if code == ErrorCode::Internal {
+        tracing::error!(error.domain = domain, error = %error, "internal error");
+        "internal error".to_owned()
+    } else {
+        error.to_string()
+    };
+    status(code, domain, message, error.metadata())
+}
+
+/// Builds a status with an `ErrorInfo` detail.
+pub fn status(
+    code: ErrorCode,
+    domain: &str,
+    message: impl Into<String>,
+    metadata: HashMap<String, String>,
+) -> tonic::Status {
+    let details = ErrorDetails::with_error_info(code.as_str(), domain, metadata);
+    tonic::Status::with_error_details(code.grpc(), message, details)
+}
+
+/// The `ErrorInfo.metadata` of a status (empty when it has none).
+pub fn status_metadata(status: &tonic::Status) -> HashMap<String, String> {
+    status.get_details_error_info().map(|info| info.metadata).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("model `x` not found")]
+    struct Missing;
+    impl ServiceError for Missing {
+        fn code(&self) -> ErrorCode {
+            ErrorCode::NotFound
+        }
+        fn metadata(&self) -> HashMap<String, String> {
+            HashMap::from([("model".to_owned(), "x".to_owned())])
+        }
+    }
+
+    #[test]
+    fn status_round_trips_the_code_and_metadata() {
+        let status = to_status("router", &Missing);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(ErrorCode::from_status(&status), ErrorCode::NotFound);
+        assert_eq!(status_metadata(&status).get("model").map(String::as_str), Some("x"));
+        assert_eq!(status.message(), "model `x` not found");
+    }
+
+    #[test]
+    fn every_code_parses_back() {
+        for code in ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+    }
+
+    #[test]
+    fn payload_too_large_is_distinguishable_from_invalid_argument() {
+        let status = status(ErrorCode::PayloadTooLarge, "gateway", "too big", HashMap::new());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(ErrorCode::from_status(&status), ErrorCode::PayloadTooLarge);
+        assert_eq!(ErrorCode::PayloadTooLarge.http_status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

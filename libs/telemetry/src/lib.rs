@@ -1,0 +1,209 @@
+//! Tracing and OpenTelemetry for every Switchboard process.
+//!
+//! - [`init`] installs a `tracing` subscriber with an OpenTelemetry layer. The layer is installed
+//!   whether or not spans are exported, so W3C trace context always propagates; OTLP export is on
+//!   only when [`TelemetryConfig::otlp_endpoint`] is set.
+//! - [`TracePropagation`] is the tonic client interceptor that writes `traceparent` into gRPC
+//!   metadata; [`grpc_server_span`] is the `trace_fn` that reads it back on the server.
+//! - [`inject_nats`] / [`extract_nats`] do the same for NATS message headers.
+//!
+//! Never put a prompt, a completion, an API key or any PII in a span or a log line
+//! (`docs/LOGGING.md`).
+
+use opentelemetry::{
+    global,
+    propagation::{Extractor, Injector},
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use serde::Deserialize;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// The `[telemetry]` section of the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Unset: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// `tracing` filter directives (`RUST_LOG` syntax) used when `RUST_LOG` is unset.
+    pub log_filter: String,
+    /// Log as JSON lines instead of human-readable text.
+    pub json_logs: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { otlp_endpoint: None, log_filter: "info".to_owned(), json_logs: false }
+    }
+}
+
+/// Errors while installing telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
+    #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
+    Exporter { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
+    /// A global subscriber was already installed.
+    #[error("a tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// Flushes and shuts the tracer provider down; call [`Telemetry::shutdown`] last in `main`.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes pending spans. Safe to call more than once.
+    pub fn shutdown(mut self) {
+        self.flush_and_stop();
+    }
+
+    fn flush_and_stop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("telemetry shutdown: {error}");
+            }
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.flush_and_stop();
+    }
+}
+
+/// Installs the global subscriber and tracer provider for a process named `service`.
+/// Call it from inside a tokio runtime (the OTLP exporter's channel lives there).
+pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
+    let mut builder =
+        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service).build());
+    if let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.to_owned(), source })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service);
+    global::set_tracer_provider(provider.clone());
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let installed = if config.json_logs {
+        registry.with(tracing_subscriber::fmt::layer().json().with_target(false)).try_init()
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_target(false)).try_init()
+    };
+    installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+    Ok(Telemetry { provider: Some(provider) })
+}
+
+/// Installs only the W3C propagator (for tests and embedders that bring their own subscriber).
+pub fn install_propagator() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+// === gRPC: client side ===
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(&value)) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// tonic client interceptor that writes the current span's W3C context into the request metadata.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TracePropagation;
+
+impl tonic::service::Interceptor for TracePropagation {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let cx = tracing::Span::current().context();
+        global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut())));
+        Ok(request)
+    }
+}
+
+// === gRPC / HTTP: server side ===
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// `trace_fn` for tonic servers: one server span per RPC, parented to the caller's W3C context.
+pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
+    let parent = extract_http(request.headers());
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %request.uri().path().trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+    );
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// The W3C context carried by HTTP headers (or an empty context).
+pub fn extract_http(headers: &http::HeaderMap) -> opentelemetry::Context {
+    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+// === NATS ===
+
+struct NatsInjector<'a>(&'a mut async_nats::HeaderMap);
+
+impl Injector for NatsInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct NatsExtractor<'a>(&'a async_nats::HeaderMap);
+
+impl Extractor for NatsExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes the current span's W3C context into NATS headers.
+pub fn inject_nats(headers: &mut async_nats::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut NatsInjector(headers)));
+}
+
+/// The W3C context carried by NATS headers (or an empty context).
+pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> opentelemetry::Context {
+    match headers {
+        Some(headers) => global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers))),
+        None => opentelemetry::Context::new(),
+    }
+}
+
+/// Hex trace id of the current span ("" when there is none).
+pub fn current_trace_id() -> String {
+    let cx = tracing::Span::current().context();
+    let span_context = cx.span().span_context().clone();
+    if span_context.is_valid() { span_context.trace_id().to_string() } else { String::new() }
+}
