@@ -1,0 +1,29 @@
+//! `fake-provider`: serves the fake OpenAI-compatible provider until interrupted.
+
+use clap::Parser;
+use switchboard_fake_provider::{FakeConfig, FakeProvider};
+
+#[derive(Parser)]
+#[command(about = "A fake LLM provider speaking the OpenAI chat-completions wire format")]
+struct Args {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    addr: String,
+    /// Latency added before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Number of content pieces of a streamed answer.
+    #[arg(long, default_value_t = 5)]
+    stream_chunks: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = FakeConfig { addr: args.addr, latency_ms: args.latency_ms, stream_chunks: args.stream_chunks };
+    let fake = FakeProvider::start(config).await?;
+    eprintln!("fake provider listening on {}", fake.addr());
+    tokio::signal::ctrl_c().await?;
+    fake.shutdown().await;
+    Ok(())
+}
