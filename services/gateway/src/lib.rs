@@ -1,1 +1,16 @@
+//! The Switchboard gateway: the front door. It authenticates virtual keys, runs every request through
+//! guard → cache → router over gRPC, and publishes one usage event per request to NATS JetStream.
+//! It serves `switchboard.gateway.v1.GatewayService` over gRPC and an OpenAI-compatible HTTP API.
 
+mod app;
+mod auth;
+mod config;
+mod error;
+mod grpc;
+mod http;
+mod openai;
+mod pipeline;
+mod usage;
+
+pub use app::{App, StartupError, hash_api_key};
+pub use config::{Config, KeyConfig};

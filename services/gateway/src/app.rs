@@ -1,0 +1,139 @@
+//! Builds and runs the gateway: HTTP and gRPC listeners, clients of guard/cache/router, and the
+//! usage publisher.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use switchboard_bus::NatsConfig;
+use switchboard_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::KeyStore,
+    config::Config,
+    grpc::GatewayGrpc,
+    pipeline::Pipeline,
+    usage::{self, UsagePublisher},
+};
+
+/// Errors while starting or running the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] switchboard_config::ConfigError),
+    /// A listener or client could not be set up.
+    #[error(transparent)]
+    Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The HTTP listener failed.
+    #[error("HTTP listener on {addr}: {source}")]
+    Http { addr: String, source: std::io::Error },
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Bus(#[from] switchboard_bus::BusError),
+}
+
+/// State shared by the HTTP and gRPC front ends.
+#[derive(Clone)]
+pub struct Shared {
+    pub(crate) keys: KeyStore,
+    pub(crate) pipeline: Pipeline,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// A built, bound, not yet running gateway.
+pub struct App {
+    http: TcpListener,
+    grpc: TcpListener,
+    shared: Shared,
+    publisher: UsagePublisher,
+    nats_client: async_nats::Client,
+    tasks: TaskTracker,
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+}
+
+impl App {
+    /// Validates the configuration, binds both listeners and prepares the clients. Dependencies are
+    /// connected lazily: the gateway starts even when they are not up yet.
+    pub async fn build(config: Config, nats: NatsConfig) -> Result<App, StartupError> {
+        config.validate()?;
+        let http = TcpListener::bind(&config.http_addr)
+            .await
+            .map_err(|source| StartupError::Http { addr: config.http_addr.clone(), source })?;
+        let grpc = switchboard_grpc::bind(&config.grpc_addr).await?;
+        let http_addr = http.local_addr().map_err(|source| StartupError::Http { addr: config.http_addr.clone(), source })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartupError::Http { addr: config.grpc_addr.clone(), source })?;
+        let nats_client = nats.connect().await?;
+        let (sink, publisher) = usage::channel(nats, config.usage_queue_capacity);
+        let tasks = TaskTracker::new();
+        let pipeline = Pipeline::new(
+            switchboard_grpc::channel(&config.guard_url)?,
+            switchboard_grpc::channel(&config.cache_url)?,
+            switchboard_grpc::channel(&config.router_url)?,
+            sink,
+            config.cache_enabled,
+            tasks.clone(),
+            config.max_body_bytes,
+        );
+        let shared = Shared { keys: KeyStore::new(&config.keys), pipeline, max_body_bytes: config.max_body_bytes };
+        Ok(App { http, grpc, shared, publisher, nats_client, tasks, http_addr, grpc_addr })
+    }
+
+    /// Address of the HTTP listener.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Address of the gRPC listener.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests and queued usage events.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartupError> {
+        let App { http, grpc, shared, publisher, nats_client, tasks, http_addr, grpc_addr } = self;
+        let max_body = shared.max_body_bytes;
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+        let publisher_cancel = CancellationToken::new();
+        let publisher_task = {
+            let cancel = publisher_cancel.clone();
+            tokio::spawn(publisher.run(nats_client, cancel, Duration::from_secs(10)))
+        };
+        tracing::info!(http.addr = %http_addr, grpc.addr = %grpc_addr, "gateway listening");
+        let http_cancel = cancel.clone();
+        let http_server = axum::serve(http, crate::http::router(shared.clone()))
+            .with_graceful_shutdown(async move { http_cancel.cancelled().await });
+        let grpc_service = GatewayServiceServer::new(GatewayGrpc::new(shared))
+            .max_decoding_message_size(max_body)
+            .max_encoding_message_size(max_body.max(4 * 1024 * 1024) * 2);
+        let grpc_cancel = cancel.clone();
+        let grpc_server = switchboard_grpc::serve(
+            grpc,
+            tonic::service::Routes::new(grpc_service),
+            &["switchboard.gateway.v1.GatewayService"],
+            async move { grpc_cancel.cancelled().await },
+        );
+        let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);
+        // In-flight streams and cache stores finish; then the publisher drains its queue.
+        tasks.close();
+        tasks.wait().await;
+        publisher_cancel.cancel();
+        let _ = publisher_task.await;
+        stopper.abort();
+        http_result.map_err(|source| StartupError::Http { addr: http_addr.to_string(), source })?;
+        grpc_result?;
+        Ok(())
+    }
+}
+
+/// Hex SHA-256 of an API key (for `switchboard hash-key`).
+pub fn hash_api_key(key: &str) -> String {
+    crate::auth::hash_api_key(key)
+}
+

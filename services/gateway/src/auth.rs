@@ -1,0 +1,88 @@
+//! Virtual API keys: configured as SHA-256 hashes, resolved to an app and a team.
+
+use std::{collections::HashMap, sync::Arc};
+
+use sha2::{Digest, Sha256};
+
+use crate::{config::KeyConfig, error::GatewayError};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Key id (never the key).
+    pub key_id: String,
+    /// Application (tenant).
+    pub app: String,
+    /// Team.
+    pub team: String,
+}
+
+/// Hex SHA-256 of an API key, as configured in `gateway.keys[].sha256`.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The configured keys, indexed by hash.
+#[derive(Debug, Clone, Default)]
+pub struct KeyStore {
+    by_hash: Arc<HashMap<[u8; 32], Principal>>,
+}
+
+impl KeyStore {
+    /// Builds the store from validated configuration.
+    pub fn new(keys: &[KeyConfig]) -> Self {
+        let mut by_hash = HashMap::with_capacity(keys.len());
+        for key in keys {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(key.sha256.to_ascii_lowercase(), &mut hash).is_ok() {
+                by_hash.insert(
+                    hash,
+                    Principal { key_id: key.id.clone(), app: key.app.clone(), team: key.team.clone() },
+                );
+            }
+        }
+        KeyStore { by_hash: Arc::new(by_hash) }
+    }
+
+    /// Resolves an `Authorization` header value (`Bearer <key>`).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
+        let value = authorization.map(str::trim).filter(|v| !v.is_empty()).ok_or(GatewayError::MissingKey)?;
+        let key = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(GatewayError::MissingKey)?;
+        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.by_hash.get(&hash).cloned().ok_or(GatewayError::InvalidKey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> KeyStore {
+        KeyStore::new(&[KeyConfig {
+            id: "k1".into(),
+            sha256: hash_api_key("sk-test"),
+            app: "app1".into(),
+            team: "team1".into(),
+        }])
+    }
+
+    #[test]
+    fn resolves_a_configured_key() {
+        let principal = store().authenticate(Some("Bearer sk-test")).unwrap();
+        assert_eq!(principal.app, "app1");
+        assert_eq!(principal.key_id, "k1");
+    }
+
+    #[test]
+    fn rejects_missing_and_wrong_keys() {
+        assert!(matches!(store().authenticate(None), Err(GatewayError::MissingKey)));
+        assert!(matches!(store().authenticate(Some("Basic abc")), Err(GatewayError::MissingKey)));
+        assert!(matches!(store().authenticate(Some("Bearer ")), Err(GatewayError::MissingKey)));
+        assert!(matches!(store().authenticate(Some("Bearer sk-wrong")), Err(GatewayError::InvalidKey)));
+    }
+}

@@ -1,0 +1,121 @@
+//! The `[gateway]` configuration section.
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+
+/// Gateway configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// OpenAI-compatible HTTP listener.
+    pub http_addr: String,
+    /// gRPC listener (`switchboard.gateway.v1.GatewayService`).
+    pub grpc_addr: String,
+    /// The guard's gRPC URL.
+    pub guard_url: String,
+    /// The cache's gRPC URL.
+    pub cache_url: String,
+    /// The router's gRPC URL.
+    pub router_url: String,
+    /// Largest accepted request body, bytes (HTTP body or gRPC message).
+    pub max_body_bytes: usize,
+    /// Whether the response cache is used at all.
+    pub cache_enabled: bool,
+    /// Capacity of the in-memory queue of usage events waiting for JetStream.
+    pub usage_queue_capacity: usize,
+    /// Virtual API keys.
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One virtual API key. Only its SHA-256 is configured (`switchboard hash-key <key>` prints it).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id, recorded in the ledger (never the key itself).
+    pub id: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Application the key belongs to (the tenant).
+    pub app: String,
+    /// Team the application belongs to.
+    #[serde(default)]
+    pub team: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_addr: "127.0.0.1:8080".to_owned(),
+            grpc_addr: "127.0.0.1:50051".to_owned(),
+            guard_url: "http://127.0.0.1:50052".to_owned(),
+            cache_url: "http://127.0.0.1:50053".to_owned(),
+            router_url: "http://127.0.0.1:50054".to_owned(),
+            max_body_bytes: 4 * 1024 * 1024,
+            cache_enabled: true,
+            usage_queue_capacity: 100_000,
+            keys: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks values that types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, url) in [("guard_url", &self.guard_url), ("cache_url", &self.cache_url), ("router_url", &self.router_url)] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::invalid(format!("gateway.{field}"), format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::invalid("gateway.max_body_bytes", "must be greater than 0"));
+        }
+        if self.usage_queue_capacity == 0 {
+            return Err(ConfigError::invalid("gateway.usage_queue_capacity", "must be greater than 0"));
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (index, key) in self.keys.iter().enumerate() {
+            let path = format!("gateway.keys[{index}]");
+            if key.id.is_empty() {
+                return Err(ConfigError::invalid(format!("{path}.id"), "must not be empty"));
+            }
+            if key.app.is_empty() {
+                return Err(ConfigError::invalid(format!("{path}.app"), "must not be empty"));
+            }
+            if key.sha256.len() != 64 || !key.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    format!("{path}.sha256"),
+                    "must be 64 hex characters (run `switchboard hash-key <key>`)",
+                ));
+            }
+            if !ids.insert(key.id.as_str()) {
+                return Err(ConfigError::invalid(format!("{path}.id"), format!("duplicate key id `{}`", key.id)));
+            }
+            if !hashes.insert(key.sha256.to_ascii_lowercase()) {
+                return Err(ConfigError::invalid(format!("{path}.sha256"), "the same key is configured twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_config::Source;
+
+    #[test]
+    fn bad_key_hash_is_named() {
+        let source = Source::from_toml("[gateway]\nkeys = [{ id = \"k\", sha256 = \"abc\", app = \"a\" }]\n").unwrap();
+        let config: Config = source.section("gateway").unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("gateway.keys[0].sha256"), "{error}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let source = Source::from_toml("[gateway]\nrouter_ulr = \"http://x\"\n").unwrap();
+        let error = source.section::<Config>("gateway").unwrap_err().to_string();
+        assert!(error.contains("router_ulr"), "{error}");
+    }
+}

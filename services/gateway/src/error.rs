@@ -1,0 +1,98 @@
+//! The gateway's request-path errors, mapped to gRPC statuses and OpenAI-style HTTP bodies in one place.
+
+use std::collections::HashMap;
+
+use switchboard_status::{ErrorCode, ServiceError};
+
+use crate::openai::{ErrorBody, ErrorDetail};
+
+/// Everything that can fail a request at the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No `Authorization: Bearer` credentials.
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    /// Credentials that match no configured key.
+    #[error("invalid API key")]
+    InvalidKey,
+    /// The body is not valid JSON or not a valid request.
+    #[error("invalid request at `{field}`: {message}")]
+    InvalidRequest { field: String, message: String },
+    /// The body is larger than the configured limit.
+    #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    /// The guard refused the prompt.
+    #[error("request blocked by policy: prompt contains {entities}")]
+    Blocked { entities: String },
+    /// A downstream service answered with an error; its code and message are passed through.
+    #[error("{message}")]
+    Downstream { code: ErrorCode, message: String, metadata: HashMap<String, String> },
+    /// A required dependency (the guard, fail-closed) is unreachable.
+    #[error("{service} is unavailable")]
+    DependencyDown { service: &'static str },
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// Wraps a downstream status, keeping its code and `ErrorInfo` metadata.
+    pub fn from_status(service: &'static str, status: &tonic::Status) -> Self {
+        let code = ErrorCode::from_status(status);
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown
+                if status.message().contains("transport") || status.message().contains("connect") =>
+            {
+                GatewayError::DependencyDown { service }
+            }
+            _ => GatewayError::Downstream {
+                code,
+                message: status.message().to_owned(),
+                metadata: switchboard_status::status_metadata(status),
+            },
+        }
+    }
+
+    /// The OpenAI-style body for this error.
+    pub fn body(&self) -> ErrorBody {
+        let code = self.code();
+        let message = if code == ErrorCode::Internal { "internal error".to_owned() } else { self.to_string() };
+        let param = match self {
+            GatewayError::InvalidRequest { field, .. } => Some(field.clone()),
+            GatewayError::Downstream { metadata, .. } => metadata.get("field").or(metadata.get("model")).cloned(),
+            _ => None,
+        };
+        ErrorBody { error: ErrorDetail { message, kind: code.openai_type(), param, code: code.as_str() } }
+    }
+}
+
+impl ServiceError for GatewayError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            GatewayError::MissingKey | GatewayError::InvalidKey => ErrorCode::Unauthenticated,
+            GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
+            GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            GatewayError::Blocked { .. } => ErrorCode::PermissionDenied,
+            GatewayError::Downstream { code, .. } => *code,
+            GatewayError::DependencyDown { .. } => ErrorCode::Unavailable,
+            GatewayError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            GatewayError::InvalidRequest { field, .. } => HashMap::from([("field".to_owned(), field.clone())]),
+            GatewayError::Blocked { entities } => HashMap::from([("entities".to_owned(), entities.clone())]),
+            GatewayError::PayloadTooLarge { limit, .. } => HashMap::from([("limit".to_owned(), limit.to_string())]),
+            GatewayError::Downstream { metadata, .. } => metadata.clone(),
+            GatewayError::DependencyDown { service } => HashMap::from([("service".to_owned(), (*service).to_owned())]),
+            _ => HashMap::new(),
+        }
+    }
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> Self {
+        switchboard_status::to_status("gateway", &error)
+    }
+}

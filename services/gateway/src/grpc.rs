@@ -1,0 +1,119 @@
+//! `switchboard.gateway.v1.GatewayService`: converts protobuf ↔ pipeline and errors ↔ statuses.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use switchboard_proto::gateway::v1::{
+    self as pb, gateway_service_server::GatewayService, stream_chat_completion_response::Event,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    app::Shared,
+    error::GatewayError,
+    pipeline::{CacheControl, RequestContext, StreamEvent},
+};
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct GatewayGrpc {
+    shared: Shared,
+}
+
+impl GatewayGrpc {
+    /// Wraps the shared state.
+    pub fn new(shared: Shared) -> Self {
+        GatewayGrpc { shared }
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<crate::auth::Principal, GatewayError> {
+        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.shared.keys.authenticate(value)
+    }
+}
+
+fn control(cache: Option<pb::CacheControl>) -> CacheControl {
+    let cache = cache.unwrap_or_default();
+    CacheControl { no_cache: cache.no_cache, no_store: cache.no_store, ttl_seconds: cache.ttl_seconds }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamChatCompletionResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl GatewayService for GatewayGrpc {
+    #[tracing::instrument(name = "gateway.create_chat_completion", skip_all, fields(request.id, app.id))]
+    async fn create_chat_completion(
+        &self,
+        request: Request<pb::CreateChatCompletionRequest>,
+    ) -> Result<Response<pb::CreateChatCompletionResponse>, Status> {
+        let principal = self.authenticate(&request)?;
+        let inner = request.into_inner();
+        let chat = inner.request.ok_or_else(|| GatewayError::InvalidRequest {
+            field: "request".to_owned(),
+            message: "must be set".to_owned(),
+        })?;
+        let ctx = RequestContext::new(principal);
+        tracing::Span::current().record("request.id", ctx.request_id.as_str()).record("app.id", ctx.principal.app.as_str());
+        let done = self.shared.pipeline.complete(&ctx, chat, control(inner.cache)).await?;
+        Ok(Response::new(pb::CreateChatCompletionResponse {
+            response: Some(done.response),
+            route: Some(done.route),
+            request_id: ctx.request_id,
+            cache: done.cache.proto() as i32,
+        }))
+    }
+
+    type StreamChatCompletionStream = EventStream;
+
+    #[tracing::instrument(name = "gateway.stream_chat_completion", skip_all, fields(request.id, app.id))]
+    async fn stream_chat_completion(
+        &self,
+        request: Request<pb::StreamChatCompletionRequest>,
+    ) -> Result<Response<Self::StreamChatCompletionStream>, Status> {
+        let principal = self.authenticate(&request)?;
+        let inner = request.into_inner();
+        let chat = inner.request.ok_or_else(|| GatewayError::InvalidRequest {
+            field: "request".to_owned(),
+            message: "must be set".to_owned(),
+        })?;
+        let ctx = RequestContext::new(principal);
+        tracing::Span::current().record("request.id", ctx.request_id.as_str()).record("app.id", ctx.principal.app.as_str());
+        let handle = self.shared.pipeline.stream(&ctx, chat, control(inner.cache)).await?;
+        let cache = handle.cache.proto() as i32;
+        let request_id = ctx.request_id.clone();
+        let mut events = handle.events;
+        let stream = async_stream::stream! {
+            while let Some(event) = events.recv().await {
+                match event {
+                    StreamEvent::Chunk(chunk) => yield Ok(pb::StreamChatCompletionResponse { event: Some(Event::Chunk(chunk)) }),
+                    StreamEvent::Done { usage, route } => {
+                        yield Ok(pb::StreamChatCompletionResponse {
+                            event: Some(Event::Summary(pb::StreamSummary {
+                                usage: Some(usage),
+                                route: Some(route),
+                                request_id: request_id.clone(),
+                                cache,
+                            })),
+                        });
+                        return;
+                    }
+                    StreamEvent::Failed(error) => {
+                        yield Err(Status::from(error));
+                        return;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(name = "gateway.list_models", skip_all)]
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.authenticate(&request)?;
+        let models = self.shared.pipeline.list_models().await?;
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}

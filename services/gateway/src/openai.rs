@@ -1,0 +1,654 @@
+//! The OpenAI chat-completions wire format at the front door, and its translation to and from the
+//! provider-neutral protobuf model.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_proto::chat::v1 as pb;
+
+use crate::error::GatewayError;
+
+// === request ===
+
+/// `POST /v1/chat/completions` body. Unknown fields are ignored, as OpenAI's own SDKs send new ones first.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<RequestMessage>,
+    #[serde(default)]
+    pub tools: Vec<RequestTool>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub response_format: Option<RequestResponseFormat>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Vec<RequestToolCall>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPartIn>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPartIn {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrlIn },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImageUrlIn {
+    pub url: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestToolCall {
+    pub id: String,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaIn>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaIn {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidRequest { field: field.to_owned(), message: message.into() }
+}
+
+fn role_from_str(role: &str, index: usize) -> Result<pb::Role, GatewayError> {
+    Ok(match role {
+        "system" => pb::Role::System,
+        "developer" => pb::Role::Developer,
+        "user" => pb::Role::User,
+        "assistant" => pb::Role::Assistant,
+        "tool" => pb::Role::Tool,
+        other => {
+            return Err(invalid(
+                &format!("messages[{index}].role"),
+                format!("unknown role `{other}`; expected system, developer, user, assistant or tool"),
+            ));
+        }
+    })
+}
+
+impl ChatCompletionRequest {
+    /// Translates to the provider-neutral request.
+    pub fn into_proto(self) -> Result<pb::ChatRequest, GatewayError> {
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (index, message) in self.messages.into_iter().enumerate() {
+            let role = role_from_str(&message.role, index)?;
+            let content = match message.content {
+                None => Vec::new(),
+                Some(MessageContent::Text(text)) => vec![pb::ContentPart { part: Some(pb::content_part::Part::Text(text)) }],
+                Some(MessageContent::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|part| pb::ContentPart {
+                        part: Some(match part {
+                            ContentPartIn::Text { text } => pb::content_part::Part::Text(text),
+                            ContentPartIn::ImageUrl { image_url } => pb::content_part::Part::ImageUrl(pb::ImageUrl {
+                                url: image_url.url,
+                                detail: image_url.detail.unwrap_or_default(),
+                            }),
+                        }),
+                    })
+                    .collect(),
+            };
+            let tool_calls = message
+                .tool_calls
+                .into_iter()
+                .map(|call| pb::ToolCall { id: call.id, name: call.function.name, arguments_json: call.function.arguments })
+                .collect();
+            messages.push(pb::Message {
+                role: role as i32,
+                content,
+                name: message.name.unwrap_or_default(),
+                tool_calls,
+                tool_call_id: message.tool_call_id.unwrap_or_default(),
+            });
+        }
+        let mut tools = Vec::with_capacity(self.tools.len());
+        for (index, tool) in self.tools.into_iter().enumerate() {
+            if tool.kind != "function" {
+                return Err(invalid(&format!("tools[{index}].type"), format!("unsupported tool type `{}`", tool.kind)));
+            }
+            tools.push(pb::Tool {
+                name: tool.function.name,
+                description: tool.function.description.unwrap_or_default(),
+                parameters_json: tool.function.parameters.map(|p| p.to_string()).unwrap_or_default(),
+                strict: tool.function.strict.unwrap_or(false),
+            });
+        }
+        let tool_choice = match self.tool_choice {
+            None => None,
+            Some(Value::String(mode)) => Some(pb::ToolChoice {
+                choice: Some(pb::tool_choice::Choice::Mode(match mode.as_str() {
+                    "none" => pb::ToolChoiceMode::None as i32,
+                    "auto" => pb::ToolChoiceMode::Auto as i32,
+                    "required" => pb::ToolChoiceMode::Required as i32,
+                    other => return Err(invalid("tool_choice", format!("unknown tool_choice `{other}`"))),
+                })),
+            }),
+            Some(Value::Object(object)) => {
+                let name = object
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| invalid("tool_choice.function.name", "missing function name"))?;
+                Some(pb::ToolChoice { choice: Some(pb::tool_choice::Choice::FunctionName(name.to_owned())) })
+            }
+            Some(_) => return Err(invalid("tool_choice", "expected a string or an object")),
+        };
+        let response_format = match self.response_format {
+            None => None,
+            Some(format) => Some(match format.kind.as_str() {
+                "text" => pb::ResponseFormat { r#type: pb::ResponseFormatType::Text as i32, ..Default::default() },
+                "json_object" => {
+                    pb::ResponseFormat { r#type: pb::ResponseFormatType::JsonObject as i32, ..Default::default() }
+                }
+                "json_schema" => {
+                    let schema = format
+                        .json_schema
+                        .ok_or_else(|| invalid("response_format.json_schema", "required for type json_schema"))?;
+                    pb::ResponseFormat {
+                        r#type: pb::ResponseFormatType::JsonSchema as i32,
+                        schema_name: schema.name,
+                        json_schema_json: schema.schema.map(|s| s.to_string()).unwrap_or_default(),
+                        strict: schema.strict.unwrap_or(false),
+                    }
+                }
+                other => return Err(invalid("response_format.type", format!("unknown response format `{other}`"))),
+            }),
+        };
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(StopField::One(stop)) => vec![stop],
+            Some(StopField::Many(stops)) => stops,
+        };
+        Ok(pb::ChatRequest {
+            model: self.model,
+            messages,
+            tools,
+            tool_choice,
+            sampling: Some(pb::SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                stop,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                seed: self.seed,
+                n: self.n,
+            }),
+            response_format,
+            parallel_tool_calls: self.parallel_tool_calls,
+            user: self.user.unwrap_or_default(),
+            tags: self.metadata.unwrap_or_default(),
+        })
+    }
+}
+
+// === response ===
+
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<ChoiceOut>,
+    pub usage: UsageOut,
+    /// Switchboard's extension: which target served, attempts, cache outcome.
+    pub switchboard: SwitchboardInfo,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChoiceOut {
+    pub index: u32,
+    pub message: MessageOut,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageOut {
+    pub role: &'static str,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageOut {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub prompt_tokens_details: PromptDetails,
+    pub completion_tokens_details: CompletionDetails,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PromptDetails {
+    pub cached_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionDetails {
+    pub reasoning_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SwitchboardInfo {
+    pub request_id: String,
+    pub cache: &'static str,
+    pub provider: String,
+    pub served_model: String,
+    pub target: String,
+    pub attempts: u32,
+    pub attempt_errors: Vec<AttemptOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttemptOut {
+    pub target: String,
+    pub error_code: String,
+    pub http_status: u32,
+}
+
+pub fn finish_reason_str(reason: i32) -> Option<&'static str> {
+    match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Unspecified => None,
+        pb::FinishReason::Stop => Some("stop"),
+        pb::FinishReason::Length => Some("length"),
+        pb::FinishReason::ToolCalls => Some("tool_calls"),
+        pb::FinishReason::ContentFilter => Some("content_filter"),
+        pb::FinishReason::Error => Some("error"),
+    }
+}
+
+pub fn usage_out(usage: Option<&pb::Usage>) -> UsageOut {
+    let usage = usage.cloned().unwrap_or_default();
+    UsageOut {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details: PromptDetails { cached_tokens: usage.cached_prompt_tokens },
+        completion_tokens_details: CompletionDetails { reasoning_tokens: usage.reasoning_tokens },
+    }
+}
+
+pub fn switchboard_info(request_id: &str, cache: &'static str, route: Option<&pb::RouteInfo>) -> SwitchboardInfo {
+    let route = route.cloned().unwrap_or_default();
+    SwitchboardInfo {
+        request_id: request_id.to_owned(),
+        cache,
+        provider: route.provider,
+        served_model: route.model,
+        target: route.target,
+        attempts: route.attempt_count,
+        attempt_errors: route
+            .attempts
+            .into_iter()
+            .filter(|attempt| !attempt.error_code.is_empty())
+            .map(|attempt| AttemptOut { target: attempt.target, error_code: attempt.error_code, http_status: attempt.http_status })
+            .collect(),
+    }
+}
+
+fn tool_calls_out(calls: &[pb::ToolCall]) -> Vec<ToolCallOut> {
+    calls
+        .iter()
+        .map(|call| ToolCallOut {
+            id: call.id.clone(),
+            kind: "function",
+            function: FunctionCallOut { name: call.name.clone(), arguments: call.arguments_json.clone() },
+        })
+        .collect()
+}
+
+impl ChatCompletion {
+    pub fn from_proto(response: &pb::ChatResponse, info: SwitchboardInfo) -> Self {
+        ChatCompletion {
+            id: response.id.clone(),
+            object: "chat.completion",
+            created: response.created,
+            model: response.model.clone(),
+            choices: response
+                .choices
+                .iter()
+                .map(|choice| {
+                    let message = choice.message.clone().unwrap_or_default();
+                    let text = message.joined_text();
+                    ChoiceOut {
+                        index: choice.index,
+                        message: MessageOut {
+                            role: "assistant",
+                            content: if text.is_empty() && !message.tool_calls.is_empty() { None } else { Some(text) },
+                            tool_calls: tool_calls_out(&message.tool_calls),
+                        },
+                        finish_reason: finish_reason_str(choice.finish_reason),
+                    }
+                })
+                .collect(),
+            usage: usage_out(response.usage.as_ref()),
+            switchboard: info,
+        }
+    }
+}
+
+// === streaming ===
+
+#[derive(Debug, Serialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<ChunkChoiceOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoiceOut {
+    pub index: u32,
+    pub delta: DeltaOut,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct DeltaOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDeltaOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCallDeltaOut {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDeltaOut,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionDeltaOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+fn role_str(role: i32) -> Option<&'static str> {
+    match pb::Role::try_from(role).unwrap_or(pb::Role::Unspecified) {
+        pb::Role::Assistant => Some("assistant"),
+        pb::Role::Unspecified => None,
+        pb::Role::System => Some("system"),
+        pb::Role::User => Some("user"),
+        pb::Role::Tool => Some("tool"),
+        pb::Role::Developer => Some("developer"),
+    }
+}
+
+impl ChatCompletionChunk {
+    /// The content chunk (usage is sent separately, in its own chunk, as OpenAI does).
+    pub fn from_proto(chunk: &pb::ChatChunk, id: &str) -> Self {
+        ChatCompletionChunk {
+            id: id.to_owned(),
+            object: "chat.completion.chunk",
+            created: chunk.created,
+            model: chunk.model.clone(),
+            choices: chunk
+                .choices
+                .iter()
+                .map(|choice| ChunkChoiceOut {
+                    index: choice.index,
+                    delta: DeltaOut {
+                        role: role_str(choice.role),
+                        content: if choice.content.is_empty() { None } else { Some(choice.content.clone()) },
+                        tool_calls: choice
+                            .tool_calls
+                            .iter()
+                            .map(|delta| ToolCallDeltaOut {
+                                index: delta.index,
+                                id: (!delta.id.is_empty()).then(|| delta.id.clone()),
+                                kind: (!delta.id.is_empty()).then_some("function"),
+                                function: FunctionDeltaOut {
+                                    name: (!delta.name.is_empty()).then(|| delta.name.clone()),
+                                    arguments: delta.arguments_delta.clone(),
+                                },
+                            })
+                            .collect(),
+                    },
+                    finish_reason: finish_reason_str(choice.finish_reason),
+                })
+                .collect(),
+            usage: None,
+        }
+    }
+
+    /// The final usage chunk (`stream_options.include_usage`).
+    pub fn usage_only(id: &str, model: &str, created: i64, usage: &pb::Usage) -> Self {
+        ChatCompletionChunk {
+            id: id.to_owned(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.to_owned(),
+            choices: Vec::new(),
+            usage: Some(usage_out(Some(usage))),
+        }
+    }
+}
+
+// === models and errors ===
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelOut {
+    pub id: String,
+    pub object: &'static str,
+    pub created: i64,
+    pub owned_by: String,
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<pb::ChatRequest, GatewayError> {
+        serde_json::from_str::<ChatCompletionRequest>(json).unwrap().into_proto()
+    }
+
+    #[test]
+    fn translates_a_full_request() {
+        let request = parse(
+            r#"{"model":"m","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"https://x/y.png","detail":"low"}}]},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},
+                {"role":"tool","tool_call_id":"c1","content":"42"}],
+              "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],
+              "tool_choice":{"type":"function","function":{"name":"f"}},
+              "response_format":{"type":"json_object"},
+              "temperature":0.2,"max_completion_tokens":7,"stop":"END","seed":3,"user":"u1",
+              "metadata":{"task":"qa"}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.model, "m");
+        assert_eq!(request.messages.len(), 4);
+        assert_eq!(request.messages[0].role, pb::Role::System as i32);
+        assert_eq!(request.messages[1].content.len(), 2);
+        assert_eq!(request.messages[2].tool_calls[0].arguments_json, "{\"a\":1}");
+        assert_eq!(request.messages[3].tool_call_id, "c1");
+        assert_eq!(request.tools[0].parameters_json, "{\"type\":\"object\"}");
+        assert_eq!(
+            request.tool_choice.unwrap().choice,
+            Some(pb::tool_choice::Choice::FunctionName("f".into()))
+        );
+        assert_eq!(request.response_format.unwrap().r#type, pb::ResponseFormatType::JsonObject as i32);
+        let sampling = request.sampling.unwrap();
+        assert_eq!(sampling.max_tokens, Some(7));
+        assert_eq!(sampling.stop, vec!["END".to_owned()]);
+        assert_eq!(request.tags.get("task").map(String::as_str), Some("qa"));
+    }
+
+    #[test]
+    fn unknown_role_names_the_field() {
+        let error = parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
+        match error {
+            GatewayError::InvalidRequest { field, .. } => assert_eq!(field, "messages[0].role"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunk_serialises_like_openai() {
+        let chunk = pb::ChatChunk {
+            id: "x".into(),
+            model: "m".into(),
+            created: 1,
+            choices: vec![pb::ChoiceDelta { index: 0, role: pb::Role::Assistant as i32, content: "hi".into(), ..Default::default() }],
+            usage: None,
+        };
+        let json = serde_json::to_value(ChatCompletionChunk::from_proto(&chunk, "chatcmpl-1")).unwrap();
+        assert_eq!(json["object"], "chat.completion.chunk");
+        assert_eq!(json["id"], "chatcmpl-1");
+        assert_eq!(json["choices"][0]["delta"]["content"], "hi");
+        assert_eq!(json["choices"][0]["delta"]["role"], "assistant");
+        assert!(json["choices"][0]["finish_reason"].is_null());
+        assert!(json.get("usage").is_none());
+    }
+}

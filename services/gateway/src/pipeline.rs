@@ -1,0 +1,738 @@
+//! The request path: guard → cache → router, then cache store and one usage event.
+//! HTTP and gRPC front ends both call [`Pipeline`]; they only translate formats and errors.
+
+use std::{
+    collections::BTreeMap,
+    time::{Instant, SystemTime},
+};
+
+use switchboard_bus::UsageEvent;
+use switchboard_grpc::TracedChannel;
+use switchboard_proto::{
+    cache::v1::{LookupRequest, Scope, StoreRequest, cache_service_client::CacheServiceClient},
+    chat::v1::{
+        ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role, RouteInfo, Usage,
+    },
+    guard::v1::{CheckPromptRequest, Decision, guard_service_client::GuardServiceClient},
+    ledger::v1::{CacheOutcome, RequestStatus},
+    router::v1::{Caller, RouteRequest, RouteStreamRequest, route_stream_response, router_service_client::RouterServiceClient},
+};
+use switchboard_status::ErrorCode;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::{auth::Principal, error::GatewayError, usage::UsageSink};
+
+/// Per-request cache control.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheControl {
+    /// Skip the lookup.
+    pub no_cache: bool,
+    /// Skip the store.
+    pub no_store: bool,
+    /// TTL of a stored answer, seconds (0: the cache's default).
+    pub ttl_seconds: u32,
+}
+
+/// How the cache took part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Looked up, not found.
+    Miss,
+    /// Served from the cache.
+    Hit,
+    /// Not looked up.
+    Bypass,
+}
+
+impl CacheStatus {
+    /// Lowercase name for headers and bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Miss => "miss",
+            CacheStatus::Hit => "hit",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+
+    fn outcome(self) -> CacheOutcome {
+        match self {
+            CacheStatus::Miss => CacheOutcome::Miss,
+            CacheStatus::Hit => CacheOutcome::Hit,
+            CacheStatus::Bypass => CacheOutcome::Bypass,
+        }
+    }
+
+    /// The protobuf enum of the gateway API.
+    pub fn proto(self) -> switchboard_proto::gateway::v1::CacheStatus {
+        match self {
+            CacheStatus::Miss => switchboard_proto::gateway::v1::CacheStatus::Miss,
+            CacheStatus::Hit => switchboard_proto::gateway::v1::CacheStatus::Hit,
+            CacheStatus::Bypass => switchboard_proto::gateway::v1::CacheStatus::Bypass,
+        }
+    }
+}
+
+/// One request's identity.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Switchboard's request id (UUIDv7).
+    pub request_id: String,
+    /// The caller.
+    pub principal: Principal,
+    started: Instant,
+    time: SystemTime,
+}
+
+impl RequestContext {
+    /// A new request from `principal`.
+    pub fn new(principal: Principal) -> Self {
+        RequestContext {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            principal,
+            started: Instant::now(),
+            time: SystemTime::now(),
+        }
+    }
+
+    /// The response id shown to callers.
+    pub fn response_id(&self) -> String {
+        format!("chatcmpl-{}", self.request_id.replace('-', ""))
+    }
+}
+
+/// A finished unary completion.
+#[derive(Debug)]
+pub struct Completed {
+    /// The answer (its id is the request's response id).
+    pub response: ChatResponse,
+    /// Which target served.
+    pub route: RouteInfo,
+    /// Cache outcome.
+    pub cache: CacheStatus,
+}
+
+/// What a stream delivers to the front end.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// A chunk (ids already rewritten to the request's response id).
+    Chunk(ChatChunk),
+    /// The end of a successful stream.
+    Done {
+        /// Usage of the whole stream.
+        usage: Usage,
+        /// Which target served.
+        route: RouteInfo,
+    },
+    /// The stream failed after it had started; no `Done` follows.
+    Failed(GatewayError),
+}
+
+/// An open stream.
+pub struct StreamHandle {
+    /// Cache outcome.
+    pub cache: CacheStatus,
+    /// Events, in order.
+    pub events: mpsc::Receiver<StreamEvent>,
+}
+
+/// The request path.
+#[derive(Clone)]
+pub struct Pipeline {
+    guard: GuardServiceClient<TracedChannel>,
+    cache: CacheServiceClient<TracedChannel>,
+    router: RouterServiceClient<TracedChannel>,
+    usage: UsageSink,
+    cache_enabled: bool,
+    tasks: TaskTracker,
+}
+
+impl Pipeline {
+    /// Builds the pipeline over lazily connected channels.
+    pub fn new(
+        guard: TracedChannel,
+        cache: TracedChannel,
+        router: TracedChannel,
+        usage: UsageSink,
+        cache_enabled: bool,
+        tasks: TaskTracker,
+        max_message_bytes: usize,
+    ) -> Self {
+        let limit = max_message_bytes.max(4 * 1024 * 1024) * 2;
+        Pipeline {
+            guard: GuardServiceClient::new(guard).max_decoding_message_size(limit).max_encoding_message_size(limit),
+            cache: CacheServiceClient::new(cache).max_decoding_message_size(limit).max_encoding_message_size(limit),
+            router: RouterServiceClient::new(router).max_decoding_message_size(limit).max_encoding_message_size(limit),
+            usage,
+            cache_enabled,
+            tasks,
+        }
+    }
+
+    /// The usage sink (for stats).
+    pub fn usage(&self) -> &UsageSink {
+        &self.usage
+    }
+
+    /// Lists the router's models.
+    pub async fn list_models(&self) -> Result<Vec<switchboard_proto::chat::v1::Model>, GatewayError> {
+        let response = self
+            .router
+            .clone()
+            .list_models(switchboard_proto::router::v1::ListModelsRequest {})
+            .await
+            .map_err(|status| GatewayError::from_status("router", &status))?;
+        Ok(response.into_inner().models)
+    }
+
+    /// A unary completion.
+    pub async fn complete(
+        &self,
+        ctx: &RequestContext,
+        mut request: ChatRequest,
+        control: CacheControl,
+    ) -> Result<Completed, GatewayError> {
+        validate(&request)?;
+        self.check_guard(ctx, &mut request).await?;
+        let cache_status = if self.cache_enabled && !control.no_cache {
+            match self.lookup(ctx, &request).await {
+                Lookup::Hit(mut response, route) => {
+                    response.id = ctx.response_id();
+                    self.record(ctx, &request, RecordArgs::hit(&route, response.usage.clone().unwrap_or_default(), false));
+                    return Ok(Completed { response, route, cache: CacheStatus::Hit });
+                }
+                Lookup::Miss => CacheStatus::Miss,
+                Lookup::Unavailable => CacheStatus::Bypass,
+            }
+        } else {
+            CacheStatus::Bypass
+        };
+        let routed = self
+            .router
+            .clone()
+            .route(RouteRequest { request: Some(request.clone()), caller: Some(caller(ctx)) })
+            .await;
+        let routed = match routed {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = GatewayError::from_status("router", &status);
+                self.record_failure(ctx, &request, cache_status, &error, false);
+                return Err(error);
+            }
+        };
+        let mut response = routed.response.unwrap_or_default();
+        let route = routed.route.unwrap_or_default();
+        if self.cache_enabled && !control.no_store {
+            self.store(ctx, &request, &response, &route, control.ttl_seconds);
+        }
+        self.record(ctx, &request, RecordArgs::served(&route, response.usage.clone().unwrap_or_default(), cache_status, false));
+        response.id = ctx.response_id();
+        Ok(Completed { response, route, cache: cache_status })
+    }
+
+    /// A streamed completion. Errors before the first chunk are returned here (so HTTP can answer
+    /// with a proper status); later ones arrive as [`StreamEvent::Failed`].
+    pub async fn stream(
+        &self,
+        ctx: &RequestContext,
+        mut request: ChatRequest,
+        control: CacheControl,
+    ) -> Result<StreamHandle, GatewayError> {
+        validate(&request)?;
+        self.check_guard(ctx, &mut request).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let cache_status = if self.cache_enabled && !control.no_cache {
+            match self.lookup(ctx, &request).await {
+                Lookup::Hit(response, route) => {
+                    let usage = response.usage.clone().unwrap_or_default();
+                    for chunk in replay_chunks(&response, &ctx.response_id()) {
+                        let _ = tx.send(StreamEvent::Chunk(chunk)).await;
+                    }
+                    let _ = tx.send(StreamEvent::Done { usage: usage.clone(), route: route.clone() }).await;
+                    self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
+                    return Ok(StreamHandle { cache: CacheStatus::Hit, events: rx });
+                }
+                Lookup::Miss => CacheStatus::Miss,
+                Lookup::Unavailable => CacheStatus::Bypass,
+            }
+        } else {
+            CacheStatus::Bypass
+        };
+        let opened = self
+            .router
+            .clone()
+            .route_stream(RouteStreamRequest { request: Some(request.clone()), caller: Some(caller(ctx)) })
+            .await;
+        let mut upstream = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = GatewayError::from_status("router", &status);
+                self.record_failure(ctx, &request, cache_status, &error, true);
+                return Err(error);
+            }
+        };
+        // Wait for the first message so that failures before the first token are real errors.
+        let first = match upstream.message().await {
+            Ok(first) => first,
+            Err(status) => {
+                let error = GatewayError::from_status("router", &status);
+                self.record_failure(ctx, &request, cache_status, &error, true);
+                return Err(error);
+            }
+        };
+        let pipeline = self.clone();
+        let ctx = ctx.clone();
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            async move {
+                pipeline.pump(ctx, request, control, cache_status, first, upstream, tx).await;
+            }
+            .instrument(span),
+        );
+        Ok(StreamHandle { cache: cache_status, events: rx })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pump(
+        self,
+        ctx: RequestContext,
+        request: ChatRequest,
+        control: CacheControl,
+        cache_status: CacheStatus,
+        first: Option<switchboard_proto::router::v1::RouteStreamResponse>,
+        mut upstream: tonic::Streaming<switchboard_proto::router::v1::RouteStreamResponse>,
+        tx: mpsc::Sender<StreamEvent>,
+    ) {
+        let response_id = ctx.response_id();
+        let mut assembled = Assembler::default();
+        let mut next = first;
+        loop {
+            let Some(message) = next.take() else {
+                // The router closed the stream without its final route message.
+                let error = GatewayError::Downstream {
+                    code: ErrorCode::UpstreamUnavailable,
+                    message: "stream ended before completion".to_owned(),
+                    metadata: Default::default(),
+                };
+                self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                let _ = tx.send(StreamEvent::Failed(error)).await;
+                return;
+            };
+            match message.event {
+                Some(route_stream_response::Event::Chunk(mut chunk)) => {
+                    chunk.id = response_id.clone();
+                    assembled.add(&chunk);
+                    if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
+                        // The client went away: stop reading upstream (dropping it cancels the call)
+                        // and record what was consumed.
+                        tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
+                        self.record_partial(&ctx, &request, cache_status, &assembled, None);
+                        return;
+                    }
+                }
+                Some(route_stream_response::Event::Route(route)) => {
+                    let usage = assembled.usage.clone().unwrap_or_else(|| assembled.estimate_usage(&request));
+                    if self.cache_enabled && !control.no_store {
+                        if let Some(response) = assembled.to_response(&route) {
+                            self.store(&ctx, &request, &response, &route, control.ttl_seconds);
+                        }
+                    }
+                    self.record(&ctx, &request, RecordArgs::served(&route, usage.clone(), cache_status, true));
+                    let _ = tx.send(StreamEvent::Done { usage, route }).await;
+                    return;
+                }
+                None => {}
+            }
+            next = match upstream.message().await {
+                Ok(Some(message)) => Some(message),
+                Ok(None) => None,
+                Err(status) => {
+                    let error = GatewayError::from_status("router", &status);
+                    self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                    let _ = tx.send(StreamEvent::Failed(error)).await;
+                    return;
+                }
+            };
+        }
+    }
+
+    async fn check_guard(&self, ctx: &RequestContext, request: &mut ChatRequest) -> Result<(), GatewayError> {
+        let checked = self
+            .guard
+            .clone()
+            .check_prompt(CheckPromptRequest {
+                request_id: ctx.request_id.clone(),
+                app: ctx.principal.app.clone(),
+                team: ctx.principal.team.clone(),
+                messages: request.messages.clone(),
+            })
+            .await
+            // Fail closed: without the guard's answer nothing goes to a provider.
+            .map_err(|status| match GatewayError::from_status("guard", &status) {
+                GatewayError::Downstream { code: ErrorCode::Unavailable, .. } => GatewayError::DependencyDown { service: "guard" },
+                other => other,
+            })?
+            .into_inner();
+        match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
+            Decision::Allow => Ok(()),
+            Decision::Transform => {
+                request.messages = checked.messages;
+                Ok(())
+            }
+            Decision::Block => {
+                let mut entities: Vec<String> = checked
+                    .findings
+                    .iter()
+                    .filter(|finding| finding.action == "block")
+                    .map(|finding| finding.entity_type.clone())
+                    .collect();
+                entities.sort();
+                entities.dedup();
+                Err(GatewayError::Blocked { entities: entities.join(", ") })
+            }
+            Decision::Unspecified => Err(GatewayError::Internal("guard returned no decision".to_owned())),
+        }
+    }
+
+    async fn lookup(&self, ctx: &RequestContext, request: &ChatRequest) -> Lookup {
+        let looked_up = self
+            .cache
+            .clone()
+            .lookup(LookupRequest { scope: Some(Scope { app: ctx.principal.app.clone() }), request: Some(request.clone()) })
+            .await;
+        match looked_up {
+            Ok(found) => {
+                let found = found.into_inner();
+                match (found.hit, found.response) {
+                    (true, Some(response)) => Lookup::Hit(response, found.route.unwrap_or_default()),
+                    _ => Lookup::Miss,
+                }
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "cache lookup failed; bypassing the cache");
+                Lookup::Unavailable
+            }
+        }
+    }
+
+    fn store(&self, ctx: &RequestContext, request: &ChatRequest, response: &ChatResponse, route: &RouteInfo, ttl: u32) {
+        let mut cache = self.cache.clone();
+        let store = StoreRequest {
+            scope: Some(Scope { app: ctx.principal.app.clone() }),
+            request: Some(request.clone()),
+            response: Some(response.clone()),
+            route: Some(route.clone()),
+            ttl_seconds: ttl,
+        };
+        self.tasks.spawn(
+            async move {
+                if let Err(status) = cache.store(store).await {
+                    tracing::warn!(code = ?status.code(), "cache store failed");
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    fn record(&self, ctx: &RequestContext, request: &ChatRequest, args: RecordArgs) {
+        let event = UsageEvent {
+            request_id: ctx.request_id.clone(),
+            time: Some(ctx.time.into()),
+            app: ctx.principal.app.clone(),
+            team: ctx.principal.team.clone(),
+            key_id: ctx.principal.key_id.clone(),
+            requested_model: request.model.clone(),
+            route: Some(args.route),
+            usage: Some(args.usage),
+            cache: args.cache.outcome() as i32,
+            saved_usage: args.saved_usage,
+            status: args.status as i32,
+            error_code: args.error_code,
+            streamed: args.streamed,
+            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            trace_id: switchboard_telemetry::current_trace_id(),
+            tags: request.tags.clone(),
+        };
+        self.usage.record(event);
+    }
+
+    /// A request that failed at the router: recorded only when a provider was tried.
+    fn record_failure(&self, ctx: &RequestContext, request: &ChatRequest, cache: CacheStatus, error: &GatewayError, streamed: bool) {
+        use switchboard_status::ServiceError;
+        let code = error.code();
+        if !matches!(code, ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamRejected | ErrorCode::Timeout) {
+            return;
+        }
+        let attempts = match error {
+            GatewayError::Downstream { metadata, .. } => metadata.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+            _ => 0,
+        };
+        let route = RouteInfo { route: request.model.clone(), attempt_count: attempts, ..Default::default() };
+        self.record(
+            ctx,
+            request,
+            RecordArgs {
+                route,
+                usage: Usage::default(),
+                saved_usage: None,
+                cache,
+                status: RequestStatus::Error,
+                error_code: code.as_str().to_owned(),
+                streamed,
+            },
+        );
+    }
+
+    fn record_partial(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        cache: CacheStatus,
+        assembled: &Assembler,
+        error: Option<&GatewayError>,
+    ) {
+        use switchboard_status::ServiceError;
+        let usage = assembled.usage.clone().unwrap_or_else(|| assembled.estimate_usage(request));
+        let route = RouteInfo { route: request.model.clone(), model: assembled.model.clone(), ..Default::default() };
+        self.record(
+            ctx,
+            request,
+            RecordArgs {
+                route,
+                usage,
+                saved_usage: None,
+                cache,
+                status: RequestStatus::Partial,
+                error_code: error.map(|e| e.code().as_str().to_owned()).unwrap_or_else(|| "CLIENT_DISCONNECTED".to_owned()),
+                streamed: true,
+            },
+        );
+    }
+}
+
+enum Lookup {
+    Hit(ChatResponse, RouteInfo),
+    Miss,
+    Unavailable,
+}
+
+struct RecordArgs {
+    route: RouteInfo,
+    usage: Usage,
+    saved_usage: Option<Usage>,
+    cache: CacheStatus,
+    status: RequestStatus,
+    error_code: String,
+    streamed: bool,
+}
+
+impl RecordArgs {
+    fn hit(route: &RouteInfo, saved: Usage, streamed: bool) -> Self {
+        RecordArgs {
+            route: route.clone(),
+            usage: Usage::default(),
+            saved_usage: Some(saved),
+            cache: CacheStatus::Hit,
+            status: RequestStatus::Ok,
+            error_code: String::new(),
+            streamed,
+        }
+    }
+
+    fn served(route: &RouteInfo, usage: Usage, cache: CacheStatus, streamed: bool) -> Self {
+        RecordArgs {
+            route: route.clone(),
+            usage,
+            saved_usage: None,
+            cache,
+            status: RequestStatus::Ok,
+            error_code: String::new(),
+            streamed,
+        }
+    }
+}
+
+fn caller(ctx: &RequestContext) -> Caller {
+    Caller { request_id: ctx.request_id.clone(), app: ctx.principal.app.clone(), team: ctx.principal.team.clone() }
+}
+
+/// Checks what every provider would reject anyway, with errors that name the field.
+pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
+    let invalid = |field: &str, message: &str| GatewayError::InvalidRequest { field: field.to_owned(), message: message.to_owned() };
+    if request.model.trim().is_empty() {
+        return Err(invalid("model", "must not be empty"));
+    }
+    if request.messages.is_empty() {
+        return Err(invalid("messages", "must contain at least one message"));
+    }
+    for (index, message) in request.messages.iter().enumerate() {
+        if Role::try_from(message.role).unwrap_or(Role::Unspecified) == Role::Unspecified {
+            return Err(invalid(&format!("messages[{index}].role"), "must be set"));
+        }
+    }
+    if let Some(sampling) = &request.sampling {
+        if let Some(t) = sampling.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(invalid("temperature", "must be between 0 and 2"));
+            }
+        }
+        if let Some(p) = sampling.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(invalid("top_p", "must be in (0, 1]"));
+            }
+        }
+        if sampling.max_tokens == Some(0) {
+            return Err(invalid("max_tokens", "must be at least 1"));
+        }
+        if sampling.n == Some(0) {
+            return Err(invalid("n", "must be at least 1"));
+        }
+    }
+    for (index, tool) in request.tools.iter().enumerate() {
+        if tool.name.is_empty() {
+            return Err(invalid(&format!("tools[{index}].function.name"), "must not be empty"));
+        }
+    }
+    Ok(())
+}
+
+/// Replays a cached answer as a stream of the same shape: role, content, finish.
+fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
+    let mut chunks = Vec::new();
+    for choice in &response.choices {
+        let text = choice.message.as_ref().map(Message::joined_text).unwrap_or_default();
+        chunks.push(ChatChunk {
+            id: id.to_owned(),
+            model: response.model.clone(),
+            created: response.created,
+            choices: vec![ChoiceDelta { index: choice.index, role: Role::Assistant as i32, content: text, ..Default::default() }],
+            usage: None,
+        });
+        chunks.push(ChatChunk {
+            id: id.to_owned(),
+            model: response.model.clone(),
+            created: response.created,
+            choices: vec![ChoiceDelta { index: choice.index, finish_reason: choice.finish_reason, ..Default::default() }],
+            usage: None,
+        });
+    }
+    chunks
+}
+
+/// Reassembles a stream, to cache it and to count what was consumed.
+#[derive(Default)]
+struct Assembler {
+    model: String,
+    created: i64,
+    text: BTreeMap<u32, String>,
+    finish: BTreeMap<u32, i32>,
+    has_tool_calls: bool,
+    usage: Option<Usage>,
+}
+
+impl Assembler {
+    fn add(&mut self, chunk: &ChatChunk) {
+        if self.model.is_empty() {
+            self.model = chunk.model.clone();
+            self.created = chunk.created;
+        }
+        for choice in &chunk.choices {
+            self.text.entry(choice.index).or_default().push_str(&choice.content);
+            if !choice.tool_calls.is_empty() {
+                self.has_tool_calls = true;
+            }
+            if choice.finish_reason != FinishReason::Unspecified as i32 {
+                self.finish.insert(choice.index, choice.finish_reason);
+            }
+        }
+        if let Some(usage) = &chunk.usage {
+            self.usage = Some(usage.clone());
+        }
+    }
+
+    /// The complete answer, when every choice finished normally with text only.
+    fn to_response(&self, _route: &RouteInfo) -> Option<ChatResponse> {
+        if self.has_tool_calls || self.text.is_empty() || self.usage.is_none() {
+            return None;
+        }
+        let mut choices = Vec::with_capacity(self.text.len());
+        for (index, text) in &self.text {
+            let finish = *self.finish.get(index)?;
+            if finish != FinishReason::Stop as i32 {
+                return None;
+            }
+            choices.push(Choice { index: *index, message: Some(Message::text(Role::Assistant, text.clone())), finish_reason: finish });
+        }
+        Some(ChatResponse { id: String::new(), model: self.model.clone(), choices, usage: self.usage.clone(), created: self.created })
+    }
+
+    /// A local count when the provider reported no usage: about four characters per token.
+    fn estimate_usage(&self, request: &ChatRequest) -> Usage {
+        let prompt_chars: usize = request.messages.iter().map(|m| m.joined_text().len()).sum();
+        let completion_chars: usize = self.text.values().map(String::len).sum();
+        let prompt_tokens = prompt_chars.div_ceil(4) as u32;
+        let completion_tokens = completion_chars.div_ceil(4) as u32;
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens, ..Default::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ChatRequest {
+        ChatRequest { model: "m".into(), messages: vec![Message::text(Role::User, "hi")], ..Default::default() }
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let mut r = request();
+        r.model.clear();
+        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "model"));
+        let mut r = request();
+        r.messages.clear();
+        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "messages"));
+        let mut r = request();
+        r.sampling = Some(switchboard_proto::chat::v1::SamplingParams { temperature: Some(3.0), ..Default::default() });
+        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "temperature"));
+        assert!(validate(&request()).is_ok());
+    }
+
+    #[test]
+    fn assembler_rebuilds_a_complete_stream_and_refuses_a_truncated_one() {
+        let mut a = Assembler::default();
+        for (content, finish) in [("he", 0), ("llo", 0), ("", FinishReason::Stop as i32)] {
+            a.add(&ChatChunk {
+                model: "m".into(),
+                choices: vec![ChoiceDelta { index: 0, content: content.into(), finish_reason: finish, ..Default::default() }],
+                ..Default::default()
+            });
+        }
+        assert!(a.to_response(&RouteInfo::default()).is_none(), "no usage yet");
+        a.add(&ChatChunk { usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3, ..Default::default() }), ..Default::default() });
+        let response = a.to_response(&RouteInfo::default()).unwrap();
+        assert_eq!(response.choices[0].message.as_ref().unwrap().joined_text(), "hello");
+
+        let mut cut = Assembler::default();
+        cut.add(&ChatChunk {
+            choices: vec![ChoiceDelta { index: 0, content: "x".into(), finish_reason: FinishReason::Length as i32, ..Default::default() }],
+            usage: Some(Usage::default()),
+            ..Default::default()
+        });
+        assert!(cut.to_response(&RouteInfo::default()).is_none());
+    }
+
+    #[test]
+    fn replay_has_the_shape_of_a_stream() {
+        let response = ChatResponse {
+            model: "m".into(),
+            choices: vec![Choice { index: 0, message: Some(Message::text(Role::Assistant, "cached")), finish_reason: FinishReason::Stop as i32 }],
+            ..Default::default()
+        };
+        let chunks = replay_chunks(&response, "id");
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].choices[0].content, "cached");
+        assert_eq!(chunks[1].choices[0].finish_reason, FinishReason::Stop as i32);
+    }
+}
