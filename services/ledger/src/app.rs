@@ -1,0 +1,81 @@
+//! Wiring: database, prices, NATS consumer and the gRPC server.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use switchboard_bus::NatsConfig;
+use switchboard_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    consumer::{ConsumerSettings, UsageConsumer, set_up},
+    error::StartupError,
+    grpc::LedgerApi,
+    repo::Repository,
+};
+
+/// gRPC service name reported by the health service.
+pub const SERVICE_NAME: &str = "switchboard.ledger.v1.LedgerService";
+
+/// A started (bound and connected) ledger.
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    repo: Repository,
+    consumer: UsageConsumer,
+    pull: PullConsumer,
+}
+
+impl App {
+    /// Validates the configuration, creates and migrates the database, records the configured
+    /// prices, connects NATS (creating the usage stream and the durable consumer when missing) and
+    /// binds the gRPC listener.
+    pub async fn build(config: Config, nats: NatsConfig) -> Result<App, StartupError> {
+        config.validate()?;
+        let prices = config.parsed_prices()?;
+        let repo = Repository::connect(&config.database_url, config.max_connections).await?;
+        repo.sync_prices(&prices).await?;
+        let book = repo.load_prices().await?;
+        tracing::info!(prices = book.len(), "price history loaded");
+
+        let client = nats.connect().await?;
+        let js = jetstream::new(client);
+        let settings = ConsumerSettings {
+            name: config.consumer_name.clone(),
+            batch_size: config.batch_size,
+            ack_wait: Duration::from_secs(config.ack_wait_secs),
+        };
+        let pull = set_up(&js, &nats, &settings).await?;
+
+        let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
+        let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
+        let consumer = UsageConsumer { js, nats, settings, repo: repo.clone(), prices: Arc::new(book) };
+        Ok(App { listener, local_addr, repo, consumer, pull })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves gRPC and consumes usage events until `shutdown` resolves.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartupError> {
+        let App { listener, local_addr, repo, consumer, pull } = self;
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(consumer.run(pull, cancel.clone()));
+        tasks.close();
+
+        tracing::info!(grpc.addr = %local_addr, "ledger listening");
+        let routes = tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())));
+        let served = switchboard_grpc::serve(listener, routes, &[SERVICE_NAME], shutdown).await;
+
+        cancel.cancel();
+        tasks.wait().await;
+        repo.pool().close().await;
+        served?;
+        Ok(())
+    }
+}

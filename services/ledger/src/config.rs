@@ -1,0 +1,245 @@
+//! The `[ledger]` configuration section.
+
+use std::{collections::HashSet, net::SocketAddr};
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+use time::Date;
+
+use crate::{
+    money::{Rate, Rates},
+    pricing::Price,
+};
+
+/// `[ledger]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address (`127.0.0.1:0` picks a free port).
+    pub grpc_addr: String,
+    /// Postgres URL; the database is created when it does not exist.
+    pub database_url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Durable JetStream pull consumer name.
+    pub consumer_name: String,
+    /// Messages fetched and inserted per transaction.
+    pub batch_size: usize,
+    /// JetStream ack wait: an unacknowledged message is redelivered after this long.
+    pub ack_wait_secs: u64,
+    /// Prices, USD per million tokens, versioned by `effective_from`.
+    pub prices: Vec<PriceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_addr: "127.0.0.1:50055".to_owned(),
+            database_url: "postgres://postgres@127.0.0.1:5432/switchboard".to_owned(),
+            max_connections: 8,
+            consumer_name: "ledger".to_owned(),
+            batch_size: 200,
+            ack_wait_secs: 30,
+            prices: Vec::new(),
+        }
+    }
+}
+
+/// `[[ledger.prices]]`: decimal strings, never floats.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Provider model name as served (`RouteInfo.model`).
+    pub model: String,
+    /// A provider name, or `*` for any.
+    #[serde(default = "any_provider")]
+    pub provider: String,
+    /// USD per million uncached input tokens.
+    pub input: String,
+    /// USD per million cached input tokens (default: `input`).
+    #[serde(default)]
+    pub cached_input: Option<String>,
+    /// USD per million output tokens.
+    pub output: String,
+    /// First day (UTC) the price applies, `YYYY-MM-DD` (default 1970-01-01).
+    #[serde(default)]
+    pub effective_from: Option<String>,
+}
+
+fn any_provider() -> String {
+    crate::pricing::ANY_PROVIDER.to_owned()
+}
+
+const DATE_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+impl Config {
+    /// Checks every field; errors name the field by its dotted path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.grpc_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::invalid("ledger.grpc_addr", format!("not a socket address: {e}")))?;
+        if !(self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::invalid("ledger.database_url", "must be a postgres:// URL"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid("ledger.max_connections", "must be at least 1"));
+        }
+        if self.consumer_name.is_empty()
+            || !self.consumer_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::invalid(
+                "ledger.consumer_name",
+                "must be non-empty and contain only letters, digits, '-' and '_'",
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Err(ConfigError::invalid("ledger.batch_size", "must be between 1 and 10000"));
+        }
+        if self.ack_wait_secs == 0 {
+            return Err(ConfigError::invalid("ledger.ack_wait_secs", "must be at least 1"));
+        }
+        self.parsed_prices().map(|_| ())
+    }
+
+    /// The configured prices, parsed and checked (no duplicate provider/model/effective_from).
+    pub(crate) fn parsed_prices(&self) -> Result<Vec<Price>, ConfigError> {
+        let mut seen = HashSet::new();
+        let mut prices = Vec::with_capacity(self.prices.len());
+        for (i, price) in self.prices.iter().enumerate() {
+            let path = |field: &str| format!("ledger.prices[{i}].{field}");
+            if price.model.trim().is_empty() {
+                return Err(ConfigError::invalid(path("model"), "must not be empty"));
+            }
+            if price.provider.trim().is_empty() {
+                return Err(ConfigError::invalid(path("provider"), "must not be empty (use \"*\" for any)"));
+            }
+            let rate = |field: &str, text: &str| {
+                Rate::parse(text).map_err(|e| ConfigError::invalid(path(field), format!("{e}: {text:?}")))
+            };
+            let input = rate("input", &price.input)?;
+            let cached_input = match &price.cached_input {
+                Some(text) => rate("cached_input", text)?,
+                None => input,
+            };
+            let output = rate("output", &price.output)?;
+            let effective_from = match &price.effective_from {
+                Some(text) => Date::parse(text, DATE_FORMAT).map_err(|e| {
+                    ConfigError::invalid(path("effective_from"), format!("not a YYYY-MM-DD date: {e}"))
+                })?,
+                None => Date::from_calendar_date(1970, time::Month::January, 1)
+                    .map_err(|e| ConfigError::invalid(path("effective_from"), e.to_string()))?,
+            };
+            if !seen.insert((price.provider.clone(), price.model.clone(), effective_from)) {
+                return Err(ConfigError::invalid(
+                    path("effective_from"),
+                    format!(
+                        "duplicate price for provider {:?} model {:?} effective {effective_from}",
+                        price.provider, price.model
+                    ),
+                ));
+            }
+            prices.push(Price {
+                provider: price.provider.clone(),
+                model: price.model.clone(),
+                effective_from,
+                rates: Rates { input, cached_input, output },
+            });
+        }
+        Ok(prices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_config::Source;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Source::from_toml(text)?.section("ledger")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = parse(
+            r#"
+            [ledger]
+            grpc_addr = "127.0.0.1:50055"
+            database_url = "postgres://postgres@127.0.0.1:5432/switchboard"
+            max_connections = 8
+            consumer_name = "ledger"
+            batch_size = 200
+            ack_wait_secs = 30
+            [[ledger.prices]]
+            model = "gpt-4o-mini"
+            provider = "*"
+            input = "0.15"
+            cached_input = "0.075"
+            output = "0.60"
+            effective_from = "2024-01-01"
+            [[ledger.prices]]
+            model = "claude"
+            input = "3"
+            output = "15"
+            "#,
+        )
+        .unwrap();
+        let prices = config.parsed_prices().unwrap();
+        assert_eq!(prices[0].rates.input, Rate(150_000_000));
+        assert_eq!(prices[0].rates.cached_input, Rate(75_000_000));
+        assert_eq!(prices[0].effective_from.to_string(), "2024-01-01");
+        assert_eq!(prices[1].provider, "*");
+        assert_eq!(prices[1].rates.cached_input, prices[1].rates.input);
+        assert_eq!(prices[1].effective_from.to_string(), "1970-01-01");
+    }
+
+    #[test]
+    fn floats_are_rejected_with_the_field_path() {
+        let error = parse("[[ledger.prices]]\nmodel = \"m\"\ninput = 0.15\noutput = \"1\"\n").unwrap_err().to_string();
+        assert!(error.contains("ledger.prices[0].input"), "{error}");
+    }
+
+    #[test]
+    fn bad_prices_name_their_field() {
+        let cases = [
+            ("input = \"-1\"\noutput = \"1\"", "ledger.prices[0].input"),
+            ("input = \"1\"\noutput = \"0.0000000001\"", "ledger.prices[0].output"),
+            ("input = \"1\"\noutput = \"1\"\ncached_input = \"x\"", "ledger.prices[0].cached_input"),
+            ("input = \"1\"\noutput = \"1\"\neffective_from = \"2024-13-01\"", "ledger.prices[0].effective_from"),
+        ];
+        for (body, path) in cases {
+            let error = parse(&format!("[[ledger.prices]]\nmodel = \"m\"\n{body}\n")).unwrap_err().to_string();
+            assert!(error.contains(path), "{body}: {error}");
+        }
+    }
+
+    #[test]
+    fn duplicate_versions_are_rejected() {
+        let one = "[[ledger.prices]]\nmodel = \"m\"\ninput = \"1\"\noutput = \"1\"\neffective_from = \"2024-01-01\"\n";
+        let error = parse(&format!("{one}{one}")).unwrap_err().to_string();
+        assert!(error.contains("ledger.prices[1]"), "{error}");
+    }
+
+    #[test]
+    fn other_fields_are_checked() {
+        for (toml, path) in [
+            ("grpc_addr = \"nope\"", "ledger.grpc_addr"),
+            ("database_url = \"mysql://x\"", "ledger.database_url"),
+            ("max_connections = 0", "ledger.max_connections"),
+            ("consumer_name = \"a.b\"", "ledger.consumer_name"),
+            ("batch_size = 0", "ledger.batch_size"),
+            ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
+            ("unknown = 1", "unknown"),
+        ] {
+            let error = parse(&format!("[ledger]\n{toml}\n")).unwrap_err().to_string();
+            assert!(error.contains(path), "{toml}: {error}");
+        }
+    }
+}

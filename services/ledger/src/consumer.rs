@@ -1,0 +1,293 @@
+//! The JetStream consumer: fetch a batch of usage events, price them, insert them in one
+//! transaction, and acknowledge only after the commit.
+//!
+//! Failure handling:
+//! - NATS errors (fetch, consumer lookup): log, back off, set the consumer up again.
+//! - Postgres connection errors: retry the same batch with backoff until it commits or the ledger
+//!   stops; nothing is acknowledged before the commit, so a crash means redelivery, and redelivery
+//!   is harmless (`ON CONFLICT (request_id) DO NOTHING`).
+//! - Data errors (a row Postgres refuses): the batch is retried row by row and only the refused
+//!   rows' messages are terminated.
+//! - Undecodable payloads and request ids that are not UUIDs: terminated (`AckKind::Term`) with an
+//!   error log; they never block the consumer.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+};
+use futures::StreamExt as _;
+use prost::Message as _;
+use switchboard_bus::{NatsConfig, UsageEvent};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, Span, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::{
+    error::StartupError,
+    pricing::PriceBook,
+    record::{Rejected, UsageRow, price_event},
+    repo::{Repository, is_data_error},
+};
+
+/// How long an idle fetch waits for the first message.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Settings of the durable pull consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Durable name.
+    pub name: String,
+    /// Messages per batch.
+    pub batch_size: usize,
+    /// Redelivery delay of unacknowledged messages.
+    pub ack_wait: Duration,
+}
+
+/// The JetStream consumer configuration the ledger uses.
+pub fn consumer_config(settings: &ConsumerSettings, nats: &NatsConfig) -> pull::Config {
+    pull::Config {
+        durable_name: Some(settings.name.clone()),
+        description: Some("switchboard ledger: usage events to Postgres".to_owned()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: settings.ack_wait,
+        filter_subject: nats.usage_wildcard(),
+        max_ack_pending: i64::try_from(settings.batch_size.saturating_mul(4).max(1000)).unwrap_or(i64::MAX),
+        ..Default::default()
+    }
+}
+
+/// Creates the usage stream (if missing) and the durable consumer (if missing).
+pub async fn set_up(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    settings: &ConsumerSettings,
+) -> Result<PullConsumer, StartupError> {
+    let stream = nats.ensure_usage_stream(js).await?;
+    stream.get_or_create_consumer(&settings.name, consumer_config(settings, nats)).await.map_err(|e| {
+        StartupError::Consumer {
+            consumer: settings.name.clone(),
+            stream: nats.usage_stream.clone(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// The consumer loop's state.
+pub struct UsageConsumer {
+    pub(crate) js: jetstream::Context,
+    pub(crate) nats: NatsConfig,
+    pub(crate) settings: ConsumerSettings,
+    pub(crate) repo: Repository,
+    pub(crate) prices: Arc<PriceBook>,
+}
+
+/// Exponential backoff between retries.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_MIN)
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+    /// Sleeps; false when cancelled first.
+    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// A decoded message waiting for its row to be committed.
+struct Pending {
+    message: jetstream::Message,
+    row: UsageRow,
+    span: Span,
+}
+
+enum Commit {
+    Done,
+    DataError(sqlx::Error),
+    Cancelled,
+}
+
+impl UsageConsumer {
+    /// Runs until `cancel` fires.
+    pub async fn run(self, consumer: PullConsumer, cancel: CancellationToken) {
+        let mut consumer = Some(consumer);
+        let mut backoff = Backoff::new();
+        tracing::info!(consumer = %self.settings.name, stream = %self.nats.usage_stream, "usage consumer started");
+        while !cancel.is_cancelled() {
+            let current = match &consumer {
+                Some(current) => current.clone(),
+                None => match set_up(&self.js, &self.nats, &self.settings).await {
+                    Ok(current) => {
+                        tracing::info!(consumer = %self.settings.name, "usage consumer set up again");
+                        consumer = Some(current.clone());
+                        current
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot set up the usage consumer; retrying");
+                        if !backoff.wait(&cancel).await {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let fetched = tokio::select! {
+                () = cancel.cancelled() => break,
+                fetched = fetch(&current, self.settings.batch_size) => fetched,
+            };
+            match fetched {
+                Ok(messages) => {
+                    backoff.reset();
+                    if !messages.is_empty() {
+                        self.process(messages, &cancel).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "fetching usage events failed; retrying");
+                    consumer = None;
+                    if !backoff.wait(&cancel).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %self.settings.name, "usage consumer stopped");
+    }
+
+    /// Decodes, prices, commits and acknowledges one fetched batch.
+    async fn process(&self, messages: Vec<jetstream::Message>, cancel: &CancellationToken) {
+        let now = OffsetDateTime::now_utc();
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let parent = switchboard_telemetry::extract_nats(message.headers.as_ref());
+            let span = tracing::info_span!(
+                "ledger.record",
+                otel.kind = "consumer",
+                request.id = field::Empty,
+                messaging.system = "nats",
+                messaging.destination.name = %message.subject,
+            );
+            let _ = span.set_parent(parent);
+            let priced = span.in_scope(|| {
+                let event = UsageEvent::decode(message.payload.clone()).map_err(|e| Rejected::Decode(e.to_string()))?;
+                let shown: String = event.request_id.chars().take(64).collect();
+                Span::current().record("request.id", shown.as_str());
+                price_event(event, now, &self.prices)
+            });
+            match priced {
+                Ok(row) => pending.push(Pending { message, row, span }),
+                Err(rejected) => terminate(&message, &rejected.to_string()).instrument(span).await,
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let rows: Vec<UsageRow> = pending.iter().map(|p| p.row.clone()).collect();
+        match self.commit(&rows, cancel).await {
+            Commit::Done => ack_all(&pending).await,
+            Commit::Cancelled => {}
+            Commit::DataError(error) => {
+                tracing::warn!(%error, rows = rows.len(), "batch refused by the database; inserting row by row");
+                for item in &pending {
+                    match self.commit(std::slice::from_ref(&item.row), cancel).await {
+                        Commit::Done => ack_all(std::slice::from_ref(item)).await,
+                        Commit::Cancelled => return,
+                        Commit::DataError(error) => {
+                            terminate(&item.message, &format!("database refused the row: {error}"))
+                                .instrument(item.span.clone())
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts rows in one transaction, retrying connection failures until it commits or `cancel` fires.
+    async fn commit(&self, rows: &[UsageRow], cancel: &CancellationToken) -> Commit {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.repo.insert_batch(rows).await {
+                Ok(inserted) => {
+                    tracing::debug!(rows = rows.len(), inserted, "usage batch committed");
+                    return Commit::Done;
+                }
+                Err(error) if is_data_error(&error) => return Commit::DataError(error),
+                Err(error) => {
+                    tracing::warn!(%error, rows = rows.len(), "cannot commit usage batch; retrying");
+                    if !backoff.wait(cancel).await {
+                        return Commit::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Fetches up to `max` messages: whatever is available now, or else waits up to [`IDLE_WAIT`] for
+/// the first one and then takes whatever else is available.
+async fn fetch(consumer: &PullConsumer, max: usize) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut messages = drain(consumer.fetch().max_messages(max).messages().await?).await?;
+    if messages.is_empty() {
+        messages = drain(consumer.batch().max_messages(1).expires(IDLE_WAIT).messages().await?).await?;
+        if !messages.is_empty() && max > 1 {
+            let more = consumer.fetch().max_messages(max - 1).messages().await?;
+            messages.extend(drain(more).await.unwrap_or_default());
+        }
+    }
+    Ok(messages)
+}
+
+/// Collects a batch; an error after some messages keeps those (the rest will be redelivered).
+async fn drain(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        match message {
+            Ok(message) => messages.push(message),
+            Err(error) if messages.is_empty() => return Err(error),
+            Err(error) => {
+                tracing::debug!(%error, "batch ended early");
+                break;
+            }
+        }
+    }
+    Ok(messages)
+}
+
+/// Acknowledges committed messages; a failed ack only means a harmless redelivery.
+async fn ack_all(items: &[Pending]) {
+    let acks = items.iter().map(|item| {
+        async move {
+            match item.message.double_ack().await {
+                Ok(()) => tracing::debug!(request.id = %item.row.request_id, "usage recorded"),
+                Err(error) => {
+                    tracing::warn!(request.id = %item.row.request_id, %error, "ack failed; the event will be redelivered")
+                }
+            }
+        }
+        .instrument(item.span.clone())
+    });
+    futures::future::join_all(acks).await;
+}
+
+/// Terminates a message that can never be recorded.
+async fn terminate(message: &jetstream::Message, reason: &str) {
+    tracing::error!(subject = %message.subject, reason, "usage event cannot be recorded; terminating it");
+    if let Err(error) = message.ack_with(AckKind::Term).await {
+        tracing::warn!(%error, "terminating the message failed");
+    }
+}

@@ -1,0 +1,98 @@
+//! Errors: the request-path error of the gRPC API, and start-up errors.
+
+use std::collections::HashMap;
+
+use switchboard_status::{ErrorCode, ServiceError};
+
+/// The gRPC domain of ledger errors.
+pub const DOMAIN: &str = "ledger";
+
+/// Request-path errors of the ledger API.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A request field is missing or invalid.
+    #[error("invalid `{field}`: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    /// No row for the request id.
+    #[error("no usage record for request {request_id}")]
+    NotFound { request_id: String },
+    /// Postgres is unreachable.
+    #[error("the ledger database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else (logged by `to_status`, not returned).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                tracing::warn!(%error, "database unavailable");
+                LedgerError::Unavailable(error)
+            }
+            other => LedgerError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ServiceError for LedgerError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            LedgerError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            LedgerError::NotFound { .. } => ErrorCode::NotFound,
+            LedgerError::Unavailable(_) => ErrorCode::Unavailable,
+            LedgerError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            LedgerError::InvalidArgument { field, .. } => HashMap::from([("field".to_owned(), (*field).to_owned())]),
+            LedgerError::NotFound { request_id } => HashMap::from([("request_id".to_owned(), request_id.clone())]),
+            _ => HashMap::new(),
+        }
+    }
+}
+
+/// Why the ledger could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] switchboard_config::ConfigError),
+    /// Database creation, connection or migration failed.
+    #[error(transparent)]
+    Database(crate::repo::RepoError),
+    /// A configured price contradicts the recorded price history (a configuration error).
+    #[error("invalid configuration at `ledger.prices`: {0}")]
+    PriceHistory(crate::repo::RepoError),
+    /// NATS connection or stream set-up failed.
+    #[error(transparent)]
+    Bus(#[from] switchboard_bus::BusError),
+    /// The JetStream consumer could not be created.
+    #[error("cannot create JetStream consumer {consumer} on stream {stream}: {message}")]
+    Consumer { consumer: String, stream: String, message: String },
+    /// gRPC bind or serve failed.
+    #[error(transparent)]
+    Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The listener's address is unknown.
+    #[error("cannot read the gRPC listener address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+impl StartupError {
+    /// Whether the error is the operator's configuration (exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartupError::Config(_) | StartupError::PriceHistory(_))
+    }
+}
+
+impl From<crate::repo::RepoError> for StartupError {
+    fn from(error: crate::repo::RepoError) -> Self {
+        match error {
+            e @ crate::repo::RepoError::PriceHistory { .. } => StartupError::PriceHistory(e),
+            e => StartupError::Database(e),
+        }
+    }
+}

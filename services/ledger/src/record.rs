@@ -1,0 +1,310 @@
+//! A usage event turned into a priced ledger row.
+
+use std::collections::BTreeMap;
+
+use switchboard_bus::UsageEvent;
+use switchboard_proto::ledger::v1::{CacheOutcome, RequestStatus};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    money::{Tokens, cost_nanos},
+    pricing::PriceBook,
+};
+
+/// One ledger row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Switchboard's request id.
+    pub request_id: Uuid,
+    /// When the request arrived.
+    pub time: OffsetDateTime,
+    /// Application id.
+    pub app: String,
+    /// Team id.
+    pub team: String,
+    /// Virtual key id.
+    pub key_id: String,
+    /// Requested model (route).
+    pub requested_model: String,
+    /// Serving provider.
+    pub provider: String,
+    /// Serving provider model.
+    pub model: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Tokens of the serving attempt.
+    pub tokens: Tokens,
+    /// Cost in nano-USD; `None` when the model has no known price.
+    pub cost_usd_nanos: Option<i64>,
+    /// Saved by a cache hit, nano-USD.
+    pub saved_usd_nanos: i64,
+    /// Cache outcome.
+    pub cache: CacheOutcome,
+    /// How the request ended.
+    pub status: RequestStatus,
+    /// Error code when not OK.
+    pub error_code: String,
+    /// Streamed or not.
+    pub streamed: bool,
+    /// Arrival to last byte.
+    pub latency_ms: u64,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// Caller tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Why an event cannot become a row (the message is terminated, never retried).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The payload is not a `UsageEvent`.
+    #[error("payload is not a usage event: {0}")]
+    Decode(String),
+    /// `request_id` is not a UUID.
+    #[error("request id is not a UUID")]
+    RequestId,
+}
+
+/// Database text for a cache outcome.
+pub fn cache_str(cache: CacheOutcome) -> &'static str {
+    match cache {
+        CacheOutcome::Unspecified => "unspecified",
+        CacheOutcome::Miss => "miss",
+        CacheOutcome::Hit => "hit",
+        CacheOutcome::Bypass => "bypass",
+    }
+}
+
+/// Cache outcome from database text.
+pub fn cache_from_str(text: &str) -> CacheOutcome {
+    match text {
+        "miss" => CacheOutcome::Miss,
+        "hit" => CacheOutcome::Hit,
+        "bypass" => CacheOutcome::Bypass,
+        _ => CacheOutcome::Unspecified,
+    }
+}
+
+/// Database text for a request status.
+pub fn status_str(status: RequestStatus) -> &'static str {
+    match status {
+        RequestStatus::Unspecified => "unspecified",
+        RequestStatus::Ok => "ok",
+        RequestStatus::Error => "error",
+        RequestStatus::Partial => "partial",
+    }
+}
+
+/// Request status from database text.
+pub fn status_from_str(text: &str) -> RequestStatus {
+    match text {
+        "ok" => RequestStatus::Ok,
+        "error" => RequestStatus::Error,
+        "partial" => RequestStatus::Partial,
+        _ => RequestStatus::Unspecified,
+    }
+}
+
+/// Postgres rejects NUL in text and jsonb; drop it so one odd event can never wedge a batch.
+fn clean(text: String) -> String {
+    if text.contains('\0') { text.replace('\0', "") } else { text }
+}
+
+fn tokens_of(usage: Option<&switchboard_proto::chat::v1::Usage>) -> Tokens {
+    usage
+        .map(|u| Tokens { prompt: u.prompt_tokens, cached_prompt: u.cached_prompt_tokens, completion: u.completion_tokens })
+        .unwrap_or_default()
+}
+
+/// Converts a timestamp; `None` when out of range.
+pub fn timestamp_to_time(ts: &switchboard_proto::Timestamp) -> Option<OffsetDateTime> {
+    let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+/// Converts a time to a protobuf timestamp.
+pub fn time_to_timestamp(time: OffsetDateTime) -> switchboard_proto::Timestamp {
+    switchboard_proto::Timestamp { seconds: time.unix_timestamp(), nanos: time.nanosecond() as i32 }
+}
+
+/// Prices an event. `fallback_time` is used when the event carries no (valid) time.
+pub fn price_event(event: UsageEvent, fallback_time: OffsetDateTime, prices: &PriceBook) -> Result<UsageRow, Rejected> {
+    let request_id = Uuid::parse_str(event.request_id.trim()).map_err(|_| Rejected::RequestId)?;
+    // Microsecond precision: what Postgres stores, so a row reads back equal to what was written.
+    let time = event.time.as_ref().and_then(timestamp_to_time).unwrap_or(fallback_time);
+    let time = time.replace_nanosecond(time.nanosecond() / 1000 * 1000).unwrap_or(time);
+    let route = event.route.unwrap_or_default();
+    let attempts = if route.attempt_count == 0 {
+        u32::try_from(route.attempts.len()).unwrap_or(u32::MAX)
+    } else {
+        route.attempt_count
+    };
+    let tokens = tokens_of(event.usage.as_ref());
+    let cache = CacheOutcome::try_from(event.cache).unwrap_or(CacheOutcome::Unspecified);
+    let status = RequestStatus::try_from(event.status).unwrap_or(RequestStatus::Unspecified);
+    let rates = prices.lookup(&route.provider, &route.model, time);
+
+    let (cost_usd_nanos, saved_usd_nanos) = if cache == CacheOutcome::Hit {
+        // Served from our cache: nothing paid. What it saved is the cached answer's usage at today's rates.
+        let saved_tokens = tokens_of(event.saved_usage.as_ref());
+        let saved = match rates {
+            Some(rates) => cost_nanos(saved_tokens, rates).unwrap_or_else(|error| {
+                tracing::error!(request.id = %request_id, %error, "saved cost overflow");
+                0
+            }),
+            None => {
+                if !saved_tokens.is_zero() {
+                    tracing::warn!(
+                        request.id = %request_id, provider = %route.provider, model = %route.model,
+                        "no price for model; cache hit recorded without saved cost"
+                    );
+                }
+                0
+            }
+        };
+        (Some(0), saved)
+    } else {
+        let cost = match rates {
+            Some(rates) => match cost_nanos(tokens, rates) {
+                Ok(cost) => Some(cost),
+                Err(error) => {
+                    tracing::error!(request.id = %request_id, %error, "cost overflow; recorded as unpriced");
+                    None
+                }
+            },
+            // Nothing consumed costs nothing, priced or not (e.g. a request that failed before any provider answered).
+            None if tokens.is_zero() => Some(0),
+            None => {
+                tracing::warn!(
+                    request.id = %request_id, provider = %route.provider, model = %route.model,
+                    "no price for model; recorded as unpriced"
+                );
+                None
+            }
+        };
+        (cost, 0)
+    };
+
+    Ok(UsageRow {
+        request_id,
+        time,
+        app: clean(event.app),
+        team: clean(event.team),
+        key_id: clean(event.key_id),
+        requested_model: clean(event.requested_model),
+        provider: clean(route.provider),
+        model: clean(route.model),
+        attempts,
+        tokens,
+        cost_usd_nanos,
+        saved_usd_nanos,
+        cache,
+        status,
+        error_code: clean(event.error_code),
+        streamed: event.streamed,
+        latency_ms: event.latency_ms,
+        trace_id: clean(event.trace_id),
+        tags: event.tags.into_iter().map(|(k, v)| (clean(k), clean(v))).collect(),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{
+        money::{Rate, Rates},
+        pricing::Price,
+    };
+    use switchboard_proto::chat::v1::{RouteInfo, Usage};
+    use time::macros::{date, datetime};
+
+    pub(crate) fn book() -> PriceBook {
+        PriceBook::new([Price {
+            provider: "*".into(),
+            model: "gpt-4o-mini".into(),
+            effective_from: date!(2024 - 01 - 01),
+            rates: Rates { input: Rate(150_000_000), cached_input: Rate(75_000_000), output: Rate(600_000_000) },
+        }])
+    }
+
+    pub(crate) fn event(request_id: &str, model: &str) -> UsageEvent {
+        UsageEvent {
+            request_id: request_id.into(),
+            time: Some(time_to_timestamp(datetime!(2025-03-01 12:00:00.123456 UTC))),
+            app: "billing".into(),
+            team: "finance".into(),
+            key_id: "key_1".into(),
+            requested_model: "fast".into(),
+            route: Some(RouteInfo {
+                route: "fast".into(),
+                provider: "openai".into(),
+                model: model.into(),
+                target: format!("openai/{model}"),
+                attempt_count: 1,
+                attempts: vec![],
+            }),
+            usage: Some(Usage {
+                prompt_tokens: 1000,
+                completion_tokens: 500,
+                total_tokens: 1500,
+                cached_prompt_tokens: 200,
+                ..Default::default()
+            }),
+            cache: CacheOutcome::Miss as i32,
+            saved_usage: None,
+            status: RequestStatus::Ok as i32,
+            error_code: String::new(),
+            streamed: false,
+            latency_ms: 42,
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            tags: [("env".to_owned(), "prod".to_owned())].into(),
+        }
+    }
+
+    const ID: &str = "0195f0e2-7f4c-7000-8000-000000000001";
+    fn now() -> OffsetDateTime {
+        datetime!(2030-01-01 0:00 UTC)
+    }
+
+    #[test]
+    fn priced_miss() {
+        let row = price_event(event(ID, "gpt-4o-mini"), now(), &book()).unwrap();
+        assert_eq!(row.cost_usd_nanos, Some(435_000));
+        assert_eq!(row.saved_usd_nanos, 0);
+        assert_eq!(row.tokens, Tokens { prompt: 1000, cached_prompt: 200, completion: 500 });
+        assert_eq!(row.time, datetime!(2025-03-01 12:00:00.123456 UTC));
+    }
+
+    #[test]
+    fn unknown_model_is_unpriced_not_free() {
+        let row = price_event(event(ID, "mystery"), now(), &book()).unwrap();
+        assert_eq!(row.cost_usd_nanos, None);
+    }
+
+    #[test]
+    fn cache_hit_costs_nothing_and_records_the_saving() {
+        let mut e = event(ID, "gpt-4o-mini");
+        e.cache = CacheOutcome::Hit as i32;
+        e.saved_usage = e.usage.take();
+        let row = price_event(e, now(), &book()).unwrap();
+        assert_eq!(row.cost_usd_nanos, Some(0));
+        assert_eq!(row.saved_usd_nanos, 435_000);
+        assert_eq!(row.tokens, Tokens::default());
+    }
+
+    #[test]
+    fn bad_request_id_is_rejected() {
+        assert_eq!(price_event(event("req-1", "gpt-4o-mini"), now(), &book()), Err(Rejected::RequestId));
+    }
+
+    #[test]
+    fn missing_time_uses_the_fallback_and_nul_is_dropped() {
+        let mut e = event(ID, "gpt-4o-mini");
+        e.time = None;
+        e.app = "a\0b".into();
+        let row = price_event(e, now(), &book()).unwrap();
+        assert_eq!(row.time, now());
+        assert_eq!(row.app, "ab");
+    }
+}

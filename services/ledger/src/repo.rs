@@ -1,0 +1,511 @@
+//! Postgres: database creation, migrations, the price history and the usage rows.
+//!
+//! Queries are runtime-checked (`sqlx::query`), so building needs no database.
+
+use std::{collections::BTreeMap, str::FromStr, time::Duration};
+
+use sqlx::{
+    Connection, PgConnection, PgPool, Row,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::{
+    money::{Rate, Rates, Tokens},
+    pricing::{Price, PriceBook},
+    record::{UsageRow, cache_from_str, cache_str, status_from_str, status_str},
+};
+
+/// Repository errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// A query or the connection failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A configured price contradicts the stored history.
+    #[error(
+        "price for provider {provider:?} model {model:?} effective {effective_from} is already recorded with \
+         different rates (stored input/cached_input/output {stored}, configured {configured}); \
+         prices are never rewritten: add a new effective_from instead"
+    )]
+    PriceHistory { provider: String, model: String, effective_from: Date, stored: String, configured: String },
+}
+
+/// Spend of one app on one served model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spend {
+    /// Application id.
+    pub app: String,
+    /// `provider/model`.
+    pub model: String,
+    /// Rows.
+    pub requests: i64,
+    /// Input tokens.
+    pub prompt_tokens: i64,
+    /// Output tokens.
+    pub completion_tokens: i64,
+    /// Sum of the priced rows' cost.
+    pub cost_usd_nanos: i64,
+    /// Sum saved by cache hits.
+    pub saved_usd_nanos: i64,
+    /// Cache hits.
+    pub cache_hits: i64,
+    /// Rows without a price.
+    pub unpriced_requests: i64,
+}
+
+/// Creates the database named in `url` when it does not exist (through the server's `postgres` db).
+pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?;
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    if name == "postgres" {
+        return Ok(());
+    }
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Someone else created it in the meantime: fine.
+            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// The ledger's tables.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    pool: PgPool,
+}
+
+impl Repository {
+    /// Creates the database if needed, connects a pool and runs the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, RepoError> {
+        ensure_database(url).await?;
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Repository { pool })
+    }
+
+    /// Records configured prices. A version already stored with the same rates is a no-op; with
+    /// different rates it is an error (history is never rewritten).
+    pub async fn sync_prices(&self, prices: &[Price]) -> Result<(), RepoError> {
+        let mut tx = self.pool.begin().await?;
+        for price in prices {
+            sqlx::query(
+                "INSERT INTO prices (provider, model, effective_from, input_nanos_per_mtok, \
+                 cached_input_nanos_per_mtok, output_nanos_per_mtok) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (provider, model, effective_from) DO NOTHING",
+            )
+            .bind(&price.provider)
+            .bind(&price.model)
+            .bind(price.effective_from)
+            .bind(price.rates.input.0)
+            .bind(price.rates.cached_input.0)
+            .bind(price.rates.output.0)
+            .execute(&mut *tx)
+            .await?;
+            let row = sqlx::query(
+                "SELECT input_nanos_per_mtok, cached_input_nanos_per_mtok, output_nanos_per_mtok FROM prices \
+                 WHERE provider = $1 AND model = $2 AND effective_from = $3",
+            )
+            .bind(&price.provider)
+            .bind(&price.model)
+            .bind(price.effective_from)
+            .fetch_one(&mut *tx)
+            .await?;
+            let stored = Rates {
+                input: Rate(row.try_get(0)?),
+                cached_input: Rate(row.try_get(1)?),
+                output: Rate(row.try_get(2)?),
+            };
+            if stored != price.rates {
+                let show = |r: &Rates| format!("{}/{}/{}", r.input, r.cached_input, r.output);
+                return Err(RepoError::PriceHistory {
+                    provider: price.provider.clone(),
+                    model: price.model.clone(),
+                    effective_from: price.effective_from,
+                    stored: show(&stored),
+                    configured: show(&price.rates),
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stored price version (configured now or in the past).
+    pub async fn load_prices(&self) -> Result<PriceBook, RepoError> {
+        let rows = sqlx::query(
+            "SELECT provider, model, effective_from, input_nanos_per_mtok, cached_input_nanos_per_mtok, \
+             output_nanos_per_mtok FROM prices",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut prices = Vec::with_capacity(rows.len());
+        for row in rows {
+            prices.push(Price {
+                provider: row.try_get(0)?,
+                model: row.try_get(1)?,
+                effective_from: row.try_get(2)?,
+                rates: Rates {
+                    input: Rate(row.try_get(3)?),
+                    cached_input: Rate(row.try_get(4)?),
+                    output: Rate(row.try_get(5)?),
+                },
+            });
+        }
+        Ok(PriceBook::new(prices))
+    }
+
+    /// Inserts rows in one transaction, one multi-row statement; rows whose request id is already
+    /// recorded are skipped. Returns how many rows were new.
+    pub async fn insert_batch(&self, rows: &[UsageRow]) -> Result<u64, sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_rows(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// One row by request id.
+    pub async fn get(&self, request_id: Uuid) -> Result<Option<UsageRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, \
+             status, error_code, streamed, latency_ms, trace_id, tags::text AS tags \
+             FROM usage_records WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        let tags: String = row.try_get("tags")?;
+        Ok(Some(UsageRow {
+            request_id: row.try_get("request_id")?,
+            time: row.try_get("time")?,
+            app: row.try_get("app")?,
+            team: row.try_get("team")?,
+            key_id: row.try_get("key_id")?,
+            requested_model: row.try_get("requested_model")?,
+            provider: row.try_get("provider")?,
+            model: row.try_get("model")?,
+            attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+            tokens: Tokens {
+                prompt: u32_of(row.try_get("prompt_tokens")?),
+                cached_prompt: u32_of(row.try_get("cached_prompt_tokens")?),
+                completion: u32_of(row.try_get("completion_tokens")?),
+            },
+            cost_usd_nanos: row.try_get("cost_usd_nanos")?,
+            saved_usd_nanos: row.try_get("saved_usd_nanos")?,
+            cache: cache_from_str(row.try_get::<&str, _>("cache")?),
+            status: status_from_str(row.try_get::<&str, _>("status")?),
+            error_code: row.try_get("error_code")?,
+            streamed: row.try_get("streamed")?,
+            latency_ms: u64::try_from(row.try_get::<i64, _>("latency_ms")?).unwrap_or(0),
+            trace_id: row.try_get("trace_id")?,
+            tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).unwrap_or_default(),
+        }))
+    }
+
+    /// Spend in `[start, end)` grouped by (app, provider/model), ordered by app then model.
+    pub async fn spend(
+        &self,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        app: Option<&str>,
+    ) -> Result<Vec<Spend>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT app, provider || '/' || model AS model, \
+               COUNT(*)::BIGINT AS requests, \
+               COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens, \
+               COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens, \
+               COALESCE(SUM(cost_usd_nanos), 0)::BIGINT AS cost_usd_nanos, \
+               COALESCE(SUM(saved_usd_nanos), 0)::BIGINT AS saved_usd_nanos, \
+               (COUNT(*) FILTER (WHERE cache = 'hit'))::BIGINT AS cache_hits, \
+               (COUNT(*) FILTER (WHERE cost_usd_nanos IS NULL))::BIGINT AS unpriced_requests \
+             FROM usage_records \
+             WHERE time >= $1 AND time < $2 AND ($3::text IS NULL OR app = $3) \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(start)
+        .bind(end)
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Spend {
+                    app: row.try_get("app")?,
+                    model: row.try_get("model")?,
+                    requests: row.try_get("requests")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    cost_usd_nanos: row.try_get("cost_usd_nanos")?,
+                    saved_usd_nanos: row.try_get("saved_usd_nanos")?,
+                    cache_hits: row.try_get("cache_hits")?,
+                    unpriced_requests: row.try_get("unpriced_requests")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The pool (health checks, tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, sqlx::Error> {
+    let n = rows.len();
+    let mut request_id = Vec::with_capacity(n);
+    let mut time = Vec::with_capacity(n);
+    let mut app = Vec::with_capacity(n);
+    let mut team = Vec::with_capacity(n);
+    let mut key_id = Vec::with_capacity(n);
+    let mut requested_model = Vec::with_capacity(n);
+    let mut provider = Vec::with_capacity(n);
+    let mut model = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut prompt = Vec::with_capacity(n);
+    let mut completion = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut cost: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut saved = Vec::with_capacity(n);
+    let mut cache = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut error_code = Vec::with_capacity(n);
+    let mut streamed = Vec::with_capacity(n);
+    let mut latency = Vec::with_capacity(n);
+    let mut trace_id = Vec::with_capacity(n);
+    let mut tags = Vec::with_capacity(n);
+    for row in rows {
+        request_id.push(row.request_id);
+        time.push(row.time);
+        app.push(row.app.as_str());
+        team.push(row.team.as_str());
+        key_id.push(row.key_id.as_str());
+        requested_model.push(row.requested_model.as_str());
+        provider.push(row.provider.as_str());
+        model.push(row.model.as_str());
+        attempts.push(i32::try_from(row.attempts).unwrap_or(i32::MAX));
+        prompt.push(i64::from(row.tokens.prompt));
+        completion.push(i64::from(row.tokens.completion));
+        cached.push(i64::from(row.tokens.cached_prompt));
+        cost.push(row.cost_usd_nanos);
+        saved.push(row.saved_usd_nanos);
+        cache.push(cache_str(row.cache));
+        status.push(status_str(row.status));
+        error_code.push(row.error_code.as_str());
+        streamed.push(row.streamed);
+        latency.push(i64::try_from(row.latency_ms).unwrap_or(i64::MAX));
+        trace_id.push(row.trace_id.as_str());
+        tags.push(serde_json::to_string(&row.tags).unwrap_or_else(|_| "{}".to_owned()));
+    }
+    let result = sqlx::query(
+        "INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
+           attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
+           cache, status, error_code, streamed, latency_ms, trace_id, tags) \
+         SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
+           completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
+           streamed, latency_ms, trace_id, tags::jsonb \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+           $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::text[], \
+           $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[]) \
+           AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
+           completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
+           streamed, latency_ms, trace_id, tags) \
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(request_id)
+    .bind(time)
+    .bind(app)
+    .bind(team)
+    .bind(key_id)
+    .bind(requested_model)
+    .bind(provider)
+    .bind(model)
+    .bind(attempts)
+    .bind(prompt)
+    .bind(completion)
+    .bind(cached)
+    .bind(cost)
+    .bind(saved)
+    .bind(cache)
+    .bind(status)
+    .bind(error_code)
+    .bind(streamed)
+    .bind(latency)
+    .bind(trace_id)
+    .bind(tags)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Whether an error is about the data (retrying the same rows cannot help) rather than the connection.
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    match error {
+        // SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation).
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{price_event, tests::event};
+    use switchboard_testkit::TestPg;
+    use time::macros::{date, datetime};
+
+    async fn repo() -> (Repository, TestPg) {
+        let pg = TestPg::create().await.expect("postgres");
+        let repo = Repository::connect(&pg.url, 4).await.expect("connect");
+        (repo, pg)
+    }
+
+    fn price(provider: &str, model: &str, from: Date, input: &str) -> Price {
+        let rate = Rate::parse(input).unwrap();
+        Price {
+            provider: provider.into(),
+            model: model.into(),
+            effective_from: from,
+            rates: Rates { input: rate, cached_input: rate, output: rate },
+        }
+    }
+
+    const ID: &str = "0195f0e2-7f4c-7000-8000-0000000000aa";
+
+    async fn count(repo: &Repository) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM usage_records").fetch_one(repo.pool()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn creates_a_missing_database_and_migrates_twice() {
+        let pg = TestPg::create().await.unwrap();
+        let url = format!("{}_new", pg.url);
+        let first = Repository::connect(&url, 2).await.unwrap();
+        first.pool().close().await;
+        let again = Repository::connect(&url, 2).await.unwrap();
+        assert_eq!(count(&again).await, 0);
+        again.pool().close().await;
+        TestPg { url: url.clone(), name: format!("{}_new", pg.name) }.drop_db().await;
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn insert_is_idempotent_on_request_id() {
+        let (repo, pg) = repo().await;
+        let book = repo.load_prices().await.unwrap();
+        let row = price_event(event(ID, "gpt-4o-mini"), OffsetDateTime::now_utc(), &book).unwrap();
+        assert_eq!(repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(), 1);
+        assert_eq!(repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(), 0);
+        // The same id twice in one batch, and a changed copy: still the first row, once.
+        let mut changed = row.clone();
+        changed.app = "other".into();
+        assert_eq!(repo.insert_batch(&[changed.clone(), changed]).await.unwrap(), 0);
+        assert_eq!(count(&repo).await, 1);
+        let stored = repo.get(row.request_id).await.unwrap().unwrap();
+        assert_eq!(stored, row);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn unpriced_rows_are_null_and_counted() {
+        let (repo, pg) = repo().await;
+        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")]).await.unwrap();
+        let book = repo.load_prices().await.unwrap();
+        let priced = price_event(event(ID, "gpt-4o-mini"), OffsetDateTime::now_utc(), &book).unwrap();
+        let unpriced =
+            price_event(event("0195f0e2-7f4c-7000-8000-0000000000ab", "mystery"), OffsetDateTime::now_utc(), &book)
+                .unwrap();
+        assert_eq!(repo.insert_batch(&[priced.clone(), unpriced.clone()]).await.unwrap(), 2);
+        assert_eq!(repo.get(unpriced.request_id).await.unwrap().unwrap().cost_usd_nanos, None);
+        let null: Option<i64> = sqlx::query_scalar("SELECT cost_usd_nanos FROM usage_records WHERE request_id = $1")
+            .bind(unpriced.request_id)
+            .fetch_one(repo.pool())
+            .await
+            .unwrap();
+        assert_eq!(null, None);
+        let spend =
+            repo.spend(datetime!(2025-01-01 0:00 UTC), datetime!(2026-01-01 0:00 UTC), None).await.unwrap();
+        assert_eq!(spend.len(), 2);
+        let mystery = spend.iter().find(|s| s.model == "openai/mystery").unwrap();
+        assert_eq!((mystery.requests, mystery.unpriced_requests, mystery.cost_usd_nanos), (1, 1, 0));
+        // 1 USD/M for every token: 1500 tokens → 1500 * 1e9 / 1e6 = 1_500_000 nanos.
+        let known = spend.iter().find(|s| s.model == "openai/gpt-4o-mini").unwrap();
+        assert_eq!((known.requests, known.unpriced_requests, known.cost_usd_nanos), (1, 0, 1_500_000));
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn price_selection_by_effective_date_and_provider() {
+        let (repo, pg) = repo().await;
+        let prices = [
+            price("*", "m", date!(2024 - 01 - 01), "1"),
+            price("*", "m", date!(2025 - 01 - 01), "2"),
+            price("azure", "m", date!(2024 - 06 - 01), "5"),
+        ];
+        repo.sync_prices(&prices).await.unwrap();
+        // Re-syncing the same history is a no-op; later config may drop old versions without losing them.
+        repo.sync_prices(&prices[1..]).await.unwrap();
+        let book = repo.load_prices().await.unwrap();
+        assert_eq!(book.len(), 3);
+        let input = |provider: &str, at| book.lookup(provider, "m", at).map(|r| r.input.0);
+        assert_eq!(input("openai", datetime!(2023-06-01 0:00 UTC)), None);
+        assert_eq!(input("openai", datetime!(2024-07-01 0:00 UTC)), Some(1_000_000_000));
+        assert_eq!(input("openai", datetime!(2025-07-01 0:00 UTC)), Some(2_000_000_000));
+        assert_eq!(input("azure", datetime!(2024-05-31 23:59 UTC)), Some(1_000_000_000));
+        assert_eq!(input("azure", datetime!(2025-07-01 0:00 UTC)), Some(5_000_000_000));
+
+        // Rewriting a stored version is refused.
+        let error = repo.sync_prices(&[price("*", "m", date!(2024 - 01 - 01), "1.5")]).await.unwrap_err();
+        assert!(matches!(error, RepoError::PriceHistory { .. }), "{error}");
+        assert!(error.to_string().contains("2024-01-01"), "{error}");
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn spend_filters_by_app_and_half_open_range() {
+        let (repo, pg) = repo().await;
+        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")]).await.unwrap();
+        let book = repo.load_prices().await.unwrap();
+        let mut a = event("0195f0e2-7f4c-7000-8000-0000000000b1", "gpt-4o-mini");
+        a.time = Some(crate::record::time_to_timestamp(datetime!(2025-03-01 0:00 UTC)));
+        let mut b = event("0195f0e2-7f4c-7000-8000-0000000000b2", "gpt-4o-mini");
+        b.app = "search".into();
+        b.time = a.time;
+        let rows = [a, b].map(|e| price_event(e, OffsetDateTime::now_utc(), &book).unwrap());
+        repo.insert_batch(&rows).await.unwrap();
+        let at = datetime!(2025-03-01 0:00 UTC);
+        assert_eq!(repo.spend(at, at + Duration::from_secs(1), None).await.unwrap().len(), 2);
+        assert_eq!(repo.spend(at - Duration::from_secs(1), at, None).await.unwrap().len(), 0);
+        let only = repo.spend(at, at + Duration::from_secs(1), Some("search")).await.unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].app, "search");
+        pg.drop_db().await;
+    }
+}
