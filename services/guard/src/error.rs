@@ -1,0 +1,47 @@
+//! The request-path error and the startup error.
+
+use std::collections::HashMap;
+
+use switchboard_status::{ErrorCode, ServiceError};
+
+/// Why a check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// A content part of a kind the guard cannot inspect (for example one added by a newer API version).
+    #[error("messages[{message}].content[{part}] is of a kind the guard cannot inspect")]
+    UninspectableContent { message: usize, part: usize },
+}
+
+impl ServiceError for GuardError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            GuardError::UninspectableContent { .. } => ErrorCode::InvalidArgument,
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            GuardError::UninspectableContent { message, part } => HashMap::from([(
+                "field".to_owned(),
+                format!("messages[{message}].content[{part}]"),
+            )]),
+        }
+    }
+}
+
+/// Why the guard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] switchboard_config::ConfigError),
+    /// A recogniser's pattern does not compile (a bug).
+    #[error("cannot compile a recogniser: {0}")]
+    Recognizer(#[from] regex::Error),
+    /// The gRPC server could not bind or failed.
+    #[error(transparent)]
+    Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The listener's address is unavailable.
+    #[error("cannot read the listener address: {0}")]
+    Io(#[from] std::io::Error),
+}
