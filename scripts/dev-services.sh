@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Starts the local Postgres and NATS (JetStream) when they are down. Idempotent.
+# Postgres: 127.0.0.1:5432 (trust auth), NATS: 127.0.0.1:4222 with JetStream.
+set -euo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 100); do
+    if port_open "$port"; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: $name did not come up on 127.0.0.1:$port" >&2
+  return 1
+}
+
+if port_open 5432; then
+  echo "postgres: up"
+else
+  if ! ls /etc/postgresql >/dev/null 2>&1; then
+    echo "postgres: not installed; installing from Debian packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  echo "postgres: starting"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  wait_port 5432 postgres
+fi
+
+if port_open 4222; then
+  echo "nats: up"
+else
+  if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    echo "nats: not installed; installing from Debian packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  fi
+  echo "nats: starting"
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port 4222 nats
+fi
