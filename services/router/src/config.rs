@@ -1,0 +1,303 @@
+//! The `[router]` configuration section.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+
+/// The `[router]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address.
+    pub grpc_addr: String,
+    /// Timeout of one attempt (for a stream: until the first chunk, and between chunks).
+    pub attempt_timeout_ms: u64,
+    /// Extra tries of the same target on retryable errors.
+    pub max_retries: u32,
+    /// Base of the exponential backoff between tries of the same target (jitter is added).
+    pub retry_backoff_ms: u64,
+    /// Cap on a provider's `Retry-After` that is honoured before retrying.
+    pub max_retry_after_ms: u64,
+    /// Connect timeout of provider HTTP connections.
+    pub connect_timeout_ms: u64,
+    /// Providers by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Routes (virtual models), each an ordered fallback chain of targets.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_addr: "127.0.0.1:50054".to_owned(),
+            attempt_timeout_ms: 60_000,
+            max_retries: 1,
+            retry_backoff_ms: 50,
+            max_retry_after_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            providers: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// The wire protocol of a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI-compatible chat completions (`POST {base_url}/chat/completions`).
+    #[default]
+    Openai,
+}
+
+impl ProviderKind {
+    /// The OpenTelemetry `gen_ai.system` value.
+    pub fn gen_ai_system(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+        }
+    }
+}
+
+/// One provider (`[router.providers.<name>]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Wire protocol.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the API key (read once at start by [`Config::resolve_api_keys`]).
+    pub api_key_env: Option<String>,
+    /// The API key itself; never read from the file, set in code or resolved from `api_key_env`.
+    #[serde(skip)]
+    pub api_key: Option<SecretString>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig { kind: ProviderKind::Openai, base_url: String::new(), api_key_env: None, api_key: None }
+    }
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key_env", &self.api_key_env)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl ProviderConfig {
+    /// An OpenAI-compatible provider at `base_url` with an optional key (tests, embedders).
+    pub fn openai(base_url: impl Into<String>, api_key: Option<&str>) -> Self {
+        ProviderConfig {
+            kind: ProviderKind::Openai,
+            base_url: base_url.into(),
+            api_key_env: None,
+            api_key: api_key.map(|key| SecretString::from(key.to_owned())),
+        }
+    }
+}
+
+/// One route (`[[router.routes]]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// The virtual model callers ask for.
+    pub name: String,
+    /// Ordered fallback chain.
+    pub targets: Vec<TargetConfig>,
+}
+
+/// One target of a route.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetConfig {
+    /// Provider name (a key of `router.providers`).
+    pub provider: String,
+    /// The provider's model name.
+    pub model: String,
+}
+
+impl TargetConfig {
+    /// A target (tests, embedders).
+    pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
+        TargetConfig { provider: provider.into(), model: model.into() }
+    }
+}
+
+impl Config {
+    /// Checks the configuration; errors name the bad field by its dotted path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.grpc_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::invalid("router.grpc_addr", format!("not a socket address: {e}")))?;
+        if self.attempt_timeout_ms == 0 {
+            return Err(ConfigError::invalid("router.attempt_timeout_ms", "must be greater than 0"));
+        }
+        for (name, provider) in &self.providers {
+            let path = format!("router.providers.{name}");
+            if name.is_empty() || name.contains('/') {
+                return Err(ConfigError::invalid(path, "provider names must be non-empty and contain no `/`"));
+            }
+            match reqwest::Url::parse(&provider.base_url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                Ok(_) => {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.base_url"),
+                        "must be an http:// or https:// URL with a host",
+                    ));
+                }
+                Err(e) => return Err(ConfigError::invalid(format!("{path}.base_url"), format!("not a URL: {e}"))),
+            }
+            if provider.api_key_env.as_deref().is_some_and(str::is_empty) {
+                return Err(ConfigError::invalid(format!("{path}.api_key_env"), "must not be empty"));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let path = format!("router.routes[{i}]");
+            if route.name.is_empty() {
+                return Err(ConfigError::invalid(format!("{path}.name"), "must not be empty"));
+            }
+            if !names.insert(route.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{path}.name"),
+                    format!("duplicate route name `{}`", route.name),
+                ));
+            }
+            if route.targets.is_empty() {
+                return Err(ConfigError::invalid(format!("{path}.targets"), "a route needs at least one target"));
+            }
+            for (j, target) in route.targets.iter().enumerate() {
+                let target_path = format!("{path}.targets[{j}]");
+                if !self.providers.contains_key(&target.provider) {
+                    return Err(ConfigError::invalid(
+                        format!("{target_path}.provider"),
+                        format!("unknown provider `{}`", target.provider),
+                    ));
+                }
+                if target.model.is_empty() {
+                    return Err(ConfigError::invalid(format!("{target_path}.model"), "must not be empty"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves each provider's `api_key_env` through `lookup` (main passes `std::env::var`), unless a
+    /// key was set in code. Returns the names of providers whose variable is unset (they run keyless).
+    pub fn resolve_api_keys(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (name, provider) in &mut self.providers {
+            if provider.api_key.is_some() {
+                continue;
+            }
+            if let Some(var) = &provider.api_key_env {
+                match lookup(var).filter(|key| !key.is_empty()) {
+                    Some(key) => provider.api_key = Some(SecretString::from(key)),
+                    None => missing.push(name.clone()),
+                }
+            }
+        }
+        missing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use secrecy::ExposeSecret;
+    use switchboard_config::Source;
+
+    const EXAMPLE: &str = r#"
+[router]
+grpc_addr = "127.0.0.1:50054"
+attempt_timeout_ms = 60000
+max_retries = 1
+retry_backoff_ms = 50
+[router.providers.fake]
+kind = "openai"
+base_url = "http://127.0.0.1:9090/v1"
+api_key_env = "FAKE_API_KEY"
+[router.providers.backup]
+base_url = "http://127.0.0.1:9091/v1"
+[[router.routes]]
+name = "gpt-4o-mini"
+targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup", model = "gpt-4o-mini" } ]
+"#;
+
+    fn example() -> Config {
+        Source::from_toml(EXAMPLE).unwrap().section("router").unwrap()
+    }
+
+    #[test]
+    fn example_parses_and_validates() {
+        let config = example();
+        config.validate().unwrap();
+        assert_eq!(config.routes[0].targets[1].provider, "backup");
+        assert_eq!(config.providers["fake"].kind, ProviderKind::Openai);
+        assert_eq!(config.max_retry_after_ms, 5_000);
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    fn error_of(config: &Config) -> String {
+        config.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_dotted_path() {
+        let mut config = example();
+        config.routes.push(RouteConfig { name: "other".into(), targets: vec![TargetConfig::new("nope", "m")] });
+        assert!(error_of(&config).contains("router.routes[1].targets[0].provider"), "{}", error_of(&config));
+
+        let mut config = example();
+        config.routes.push(config.routes[0].clone());
+        assert!(error_of(&config).contains("router.routes[1].name"));
+
+        let mut config = example();
+        config.routes[0].targets.clear();
+        assert!(error_of(&config).contains("router.routes[0].targets"));
+
+        let mut config = example();
+        config.providers.get_mut("backup").unwrap().base_url = "not a url".into();
+        assert!(error_of(&config).contains("router.providers.backup.base_url"));
+
+        let mut config = example();
+        config.providers.get_mut("backup").unwrap().base_url = "ftp://host/v1".into();
+        assert!(error_of(&config).contains("router.providers.backup.base_url"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_and_api_key_is_not_read_from_the_file() {
+        let text = "[router.providers.p]\nbase_url = \"http://x\"\napi_key = \"sk\"\n";
+        let error = Source::from_toml(text).unwrap().section::<Config>("router").unwrap_err().to_string();
+        assert!(error.contains("router.providers"), "{error}");
+    }
+
+    #[test]
+    fn api_keys_resolve_from_the_environment_and_are_redacted() {
+        let mut config = example();
+        let missing = config.resolve_api_keys(|var| (var == "FAKE_API_KEY").then(|| "sk-secret".to_owned()));
+        assert!(missing.is_empty());
+        assert_eq!(config.providers["fake"].api_key.as_ref().unwrap().expose_secret(), "sk-secret");
+        assert!(!format!("{config:?}").contains("sk-secret"));
+        let mut config = example();
+        assert_eq!(config.resolve_api_keys(|_| None), vec!["fake".to_owned()]);
+    }
+}

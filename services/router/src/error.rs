@@ -1,0 +1,69 @@
+//! The router's request-path error.
+
+use std::collections::HashMap;
+
+use switchboard_status::{ErrorCode, ServiceError};
+
+/// Everything a Route/RouteStream call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The request cannot be sent to any provider.
+    #[error("invalid request: `{field}` {message}")]
+    InvalidArgument { field: String, message: String },
+    /// No route with that name.
+    #[error("model `{model}` not found")]
+    NotFound { model: String },
+    /// A provider rejected the request as invalid; no other target is tried.
+    #[error("provider rejected the request ({target}, HTTP {http_status}): {message}")]
+    UpstreamRejected { target: String, http_status: u16, message: String },
+    /// Every target failed.
+    #[error("all {attempts} attempts for route `{route}` failed: {summary}")]
+    UpstreamUnavailable { route: String, attempts: usize, summary: String, last_error: String },
+    /// The caller's deadline passed.
+    #[error("deadline exceeded after {attempts} attempts for route `{route}`")]
+    DeadlineExceeded { route: String, attempts: usize, last_error: String },
+    /// A stream failed after chunks were forwarded.
+    #[error("stream interrupted after {chunks} chunks")]
+    StreamInterrupted { route: String, chunks: usize, target: String, last_error: String },
+}
+
+impl ServiceError for RouterError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RouterError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            RouterError::NotFound { .. } => ErrorCode::NotFound,
+            RouterError::UpstreamRejected { .. } => ErrorCode::UpstreamRejected,
+            RouterError::UpstreamUnavailable { .. } | RouterError::StreamInterrupted { .. } => {
+                ErrorCode::UpstreamUnavailable
+            }
+            RouterError::DeadlineExceeded { .. } => ErrorCode::Timeout,
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let pairs: Vec<(&str, String)> = match self {
+            RouterError::InvalidArgument { field, .. } => vec![("field", field.clone())],
+            RouterError::NotFound { model } => vec![("model", model.clone())],
+            RouterError::UpstreamRejected { target, http_status, .. } => {
+                vec![("target", target.clone()), ("http_status", http_status.to_string())]
+            }
+            RouterError::UpstreamUnavailable { route, attempts, last_error, .. } => vec![
+                ("route", route.clone()),
+                ("attempts", attempts.to_string()),
+                ("last_error", last_error.clone()),
+            ],
+            RouterError::DeadlineExceeded { route, attempts, last_error } => vec![
+                ("route", route.clone()),
+                ("attempts", attempts.to_string()),
+                ("last_error", last_error.clone()),
+            ],
+            RouterError::StreamInterrupted { route, chunks, target, last_error } => vec![
+                ("route", route.clone()),
+                ("chunks", chunks.to_string()),
+                ("target", target.clone()),
+                ("last_error", last_error.clone()),
+            ],
+        };
+        pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}

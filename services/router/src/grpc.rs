@@ -1,0 +1,146 @@
+//! gRPC handlers: convert protobuf <-> domain and map errors.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{Stream, StreamExt};
+use switchboard_proto::router::v1::{
+    ListModelsRequest, ListModelsResponse, RouteRequest, RouteResponse, RouteStreamRequest, RouteStreamResponse,
+    route_stream_response::Event, router_service_server::RouterService,
+};
+use switchboard_status::to_status;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span, field::Empty};
+
+use crate::{
+    error::RouterError,
+    routing::{Routes, StreamEvent},
+};
+
+const DOMAIN: &str = "router";
+
+/// The RouterService implementation.
+#[derive(Clone)]
+pub struct RouterGrpc {
+    routes: Arc<Routes>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl RouterGrpc {
+    pub(crate) fn new(routes: Arc<Routes>, tracker: TaskTracker, cancel: CancellationToken) -> Self {
+        RouterGrpc { routes, tracker, cancel }
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header.
+fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(value).map(|timeout| Instant::now() + timeout)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn record_request(model: &str, request_id: &str) {
+    let span = Span::current();
+    span.record("route", model);
+    span.record("request.id", request_id);
+}
+
+fn status(error: &RouterError) -> Status {
+    to_status(DOMAIN, error)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<RouteStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RouterService for RouterGrpc {
+    #[tracing::instrument(skip_all, fields(route = Empty, request.id = Empty, target = Empty, attempts = Empty))]
+    async fn route(&self, request: Request<RouteRequest>) -> Result<Response<RouteResponse>, Status> {
+        let deadline = deadline(&request);
+        let RouteRequest { request, caller } = request.into_inner();
+        let request = request.ok_or_else(|| {
+            status(&RouterError::InvalidArgument { field: "request".to_owned(), message: "is required".to_owned() })
+        })?;
+        let request_id = caller.map(|c| c.request_id).unwrap_or_default();
+        record_request(&request.model, &request_id);
+        let (mut response, route) = self.routes.route(&request, deadline).await.map_err(|e| status(&e))?;
+        if !request_id.is_empty() {
+            response.id = request_id;
+        }
+        Ok(Response::new(RouteResponse { response: Some(response), route: Some(route) }))
+    }
+
+    type RouteStreamStream = EventStream;
+
+    #[tracing::instrument(skip_all, fields(route = Empty, request.id = Empty, target = Empty, attempts = Empty))]
+    async fn route_stream(
+        &self,
+        request: Request<RouteStreamRequest>,
+    ) -> Result<Response<Self::RouteStreamStream>, Status> {
+        let deadline = deadline(&request);
+        let RouteStreamRequest { request, caller } = request.into_inner();
+        let request = request.ok_or_else(|| {
+            status(&RouterError::InvalidArgument { field: "request".to_owned(), message: "is required".to_owned() })
+        })?;
+        let request_id = caller.map(|c| c.request_id).unwrap_or_default();
+        record_request(&request.model, &request_id);
+        let (tx, rx) = mpsc::channel::<StreamEvent>(16);
+        let routes = self.routes.clone();
+        let cancel = self.cancel.child_token();
+        self.tracker.spawn(
+            async move { routes.route_stream(request, deadline, tx, cancel).await }.instrument(Span::current()),
+        );
+        let events = ReceiverStream::new(rx).map(move |event| match event {
+            StreamEvent::Chunk(mut chunk) => {
+                if !request_id.is_empty() {
+                    chunk.id.clone_from(&request_id);
+                }
+                Ok(RouteStreamResponse { event: Some(Event::Chunk(chunk)) })
+            }
+            StreamEvent::Done(info) => Ok(RouteStreamResponse { event: Some(Event::Route(info)) }),
+            StreamEvent::Failed(error) => Err(status(&error)),
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse { models: self.routes.models() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+}

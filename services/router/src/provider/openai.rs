@@ -1,0 +1,581 @@
+//! Translation between `switchboard.chat.v1` and the OpenAI chat-completions wire format.
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use switchboard_proto::chat::v1::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, ContentPart, FinishReason, Message,
+    ResponseFormatType, Role, ToolCall, ToolCallDelta, ToolChoiceMode, Usage, content_part::Part,
+    tool_choice::Choice as ToolChoiceKind,
+};
+
+/// A request that cannot be expressed (bad JSON text in a schema, unspecified role, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct TranslateError {
+    /// Path of the bad field in the request.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> TranslateError {
+    TranslateError { field: field.into(), message: message.into() }
+}
+
+fn role_name(role: i32, field: &str) -> Result<&'static str, TranslateError> {
+    match Role::try_from(role) {
+        Ok(Role::System) => Ok("system"),
+        Ok(Role::User) => Ok("user"),
+        Ok(Role::Assistant) => Ok("assistant"),
+        Ok(Role::Tool) => Ok("tool"),
+        Ok(Role::Developer) => Ok("developer"),
+        Ok(Role::Unspecified) | Err(_) => Err(invalid(field, "role must be set")),
+    }
+}
+
+fn parse_json_text(text: &str, field: &str) -> Result<Value, TranslateError> {
+    serde_json::from_str(text).map_err(|e| invalid(field, format!("not valid JSON: {e}")))
+}
+
+fn content_json(message: &Message) -> Value {
+    let only_text = message.content.iter().all(|p| matches!(p.part, Some(Part::Text(_))));
+    if message.content.is_empty() {
+        return if message.tool_calls.is_empty() { json!("") } else { Value::Null };
+    }
+    if only_text && message.content.len() == 1 {
+        return json!(message.joined_text());
+    }
+    let parts: Vec<Value> = message
+        .content
+        .iter()
+        .filter_map(|part| match &part.part {
+            Some(Part::Text(text)) => Some(json!({ "type": "text", "text": text })),
+            Some(Part::ImageUrl(image)) => {
+                let mut url = Map::new();
+                url.insert("url".into(), json!(image.url));
+                if !image.detail.is_empty() {
+                    url.insert("detail".into(), json!(image.detail));
+                }
+                Some(json!({ "type": "image_url", "image_url": url }))
+            }
+            None => None,
+        })
+        .collect();
+    Value::Array(parts)
+}
+
+/// The OpenAI request body for `request` sent to provider model `model`. `tags` are never sent.
+pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Result<Value, TranslateError> {
+    let mut body = Map::new();
+    body.insert("model".into(), json!(model));
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (i, message) in request.messages.iter().enumerate() {
+        let mut out = Map::new();
+        out.insert("role".into(), json!(role_name(message.role, &format!("messages[{i}].role"))?));
+        out.insert("content".into(), content_json(message));
+        if !message.name.is_empty() {
+            out.insert("name".into(), json!(message.name));
+        }
+        if !message.tool_calls.is_empty() {
+            let calls: Vec<Value> = message
+                .tool_calls
+                .iter()
+                .map(|call| {
+                    json!({ "id": call.id, "type": "function",
+                            "function": { "name": call.name, "arguments": call.arguments_json } })
+                })
+                .collect();
+            out.insert("tool_calls".into(), Value::Array(calls));
+        }
+        if !message.tool_call_id.is_empty() {
+            out.insert("tool_call_id".into(), json!(message.tool_call_id));
+        }
+        messages.push(Value::Object(out));
+    }
+    body.insert("messages".into(), Value::Array(messages));
+
+    if !request.tools.is_empty() {
+        let mut tools = Vec::with_capacity(request.tools.len());
+        for (i, tool) in request.tools.iter().enumerate() {
+            let mut function = Map::new();
+            function.insert("name".into(), json!(tool.name));
+            if !tool.description.is_empty() {
+                function.insert("description".into(), json!(tool.description));
+            }
+            if !tool.parameters_json.trim().is_empty() {
+                function.insert(
+                    "parameters".into(),
+                    parse_json_text(&tool.parameters_json, &format!("tools[{i}].parameters_json"))?,
+                );
+            }
+            if tool.strict {
+                function.insert("strict".into(), json!(true));
+            }
+            tools.push(json!({ "type": "function", "function": function }));
+        }
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = request.tool_choice.as_ref().and_then(|c| c.choice.as_ref()) {
+        let value = match choice {
+            ToolChoiceKind::Mode(mode) => match ToolChoiceMode::try_from(*mode) {
+                Ok(ToolChoiceMode::None) => Some(json!("none")),
+                Ok(ToolChoiceMode::Auto) => Some(json!("auto")),
+                Ok(ToolChoiceMode::Required) => Some(json!("required")),
+                Ok(ToolChoiceMode::Unspecified) | Err(_) => None,
+            },
+            ToolChoiceKind::FunctionName(name) => Some(json!({ "type": "function", "function": { "name": name } })),
+        };
+        if let Some(value) = value {
+            body.insert("tool_choice".into(), value);
+        }
+    }
+    if let Some(parallel) = request.parallel_tool_calls {
+        body.insert("parallel_tool_calls".into(), json!(parallel));
+    }
+    if let Some(format) = &request.response_format {
+        let value = match ResponseFormatType::try_from(format.r#type) {
+            Ok(ResponseFormatType::Text) => Some(json!({ "type": "text" })),
+            Ok(ResponseFormatType::JsonObject) => Some(json!({ "type": "json_object" })),
+            Ok(ResponseFormatType::JsonSchema) => {
+                let mut schema = Map::new();
+                schema.insert("name".into(), json!(format.schema_name));
+                if !format.json_schema_json.trim().is_empty() {
+                    schema.insert(
+                        "schema".into(),
+                        parse_json_text(&format.json_schema_json, "response_format.json_schema_json")?,
+                    );
+                }
+                if format.strict {
+                    schema.insert("strict".into(), json!(true));
+                }
+                Some(json!({ "type": "json_schema", "json_schema": schema }))
+            }
+            Ok(ResponseFormatType::Unspecified) | Err(_) => None,
+        };
+        if let Some(value) = value {
+            body.insert("response_format".into(), value);
+        }
+    }
+    if let Some(sampling) = &request.sampling {
+        let mut put = |key: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                body.insert(key.into(), value);
+            }
+        };
+        put("temperature", sampling.temperature.map(|v| json!(v)));
+        put("top_p", sampling.top_p.map(|v| json!(v)));
+        put("max_tokens", sampling.max_tokens.map(|v| json!(v)));
+        put("stop", (!sampling.stop.is_empty()).then(|| json!(sampling.stop)));
+        put("presence_penalty", sampling.presence_penalty.map(|v| json!(v)));
+        put("frequency_penalty", sampling.frequency_penalty.map(|v| json!(v)));
+        put("seed", sampling.seed.map(|v| json!(v)));
+        put("n", sampling.n.map(|v| json!(v)));
+    }
+    if !request.user.is_empty() {
+        body.insert("user".into(), json!(request.user));
+    }
+    if stream {
+        body.insert("stream".into(), json!(true));
+        body.insert("stream_options".into(), json!({ "include_usage": true }));
+    }
+    Ok(Value::Object(body))
+}
+
+// === responses ===
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+    prompt_tokens_details: Option<OaPromptDetails>,
+    completion_tokens_details: Option<OaCompletionDetails>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaPromptDetails {
+    cached_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaCompletionDetails {
+    reasoning_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaFunction {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaToolCall {
+    index: Option<u32>,
+    id: Option<String>,
+    function: Option<OaFunction>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaMessage {
+    role: Option<String>,
+    content: Option<Value>,
+    tool_calls: Option<Vec<OaToolCall>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaChoice {
+    index: u32,
+    message: Option<OaMessage>,
+    delta: Option<OaMessage>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct OaCompletion {
+    id: String,
+    model: String,
+    created: i64,
+    choices: Vec<OaChoice>,
+    usage: Option<OaUsage>,
+    error: Option<Value>,
+}
+
+/// A provider answer that does not follow the wire format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed provider response: {0}")]
+pub struct ParseError(pub String);
+
+fn usage(usage: Option<OaUsage>) -> Option<Usage> {
+    usage.map(|u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: if u.total_tokens == 0 { u.prompt_tokens + u.completion_tokens } else { u.total_tokens },
+        cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+        reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        cache_write_tokens: 0,
+    })
+}
+
+/// Maps an OpenAI finish reason.
+pub fn finish_reason(reason: Option<&str>) -> FinishReason {
+    match reason {
+        Some("stop") => FinishReason::Stop,
+        Some("length") => FinishReason::Length,
+        Some("tool_calls" | "function_call") => FinishReason::ToolCalls,
+        Some("content_filter") => FinishReason::ContentFilter,
+        _ => FinishReason::Unspecified,
+    }
+}
+
+fn role(role: Option<&str>) -> Role {
+    match role {
+        Some("system") => Role::System,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some("tool") => Role::Tool,
+        Some("developer") => Role::Developer,
+        _ => Role::Unspecified,
+    }
+}
+
+fn content_parts(content: Option<&Value>) -> Vec<ContentPart> {
+    match content {
+        Some(Value::String(text)) if !text.is_empty() => vec![ContentPart { part: Some(Part::Text(text.clone())) }],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|text| ContentPart { part: Some(Part::Text(text.to_owned())) })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn error_message(error: &Value) -> String {
+    error.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| error.to_string())
+}
+
+fn parse(body: &[u8]) -> Result<OaCompletion, ParseError> {
+    let completion: OaCompletion = serde_json::from_slice(body).map_err(|e| ParseError(e.to_string()))?;
+    if let Some(error) = &completion.error {
+        return Err(ParseError(format!("provider error: {}", error_message(error))));
+    }
+    Ok(completion)
+}
+
+/// Parses a `chat.completion` object.
+pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
+    let completion = parse(body)?;
+    if completion.choices.is_empty() {
+        return Err(ParseError("no choices".to_owned()));
+    }
+    let choices = completion
+        .choices
+        .into_iter()
+        .map(|choice| {
+            let message = choice.message.unwrap_or_default();
+            Choice {
+                index: choice.index,
+                message: Some(Message {
+                    role: role(message.role.as_deref().or(Some("assistant"))) as i32,
+                    content: content_parts(message.content.as_ref()),
+                    tool_calls: message
+                        .tool_calls
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|call| {
+                            let function = call.function.unwrap_or_default();
+                            ToolCall {
+                                id: call.id.unwrap_or_default(),
+                                name: function.name.unwrap_or_default(),
+                                arguments_json: function.arguments.unwrap_or_default(),
+                            }
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
+            }
+        })
+        .collect();
+    Ok(ChatResponse {
+        id: completion.id,
+        model: completion.model,
+        choices,
+        usage: usage(completion.usage),
+        created: completion.created,
+    })
+}
+
+/// Parses one `chat.completion.chunk` (the `data:` of one SSE event other than `[DONE]`).
+pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
+    let chunk = parse(data.as_bytes())?;
+    let choices = chunk
+        .choices
+        .into_iter()
+        .map(|choice| {
+            let delta = choice.delta.unwrap_or_default();
+            ChoiceDelta {
+                index: choice.index,
+                role: role(delta.role.as_deref()) as i32,
+                content: match delta.content {
+                    Some(Value::String(text)) => text,
+                    _ => String::new(),
+                },
+                tool_calls: delta
+                    .tool_calls
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(position, call)| {
+                        let function = call.function.unwrap_or_default();
+                        ToolCallDelta {
+                            index: call.index.unwrap_or(position as u32),
+                            id: call.id.unwrap_or_default(),
+                            name: function.name.unwrap_or_default(),
+                            arguments_delta: function.arguments.unwrap_or_default(),
+                        }
+                    })
+                    .collect(),
+                finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
+            }
+        })
+        .collect();
+    Ok(ChatChunk { id: chunk.id, model: chunk.model, choices, usage: usage(chunk.usage), created: chunk.created })
+}
+
+/// The `error.message` of an OpenAI error body, if it is one.
+pub fn error_body_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("error").map(error_message)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::collections::HashMap;
+    use switchboard_proto::chat::v1::{ImageUrl, ResponseFormat, SamplingParams, Tool, ToolChoice};
+
+    fn full_request() -> ChatRequest {
+        let mut assistant = Message::text(Role::Assistant, "");
+        assistant.content.clear();
+        assistant.tool_calls =
+            vec![ToolCall { id: "call_9".into(), name: "lookup".into(), arguments_json: "{\"q\":1}".into() }];
+        let mut tool = Message::text(Role::Tool, "42");
+        tool.tool_call_id = "call_9".into();
+        let mut user = Message::text(Role::User, "what is this?");
+        user.name = "ann".into();
+        user.content.push(ContentPart {
+            part: Some(Part::ImageUrl(ImageUrl { url: "https://x/img.png".into(), detail: "low".into() })),
+        });
+        ChatRequest {
+            model: "route".into(),
+            messages: vec![Message::text(Role::System, "be brief"), user, assistant, tool],
+            tools: vec![Tool {
+                name: "lookup".into(),
+                description: "looks up".into(),
+                parameters_json: "{\"type\":\"object\"}".into(),
+                strict: true,
+            }],
+            tool_choice: Some(ToolChoice { choice: Some(ToolChoiceKind::FunctionName("lookup".into())) }),
+            sampling: Some(SamplingParams {
+                temperature: Some(0.5),
+                top_p: None,
+                max_tokens: Some(100),
+                stop: vec!["END".into()],
+                presence_penalty: None,
+                frequency_penalty: Some(0.25),
+                seed: Some(7),
+                n: Some(1),
+            }),
+            response_format: Some(ResponseFormat {
+                r#type: ResponseFormatType::JsonSchema as i32,
+                schema_name: "answer".into(),
+                json_schema_json: "{\"type\":\"object\"}".into(),
+                strict: true,
+            }),
+            parallel_tool_calls: Some(false),
+            user: "user-1".into(),
+            tags: HashMap::from([("team".into(), "secret-team".into())]),
+        }
+    }
+
+    #[test]
+    fn request_translates_every_field() {
+        let body = to_openai_request("gpt-x", &full_request(), false).unwrap();
+        let expected = json!({
+            "model": "gpt-x",
+            "messages": [
+                { "role": "system", "content": "be brief" },
+                { "role": "user", "name": "ann", "content": [
+                    { "type": "text", "text": "what is this?" },
+                    { "type": "image_url", "image_url": { "url": "https://x/img.png", "detail": "low" } },
+                ] },
+                { "role": "assistant", "content": null, "tool_calls": [
+                    { "id": "call_9", "type": "function", "function": { "name": "lookup", "arguments": "{\"q\":1}" } },
+                ] },
+                { "role": "tool", "content": "42", "tool_call_id": "call_9" },
+            ],
+            "tools": [{ "type": "function", "function": {
+                "name": "lookup", "description": "looks up", "parameters": { "type": "object" }, "strict": true } }],
+            "tool_choice": { "type": "function", "function": { "name": "lookup" } },
+            "parallel_tool_calls": false,
+            "response_format": { "type": "json_schema", "json_schema": {
+                "name": "answer", "schema": { "type": "object" }, "strict": true } },
+            "temperature": 0.5,
+            "max_tokens": 100,
+            "stop": ["END"],
+            "frequency_penalty": 0.25,
+            "seed": 7,
+            "n": 1,
+            "user": "user-1",
+        });
+        assert_eq!(body, expected);
+        assert!(!body.to_string().contains("secret-team"));
+    }
+
+    #[test]
+    fn stream_requests_ask_for_usage() {
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::User, "hi")],
+            tool_choice: Some(ToolChoice { choice: Some(ToolChoiceKind::Mode(ToolChoiceMode::Required as i32)) }),
+            ..Default::default()
+        };
+        let body = to_openai_request("m", &request, true).unwrap();
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"], json!({ "include_usage": true }));
+        assert_eq!(body["tool_choice"], "required");
+        assert!(body.get("tools").is_none());
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let mut request = full_request();
+        request.tools[0].parameters_json = "{nope".into();
+        let error = to_openai_request("m", &request, false).unwrap_err();
+        assert_eq!(error.field, "tools[0].parameters_json");
+        let mut request = full_request();
+        request.messages[1].role = Role::Unspecified as i32;
+        assert_eq!(to_openai_request("m", &request, false).unwrap_err().field, "messages[1].role");
+    }
+
+    #[test]
+    fn response_translates_tool_calls_and_usage_details() {
+        let body = json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "gpt-x",
+            "choices": [{ "index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{ "id": "call_1", "type": "function", "function": { "name": "f", "arguments": "{}" } }] } }],
+            "usage": { "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                "prompt_tokens_details": { "cached_tokens": 4 }, "completion_tokens_details": { "reasoning_tokens": 2 } },
+        });
+        let response = from_openai_response(body.to_string().as_bytes()).unwrap();
+        assert_eq!(response.id, "chatcmpl-1");
+        assert_eq!(response.model, "gpt-x");
+        assert_eq!(response.created, 1_700_000_000);
+        let choice = &response.choices[0];
+        assert_eq!(choice.finish_reason, FinishReason::ToolCalls as i32);
+        let message = choice.message.as_ref().unwrap();
+        assert_eq!(message.role, Role::Assistant as i32);
+        assert!(message.content.is_empty());
+        assert_eq!(message.tool_calls, vec![ToolCall { id: "call_1".into(), name: "f".into(), arguments_json: "{}".into() }]);
+        assert_eq!(
+            response.usage.unwrap(),
+            Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+                cached_prompt_tokens: 4,
+                reasoning_tokens: 2,
+                cache_write_tokens: 0
+            }
+        );
+        let text = json!({ "id": "x", "model": "m", "created": 1, "choices": [{ "index": 0, "finish_reason": "length",
+            "message": { "role": "assistant", "content": "hello" } }] });
+        let response = from_openai_response(text.to_string().as_bytes()).unwrap();
+        assert_eq!(response.choices[0].message.as_ref().unwrap().joined_text(), "hello");
+        assert_eq!(response.choices[0].finish_reason, FinishReason::Length as i32);
+        assert!(response.usage.is_none());
+        assert!(from_openai_response(b"{\"choices\": []}").is_err());
+        assert!(from_openai_response(b"not json").is_err());
+    }
+
+    #[test]
+    fn chunks_translate_deltas_finish_and_usage() {
+        let chunk = from_openai_chunk(
+            r#"{"id":"c","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"hi"},"finish_reason":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chunk.choices[0].role, Role::Assistant as i32);
+        assert_eq!(chunk.choices[0].content, "hi");
+        assert_eq!(chunk.choices[0].finish_reason, FinishReason::Unspecified as i32);
+        let chunk = from_openai_chunk(
+            r#"{"id":"c","created":5,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            chunk.choices[0].tool_calls,
+            vec![ToolCallDelta { index: 1, id: "call_1".into(), name: "f".into(), arguments_delta: String::new() }]
+        );
+        let chunk =
+            from_openai_chunk(r#"{"id":"c","created":5,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#)
+                .unwrap();
+        assert_eq!(chunk.choices[0].finish_reason, FinishReason::Stop as i32);
+        let chunk = from_openai_chunk(
+            r#"{"id":"c","created":5,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        )
+        .unwrap();
+        assert!(chunk.choices.is_empty());
+        assert_eq!(chunk.usage.unwrap().total_tokens, 5);
+        assert!(from_openai_chunk(r#"{"error":{"message":"overloaded"}}"#).unwrap_err().0.contains("overloaded"));
+    }
+}

@@ -1,0 +1,129 @@
+//! Incremental Server-Sent Events parser: feed it network reads of any size, get whole events.
+
+/// One event's `data` (multi-line data joined with `\n`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field ("" when absent).
+    pub event: String,
+    /// The `data:` lines.
+    pub data: String,
+}
+
+/// Buffers bytes until complete lines, and lines until a blank line ends an event.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buffer: Vec<u8>,
+    event: String,
+    data: Vec<String>,
+    has_data: bool,
+}
+
+impl SseParser {
+    /// A new parser.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds one read; returns the events it completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        self.buffer.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        let mut start = 0;
+        while let Some(offset) = self.buffer[start..].iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let end = start + offset;
+            // A `\r` at the very end may be the first half of `\r\n`: wait for the next read.
+            if self.buffer[end] == b'\r' && end + 1 == self.buffer.len() {
+                break;
+            }
+            let line = String::from_utf8_lossy(&self.buffer[start..end]).into_owned();
+            let mut next = end + 1;
+            if self.buffer[end] == b'\r' && self.buffer.get(end + 1) == Some(&b'\n') {
+                next += 1;
+            }
+            start = next;
+            if let Some(event) = self.line(&line) {
+                events.push(event);
+            }
+        }
+        self.buffer.drain(..start);
+        events
+    }
+
+    /// Whether bytes of an unfinished event are pending (the stream was cut mid-event).
+    pub fn has_partial(&self) -> bool {
+        !self.buffer.is_empty() || self.has_data
+    }
+
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            if !self.has_data {
+                self.event.clear();
+                return None;
+            }
+            let event =
+                SseEvent { event: std::mem::take(&mut self.event), data: std::mem::take(&mut self.data).join("\n") };
+            self.has_data = false;
+            return Some(event);
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => {
+                self.data.push(value.to_owned());
+                self.has_data = true;
+            }
+            "event" => self.event = value.to_owned(),
+            _ => {}
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(events: &[SseEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.data.as_str()).collect()
+    }
+
+    #[test]
+    fn whole_events() {
+        let mut parser = SseParser::new();
+        let events = parser.push(b"data: {\"a\":1}\n\ndata: [DONE]\n\n");
+        assert_eq!(data(&events), vec!["{\"a\":1}", "[DONE]"]);
+        assert!(!parser.has_partial());
+    }
+
+    #[test]
+    fn events_split_across_reads_at_every_byte() {
+        let input = "data: {\"text\":\"héllo\"}\r\n\r\n: keep-alive\n\nevent: message\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n";
+        let bytes = input.as_bytes();
+        for split in 0..bytes.len() {
+            let mut parser = SseParser::new();
+            let mut events = parser.push(&bytes[..split]);
+            events.extend(parser.push(&bytes[split..]));
+            assert_eq!(data(&events), vec!["{\"text\":\"héllo\"}", "line1\nline2", "[DONE]"], "split at {split}");
+            assert_eq!(events[1].event, "message");
+        }
+        // One byte at a time.
+        let mut parser = SseParser::new();
+        let events: Vec<SseEvent> = bytes.iter().flat_map(|b| parser.push(std::slice::from_ref(b))).collect();
+        assert_eq!(events.len(), 3);
+    }
+
+    #[test]
+    fn a_cut_event_is_partial() {
+        let mut parser = SseParser::new();
+        assert!(parser.push(b"data: {\"a\"").is_empty());
+        assert!(parser.has_partial());
+        let mut parser = SseParser::new();
+        assert!(parser.push(b"data: x\n").is_empty());
+        assert!(parser.has_partial());
+    }
+}
