@@ -1,1 +1,195 @@
-fn main() {}
+//! `switchboard`: runs the whole mesh locally (each service on its own port, real gRPC between them)
+//! and hosts operator commands.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use switchboard_config::{ConfigError, Source};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "switchboard", about = "Switchboard LLM orchestration mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run all five services in one process, each on its configured port.
+    Run {
+        /// Configuration file (default: $SWITCHBOARD_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also start the FAKE provider (a demo backend, never for production) on this address.
+        #[arg(long, value_name = "ADDR")]
+        with_fake_provider: Option<String>,
+    },
+    /// Validate a configuration file: every section of every service.
+    CheckConfig {
+        /// Configuration file (default: $SWITCHBOARD_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the SHA-256 of an API key, for `gateway.keys[].sha256`.
+    HashKey {
+        /// The key.
+        key: String,
+    },
+}
+
+/// Every section of the mesh, validated.
+struct Mesh {
+    telemetry: switchboard_telemetry::TelemetryConfig,
+    nats: switchboard_bus::NatsConfig,
+    gateway: switchboard_gateway::Config,
+    guard: switchboard_guard::Config,
+    cache: switchboard_cache::Config,
+    router: switchboard_router::Config,
+    ledger: switchboard_ledger::Config,
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Mesh, ConfigError> {
+    let source = Source::load(path)?;
+    let mesh = Mesh {
+        telemetry: source.section("telemetry")?,
+        nats: source.section("nats")?,
+        gateway: source.section("gateway")?,
+        guard: source.section("guard")?,
+        cache: source.section("cache")?,
+        router: source.section("router")?,
+        ledger: source.section("ledger")?,
+    };
+    mesh.gateway.validate()?;
+    mesh.guard.validate()?;
+    mesh.cache.validate()?;
+    mesh.router.validate()?;
+    mesh.ledger.validate()?;
+    Ok(mesh)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::HashKey { key } => {
+            println!("{}", switchboard_gateway::hash_api_key(&key));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match load(config.as_deref()) {
+            Ok(_) => {
+                println!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("invalid configuration: {error}");
+                ExitCode::from(64)
+            }
+        },
+        Command::Run { config, with_fake_provider } => {
+            let mesh = match load(config.as_deref()) {
+                Ok(mesh) => mesh,
+                Err(error) => {
+                    eprintln!("invalid configuration: {error}");
+                    return ExitCode::from(64);
+                }
+            };
+            let telemetry = match switchboard_telemetry::init("switchboard", &mesh.telemetry) {
+                Ok(telemetry) => telemetry,
+                Err(error) => {
+                    eprintln!("telemetry: {error}");
+                    return ExitCode::from(70);
+                }
+            };
+            let outcome = run(mesh, with_fake_provider).await;
+            telemetry.shutdown();
+            match outcome {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("switchboard: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()> {
+    let fake = match fake_provider {
+        Some(addr) => {
+            let fake = switchboard_fake_provider::FakeProvider::start(switchboard_fake_provider::FakeConfig {
+                addr,
+                ..Default::default()
+            })
+            .await?;
+            tracing::warn!(addr = %fake.addr(), "FAKE provider running: a demo backend, not a real model");
+            Some(fake)
+        }
+        None => None,
+    };
+    for provider in mesh.router.resolve_api_keys(|var| std::env::var(var).ok()) {
+        tracing::warn!(%provider, "api key environment variable is unset, calling the provider without a key");
+    }
+    let cancel = CancellationToken::new();
+    let stop = |cancel: &CancellationToken| {
+        let cancel = cancel.clone();
+        async move { cancel.cancelled_owned().await }
+    };
+    let ledger = switchboard_ledger::App::build(mesh.ledger, mesh.nats.clone()).await?;
+    let router = switchboard_router::App::build(mesh.router).await?;
+    let cache = switchboard_cache::App::build(mesh.cache).await?;
+    let guard = switchboard_guard::App::build(mesh.guard).await?;
+    let gateway = switchboard_gateway::App::build(mesh.gateway, mesh.nats).await?;
+    tracing::info!(
+        http = %gateway.http_addr(),
+        grpc = %gateway.grpc_addr(),
+        guard = %guard.local_addr(),
+        cache = %cache.local_addr(),
+        router = %router.local_addr(),
+        ledger = %ledger.local_addr(),
+        "switchboard mesh running"
+    );
+    let signal = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            switchboard_grpc::shutdown_signal().await;
+            cancel.cancel();
+        })
+    };
+    let (gateway, guard, cache, router, ledger) = tokio::join!(
+        async {
+            let result = gateway.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            cancel.cancel();
+            result.map_err(|e| e.context("gateway"))
+        },
+        async {
+            let result = guard.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            cancel.cancel();
+            result.map_err(|e| e.context("guard"))
+        },
+        async {
+            let result = cache.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            cancel.cancel();
+            result.map_err(|e| e.context("cache"))
+        },
+        async {
+            let result = router.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            cancel.cancel();
+            result.map_err(|e| e.context("router"))
+        },
+        async {
+            let result = ledger.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            cancel.cancel();
+            result.map_err(|e| e.context("ledger"))
+        },
+    );
+    signal.abort();
+    if let Some(fake) = fake {
+        fake.shutdown().await;
+    }
+    gateway?;
+    guard?;
+    cache?;
+    router?;
+    ledger?;
+    Ok(())
+}
