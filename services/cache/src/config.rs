@@ -1,0 +1,112 @@
+//! The `[cache]` configuration section.
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+
+/// The `[cache]` section.
+///
+/// ```toml
+/// [cache]
+/// grpc_addr = "127.0.0.1:50053"
+/// default_ttl_secs = 3600   # used when a Store asks for ttl_seconds = 0
+/// max_ttl_secs = 86400      # longer requested TTLs are clamped to this
+/// max_entries = 100000      # bound of the in-memory store
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
+    pub grpc_addr: String,
+    /// TTL of entries stored with `ttl_seconds = 0`.
+    pub default_ttl_secs: u64,
+    /// Upper bound of any entry's TTL.
+    pub max_ttl_secs: u64,
+    /// Most entries kept in memory; the least useful are evicted beyond it.
+    pub max_entries: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_addr: "127.0.0.1:50053".to_owned(),
+            default_ttl_secs: 3600,
+            max_ttl_secs: 86_400,
+            max_entries: 100_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks every value; errors name the field by its dotted path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.grpc_addr.trim().is_empty() {
+            return Err(ConfigError::invalid("cache.grpc_addr", "must not be empty"));
+        }
+        if self.max_ttl_secs == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_ttl_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.default_ttl_secs == 0 {
+            return Err(ConfigError::invalid(
+                "cache.default_ttl_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.default_ttl_secs > self.max_ttl_secs {
+            return Err(ConfigError::invalid(
+                "cache.default_ttl_secs",
+                format!("must not exceed cache.max_ttl_secs ({})", self.max_ttl_secs),
+            ));
+        }
+        if self.max_entries == 0 {
+            return Err(ConfigError::invalid(
+                "cache.max_entries",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use switchboard_config::Source;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Source::from_toml(text)?.section("cache")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_and_the_documented_example_are_valid() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let text = "[cache]\ngrpc_addr = \"127.0.0.1:50053\"\ndefault_ttl_secs = 3600\n\
+                    max_ttl_secs = 86400\nmax_entries = 100000\n";
+        assert_eq!(parse(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let cases = [
+            ("[cache]\ndefault_ttl_secs = 0\n", "cache.default_ttl_secs"),
+            (
+                "[cache]\ndefault_ttl_secs = 100\nmax_ttl_secs = 10\n",
+                "cache.default_ttl_secs",
+            ),
+            ("[cache]\nmax_ttl_secs = 0\n", "cache.max_ttl_secs"),
+            ("[cache]\nmax_entries = 0\n", "cache.max_entries"),
+            ("[cache]\ngrpc_addr = \" \"\n", "cache.grpc_addr"),
+            ("[cache]\nmax_entries = -1\n", "cache.max_entries"),
+            ("[cache]\nttl = 5\n", "cache"),
+        ];
+        for (text, path) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(&format!("`{path}")), "{text}: {error}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! gRPC handlers: convert protobuf <-> domain and map errors.
+
+use std::sync::Arc;
+
+use switchboard_proto::cache::v1::{
+    LookupRequest, LookupResponse, Scope, StoreRequest, StoreResponse,
+    cache_service_server::CacheService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::cache::{Cache, Stored};
+
+/// Error domain of the cache's statuses.
+pub const DOMAIN: &str = "cache";
+
+/// The `switchboard.cache.v1.CacheService` implementation.
+pub struct CacheGrpc {
+    cache: Arc<Cache>,
+}
+
+impl CacheGrpc {
+    /// Serves `cache`.
+    pub fn new(cache: Arc<Cache>) -> Self {
+        CacheGrpc { cache }
+    }
+}
+
+fn app_of(scope: &Option<Scope>) -> &str {
+    scope.as_ref().map(|s| s.app.as_str()).unwrap_or_default()
+}
+
+fn model_of(request: &Option<switchboard_proto::chat::v1::ChatRequest>) -> &str {
+    request
+        .as_ref()
+        .map(|r| r.model.as_str())
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl CacheService for CacheGrpc {
+    #[tracing::instrument(
+        skip_all,
+        fields(app = %app_of(&request.get_ref().scope), model = %model_of(&request.get_ref().request), key, hit)
+    )]
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let request = request.into_inner();
+        let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
+        let key =
+            Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        let span = tracing::Span::current();
+        span.record("key", key.prefix());
+        let hit = self.cache.lookup(key).await.map_err(to_status)?;
+        span.record("hit", hit.is_some());
+        let response = match hit {
+            Some(hit) => {
+                tracing::info!(key = %key.prefix(), age_seconds = hit.age.as_secs(), "cache hit");
+                LookupResponse {
+                    hit: true,
+                    response: Some(hit.response),
+                    route: hit.route,
+                    key: key.hex(),
+                    age_seconds: hit.age.as_secs(),
+                }
+            }
+            None => {
+                tracing::info!(key = %key.prefix(), "cache miss");
+                LookupResponse {
+                    hit: false,
+                    key: key.hex(),
+                    ..Default::default()
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(
+        skip_all,
+        fields(app = %app_of(&request.get_ref().scope), model = %model_of(&request.get_ref().request), key, stored)
+    )]
+    async fn store(
+        &self,
+        request: Request<StoreRequest>,
+    ) -> Result<Response<StoreResponse>, Status> {
+        let request = request.into_inner();
+        let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
+        let key =
+            Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        let span = tracing::Span::current();
+        span.record("key", key.prefix());
+        let outcome = self
+            .cache
+            .store(key, request.response, request.route, request.ttl_seconds)
+            .await
+            .map_err(to_status)?;
+        let response = match outcome {
+            Stored::Yes { ttl } => {
+                span.record("stored", true);
+                tracing::info!(key = %key.prefix(), ttl_seconds = ttl.as_secs(), "answer stored");
+                StoreResponse {
+                    stored: true,
+                    reason: String::new(),
+                }
+            }
+            Stored::No(refusal) => {
+                span.record("stored", false);
+                tracing::info!(key = %key.prefix(), reason = %refusal, "answer not stored");
+                StoreResponse {
+                    stored: false,
+                    reason: refusal.to_string(),
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,181 @@
+//! Where entries live. [`CacheStore`] is the seam for other backends (a shared store, a semantic
+//! index); [`MemoryStore`] is the bounded in-process one.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::future::{BoxFuture, FutureExt};
+use moka::{Expiry, sync::Cache};
+use switchboard_proto::chat::v1::{ChatResponse, RouteInfo};
+
+use crate::key::CacheKey;
+
+/// A cached answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The answer.
+    pub response: ChatResponse,
+    /// The route that produced it.
+    pub route: Option<RouteInfo>,
+    /// When it was stored.
+    pub inserted_at: SystemTime,
+    /// How long it may be served.
+    pub ttl: Duration,
+}
+
+impl Entry {
+    /// Time since the entry was stored (zero if the clock went backwards).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.inserted_at)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// A store failure (never a prompt in the message).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or failed.
+    #[error("cache store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A key-value store of entries with per-entry expiry. Expired entries are never returned.
+pub trait CacheStore: Send + Sync + 'static {
+    /// The live entry under `key`, if any.
+    fn get(&self, key: CacheKey) -> BoxFuture<'_, Result<Option<Entry>, StoreError>>;
+    /// Stores `entry` under `key` (replacing any previous one) for `entry.ttl`.
+    fn put(&self, key: CacheKey, entry: Entry) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// Bounded in-memory store (moka; least-recently/frequently used entries are evicted beyond
+/// `max_entries`, and each entry expires after its own TTL).
+pub struct MemoryStore {
+    entries: Cache<CacheKey, Arc<Entry>>,
+}
+
+struct PerEntryTtl;
+
+impl Expiry<CacheKey, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `max_entries` entries.
+    pub fn new(max_entries: u64) -> Self {
+        MemoryStore {
+            entries: Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(PerEntryTtl)
+                .build(),
+        }
+    }
+}
+
+impl CacheStore for MemoryStore {
+    fn get(&self, key: CacheKey) -> BoxFuture<'_, Result<Option<Entry>, StoreError>> {
+        let entry = self.entries.get(&key).map(|entry| Entry::clone(&entry));
+        futures::future::ready(Ok(entry)).boxed()
+    }
+
+    fn put(&self, key: CacheKey, entry: Entry) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.entries.insert(key, Arc::new(entry));
+        futures::future::ready(Ok(())).boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn entry(ttl: Duration) -> Entry {
+        Entry {
+            response: ChatResponse {
+                id: "r".into(),
+                ..Default::default()
+            },
+            route: None,
+            inserted_at: SystemTime::now(),
+            ttl,
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_their_own_ttl() {
+        let store = MemoryStore::new(10);
+        let short = CacheKey([1; 32]);
+        let long = CacheKey([2; 32]);
+        store
+            .put(short, entry(Duration::from_millis(50)))
+            .await
+            .unwrap();
+        store
+            .put(long, entry(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert!(store.get(short).await.unwrap().is_some());
+        // Bounded polling: no assertion on how long expiry takes, only that it happens.
+        let mut expired = false;
+        for _ in 0..200 {
+            if store.get(short).await.unwrap().is_none() {
+                expired = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(expired, "entry with a 50ms TTL never expired");
+        assert!(store.get(long).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn replacing_an_entry_takes_the_new_ttl() {
+        let store = MemoryStore::new(10);
+        let key = CacheKey([3; 32]);
+        store
+            .put(key, entry(Duration::from_millis(1)))
+            .await
+            .unwrap();
+        store
+            .put(key, entry(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(store.get(key).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_store_is_bounded() {
+        let store = MemoryStore::new(5);
+        for i in 0..50u8 {
+            store
+                .put(CacheKey([i; 32]), entry(Duration::from_secs(60)))
+                .await
+                .unwrap();
+        }
+        store.entries.run_pending_tasks();
+        assert!(
+            store.entries.entry_count() <= 5,
+            "{}",
+            store.entries.entry_count()
+        );
+    }
+}
