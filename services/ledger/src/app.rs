@@ -51,8 +51,20 @@ impl App {
 
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
-        let consumer = UsageConsumer { js, nats, settings, repo: repo.clone(), prices: Arc::new(book) };
-        Ok(App { listener, local_addr, repo, consumer, pull })
+        let consumer = UsageConsumer {
+            js,
+            nats,
+            settings,
+            repo: repo.clone(),
+            prices: Arc::new(book),
+        };
+        Ok(App {
+            listener,
+            local_addr,
+            repo,
+            consumer,
+            pull,
+        })
     }
 
     /// The bound gRPC address.
@@ -61,15 +73,25 @@ impl App {
     }
 
     /// Serves gRPC and consumes usage events until `shutdown` resolves.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartupError> {
-        let App { listener, local_addr, repo, consumer, pull } = self;
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartupError> {
+        let App {
+            listener,
+            local_addr,
+            repo,
+            consumer,
+            pull,
+        } = self;
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(consumer.run(pull, cancel.clone()));
         tasks.close();
 
         tracing::info!(grpc.addr = %local_addr, "ledger listening");
-        let routes = tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())));
+        let routes =
+            tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())));
         let served = switchboard_grpc::serve(listener, routes, &[SERVICE_NAME], shutdown).await;
 
         cancel.cancel();

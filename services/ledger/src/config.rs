@@ -76,17 +76,28 @@ const DATE_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
 impl Config {
     /// Checks every field; errors name the field by its dotted path.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.grpc_addr
-            .parse::<SocketAddr>()
-            .map_err(|e| ConfigError::invalid("ledger.grpc_addr", format!("not a socket address: {e}")))?;
-        if !(self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")) {
-            return Err(ConfigError::invalid("ledger.database_url", "must be a postgres:// URL"));
+        self.grpc_addr.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid("ledger.grpc_addr", format!("not a socket address: {e}"))
+        })?;
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::invalid(
+                "ledger.database_url",
+                "must be a postgres:// URL",
+            ));
         }
         if self.max_connections == 0 {
-            return Err(ConfigError::invalid("ledger.max_connections", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "ledger.max_connections",
+                "must be at least 1",
+            ));
         }
         if self.consumer_name.is_empty()
-            || !self.consumer_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !self
+                .consumer_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(ConfigError::invalid(
                 "ledger.consumer_name",
@@ -94,10 +105,16 @@ impl Config {
             ));
         }
         if self.batch_size == 0 || self.batch_size > 10_000 {
-            return Err(ConfigError::invalid("ledger.batch_size", "must be between 1 and 10000"));
+            return Err(ConfigError::invalid(
+                "ledger.batch_size",
+                "must be between 1 and 10000",
+            ));
         }
         if self.ack_wait_secs == 0 {
-            return Err(ConfigError::invalid("ledger.ack_wait_secs", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "ledger.ack_wait_secs",
+                "must be at least 1",
+            ));
         }
         self.parsed_prices().map(|_| ())
     }
@@ -112,10 +129,14 @@ impl Config {
                 return Err(ConfigError::invalid(path("model"), "must not be empty"));
             }
             if price.provider.trim().is_empty() {
-                return Err(ConfigError::invalid(path("provider"), "must not be empty (use \"*\" for any)"));
+                return Err(ConfigError::invalid(
+                    path("provider"),
+                    "must not be empty (use \"*\" for any)",
+                ));
             }
             let rate = |field: &str, text: &str| {
-                Rate::parse(text).map_err(|e| ConfigError::invalid(path(field), format!("{e}: {text:?}")))
+                Rate::parse(text)
+                    .map_err(|e| ConfigError::invalid(path(field), format!("{e}: {text:?}")))
             };
             let input = rate("input", &price.input)?;
             let cached_input = match &price.cached_input {
@@ -125,7 +146,10 @@ impl Config {
             let output = rate("output", &price.output)?;
             let effective_from = match &price.effective_from {
                 Some(text) => Date::parse(text, DATE_FORMAT).map_err(|e| {
-                    ConfigError::invalid(path("effective_from"), format!("not a YYYY-MM-DD date: {e}"))
+                    ConfigError::invalid(
+                        path("effective_from"),
+                        format!("not a YYYY-MM-DD date: {e}"),
+                    )
                 })?,
                 None => Date::from_calendar_date(1970, time::Month::January, 1)
                     .map_err(|e| ConfigError::invalid(path("effective_from"), e.to_string()))?,
@@ -143,7 +167,11 @@ impl Config {
                 provider: price.provider.clone(),
                 model: price.model.clone(),
                 effective_from,
-                rates: Rates { input, cached_input, output },
+                rates: Rates {
+                    input,
+                    cached_input,
+                    output,
+                },
             });
         }
         Ok(prices)
@@ -151,6 +179,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use switchboard_config::Source;
@@ -202,7 +231,9 @@ mod tests {
 
     #[test]
     fn floats_are_rejected_with_the_field_path() {
-        let error = parse("[[ledger.prices]]\nmodel = \"m\"\ninput = 0.15\noutput = \"1\"\n").unwrap_err().to_string();
+        let error = parse("[[ledger.prices]]\nmodel = \"m\"\ninput = 0.15\noutput = \"1\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("ledger.prices[0].input"), "{error}");
     }
 
@@ -210,12 +241,23 @@ mod tests {
     fn bad_prices_name_their_field() {
         let cases = [
             ("input = \"-1\"\noutput = \"1\"", "ledger.prices[0].input"),
-            ("input = \"1\"\noutput = \"0.0000000001\"", "ledger.prices[0].output"),
-            ("input = \"1\"\noutput = \"1\"\ncached_input = \"x\"", "ledger.prices[0].cached_input"),
-            ("input = \"1\"\noutput = \"1\"\neffective_from = \"2024-13-01\"", "ledger.prices[0].effective_from"),
+            (
+                "input = \"1\"\noutput = \"0.0000000001\"",
+                "ledger.prices[0].output",
+            ),
+            (
+                "input = \"1\"\noutput = \"1\"\ncached_input = \"x\"",
+                "ledger.prices[0].cached_input",
+            ),
+            (
+                "input = \"1\"\noutput = \"1\"\neffective_from = \"2024-13-01\"",
+                "ledger.prices[0].effective_from",
+            ),
         ];
         for (body, path) in cases {
-            let error = parse(&format!("[[ledger.prices]]\nmodel = \"m\"\n{body}\n")).unwrap_err().to_string();
+            let error = parse(&format!("[[ledger.prices]]\nmodel = \"m\"\n{body}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(path), "{body}: {error}");
         }
     }
@@ -238,7 +280,9 @@ mod tests {
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
             ("unknown = 1", "unknown"),
         ] {
-            let error = parse(&format!("[ledger]\n{toml}\n")).unwrap_err().to_string();
+            let error = parse(&format!("[ledger]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(path), "{toml}: {error}");
         }
     }

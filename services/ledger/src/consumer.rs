@@ -57,7 +57,8 @@ pub fn consumer_config(settings: &ConsumerSettings, nats: &NatsConfig) -> pull::
         ack_policy: AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
         filter_subject: nats.usage_wildcard(),
-        max_ack_pending: i64::try_from(settings.batch_size.saturating_mul(4).max(1000)).unwrap_or(i64::MAX),
+        max_ack_pending: i64::try_from(settings.batch_size.saturating_mul(4).max(1000))
+            .unwrap_or(i64::MAX),
         ..Default::default()
     }
 }
@@ -69,13 +70,14 @@ pub async fn set_up(
     settings: &ConsumerSettings,
 ) -> Result<PullConsumer, StartupError> {
     let stream = nats.ensure_usage_stream(js).await?;
-    stream.get_or_create_consumer(&settings.name, consumer_config(settings, nats)).await.map_err(|e| {
-        StartupError::Consumer {
+    stream
+        .get_or_create_consumer(&settings.name, consumer_config(settings, nats))
+        .await
+        .map_err(|e| StartupError::Consumer {
             consumer: settings.name.clone(),
             stream: nats.usage_stream.clone(),
             message: e.to_string(),
-        }
-    })
+        })
 }
 
 /// The consumer loop's state.
@@ -183,14 +185,19 @@ impl UsageConsumer {
             );
             let _ = span.set_parent(parent);
             let priced = span.in_scope(|| {
-                let event = UsageEvent::decode(message.payload.clone()).map_err(|e| Rejected::Decode(e.to_string()))?;
+                let event = UsageEvent::decode(message.payload.clone())
+                    .map_err(|e| Rejected::Decode(e.to_string()))?;
                 let shown: String = event.request_id.chars().take(64).collect();
                 Span::current().record("request.id", shown.as_str());
                 price_event(event, now, &self.prices)
             });
             match priced {
                 Ok(row) => pending.push(Pending { message, row, span }),
-                Err(rejected) => terminate(&message, &rejected.to_string()).instrument(span).await,
+                Err(rejected) => {
+                    terminate(&message, &rejected.to_string())
+                        .instrument(span)
+                        .await
+                }
             }
         }
         if pending.is_empty() {
@@ -240,10 +247,21 @@ impl UsageConsumer {
 
 /// Fetches up to `max` messages: whatever is available now, or else waits up to [`IDLE_WAIT`] for
 /// the first one and then takes whatever else is available.
-async fn fetch(consumer: &PullConsumer, max: usize) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+async fn fetch(
+    consumer: &PullConsumer,
+    max: usize,
+) -> Result<Vec<jetstream::Message>, async_nats::Error> {
     let mut messages = drain(consumer.fetch().max_messages(max).messages().await?).await?;
     if messages.is_empty() {
-        messages = drain(consumer.batch().max_messages(1).expires(IDLE_WAIT).messages().await?).await?;
+        messages = drain(
+            consumer
+                .batch()
+                .max_messages(1)
+                .expires(IDLE_WAIT)
+                .messages()
+                .await?,
+        )
+        .await?;
         if !messages.is_empty() && max > 1 {
             let more = consumer.fetch().max_messages(max - 1).messages().await?;
             messages.extend(drain(more).await.unwrap_or_default());

@@ -12,7 +12,10 @@ pub const DOMAIN: &str = "ledger";
 pub enum LedgerError {
     /// A request field is missing or invalid.
     #[error("invalid `{field}`: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
     /// No row for the request id.
     #[error("no usage record for request {request_id}")]
     NotFound { request_id: String },
@@ -27,7 +30,10 @@ pub enum LedgerError {
 impl From<sqlx::Error> for LedgerError {
     fn from(error: sqlx::Error) -> Self {
         match error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => {
                 tracing::warn!(%error, "database unavailable");
                 LedgerError::Unavailable(error)
             }
@@ -48,8 +54,12 @@ impl ServiceError for LedgerError {
 
     fn metadata(&self) -> HashMap<String, String> {
         match self {
-            LedgerError::InvalidArgument { field, .. } => HashMap::from([("field".to_owned(), (*field).to_owned())]),
-            LedgerError::NotFound { request_id } => HashMap::from([("request_id".to_owned(), request_id.clone())]),
+            LedgerError::InvalidArgument { field, .. } => {
+                HashMap::from([("field".to_owned(), (*field).to_owned())])
+            }
+            LedgerError::NotFound { request_id } => {
+                HashMap::from([("request_id".to_owned(), request_id.clone())])
+            }
             _ => HashMap::new(),
         }
     }
@@ -72,7 +82,11 @@ pub enum StartupError {
     Bus(#[from] switchboard_bus::BusError),
     /// The JetStream consumer could not be created.
     #[error("cannot create JetStream consumer {consumer} on stream {stream}: {message}")]
-    Consumer { consumer: String, stream: String, message: String },
+    Consumer {
+        consumer: String,
+        stream: String,
+        message: String,
+    },
     /// gRPC bind or serve failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
@@ -84,7 +98,10 @@ pub enum StartupError {
 impl StartupError {
     /// Whether the error is the operator's configuration (exit code 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, StartupError::Config(_) | StartupError::PriceHistory(_))
+        matches!(
+            self,
+            StartupError::Config(_) | StartupError::PriceHistory(_)
+        )
     }
 }
 

@@ -1,8 +1,8 @@
 //! gRPC handlers: convert protobuf <-> domain and map errors.
 
 use switchboard_proto::ledger::v1::{
-    GetSpendRequest, GetSpendResponse, GetUsageRecordRequest, GetUsageRecordResponse, SpendRow, UsageRecord,
-    ledger_service_server::LedgerService,
+    GetSpendRequest, GetSpendResponse, GetUsageRecordRequest, GetUsageRecordResponse, SpendRow,
+    UsageRecord, ledger_service_server::LedgerService,
 };
 use switchboard_status::to_status;
 use tonic::{Request, Response, Status};
@@ -31,8 +31,14 @@ fn time_field(
     field: &'static str,
     value: Option<&switchboard_proto::Timestamp>,
 ) -> Result<time::OffsetDateTime, LedgerError> {
-    let value = value.ok_or(LedgerError::InvalidArgument { field, message: "required".to_owned() })?;
-    timestamp_to_time(value).ok_or(LedgerError::InvalidArgument { field, message: "out of range".to_owned() })
+    let value = value.ok_or(LedgerError::InvalidArgument {
+        field,
+        message: "required".to_owned(),
+    })?;
+    timestamp_to_time(value).ok_or(LedgerError::InvalidArgument {
+        field,
+        message: "out of range".to_owned(),
+    })
 }
 
 fn to_u64(value: i64) -> u64 {
@@ -68,13 +74,16 @@ impl LedgerApi {
         let start = time_field("start", request.start.as_ref())?;
         let end = time_field("end", request.end.as_ref())?;
         if start >= end {
-            return Err(LedgerError::InvalidArgument { field: "end", message: "must be after start".to_owned() });
+            return Err(LedgerError::InvalidArgument {
+                field: "end",
+                message: "must be after start".to_owned(),
+            });
         }
         let app = Some(request.app.as_str()).filter(|app| !app.is_empty());
         let spend = self.repo.spend(start, end, app).await?;
         let total: i128 = spend.iter().map(|s| i128::from(s.cost_usd_nanos)).sum();
-        let total_cost_usd_nanos =
-            i64::try_from(total).map_err(|_| LedgerError::Internal("total cost overflows 64 bits".to_owned()))?;
+        let total_cost_usd_nanos = i64::try_from(total)
+            .map_err(|_| LedgerError::Internal("total cost overflows 64 bits".to_owned()))?;
         let rows = spend
             .into_iter()
             .map(|s| SpendRow {
@@ -89,28 +98,46 @@ impl LedgerApi {
                 unpriced_requests: to_u64(s.unpriced_requests),
             })
             .collect();
-        Ok(GetSpendResponse { rows, total_cost_usd_nanos })
+        Ok(GetSpendResponse {
+            rows,
+            total_cost_usd_nanos,
+        })
     }
 
-    async fn usage_record(&self, request: GetUsageRecordRequest) -> Result<GetUsageRecordResponse, LedgerError> {
-        let request_id = Uuid::parse_str(request.request_id.trim()).map_err(|_| LedgerError::InvalidArgument {
-            field: "request_id",
-            message: "not a UUID".to_owned(),
+    async fn usage_record(
+        &self,
+        request: GetUsageRecordRequest,
+    ) -> Result<GetUsageRecordResponse, LedgerError> {
+        let request_id = Uuid::parse_str(request.request_id.trim()).map_err(|_| {
+            LedgerError::InvalidArgument {
+                field: "request_id",
+                message: "not a UUID".to_owned(),
+            }
         })?;
         let row = self
             .repo
             .get(request_id)
             .await?
-            .ok_or_else(|| LedgerError::NotFound { request_id: request_id.to_string() })?;
-        Ok(GetUsageRecordResponse { record: Some(record_of(row)) })
+            .ok_or_else(|| LedgerError::NotFound {
+                request_id: request_id.to_string(),
+            })?;
+        Ok(GetUsageRecordResponse {
+            record: Some(record_of(row)),
+        })
     }
 }
 
 #[tonic::async_trait]
 impl LedgerService for LedgerApi {
     #[tracing::instrument(skip_all, fields(app = %request.get_ref().app))]
-    async fn get_spend(&self, request: Request<GetSpendRequest>) -> Result<Response<GetSpendResponse>, Status> {
-        self.spend(request.into_inner()).await.map(Response::new).map_err(|e| to_status(DOMAIN, &e))
+    async fn get_spend(
+        &self,
+        request: Request<GetSpendRequest>,
+    ) -> Result<Response<GetSpendResponse>, Status> {
+        self.spend(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
     }
 
     #[tracing::instrument(skip_all, fields(request.id = %request.get_ref().request_id))]
@@ -118,6 +145,9 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<GetUsageRecordRequest>,
     ) -> Result<Response<GetUsageRecordResponse>, Status> {
-        self.usage_record(request.into_inner()).await.map(Response::new).map_err(|e| to_status(DOMAIN, &e))
+        self.usage_record(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
     }
 }

@@ -22,7 +22,11 @@ async fn main() -> ExitCode {
     let loaded = Source::load(args.config.as_deref()).and_then(|source| {
         let config: Config = source.section("ledger")?;
         config.validate()?;
-        Ok((source.section::<TelemetryConfig>("telemetry")?, config, source.section::<NatsConfig>("nats")?))
+        Ok((
+            source.section::<TelemetryConfig>("telemetry")?,
+            config,
+            source.section::<NatsConfig>("nats")?,
+        ))
     });
     let (telemetry, config, nats) = match loaded {
         Ok(loaded) => loaded,

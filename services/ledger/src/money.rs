@@ -65,7 +65,11 @@ impl Rate {
         if whole.len() > 7 {
             return Err(PriceParseError::TooLarge);
         }
-        let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| PriceParseError::Malformed)? };
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| PriceParseError::Malformed)?
+        };
         let mut frac_nanos: i64 = 0;
         for (i, digit) in fraction.bytes().enumerate() {
             frac_nanos += i64::from(digit - b'0') * 10_i64.pow(8 - i as u32);
@@ -141,6 +145,7 @@ pub fn cost_nanos(tokens: Tokens, rates: Rates) -> Result<i64, CostOverflow> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -162,17 +167,31 @@ mod tests {
         assert_eq!(Rate::parse("0"), Ok(Rate(0)));
         assert_eq!(Rate::parse("0.000000001"), Ok(Rate(1)));
         assert_eq!(Rate::parse("007.5"), Ok(Rate(7_500_000_000)));
-        assert_eq!(Rate::parse("1000000"), Ok(Rate(MAX_USD_PER_MTOK * NANOS_PER_USD)));
+        assert_eq!(
+            Rate::parse("1000000"),
+            Ok(Rate(MAX_USD_PER_MTOK * NANOS_PER_USD))
+        );
     }
 
     #[test]
     fn rejects_bad_prices() {
         assert_eq!(Rate::parse(""), Err(PriceParseError::Empty));
         assert_eq!(Rate::parse("-0.15"), Err(PriceParseError::Negative));
-        assert_eq!(Rate::parse("0.0000000001"), Err(PriceParseError::TooPrecise));
-        assert_eq!(Rate::parse("1000000.000000001"), Err(PriceParseError::TooLarge));
-        assert_eq!(Rate::parse("99999999999999999999999"), Err(PriceParseError::TooLarge));
-        for bad in [".5", "1.", "1e3", "+1", " 1", "1 ", "0x10", "1,5", "1.2.3", "NaN", "inf", "."] {
+        assert_eq!(
+            Rate::parse("0.0000000001"),
+            Err(PriceParseError::TooPrecise)
+        );
+        assert_eq!(
+            Rate::parse("1000000.000000001"),
+            Err(PriceParseError::TooLarge)
+        );
+        assert_eq!(
+            Rate::parse("99999999999999999999999"),
+            Err(PriceParseError::TooLarge)
+        );
+        for bad in [
+            ".5", "1.", "1e3", "+1", " 1", "1 ", "0x10", "1,5", "1.2.3", "NaN", "inf", ".",
+        ] {
             assert_eq!(Rate::parse(bad), Err(PriceParseError::Malformed), "{bad}");
         }
     }
@@ -189,7 +208,11 @@ mod tests {
         // 1000 prompt (200 cached), 500 completion at 0.15 / 0.075 / 0.60 per million:
         // 800*150e6 + 200*75e6 + 500*600e6 = 120e9 + 15e9 + 300e9 = 435e9 → /1e6 = 435_000 nanos.
         let r = rates("0.15", "0.075", "0.60");
-        let t = Tokens { prompt: 1000, cached_prompt: 200, completion: 500 };
+        let t = Tokens {
+            prompt: 1000,
+            cached_prompt: 200,
+            completion: 500,
+        };
         assert_eq!(cost_nanos(t, r), Ok(435_000));
     }
 
@@ -198,30 +221,96 @@ mod tests {
         // 1 token at 0.0000005 USD/M = 500 nanos/M → 0.0005 nano → rounds to 0 … 0.5 rounds up.
         let r = rates("0.0005", "0", "0.0015");
         // 1 input token: 500_000 / 1e6 = 0.5 → 1.
-        assert_eq!(cost_nanos(Tokens { prompt: 1, cached_prompt: 0, completion: 0 }, r), Ok(1));
+        assert_eq!(
+            cost_nanos(
+                Tokens {
+                    prompt: 1,
+                    cached_prompt: 0,
+                    completion: 0
+                },
+                r
+            ),
+            Ok(1)
+        );
         // 1 output token: 1_500_000 / 1e6 = 1.5 → 2.
-        assert_eq!(cost_nanos(Tokens { prompt: 0, cached_prompt: 0, completion: 1 }, r), Ok(2));
+        assert_eq!(
+            cost_nanos(
+                Tokens {
+                    prompt: 0,
+                    cached_prompt: 0,
+                    completion: 1
+                },
+                r
+            ),
+            Ok(2)
+        );
         // Summed before rounding: 0.5 + 1.5 = 2.0 → 2 (rounding each term would give 3).
-        assert_eq!(cost_nanos(Tokens { prompt: 1, cached_prompt: 0, completion: 1 }, r), Ok(2));
+        assert_eq!(
+            cost_nanos(
+                Tokens {
+                    prompt: 1,
+                    cached_prompt: 0,
+                    completion: 1
+                },
+                r
+            ),
+            Ok(2)
+        );
         // Just below half rounds down.
         let r = rates("0.000499999", "0", "0");
-        assert_eq!(cost_nanos(Tokens { prompt: 1, cached_prompt: 0, completion: 0 }, r), Ok(0));
+        assert_eq!(
+            cost_nanos(
+                Tokens {
+                    prompt: 1,
+                    cached_prompt: 0,
+                    completion: 0
+                },
+                r
+            ),
+            Ok(0)
+        );
     }
 
     #[test]
     fn cached_tokens_are_inside_prompt_tokens_and_clamped() {
         let r = rates("1", "0.5", "2");
-        let all_cached = Tokens { prompt: 1_000_000, cached_prompt: 1_000_000, completion: 0 };
+        let all_cached = Tokens {
+            prompt: 1_000_000,
+            cached_prompt: 1_000_000,
+            completion: 0,
+        };
         assert_eq!(cost_nanos(all_cached, r), Ok(500_000_000));
-        let over = Tokens { prompt: 10, cached_prompt: 50, completion: 0 };
-        assert_eq!(cost_nanos(over, r), cost_nanos(Tokens { prompt: 10, cached_prompt: 10, completion: 0 }, r));
+        let over = Tokens {
+            prompt: 10,
+            cached_prompt: 50,
+            completion: 0,
+        };
+        assert_eq!(
+            cost_nanos(over, r),
+            cost_nanos(
+                Tokens {
+                    prompt: 10,
+                    cached_prompt: 10,
+                    completion: 0
+                },
+                r
+            )
+        );
     }
 
     #[test]
     fn maximum_rates_and_tokens_do_not_overflow() {
         let max = Rate(MAX_USD_PER_MTOK * NANOS_PER_USD);
-        let r = Rates { input: max, cached_input: max, output: max };
-        let t = Tokens { prompt: u32::MAX, cached_prompt: 0, completion: u32::MAX };
+        let r = Rates {
+            input: max,
+            cached_input: max,
+            output: max,
+        };
+        let t = Tokens {
+            prompt: u32::MAX,
+            cached_prompt: 0,
+            completion: u32::MAX,
+        };
         assert!(cost_nanos(t, r).is_ok());
     }
 

@@ -34,7 +34,10 @@ impl PriceBook {
     pub fn new(prices: impl IntoIterator<Item = Price>) -> Self {
         let mut by_key: HashMap<(String, String), Vec<(Date, Rates)>> = HashMap::new();
         for price in prices {
-            by_key.entry((price.provider, price.model)).or_default().push((price.effective_from, price.rates));
+            by_key
+                .entry((price.provider, price.model))
+                .or_default()
+                .push((price.effective_from, price.rates));
         }
         for versions in by_key.values_mut() {
             versions.sort_by_key(|(date, _)| *date);
@@ -45,12 +48,17 @@ impl PriceBook {
     /// The rates for `model` served by `provider` at `at`, if any.
     pub fn lookup(&self, provider: &str, model: &str, at: OffsetDateTime) -> Option<Rates> {
         let day = at.to_offset(time::UtcOffset::UTC).date();
-        self.latest(provider, model, day).or_else(|| self.latest(ANY_PROVIDER, model, day))
+        self.latest(provider, model, day)
+            .or_else(|| self.latest(ANY_PROVIDER, model, day))
     }
 
     fn latest(&self, provider: &str, model: &str, day: Date) -> Option<Rates> {
         let versions = self.by_key.get(&(provider.to_owned(), model.to_owned()))?;
-        versions.iter().rev().find(|(from, _)| *from <= day).map(|(_, rates)| *rates)
+        versions
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= day)
+            .map(|(_, rates)| *rates)
     }
 
     /// Number of price versions.
@@ -65,6 +73,7 @@ impl PriceBook {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::money::Rate;
@@ -76,7 +85,11 @@ mod tests {
             provider: provider.into(),
             model: model.into(),
             effective_from: from,
-            rates: Rates { input: rate, cached_input: rate, output: rate },
+            rates: Rates {
+                input: rate,
+                cached_input: rate,
+                output: rate,
+            },
         }
     }
 
@@ -96,6 +109,9 @@ mod tests {
         assert_eq!(input("azure", datetime!(2024-07-01 00:00 UTC)), Some(10));
         // Dates are UTC days: 2024-05-31 23:30 -02:00 is 2024-06-01 01:30 UTC.
         assert_eq!(input("openai", datetime!(2024-05-31 23:30 -2)), Some(2));
-        assert_eq!(book.lookup("openai", "other", datetime!(2024-07-01 00:00 UTC)), None);
+        assert_eq!(
+            book.lookup("openai", "other", datetime!(2024-07-01 00:00 UTC)),
+            None
+        );
     }
 }

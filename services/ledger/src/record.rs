@@ -108,12 +108,20 @@ pub fn status_from_str(text: &str) -> RequestStatus {
 
 /// Postgres rejects NUL in text and jsonb; drop it so one odd event can never wedge a batch.
 fn clean(text: String) -> String {
-    if text.contains('\0') { text.replace('\0', "") } else { text }
+    if text.contains('\0') {
+        text.replace('\0', "")
+    } else {
+        text
+    }
 }
 
 fn tokens_of(usage: Option<&switchboard_proto::chat::v1::Usage>) -> Tokens {
     usage
-        .map(|u| Tokens { prompt: u.prompt_tokens, cached_prompt: u.cached_prompt_tokens, completion: u.completion_tokens })
+        .map(|u| Tokens {
+            prompt: u.prompt_tokens,
+            cached_prompt: u.cached_prompt_tokens,
+            completion: u.completion_tokens,
+        })
         .unwrap_or_default()
 }
 
@@ -125,15 +133,28 @@ pub fn timestamp_to_time(ts: &switchboard_proto::Timestamp) -> Option<OffsetDate
 
 /// Converts a time to a protobuf timestamp.
 pub fn time_to_timestamp(time: OffsetDateTime) -> switchboard_proto::Timestamp {
-    switchboard_proto::Timestamp { seconds: time.unix_timestamp(), nanos: time.nanosecond() as i32 }
+    switchboard_proto::Timestamp {
+        seconds: time.unix_timestamp(),
+        nanos: time.nanosecond() as i32,
+    }
 }
 
 /// Prices an event. `fallback_time` is used when the event carries no (valid) time.
-pub fn price_event(event: UsageEvent, fallback_time: OffsetDateTime, prices: &PriceBook) -> Result<UsageRow, Rejected> {
+pub fn price_event(
+    event: UsageEvent,
+    fallback_time: OffsetDateTime,
+    prices: &PriceBook,
+) -> Result<UsageRow, Rejected> {
     let request_id = Uuid::parse_str(event.request_id.trim()).map_err(|_| Rejected::RequestId)?;
     // Microsecond precision: what Postgres stores, so a row reads back equal to what was written.
-    let time = event.time.as_ref().and_then(timestamp_to_time).unwrap_or(fallback_time);
-    let time = time.replace_nanosecond(time.nanosecond() / 1000 * 1000).unwrap_or(time);
+    let time = event
+        .time
+        .as_ref()
+        .and_then(timestamp_to_time)
+        .unwrap_or(fallback_time);
+    let time = time
+        .replace_nanosecond(time.nanosecond() / 1000 * 1000)
+        .unwrap_or(time);
     let route = event.route.unwrap_or_default();
     let attempts = if route.attempt_count == 0 {
         u32::try_from(route.attempts.len()).unwrap_or(u32::MAX)
@@ -205,11 +226,16 @@ pub fn price_event(event: UsageEvent, fallback_time: OffsetDateTime, prices: &Pr
         streamed: event.streamed,
         latency_ms: event.latency_ms,
         trace_id: clean(event.trace_id),
-        tags: event.tags.into_iter().map(|(k, v)| (clean(k), clean(v))).collect(),
+        tags: event
+            .tags
+            .into_iter()
+            .map(|(k, v)| (clean(k), clean(v)))
+            .collect(),
     })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
     use crate::{
@@ -224,7 +250,11 @@ pub(crate) mod tests {
             provider: "*".into(),
             model: "gpt-4o-mini".into(),
             effective_from: date!(2024 - 01 - 01),
-            rates: Rates { input: Rate(150_000_000), cached_input: Rate(75_000_000), output: Rate(600_000_000) },
+            rates: Rates {
+                input: Rate(150_000_000),
+                cached_input: Rate(75_000_000),
+                output: Rate(600_000_000),
+            },
         }])
     }
 
@@ -272,7 +302,14 @@ pub(crate) mod tests {
         let row = price_event(event(ID, "gpt-4o-mini"), now(), &book()).unwrap();
         assert_eq!(row.cost_usd_nanos, Some(435_000));
         assert_eq!(row.saved_usd_nanos, 0);
-        assert_eq!(row.tokens, Tokens { prompt: 1000, cached_prompt: 200, completion: 500 });
+        assert_eq!(
+            row.tokens,
+            Tokens {
+                prompt: 1000,
+                cached_prompt: 200,
+                completion: 500
+            }
+        );
         assert_eq!(row.time, datetime!(2025-03-01 12:00:00.123456 UTC));
     }
 
@@ -295,7 +332,10 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_request_id_is_rejected() {
-        assert_eq!(price_event(event("req-1", "gpt-4o-mini"), now(), &book()), Err(Rejected::RequestId));
+        assert_eq!(
+            price_event(event("req-1", "gpt-4o-mini"), now(), &book()),
+            Err(Rejected::RequestId)
+        );
     }
 
     #[test]

@@ -32,7 +32,13 @@ pub enum RepoError {
          different rates (stored input/cached_input/output {stored}, configured {configured}); \
          prices are never rewritten: add a new effective_from instead"
     )]
-    PriceHistory { provider: String, model: String, effective_from: Date, stored: String, configured: String },
+    PriceHistory {
+        provider: String,
+        model: String,
+        effective_from: Date,
+        stored: String,
+        configured: String,
+    },
 }
 
 /// Spend of one app on one served model.
@@ -68,16 +74,21 @@ pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         return Ok(());
     }
     let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+        {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Someone else created it in the meantime: fine.
-            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
             Err(e) => return Err(e),
         }
     }
@@ -368,13 +379,16 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
 pub fn is_data_error(error: &sqlx::Error) -> bool {
     match error {
         // SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation).
-        sqlx::Error::Database(e) => e.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
         sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
         _ => false,
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::record::{price_event, tests::event};
@@ -393,14 +407,21 @@ mod tests {
             provider: provider.into(),
             model: model.into(),
             effective_from: from,
-            rates: Rates { input: rate, cached_input: rate, output: rate },
+            rates: Rates {
+                input: rate,
+                cached_input: rate,
+                output: rate,
+            },
         }
     }
 
     const ID: &str = "0195f0e2-7f4c-7000-8000-0000000000aa";
 
     async fn count(repo: &Repository) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM usage_records").fetch_one(repo.pool()).await.unwrap()
+        sqlx::query_scalar("SELECT COUNT(*) FROM usage_records")
+            .fetch_one(repo.pool())
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -412,7 +433,12 @@ mod tests {
         let again = Repository::connect(&url, 2).await.unwrap();
         assert_eq!(count(&again).await, 0);
         again.pool().close().await;
-        TestPg { url: url.clone(), name: format!("{}_new", pg.name) }.drop_db().await;
+        TestPg {
+            url: url.clone(),
+            name: format!("{}_new", pg.name),
+        }
+        .drop_db()
+        .await;
         pg.drop_db().await;
     }
 
@@ -421,12 +447,23 @@ mod tests {
         let (repo, pg) = repo().await;
         let book = repo.load_prices().await.unwrap();
         let row = price_event(event(ID, "gpt-4o-mini"), OffsetDateTime::now_utc(), &book).unwrap();
-        assert_eq!(repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(), 1);
-        assert_eq!(repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(), 0);
+        assert_eq!(
+            repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            repo.insert_batch(std::slice::from_ref(&row)).await.unwrap(),
+            0
+        );
         // The same id twice in one batch, and a changed copy: still the first row, once.
         let mut changed = row.clone();
         changed.app = "other".into();
-        assert_eq!(repo.insert_batch(&[changed.clone(), changed]).await.unwrap(), 0);
+        assert_eq!(
+            repo.insert_batch(&[changed.clone(), changed])
+                .await
+                .unwrap(),
+            0
+        );
         assert_eq!(count(&repo).await, 1);
         let stored = repo.get(row.request_id).await.unwrap().unwrap();
         assert_eq!(stored, row);
@@ -436,28 +473,70 @@ mod tests {
     #[tokio::test]
     async fn unpriced_rows_are_null_and_counted() {
         let (repo, pg) = repo().await;
-        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")]).await.unwrap();
-        let book = repo.load_prices().await.unwrap();
-        let priced = price_event(event(ID, "gpt-4o-mini"), OffsetDateTime::now_utc(), &book).unwrap();
-        let unpriced =
-            price_event(event("0195f0e2-7f4c-7000-8000-0000000000ab", "mystery"), OffsetDateTime::now_utc(), &book)
-                .unwrap();
-        assert_eq!(repo.insert_batch(&[priced.clone(), unpriced.clone()]).await.unwrap(), 2);
-        assert_eq!(repo.get(unpriced.request_id).await.unwrap().unwrap().cost_usd_nanos, None);
-        let null: Option<i64> = sqlx::query_scalar("SELECT cost_usd_nanos FROM usage_records WHERE request_id = $1")
-            .bind(unpriced.request_id)
-            .fetch_one(repo.pool())
+        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")])
             .await
             .unwrap();
+        let book = repo.load_prices().await.unwrap();
+        let priced =
+            price_event(event(ID, "gpt-4o-mini"), OffsetDateTime::now_utc(), &book).unwrap();
+        let unpriced = price_event(
+            event("0195f0e2-7f4c-7000-8000-0000000000ab", "mystery"),
+            OffsetDateTime::now_utc(),
+            &book,
+        )
+        .unwrap();
+        assert_eq!(
+            repo.insert_batch(&[priced.clone(), unpriced.clone()])
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            repo.get(unpriced.request_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .cost_usd_nanos,
+            None
+        );
+        let null: Option<i64> =
+            sqlx::query_scalar("SELECT cost_usd_nanos FROM usage_records WHERE request_id = $1")
+                .bind(unpriced.request_id)
+                .fetch_one(repo.pool())
+                .await
+                .unwrap();
         assert_eq!(null, None);
-        let spend =
-            repo.spend(datetime!(2025-01-01 0:00 UTC), datetime!(2026-01-01 0:00 UTC), None).await.unwrap();
+        let spend = repo
+            .spend(
+                datetime!(2025-01-01 0:00 UTC),
+                datetime!(2026-01-01 0:00 UTC),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(spend.len(), 2);
         let mystery = spend.iter().find(|s| s.model == "openai/mystery").unwrap();
-        assert_eq!((mystery.requests, mystery.unpriced_requests, mystery.cost_usd_nanos), (1, 1, 0));
+        assert_eq!(
+            (
+                mystery.requests,
+                mystery.unpriced_requests,
+                mystery.cost_usd_nanos
+            ),
+            (1, 1, 0)
+        );
         // 1 USD/M for every token: 1500 tokens → 1500 * 1e9 / 1e6 = 1_500_000 nanos.
-        let known = spend.iter().find(|s| s.model == "openai/gpt-4o-mini").unwrap();
-        assert_eq!((known.requests, known.unpriced_requests, known.cost_usd_nanos), (1, 0, 1_500_000));
+        let known = spend
+            .iter()
+            .find(|s| s.model == "openai/gpt-4o-mini")
+            .unwrap();
+        assert_eq!(
+            (
+                known.requests,
+                known.unpriced_requests,
+                known.cost_usd_nanos
+            ),
+            (1, 0, 1_500_000)
+        );
         pg.drop_db().await;
     }
 
@@ -476,13 +555,28 @@ mod tests {
         assert_eq!(book.len(), 3);
         let input = |provider: &str, at| book.lookup(provider, "m", at).map(|r| r.input.0);
         assert_eq!(input("openai", datetime!(2023-06-01 0:00 UTC)), None);
-        assert_eq!(input("openai", datetime!(2024-07-01 0:00 UTC)), Some(1_000_000_000));
-        assert_eq!(input("openai", datetime!(2025-07-01 0:00 UTC)), Some(2_000_000_000));
-        assert_eq!(input("azure", datetime!(2024-05-31 23:59 UTC)), Some(1_000_000_000));
-        assert_eq!(input("azure", datetime!(2025-07-01 0:00 UTC)), Some(5_000_000_000));
+        assert_eq!(
+            input("openai", datetime!(2024-07-01 0:00 UTC)),
+            Some(1_000_000_000)
+        );
+        assert_eq!(
+            input("openai", datetime!(2025-07-01 0:00 UTC)),
+            Some(2_000_000_000)
+        );
+        assert_eq!(
+            input("azure", datetime!(2024-05-31 23:59 UTC)),
+            Some(1_000_000_000)
+        );
+        assert_eq!(
+            input("azure", datetime!(2025-07-01 0:00 UTC)),
+            Some(5_000_000_000)
+        );
 
         // Rewriting a stored version is refused.
-        let error = repo.sync_prices(&[price("*", "m", date!(2024 - 01 - 01), "1.5")]).await.unwrap_err();
+        let error = repo
+            .sync_prices(&[price("*", "m", date!(2024 - 01 - 01), "1.5")])
+            .await
+            .unwrap_err();
         assert!(matches!(error, RepoError::PriceHistory { .. }), "{error}");
         assert!(error.to_string().contains("2024-01-01"), "{error}");
         pg.drop_db().await;
@@ -491,19 +585,38 @@ mod tests {
     #[tokio::test]
     async fn spend_filters_by_app_and_half_open_range() {
         let (repo, pg) = repo().await;
-        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")]).await.unwrap();
+        repo.sync_prices(&[price("*", "gpt-4o-mini", date!(2024 - 01 - 01), "1")])
+            .await
+            .unwrap();
         let book = repo.load_prices().await.unwrap();
         let mut a = event("0195f0e2-7f4c-7000-8000-0000000000b1", "gpt-4o-mini");
-        a.time = Some(crate::record::time_to_timestamp(datetime!(2025-03-01 0:00 UTC)));
+        a.time = Some(crate::record::time_to_timestamp(
+            datetime!(2025-03-01 0:00 UTC),
+        ));
         let mut b = event("0195f0e2-7f4c-7000-8000-0000000000b2", "gpt-4o-mini");
         b.app = "search".into();
         b.time = a.time;
         let rows = [a, b].map(|e| price_event(e, OffsetDateTime::now_utc(), &book).unwrap());
         repo.insert_batch(&rows).await.unwrap();
         let at = datetime!(2025-03-01 0:00 UTC);
-        assert_eq!(repo.spend(at, at + Duration::from_secs(1), None).await.unwrap().len(), 2);
-        assert_eq!(repo.spend(at - Duration::from_secs(1), at, None).await.unwrap().len(), 0);
-        let only = repo.spend(at, at + Duration::from_secs(1), Some("search")).await.unwrap();
+        assert_eq!(
+            repo.spend(at, at + Duration::from_secs(1), None)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            repo.spend(at - Duration::from_secs(1), at, None)
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
+        let only = repo
+            .spend(at, at + Duration::from_secs(1), Some("search"))
+            .await
+            .unwrap();
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].app, "search");
         pg.drop_db().await;

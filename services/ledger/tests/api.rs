@@ -1,5 +1,7 @@
 //! API tests: the real `App` against real Postgres and NATS (one database and namespace per test).
 
+#![allow(clippy::unwrap_used)]
+
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use async_nats::{
@@ -51,7 +53,12 @@ impl Env {
             ..Default::default()
         };
         let js = jetstream::new(async_nats::connect(&nats.url).await.expect("nats connect"));
-        Env { pg, nats, nats_config, js }
+        Env {
+            pg,
+            nats,
+            nats_config,
+            js,
+        }
     }
 
     fn config(&self) -> Config {
@@ -60,7 +67,14 @@ impl Env {
             database_url: self.pg.url.clone(),
             max_connections: 4,
             prices: vec![
-                price("*", "gpt-4o-mini", "0.15", Some("0.075"), "0.60", "2024-01-01"),
+                price(
+                    "*",
+                    "gpt-4o-mini",
+                    "0.15",
+                    Some("0.075"),
+                    "0.60",
+                    "2024-01-01",
+                ),
                 // A later, cheaper wildcard version and a provider-specific price.
                 price("*", "gpt-4o", "5", None, "15", "2024-01-01"),
                 price("*", "gpt-4o", "2.5", Some("1.25"), "10", "2025-01-01"),
@@ -71,18 +85,31 @@ impl Env {
     }
 
     async fn start(&self, config: Config) -> Running {
-        let app = App::build(config, self.nats_config.clone()).await.expect("app builds");
+        let app = App::build(config, self.nats_config.clone())
+            .await
+            .expect("app builds");
         let addr = app.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
         }));
-        let client = LedgerServiceClient::connect(switchboard_grpc::url_of(addr)).await.expect("client");
-        Running { addr, client, stop: Some(stop), task }
+        let client = LedgerServiceClient::connect(switchboard_grpc::url_of(addr))
+            .await
+            .expect("client");
+        Running {
+            addr,
+            client,
+            stop: Some(stop),
+            task,
+        }
     }
 
     async fn publish(&self, event: &UsageEvent) {
-        publish_usage(&self.js, &self.nats_config, event).await.expect("publish").await.expect("stored");
+        publish_usage(&self.js, &self.nats_config, event)
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
     }
 
     async fn durable(&self) -> PullConsumer {
@@ -102,7 +129,9 @@ impl Env {
             let consumer = consumer.clone();
             async move {
                 let info = consumer.get_info().await.ok()?;
-                (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= sequence)
+                (info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.ack_floor.stream_sequence >= sequence)
                     .then_some(())
             }
         })
@@ -133,7 +162,9 @@ impl Running {
 
     async fn record(&mut self, request_id: &str) -> Result<UsageRecord, tonic::Status> {
         self.client
-            .get_usage_record(GetUsageRecordRequest { request_id: request_id.into() })
+            .get_usage_record(GetUsageRecordRequest {
+                request_id: request_id.into(),
+            })
             .await
             .map(|r| r.into_inner().record.expect("record"))
     }
@@ -144,7 +175,12 @@ impl Running {
             let mut client = client.clone();
             let request_id = request_id.to_owned();
             async move {
-                client.get_usage_record(GetUsageRecordRequest { request_id }).await.ok()?.into_inner().record
+                client
+                    .get_usage_record(GetUsageRecordRequest { request_id })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .record
             }
         })
         .await
@@ -161,12 +197,22 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn price(provider: &str, model: &str, input: &str, cached: Option<&str>, output: &str, from: &str) -> PriceConfig {
+fn price(
+    provider: &str,
+    model: &str,
+    input: &str,
+    cached: Option<&str>,
+    output: &str,
+    from: &str,
+) -> PriceConfig {
     PriceConfig {
         model: model.into(),
         provider: provider.into(),
@@ -194,7 +240,10 @@ fn usage(prompt: u32, cached: u32, completion: u32) -> Usage {
 fn event(app: &str, provider: &str, model: &str, usage: Usage) -> UsageEvent {
     UsageEvent {
         request_id: new_id(),
-        time: Some(Timestamp { seconds: T0, nanos: 0 }),
+        time: Some(Timestamp {
+            seconds: T0,
+            nanos: 0,
+        }),
         app: app.into(),
         team: "team-a".into(),
         key_id: "key_1".into(),
@@ -221,8 +270,14 @@ fn event(app: &str, provider: &str, model: &str, usage: Usage) -> UsageEvent {
 
 fn spend_request(app: &str) -> GetSpendRequest {
     GetSpendRequest {
-        start: Some(Timestamp { seconds: T0 - 3600, nanos: 0 }),
-        end: Some(Timestamp { seconds: T0 + 3600, nanos: 0 }),
+        start: Some(Timestamp {
+            seconds: T0 - 3600,
+            nanos: 0,
+        }),
+        end: Some(Timestamp {
+            seconds: T0 + 3600,
+            nanos: 0,
+        }),
         app: app.into(),
     }
 }
@@ -247,12 +302,35 @@ async fn records_published_events_and_reports_spend() {
 
     let record = app.wait_record(&mini.request_id).await;
     assert_eq!(record.request_id, mini.request_id);
-    assert_eq!(record.time, Some(Timestamp { seconds: T0, nanos: 0 }));
-    assert_eq!((record.app.as_str(), record.team.as_str(), record.key_id.as_str()), ("billing", "team-a", "key_1"));
+    assert_eq!(
+        record.time,
+        Some(Timestamp {
+            seconds: T0,
+            nanos: 0
+        })
+    );
+    assert_eq!(
+        (
+            record.app.as_str(),
+            record.team.as_str(),
+            record.key_id.as_str()
+        ),
+        ("billing", "team-a", "key_1")
+    );
     assert_eq!(record.requested_model, "fast");
-    assert_eq!((record.provider.as_str(), record.model.as_str()), ("openai", "gpt-4o-mini"));
+    assert_eq!(
+        (record.provider.as_str(), record.model.as_str()),
+        ("openai", "gpt-4o-mini")
+    );
     assert_eq!(record.attempts, 2);
-    assert_eq!((record.prompt_tokens, record.cached_prompt_tokens, record.completion_tokens), (1000, 200, 500));
+    assert_eq!(
+        (
+            record.prompt_tokens,
+            record.cached_prompt_tokens,
+            record.completion_tokens
+        ),
+        (1000, 200, 500)
+    );
     assert_eq!(record.cost_usd_nanos, Some(435_000));
     assert_eq!(record.saved_usd_nanos, 0);
     assert_eq!(record.cache, CacheOutcome::Miss as i32);
@@ -260,15 +338,37 @@ async fn records_published_events_and_reports_spend() {
     assert!(record.streamed);
     assert_eq!(record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
 
-    assert_eq!(app.wait_record(&four_o.request_id).await.cost_usd_nanos, Some(4_750_000));
-    assert_eq!(app.wait_record(&azure.request_id).await.cost_usd_nanos, Some(3_000_000_000));
-    assert_eq!(app.wait_record(&mystery.request_id).await.cost_usd_nanos, None);
+    assert_eq!(
+        app.wait_record(&four_o.request_id).await.cost_usd_nanos,
+        Some(4_750_000)
+    );
+    assert_eq!(
+        app.wait_record(&azure.request_id).await.cost_usd_nanos,
+        Some(3_000_000_000)
+    );
+    assert_eq!(
+        app.wait_record(&mystery.request_id).await.cost_usd_nanos,
+        None
+    );
 
-    let spend = app.client.get_spend(spend_request("")).await.expect("spend").into_inner();
+    let spend = app
+        .client
+        .get_spend(spend_request(""))
+        .await
+        .expect("spend")
+        .into_inner();
     let rows: Vec<_> = spend
         .rows
         .iter()
-        .map(|r| (r.app.as_str(), r.model.as_str(), r.requests, r.cost_usd_nanos, r.unpriced_requests))
+        .map(|r| {
+            (
+                r.app.as_str(),
+                r.model.as_str(),
+                r.requests,
+                r.cost_usd_nanos,
+                r.unpriced_requests,
+            )
+        })
         .collect();
     assert_eq!(
         rows,
@@ -279,22 +379,44 @@ async fn records_published_events_and_reports_spend() {
             ("search", "openai/mystery-1", 1, 0, 1),
         ]
     );
-    assert_eq!(spend.total_cost_usd_nanos, 4_750_000 + 435_000 + 3_000_000_000);
+    assert_eq!(
+        spend.total_cost_usd_nanos,
+        4_750_000 + 435_000 + 3_000_000_000
+    );
     let billing_mini = &spend.rows[1];
-    assert_eq!((billing_mini.prompt_tokens, billing_mini.completion_tokens), (1000, 500));
+    assert_eq!(
+        (billing_mini.prompt_tokens, billing_mini.completion_tokens),
+        (1000, 500)
+    );
 
-    let search = app.client.get_spend(spend_request("search")).await.expect("spend").into_inner();
+    let search = app
+        .client
+        .get_spend(spend_request("search"))
+        .await
+        .expect("spend")
+        .into_inner();
     assert_eq!(search.rows.len(), 2);
     assert!(search.rows.iter().all(|r| r.app == "search"));
     assert_eq!(search.total_cost_usd_nanos, 3_000_000_000);
 
     // Outside the range: nothing.
     let later = GetSpendRequest {
-        start: Some(Timestamp { seconds: T0 + 1, nanos: 0 }),
-        end: Some(Timestamp { seconds: T0 + 10, nanos: 0 }),
+        start: Some(Timestamp {
+            seconds: T0 + 1,
+            nanos: 0,
+        }),
+        end: Some(Timestamp {
+            seconds: T0 + 10,
+            nanos: 0,
+        }),
         app: String::new(),
     };
-    let empty = app.client.get_spend(later).await.expect("spend").into_inner();
+    let empty = app
+        .client
+        .get_spend(later)
+        .await
+        .expect("spend")
+        .into_inner();
     assert!(empty.rows.is_empty());
     assert_eq!(empty.total_cost_usd_nanos, 0);
 
@@ -314,17 +436,36 @@ async fn the_same_event_twice_makes_one_row() {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", "another-message-id");
     env.js
-        .publish_with_headers(env.nats_config.usage_subject(&e.app), headers, e.encode_to_vec().into())
+        .publish_with_headers(
+            env.nats_config.usage_subject(&e.app),
+            headers,
+            e.encode_to_vec().into(),
+        )
         .await
         .expect("publish")
         .await
         .expect("stored");
-    let stream_messages = env.js.get_stream(&env.nats.stream).await.expect("stream").get_info().await.expect("info");
-    assert_eq!(stream_messages.state.messages, 2, "the duplicate window dropped the exact re-publish");
+    let stream_messages = env
+        .js
+        .get_stream(&env.nats.stream)
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info");
+    assert_eq!(
+        stream_messages.state.messages, 2,
+        "the duplicate window dropped the exact re-publish"
+    );
 
     app.wait_record(&e.request_id).await;
     env.wait_consumer_idle(2).await;
-    let spend = app.client.get_spend(spend_request("")).await.expect("spend").into_inner();
+    let spend = app
+        .client
+        .get_spend(spend_request(""))
+        .await
+        .expect("spend")
+        .into_inner();
     assert_eq!(spend.rows.len(), 1);
     assert_eq!(spend.rows[0].requests, 1);
     assert_eq!(spend.total_cost_usd_nanos, 435_000);
@@ -348,10 +489,23 @@ async fn a_cache_hit_costs_nothing_and_records_the_saving() {
     assert_eq!(record.saved_usd_nanos, 435_000);
     assert_eq!((record.prompt_tokens, record.completion_tokens), (0, 0));
 
-    let spend = app.client.get_spend(spend_request("billing")).await.expect("spend").into_inner();
+    let spend = app
+        .client
+        .get_spend(spend_request("billing"))
+        .await
+        .expect("spend")
+        .into_inner();
     assert_eq!(spend.rows.len(), 1);
     let row = &spend.rows[0];
-    assert_eq!((row.requests, row.cache_hits, row.cost_usd_nanos, row.saved_usd_nanos), (1, 1, 0, 435_000));
+    assert_eq!(
+        (
+            row.requests,
+            row.cache_hits,
+            row.cost_usd_nanos,
+            row.saved_usd_nanos
+        ),
+        (1, 1, 0, 435_000)
+    );
     assert_eq!(row.unpriced_requests, 0);
     assert_eq!(spend.total_cost_usd_nanos, 0);
 
@@ -362,27 +516,57 @@ async fn a_cache_hit_costs_nothing_and_records_the_saving() {
 #[tokio::test]
 async fn redelivered_messages_still_make_exactly_one_row() {
     let env = Env::new().await;
-    let config = Config { ack_wait_secs: 1, ..env.config() };
+    let config = Config {
+        ack_wait_secs: 1,
+        ..env.config()
+    };
     // A previous ledger process: created the consumer, fetched two events and died without acking.
     // It had committed the first one's row; the second one it had not.
-    let settings = ConsumerSettings { name: "ledger".into(), batch_size: config.batch_size, ack_wait: Duration::from_secs(1) };
-    let stream = env.nats_config.ensure_usage_stream(&env.js).await.expect("stream");
-    let crashed = stream.create_consumer(consumer_config(&settings, &env.nats_config)).await.expect("consumer");
+    let settings = ConsumerSettings {
+        name: "ledger".into(),
+        batch_size: config.batch_size,
+        ack_wait: Duration::from_secs(1),
+    };
+    let stream = env
+        .nats_config
+        .ensure_usage_stream(&env.js)
+        .await
+        .expect("stream");
+    let crashed = stream
+        .create_consumer(consumer_config(&settings, &env.nats_config))
+        .await
+        .expect("consumer");
     let committed = event("billing", "openai", "gpt-4o-mini", usage(1000, 200, 500));
     let uncommitted = event("billing", "openai", "gpt-4o-mini", usage(10, 0, 10));
     env.publish(&committed).await;
     env.publish(&uncommitted).await;
-    let mut fetched = crashed.fetch().max_messages(10).messages().await.expect("fetch");
+    let mut fetched = crashed
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .expect("fetch");
     let mut delivered = 0;
     while let Some(message) = fetched.next().await {
         message.expect("message");
         delivered += 1;
     }
     assert_eq!(delivered, 2);
-    let repo = Repository::connect(&config.database_url, 2).await.expect("repo");
+    let repo = Repository::connect(&config.database_url, 2)
+        .await
+        .expect("repo");
     // The crashed process had the same gpt-4o-mini price recorded.
-    let rates = Rates { input: Rate(150_000_000), cached_input: Rate(75_000_000), output: Rate(600_000_000) };
-    let mini = Price { provider: "*".into(), model: "gpt-4o-mini".into(), effective_from: date!(2024 - 01 - 01), rates };
+    let rates = Rates {
+        input: Rate(150_000_000),
+        cached_input: Rate(75_000_000),
+        output: Rate(600_000_000),
+    };
+    let mini = Price {
+        provider: "*".into(),
+        model: "gpt-4o-mini".into(),
+        effective_from: date!(2024 - 01 - 01),
+        rates,
+    };
     repo.sync_prices(&[mini]).await.expect("prices");
     let book = repo.load_prices().await.expect("prices");
     let row = price_event(committed.clone(), time::OffsetDateTime::now_utc(), &book).expect("row");
@@ -412,7 +596,12 @@ async fn poison_messages_are_terminated_and_do_not_block() {
     let env = Env::new().await;
     let mut app = env.start(env.config()).await;
     let subject = env.nats_config.usage_subject("billing");
-    env.js.publish(subject.clone(), "not protobuf \u{1}\u{2}\u{3}".into()).await.expect("publish").await.expect("ack");
+    env.js
+        .publish(subject.clone(), "not protobuf \u{1}\u{2}\u{3}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
     let mut bad_id = event("billing", "openai", "gpt-4o-mini", usage(1, 0, 1));
     bad_id.request_id = "req-not-a-uuid".into();
     env.publish(&bad_id).await;
@@ -421,7 +610,12 @@ async fn poison_messages_are_terminated_and_do_not_block() {
 
     app.wait_record(&good.request_id).await;
     env.wait_consumer_idle(3).await;
-    let spend = app.client.get_spend(spend_request("")).await.expect("spend").into_inner();
+    let spend = app
+        .client
+        .get_spend(spend_request(""))
+        .await
+        .expect("spend")
+        .into_inner();
     assert_eq!(spend.rows.iter().map(|r| r.requests).sum::<u64>(), 1);
 
     app.stop().await;
@@ -435,26 +629,61 @@ async fn argument_errors() {
     let code_of = |status: tonic::Status| (status.code(), ErrorCode::from_status(&status));
     let invalid = (tonic::Code::InvalidArgument, ErrorCode::InvalidArgument);
 
-    let missing_start = GetSpendRequest { start: None, ..spend_request("") };
-    assert_eq!(code_of(app.client.get_spend(missing_start).await.unwrap_err()), invalid);
-    let missing_end = GetSpendRequest { end: None, ..spend_request("") };
-    assert_eq!(code_of(app.client.get_spend(missing_end).await.unwrap_err()), invalid);
+    let missing_start = GetSpendRequest {
+        start: None,
+        ..spend_request("")
+    };
+    assert_eq!(
+        code_of(app.client.get_spend(missing_start).await.unwrap_err()),
+        invalid
+    );
+    let missing_end = GetSpendRequest {
+        end: None,
+        ..spend_request("")
+    };
+    assert_eq!(
+        code_of(app.client.get_spend(missing_end).await.unwrap_err()),
+        invalid
+    );
     let equal = GetSpendRequest {
-        start: Some(Timestamp { seconds: T0, nanos: 0 }),
-        end: Some(Timestamp { seconds: T0, nanos: 0 }),
+        start: Some(Timestamp {
+            seconds: T0,
+            nanos: 0,
+        }),
+        end: Some(Timestamp {
+            seconds: T0,
+            nanos: 0,
+        }),
         app: String::new(),
     };
-    assert_eq!(code_of(app.client.get_spend(equal).await.unwrap_err()), invalid);
+    assert_eq!(
+        code_of(app.client.get_spend(equal).await.unwrap_err()),
+        invalid
+    );
     let reversed = GetSpendRequest {
-        start: Some(Timestamp { seconds: T0, nanos: 0 }),
-        end: Some(Timestamp { seconds: T0 - 1, nanos: 0 }),
+        start: Some(Timestamp {
+            seconds: T0,
+            nanos: 0,
+        }),
+        end: Some(Timestamp {
+            seconds: T0 - 1,
+            nanos: 0,
+        }),
         app: String::new(),
     };
     let status = app.client.get_spend(reversed).await.unwrap_err();
-    assert_eq!(switchboard_status::status_metadata(&status).get("field").map(String::as_str), Some("end"));
+    assert_eq!(
+        switchboard_status::status_metadata(&status)
+            .get("field")
+            .map(String::as_str),
+        Some("end")
+    );
     assert_eq!(code_of(status), invalid);
 
-    assert_eq!(code_of(app.record("not-a-uuid").await.unwrap_err()), invalid);
+    assert_eq!(
+        code_of(app.record("not-a-uuid").await.unwrap_err()),
+        invalid
+    );
     assert_eq!(
         code_of(app.record(&new_id()).await.unwrap_err()),
         (tonic::Code::NotFound, ErrorCode::NotFound)
@@ -471,19 +700,78 @@ async fn rewriting_price_history_is_a_startup_configuration_error() {
     app.stop().await;
 
     // Same prices again: fine (idempotent start).
-    let again = App::build(env.config(), env.nats_config.clone()).await.expect("restart with the same prices");
+    let again = App::build(env.config(), env.nats_config.clone())
+        .await
+        .expect("restart with the same prices");
     drop(again);
 
     let mut changed = env.config();
     changed.prices[0].output = "0.61".into();
-    let error = App::build(changed, env.nats_config.clone()).await.err().expect("history conflict");
+    let error = App::build(changed, env.nats_config.clone())
+        .await
+        .err()
+        .expect("history conflict");
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("gpt-4o-mini"), "{error}");
 
     // Invalid configuration is refused before touching anything.
-    let bad = Config { prices: vec![price("*", "m", "-1", None, "1", "2024-01-01")], ..env.config() };
-    let error = App::build(bad, env.nats_config.clone()).await.err().expect("invalid price");
-    assert!(error.is_config() && error.to_string().contains("ledger.prices[0].input"), "{error}");
+    let bad = Config {
+        prices: vec![price("*", "m", "-1", None, "1", "2024-01-01")],
+        ..env.config()
+    };
+    let error = App::build(bad, env.nats_config.clone())
+        .await
+        .err()
+        .expect("invalid price");
+    assert!(
+        error.is_config() && error.to_string().contains("ledger.prices[0].input"),
+        "{error}"
+    );
 
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_delays_but_never_loses_or_acks_early() {
+    let env = Env::new().await;
+    let mut app = env.start(env.config()).await;
+    let admin = sqlx::PgPool::connect(&env.pg.url)
+        .await
+        .expect("admin pool");
+    // Make every insert fail (undefined table: not a data error, so the consumer retries).
+    sqlx::query("ALTER TABLE usage_records RENAME TO usage_records_away")
+        .execute(&admin)
+        .await
+        .expect("rename");
+    let e = event("billing", "openai", "gpt-4o-mini", usage(1000, 200, 500));
+    env.publish(&e).await;
+    let consumer = env.durable().await;
+    // Delivered to the ledger, but not acknowledged while it cannot commit.
+    let info = eventually("delivery", || {
+        let consumer = consumer.clone();
+        async move {
+            consumer
+                .get_info()
+                .await
+                .ok()
+                .filter(|i| i.delivered.stream_sequence >= 1)
+        }
+    })
+    .await;
+    assert_eq!(info.ack_floor.stream_sequence, 0);
+    assert_eq!(info.num_ack_pending, 1);
+
+    sqlx::query("ALTER TABLE usage_records_away RENAME TO usage_records")
+        .execute(&admin)
+        .await
+        .expect("rename back");
+    assert_eq!(
+        app.wait_record(&e.request_id).await.cost_usd_nanos,
+        Some(435_000)
+    );
+    env.wait_consumer_idle(1).await;
+
+    admin.close().await;
+    app.stop().await;
     env.cleanup().await;
 }
