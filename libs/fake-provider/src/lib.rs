@@ -43,7 +43,11 @@ pub struct FakeConfig {
 
 impl Default for FakeConfig {
     fn default() -> Self {
-        FakeConfig { addr: "127.0.0.1:9090".to_owned(), latency_ms: 0, stream_chunks: 5 }
+        FakeConfig {
+            addr: "127.0.0.1:9090".to_owned(),
+            latency_ms: 0,
+            stream_chunks: 5,
+        }
     }
 }
 
@@ -77,7 +81,9 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave `Inner` inconsistent, so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -96,7 +102,9 @@ pub struct FakeProvider {
 
 impl std::fmt::Debug for FakeProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeProvider").field("addr", &self.addr).finish()
+        f.debug_struct("FakeProvider")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -105,7 +113,10 @@ impl FakeProvider {
     pub async fn start(config: FakeConfig) -> anyhow::Result<FakeProvider> {
         let listener = TcpListener::bind(&config.addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared { config, inner: Mutex::new(Inner::default()) });
+        let shared = Arc::new(Shared {
+            config,
+            inner: Mutex::new(Inner::default()),
+        });
         let app = router(shared.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -121,7 +132,10 @@ impl FakeProvider {
         Ok(FakeProvider {
             addr,
             shared,
-            server: Arc::new(Mutex::new(Server { stop: Some(stop_tx), task: Some(task) })),
+            server: Arc::new(Mutex::new(Server {
+                stop: Some(stop_tx),
+                task: Some(task),
+            })),
         })
     }
 
@@ -167,24 +181,34 @@ impl FakeProvider {
 
     /// Number of chat requests received for `model`.
     pub fn request_count(&self, model: &str) -> usize {
-        self.shared.lock().requests.iter().filter(|r| r.model == model).count()
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.model == model)
+            .count()
     }
 
     /// Stops serving: open connections get a moment to finish, then the server task is aborted.
     pub async fn shutdown(self) {
         let (stop, task) = {
-            let mut server = self.server.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut server = self
+                .server
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             (server.stop.take(), server.task.take())
         };
         if let Some(stop) = stop {
             let _ = stop.send(());
         }
-        if let Some(mut task) = task {
-            if tokio::time::timeout(Duration::from_millis(500), &mut task).await.is_err() {
+        if let Some(mut task) = task
+            && tokio::time::timeout(Duration::from_millis(500), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
                 let _ = task.await;
             }
-        }
     }
 }
 
@@ -211,10 +235,13 @@ fn error_response(status: u16, message: &str) -> Response {
         429 => ("requests", json!("rate_limit_exceeded")),
         _ => ("server_error", Value::Null),
     };
-    let body = json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+    let body =
+        json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
     let mut response = (status, Json(body)).into_response();
     if status == StatusCode::TOO_MANY_REQUESTS {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
     }
     response
 }
@@ -224,8 +251,14 @@ fn error_response(status: u16, message: &str) -> Response {
 /// What the fake answers to one request.
 #[derive(Debug, Clone, PartialEq)]
 enum Answer {
-    Text { content: String, finish_reason: &'static str },
-    ToolCall { name: String, arguments: String },
+    Text {
+        content: String,
+        finish_reason: &'static str,
+    },
+    ToolCall {
+        name: String,
+        arguments: String,
+    },
 }
 
 fn message_text(message: &Value) -> String {
@@ -245,12 +278,18 @@ fn word_count(text: &str) -> usize {
 }
 
 fn max_tokens(body: &Value) -> Option<u64> {
-    body.get("max_completion_tokens").and_then(Value::as_u64).or_else(|| body.get("max_tokens").and_then(Value::as_u64))
+    body.get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
 }
 
 /// The deterministic answer and its usage `(prompt, completion)`.
 fn answer_for(body: &Value) -> (Answer, u64, u64) {
-    let messages = body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let prompt_tokens: usize = messages.iter().map(|m| word_count(&message_text(m))).sum();
     let last_user = messages
         .iter()
@@ -264,24 +303,36 @@ fn answer_for(body: &Value) -> (Answer, u64, u64) {
         .and_then(|tools| tools.first())
         .and_then(|tool| tool.pointer("/function/name"))
         .and_then(Value::as_str);
-    if let Some(name) = first_tool {
-        if last_user.contains("call tool") {
+    if let Some(name) = first_tool
+        && last_user.contains("call tool") {
             let arguments = "{}".to_owned();
             let completion = word_count(name) + word_count(&arguments);
-            return (Answer::ToolCall { name: name.to_owned(), arguments }, prompt_tokens as u64, completion as u64);
+            return (
+                Answer::ToolCall {
+                    name: name.to_owned(),
+                    arguments,
+                },
+                prompt_tokens as u64,
+                completion as u64,
+            );
         }
-    }
     let mut content = format!("echo: {last_user}");
     let mut finish_reason = "stop";
     let words: Vec<&str> = content.split_whitespace().collect();
-    if let Some(limit) = max_tokens(body) {
-        if (limit as usize) < words.len() {
+    if let Some(limit) = max_tokens(body)
+        && (limit as usize) < words.len() {
             content = words[..limit as usize].join(" ");
             finish_reason = "length";
         }
-    }
     let completion = word_count(&content);
-    (Answer::Text { content, finish_reason }, prompt_tokens as u64, completion as u64)
+    (
+        Answer::Text {
+            content,
+            finish_reason,
+        },
+        prompt_tokens as u64,
+        completion as u64,
+    )
 }
 
 fn usage_json(prompt: u64, completion: u64) -> Value {
@@ -289,14 +340,28 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-fn completion_json(id: &str, model: &str, created: u64, answer: &Answer, prompt: u64, completion: u64) -> Value {
+fn completion_json(
+    id: &str,
+    model: &str,
+    created: u64,
+    answer: &Answer,
+    prompt: u64,
+    completion: u64,
+) -> Value {
     let (message, finish_reason) = match answer {
-        Answer::Text { content, finish_reason } => {
-            (json!({ "role": "assistant", "content": content, "refusal": null }), *finish_reason)
-        }
+        Answer::Text {
+            content,
+            finish_reason,
+        } => (
+            json!({ "role": "assistant", "content": content, "refusal": null }),
+            *finish_reason,
+        ),
         Answer::ToolCall { name, arguments } => (
             json!({
                 "role": "assistant",
@@ -326,7 +391,10 @@ fn split_pieces(text: &str, pieces: usize) -> Vec<String> {
     }
     let pieces = pieces.max(1);
     let size = chars.len().div_ceil(pieces);
-    chars.chunks(size).map(|chunk| chunk.iter().collect()).collect()
+    chars
+        .chunks(size)
+        .map(|chunk| chunk.iter().collect())
+        .collect()
 }
 
 /// The `data:` payloads of a streamed answer, `[DONE]` excluded. The first is the role chunk.
@@ -350,15 +418,24 @@ fn stream_events(
     };
     let mut events = Vec::new();
     let finish_reason = match answer {
-        Answer::Text { content, finish_reason } => {
-            events.push(chunk(json!({ "role": "assistant", "content": "", "refusal": null }), Value::Null));
+        Answer::Text {
+            content,
+            finish_reason,
+        } => {
+            events.push(chunk(
+                json!({ "role": "assistant", "content": "", "refusal": null }),
+                Value::Null,
+            ));
             for piece in split_pieces(content, stream_chunks) {
                 events.push(chunk(json!({ "content": piece }), Value::Null));
             }
             *finish_reason
         }
         Answer::ToolCall { name, arguments } => {
-            events.push(chunk(json!({ "role": "assistant", "content": null, "refusal": null }), Value::Null));
+            events.push(chunk(
+                json!({ "role": "assistant", "content": null, "refusal": null }),
+                Value::Null,
+            ));
             events.push(chunk(
                 json!({ "tool_calls": [{ "index": 0, "id": "call_1", "type": "function", "function": { "name": name, "arguments": "" } }] }),
                 Value::Null,
@@ -391,28 +468,59 @@ fn sse_frame(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
 
-async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: Value = match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => value,
         Ok(_) => return error_response(400, "request body must be a JSON object"),
-        Err(error) => return error_response(400, &format!("could not parse the JSON body of your request: {error}")),
+        Err(error) => {
+            return error_response(
+                400,
+                &format!("could not parse the JSON body of your request: {error}"),
+            );
+        }
     };
     let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
         return error_response(400, "you must provide a model parameter");
     };
-    if body.get("messages").and_then(Value::as_array).is_none_or(Vec::is_empty) {
+    if body
+        .get("messages")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
+    {
         return error_response(400, "'messages' must be a non-empty array");
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let (failure, stream_failure, latency) = {
         let mut inner = shared.lock();
         inner.models.insert(model.clone());
-        inner.requests.push(ReceivedRequest { model: model.clone(), body: body.clone(), stream, authorization });
+        inner.requests.push(ReceivedRequest {
+            model: model.clone(),
+            body: body.clone(),
+            stream,
+            authorization,
+        });
         let failure = inner.failures.get_mut(&model).and_then(VecDeque::pop_front);
-        let stream_failure =
-            if stream && failure.is_none() { inner.stream_failures.get_mut(&model).and_then(VecDeque::pop_front) } else { None };
-        let latency = inner.latency.get(&model).copied().unwrap_or(shared.config.latency_ms);
+        let stream_failure = if stream && failure.is_none() {
+            inner
+                .stream_failures
+                .get_mut(&model)
+                .and_then(VecDeque::pop_front)
+        } else {
+            None
+        };
+        let latency = inner
+            .latency
+            .get(&model)
+            .copied()
+            .unwrap_or(shared.config.latency_ms);
         (failure, stream_failure, latency)
     };
     if latency > 0 {
@@ -425,11 +533,24 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap,
     let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
     let created = now_secs();
     if !stream {
-        return Json(completion_json(&id, &model, created, &answer, prompt, completion)).into_response();
+        return Json(completion_json(
+            &id, &model, created, &answer, prompt, completion,
+        ))
+        .into_response();
     }
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let usage = include_usage.then(|| usage_json(prompt, completion));
-    let events = stream_events(&id, &model, created, &answer, usage, shared.config.stream_chunks);
+    let events = stream_events(
+        &id,
+        &model,
+        created,
+        &answer,
+        usage,
+        shared.config.stream_chunks,
+    );
     let frames: Vec<Result<Bytes, std::io::Error>> = match stream_failure {
         None => events
             .iter()
@@ -441,7 +562,9 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap,
             .iter()
             .take(chunks + 1)
             .map(|event| Ok(sse_frame(&event.to_string())))
-            .chain(std::iter::once(Err(std::io::Error::other("injected stream failure"))))
+            .chain(std::iter::once(Err(std::io::Error::other(
+                "injected stream failure",
+            ))))
             .collect(),
     };
     let body = Body::from_stream(async_stream::stream! {
@@ -502,21 +625,33 @@ fn handle(shared: Arc<Shared>) -> FakeProvider {
     FakeProvider {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         shared,
-        server: Arc::new(Mutex::new(Server { stop: None, task: None })),
+        server: Arc::new(Mutex::new(Server {
+            stop: None,
+            task: None,
+        })),
     }
 }
 
-async fn control_fail(State(shared): State<Arc<Shared>>, Json(req): Json<FailRequest>) -> Json<Value> {
+async fn control_fail(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<FailRequest>,
+) -> Json<Value> {
     handle(shared).fail_next(&req.model, req.status, req.times);
     Json(json!({ "ok": true }))
 }
 
-async fn control_fail_stream(State(shared): State<Arc<Shared>>, Json(req): Json<FailStreamRequest>) -> Json<Value> {
+async fn control_fail_stream(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<FailStreamRequest>,
+) -> Json<Value> {
     handle(shared).fail_stream_after(&req.model, req.chunks, req.times);
     Json(json!({ "ok": true }))
 }
 
-async fn control_latency(State(shared): State<Arc<Shared>>, Json(req): Json<LatencyRequest>) -> Json<Value> {
+async fn control_latency(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<LatencyRequest>,
+) -> Json<Value> {
     handle(shared).set_latency(&req.model, req.latency_ms);
     Json(json!({ "ok": true }))
 }
@@ -527,7 +662,9 @@ async fn control_requests(State(shared): State<Arc<Shared>>) -> Result<Json<Valu
     for request in &inner.requests {
         *counts.entry(request.model.as_str()).or_default() += 1;
     }
-    Ok(Json(json!({ "total": inner.requests.len(), "models": counts })))
+    Ok(Json(
+        json!({ "total": inner.requests.len(), "models": counts }),
+    ))
 }
 
 #[cfg(test)]

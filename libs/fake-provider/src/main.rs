@@ -20,7 +20,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = FakeConfig { addr: args.addr, latency_ms: args.latency_ms, stream_chunks: args.stream_chunks };
+    let config = FakeConfig {
+        addr: args.addr,
+        latency_ms: args.latency_ms,
+        stream_chunks: args.stream_chunks,
+    };
     let fake = FakeProvider::start(config).await?;
     eprintln!("fake provider listening on {}", fake.addr());
     tokio::signal::ctrl_c().await?;

@@ -15,7 +15,13 @@ fn answer_echoes_the_last_user_message_and_counts_words() {
         { "role": "user", "content": [{ "type": "text", "text": "hello there" }, { "type": "image_url", "image_url": { "url": "x" } }] },
     ]));
     let (answer, prompt, completion) = answer_for(&request);
-    assert_eq!(answer, Answer::Text { content: "echo: hello there".to_owned(), finish_reason: "stop" });
+    assert_eq!(
+        answer,
+        Answer::Text {
+            content: "echo: hello there".to_owned(),
+            finish_reason: "stop"
+        }
+    );
     assert_eq!(prompt, 8);
     assert_eq!(completion, 3);
 }
@@ -25,16 +31,29 @@ fn max_tokens_truncates_with_length() {
     let mut request = body(json!([{ "role": "user", "content": "one two three four" }]));
     request["max_completion_tokens"] = json!(2);
     let (answer, _, completion) = answer_for(&request);
-    assert_eq!(answer, Answer::Text { content: "echo: one".to_owned(), finish_reason: "length" });
+    assert_eq!(
+        answer,
+        Answer::Text {
+            content: "echo: one".to_owned(),
+            finish_reason: "length"
+        }
+    );
     assert_eq!(completion, 2);
 }
 
 #[test]
 fn tools_and_call_tool_give_a_tool_call() {
     let mut request = body(json!([{ "role": "user", "content": "please call tool now" }]));
-    request["tools"] = json!([{ "type": "function", "function": { "name": "get_weather", "parameters": {} } }]);
+    request["tools"] =
+        json!([{ "type": "function", "function": { "name": "get_weather", "parameters": {} } }]);
     let (answer, _, _) = answer_for(&request);
-    assert_eq!(answer, Answer::ToolCall { name: "get_weather".to_owned(), arguments: "{}".to_owned() });
+    assert_eq!(
+        answer,
+        Answer::ToolCall {
+            name: "get_weather".to_owned(),
+            arguments: "{}".to_owned()
+        }
+    );
 }
 
 #[test]
@@ -48,7 +67,12 @@ fn pieces_concatenate_back() {
 }
 
 async fn start() -> FakeProvider {
-    FakeProvider::start(FakeConfig { addr: "127.0.0.1:0".to_owned(), ..FakeConfig::default() }).await.unwrap()
+    FakeProvider::start(FakeConfig {
+        addr: "127.0.0.1:0".to_owned(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap()
 }
 
 fn chat(fake: &FakeProvider, request: Value) -> reqwest::RequestBuilder {
@@ -70,7 +94,13 @@ fn sse_data(text: &str) -> Vec<String> {
 #[tokio::test]
 async fn unary_completion_is_an_openai_object() {
     let fake = start().await;
-    let response = chat(&fake, body(json!([{ "role": "user", "content": "hi you" }]))).send().await.unwrap();
+    let response = chat(
+        &fake,
+        body(json!([{ "role": "user", "content": "hi you" }])),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(response.status(), 200);
     let value: Value = response.json().await.unwrap();
     assert!(value["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -81,7 +111,10 @@ async fn unary_completion_is_an_openai_object() {
     assert_eq!(value["choices"][0]["message"]["role"], "assistant");
     assert_eq!(value["choices"][0]["message"]["content"], "echo: hi you");
     assert_eq!(value["choices"][0]["finish_reason"], "stop");
-    assert_eq!(value["usage"], json!({ "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5 }));
+    assert_eq!(
+        value["usage"],
+        json!({ "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5 })
+    );
     let requests = fake.requests();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].authorization.as_deref(), Some("Bearer sk-test"));
@@ -95,7 +128,13 @@ async fn unary_tool_call() {
     let fake = start().await;
     let mut request = body(json!([{ "role": "user", "content": "call tool" }]));
     request["tools"] = json!([{ "type": "function", "function": { "name": "lookup" } }]);
-    let value: Value = chat(&fake, request).send().await.unwrap().json().await.unwrap();
+    let value: Value = chat(&fake, request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let choice = &value["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert_eq!(choice["message"]["content"], Value::Null);
@@ -114,16 +153,35 @@ async fn stream_frames_chunks_usage_and_done() {
     request["stream_options"] = json!({ "include_usage": true });
     let response = chat(&fake, request.clone()).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events = sse_data(&response.text().await.unwrap());
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     // role, 5 content pieces, finish, usage
     assert_eq!(chunks.len(), 8);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"])
+    );
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let content: String =
-        chunks[1..6].iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap().to_owned()).collect();
+    let content: String = chunks[1..6]
+        .iter()
+        .map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(content, "echo: stream this please");
     assert_eq!(chunks[6]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[7]["choices"], json!([]));
@@ -131,7 +189,15 @@ async fn stream_frames_chunks_usage_and_done() {
 
     // Without include_usage there is no usage chunk.
     request["stream_options"] = json!({ "include_usage": false });
-    let events = sse_data(&chat(&fake, request).send().await.unwrap().text().await.unwrap());
+    let events = sse_data(
+        &chat(&fake, request)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
     assert_eq!(events.len(), 8);
     assert!(events.iter().all(|e| !e.contains("\"usage\"")));
     assert!(fake.requests().iter().all(|r| r.stream));
@@ -144,18 +210,37 @@ async fn streamed_tool_call_deltas() {
     let mut request = body(json!([{ "role": "user", "content": "call tool" }]));
     request["tools"] = json!([{ "type": "function", "function": { "name": "lookup" } }]);
     request["stream"] = json!(true);
-    let events = sse_data(&chat(&fake, request).send().await.unwrap().text().await.unwrap());
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let events = sse_data(
+        &chat(&fake, request)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let first = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
     assert_eq!(first["index"], 0);
     assert_eq!(first["id"], "call_1");
     assert_eq!(first["function"]["name"], "lookup");
     let arguments: String = chunks[2..chunks.len() - 1]
         .iter()
-        .map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap().to_owned())
+        .map(|c| {
+            c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(arguments, "{}");
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
     fake.shutdown().await;
 }
 
@@ -170,7 +255,10 @@ async fn injected_failures_and_malformed_json() {
     assert_eq!(response.headers()[header::RETRY_AFTER], "0");
     let error: Value = response.json().await.unwrap();
     assert!(error["error"]["message"].is_string());
-    assert_eq!(chat(&fake, request.clone()).send().await.unwrap().status(), 500);
+    assert_eq!(
+        chat(&fake, request.clone()).send().await.unwrap().status(),
+        500
+    );
     assert_eq!(chat(&fake, request).send().await.unwrap().status(), 200);
     assert_eq!(fake.request_count("m"), 3);
 
@@ -212,7 +300,13 @@ async fn interrupted_stream_has_no_done() {
     assert!(!text.contains("[DONE]"));
     assert_eq!(text.matches("data: ").count(), 3, "{text}");
     // The next stream is whole again.
-    let text = chat(&fake, request).send().await.unwrap().text().await.unwrap();
+    let text = chat(&fake, request)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
     fake.shutdown().await;
 }
@@ -229,14 +323,36 @@ async fn control_endpoints_and_models() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    client.post(format!("{base}/_fake/latency")).json(&json!({ "model": "x", "latency_ms": 1 })).send().await.unwrap();
+    client
+        .post(format!("{base}/_fake/latency"))
+        .json(&json!({ "model": "x", "latency_ms": 1 }))
+        .send()
+        .await
+        .unwrap();
     let mut request = body(json!([{ "role": "user", "content": "x" }]));
     request["model"] = json!("x");
-    assert_eq!(chat(&fake, request.clone()).send().await.unwrap().status(), 503);
+    assert_eq!(
+        chat(&fake, request.clone()).send().await.unwrap().status(),
+        503
+    );
     assert_eq!(chat(&fake, request).send().await.unwrap().status(), 200);
-    let counts: Value = client.get(format!("{base}/_fake/requests")).send().await.unwrap().json().await.unwrap();
+    let counts: Value = client
+        .get(format!("{base}/_fake/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(counts, json!({ "total": 2, "models": { "x": 2 } }));
-    let models: Value = client.get(format!("{}/models", fake.base_url())).send().await.unwrap().json().await.unwrap();
+    let models: Value = client
+        .get(format!("{}/models", fake.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "x");
     fake.shutdown().await;
 }

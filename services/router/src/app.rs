@@ -19,7 +19,10 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     /// A provider HTTP client could not be built.
     #[error("cannot build the HTTP client of provider `{provider}`: {source}")]
-    HttpClient { provider: String, source: reqwest::Error },
+    HttpClient {
+        provider: String,
+        source: reqwest::Error,
+    },
     /// The gRPC server failed.
     #[error(transparent)]
     Grpc(#[from] GrpcError),
@@ -48,7 +51,13 @@ impl App {
         let cancel = CancellationToken::new();
         let service = RouterGrpc::new(Arc::new(routes), tracker.clone(), cancel.clone());
         tracing::info!(grpc.addr = %local_addr, routes = config.routes.len(), providers = config.providers.len(), "router built");
-        Ok(App { listener, local_addr, service, tracker, cancel })
+        Ok(App {
+            listener,
+            local_addr,
+            service,
+            tracker,
+            cancel,
+        })
     }
 
     /// The bound gRPC address.
@@ -57,11 +66,25 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and stops stream producers.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartupError> {
-        let App { listener, service, tracker, cancel, .. } = self;
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartupError> {
+        let App {
+            listener,
+            service,
+            tracker,
+            cancel,
+            ..
+        } = self;
         let routes = GrpcRoutes::new(RouterServiceServer::new(service));
-        let served =
-            switchboard_grpc::serve(listener, routes, &["switchboard.router.v1.RouterService"], shutdown).await;
+        let served = switchboard_grpc::serve(
+            listener,
+            routes,
+            &["switchboard.router.v1.RouterService"],
+            shutdown,
+        )
+        .await;
         cancel.cancel();
         tracker.close();
         tracker.wait().await;

@@ -81,7 +81,12 @@ pub struct ProviderConfig {
 
 impl Default for ProviderConfig {
     fn default() -> Self {
-        ProviderConfig { kind: ProviderKind::Openai, base_url: String::new(), api_key_env: None, api_key: None }
+        ProviderConfig {
+            kind: ProviderKind::Openai,
+            base_url: String::new(),
+            api_key_env: None,
+            api_key: None,
+        }
     }
 }
 
@@ -131,23 +136,32 @@ pub struct TargetConfig {
 impl TargetConfig {
     /// A target (tests, embedders).
     pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
-        TargetConfig { provider: provider.into(), model: model.into() }
+        TargetConfig {
+            provider: provider.into(),
+            model: model.into(),
+        }
     }
 }
 
 impl Config {
     /// Checks the configuration; errors name the bad field by its dotted path.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.grpc_addr
-            .parse::<SocketAddr>()
-            .map_err(|e| ConfigError::invalid("router.grpc_addr", format!("not a socket address: {e}")))?;
+        self.grpc_addr.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid("router.grpc_addr", format!("not a socket address: {e}"))
+        })?;
         if self.attempt_timeout_ms == 0 {
-            return Err(ConfigError::invalid("router.attempt_timeout_ms", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "router.attempt_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         for (name, provider) in &self.providers {
             let path = format!("router.providers.{name}");
             if name.is_empty() || name.contains('/') {
-                return Err(ConfigError::invalid(path, "provider names must be non-empty and contain no `/`"));
+                return Err(ConfigError::invalid(
+                    path,
+                    "provider names must be non-empty and contain no `/`",
+                ));
             }
             match reqwest::Url::parse(&provider.base_url) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
@@ -157,17 +171,28 @@ impl Config {
                         "must be an http:// or https:// URL with a host",
                     ));
                 }
-                Err(e) => return Err(ConfigError::invalid(format!("{path}.base_url"), format!("not a URL: {e}"))),
+                Err(e) => {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.base_url"),
+                        format!("not a URL: {e}"),
+                    ));
+                }
             }
             if provider.api_key_env.as_deref().is_some_and(str::is_empty) {
-                return Err(ConfigError::invalid(format!("{path}.api_key_env"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.api_key_env"),
+                    "must not be empty",
+                ));
             }
         }
         let mut names = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let path = format!("router.routes[{i}]");
             if route.name.is_empty() {
-                return Err(ConfigError::invalid(format!("{path}.name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.name"),
+                    "must not be empty",
+                ));
             }
             if !names.insert(route.name.as_str()) {
                 return Err(ConfigError::invalid(
@@ -176,7 +201,10 @@ impl Config {
                 ));
             }
             if route.targets.is_empty() {
-                return Err(ConfigError::invalid(format!("{path}.targets"), "a route needs at least one target"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.targets"),
+                    "a route needs at least one target",
+                ));
             }
             for (j, target) in route.targets.iter().enumerate() {
                 let target_path = format!("{path}.targets[{j}]");
@@ -187,7 +215,10 @@ impl Config {
                     ));
                 }
                 if target.model.is_empty() {
-                    return Err(ConfigError::invalid(format!("{target_path}.model"), "must not be empty"));
+                    return Err(ConfigError::invalid(
+                        format!("{target_path}.model"),
+                        "must not be empty",
+                    ));
                 }
             }
         }
@@ -239,7 +270,10 @@ targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup",
 "#;
 
     fn example() -> Config {
-        Source::from_toml(EXAMPLE).unwrap().section("router").unwrap()
+        Source::from_toml(EXAMPLE)
+            .unwrap()
+            .section("router")
+            .unwrap()
     }
 
     #[test]
@@ -263,8 +297,15 @@ targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup",
     #[test]
     fn errors_name_the_dotted_path() {
         let mut config = example();
-        config.routes.push(RouteConfig { name: "other".into(), targets: vec![TargetConfig::new("nope", "m")] });
-        assert!(error_of(&config).contains("router.routes[1].targets[0].provider"), "{}", error_of(&config));
+        config.routes.push(RouteConfig {
+            name: "other".into(),
+            targets: vec![TargetConfig::new("nope", "m")],
+        });
+        assert!(
+            error_of(&config).contains("router.routes[1].targets[0].provider"),
+            "{}",
+            error_of(&config)
+        );
 
         let mut config = example();
         config.routes.push(config.routes[0].clone());
@@ -286,16 +327,28 @@ targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup",
     #[test]
     fn unknown_fields_are_rejected_and_api_key_is_not_read_from_the_file() {
         let text = "[router.providers.p]\nbase_url = \"http://x\"\napi_key = \"sk\"\n";
-        let error = Source::from_toml(text).unwrap().section::<Config>("router").unwrap_err().to_string();
+        let error = Source::from_toml(text)
+            .unwrap()
+            .section::<Config>("router")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("router.providers"), "{error}");
     }
 
     #[test]
     fn api_keys_resolve_from_the_environment_and_are_redacted() {
         let mut config = example();
-        let missing = config.resolve_api_keys(|var| (var == "FAKE_API_KEY").then(|| "sk-secret".to_owned()));
+        let missing =
+            config.resolve_api_keys(|var| (var == "FAKE_API_KEY").then(|| "sk-secret".to_owned()));
         assert!(missing.is_empty());
-        assert_eq!(config.providers["fake"].api_key.as_ref().unwrap().expose_secret(), "sk-secret");
+        assert_eq!(
+            config.providers["fake"]
+                .api_key
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
+            "sk-secret"
+        );
         assert!(!format!("{config:?}").contains("sk-secret"));
         let mut config = example();
         assert_eq!(config.resolve_api_keys(|_| None), vec!["fake".to_owned()]);

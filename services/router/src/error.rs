@@ -15,16 +15,34 @@ pub enum RouterError {
     NotFound { model: String },
     /// A provider rejected the request as invalid; no other target is tried.
     #[error("provider rejected the request ({target}, HTTP {http_status}): {message}")]
-    UpstreamRejected { target: String, http_status: u16, message: String },
+    UpstreamRejected {
+        target: String,
+        http_status: u16,
+        message: String,
+    },
     /// Every target failed.
     #[error("all {attempts} attempts for route `{route}` failed: {summary}")]
-    UpstreamUnavailable { route: String, attempts: usize, summary: String, last_error: String },
+    UpstreamUnavailable {
+        route: String,
+        attempts: usize,
+        summary: String,
+        last_error: String,
+    },
     /// The caller's deadline passed.
     #[error("deadline exceeded after {attempts} attempts for route `{route}`")]
-    DeadlineExceeded { route: String, attempts: usize, last_error: String },
+    DeadlineExceeded {
+        route: String,
+        attempts: usize,
+        last_error: String,
+    },
     /// A stream failed after chunks were forwarded.
     #[error("stream interrupted after {chunks} chunks")]
-    StreamInterrupted { route: String, chunks: usize, target: String, last_error: String },
+    StreamInterrupted {
+        route: String,
+        chunks: usize,
+        target: String,
+        last_error: String,
+    },
 }
 
 impl ServiceError for RouterError {
@@ -44,20 +62,41 @@ impl ServiceError for RouterError {
         let pairs: Vec<(&str, String)> = match self {
             RouterError::InvalidArgument { field, .. } => vec![("field", field.clone())],
             RouterError::NotFound { model } => vec![("model", model.clone())],
-            RouterError::UpstreamRejected { target, http_status, .. } => {
-                vec![("target", target.clone()), ("http_status", http_status.to_string())]
+            RouterError::UpstreamRejected {
+                target,
+                http_status,
+                ..
+            } => {
+                vec![
+                    ("target", target.clone()),
+                    ("http_status", http_status.to_string()),
+                ]
             }
-            RouterError::UpstreamUnavailable { route, attempts, last_error, .. } => vec![
+            RouterError::UpstreamUnavailable {
+                route,
+                attempts,
+                last_error,
+                ..
+            } => vec![
                 ("route", route.clone()),
                 ("attempts", attempts.to_string()),
                 ("last_error", last_error.clone()),
             ],
-            RouterError::DeadlineExceeded { route, attempts, last_error } => vec![
+            RouterError::DeadlineExceeded {
+                route,
+                attempts,
+                last_error,
+            } => vec![
                 ("route", route.clone()),
                 ("attempts", attempts.to_string()),
                 ("last_error", last_error.clone()),
             ],
-            RouterError::StreamInterrupted { route, chunks, target, last_error } => vec![
+            RouterError::StreamInterrupted {
+                route,
+                chunks,
+                target,
+                last_error,
+            } => vec![
                 ("route", route.clone()),
                 ("chunks", chunks.to_string()),
                 ("target", target.clone()),

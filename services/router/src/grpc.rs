@@ -8,8 +8,8 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use switchboard_proto::router::v1::{
-    ListModelsRequest, ListModelsResponse, RouteRequest, RouteResponse, RouteStreamRequest, RouteStreamResponse,
-    route_stream_response::Event, router_service_server::RouterService,
+    ListModelsRequest, ListModelsResponse, RouteRequest, RouteResponse, RouteStreamRequest,
+    RouteStreamResponse, route_stream_response::Event, router_service_server::RouterService,
 };
 use switchboard_status::to_status;
 use tokio::sync::mpsc;
@@ -34,8 +34,16 @@ pub struct RouterGrpc {
 }
 
 impl RouterGrpc {
-    pub(crate) fn new(routes: Arc<Routes>, tracker: TaskTracker, cancel: CancellationToken) -> Self {
-        RouterGrpc { routes, tracker, cancel }
+    pub(crate) fn new(
+        routes: Arc<Routes>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        RouterGrpc {
+            routes,
+            tracker,
+            cancel,
+        }
     }
 }
 
@@ -77,19 +85,32 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<RouteStreamResponse, Status>
 #[tonic::async_trait]
 impl RouterService for RouterGrpc {
     #[tracing::instrument(skip_all, fields(route = Empty, request.id = Empty, target = Empty, attempts = Empty))]
-    async fn route(&self, request: Request<RouteRequest>) -> Result<Response<RouteResponse>, Status> {
+    async fn route(
+        &self,
+        request: Request<RouteRequest>,
+    ) -> Result<Response<RouteResponse>, Status> {
         let deadline = deadline(&request);
         let RouteRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
-            status(&RouterError::InvalidArgument { field: "request".to_owned(), message: "is required".to_owned() })
+            status(&RouterError::InvalidArgument {
+                field: "request".to_owned(),
+                message: "is required".to_owned(),
+            })
         })?;
         let request_id = caller.map(|c| c.request_id).unwrap_or_default();
         record_request(&request.model, &request_id);
-        let (mut response, route) = self.routes.route(&request, deadline).await.map_err(|e| status(&e))?;
+        let (mut response, route) = self
+            .routes
+            .route(&request, deadline)
+            .await
+            .map_err(|e| status(&e))?;
         if !request_id.is_empty() {
             response.id = request_id;
         }
-        Ok(Response::new(RouteResponse { response: Some(response), route: Some(route) }))
+        Ok(Response::new(RouteResponse {
+            response: Some(response),
+            route: Some(route),
+        }))
     }
 
     type RouteStreamStream = EventStream;
@@ -102,7 +123,10 @@ impl RouterService for RouterGrpc {
         let deadline = deadline(&request);
         let RouteStreamRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
-            status(&RouterError::InvalidArgument { field: "request".to_owned(), message: "is required".to_owned() })
+            status(&RouterError::InvalidArgument {
+                field: "request".to_owned(),
+                message: "is required".to_owned(),
+            })
         })?;
         let request_id = caller.map(|c| c.request_id).unwrap_or_default();
         record_request(&request.model, &request_id);
@@ -110,24 +134,34 @@ impl RouterService for RouterGrpc {
         let routes = self.routes.clone();
         let cancel = self.cancel.child_token();
         self.tracker.spawn(
-            async move { routes.route_stream(request, deadline, tx, cancel).await }.instrument(Span::current()),
+            async move { routes.route_stream(request, deadline, tx, cancel).await }
+                .instrument(Span::current()),
         );
         let events = ReceiverStream::new(rx).map(move |event| match event {
             StreamEvent::Chunk(mut chunk) => {
                 if !request_id.is_empty() {
                     chunk.id.clone_from(&request_id);
                 }
-                Ok(RouteStreamResponse { event: Some(Event::Chunk(chunk)) })
+                Ok(RouteStreamResponse {
+                    event: Some(Event::Chunk(chunk)),
+                })
             }
-            StreamEvent::Done(info) => Ok(RouteStreamResponse { event: Some(Event::Route(info)) }),
+            StreamEvent::Done(info) => Ok(RouteStreamResponse {
+                event: Some(Event::Route(info)),
+            }),
             StreamEvent::Failed(error) => Err(status(&error)),
         });
         Ok(Response::new(Box::pin(events)))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse { models: self.routes.models() }))
+    async fn list_models(
+        &self,
+        _request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse {
+            models: self.routes.models(),
+        }))
     }
 }
 

@@ -35,6 +35,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     for provider in config.resolve_api_keys(|var| std::env::var(var).ok()) {
         tracing::warn!(%provider, "api key environment variable is unset, calling the provider without a key");
     }
-    App::build(config).await?.run_until(switchboard_grpc::shutdown_signal()).await?;
+    App::build(config)
+        .await?
+        .run_until(switchboard_grpc::shutdown_signal())
+        .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,9 @@ use std::{
 
 use futures::StreamExt;
 use rand::Rng;
-use switchboard_proto::chat::v1::{Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage};
+use switchboard_proto::chat::v1::{
+    Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
@@ -41,7 +43,11 @@ impl Policy {
         }
         let base = self.backoff.as_millis() as u64;
         let exponential = base.saturating_mul(1u64 << (retry.saturating_sub(1)).min(16));
-        let jitter = if base == 0 { 0 } else { rand::rng().random_range(0..=base) };
+        let jitter = if base == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..=base)
+        };
         Duration::from_millis(exponential.saturating_add(jitter))
     }
 }
@@ -81,7 +87,11 @@ struct Attempts {
 
 impl Attempts {
     fn new(route: &str) -> Self {
-        Attempts { route: route.to_owned(), list: Vec::new(), last_error: None }
+        Attempts {
+            route: route.to_owned(),
+            list: Vec::new(),
+            last_error: None,
+        }
     }
 
     fn failed(&mut self, target: &Target, started: Instant, error: ProviderError) {
@@ -129,7 +139,10 @@ impl Attempts {
     }
 
     fn last_error_text(&self) -> String {
-        self.last_error.as_ref().map(|e| format!("{}: {e}", e.code())).unwrap_or_default()
+        self.last_error
+            .as_ref()
+            .map(|e| format!("{}: {e}", e.code()))
+            .unwrap_or_default()
     }
 
     fn unavailable(self) -> RouterError {
@@ -147,19 +160,28 @@ impl Attempts {
             .collect::<Vec<_>>()
             .join("; ");
         let last_error = self.last_error_text();
-        RouterError::UpstreamUnavailable { route: self.route, attempts: self.list.len(), summary, last_error }
+        RouterError::UpstreamUnavailable {
+            route: self.route,
+            attempts: self.list.len(),
+            summary,
+            last_error,
+        }
     }
 
     fn deadline_exceeded(self) -> RouterError {
         let last_error = self.last_error_text();
-        RouterError::DeadlineExceeded { route: self.route, attempts: self.list.len(), last_error }
+        RouterError::DeadlineExceeded {
+            route: self.route,
+            attempts: self.list.len(),
+            last_error,
+        }
     }
 }
 
 /// What to do after a failed try.
 enum Next {
     Retry,
-    NextTarget,
+    Fallback,
     Stop(RouterError),
 }
 
@@ -175,11 +197,18 @@ fn after_failure(error: &ProviderError, target: &Target) -> Next {
             message,
         });
     }
-    if error.is_retryable() { Next::Retry } else { Next::NextTarget }
+    if error.is_retryable() {
+        Next::Retry
+    } else {
+        Next::Fallback
+    }
 }
 
 fn invalid(error: TranslateError) -> RouterError {
-    RouterError::InvalidArgument { field: format!("request.{}", error.field), message: error.message }
+    RouterError::InvalidArgument {
+        field: format!("request.{}", error.field),
+        message: error.message,
+    }
 }
 
 impl Routes {
@@ -188,8 +217,13 @@ impl Routes {
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         let mut providers = HashMap::new();
         for (name, provider) in &config.providers {
-            let client = ProviderClient::new(name, provider, connect_timeout)
-                .map_err(|source| StartupError::HttpClient { provider: name.clone(), source })?;
+            let client =
+                ProviderClient::new(name, provider, connect_timeout).map_err(|source| {
+                    StartupError::HttpClient {
+                        provider: name.clone(),
+                        source,
+                    }
+                })?;
             providers.insert(name.clone(), Arc::new(client));
         }
         let mut routes = HashMap::new();
@@ -231,7 +265,11 @@ impl Routes {
     pub fn models(&self) -> Vec<Model> {
         self.order
             .iter()
-            .map(|name| Model { id: name.clone(), owned_by: "switchboard".to_owned(), created: self.created })
+            .map(|name| Model {
+                id: name.clone(),
+                owned_by: "switchboard".to_owned(),
+                created: self.created,
+            })
             .collect()
     }
 
@@ -239,7 +277,9 @@ impl Routes {
         let targets = self
             .routes
             .get(&request.model)
-            .ok_or_else(|| RouterError::NotFound { model: request.model.clone() })?;
+            .ok_or_else(|| RouterError::NotFound {
+                model: request.model.clone(),
+            })?;
         if request.messages.is_empty() {
             return Err(RouterError::InvalidArgument {
                 field: "request.messages".to_owned(),
@@ -254,7 +294,9 @@ impl Routes {
         match deadline {
             None => Some((self.policy.attempt_timeout, false)),
             Some(deadline) => {
-                let remaining = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+                let remaining = deadline
+                    .checked_duration_since(Instant::now())
+                    .filter(|d| !d.is_zero())?;
                 if remaining < self.policy.attempt_timeout {
                     Some((remaining, true))
                 } else {
@@ -285,10 +327,16 @@ impl Routes {
         let targets = self.targets(request)?;
         let mut attempts = Attempts::new(&request.model);
         for target in targets {
-            let prepared = target.provider.prepare(&target.model, request, false).map_err(invalid)?;
+            let prepared = target
+                .provider
+                .prepare(&target.model, request, false)
+                .map_err(invalid)?;
             for retry in 0..=self.policy.max_retries {
                 if retry > 0 {
-                    let error = attempts.last_error.clone().unwrap_or(ProviderError::Timeout);
+                    let error = attempts
+                        .last_error
+                        .clone()
+                        .unwrap_or(ProviderError::Timeout);
                     if !self.backoff(retry, &error, deadline).await {
                         return Err(attempts.deadline_exceeded());
                     }
@@ -311,7 +359,7 @@ impl Routes {
                         }
                         match next {
                             Next::Retry => continue,
-                            Next::NextTarget => break,
+                            Next::Fallback => break,
                             Next::Stop(error) => return Err(error),
                         }
                     }
@@ -359,10 +407,16 @@ impl Routes {
         let targets = self.targets(request)?;
         let mut attempts = Attempts::new(&request.model);
         for target in targets {
-            let prepared = target.provider.prepare(&target.model, request, true).map_err(invalid)?;
+            let prepared = target
+                .provider
+                .prepare(&target.model, request, true)
+                .map_err(invalid)?;
             for retry in 0..=self.policy.max_retries {
                 if retry > 0 {
-                    let error = attempts.last_error.clone().unwrap_or(ProviderError::Timeout);
+                    let error = attempts
+                        .last_error
+                        .clone()
+                        .unwrap_or(ProviderError::Timeout);
                     if !self.backoff(retry, &error, deadline).await {
                         return Err(attempts.deadline_exceeded());
                     }
@@ -373,7 +427,8 @@ impl Routes {
                 let started = Instant::now();
                 match open(target, &prepared, timeout).await {
                     Ok((first, stream)) => {
-                        return forward(attempts, target, started, first, stream, tx, deadline).await;
+                        return forward(attempts, target, started, first, stream, tx, deadline)
+                            .await;
                     }
                     Err(error) => {
                         let next = after_failure(&error, target);
@@ -384,7 +439,7 @@ impl Routes {
                         }
                         match next {
                             Next::Retry => continue,
-                            Next::NextTarget => break,
+                            Next::Fallback => break,
                             Next::Stop(error) => return Err(error),
                         }
                     }
@@ -405,7 +460,9 @@ async fn open(
     match stream.next().await {
         Some(Ok(first)) => Ok((first, stream)),
         Some(Err(error)) => Err(error),
-        None => Err(ProviderError::Protocol("stream finished without any chunk".to_owned())),
+        None => Err(ProviderError::Protocol(
+            "stream finished without any chunk".to_owned(),
+        )),
     }
 }
 
@@ -437,7 +494,10 @@ async fn forward(
             Some(deadline) => match tokio::time::timeout_at(deadline.into(), stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    return Err(interrupted(forwarded, "TIMEOUT: caller deadline exceeded".to_owned()));
+                    return Err(interrupted(
+                        forwarded,
+                        "TIMEOUT: caller deadline exceeded".to_owned(),
+                    ));
                 }
             },
             None => stream.next().await,
@@ -478,9 +538,15 @@ mod tests {
         assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
         let third = policy.delay(3, &error);
         assert!(third >= Duration::from_millis(400) && third <= Duration::from_millis(500));
-        let limited = ProviderError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(30)) };
+        let limited = ProviderError::RateLimited {
+            status: 429,
+            retry_after: Some(Duration::from_secs(30)),
+        };
         assert_eq!(policy.delay(1, &limited), Duration::from_secs(2));
-        let limited = ProviderError::RateLimited { status: 429, retry_after: Some(Duration::ZERO) };
+        let limited = ProviderError::RateLimited {
+            status: 429,
+            retry_after: Some(Duration::ZERO),
+        };
         assert_eq!(policy.delay(1, &limited), Duration::ZERO);
     }
 }

@@ -26,7 +26,10 @@ const MAX_MESSAGE: usize = 300;
 pub enum ProviderError {
     /// HTTP 429; `retry_after` from the `Retry-After` header.
     #[error("rate limited (HTTP {status})")]
-    RateLimited { status: u16, retry_after: Option<Duration> },
+    RateLimited {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     /// HTTP 5xx (and 408/409).
     #[error("upstream error (HTTP {status}): {message}")]
     Upstream { status: u16, message: String },
@@ -124,7 +127,10 @@ impl ProviderError {
             .take(MAX_MESSAGE)
             .collect::<String>();
         match status {
-            429 => ProviderError::RateLimited { status, retry_after: retry_after.and_then(parse_retry_after) },
+            429 => ProviderError::RateLimited {
+                status,
+                retry_after: retry_after.and_then(parse_retry_after),
+            },
             401 | 403 => ProviderError::Authentication { status },
             400 | 413 | 422 => ProviderError::BadRequest { status, message },
             408 | 409 | 500..=599 => ProviderError::Upstream { status, message },
@@ -171,13 +177,20 @@ pub struct ProviderClient {
 
 impl std::fmt::Debug for ProviderClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProviderClient").field("name", &self.name).field("endpoint", &self.endpoint).finish()
+        f.debug_struct("ProviderClient")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint)
+            .finish()
     }
 }
 
 impl ProviderClient {
     /// Builds the client (keep-alive pool, `TCP_NODELAY`).
-    pub fn new(name: &str, config: &ProviderConfig, connect_timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        name: &str,
+        config: &ProviderConfig,
+        connect_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -186,7 +199,9 @@ impl ProviderClient {
             .connect_timeout(connect_timeout)
             .build()?;
         let endpoint = match config.kind {
-            ProviderKind::Openai => format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            ProviderKind::Openai => {
+                format!("{}/chat/completions", config.base_url.trim_end_matches('/'))
+            }
         };
         Ok(ProviderClient {
             name: name.to_owned(),
@@ -198,11 +213,19 @@ impl ProviderClient {
     }
 
     /// Translates `request` for provider model `model`.
-    pub fn prepare(&self, model: &str, request: &ChatRequest, stream: bool) -> Result<Prepared, TranslateError> {
+    pub fn prepare(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+        stream: bool,
+    ) -> Result<Prepared, TranslateError> {
         let body = match self.kind {
             ProviderKind::Openai => openai::to_openai_request(model, request, stream)?,
         };
-        Ok(Prepared { body, model: model.to_owned() })
+        Ok(Prepared {
+            body,
+            model: model.to_owned(),
+        })
     }
 
     fn span(&self, model: &str, stream: bool) -> Span {
@@ -228,41 +251,70 @@ impl ProviderClient {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let response = request.send().await.map_err(|e| ProviderError::from_reqwest(&e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
         let status = response.status().as_u16();
         Span::current().record("http.status_code", status);
         if response.status().is_success() {
             return Ok(response);
         }
-        let retry_after =
-            response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = read_capped(response).await;
-        Err(ProviderError::from_status(status, retry_after.as_deref(), &body))
+        Err(ProviderError::from_status(
+            status,
+            retry_after.as_deref(),
+            &body,
+        ))
     }
 
     /// One unary attempt, bounded by `timeout`.
-    pub async fn chat(&self, prepared: &Prepared, timeout: Duration) -> Result<ChatResponse, ProviderError> {
+    pub async fn chat(
+        &self,
+        prepared: &Prepared,
+        timeout: Duration,
+    ) -> Result<ChatResponse, ProviderError> {
         let span = self.span(&prepared.model, false);
         let attempt = async {
             let response = self.send(prepared).await?;
-            let body = response.bytes().await.map_err(|e| ProviderError::from_reqwest(&e))?;
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| ProviderError::from_reqwest(&e))?;
             match self.kind {
-                ProviderKind::Openai => openai::from_openai_response(&body).map_err(|e| ProviderError::Protocol(e.to_string())),
+                ProviderKind::Openai => openai::from_openai_response(&body)
+                    .map_err(|e| ProviderError::Protocol(e.to_string())),
             }
         };
-        let result = async {
-            let result = tokio::time::timeout(timeout, attempt).await.unwrap_or(Err(ProviderError::Timeout));
-            record_outcome(&Span::current(), &result.as_ref().map(|r| (r.model.as_str(), r.usage.as_ref())));
+        
+        async {
+            let result = tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or(Err(ProviderError::Timeout));
+            record_outcome(
+                &Span::current(),
+                &result
+                    .as_ref()
+                    .map(|r| (r.model.as_str(), r.usage.as_ref())),
+            );
             result
         }
         .instrument(span)
-        .await;
-        result
+        .await
     }
 
     /// Opens a stream: resolves once the provider answered with a success status. Each read after
     /// that is bounded by `timeout` too (an idle stream times out).
-    pub async fn chat_stream(&self, prepared: &Prepared, timeout: Duration) -> Result<ChunkStream, ProviderError> {
+    pub async fn chat_stream(
+        &self,
+        prepared: &Prepared,
+        timeout: Duration,
+    ) -> Result<ChunkStream, ProviderError> {
         let span = self.span(&prepared.model, true);
         let opened = tokio::time::timeout(timeout, self.send(prepared).instrument(span.clone()))
             .await
@@ -377,10 +429,22 @@ mod tests {
     #[test]
     fn statuses_map_to_the_taxonomy() {
         let error = ProviderError::from_status(429, Some("2"), b"");
-        assert_eq!(error, ProviderError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(2)) });
+        assert_eq!(
+            error,
+            ProviderError::RateLimited {
+                status: 429,
+                retry_after: Some(Duration::from_secs(2))
+            }
+        );
         assert!(error.is_retryable() && error.allows_fallback());
         let error = ProviderError::from_status(500, None, br#"{"error":{"message":"boom"}}"#);
-        assert_eq!(error, ProviderError::Upstream { status: 500, message: "boom".into() });
+        assert_eq!(
+            error,
+            ProviderError::Upstream {
+                status: 500,
+                message: "boom".into()
+            }
+        );
         assert!(error.is_retryable());
         let error = ProviderError::from_status(400, None, br#"{"error":{"message":"too long"}}"#);
         assert!(!error.is_retryable() && !error.allows_fallback());

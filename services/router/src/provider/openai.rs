@@ -19,7 +19,10 @@ pub struct TranslateError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> TranslateError {
-    TranslateError { field: field.into(), message: message.into() }
+    TranslateError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn role_name(role: i32, field: &str) -> Result<&'static str, TranslateError> {
@@ -38,9 +41,16 @@ fn parse_json_text(text: &str, field: &str) -> Result<Value, TranslateError> {
 }
 
 fn content_json(message: &Message) -> Value {
-    let only_text = message.content.iter().all(|p| matches!(p.part, Some(Part::Text(_))));
+    let only_text = message
+        .content
+        .iter()
+        .all(|p| matches!(p.part, Some(Part::Text(_))));
     if message.content.is_empty() {
-        return if message.tool_calls.is_empty() { json!("") } else { Value::Null };
+        return if message.tool_calls.is_empty() {
+            json!("")
+        } else {
+            Value::Null
+        };
     }
     if only_text && message.content.len() == 1 {
         return json!(message.joined_text());
@@ -65,13 +75,20 @@ fn content_json(message: &Message) -> Value {
 }
 
 /// The OpenAI request body for `request` sent to provider model `model`. `tags` are never sent.
-pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Result<Value, TranslateError> {
+pub fn to_openai_request(
+    model: &str,
+    request: &ChatRequest,
+    stream: bool,
+) -> Result<Value, TranslateError> {
     let mut body = Map::new();
     body.insert("model".into(), json!(model));
     let mut messages = Vec::with_capacity(request.messages.len());
     for (i, message) in request.messages.iter().enumerate() {
         let mut out = Map::new();
-        out.insert("role".into(), json!(role_name(message.role, &format!("messages[{i}].role"))?));
+        out.insert(
+            "role".into(),
+            json!(role_name(message.role, &format!("messages[{i}].role"))?),
+        );
         out.insert("content".into(), content_json(message));
         if !message.name.is_empty() {
             out.insert("name".into(), json!(message.name));
@@ -105,7 +122,10 @@ pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Re
             if !tool.parameters_json.trim().is_empty() {
                 function.insert(
                     "parameters".into(),
-                    parse_json_text(&tool.parameters_json, &format!("tools[{i}].parameters_json"))?,
+                    parse_json_text(
+                        &tool.parameters_json,
+                        &format!("tools[{i}].parameters_json"),
+                    )?,
                 );
             }
             if tool.strict {
@@ -123,7 +143,9 @@ pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Re
                 Ok(ToolChoiceMode::Required) => Some(json!("required")),
                 Ok(ToolChoiceMode::Unspecified) | Err(_) => None,
             },
-            ToolChoiceKind::FunctionName(name) => Some(json!({ "type": "function", "function": { "name": name } })),
+            ToolChoiceKind::FunctionName(name) => {
+                Some(json!({ "type": "function", "function": { "name": name } }))
+            }
         };
         if let Some(value) = value {
             body.insert("tool_choice".into(), value);
@@ -142,7 +164,10 @@ pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Re
                 if !format.json_schema_json.trim().is_empty() {
                     schema.insert(
                         "schema".into(),
-                        parse_json_text(&format.json_schema_json, "response_format.json_schema_json")?,
+                        parse_json_text(
+                            &format.json_schema_json,
+                            "response_format.json_schema_json",
+                        )?,
                     );
                 }
                 if format.strict {
@@ -165,9 +190,18 @@ pub fn to_openai_request(model: &str, request: &ChatRequest, stream: bool) -> Re
         put("temperature", sampling.temperature.map(|v| json!(v)));
         put("top_p", sampling.top_p.map(|v| json!(v)));
         put("max_tokens", sampling.max_tokens.map(|v| json!(v)));
-        put("stop", (!sampling.stop.is_empty()).then(|| json!(sampling.stop)));
-        put("presence_penalty", sampling.presence_penalty.map(|v| json!(v)));
-        put("frequency_penalty", sampling.frequency_penalty.map(|v| json!(v)));
+        put(
+            "stop",
+            (!sampling.stop.is_empty()).then(|| json!(sampling.stop)),
+        );
+        put(
+            "presence_penalty",
+            sampling.presence_penalty.map(|v| json!(v)),
+        );
+        put(
+            "frequency_penalty",
+            sampling.frequency_penalty.map(|v| json!(v)),
+        );
         put("seed", sampling.seed.map(|v| json!(v)));
         put("n", sampling.n.map(|v| json!(v)));
     }
@@ -257,9 +291,19 @@ fn usage(usage: Option<OaUsage>) -> Option<Usage> {
     usage.map(|u| Usage {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
-        total_tokens: if u.total_tokens == 0 { u.prompt_tokens + u.completion_tokens } else { u.total_tokens },
-        cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
-        reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        total_tokens: if u.total_tokens == 0 {
+            u.prompt_tokens + u.completion_tokens
+        } else {
+            u.total_tokens
+        },
+        cached_prompt_tokens: u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0),
+        reasoning_tokens: u
+            .completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0),
         cache_write_tokens: 0,
     })
 }
@@ -288,24 +332,36 @@ fn role(role: Option<&str>) -> Role {
 
 fn content_parts(content: Option<&Value>) -> Vec<ContentPart> {
     match content {
-        Some(Value::String(text)) if !text.is_empty() => vec![ContentPart { part: Some(Part::Text(text.clone())) }],
+        Some(Value::String(text)) if !text.is_empty() => vec![ContentPart {
+            part: Some(Part::Text(text.clone())),
+        }],
         Some(Value::Array(parts)) => parts
             .iter()
             .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .map(|text| ContentPart { part: Some(Part::Text(text.to_owned())) })
+            .map(|text| ContentPart {
+                part: Some(Part::Text(text.to_owned())),
+            })
             .collect(),
         _ => Vec::new(),
     }
 }
 
 fn error_message(error: &Value) -> String {
-    error.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| error.to_string())
+    error
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| error.to_string())
 }
 
 fn parse(body: &[u8]) -> Result<OaCompletion, ParseError> {
-    let completion: OaCompletion = serde_json::from_slice(body).map_err(|e| ParseError(e.to_string()))?;
+    let completion: OaCompletion =
+        serde_json::from_slice(body).map_err(|e| ParseError(e.to_string()))?;
     if let Some(error) = &completion.error {
-        return Err(ParseError(format!("provider error: {}", error_message(error))));
+        return Err(ParseError(format!(
+            "provider error: {}",
+            error_message(error)
+        )));
     }
     Ok(completion)
 }
@@ -388,7 +444,13 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
             }
         })
         .collect();
-    Ok(ChatChunk { id: chunk.id, model: chunk.model, choices, usage: usage(chunk.usage), created: chunk.created })
+    Ok(ChatChunk {
+        id: chunk.id,
+        model: chunk.model,
+        choices,
+        usage: usage(chunk.usage),
+        created: chunk.created,
+    })
 }
 
 /// The `error.message` of an OpenAI error body, if it is one.
@@ -408,25 +470,38 @@ mod tests {
     fn full_request() -> ChatRequest {
         let mut assistant = Message::text(Role::Assistant, "");
         assistant.content.clear();
-        assistant.tool_calls =
-            vec![ToolCall { id: "call_9".into(), name: "lookup".into(), arguments_json: "{\"q\":1}".into() }];
+        assistant.tool_calls = vec![ToolCall {
+            id: "call_9".into(),
+            name: "lookup".into(),
+            arguments_json: "{\"q\":1}".into(),
+        }];
         let mut tool = Message::text(Role::Tool, "42");
         tool.tool_call_id = "call_9".into();
         let mut user = Message::text(Role::User, "what is this?");
         user.name = "ann".into();
         user.content.push(ContentPart {
-            part: Some(Part::ImageUrl(ImageUrl { url: "https://x/img.png".into(), detail: "low".into() })),
+            part: Some(Part::ImageUrl(ImageUrl {
+                url: "https://x/img.png".into(),
+                detail: "low".into(),
+            })),
         });
         ChatRequest {
             model: "route".into(),
-            messages: vec![Message::text(Role::System, "be brief"), user, assistant, tool],
+            messages: vec![
+                Message::text(Role::System, "be brief"),
+                user,
+                assistant,
+                tool,
+            ],
             tools: vec![Tool {
                 name: "lookup".into(),
                 description: "looks up".into(),
                 parameters_json: "{\"type\":\"object\"}".into(),
                 strict: true,
             }],
-            tool_choice: Some(ToolChoice { choice: Some(ToolChoiceKind::FunctionName("lookup".into())) }),
+            tool_choice: Some(ToolChoice {
+                choice: Some(ToolChoiceKind::FunctionName("lookup".into())),
+            }),
             sampling: Some(SamplingParams {
                 temperature: Some(0.5),
                 top_p: None,
@@ -487,7 +562,9 @@ mod tests {
     fn stream_requests_ask_for_usage() {
         let request = ChatRequest {
             messages: vec![Message::text(Role::User, "hi")],
-            tool_choice: Some(ToolChoice { choice: Some(ToolChoiceKind::Mode(ToolChoiceMode::Required as i32)) }),
+            tool_choice: Some(ToolChoice {
+                choice: Some(ToolChoiceKind::Mode(ToolChoiceMode::Required as i32)),
+            }),
             ..Default::default()
         };
         let body = to_openai_request("m", &request, true).unwrap();
@@ -505,7 +582,10 @@ mod tests {
         assert_eq!(error.field, "tools[0].parameters_json");
         let mut request = full_request();
         request.messages[1].role = Role::Unspecified as i32;
-        assert_eq!(to_openai_request("m", &request, false).unwrap_err().field, "messages[1].role");
+        assert_eq!(
+            to_openai_request("m", &request, false).unwrap_err().field,
+            "messages[1].role"
+        );
     }
 
     #[test]
@@ -527,7 +607,14 @@ mod tests {
         let message = choice.message.as_ref().unwrap();
         assert_eq!(message.role, Role::Assistant as i32);
         assert!(message.content.is_empty());
-        assert_eq!(message.tool_calls, vec![ToolCall { id: "call_1".into(), name: "f".into(), arguments_json: "{}".into() }]);
+        assert_eq!(
+            message.tool_calls,
+            vec![ToolCall {
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments_json: "{}".into()
+            }]
+        );
         assert_eq!(
             response.usage.unwrap(),
             Usage {
@@ -542,8 +629,14 @@ mod tests {
         let text = json!({ "id": "x", "model": "m", "created": 1, "choices": [{ "index": 0, "finish_reason": "length",
             "message": { "role": "assistant", "content": "hello" } }] });
         let response = from_openai_response(text.to_string().as_bytes()).unwrap();
-        assert_eq!(response.choices[0].message.as_ref().unwrap().joined_text(), "hello");
-        assert_eq!(response.choices[0].finish_reason, FinishReason::Length as i32);
+        assert_eq!(
+            response.choices[0].message.as_ref().unwrap().joined_text(),
+            "hello"
+        );
+        assert_eq!(
+            response.choices[0].finish_reason,
+            FinishReason::Length as i32
+        );
         assert!(response.usage.is_none());
         assert!(from_openai_response(b"{\"choices\": []}").is_err());
         assert!(from_openai_response(b"not json").is_err());
@@ -557,14 +650,22 @@ mod tests {
         .unwrap();
         assert_eq!(chunk.choices[0].role, Role::Assistant as i32);
         assert_eq!(chunk.choices[0].content, "hi");
-        assert_eq!(chunk.choices[0].finish_reason, FinishReason::Unspecified as i32);
+        assert_eq!(
+            chunk.choices[0].finish_reason,
+            FinishReason::Unspecified as i32
+        );
         let chunk = from_openai_chunk(
             r#"{"id":"c","created":5,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}"#,
         )
         .unwrap();
         assert_eq!(
             chunk.choices[0].tool_calls,
-            vec![ToolCallDelta { index: 1, id: "call_1".into(), name: "f".into(), arguments_delta: String::new() }]
+            vec![ToolCallDelta {
+                index: 1,
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments_delta: String::new()
+            }]
         );
         let chunk =
             from_openai_chunk(r#"{"id":"c","created":5,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#)
@@ -576,6 +677,11 @@ mod tests {
         .unwrap();
         assert!(chunk.choices.is_empty());
         assert_eq!(chunk.usage.unwrap().total_tokens, 5);
-        assert!(from_openai_chunk(r#"{"error":{"message":"overloaded"}}"#).unwrap_err().0.contains("overloaded"));
+        assert!(
+            from_openai_chunk(r#"{"error":{"message":"overloaded"}}"#)
+                .unwrap_err()
+                .0
+                .contains("overloaded")
+        );
     }
 }

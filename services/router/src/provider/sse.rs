@@ -29,7 +29,10 @@ impl SseParser {
         self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
         let mut start = 0;
-        while let Some(offset) = self.buffer[start..].iter().position(|b| *b == b'\n' || *b == b'\r') {
+        while let Some(offset) = self.buffer[start..]
+            .iter()
+            .position(|b| *b == b'\n' || *b == b'\r')
+        {
             let end = start + offset;
             // A `\r` at the very end may be the first half of `\r\n`: wait for the next read.
             if self.buffer[end] == b'\r' && end + 1 == self.buffer.len() {
@@ -60,8 +63,10 @@ impl SseParser {
                 self.event.clear();
                 return None;
             }
-            let event =
-                SseEvent { event: std::mem::take(&mut self.event), data: std::mem::take(&mut self.data).join("\n") };
+            let event = SseEvent {
+                event: std::mem::take(&mut self.event),
+                data: std::mem::take(&mut self.data).join("\n"),
+            };
             self.has_data = false;
             return Some(event);
         }
@@ -108,12 +113,19 @@ mod tests {
             let mut parser = SseParser::new();
             let mut events = parser.push(&bytes[..split]);
             events.extend(parser.push(&bytes[split..]));
-            assert_eq!(data(&events), vec!["{\"text\":\"héllo\"}", "line1\nline2", "[DONE]"], "split at {split}");
+            assert_eq!(
+                data(&events),
+                vec!["{\"text\":\"héllo\"}", "line1\nline2", "[DONE]"],
+                "split at {split}"
+            );
             assert_eq!(events[1].event, "message");
         }
         // One byte at a time.
         let mut parser = SseParser::new();
-        let events: Vec<SseEvent> = bytes.iter().flat_map(|b| parser.push(std::slice::from_ref(b))).collect();
+        let events: Vec<SseEvent> = bytes
+            .iter()
+            .flat_map(|b| parser.push(std::slice::from_ref(b)))
+            .collect();
         assert_eq!(events.len(), 3);
     }
 
