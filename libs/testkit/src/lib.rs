@@ -8,7 +8,7 @@
 
 pub mod otlp;
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 
 /// Base URL of the local Postgres server (trust auth). Override with `SWITCHBOARD_TEST_PG`.
 pub fn pg_server_url() -> String {
@@ -37,7 +37,7 @@ impl TestPg {
             .await
             .map_err(|e| anyhow::anyhow!("Postgres at {server} is not reachable (CI starts it): {e}"))?;
         let sql = format!("CREATE DATABASE {name}");
-        admin.execute(sql.as_str()).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await?;
         admin.close().await?;
         Ok(TestPg { url: format!("{server}/{name}"), name })
     }
@@ -47,7 +47,7 @@ impl TestPg {
         let server = pg_server_url();
         if let Ok(mut admin) = PgConnection::connect(&format!("{server}/postgres")).await {
             let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-            let _ = admin.execute(sql.as_str()).await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await;
         }
     }
 }

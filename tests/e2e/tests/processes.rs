@@ -28,7 +28,7 @@ fn free_ports(n: usize) -> Vec<u16> {
 struct Processes(Vec<(String, Child)>);
 
 impl Processes {
-    fn terminate(&mut self) {
+    async fn terminate(&mut self) {
         for (_, child) in &self.0 {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
@@ -42,7 +42,7 @@ impl Processes {
                         panic!("{name} did not stop within 30 s of SIGTERM");
                     }
                     _ => {
-                        std::thread::sleep(Duration::from_millis(100));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         waited += 1;
                     }
                 }
@@ -147,7 +147,8 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
     assert_eq!(recorded.trace_id, trace_id, "the ledger row carries the trace id");
 
     // Graceful shutdown flushes every process's spans.
-    processes.terminate();
+    drop(ledger_client);
+    processes.terminate().await;
     let _ = std::fs::remove_file(&config_path);
     nats.cleanup().await;
     pg.drop_db().await;
