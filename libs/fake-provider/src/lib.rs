@@ -205,10 +205,10 @@ impl FakeProvider {
             && tokio::time::timeout(Duration::from_millis(500), &mut task)
                 .await
                 .is_err()
-            {
-                task.abort();
-                let _ = task.await;
-            }
+        {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
 
@@ -304,26 +304,28 @@ fn answer_for(body: &Value) -> (Answer, u64, u64) {
         .and_then(|tool| tool.pointer("/function/name"))
         .and_then(Value::as_str);
     if let Some(name) = first_tool
-        && last_user.contains("call tool") {
-            let arguments = "{}".to_owned();
-            let completion = word_count(name) + word_count(&arguments);
-            return (
-                Answer::ToolCall {
-                    name: name.to_owned(),
-                    arguments,
-                },
-                prompt_tokens as u64,
-                completion as u64,
-            );
-        }
+        && last_user.contains("call tool")
+    {
+        let arguments = "{}".to_owned();
+        let completion = word_count(name) + word_count(&arguments);
+        return (
+            Answer::ToolCall {
+                name: name.to_owned(),
+                arguments,
+            },
+            prompt_tokens as u64,
+            completion as u64,
+        );
+    }
     let mut content = format!("echo: {last_user}");
     let mut finish_reason = "stop";
     let words: Vec<&str> = content.split_whitespace().collect();
     if let Some(limit) = max_tokens(body)
-        && (limit as usize) < words.len() {
-            content = words[..limit as usize].join(" ");
-            finish_reason = "length";
-        }
+        && (limit as usize) < words.len()
+    {
+        content = words[..limit as usize].join(" ");
+        finish_reason = "length";
+    }
     let completion = word_count(&content);
     (
         Answer::Text {

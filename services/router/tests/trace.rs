@@ -18,13 +18,30 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
     let (otlp, sink) = switchboard_testkit::otlp::spawn().await.unwrap();
     let telemetry = switchboard_telemetry::init(
         "router",
-        &TelemetryConfig { otlp_endpoint: Some(format!("http://{otlp}")), ..TelemetryConfig::default() },
+        &TelemetryConfig {
+            otlp_endpoint: Some(format!("http://{otlp}")),
+            ..TelemetryConfig::default()
+        },
     )
     .unwrap();
-    let fake = FakeProvider::start(FakeConfig { addr: "127.0.0.1:0".to_owned(), ..FakeConfig::default() }).await.unwrap();
-    let mut config = Config { grpc_addr: "127.0.0.1:0".to_owned(), ..Config::default() };
-    config.providers.insert("fake".to_owned(), ProviderConfig::openai(fake.base_url(), Some("sk-trace")));
-    config.routes = vec![RouteConfig { name: "chat".to_owned(), targets: vec![TargetConfig::new("fake", "m")] }];
+    let fake = FakeProvider::start(FakeConfig {
+        addr: "127.0.0.1:0".to_owned(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = Config {
+        grpc_addr: "127.0.0.1:0".to_owned(),
+        ..Config::default()
+    };
+    config.providers.insert(
+        "fake".to_owned(),
+        ProviderConfig::openai(fake.base_url(), Some("sk-trace")),
+    );
+    config.routes = vec![RouteConfig {
+        name: "chat".to_owned(),
+        targets: vec![TargetConfig::new("fake", "m")],
+    }];
     let app = App::build(config).await.unwrap();
     let url = switchboard_grpc::url_of(app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -57,7 +74,12 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let find = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no {name} span: {spans:#?}"));
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span: {spans:#?}"))
+    };
     let server_span = find("switchboard.router.v1.RouterService/RouteStream");
     let handler = find("route_stream");
     let provider = find("provider.chat");
@@ -66,7 +88,12 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
     assert_eq!(provider.trace_id, server_span.trace_id);
     assert_eq!(provider.kind, 3, "client span");
     let attribute = |name: &str| {
-        provider.attributes.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+        provider
+            .attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
     };
     assert_eq!(attribute("gen_ai.system"), "openai");
     assert_eq!(attribute("gen_ai.request.model"), "m");
@@ -74,7 +101,10 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
     assert!(attribute("gen_ai.usage.input_tokens").contains('3'));
     for span in &spans {
         for (key, value) in &span.attributes {
-            assert!(!value.contains("confidential") && !value.contains("sk-trace"), "{key}={value}");
+            assert!(
+                !value.contains("confidential") && !value.contains("sk-trace"),
+                "{key}={value}"
+            );
         }
     }
     fake.shutdown().await;

@@ -291,7 +291,7 @@ impl ProviderClient {
                     .map_err(|e| ProviderError::Protocol(e.to_string())),
             }
         };
-        
+
         async {
             let result = tokio::time::timeout(timeout, attempt)
                 .await
