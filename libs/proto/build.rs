@@ -20,7 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
-        .compile_with_config(config, &files, &[root.clone(), protoc_bin_vendored::include_path()?])?;
+        .compile_with_config(
+            config,
+            &files,
+            &[root.clone(), protoc_bin_vendored::include_path()?],
+        )?;
     println!("cargo:rerun-if-changed={}", root.display());
     println!("cargo:rerun-if-env-changed=PROTOC");
     Ok(())

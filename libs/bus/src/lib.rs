@@ -77,11 +77,17 @@ impl NatsConfig {
             .connection_timeout(Duration::from_secs(2))
             .connect(&self.url)
             .await
-            .map_err(|e| BusError::Connect { url: self.url.clone(), message: e.to_string() })
+            .map_err(|e| BusError::Connect {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Creates the usage stream if needed and returns it.
-    pub async fn ensure_usage_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, BusError> {
+    pub async fn ensure_usage_stream(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<stream::Stream, BusError> {
         js.get_or_create_stream(stream::Config {
             name: self.usage_stream.clone(),
             subjects: vec![self.usage_wildcard()],
@@ -92,7 +98,10 @@ impl NatsConfig {
             ..Default::default()
         })
         .await
-        .map_err(|e| BusError::Stream { stream: self.usage_stream.clone(), message: e.to_string() })
+        .map_err(|e| BusError::Stream {
+            stream: self.usage_stream.clone(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -100,9 +109,19 @@ impl NatsConfig {
 fn sanitize_token(token: &str) -> String {
     let cleaned: String = token
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
-    if cleaned.is_empty() { "_".to_owned() } else { cleaned }
+    if cleaned.is_empty() {
+        "_".to_owned()
+    } else {
+        cleaned
+    }
 }
 
 /// Publishes a usage event with `Nats-Msg-Id` = its request id and the current trace context.
@@ -121,7 +140,10 @@ pub async fn publish_usage(
         .payload(event.encode_to_vec().into());
     js.send_publish(subject.clone(), message)
         .await
-        .map_err(|e| BusError::Publish { subject, message: e.to_string() })
+        .map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -130,8 +152,14 @@ mod tests {
 
     #[test]
     fn subjects_are_scoped_and_sanitized() {
-        let config = NatsConfig { subject_prefix: "test.abc".into(), ..Default::default() };
-        assert_eq!(config.usage_subject("billing app.v2"), "test.abc.usage.billing_app_v2");
+        let config = NatsConfig {
+            subject_prefix: "test.abc".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            config.usage_subject("billing app.v2"),
+            "test.abc.usage.billing_app_v2"
+        );
         assert_eq!(config.usage_subject(""), "test.abc.usage._");
         assert_eq!(config.usage_wildcard(), "test.abc.usage.>");
     }

@@ -23,7 +23,10 @@ pub const CONFIG_FILE_ENV: &str = "SWITCHBOARD_CONFIG";
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read configuration file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     /// The file is not valid TOML.
     #[error("configuration file {path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
@@ -38,7 +41,10 @@ pub enum ConfigError {
 impl ConfigError {
     /// A validation error for `path`.
     pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: path.into(), message: message.into() }
+        ConfigError::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -52,12 +58,18 @@ impl Source {
     /// Reads the file at `path` (or `$SWITCHBOARD_CONFIG`, or nothing) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        let path = path.map(Path::to_path_buf).or_else(|| env.get(CONFIG_FILE_ENV).map(Into::into));
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(CONFIG_FILE_ENV).map(Into::into));
         let text = match &path {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.display().to_string(),
-                source,
-            })?),
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         let name = path.map(|p| p.display().to_string()).unwrap_or_default();
@@ -71,21 +83,29 @@ impl Source {
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
         let mut root = match file_text {
-            Some(text) => text.parse::<toml::Table>().map_err(|e| ConfigError::Syntax {
-                path: file_name.to_owned(),
-                message: e.to_string(),
-            })?,
+            Some(text) => text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: file_name.to_owned(),
+                    message: e.to_string(),
+                })?,
             None => toml::Table::new(),
         };
-        let mut overrides: Vec<(&String, &String)> =
-            env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        let mut overrides: Vec<(&String, &String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
         overrides.sort();
         for (key, value) in overrides {
-            let path: Vec<String> =
-                key[ENV_PREFIX.len()..].split("__").map(|part| part.to_ascii_lowercase()).collect();
-            set_path(&mut root, &path, parse_env_value(value)).map_err(|message| ConfigError::Field {
-                path: path.join("."),
-                message: format!("from environment variable {key}: {message}"),
+            let path: Vec<String> = key[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|part| part.to_ascii_lowercase())
+                .collect();
+            set_path(&mut root, &path, parse_env_value(value)).map_err(|message| {
+                ConfigError::Field {
+                    path: path.join("."),
+                    message: format!("from environment variable {key}: {message}"),
+                }
             })?;
         }
         Ok(Source { root })
@@ -98,11 +118,22 @@ impl Source {
 
     /// Deserializes section `name` (missing section: `T::default()` via serde defaults).
     pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
-        let value = self.root.get(name).cloned().unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+        let value = self
+            .root
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
         serde_path_to_error::deserialize(value).map_err(|error| {
             let inner = error.path().to_string();
-            let path = if inner == "." || inner.is_empty() { name.to_owned() } else { format!("{name}.{inner}") };
-            ConfigError::Field { path, message: error.into_inner().to_string() }
+            let path = if inner == "." || inner.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{name}.{inner}")
+            };
+            ConfigError::Field {
+                path,
+                message: error.into_inner().to_string(),
+            }
         })
     }
 
@@ -114,8 +145,10 @@ impl Source {
     /// Sets a value at a dotted path (tests and embedders that build configs in code).
     pub fn set(&mut self, dotted: &str, value: impl Into<toml::Value>) -> Result<(), ConfigError> {
         let path: Vec<String> = dotted.split('.').map(str::to_owned).collect();
-        set_path(&mut self.root, &path, value.into())
-            .map_err(|message| ConfigError::Field { path: dotted.to_owned(), message })
+        set_path(&mut self.root, &path, value.into()).map_err(|message| ConfigError::Field {
+            path: dotted.to_owned(),
+            message,
+        })
     }
 }
 
@@ -133,7 +166,9 @@ fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Resu
     };
     let mut table = root;
     for part in parents {
-        let entry = table.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = match entry {
             toml::Value::Table(inner) => inner,
             _ => return Err(format!("`{part}` is not a table")),
@@ -165,12 +200,19 @@ mod tests {
     #[test]
     fn env_overrides_file_and_keeps_types() {
         let env = HashMap::from([
-            ("SWITCHBOARD__SVC__GRPC_ADDR".to_owned(), "0.0.0.0:1".to_owned()),
+            (
+                "SWITCHBOARD__SVC__GRPC_ADDR".to_owned(),
+                "0.0.0.0:1".to_owned(),
+            ),
             ("SWITCHBOARD__SVC__PORT".to_owned(), "8080".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
         ]);
-        let source =
-            Source::from_parts("f.toml", Some("[svc]\ngrpc_addr = \"127.0.0.1:9\"\nport = 1\n"), &env).unwrap();
+        let source = Source::from_parts(
+            "f.toml",
+            Some("[svc]\ngrpc_addr = \"127.0.0.1:9\"\nport = 1\n"),
+            &env,
+        )
+        .unwrap();
         let svc: Svc = source.section("svc").unwrap();
         assert_eq!(svc.grpc_addr, "0.0.0.0:1");
         assert_eq!(svc.port, 8080);
@@ -184,7 +226,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_full_path_of_the_bad_field() {
-        let source = Source::from_toml("[svc]\ntargets = [{ provider = \"a\" }, { provder = \"b\" }]\n").unwrap();
+        let source =
+            Source::from_toml("[svc]\ntargets = [{ provider = \"a\" }, { provder = \"b\" }]\n")
+                .unwrap();
         let error = source.section::<Svc>("svc").unwrap_err().to_string();
         assert!(error.contains("svc.targets[1]"), "{error}");
         assert!(error.contains("provder"), "{error}");
@@ -192,7 +236,9 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_file() {
-        let error = Source::from_parts("mesh.toml", Some("[svc\n"), &HashMap::new()).unwrap_err().to_string();
+        let error = Source::from_parts("mesh.toml", Some("[svc\n"), &HashMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("mesh.toml"), "{error}");
     }
 }

@@ -20,10 +20,16 @@ pub type TracedChannel = InterceptedService<Channel, TracePropagation>;
 pub enum GrpcError {
     /// The address could not be bound.
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     /// The URL is not a valid endpoint.
     #[error("invalid gRPC endpoint `{url}`: {source}")]
-    Endpoint { url: String, source: tonic::transport::Error },
+    Endpoint {
+        url: String,
+        source: tonic::transport::Error,
+    },
     /// Reflection could not be built from the descriptor set.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(String),
@@ -34,20 +40,31 @@ pub enum GrpcError {
 
 /// Binds a TCP listener (`127.0.0.1:0` picks a free port).
 pub async fn bind(addr: &str) -> Result<TcpListener, GrpcError> {
-    TcpListener::bind(addr).await.map_err(|source| GrpcError::Bind { addr: addr.to_owned(), source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GrpcError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 /// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
 /// Channels multiplex: build one per dependency and clone it per request.
 pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|source| GrpcError::Endpoint { url: url.to_owned(), source })?
+        .map_err(|source| GrpcError::Endpoint {
+            url: url.to_owned(),
+            source,
+        })?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .http2_adaptive_window(true);
-    Ok(InterceptedService::new(endpoint.connect_lazy(), TracePropagation))
+    Ok(InterceptedService::new(
+        endpoint.connect_lazy(),
+        TracePropagation,
+    ))
 }
 
 /// Serves `routes` on `listener` with health checking (every named service reported SERVING),
@@ -61,9 +78,13 @@ pub async fn serve(
 ) -> Result<(), GrpcError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names {
-        reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
     }
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -5,7 +5,9 @@ impl Message {
     pub fn text(role: Role, text: impl Into<String>) -> Self {
         Message {
             role: role as i32,
-            content: vec![ContentPart { part: Some(Part::Text(text.into())) }],
+            content: vec![ContentPart {
+                part: Some(Part::Text(text.into())),
+            }],
             ..Default::default()
         }
     }

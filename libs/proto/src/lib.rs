@@ -41,10 +41,10 @@ pub mod ledger {
 }
 
 /// Encoded `FileDescriptorSet` of every Switchboard proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("switchboard_descriptor");
 
 pub use prost_types::Timestamp;
 
 /// Helpers on generated types.
 mod ext;
-

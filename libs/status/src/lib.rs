@@ -98,24 +98,26 @@ impl ErrorCode {
     /// The OpenAI error `type` for an HTTP body.
     pub fn openai_type(self) -> &'static str {
         match self {
-            ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge | ErrorCode::UpstreamRejected => {
-                "invalid_request_error"
-            }
+            ErrorCode::InvalidArgument
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::UpstreamRejected => "invalid_request_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
             ErrorCode::NotFound => "not_found_error",
             ErrorCode::RateLimited => "rate_limit_error",
-            ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Unavailable => "api_error",
+            ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Unavailable => {
+                "api_error"
+            }
             ErrorCode::Internal => "server_error",
         }
     }
 
     /// The code a status carries: its `ErrorInfo.reason` when it has one, else derived from the gRPC code.
     pub fn from_status(status: &tonic::Status) -> Self {
-        if let Some(info) = status.get_details_error_info() {
-            if let Some(code) = ErrorCode::parse(&info.reason) {
-                return code;
-            }
+        if let Some(info) = status.get_details_error_info()
+            && let Some(code) = ErrorCode::parse(&info.reason)
+        {
+            return code;
         }
         match status.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidArgument,
@@ -187,7 +189,10 @@ pub fn status(
 
 /// The `ErrorInfo.metadata` of a status (empty when it has none).
 pub fn status_metadata(status: &tonic::Status) -> HashMap<String, String> {
-    status.get_details_error_info().map(|info| info.metadata).unwrap_or_default()
+    status
+        .get_details_error_info()
+        .map(|info| info.metadata)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -211,7 +216,10 @@ mod tests {
         let status = to_status("router", &Missing);
         assert_eq!(status.code(), tonic::Code::NotFound);
         assert_eq!(ErrorCode::from_status(&status), ErrorCode::NotFound);
-        assert_eq!(status_metadata(&status).get("model").map(String::as_str), Some("x"));
+        assert_eq!(
+            status_metadata(&status).get("model").map(String::as_str),
+            Some("x")
+        );
         assert_eq!(status.message(), "model `x` not found");
     }
 
@@ -224,9 +232,17 @@ mod tests {
 
     #[test]
     fn payload_too_large_is_distinguishable_from_invalid_argument() {
-        let status = status(ErrorCode::PayloadTooLarge, "gateway", "too big", HashMap::new());
+        let status = status(
+            ErrorCode::PayloadTooLarge,
+            "gateway",
+            "too big",
+            HashMap::new(),
+        );
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(ErrorCode::from_status(&status), ErrorCode::PayloadTooLarge);
-        assert_eq!(ErrorCode::PayloadTooLarge.http_status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            ErrorCode::PayloadTooLarge.http_status(),
+            http::StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 }

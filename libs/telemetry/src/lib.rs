@@ -36,7 +36,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { otlp_endpoint: None, log_filter: "info".to_owned(), json_logs: false }
+        TelemetryConfig {
+            otlp_endpoint: None,
+            log_filter: "info".to_owned(),
+            json_logs: false,
+        }
     }
 }
 
@@ -45,7 +49,10 @@ impl Default for TelemetryConfig {
 pub enum TelemetryError {
     /// The OTLP exporter could not be built.
     #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
-    Exporter { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
+    Exporter {
+        endpoint: String,
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
     /// A global subscriber was already installed.
     #[error("a tracing subscriber is already installed: {0}")]
     AlreadyInstalled(String),
@@ -63,10 +70,10 @@ impl Telemetry {
     }
 
     fn flush_and_stop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            if let Err(error) = provider.shutdown() {
-                eprintln!("telemetry shutdown: {error}");
-            }
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("telemetry shutdown: {error}");
         }
     }
 }
@@ -81,15 +88,19 @@ impl Drop for Telemetry {
 /// Call it from inside a tokio runtime (the OTLP exporter's channel lives there).
 pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
-    let mut builder =
-        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service).build());
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service).build());
     if let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
             .build()
-            .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.to_owned(), source })?;
+            .map_err(|source| TelemetryError::Exporter {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
@@ -98,12 +109,18 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = if config.json_logs {
-        registry.with(tracing_subscriber::fmt::layer().json().with_target(false)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_target(false))
+            .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_target(false)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .try_init()
     };
     installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
-    Ok(Telemetry { provider: Some(provider) })
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
 }
 
 /// Installs only the W3C propagator (for tests and embedders that bring their own subscriber).
@@ -117,7 +134,10 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(&value)) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(&value),
+        ) {
             self.0.insert(key, value);
         }
     }
@@ -128,9 +148,14 @@ impl Injector for MetadataInjector<'_> {
 pub struct TracePropagation;
 
 impl tonic::service::Interceptor for TracePropagation {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let cx = tracing::Span::current().context();
-        global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut())));
+        global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
+        });
         Ok(request)
     }
 }
@@ -205,5 +230,9 @@ pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> opentelemetry::C
 pub fn current_trace_id() -> String {
     let cx = tracing::Span::current().context();
     let span_context = cx.span().span_context().clone();
-    if span_context.is_valid() { span_context.trace_id().to_string() } else { String::new() }
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
 }

@@ -12,7 +12,8 @@ use sqlx::{Connection, PgConnection};
 
 /// Base URL of the local Postgres server (trust auth). Override with `SWITCHBOARD_TEST_PG`.
 pub fn pg_server_url() -> String {
-    std::env::var("SWITCHBOARD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    std::env::var("SWITCHBOARD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
 /// URL of the local NATS server. Override with `SWITCHBOARD_TEST_NATS`.
@@ -35,11 +36,18 @@ impl TestPg {
         let name = format!("sbtest_{}", uuid::Uuid::now_v7().simple());
         let mut admin = PgConnection::connect(&format!("{server}/postgres"))
             .await
-            .map_err(|e| anyhow::anyhow!("Postgres at {server} is not reachable (CI starts it): {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("Postgres at {server} is not reachable (CI starts it): {e}")
+            })?;
         let sql = format!("CREATE DATABASE {name}");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
-        Ok(TestPg { url: format!("{server}/{name}"), name })
+        Ok(TestPg {
+            url: format!("{server}/{name}"),
+            name,
+        })
     }
 
     /// Drops the database (best effort; leftovers are named `sbtest_*`).
@@ -47,7 +55,9 @@ impl TestPg {
         let server = pg_server_url();
         if let Ok(mut admin) = PgConnection::connect(&format!("{server}/postgres")).await {
             let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await;
         }
     }
 }
@@ -71,7 +81,11 @@ impl TestNats {
         async_nats::connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("NATS at {url} is not reachable (CI starts it): {e}"))?;
-        Ok(TestNats { url, prefix: format!("test.{id}"), stream: format!("TEST_{id}") })
+        Ok(TestNats {
+            url,
+            prefix: format!("test.{id}"),
+            stream: format!("TEST_{id}"),
+        })
     }
 
     /// Deletes the test's stream (best effort).

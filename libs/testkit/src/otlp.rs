@@ -82,7 +82,11 @@ impl TraceService for Sink {
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
                         kind: span.kind,
-                        attributes: span.attributes.iter().map(|kv| (kv.key.clone(), value_string(&kv.value))).collect(),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), value_string(&kv.value)))
+                            .collect(),
                     });
                 }
             }
@@ -90,7 +94,9 @@ impl TraceService for Sink {
         if let Ok(mut spans) = self.spans.lock() {
             spans.extend(received);
         }
-        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 

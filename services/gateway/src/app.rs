@@ -27,7 +27,10 @@ pub enum StartupError {
     Grpc(#[from] switchboard_grpc::GrpcError),
     /// The HTTP listener failed.
     #[error("HTTP listener on {addr}: {source}")]
-    Http { addr: String, source: std::io::Error },
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
     /// NATS could not be reached.
     #[error(transparent)]
     Bus(#[from] switchboard_bus::BusError),
@@ -60,10 +63,19 @@ impl App {
         config.validate()?;
         let http = TcpListener::bind(&config.http_addr)
             .await
-            .map_err(|source| StartupError::Http { addr: config.http_addr.clone(), source })?;
+            .map_err(|source| StartupError::Http {
+                addr: config.http_addr.clone(),
+                source,
+            })?;
         let grpc = switchboard_grpc::bind(&config.grpc_addr).await?;
-        let http_addr = http.local_addr().map_err(|source| StartupError::Http { addr: config.http_addr.clone(), source })?;
-        let grpc_addr = grpc.local_addr().map_err(|source| StartupError::Http { addr: config.grpc_addr.clone(), source })?;
+        let http_addr = http.local_addr().map_err(|source| StartupError::Http {
+            addr: config.http_addr.clone(),
+            source,
+        })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartupError::Http {
+            addr: config.grpc_addr.clone(),
+            source,
+        })?;
         let nats_client = nats.connect().await?;
         let (sink, publisher) = usage::channel(nats, config.usage_queue_capacity);
         let tasks = TaskTracker::new();
@@ -76,8 +88,21 @@ impl App {
             tasks.clone(),
             config.max_body_bytes,
         );
-        let shared = Shared { keys: KeyStore::new(&config.keys), pipeline, max_body_bytes: config.max_body_bytes };
-        Ok(App { http, grpc, shared, publisher, nats_client, tasks, http_addr, grpc_addr })
+        let shared = Shared {
+            keys: KeyStore::new(&config.keys),
+            pipeline,
+            max_body_bytes: config.max_body_bytes,
+        };
+        Ok(App {
+            http,
+            grpc,
+            shared,
+            publisher,
+            nats_client,
+            tasks,
+            http_addr,
+            grpc_addr,
+        })
     }
 
     /// Address of the HTTP listener.
@@ -91,8 +116,20 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests and queued usage events.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartupError> {
-        let App { http, grpc, shared, publisher, nats_client, tasks, http_addr, grpc_addr } = self;
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let App {
+            http,
+            grpc,
+            shared,
+            publisher,
+            nats_client,
+            tasks,
+            http_addr,
+            grpc_addr,
+        } = self;
         let max_body = shared.max_body_bytes;
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
@@ -126,7 +163,10 @@ impl App {
         publisher_cancel.cancel();
         let _ = publisher_task.await;
         stopper.abort();
-        http_result.map_err(|source| StartupError::Http { addr: http_addr.to_string(), source })?;
+        http_result.map_err(|source| StartupError::Http {
+            addr: http_addr.to_string(),
+            source,
+        })?;
         grpc_result?;
         Ok(())
     }
@@ -136,4 +176,3 @@ impl App {
 pub fn hash_api_key(key: &str) -> String {
     crate::auth::hash_api_key(key)
 }
-

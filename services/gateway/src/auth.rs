@@ -37,16 +37,25 @@ impl KeyStore {
             if hex::decode_to_slice(key.sha256.to_ascii_lowercase(), &mut hash).is_ok() {
                 by_hash.insert(
                     hash,
-                    Principal { key_id: key.id.clone(), app: key.app.clone(), team: key.team.clone() },
+                    Principal {
+                        key_id: key.id.clone(),
+                        app: key.app.clone(),
+                        team: key.team.clone(),
+                    },
                 );
             }
         }
-        KeyStore { by_hash: Arc::new(by_hash) }
+        KeyStore {
+            by_hash: Arc::new(by_hash),
+        }
     }
 
     /// Resolves an `Authorization` header value (`Bearer <key>`).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, GatewayError> {
-        let value = authorization.map(str::trim).filter(|v| !v.is_empty()).ok_or(GatewayError::MissingKey)?;
+        let value = authorization
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or(GatewayError::MissingKey)?;
         let key = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -54,7 +63,10 @@ impl KeyStore {
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingKey)?;
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash.get(&hash).cloned().ok_or(GatewayError::InvalidKey)
+        self.by_hash
+            .get(&hash)
+            .cloned()
+            .ok_or(GatewayError::InvalidKey)
     }
 }
 
@@ -80,9 +92,21 @@ mod tests {
 
     #[test]
     fn rejects_missing_and_wrong_keys() {
-        assert!(matches!(store().authenticate(None), Err(GatewayError::MissingKey)));
-        assert!(matches!(store().authenticate(Some("Basic abc")), Err(GatewayError::MissingKey)));
-        assert!(matches!(store().authenticate(Some("Bearer ")), Err(GatewayError::MissingKey)));
-        assert!(matches!(store().authenticate(Some("Bearer sk-wrong")), Err(GatewayError::InvalidKey)));
+        assert!(matches!(
+            store().authenticate(None),
+            Err(GatewayError::MissingKey)
+        ));
+        assert!(matches!(
+            store().authenticate(Some("Basic abc")),
+            Err(GatewayError::MissingKey)
+        ));
+        assert!(matches!(
+            store().authenticate(Some("Bearer ")),
+            Err(GatewayError::MissingKey)
+        ));
+        assert!(matches!(
+            store().authenticate(Some("Bearer sk-wrong")),
+            Err(GatewayError::InvalidKey)
+        ));
     }
 }

@@ -61,26 +61,45 @@ impl Default for Config {
 impl Config {
     /// Checks values that types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, url) in [("guard_url", &self.guard_url), ("cache_url", &self.cache_url), ("router_url", &self.router_url)] {
+        for (field, url) in [
+            ("guard_url", &self.guard_url),
+            ("cache_url", &self.cache_url),
+            ("router_url", &self.router_url),
+        ] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::invalid(format!("gateway.{field}"), format!("`{url}` is not an http(s) URL")));
+                return Err(ConfigError::invalid(
+                    format!("gateway.{field}"),
+                    format!("`{url}` is not an http(s) URL"),
+                ));
             }
         }
         if self.max_body_bytes == 0 {
-            return Err(ConfigError::invalid("gateway.max_body_bytes", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "gateway.max_body_bytes",
+                "must be greater than 0",
+            ));
         }
         if self.usage_queue_capacity == 0 {
-            return Err(ConfigError::invalid("gateway.usage_queue_capacity", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "gateway.usage_queue_capacity",
+                "must be greater than 0",
+            ));
         }
         let mut ids = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (index, key) in self.keys.iter().enumerate() {
             let path = format!("gateway.keys[{index}]");
             if key.id.is_empty() {
-                return Err(ConfigError::invalid(format!("{path}.id"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.id"),
+                    "must not be empty",
+                ));
             }
             if key.app.is_empty() {
-                return Err(ConfigError::invalid(format!("{path}.app"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.app"),
+                    "must not be empty",
+                ));
             }
             if key.sha256.len() != 64 || !key.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(ConfigError::invalid(
@@ -89,10 +108,16 @@ impl Config {
                 ));
             }
             if !ids.insert(key.id.as_str()) {
-                return Err(ConfigError::invalid(format!("{path}.id"), format!("duplicate key id `{}`", key.id)));
+                return Err(ConfigError::invalid(
+                    format!("{path}.id"),
+                    format!("duplicate key id `{}`", key.id),
+                ));
             }
             if !hashes.insert(key.sha256.to_ascii_lowercase()) {
-                return Err(ConfigError::invalid(format!("{path}.sha256"), "the same key is configured twice"));
+                return Err(ConfigError::invalid(
+                    format!("{path}.sha256"),
+                    "the same key is configured twice",
+                ));
             }
         }
         Ok(())
@@ -106,7 +131,10 @@ mod tests {
 
     #[test]
     fn bad_key_hash_is_named() {
-        let source = Source::from_toml("[gateway]\nkeys = [{ id = \"k\", sha256 = \"abc\", app = \"a\" }]\n").unwrap();
+        let source = Source::from_toml(
+            "[gateway]\nkeys = [{ id = \"k\", sha256 = \"abc\", app = \"a\" }]\n",
+        )
+        .unwrap();
         let config: Config = source.section("gateway").unwrap();
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("gateway.keys[0].sha256"), "{error}");

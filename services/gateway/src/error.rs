@@ -26,7 +26,11 @@ pub enum GatewayError {
     Blocked { entities: String },
     /// A downstream service answered with an error; its code and message are passed through.
     #[error("{message}")]
-    Downstream { code: ErrorCode, message: String, metadata: HashMap<String, String> },
+    Downstream {
+        code: ErrorCode,
+        message: String,
+        metadata: HashMap<String, String>,
+    },
     /// A required dependency (the guard, fail-closed) is unreachable.
     #[error("{service} is unavailable")]
     DependencyDown { service: &'static str },
@@ -41,7 +45,8 @@ impl GatewayError {
         let code = ErrorCode::from_status(status);
         match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown
-                if status.message().contains("transport") || status.message().contains("connect") =>
+                if status.message().contains("transport")
+                    || status.message().contains("connect") =>
             {
                 GatewayError::DependencyDown { service }
             }
@@ -56,13 +61,26 @@ impl GatewayError {
     /// The OpenAI-style body for this error.
     pub fn body(&self) -> ErrorBody {
         let code = self.code();
-        let message = if code == ErrorCode::Internal { "internal error".to_owned() } else { self.to_string() };
+        let message = if code == ErrorCode::Internal {
+            "internal error".to_owned()
+        } else {
+            self.to_string()
+        };
         let param = match self {
             GatewayError::InvalidRequest { field, .. } => Some(field.clone()),
-            GatewayError::Downstream { metadata, .. } => metadata.get("field").or(metadata.get("model")).cloned(),
+            GatewayError::Downstream { metadata, .. } => {
+                metadata.get("field").or(metadata.get("model")).cloned()
+            }
             _ => None,
         };
-        ErrorBody { error: ErrorDetail { message, kind: code.openai_type(), param, code: code.as_str() } }
+        ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind: code.openai_type(),
+                param,
+                code: code.as_str(),
+            },
+        }
     }
 }
 
@@ -81,11 +99,19 @@ impl ServiceError for GatewayError {
 
     fn metadata(&self) -> HashMap<String, String> {
         match self {
-            GatewayError::InvalidRequest { field, .. } => HashMap::from([("field".to_owned(), field.clone())]),
-            GatewayError::Blocked { entities } => HashMap::from([("entities".to_owned(), entities.clone())]),
-            GatewayError::PayloadTooLarge { limit, .. } => HashMap::from([("limit".to_owned(), limit.to_string())]),
+            GatewayError::InvalidRequest { field, .. } => {
+                HashMap::from([("field".to_owned(), field.clone())])
+            }
+            GatewayError::Blocked { entities } => {
+                HashMap::from([("entities".to_owned(), entities.clone())])
+            }
+            GatewayError::PayloadTooLarge { limit, .. } => {
+                HashMap::from([("limit".to_owned(), limit.to_string())])
+            }
             GatewayError::Downstream { metadata, .. } => metadata.clone(),
-            GatewayError::DependencyDown { service } => HashMap::from([("service".to_owned(), (*service).to_owned())]),
+            GatewayError::DependencyDown { service } => {
+                HashMap::from([("service".to_owned(), (*service).to_owned())])
+            }
             _ => HashMap::new(),
         }
     }

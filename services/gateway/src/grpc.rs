@@ -26,18 +26,29 @@ impl GatewayGrpc {
         GatewayGrpc { shared }
     }
 
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<crate::auth::Principal, GatewayError> {
-        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<crate::auth::Principal, GatewayError> {
+        let value = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         self.shared.keys.authenticate(value)
     }
 }
 
 fn control(cache: Option<pb::CacheControl>) -> CacheControl {
     let cache = cache.unwrap_or_default();
-    CacheControl { no_cache: cache.no_cache, no_store: cache.no_store, ttl_seconds: cache.ttl_seconds }
+    CacheControl {
+        no_cache: cache.no_cache,
+        no_store: cache.no_store,
+        ttl_seconds: cache.ttl_seconds,
+    }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::StreamChatCompletionResponse, Status>> + Send + 'static>>;
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamChatCompletionResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl GatewayService for GatewayGrpc {
@@ -53,8 +64,14 @@ impl GatewayService for GatewayGrpc {
             message: "must be set".to_owned(),
         })?;
         let ctx = RequestContext::new(principal);
-        tracing::Span::current().record("request.id", ctx.request_id.as_str()).record("app.id", ctx.principal.app.as_str());
-        let done = self.shared.pipeline.complete(&ctx, chat, control(inner.cache)).await?;
+        tracing::Span::current()
+            .record("request.id", ctx.request_id.as_str())
+            .record("app.id", ctx.principal.app.as_str());
+        let done = self
+            .shared
+            .pipeline
+            .complete(&ctx, chat, control(inner.cache))
+            .await?;
         Ok(Response::new(pb::CreateChatCompletionResponse {
             response: Some(done.response),
             route: Some(done.route),
@@ -77,8 +94,14 @@ impl GatewayService for GatewayGrpc {
             message: "must be set".to_owned(),
         })?;
         let ctx = RequestContext::new(principal);
-        tracing::Span::current().record("request.id", ctx.request_id.as_str()).record("app.id", ctx.principal.app.as_str());
-        let handle = self.shared.pipeline.stream(&ctx, chat, control(inner.cache)).await?;
+        tracing::Span::current()
+            .record("request.id", ctx.request_id.as_str())
+            .record("app.id", ctx.principal.app.as_str());
+        let handle = self
+            .shared
+            .pipeline
+            .stream(&ctx, chat, control(inner.cache))
+            .await?;
         let cache = handle.cache.proto() as i32;
         let request_id = ctx.request_id.clone();
         let mut events = handle.events;

@@ -58,7 +58,9 @@ fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
 }
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Cache control from `Cache-Control` / `x-switchboard-cache` / `x-switchboard-cache-ttl` headers.
@@ -83,17 +85,28 @@ fn cache_control(headers: &HeaderMap) -> CacheControl {
     control
 }
 
-async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<bytes::Bytes, GatewayError> {
+async fn read_body(
+    body: Body,
+    limit: usize,
+    headers: &HeaderMap,
+) -> Result<bytes::Bytes, GatewayError> {
     if let Some(length) = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && length > limit
     {
-        if length > limit {
-            return Err(GatewayError::PayloadTooLarge { size: length, limit });
-        }
+        return Err(GatewayError::PayloadTooLarge {
+            size: length,
+            limit,
+        });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| GatewayError::PayloadTooLarge { size: limit + 1, limit })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| GatewayError::PayloadTooLarge {
+            size: limit + 1,
+            limit,
+        })
 }
 
 fn parse_request(bytes: &[u8]) -> Result<ChatCompletionRequest, GatewayError> {
@@ -101,14 +114,27 @@ fn parse_request(bytes: &[u8]) -> Result<ChatCompletionRequest, GatewayError> {
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
-        let field = if path == "." || inner.is_syntax() || inner.is_eof() { "body".to_owned() } else { path };
-        GatewayError::InvalidRequest { field, message: inner.to_string() }
+        let field = if path == "." || inner.is_syntax() || inner.is_eof() {
+            "body".to_owned()
+        } else {
+            path
+        };
+        GatewayError::InvalidRequest {
+            field,
+            message: inner.to_string(),
+        }
     })
 }
 
-async fn chat_completions(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+async fn chat_completions(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let span = request_span("POST /v1/chat/completions", &headers);
-    let response = handle_chat(shared, headers, body).instrument(span.clone()).await;
+    let response = handle_chat(shared, headers, body)
+        .instrument(span.clone())
+        .await;
     span.record("http.status_code", response.status().as_u16());
     response
 }
@@ -127,7 +153,10 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
         Err(error) => return error.into_response(),
     };
     let stream = parsed.stream;
-    let include_usage = parsed.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = parsed
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let request = match parsed.into_proto() {
         Ok(request) => request,
         Err(error) => return error.into_response(),
@@ -140,10 +169,16 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
     if stream {
         match shared.pipeline.stream(&ctx, request, control).await {
             Ok(handle) => {
-                let mut response = Sse::new(sse_events(handle.events, ctx.response_id(), include_usage))
-                    .keep_alive(KeepAlive::default())
-                    .into_response();
-                set_headers(response.headers_mut(), &ctx.request_id, handle.cache.as_str(), None);
+                let mut response =
+                    Sse::new(sse_events(handle.events, ctx.response_id(), include_usage))
+                        .keep_alive(KeepAlive::default())
+                        .into_response();
+                set_headers(
+                    response.headers_mut(),
+                    &ctx.request_id,
+                    handle.cache.as_str(),
+                    None,
+                );
                 response
             }
             Err(error) => error_with_id(error, &ctx.request_id),
@@ -151,9 +186,19 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
     } else {
         match shared.pipeline.complete(&ctx, request, control).await {
             Ok(done) => {
-                let info = openai::switchboard_info(&ctx.request_id, done.cache.as_str(), Some(&done.route));
-                let mut response = Json(ChatCompletion::from_proto(&done.response, info)).into_response();
-                set_headers(response.headers_mut(), &ctx.request_id, done.cache.as_str(), Some(&done.route));
+                let info = openai::switchboard_info(
+                    &ctx.request_id,
+                    done.cache.as_str(),
+                    Some(&done.route),
+                );
+                let mut response =
+                    Json(ChatCompletion::from_proto(&done.response, info)).into_response();
+                set_headers(
+                    response.headers_mut(),
+                    &ctx.request_id,
+                    done.cache.as_str(),
+                    Some(&done.route),
+                );
                 response
             }
             Err(error) => error_with_id(error, &ctx.request_id),
@@ -164,7 +209,9 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
 fn error_with_id(error: GatewayError, request_id: &str) -> Response {
     let mut response = error.into_response();
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-switchboard-request-id", value);
+        response
+            .headers_mut()
+            .insert("x-switchboard-request-id", value);
     }
     response
 }
@@ -192,7 +239,8 @@ fn set_headers(
 fn json_event<T: serde::Serialize>(value: &T) -> Event {
     match serde_json::to_string(value) {
         Ok(text) => Event::default().data(text),
-        Err(_) => Event::default().data("{\"error\":{\"message\":\"serialisation failed\",\"type\":\"server_error\"}}"),
+        Err(_) => Event::default()
+            .data("{\"error\":{\"message\":\"serialisation failed\",\"type\":\"server_error\"}}"),
     }
 }
 
@@ -242,7 +290,12 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
                 object: "list",
                 data: models
                     .into_iter()
-                    .map(|m| openai::ModelOut { id: m.id, object: "model", created: m.created, owned_by: m.owned_by })
+                    .map(|m| openai::ModelOut {
+                        id: m.id,
+                        object: "model",
+                        created: m.created,
+                        owned_by: m.owned_by,
+                    })
                     .collect(),
             })
             .into_response(),
@@ -252,7 +305,6 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
     .instrument(span)
     .await
 }
-
 
 /// Prometheus text exposition of the gateway's own counters.
 async fn metrics(State(shared): State<Shared>) -> String {

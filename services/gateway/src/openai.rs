@@ -149,7 +149,10 @@ pub struct JsonSchemaIn {
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidRequest { field: field.to_owned(), message: message.into() }
+    GatewayError::InvalidRequest {
+        field: field.to_owned(),
+        message: message.into(),
+    }
 }
 
 fn role_from_str(role: &str, index: usize) -> Result<pb::Role, GatewayError> {
@@ -162,7 +165,9 @@ fn role_from_str(role: &str, index: usize) -> Result<pb::Role, GatewayError> {
         other => {
             return Err(invalid(
                 &format!("messages[{index}].role"),
-                format!("unknown role `{other}`; expected system, developer, user, assistant or tool"),
+                format!(
+                    "unknown role `{other}`; expected system, developer, user, assistant or tool"
+                ),
             ));
         }
     })
@@ -176,16 +181,20 @@ impl ChatCompletionRequest {
             let role = role_from_str(&message.role, index)?;
             let content = match message.content {
                 None => Vec::new(),
-                Some(MessageContent::Text(text)) => vec![pb::ContentPart { part: Some(pb::content_part::Part::Text(text)) }],
+                Some(MessageContent::Text(text)) => vec![pb::ContentPart {
+                    part: Some(pb::content_part::Part::Text(text)),
+                }],
                 Some(MessageContent::Parts(parts)) => parts
                     .into_iter()
                     .map(|part| pb::ContentPart {
                         part: Some(match part {
                             ContentPartIn::Text { text } => pb::content_part::Part::Text(text),
-                            ContentPartIn::ImageUrl { image_url } => pb::content_part::Part::ImageUrl(pb::ImageUrl {
-                                url: image_url.url,
-                                detail: image_url.detail.unwrap_or_default(),
-                            }),
+                            ContentPartIn::ImageUrl { image_url } => {
+                                pb::content_part::Part::ImageUrl(pb::ImageUrl {
+                                    url: image_url.url,
+                                    detail: image_url.detail.unwrap_or_default(),
+                                })
+                            }
                         }),
                     })
                     .collect(),
@@ -193,7 +202,11 @@ impl ChatCompletionRequest {
             let tool_calls = message
                 .tool_calls
                 .into_iter()
-                .map(|call| pb::ToolCall { id: call.id, name: call.function.name, arguments_json: call.function.arguments })
+                .map(|call| pb::ToolCall {
+                    id: call.id,
+                    name: call.function.name,
+                    arguments_json: call.function.arguments,
+                })
                 .collect();
             messages.push(pb::Message {
                 role: role as i32,
@@ -206,12 +219,19 @@ impl ChatCompletionRequest {
         let mut tools = Vec::with_capacity(self.tools.len());
         for (index, tool) in self.tools.into_iter().enumerate() {
             if tool.kind != "function" {
-                return Err(invalid(&format!("tools[{index}].type"), format!("unsupported tool type `{}`", tool.kind)));
+                return Err(invalid(
+                    &format!("tools[{index}].type"),
+                    format!("unsupported tool type `{}`", tool.kind),
+                ));
             }
             tools.push(pb::Tool {
                 name: tool.function.name,
                 description: tool.function.description.unwrap_or_default(),
-                parameters_json: tool.function.parameters.map(|p| p.to_string()).unwrap_or_default(),
+                parameters_json: tool
+                    .function
+                    .parameters
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
                 strict: tool.function.strict.unwrap_or(false),
             });
         }
@@ -222,7 +242,12 @@ impl ChatCompletionRequest {
                     "none" => pb::ToolChoiceMode::None as i32,
                     "auto" => pb::ToolChoiceMode::Auto as i32,
                     "required" => pb::ToolChoiceMode::Required as i32,
-                    other => return Err(invalid("tool_choice", format!("unknown tool_choice `{other}`"))),
+                    other => {
+                        return Err(invalid(
+                            "tool_choice",
+                            format!("unknown tool_choice `{other}`"),
+                        ));
+                    }
                 })),
             }),
             Some(Value::Object(object)) => {
@@ -231,21 +256,30 @@ impl ChatCompletionRequest {
                     .and_then(|f| f.get("name"))
                     .and_then(Value::as_str)
                     .ok_or_else(|| invalid("tool_choice.function.name", "missing function name"))?;
-                Some(pb::ToolChoice { choice: Some(pb::tool_choice::Choice::FunctionName(name.to_owned())) })
+                Some(pb::ToolChoice {
+                    choice: Some(pb::tool_choice::Choice::FunctionName(name.to_owned())),
+                })
             }
             Some(_) => return Err(invalid("tool_choice", "expected a string or an object")),
         };
         let response_format = match self.response_format {
             None => None,
             Some(format) => Some(match format.kind.as_str() {
-                "text" => pb::ResponseFormat { r#type: pb::ResponseFormatType::Text as i32, ..Default::default() },
-                "json_object" => {
-                    pb::ResponseFormat { r#type: pb::ResponseFormatType::JsonObject as i32, ..Default::default() }
-                }
+                "text" => pb::ResponseFormat {
+                    r#type: pb::ResponseFormatType::Text as i32,
+                    ..Default::default()
+                },
+                "json_object" => pb::ResponseFormat {
+                    r#type: pb::ResponseFormatType::JsonObject as i32,
+                    ..Default::default()
+                },
                 "json_schema" => {
-                    let schema = format
-                        .json_schema
-                        .ok_or_else(|| invalid("response_format.json_schema", "required for type json_schema"))?;
+                    let schema = format.json_schema.ok_or_else(|| {
+                        invalid(
+                            "response_format.json_schema",
+                            "required for type json_schema",
+                        )
+                    })?;
                     pb::ResponseFormat {
                         r#type: pb::ResponseFormatType::JsonSchema as i32,
                         schema_name: schema.name,
@@ -253,7 +287,12 @@ impl ChatCompletionRequest {
                         strict: schema.strict.unwrap_or(false),
                     }
                 }
-                other => return Err(invalid("response_format.type", format!("unknown response format `{other}`"))),
+                other => {
+                    return Err(invalid(
+                        "response_format.type",
+                        format!("unknown response format `{other}`"),
+                    ));
+                }
             }),
         };
         let stop = match self.stop {
@@ -381,12 +420,20 @@ pub fn usage_out(usage: Option<&pb::Usage>) -> UsageOut {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         total_tokens: usage.prompt_tokens + usage.completion_tokens,
-        prompt_tokens_details: PromptDetails { cached_tokens: usage.cached_prompt_tokens },
-        completion_tokens_details: CompletionDetails { reasoning_tokens: usage.reasoning_tokens },
+        prompt_tokens_details: PromptDetails {
+            cached_tokens: usage.cached_prompt_tokens,
+        },
+        completion_tokens_details: CompletionDetails {
+            reasoning_tokens: usage.reasoning_tokens,
+        },
     }
 }
 
-pub fn switchboard_info(request_id: &str, cache: &'static str, route: Option<&pb::RouteInfo>) -> SwitchboardInfo {
+pub fn switchboard_info(
+    request_id: &str,
+    cache: &'static str,
+    route: Option<&pb::RouteInfo>,
+) -> SwitchboardInfo {
     let route = route.cloned().unwrap_or_default();
     SwitchboardInfo {
         request_id: request_id.to_owned(),
@@ -399,7 +446,11 @@ pub fn switchboard_info(request_id: &str, cache: &'static str, route: Option<&pb
             .attempts
             .into_iter()
             .filter(|attempt| !attempt.error_code.is_empty())
-            .map(|attempt| AttemptOut { target: attempt.target, error_code: attempt.error_code, http_status: attempt.http_status })
+            .map(|attempt| AttemptOut {
+                target: attempt.target,
+                error_code: attempt.error_code,
+                http_status: attempt.http_status,
+            })
             .collect(),
     }
 }
@@ -410,7 +461,10 @@ fn tool_calls_out(calls: &[pb::ToolCall]) -> Vec<ToolCallOut> {
         .map(|call| ToolCallOut {
             id: call.id.clone(),
             kind: "function",
-            function: FunctionCallOut { name: call.name.clone(), arguments: call.arguments_json.clone() },
+            function: FunctionCallOut {
+                name: call.name.clone(),
+                arguments: call.arguments_json.clone(),
+            },
         })
         .collect()
 }
@@ -432,7 +486,11 @@ impl ChatCompletion {
                         index: choice.index,
                         message: MessageOut {
                             role: "assistant",
-                            content: if text.is_empty() && !message.tool_calls.is_empty() { None } else { Some(text) },
+                            content: if text.is_empty() && !message.tool_calls.is_empty() {
+                                None
+                            } else {
+                                Some(text)
+                            },
                             tool_calls: tool_calls_out(&message.tool_calls),
                         },
                         finish_reason: finish_reason_str(choice.finish_reason),
@@ -518,7 +576,11 @@ impl ChatCompletionChunk {
                     index: choice.index,
                     delta: DeltaOut {
                         role: role_str(choice.role),
-                        content: if choice.content.is_empty() { None } else { Some(choice.content.clone()) },
+                        content: if choice.content.is_empty() {
+                            None
+                        } else {
+                            Some(choice.content.clone())
+                        },
                         tool_calls: choice
                             .tool_calls
                             .iter()
@@ -589,7 +651,9 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<pb::ChatRequest, GatewayError> {
-        serde_json::from_str::<ChatCompletionRequest>(json).unwrap().into_proto()
+        serde_json::from_str::<ChatCompletionRequest>(json)
+            .unwrap()
+            .into_proto()
     }
 
     #[test]
@@ -611,14 +675,20 @@ mod tests {
         assert_eq!(request.messages.len(), 4);
         assert_eq!(request.messages[0].role, pb::Role::System as i32);
         assert_eq!(request.messages[1].content.len(), 2);
-        assert_eq!(request.messages[2].tool_calls[0].arguments_json, "{\"a\":1}");
+        assert_eq!(
+            request.messages[2].tool_calls[0].arguments_json,
+            "{\"a\":1}"
+        );
         assert_eq!(request.messages[3].tool_call_id, "c1");
         assert_eq!(request.tools[0].parameters_json, "{\"type\":\"object\"}");
         assert_eq!(
             request.tool_choice.unwrap().choice,
             Some(pb::tool_choice::Choice::FunctionName("f".into()))
         );
-        assert_eq!(request.response_format.unwrap().r#type, pb::ResponseFormatType::JsonObject as i32);
+        assert_eq!(
+            request.response_format.unwrap().r#type,
+            pb::ResponseFormatType::JsonObject as i32
+        );
         let sampling = request.sampling.unwrap();
         assert_eq!(sampling.max_tokens, Some(7));
         assert_eq!(sampling.stop, vec!["END".to_owned()]);
@@ -627,7 +697,8 @@ mod tests {
 
     #[test]
     fn unknown_role_names_the_field() {
-        let error = parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
+        let error =
+            parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
         match error {
             GatewayError::InvalidRequest { field, .. } => assert_eq!(field, "messages[0].role"),
             other => panic!("unexpected {other:?}"),
@@ -640,10 +711,16 @@ mod tests {
             id: "x".into(),
             model: "m".into(),
             created: 1,
-            choices: vec![pb::ChoiceDelta { index: 0, role: pb::Role::Assistant as i32, content: "hi".into(), ..Default::default() }],
+            choices: vec![pb::ChoiceDelta {
+                index: 0,
+                role: pb::Role::Assistant as i32,
+                content: "hi".into(),
+                ..Default::default()
+            }],
             usage: None,
         };
-        let json = serde_json::to_value(ChatCompletionChunk::from_proto(&chunk, "chatcmpl-1")).unwrap();
+        let json =
+            serde_json::to_value(ChatCompletionChunk::from_proto(&chunk, "chatcmpl-1")).unwrap();
         assert_eq!(json["object"], "chat.completion.chunk");
         assert_eq!(json["id"], "chatcmpl-1");
         assert_eq!(json["choices"][0]["delta"]["content"], "hi");

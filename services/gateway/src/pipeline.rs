@@ -11,11 +11,15 @@ use switchboard_grpc::TracedChannel;
 use switchboard_proto::{
     cache::v1::{LookupRequest, Scope, StoreRequest, cache_service_client::CacheServiceClient},
     chat::v1::{
-        ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role, RouteInfo, Usage,
+        ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role,
+        RouteInfo, Usage,
     },
     guard::v1::{CheckPromptRequest, Decision, guard_service_client::GuardServiceClient},
     ledger::v1::{CacheOutcome, RequestStatus},
-    router::v1::{Caller, RouteRequest, RouteStreamRequest, route_stream_response, router_service_client::RouterServiceClient},
+    router::v1::{
+        Caller, RouteRequest, RouteStreamRequest, route_stream_response,
+        router_service_client::RouterServiceClient,
+    },
 };
 use switchboard_status::ErrorCode;
 use tokio::sync::mpsc;
@@ -161,9 +165,15 @@ impl Pipeline {
     ) -> Self {
         let limit = max_message_bytes.max(4 * 1024 * 1024) * 2;
         Pipeline {
-            guard: GuardServiceClient::new(guard).max_decoding_message_size(limit).max_encoding_message_size(limit),
-            cache: CacheServiceClient::new(cache).max_decoding_message_size(limit).max_encoding_message_size(limit),
-            router: RouterServiceClient::new(router).max_decoding_message_size(limit).max_encoding_message_size(limit),
+            guard: GuardServiceClient::new(guard)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            cache: CacheServiceClient::new(cache)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            router: RouterServiceClient::new(router)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
             usage,
             cache_enabled,
             tasks,
@@ -176,7 +186,9 @@ impl Pipeline {
     }
 
     /// Lists the router's models.
-    pub async fn list_models(&self) -> Result<Vec<switchboard_proto::chat::v1::Model>, GatewayError> {
+    pub async fn list_models(
+        &self,
+    ) -> Result<Vec<switchboard_proto::chat::v1::Model>, GatewayError> {
         let response = self
             .router
             .clone()
@@ -197,10 +209,19 @@ impl Pipeline {
         self.check_guard(ctx, &mut request).await?;
         let cache_status = if self.cache_enabled && !control.no_cache {
             match self.lookup(ctx, &request).await {
-                Lookup::Hit(mut response, route) => {
+                Lookup::Hit(response, route) => {
+                    let (mut response, route) = (*response, *route);
                     response.id = ctx.response_id();
-                    self.record(ctx, &request, RecordArgs::hit(&route, response.usage.clone().unwrap_or_default(), false));
-                    return Ok(Completed { response, route, cache: CacheStatus::Hit });
+                    self.record(
+                        ctx,
+                        &request,
+                        RecordArgs::hit(&route, response.usage.unwrap_or_default(), false),
+                    );
+                    return Ok(Completed {
+                        response,
+                        route,
+                        cache: CacheStatus::Hit,
+                    });
                 }
                 Lookup::Miss => CacheStatus::Miss,
                 Lookup::Unavailable => CacheStatus::Bypass,
@@ -211,7 +232,10 @@ impl Pipeline {
         let routed = self
             .router
             .clone()
-            .route(RouteRequest { request: Some(request.clone()), caller: Some(caller(ctx)) })
+            .route(RouteRequest {
+                request: Some(request.clone()),
+                caller: Some(caller(ctx)),
+            })
             .await;
         let routed = match routed {
             Ok(response) => response.into_inner(),
@@ -226,9 +250,22 @@ impl Pipeline {
         if self.cache_enabled && !control.no_store {
             self.store(ctx, &request, &response, &route, control.ttl_seconds);
         }
-        self.record(ctx, &request, RecordArgs::served(&route, response.usage.clone().unwrap_or_default(), cache_status, false));
+        self.record(
+            ctx,
+            &request,
+            RecordArgs::served(
+                &route,
+                response.usage.unwrap_or_default(),
+                cache_status,
+                false,
+            ),
+        );
         response.id = ctx.response_id();
-        Ok(Completed { response, route, cache: cache_status })
+        Ok(Completed {
+            response,
+            route,
+            cache: cache_status,
+        })
     }
 
     /// A streamed completion. Errors before the first chunk are returned here (so HTTP can answer
@@ -245,13 +282,22 @@ impl Pipeline {
         let cache_status = if self.cache_enabled && !control.no_cache {
             match self.lookup(ctx, &request).await {
                 Lookup::Hit(response, route) => {
-                    let usage = response.usage.clone().unwrap_or_default();
+                    let (response, route) = (*response, *route);
+                    let usage = response.usage.unwrap_or_default();
                     for chunk in replay_chunks(&response, &ctx.response_id()) {
                         let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                     }
-                    let _ = tx.send(StreamEvent::Done { usage: usage.clone(), route: route.clone() }).await;
+                    let _ = tx
+                        .send(StreamEvent::Done {
+                            usage,
+                            route: route.clone(),
+                        })
+                        .await;
                     self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
-                    return Ok(StreamHandle { cache: CacheStatus::Hit, events: rx });
+                    return Ok(StreamHandle {
+                        cache: CacheStatus::Hit,
+                        events: rx,
+                    });
                 }
                 Lookup::Miss => CacheStatus::Miss,
                 Lookup::Unavailable => CacheStatus::Bypass,
@@ -262,7 +308,10 @@ impl Pipeline {
         let opened = self
             .router
             .clone()
-            .route_stream(RouteStreamRequest { request: Some(request.clone()), caller: Some(caller(ctx)) })
+            .route_stream(RouteStreamRequest {
+                request: Some(request.clone()),
+                caller: Some(caller(ctx)),
+            })
             .await;
         let mut upstream = match opened {
             Ok(response) => response.into_inner(),
@@ -286,11 +335,16 @@ impl Pipeline {
         let span = tracing::Span::current();
         self.tasks.spawn(
             async move {
-                pipeline.pump(ctx, request, control, cache_status, first, upstream, tx).await;
+                pipeline
+                    .pump(ctx, request, control, cache_status, first, upstream, tx)
+                    .await;
             }
             .instrument(span),
         );
-        Ok(StreamHandle { cache: cache_status, events: rx })
+        Ok(StreamHandle {
+            cache: cache_status,
+            events: rx,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -332,13 +386,20 @@ impl Pipeline {
                     }
                 }
                 Some(route_stream_response::Event::Route(route)) => {
-                    let usage = assembled.usage.clone().unwrap_or_else(|| assembled.estimate_usage(&request));
-                    if self.cache_enabled && !control.no_store {
-                        if let Some(response) = assembled.to_response(&route) {
-                            self.store(&ctx, &request, &response, &route, control.ttl_seconds);
-                        }
+                    let usage = assembled
+                        .usage
+                        .unwrap_or_else(|| assembled.estimate_usage(&request));
+                    if self.cache_enabled
+                        && !control.no_store
+                        && let Some(response) = assembled.to_response(&route)
+                    {
+                        self.store(&ctx, &request, &response, &route, control.ttl_seconds);
                     }
-                    self.record(&ctx, &request, RecordArgs::served(&route, usage.clone(), cache_status, true));
+                    self.record(
+                        &ctx,
+                        &request,
+                        RecordArgs::served(&route, usage, cache_status, true),
+                    );
                     let _ = tx.send(StreamEvent::Done { usage, route }).await;
                     return;
                 }
@@ -357,7 +418,11 @@ impl Pipeline {
         }
     }
 
-    async fn check_guard(&self, ctx: &RequestContext, request: &mut ChatRequest) -> Result<(), GatewayError> {
+    async fn check_guard(
+        &self,
+        ctx: &RequestContext,
+        request: &mut ChatRequest,
+    ) -> Result<(), GatewayError> {
         let checked = self
             .guard
             .clone()
@@ -370,7 +435,10 @@ impl Pipeline {
             .await
             // Fail closed: without the guard's answer nothing goes to a provider.
             .map_err(|status| match GatewayError::from_status("guard", &status) {
-                GatewayError::Downstream { code: ErrorCode::Unavailable, .. } => GatewayError::DependencyDown { service: "guard" },
+                GatewayError::Downstream {
+                    code: ErrorCode::Unavailable,
+                    ..
+                } => GatewayError::DependencyDown { service: "guard" },
                 other => other,
             })?
             .into_inner();
@@ -389,9 +457,13 @@ impl Pipeline {
                     .collect();
                 entities.sort();
                 entities.dedup();
-                Err(GatewayError::Blocked { entities: entities.join(", ") })
+                Err(GatewayError::Blocked {
+                    entities: entities.join(", "),
+                })
             }
-            Decision::Unspecified => Err(GatewayError::Internal("guard returned no decision".to_owned())),
+            Decision::Unspecified => Err(GatewayError::Internal(
+                "guard returned no decision".to_owned(),
+            )),
         }
     }
 
@@ -399,13 +471,21 @@ impl Pipeline {
         let looked_up = self
             .cache
             .clone()
-            .lookup(LookupRequest { scope: Some(Scope { app: ctx.principal.app.clone() }), request: Some(request.clone()) })
+            .lookup(LookupRequest {
+                scope: Some(Scope {
+                    app: ctx.principal.app.clone(),
+                }),
+                request: Some(request.clone()),
+            })
             .await;
         match looked_up {
             Ok(found) => {
                 let found = found.into_inner();
                 match (found.hit, found.response) {
-                    (true, Some(response)) => Lookup::Hit(response, found.route.unwrap_or_default()),
+                    (true, Some(response)) => Lookup::Hit(
+                        Box::new(response),
+                        Box::new(found.route.unwrap_or_default()),
+                    ),
                     _ => Lookup::Miss,
                 }
             }
@@ -416,10 +496,19 @@ impl Pipeline {
         }
     }
 
-    fn store(&self, ctx: &RequestContext, request: &ChatRequest, response: &ChatResponse, route: &RouteInfo, ttl: u32) {
+    fn store(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        response: &ChatResponse,
+        route: &RouteInfo,
+        ttl: u32,
+    ) {
         let mut cache = self.cache.clone();
         let store = StoreRequest {
-            scope: Some(Scope { app: ctx.principal.app.clone() }),
+            scope: Some(Scope {
+                app: ctx.principal.app.clone(),
+            }),
             request: Some(request.clone()),
             response: Some(response.clone()),
             route: Some(route.clone()),
@@ -458,17 +547,34 @@ impl Pipeline {
     }
 
     /// A request that failed at the router: recorded only when a provider was tried.
-    fn record_failure(&self, ctx: &RequestContext, request: &ChatRequest, cache: CacheStatus, error: &GatewayError, streamed: bool) {
+    fn record_failure(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        cache: CacheStatus,
+        error: &GatewayError,
+        streamed: bool,
+    ) {
         use switchboard_status::ServiceError;
         let code = error.code();
-        if !matches!(code, ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamRejected | ErrorCode::Timeout) {
+        if !matches!(
+            code,
+            ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamRejected | ErrorCode::Timeout
+        ) {
             return;
         }
         let attempts = match error {
-            GatewayError::Downstream { metadata, .. } => metadata.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+            GatewayError::Downstream { metadata, .. } => metadata
+                .get("attempts")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0),
             _ => 0,
         };
-        let route = RouteInfo { route: request.model.clone(), attempt_count: attempts, ..Default::default() };
+        let route = RouteInfo {
+            route: request.model.clone(),
+            attempt_count: attempts,
+            ..Default::default()
+        };
         self.record(
             ctx,
             request,
@@ -493,8 +599,14 @@ impl Pipeline {
         error: Option<&GatewayError>,
     ) {
         use switchboard_status::ServiceError;
-        let usage = assembled.usage.clone().unwrap_or_else(|| assembled.estimate_usage(request));
-        let route = RouteInfo { route: request.model.clone(), model: assembled.model.clone(), ..Default::default() };
+        let usage = assembled
+            .usage
+            .unwrap_or_else(|| assembled.estimate_usage(request));
+        let route = RouteInfo {
+            route: request.model.clone(),
+            model: assembled.model.clone(),
+            ..Default::default()
+        };
         self.record(
             ctx,
             request,
@@ -504,7 +616,9 @@ impl Pipeline {
                 saved_usage: None,
                 cache,
                 status: RequestStatus::Partial,
-                error_code: error.map(|e| e.code().as_str().to_owned()).unwrap_or_else(|| "CLIENT_DISCONNECTED".to_owned()),
+                error_code: error
+                    .map(|e| e.code().as_str().to_owned())
+                    .unwrap_or_else(|| "CLIENT_DISCONNECTED".to_owned()),
                 streamed: true,
             },
         );
@@ -512,7 +626,7 @@ impl Pipeline {
 }
 
 enum Lookup {
-    Hit(ChatResponse, RouteInfo),
+    Hit(Box<ChatResponse>, Box<RouteInfo>),
     Miss,
     Unavailable,
 }
@@ -554,12 +668,19 @@ impl RecordArgs {
 }
 
 fn caller(ctx: &RequestContext) -> Caller {
-    Caller { request_id: ctx.request_id.clone(), app: ctx.principal.app.clone(), team: ctx.principal.team.clone() }
+    Caller {
+        request_id: ctx.request_id.clone(),
+        app: ctx.principal.app.clone(),
+        team: ctx.principal.team.clone(),
+    }
 }
 
 /// Checks what every provider would reject anyway, with errors that name the field.
 pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
-    let invalid = |field: &str, message: &str| GatewayError::InvalidRequest { field: field.to_owned(), message: message.to_owned() };
+    let invalid = |field: &str, message: &str| GatewayError::InvalidRequest {
+        field: field.to_owned(),
+        message: message.to_owned(),
+    };
     if request.model.trim().is_empty() {
         return Err(invalid("model", "must not be empty"));
     }
@@ -572,15 +693,15 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
         }
     }
     if let Some(sampling) = &request.sampling {
-        if let Some(t) = sampling.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(invalid("temperature", "must be between 0 and 2"));
-            }
+        if let Some(t) = sampling.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(invalid("temperature", "must be between 0 and 2"));
         }
-        if let Some(p) = sampling.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(invalid("top_p", "must be in (0, 1]"));
-            }
+        if let Some(p) = sampling.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(invalid("top_p", "must be in (0, 1]"));
         }
         if sampling.max_tokens == Some(0) {
             return Err(invalid("max_tokens", "must be at least 1"));
@@ -591,7 +712,10 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
     }
     for (index, tool) in request.tools.iter().enumerate() {
         if tool.name.is_empty() {
-            return Err(invalid(&format!("tools[{index}].function.name"), "must not be empty"));
+            return Err(invalid(
+                &format!("tools[{index}].function.name"),
+                "must not be empty",
+            ));
         }
     }
     Ok(())
@@ -601,19 +725,32 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
 fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
     let mut chunks = Vec::new();
     for choice in &response.choices {
-        let text = choice.message.as_ref().map(Message::joined_text).unwrap_or_default();
+        let text = choice
+            .message
+            .as_ref()
+            .map(Message::joined_text)
+            .unwrap_or_default();
         chunks.push(ChatChunk {
             id: id.to_owned(),
             model: response.model.clone(),
             created: response.created,
-            choices: vec![ChoiceDelta { index: choice.index, role: Role::Assistant as i32, content: text, ..Default::default() }],
+            choices: vec![ChoiceDelta {
+                index: choice.index,
+                role: Role::Assistant as i32,
+                content: text,
+                ..Default::default()
+            }],
             usage: None,
         });
         chunks.push(ChatChunk {
             id: id.to_owned(),
             model: response.model.clone(),
             created: response.created,
-            choices: vec![ChoiceDelta { index: choice.index, finish_reason: choice.finish_reason, ..Default::default() }],
+            choices: vec![ChoiceDelta {
+                index: choice.index,
+                finish_reason: choice.finish_reason,
+                ..Default::default()
+            }],
             usage: None,
         });
     }
@@ -638,7 +775,10 @@ impl Assembler {
             self.created = chunk.created;
         }
         for choice in &chunk.choices {
-            self.text.entry(choice.index).or_default().push_str(&choice.content);
+            self.text
+                .entry(choice.index)
+                .or_default()
+                .push_str(&choice.content);
             if !choice.tool_calls.is_empty() {
                 self.has_tool_calls = true;
             }
@@ -647,7 +787,7 @@ impl Assembler {
             }
         }
         if let Some(usage) = &chunk.usage {
-            self.usage = Some(usage.clone());
+            self.usage = Some(*usage);
         }
     }
 
@@ -662,9 +802,19 @@ impl Assembler {
             if finish != FinishReason::Stop as i32 {
                 return None;
             }
-            choices.push(Choice { index: *index, message: Some(Message::text(Role::Assistant, text.clone())), finish_reason: finish });
+            choices.push(Choice {
+                index: *index,
+                message: Some(Message::text(Role::Assistant, text.clone())),
+                finish_reason: finish,
+            });
         }
-        Some(ChatResponse { id: String::new(), model: self.model.clone(), choices, usage: self.usage.clone(), created: self.created })
+        Some(ChatResponse {
+            id: String::new(),
+            model: self.model.clone(),
+            choices,
+            usage: self.usage,
+            created: self.created,
+        })
     }
 
     /// A local count when the provider reported no usage: about four characters per token.
@@ -673,7 +823,12 @@ impl Assembler {
         let completion_chars: usize = self.text.values().map(String::len).sum();
         let prompt_tokens = prompt_chars.div_ceil(4) as u32;
         let completion_tokens = completion_chars.div_ceil(4) as u32;
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens, ..Default::default() }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            ..Default::default()
+        }
     }
 }
 
@@ -682,20 +837,33 @@ mod tests {
     use super::*;
 
     fn request() -> ChatRequest {
-        ChatRequest { model: "m".into(), messages: vec![Message::text(Role::User, "hi")], ..Default::default() }
+        ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            ..Default::default()
+        }
     }
 
     #[test]
     fn validation_names_fields() {
         let mut r = request();
         r.model.clear();
-        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "model"));
+        assert!(
+            matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "model")
+        );
         let mut r = request();
         r.messages.clear();
-        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "messages"));
+        assert!(
+            matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "messages")
+        );
         let mut r = request();
-        r.sampling = Some(switchboard_proto::chat::v1::SamplingParams { temperature: Some(3.0), ..Default::default() });
-        assert!(matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "temperature"));
+        r.sampling = Some(switchboard_proto::chat::v1::SamplingParams {
+            temperature: Some(3.0),
+            ..Default::default()
+        });
+        assert!(
+            matches!(validate(&r), Err(GatewayError::InvalidRequest { field, .. }) if field == "temperature")
+        );
         assert!(validate(&request()).is_ok());
     }
 
@@ -705,18 +873,42 @@ mod tests {
         for (content, finish) in [("he", 0), ("llo", 0), ("", FinishReason::Stop as i32)] {
             a.add(&ChatChunk {
                 model: "m".into(),
-                choices: vec![ChoiceDelta { index: 0, content: content.into(), finish_reason: finish, ..Default::default() }],
+                choices: vec![ChoiceDelta {
+                    index: 0,
+                    content: content.into(),
+                    finish_reason: finish,
+                    ..Default::default()
+                }],
                 ..Default::default()
             });
         }
-        assert!(a.to_response(&RouteInfo::default()).is_none(), "no usage yet");
-        a.add(&ChatChunk { usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3, ..Default::default() }), ..Default::default() });
+        assert!(
+            a.to_response(&RouteInfo::default()).is_none(),
+            "no usage yet"
+        );
+        a.add(&ChatChunk {
+            usage: Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let response = a.to_response(&RouteInfo::default()).unwrap();
-        assert_eq!(response.choices[0].message.as_ref().unwrap().joined_text(), "hello");
+        assert_eq!(
+            response.choices[0].message.as_ref().unwrap().joined_text(),
+            "hello"
+        );
 
         let mut cut = Assembler::default();
         cut.add(&ChatChunk {
-            choices: vec![ChoiceDelta { index: 0, content: "x".into(), finish_reason: FinishReason::Length as i32, ..Default::default() }],
+            choices: vec![ChoiceDelta {
+                index: 0,
+                content: "x".into(),
+                finish_reason: FinishReason::Length as i32,
+                ..Default::default()
+            }],
             usage: Some(Usage::default()),
             ..Default::default()
         });
@@ -727,12 +919,19 @@ mod tests {
     fn replay_has_the_shape_of_a_stream() {
         let response = ChatResponse {
             model: "m".into(),
-            choices: vec![Choice { index: 0, message: Some(Message::text(Role::Assistant, "cached")), finish_reason: FinishReason::Stop as i32 }],
+            choices: vec![Choice {
+                index: 0,
+                message: Some(Message::text(Role::Assistant, "cached")),
+                finish_reason: FinishReason::Stop as i32,
+            }],
             ..Default::default()
         };
         let chunks = replay_chunks(&response, "id");
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[0].choices[0].content, "cached");
-        assert_eq!(chunks[1].choices[0].finish_reason, FinishReason::Stop as i32);
+        assert_eq!(
+            chunks[1].choices[0].finish_reason,
+            FinishReason::Stop as i32
+        );
     }
 }

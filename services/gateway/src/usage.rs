@@ -72,14 +72,25 @@ pub struct UsagePublisher {
 pub fn channel(nats: NatsConfig, capacity: usize) -> (UsageSink, UsagePublisher) {
     let (tx, rx) = mpsc::channel(capacity);
     let stats = Arc::new(UsageStats::default());
-    (UsageSink { tx, stats: stats.clone() }, UsagePublisher { rx, nats, stats })
+    (
+        UsageSink {
+            tx,
+            stats: stats.clone(),
+        },
+        UsagePublisher { rx, nats, stats },
+    )
 }
 
 const BATCH: usize = 256;
 
 impl UsagePublisher {
     /// Publishes until `cancel` fires, then drains what is queued (bounded by `drain_timeout`).
-    pub async fn run(mut self, client: async_nats::Client, cancel: CancellationToken, drain_timeout: Duration) {
+    pub async fn run(
+        mut self,
+        client: async_nats::Client,
+        cancel: CancellationToken,
+        drain_timeout: Duration,
+    ) {
         let js = jetstream::new(client);
         let mut stream_ready = false;
         let mut pending: Vec<Queued> = Vec::new();
@@ -117,7 +128,9 @@ impl UsagePublisher {
             if pending.is_empty() {
                 backoff = Duration::from_millis(50);
             } else {
-                self.stats.retries.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .retries
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
                 if wait_or_cancel(&cancel, backoff).await {
                     break;
                 }
@@ -140,7 +153,10 @@ impl UsagePublisher {
             }
         }
         if !pending.is_empty() {
-            tracing::error!(events = pending.len(), "shutting down with unpublished usage events");
+            tracing::error!(
+                events = pending.len(),
+                "shutting down with unpublished usage events"
+            );
         }
     }
 
@@ -152,7 +168,9 @@ impl UsagePublisher {
         for item in batch {
             let span = tracing::info_span!("gateway.publish_usage", otel.kind = "producer", request.id = %item.event.request_id);
             let _ = span.set_parent(item.parent.clone());
-            let sent = switchboard_bus::publish_usage(js, &self.nats, &item.event).instrument(span).await;
+            let sent = switchboard_bus::publish_usage(js, &self.nats, &item.event)
+                .instrument(span)
+                .await;
             match sent {
                 Ok(ack) => {
                     acks.push(ack.into_future());

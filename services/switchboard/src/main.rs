@@ -85,7 +85,10 @@ async fn main() -> ExitCode {
                 ExitCode::from(64)
             }
         },
-        Command::Run { config, with_fake_provider } => {
+        Command::Run {
+            config,
+            with_fake_provider,
+        } => {
             let mesh = match load(config.as_deref()) {
                 Ok(mesh) => mesh,
                 Err(error) => {
@@ -116,10 +119,12 @@ async fn main() -> ExitCode {
 async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()> {
     let fake = match fake_provider {
         Some(addr) => {
-            let fake = switchboard_fake_provider::FakeProvider::start(switchboard_fake_provider::FakeConfig {
-                addr,
-                ..Default::default()
-            })
+            let fake = switchboard_fake_provider::FakeProvider::start(
+                switchboard_fake_provider::FakeConfig {
+                    addr,
+                    ..Default::default()
+                },
+            )
             .await?;
             tracing::warn!(addr = %fake.addr(), "FAKE provider running: a demo backend, not a real model");
             Some(fake)
@@ -157,27 +162,42 @@ async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()
     };
     let (gateway, guard, cache, router, ledger) = tokio::join!(
         async {
-            let result = gateway.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            let result = gateway
+                .run_until(stop(&cancel))
+                .await
+                .map_err(anyhow::Error::from);
             cancel.cancel();
             result.map_err(|e| e.context("gateway"))
         },
         async {
-            let result = guard.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            let result = guard
+                .run_until(stop(&cancel))
+                .await
+                .map_err(anyhow::Error::from);
             cancel.cancel();
             result.map_err(|e| e.context("guard"))
         },
         async {
-            let result = cache.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            let result = cache
+                .run_until(stop(&cancel))
+                .await
+                .map_err(anyhow::Error::from);
             cancel.cancel();
             result.map_err(|e| e.context("cache"))
         },
         async {
-            let result = router.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            let result = router
+                .run_until(stop(&cancel))
+                .await
+                .map_err(anyhow::Error::from);
             cancel.cancel();
             result.map_err(|e| e.context("router"))
         },
         async {
-            let result = ledger.run_until(stop(&cancel)).await.map_err(anyhow::Error::from);
+            let result = ledger
+                .run_until(stop(&cancel))
+                .await
+                .map_err(anyhow::Error::from);
             cancel.cancel();
             result.map_err(|e| e.context("ledger"))
         },

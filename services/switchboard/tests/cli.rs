@@ -11,13 +11,23 @@ use switchboard_testkit::{TestNats, TestPg};
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
 fn example_config() -> String {
-    format!("{}/../../deploy/switchboard.example.toml", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../deploy/switchboard.example.toml",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 #[test]
 fn the_example_configuration_is_valid() {
-    let output = Command::new(BIN).args(["check-config", "--config", &example_config()]).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(BIN)
+        .args(["check-config", "--config", &example_config()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -34,36 +44,84 @@ fn an_invalid_configuration_names_the_field_and_exits_64() {
 
 #[test]
 fn hash_key_prints_the_configured_demo_hash() {
-    let output = Command::new(BIN).args(["hash-key", "sk-switchboard-demo"]).output().unwrap();
+    let output = Command::new(BIN)
+        .args(["hash-key", "sk-switchboard-demo"])
+        .output()
+        .unwrap();
     let hash = String::from_utf8(output.stdout).unwrap();
     let config = std::fs::read_to_string(example_config()).unwrap();
-    assert!(config.contains(hash.trim()), "the example's demo key hash matches `hash-key`");
+    assert!(
+        config.contains(hash.trim()),
+        "the example's demo key hash matches `hash-key`"
+    );
 }
-
 
 #[tokio::test]
 async fn switchboard_run_serves_the_demo_key_end_to_end() {
     let nats = TestNats::create().await.unwrap();
     let pg = TestPg::create().await.unwrap();
     let ports: Vec<u16> = {
-        let listeners: Vec<_> = (0..7).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-        listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+        let listeners: Vec<_> = (0..7)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect()
     };
-    let (http, grpc, guard, cache, router, ledger, fake) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6]);
+    let (http, grpc, guard, cache, router, ledger, fake) = (
+        ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6],
+    );
     let mut child = Command::new(BIN)
-        .args(["run", "--config", &example_config(), "--with-fake-provider", &format!("127.0.0.1:{fake}")])
+        .args([
+            "run",
+            "--config",
+            &example_config(),
+            "--with-fake-provider",
+            &format!("127.0.0.1:{fake}"),
+        ])
         .env("SWITCHBOARD__NATS__SUBJECT_PREFIX", &nats.prefix)
         .env("SWITCHBOARD__NATS__USAGE_STREAM", &nats.stream)
-        .env("SWITCHBOARD__GATEWAY__HTTP_ADDR", format!("127.0.0.1:{http}"))
-        .env("SWITCHBOARD__GATEWAY__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-        .env("SWITCHBOARD__GATEWAY__GUARD_URL", format!("http://127.0.0.1:{guard}"))
-        .env("SWITCHBOARD__GATEWAY__CACHE_URL", format!("http://127.0.0.1:{cache}"))
-        .env("SWITCHBOARD__GATEWAY__ROUTER_URL", format!("http://127.0.0.1:{router}"))
-        .env("SWITCHBOARD__GUARD__GRPC_ADDR", format!("127.0.0.1:{guard}"))
-        .env("SWITCHBOARD__CACHE__GRPC_ADDR", format!("127.0.0.1:{cache}"))
-        .env("SWITCHBOARD__ROUTER__GRPC_ADDR", format!("127.0.0.1:{router}"))
-        .env("SWITCHBOARD__ROUTER__PROVIDERS__FAKE__BASE_URL", format!("http://127.0.0.1:{fake}/v1"))
-        .env("SWITCHBOARD__LEDGER__GRPC_ADDR", format!("127.0.0.1:{ledger}"))
+        .env(
+            "SWITCHBOARD__GATEWAY__HTTP_ADDR",
+            format!("127.0.0.1:{http}"),
+        )
+        .env(
+            "SWITCHBOARD__GATEWAY__GRPC_ADDR",
+            format!("127.0.0.1:{grpc}"),
+        )
+        .env(
+            "SWITCHBOARD__GATEWAY__GUARD_URL",
+            format!("http://127.0.0.1:{guard}"),
+        )
+        .env(
+            "SWITCHBOARD__GATEWAY__CACHE_URL",
+            format!("http://127.0.0.1:{cache}"),
+        )
+        .env(
+            "SWITCHBOARD__GATEWAY__ROUTER_URL",
+            format!("http://127.0.0.1:{router}"),
+        )
+        .env(
+            "SWITCHBOARD__GUARD__GRPC_ADDR",
+            format!("127.0.0.1:{guard}"),
+        )
+        .env(
+            "SWITCHBOARD__CACHE__GRPC_ADDR",
+            format!("127.0.0.1:{cache}"),
+        )
+        .env(
+            "SWITCHBOARD__ROUTER__GRPC_ADDR",
+            format!("127.0.0.1:{router}"),
+        )
+        .env(
+            "SWITCHBOARD__ROUTER__PROVIDERS__FAKE__BASE_URL",
+            format!("http://127.0.0.1:{fake}/v1"),
+        )
+        .env(
+            "SWITCHBOARD__LEDGER__GRPC_ADDR",
+            format!("127.0.0.1:{ledger}"),
+        )
         .env("SWITCHBOARD__LEDGER__DATABASE_URL", &pg.url)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -88,7 +146,10 @@ async fn switchboard_run_serves_the_demo_key_end_to_end() {
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap();
     drop(client);
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let mut stopped = false;
     for _ in 0..200 {
         if child.try_wait().unwrap().is_some() {

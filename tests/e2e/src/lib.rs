@@ -120,11 +120,24 @@ pub fn expected_cost_nanos(prompt_tokens: i64, completion_tokens: i64) -> i64 {
 impl Sandbox {
     /// Starts two fake providers and the five services.
     pub async fn start() -> anyhow::Result<Sandbox> {
-        let primary = FakeProvider::start(FakeConfig { addr: "127.0.0.1:0".into(), ..Default::default() }).await?;
-        let backup = FakeProvider::start(FakeConfig { addr: "127.0.0.1:0".into(), ..Default::default() }).await?;
+        let primary = FakeProvider::start(FakeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..Default::default()
+        })
+        .await?;
+        let backup = FakeProvider::start(FakeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..Default::default()
+        })
+        .await?;
         let nats = TestNats::create().await?;
         let pg = TestPg::create().await?;
-        let source = Source::from_toml(&mesh_toml(&primary.base_url(), &backup.base_url(), &pg.url, &nats))?;
+        let source = Source::from_toml(&mesh_toml(
+            &primary.base_url(),
+            &backup.base_url(),
+            &pg.url,
+            &nats,
+        ))?;
         let nats_config: switchboard_bus::NatsConfig = source.section("nats")?;
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -133,30 +146,58 @@ impl Sandbox {
             .await
             .context("ledger")?;
         let ledger_url = format!("http://{}", ledger.local_addr());
-        tasks.push(spawn(cancel.clone(), |stop| async move { Ok(ledger.run_until(stop).await?) }));
+        tasks.push(spawn(cancel.clone(), |stop| async move {
+            Ok(ledger.run_until(stop).await?)
+        }));
 
-        let router = switchboard_router::App::build(source.section("router")?).await.context("router")?;
+        let router = switchboard_router::App::build(source.section("router")?)
+            .await
+            .context("router")?;
         let router_url = format!("http://{}", router.local_addr());
-        tasks.push(spawn(cancel.clone(), |stop| async move { Ok(router.run_until(stop).await?) }));
+        tasks.push(spawn(cancel.clone(), |stop| async move {
+            Ok(router.run_until(stop).await?)
+        }));
 
-        let cache = switchboard_cache::App::build(source.section("cache")?).await.context("cache")?;
+        let cache = switchboard_cache::App::build(source.section("cache")?)
+            .await
+            .context("cache")?;
         let cache_url = format!("http://{}", cache.local_addr());
-        tasks.push(spawn(cancel.clone(), |stop| async move { Ok(cache.run_until(stop).await?) }));
+        tasks.push(spawn(cancel.clone(), |stop| async move {
+            Ok(cache.run_until(stop).await?)
+        }));
 
-        let guard = switchboard_guard::App::build(source.section("guard")?).await.context("guard")?;
+        let guard = switchboard_guard::App::build(source.section("guard")?)
+            .await
+            .context("guard")?;
         let guard_url = format!("http://{}", guard.local_addr());
-        tasks.push(spawn(cancel.clone(), |stop| async move { Ok(guard.run_until(stop).await?) }));
+        tasks.push(spawn(cancel.clone(), |stop| async move {
+            Ok(guard.run_until(stop).await?)
+        }));
 
         let mut gateway_config: switchboard_gateway::Config = source.section("gateway")?;
         gateway_config.guard_url = guard_url;
         gateway_config.cache_url = cache_url;
         gateway_config.router_url = router_url;
-        let gateway = switchboard_gateway::App::build(gateway_config, nats_config).await.context("gateway")?;
+        let gateway = switchboard_gateway::App::build(gateway_config, nats_config)
+            .await
+            .context("gateway")?;
         let http_url = format!("http://{}", gateway.http_addr());
         let gateway_grpc_url = format!("http://{}", gateway.grpc_addr());
-        tasks.push(spawn(cancel.clone(), |stop| async move { Ok(gateway.run_until(stop).await?) }));
+        tasks.push(spawn(cancel.clone(), |stop| async move {
+            Ok(gateway.run_until(stop).await?)
+        }));
 
-        Ok(Sandbox { primary, backup, http_url, gateway_grpc_url, ledger_url, nats, pg: Some(pg), cancel, tasks })
+        Ok(Sandbox {
+            primary,
+            backup,
+            http_url,
+            gateway_grpc_url,
+            ledger_url,
+            nats,
+            pg: Some(pg),
+            cancel,
+            tasks,
+        })
     }
 
     /// A gRPC client of the gateway.
@@ -173,7 +214,12 @@ impl Sandbox {
     pub async fn wait_for_record(&self, request_id: &str) -> anyhow::Result<UsageRecord> {
         let mut ledger = self.ledger().await?;
         for _ in 0..200 {
-            match ledger.get_usage_record(GetUsageRecordRequest { request_id: request_id.to_owned() }).await {
+            match ledger
+                .get_usage_record(GetUsageRecordRequest {
+                    request_id: request_id.to_owned(),
+                })
+                .await
+            {
                 Ok(found) => return found.into_inner().record.context("empty record"),
                 Err(status) if status.code() == tonic::Code::NotFound => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -187,7 +233,12 @@ impl Sandbox {
     /// Whether the ledger has a row for `request_id` right now.
     pub async fn has_record(&self, request_id: &str) -> anyhow::Result<bool> {
         let mut ledger = self.ledger().await?;
-        match ledger.get_usage_record(GetUsageRecordRequest { request_id: request_id.to_owned() }).await {
+        match ledger
+            .get_usage_record(GetUsageRecordRequest {
+                request_id: request_id.to_owned(),
+            })
+            .await
+        {
             Ok(_) => Ok(true),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
             Err(status) => anyhow::bail!("ledger: {status}"),
@@ -198,7 +249,9 @@ impl Sandbox {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.cancel.cancel();
         for task in self.tasks.drain(..) {
-            tokio::time::timeout(Duration::from_secs(20), task).await.context("service did not stop")???;
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .context("service did not stop")???;
         }
         self.nats.cleanup().await;
         if let Some(pg) = self.pg.take() {

@@ -1,11 +1,16 @@
 //! End-to-end: every request goes gateway → guard → cache → router → fake provider over real gRPC,
 //! and the usage event goes through real NATS JetStream into the ledger's real Postgres.
 
+#![allow(clippy::unwrap_used)]
+
 use serde_json::{Value, json};
 use switchboard_e2e::{KEY_A, KEY_B, MAX_BODY, MODEL, Sandbox, expected_cost_nanos};
 use switchboard_proto::{
     chat::v1::{ChatRequest, Message, Role},
-    gateway::v1::{CreateChatCompletionRequest, StreamChatCompletionRequest, stream_chat_completion_response::Event},
+    gateway::v1::{
+        CreateChatCompletionRequest, StreamChatCompletionRequest,
+        stream_chat_completion_response::Event,
+    },
     ledger::v1::{CacheOutcome, GetSpendRequest, RequestStatus},
 };
 use switchboard_status::ErrorCode;
@@ -20,7 +25,9 @@ fn body(text: &str) -> Value {
 }
 
 async fn post(sandbox: &Sandbox, key: Option<&str>, body: &Value) -> reqwest::Response {
-    let mut request = http().post(format!("{}/v1/chat/completions", sandbox.http_url)).json(body);
+    let mut request = http()
+        .post(format!("{}/v1/chat/completions", sandbox.http_url))
+        .json(body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -28,19 +35,30 @@ async fn post(sandbox: &Sandbox, key: Option<&str>, body: &Value) -> reqwest::Re
 }
 
 fn header(response: &reqwest::Response, name: &str) -> String {
-    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn authed<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {key}")).unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
+    );
     request
 }
 
 fn chat(text: &str) -> ChatRequest {
     ChatRequest {
         model: MODEL.into(),
-        messages: vec![Message::text(Role::System, "be brief"), Message::text(Role::User, text)],
+        messages: vec![
+            Message::text(Role::System, "be brief"),
+            Message::text(Role::User, text),
+        ],
         ..Default::default()
     }
 }
@@ -57,7 +75,10 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
     let first_id = header(&first, "x-switchboard-request-id");
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["object"], "chat.completion");
-    assert_eq!(first["choices"][0]["message"]["content"], "echo: what is the capital of france");
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        "echo: what is the capital of france"
+    );
     assert_eq!(first["choices"][0]["finish_reason"], "stop");
     assert_eq!(first["switchboard"]["provider"], "primary");
     assert_eq!(first["switchboard"]["attempts"], 1);
@@ -73,7 +94,10 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
     assert_eq!(row.model, MODEL);
     assert_eq!(row.prompt_tokens as i64, prompt);
     assert_eq!(row.completion_tokens as i64, completion);
-    assert_eq!(row.cost_usd_nanos, Some(expected_cost_nanos(prompt, completion)));
+    assert_eq!(
+        row.cost_usd_nanos,
+        Some(expected_cost_nanos(prompt, completion))
+    );
     assert_eq!(row.cache, CacheOutcome::Miss as i32);
     assert_eq!(row.status, RequestStatus::Ok as i32);
 
@@ -84,8 +108,15 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
     let second_id = header(&second, "x-switchboard-request-id");
     assert_ne!(second_id, first_id);
     let second_body: Value = second.json().await.unwrap();
-    assert_eq!(second_body["choices"][0]["message"]["content"], "echo: what is the capital of france");
-    assert_eq!(sandbox.primary.request_count(MODEL), 1, "a cache hit must not reach the provider");
+    assert_eq!(
+        second_body["choices"][0]["message"]["content"],
+        "echo: what is the capital of france"
+    );
+    assert_eq!(
+        sandbox.primary.request_count(MODEL),
+        1,
+        "a cache hit must not reach the provider"
+    );
     let hit = sandbox.wait_for_record(&second_id).await.unwrap();
     assert_eq!(hit.cache, CacheOutcome::Hit as i32);
     assert_eq!(hit.cost_usd_nanos, Some(0));
@@ -102,8 +133,14 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
         .await
         .unwrap()
         .get_spend(GetSpendRequest {
-            start: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
-            end: Some(prost_types::Timestamp { seconds: 4_000_000_000, nanos: 0 }),
+            start: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            }),
+            end: Some(prost_types::Timestamp {
+                seconds: 4_000_000_000,
+                nanos: 0,
+            }),
             app: "app-a".into(),
         })
         .await
@@ -113,8 +150,14 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
     assert_eq!(spend.rows[0].app, "app-a");
     assert_eq!(spend.rows[0].requests, 2);
     assert_eq!(spend.rows[0].cache_hits, 1);
-    assert_eq!(spend.rows[0].cost_usd_nanos, expected_cost_nanos(prompt, completion));
-    assert_eq!(spend.total_cost_usd_nanos, expected_cost_nanos(prompt, completion));
+    assert_eq!(
+        spend.rows[0].cost_usd_nanos,
+        expected_cost_nanos(prompt, completion)
+    );
+    assert_eq!(
+        spend.total_cost_usd_nanos,
+        expected_cost_nanos(prompt, completion)
+    );
     sandbox.stop().await.unwrap();
 }
 
@@ -122,21 +165,47 @@ async fn http_completion_is_recorded_priced_and_then_served_from_cache() {
 async fn grpc_completion_and_cache_hit() {
     let sandbox = Sandbox::start().await.unwrap();
     let mut gateway = sandbox.gateway().await.unwrap();
-    let request = CreateChatCompletionRequest { request: Some(chat("hello over grpc")), cache: None };
-    let first = gateway.create_chat_completion(authed(request.clone(), KEY_A)).await.unwrap().into_inner();
+    let request = CreateChatCompletionRequest {
+        request: Some(chat("hello over grpc")),
+        cache: None,
+    };
+    let first = gateway
+        .create_chat_completion(authed(request.clone(), KEY_A))
+        .await
+        .unwrap()
+        .into_inner();
     let answer = first.response.as_ref().unwrap();
-    assert_eq!(answer.choices[0].message.as_ref().unwrap().joined_text(), "echo: hello over grpc");
+    assert_eq!(
+        answer.choices[0].message.as_ref().unwrap().joined_text(),
+        "echo: hello over grpc"
+    );
     let route = first.route.as_ref().unwrap();
     assert_eq!(route.provider, "primary");
     assert_eq!(route.attempt_count, 1);
-    assert_eq!(first.cache, switchboard_proto::gateway::v1::CacheStatus::Miss as i32);
+    assert_eq!(
+        first.cache,
+        switchboard_proto::gateway::v1::CacheStatus::Miss as i32
+    );
     let row = sandbox.wait_for_record(&first.request_id).await.unwrap();
-    let usage = answer.usage.clone().unwrap();
+    let usage = answer.usage.unwrap();
     assert_eq!(row.prompt_tokens, usage.prompt_tokens);
-    assert_eq!(row.cost_usd_nanos, Some(expected_cost_nanos(usage.prompt_tokens.into(), usage.completion_tokens.into())));
+    assert_eq!(
+        row.cost_usd_nanos,
+        Some(expected_cost_nanos(
+            usage.prompt_tokens.into(),
+            usage.completion_tokens.into()
+        ))
+    );
 
-    let second = gateway.create_chat_completion(authed(request, KEY_A)).await.unwrap().into_inner();
-    assert_eq!(second.cache, switchboard_proto::gateway::v1::CacheStatus::Hit as i32);
+    let second = gateway
+        .create_chat_completion(authed(request, KEY_A))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.cache,
+        switchboard_proto::gateway::v1::CacheStatus::Hit as i32
+    );
     let hit = sandbox.wait_for_record(&second.request_id).await.unwrap();
     assert_eq!(hit.cache, CacheOutcome::Hit as i32);
     assert!(hit.saved_usd_nanos > 0);
@@ -155,7 +224,10 @@ async fn fallback_on_500_and_429_names_the_target_that_served() {
         let id = header(&response, "x-switchboard-request-id");
         let json: Value = response.json().await.unwrap();
         assert_eq!(json["switchboard"]["provider"], "backup");
-        assert_eq!(json["switchboard"]["attempt_errors"][0]["http_status"], status);
+        assert_eq!(
+            json["switchboard"]["attempt_errors"][0]["http_status"],
+            status
+        );
         let row = sandbox.wait_for_record(&id).await.unwrap();
         assert_eq!(row.provider, "backup");
         assert_eq!(row.attempts, 2);
@@ -174,19 +246,38 @@ async fn sse_stream_arrives_in_order_ends_with_done_and_is_recorded() {
     assert!(header(&response, "content-type").starts_with("text/event-stream"));
     let id = header(&response, "x-switchboard-request-id");
     let text = response.text().await.unwrap();
-    let events: Vec<&str> = text.lines().filter_map(|line| line.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    let content: String =
-        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().join("");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect::<Vec<_>>()
+        .join("");
     assert_eq!(content, "echo: tell me a story about a lighthouse keeper");
-    assert!(chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].is_string()).count() > 1, "more than one chunk");
+    assert!(
+        chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+            .count()
+            > 1,
+        "more than one chunk"
+    );
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() > 0);
     assert_eq!(chunks.last().unwrap()["choices"], json!([]));
     let row = sandbox.wait_for_record(&id).await.unwrap();
     assert!(row.streamed);
-    assert_eq!(row.completion_tokens as u64, usage["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        row.completion_tokens as u64,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
     assert_eq!(row.status, RequestStatus::Ok as i32);
 
     // Without include_usage there is no usage chunk, and the cached answer is replayed as a stream.
@@ -204,8 +295,15 @@ async fn sse_stream_arrives_in_order_ends_with_done_and_is_recorded() {
 async fn grpc_stream_delivers_chunks_then_summary() {
     let sandbox = Sandbox::start().await.unwrap();
     let mut gateway = sandbox.gateway().await.unwrap();
-    let request = StreamChatCompletionRequest { request: Some(chat("stream me five words please")), cache: None };
-    let mut stream = gateway.stream_chat_completion(authed(request, KEY_A)).await.unwrap().into_inner();
+    let request = StreamChatCompletionRequest {
+        request: Some(chat("stream me five words please")),
+        cache: None,
+    };
+    let mut stream = gateway
+        .stream_chat_completion(authed(request, KEY_A))
+        .await
+        .unwrap()
+        .into_inner();
     let mut text = String::new();
     let mut chunks = 0;
     let mut summary = None;
@@ -236,21 +334,40 @@ async fn grpc_stream_delivers_chunks_then_summary() {
 #[tokio::test]
 async fn guard_redacts_before_the_provider_and_blocks_per_app() {
     let sandbox = Sandbox::start().await.unwrap();
-    let response = post(&sandbox, Some(KEY_A), &body("mail me at jane.doe@example.com with card 4111 1111 1111 1111")).await;
+    let response = post(
+        &sandbox,
+        Some(KEY_A),
+        &body("mail me at jane.doe@example.com with card 4111 1111 1111 1111"),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let sent = sandbox.primary.requests();
     let sent = serde_json::to_string(&sent.last().unwrap().body).unwrap();
-    assert!(!sent.contains("jane.doe@example.com"), "the provider must not see the email");
-    assert!(!sent.contains("4111 1111 1111 1111"), "the provider must not see the card");
+    assert!(
+        !sent.contains("jane.doe@example.com"),
+        "the provider must not see the email"
+    );
+    assert!(
+        !sent.contains("4111 1111 1111 1111"),
+        "the provider must not see the card"
+    );
     assert!(sent.contains("[EMAIL_ADDRESS]") && sent.contains("[CREDIT_CARD]"));
 
-    let blocked = post(&sandbox, Some(KEY_B), &body("my email is jane.doe@example.com")).await;
+    let blocked = post(
+        &sandbox,
+        Some(KEY_B),
+        &body("my email is jane.doe@example.com"),
+    )
+    .await;
     assert_eq!(blocked.status(), 403);
     let error: Value = blocked.json().await.unwrap();
     assert_eq!(error["error"]["type"], "permission_error");
     assert_eq!(error["error"]["code"], "PERMISSION_DENIED");
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(message.contains("EMAIL_ADDRESS") && !message.contains("jane.doe"), "{message}");
+    assert!(
+        message.contains("EMAIL_ADDRESS") && !message.contains("jane.doe"),
+        "{message}"
+    );
     sandbox.stop().await.unwrap();
 }
 
@@ -260,13 +377,63 @@ async fn bad_http_input_gets_typed_openai_errors_and_writes_nothing() {
     let url = format!("{}/v1/chat/completions", sandbox.http_url);
     let mut rejected_ids = Vec::new();
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        ("malformed json", http().post(&url).bearer_auth(KEY_A).header("content-type", "application/json").body("{\"model\": "), 400, "invalid_request_error"),
-        ("missing messages", http().post(&url).bearer_auth(KEY_A).json(&json!({"model": MODEL})), 400, "invalid_request_error"),
-        ("unknown model", http().post(&url).bearer_auth(KEY_A).json(&json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})), 404, "not_found_error"),
-        ("missing key", http().post(&url).json(&body("hi")), 401, "authentication_error"),
-        ("wrong key", http().post(&url).bearer_auth("sk-wrong").json(&body("hi")), 401, "authentication_error"),
-        ("too large", http().post(&url).bearer_auth(KEY_A).json(&body(&"x".repeat(MAX_BODY + 10))), 413, "invalid_request_error"),
-        ("guard block", http().post(&url).bearer_auth(KEY_B).json(&body("card 4111-1111-1111-1111")), 403, "permission_error"),
+        (
+            "malformed json",
+            http()
+                .post(&url)
+                .bearer_auth(KEY_A)
+                .header("content-type", "application/json")
+                .body("{\"model\": "),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "missing messages",
+            http()
+                .post(&url)
+                .bearer_auth(KEY_A)
+                .json(&json!({"model": MODEL})),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "unknown model",
+            http().post(&url).bearer_auth(KEY_A).json(
+                &json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            404,
+            "not_found_error",
+        ),
+        (
+            "missing key",
+            http().post(&url).json(&body("hi")),
+            401,
+            "authentication_error",
+        ),
+        (
+            "wrong key",
+            http().post(&url).bearer_auth("sk-wrong").json(&body("hi")),
+            401,
+            "authentication_error",
+        ),
+        (
+            "too large",
+            http()
+                .post(&url)
+                .bearer_auth(KEY_A)
+                .json(&body(&"x".repeat(MAX_BODY + 10))),
+            413,
+            "invalid_request_error",
+        ),
+        (
+            "guard block",
+            http()
+                .post(&url)
+                .bearer_auth(KEY_B)
+                .json(&body("card 4111-1111-1111-1111")),
+            403,
+            "permission_error",
+        ),
     ];
     for (name, request, status, kind) in cases {
         let response = request.send().await.unwrap();
@@ -274,17 +441,31 @@ async fn bad_http_input_gets_typed_openai_errors_and_writes_nothing() {
         if let Some(id) = response.headers().get("x-switchboard-request-id") {
             rejected_ids.push(id.to_str().unwrap().to_owned());
         }
-        let error: Value = response.json().await.unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        let error: Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
         assert_eq!(error["error"]["type"], kind, "{name}: {error}");
-        assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
     }
-    assert!(sandbox.primary.requests().is_empty() && sandbox.backup.requests().is_empty(), "nothing reached a provider");
+    assert!(
+        sandbox.primary.requests().is_empty() && sandbox.backup.requests().is_empty(),
+        "nothing reached a provider"
+    );
     // A later successful request is recorded; the rejected ones (published before it, if at all) are not.
     let ok = post(&sandbox, Some(KEY_A), &body("fine")).await;
     let ok_id = header(&ok, "x-switchboard-request-id");
     sandbox.wait_for_record(&ok_id).await.unwrap();
     for id in rejected_ids {
-        assert!(!sandbox.has_record(&id).await.unwrap(), "no ledger row for rejected request {id}");
+        assert!(
+            !sandbox.has_record(&id).await.unwrap(),
+            "no ledger row for rejected request {id}"
+        );
     }
     sandbox.stop().await.unwrap();
 }
@@ -295,16 +476,76 @@ async fn bad_grpc_input_gets_typed_statuses_with_error_info() {
     let sandbox = Sandbox::start().await.unwrap();
     let mut gateway = sandbox.gateway().await.unwrap();
     let cases = vec![
-        ("no key", tonic::Request::new(CreateChatCompletionRequest { request: Some(chat("hi")), cache: None }), tonic::Code::Unauthenticated, ErrorCode::Unauthenticated),
-        ("wrong key", authed(CreateChatCompletionRequest { request: Some(chat("hi")), cache: None }, "sk-nope"), tonic::Code::Unauthenticated, ErrorCode::Unauthenticated),
-        ("no messages", authed(CreateChatCompletionRequest { request: Some(ChatRequest { model: MODEL.into(), ..Default::default() }), cache: None }, KEY_A), tonic::Code::InvalidArgument, ErrorCode::InvalidArgument),
-        ("unknown model", authed(CreateChatCompletionRequest { request: Some(ChatRequest { model: "nope".into(), ..chat("hi") }), cache: None }, KEY_A), tonic::Code::NotFound, ErrorCode::NotFound),
-        ("guard block", authed(CreateChatCompletionRequest { request: Some(chat("reach me at a.b@example.org")), cache: None }, KEY_B), tonic::Code::PermissionDenied, ErrorCode::PermissionDenied),
+        (
+            "no key",
+            tonic::Request::new(CreateChatCompletionRequest {
+                request: Some(chat("hi")),
+                cache: None,
+            }),
+            tonic::Code::Unauthenticated,
+            ErrorCode::Unauthenticated,
+        ),
+        (
+            "wrong key",
+            authed(
+                CreateChatCompletionRequest {
+                    request: Some(chat("hi")),
+                    cache: None,
+                },
+                "sk-nope",
+            ),
+            tonic::Code::Unauthenticated,
+            ErrorCode::Unauthenticated,
+        ),
+        (
+            "no messages",
+            authed(
+                CreateChatCompletionRequest {
+                    request: Some(ChatRequest {
+                        model: MODEL.into(),
+                        ..Default::default()
+                    }),
+                    cache: None,
+                },
+                KEY_A,
+            ),
+            tonic::Code::InvalidArgument,
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "unknown model",
+            authed(
+                CreateChatCompletionRequest {
+                    request: Some(ChatRequest {
+                        model: "nope".into(),
+                        ..chat("hi")
+                    }),
+                    cache: None,
+                },
+                KEY_A,
+            ),
+            tonic::Code::NotFound,
+            ErrorCode::NotFound,
+        ),
+        (
+            "guard block",
+            authed(
+                CreateChatCompletionRequest {
+                    request: Some(chat("reach me at a.b@example.org")),
+                    cache: None,
+                },
+                KEY_B,
+            ),
+            tonic::Code::PermissionDenied,
+            ErrorCode::PermissionDenied,
+        ),
     ];
     for (name, request, code, reason) in cases {
         let status = gateway.create_chat_completion(request).await.unwrap_err();
         assert_eq!(status.code(), code, "{name}: {status:?}");
-        let info = status.get_details_error_info().unwrap_or_else(|| panic!("{name}: no ErrorInfo"));
+        let info = status
+            .get_details_error_info()
+            .unwrap_or_else(|| panic!("{name}: no ErrorInfo"));
         assert_eq!(info.reason, reason.as_str(), "{name}");
     }
     assert!(sandbox.primary.requests().is_empty());
@@ -314,12 +555,27 @@ async fn bad_grpc_input_gets_typed_statuses_with_error_info() {
 #[tokio::test]
 async fn models_are_listed_over_http() {
     let sandbox = Sandbox::start().await.unwrap();
-    let response = http().get(format!("{}/v1/models", sandbox.http_url)).bearer_auth(KEY_A).send().await.unwrap();
+    let response = http()
+        .get(format!("{}/v1/models", sandbox.http_url))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let list: Value = response.json().await.unwrap();
     assert_eq!(list["object"], "list");
-    assert!(list["data"].as_array().unwrap().iter().any(|m| m["id"] == MODEL));
-    let unauthorized = http().get(format!("{}/v1/models", sandbox.http_url)).send().await.unwrap();
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == MODEL)
+    );
+    let unauthorized = http()
+        .get(format!("{}/v1/models", sandbox.http_url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unauthorized.status(), 401);
     sandbox.stop().await.unwrap();
 }
@@ -344,29 +600,56 @@ async fn the_same_usage_event_published_twice_makes_one_row() {
         app: "app-a".into(),
         requested_model: MODEL.into(),
         status: RequestStatus::Ok as i32,
-        usage: Some(switchboard_proto::chat::v1::Usage { prompt_tokens: 999, completion_tokens: 999, total_tokens: 1998, ..Default::default() }),
-        time: Some(prost_types::Timestamp { seconds: 1_800_000_000, nanos: 0 }),
+        usage: Some(switchboard_proto::chat::v1::Usage {
+            prompt_tokens: 999,
+            completion_tokens: 999,
+            total_tokens: 1998,
+            ..Default::default()
+        }),
+        time: Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        }),
         ..Default::default()
     };
-    switchboard_bus::publish_usage(&js, &config, &event).await.unwrap().await.unwrap();
+    switchboard_bus::publish_usage(&js, &config, &event)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     // A marker request after it: once its row exists, the duplicate has been consumed too.
     let marker = post(&sandbox, Some(KEY_A), &body("marker")).await;
-    sandbox.wait_for_record(&header(&marker, "x-switchboard-request-id")).await.unwrap();
+    sandbox
+        .wait_for_record(&header(&marker, "x-switchboard-request-id"))
+        .await
+        .unwrap();
     let again = sandbox.wait_for_record(&id).await.unwrap();
-    assert_eq!(again.prompt_tokens, row.prompt_tokens, "the first row stands");
+    assert_eq!(
+        again.prompt_tokens, row.prompt_tokens,
+        "the first row stands"
+    );
     let spend = sandbox
         .ledger()
         .await
         .unwrap()
         .get_spend(GetSpendRequest {
-            start: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
-            end: Some(prost_types::Timestamp { seconds: 4_000_000_000, nanos: 0 }),
+            start: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            }),
+            end: Some(prost_types::Timestamp {
+                seconds: 4_000_000_000,
+                nanos: 0,
+            }),
             app: "app-a".into(),
         })
         .await
         .unwrap()
         .into_inner();
     let requests: u64 = spend.rows.iter().map(|r| r.requests).sum();
-    assert_eq!(requests, 2, "one row for the twice-published event, one for the marker");
+    assert_eq!(
+        requests, 2,
+        "one row for the twice-published event, one for the marker"
+    );
     sandbox.stop().await.unwrap();
 }

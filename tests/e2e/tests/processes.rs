@@ -3,6 +3,8 @@
 //! produce one trace that spans all five services, the provider call and the ledger's consumption
 //! after NATS, with correct parent links.
 
+#![allow(clippy::unwrap_used)]
+
 use std::{
     collections::{HashMap, HashSet},
     net::TcpListener,
@@ -12,17 +14,27 @@ use std::{
 };
 
 use switchboard_e2e::{KEY_A, MODEL, mesh_toml};
-use switchboard_proto::ledger::v1::{GetUsageRecordRequest, ledger_service_client::LedgerServiceClient};
+use switchboard_proto::ledger::v1::{
+    GetUsageRecordRequest, ledger_service_client::LedgerServiceClient,
+};
 use switchboard_testkit::{TestNats, TestPg, otlp};
 
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|deps| deps.parent()).unwrap().to_path_buf()
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .to_path_buf()
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 struct Processes(Vec<(String, Child)>);
@@ -30,7 +42,10 @@ struct Processes(Vec<(String, Child)>);
 impl Processes {
     async fn terminate(&mut self) {
         for (_, child) in &self.0 {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
         }
         for (name, child) in &mut self.0 {
             let mut waited = 0;
@@ -62,7 +77,10 @@ impl Drop for Processes {
 
 async fn wait_port(port: u16) {
     for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -73,30 +91,78 @@ async fn wait_port(port: u16) {
 #[tokio::test]
 async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
     let dir = bin_dir();
-    for bin in ["fake-provider", "gateway", "guard", "cache", "router", "ledger"] {
-        assert!(dir.join(bin).exists(), "{} is missing: run `cargo build --workspace --bins` first", dir.join(bin).display());
+    for bin in [
+        "fake-provider",
+        "gateway",
+        "guard",
+        "cache",
+        "router",
+        "ledger",
+    ] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: run `cargo build --workspace --bins` first",
+            dir.join(bin).display()
+        );
     }
     let (sink_addr, sink) = otlp::spawn().await.unwrap();
     let nats = TestNats::create().await.unwrap();
     let pg = TestPg::create().await.unwrap();
     let ports = free_ports(8);
-    let (fake, http, gw_grpc, guard, cache, router, ledger, fake2) =
-        (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6], ports[7]);
-    let config = mesh_toml(&format!("http://127.0.0.1:{fake}/v1"), &format!("http://127.0.0.1:{fake2}/v1"), &pg.url, &nats);
-    let config_path = std::env::temp_dir().join(format!("switchboard-e2e-{}.toml", uuid::Uuid::now_v7()));
+    let (fake, http, gw_grpc, guard, cache, router, ledger, fake2) = (
+        ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6], ports[7],
+    );
+    let config = mesh_toml(
+        &format!("http://127.0.0.1:{fake}/v1"),
+        &format!("http://127.0.0.1:{fake2}/v1"),
+        &pg.url,
+        &nats,
+    );
+    let config_path =
+        std::env::temp_dir().join(format!("switchboard-e2e-{}.toml", uuid::Uuid::now_v7()));
     std::fs::write(&config_path, config).unwrap();
 
     let env: HashMap<&str, String> = HashMap::from([
-        ("SWITCHBOARD__TELEMETRY__OTLP_ENDPOINT", format!("http://{sink_addr}")),
-        ("SWITCHBOARD__GATEWAY__HTTP_ADDR", format!("127.0.0.1:{http}")),
-        ("SWITCHBOARD__GATEWAY__GRPC_ADDR", format!("127.0.0.1:{gw_grpc}")),
-        ("SWITCHBOARD__GATEWAY__GUARD_URL", format!("http://127.0.0.1:{guard}")),
-        ("SWITCHBOARD__GATEWAY__CACHE_URL", format!("http://127.0.0.1:{cache}")),
-        ("SWITCHBOARD__GATEWAY__ROUTER_URL", format!("http://127.0.0.1:{router}")),
-        ("SWITCHBOARD__GUARD__GRPC_ADDR", format!("127.0.0.1:{guard}")),
-        ("SWITCHBOARD__CACHE__GRPC_ADDR", format!("127.0.0.1:{cache}")),
-        ("SWITCHBOARD__ROUTER__GRPC_ADDR", format!("127.0.0.1:{router}")),
-        ("SWITCHBOARD__LEDGER__GRPC_ADDR", format!("127.0.0.1:{ledger}")),
+        (
+            "SWITCHBOARD__TELEMETRY__OTLP_ENDPOINT",
+            format!("http://{sink_addr}"),
+        ),
+        (
+            "SWITCHBOARD__GATEWAY__HTTP_ADDR",
+            format!("127.0.0.1:{http}"),
+        ),
+        (
+            "SWITCHBOARD__GATEWAY__GRPC_ADDR",
+            format!("127.0.0.1:{gw_grpc}"),
+        ),
+        (
+            "SWITCHBOARD__GATEWAY__GUARD_URL",
+            format!("http://127.0.0.1:{guard}"),
+        ),
+        (
+            "SWITCHBOARD__GATEWAY__CACHE_URL",
+            format!("http://127.0.0.1:{cache}"),
+        ),
+        (
+            "SWITCHBOARD__GATEWAY__ROUTER_URL",
+            format!("http://127.0.0.1:{router}"),
+        ),
+        (
+            "SWITCHBOARD__GUARD__GRPC_ADDR",
+            format!("127.0.0.1:{guard}"),
+        ),
+        (
+            "SWITCHBOARD__CACHE__GRPC_ADDR",
+            format!("127.0.0.1:{cache}"),
+        ),
+        (
+            "SWITCHBOARD__ROUTER__GRPC_ADDR",
+            format!("127.0.0.1:{router}"),
+        ),
+        (
+            "SWITCHBOARD__LEDGER__GRPC_ADDR",
+            format!("127.0.0.1:{ledger}"),
+        ),
         ("RUST_LOG", "info".to_owned()),
     ]);
     let mut processes = Processes(Vec::new());
@@ -109,8 +175,20 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
     };
-    processes.0.push(("fake-provider".into(), spawn("fake-provider", &["--addr".into(), format!("127.0.0.1:{fake}")])));
-    processes.0.push(("fake-provider-2".into(), spawn("fake-provider", &["--addr".into(), format!("127.0.0.1:{fake2}")])));
+    processes.0.push((
+        "fake-provider".into(),
+        spawn(
+            "fake-provider",
+            &["--addr".into(), format!("127.0.0.1:{fake}")],
+        ),
+    ));
+    processes.0.push((
+        "fake-provider-2".into(),
+        spawn(
+            "fake-provider",
+            &["--addr".into(), format!("127.0.0.1:{fake2}")],
+        ),
+    ));
     let config_arg = vec!["--config".to_owned(), config_path.display().to_string()];
     for name in ["ledger", "router", "cache", "guard", "gateway"] {
         processes.0.push((name.into(), spawn(name, &config_arg)));
@@ -130,21 +208,34 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-switchboard-request-id"].to_str().unwrap().to_owned();
+    let request_id = response.headers()["x-switchboard-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "echo: trace me");
 
-    let mut ledger_client = LedgerServiceClient::connect(format!("http://127.0.0.1:{ledger}")).await.unwrap();
+    let mut ledger_client = LedgerServiceClient::connect(format!("http://127.0.0.1:{ledger}"))
+        .await
+        .unwrap();
     let mut recorded = None;
     for _ in 0..200 {
-        if let Ok(found) = ledger_client.get_usage_record(GetUsageRecordRequest { request_id: request_id.clone() }).await {
+        if let Ok(found) = ledger_client
+            .get_usage_record(GetUsageRecordRequest {
+                request_id: request_id.clone(),
+            })
+            .await
+        {
             recorded = found.into_inner().record;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let recorded = recorded.expect("the ledger recorded the request");
-    assert_eq!(recorded.trace_id, trace_id, "the ledger row carries the trace id");
+    assert_eq!(
+        recorded.trace_id, trace_id,
+        "the ledger row carries the trace id"
+    );
 
     // Graceful shutdown flushes every process's spans.
     drop(ledger_client);
@@ -153,12 +244,20 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
     nats.cleanup().await;
     pg.drop_db().await;
 
-    let spans: Vec<_> = sink.spans().into_iter().filter(|s| s.trace_id == trace_id).collect();
+    let spans: Vec<_> = sink
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect();
     let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
     for service in ["gateway", "guard", "cache", "router", "ledger"] {
-        assert!(services.contains(service), "no span from {service} in the trace; got {services:?}");
+        assert!(
+            services.contains(service),
+            "no span from {service} in the trace; got {services:?}"
+        );
     }
-    let by_id: HashMap<&str, &otlp::CollectedSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let by_id: HashMap<&str, &otlp::CollectedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     for span in &spans {
         assert!(
             span.parent_span_id == caller_span || by_id.contains_key(span.parent_span_id.as_str()),
@@ -168,21 +267,41 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
             span.parent_span_id
         );
     }
-    let parent_service = |span: &otlp::CollectedSpan| by_id.get(span.parent_span_id.as_str()).map(|p| p.service.clone());
+    let parent_service = |span: &otlp::CollectedSpan| {
+        by_id
+            .get(span.parent_span_id.as_str())
+            .map(|p| p.service.clone())
+    };
     // The gateway's request span continues the caller's trace.
-    assert!(spans.iter().any(|s| s.service == "gateway" && s.parent_span_id == caller_span));
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == "gateway" && s.parent_span_id == caller_span)
+    );
     // Each downstream service's server span is a child of a gateway span.
     for service in ["guard", "cache", "router"] {
         assert!(
-            spans.iter().any(|s| s.service == service && s.kind == 2 && parent_service(s).as_deref() == Some("gateway")),
+            spans.iter().any(|s| s.service == service
+                && s.kind == 2
+                && parent_service(s).as_deref() == Some("gateway")),
             "{service}: no server span parented to the gateway"
         );
     }
     // The provider call is a router span.
-    assert!(spans.iter().any(|s| s.service == "router" && s.name.contains("provider")), "no provider span");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == "router" && s.name.contains("provider")),
+        "no provider span"
+    );
     // After NATS: the ledger's span is a child of the gateway's publish span.
-    let record = spans.iter().find(|s| s.service == "ledger" && s.name == "ledger.record").expect("ledger.record span");
-    let publish = by_id.get(record.parent_span_id.as_str()).expect("ledger.record has a parent");
+    let record = spans
+        .iter()
+        .find(|s| s.service == "ledger" && s.name == "ledger.record")
+        .expect("ledger.record span");
+    let publish = by_id
+        .get(record.parent_span_id.as_str())
+        .expect("ledger.record has a parent");
     assert_eq!(publish.service, "gateway");
     assert_eq!(publish.name, "gateway.publish_usage");
 }
