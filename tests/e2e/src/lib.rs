@@ -39,6 +39,8 @@ pub struct Sandbox {
     pub gateway_grpc_url: String,
     /// gRPC URL of the ledger.
     pub ledger_url: String,
+    /// gRPC URL of every service, by name.
+    pub grpc_urls: Vec<(&'static str, String)>,
     /// The test's NATS namespace.
     pub nats: TestNats,
     /// The test's database.
@@ -175,6 +177,12 @@ impl Sandbox {
         }));
 
         let mut gateway_config: switchboard_gateway::Config = source.section("gateway")?;
+        let mut grpc_urls = vec![
+            ("switchboard.guard.v1.GuardService", guard_url.clone()),
+            ("switchboard.cache.v1.CacheService", cache_url.clone()),
+            ("switchboard.router.v1.RouterService", router_url.clone()),
+            ("switchboard.ledger.v1.LedgerService", ledger_url.clone()),
+        ];
         gateway_config.guard_url = guard_url;
         gateway_config.cache_url = cache_url;
         gateway_config.router_url = router_url;
@@ -183,6 +191,10 @@ impl Sandbox {
             .context("gateway")?;
         let http_url = format!("http://{}", gateway.http_addr());
         let gateway_grpc_url = format!("http://{}", gateway.grpc_addr());
+        grpc_urls.push((
+            "switchboard.gateway.v1.GatewayService",
+            gateway_grpc_url.clone(),
+        ));
         tasks.push(spawn(cancel.clone(), |stop| async move {
             Ok(gateway.run_until(stop).await?)
         }));
@@ -193,6 +205,7 @@ impl Sandbox {
             http_url,
             gateway_grpc_url,
             ledger_url,
+            grpc_urls,
             nats,
             pg: Some(pg),
             cancel,

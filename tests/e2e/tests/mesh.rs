@@ -653,3 +653,52 @@ async fn the_same_usage_event_published_twice_makes_one_row() {
     );
     sandbox.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn every_service_answers_health_checks_and_reflection() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let sandbox = Sandbox::start().await.unwrap();
+    for (service, url) in &sandbox.grpc_urls {
+        let channel = tonic::transport::Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let status = health
+            .check(HealthCheckRequest {
+                service: (*service).to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.status, ServingStatus::Serving as i32, "{service}");
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("{service}: no service list")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not listed by reflection: {names:?}"
+        );
+    }
+    sandbox.stop().await.unwrap();
+}
