@@ -56,7 +56,7 @@ impl CacheService for CacheGrpc {
         span.record("hit", hit.is_some());
         let response = match hit {
             Some(hit) => {
-                tracing::info!(key = %key.prefix(), age_seconds = hit.age.as_secs(), "cache hit");
+                tracing::debug!(key = %key.prefix(), age_seconds = hit.age.as_secs(), "cache hit");
                 LookupResponse {
                     hit: true,
                     response: Some(hit.response),
@@ -66,7 +66,7 @@ impl CacheService for CacheGrpc {
                 }
             }
             None => {
-                tracing::info!(key = %key.prefix(), "cache miss");
+                tracing::debug!(key = %key.prefix(), "cache miss");
                 LookupResponse {
                     hit: false,
                     key: key.hex(),
@@ -99,7 +99,7 @@ impl CacheService for CacheGrpc {
         let response = match outcome {
             Stored::Yes { ttl } => {
                 span.record("stored", true);
-                tracing::info!(key = %key.prefix(), ttl_seconds = ttl.as_secs(), "answer stored");
+                tracing::debug!(key = %key.prefix(), ttl_seconds = ttl.as_secs(), "answer stored");
                 StoreResponse {
                     stored: true,
                     reason: String::new(),
@@ -107,7 +107,7 @@ impl CacheService for CacheGrpc {
             }
             Stored::No(refusal) => {
                 span.record("stored", false);
-                tracing::info!(key = %key.prefix(), reason = %refusal, "answer not stored");
+                tracing::debug!(key = %key.prefix(), reason = %refusal, "answer not stored");
                 StoreResponse {
                     stored: false,
                     reason: refusal.to_string(),

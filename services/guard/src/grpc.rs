@@ -54,7 +54,7 @@ impl GuardService for GuardGrpc {
         let span = tracing::Span::current();
         span.record("decision", decision.as_str_name());
         span.record("findings", summary.join(","));
-        tracing::info!(
+        tracing::debug!(
             decision = decision.as_str_name(),
             findings = %summary.join(","),
             policy_version = %outcome.policy_version,
