@@ -1,0 +1,476 @@
+//! Results: per-run and per-scenario records (serialised to JSON as they are), overhead against the
+//! direct baseline, the issue's budget, and the terminal tables.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use crate::{
+    load::RunResult,
+    stats::{self, Overhead, Percentiles},
+};
+
+/// Processes in table order.
+const PROCS: [&str; 7] = [
+    "gateway",
+    "guard",
+    "cache",
+    "router",
+    "ledger",
+    "fake-provider",
+    "bench",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub scenario: String,
+    pub via: String,
+    pub target_rps: f64,
+    pub connections: usize,
+    pub achieved_rps: f64,
+    /// Requests scheduled in the measured period.
+    pub requests: u64,
+    /// Failed requests of the measured period (non-2xx, transport, timeout).
+    pub errors: u64,
+    /// Everything, warm-up included.
+    pub sent_total: u64,
+    pub ok_total: u64,
+    pub errors_total: u64,
+    pub ambiguous_total: u64,
+    pub cache_hits_total: u64,
+    pub latency: Option<Percentiles>,
+    pub ttft: Option<Percentiles>,
+    pub overhead: Option<Overhead>,
+    pub ttft_overhead: Option<Overhead>,
+    pub cpu_seconds: BTreeMap<String, f64>,
+    pub cpu_seconds_per_request: BTreeMap<String, f64>,
+    pub error_samples: Vec<String>,
+    /// Max-rate steps only.
+    pub sustained: Option<bool>,
+}
+
+impl RunReport {
+    pub fn from_result(
+        scenario: &str,
+        via: &str,
+        target_rps: f64,
+        connections: usize,
+        r: &RunResult,
+    ) -> RunReport {
+        let requests = r.measured_ok + r.measured_errors;
+        let cpu_seconds: BTreeMap<String, f64> =
+            r.cpu.iter().map(|c| (c.name.clone(), c.seconds)).collect();
+        let cpu_seconds_per_request = cpu_seconds
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if requests > 0 {
+                        v / requests as f64
+                    } else {
+                        0.0
+                    },
+                )
+            })
+            .collect();
+        RunReport {
+            scenario: scenario.to_owned(),
+            via: via.to_owned(),
+            target_rps,
+            connections,
+            achieved_rps: r.achieved_rps,
+            requests,
+            errors: r.measured_errors,
+            sent_total: r.sent,
+            ok_total: r.ok_total,
+            errors_total: r.errors_total,
+            ambiguous_total: r.ambiguous_total,
+            cache_hits_total: r.cache_hits,
+            latency: stats::percentiles(&r.latency),
+            ttft: stats::percentiles(&r.ttft),
+            overhead: None,
+            ttft_overhead: None,
+            cpu_seconds,
+            cpu_seconds_per_request,
+            error_samples: r.error_samples.clone(),
+            sustained: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerCheck {
+    pub app: String,
+    pub expected_rows: u64,
+    pub ambiguous_requests: u64,
+    pub ledger_rows: u64,
+    pub lost_rows: u64,
+    pub extra_rows: u64,
+    pub wait_seconds: f64,
+    pub query_error: Option<String>,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MemoryUse {
+    /// VmHWM: the process's peak resident set since it started.
+    pub peak_rss_mb: f64,
+    /// VmRSS at the end of the scenario.
+    pub rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    pub via: String,
+    pub baseline: Option<String>,
+    pub runs: Vec<RunReport>,
+    pub ok_total: u64,
+    pub ambiguous_total: u64,
+    pub ledger: Option<LedgerCheck>,
+    pub usage_events_dropped: Option<u64>,
+    pub memory: BTreeMap<String, MemoryUse>,
+    /// Spans the receiver got while the scenario ran (export is batched, so this lags a little).
+    pub spans_received: u64,
+    pub max_sustained_rps: Option<f64>,
+    pub loadavg_1m: f64,
+}
+
+impl ScenarioReport {
+    pub fn new(name: &str, via: &str, baseline: Option<&str>) -> ScenarioReport {
+        ScenarioReport {
+            name: name.to_owned(),
+            via: via.to_owned(),
+            baseline: baseline.map(str::to_owned),
+            runs: Vec::new(),
+            ok_total: 0,
+            ambiguous_total: 0,
+            ledger: None,
+            usage_events_dropped: None,
+            memory: BTreeMap::new(),
+            spans_received: 0,
+            max_sustained_rps: None,
+            loadavg_1m: 0.0,
+        }
+    }
+
+    /// Adds a run's whole-run counts (warm-up included) to the ledger expectation.
+    pub fn totals(&mut self, run: &RunReport) {
+        self.ok_total += run.ok_total;
+        self.ambiguous_total += run.ambiguous_total;
+    }
+
+    pub fn failed(&self) -> bool {
+        self.ledger.as_ref().is_some_and(|l| !l.passed)
+    }
+}
+
+/// Fills overhead = run − baseline run at the same target rate (the baseline's 100-connection run).
+pub fn apply_baselines(reports: &mut [ScenarioReport]) {
+    let baselines: BTreeMap<String, Vec<RunReport>> = reports
+        .iter()
+        .map(|r| (r.name.clone(), r.runs.clone()))
+        .collect();
+    for report in reports.iter_mut() {
+        let Some(base) = report.baseline.as_ref().and_then(|b| baselines.get(b)) else {
+            continue;
+        };
+        for run in &mut report.runs {
+            let Some(direct) = base.iter().find(|d| d.target_rps == run.target_rps) else {
+                continue;
+            };
+            if let (Some(gw), Some(d)) = (&run.latency, &direct.latency) {
+                run.overhead = Some(stats::overhead(gw, d));
+            }
+            if let (Some(gw), Some(d)) = (&run.ttft, &direct.ttft) {
+                run.ttft_overhead = Some(stats::overhead(gw, d));
+            }
+        }
+    }
+}
+
+/// One budget line of the issue.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetLine {
+    pub item: String,
+    pub limit: String,
+    pub measured: String,
+    /// None: not measured in this run.
+    pub pass: Option<bool>,
+}
+
+fn run_at<'a>(reports: &'a [ScenarioReport], name: &str, rate: f64) -> Option<&'a RunReport> {
+    reports
+        .iter()
+        .find(|r| r.name == name)?
+        .runs
+        .iter()
+        .find(|r| r.target_rps == rate && r.connections == 100)
+}
+
+/// The issue's budget against this run's numbers.
+pub fn budget(reports: &[ScenarioReport]) -> Vec<BudgetLine> {
+    let mut lines = Vec::new();
+    for (name, label) in [("gateway-http-1k", "HTTP"), ("gateway-grpc-1k", "gRPC")] {
+        let o = run_at(reports, name, 1000.0).and_then(|r| r.overhead);
+        lines.push(BudgetLine {
+            item: format!("overhead p50 @1000 rps, {label}"),
+            limit: "<= 0.5 ms".into(),
+            measured: o.map_or("-".into(), |o| format!("{:.2} ms", o.p50_ms)),
+            pass: o.map(|o| o.p50_ms <= 0.5),
+        });
+        lines.push(BudgetLine {
+            item: format!("overhead p99 @1000 rps, {label}"),
+            limit: "<= 3 ms".into(),
+            measured: o.map_or("-".into(), |o| format!("{:.2} ms", o.p99_ms)),
+            pass: o.map(|o| o.p99_ms <= 3.0),
+        });
+    }
+    let max_rate = reports.iter().find(|r| r.name == "max-rate");
+    let sustained = max_rate.and_then(|r| r.max_sustained_rps);
+    let ledger_ok = reports
+        .iter()
+        .all(|r| r.ledger.as_ref().is_none_or(|l| l.passed));
+    lines.push(BudgetLine {
+        item: "max sustained rate, 0 errors, 0 lost rows".into(),
+        limit: ">= 3000 rps".into(),
+        measured: match (max_rate, sustained) {
+            (None, _) => "-".into(),
+            (Some(_), None) => "< 1000 rps".into(),
+            (Some(_), Some(s)) => format!(
+                "{s:.0} rps{}",
+                if ledger_ok {
+                    ""
+                } else {
+                    " (ledger lost/extra rows)"
+                }
+            ),
+        },
+        pass: max_rate.map(|_| sustained.unwrap_or(0.0) >= 3000.0 && ledger_ok),
+    });
+    for name in ["stream-http", "stream-grpc"] {
+        for rate in [200.0, 1000.0] {
+            let o = run_at(reports, name, rate).and_then(|r| r.ttft_overhead);
+            lines.push(BudgetLine {
+                item: format!("TTFT overhead p50 @{rate:.0} rps, {name}"),
+                limit: "<= 1 ms".into(),
+                measured: o.map_or("-".into(), |o| format!("{:.2} ms", o.p50_ms)),
+                pass: o.map(|o| o.p50_ms <= 1.0),
+            });
+        }
+    }
+    // Steady state: RSS at the end of the last scenario, per service.
+    if let Some(last) = reports.last() {
+        for name in ["gateway", "guard", "cache", "router", "ledger"] {
+            if let Some(m) = last.memory.get(name) {
+                lines.push(BudgetLine {
+                    item: format!("RSS {name} (end of run; peak)"),
+                    limit: "<= 100 MB".into(),
+                    measured: format!("{:.1} MB; peak {:.1} MB", m.rss_mb, m.peak_rss_mb),
+                    pass: Some(m.rss_mb <= 100.0),
+                });
+            }
+        }
+    }
+    lines
+}
+
+fn f(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+/// The terminal tables (also what docs/BENCHMARKS.md shows).
+pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nLatency (ms, from the scheduled time; overhead = gateway - direct at the same rate)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>6} {:>5} {:>8} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "scenario",
+        "rate",
+        "conn",
+        "achieved",
+        "reqs",
+        "err",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "ovh50",
+        "ovh99",
+        "ttft50",
+        "ttft99",
+        "tovh50",
+        "tovh99"
+    );
+    for report in reports {
+        for run in &report.runs {
+            let l = run.latency;
+            let t = run.ttft;
+            let mut name = run.scenario.clone();
+            if let Some(s) = run.sustained {
+                name = format!("{name}{}", if s { " ok" } else { " X" });
+            }
+            let _ = writeln!(
+                out,
+                "{:<18} {:>6.0} {:>5} {:>8.0} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+                name,
+                run.target_rps,
+                run.connections,
+                run.achieved_rps,
+                run.requests,
+                run.errors,
+                f(l.map(|l| l.p50_ms)),
+                f(l.map(|l| l.p90_ms)),
+                f(l.map(|l| l.p99_ms)),
+                f(l.map(|l| l.p999_ms)),
+                f(l.map(|l| l.max_ms)),
+                f(run.overhead.map(|o| o.p50_ms)),
+                f(run.overhead.map(|o| o.p99_ms)),
+                f(t.map(|t| t.p50_ms)),
+                f(t.map(|t| t.p99_ms)),
+                f(run.ttft_overhead.map(|o| o.p50_ms)),
+                f(run.ttft_overhead.map(|o| o.p99_ms)),
+            );
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\nLedger (rows of the scenario's app vs successful gateway requests, warm-up included)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>9} {:>9} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}  status",
+        "scenario", "expected", "rows", "lost", "extra", "ambig", "wait s", "dropped", "spans"
+    );
+    for report in reports {
+        let Some(l) = &report.ledger else { continue };
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9} {:>9} {:>6} {:>6} {:>6} {:>8.1} {:>8} {:>9}  {}",
+            report.name,
+            l.expected_rows,
+            l.ledger_rows,
+            l.lost_rows,
+            l.extra_rows,
+            l.ambiguous_requests,
+            l.wait_seconds,
+            report
+                .usage_events_dropped
+                .map_or("-".into(), |d| d.to_string()),
+            report.spans_received,
+            if l.passed { "ok" } else { "FAILED" },
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nCPU per request (µs of CPU time per measured request, by process)"
+    );
+    let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
+    for p in PROCS {
+        let _ = write!(header, " {:>9}", short(p));
+    }
+    let _ = writeln!(out, "{header}");
+    for report in reports {
+        for run in &report.runs {
+            let mut line = format!(
+                "{:<18} {:>6.0} {:>5}",
+                run.scenario, run.target_rps, run.connections
+            );
+            for p in PROCS {
+                let v = run.cpu_seconds_per_request.get(p).copied();
+                let _ = write!(
+                    line,
+                    " {:>9}",
+                    v.filter(|v| v.is_finite())
+                        .map_or("-".into(), |v| format!("{:.1}", v * 1e6))
+                );
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\nMemory (MB: VmRSS at the end of the scenario / VmHWM peak since start)"
+    );
+    let mut header = format!("{:<18}", "scenario");
+    for p in PROCS {
+        let _ = write!(header, " {:>13}", short(p));
+    }
+    let _ = writeln!(out, "{header}");
+    for report in reports {
+        let mut line = format!("{:<18}", report.name);
+        for p in PROCS {
+            let v = report.memory.get(p);
+            let _ = write!(
+                line,
+                " {:>13}",
+                v.map_or("-".into(), |m| format!(
+                    "{:.0}/{:.0}",
+                    m.rss_mb, m.peak_rss_mb
+                ))
+            );
+        }
+        let _ = writeln!(out, "{line}");
+    }
+
+    if let Some(m) = reports.iter().find(|r| r.name == "max-rate") {
+        let _ = writeln!(
+            out,
+            "\nMax sustained rate (achieved >= 98% of target, 0 errors, p99 < 100 ms): {}",
+            m.max_sustained_rps
+                .map_or("none of the steps passed".into(), |r| format!("{r:.0} rps"))
+        );
+    }
+
+    let _ = writeln!(out, "\nBudget (issue 3)");
+    for line in budget {
+        let _ = writeln!(
+            out,
+            "  {:<44} {:<10} {:<28} {}",
+            line.item,
+            line.limit,
+            line.measured,
+            match line.pass {
+                Some(true) => "pass",
+                Some(false) => "MISS",
+                None => "not measured",
+            }
+        );
+    }
+    let failures: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.runs.iter())
+        .filter(|r| !r.error_samples.is_empty())
+        .map(|r| {
+            format!(
+                "  {} @{:.0}/{}: {}",
+                r.scenario,
+                r.target_rps,
+                r.connections,
+                r.error_samples.join(" | ")
+            )
+        })
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\nError samples");
+        for f in failures {
+            let _ = writeln!(out, "{f}");
+        }
+    }
+    out
+}
+
+fn short(p: &str) -> &str {
+    match p {
+        "fake-provider" => "fake",
+        other => other,
+    }
+}
