@@ -3,6 +3,9 @@
 use clap::Parser;
 use switchboard_fake_provider::{FakeConfig, FakeProvider};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "A fake LLM provider speaking the OpenAI chat-completions wire format")]
 struct Args {

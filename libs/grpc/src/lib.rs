@@ -6,7 +6,6 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use switchboard_telemetry::TracePropagation;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     service::{Routes, interceptor::InterceptedService},
     transport::{Channel, Endpoint, Server},
@@ -59,8 +58,7 @@ pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .http2_adaptive_window(true);
+        .keep_alive_while_idle(true);
     Ok(InterceptedService::new(
         endpoint.connect_lazy(),
         TracePropagation,
@@ -94,7 +92,10 @@ pub async fn serve(
         .tcp_nodelay(true)
         .trace_fn(switchboard_telemetry::grpc_server_span)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -5,6 +5,9 @@ use switchboard_cache::{App, Config};
 use switchboard_config::Source;
 use switchboard_telemetry::TelemetryConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard cache: exact-match response cache.
 #[derive(Parser)]
 struct Args {

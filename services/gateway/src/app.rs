@@ -144,6 +144,9 @@ impl App {
         };
         tracing::info!(http.addr = %http_addr, grpc.addr = %grpc_addr, "gateway listening");
         let http_cancel = cancel.clone();
+        let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let http_server = axum::serve(http, crate::http::router(shared.clone()))
             .with_graceful_shutdown(async move { http_cancel.cancelled().await });
         let grpc_service = GatewayServiceServer::new(GatewayGrpc::new(shared))

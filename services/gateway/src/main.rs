@@ -5,6 +5,9 @@ use switchboard_bus::NatsConfig;
 use switchboard_gateway::{App, Config};
 use switchboard_telemetry::TelemetryConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Switchboard gateway.
 #[derive(Parser)]
 struct Args {

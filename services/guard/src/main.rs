@@ -5,6 +5,9 @@ use switchboard_config::Source;
 use switchboard_guard::{App, Config};
 use switchboard_telemetry::TelemetryConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard guard: PII detection and policy.
 #[derive(Parser)]
 struct Args {

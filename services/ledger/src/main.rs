@@ -8,6 +8,9 @@ use switchboard_config::Source;
 use switchboard_ledger::{App, Config};
 use switchboard_telemetry::TelemetryConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard ledger.
 #[derive(Parser)]
 struct Args {

@@ -7,6 +7,9 @@ use switchboard_config::{ConfigError, Source};
 use switchboard_router::{App, Config};
 use switchboard_telemetry::TelemetryConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Configuration file (default: `$SWITCHBOARD_CONFIG`).

@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 use switchboard_config::{ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchboard", about = "Switchboard LLM orchestration mesh")]
 struct Cli {
