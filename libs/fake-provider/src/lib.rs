@@ -69,9 +69,15 @@ struct Inner {
     failures: HashMap<String, VecDeque<u16>>,
     stream_failures: HashMap<String, VecDeque<usize>>,
     latency: HashMap<String, u64>,
-    requests: Vec<ReceivedRequest>,
+    /// The most recent requests (bounded, so a long benchmark does not grow the fixture's memory).
+    requests: VecDeque<ReceivedRequest>,
+    /// Every request ever received, by model.
+    counts: BTreeMap<String, usize>,
     models: BTreeSet<String>,
 }
+
+/// How many recent requests the fake keeps for inspection.
+pub const KEPT_REQUESTS: usize = 1000;
 
 struct Shared {
     config: FakeConfig,
@@ -177,19 +183,14 @@ impl FakeProvider {
         inner.latency.insert(model.to_owned(), latency_ms);
     }
 
-    /// Every chat request received, in order (failed ones included).
+    /// The last [`KEPT_REQUESTS`] chat requests received, in order (failed ones included).
     pub fn requests(&self) -> Vec<ReceivedRequest> {
-        self.shared.lock().requests.clone()
+        self.shared.lock().requests.iter().cloned().collect()
     }
 
     /// Number of chat requests received for `model`.
     pub fn request_count(&self, model: &str) -> usize {
-        self.shared
-            .lock()
-            .requests
-            .iter()
-            .filter(|r| r.model == model)
-            .count()
+        self.shared.lock().counts.get(model).copied().unwrap_or(0)
     }
 
     /// Stops serving: open connections get a moment to finish, then the server task is aborted.
@@ -506,12 +507,16 @@ async fn chat_completions(
     let (failure, stream_failure, latency) = {
         let mut inner = shared.lock();
         inner.models.insert(model.clone());
-        inner.requests.push(ReceivedRequest {
+        if inner.requests.len() >= KEPT_REQUESTS {
+            inner.requests.pop_front();
+        }
+        inner.requests.push_back(ReceivedRequest {
             model: model.clone(),
             body: body.clone(),
             stream,
             authorization,
         });
+        *inner.counts.entry(model.clone()).or_default() += 1;
         let failure = inner.failures.get_mut(&model).and_then(VecDeque::pop_front);
         let stream_failure = if stream && failure.is_none() {
             inner
@@ -663,13 +668,8 @@ async fn control_latency(
 
 async fn control_requests(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, Infallible> {
     let inner = shared.lock();
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for request in &inner.requests {
-        *counts.entry(request.model.as_str()).or_default() += 1;
-    }
-    Ok(Json(
-        json!({ "total": inner.requests.len(), "models": counts }),
-    ))
+    let total: usize = inner.counts.values().sum();
+    Ok(Json(json!({ "total": total, "models": inner.counts })))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::Sd
 use serde::Deserialize;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// The `[telemetry]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -28,8 +28,11 @@ use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitEx
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Unset: spans are not exported.
     pub otlp_endpoint: Option<String>,
-    /// `tracing` filter directives (`RUST_LOG` syntax) used when `RUST_LOG` is unset.
+    /// Log filter directives (`RUST_LOG` syntax) used when `RUST_LOG` is unset. Logs only: spans
+    /// are filtered by `trace_filter`, so quieter logs never turn tracing off.
     pub log_filter: String,
+    /// Filter directives for the spans exported over OTLP and propagated.
+    pub trace_filter: String,
     /// Log as JSON lines instead of human-readable text.
     pub json_logs: bool,
 }
@@ -39,6 +42,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             otlp_endpoint: None,
             log_filter: "info".to_owned(),
+            trace_filter: "info".to_owned(),
             json_logs: false,
         }
     }
@@ -88,8 +92,9 @@ impl Drop for Telemetry {
 /// Call it from inside a tokio runtime (the OTLP exporter's channel lives there).
 pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter =
+    let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
+    let trace_filter = EnvFilter::new(&config.trace_filter);
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service).build());
     if let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
@@ -106,16 +111,19 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
     let provider = builder.build();
     let tracer = provider.tracer(service);
     global::set_tracer_provider(provider.clone());
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(trace_filter);
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = if config.json_logs {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().with_target(false))
-            .try_init()
+        let logs = tracing_subscriber::fmt::layer().json().with_target(false);
+        registry.with(logs.with_filter(log_filter)).try_init()
     } else {
-        registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
-            .try_init()
+        let logs = tracing_subscriber::fmt::layer().with_target(false);
+        registry.with(logs.with_filter(log_filter)).try_init()
     };
     installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     Ok(Telemetry {

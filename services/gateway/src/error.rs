@@ -42,19 +42,24 @@ pub enum GatewayError {
 impl GatewayError {
     /// Wraps a downstream status, keeping its code and `ErrorInfo` metadata.
     pub fn from_status(service: &'static str, status: &tonic::Status) -> Self {
-        let code = ErrorCode::from_status(status);
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown
-                if status.message().contains("transport")
-                    || status.message().contains("connect") =>
-            {
-                GatewayError::DependencyDown { service }
-            }
-            _ => GatewayError::Downstream {
-                code,
-                message: status.message().to_owned(),
-                metadata: switchboard_status::status_metadata(status),
-            },
+        use tonic_types::StatusExt;
+        // Our services always attach an ErrorInfo. A status without one comes from the transport
+        // (connection refused, h2 stream reset, overload), so it says nothing about the request:
+        // the dependency is unavailable, whatever gRPC code the transport chose.
+        if status.get_details_error_info().is_none() {
+            return match status.code() {
+                tonic::Code::DeadlineExceeded => GatewayError::Downstream {
+                    code: ErrorCode::Timeout,
+                    message: format!("{service} did not answer in time"),
+                    metadata: HashMap::new(),
+                },
+                _ => GatewayError::DependencyDown { service },
+            };
+        }
+        GatewayError::Downstream {
+            code: ErrorCode::from_status(status),
+            message: status.message().to_owned(),
+            metadata: switchboard_status::status_metadata(status),
         }
     }
 
@@ -120,5 +125,31 @@ impl ServiceError for GatewayError {
 impl From<GatewayError> for tonic::Status {
     fn from(error: GatewayError) -> Self {
         switchboard_status::to_status("gateway", &error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_unavailable_not_rate_limits() {
+        let reset = tonic::Status::resource_exhausted("h2 protocol error: stream reset");
+        let error = GatewayError::from_status("router", &reset);
+        assert_eq!(error.code(), ErrorCode::Unavailable);
+        assert_eq!(
+            error.code().http_status(),
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn typed_downstream_errors_keep_their_code() {
+        let status =
+            switchboard_status::status(ErrorCode::NotFound, "router", "no route", HashMap::new());
+        assert_eq!(
+            GatewayError::from_status("router", &status).code(),
+            ErrorCode::NotFound
+        );
     }
 }

@@ -84,9 +84,9 @@ struct Args {
     /// Seconds the ledger check waits without progress before giving up.
     #[arg(long, default_value_t = 30)]
     ledger_wait_secs: u64,
-    /// `RUST_LOG` of the services. Not `warn`: the services' filter also gates the OpenTelemetry
-    /// layer, so `warn` would silently turn span export off (they log nothing per request at info).
-    #[arg(long, default_value = "info")]
+    /// `RUST_LOG` of the services: their logs only (span export has its own `trace_filter`, so
+    /// tracing stays on whatever this says).
+    #[arg(long, default_value = "warn")]
     rust_log: String,
     /// Client-side timeout per request, seconds (from its scheduled time).
     #[arg(long, default_value_t = 30)]
