@@ -16,7 +16,11 @@ use opentelemetry::{
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
+};
 use serde::Deserialize;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -33,6 +37,11 @@ pub struct TelemetryConfig {
     pub log_filter: String,
     /// Filter directives for the spans exported over OTLP and propagated.
     pub trace_filter: String,
+    /// Fraction of new traces that are recorded and exported (parent-based: a request that arrives
+    /// with a sampled `traceparent` is always recorded). 1.0 records every request.
+    pub sample_ratio: f64,
+    /// Spans buffered for export; beyond this, new spans are dropped (and counted by the SDK).
+    pub export_queue_size: usize,
     /// Log as JSON lines instead of human-readable text.
     pub json_logs: bool,
 }
@@ -43,6 +52,8 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             log_filter: "info".to_owned(),
             trace_filter: "info".to_owned(),
+            sample_ratio: 1.0,
+            export_queue_size: 65_536,
             json_logs: false,
         }
     }
@@ -95,7 +106,11 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
     let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_filter));
     let trace_filter = EnvFilter::new(&config.trace_filter);
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+        config.sample_ratio.clamp(0.0, 1.0),
+    )));
     let mut builder = SdkTracerProvider::builder()
+        .with_sampler(sampler)
         .with_resource(Resource::builder().with_service_name(service).build());
     if let Some(endpoint) = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -106,7 +121,16 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
                 endpoint: endpoint.to_owned(),
                 source,
             })?;
-        builder = builder.with_batch_exporter(exporter);
+        let batch = BatchConfigBuilder::default()
+            .with_max_queue_size(config.export_queue_size.max(512))
+            .with_max_export_batch_size(2048)
+            .with_scheduled_delay(std::time::Duration::from_millis(1000))
+            .build();
+        builder = builder.with_span_processor(
+            BatchSpanProcessor::builder(exporter)
+                .with_batch_config(batch)
+                .build(),
+        );
     }
     let provider = builder.build();
     let tracer = provider.tracer(service);

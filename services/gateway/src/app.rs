@@ -87,6 +87,7 @@ impl App {
             config.cache_enabled,
             tasks.clone(),
             config.max_body_bytes,
+            config.max_in_flight,
         );
         let shared = Shared {
             keys: KeyStore::new(&config.keys),

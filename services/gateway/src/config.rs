@@ -23,6 +23,8 @@ pub struct Config {
     pub cache_enabled: bool,
     /// Capacity of the in-memory queue of usage events waiting for JetStream.
     pub usage_queue_capacity: usize,
+    /// Requests served at once (streams included); beyond it requests get a fast 503.
+    pub max_in_flight: usize,
     /// Virtual API keys.
     pub keys: Vec<KeyConfig>,
 }
@@ -53,6 +55,7 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             cache_enabled: true,
             usage_queue_capacity: 100_000,
+            max_in_flight: 2048,
             keys: Vec::new(),
         }
     }
@@ -76,6 +79,12 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "gateway.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.max_in_flight",
                 "must be greater than 0",
             ));
         }

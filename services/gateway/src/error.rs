@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// A required dependency (the guard, fail-closed) is unreachable.
     #[error("{service} is unavailable")]
     DependencyDown { service: &'static str },
+    /// Too many requests in flight at this gateway.
+    #[error("gateway overloaded: {limit} requests in flight; retry with backoff")]
+    Overloaded { limit: usize },
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -97,7 +100,9 @@ impl ServiceError for GatewayError {
             GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             GatewayError::Blocked { .. } => ErrorCode::PermissionDenied,
             GatewayError::Downstream { code, .. } => *code,
-            GatewayError::DependencyDown { .. } => ErrorCode::Unavailable,
+            GatewayError::DependencyDown { .. } | GatewayError::Overloaded { .. } => {
+                ErrorCode::Unavailable
+            }
             GatewayError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -22,7 +23,7 @@ use switchboard_proto::{
     },
 };
 use switchboard_status::ErrorCode;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -150,6 +151,8 @@ pub struct Pipeline {
     usage: UsageSink,
     cache_enabled: bool,
     tasks: TaskTracker,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl Pipeline {
@@ -162,6 +165,7 @@ impl Pipeline {
         cache_enabled: bool,
         tasks: TaskTracker,
         max_message_bytes: usize,
+        max_in_flight: usize,
     ) -> Self {
         let limit = max_message_bytes.max(4 * 1024 * 1024) * 2;
         Pipeline {
@@ -177,7 +181,20 @@ impl Pipeline {
             usage,
             cache_enabled,
             tasks,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
         }
+    }
+
+    /// Admits a request, or refuses it when `max_in_flight` are already being served, so that
+    /// overload costs callers a fast 503 instead of costing the gateway unbounded memory.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+        self.in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GatewayError::Overloaded {
+                limit: self.max_in_flight,
+            })
     }
 
     /// The usage sink (for stats).
@@ -205,6 +222,7 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<Completed, GatewayError> {
+        let _permit = self.admit()?;
         validate(&request)?;
         self.check_guard(ctx, &mut request).await?;
         let cache_status = if self.cache_enabled && !control.no_cache {
@@ -276,6 +294,7 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
+        let permit = self.admit()?;
         validate(&request)?;
         self.check_guard(ctx, &mut request).await?;
         let (tx, rx) = mpsc::channel(64);
@@ -338,6 +357,7 @@ impl Pipeline {
                 pipeline
                     .pump(ctx, request, control, cache_status, first, upstream, tx)
                     .await;
+                drop(permit);
             }
             .instrument(span),
         );
@@ -842,6 +862,29 @@ mod tests {
             messages: vec![Message::text(Role::User, "hi")],
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn admission_is_bounded_and_released() {
+        let channel = || switchboard_grpc::channel("http://127.0.0.1:9").unwrap();
+        let (sink, _publisher) = crate::usage::channel(switchboard_bus::NatsConfig::default(), 8);
+        let pipeline = Pipeline::new(
+            channel(),
+            channel(),
+            channel(),
+            sink,
+            true,
+            TaskTracker::new(),
+            1024,
+            1,
+        );
+        let first = pipeline.admit().unwrap();
+        assert!(matches!(
+            pipeline.admit(),
+            Err(GatewayError::Overloaded { limit: 1 })
+        ));
+        drop(first);
+        assert!(pipeline.admit().is_ok());
     }
 
     #[test]
