@@ -53,7 +53,7 @@ impl Default for TelemetryConfig {
             log_filter: "info".to_owned(),
             trace_filter: "info".to_owned(),
             sample_ratio: 1.0,
-            export_queue_size: 65_536,
+            export_queue_size: 16_384,
             json_logs: false,
         }
     }

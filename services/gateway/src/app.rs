@@ -12,7 +12,7 @@ use crate::{
     auth::KeyStore,
     config::Config,
     grpc::GatewayGrpc,
-    pipeline::Pipeline,
+    pipeline::{Downstream, Pipeline},
     usage::{self, UsagePublisher},
 };
 
@@ -79,10 +79,13 @@ impl App {
         let nats_client = nats.connect().await?;
         let (sink, publisher) = usage::channel(nats, config.usage_queue_capacity);
         let tasks = TaskTracker::new();
+        let downstream = Downstream {
+            guard: switchboard_grpc::channel(&config.guard_url)?,
+            cache: switchboard_grpc::channel(&config.cache_url)?,
+            router: switchboard_grpc::channel(&config.router_url)?,
+        };
         let pipeline = Pipeline::new(
-            switchboard_grpc::channel(&config.guard_url)?,
-            switchboard_grpc::channel(&config.cache_url)?,
-            switchboard_grpc::channel(&config.router_url)?,
+            downstream,
             sink,
             config.cache_enabled,
             tasks.clone(),

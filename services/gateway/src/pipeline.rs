@@ -155,12 +155,24 @@ pub struct Pipeline {
     max_in_flight: usize,
 }
 
+/// Channels to the services the pipeline calls.
+pub struct Downstream {
+    /// The guard.
+    pub guard: TracedChannel,
+    /// The cache.
+    pub cache: TracedChannel,
+    /// The router.
+    pub router: TracedChannel,
+}
+
 impl Pipeline {
     /// Builds the pipeline over lazily connected channels.
     pub fn new(
-        guard: TracedChannel,
-        cache: TracedChannel,
-        router: TracedChannel,
+        Downstream {
+            guard,
+            cache,
+            router,
+        }: Downstream,
         usage: UsageSink,
         cache_enabled: bool,
         tasks: TaskTracker,
@@ -868,16 +880,12 @@ mod tests {
     async fn admission_is_bounded_and_released() {
         let channel = || switchboard_grpc::channel("http://127.0.0.1:9").unwrap();
         let (sink, _publisher) = crate::usage::channel(switchboard_bus::NatsConfig::default(), 8);
-        let pipeline = Pipeline::new(
-            channel(),
-            channel(),
-            channel(),
-            sink,
-            true,
-            TaskTracker::new(),
-            1024,
-            1,
-        );
+        let downstream = Downstream {
+            guard: channel(),
+            cache: channel(),
+            router: channel(),
+        };
+        let pipeline = Pipeline::new(downstream, sink, true, TaskTracker::new(), 1024, 1);
         let first = pipeline.admit().unwrap();
         assert!(matches!(
             pipeline.admit(),

@@ -274,13 +274,13 @@ async fn grpc_request(
             };
             while let Some(message) = stream.message().await.map_err(mid_stream)? {
                 match message.event {
-                    Some(Event::Chunk(chunk)) => {
+                    Some(Event::Chunk(chunk))
                         if first_token.is_none()
-                            && chunk.choices.iter().any(|c| !c.content.is_empty())
-                        {
-                            first_token = Some(Instant::now());
-                        }
+                            && chunk.choices.iter().any(|c| !c.content.is_empty()) =>
+                    {
+                        first_token = Some(Instant::now());
                     }
+                    Some(Event::Chunk(_)) => {}
                     Some(Event::Summary(_)) => summary = true,
                     None => {}
                 }
