@@ -2,7 +2,11 @@
 //! reflection, one traced server span per RPC, graceful shutdown, and lazily connected channels
 //! that propagate the trace context.
 
+mod service_main;
+
 use std::{future::Future, net::SocketAddr, time::Duration};
+
+pub use service_main::{Shutdown, run_service};
 
 use switchboard_telemetry::TracePropagation;
 use tokio::net::TcpListener;

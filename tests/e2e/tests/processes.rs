@@ -305,3 +305,49 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
     assert_eq!(publish.service, "gateway");
     assert_eq!(publish.name, "gateway.publish_usage");
 }
+
+#[test]
+fn every_service_binary_refuses_invalid_configuration_naming_the_field() {
+    let dir = bin_dir();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/switchboard.example.toml"
+    );
+    for (bin, variable, field) in [
+        (
+            "gateway",
+            "SWITCHBOARD__GATEWAY__MAX_BODY_BYTES",
+            "gateway.max_body_bytes",
+        ),
+        (
+            "guard",
+            "SWITCHBOARD__GUARD__DEFAULT_ACTION",
+            "guard.default_action",
+        ),
+        (
+            "cache",
+            "SWITCHBOARD__CACHE__MAX_ENTRIES",
+            "cache.max_entries",
+        ),
+        (
+            "router",
+            "SWITCHBOARD__ROUTER__ATTEMPT_TIMEOUT_MS",
+            "router.attempt_timeout_ms",
+        ),
+        (
+            "ledger",
+            "SWITCHBOARD__LEDGER__BATCH_SIZE",
+            "ledger.batch_size",
+        ),
+    ] {
+        let value = if bin == "guard" { "shred" } else { "0" };
+        let output = Command::new(dir.join(bin))
+            .args(["--config", example])
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{bin}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(field), "{bin}: {stderr}");
+    }
+}
