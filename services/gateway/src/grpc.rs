@@ -47,6 +47,22 @@ fn control(cache: Option<pb::CacheControl>) -> CacheControl {
     }
 }
 
+/// A new request context for an authenticated caller, with its ids recorded on the current span.
+fn begin(
+    principal: crate::auth::Principal,
+    chat: Option<switchboard_proto::chat::v1::ChatRequest>,
+) -> Result<(RequestContext, switchboard_proto::chat::v1::ChatRequest), GatewayError> {
+    let chat = chat.ok_or_else(|| GatewayError::InvalidRequest {
+        field: "request".to_owned(),
+        message: "must be set".to_owned(),
+    })?;
+    let ctx = RequestContext::new(principal);
+    tracing::Span::current()
+        .record("request.id", ctx.request_id.as_str())
+        .record("app.id", ctx.principal.app.as_str());
+    Ok((ctx, chat))
+}
+
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<pb::StreamChatCompletionResponse, Status>> + Send + 'static>>;
 
@@ -59,14 +75,7 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<pb::CreateChatCompletionResponse>, Status> {
         let principal = self.authenticate(&request)?;
         let inner = request.into_inner();
-        let chat = inner.request.ok_or_else(|| GatewayError::InvalidRequest {
-            field: "request".to_owned(),
-            message: "must be set".to_owned(),
-        })?;
-        let ctx = RequestContext::new(principal);
-        tracing::Span::current()
-            .record("request.id", ctx.request_id.as_str())
-            .record("app.id", ctx.principal.app.as_str());
+        let (ctx, chat) = begin(principal, inner.request)?;
         let done = self
             .shared
             .pipeline
@@ -89,14 +98,7 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<Self::StreamChatCompletionStream>, Status> {
         let principal = self.authenticate(&request)?;
         let inner = request.into_inner();
-        let chat = inner.request.ok_or_else(|| GatewayError::InvalidRequest {
-            field: "request".to_owned(),
-            message: "must be set".to_owned(),
-        })?;
-        let ctx = RequestContext::new(principal);
-        tracing::Span::current()
-            .record("request.id", ctx.request_id.as_str())
-            .record("app.id", ctx.principal.app.as_str());
+        let (ctx, chat) = begin(principal, inner.request)?;
         let handle = self
             .shared
             .pipeline

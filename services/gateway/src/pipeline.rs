@@ -227,6 +227,27 @@ impl Pipeline {
         Ok(response.into_inner().models)
     }
 
+    /// What both front ends do before the router: admission, validation, the guard (whose
+    /// transformation replaces the messages) and the cache lookup.
+    async fn prepare(
+        &self,
+        ctx: &RequestContext,
+        request: &mut ChatRequest,
+        control: CacheControl,
+    ) -> Result<Prepared, GatewayError> {
+        let permit = self.admit()?;
+        validate(request)?;
+        self.check_guard(ctx, request).await?;
+        if !self.cache_enabled || control.no_cache {
+            return Ok(Prepared::Route(permit, CacheStatus::Bypass));
+        }
+        Ok(match self.lookup(ctx, request).await {
+            Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
+            Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
+            Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
+        })
+    }
+
     /// A unary completion.
     pub async fn complete(
         &self,
@@ -234,30 +255,20 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<Completed, GatewayError> {
-        let _permit = self.admit()?;
-        validate(&request)?;
-        self.check_guard(ctx, &mut request).await?;
-        let cache_status = if self.cache_enabled && !control.no_cache {
-            match self.lookup(ctx, &request).await {
-                Lookup::Hit(response, route) => {
-                    let (mut response, route) = (*response, *route);
-                    response.id = ctx.response_id();
-                    self.record(
-                        ctx,
-                        &request,
-                        RecordArgs::hit(&route, response.usage.unwrap_or_default(), false),
-                    );
-                    return Ok(Completed {
-                        response,
-                        route,
-                        cache: CacheStatus::Hit,
-                    });
-                }
-                Lookup::Miss => CacheStatus::Miss,
-                Lookup::Unavailable => CacheStatus::Bypass,
+        let (_permit, cache_status) = match self.prepare(ctx, &mut request, control).await? {
+            Prepared::Hit(permit, response, route) => {
+                drop(permit);
+                let (mut response, route) = (*response, *route);
+                response.id = ctx.response_id();
+                let usage = response.usage.unwrap_or_default();
+                self.record(ctx, &request, RecordArgs::hit(&route, usage, false));
+                return Ok(Completed {
+                    response,
+                    route,
+                    cache: CacheStatus::Hit,
+                });
             }
-        } else {
-            CacheStatus::Bypass
+            Prepared::Route(permit, cache_status) => (permit, cache_status),
         };
         let routed = self
             .router
@@ -306,35 +317,28 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
-        let permit = self.admit()?;
-        validate(&request)?;
-        self.check_guard(ctx, &mut request).await?;
         let (tx, rx) = mpsc::channel(64);
-        let cache_status = if self.cache_enabled && !control.no_cache {
-            match self.lookup(ctx, &request).await {
-                Lookup::Hit(response, route) => {
-                    let (response, route) = (*response, *route);
-                    let usage = response.usage.unwrap_or_default();
-                    for chunk in replay_chunks(&response, &ctx.response_id()) {
-                        let _ = tx.send(StreamEvent::Chunk(chunk)).await;
-                    }
-                    let _ = tx
-                        .send(StreamEvent::Done {
-                            usage,
-                            route: route.clone(),
-                        })
-                        .await;
-                    self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
-                    return Ok(StreamHandle {
-                        cache: CacheStatus::Hit,
-                        events: rx,
-                    });
+        let (permit, cache_status) = match self.prepare(ctx, &mut request, control).await? {
+            Prepared::Hit(permit, response, route) => {
+                drop(permit);
+                let (response, route) = (*response, *route);
+                let usage = response.usage.unwrap_or_default();
+                for chunk in replay_chunks(&response, &ctx.response_id()) {
+                    let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                 }
-                Lookup::Miss => CacheStatus::Miss,
-                Lookup::Unavailable => CacheStatus::Bypass,
+                let _ = tx
+                    .send(StreamEvent::Done {
+                        usage,
+                        route: route.clone(),
+                    })
+                    .await;
+                self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
+                return Ok(StreamHandle {
+                    cache: CacheStatus::Hit,
+                    events: rx,
+                });
             }
-        } else {
-            CacheStatus::Bypass
+            Prepared::Route(permit, cache_status) => (permit, cache_status),
         };
         let opened = self
             .router
@@ -655,6 +659,13 @@ impl Pipeline {
             },
         );
     }
+}
+
+enum Prepared {
+    /// Answered by the cache.
+    Hit(OwnedSemaphorePermit, Box<ChatResponse>, Box<RouteInfo>),
+    /// To be routed.
+    Route(OwnedSemaphorePermit, CacheStatus),
 }
 
 enum Lookup {
