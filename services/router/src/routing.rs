@@ -324,49 +324,10 @@ impl Routes {
         request: &ChatRequest,
         deadline: Option<Instant>,
     ) -> Result<(ChatResponse, RouteInfo), RouterError> {
-        let targets = self.targets(request)?;
-        let mut attempts = Attempts::new(&request.model);
-        for target in targets {
-            let prepared = target
-                .provider
-                .prepare(&target.model, request, false)
-                .map_err(invalid)?;
-            for retry in 0..=self.policy.max_retries {
-                if retry > 0 {
-                    let error = attempts
-                        .last_error
-                        .clone()
-                        .unwrap_or(ProviderError::Timeout);
-                    if !self.backoff(retry, &error, deadline).await {
-                        return Err(attempts.deadline_exceeded());
-                    }
-                }
-                let Some((timeout, capped)) = self.attempt_timeout(deadline) else {
-                    return Err(attempts.deadline_exceeded());
-                };
-                let started = Instant::now();
-                match target.provider.chat(&prepared, timeout).await {
-                    Ok(response) => {
-                        let usage = response.usage;
-                        return Ok((response, attempts.served(target, started, usage)));
-                    }
-                    Err(error) => {
-                        let next = after_failure(&error, target);
-                        let deadline_hit = capped && error == ProviderError::Timeout;
-                        attempts.failed(target, started, error);
-                        if deadline_hit {
-                            return Err(attempts.deadline_exceeded());
-                        }
-                        match next {
-                            Next::Retry => continue,
-                            Next::Fallback => break,
-                            Next::Stop(error) => return Err(error),
-                        }
-                    }
-                }
-            }
-        }
-        Err(attempts.unavailable())
+        let served = self.attempt_loop(&Unary, request, deadline).await?;
+        let usage = served.output.usage;
+        let info = served.attempts.served(served.target, served.started, usage);
+        Ok((served.output, info))
     }
 
     /// Serves `request` as a stream, sending events to `tx` until done, failed, `cancel`led or the
@@ -404,12 +365,34 @@ impl Routes {
         deadline: Option<Instant>,
         tx: &mpsc::Sender<StreamEvent>,
     ) -> Result<RouteInfo, RouterError> {
+        let served = self.attempt_loop(&Streamed, request, deadline).await?;
+        let (first, stream) = served.output;
+        forward(
+            served.attempts,
+            served.target,
+            served.started,
+            first,
+            stream,
+            tx,
+            deadline,
+        )
+        .await
+    }
+
+    /// The one retry/backoff/deadline/fallback loop shared by unary and streamed requests: tries
+    /// each target of the route in order, retrying retryable errors with backoff, until one serves.
+    async fn attempt_loop<'a, E: Exchange>(
+        &'a self,
+        exchange: &E,
+        request: &ChatRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Served<'a, E::Output>, RouterError> {
         let targets = self.targets(request)?;
         let mut attempts = Attempts::new(&request.model);
         for target in targets {
             let prepared = target
                 .provider
-                .prepare(&target.model, request, true)
+                .prepare(&target.model, request, E::STREAM)
                 .map_err(invalid)?;
             for retry in 0..=self.policy.max_retries {
                 if retry > 0 {
@@ -425,10 +408,14 @@ impl Routes {
                     return Err(attempts.deadline_exceeded());
                 };
                 let started = Instant::now();
-                match open(target, &prepared, timeout).await {
-                    Ok((first, stream)) => {
-                        return forward(attempts, target, started, first, stream, tx, deadline)
-                            .await;
+                match exchange.call(&target.provider, &prepared, timeout).await {
+                    Ok(output) => {
+                        return Ok(Served {
+                            output,
+                            attempts,
+                            target,
+                            started,
+                        });
                     }
                     Err(error) => {
                         let next = after_failure(&error, target);
@@ -450,13 +437,68 @@ impl Routes {
     }
 }
 
+/// A successful attempt: its output, and the attempts that led to it.
+struct Served<'a, T> {
+    output: T,
+    attempts: Attempts,
+    target: &'a Target,
+    started: Instant,
+}
+
+/// One kind of provider call the attempt loop can make.
+trait Exchange: Sync {
+    /// What a successful call yields.
+    type Output: Send;
+    /// Whether the request is prepared for streaming.
+    const STREAM: bool;
+    /// One attempt, bounded by `timeout` (until the first chunk for a stream).
+    fn call<'a>(
+        &'a self,
+        provider: &'a ProviderClient,
+        prepared: &'a Prepared,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Self::Output, ProviderError>> + Send + 'a;
+}
+
+/// A unary chat completion.
+struct Unary;
+
+impl Exchange for Unary {
+    type Output = ChatResponse;
+    const STREAM: bool = false;
+    fn call<'a>(
+        &'a self,
+        provider: &'a ProviderClient,
+        prepared: &'a Prepared,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ChatResponse, ProviderError>> + Send + 'a {
+        provider.chat(prepared, timeout)
+    }
+}
+
+/// A stream, opened until its first chunk.
+struct Streamed;
+
+impl Exchange for Streamed {
+    type Output = (ChatChunk, ChunkStream);
+    const STREAM: bool = true;
+    fn call<'a>(
+        &'a self,
+        provider: &'a ProviderClient,
+        prepared: &'a Prepared,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(ChatChunk, ChunkStream), ProviderError>> + Send + 'a {
+        open(provider, prepared, timeout)
+    }
+}
+
 /// Opens a stream and waits for its first chunk: until then the attempt may still fail over.
 async fn open(
-    target: &Target,
+    provider: &ProviderClient,
     prepared: &Prepared,
     timeout: Duration,
 ) -> Result<(ChatChunk, ChunkStream), ProviderError> {
-    let mut stream = target.provider.chat_stream(prepared, timeout).await?;
+    let mut stream = provider.chat_stream(prepared, timeout).await?;
     match stream.next().await {
         Some(Ok(first)) => Ok((first, stream)),
         Some(Err(error)) => Err(error),
