@@ -25,6 +25,9 @@ pub struct Config {
     pub max_retry_after_ms: u64,
     /// Connect timeout of provider HTTP connections.
     pub connect_timeout_ms: u64,
+    /// Overall deadline of one request, all attempts and backoff included (a shorter caller
+    /// `grpc-timeout` wins).
+    pub request_timeout_ms: u64,
     /// Providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Routes (virtual models), each an ordered fallback chain of targets.
@@ -40,6 +43,7 @@ impl Default for Config {
             retry_backoff_ms: 50,
             max_retry_after_ms: 5_000,
             connect_timeout_ms: 5_000,
+            request_timeout_ms: 600_000,
             providers: BTreeMap::new(),
             routes: Vec::new(),
         }
@@ -152,6 +156,12 @@ impl Config {
         if self.attempt_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "router.attempt_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "router.request_timeout_ms",
                 "must be greater than 0",
             ));
         }

@@ -1,10 +1,6 @@
 //! gRPC handlers: convert protobuf <-> domain and map errors.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use switchboard_proto::router::v1::{
@@ -47,10 +43,10 @@ impl RouterGrpc {
     }
 }
 
-/// The caller's deadline from the `grpc-timeout` header.
-fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+/// The caller's timeout from the `grpc-timeout` header.
+fn caller_timeout<T>(request: &Request<T>) -> Option<Duration> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    parse_grpc_timeout(value).map(|timeout| Instant::now() + timeout)
+    parse_grpc_timeout(value)
 }
 
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -89,7 +85,7 @@ impl RouterService for RouterGrpc {
         &self,
         request: Request<RouteRequest>,
     ) -> Result<Response<RouteResponse>, Status> {
-        let deadline = deadline(&request);
+        let deadline = self.routes.deadline(caller_timeout(&request));
         let RouteRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {
@@ -120,7 +116,7 @@ impl RouterService for RouterGrpc {
         &self,
         request: Request<RouteStreamRequest>,
     ) -> Result<Response<Self::RouteStreamStream>, Status> {
-        let deadline = deadline(&request);
+        let deadline = self.routes.deadline(caller_timeout(&request));
         let RouteStreamRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {

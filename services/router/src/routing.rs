@@ -1,17 +1,13 @@
 //! Routes: ordered fallback chains of provider targets, with retries of the same target.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use rand::Rng;
 use switchboard_proto::chat::v1::{
     Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage,
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
@@ -21,6 +17,9 @@ use crate::{
     error::RouterError,
     provider::{ChunkStream, Prepared, ProviderClient, ProviderError, TranslateError},
 };
+
+/// Most of a caller's deadline kept back so that the router's own answer arrives first.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// Retry and timeout settings.
 #[derive(Debug, Clone)]
@@ -33,6 +32,8 @@ pub struct Policy {
     pub backoff: Duration,
     /// Cap on an honoured `Retry-After`.
     pub max_retry_after: Duration,
+    /// Overall deadline of a request when the caller sets none (or a longer one).
+    pub request_timeout: Duration,
 }
 
 impl Policy {
@@ -256,6 +257,7 @@ impl Routes {
                 max_retries: config.max_retries,
                 backoff: Duration::from_millis(config.retry_backoff_ms),
                 max_retry_after: Duration::from_millis(config.max_retry_after_ms),
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
             created,
         })
@@ -289,27 +291,37 @@ impl Routes {
         Ok(targets)
     }
 
-    /// The timeout of the next try, or `None` when the deadline has passed.
-    fn attempt_timeout(&self, deadline: Option<Instant>) -> Option<(Duration, bool)> {
-        match deadline {
-            None => Some((self.policy.attempt_timeout, false)),
-            Some(deadline) => {
-                let remaining = deadline
-                    .checked_duration_since(Instant::now())
-                    .filter(|d| !d.is_zero())?;
-                if remaining < self.policy.attempt_timeout {
-                    Some((remaining, true))
-                } else {
-                    Some((self.policy.attempt_timeout, false))
-                }
+    /// The overall deadline of a request: the caller's `grpc-timeout` (less a small margin, so that
+    /// the router answers with its attempts before the caller gives up), capped by
+    /// `request_timeout`.
+    pub fn deadline(&self, caller_timeout: Option<Duration>) -> Instant {
+        let timeout = match caller_timeout {
+            Some(timeout) => {
+                let margin = (timeout / 10).min(DEADLINE_MARGIN);
+                (timeout - margin).min(self.policy.request_timeout)
             }
+            None => self.policy.request_timeout,
+        };
+        Instant::now() + timeout
+    }
+
+    /// The timeout of the next try and whether the deadline capped it, or `None` when the deadline
+    /// has passed.
+    fn attempt_timeout(&self, deadline: Instant) -> Option<(Duration, bool)> {
+        let remaining = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())?;
+        if remaining < self.policy.attempt_timeout {
+            Some((remaining, true))
+        } else {
+            Some((self.policy.attempt_timeout, false))
         }
     }
 
     /// Sleeps before a retry; `false` when the deadline would pass first.
-    async fn backoff(&self, retry: u32, error: &ProviderError, deadline: Option<Instant>) -> bool {
+    async fn backoff(&self, retry: u32, error: &ProviderError, deadline: Instant) -> bool {
         let delay = self.policy.delay(retry, error);
-        if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+        if Instant::now() + delay >= deadline {
             return false;
         }
         if !delay.is_zero() {
@@ -322,7 +334,7 @@ impl Routes {
     pub async fn route(
         &self,
         request: &ChatRequest,
-        deadline: Option<Instant>,
+        deadline: Instant,
     ) -> Result<(ChatResponse, RouteInfo), RouterError> {
         let served = self.attempt_loop(&Unary, request, deadline).await?;
         let usage = served.output.usage;
@@ -335,7 +347,7 @@ impl Routes {
     pub async fn route_stream(
         &self,
         request: ChatRequest,
-        deadline: Option<Instant>,
+        deadline: Instant,
         tx: mpsc::Sender<StreamEvent>,
         cancel: CancellationToken,
     ) {
@@ -362,7 +374,7 @@ impl Routes {
     async fn stream_inner(
         &self,
         request: &ChatRequest,
-        deadline: Option<Instant>,
+        deadline: Instant,
         tx: &mpsc::Sender<StreamEvent>,
     ) -> Result<RouteInfo, RouterError> {
         let served = self.attempt_loop(&Streamed, request, deadline).await?;
@@ -385,7 +397,7 @@ impl Routes {
         &'a self,
         exchange: &E,
         request: &ChatRequest,
-        deadline: Option<Instant>,
+        deadline: Instant,
     ) -> Result<Served<'a, E::Output>, RouterError> {
         let targets = self.targets(request)?;
         let mut attempts = Attempts::new(&request.model);
@@ -516,7 +528,7 @@ async fn forward(
     first: ChatChunk,
     mut stream: ChunkStream,
     tx: &mpsc::Sender<StreamEvent>,
-    deadline: Option<Instant>,
+    deadline: Instant,
 ) -> Result<RouteInfo, RouterError> {
     let mut usage = first.usage;
     let mut forwarded = 0usize;
@@ -532,17 +544,14 @@ async fn forward(
     }
     forwarded += 1;
     loop {
-        let next = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), stream.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    return Err(interrupted(
-                        forwarded,
-                        "TIMEOUT: caller deadline exceeded".to_owned(),
-                    ));
-                }
-            },
-            None => stream.next().await,
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                return Err(interrupted(
+                    forwarded,
+                    "TIMEOUT: deadline exceeded".to_owned(),
+                ));
+            }
         };
         match next {
             Some(Ok(chunk)) => {
@@ -574,6 +583,7 @@ mod tests {
             max_retries: 3,
             backoff: Duration::from_millis(100),
             max_retry_after: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
         };
         let error = ProviderError::Timeout;
         let first = policy.delay(1, &error);
@@ -590,5 +600,49 @@ mod tests {
             retry_after: Some(Duration::ZERO),
         };
         assert_eq!(policy.delay(1, &limited), Duration::ZERO);
+    }
+
+    fn routes(attempt_timeout_ms: u64, request_timeout_ms: u64) -> Routes {
+        Routes::new(&Config {
+            attempt_timeout_ms,
+            request_timeout_ms,
+            ..Config::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_caps_attempts_and_honours_the_caller() {
+        let routes = routes(1_000, 10_000);
+        // No caller deadline: the request timeout.
+        let deadline = routes.deadline(None);
+        assert_eq!(deadline - Instant::now(), Duration::from_secs(10));
+        assert_eq!(
+            routes.attempt_timeout(deadline),
+            Some((Duration::from_secs(1), false))
+        );
+        // A caller deadline shorter than the request timeout wins, less the margin.
+        let deadline = routes.deadline(Some(Duration::from_millis(500)));
+        assert_eq!(deadline - Instant::now(), Duration::from_millis(450));
+        assert_eq!(
+            routes.attempt_timeout(deadline),
+            Some((Duration::from_millis(450), true))
+        );
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(
+            routes.attempt_timeout(deadline),
+            Some((Duration::from_millis(50), true))
+        );
+        // A retry whose backoff would pass the deadline is not made.
+        let limited = ProviderError::RateLimited {
+            status: 429,
+            retry_after: Some(Duration::from_millis(100)),
+        };
+        assert!(!routes.backoff(1, &limited, deadline).await);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(routes.attempt_timeout(deadline), None);
+        // A longer caller deadline is capped by the request timeout.
+        let deadline = routes.deadline(Some(Duration::from_secs(3_600)));
+        assert_eq!(deadline - Instant::now(), Duration::from_secs(10));
     }
 }

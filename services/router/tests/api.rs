@@ -657,3 +657,59 @@ async fn caller_deadline_bounds_the_request() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_router_answers_a_caller_deadline_with_its_attempts() {
+    let h = Harness::start_with(|config| config.max_retries = 0).await;
+    h.fake.set_latency(PRIMARY, 5_000);
+    let mut request = tonic::Request::new(RouteRequest {
+        request: Some(chat("chat", "hi")),
+        caller: None,
+    });
+    request.set_timeout(Duration::from_millis(600));
+    let status = h.client.clone().route(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(reason(&status), "TIMEOUT");
+    let metadata = status_metadata(&status);
+    assert_eq!(metadata.get("attempts").map(String::as_str), Some("1"));
+    assert!(metadata.get("last_error").unwrap().contains("TIMEOUT"));
+    assert_eq!(h.backup.request_count(BACKUP), 0);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_misses_the_caller_deadline_ends_with_a_timeout() {
+    let h = Harness::start_with(|config| config.max_retries = 0).await;
+    h.fake.set_latency(PRIMARY, 5_000);
+    let mut request = tonic::Request::new(RouteStreamRequest {
+        request: Some(chat("chat", "hi")),
+        caller: None,
+    });
+    request.set_timeout(Duration::from_millis(400));
+    let mut stream = h
+        .client
+        .clone()
+        .route_stream(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let status = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(reason(&status), "TIMEOUT");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_request_timeout_bounds_a_request_without_a_caller_deadline() {
+    let h = Harness::start_with(|config| {
+        config.max_retries = 3;
+        config.request_timeout_ms = 300;
+    })
+    .await;
+    h.fake.set_latency(PRIMARY, 5_000);
+    let status = h.route(chat("chat", "hi")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(h.fake.request_count(PRIMARY), 1);
+    assert_eq!(h.backup.request_count(BACKUP), 0);
+    h.shutdown().await;
+}
