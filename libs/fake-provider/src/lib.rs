@@ -1,14 +1,39 @@
-//! A fake LLM provider speaking the OpenAI chat-completions wire format, for tests and demos.
+//! A fake LLM provider for tests and demos, speaking the OpenAI chat-completions, Azure OpenAI,
+//! Anthropic Messages and Google Gemini wire formats.
 //!
-//! Answers are deterministic: `"echo: " + <text of the last user message>`. Faults (HTTP errors,
-//! interrupted streams) and latency are injected per model through the [`FakeProvider`] handle or the
-//! `/_fake/*` control endpoints.
+//! # Answers
+//! Deterministic in every format: `"echo: " + <text of the last user message>` (the last user-authored
+//! message that is not only tool results), cut to `max_tokens` words with finish reason "length".
+//! Usage counts whitespace-separated words: every text of the request (system, messages, tool results)
+//! for the prompt, the answer for the completion.
 //!
-//! Endpoints:
+//! Tool calls: when the request declares tools and the last user text contains `call tool`, the
+//! answer is a call of the first declared tool (`call every tool`: one call per declared tool, in
+//! order). The arguments are the JSON object written in the text (from its first `{` to its last
+//! `}`), or `{}`. Streamed, the arguments are split into `stream_chunks` pieces (OpenAI
+//! `tool_calls[].function.arguments` deltas, Anthropic `input_json_delta`s; Gemini sends a
+//! `functionCall` whole, as the real API does).
+//!
+//! # Endpoints
 //! - `POST /v1/chat/completions`: OpenAI chat completions, unary or SSE (`"stream": true`).
+//! - `POST /openai/deployments/{deployment}/chat/completions?api-version=…`: Azure OpenAI (the
+//!   deployment is the model; `api-key` header; `prompt_filter_results` / `content_filter_results`).
 //! - `GET /v1/models`: models seen in requests or mentioned by a control call.
-//! - `POST /_fake/fail` `{"model","status","times"}`, `POST /_fake/fail_stream` `{"model","chunks","times"}`,
-//!   `POST /_fake/latency` `{"model","latency_ms"}`, `GET /_fake/requests` (`{"total":N,"models":{model:N}}`).
+//!
+//! # Faults
+//! Injected per model, in order, through [`FakeProvider::inject`] (or the older
+//! [`FakeProvider::fail_next`] / [`FakeProvider::fail_stream_after`]) or `POST /_fake/fault`
+//! `{"model", "kind", <fields of the kind>, "times"}` (`times` defaults to 1). Each request
+//! consumes one queued fault; stream-only kinds wait for a streaming request. See [`Fault`] for the
+//! kinds (`kind` is the snake_case variant name, e.g. `{"model":"m","kind":"stream_stall","after_chunks":2}`).
+//! Every fault is rendered in the format of the endpoint that was called.
+//!
+//! Other control endpoints: `POST /_fake/fail` `{"model","status","times"}`,
+//! `POST /_fake/fail_stream` `{"model","chunks","times"}`, `POST /_fake/latency`
+//! `{"model","latency_ms"}`, `GET /_fake/requests` (`{"total":N,"models":{model:N}}`).
+
+mod answer;
+mod openai;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -21,14 +46,21 @@ use std::{
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, Path, RawQuery, State, connect_info::Connected},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
+    serve::IncomingStream,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+use crate::answer::{Answer, Prompt};
 
 /// Settings of a fake provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,23 +83,85 @@ impl Default for FakeConfig {
     }
 }
 
-/// One request the fake received on `/v1/chat/completions`.
+/// The wire format of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiFormat {
+    /// OpenAI chat completions (`/v1/chat/completions`).
+    Openai,
+    /// Azure OpenAI (`/openai/deployments/{deployment}/chat/completions`).
+    Azure,
+}
+
+/// One request the fake received on a chat endpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceivedRequest {
-    /// The `model` field.
+    /// The model (`model` field, Azure deployment or Gemini path segment).
     pub model: String,
     /// The whole JSON body.
     pub body: Value,
-    /// Whether `"stream": true` was asked.
+    /// Whether a stream was asked.
     pub stream: bool,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The endpoint's format.
+    pub format: ApiFormat,
+    /// Path and query of the request.
+    pub path: String,
+    /// Every request header (lowercase names; non-UTF-8 values are skipped).
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A fault injected into the next request(s) for a model. Rendered in the called endpoint's format.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// An HTTP error with the format's error body (429 carries `retry-after: 0`; Anthropic 529 is
+    /// `overloaded_error`).
+    Status { status: u16 },
+    /// HTTP 429 asking to retry after `retry_after_secs` (`Retry-After` header; Gemini: a
+    /// `google.rpc.RetryInfo` `retryDelay` in the error details).
+    RateLimited { retry_after_secs: u64 },
+    /// The connection is closed without any answer.
+    ConnectionReset,
+    /// Nothing is sent for `delay_ms` (this request only; see [`FakeProvider::set_latency`]).
+    SlowFirstByte { delay_ms: u64 },
+    /// Streaming only: the stream's opening events and `after_chunks` more, then the connection
+    /// drops without the format's end (`after_chunks == 0`: the body fails at once).
+    StreamCut { after_chunks: usize },
+    /// Streaming only: the opening events and `after_chunks` more, then nothing, connection open.
+    StreamStall { after_chunks: usize },
+    /// HTTP 200 with a JSON body cut in the middle (streaming: like [`Fault::MalformedSse`]).
+    MalformedJson,
+    /// Streaming only: after the opening events, an event whose data is not valid JSON; the stream
+    /// then goes on normally.
+    MalformedSse,
+    /// HTTP 200 with `content-type: text/html` (a proxy's error page).
+    WrongContentType,
+    /// The format's "context length exceeded" error (OpenAI `context_length_exceeded`, Anthropic
+    /// "prompt is too long", Gemini "input token count exceeds").
+    ContextLengthExceeded,
+    /// The prompt is blocked by the content filter: OpenAI/Azure HTTP 400 `content_filter`;
+    /// Gemini `promptFeedback.blockReason` "SAFETY" (HTTP 200); Anthropic has no prompt filter
+    /// error and answers `stop_reason: "refusal"`.
+    ContentFilter,
+    /// The answer is cut by the content filter after its first word: OpenAI/Azure finish reason
+    /// `content_filter`, Anthropic `stop_reason: "refusal"`, Gemini `finishReason: "SAFETY"`.
+    ContentFilterFinish,
+}
+
+impl Fault {
+    fn stream_only(&self) -> bool {
+        matches!(
+            self,
+            Fault::StreamCut { .. } | Fault::StreamStall { .. } | Fault::MalformedSse
+        )
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    failures: HashMap<String, VecDeque<u16>>,
-    stream_failures: HashMap<String, VecDeque<usize>>,
+    faults: HashMap<String, VecDeque<Fault>>,
+    stream_faults: HashMap<String, VecDeque<Fault>>,
     latency: HashMap<String, u64>,
     /// The most recent requests (bounded, so a long benchmark does not grow the fixture's memory).
     requests: VecDeque<ReceivedRequest>,
@@ -98,6 +192,42 @@ struct Server {
     task: Option<JoinHandle<()>>,
 }
 
+/// A second handle on an accepted socket, so that a handler can close its own connection.
+#[derive(Clone)]
+struct Socket(Option<Arc<std::net::TcpStream>>);
+
+#[cfg(unix)]
+fn duplicate(stream: &TcpStream) -> Option<std::net::TcpStream> {
+    use std::os::fd::AsFd;
+    stream
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(std::net::TcpStream::from)
+}
+
+#[cfg(not(unix))]
+fn duplicate(_stream: &TcpStream) -> Option<std::net::TcpStream> {
+    None
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Socket {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        // Runs once per accepted connection, before it is served.
+        let _ = stream.io().set_nodelay(true);
+        Socket(duplicate(stream.io()).map(Arc::new))
+    }
+}
+
+impl Socket {
+    /// Closes the connection both ways; the client sees it closed before any answer.
+    fn reset(&self) {
+        if let Some(socket) = &self.0 {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// Handle of a running fake provider. Clones share the same state.
 #[derive(Clone)]
 pub struct FakeProvider {
@@ -126,14 +256,14 @@ impl FakeProvider {
         let app = router(shared.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.await;
-                })
-                .await;
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<Socket>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
             if let Err(error) = served {
                 tracing::error!(%error, "fake provider server failed");
             }
@@ -158,22 +288,44 @@ impl FakeProvider {
         format!("http://{}/v1", self.addr)
     }
 
-    /// The next `times` requests for `model` answer `status` with an OpenAI error body
-    /// (429 carries `retry-after: 0`). Calls queue up in order.
-    pub fn fail_next(&self, model: &str, status: u16, times: u32) {
+    /// The base URL of the other formats (Azure, Anthropic, Gemini): `http://127.0.0.1:PORT`.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queues `fault` for the next `times` requests for `model` (stream-only faults: the next
+    /// `times` streaming requests). Calls queue up in order.
+    pub fn inject(&self, model: &str, fault: Fault, times: u32) {
         let mut inner = self.shared.lock();
         inner.models.insert(model.to_owned());
-        let queue = inner.failures.entry(model.to_owned()).or_default();
-        queue.extend(std::iter::repeat_n(status, times as usize));
+        let queues = if fault.stream_only() {
+            &mut inner.stream_faults
+        } else {
+            &mut inner.faults
+        };
+        queues
+            .entry(model.to_owned())
+            .or_default()
+            .extend(std::iter::repeat_n(fault, times as usize));
+    }
+
+    /// The next `times` requests for `model` answer `status` with the format's error body
+    /// (429 carries `retry-after: 0`). Same as [`Fault::Status`].
+    pub fn fail_next(&self, model: &str, status: u16, times: u32) {
+        self.inject(model, Fault::Status { status }, times);
     }
 
     /// The next `times` streaming requests for `model` send `chunks` content chunks (after the
-    /// role chunk; with `chunks == 0` nothing at all) and then drop the connection without `[DONE]`.
+    /// opening events; with `chunks == 0` nothing at all) and then drop the connection without the
+    /// format's end. Same as [`Fault::StreamCut`].
     pub fn fail_stream_after(&self, model: &str, chunks: usize, times: u32) {
-        let mut inner = self.shared.lock();
-        inner.models.insert(model.to_owned());
-        let queue = inner.stream_failures.entry(model.to_owned()).or_default();
-        queue.extend(std::iter::repeat_n(chunks, times as usize));
+        self.inject(
+            model,
+            Fault::StreamCut {
+                after_chunks: chunks,
+            },
+            times,
+        );
     }
 
     /// Latency before every answer for `model` (overrides [`FakeConfig::latency_ms`]).
@@ -218,8 +370,13 @@ impl FakeProvider {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(openai_chat))
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(azure_chat),
+        )
         .route("/v1/models", get(list_models))
+        .route("/_fake/fault", post(control_fault))
         .route("/_fake/fail", post(control_fail))
         .route("/_fake/fail_stream", post(control_fail_stream))
         .route("/_fake/latency", post(control_latency))
@@ -227,123 +384,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-// === errors ===
-
-fn error_response(status: u16, message: &str) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let (kind, code) = match status.as_u16() {
-        400 => ("invalid_request_error", Value::Null),
-        401 => ("invalid_request_error", json!("invalid_api_key")),
-        403 => ("permission_error", Value::Null),
-        404 => ("invalid_request_error", json!("model_not_found")),
-        429 => ("requests", json!("rate_limit_exceeded")),
-        _ => ("server_error", Value::Null),
-    };
-    let body =
-        json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
-    let mut response = (status, Json(body)).into_response();
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
-    }
-    response
-}
-
-// === chat completions ===
-
-/// What the fake answers to one request.
-#[derive(Debug, Clone, PartialEq)]
-enum Answer {
-    Text {
-        content: String,
-        finish_reason: &'static str,
-    },
-    ToolCall {
-        name: String,
-        arguments: String,
-    },
-}
-
-fn message_text(message: &Value) -> String {
-    match message.get("content") {
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|part| part.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
-    }
-}
-
-fn word_count(text: &str) -> usize {
-    text.split_whitespace().count()
-}
-
-fn max_tokens(body: &Value) -> Option<u64> {
-    body.get("max_completion_tokens")
-        .and_then(Value::as_u64)
-        .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
-}
-
-/// The deterministic answer and its usage `(prompt, completion)`.
-fn answer_for(body: &Value) -> (Answer, u64, u64) {
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let prompt_tokens: usize = messages.iter().map(|m| word_count(&message_text(m))).sum();
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .map(message_text)
-        .unwrap_or_default();
-    let first_tool = body
-        .get("tools")
-        .and_then(Value::as_array)
-        .and_then(|tools| tools.first())
-        .and_then(|tool| tool.pointer("/function/name"))
-        .and_then(Value::as_str);
-    if let Some(name) = first_tool
-        && last_user.contains("call tool")
-    {
-        let arguments = "{}".to_owned();
-        let completion = word_count(name) + word_count(&arguments);
-        return (
-            Answer::ToolCall {
-                name: name.to_owned(),
-                arguments,
-            },
-            prompt_tokens as u64,
-            completion as u64,
-        );
-    }
-    let mut content = format!("echo: {last_user}");
-    let mut finish_reason = "stop";
-    let words: Vec<&str> = content.split_whitespace().collect();
-    if let Some(limit) = max_tokens(body)
-        && (limit as usize) < words.len()
-    {
-        content = words[..limit as usize].join(" ");
-        finish_reason = "length";
-    }
-    let completion = word_count(&content);
-    (
-        Answer::Text {
-            content,
-            finish_reason,
-        },
-        prompt_tokens as u64,
-        completion as u64,
-    )
-}
-
-fn usage_json(prompt: u64, completion: u64) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
-}
+// === chat endpoints ===
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -352,159 +393,219 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn completion_json(
-    id: &str,
-    model: &str,
-    created: u64,
-    answer: &Answer,
-    prompt: u64,
-    completion: u64,
-) -> Value {
-    let (message, finish_reason) = match answer {
-        Answer::Text {
-            content,
-            finish_reason,
-        } => (
-            json!({ "role": "assistant", "content": content, "refusal": null }),
-            *finish_reason,
-        ),
-        Answer::ToolCall { name, arguments } => (
-            json!({
-                "role": "assistant",
-                "content": null,
-                "refusal": null,
-                "tool_calls": [{ "id": "call_1", "type": "function", "function": { "name": name, "arguments": arguments } }],
-            }),
-            "tool_calls",
-        ),
-    };
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason }],
-        "usage": usage_json(prompt, completion),
-        "system_fingerprint": "fp_fake",
-    })
+/// The frames of a streamed answer: `head` opens the stream, `body` carries the content, `tail`
+/// ends it (its last frame is the format's end marker, if the format has one).
+pub(crate) struct StreamPlan {
+    pub head: Vec<Bytes>,
+    pub body: Vec<Bytes>,
+    pub tail: Vec<Bytes>,
+    /// An event whose data is not valid JSON.
+    pub malformed: Bytes,
 }
 
-/// Splits `text` into at most `pieces` parts of roughly equal length (on char boundaries).
-fn split_pieces(text: &str, pieces: usize) -> Vec<String> {
-    let chars: Vec<char> = text.chars().collect();
-    if chars.is_empty() {
-        return Vec::new();
+/// A request the format's validation rejects (rendered as the format's error).
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Rejected {
+    /// HTTP 400.
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Rejected {
+            status: 400,
+            message: message.into(),
+        }
     }
-    let pieces = pieces.max(1);
-    let size = chars.len().div_ceil(pieces);
-    chars
-        .chunks(size)
-        .map(|chunk| chunk.iter().collect())
+}
+
+/// One incoming chat request, before parsing.
+struct Incoming {
+    format: ApiFormat,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    /// The model named by the path (Azure deployment, Gemini model).
+    path_model: Option<String>,
+}
+
+impl ApiFormat {
+    fn error(self, status: u16, message: &str) -> Response {
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => openai::error_response(status, message, None),
+        }
+    }
+
+    fn parse(self, incoming: &Incoming) -> Result<Prompt, Rejected> {
+        let body: Value = match serde_json::from_slice(&incoming.body) {
+            Ok(value @ Value::Object(_)) => value,
+            Ok(_) => return Err(Rejected::bad("request body must be a JSON object")),
+            Err(error) => {
+                return Err(Rejected::bad(format!(
+                    "could not parse the JSON body of your request: {error}"
+                )));
+            }
+        };
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => {
+                openai::parse(&body, incoming.path_model.clone())
+            }
+        }
+    }
+
+    fn rate_limited(self, retry_after_secs: u64) -> Response {
+        let mut response = self.error(429, "rate limit reached, retry later");
+        if let Ok(value) = header::HeaderValue::from_str(&retry_after_secs.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+
+    fn context_length_exceeded(self, prompt: &Prompt) -> Response {
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => openai::context_length_exceeded(prompt),
+        }
+    }
+
+    /// The prompt-blocked answer, or `None` when the format answers with a filtered completion.
+    fn prompt_filtered(self) -> Option<Response> {
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => Some(openai::prompt_filtered()),
+        }
+    }
+
+    fn unary(self, id: &str, model: &str, answer: &Answer, prompt: u64, completion: u64) -> Value {
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => {
+                let ctx = openai::Ctx {
+                    id,
+                    model,
+                    created: now_secs(),
+                    azure: self == ApiFormat::Azure,
+                };
+                openai::completion_json(&ctx, answer, prompt, completion)
+            }
+        }
+    }
+
+    fn stream(
+        self,
+        id: &str,
+        request: &Prompt,
+        answer: &Answer,
+        usage: (u64, u64),
+        pieces: usize,
+    ) -> StreamPlan {
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => {
+                let ctx = openai::Ctx {
+                    id,
+                    model: &request.model,
+                    created: now_secs(),
+                    azure: self == ApiFormat::Azure,
+                };
+                let usage = request
+                    .include_usage
+                    .then(|| openai::usage_json(usage.0, usage.1));
+                openai::stream_plan(&ctx, answer, usage, pieces)
+            }
+        }
+    }
+
+    fn id(self) -> String {
+        let id = uuid::Uuid::now_v7().simple();
+        match self {
+            ApiFormat::Openai | ApiFormat::Azure => format!("chatcmpl-{id}"),
+        }
+    }
+}
+
+fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
         .collect()
 }
 
-/// The `data:` payloads of a streamed answer, `[DONE]` excluded. The first is the role chunk.
-fn stream_events(
-    id: &str,
-    model: &str,
-    created: u64,
-    answer: &Answer,
-    usage: Option<Value>,
-    stream_chunks: usize,
-) -> Vec<Value> {
-    let chunk = |delta: Value, finish_reason: Value| {
-        json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_fake",
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-        })
-    };
-    let mut events = Vec::new();
-    let finish_reason = match answer {
-        Answer::Text {
-            content,
-            finish_reason,
-        } => {
-            events.push(chunk(
-                json!({ "role": "assistant", "content": "", "refusal": null }),
-                Value::Null,
-            ));
-            for piece in split_pieces(content, stream_chunks) {
-                events.push(chunk(json!({ "content": piece }), Value::Null));
-            }
-            *finish_reason
+fn event_stream(frames: Vec<Result<Bytes, std::io::Error>>, stall: bool) -> Body {
+    Body::from_stream(async_stream::stream! {
+        for frame in frames {
+            // Yield between frames so that each one is flushed as its own network write.
+            tokio::task::yield_now().await;
+            yield frame;
         }
-        Answer::ToolCall { name, arguments } => {
-            events.push(chunk(
-                json!({ "role": "assistant", "content": null, "refusal": null }),
-                Value::Null,
-            ));
-            events.push(chunk(
-                json!({ "tool_calls": [{ "index": 0, "id": "call_1", "type": "function", "function": { "name": name, "arguments": "" } }] }),
-                Value::Null,
-            ));
-            for piece in split_pieces(arguments, stream_chunks) {
-                events.push(chunk(
-                    json!({ "tool_calls": [{ "index": 0, "function": { "arguments": piece } }] }),
-                    Value::Null,
-                ));
-            }
-            "tool_calls"
+        if stall {
+            futures::future::pending::<()>().await;
         }
-    };
-    events.push(chunk(json!({}), json!(finish_reason)));
-    if let Some(usage) = usage {
-        events.push(json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_fake",
-            "choices": [],
-            "usage": usage,
-        }));
-    }
-    events
+    })
 }
 
-fn sse_frame(data: &str) -> Bytes {
-    Bytes::from(format!("data: {data}\n\n"))
+fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn chat_completions(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(value @ Value::Object(_)) => value,
-        Ok(_) => return error_response(400, "request body must be a JSON object"),
-        Err(error) => {
-            return error_response(
-                400,
-                &format!("could not parse the JSON body of your request: {error}"),
-            );
+const SSE: &str = "text/event-stream; charset=utf-8";
+
+fn streamed(plan: StreamPlan, fault: Option<&Fault>) -> Response {
+    let StreamPlan {
+        head,
+        body,
+        tail,
+        malformed,
+    } = plan;
+    let opening = head.len();
+    let all: Vec<Bytes> = head.into_iter().chain(body).chain(tail).collect();
+    let cut_at = |after: usize| (opening + after).min(all.len().saturating_sub(1));
+    let (frames, stall): (Vec<Result<Bytes, std::io::Error>>, bool) = match fault {
+        Some(Fault::StreamCut { after_chunks: 0 }) => (
+            vec![Err(std::io::Error::other("injected stream failure"))],
+            false,
+        ),
+        Some(Fault::StreamCut { after_chunks }) => (
+            all[..cut_at(*after_chunks)]
+                .iter()
+                .cloned()
+                .map(Ok)
+                .chain(std::iter::once(Err(std::io::Error::other(
+                    "injected stream failure",
+                ))))
+                .collect(),
+            false,
+        ),
+        Some(Fault::StreamStall { after_chunks }) => (
+            all[..cut_at(*after_chunks)]
+                .iter()
+                .cloned()
+                .map(Ok)
+                .collect(),
+            true,
+        ),
+        Some(Fault::MalformedSse | Fault::MalformedJson) => {
+            let mut frames = all;
+            frames.insert(opening.min(frames.len()), malformed);
+            (frames.into_iter().map(Ok).collect(), false)
         }
+        _ => (all.into_iter().map(Ok).collect(), false),
     };
-    let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
-        return error_response(400, "you must provide a model parameter");
+    with_type(StatusCode::OK, SSE, event_stream(frames, stall))
+}
+
+async fn chat(shared: Arc<Shared>, socket: Socket, incoming: Incoming) -> Response {
+    let format = incoming.format;
+    let prompt = match format.parse(&incoming) {
+        Ok(prompt) => prompt,
+        Err(rejected) => return format.error(rejected.status, &rejected.message),
     };
-    if body
-        .get("messages")
-        .and_then(Value::as_array)
-        .is_none_or(Vec::is_empty)
-    {
-        return error_response(400, "'messages' must be a non-empty array");
-    }
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (failure, stream_failure, latency) = {
+    let model = prompt.model.clone();
+    let (fault, latency) = {
         let mut inner = shared.lock();
         inner.models.insert(model.clone());
         if inner.requests.len() >= KEPT_REQUESTS {
@@ -512,84 +613,157 @@ async fn chat_completions(
         }
         inner.requests.push_back(ReceivedRequest {
             model: model.clone(),
-            body: body.clone(),
-            stream,
-            authorization,
+            body: serde_json::from_slice(&incoming.body).unwrap_or(Value::Null),
+            stream: prompt.stream,
+            authorization: incoming
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            format,
+            path: incoming.path.clone(),
+            headers: header_map(&incoming.headers),
         });
         *inner.counts.entry(model.clone()).or_default() += 1;
-        let failure = inner.failures.get_mut(&model).and_then(VecDeque::pop_front);
-        let stream_failure = if stream && failure.is_none() {
-            inner
-                .stream_failures
+        let mut fault = inner.faults.get_mut(&model).and_then(VecDeque::pop_front);
+        if prompt.stream && fault.is_none() {
+            fault = inner
+                .stream_faults
                 .get_mut(&model)
-                .and_then(VecDeque::pop_front)
-        } else {
-            None
-        };
+                .and_then(VecDeque::pop_front);
+        }
         let latency = inner
             .latency
             .get(&model)
             .copied()
             .unwrap_or(shared.config.latency_ms);
-        (failure, stream_failure, latency)
+        (fault, latency)
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    if let Some(status) = failure {
-        return error_response(status, &format!("injected failure with status {status}"));
+    let (mut answer, prompt_tokens, completion_tokens) = answer::answer(&prompt);
+    match &fault {
+        Some(Fault::Status { status }) => {
+            return format.error(*status, &format!("injected failure with status {status}"));
+        }
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            return format.rate_limited(*retry_after_secs);
+        }
+        Some(Fault::ConnectionReset) => {
+            socket.reset();
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        Some(Fault::SlowFirstByte { delay_ms }) => {
+            tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+        }
+        Some(Fault::MalformedJson) if !prompt.stream => {
+            return with_type(
+                StatusCode::OK,
+                "application/json",
+                Body::from(
+                    "{\"id\":\"chatcmpl-broken\",\"choices\":[{\"index\":0,\"message\":{\"content\":\"ec",
+                ),
+            );
+        }
+        Some(Fault::WrongContentType) => {
+            return with_type(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Body::from(
+                    "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>",
+                ),
+            );
+        }
+        Some(Fault::ContextLengthExceeded) => return format.context_length_exceeded(&prompt),
+        Some(Fault::ContentFilter) => match format.prompt_filtered() {
+            Some(response) => return response,
+            None => answer = answer::filtered(answer),
+        },
+        Some(Fault::ContentFilterFinish) => answer = answer::filtered(answer),
+        _ => {}
     }
-    let (answer, prompt, completion) = answer_for(&body);
-    let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-    let created = now_secs();
-    if !stream {
-        return Json(completion_json(
-            &id, &model, created, &answer, prompt, completion,
-        ))
-        .into_response();
+    let completion_tokens = match &fault {
+        Some(Fault::ContentFilter | Fault::ContentFilterFinish) => match &answer {
+            Answer::Text { content, .. } => answer::word_count(content),
+            Answer::ToolCalls(_) => completion_tokens,
+        },
+        _ => completion_tokens,
+    };
+    let id = format.id();
+    if !prompt.stream {
+        return Json(format.unary(&id, &model, &answer, prompt_tokens, completion_tokens))
+            .into_response();
     }
-    let include_usage = body
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let usage = include_usage.then(|| usage_json(prompt, completion));
-    let events = stream_events(
+    let plan = format.stream(
         &id,
-        &model,
-        created,
+        &prompt,
         &answer,
-        usage,
+        (prompt_tokens, completion_tokens),
         shared.config.stream_chunks,
     );
-    let frames: Vec<Result<Bytes, std::io::Error>> = match stream_failure {
-        None => events
-            .iter()
-            .map(|event| Ok(sse_frame(&event.to_string())))
-            .chain(std::iter::once(Ok(sse_frame("[DONE]"))))
-            .collect(),
-        Some(0) => vec![Err(std::io::Error::other("injected stream failure"))],
-        Some(chunks) => events
-            .iter()
-            .take(chunks + 1)
-            .map(|event| Ok(sse_frame(&event.to_string())))
-            .chain(std::iter::once(Err(std::io::Error::other(
-                "injected stream failure",
-            ))))
-            .collect(),
+    streamed(plan, fault.as_ref())
+}
+
+fn path_of(uri: &axum::http::Uri) -> String {
+    uri.path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+async fn openai_chat(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let incoming = Incoming {
+        format: ApiFormat::Openai,
+        path: path_of(&uri),
+        headers,
+        body,
+        path_model: None,
     };
-    let body = Body::from_stream(async_stream::stream! {
-        for frame in frames {
-            // Yield between frames so that each one is flushed as its own network write.
-            tokio::task::yield_now().await;
-            yield frame;
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| error_response(500, "cannot build the response"))
+    chat(shared, socket, incoming).await
+}
+
+async fn azure_chat(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    Path(deployment): Path<String>,
+    RawQuery(query): RawQuery,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let has_version = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .any(|pair| pair.starts_with("api-version=") && pair.len() > "api-version=".len());
+    if !has_version {
+        return openai::error_response(
+            404,
+            "Resource not found: the api-version query parameter is required",
+            Some("404"),
+        );
+    }
+    if !headers.contains_key("api-key") && !headers.contains_key(header::AUTHORIZATION) {
+        return openai::error_response(
+            401,
+            "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.",
+            Some("401"),
+        );
+    }
+    let incoming = Incoming {
+        format: ApiFormat::Azure,
+        path: path_of(&uri),
+        headers,
+        body,
+        path_model: Some(deployment),
+    };
+    chat(shared, socket, incoming).await
 }
 
 async fn list_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
@@ -625,6 +799,15 @@ struct FailStreamRequest {
 }
 
 #[derive(Deserialize)]
+struct FaultRequest {
+    model: String,
+    #[serde(flatten)]
+    fault: Fault,
+    #[serde(default = "one")]
+    times: u32,
+}
+
+#[derive(Deserialize)]
 struct LatencyRequest {
     model: String,
     latency_ms: u64,
@@ -640,6 +823,14 @@ fn handle(shared: Arc<Shared>) -> FakeProvider {
             task: None,
         })),
     }
+}
+
+async fn control_fault(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<FaultRequest>,
+) -> Json<Value> {
+    handle(shared).inject(&req.model, req.fault, req.times);
+    Json(json!({ "ok": true }))
 }
 
 async fn control_fail(

@@ -1,6 +1,11 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::answer::{Call, Finish, split_pieces};
+
+fn answer_for(body: &Value) -> (Answer, u64, u64) {
+    answer::answer(&openai::parse(body, None).unwrap())
+}
 
 fn body(messages: Value) -> Value {
     json!({ "model": "m", "messages": messages })
@@ -19,7 +24,7 @@ fn answer_echoes_the_last_user_message_and_counts_words() {
         answer,
         Answer::Text {
             content: "echo: hello there".to_owned(),
-            finish_reason: "stop"
+            finish: Finish::Stop
         }
     );
     assert_eq!(prompt, 8);
@@ -35,7 +40,7 @@ fn max_tokens_truncates_with_length() {
         answer,
         Answer::Text {
             content: "echo: one".to_owned(),
-            finish_reason: "length"
+            finish: Finish::Length
         }
     );
     assert_eq!(completion, 2);
@@ -49,10 +54,10 @@ fn tools_and_call_tool_give_a_tool_call() {
     let (answer, _, _) = answer_for(&request);
     assert_eq!(
         answer,
-        Answer::ToolCall {
+        Answer::ToolCalls(vec![Call {
             name: "get_weather".to_owned(),
             arguments: "{}".to_owned()
-        }
+        }])
     );
 }
 
@@ -354,5 +359,193 @@ async fn control_endpoints_and_models() {
         .await
         .unwrap();
     assert_eq!(models["data"][0]["id"], "x");
+    fake.shutdown().await;
+}
+
+async fn send(fake: &FakeProvider, request: Value) -> reqwest::Response {
+    chat(fake, request).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn injected_fault_kinds() {
+    let fake = start().await;
+    let request = body(json!([{ "role": "user", "content": "hello you" }]));
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+
+    // Connection reset: no answer at all.
+    fake.inject("m", Fault::ConnectionReset, 1);
+    let error = chat(&fake, request.clone()).send().await.unwrap_err();
+    assert!(!error.is_status(), "{error}");
+
+    fake.inject(
+        "m",
+        Fault::RateLimited {
+            retry_after_secs: 7,
+        },
+        1,
+    );
+    let response = send(&fake, request.clone()).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+
+    fake.inject("m", Fault::MalformedJson, 1);
+    let response = send(&fake, request.clone()).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.json::<Value>().await.is_err());
+
+    fake.inject("m", Fault::WrongContentType, 1);
+    let response = send(&fake, request.clone()).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+
+    fake.inject("m", Fault::ContextLengthExceeded, 1);
+    let response = send(&fake, request.clone()).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "context_length_exceeded");
+
+    fake.inject("m", Fault::ContentFilter, 1);
+    let response = send(&fake, request.clone()).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "content_filter");
+
+    fake.inject("m", Fault::ContentFilterFinish, 1);
+    let value: Value = send(&fake, request.clone()).await.json().await.unwrap();
+    assert_eq!(value["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(value["choices"][0]["message"]["content"], "echo:");
+
+    fake.inject("m", Fault::SlowFirstByte { delay_ms: 1 }, 1);
+    assert_eq!(send(&fake, request.clone()).await.status(), 200);
+
+    // Stream-only faults wait for a streaming request.
+    fake.inject("m", Fault::MalformedSse, 1);
+    assert_eq!(send(&fake, request.clone()).await.status(), 200);
+    let events = sse_data(&send(&fake, streaming.clone()).await.text().await.unwrap());
+    assert!(serde_json::from_str::<Value>(&events[1]).is_err());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+
+    fake.inject("m", Fault::StreamStall { after_chunks: 1 }, 1);
+    let response = send(&fake, streaming.clone()).await;
+    let mut stream = response.bytes_stream();
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("\"content\":\"e") {
+        received.extend_from_slice(
+            &futures::StreamExt::next(&mut stream)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let stalled = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures::StreamExt::next(&mut stream),
+    )
+    .await;
+    assert!(stalled.is_err(), "nothing more is sent");
+    drop(stream);
+    // The queue is empty again.
+    let events = sse_data(&send(&fake, streaming).await.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_control_endpoint() {
+    let fake = start().await;
+    let client = reqwest::Client::new();
+    let ok = client
+        .post(format!("{}/_fake/fault", fake.root_url()))
+        .json(&json!({ "model": "m", "kind": "rate_limited", "retry_after_secs": 3, "times": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    client
+        .post(format!("{}/_fake/fault", fake.root_url()))
+        .json(&json!({ "model": "m", "kind": "connection_reset" }))
+        .send()
+        .await
+        .unwrap();
+    let request = body(json!([{ "role": "user", "content": "x" }]));
+    for _ in 0..2 {
+        let response = send(&fake, request.clone()).await;
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+    }
+    assert!(chat(&fake, request.clone()).send().await.is_err());
+    assert_eq!(send(&fake, request).await.status(), 200);
+    let bad = client
+        .post(format!("{}/_fake/fault", fake.root_url()))
+        .json(&json!({ "model": "m", "kind": "nope" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(bad.status().is_client_error());
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn azure_deployments() {
+    let fake = start().await;
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{}/openai/deployments/my-gpt/chat/completions?api-version=2024-10-21",
+        fake.root_url()
+    );
+    let mut request = json!({ "messages": [{ "role": "user", "content": "hi there" }] });
+    let value: Value = client
+        .post(&url)
+        .header("api-key", "az-key")
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["model"], "my-gpt");
+    assert_eq!(value["choices"][0]["message"]["content"], "echo: hi there");
+    assert!(value["prompt_filter_results"].is_array());
+    let received = &fake.requests()[0];
+    assert_eq!(received.format, ApiFormat::Azure);
+    assert_eq!(received.headers["api-key"], "az-key");
+    assert!(received.path.ends_with("api-version=2024-10-21"));
+
+    request["stream"] = json!(true);
+    let events = sse_data(
+        &client
+            .post(&url)
+            .header("api-key", "az-key")
+            .json(&request)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"], json!([]));
+    assert!(first["prompt_filter_results"].is_array());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+
+    let missing = client
+        .post(format!(
+            "{}/openai/deployments/my-gpt/chat/completions",
+            fake.root_url()
+        ))
+        .header("api-key", "az-key")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
     fake.shutdown().await;
 }
