@@ -54,9 +54,19 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
-    /// OpenAI-compatible chat completions (`POST {base_url}/chat/completions`).
+    /// OpenAI and OpenAI-compatible chat completions (vLLM, Ollama, Groq, Mistral, DeepSeek,
+    /// OpenRouter, Together, ...): `POST {base_url}/chat/completions`, `Authorization: Bearer`.
     #[default]
     Openai,
+    /// Azure OpenAI: `POST {base_url}/openai/deployments/{model}/chat/completions?api-version=…`
+    /// (the target's model is the deployment name), `api-key` header; `api_version` is required.
+    Azure,
+    /// Anthropic Messages: `POST {base_url}/v1/messages`, `x-api-key` and `anthropic-version`
+    /// (`api_version`, default `2023-06-01`) headers.
+    Anthropic,
+    /// Google Gemini: `POST {base_url}/{api_version}/models/{model}:generateContent` (streaming:
+    /// `:streamGenerateContent?alt=sse`; `api_version` defaults to `v1beta`), `x-goog-api-key`.
+    Gemini,
 }
 
 impl ProviderKind {
@@ -64,6 +74,9 @@ impl ProviderKind {
     pub fn gen_ai_system(self) -> &'static str {
         match self {
             ProviderKind::Openai => "openai",
+            ProviderKind::Azure => "az.ai.openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gcp.gemini",
         }
     }
 }
@@ -74,8 +87,14 @@ impl ProviderKind {
 pub struct ProviderConfig {
     /// Wire protocol.
     pub kind: ProviderKind,
-    /// Base URL, e.g. `https://api.openai.com/v1`.
+    /// Base URL: `https://api.openai.com/v1` (openai), `https://RESOURCE.openai.azure.com` (azure),
+    /// `https://api.anthropic.com` (anthropic), `https://generativelanguage.googleapis.com` (gemini).
     pub base_url: String,
+    /// Azure `api-version` (required), Anthropic `anthropic-version` header, Gemini API version path
+    /// segment; not used by `openai`.
+    pub api_version: Option<String>,
+    /// `max_tokens` sent to Anthropic (which requires it) when the request sets none.
+    pub default_max_tokens: u32,
     /// Environment variable holding the API key (read once at start by [`Config::resolve_api_keys`]).
     pub api_key_env: Option<String>,
     /// The API key itself; never read from the file, set in code or resolved from `api_key_env`.
@@ -88,6 +107,8 @@ impl Default for ProviderConfig {
         ProviderConfig {
             kind: ProviderKind::Openai,
             base_url: String::new(),
+            api_version: None,
+            default_max_tokens: 4096,
             api_key_env: None,
             api_key: None,
         }
@@ -99,6 +120,8 @@ impl std::fmt::Debug for ProviderConfig {
         f.debug_struct("ProviderConfig")
             .field("kind", &self.kind)
             .field("base_url", &self.base_url)
+            .field("api_version", &self.api_version)
+            .field("default_max_tokens", &self.default_max_tokens)
             .field("api_key_env", &self.api_key_env)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .finish()
@@ -108,12 +131,62 @@ impl std::fmt::Debug for ProviderConfig {
 impl ProviderConfig {
     /// An OpenAI-compatible provider at `base_url` with an optional key (tests, embedders).
     pub fn openai(base_url: impl Into<String>, api_key: Option<&str>) -> Self {
+        Self::of_kind(ProviderKind::Openai, base_url, api_key)
+    }
+
+    /// A provider of `kind` at `base_url` with an optional key and default settings.
+    pub fn of_kind(kind: ProviderKind, base_url: impl Into<String>, api_key: Option<&str>) -> Self {
         ProviderConfig {
-            kind: ProviderKind::Openai,
+            kind,
             base_url: base_url.into(),
-            api_key_env: None,
             api_key: api_key.map(|key| SecretString::from(key.to_owned())),
+            ..ProviderConfig::default()
         }
+    }
+
+    /// An Azure OpenAI resource at `base_url` with its `api-version`.
+    pub fn azure(
+        base_url: impl Into<String>,
+        api_version: impl Into<String>,
+        api_key: Option<&str>,
+    ) -> Self {
+        ProviderConfig {
+            api_version: Some(api_version.into()),
+            ..Self::of_kind(ProviderKind::Azure, base_url, api_key)
+        }
+    }
+
+    /// Checks the provider-specific settings; `path` is `router.providers.<name>`.
+    fn validate_kind(&self, path: &str) -> Result<(), ConfigError> {
+        let version = self.api_version.as_deref();
+        match self.kind {
+            ProviderKind::Azure if version.is_none_or(str::is_empty) => {
+                return Err(ConfigError::invalid(
+                    format!("{path}.api_version"),
+                    "is required for kind = \"azure\" (e.g. \"2024-10-21\")",
+                ));
+            }
+            ProviderKind::Openai if version.is_some() => {
+                return Err(ConfigError::invalid(
+                    format!("{path}.api_version"),
+                    "is not used by kind = \"openai\"",
+                ));
+            }
+            _ => {}
+        }
+        if version.is_some_and(|v| v.is_empty() || v.contains(['/', '?', '#', ' '])) {
+            return Err(ConfigError::invalid(
+                format!("{path}.api_version"),
+                "must be non-empty and contain no `/`, `?`, `#` or spaces",
+            ));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(ConfigError::invalid(
+                format!("{path}.default_max_tokens"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +261,7 @@ impl Config {
                     ));
                 }
             }
+            provider.validate_kind(&path)?;
             if provider.api_key_env.as_deref().is_some_and(str::is_empty) {
                 return Err(ConfigError::invalid(
                     format!("{path}.api_key_env"),
@@ -343,6 +417,48 @@ targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup",
             .unwrap_err()
             .to_string();
         assert!(error.contains("router.providers"), "{error}");
+    }
+
+    #[test]
+    fn provider_kinds_and_their_settings() {
+        let text = r#"
+[router.providers.az]
+kind = "azure"
+base_url = "https://res.openai.azure.com"
+api_version = "2024-10-21"
+[router.providers.claude]
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+default_max_tokens = 1024
+[router.providers.gem]
+kind = "gemini"
+base_url = "https://generativelanguage.googleapis.com"
+"#;
+        let config: Config = Source::from_toml(text).unwrap().section("router").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.providers["az"].kind, ProviderKind::Azure);
+        assert_eq!(config.providers["claude"].default_max_tokens, 1024);
+        assert_eq!(config.providers["gem"].kind, ProviderKind::Gemini);
+        assert_eq!(config.providers["gem"].default_max_tokens, 4096);
+
+        let mut bad = config.clone();
+        bad.providers.get_mut("az").unwrap().api_version = None;
+        assert!(error_of(&bad).contains("router.providers.az.api_version"));
+        let mut bad = config.clone();
+        bad.providers.insert(
+            "oa".into(),
+            ProviderConfig {
+                api_version: Some("v1".into()),
+                ..ProviderConfig::openai("http://x/v1", None)
+            },
+        );
+        assert!(error_of(&bad).contains("router.providers.oa.api_version"));
+        let mut bad = config.clone();
+        bad.providers.get_mut("claude").unwrap().default_max_tokens = 0;
+        assert!(error_of(&bad).contains("router.providers.claude.default_max_tokens"));
+        let mut bad = config;
+        bad.providers.get_mut("gem").unwrap().api_version = Some("v1/../x".into());
+        assert!(error_of(&bad).contains("router.providers.gem.api_version"));
     }
 
     #[test]

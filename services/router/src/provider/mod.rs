@@ -1,10 +1,21 @@
 //! Provider clients: one pooled HTTP client per configured provider, the wire-format adapters and the
 //! provider error taxonomy.
+//!
+//! Each [`ProviderKind`] has an adapter module that translates a `ChatRequest` into the provider's
+//! body, the provider's answer into a `ChatResponse`, and its stream into `ChatChunk`s through a
+//! [`StreamDecoder`], which also knows how that format's stream ends properly (OpenAI `[DONE]`,
+//! Anthropic `message_stop`, Gemini end of body after a finished candidate). A stream that ends any
+//! other way is [`ProviderError::Interrupted`].
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 pub mod sse;
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    pin::Pin,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use futures::{Stream, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
@@ -42,6 +53,21 @@ pub enum ProviderError {
     /// HTTP 400/413/422: the request itself is wrong; other targets would reject it too.
     #[error("request rejected (HTTP {status}): {message}")]
     BadRequest { status: u16, message: String },
+    /// The prompt does not fit this model's context window; a larger-context target may take it.
+    #[error("context length exceeded (HTTP {status}): {message}")]
+    ContextLength { status: u16, message: String },
+    /// The provider's content filter blocked the prompt (OpenAI/Azure `content_filter`, Gemini
+    /// `promptFeedback.blockReason`). An answer cut by a filter is not an error: it finishes with
+    /// `FINISH_REASON_CONTENT_FILTER`.
+    #[error("content filtered (HTTP {status}): {message}")]
+    ContentFiltered { status: u16, message: String },
+    /// The provider is overloaded (Anthropic 529 / `overloaded_error`, Gemini 503 "overloaded").
+    #[error("provider overloaded (HTTP {status}): {message}")]
+    Overloaded {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// HTTP 401/403: this target's credentials are wrong.
     #[error("authentication failed (HTTP {status})")]
     Authentication { status: u16 },
@@ -51,7 +77,7 @@ pub enum ProviderError {
     /// The answer does not follow the wire format.
     #[error("{0}")]
     Protocol(String),
-    /// The stream broke (read error, or the body ended without `[DONE]`).
+    /// The stream broke (read error, or the body ended without the format's proper end).
     #[error("stream interrupted: {0}")]
     Interrupted(String),
 }
@@ -63,15 +89,21 @@ impl ProviderError {
             self,
             ProviderError::RateLimited { .. }
                 | ProviderError::Upstream { .. }
+                | ProviderError::Overloaded { .. }
                 | ProviderError::Timeout
                 | ProviderError::Connection(_)
                 | ProviderError::Interrupted(_)
         )
     }
 
-    /// Whether the next target of the route may be tried (everything but a bad request).
+    /// Whether the next target of the route may be tried (everything but a bad request and a
+    /// blocked prompt, which every target would reject as well; a context-length error falls over
+    /// to the next, possibly larger, target).
     pub fn allows_fallback(&self) -> bool {
-        !matches!(self, ProviderError::BadRequest { .. })
+        !matches!(
+            self,
+            ProviderError::BadRequest { .. } | ProviderError::ContentFiltered { .. }
+        )
     }
 
     /// The taxonomy code (`Attempt.error_code`).
@@ -82,6 +114,9 @@ impl ProviderError {
             ProviderError::Timeout => "TIMEOUT",
             ProviderError::Connection(_) => "CONNECTION_ERROR",
             ProviderError::BadRequest { .. } => "BAD_REQUEST",
+            ProviderError::ContextLength { .. } => "CONTEXT_LENGTH_EXCEEDED",
+            ProviderError::ContentFiltered { .. } => "CONTENT_FILTERED",
+            ProviderError::Overloaded { .. } => "OVERLOADED",
             ProviderError::Authentication { .. } => "AUTHENTICATION_ERROR",
             ProviderError::Refused { .. } => "PROVIDER_REFUSED",
             ProviderError::Protocol(_) => "PROTOCOL_ERROR",
@@ -95,6 +130,9 @@ impl ProviderError {
             ProviderError::RateLimited { status, .. }
             | ProviderError::Upstream { status, .. }
             | ProviderError::BadRequest { status, .. }
+            | ProviderError::ContextLength { status, .. }
+            | ProviderError::ContentFiltered { status, .. }
+            | ProviderError::Overloaded { status, .. }
             | ProviderError::Authentication { status }
             | ProviderError::Refused { status, .. } => *status,
             _ => 0,
@@ -104,7 +142,8 @@ impl ProviderError {
     /// The provider's `Retry-After`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ProviderError::RateLimited { retry_after, .. } => *retry_after,
+            ProviderError::RateLimited { retry_after, .. }
+            | ProviderError::Overloaded { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -119,23 +158,142 @@ impl ProviderError {
         }
     }
 
-    /// Maps a non-success HTTP answer.
+    /// Maps a non-success HTTP answer of any provider kind: the status, then the error body (OpenAI
+    /// `{"error":{"message","type","code"}}`, Anthropic `{"type":"error","error":{"type","message"}}`,
+    /// Gemini `{"error":{"code","message","status","details"}}`) refine it.
     pub fn from_status(status: u16, retry_after: Option<&str>, body: &[u8]) -> Self {
-        let message = openai::error_body_message(body)
+        let detail = ErrorDetail::parse(body);
+        let message = detail
+            .message
+            .clone()
             .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
             .chars()
             .take(MAX_MESSAGE)
             .collect::<String>();
+        let retry_after = retry_after
+            .and_then(parse_retry_after)
+            .or(detail.retry_delay);
+        if status == 529
+            || detail.kind.as_deref() == Some("overloaded_error")
+            || (status == 503 && message.to_ascii_lowercase().contains("overloaded"))
+        {
+            return ProviderError::Overloaded {
+                status,
+                message,
+                retry_after,
+            };
+        }
         match status {
             429 => ProviderError::RateLimited {
                 status,
-                retry_after: retry_after.and_then(parse_retry_after),
+                retry_after,
             },
             401 | 403 => ProviderError::Authentication { status },
+            400 | 413 | 422 if detail.is_context_length(&message) => {
+                ProviderError::ContextLength { status, message }
+            }
+            400 | 413 | 422 if detail.is_content_filter() => {
+                ProviderError::ContentFiltered { status, message }
+            }
             400 | 413 | 422 => ProviderError::BadRequest { status, message },
             408 | 409 | 500..=599 => ProviderError::Upstream { status, message },
             _ => ProviderError::Refused { status, message },
         }
+    }
+
+    /// Maps an error object sent inside a successful answer (a stream's error event, or a 200 body
+    /// that is an error), using the HTTP status its type stands for.
+    pub fn from_error_value(value: &Value) -> Self {
+        let error = value.get("error").unwrap_or(value);
+        let nominal = match error.get("type").and_then(Value::as_str) {
+            Some("overloaded_error") => 529,
+            Some("rate_limit_error") => 429,
+            Some("invalid_request_error") => 400,
+            Some("authentication_error") => 401,
+            Some("permission_error") => 403,
+            Some("not_found_error") => 404,
+            Some("request_too_large") => 413,
+            _ => error
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|code| u16::try_from(code).ok())
+                .filter(|code| (400..600).contains(code))
+                .unwrap_or(500),
+        };
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        Self::from_status(nominal, None, &body)
+    }
+}
+
+/// The parts of a provider error body that classify it.
+#[derive(Debug, Default)]
+struct ErrorDetail {
+    message: Option<String>,
+    /// OpenAI `error.code` (string), or Azure's `innererror.code`.
+    codes: Vec<String>,
+    /// OpenAI / Anthropic `error.type`.
+    kind: Option<String>,
+    /// Gemini `google.rpc.RetryInfo.retryDelay`.
+    retry_delay: Option<Duration>,
+}
+
+impl ErrorDetail {
+    fn parse(body: &[u8]) -> Self {
+        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+            return ErrorDetail::default();
+        };
+        let Some(error) = value.get("error") else {
+            return ErrorDetail::default();
+        };
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+        let codes = [
+            error.get("code"),
+            error.pointer("/innererror/code"),
+            error.get("status"),
+        ]
+        .into_iter()
+        .filter_map(&text)
+        .collect();
+        let retry_delay = error
+            .get("details")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|detail| detail.get("retryDelay").and_then(Value::as_str))
+            .find_map(|delay| parse_retry_after(delay.trim_end_matches('s')));
+        ErrorDetail {
+            message: match error {
+                Value::String(message) => Some(message.clone()),
+                _ => text(error.get("message")).or_else(|| Some(error.to_string())),
+            },
+            codes,
+            kind: text(error.get("type")),
+            retry_delay,
+        }
+    }
+
+    fn is_context_length(&self, message: &str) -> bool {
+        const PATTERNS: [&str; 7] = [
+            "context_length_exceeded",
+            "context length",
+            "maximum context",
+            "context window",
+            "context limit",
+            "prompt is too long",
+            "exceeds the maximum number of tokens",
+        ];
+        let message = message.to_ascii_lowercase();
+        self.codes.iter().any(|c| c == "context_length_exceeded")
+            || PATTERNS.iter().any(|p| message.contains(p))
+    }
+
+    fn is_content_filter(&self) -> bool {
+        self.codes.iter().any(|c| {
+            matches!(
+                c.as_str(),
+                "content_filter" | "content_policy_violation" | "ResponsibleAIPolicyViolation"
+            )
+        })
     }
 }
 
@@ -156,12 +314,62 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))
 }
 
-/// A stream of translated chunks; ends after `[DONE]`, or with an error item.
+/// A stream of translated chunks; ends after the format's proper end, or with an error item.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, ProviderError>> + Send>>;
 
-/// A request body translated for one provider model.
+/// What a [`StreamDecoder`] made of one event.
+#[derive(Debug, Default, PartialEq)]
+pub struct Decoded {
+    /// Translated chunks, in order.
+    pub chunks: Vec<ChatChunk>,
+    /// The event was the format's proper end of stream: nothing more is read.
+    pub done: bool,
+}
+
+/// Turns one provider format's server-sent events into chunks, and knows how its streams end.
+pub trait StreamDecoder: Send {
+    /// Translates one event (an error event becomes the matching [`ProviderError`]).
+    fn event(&mut self, event: &sse::SseEvent) -> Result<Decoded, ProviderError>;
+
+    /// The body ended (between events) before [`Decoded::done`]: the last chunks when that is this
+    /// format's proper end, else [`ProviderError::Interrupted`].
+    fn end_of_body(&mut self) -> Result<Vec<ChatChunk>, ProviderError>;
+}
+
+/// The decoder of `kind`'s streams.
+pub fn decoder(kind: ProviderKind, created: i64) -> Box<dyn StreamDecoder> {
+    match kind {
+        ProviderKind::Openai | ProviderKind::Azure => Box::new(openai::OpenaiDecoder),
+        ProviderKind::Anthropic => Box::new(anthropic::AnthropicDecoder::new(created)),
+        ProviderKind::Gemini => Box::new(gemini::GeminiDecoder::new(created)),
+    }
+}
+
+/// Parses a successful unary answer of `kind`.
+pub fn parse_response(
+    kind: ProviderKind,
+    body: &[u8],
+    created: i64,
+) -> Result<ChatResponse, ProviderError> {
+    match kind {
+        ProviderKind::Openai | ProviderKind::Azure => openai::parse_response(body),
+        ProviderKind::Anthropic => anthropic::parse_response(body, created),
+        ProviderKind::Gemini => gemini::parse_response(body, created),
+    }
+}
+
+/// Unix seconds now (the `created` of formats that do not send one).
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A request translated for one provider model: its URL and body.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    url: reqwest::Url,
     body: Value,
     model: String,
 }
@@ -170,7 +378,9 @@ pub struct Prepared {
 pub struct ProviderClient {
     name: String,
     kind: ProviderKind,
-    endpoint: String,
+    base_url: String,
+    api_version: Option<String>,
+    default_max_tokens: u32,
     api_key: Option<SecretString>,
     http: reqwest::Client,
 }
@@ -179,7 +389,8 @@ impl std::fmt::Debug for ProviderClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProviderClient")
             .field("name", &self.name)
-            .field("endpoint", &self.endpoint)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
             .finish()
     }
 }
@@ -198,21 +409,18 @@ impl ProviderClient {
             .tcp_keepalive(Duration::from_secs(30))
             .connect_timeout(connect_timeout)
             .build()?;
-        let endpoint = match config.kind {
-            ProviderKind::Openai => {
-                format!("{}/chat/completions", config.base_url.trim_end_matches('/'))
-            }
-        };
         Ok(ProviderClient {
             name: name.to_owned(),
             kind: config.kind,
-            endpoint,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            api_version: config.api_version.clone().filter(|v| !v.is_empty()),
+            default_max_tokens: config.default_max_tokens,
             api_key: config.api_key.clone(),
             http,
         })
     }
 
-    /// Translates `request` for provider model `model`.
+    /// Translates `request` for provider model `model` (for Azure: the deployment).
     pub fn prepare(
         &self,
         model: &str,
@@ -220,12 +428,69 @@ impl ProviderClient {
         stream: bool,
     ) -> Result<Prepared, TranslateError> {
         let body = match self.kind {
-            ProviderKind::Openai => openai::to_openai_request(model, request, stream)?,
+            ProviderKind::Openai | ProviderKind::Azure => {
+                openai::to_openai_request(model, request, stream)?
+            }
+            ProviderKind::Anthropic => {
+                anthropic::to_anthropic_request(model, request, stream, self.default_max_tokens)?
+            }
+            ProviderKind::Gemini => gemini::to_gemini_request(request)?,
         };
         Ok(Prepared {
+            url: self.url(model, stream)?,
             body,
             model: model.to_owned(),
         })
+    }
+
+    /// The endpoint of `model`: OpenAI `{base}/chat/completions`; Azure
+    /// `{base}/openai/deployments/{model}/chat/completions?api-version=…`; Anthropic
+    /// `{base}/v1/messages`; Gemini `{base}/{version}/models/{model}:generateContent` (streaming:
+    /// `:streamGenerateContent?alt=sse`).
+    fn url(&self, model: &str, stream: bool) -> Result<reqwest::Url, TranslateError> {
+        let bad = |message: String| TranslateError {
+            field: "model".to_owned(),
+            message,
+        };
+        let mut url = reqwest::Url::parse(&self.base_url)
+            .map_err(|e| bad(format!("provider base URL is invalid: {e}")))?;
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|()| bad("provider base URL cannot have a path".to_owned()))?;
+            path.pop_if_empty();
+            match self.kind {
+                ProviderKind::Openai => {
+                    path.push("chat").push("completions");
+                }
+                ProviderKind::Azure => {
+                    path.extend(["openai", "deployments", model, "chat", "completions"]);
+                }
+                ProviderKind::Anthropic => {
+                    path.extend(["v1", "messages"]);
+                }
+                ProviderKind::Gemini => {
+                    let version = self.api_version.as_deref().unwrap_or("v1beta");
+                    let method = if stream {
+                        "streamGenerateContent"
+                    } else {
+                        "generateContent"
+                    };
+                    path.extend([version, "models", &format!("{model}:{method}")]);
+                }
+            }
+        }
+        match self.kind {
+            ProviderKind::Azure => {
+                let version = self.api_version.as_deref().unwrap_or_default();
+                url.query_pairs_mut().append_pair("api-version", version);
+            }
+            ProviderKind::Gemini if stream => {
+                url.query_pairs_mut().append_pair("alt", "sse");
+            }
+            _ => {}
+        }
+        Ok(url)
     }
 
     fn span(&self, model: &str, stream: bool) -> Span {
@@ -247,9 +512,23 @@ impl ProviderClient {
     }
 
     async fn send(&self, prepared: &Prepared) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.http.post(&self.endpoint).json(&prepared.body);
+        let mut request = self.http.post(prepared.url.clone()).json(&prepared.body);
         if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key.expose_secret());
+            let key = key.expose_secret();
+            request = match self.kind {
+                ProviderKind::Openai => request.bearer_auth(key),
+                ProviderKind::Azure => request.header("api-key", key),
+                ProviderKind::Anthropic => request.header("x-api-key", key),
+                ProviderKind::Gemini => request.header("x-goog-api-key", key),
+            };
+        }
+        if self.kind == ProviderKind::Anthropic {
+            request = request.header(
+                "anthropic-version",
+                self.api_version
+                    .as_deref()
+                    .unwrap_or(anthropic::API_VERSION),
+            );
         }
         let response = request
             .send()
@@ -282,14 +561,19 @@ impl ProviderClient {
         let span = self.span(&prepared.model, false);
         let attempt = async {
             let response = self.send(prepared).await?;
+            let content_type = content_type(&response);
             let body = response
                 .bytes()
                 .await
                 .map_err(|e| ProviderError::from_reqwest(&e))?;
-            match self.kind {
-                ProviderKind::Openai => openai::from_openai_response(&body)
-                    .map_err(|e| ProviderError::Protocol(e.to_string())),
+            if let Some(content_type) = content_type
+                && !content_type.contains("json")
+            {
+                return Err(ProviderError::Protocol(format!(
+                    "unexpected content type `{content_type}`"
+                )));
             }
+            parse_response(self.kind, &body, unix_now())
         };
 
         async {
@@ -326,7 +610,26 @@ impl ProviderClient {
                 return Err(error);
             }
         };
-        let kind = self.kind;
+        if let Some(content_type) = content_type(&response)
+            && !content_type.contains("event-stream")
+        {
+            let error = if content_type.contains("json") {
+                let body = read_capped(response).await;
+                match serde_json::from_slice::<Value>(&body) {
+                    Ok(value) if value.get("error").is_some() => {
+                        ProviderError::from_error_value(&value)
+                    }
+                    _ => ProviderError::Protocol(format!(
+                        "expected an event stream, got `{content_type}`"
+                    )),
+                }
+            } else {
+                ProviderError::Protocol(format!("expected an event stream, got `{content_type}`"))
+            };
+            record_outcome(&span, &Err(&error));
+            return Err(error);
+        }
+        let mut decoder = decoder(self.kind, unix_now());
         let stream = async_stream::stream! {
             let span = span;
             let mut body = response.bytes_stream();
@@ -343,52 +646,73 @@ impl ProviderClient {
                         return;
                     }
                 };
-                let bytes = match read {
-                    Some(Ok(bytes)) => bytes,
-                    Some(Err(e)) => {
-                        let error = ProviderError::Interrupted(format!("read failed: {}", error_chain(&e)));
-                        record_outcome(&span, &Err(&error));
-                        yield Err(error);
-                        return;
+                let (decoded, done) = match read {
+                    Some(Ok(bytes)) => {
+                        let mut chunks = Vec::new();
+                        let mut outcome = Ok(false);
+                        for event in parser.push(&bytes) {
+                            match decoder.event(&event) {
+                                Ok(decoded) => {
+                                    chunks.extend(decoded.chunks);
+                                    if decoded.done {
+                                        outcome = Ok(true);
+                                        break;
+                                    }
+                                }
+                                Err(error) => {
+                                    outcome = Err(error);
+                                    break;
+                                }
+                            }
+                        }
+                        (chunks, outcome)
                     }
-                    None => {
-                        let detail = if parser.has_partial() { " (cut mid-event)" } else { "" };
-                        let error = ProviderError::Interrupted(format!("stream ended without [DONE]{detail}"));
-                        record_outcome(&span, &Err(&error));
-                        yield Err(error);
-                        return;
-                    }
+                    Some(Err(e)) => (
+                        Vec::new(),
+                        Err(ProviderError::Interrupted(format!("read failed: {}", error_chain(&e)))),
+                    ),
+                    None if parser.has_partial() => (
+                        Vec::new(),
+                        Err(ProviderError::Interrupted("stream cut mid-event".to_owned())),
+                    ),
+                    None => match decoder.end_of_body() {
+                        Ok(chunks) => (chunks, Ok(true)),
+                        Err(error) => (Vec::new(), Err(error)),
+                    },
                 };
-                for event in parser.push(&bytes) {
-                    if event.data.trim() == "[DONE]" {
+                for chunk in decoded {
+                    if model.is_empty() {
+                        model.clone_from(&chunk.model);
+                    }
+                    if chunk.usage.is_some() {
+                        usage = chunk.usage;
+                    }
+                    yield Ok(chunk);
+                }
+                match done {
+                    Ok(false) => {}
+                    Ok(true) => {
                         record_outcome(&span, &Ok((model.as_str(), usage.as_ref())));
                         return;
                     }
-                    let chunk = match kind {
-                        ProviderKind::Openai => openai::from_openai_chunk(&event.data),
-                    };
-                    match chunk {
-                        Ok(chunk) => {
-                            if model.is_empty() {
-                                model.clone_from(&chunk.model);
-                            }
-                            if chunk.usage.is_some() {
-                                usage = chunk.usage;
-                            }
-                            yield Ok(chunk);
-                        }
-                        Err(e) => {
-                            let error = ProviderError::Protocol(e.to_string());
-                            record_outcome(&span, &Err(&error));
-                            yield Err(error);
-                            return;
-                        }
+                    Err(error) => {
+                        record_outcome(&span, &Err(&error));
+                        yield Err(error);
+                        return;
                     }
                 }
             }
         };
         Ok(Box::pin(stream))
     }
+}
+
+fn content_type(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
 }
 
 async fn read_capped(response: reqwest::Response) -> Vec<u8> {
@@ -457,6 +781,86 @@ mod tests {
         assert!(ProviderError::Timeout.is_retryable());
         assert!(ProviderError::Connection("x".into()).is_retryable());
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(
+            ProviderError::from_status(429, None, b"").retry_after(),
+            None
+        );
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn error_bodies_refine_the_taxonomy() {
+        // OpenAI / Azure context length and content filter.
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+        );
+        assert_eq!(error.code(), "CONTEXT_LENGTH_EXCEEDED");
+        assert!(!error.is_retryable() && error.allows_fallback());
+        assert_eq!(error.http_status(), 400);
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation"}}}"#,
+        );
+        assert_eq!(error.code(), "CONTENT_FILTERED");
+        assert!(!error.is_retryable() && !error.allows_fallback());
+        // Anthropic.
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 208310 tokens > 200000 maximum"}}"#,
+        );
+        assert_eq!(error.code(), "CONTEXT_LENGTH_EXCEEDED");
+        let error = ProviderError::from_status(
+            529,
+            Some("3"),
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert_eq!(
+            error,
+            ProviderError::Overloaded {
+                status: 529,
+                message: "Overloaded".into(),
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert!(error.is_retryable() && error.allows_fallback());
+        assert_eq!(error.code(), "OVERLOADED");
+        let error = ProviderError::from_error_value(&serde_json::json!({
+            "type": "error", "error": { "type": "overloaded_error", "message": "Overloaded" } }));
+        assert_eq!(error.code(), "OVERLOADED");
+        let error = ProviderError::from_error_value(&serde_json::json!({
+            "type": "error", "error": { "type": "api_error", "message": "Internal server error" } }));
+        assert_eq!(error.code(), "UPSTREAM_ERROR");
+        // Gemini.
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"code":400,"message":"The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert_eq!(error.code(), "CONTEXT_LENGTH_EXCEEDED");
+        let error = ProviderError::from_status(
+            429,
+            None,
+            br#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"37s"}]}}"#,
+        );
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(37)));
+        let error = ProviderError::from_status(
+            503,
+            None,
+            br#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#,
+        );
+        assert_eq!(error.code(), "OVERLOADED");
+        // A plain 400 stays a bad request; plain bodies are kept as the message.
+        let error = ProviderError::from_status(400, None, b"bad things");
+        assert_eq!(
+            error,
+            ProviderError::BadRequest {
+                status: 400,
+                message: "bad things".into()
+            }
+        );
     }
 }

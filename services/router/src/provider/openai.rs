@@ -8,6 +8,8 @@ use switchboard_proto::chat::v1::{
     tool_choice::Choice as ToolChoiceKind,
 };
 
+use super::{Decoded, ProviderError, StreamDecoder, sse::SseEvent};
+
 /// A request that cannot be expressed (bad JSON text in a schema, unspecified role, ...).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid `{field}`: {message}")]
@@ -18,7 +20,7 @@ pub struct TranslateError {
     pub message: String,
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> TranslateError {
+pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> TranslateError {
     TranslateError {
         field: field.into(),
         message: message.into(),
@@ -36,7 +38,7 @@ fn role_name(role: i32, field: &str) -> Result<&'static str, TranslateError> {
     }
 }
 
-fn parse_json_text(text: &str, field: &str) -> Result<Value, TranslateError> {
+pub(crate) fn parse_json_text(text: &str, field: &str) -> Result<Value, TranslateError> {
     serde_json::from_str(text).map_err(|e| invalid(field, format!("not valid JSON: {e}")))
 }
 
@@ -453,10 +455,53 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
     })
 }
 
-/// The `error.message` of an OpenAI error body, if it is one.
-pub fn error_body_message(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    value.get("error").map(error_message)
+/// Parses a successful unary answer; an error object in it is mapped to the taxonomy.
+pub fn parse_response(body: &[u8]) -> Result<ChatResponse, ProviderError> {
+    if let Ok(value) = serde_json::from_slice::<Value>(body)
+        && value.get("error").is_some_and(|e| !e.is_null())
+    {
+        return Err(ProviderError::from_error_value(&value));
+    }
+    from_openai_response(body).map_err(|e| ProviderError::Protocol(e.to_string()))
+}
+
+/// Decodes OpenAI (and Azure OpenAI) chat-completion streams: one `chat.completion.chunk` per
+/// event, ended by `data: [DONE]`. Chunks with neither choices nor usage (Azure's opening
+/// `prompt_filter_results`) are skipped; an `{"error":…}` event is mapped to the taxonomy.
+#[derive(Debug, Default)]
+pub struct OpenaiDecoder;
+
+impl StreamDecoder for OpenaiDecoder {
+    fn event(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return Ok(Decoded {
+                chunks: Vec::new(),
+                done: true,
+            });
+        }
+        if let Ok(value) = serde_json::from_str::<Value>(data)
+            && value.get("error").is_some_and(|e| !e.is_null())
+        {
+            return Err(ProviderError::from_error_value(&value));
+        }
+        let chunk = from_openai_chunk(data).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let chunks = if chunk.choices.is_empty() && chunk.usage.is_none() {
+            Vec::new()
+        } else {
+            vec![chunk]
+        };
+        Ok(Decoded {
+            chunks,
+            done: false,
+        })
+    }
+
+    fn end_of_body(&mut self) -> Result<Vec<ChatChunk>, ProviderError> {
+        Err(ProviderError::Interrupted(
+            "stream ended without [DONE]".to_owned(),
+        ))
+    }
 }
 
 #[cfg(test)]

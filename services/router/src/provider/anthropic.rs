@@ -1,0 +1,570 @@
+//! Translation between `switchboard.chat.v1` and the Anthropic Messages wire format
+//! (`POST /v1/messages`, API version `2023-06-01`).
+//!
+//! Requests: system and developer messages become the top-level `system`; tool results become
+//! `tool_result` blocks of a user turn; consecutive turns of the same role are merged (Anthropic
+//! wants tool results of one assistant turn in one user turn). `max_tokens` is required by
+//! Anthropic: the request's, else the provider's `default_max_tokens`. JSON mode has no Anthropic
+//! parameter: it is emulated by an instruction appended to `system` (with the schema for
+//! `JSON_SCHEMA`). Not expressible and ignored: `seed`, `presence_penalty`, `frequency_penalty`,
+//! `Tool.strict`; `n > 1` is rejected.
+//!
+//! Usage: Anthropic's `input_tokens` excludes cache reads and writes; ours includes them
+//! (`prompt_tokens = input + cache_read + cache_creation`, `cached_prompt_tokens = cache_read`,
+//! `cache_write_tokens = cache_creation`). Thinking blocks are dropped (no field for them).
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use switchboard_proto::chat::v1::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, ContentPart, FinishReason, Message,
+    ResponseFormatType, Role, ToolCall, ToolCallDelta, ToolChoiceMode, Usage, content_part::Part,
+    tool_choice::Choice as ToolChoiceKind,
+};
+
+use super::{
+    Decoded, ProviderError, StreamDecoder,
+    openai::{TranslateError, invalid, parse_json_text},
+    sse::SseEvent,
+};
+
+/// The `anthropic-version` header sent unless the provider configures another.
+pub const API_VERSION: &str = "2023-06-01";
+
+/// The instruction that asks for JSON (Anthropic has no JSON mode parameter).
+const JSON_INSTRUCTION: &str =
+    "Respond with a single valid JSON object and nothing else: no prose, no Markdown code fences.";
+
+fn text_of(message: &Message) -> String {
+    message
+        .content
+        .iter()
+        .filter_map(|p| match &p.part {
+            Some(Part::Text(text)) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An image part as an Anthropic image block: `data:` URLs inline (base64), others by URL.
+fn image_block(url: &str, field: &str) -> Result<Value, TranslateError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| invalid(field, "a data: URL needs a `,`"))?;
+        let media_type = meta
+            .strip_suffix(";base64")
+            .ok_or_else(|| invalid(field, "only base64 data: URLs are supported"))?;
+        return Ok(json!({ "type": "image",
+            "source": { "type": "base64", "media_type": media_type, "data": data } }));
+    }
+    Ok(json!({ "type": "image", "source": { "type": "url", "url": url } }))
+}
+
+fn content_blocks(message: &Message, field: &str) -> Result<Vec<Value>, TranslateError> {
+    let mut blocks = Vec::new();
+    for (i, part) in message.content.iter().enumerate() {
+        match &part.part {
+            // Anthropic rejects empty text blocks.
+            Some(Part::Text(text)) if text.is_empty() => {}
+            Some(Part::Text(text)) => blocks.push(json!({ "type": "text", "text": text })),
+            Some(Part::ImageUrl(image)) => {
+                blocks.push(image_block(&image.url, &format!("{field}.content[{i}]"))?);
+            }
+            None => {}
+        }
+    }
+    Ok(blocks)
+}
+
+fn arguments(text: &str, field: &str) -> Result<Value, TranslateError> {
+    if text.trim().is_empty() {
+        return Ok(json!({}));
+    }
+    parse_json_text(text, field)
+}
+
+fn system_text(request: &ChatRequest) -> Result<String, TranslateError> {
+    let mut parts: Vec<String> = request
+        .messages
+        .iter()
+        .filter(|m| matches!(Role::try_from(m.role), Ok(Role::System | Role::Developer)))
+        .map(text_of)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(format) = &request.response_format {
+        match ResponseFormatType::try_from(format.r#type) {
+            Ok(ResponseFormatType::JsonObject) => parts.push(JSON_INSTRUCTION.to_owned()),
+            Ok(ResponseFormatType::JsonSchema) => {
+                let mut text = JSON_INSTRUCTION.to_owned();
+                if !format.json_schema_json.trim().is_empty() {
+                    let schema = parse_json_text(
+                        &format.json_schema_json,
+                        "response_format.json_schema_json",
+                    )?;
+                    text.push_str(" The object must follow this JSON Schema");
+                    if !format.schema_name.is_empty() {
+                        text.push_str(&format!(" (\"{}\")", format.schema_name));
+                    }
+                    text.push_str(&format!(": {schema}"));
+                }
+                parts.push(text);
+            }
+            _ => {}
+        }
+    }
+    Ok(parts.join("\n\n"))
+}
+
+/// The Anthropic Messages body for `request` sent to `model`. `tags` are never sent.
+pub fn to_anthropic_request(
+    model: &str,
+    request: &ChatRequest,
+    stream: bool,
+    default_max_tokens: u32,
+) -> Result<Value, TranslateError> {
+    let mut body = Map::new();
+    body.insert("model".into(), json!(model));
+    let system = system_text(request)?;
+    if !system.is_empty() {
+        body.insert("system".into(), json!(system));
+    }
+
+    // (role, blocks) turns, consecutive same-role turns merged.
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for (i, message) in request.messages.iter().enumerate() {
+        let field = format!("messages[{i}]");
+        let (role, blocks) = match Role::try_from(message.role) {
+            Ok(Role::System | Role::Developer) => continue,
+            Ok(Role::User) => ("user", content_blocks(message, &field)?),
+            Ok(Role::Assistant) => {
+                let mut blocks = content_blocks(message, &field)?;
+                for (j, call) in message.tool_calls.iter().enumerate() {
+                    blocks.push(json!({
+                        "type": "tool_use", "id": call.id, "name": call.name,
+                        "input": arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))?,
+                    }));
+                }
+                ("assistant", blocks)
+            }
+            Ok(Role::Tool) => {
+                if message.tool_call_id.is_empty() {
+                    return Err(invalid(
+                        format!("{field}.tool_call_id"),
+                        "a tool message must name the call it answers",
+                    ));
+                }
+                let mut result = Map::new();
+                result.insert("type".into(), json!("tool_result"));
+                result.insert("tool_use_id".into(), json!(message.tool_call_id));
+                let parts = content_blocks(message, &field)?;
+                let only_text = parts.iter().all(|b| b["type"] == "text");
+                if only_text && !parts.is_empty() {
+                    result.insert("content".into(), json!(text_of(message)));
+                } else if !parts.is_empty() {
+                    result.insert("content".into(), Value::Array(parts));
+                }
+                ("user", vec![Value::Object(result)])
+            }
+            Ok(Role::Unspecified) | Err(_) => {
+                return Err(invalid(format!("{field}.role"), "role must be set"));
+            }
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((last, existing)) if *last == role => existing.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let messages: Vec<Value> = turns
+        .into_iter()
+        .map(|(role, content)| json!({ "role": role, "content": content }))
+        .collect();
+    body.insert("messages".into(), Value::Array(messages));
+
+    let sampling = request.sampling.clone().unwrap_or_default();
+    if sampling.n.is_some_and(|n| n > 1) {
+        return Err(invalid(
+            "sampling.n",
+            "Anthropic generates one choice per request",
+        ));
+    }
+    body.insert(
+        "max_tokens".into(),
+        json!(sampling.max_tokens.unwrap_or(default_max_tokens)),
+    );
+    if !sampling.stop.is_empty() {
+        body.insert("stop_sequences".into(), json!(sampling.stop));
+    }
+    if let Some(temperature) = sampling.temperature {
+        body.insert("temperature".into(), json!(temperature));
+    }
+    if let Some(top_p) = sampling.top_p {
+        body.insert("top_p".into(), json!(top_p));
+    }
+
+    if !request.tools.is_empty() {
+        let mut tools = Vec::with_capacity(request.tools.len());
+        for (i, tool) in request.tools.iter().enumerate() {
+            let mut out = Map::new();
+            out.insert("name".into(), json!(tool.name));
+            if !tool.description.is_empty() {
+                out.insert("description".into(), json!(tool.description));
+            }
+            let schema = if tool.parameters_json.trim().is_empty() {
+                json!({ "type": "object", "properties": {} })
+            } else {
+                parse_json_text(
+                    &tool.parameters_json,
+                    &format!("tools[{i}].parameters_json"),
+                )?
+            };
+            out.insert("input_schema".into(), schema);
+            tools.push(Value::Object(out));
+        }
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    let mut tool_choice = request
+        .tool_choice
+        .as_ref()
+        .and_then(|c| c.choice.as_ref())
+        .and_then(|choice| match choice {
+            ToolChoiceKind::Mode(mode) => match ToolChoiceMode::try_from(*mode) {
+                Ok(ToolChoiceMode::None) => Some(json!({ "type": "none" })),
+                Ok(ToolChoiceMode::Auto) => Some(json!({ "type": "auto" })),
+                Ok(ToolChoiceMode::Required) => Some(json!({ "type": "any" })),
+                Ok(ToolChoiceMode::Unspecified) | Err(_) => None,
+            },
+            ToolChoiceKind::FunctionName(name) => Some(json!({ "type": "tool", "name": name })),
+        });
+    if request.parallel_tool_calls == Some(false) && !request.tools.is_empty() {
+        let choice = tool_choice.get_or_insert_with(|| json!({ "type": "auto" }));
+        if choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+    }
+    if let Some(choice) = tool_choice {
+        body.insert("tool_choice".into(), choice);
+    }
+    if !request.user.is_empty() {
+        body.insert("metadata".into(), json!({ "user_id": request.user }));
+    }
+    if stream {
+        body.insert("stream".into(), json!(true));
+    }
+    Ok(Value::Object(body))
+}
+
+// === responses ===
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(default)]
+struct AnUsage {
+    input_tokens: Option<u32>,
+    output_tokens: Option<u32>,
+    cache_creation_input_tokens: Option<u32>,
+    cache_read_input_tokens: Option<u32>,
+}
+
+impl AnUsage {
+    /// Fields present in `newer` replace ours (`message_delta` usage is cumulative).
+    fn update(&mut self, newer: &AnUsage) {
+        let keep = |old: &mut Option<u32>, new: Option<u32>| {
+            if new.is_some() {
+                *old = new;
+            }
+        };
+        keep(&mut self.input_tokens, newer.input_tokens);
+        keep(&mut self.output_tokens, newer.output_tokens);
+        keep(
+            &mut self.cache_creation_input_tokens,
+            newer.cache_creation_input_tokens,
+        );
+        keep(
+            &mut self.cache_read_input_tokens,
+            newer.cache_read_input_tokens,
+        );
+    }
+
+    fn to_usage(self) -> Usage {
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let write = self.cache_creation_input_tokens.unwrap_or(0);
+        let prompt = self.input_tokens.unwrap_or(0) + read + write;
+        let completion = self.output_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_prompt_tokens: read,
+            reasoning_tokens: 0,
+            cache_write_tokens: write,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct AnMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    model: String,
+    content: Vec<Value>,
+    stop_reason: Option<String>,
+    usage: Option<AnUsage>,
+}
+
+/// Maps an Anthropic stop reason.
+pub fn finish_reason(reason: Option<&str>) -> FinishReason {
+    match reason {
+        Some("end_turn" | "stop_sequence" | "pause_turn") => FinishReason::Stop,
+        Some("max_tokens" | "model_context_window_exceeded") => FinishReason::Length,
+        Some("tool_use") => FinishReason::ToolCalls,
+        Some("refusal") => FinishReason::ContentFilter,
+        _ => FinishReason::Unspecified,
+    }
+}
+
+fn protocol(error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Protocol(format!("malformed provider response: {error}"))
+}
+
+/// Parses a Messages response (`"type": "message"`); `created` is stamped (Anthropic sends none).
+pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, ProviderError> {
+    let value: Value = serde_json::from_slice(body).map_err(protocol)?;
+    if value.get("type").and_then(Value::as_str) == Some("error") || value.get("error").is_some() {
+        return Err(ProviderError::from_error_value(&value));
+    }
+    let message: AnMessage = serde_json::from_value(value).map_err(protocol)?;
+    if message.kind != "message" {
+        return Err(protocol(format!("unexpected type `{}`", message.kind)));
+    }
+    let mut content = Vec::new();
+    let mut tool_calls = Vec::new();
+    for block in &message.content {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => content.push(ContentPart {
+                part: Some(Part::Text(
+                    block
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                )),
+            }),
+            Some("tool_use") => tool_calls.push(ToolCall {
+                id: block
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                name: block
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                arguments_json: block.get("input").unwrap_or(&json!({})).to_string(),
+            }),
+            // thinking, redacted_thinking, server tool blocks: nothing to carry them in.
+            _ => {}
+        }
+    }
+    Ok(ChatResponse {
+        id: message.id,
+        model: message.model,
+        choices: vec![Choice {
+            index: 0,
+            message: Some(Message {
+                role: Role::Assistant as i32,
+                content,
+                tool_calls,
+                ..Default::default()
+            }),
+            finish_reason: finish_reason(message.stop_reason.as_deref()) as i32,
+        }],
+        usage: message.usage.map(AnUsage::to_usage),
+        created,
+    })
+}
+
+/// Decodes a Messages stream: `message_start`, `content_block_start` / `_delta` / `_stop` (text
+/// and `input_json_delta` tool arguments), `message_delta` (stop reason and usage: the chunk with
+/// the finish reason carries the usage), `ping`, `error`, ended by `message_stop`.
+#[derive(Debug)]
+pub struct AnthropicDecoder {
+    created: i64,
+    id: String,
+    model: String,
+    usage: AnUsage,
+    /// Tool-call index of each content block index that is a `tool_use`.
+    tool_blocks: Vec<(u64, u32)>,
+    next_tool: u32,
+}
+
+impl AnthropicDecoder {
+    /// A decoder stamping chunks with `created`.
+    pub fn new(created: i64) -> Self {
+        AnthropicDecoder {
+            created,
+            id: String::new(),
+            model: String::new(),
+            usage: AnUsage::default(),
+            tool_blocks: Vec::new(),
+            next_tool: 0,
+        }
+    }
+
+    fn chunk(&self, delta: ChoiceDelta, usage: Option<Usage>) -> ChatChunk {
+        ChatChunk {
+            id: self.id.clone(),
+            model: self.model.clone(),
+            choices: vec![delta],
+            usage,
+            created: self.created,
+        }
+    }
+
+    fn tool_index(&self, block: u64) -> Option<u32> {
+        self.tool_blocks
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map(|(_, t)| *t)
+    }
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+impl StreamDecoder for AnthropicDecoder {
+    fn event(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
+        let data: Value = serde_json::from_str(&event.data).map_err(protocol)?;
+        let kind = data
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(event.event.as_str());
+        let mut chunks = Vec::new();
+        match kind {
+            "message_start" => {
+                let message = data.get("message").unwrap_or(&Value::Null);
+                self.id = str_at(message, "/id").to_owned();
+                self.model = str_at(message, "/model").to_owned();
+                if let Some(usage) = message.get("usage") {
+                    let usage: AnUsage = serde_json::from_value(usage.clone()).map_err(protocol)?;
+                    self.usage.update(&usage);
+                }
+                chunks.push(self.chunk(
+                    ChoiceDelta {
+                        role: Role::Assistant as i32,
+                        ..Default::default()
+                    },
+                    None,
+                ));
+            }
+            "content_block_start" => {
+                let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let block = data.get("content_block").unwrap_or(&Value::Null);
+                match str_at(block, "/type") {
+                    "text" => {
+                        let text = str_at(block, "/text");
+                        if !text.is_empty() {
+                            chunks.push(self.chunk(
+                                ChoiceDelta {
+                                    content: text.to_owned(),
+                                    ..Default::default()
+                                },
+                                None,
+                            ));
+                        }
+                    }
+                    "tool_use" => {
+                        let tool = self.next_tool;
+                        self.next_tool += 1;
+                        self.tool_blocks.push((index, tool));
+                        chunks.push(self.chunk(
+                            ChoiceDelta {
+                                tool_calls: vec![ToolCallDelta {
+                                    index: tool,
+                                    id: str_at(block, "/id").to_owned(),
+                                    name: str_at(block, "/name").to_owned(),
+                                    arguments_delta: String::new(),
+                                }],
+                                ..Default::default()
+                            },
+                            None,
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            "content_block_delta" => {
+                let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let delta = data.get("delta").unwrap_or(&Value::Null);
+                match str_at(delta, "/type") {
+                    "text_delta" => chunks.push(self.chunk(
+                        ChoiceDelta {
+                            content: str_at(delta, "/text").to_owned(),
+                            ..Default::default()
+                        },
+                        None,
+                    )),
+                    "input_json_delta" => {
+                        let tool = self.tool_index(index).ok_or_else(|| {
+                            protocol(format!(
+                                "input_json_delta for block {index}, not a tool_use"
+                            ))
+                        })?;
+                        chunks.push(self.chunk(
+                            ChoiceDelta {
+                                tool_calls: vec![ToolCallDelta {
+                                    index: tool,
+                                    arguments_delta: str_at(delta, "/partial_json").to_owned(),
+                                    ..Default::default()
+                                }],
+                                ..Default::default()
+                            },
+                            None,
+                        ));
+                    }
+                    // thinking_delta, signature_delta, citations_delta: nothing to carry them in.
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(usage) = data.get("usage") {
+                    let usage: AnUsage = serde_json::from_value(usage.clone()).map_err(protocol)?;
+                    self.usage.update(&usage);
+                }
+                let reason = data.pointer("/delta/stop_reason").and_then(Value::as_str);
+                chunks.push(self.chunk(
+                    ChoiceDelta {
+                        finish_reason: finish_reason(reason) as i32,
+                        ..Default::default()
+                    },
+                    Some(self.usage.to_usage()),
+                ));
+            }
+            "message_stop" => {
+                return Ok(Decoded { chunks, done: true });
+            }
+            "error" => return Err(ProviderError::from_error_value(&data)),
+            // ping, content_block_stop, and event types added later.
+            _ => {}
+        }
+        Ok(Decoded {
+            chunks,
+            done: false,
+        })
+    }
+
+    fn end_of_body(&mut self) -> Result<Vec<ChatChunk>, ProviderError> {
+        Err(ProviderError::Interrupted(
+            "stream ended without message_stop".to_owned(),
+        ))
+    }
+}
