@@ -66,9 +66,10 @@ fn arguments_in(text: &str) -> String {
 ///   (`{}` when there is none).
 /// - Otherwise `"echo: " + last user text`, cut to `max_tokens` words (finish `length`).
 pub(crate) fn answer(prompt: &Prompt) -> (Answer, u64, u64) {
-    if !prompt.tools.is_empty() && prompt.last_user.contains("call tool") {
+    let every = prompt.last_user.contains("call every tool");
+    if !prompt.tools.is_empty() && (every || prompt.last_user.contains("call tool")) {
         let arguments = arguments_in(&prompt.last_user);
-        let names: Vec<&String> = if prompt.last_user.contains("call every tool") {
+        let names: Vec<&String> = if every {
             prompt.tools.iter().collect()
         } else {
             prompt.tools.iter().take(1).collect()

@@ -18,6 +18,14 @@
 //! - `POST /v1/chat/completions`: OpenAI chat completions, unary or SSE (`"stream": true`).
 //! - `POST /openai/deployments/{deployment}/chat/completions?api-version=…`: Azure OpenAI (the
 //!   deployment is the model; `api-key` header; `prompt_filter_results` / `content_filter_results`).
+//! - `POST /v1/messages`: Anthropic Messages (`x-api-key` and `anthropic-version` required,
+//!   `max_tokens` required), unary or SSE with the real event sequence (`message_start`,
+//!   `content_block_start`, `ping`, `content_block_delta`, `content_block_stop`, `message_delta`,
+//!   `message_stop`). Requests are validated like the real API does where an adapter could go
+//!   wrong: roles, empty text blocks, `tool_result`s answering the previous turn's `tool_use`s.
+//! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: Gemini
+//!   (`x-goog-api-key` header or `key=`; roles `user`/`model`; `functionResponse` needs a name).
+//!   Streams have no end marker: the last event carries `finishReason` and the usage.
 //! - `GET /v1/models`: models seen in requests or mentioned by a control call.
 //!
 //! # Faults
@@ -33,6 +41,8 @@
 //! `{"model","latency_ms"}`, `GET /_fake/requests` (`{"total":N,"models":{model:N}}`).
 
 mod answer;
+mod anthropic;
+mod gemini;
 mod openai;
 
 use std::{
@@ -90,6 +100,10 @@ pub enum ApiFormat {
     Openai,
     /// Azure OpenAI (`/openai/deployments/{deployment}/chat/completions`).
     Azure,
+    /// Anthropic Messages (`/v1/messages`).
+    Anthropic,
+    /// Google Gemini (`/v1beta/models/{model}:generateContent`).
+    Gemini,
 }
 
 /// One request the fake received on a chat endpoint.
@@ -375,6 +389,8 @@ fn router(shared: Arc<Shared>) -> Router {
             "/openai/deployments/{deployment}/chat/completions",
             post(azure_chat),
         )
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1beta/models/{model_method}", post(gemini_generate))
         .route("/v1/models", get(list_models))
         .route("/_fake/fault", post(control_fault))
         .route("/_fake/fail", post(control_fail))
@@ -428,12 +444,18 @@ struct Incoming {
     body: Bytes,
     /// The model named by the path (Azure deployment, Gemini model).
     path_model: Option<String>,
+    /// The query string ("" when none).
+    query: String,
+    /// Gemini: the streaming method was called.
+    stream_method: bool,
 }
 
 impl ApiFormat {
     fn error(self, status: u16, message: &str) -> Response {
         match self {
             ApiFormat::Openai | ApiFormat::Azure => openai::error_response(status, message, None),
+            ApiFormat::Anthropic => anthropic::error_response(status, message),
+            ApiFormat::Gemini => gemini::error_response(status, message),
         }
     }
 
@@ -451,10 +473,21 @@ impl ApiFormat {
             ApiFormat::Openai | ApiFormat::Azure => {
                 openai::parse(&body, incoming.path_model.clone())
             }
+            ApiFormat::Anthropic => anthropic::parse(&incoming.headers, &body),
+            ApiFormat::Gemini => gemini::parse(
+                &incoming.headers,
+                &incoming.query,
+                incoming.path_model.clone().unwrap_or_default(),
+                incoming.stream_method,
+                &body,
+            ),
         }
     }
 
     fn rate_limited(self, retry_after_secs: u64) -> Response {
+        if self == ApiFormat::Gemini {
+            return gemini::rate_limited(retry_after_secs);
+        }
         let mut response = self.error(429, "rate limit reached, retry later");
         if let Ok(value) = header::HeaderValue::from_str(&retry_after_secs.to_string()) {
             response.headers_mut().insert(header::RETRY_AFTER, value);
@@ -465,13 +498,28 @@ impl ApiFormat {
     fn context_length_exceeded(self, prompt: &Prompt) -> Response {
         match self {
             ApiFormat::Openai | ApiFormat::Azure => openai::context_length_exceeded(prompt),
+            ApiFormat::Anthropic => anthropic::context_length_exceeded(prompt),
+            ApiFormat::Gemini => gemini::context_length_exceeded(prompt),
         }
     }
 
     /// The prompt-blocked answer, or `None` when the format answers with a filtered completion.
-    fn prompt_filtered(self) -> Option<Response> {
+    fn prompt_filtered(self, id: &str, prompt: &Prompt, prompt_tokens: u64) -> Option<Response> {
         match self {
             ApiFormat::Openai | ApiFormat::Azure => Some(openai::prompt_filtered()),
+            ApiFormat::Anthropic => None,
+            ApiFormat::Gemini => {
+                let blocked = gemini::blocked_json(id, &prompt.model, prompt_tokens);
+                Some(if prompt.stream {
+                    with_type(
+                        StatusCode::OK,
+                        SSE,
+                        event_stream(vec![Ok(gemini::frame(&blocked))], false),
+                    )
+                } else {
+                    Json(blocked).into_response()
+                })
+            }
         }
     }
 
@@ -486,6 +534,8 @@ impl ApiFormat {
                 };
                 openai::completion_json(&ctx, answer, prompt, completion)
             }
+            ApiFormat::Anthropic => anthropic::message_json(id, model, answer, prompt, completion),
+            ApiFormat::Gemini => gemini::response_json(id, model, answer, prompt, completion),
         }
     }
 
@@ -510,6 +560,10 @@ impl ApiFormat {
                     .then(|| openai::usage_json(usage.0, usage.1));
                 openai::stream_plan(&ctx, answer, usage, pieces)
             }
+            ApiFormat::Anthropic => {
+                anthropic::stream_plan(id, &request.model, answer, usage, pieces)
+            }
+            ApiFormat::Gemini => gemini::stream_plan(id, &request.model, answer, usage, pieces),
         }
     }
 
@@ -517,6 +571,8 @@ impl ApiFormat {
         let id = uuid::Uuid::now_v7().simple();
         match self {
             ApiFormat::Openai | ApiFormat::Azure => format!("chatcmpl-{id}"),
+            ApiFormat::Anthropic => format!("msg_{id}"),
+            ApiFormat::Gemini => id.to_string(),
         }
     }
 }
@@ -676,10 +732,12 @@ async fn chat(shared: Arc<Shared>, socket: Socket, incoming: Incoming) -> Respon
             );
         }
         Some(Fault::ContextLengthExceeded) => return format.context_length_exceeded(&prompt),
-        Some(Fault::ContentFilter) => match format.prompt_filtered() {
-            Some(response) => return response,
-            None => answer = answer::filtered(answer),
-        },
+        Some(Fault::ContentFilter) => {
+            match format.prompt_filtered(&format.id(), &prompt, prompt_tokens) {
+                Some(response) => return response,
+                None => answer = answer::filtered(answer),
+            }
+        }
         Some(Fault::ContentFilterFinish) => answer = answer::filtered(answer),
         _ => {}
     }
@@ -724,6 +782,8 @@ async fn openai_chat(
         headers,
         body,
         path_model: None,
+        query: String::new(),
+        stream_method: false,
     };
     chat(shared, socket, incoming).await
 }
@@ -762,6 +822,60 @@ async fn azure_chat(
         headers,
         body,
         path_model: Some(deployment),
+        query: query.unwrap_or_default(),
+        stream_method: false,
+    };
+    chat(shared, socket, incoming).await
+}
+
+async fn anthropic_messages(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let incoming = Incoming {
+        format: ApiFormat::Anthropic,
+        path: path_of(&uri),
+        headers,
+        body,
+        path_model: None,
+        query: String::new(),
+        stream_method: false,
+    };
+    chat(shared, socket, incoming).await
+}
+
+async fn gemini_generate(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    Path(model_method): Path<String>,
+    RawQuery(query): RawQuery,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (model, stream_method) = match model_method.rsplit_once(':') {
+        Some((model, "generateContent")) => (model.to_owned(), false),
+        Some((model, "streamGenerateContent")) => (model.to_owned(), true),
+        _ => {
+            return gemini::error_response(
+                404,
+                &format!(
+                    "unknown method in `{model_method}`: use :generateContent or :streamGenerateContent"
+                ),
+            );
+        }
+    };
+    let incoming = Incoming {
+        format: ApiFormat::Gemini,
+        path: path_of(&uri),
+        headers,
+        body,
+        path_model: Some(model),
+        query: query.unwrap_or_default(),
+        stream_method,
     };
     chat(shared, socket, incoming).await
 }

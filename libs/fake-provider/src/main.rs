@@ -7,7 +7,9 @@ use switchboard_fake_provider::{FakeConfig, FakeProvider};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(about = "A fake LLM provider speaking the OpenAI chat-completions wire format")]
+#[command(
+    about = "A fake LLM provider speaking the OpenAI, Azure OpenAI, Anthropic and Gemini wire formats"
+)]
 struct Args {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:9090")]

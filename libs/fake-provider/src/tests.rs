@@ -549,3 +549,341 @@ async fn azure_deployments() {
     assert_eq!(missing.status(), 404);
     fake.shutdown().await;
 }
+
+fn anthropic(fake: &FakeProvider, request: &Value) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .post(format!("{}/v1/messages", fake.root_url()))
+        .header("x-api-key", "sk-ant")
+        .header("anthropic-version", "2023-06-01")
+        .json(request)
+}
+
+/// `(event, data)` pairs of an SSE body.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut event = String::new();
+            let mut data = Value::Null;
+            for line in e.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v.trim_end()).unwrap();
+                }
+            }
+            (event, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anthropic_messages_unary_stream_and_tools() {
+    let fake = start().await;
+    let request = json!({ "model": "claude-x", "max_tokens": 100, "system": "be brief",
+        "messages": [{ "role": "user", "content": [{ "type": "text", "text": "hi there" }] }] });
+    let value: Value = anthropic(&fake, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["type"], "message");
+    assert!(value["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(
+        value["content"],
+        json!([{ "type": "text", "text": "echo: hi there" }])
+    );
+    assert_eq!(value["stop_reason"], "end_turn");
+    assert_eq!(value["usage"]["input_tokens"], 4);
+    assert_eq!(value["usage"]["output_tokens"], 3);
+    let received = &fake.requests()[0];
+    assert_eq!(received.format, ApiFormat::Anthropic);
+    assert_eq!(received.headers["x-api-key"], "sk-ant");
+
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let text = anthropic(&fake, &streaming)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(names[..3], ["message_start", "content_block_start", "ping"]);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert!(events.iter().all(|(e, d)| d["type"] == e.as_str()));
+    let content: String = events
+        .iter()
+        .filter_map(|(_, d)| d.pointer("/delta/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(content, "echo: hi there");
+
+    // Tool call, streamed as input_json_delta pieces.
+    let mut tools = streaming.clone();
+    tools["messages"][0]["content"] = json!("please call tool {\"city\":\"Paris\"}");
+    tools["tools"] = json!([{ "name": "get_weather", "input_schema": { "type": "object" } }]);
+    let events = sse_events(
+        &anthropic(&fake, &tools)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let start = events
+        .iter()
+        .find(|(e, _)| e == "content_block_start")
+        .unwrap();
+    assert_eq!(start.1["content_block"]["type"], "tool_use");
+    assert_eq!(start.1["content_block"]["name"], "get_weather");
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter_map(|(_, d)| d.pointer("/delta/partial_json").and_then(Value::as_str))
+        .collect();
+    assert!(pieces.len() > 1, "arguments split across events");
+    assert_eq!(pieces.concat(), "{\"city\":\"Paris\"}");
+    let delta = events.iter().find(|(e, _)| e == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+
+    // The tool result must answer the previous turn's tool_use.
+    let mut follow = request.clone();
+    follow["messages"] = json!([
+        { "role": "user", "content": "call tool" },
+        { "role": "assistant", "content": [{ "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {} }] },
+        { "role": "user", "content": [{ "type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny" },
+                                      { "type": "text", "text": "thanks" }] },
+    ]);
+    let value: Value = anthropic(&fake, &follow)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["content"][0]["text"], "echo: thanks");
+    follow["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_9");
+    let response = anthropic(&fake, &follow).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+
+    // Validation: max_tokens, system role, headers.
+    let mut bad = request.clone();
+    bad.as_object_mut().unwrap().remove("max_tokens");
+    assert_eq!(anthropic(&fake, &bad).send().await.unwrap().status(), 400);
+    let mut bad = request.clone();
+    bad["messages"] = json!([{ "role": "system", "content": "x" }]);
+    assert_eq!(anthropic(&fake, &bad).send().await.unwrap().status(), 400);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/messages", fake.root_url()))
+        .header("x-api-key", "k")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "anthropic-version is required");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn anthropic_faults() {
+    let fake = start().await;
+    let request = json!({ "model": "claude-x", "max_tokens": 100,
+        "messages": [{ "role": "user", "content": "hello" }] });
+    fake.fail_next("claude-x", 529, 1);
+    let response = anthropic(&fake, &request).send().await.unwrap();
+    assert_eq!(response.status(), 529);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "overloaded_error");
+    fake.inject("claude-x", Fault::ContextLengthExceeded, 1);
+    let error: Value = anthropic(&fake, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("prompt is too long")
+    );
+    fake.inject("claude-x", Fault::ContentFilter, 1);
+    let value: Value = anthropic(&fake, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["stop_reason"], "refusal");
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    fake.fail_stream_after("claude-x", 1, 1);
+    let response = anthropic(&fake, &streaming).send().await.unwrap();
+    let mut stream = response.bytes_stream();
+    let mut text = Vec::new();
+    while let Some(Ok(bytes)) = futures::StreamExt::next(&mut stream).await {
+        text.extend_from_slice(&bytes);
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert!(!text.contains("message_stop"));
+    assert_eq!(text.matches("content_block_delta").count(), 2, "{text}");
+    fake.shutdown().await;
+}
+
+fn gemini(
+    fake: &FakeProvider,
+    model: &str,
+    stream: bool,
+    request: &Value,
+) -> reqwest::RequestBuilder {
+    let url = if stream {
+        format!(
+            "{}/v1beta/models/{model}:streamGenerateContent?alt=sse",
+            fake.root_url()
+        )
+    } else {
+        format!("{}/v1beta/models/{model}:generateContent", fake.root_url())
+    };
+    reqwest::Client::new()
+        .post(url)
+        .header("x-goog-api-key", "g-key")
+        .json(request)
+}
+
+#[tokio::test]
+async fn gemini_generate_stream_tools_and_faults() {
+    let fake = start().await;
+    let request = json!({ "systemInstruction": { "parts": [{ "text": "be brief" }] },
+        "contents": [{ "role": "user", "parts": [{ "text": "hi there" }] }] });
+    let value: Value = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["candidates"][0]["content"]["parts"][0]["text"],
+        "echo: hi there"
+    );
+    assert_eq!(value["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(value["usageMetadata"]["promptTokenCount"], 4);
+    assert_eq!(value["usageMetadata"]["candidatesTokenCount"], 3);
+    assert_eq!(value["modelVersion"], "gem-x");
+    assert_eq!(fake.requests()[0].format, ApiFormat::Gemini);
+
+    let text = gemini(&fake, "gem-x", true, &request)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("\r\n\r\n"));
+    let events: Vec<Value> = text
+        .split("\r\n\r\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    assert_eq!(events.len(), 5);
+    assert!(
+        events[..4]
+            .iter()
+            .all(|e| e["candidates"][0].get("finishReason").is_none())
+    );
+    assert_eq!(events[4]["candidates"][0]["finishReason"], "STOP");
+    let content: String = events
+        .iter()
+        .map(|e| {
+            e["candidates"][0]["content"]["parts"][0]["text"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(content, "echo: hi there");
+
+    let mut tools = request.clone();
+    tools["contents"][0]["parts"][0]["text"] = json!("call every tool {\"q\":1}");
+    tools["tools"] = json!([{ "functionDeclarations": [{ "name": "a" }, { "name": "b" }] }]);
+    let value: Value = gemini(&fake, "gem-x", false, &tools)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["candidates"][0]["content"]["parts"],
+        json!([{ "functionCall": { "name": "a", "args": { "q": 1 } } },
+               { "functionCall": { "name": "b", "args": { "q": 1 } } }])
+    );
+
+    // Blocked prompt, safety finish, quota with RetryInfo, invalid role.
+    fake.inject("gem-x", Fault::ContentFilter, 1);
+    let value: Value = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["promptFeedback"]["blockReason"], "SAFETY");
+    assert!(value.get("candidates").is_none());
+    fake.inject("gem-x", Fault::ContentFilterFinish, 1);
+    let value: Value = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["candidates"][0]["finishReason"], "SAFETY");
+    fake.inject(
+        "gem-x",
+        Fault::RateLimited {
+            retry_after_secs: 37,
+        },
+        1,
+    );
+    let response = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["status"], "RESOURCE_EXHAUSTED");
+    assert_eq!(error["error"]["details"][0]["retryDelay"], "37s");
+    let mut bad = request.clone();
+    bad["contents"][0]["role"] = json!("assistant");
+    assert_eq!(
+        gemini(&fake, "gem-x", false, &bad)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let keyless = reqwest::Client::new()
+        .post(format!(
+            "{}/v1beta/models/gem-x:generateContent",
+            fake.root_url()
+        ))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyless.status(), 403);
+    fake.shutdown().await;
+}

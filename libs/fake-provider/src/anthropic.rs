@@ -1,0 +1,327 @@
+//! The Anthropic Messages wire format (`POST /v1/messages`, version `2023-06-01`).
+
+use axum::{
+    Json,
+    body::Bytes,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    Rejected, StreamPlan,
+    answer::{Answer, Call, Finish, Prompt, split_pieces, word_count},
+};
+
+pub(crate) fn error_response(status: u16, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    };
+    let body = json!({ "type": "error", "error": { "type": kind, "message": message },
+                       "request_id": "req_fake" });
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+    }
+    response
+}
+
+pub(crate) fn context_length_exceeded(prompt: &Prompt) -> Response {
+    error_response(
+        400,
+        &format!(
+            "prompt is too long: {} tokens > 200000 maximum",
+            200_000 + prompt.prompt_words
+        ),
+    )
+}
+
+fn blocks_of(content: &Value) -> Vec<Value> {
+    match content {
+        Value::String(text) => vec![json!({ "type": "text", "text": text })],
+        Value::Array(blocks) => blocks.clone(),
+        _ => Vec::new(),
+    }
+}
+
+fn text_of(blocks: &[Value]) -> String {
+    blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+        .filter_map(|b| b.get("text").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Words of a `tool_result`'s content (a string or text blocks).
+fn result_words(block: &Value) -> u64 {
+    match block.get("content") {
+        Some(Value::String(text)) => word_count(text),
+        Some(Value::Array(blocks)) => word_count(&text_of(blocks)),
+        _ => 0,
+    }
+}
+
+/// Reads a Messages request, validating what the real API validates and that the adapter might
+/// get wrong: headers, `max_tokens`, roles, non-empty text blocks, `tool_result`s answering a
+/// `tool_use` of the assistant turn just before.
+pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejected> {
+    if !headers.contains_key("x-api-key") && !headers.contains_key(header::AUTHORIZATION) {
+        return Err(Rejected {
+            status: 401,
+            message: "x-api-key header is required".to_owned(),
+        });
+    }
+    if !headers.contains_key("anthropic-version") {
+        return Err(Rejected::bad("anthropic-version: header is required"));
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Rejected::bad("model: Field required"))?
+        .to_owned();
+    let max_tokens = body
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Rejected::bad("max_tokens: Field required"))?;
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| Rejected::bad("messages: at least one message is required"))?;
+    let mut prompt_words = match body.get("system") {
+        Some(Value::String(text)) => word_count(text),
+        Some(Value::Array(blocks)) => word_count(&text_of(blocks)),
+        _ => 0,
+    };
+    let mut last_user = None;
+    let mut previous_tool_uses: Vec<String> = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        if role != "user" && role != "assistant" {
+            return Err(Rejected::bad(format!(
+                "messages.{i}.role: Input should be 'user' or 'assistant'"
+            )));
+        }
+        let blocks = blocks_of(message.get("content").unwrap_or(&Value::Null));
+        if blocks.is_empty() {
+            return Err(Rejected::bad(format!(
+                "messages.{i}: all messages must have non-empty content"
+            )));
+        }
+        let mut tool_uses = Vec::new();
+        let mut only_results = true;
+        for block in &blocks {
+            match block.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    let text = block.get("text").and_then(Value::as_str).unwrap_or("");
+                    if text.is_empty() {
+                        return Err(Rejected::bad(format!(
+                            "messages.{i}: text content blocks must be non-empty"
+                        )));
+                    }
+                    prompt_words += word_count(text);
+                    only_results = false;
+                }
+                Some("tool_use") if role == "assistant" => {
+                    if !block.get("input").is_some_and(Value::is_object) {
+                        return Err(Rejected::bad(format!(
+                            "messages.{i}: tool_use.input must be an object"
+                        )));
+                    }
+                    tool_uses.push(
+                        block
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                }
+                Some("tool_result") if role == "user" => {
+                    let id = block
+                        .get("tool_use_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    if !previous_tool_uses.iter().any(|u| u == id) {
+                        return Err(Rejected::bad(format!(
+                            "messages.{i}: unexpected `tool_use_id` found in `tool_result` blocks: {id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
+                        )));
+                    }
+                    prompt_words += result_words(block);
+                }
+                Some("image") => only_results = false,
+                other => {
+                    return Err(Rejected::bad(format!(
+                        "messages.{i}: unexpected content block type {other:?} for role {role}"
+                    )));
+                }
+            }
+        }
+        if role == "user" && !only_results {
+            last_user = Some(text_of(&blocks));
+        }
+        previous_tool_uses = tool_uses;
+    }
+    let tools = match body.get("tools").and_then(Value::as_array) {
+        Some(tools) => {
+            let mut names = Vec::new();
+            for (i, tool) in tools.iter().enumerate() {
+                if tool.get("input_schema").is_none() {
+                    return Err(Rejected::bad(format!(
+                        "tools.{i}.custom.input_schema: Field required"
+                    )));
+                }
+                if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                    names.push(name.to_owned());
+                }
+            }
+            names
+        }
+        None => Vec::new(),
+    };
+    Ok(Prompt {
+        model,
+        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: true,
+        prompt_words,
+        last_user: last_user.unwrap_or_default(),
+        tools,
+        max_tokens: Some(max_tokens),
+    })
+}
+
+fn stop_reason(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Text {
+            finish: Finish::Stop,
+            ..
+        } => "end_turn",
+        Answer::Text {
+            finish: Finish::Length,
+            ..
+        } => "max_tokens",
+        Answer::Text {
+            finish: Finish::ContentFilter,
+            ..
+        } => "refusal",
+        Answer::ToolCalls(_) => "tool_use",
+    }
+}
+
+fn input_of(call: &Call) -> Value {
+    serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}))
+}
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    json!({ "input_tokens": prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "output_tokens": completion })
+}
+
+pub(crate) fn message_json(
+    id: &str,
+    model: &str,
+    answer: &Answer,
+    prompt: u64,
+    completion: u64,
+) -> Value {
+    let content: Vec<Value> = match answer {
+        Answer::Text { content, .. } => vec![json!({ "type": "text", "text": content })],
+        Answer::ToolCalls(calls) => calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                json!({ "type": "tool_use", "id": format!("toolu_{}", i + 1), "name": call.name,
+                        "input": input_of(call) })
+            })
+            .collect(),
+    };
+    json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(answer),
+        "stop_sequence": null,
+        "usage": usage_json(prompt, completion),
+    })
+}
+
+fn frame(data: &Value) -> Bytes {
+    let kind = data
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// The real event sequence: `message_start`, `content_block_start`, `ping`, deltas (text or
+/// `input_json_delta` pieces), `content_block_stop`, `message_delta`, `message_stop`.
+pub(crate) fn stream_plan(
+    id: &str,
+    model: &str,
+    answer: &Answer,
+    usage: (u64, u64),
+    pieces: usize,
+) -> StreamPlan {
+    let mut head = vec![frame(&json!({ "type": "message_start", "message": {
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null, "usage": usage_json(usage.0, 1) } }))];
+    let mut body = Vec::new();
+    let mut tail = Vec::new();
+    match answer {
+        Answer::Text { content, .. } => {
+            head.push(frame(&json!({ "type": "content_block_start", "index": 0,
+                "content_block": { "type": "text", "text": "" } })));
+            head.push(frame(&json!({ "type": "ping" })));
+            for piece in split_pieces(content, pieces) {
+                body.push(frame(&json!({ "type": "content_block_delta", "index": 0,
+                    "delta": { "type": "text_delta", "text": piece } })));
+            }
+            tail.push(frame(&json!({ "type": "content_block_stop", "index": 0 })));
+        }
+        Answer::ToolCalls(calls) => {
+            head.push(frame(&json!({ "type": "ping" })));
+            for (index, call) in calls.iter().enumerate() {
+                body.push(frame(
+                    &json!({ "type": "content_block_start", "index": index,
+                    "content_block": { "type": "tool_use", "id": format!("toolu_{}", index + 1),
+                                       "name": call.name, "input": {} } }),
+                ));
+                // The compact JSON text, as the real API streams it.
+                let arguments = input_of(call).to_string();
+                for piece in split_pieces(&arguments, pieces) {
+                    body.push(frame(
+                        &json!({ "type": "content_block_delta", "index": index,
+                        "delta": { "type": "input_json_delta", "partial_json": piece } }),
+                    ));
+                }
+                body.push(frame(
+                    &json!({ "type": "content_block_stop", "index": index }),
+                ));
+            }
+        }
+    }
+    tail.push(frame(&json!({ "type": "message_delta",
+        "delta": { "stop_reason": stop_reason(answer), "stop_sequence": null },
+        "usage": { "output_tokens": usage.1 } })));
+    tail.push(frame(&json!({ "type": "message_stop" })));
+    StreamPlan {
+        head,
+        body,
+        tail,
+        malformed: Bytes::from(
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"unterminated\n\n",
+        ),
+    }
+}
