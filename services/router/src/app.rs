@@ -29,12 +29,20 @@ pub enum StartupError {
     /// The bound address is unknown.
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
+    /// The metrics address cannot be bound.
+    #[error("cannot bind the metrics address {addr}: {source}")]
+    MetricsBind {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// A built router, bound and ready to serve.
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics: Option<(TcpListener, SocketAddr)>,
+    routes: Arc<Routes>,
     service: RouterGrpc,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -44,16 +52,31 @@ impl App {
     /// Validates `config`, builds the provider clients and binds `config.grpc_addr`.
     pub async fn build(config: Config) -> Result<App, StartupError> {
         config.validate()?;
-        let routes = Routes::new(&config)?;
+        let routes = Arc::new(Routes::new(&config)?);
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
+        let metrics = match &config.metrics_addr {
+            None => None,
+            Some(addr) => {
+                let bind_error = |source| StartupError::MetricsBind {
+                    addr: addr.clone(),
+                    source,
+                };
+                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                tracing::info!(metrics.addr = %bound, "router metrics endpoint bound");
+                Some((listener, bound))
+            }
+        };
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let service = RouterGrpc::new(Arc::new(routes), tracker.clone(), cancel.clone());
+        let service = RouterGrpc::new(routes.clone(), tracker.clone(), cancel.clone());
         tracing::info!(grpc.addr = %local_addr, routes = config.routes.len(), providers = config.providers.len(), "router built");
         Ok(App {
             listener,
             local_addr,
+            metrics,
+            routes,
             service,
             tracker,
             cancel,
@@ -63,6 +86,11 @@ impl App {
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound `/metrics` address, when `metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and stops stream producers.
@@ -75,8 +103,28 @@ impl App {
             service,
             tracker,
             cancel,
+            metrics,
+            routes: table,
             ..
         } = self;
+        if let Some((metrics_listener, _)) = metrics {
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let table = table.clone();
+                    async move { crate::metrics::render(table.deployments()) }
+                }),
+            );
+            let stop = cancel.clone();
+            tracker.spawn(async move {
+                let served = axum::serve(metrics_listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "router metrics endpoint failed");
+                }
+            });
+        }
         let routes = GrpcRoutes::new(RouterServiceServer::new(service));
         let served = switchboard_grpc::serve(
             listener,

@@ -1,9 +1,6 @@
 //! The `[router]` configuration section.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -32,6 +29,10 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Routes (virtual models), each an ordered fallback chain of targets.
     pub routes: Vec<RouteConfig>,
+    /// Circuit breaker and key cooldowns.
+    pub breaker: BreakerConfig,
+    /// Address of the Prometheus `/metrics` HTTP endpoint; unset: not served.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for Config {
@@ -46,6 +47,8 @@ impl Default for Config {
             request_timeout_ms: 600_000,
             providers: BTreeMap::new(),
             routes: Vec::new(),
+            breaker: BreakerConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -190,35 +193,9 @@ impl ProviderConfig {
     }
 }
 
-/// One route (`[[router.routes]]`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// The virtual model callers ask for.
-    pub name: String,
-    /// Ordered fallback chain.
-    pub targets: Vec<TargetConfig>,
-}
-
-/// One target of a route.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TargetConfig {
-    /// Provider name (a key of `router.providers`).
-    pub provider: String,
-    /// The provider's model name.
-    pub model: String,
-}
-
-impl TargetConfig {
-    /// A target (tests, embedders).
-    pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
-        TargetConfig {
-            provider: provider.into(),
-            model: model.into(),
-        }
-    }
-}
+pub use crate::route_config::{
+    BreakerConfig, KeyConfig, RouteConfig, RuleConfig, Strategy, TargetConfig,
+};
 
 impl Config {
     /// Checks the configuration; errors name the bad field by its dotted path.
@@ -269,43 +246,7 @@ impl Config {
                 ));
             }
         }
-        let mut names = HashSet::new();
-        for (i, route) in self.routes.iter().enumerate() {
-            let path = format!("router.routes[{i}]");
-            if route.name.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{path}.name"),
-                    "must not be empty",
-                ));
-            }
-            if !names.insert(route.name.as_str()) {
-                return Err(ConfigError::invalid(
-                    format!("{path}.name"),
-                    format!("duplicate route name `{}`", route.name),
-                ));
-            }
-            if route.targets.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{path}.targets"),
-                    "a route needs at least one target",
-                ));
-            }
-            for (j, target) in route.targets.iter().enumerate() {
-                let target_path = format!("{path}.targets[{j}]");
-                if !self.providers.contains_key(&target.provider) {
-                    return Err(ConfigError::invalid(
-                        format!("{target_path}.provider"),
-                        format!("unknown provider `{}`", target.provider),
-                    ));
-                }
-                if target.model.is_empty() {
-                    return Err(ConfigError::invalid(
-                        format!("{target_path}.model"),
-                        "must not be empty",
-                    ));
-                }
-            }
-        }
+        crate::route_config::validate_routes(self)?;
         Ok(())
     }
 
@@ -324,6 +265,10 @@ impl Config {
                 }
             }
         }
+        missing.extend(crate::route_config::resolve_key_secrets(
+            &mut self.routes,
+            &lookup,
+        ));
         missing
     }
 }
@@ -381,10 +326,10 @@ targets = [ { provider = "fake", model = "gpt-4o-mini" }, { provider = "backup",
     #[test]
     fn errors_name_the_dotted_path() {
         let mut config = example();
-        config.routes.push(RouteConfig {
-            name: "other".into(),
-            targets: vec![TargetConfig::new("nope", "m")],
-        });
+        config.routes.push(RouteConfig::new(
+            "other",
+            vec![TargetConfig::new("nope", "m")],
+        ));
         assert!(
             error_of(&config).contains("router.routes[1].targets[0].provider"),
             "{}",

@@ -28,6 +28,13 @@ pub enum RouterError {
         summary: String,
         last_error: String,
     },
+    /// No target of the route can take this request (context window, tools, images).
+    #[error("no target of route `{route}` can take this request: {summary}")]
+    NoCapableTarget {
+        route: String,
+        attempts: usize,
+        summary: String,
+    },
     /// The caller's deadline passed.
     #[error("deadline exceeded after {attempts} attempts for route `{route}`")]
     DeadlineExceeded {
@@ -48,7 +55,9 @@ pub enum RouterError {
 impl ServiceError for RouterError {
     fn code(&self) -> ErrorCode {
         match self {
-            RouterError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            RouterError::InvalidArgument { .. } | RouterError::NoCapableTarget { .. } => {
+                ErrorCode::InvalidArgument
+            }
             RouterError::NotFound { .. } => ErrorCode::NotFound,
             RouterError::UpstreamRejected { .. } => ErrorCode::UpstreamRejected,
             RouterError::UpstreamUnavailable { .. } | RouterError::StreamInterrupted { .. } => {
@@ -82,6 +91,9 @@ impl ServiceError for RouterError {
                 ("attempts", attempts.to_string()),
                 ("last_error", last_error.clone()),
             ],
+            RouterError::NoCapableTarget {
+                route, attempts, ..
+            } => vec![("route", route.clone()), ("attempts", attempts.to_string())],
             RouterError::DeadlineExceeded {
                 route,
                 attempts,

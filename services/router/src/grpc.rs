@@ -93,15 +93,15 @@ impl RouterService for RouterGrpc {
                 message: "is required".to_owned(),
             })
         })?;
-        let request_id = caller.map(|c| c.request_id).unwrap_or_default();
-        record_request(&request.model, &request_id);
+        let caller = caller.unwrap_or_default();
+        record_request(&request.model, &caller.request_id);
         let (mut response, route) = self
             .routes
-            .route(&request, deadline)
+            .route(&request, &caller, deadline)
             .await
             .map_err(|e| status(&e))?;
-        if !request_id.is_empty() {
-            response.id = request_id;
+        if !caller.request_id.is_empty() {
+            response.id = caller.request_id;
         }
         Ok(Response::new(RouteResponse {
             response: Some(response),
@@ -124,14 +124,19 @@ impl RouterService for RouterGrpc {
                 message: "is required".to_owned(),
             })
         })?;
-        let request_id = caller.map(|c| c.request_id).unwrap_or_default();
+        let caller = caller.unwrap_or_default();
+        let request_id = caller.request_id.clone();
         record_request(&request.model, &request_id);
         let (tx, rx) = mpsc::channel::<StreamEvent>(16);
         let routes = self.routes.clone();
         let cancel = self.cancel.child_token();
         self.tracker.spawn(
-            async move { routes.route_stream(request, deadline, tx, cancel).await }
-                .instrument(Span::current()),
+            async move {
+                routes
+                    .route_stream(request, caller, deadline, tx, cancel)
+                    .await
+            }
+            .instrument(Span::current()),
         );
         let events = ReceiverStream::new(rx).map(move |event| match event {
             StreamEvent::Chunk(mut chunk) => {

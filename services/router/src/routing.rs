@@ -1,11 +1,16 @@
 //! Routes: ordered fallback chains of provider targets, with retries of the same target.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use rand::Rng;
-use switchboard_proto::chat::v1::{
-    Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage,
+use switchboard_proto::{
+    chat::v1::{Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage},
+    router::v1::Caller,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -13,9 +18,13 @@ use tracing::Span;
 
 use crate::{
     app::StartupError,
+    balance::{Budget, Deployment, InFlight, Pick, pick},
+    breaker::Breaker,
     config::Config,
     error::RouterError,
     provider::{ChunkStream, Prepared, ProviderClient, ProviderError, TranslateError},
+    route_config::Strategy,
+    strategy::{Candidate, Capabilities, Needs, Rule, TargetStats, order},
 };
 
 /// Most of a caller's deadline kept back so that the router's own answer arrives first.
@@ -53,17 +62,40 @@ impl Policy {
     }
 }
 
+/// One target of a route: a provider model, its capabilities and its deployments (keys).
 struct Target {
-    provider: Arc<ProviderClient>,
-    provider_name: String,
-    model: String,
     name: String,
+    weight: u32,
+    caps: Capabilities,
+    stats: Arc<TargetStats>,
+    deployments: Vec<Arc<Deployment>>,
+    rotation: AtomicUsize,
+}
+
+impl Candidate for Target {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    fn stats(&self) -> &TargetStats {
+        &self.stats
+    }
+}
+
+/// A route: its targets, strategy and rules.
+struct Route {
+    targets: Vec<Target>,
+    strategy: Strategy,
+    rules: Vec<Rule>,
 }
 
 /// The routing table and provider clients.
 pub struct Routes {
-    routes: HashMap<String, Vec<Target>>,
+    routes: HashMap<String, Route>,
     order: Vec<String>,
+    deployments: Vec<Arc<Deployment>>,
     policy: Policy,
     created: i64,
 }
@@ -95,17 +127,17 @@ impl Attempts {
         }
     }
 
-    fn failed(&mut self, target: &Target, started: Instant, error: ProviderError) {
+    fn failed(&mut self, deployment: &Deployment, started: Instant, error: ProviderError) {
         tracing::info!(
-            target = %target.name,
+            target = %deployment.label,
             error.code = error.code(),
             http.status_code = error.http_status(),
             "provider attempt failed"
         );
         self.list.push(Attempt {
-            target: target.name.clone(),
-            provider: target.provider_name.clone(),
-            model: target.model.clone(),
+            target: deployment.label.clone(),
+            provider: deployment.provider.clone(),
+            model: deployment.model.clone(),
             error_code: error.code().to_owned(),
             error_message: error.to_string(),
             http_status: u32::from(error.http_status()),
@@ -115,11 +147,32 @@ impl Attempts {
         self.last_error = Some(error);
     }
 
-    fn served(mut self, target: &Target, started: Instant, usage: Option<Usage>) -> RouteInfo {
+    /// A target passed over without a request: `code` says why.
+    fn skipped(&mut self, target: &Target, code: &str, message: String) {
+        tracing::info!(target = %target.name, reason = code, "target skipped");
+        let deployment = &target.deployments[0];
         self.list.push(Attempt {
             target: target.name.clone(),
-            provider: target.provider_name.clone(),
-            model: target.model.clone(),
+            provider: deployment.provider.clone(),
+            model: deployment.model.clone(),
+            error_code: code.to_owned(),
+            error_message: message,
+            http_status: 0,
+            duration_ms: 0,
+            usage: None,
+        });
+    }
+
+    fn served(
+        mut self,
+        deployment: &Deployment,
+        started: Instant,
+        usage: Option<Usage>,
+    ) -> RouteInfo {
+        self.list.push(Attempt {
+            target: deployment.label.clone(),
+            provider: deployment.provider.clone(),
+            model: deployment.model.clone(),
             error_code: String::new(),
             error_message: String::new(),
             http_status: 200,
@@ -127,13 +180,13 @@ impl Attempts {
             usage,
         });
         let span = Span::current();
-        span.record("target", target.name.as_str());
+        span.record("target", deployment.label.as_str());
         span.record("attempts", self.list.len());
         RouteInfo {
             route: self.route,
-            provider: target.provider_name.clone(),
-            model: target.model.clone(),
-            target: target.name.clone(),
+            provider: deployment.provider.clone(),
+            model: deployment.model.clone(),
+            target: deployment.label.clone(),
             attempt_count: self.list.len() as u32,
             attempts: self.list,
         }
@@ -160,6 +213,14 @@ impl Attempts {
             })
             .collect::<Vec<_>>()
             .join("; ");
+        let incapable = |a: &Attempt| CAPABILITY_CODES.contains(&a.error_code.as_str());
+        if !self.list.is_empty() && self.list.iter().all(incapable) {
+            return RouterError::NoCapableTarget {
+                route: self.route,
+                attempts: self.list.len(),
+                summary,
+            };
+        }
         let last_error = self.last_error_text();
         RouterError::UpstreamUnavailable {
             route: self.route,
@@ -186,14 +247,14 @@ enum Next {
     Stop(RouterError),
 }
 
-fn after_failure(error: &ProviderError, target: &Target) -> Next {
+fn after_failure(error: &ProviderError, target: &Deployment) -> Next {
     if !error.allows_fallback() {
         let message = match error {
             ProviderError::BadRequest { message, .. } => message.clone(),
             other => other.to_string(),
         };
         return Next::Stop(RouterError::UpstreamRejected {
-            target: target.name.clone(),
+            target: target.label.clone(),
             http_status: error.http_status(),
             message,
         });
@@ -214,35 +275,127 @@ fn invalid(error: TranslateError) -> RouterError {
 
 impl Routes {
     /// Builds the provider clients and the routing table from a validated configuration.
+    /// Deployments — (provider, endpoint, key, model) — and target statistics are shared by every
+    /// route that names them, so their breakers, budgets and latency see all of their traffic.
     pub fn new(config: &Config) -> Result<Self, StartupError> {
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
+        let client = |name: &str, provider: &crate::config::ProviderConfig| {
+            ProviderClient::new(name, provider, connect_timeout)
+                .map(Arc::new)
+                .map_err(|source| StartupError::HttpClient {
+                    provider: name.to_owned(),
+                    source,
+                })
+        };
         let mut providers = HashMap::new();
         for (name, provider) in &config.providers {
-            let client =
-                ProviderClient::new(name, provider, connect_timeout).map_err(|source| {
-                    StartupError::HttpClient {
-                        provider: name.clone(),
-                        source,
-                    }
-                })?;
-            providers.insert(name.clone(), Arc::new(client));
+            providers.insert(name.clone(), client(name, provider)?);
         }
+        let mut keyed_clients: HashMap<(String, String, Option<String>), Arc<ProviderClient>> =
+            HashMap::new();
+        let mut deployments: HashMap<(String, String, Option<String>), Arc<Deployment>> =
+            HashMap::new();
+        let mut all = Vec::new();
+        let mut stats: HashMap<String, Arc<TargetStats>> = HashMap::new();
         let mut routes = HashMap::new();
         let mut order = Vec::new();
         for route in &config.routes {
-            let targets = route
-                .targets
+            let mut targets = Vec::new();
+            for target in &route.targets {
+                let (Some(provider_config), Some(provider_client)) = (
+                    config.providers.get(&target.provider),
+                    providers.get(&target.provider),
+                ) else {
+                    continue;
+                };
+                let name = target.name();
+                let mut target_deployments = Vec::new();
+                let keys: Vec<Option<&crate::config::KeyConfig>> = if target.keys.is_empty() {
+                    vec![None]
+                } else {
+                    target.keys.iter().map(Some).collect()
+                };
+                for key in keys {
+                    let alias = key.map(|k| k.alias.clone());
+                    let id = (target.provider.clone(), target.model.clone(), alias.clone());
+                    if let Some(existing) = deployments.get(&id) {
+                        target_deployments.push(existing.clone());
+                        continue;
+                    }
+                    let http = match key {
+                        None => provider_client.clone(),
+                        Some(key) => {
+                            let client_id = (
+                                target.provider.clone(),
+                                key.alias.clone(),
+                                key.base_url.clone(),
+                            );
+                            match keyed_clients.get(&client_id) {
+                                Some(http) => http.clone(),
+                                None => {
+                                    let mut keyed = provider_config.clone();
+                                    if let Some(base_url) = &key.base_url {
+                                        keyed.base_url.clone_from(base_url);
+                                    }
+                                    keyed.api_key.clone_from(&key.api_key);
+                                    let http = client(&target.provider, &keyed)?;
+                                    keyed_clients.insert(client_id, http.clone());
+                                    http
+                                }
+                            }
+                        }
+                    };
+                    let deployment = Arc::new(Deployment::new(
+                        http,
+                        &target.provider,
+                        &target.model,
+                        alias.as_deref(),
+                        Breaker::new(&config.breaker),
+                        key.and_then(|k| Budget::new(k.rpm, k.tpm)),
+                    ));
+                    deployments.insert(id, deployment.clone());
+                    all.push(deployment.clone());
+                    target_deployments.push(deployment);
+                }
+                let price = match (
+                    target.input_usd_nanos_per_mtok,
+                    target.output_usd_nanos_per_mtok,
+                ) {
+                    (None, None) => None,
+                    (input, output) => Some((input.unwrap_or(0), output.unwrap_or(0))),
+                };
+                targets.push(Target {
+                    weight: target.weight,
+                    caps: Capabilities {
+                        context_window: target.context_window,
+                        tools: target.tools,
+                        images: target.images,
+                        price,
+                    },
+                    stats: stats.entry(name.clone()).or_default().clone(),
+                    deployments: target_deployments,
+                    rotation: AtomicUsize::new(0),
+                    name,
+                });
+            }
+            let index_of: HashMap<String, usize> = targets
                 .iter()
-                .filter_map(|target| {
-                    providers.get(&target.provider).map(|provider| Target {
-                        provider: provider.clone(),
-                        provider_name: target.provider.clone(),
-                        model: target.model.clone(),
-                        name: format!("{}/{}", target.provider, target.model),
-                    })
-                })
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
                 .collect();
-            routes.insert(route.name.clone(), targets);
+            let rules = route
+                .rules
+                .iter()
+                .map(|rule| Rule::new(rule, &index_of))
+                .collect();
+            routes.insert(
+                route.name.clone(),
+                Route {
+                    targets,
+                    strategy: route.strategy,
+                    rules,
+                },
+            );
             order.push(route.name.clone());
         }
         let created = std::time::SystemTime::now()
@@ -252,6 +405,7 @@ impl Routes {
         Ok(Routes {
             routes,
             order,
+            deployments: all,
             policy: Policy {
                 attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
                 max_retries: config.max_retries,
@@ -261,6 +415,11 @@ impl Routes {
             },
             created,
         })
+    }
+
+    /// Every deployment, for metrics.
+    pub fn deployments(&self) -> impl Iterator<Item = &Deployment> + Clone {
+        self.deployments.iter().map(|d| &**d)
     }
 
     /// The configured routes, in configuration order.
@@ -275,8 +434,8 @@ impl Routes {
             .collect()
     }
 
-    fn targets(&self, request: &ChatRequest) -> Result<&[Target], RouterError> {
-        let targets = self
+    fn route_of(&self, request: &ChatRequest) -> Result<&Route, RouterError> {
+        let route = self
             .routes
             .get(&request.model)
             .ok_or_else(|| RouterError::NotFound {
@@ -288,7 +447,37 @@ impl Routes {
                 message: "must not be empty".to_owned(),
             });
         }
-        Ok(targets)
+        Ok(route)
+    }
+
+    /// The targets to walk for this request, in order: the first matching rule's targets (else
+    /// all), ordered by the rule's (else the route's) strategy.
+    fn plan(
+        &self,
+        route: &Route,
+        request: &ChatRequest,
+        caller: &Caller,
+        needs: &Needs,
+    ) -> Vec<usize> {
+        let (mut candidates, strategy) = match route
+            .rules
+            .iter()
+            .find(|rule| rule.matches(caller, request))
+        {
+            Some(rule) => (
+                rule.targets.clone(),
+                rule.strategy.unwrap_or(route.strategy),
+            ),
+            None => ((0..route.targets.len()).collect(), route.strategy),
+        };
+        order(
+            strategy,
+            &route.targets,
+            &mut candidates,
+            needs,
+            &mut rand::rng(),
+        );
+        candidates
     }
 
     /// The overall deadline of a request: the caller's `grpc-timeout` (less a small margin, so that
@@ -330,15 +519,19 @@ impl Routes {
         true
     }
 
-    /// Serves `request` through its route. `deadline` is the caller's overall deadline.
+    /// Serves `request` through its route. `deadline` is the overall deadline.
     pub async fn route(
         &self,
         request: &ChatRequest,
+        caller: &Caller,
         deadline: Instant,
     ) -> Result<(ChatResponse, RouteInfo), RouterError> {
-        let served = self.attempt_loop(&Unary, request, deadline).await?;
+        let served = self.attempt_loop(&Unary, request, caller, deadline).await?;
         let usage = served.output.usage;
-        let info = served.attempts.served(served.target, served.started, usage);
+        served.settle(usage.as_ref());
+        let info = served
+            .attempts
+            .served(served.deployment, served.started, usage);
         Ok((served.output, info))
     }
 
@@ -347,12 +540,13 @@ impl Routes {
     pub async fn route_stream(
         &self,
         request: ChatRequest,
+        caller: Caller,
         deadline: Instant,
         tx: mpsc::Sender<StreamEvent>,
         cancel: CancellationToken,
     ) {
         let outcome = tokio::select! {
-            outcome = self.stream_inner(&request, deadline, &tx) => outcome,
+            outcome = self.stream_inner(&request, &caller, deadline, &tx) => outcome,
             () = tx.closed() => {
                 tracing::info!("client went away, stream stopped");
                 return;
@@ -374,72 +568,148 @@ impl Routes {
     async fn stream_inner(
         &self,
         request: &ChatRequest,
+        caller: &Caller,
         deadline: Instant,
         tx: &mpsc::Sender<StreamEvent>,
     ) -> Result<RouteInfo, RouterError> {
-        let served = self.attempt_loop(&Streamed, request, deadline).await?;
-        let (first, stream) = served.output;
-        forward(
-            served.attempts,
-            served.target,
-            served.started,
-            first,
-            stream,
-            tx,
-            deadline,
-        )
-        .await
+        let served = self
+            .attempt_loop(&Streamed, request, caller, deadline)
+            .await?;
+        let ((first, stream), served) = served.split();
+        forward(served, first, stream, tx, deadline).await
     }
 
-    /// The one retry/backoff/deadline/fallback loop shared by unary and streamed requests: tries
-    /// each target of the route in order, retrying retryable errors with backoff, until one serves.
+    /// The one retry/backoff/deadline/fallback loop shared by unary and streamed requests. Walks
+    /// the planned targets, skipping (with a stated reason) those that cannot take the request;
+    /// within a target picks a usable key, retries retryable errors with backoff, moves to another
+    /// key after an authentication error, and waits for a key whose cooldown ends soon.
     async fn attempt_loop<'a, E: Exchange>(
         &'a self,
         exchange: &E,
         request: &ChatRequest,
+        caller: &Caller,
         deadline: Instant,
     ) -> Result<Served<'a, E::Output>, RouterError> {
-        let targets = self.targets(request)?;
+        let route = self.route_of(request)?;
+        let needs = Needs::of(request);
+        let budget_tokens = needs.budget_tokens();
         let mut attempts = Attempts::new(&request.model);
-        for target in targets {
-            let prepared = target
-                .provider
-                .prepare(&target.model, request, E::STREAM)
+        // The largest context window found too small by a provider (context length exceeded).
+        let mut too_long_for: Option<u32> = None;
+        for index in self.plan(route, request, caller, &needs) {
+            let target = &route.targets[index];
+            if let Some((code, message)) = target.caps.refuses(&needs) {
+                attempts.skipped(target, code, message);
+                continue;
+            }
+            if let (Some(limit), Some(window)) = (too_long_for, target.caps.context_window)
+                && window <= limit
+            {
+                attempts.skipped(
+                    target,
+                    "CONTEXT_WINDOW_TOO_SMALL",
+                    format!("skipped: a context window of {limit} was already too small"),
+                );
+                continue;
+            }
+            let prepared = target.deployments[0]
+                .client
+                .prepare(&target.deployments[0].model, request, E::STREAM)
                 .map_err(invalid)?;
-            for retry in 0..=self.policy.max_retries {
-                if retry > 0 {
-                    let error = attempts
-                        .last_error
-                        .clone()
-                        .unwrap_or(ProviderError::Timeout);
-                    if !self.backoff(retry, &error, deadline).await {
-                        return Err(attempts.deadline_exceeded());
-                    }
+            let mut excluded = 0u64;
+            let mut retries = 0u32;
+            let mut waits = 0u32;
+            let mut tried = false;
+            loop {
+                if retries > 0
+                    && let Some(error) = attempts.last_error.as_ref()
+                    && !matches!(error, ProviderError::RateLimited { .. })
+                    && !self.backoff(retries, error, deadline).await
+                {
+                    return Err(attempts.deadline_exceeded());
                 }
+                let now = Instant::now();
+                let (key, permit) = match pick(
+                    &target.deployments,
+                    excluded,
+                    budget_tokens,
+                    now,
+                    &target.rotation,
+                ) {
+                    Pick::Ready { index, permit } => (index, permit),
+                    Pick::Blocked { code, until } => {
+                        // Retrying: wait for a key that frees up soon (an honoured Retry-After).
+                        if tried
+                            && waits < MAX_WAITS
+                            && let Some(until) = until
+                            && until.saturating_duration_since(now) <= self.policy.max_retry_after
+                            && until < deadline
+                        {
+                            waits += 1;
+                            tokio::time::sleep_until(until).await;
+                            continue;
+                        }
+                        if !tried {
+                            attempts.skipped(
+                                target,
+                                code,
+                                format!("skipped: no usable key ({code})"),
+                            );
+                        }
+                        break;
+                    }
+                };
                 let Some((timeout, capped)) = self.attempt_timeout(deadline) else {
                     return Err(attempts.deadline_exceeded());
                 };
+                tried = true;
+                let deployment = &*target.deployments[key];
+                let in_flight = InFlight::new(deployment, &target.stats.in_flight);
+                deployment.metrics.request();
                 let started = Instant::now();
-                match exchange.call(&target.provider, &prepared, timeout).await {
+                let result = exchange.call(&deployment.client, &prepared, timeout).await;
+                let elapsed = started.elapsed();
+                deployment.metrics.latency(elapsed);
+                let error = match result {
                     Ok(output) => {
+                        target.stats.observe(elapsed);
+                        permit.finish(Instant::now(), Ok(()));
                         return Ok(Served {
                             output,
                             attempts,
-                            target,
+                            deployment,
                             started,
+                            budget_tokens,
+                            _in_flight: in_flight,
                         });
                     }
-                    Err(error) => {
-                        let next = after_failure(&error, target);
-                        let deadline_hit = capped && error == ProviderError::Timeout;
-                        attempts.failed(target, started, error);
-                        if deadline_hit {
-                            return Err(attempts.deadline_exceeded());
-                        }
-                        match next {
-                            Next::Retry => continue,
-                            Next::Fallback => break,
-                            Next::Stop(error) => return Err(error),
+                    Err(error) => error,
+                };
+                drop(in_flight);
+                if error == ProviderError::Timeout {
+                    target.stats.observe(elapsed);
+                }
+                deployment.metrics.error(error.code());
+                permit.finish(Instant::now(), Err(&error));
+                let next = after_failure(&error, deployment);
+                let deadline_hit = capped && error == ProviderError::Timeout;
+                let authentication = matches!(error, ProviderError::Authentication { .. });
+                if error.code() == "CONTEXT_LENGTH_EXCEEDED" {
+                    too_long_for = too_long_for.max(target.caps.context_window);
+                }
+                attempts.failed(deployment, started, error);
+                if deadline_hit {
+                    return Err(attempts.deadline_exceeded());
+                }
+                match next {
+                    Next::Stop(error) => return Err(error),
+                    // Never the same key again; another key of this target may serve.
+                    Next::Fallback if authentication && key < 64 => excluded |= 1 << key,
+                    Next::Fallback => break,
+                    Next::Retry => {
+                        retries += 1;
+                        if retries > self.policy.max_retries {
+                            break;
                         }
                     }
                 }
@@ -449,12 +719,58 @@ impl Routes {
     }
 }
 
+/// Reason codes of targets skipped because they cannot take the request at all.
+const CAPABILITY_CODES: [&str; 3] = [
+    "CONTEXT_WINDOW_TOO_SMALL",
+    "NO_TOOL_SUPPORT",
+    "NO_IMAGE_INPUT",
+];
+
+/// Waits for a cooling-down key within one target, at most.
+const MAX_WAITS: u32 = 3;
+
 /// A successful attempt: its output, and the attempts that led to it.
 struct Served<'a, T> {
     output: T,
     attempts: Attempts,
-    target: &'a Target,
+    deployment: &'a Deployment,
     started: Instant,
+    budget_tokens: u64,
+    _in_flight: InFlight<'a>,
+}
+
+impl<'a, T> Served<'a, T> {
+    /// The output, and the rest.
+    fn split(self) -> (T, Served<'a, ()>) {
+        let Served {
+            output,
+            attempts,
+            deployment,
+            started,
+            budget_tokens,
+            _in_flight,
+        } = self;
+        let rest = Served {
+            output: (),
+            attempts,
+            deployment,
+            started,
+            budget_tokens,
+            _in_flight,
+        };
+        (output, rest)
+    }
+
+    /// Charges the key's budget with tokens used beyond the estimate.
+    fn settle(&self, usage: Option<&Usage>) {
+        if let (Some(budget), Some(usage)) = (&self.deployment.budget, usage) {
+            budget.settle(
+                Instant::now(),
+                self.budget_tokens,
+                u64::from(usage.total_tokens),
+            );
+        }
+    }
 }
 
 /// One kind of provider call the attempt loop can make.
@@ -522,21 +838,20 @@ async fn open(
 
 /// Forwards a started stream. After the first chunk there is no fallback any more.
 async fn forward(
-    attempts: Attempts,
-    target: &Target,
-    started: Instant,
+    served: Served<'_, ()>,
     first: ChatChunk,
     mut stream: ChunkStream,
     tx: &mpsc::Sender<StreamEvent>,
     deadline: Instant,
 ) -> Result<RouteInfo, RouterError> {
+    let deployment = served.deployment;
     let mut usage = first.usage;
     let mut forwarded = 0usize;
-    let route = attempts.route.clone();
+    let route = served.attempts.route.clone();
     let interrupted = |chunks: usize, last_error: String| RouterError::StreamInterrupted {
         route: route.clone(),
         chunks,
-        target: target.name.clone(),
+        target: deployment.label.clone(),
         last_error,
     };
     if tx.send(StreamEvent::Chunk(first)).await.is_err() {
@@ -564,10 +879,16 @@ async fn forward(
                 forwarded += 1;
             }
             Some(Err(error)) => {
-                tracing::warn!(target = %target.name, error.code = error.code(), chunks = forwarded, "stream interrupted");
+                tracing::warn!(target = %deployment.label, error.code = error.code(), chunks = forwarded, "stream interrupted");
+                deployment.metrics.error(error.code());
+                deployment.breaker.failure(Instant::now(), &error);
                 return Err(interrupted(forwarded, format!("{}: {error}", error.code())));
             }
-            None => return Ok(attempts.served(target, started, usage)),
+            None => {
+                served.settle(usage.as_ref());
+                let started = served.started;
+                return Ok(served.attempts.served(deployment, started, usage));
+            }
         }
     }
 }

@@ -63,20 +63,20 @@ impl Harness {
             ProviderConfig::openai("http://127.0.0.1:1/v1", None),
         );
         config.routes = vec![
-            RouteConfig {
-                name: "chat".to_owned(),
-                targets: vec![
+            RouteConfig::new(
+                "chat".to_owned(),
+                vec![
                     TargetConfig::new("fake", PRIMARY),
                     TargetConfig::new("backup", BACKUP),
                 ],
-            },
-            RouteConfig {
-                name: "unreachable".to_owned(),
-                targets: vec![
+            ),
+            RouteConfig::new(
+                "unreachable".to_owned(),
+                vec![
                     TargetConfig::new("down", "m"),
                     TargetConfig::new("fake", PRIMARY),
                 ],
-            },
+            ),
         ];
         adjust(&mut config);
         let app = App::build(config).await.unwrap();

@@ -38,10 +38,10 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
         "fake".to_owned(),
         ProviderConfig::openai(fake.base_url(), Some("sk-trace")),
     );
-    config.routes = vec![RouteConfig {
-        name: "chat".to_owned(),
-        targets: vec![TargetConfig::new("fake", "m")],
-    }];
+    config.routes = vec![RouteConfig::new(
+        "chat".to_owned(),
+        vec![TargetConfig::new("fake", "m")],
+    )];
     let app = App::build(config).await.unwrap();
     let url = switchboard_grpc::url_of(app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
