@@ -9,6 +9,8 @@
 
 pub mod anthropic;
 pub mod gemini;
+#[cfg(test)]
+mod golden;
 pub mod openai;
 pub mod sse;
 
