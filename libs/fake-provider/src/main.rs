@@ -1,4 +1,4 @@
-//! `fake-provider`: serves the fake OpenAI-compatible provider until interrupted.
+//! `fake-provider`: serves the fake provider (OpenAI, Azure OpenAI, Anthropic and Gemini formats) until interrupted.
 
 use clap::Parser;
 use switchboard_fake_provider::{FakeConfig, FakeProvider};
