@@ -35,6 +35,13 @@ pub enum RouterError {
         attempts: usize,
         summary: String,
     },
+    /// Every key of every target is at its RPM/TPM limit or cooling down; nothing was sent.
+    #[error("every key of route `{route}` is at its rate limit: {summary}")]
+    KeysExhausted {
+        route: String,
+        attempts: usize,
+        summary: String,
+    },
     /// The caller's deadline passed.
     #[error("deadline exceeded after {attempts} attempts for route `{route}`")]
     DeadlineExceeded {
@@ -64,6 +71,7 @@ impl ServiceError for RouterError {
                 ErrorCode::UpstreamUnavailable
             }
             RouterError::DeadlineExceeded { .. } => ErrorCode::Timeout,
+            RouterError::KeysExhausted { .. } => ErrorCode::RateLimited,
         }
     }
 
@@ -92,6 +100,9 @@ impl ServiceError for RouterError {
                 ("last_error", last_error.clone()),
             ],
             RouterError::NoCapableTarget {
+                route, attempts, ..
+            }
+            | RouterError::KeysExhausted {
                 route, attempts, ..
             } => vec![("route", route.clone()), ("attempts", attempts.to_string())],
             RouterError::DeadlineExceeded {

@@ -221,6 +221,16 @@ impl Attempts {
                 summary,
             };
         }
+        // Every target was passed over locally because its keys are at their limits or cooling
+        // down: nothing was sent, and the caller should slow down.
+        let held_back = |a: &Attempt| HELD_BACK_CODES.contains(&a.error_code.as_str());
+        if !self.list.is_empty() && self.list.iter().all(held_back) {
+            return RouterError::KeysExhausted {
+                route: self.route,
+                attempts: self.list.len(),
+                summary,
+            };
+        }
         let last_error = self.last_error_text();
         RouterError::UpstreamUnavailable {
             route: self.route,
@@ -725,6 +735,9 @@ const CAPABILITY_CODES: [&str; 3] = [
     "NO_TOOL_SUPPORT",
     "NO_IMAGE_INPUT",
 ];
+
+/// Reason codes of targets skipped because every key is at its limit or cooling down.
+const HELD_BACK_CODES: [&str; 2] = ["RATE_BUDGET_EXHAUSTED", "KEY_COOLDOWN"];
 
 /// Waits for a cooling-down key within one target, at most.
 const MAX_WAITS: u32 = 3;

@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -12,6 +15,7 @@ use switchboard_proto::{
     chat::v1::{ChatRequest, content_part::Part},
     router::v1::Caller,
 };
+use tokio::time::Instant;
 
 use crate::route_config::{RuleConfig, Strategy};
 
@@ -130,18 +134,43 @@ impl Capabilities {
     }
 }
 
+/// A latency older than this is measured again: one request tries the target first, so a target
+/// that was slow and recovered wins its traffic back.
+const LATENCY_REFRESH: Duration = Duration::from_secs(30);
+
+/// Milliseconds on a process-wide monotonic clock (tokio's, so paused-time tests control it).
+fn clock_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(origin).as_millis() as u64
+}
+
 /// Live statistics of a target (shared by every route that uses the same provider model).
 #[derive(Debug, Default)]
 pub struct TargetStats {
     /// EWMA of attempt latency in microseconds (0: not measured yet).
     ewma_us: AtomicU64,
+    /// When the EWMA was last refreshed or claimed for a refresh ([`clock_ms`]).
+    refreshed_ms: AtomicU64,
     /// Attempts in flight.
     pub in_flight: AtomicU32,
 }
 
 impl TargetStats {
+    /// The latency to order by: 0 (measure first) when unmeasured or due for a refresh.
+    fn latency_key(&self, now_ms: u64) -> u64 {
+        let ewma = self.ewma_us.load(Relaxed);
+        let refreshed = self.refreshed_ms.load(Relaxed);
+        if now_ms.saturating_sub(refreshed) >= LATENCY_REFRESH.as_millis() as u64 {
+            0
+        } else {
+            ewma
+        }
+    }
+
     /// Folds one observed latency into the EWMA (weight 1/4; races lose a sample, harmlessly).
     pub fn observe(&self, elapsed: Duration) {
+        self.refreshed_ms.store(clock_ms(), Relaxed);
         let sample = (elapsed.as_micros() as u64).max(1);
         let old = self.ewma_us.load(Relaxed);
         let new = if old == 0 {
@@ -150,11 +179,6 @@ impl TargetStats {
             (old * 3 + sample) / 4
         };
         self.ewma_us.store(new.max(1), Relaxed);
-    }
-
-    /// The latency EWMA in microseconds (0: unmeasured).
-    pub fn ewma_us(&self) -> u64 {
-        self.ewma_us.load(Relaxed)
     }
 }
 
@@ -249,7 +273,14 @@ pub fn order<T: Candidate>(
                 }
             }
         }
-        Strategy::Latency => candidates.sort_by_key(|c| targets[*c].stats().ewma_us()),
+        Strategy::Latency => {
+            let now_ms = clock_ms();
+            candidates.sort_by_key(|c| targets[*c].stats().latency_key(now_ms));
+            // A target due for a refresh is tried first by this request only.
+            if let Some(first) = candidates.first() {
+                targets[*first].stats().refreshed_ms.store(now_ms, Relaxed);
+            }
+        }
         Strategy::LeastBusy => {
             candidates.sort_by_key(|c| targets[*c].stats().in_flight.load(Relaxed));
         }
@@ -350,6 +381,29 @@ mod tests {
             );
             assert_eq!(candidates, vec![1, 0]);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_latency_is_measured_again_by_one_request() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let needs = Needs::of(&chat("hi"));
+        let targets = vec![target(1, OPEN), target(1, OPEN)];
+        targets[0].stats.observe(Duration::from_millis(300));
+        targets[1].stats.observe(Duration::from_millis(20));
+        let first = |rng: &mut StdRng| {
+            let mut candidates = vec![0, 1];
+            order(Strategy::Latency, &targets, &mut candidates, &needs, rng);
+            candidates[0]
+        };
+        assert_eq!(first(&mut rng), 1);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        targets[1].stats.observe(Duration::from_millis(20));
+        assert_eq!(first(&mut rng), 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Target 0's measure is 30 s old: one request re-measures it, the next ones do not.
+        assert_eq!(first(&mut rng), 0);
+        assert_eq!(first(&mut rng), 1);
+        assert_eq!(first(&mut rng), 1);
     }
 
     #[test]

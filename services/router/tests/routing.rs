@@ -53,7 +53,8 @@ async fn keys_share_the_load_within_their_rpm_and_name_their_alias() {
     assert_eq!((auth("Bearer sk-k1"), auth("Bearer sk-k2")), (2, 3));
     // Both keys are at their RPM: the request is not sent at all.
     let status = mesh.route(chat("chat", "hi")).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "RATE_LIMITED");
     assert!(
         status.message().contains("RATE_BUDGET_EXHAUSTED"),
         "{}",
