@@ -131,9 +131,22 @@ pub async fn publish_usage(
     config: &NatsConfig,
     event: &UsageEvent,
 ) -> Result<PublishAckFuture, BusError> {
+    let parent = switchboard_telemetry::current_context();
+    publish_usage_in(js, config, event, &parent).await
+}
+
+/// [`publish_usage`] with the trace context `parent` (the request's span, captured when the event
+/// was queued) in the headers instead of the current span's: the consumer's span continues the
+/// request's trace without a producer span per event.
+pub async fn publish_usage_in(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    event: &UsageEvent,
+    parent: &opentelemetry::Context,
+) -> Result<PublishAckFuture, BusError> {
     let subject = config.usage_subject(&event.app);
     let mut headers = HeaderMap::new();
-    switchboard_telemetry::inject_nats(&mut headers);
+    switchboard_telemetry::inject_nats_context(parent, &mut headers);
     let message = PublishMessage::build()
         .headers(headers)
         .message_id(&event.request_id)

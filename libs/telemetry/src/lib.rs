@@ -42,6 +42,11 @@ pub struct TelemetryConfig {
     pub sample_ratio: f64,
     /// Spans buffered for export; beyond this, new spans are dropped (and counted by the SDK).
     pub export_queue_size: usize,
+    /// Spans sent in one OTLP export. Smaller batches spread the exporter's CPU evenly instead of
+    /// in bursts that stall the request path on a small machine.
+    pub export_batch_size: usize,
+    /// Longest time a span waits in the queue before it is exported, milliseconds.
+    pub export_delay_ms: u64,
     /// Log as JSON lines instead of human-readable text.
     pub json_logs: bool,
 }
@@ -54,6 +59,8 @@ impl Default for TelemetryConfig {
             trace_filter: "info".to_owned(),
             sample_ratio: 1.0,
             export_queue_size: 16_384,
+            export_batch_size: 256,
+            export_delay_ms: 200,
             json_logs: false,
         }
     }
@@ -123,8 +130,10 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
             })?;
         let batch = BatchConfigBuilder::default()
             .with_max_queue_size(config.export_queue_size.max(512))
-            .with_max_export_batch_size(2048)
-            .with_scheduled_delay(std::time::Duration::from_millis(1000))
+            .with_max_export_batch_size(config.export_batch_size.clamp(1, 8192))
+            .with_scheduled_delay(std::time::Duration::from_millis(
+                config.export_delay_ms.max(10),
+            ))
             .build();
         builder = builder.with_span_processor(
             BatchSpanProcessor::builder(exporter)
@@ -140,6 +149,7 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Telemetry
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_location(false)
+        .with_target(false)
         .with_filter(trace_filter);
     let registry = tracing_subscriber::registry().with(otel);
     let installed = if config.json_logs {
@@ -205,14 +215,32 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// `trace_fn` for tonic servers: one server span per RPC, parented to the caller's W3C context.
+/// `trace_fn` for tonic servers: the one span of an RPC, parented to the caller's W3C context.
+///
+/// Handlers do not open a span of their own (a second span per RPC costs as much as the first):
+/// they record into this one with `Span::current().record(..)`, so every field a handler records
+/// is declared here, empty until recorded.
 pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
+    use tracing::field::Empty;
     let parent = extract_http(request.headers());
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = %request.uri().path().trim_start_matches('/'),
         otel.kind = "server",
+        otel.status_code = Empty,
         rpc.system = "grpc",
+        request.id = Empty,
+        app.id = Empty,
+        model = Empty,
+        route = Empty,
+        target = Empty,
+        attempts = Empty,
+        decision = Empty,
+        findings = Empty,
+        key = Empty,
+        hit = Empty,
+        stored = Empty,
+        error.type = Empty,
     );
     let _ = span.set_parent(parent);
     span
@@ -244,10 +272,19 @@ impl Extractor for NatsExtractor<'_> {
     }
 }
 
+/// The OpenTelemetry context of the current `tracing` span.
+pub fn current_context() -> opentelemetry::Context {
+    tracing::Span::current().context()
+}
+
 /// Writes the current span's W3C context into NATS headers.
 pub fn inject_nats(headers: &mut async_nats::HeaderMap) {
-    let cx = tracing::Span::current().context();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut NatsInjector(headers)));
+    inject_nats_context(&tracing::Span::current().context(), headers);
+}
+
+/// Writes `cx` (for example a request span's context captured earlier) into NATS headers.
+pub fn inject_nats_context(cx: &opentelemetry::Context, headers: &mut async_nats::HeaderMap) {
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut NatsInjector(headers)));
 }
 
 /// The W3C context carried by NATS headers (or an empty context).

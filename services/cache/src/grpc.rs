@@ -38,10 +38,6 @@ fn model_of(request: &Option<switchboard_proto::chat::v1::ChatRequest>) -> &str 
 
 #[tonic::async_trait]
 impl CacheService for CacheGrpc {
-    #[tracing::instrument(
-        skip_all,
-        fields(app = %app_of(&request.get_ref().scope), model = %model_of(&request.get_ref().request), key, hit)
-    )]
     async fn lookup(
         &self,
         request: Request<LookupRequest>,
@@ -50,8 +46,11 @@ impl CacheService for CacheGrpc {
         let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
         let key =
             Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
         let span = tracing::Span::current();
-        span.record("key", key.prefix());
+        span.record("app.id", app_of(&request.scope))
+            .record("model", model_of(&request.request))
+            .record("key", key.prefix());
         let hit = self.cache.lookup(key).await.map_err(to_status)?;
         span.record("hit", hit.is_some());
         let response = match hit {
@@ -77,10 +76,6 @@ impl CacheService for CacheGrpc {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(
-        skip_all,
-        fields(app = %app_of(&request.get_ref().scope), model = %model_of(&request.get_ref().request), key, stored)
-    )]
     async fn store(
         &self,
         request: Request<StoreRequest>,
@@ -89,8 +84,11 @@ impl CacheService for CacheGrpc {
         let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
         let key =
             Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
         let span = tracing::Span::current();
-        span.record("key", key.prefix());
+        span.record("app.id", app_of(&request.scope))
+            .record("model", model_of(&request.request))
+            .record("key", key.prefix());
         let outcome = self
             .cache
             .store(key, request.response, request.route, request.ttl_seconds)

@@ -68,7 +68,6 @@ type EventStream =
 
 #[tonic::async_trait]
 impl GatewayService for GatewayGrpc {
-    #[tracing::instrument(name = "gateway.create_chat_completion", skip_all, fields(request.id, app.id))]
     async fn create_chat_completion(
         &self,
         request: Request<pb::CreateChatCompletionRequest>,
@@ -91,7 +90,6 @@ impl GatewayService for GatewayGrpc {
 
     type StreamChatCompletionStream = EventStream;
 
-    #[tracing::instrument(name = "gateway.stream_chat_completion", skip_all, fields(request.id, app.id))]
     async fn stream_chat_completion(
         &self,
         request: Request<pb::StreamChatCompletionRequest>,
@@ -132,7 +130,6 @@ impl GatewayService for GatewayGrpc {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(name = "gateway.list_models", skip_all)]
     async fn list_models(
         &self,
         request: Request<pb::ListModelsRequest>,

@@ -7,10 +7,10 @@ use switchboard_gateway::{App, Config};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "gateway",
+        2,
         |source| {
             let config: Config = source.section("gateway")?;
             config.validate()?;
@@ -23,5 +23,4 @@ async fn main() -> ExitCode {
             App::build(config, nats).await?.run_until(shutdown).await
         },
     )
-    .await
 }

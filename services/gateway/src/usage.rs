@@ -18,7 +18,6 @@ use futures::future::join_all;
 use switchboard_bus::{NatsConfig, UsageEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Counters of the publisher.
@@ -45,7 +44,7 @@ pub struct UsageSink {
 }
 
 impl UsageSink {
-    /// Queues `event`; the publish span is parented to the current span.
+    /// Queues `event`; the ledger's span will be parented to the current (request) span.
     pub fn record(&self, event: UsageEvent) {
         let parent = tracing::Span::current().context();
         let request_id = event.request_id.clone();
@@ -166,11 +165,8 @@ impl UsagePublisher {
         let mut items = Vec::with_capacity(batch.len());
         let mut failed = Vec::new();
         for item in batch {
-            let span = tracing::info_span!("gateway.publish_usage", otel.kind = "producer", request.id = %item.event.request_id);
-            let _ = span.set_parent(item.parent.clone());
-            let sent = switchboard_bus::publish_usage(js, &self.nats, &item.event)
-                .instrument(span)
-                .await;
+            let sent =
+                switchboard_bus::publish_usage_in(js, &self.nats, &item.event, &item.parent).await;
             match sent {
                 Ok(ack) => {
                     acks.push(ack.into_future());

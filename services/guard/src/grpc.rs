@@ -27,15 +27,15 @@ impl GuardGrpc {
 
 #[tonic::async_trait]
 impl GuardService for GuardGrpc {
-    #[tracing::instrument(
-        skip_all,
-        fields(request_id = %request.get_ref().request_id, app = %request.get_ref().app, decision, findings)
-    )]
     async fn check_prompt(
         &self,
         request: Request<CheckPromptRequest>,
     ) -> Result<Response<CheckPromptResponse>, Status> {
         let request = request.into_inner();
+        // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
+        tracing::Span::current()
+            .record("request.id", request.request_id.as_str())
+            .record("app.id", request.app.as_str());
         let outcome = self
             .guard
             .check(&request.app, &request.messages)

@@ -7,10 +7,10 @@ use switchboard_guard::{App, Config};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "guard",
+        1,
         |source| {
             let config: Config = source.section("guard")?;
             config.validate()?;
@@ -18,5 +18,4 @@ async fn main() -> ExitCode {
         },
         |config, shutdown| async move { App::build(config).await?.run_until(shutdown).await },
     )
-    .await
 }

@@ -286,11 +286,12 @@ async fn drain(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_
     Ok(messages)
 }
 
-/// Acknowledges committed messages; a failed ack only means a harmless redelivery.
+/// Acknowledges committed messages. A plain ack (one publish, no reply awaited) is enough: a lost
+/// ack only means a redelivery, and the row's `ON CONFLICT (request_id) DO NOTHING` makes that a no-op.
 async fn ack_all(items: &[Pending]) {
     let acks = items.iter().map(|item| {
         async move {
-            match item.message.double_ack().await {
+            match item.message.ack().await {
                 Ok(()) => tracing::debug!(request.id = %item.row.request_id, "usage recorded"),
                 Err(error) => {
                     tracing::warn!(request.id = %item.row.request_id, %error, "ack failed; the event will be redelivered")

@@ -7,10 +7,10 @@ use switchboard_ledger::{App, Config};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "ledger",
+        1,
         |source| {
             let config: Config = source.section("ledger")?;
             config.validate()?;
@@ -23,5 +23,4 @@ async fn main() -> ExitCode {
             App::build(config, nats).await?.run_until(shutdown).await
         },
     )
-    .await
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, Span, field::Empty};
+use tracing::{Instrument, Span};
 
 use crate::{
     error::RouterError,
@@ -80,7 +80,6 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<RouteStreamResponse, Status>
 
 #[tonic::async_trait]
 impl RouterService for RouterGrpc {
-    #[tracing::instrument(skip_all, fields(route = Empty, request.id = Empty, target = Empty, attempts = Empty))]
     async fn route(
         &self,
         request: Request<RouteRequest>,
@@ -111,7 +110,6 @@ impl RouterService for RouterGrpc {
 
     type RouteStreamStream = EventStream;
 
-    #[tracing::instrument(skip_all, fields(route = Empty, request.id = Empty, target = Empty, attempts = Empty))]
     async fn route_stream(
         &self,
         request: Request<RouteStreamRequest>,
@@ -155,7 +153,6 @@ impl RouterService for RouterGrpc {
         Ok(Response::new(Box::pin(events)))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_models(
         &self,
         _request: Request<ListModelsRequest>,

@@ -294,16 +294,21 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
             .any(|s| s.service == "router" && s.name.contains("provider")),
         "no provider span"
     );
-    // After NATS: the ledger's span is a child of the gateway's publish span.
+    // After NATS: the ledger's span is a child of the gateway's request span.
     let record = spans
         .iter()
         .find(|s| s.service == "ledger" && s.name == "ledger.record")
         .expect("ledger.record span");
-    let publish = by_id
+    let request = by_id
         .get(record.parent_span_id.as_str())
         .expect("ledger.record has a parent");
-    assert_eq!(publish.service, "gateway");
-    assert_eq!(publish.name, "gateway.publish_usage");
+    assert_eq!(request.service, "gateway");
+    assert!(
+        request.name.ends_with("/v1/chat/completions"),
+        "{}",
+        request.name
+    );
+    assert_eq!(request.parent_span_id, caller_span);
 }
 
 #[test]
