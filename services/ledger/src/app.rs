@@ -45,6 +45,7 @@ impl App {
         let settings = ConsumerSettings {
             name: config.consumer_name.clone(),
             batch_size: config.batch_size,
+            linger: Duration::from_millis(config.linger_ms),
             ack_wait: Duration::from_secs(config.ack_wait_secs),
         };
         let pull = set_up(&js, &nats, &settings).await?;

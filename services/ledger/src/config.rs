@@ -25,6 +25,10 @@ pub struct Config {
     pub consumer_name: String,
     /// Messages fetched and inserted per transaction.
     pub batch_size: usize,
+    /// After the first message of a batch arrives, how long to wait for more before inserting
+    /// (milliseconds; 0: insert at once). A short linger turns a trickle of events into batches,
+    /// so that a moderate rate does not cost a fetch, a transaction and an ack round per event.
+    pub linger_ms: u64,
     /// JetStream ack wait: an unacknowledged message is redelivered after this long.
     pub ack_wait_secs: u64,
     /// Prices, USD per million tokens, versioned by `effective_from`.
@@ -39,6 +43,7 @@ impl Default for Config {
             max_connections: 8,
             consumer_name: "ledger".to_owned(),
             batch_size: 200,
+            linger_ms: 20,
             ack_wait_secs: 30,
             prices: Vec::new(),
         }
@@ -108,6 +113,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "ledger.batch_size",
                 "must be between 1 and 10000",
+            ));
+        }
+        if self.linger_ms > 5_000 {
+            return Err(ConfigError::invalid(
+                "ledger.linger_ms",
+                "must be at most 5000 (milliseconds)",
             ));
         }
         if self.ack_wait_secs == 0 {
@@ -277,6 +288,7 @@ mod tests {
             ("max_connections = 0", "ledger.max_connections"),
             ("consumer_name = \"a.b\"", "ledger.consumer_name"),
             ("batch_size = 0", "ledger.batch_size"),
+            ("linger_ms = 60000", "ledger.linger_ms"),
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
             ("unknown = 1", "unknown"),
         ] {

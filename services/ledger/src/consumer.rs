@@ -44,6 +44,8 @@ pub struct ConsumerSettings {
     pub name: String,
     /// Messages per batch.
     pub batch_size: usize,
+    /// Wait for more messages after the first of a batch.
+    pub linger: Duration,
     /// Redelivery delay of unacknowledged messages.
     pub ack_wait: Duration,
 }
@@ -149,7 +151,7 @@ impl UsageConsumer {
             };
             let fetched = tokio::select! {
                 () = cancel.cancelled() => break,
-                fetched = fetch(&current, self.settings.batch_size) => fetched,
+                fetched = fetch(&current, self.settings.batch_size, self.settings.linger) => fetched,
             };
             match fetched {
                 Ok(messages) => {
@@ -246,8 +248,27 @@ impl UsageConsumer {
 }
 
 /// Fetches up to `max` messages: whatever is available now, or else waits up to [`IDLE_WAIT`] for
-/// the first one and then takes whatever else is available.
+/// the first one and then takes whatever else is available; a batch smaller than `max` then waits
+/// `linger` once for more.
 async fn fetch(
+    consumer: &PullConsumer,
+    max: usize,
+    linger: Duration,
+) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut messages = fetch_now(consumer, max).await?;
+    if !messages.is_empty() && messages.len() < max && !linger.is_zero() {
+        tokio::time::sleep(linger).await;
+        let more = consumer
+            .fetch()
+            .max_messages(max - messages.len())
+            .messages()
+            .await?;
+        messages.extend(drain(more).await.unwrap_or_default());
+    }
+    Ok(messages)
+}
+
+async fn fetch_now(
     consumer: &PullConsumer,
     max: usize,
 ) -> Result<Vec<jetstream::Message>, async_nats::Error> {

@@ -525,6 +525,7 @@ async fn redelivered_messages_still_make_exactly_one_row() {
     let settings = ConsumerSettings {
         name: "ledger".into(),
         batch_size: config.batch_size,
+        linger: Duration::from_millis(config.linger_ms),
         ack_wait: Duration::from_secs(1),
     };
     let stream = env
