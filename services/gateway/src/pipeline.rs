@@ -237,11 +237,23 @@ impl Pipeline {
     ) -> Result<Prepared, GatewayError> {
         let permit = self.admit()?;
         validate(request)?;
-        self.check_guard(ctx, request).await?;
         if !self.cache_enabled || control.no_cache {
+            self.check_guard(ctx, request).await?;
             return Ok(Prepared::Route(permit, CacheStatus::Bypass));
         }
-        Ok(match self.lookup(ctx, request).await {
+        // The guard and the exact-cache lookup run together: when the guard lets the prompt through
+        // unchanged (the common case), the lookup's key is the key of what goes to the provider, so
+        // one round trip is saved. A transformed prompt is looked up again under its new text; a
+        // blocked one discards the lookup. The cache only hashes what it is asked; it stores nothing
+        // on a lookup, so the untransformed prompt never ends up in the cache.
+        let candidate = request.clone();
+        let (guarded, looked_up) =
+            tokio::join!(self.check_guard(ctx, request), self.lookup(ctx, candidate));
+        let looked_up = match guarded? {
+            Guarded::Unchanged => looked_up,
+            Guarded::Transformed => self.lookup(ctx, request.clone()).await,
+        };
+        Ok(match looked_up {
             Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
             Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
             Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
@@ -458,7 +470,7 @@ impl Pipeline {
         &self,
         ctx: &RequestContext,
         request: &mut ChatRequest,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Guarded, GatewayError> {
         let checked = self
             .guard
             .clone()
@@ -479,10 +491,10 @@ impl Pipeline {
             })?
             .into_inner();
         match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
-            Decision::Allow => Ok(()),
+            Decision::Allow => Ok(Guarded::Unchanged),
             Decision::Transform => {
                 request.messages = checked.messages;
-                Ok(())
+                Ok(Guarded::Transformed)
             }
             Decision::Block => {
                 let mut entities: Vec<String> = checked
@@ -503,7 +515,7 @@ impl Pipeline {
         }
     }
 
-    async fn lookup(&self, ctx: &RequestContext, request: &ChatRequest) -> Lookup {
+    async fn lookup(&self, ctx: &RequestContext, request: ChatRequest) -> Lookup {
         let looked_up = self
             .cache
             .clone()
@@ -511,7 +523,7 @@ impl Pipeline {
                 scope: Some(Scope {
                     app: ctx.principal.app.clone(),
                 }),
-                request: Some(request.clone()),
+                request: Some(request),
             })
             .await;
         match looked_up {
@@ -666,6 +678,14 @@ enum Prepared {
     Hit(OwnedSemaphorePermit, Box<ChatResponse>, Box<RouteInfo>),
     /// To be routed.
     Route(OwnedSemaphorePermit, CacheStatus),
+}
+
+/// What the guard did to an allowed prompt.
+enum Guarded {
+    /// Passed as it was.
+    Unchanged,
+    /// Rewritten (redacted, masked, …): `request.messages` now holds the new text.
+    Transformed,
 }
 
 enum Lookup {

@@ -352,6 +352,20 @@ async fn guard_redacts_before_the_provider_and_blocks_per_app() {
         "the provider must not see the card"
     );
     assert!(sent.contains("[EMAIL_ADDRESS]") && sent.contains("[CREDIT_CARD]"));
+    assert_eq!(header(&response, "x-switchboard-cache"), "miss");
+
+    // The cache keys what the provider received: another prompt that redacts to the same text is
+    // a hit (the gateway looked it up again under the guard's transformed text).
+    let provider_calls = sandbox.primary.requests().len();
+    let same_after_redaction = post(
+        &sandbox,
+        Some(KEY_A),
+        &body("mail me at john.roe@example.org with card 5555 5555 5555 4444"),
+    )
+    .await;
+    assert_eq!(same_after_redaction.status(), 200);
+    assert_eq!(header(&same_after_redaction, "x-switchboard-cache"), "hit");
+    assert_eq!(sandbox.primary.requests().len(), provider_calls);
 
     let blocked = post(
         &sandbox,
