@@ -118,6 +118,7 @@ fn route() -> RouteInfo {
         target: "openai/gpt-x".into(),
         attempt_count: 1,
         attempts: vec![],
+        key_alias: String::new(),
     }
 }
 

@@ -232,6 +232,9 @@ fn set_headers(
     if let Some(route) = route {
         put("x-switchboard-provider", &route.provider);
         put("x-switchboard-model", &route.model);
+        if !route.key_alias.is_empty() {
+            put("x-switchboard-key-alias", &route.key_alias);
+        }
         put("x-switchboard-attempts", &route.attempt_count.to_string());
     }
 }

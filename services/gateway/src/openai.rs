@@ -392,6 +392,9 @@ pub struct SwitchboardInfo {
     pub provider: String,
     pub served_model: String,
     pub target: String,
+    /// Alias of the configured API key that served (never the key); absent for a provider's own key.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key_alias: String,
     pub attempts: u32,
     pub attempt_errors: Vec<AttemptOut>,
 }
@@ -399,6 +402,8 @@ pub struct SwitchboardInfo {
 #[derive(Debug, Serialize)]
 pub struct AttemptOut {
     pub target: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key_alias: String,
     pub error_code: String,
     pub http_status: u32,
 }
@@ -441,6 +446,7 @@ pub fn switchboard_info(
         provider: route.provider,
         served_model: route.model,
         target: route.target,
+        key_alias: route.key_alias,
         attempts: route.attempt_count,
         attempt_errors: route
             .attempts
@@ -448,6 +454,7 @@ pub fn switchboard_info(
             .filter(|attempt| !attempt.error_code.is_empty())
             .map(|attempt| AttemptOut {
                 target: attempt.target,
+                key_alias: attempt.key_alias,
                 error_code: attempt.error_code,
                 http_status: attempt.http_status,
             })

@@ -273,6 +273,7 @@ pub(crate) mod tests {
                 target: format!("openai/{model}"),
                 attempt_count: 1,
                 attempts: vec![],
+                key_alias: String::new(),
             }),
             usage: Some(Usage {
                 prompt_tokens: 1000,

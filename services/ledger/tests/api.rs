@@ -255,6 +255,7 @@ fn event(app: &str, provider: &str, model: &str, usage: Usage) -> UsageEvent {
             target: format!("{provider}/{model}"),
             attempt_count: 2,
             attempts: vec![],
+            key_alias: String::new(),
         }),
         usage: Some(usage),
         cache: CacheOutcome::Miss as i32,

@@ -160,6 +160,8 @@ pub struct Deployment {
     pub model: String,
     /// Key alias (`default`: the provider's own key).
     pub alias: String,
+    /// Alias of the configured key, empty for the provider's own key (attempts and route info).
+    pub key_alias: String,
     /// Name in attempts: `provider/model`, or `provider/model#alias` for a configured key.
     pub label: String,
     /// Circuit breaker and cooldown.
@@ -192,6 +194,7 @@ impl Deployment {
             provider: provider.to_owned(),
             model: model.to_owned(),
             alias: alias.unwrap_or("default").to_owned(),
+            key_alias: alias.unwrap_or_default().to_owned(),
             label,
             breaker,
             budget,

@@ -17,6 +17,7 @@ pub enum RouterError {
     #[error("provider rejected the request ({target}, HTTP {http_status}): {message}")]
     UpstreamRejected {
         target: String,
+        key_alias: String,
         http_status: u16,
         message: String,
     },
@@ -49,14 +50,28 @@ pub enum RouterError {
         attempts: usize,
         last_error: String,
     },
-    /// A stream failed after chunks were forwarded.
+    /// A stream failed after chunks were forwarded. `from` names the deployment that was
+    /// streaming, so that the caller can bill what it consumed.
     #[error("stream interrupted after {chunks} chunks")]
     StreamInterrupted {
         route: String,
         chunks: usize,
-        target: String,
+        from: Box<StreamSource>,
         last_error: String,
     },
+}
+
+/// The deployment a broken stream was reading from (all empty when none had started).
+#[derive(Debug, Default)]
+pub struct StreamSource {
+    /// `provider/model`.
+    pub target: String,
+    /// Provider name.
+    pub provider: String,
+    /// Provider model.
+    pub model: String,
+    /// Alias of the configured key, empty for the provider's own key.
+    pub key_alias: String,
 }
 
 impl ServiceError for RouterError {
@@ -81,13 +96,18 @@ impl ServiceError for RouterError {
             RouterError::NotFound { model } => vec![("model", model.clone())],
             RouterError::UpstreamRejected {
                 target,
+                key_alias,
                 http_status,
                 ..
             } => {
-                vec![
+                let mut pairs = vec![
                     ("target", target.clone()),
                     ("http_status", http_status.to_string()),
-                ]
+                ];
+                if !key_alias.is_empty() {
+                    pairs.push(("key_alias", key_alias.clone()));
+                }
+                pairs
             }
             RouterError::UpstreamUnavailable {
                 route,
@@ -117,14 +137,26 @@ impl ServiceError for RouterError {
             RouterError::StreamInterrupted {
                 route,
                 chunks,
-                target,
+                from,
                 last_error,
-            } => vec![
-                ("route", route.clone()),
-                ("chunks", chunks.to_string()),
-                ("target", target.clone()),
-                ("last_error", last_error.clone()),
-            ],
+            } => {
+                let mut pairs = vec![
+                    ("route", route.clone()),
+                    ("chunks", chunks.to_string()),
+                    ("target", from.target.clone()),
+                    ("last_error", last_error.clone()),
+                ];
+                for (name, value) in [
+                    ("provider", &from.provider),
+                    ("model", &from.model),
+                    ("key_alias", &from.key_alias),
+                ] {
+                    if !value.is_empty() {
+                        pairs.push((name, value.clone()));
+                    }
+                }
+                pairs
+            }
         };
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }

@@ -21,7 +21,7 @@ use crate::{
     balance::{Budget, Deployment, InFlight, Pick, pick},
     breaker::Breaker,
     config::Config,
-    error::RouterError,
+    error::{RouterError, StreamSource},
     provider::{ChunkStream, Prepared, ProviderClient, ProviderError, TranslateError},
     route_config::Strategy,
     strategy::{Candidate, Capabilities, Needs, Rule, TargetStats, order},
@@ -135,7 +135,7 @@ impl Attempts {
             "provider attempt failed"
         );
         self.list.push(Attempt {
-            target: deployment.label.clone(),
+            target: deployment.target.clone(),
             provider: deployment.provider.clone(),
             model: deployment.model.clone(),
             error_code: error.code().to_owned(),
@@ -143,6 +143,7 @@ impl Attempts {
             http_status: u32::from(error.http_status()),
             duration_ms: started.elapsed().as_millis() as u64,
             usage: None,
+            key_alias: deployment.key_alias.clone(),
         });
         self.last_error = Some(error);
     }
@@ -160,6 +161,7 @@ impl Attempts {
             http_status: 0,
             duration_ms: 0,
             usage: None,
+            key_alias: String::new(),
         });
     }
 
@@ -170,7 +172,7 @@ impl Attempts {
         usage: Option<Usage>,
     ) -> RouteInfo {
         self.list.push(Attempt {
-            target: deployment.label.clone(),
+            target: deployment.target.clone(),
             provider: deployment.provider.clone(),
             model: deployment.model.clone(),
             error_code: String::new(),
@@ -178,6 +180,7 @@ impl Attempts {
             http_status: 200,
             duration_ms: started.elapsed().as_millis() as u64,
             usage,
+            key_alias: deployment.key_alias.clone(),
         });
         let span = Span::current();
         span.record("target", deployment.label.as_str());
@@ -186,9 +189,10 @@ impl Attempts {
             route: self.route,
             provider: deployment.provider.clone(),
             model: deployment.model.clone(),
-            target: deployment.label.clone(),
+            target: deployment.target.clone(),
             attempt_count: self.list.len() as u32,
             attempts: self.list,
+            key_alias: deployment.key_alias.clone(),
         }
     }
 
@@ -205,10 +209,12 @@ impl Attempts {
             .list
             .iter()
             .map(|a| {
+                let key = if a.key_alias.is_empty() { "" } else { "#" };
+                let target = format!("{}{key}{}", a.target, a.key_alias);
                 if a.http_status == 0 {
-                    format!("{} {}", a.target, a.error_code)
+                    format!("{target} {}", a.error_code)
                 } else {
-                    format!("{} {} (HTTP {})", a.target, a.error_code, a.http_status)
+                    format!("{target} {} (HTTP {})", a.error_code, a.http_status)
                 }
             })
             .collect::<Vec<_>>()
@@ -264,7 +270,8 @@ fn after_failure(error: &ProviderError, target: &Deployment) -> Next {
             other => other.to_string(),
         };
         return Next::Stop(RouterError::UpstreamRejected {
-            target: target.label.clone(),
+            target: target.target.clone(),
+            key_alias: target.key_alias.clone(),
             http_status: error.http_status(),
             message,
         });
@@ -564,7 +571,7 @@ impl Routes {
             () = cancel.cancelled() => Err(RouterError::StreamInterrupted {
                 route: request.model.clone(),
                 chunks: 0,
-                target: String::new(),
+                from: Box::default(),
                 last_error: "router shutting down".to_owned(),
             }),
         };
@@ -864,7 +871,12 @@ async fn forward(
     let interrupted = |chunks: usize, last_error: String| RouterError::StreamInterrupted {
         route: route.clone(),
         chunks,
-        target: deployment.label.clone(),
+        from: Box::new(StreamSource {
+            target: deployment.target.clone(),
+            provider: deployment.provider.clone(),
+            model: deployment.model.clone(),
+            key_alias: deployment.key_alias.clone(),
+        }),
         last_error,
     };
     if tx.send(StreamEvent::Chunk(first)).await.is_err() {

@@ -34,14 +34,12 @@ async fn keys_share_the_load_within_their_rpm_and_name_their_alias() {
     for _ in 0..5 {
         let info = mesh.route(chat("chat", "hi")).await.unwrap().route.unwrap();
         assert_eq!((info.provider.as_str(), info.model.as_str()), ("fake", "m"));
-        served.push(info.target);
+        // The target stays `provider/model`; the key is named by its alias, never the key.
+        assert_eq!(info.target, "fake/m");
+        assert_eq!(info.attempts[0].key_alias, info.key_alias);
+        served.push(info.key_alias);
     }
-    let count = |alias: &str| {
-        served
-            .iter()
-            .filter(|t| **t == format!("fake/m#{alias}"))
-            .count()
-    };
+    let count = |alias: &str| served.iter().filter(|a| **a == alias).count();
     assert_eq!((count("k1"), count("k2")), (2, 3), "{served:?}");
     let auth = |key: &str| {
         mesh.fake("fake")
@@ -81,11 +79,16 @@ async fn an_authentication_error_moves_to_another_key_and_cools_the_bad_one_down
         ("AUTHENTICATION_ERROR", 401)
     );
     assert_eq!(list[1].1, "");
-    assert_ne!(list[0].0, list[1].0, "never the same key again");
+    assert_ne!(
+        info.attempts[0].key_alias, info.attempts[1].key_alias,
+        "never the same key again"
+    );
+    let good = info.key_alias.clone();
+    assert_eq!(good, info.attempts[1].key_alias);
     // The bad key cools down: later requests all go to the good one.
     for _ in 0..4 {
         let info = mesh.route(chat("chat", "hi")).await.unwrap().route.unwrap();
-        assert_eq!(info.target, list[1].0);
+        assert_eq!(info.key_alias, good);
         assert_eq!(info.attempt_count, 1);
     }
     mesh.shutdown().await;
