@@ -13,6 +13,8 @@ use crate::{
     consumer::{ConsumerSettings, UsageConsumer, set_up},
     error::StartupError,
     grpc::LedgerApi,
+    metrics::Metrics,
+    reload::{Fingerprint, SharedPrices, reload_loop},
     repo::Repository,
 };
 
@@ -26,6 +28,9 @@ pub struct App {
     repo: Repository,
     consumer: UsageConsumer,
     pull: PullConsumer,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    reload: Option<(Duration, Fingerprint)>,
 }
 
 impl App {
@@ -37,8 +42,16 @@ impl App {
         let prices = config.parsed_prices()?;
         let repo = Repository::connect(&config.database_url, config.max_connections).await?;
         repo.sync_prices(&prices).await?;
+        // Fingerprint first: a version added while loading is picked up by the next reload.
+        let fingerprint = repo
+            .prices_fingerprint()
+            .await
+            .map_err(|e| StartupError::Database(crate::repo::RepoError::Database(e)))?;
         let book = repo.load_prices().await?;
         tracing::info!(prices = book.len(), "price history loaded");
+        let metrics = Arc::new(Metrics::default());
+        metrics.prices_loaded(book.len());
+        let prices = SharedPrices::new(book);
 
         let client = nats.connect().await?;
         let js = jetstream::new(client);
@@ -52,25 +65,49 @@ impl App {
 
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
+        let (metrics_listener, metrics_addr) = match &config.metrics_addr {
+            None => (None, None),
+            Some(addr) => {
+                let bind_error = |source| StartupError::MetricsBind {
+                    addr: addr.clone(),
+                    source,
+                };
+                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                tracing::info!(metrics.addr = %bound, "ledger metrics endpoint bound");
+                (Some(listener), Some(bound))
+            }
+        };
         let consumer = UsageConsumer {
             js,
             nats,
             settings,
             repo: repo.clone(),
-            prices: Arc::new(book),
+            prices,
+            metrics,
         };
+        let reload = (config.price_reload_secs > 0)
+            .then(|| (Duration::from_secs(config.price_reload_secs), fingerprint));
         Ok(App {
             listener,
             local_addr,
             repo,
             consumer,
             pull,
+            metrics_listener,
+            metrics_addr,
+            reload,
         })
     }
 
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound `/metrics` address, when `metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Serves gRPC and consumes usage events until `shutdown` resolves.
@@ -84,9 +121,42 @@ impl App {
             repo,
             consumer,
             pull,
+            metrics_listener,
+            reload,
+            ..
         } = self;
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let metrics = consumer.metrics.clone();
+        if let Some((every, fingerprint)) = reload {
+            tasks.spawn(reload_loop(
+                repo.clone(),
+                consumer.prices.clone(),
+                metrics.clone(),
+                every,
+                fingerprint,
+                cancel.clone(),
+            ));
+        }
+        if let Some(listener) = metrics_listener {
+            let metrics = metrics.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move { metrics.render() }
+                }),
+            );
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "ledger metrics endpoint failed");
+                }
+            });
+        }
         tasks.spawn(consumer.run(pull, cancel.clone()));
         tasks.close();
 

@@ -31,7 +31,12 @@ pub struct Config {
     pub linger_ms: u64,
     /// JetStream ack wait: an unacknowledged message is redelivered after this long.
     pub ack_wait_secs: u64,
-    /// Prices, USD per million tokens, versioned by `effective_from`.
+    /// How often the price table is re-read (seconds; 0: only at start), so that an import or
+    /// another replica's configuration takes effect without a restart.
+    pub price_reload_secs: u64,
+    /// Prometheus `/metrics` listen address (unpriced usage, price reloads); none when unset.
+    pub metrics_addr: Option<String>,
+    /// Prices, USD per million tokens, versioned by `effective_from`. They override imported prices.
     pub prices: Vec<PriceConfig>,
 }
 
@@ -45,6 +50,8 @@ impl Default for Config {
             batch_size: 200,
             linger_ms: 20,
             ack_wait_secs: 30,
+            price_reload_secs: 30,
+            metrics_addr: None,
             prices: Vec::new(),
         }
     }
@@ -64,8 +71,14 @@ pub struct PriceConfig {
     /// USD per million cached input tokens (default: `input`).
     #[serde(default)]
     pub cached_input: Option<String>,
+    /// USD per million input tokens written to the provider's prompt cache (default: `input`).
+    #[serde(default)]
+    pub cache_write: Option<String>,
     /// USD per million output tokens.
     pub output: String,
+    /// USD per million reasoning tokens (default: `output`).
+    #[serde(default)]
+    pub reasoning: Option<String>,
     /// First day (UTC) the price applies, `YYYY-MM-DD` (default 1970-01-01).
     #[serde(default)]
     pub effective_from: Option<String>,
@@ -127,6 +140,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.price_reload_secs > 86_400 {
+            return Err(ConfigError::invalid(
+                "ledger.price_reload_secs",
+                "must be at most 86400 (seconds; 0: only at start)",
+            ));
+        }
+        if let Some(addr) = &self.metrics_addr {
+            addr.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid("ledger.metrics_addr", format!("not a socket address: {e}"))
+            })?;
+        }
         self.parsed_prices().map(|_| ())
     }
 
@@ -154,7 +178,15 @@ impl Config {
                 Some(text) => rate("cached_input", text)?,
                 None => input,
             };
+            let cache_write = match &price.cache_write {
+                Some(text) => rate("cache_write", text)?,
+                None => input,
+            };
             let output = rate("output", &price.output)?;
+            let reasoning = match &price.reasoning {
+                Some(text) => rate("reasoning", text)?,
+                None => output,
+            };
             let effective_from = match &price.effective_from {
                 Some(text) => Date::parse(text, DATE_FORMAT).map_err(|e| {
                     ConfigError::invalid(
@@ -174,16 +206,18 @@ impl Config {
                     ),
                 ));
             }
-            prices.push(Price {
-                provider: price.provider.clone(),
-                model: price.model.clone(),
+            prices.push(Price::configured(
+                &price.provider,
+                &price.model,
                 effective_from,
-                rates: Rates {
+                Rates {
                     input,
                     cached_input,
+                    cache_write,
                     output,
+                    reasoning,
                 },
-            });
+            ));
         }
         Ok(prices)
     }
@@ -228,6 +262,14 @@ mod tests {
             model = "claude"
             input = "3"
             output = "15"
+            [[ledger.prices]]
+            model = "claude-sonnet-4-5"
+            provider = "anthropic"
+            input = "3"
+            cached_input = "0.30"
+            cache_write = "3.75"
+            output = "15"
+            reasoning = "15"
             "#,
         )
         .unwrap();
@@ -238,6 +280,10 @@ mod tests {
         assert_eq!(prices[1].provider, "*");
         assert_eq!(prices[1].rates.cached_input, prices[1].rates.input);
         assert_eq!(prices[1].effective_from.to_string(), "1970-01-01");
+        assert_eq!(prices[1].rates.cache_write, prices[1].rates.input);
+        assert_eq!(prices[1].rates.reasoning, prices[1].rates.output);
+        assert_eq!(prices[2].rates.cache_write, Rate(3_750_000_000));
+        assert_eq!(prices[2].rates.reasoning, Rate(15_000_000_000));
     }
 
     #[test]
@@ -259,6 +305,14 @@ mod tests {
             (
                 "input = \"1\"\noutput = \"1\"\ncached_input = \"x\"",
                 "ledger.prices[0].cached_input",
+            ),
+            (
+                "input = \"1\"\noutput = \"1\"\ncache_write = \"-1\"",
+                "ledger.prices[0].cache_write",
+            ),
+            (
+                "input = \"1\"\noutput = \"1\"\nreasoning = \"1e-6\"",
+                "ledger.prices[0].reasoning",
             ),
             (
                 "input = \"1\"\noutput = \"1\"\neffective_from = \"2024-13-01\"",
@@ -290,6 +344,8 @@ mod tests {
             ("batch_size = 0", "ledger.batch_size"),
             ("linger_ms = 60000", "ledger.linger_ms"),
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
+            ("price_reload_secs = 100000", "ledger.price_reload_secs"),
+            ("metrics_addr = \"nope\"", "ledger.metrics_addr"),
             ("unknown = 1", "unknown"),
         ] {
             let error = parse(&format!("[ledger]\n{toml}\n"))

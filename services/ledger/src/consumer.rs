@@ -27,8 +27,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     error::StartupError,
-    pricing::PriceBook,
+    metrics::Metrics,
     record::{Rejected, UsageRow, price_event},
+    reload::SharedPrices,
     repo::{Repository, is_data_error},
 };
 
@@ -88,7 +89,8 @@ pub struct UsageConsumer {
     pub(crate) nats: NatsConfig,
     pub(crate) settings: ConsumerSettings,
     pub(crate) repo: Repository,
-    pub(crate) prices: Arc<PriceBook>,
+    pub(crate) prices: SharedPrices,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Exponential backoff between retries.
@@ -175,6 +177,7 @@ impl UsageConsumer {
     /// Decodes, prices, commits and acknowledges one fetched batch.
     async fn process(&self, messages: Vec<jetstream::Message>, cancel: &CancellationToken) {
         let now = OffsetDateTime::now_utc();
+        let prices = self.prices.current();
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let parent = switchboard_telemetry::extract_nats(message.headers.as_ref());
@@ -191,7 +194,7 @@ impl UsageConsumer {
                     .map_err(|e| Rejected::Decode(e.to_string()))?;
                 let shown: String = event.request_id.chars().take(64).collect();
                 Span::current().record("request.id", shown.as_str());
-                price_event(event, now, &self.prices)
+                price_event(event, now, &prices)
             });
             match priced {
                 Ok(row) => pending.push(Pending { message, row, span }),
@@ -207,13 +210,19 @@ impl UsageConsumer {
         }
         let rows: Vec<UsageRow> = pending.iter().map(|p| p.row.clone()).collect();
         match self.commit(&rows, cancel).await {
-            Commit::Done => ack_all(&pending).await,
+            Commit::Done => {
+                self.count(&rows);
+                ack_all(&pending).await
+            }
             Commit::Cancelled => {}
             Commit::DataError(error) => {
                 tracing::warn!(%error, rows = rows.len(), "batch refused by the database; inserting row by row");
                 for item in &pending {
                     match self.commit(std::slice::from_ref(&item.row), cancel).await {
-                        Commit::Done => ack_all(std::slice::from_ref(item)).await,
+                        Commit::Done => {
+                            self.count(std::slice::from_ref(&item.row));
+                            ack_all(std::slice::from_ref(item)).await
+                        }
                         Commit::Cancelled => return,
                         Commit::DataError(error) => {
                             terminate(&item.message, &format!("database refused the row: {error}"))
@@ -223,6 +232,14 @@ impl UsageConsumer {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts committed rows, unpriced ones by model.
+    fn count(&self, rows: &[UsageRow]) {
+        for row in rows {
+            self.metrics
+                .recorded(&row.provider, &row.model, row.cost_usd_nanos.is_none());
         }
     }
 

@@ -90,6 +90,13 @@ pub enum StartupError {
     /// gRPC bind or serve failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The `/metrics` listener could not be bound.
+    #[error("cannot bind the metrics endpoint on {addr}: {source}")]
+    MetricsBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The listener's address is unknown.
     #[error("cannot read the gRPC listener address: {0}")]
     LocalAddr(#[source] std::io::Error),

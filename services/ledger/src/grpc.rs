@@ -1,8 +1,9 @@
 //! gRPC handlers: convert protobuf <-> domain and map errors.
 
 use switchboard_proto::ledger::v1::{
-    GetSpendRequest, GetSpendResponse, GetUsageRecordRequest, GetUsageRecordResponse, SpendRow,
-    UsageRecord, ledger_service_server::LedgerService,
+    GetSpendRequest, GetSpendResponse, GetUsageRecordRequest, GetUsageRecordResponse,
+    ListUnpricedRequest, ListUnpricedResponse, SpendRow, UnpricedModel, UsageRecord,
+    ledger_service_server::LedgerService,
 };
 use switchboard_status::to_status;
 use tonic::{Request, Response, Status};
@@ -69,16 +70,48 @@ fn record_of(row: UsageRow) -> UsageRecord {
     }
 }
 
+fn time_range(
+    start: Option<&switchboard_proto::Timestamp>,
+    end: Option<&switchboard_proto::Timestamp>,
+) -> Result<(time::OffsetDateTime, time::OffsetDateTime), LedgerError> {
+    let start = time_field("start", start)?;
+    let end = time_field("end", end)?;
+    if start >= end {
+        return Err(LedgerError::InvalidArgument {
+            field: "end",
+            message: "must be after start".to_owned(),
+        });
+    }
+    Ok((start, end))
+}
+
 impl LedgerApi {
+    async fn unpriced(
+        &self,
+        request: ListUnpricedRequest,
+    ) -> Result<ListUnpricedResponse, LedgerError> {
+        let (start, end) = time_range(request.start.as_ref(), request.end.as_ref())?;
+        let app = Some(request.app.as_str()).filter(|app| !app.is_empty());
+        let models = self
+            .repo
+            .unpriced(start, end, app)
+            .await?
+            .into_iter()
+            .map(|u| UnpricedModel {
+                provider: u.provider,
+                model: u.model,
+                requests: to_u64(u.requests),
+                prompt_tokens: to_u64(u.prompt_tokens),
+                completion_tokens: to_u64(u.completion_tokens),
+                first_seen: Some(time_to_timestamp(u.first_seen)),
+                last_seen: Some(time_to_timestamp(u.last_seen)),
+            })
+            .collect();
+        Ok(ListUnpricedResponse { models })
+    }
+
     async fn spend(&self, request: GetSpendRequest) -> Result<GetSpendResponse, LedgerError> {
-        let start = time_field("start", request.start.as_ref())?;
-        let end = time_field("end", request.end.as_ref())?;
-        if start >= end {
-            return Err(LedgerError::InvalidArgument {
-                field: "end",
-                message: "must be after start".to_owned(),
-            });
-        }
+        let (start, end) = time_range(request.start.as_ref(), request.end.as_ref())?;
         let app = Some(request.app.as_str()).filter(|app| !app.is_empty());
         let spend = self.repo.spend(start, end, app).await?;
         let total: i128 = spend.iter().map(|s| i128::from(s.cost_usd_nanos)).sum();
@@ -135,6 +168,17 @@ impl LedgerService for LedgerApi {
         request: Request<GetSpendRequest>,
     ) -> Result<Response<GetSpendResponse>, Status> {
         self.spend(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
+    }
+
+    #[tracing::instrument(skip_all, fields(app = %request.get_ref().app))]
+    async fn list_unpriced(
+        &self,
+        request: Request<ListUnpricedRequest>,
+    ) -> Result<Response<ListUnpricedResponse>, Status> {
+        self.unpriced(request.into_inner())
             .await
             .map(Response::new)
             .map_err(|e| to_status(DOMAIN, &e))

@@ -6,9 +6,13 @@ mod config;
 mod consumer;
 mod error;
 mod grpc;
+mod litellm;
+mod metrics;
 mod money;
+pub mod prices;
 mod pricing;
 mod record;
+mod reload;
 mod repo;
 
 pub use app::{App, SERVICE_NAME};
@@ -19,9 +23,13 @@ pub use error::StartupError;
 pub mod internals {
     pub use crate::{
         consumer::{ConsumerSettings, consumer_config},
-        money::{CostOverflow, PriceParseError, Rate, Rates, Tokens, cost_nanos},
-        pricing::{ANY_PROVIDER, Price, PriceBook},
+        litellm::{Note, Parsed, parse as parse_litellm},
+        money::{
+            CostOverflow, PerTokenRate, PriceParseError, Pricing, Rate, Rates, Tier, Tokens,
+            cost_nanos, parse_usd_per_token,
+        },
+        pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
         record::{Rejected, UsageRow, price_event},
-        repo::{RepoError, Repository, Spend},
+        repo::{ImportMeta, RepoError, Repository, Spend, Unpriced},
     };
 }

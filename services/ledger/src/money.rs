@@ -11,7 +11,7 @@ pub const TOKENS_PER_QUOTE: i128 = 1_000_000;
 pub const MAX_USD_PER_MTOK: i64 = 1_000_000;
 
 /// Why a decimal price string was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PriceParseError {
     /// Empty string.
     #[error("empty price")]
@@ -96,32 +96,100 @@ impl fmt::Display for Rate {
     }
 }
 
-/// The three rates of one price.
+/// The rates of one price, one per token class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rates {
     /// Uncached input tokens.
     pub input: Rate,
     /// Input tokens read from the provider's prompt cache.
     pub cached_input: Rate,
-    /// Output tokens.
+    /// Input tokens written to the provider's prompt cache (Anthropic's cache creation).
+    pub cache_write: Rate,
+    /// Output tokens other than reasoning tokens.
     pub output: Rate,
+    /// Output tokens spent on hidden reasoning.
+    pub reasoning: Rate,
 }
 
-/// Token counts to price (OpenAI convention: `cached_prompt_tokens` is part of `prompt_tokens`).
+impl Rates {
+    /// Rates where cache writes cost the input rate and reasoning the output rate.
+    pub fn flat(input: Rate, cached_input: Rate, output: Rate) -> Rates {
+        Rates {
+            input,
+            cached_input,
+            cache_write: input,
+            output,
+            reasoning: output,
+        }
+    }
+}
+
+/// Rates that replace the base rates for a whole request whose prompt is larger than a threshold
+/// (LiteLLM's `*_above_<n>k_tokens`, e.g. Gemini 2.5 Pro above 200k input tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// The tier applies when `prompt_tokens` (cached and cache writes included) exceeds this.
+    pub above_prompt_tokens: u32,
+    /// Rates of every token class of such a request.
+    pub rates: Rates,
+}
+
+/// A price: base rates and at most one tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pricing {
+    /// Rates below (or without) the tier threshold.
+    pub base: Rates,
+    /// The large-prompt tier, if any.
+    pub tier: Option<Tier>,
+}
+
+impl Pricing {
+    /// Untiered pricing.
+    pub fn flat(base: Rates) -> Pricing {
+        Pricing { base, tier: None }
+    }
+
+    /// The rates that apply to a request with these tokens.
+    pub fn rates_for(&self, tokens: &Tokens) -> Rates {
+        match self.tier {
+            Some(tier) if tokens.prompt > tier.above_prompt_tokens => tier.rates,
+            _ => self.base,
+        }
+    }
+
+    /// Cost of a request in nano-USD (see [`cost_nanos`]).
+    pub fn cost(&self, tokens: Tokens) -> Result<i64, CostOverflow> {
+        cost_nanos(tokens, self.rates_for(&tokens))
+    }
+}
+
+/// Token counts to price, in Switchboard's convention (`switchboard.chat.v1.Usage`, the router
+/// normalises every provider to it): `prompt` counts every input token, cache reads and cache
+/// writes included (OpenAI counts cached tokens inside `prompt_tokens`; Anthropic's
+/// `input_tokens` excludes cache reads and writes, so the router adds them); `completion` counts
+/// every output token, reasoning included (OpenAI and Gemini report reasoning as a part of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tokens {
-    /// Input tokens, cached included.
+    /// Input tokens, cache reads and writes included.
     pub prompt: u32,
-    /// Input tokens served from the provider's prompt cache.
+    /// Input tokens read from the provider's prompt cache (part of `prompt`).
     pub cached_prompt: u32,
-    /// Output tokens.
+    /// Input tokens written to the provider's prompt cache (part of `prompt`).
+    pub cache_write: u32,
+    /// Output tokens, reasoning included.
     pub completion: u32,
+    /// Output tokens spent on reasoning (part of `completion`).
+    pub reasoning: u32,
 }
 
 impl Tokens {
     /// Whether nothing was consumed.
     pub fn is_zero(&self) -> bool {
-        self.prompt == 0 && self.completion == 0 && self.cached_prompt == 0
+        self.prompt == 0
+            && self.completion == 0
+            && self.cached_prompt == 0
+            && self.cache_write == 0
+            && self.reasoning == 0
     }
 }
 
@@ -130,18 +198,128 @@ impl Tokens {
 #[error("cost overflows 64 bits")]
 pub struct CostOverflow;
 
-/// Cost in nano-USD: `(prompt - cached) * input + cached * cached_input + completion * output`,
-/// divided by one million with round-half-up, once. Cached tokens above `prompt` are clamped to
-/// `prompt` (a malformed usage never yields a negative uncached count).
+/// Cost in nano-USD: `uncached * input + cached * cached_input + cache_write * cache_write_rate +
+/// (completion - reasoning) * output + reasoning * reasoning_rate`, with `uncached = prompt -
+/// cached - cache_write`, divided by one million with round-half-up, once. The parts are clamped
+/// to their whole (cache reads to `prompt`, cache writes to what is left of it, reasoning to
+/// `completion`), so a malformed usage never yields a negative count nor bills a token twice.
 pub fn cost_nanos(tokens: Tokens, rates: Rates) -> Result<i64, CostOverflow> {
     let cached = tokens.cached_prompt.min(tokens.prompt);
-    let uncached = tokens.prompt - cached;
+    let written = tokens.cache_write.min(tokens.prompt - cached);
+    let uncached = tokens.prompt - cached - written;
+    let reasoning = tokens.reasoning.min(tokens.completion);
+    let output = tokens.completion - reasoning;
     let total: i128 = i128::from(uncached) * i128::from(rates.input.0)
         + i128::from(cached) * i128::from(rates.cached_input.0)
-        + i128::from(tokens.completion) * i128::from(rates.output.0);
+        + i128::from(written) * i128::from(rates.cache_write.0)
+        + i128::from(output) * i128::from(rates.output.0)
+        + i128::from(reasoning) * i128::from(rates.reasoning.0);
     // All terms are non-negative, so half-up is add-half-then-truncate.
     let rounded = (total + TOKENS_PER_QUOTE / 2) / TOKENS_PER_QUOTE;
     i64::try_from(rounded).map_err(|_| CostOverflow)
+}
+
+/// A USD-per-token JSON number converted to a [`Rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerTokenRate {
+    /// The rate, nano-USD per million tokens.
+    pub rate: Rate,
+    /// Whether the number had digits finer than one nano-USD per million tokens (1e-15 USD per
+    /// token), which were rounded half up. LiteLLM's file has a few such numbers, all float
+    /// printing artefacts such as `9.499999999999999e-07` (meant: 0.95 USD per million).
+    pub rounded: bool,
+}
+
+/// Parses the decimal text of a JSON number in USD per token (`7.5e-08`, `0.0000025`, `0`)
+/// exactly, as digits and a decimal exponent, never through a float, into nano-USD per million
+/// tokens (× 10^15).
+pub fn parse_usd_per_token(text: &str) -> Result<PerTokenRate, PriceParseError> {
+    if text.is_empty() {
+        return Err(PriceParseError::Empty);
+    }
+    if text.starts_with('-') {
+        return Err(PriceParseError::Negative);
+    }
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], Some(&text[at + 1..])),
+        None => (text, None),
+    };
+    let (whole, fraction) = match mantissa.split_once('.') {
+        Some((whole, fraction)) => (whole, fraction),
+        None => (mantissa, ""),
+    };
+    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty()
+        || !digits_only(whole)
+        || !digits_only(fraction)
+        || (mantissa.contains('.') && fraction.is_empty())
+    {
+        return Err(PriceParseError::Malformed);
+    }
+    let exponent: i64 = match exponent {
+        None => 0,
+        Some(e) => {
+            let unsigned = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if unsigned.is_empty() || !digits_only(unsigned) {
+                return Err(PriceParseError::Malformed);
+            }
+            // Beyond ±10^6 the value is 0 or too large anyway; saturate instead of overflowing.
+            let magnitude: i64 = unsigned.parse().unwrap_or(i64::MAX).min(1_000_000);
+            if e.starts_with('-') {
+                -magnitude
+            } else {
+                magnitude
+            }
+        }
+    };
+    // value = digits × 10^shift nano-USD per million tokens.
+    let all: String = [whole, fraction].concat();
+    let digits = all.trim_start_matches('0');
+    let shift = exponent - fraction.len() as i64 + 15;
+    if digits.is_empty() {
+        return Ok(PerTokenRate {
+            rate: Rate(0),
+            rounded: false,
+        });
+    }
+    // The maximum, 10^15 nanos per million, has 16 digits.
+    let (kept, rounded, round_up) = if shift >= 0 {
+        if digits.len() as i64 + shift > 16 {
+            return Err(PriceParseError::TooLarge);
+        }
+        let mut kept = digits.to_owned();
+        kept.extend(std::iter::repeat_n('0', shift as usize));
+        (kept, false, false)
+    } else {
+        let cut = digits.len() as i64 + shift;
+        if cut > 16 {
+            return Err(PriceParseError::TooLarge);
+        }
+        let (kept, dropped) = if cut <= 0 {
+            ("", digits)
+        } else {
+            digits.split_at(cut as usize)
+        };
+        // The first dropped digit decides half-up; when cut < 0 it is a leading zero.
+        let round_up = cut >= 0 && dropped.as_bytes().first().is_some_and(|d| *d >= b'5');
+        let rounded = dropped.bytes().any(|d| d != b'0');
+        (kept.to_owned(), rounded, round_up)
+    };
+    let mut nanos: i64 = if kept.is_empty() {
+        0
+    } else {
+        kept.parse().map_err(|_| PriceParseError::Malformed)?
+    };
+    if round_up {
+        nanos += 1;
+    }
+    if nanos > MAX_USD_PER_MTOK * NANOS_PER_USD {
+        return Err(PriceParseError::TooLarge);
+    }
+    Ok(PerTokenRate {
+        rate: Rate(nanos),
+        rounded,
+    })
 }
 
 #[cfg(test)]
@@ -151,11 +329,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn rates(input: &str, cached: &str, output: &str) -> Rates {
-        Rates {
-            input: Rate::parse(input).unwrap(),
-            cached_input: Rate::parse(cached).unwrap(),
-            output: Rate::parse(output).unwrap(),
-        }
+        Rates::flat(
+            Rate::parse(input).unwrap(),
+            Rate::parse(cached).unwrap(),
+            Rate::parse(output).unwrap(),
+        )
     }
 
     #[test]
@@ -212,6 +390,7 @@ mod tests {
             prompt: 1000,
             cached_prompt: 200,
             completion: 500,
+            ..Default::default()
         };
         assert_eq!(cost_nanos(t, r), Ok(435_000));
     }
@@ -226,7 +405,8 @@ mod tests {
                 Tokens {
                     prompt: 1,
                     cached_prompt: 0,
-                    completion: 0
+                    completion: 0,
+                    ..Default::default()
                 },
                 r
             ),
@@ -238,7 +418,8 @@ mod tests {
                 Tokens {
                     prompt: 0,
                     cached_prompt: 0,
-                    completion: 1
+                    completion: 1,
+                    ..Default::default()
                 },
                 r
             ),
@@ -250,7 +431,8 @@ mod tests {
                 Tokens {
                     prompt: 1,
                     cached_prompt: 0,
-                    completion: 1
+                    completion: 1,
+                    ..Default::default()
                 },
                 r
             ),
@@ -263,7 +445,8 @@ mod tests {
                 Tokens {
                     prompt: 1,
                     cached_prompt: 0,
-                    completion: 0
+                    completion: 0,
+                    ..Default::default()
                 },
                 r
             ),
@@ -278,12 +461,14 @@ mod tests {
             prompt: 1_000_000,
             cached_prompt: 1_000_000,
             completion: 0,
+            ..Default::default()
         };
         assert_eq!(cost_nanos(all_cached, r), Ok(500_000_000));
         let over = Tokens {
             prompt: 10,
             cached_prompt: 50,
             completion: 0,
+            ..Default::default()
         };
         assert_eq!(
             cost_nanos(over, r),
@@ -291,7 +476,8 @@ mod tests {
                 Tokens {
                     prompt: 10,
                     cached_prompt: 10,
-                    completion: 0
+                    completion: 0,
+                    ..Default::default()
                 },
                 r
             )
@@ -301,17 +487,181 @@ mod tests {
     #[test]
     fn maximum_rates_and_tokens_do_not_overflow() {
         let max = Rate(MAX_USD_PER_MTOK * NANOS_PER_USD);
-        let r = Rates {
-            input: max,
-            cached_input: max,
-            output: max,
-        };
+        let r = Rates::flat(max, max, max);
         let t = Tokens {
             prompt: u32::MAX,
             cached_prompt: 0,
             completion: u32::MAX,
+            ..Default::default()
         };
         assert!(cost_nanos(t, r).is_ok());
+    }
+
+    fn tokens(prompt: u32, cached: u32, write: u32, completion: u32, reasoning: u32) -> Tokens {
+        Tokens {
+            prompt,
+            cached_prompt: cached,
+            cache_write: write,
+            completion,
+            reasoning,
+        }
+    }
+
+    fn usd(text: &str) -> Rate {
+        Rate::parse(text).unwrap()
+    }
+
+    /// Token classes by their own rates, in both providers' conventions, hand-computed:
+    /// Σ tokens × USD-per-million-tokens is micro-USD; × 1000 is the expected nano-USD.
+    #[test]
+    fn token_classes_are_priced_by_their_own_rates() {
+        let mini = Pricing::flat(rates("0.15", "0.075", "0.60"));
+        let o3_mini = Pricing::flat(rates("1.1", "0.55", "4.4"));
+        let reasoner = Pricing::flat(Rates {
+            reasoning: usd("3.5"),
+            ..rates("1", "1", "10")
+        });
+        let sonnet = Pricing::flat(Rates {
+            cache_write: usd("3.75"),
+            ..rates("3", "0.30", "15")
+        });
+        let gemini_pro = Pricing {
+            base: rates("1.25", "0.125", "10"),
+            tier: Some(Tier {
+                above_prompt_tokens: 200_000,
+                rates: rates("2.5", "0.25", "15"),
+            }),
+        };
+        let cases = [
+            // OpenAI reports prompt_tokens 2000 with prompt_tokens_details.cached_tokens 1500:
+            // 500*0.15 + 1500*0.075 + 300*0.60 = 75 + 112.5 + 180 = 367.5 micro-USD.
+            (
+                "openai cached",
+                mini,
+                tokens(2000, 1500, 0, 300, 0),
+                367_500,
+            ),
+            // OpenAI completion_tokens 5000 with reasoning_tokens 4000 (reasoning billed as
+            // output): 1000*1.1 + 5000*4.4 = 1100 + 22000 = 23100.
+            (
+                "openai reasoning",
+                o3_mini,
+                tokens(1000, 0, 0, 5000, 4000),
+                23_100_000,
+            ),
+            // A separate reasoning rate: 100*1 + 200*10 + 800*3.5 = 100 + 2000 + 2800 = 4900.
+            (
+                "reasoning rate",
+                reasoner,
+                tokens(100, 0, 0, 1000, 800),
+                4_900_000,
+            ),
+            // Anthropic reports input_tokens 100, cache_read_input_tokens 2000,
+            // cache_creation_input_tokens 1000, output_tokens 400; the router's Usage is
+            // prompt 3100 (all three), cached 2000, cache_write 1000:
+            // 100*3 + 2000*0.30 + 1000*3.75 + 400*15 = 300 + 600 + 3750 + 6000 = 10650.
+            (
+                "anthropic cache",
+                sonnet,
+                tokens(3100, 2000, 1000, 400, 0),
+                10_650_000,
+            ),
+            // Anthropic without caching: 1200*3 + 300*15 = 3600 + 4500 = 8100.
+            (
+                "anthropic plain",
+                sonnet,
+                tokens(1200, 0, 0, 300, 0),
+                8_100_000,
+            ),
+            // Above the 200k tier the whole request takes the tier rates:
+            // 200000*2.5 + 50000*0.25 + 1000*15 = 500000 + 12500 + 15000 = 527500.
+            (
+                "tier above",
+                gemini_pro,
+                tokens(250_000, 50_000, 0, 1000, 600),
+                527_500_000,
+            ),
+            // At the threshold the base rates apply:
+            // 150000*1.25 + 50000*0.125 + 1000*10 = 187500 + 6250 + 10000 = 203750.
+            (
+                "tier at threshold",
+                gemini_pro,
+                tokens(200_000, 50_000, 0, 1000, 600),
+                203_750_000,
+            ),
+            // Parts larger than their whole are clamped: cached 8 of 10, cache writes the 2 left,
+            // reasoning 7 of 5 → all 5: 8*0.30 + 2*3.75 + 5*15 = 2.4 + 7.5 + 75 = 84.9.
+            ("clamped", sonnet, tokens(10, 8, 5, 5, 7), 84_900),
+        ];
+        for (name, pricing, tokens, expected) in cases {
+            assert_eq!(pricing.cost(tokens), Ok(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn per_token_numbers_convert_exactly() {
+        let exact = |text: &str, nanos: i64| {
+            assert_eq!(
+                parse_usd_per_token(text),
+                Ok(PerTokenRate {
+                    rate: Rate(nanos),
+                    rounded: false
+                }),
+                "{text}"
+            );
+        };
+        exact("1.5e-07", 150_000_000);
+        exact("7.5e-08", 75_000_000);
+        exact("6e-07", 600_000_000);
+        exact("3.75e-06", 3_750_000_000);
+        exact("1.5E-05", 15_000_000_000);
+        exact("0.0000025", 2_500_000_000);
+        exact("2.5e-6", 2_500_000_000);
+        exact("0.00025e-2", 2_500_000_000);
+        exact("0", 0);
+        exact("0.0", 0);
+        exact("0e5", 0);
+        exact("1e-15", 1);
+        exact("1", MAX_USD_PER_MTOK * NANOS_PER_USD);
+        exact("1.000000000000000000", MAX_USD_PER_MTOK * NANOS_PER_USD);
+        let rounded = |text: &str, nanos: i64| {
+            assert_eq!(
+                parse_usd_per_token(text),
+                Ok(PerTokenRate {
+                    rate: Rate(nanos),
+                    rounded: true
+                }),
+                "{text}"
+            );
+        };
+        // Float printing artefacts of LiteLLM's file, rounded half up at 1e-15 USD per token.
+        rounded("9.499999999999999E-7", 950_000_000);
+        rounded("5.0000000000000004e-08", 50_000_000);
+        rounded("3.0001999999999996E-7", 300_020_000);
+        rounded("0.0000029999900000000002", 2_999_990_000);
+        rounded("5e-16", 1);
+        rounded("4.9e-16", 0);
+        rounded("1e-999999999999", 0);
+        for (text, error) in [
+            ("", PriceParseError::Empty),
+            ("-1e-06", PriceParseError::Negative),
+            ("1.000000000000001", PriceParseError::TooLarge),
+            ("2", PriceParseError::TooLarge),
+            ("1e+2", PriceParseError::TooLarge),
+            ("1e99999999999", PriceParseError::TooLarge),
+            ("1e", PriceParseError::Malformed),
+            ("e5", PriceParseError::Malformed),
+            (".5", PriceParseError::Malformed),
+            ("1.e5", PriceParseError::Malformed),
+            ("1e-", PriceParseError::Malformed),
+            ("0x1", PriceParseError::Malformed),
+            ("NaN", PriceParseError::Malformed),
+            ("Infinity", PriceParseError::Malformed),
+            ("\"1e-6\"", PriceParseError::Malformed),
+            ("null", PriceParseError::Malformed),
+        ] {
+            assert_eq!(parse_usd_per_token(text), Err(error), "{text}");
+        }
     }
 
     proptest! {
@@ -351,8 +701,8 @@ mod tests {
             cached_input in 0i64..=MAX_USD_PER_MTOK * NANOS_PER_USD,
             output in 0i64..=MAX_USD_PER_MTOK * NANOS_PER_USD,
         ) {
-            let r = Rates { input: Rate(input), cached_input: Rate(cached_input), output: Rate(output) };
-            let cost = cost_nanos(Tokens { prompt, cached_prompt: cached, completion }, r);
+            let r = Rates::flat(Rate(input), Rate(cached_input), Rate(output));
+            let cost = cost_nanos(Tokens { prompt, cached_prompt: cached, completion, ..Default::default() }, r);
             prop_assert!(cost.is_ok());
             let cost = i128::from(cost.unwrap());
             let cached = cached.min(prompt);
@@ -370,9 +720,34 @@ mod tests {
         ) {
             let r = rates("0.15", "0.075", "0.60");
             let cached = (u64::from(prompt) * u64::from(cached_share) / 100) as u32;
-            let with_cache = cost_nanos(Tokens { prompt, cached_prompt: cached, completion }, r).unwrap();
-            let without = cost_nanos(Tokens { prompt, cached_prompt: 0, completion }, r).unwrap();
+            let with_cache = cost_nanos(Tokens { prompt, cached_prompt: cached, completion, ..Default::default() }, r).unwrap();
+            let without = cost_nanos(Tokens { prompt, cached_prompt: 0, completion, ..Default::default() }, r).unwrap();
             prop_assert!(with_cache <= without);
+        }
+
+        #[test]
+        fn per_token_scientific_and_plain_agree(nanos in 0i64..=MAX_USD_PER_MTOK * NANOS_PER_USD) {
+            // n nano-USD per million tokens = n e-15 USD per token, written three ways.
+            let expected = Ok(PerTokenRate { rate: Rate(nanos), rounded: false });
+            prop_assert_eq!(parse_usd_per_token(&format!("{nanos}e-15")), expected);
+            prop_assert_eq!(parse_usd_per_token(&format!("{nanos}E-15")), expected);
+            let plain = format!("{:016}", nanos);
+            prop_assert_eq!(parse_usd_per_token(&format!("{}.{}", &plain[..1], &plain[1..])), expected);
+        }
+
+        #[test]
+        fn per_token_never_panics(text in "[-+0-9.eE]{0,30}") {
+            let _ = parse_usd_per_token(&text);
+        }
+
+        #[test]
+        fn all_classes_at_maximum_never_overflow(
+            prompt in any::<u32>(), cached in any::<u32>(), write in any::<u32>(),
+            completion in any::<u32>(), reasoning in any::<u32>(),
+        ) {
+            let max = Rate(MAX_USD_PER_MTOK * NANOS_PER_USD);
+            let r = Rates { input: max, cached_input: max, cache_write: max, output: max, reasoning: max };
+            prop_assert!(cost_nanos(tokens(prompt, cached, write, completion, reasoning), r).is_ok());
         }
     }
 }

@@ -7,10 +7,7 @@ use switchboard_proto::ledger::v1::{CacheOutcome, RequestStatus};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{
-    money::{Tokens, cost_nanos},
-    pricing::PriceBook,
-};
+use crate::{money::Tokens, pricing::PriceBook};
 
 /// One ledger row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +117,9 @@ fn tokens_of(usage: Option<&switchboard_proto::chat::v1::Usage>) -> Tokens {
         .map(|u| Tokens {
             prompt: u.prompt_tokens,
             cached_prompt: u.cached_prompt_tokens,
+            cache_write: u.cache_write_tokens,
             completion: u.completion_tokens,
+            reasoning: u.reasoning_tokens,
         })
         .unwrap_or_default()
 }
@@ -164,13 +163,13 @@ pub fn price_event(
     let tokens = tokens_of(event.usage.as_ref());
     let cache = CacheOutcome::try_from(event.cache).unwrap_or(CacheOutcome::Unspecified);
     let status = RequestStatus::try_from(event.status).unwrap_or(RequestStatus::Unspecified);
-    let rates = prices.lookup(&route.provider, &route.model, time);
+    let pricing = prices.lookup(&route.provider, &route.model, time);
 
     let (cost_usd_nanos, saved_usd_nanos) = if cache == CacheOutcome::Hit {
         // Served from our cache: nothing paid. What it saved is the cached answer's usage at today's rates.
         let saved_tokens = tokens_of(event.saved_usage.as_ref());
-        let saved = match rates {
-            Some(rates) => cost_nanos(saved_tokens, rates).unwrap_or_else(|error| {
+        let saved = match pricing {
+            Some(pricing) => pricing.cost(saved_tokens).unwrap_or_else(|error| {
                 tracing::error!(request.id = %request_id, %error, "saved cost overflow");
                 0
             }),
@@ -186,8 +185,8 @@ pub fn price_event(
         };
         (Some(0), saved)
     } else {
-        let cost = match rates {
-            Some(rates) => match cost_nanos(tokens, rates) {
+        let cost = match pricing {
+            Some(pricing) => match pricing.cost(tokens) {
                 Ok(cost) => Some(cost),
                 Err(error) => {
                     tracing::error!(request.id = %request_id, %error, "cost overflow; recorded as unpriced");
@@ -246,16 +245,12 @@ pub(crate) mod tests {
     use time::macros::{date, datetime};
 
     pub(crate) fn book() -> PriceBook {
-        PriceBook::new([Price {
-            provider: "*".into(),
-            model: "gpt-4o-mini".into(),
-            effective_from: date!(2024 - 01 - 01),
-            rates: Rates {
-                input: Rate(150_000_000),
-                cached_input: Rate(75_000_000),
-                output: Rate(600_000_000),
-            },
-        }])
+        PriceBook::new([Price::configured(
+            "*",
+            "gpt-4o-mini",
+            date!(2024 - 01 - 01),
+            Rates::flat(Rate(150_000_000), Rate(75_000_000), Rate(600_000_000)),
+        )])
     }
 
     pub(crate) fn event(request_id: &str, model: &str) -> UsageEvent {
@@ -308,7 +303,8 @@ pub(crate) mod tests {
             Tokens {
                 prompt: 1000,
                 cached_prompt: 200,
-                completion: 500
+                completion: 500,
+                ..Default::default()
             }
         );
         assert_eq!(row.time, datetime!(2025-03-01 12:00:00.123456 UTC));

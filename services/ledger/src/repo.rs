@@ -12,8 +12,8 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::{
-    money::{Rate, Rates, Tokens},
-    pricing::{Price, PriceBook},
+    money::{Rate, Rates, Tier, Tokens},
+    pricing::{Price, PriceBook, PriceSource},
     record::{UsageRow, cache_from_str, cache_str, status_from_str, status_str},
 };
 
@@ -62,6 +62,25 @@ pub struct Spend {
     pub cache_hits: i64,
     /// Rows without a price.
     pub unpriced_requests: i64,
+}
+
+/// Unpriced usage of one served model: rows recorded with tokens but no known price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpriced {
+    /// Serving provider.
+    pub provider: String,
+    /// Serving provider model.
+    pub model: String,
+    /// Unpriced rows.
+    pub requests: i64,
+    /// Their input tokens.
+    pub prompt_tokens: i64,
+    /// Their output tokens.
+    pub completion_tokens: i64,
+    /// The first one's time.
+    pub first_seen: OffsetDateTime,
+    /// The last one's time.
+    pub last_seen: OffsetDateTime,
 }
 
 /// Creates the database named in `url` when it does not exist (through the server's `postgres` db).
@@ -121,40 +140,31 @@ impl Repository {
     pub async fn sync_prices(&self, prices: &[Price]) -> Result<(), RepoError> {
         let mut tx = self.pool.begin().await?;
         for price in prices {
-            sqlx::query(
-                "INSERT INTO prices (provider, model, effective_from, input_nanos_per_mtok, \
-                 cached_input_nanos_per_mtok, output_nanos_per_mtok) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (provider, model, effective_from) DO NOTHING",
-            )
-            .bind(&price.provider)
-            .bind(&price.model)
-            .bind(price.effective_from)
-            .bind(price.rates.input.0)
-            .bind(price.rates.cached_input.0)
-            .bind(price.rates.output.0)
-            .execute(&mut *tx)
-            .await?;
-            let row = sqlx::query(
-                "SELECT input_nanos_per_mtok, cached_input_nanos_per_mtok, output_nanos_per_mtok FROM prices \
-                 WHERE provider = $1 AND model = $2 AND effective_from = $3",
-            )
+            insert_price(&mut tx, price, &ImportMeta::default()).await?;
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                price_columns!(),
+                " FROM prices WHERE source = $1 AND provider = $2 AND model = $3 AND effective_from = $4"
+            ))
+            .bind(price.source.as_str())
             .bind(&price.provider)
             .bind(&price.model)
             .bind(price.effective_from)
             .fetch_one(&mut *tx)
             .await?;
-            let stored = Rates {
-                input: Rate(row.try_get(0)?),
-                cached_input: Rate(row.try_get(1)?),
-                output: Rate(row.try_get(2)?),
-            };
-            if stored != price.rates {
-                let show = |r: &Rates| format!("{}/{}/{}", r.input, r.cached_input, r.output);
+            let stored = price_of_row(&row)?;
+            if stored.rates != price.rates || stored.tier != price.tier {
+                let show = |r: &Rates| {
+                    format!(
+                        "{}/{}/{}/{}/{}",
+                        r.input, r.cached_input, r.cache_write, r.output, r.reasoning
+                    )
+                };
                 return Err(RepoError::PriceHistory {
                     provider: price.provider.clone(),
                     model: price.model.clone(),
                     effective_from: price.effective_from,
-                    stored: show(&stored),
+                    stored: show(&stored.rates),
                     configured: show(&price.rates),
                 });
             }
@@ -163,28 +173,28 @@ impl Repository {
         Ok(())
     }
 
-    /// Every stored price version (configured now or in the past).
+    /// Every stored price version (configured now or in the past, and imported).
     pub async fn load_prices(&self) -> Result<PriceBook, RepoError> {
-        let rows = sqlx::query(
-            "SELECT provider, model, effective_from, input_nanos_per_mtok, cached_input_nanos_per_mtok, \
-             output_nanos_per_mtok FROM prices",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut prices = Vec::with_capacity(rows.len());
-        for row in rows {
-            prices.push(Price {
-                provider: row.try_get(0)?,
-                model: row.try_get(1)?,
-                effective_from: row.try_get(2)?,
-                rates: Rates {
-                    input: Rate(row.try_get(3)?),
-                    cached_input: Rate(row.try_get(4)?),
-                    output: Rate(row.try_get(5)?),
-                },
-            });
-        }
-        Ok(PriceBook::new(prices))
+        Ok(PriceBook::new(self.price_versions().await?))
+    }
+
+    /// Every stored price version.
+    pub async fn price_versions(&self) -> Result<Vec<Price>, RepoError> {
+        let rows = sqlx::query(concat!("SELECT ", price_columns!(), " FROM prices"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| price_of_row(row).map_err(RepoError::from))
+            .collect()
+    }
+
+    /// A cheap fingerprint of the price table: rows are only ever inserted, so (count, latest
+    /// insertion) changes exactly when a version is added.
+    pub async fn prices_fingerprint(&self) -> Result<(i64, Option<OffsetDateTime>), sqlx::Error> {
+        let row = sqlx::query("SELECT COUNT(*)::BIGINT, MAX(created_at) FROM prices")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
     /// Inserts rows in one transaction, one multi-row statement; rows whose request id is already
@@ -203,7 +213,8 @@ impl Repository {
     pub async fn get(&self, request_id: Uuid) -> Result<Option<UsageRow>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
+             cost_usd_nanos, saved_usd_nanos, cache, \
              status, error_code, streamed, latency_ms, trace_id, tags::text AS tags \
              FROM usage_records WHERE request_id = $1",
         )
@@ -226,7 +237,9 @@ impl Repository {
             tokens: Tokens {
                 prompt: u32_of(row.try_get("prompt_tokens")?),
                 cached_prompt: u32_of(row.try_get("cached_prompt_tokens")?),
+                cache_write: u32_of(row.try_get("cache_write_tokens")?),
                 completion: u32_of(row.try_get("completion_tokens")?),
+                reasoning: u32_of(row.try_get("reasoning_tokens")?),
             },
             cost_usd_nanos: row.try_get("cost_usd_nanos")?,
             saved_usd_nanos: row.try_get("saved_usd_nanos")?,
@@ -282,6 +295,42 @@ impl Repository {
             .collect()
     }
 
+    /// Unpriced rows in `[start, end)` grouped by (provider, model), most requests first.
+    pub async fn unpriced(
+        &self,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        app: Option<&str>,
+    ) -> Result<Vec<Unpriced>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT provider, model, COUNT(*)::BIGINT AS requests, \
+               COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens, \
+               COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens, \
+               MIN(time) AS first_seen, MAX(time) AS last_seen \
+             FROM usage_records \
+             WHERE cost_usd_nanos IS NULL AND time >= $1 AND time < $2 AND ($3::text IS NULL OR app = $3) \
+             GROUP BY provider, model ORDER BY requests DESC, provider, model",
+        )
+        .bind(start)
+        .bind(end)
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Unpriced {
+                    provider: row.try_get("provider")?,
+                    model: row.try_get("model")?,
+                    requests: row.try_get("requests")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    first_seen: row.try_get("first_seen")?,
+                    last_seen: row.try_get("last_seen")?,
+                })
+            })
+            .collect()
+    }
+
     /// The pool (health checks, tests).
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -302,6 +351,8 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
     let mut prompt = Vec::with_capacity(n);
     let mut completion = Vec::with_capacity(n);
     let mut cached = Vec::with_capacity(n);
+    let mut cache_write = Vec::with_capacity(n);
+    let mut reasoning = Vec::with_capacity(n);
     let mut cost: Vec<Option<i64>> = Vec::with_capacity(n);
     let mut saved = Vec::with_capacity(n);
     let mut cache = Vec::with_capacity(n);
@@ -324,6 +375,8 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
         prompt.push(i64::from(row.tokens.prompt));
         completion.push(i64::from(row.tokens.completion));
         cached.push(i64::from(row.tokens.cached_prompt));
+        cache_write.push(i64::from(row.tokens.cache_write));
+        reasoning.push(i64::from(row.tokens.reasoning));
         cost.push(row.cost_usd_nanos);
         saved.push(row.saved_usd_nanos);
         cache.push(cache_str(row.cache));
@@ -337,16 +390,16 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
     let result = sqlx::query(
         "INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
            attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
-           cache, status, error_code, streamed, latency_ms, trace_id, tags) \
+           cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
          SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
            completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-           streamed, latency_ms, trace_id, tags::jsonb \
+           streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
          FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
            $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::text[], \
-           $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[]) \
+           $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[], $22::int8[], $23::int8[]) \
            AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
            completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-           streamed, latency_ms, trace_id, tags) \
+           streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
          ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(request_id)
@@ -370,9 +423,126 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
     .bind(latency)
     .bind(trace_id)
     .bind(tags)
+    .bind(cache_write)
+    .bind(reasoning)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// The columns of a price version, in [`price_of_row`]'s order (a macro, so that queries stay
+/// `'static` strings).
+macro_rules! price_columns {
+    () => {
+        "source, provider, model, effective_from, input_nanos_per_mtok, \
+         cached_input_nanos_per_mtok, cache_write_nanos_per_mtok, output_nanos_per_mtok, reasoning_nanos_per_mtok, \
+         tier_above_prompt_tokens, tier_input_nanos_per_mtok, tier_cached_input_nanos_per_mtok, \
+         tier_cache_write_nanos_per_mtok, tier_output_nanos_per_mtok, tier_reasoning_nanos_per_mtok"
+    };
+}
+pub(crate) use price_columns;
+
+/// Decodes `price_columns!()`: a NULL cache-write rate is the input rate, a NULL reasoning rate the
+/// output rate, a NULL tier rate that class's base rate.
+pub(crate) fn price_of_row(row: &sqlx::postgres::PgRow) -> Result<Price, sqlx::Error> {
+    let source: String = row.try_get(0)?;
+    let source = PriceSource::from_db(&source).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "source".to_owned(),
+        source: format!("unknown price source {source:?}").into(),
+    })?;
+    let rate = |i: usize| row.try_get::<i64, _>(i).map(Rate);
+    let maybe = |i: usize| row.try_get::<Option<i64>, _>(i).map(|r| r.map(Rate));
+    let input = rate(4)?;
+    let output = rate(7)?;
+    let rates = Rates {
+        input,
+        cached_input: rate(5)?,
+        cache_write: maybe(6)?.unwrap_or(input),
+        output,
+        reasoning: maybe(8)?.unwrap_or(output),
+    };
+    let tier = match row.try_get::<Option<i64>, _>(9)? {
+        None => None,
+        Some(above) => {
+            let tier_input = maybe(10)?.unwrap_or(rates.input);
+            let tier_output = maybe(13)?.unwrap_or(rates.output);
+            Some(Tier {
+                above_prompt_tokens: u32::try_from(above).unwrap_or(u32::MAX),
+                rates: Rates {
+                    input: tier_input,
+                    cached_input: maybe(11)?.unwrap_or(rates.cached_input),
+                    cache_write: maybe(12)?.unwrap_or(rates.cache_write),
+                    output: tier_output,
+                    reasoning: maybe(14)?.unwrap_or(rates.reasoning),
+                },
+            })
+        }
+    };
+    Ok(Price {
+        source,
+        provider: row.try_get(1)?,
+        model: row.try_get(2)?,
+        effective_from: row.try_get(3)?,
+        rates,
+        tier,
+    })
+}
+
+/// LiteLLM's metadata of an imported price version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportMeta {
+    /// The entry's key in the file.
+    pub litellm_key: Option<String>,
+    /// `litellm_provider`.
+    pub litellm_provider: Option<String>,
+    /// `mode`.
+    pub mode: Option<String>,
+    /// `max_input_tokens`.
+    pub max_input_tokens: Option<i64>,
+    /// The `price_imports` row that added the version.
+    pub import_id: Option<i64>,
+}
+
+/// Inserts a price version unless one is stored under the same key (then nothing happens).
+pub(crate) async fn insert_price(
+    conn: &mut PgConnection,
+    price: &Price,
+    meta: &ImportMeta,
+) -> Result<u64, sqlx::Error> {
+    let tier = price.tier.as_ref();
+    let tier_rate = |f: fn(&Rates) -> Rate| tier.map(|t| f(&t.rates).0);
+    let done = sqlx::query(
+        "INSERT INTO prices (source, provider, model, effective_from, input_nanos_per_mtok, \
+         cached_input_nanos_per_mtok, cache_write_nanos_per_mtok, output_nanos_per_mtok, reasoning_nanos_per_mtok, \
+         tier_above_prompt_tokens, tier_input_nanos_per_mtok, tier_cached_input_nanos_per_mtok, \
+         tier_cache_write_nanos_per_mtok, tier_output_nanos_per_mtok, tier_reasoning_nanos_per_mtok, \
+         litellm_key, litellm_provider, mode, max_input_tokens, import_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+         ON CONFLICT (source, provider, model, effective_from) DO NOTHING",
+    )
+    .bind(price.source.as_str())
+    .bind(&price.provider)
+    .bind(&price.model)
+    .bind(price.effective_from)
+    .bind(price.rates.input.0)
+    .bind(price.rates.cached_input.0)
+    .bind(price.rates.cache_write.0)
+    .bind(price.rates.output.0)
+    .bind(price.rates.reasoning.0)
+    .bind(tier.map(|t| i64::from(t.above_prompt_tokens)))
+    .bind(tier_rate(|r| r.input))
+    .bind(tier_rate(|r| r.cached_input))
+    .bind(tier_rate(|r| r.cache_write))
+    .bind(tier_rate(|r| r.output))
+    .bind(tier_rate(|r| r.reasoning))
+    .bind(&meta.litellm_key)
+    .bind(&meta.litellm_provider)
+    .bind(&meta.mode)
+    .bind(meta.max_input_tokens)
+    .bind(meta.import_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Whether an error is about the data (retrying the same rows cannot help) rather than the connection.
@@ -403,16 +573,7 @@ mod tests {
 
     fn price(provider: &str, model: &str, from: Date, input: &str) -> Price {
         let rate = Rate::parse(input).unwrap();
-        Price {
-            provider: provider.into(),
-            model: model.into(),
-            effective_from: from,
-            rates: Rates {
-                input: rate,
-                cached_input: rate,
-                output: rate,
-            },
-        }
+        Price::configured(provider, model, from, Rates::flat(rate, rate, rate))
     }
 
     const ID: &str = "0195f0e2-7f4c-7000-8000-0000000000aa";
@@ -553,7 +714,7 @@ mod tests {
         repo.sync_prices(&prices[1..]).await.unwrap();
         let book = repo.load_prices().await.unwrap();
         assert_eq!(book.len(), 3);
-        let input = |provider: &str, at| book.lookup(provider, "m", at).map(|r| r.input.0);
+        let input = |provider: &str, at| book.lookup(provider, "m", at).map(|p| p.base.input.0);
         assert_eq!(input("openai", datetime!(2023-06-01 0:00 UTC)), None);
         assert_eq!(
             input("openai", datetime!(2024-07-01 0:00 UTC)),

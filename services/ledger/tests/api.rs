@@ -218,7 +218,9 @@ fn price(
         provider: provider.into(),
         input: input.into(),
         cached_input: cached.map(Into::into),
+        cache_write: None,
         output: output.into(),
+        reasoning: None,
         effective_from: Some(from.into()),
     }
 }
@@ -558,17 +560,8 @@ async fn redelivered_messages_still_make_exactly_one_row() {
         .await
         .expect("repo");
     // The crashed process had the same gpt-4o-mini price recorded.
-    let rates = Rates {
-        input: Rate(150_000_000),
-        cached_input: Rate(75_000_000),
-        output: Rate(600_000_000),
-    };
-    let mini = Price {
-        provider: "*".into(),
-        model: "gpt-4o-mini".into(),
-        effective_from: date!(2024 - 01 - 01),
-        rates,
-    };
+    let rates = Rates::flat(Rate(150_000_000), Rate(75_000_000), Rate(600_000_000));
+    let mini = Price::configured("*", "gpt-4o-mini", date!(2024 - 01 - 01), rates);
     repo.sync_prices(&[mini]).await.expect("prices");
     let book = repo.load_prices().await.expect("prices");
     let row = price_event(committed.clone(), time::OffsetDateTime::now_utc(), &book).expect("row");
