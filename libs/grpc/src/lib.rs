@@ -6,7 +6,9 @@ mod service_main;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
-pub use service_main::{RuntimeConfig, Shutdown, run_service};
+pub use service_main::{
+    ConfigFile, ConfigWatch, RuntimeConfig, Shutdown, run_reloadable_service, run_service,
+};
 
 use switchboard_telemetry::TracePropagation;
 use tokio::net::TcpListener;

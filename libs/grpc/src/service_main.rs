@@ -1,11 +1,19 @@
 //! What every service binary's `main` does, in one place: parse `--config`, load the configuration
 //! (exit 64 naming the bad field when it is invalid), install telemetry, run until SIGINT/SIGTERM,
-//! flush spans, and turn the outcome into an exit code.
+//! flush spans, and turn the outcome into an exit code. A service that reloads its configuration
+//! uses [`run_reloadable_service`], which also hands it the [`ConfigFile`] it was loaded from.
 
-use std::{fmt::Display, future::Future, path::PathBuf, pin::Pin, process::ExitCode};
+use std::{
+    fmt::Display,
+    future::Future,
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
 
 use clap::Parser;
-use switchboard_config::{ConfigError, Source};
+use switchboard_config::{CONFIG_FILE_ENV, ConfigError, Source};
 use switchboard_telemetry::TelemetryConfig;
 
 /// The shutdown signal handed to a service's `run` function.
@@ -40,6 +48,113 @@ impl RuntimeConfig {
     }
 }
 
+/// The configuration file a service was started with (`--config`, else `$SWITCHBOARD_CONFIG`),
+/// for reading it again on reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigFile {
+    path: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// The file at `path` (`None`: defaults and environment only).
+    pub fn new(path: Option<PathBuf>) -> Self {
+        ConfigFile { path }
+    }
+
+    /// `--config`, else `$SWITCHBOARD_CONFIG`, else none.
+    fn resolve(flag: Option<PathBuf>) -> Self {
+        let path = flag.or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+        ConfigFile { path }
+    }
+
+    /// The file's path, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Reads the file and the process environment again.
+    pub fn load(&self) -> Result<Source, ConfigError> {
+        Source::load(self.path.as_deref())
+    }
+
+    /// The file's modification time (`None` without a file or when it cannot be read).
+    pub fn modified(&self) -> Option<SystemTime> {
+        let path = self.path.as_deref()?;
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    /// Watches for reasons to read the configuration again: SIGHUP, and a change of the file's
+    /// modification time, checked every `poll` (`Duration::ZERO`: only the signal). Call within a
+    /// tokio runtime: the SIGHUP handler is installed here (a SIGHUP no longer ends the process).
+    pub fn watch(&self, poll: Duration) -> ConfigWatch {
+        ConfigWatch {
+            seen: self.modified(),
+            file: self.clone(),
+            poll,
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+}
+
+/// See [`ConfigFile::watch`].
+#[derive(Debug)]
+pub struct ConfigWatch {
+    file: ConfigFile,
+    poll: Duration,
+    seen: Option<SystemTime>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ConfigWatch {
+    /// The watched file.
+    pub fn file(&self) -> &ConfigFile {
+        &self.file
+    }
+
+    /// Waits for the next reason to reload: `"signal"` (SIGHUP) or `"file"` (its modification
+    /// time differs from the last one seen).
+    pub async fn changed(&mut self) -> &'static str {
+        let ConfigWatch {
+            file,
+            poll,
+            seen,
+            #[cfg(unix)]
+            hangup,
+        } = self;
+        let file_changed = async {
+            if poll.is_zero() || file.path().is_none() {
+                return futures::future::pending::<()>().await;
+            }
+            loop {
+                tokio::time::sleep(*poll).await;
+                let now = file.modified();
+                if now.is_some() && now != *seen {
+                    *seen = now;
+                    return;
+                }
+            }
+        };
+        #[cfg(unix)]
+        let signal = async {
+            let received = match hangup {
+                Some(hangup) => hangup.recv().await.is_some(),
+                None => false,
+            };
+            if !received {
+                futures::future::pending::<()>().await;
+            }
+        };
+        #[cfg(not(unix))]
+        let signal = futures::future::pending::<()>();
+        tokio::select! {
+            () = signal => "signal",
+            () = file_changed => "file",
+        }
+    }
+}
+
 /// Runs service `name` to completion and returns its exit code: `load` reads its sections from
 /// the configuration (and validates them), then a tokio runtime with `default_workers` worker
 /// threads (unless `runtime.worker_threads` says otherwise) runs `run` until the shutdown future
@@ -56,8 +171,28 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
+    run_reloadable_service(name, default_workers, load, |config, shutdown, _file| {
+        run(config, shutdown)
+    })
+}
+
+/// [`run_service`] for a service that reloads its configuration: `run` also gets the
+/// [`ConfigFile`] the configuration came from (see [`ConfigFile::watch`]).
+pub fn run_reloadable_service<C, L, R, Fut, E>(
+    name: &'static str,
+    default_workers: usize,
+    load: L,
+    run: R,
+) -> ExitCode
+where
+    L: FnOnce(&Source) -> Result<C, ConfigError>,
+    R: FnOnce(C, Shutdown, ConfigFile) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
     let args = Args::parse();
-    let loaded = Source::load(args.config.as_deref()).and_then(|source| {
+    let file = ConfigFile::resolve(args.config);
+    let loaded = file.load().and_then(|source| {
         let runtime = source.section::<RuntimeConfig>("runtime")?;
         runtime.validate()?;
         Ok((
@@ -89,7 +224,9 @@ where
             return ExitCode::from(71);
         }
     };
-    rt.block_on(serve(name, telemetry, config, run))
+    rt.block_on(serve(name, telemetry, config, |config, shutdown| {
+        run(config, shutdown, file)
+    }))
 }
 
 async fn serve<C, R, Fut, E>(

@@ -1,15 +1,20 @@
 //! The router process: configuration in, gRPC server out.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_config::ConfigError;
-use switchboard_grpc::GrpcError;
+use switchboard_grpc::{ConfigFile, ConfigWatch, GrpcError};
 use switchboard_proto::router::v1::router_service_server::RouterServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes as GrpcRoutes;
 
-use crate::{config::Config, grpc::RouterGrpc, routing::Routes};
+use crate::{
+    config::Config,
+    grpc::RouterGrpc,
+    reload::{Live, Reloader},
+    routing::Routes,
+};
 
 /// Errors while starting or running the router.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +47,9 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Option<(TcpListener, SocketAddr)>,
-    routes: Arc<Routes>,
+    live: Arc<Live>,
+    config_poll: Duration,
+    watch: Option<ConfigWatch>,
     service: RouterGrpc,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -52,7 +59,7 @@ impl App {
     /// Validates `config`, builds the provider clients and binds `config.grpc_addr`.
     pub async fn build(config: Config) -> Result<App, StartupError> {
         config.validate()?;
-        let routes = Arc::new(Routes::new(&config)?);
+        let live = Arc::new(Live::new(Routes::new(&config)?, &config));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
         let metrics = match &config.metrics_addr {
@@ -70,17 +77,30 @@ impl App {
         };
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let service = RouterGrpc::new(routes.clone(), tracker.clone(), cancel.clone());
+        let service = RouterGrpc::new(live.clone(), tracker.clone(), cancel.clone());
         tracing::info!(grpc.addr = %local_addr, routes = config.routes.len(), providers = config.providers.len(), "router built");
         Ok(App {
             listener,
             local_addr,
             metrics,
-            routes,
+            live,
+            config_poll: Duration::from_millis(config.config_poll_ms),
+            watch: None,
             service,
             tracker,
             cancel,
         })
+    }
+
+    /// A handle that reloads the configuration while the router serves (tests, embedders).
+    pub fn reloader(&self) -> Reloader {
+        Reloader::new(self.live.clone())
+    }
+
+    /// Reloads `[router]` from `file` on SIGHUP and whenever the file's modification time changes
+    /// (checked every `config_poll_ms`) while [`App::run_until`] runs. Installs the SIGHUP handler.
+    pub fn watch_config(&mut self, file: &ConfigFile) {
+        self.watch = Some(file.watch(self.config_poll));
     }
 
     /// The bound gRPC address.
@@ -104,14 +124,19 @@ impl App {
             tracker,
             cancel,
             metrics,
-            routes: table,
+            live,
+            watch,
             ..
         } = self;
+        if let Some(watch) = watch {
+            let reloader = Reloader::new(live.clone());
+            tracker.spawn(crate::reload::watch(watch, reloader, cancel.clone()));
+        }
         if let Some((metrics_listener, _)) = metrics {
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let table = table.clone();
+                    let table = live.load();
                     async move { crate::metrics::render(table.deployments()) }
                 }),
             );

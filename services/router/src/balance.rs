@@ -134,6 +134,18 @@ impl Budget {
         true
     }
 
+    /// Takes over the window of `old` (a reload that changed the limits).
+    pub fn carry_from(&self, old: &Budget) {
+        let old = old.lock();
+        let mut window = self.lock();
+        window.origin = old.origin;
+        window.head = old.head;
+        window.requests = old.requests;
+        window.tokens = old.tokens;
+        window.request_sum = old.request_sum;
+        window.token_sum = old.token_sum;
+    }
+
     /// Charges the tokens a request used beyond its estimate.
     pub fn settle(&self, now: Instant, estimated: u64, actual: u64) {
         if actual <= estimated || self.tpm == 0 {
@@ -169,8 +181,8 @@ pub struct Deployment {
     /// RPM/TPM budget, if limited.
     pub budget: Option<Budget>,
     in_flight: AtomicU32,
-    /// Request metrics.
-    pub metrics: Metrics,
+    /// Request metrics (shared with the deployment's successor after a reload).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Deployment {
@@ -199,8 +211,18 @@ impl Deployment {
             breaker,
             budget,
             in_flight: AtomicU32::new(0),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Takes over the breaker, cooldown, budget window and metrics of `old`, the same deployment
+    /// before a configuration reload.
+    pub fn carry_state_from(&mut self, old: &Deployment) {
+        self.breaker.carry_from(&old.breaker);
+        if let (Some(budget), Some(old)) = (&self.budget, &old.budget) {
+            budget.carry_from(old);
+        }
+        self.metrics = old.metrics.clone();
     }
 
     /// Attempts in flight.

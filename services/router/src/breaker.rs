@@ -106,6 +106,22 @@ impl Breaker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Takes over the state of `old` (the same deployment before a reload). A probe in flight on
+    /// `old` is resolved there; here the slot reads as free.
+    pub fn carry_from(&self, old: &Breaker) {
+        let (state, failures, cooldown_until) = {
+            let old = old.lock();
+            (old.state, old.failures, old.cooldown_until)
+        };
+        let mut inner = self.lock();
+        inner.state = match state {
+            State::HalfOpen(true) => State::HalfOpen(false),
+            state => state,
+        };
+        inner.failures = failures;
+        inner.cooldown_until = cooldown_until;
+    }
+
     /// The current state (an expired open state reads as half-open).
     pub fn state(&self, now: Instant) -> State {
         match self.lock().state {

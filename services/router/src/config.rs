@@ -33,6 +33,9 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Address of the Prometheus `/metrics` HTTP endpoint; unset: not served.
     pub metrics_addr: Option<String>,
+    /// How often the configuration file's modification time is checked for a reload (SIGHUP
+    /// always reloads); 0: never. Read at start only.
+    pub config_poll_ms: u64,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             routes: Vec::new(),
             breaker: BreakerConfig::default(),
             metrics_addr: None,
+            config_poll_ms: 5_000,
         }
     }
 }

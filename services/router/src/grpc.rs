@@ -14,27 +14,21 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::{
-    error::RouterError,
-    routing::{Routes, StreamEvent},
-};
+use crate::{error::RouterError, reload::Live, routing::StreamEvent};
 
 const DOMAIN: &str = "router";
 
 /// The RouterService implementation.
 #[derive(Clone)]
 pub struct RouterGrpc {
-    routes: Arc<Routes>,
+    /// The live routing table: each call loads it once and keeps that `Arc` to its end.
+    routes: Arc<Live>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl RouterGrpc {
-    pub(crate) fn new(
-        routes: Arc<Routes>,
-        tracker: TaskTracker,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(routes: Arc<Live>, tracker: TaskTracker, cancel: CancellationToken) -> Self {
         RouterGrpc {
             routes,
             tracker,
@@ -84,7 +78,8 @@ impl RouterService for RouterGrpc {
         &self,
         request: Request<RouteRequest>,
     ) -> Result<Response<RouteResponse>, Status> {
-        let deadline = self.routes.deadline(caller_timeout(&request));
+        let routes = self.routes.load();
+        let deadline = routes.deadline(caller_timeout(&request));
         let RouteRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {
@@ -94,8 +89,7 @@ impl RouterService for RouterGrpc {
         })?;
         let caller = caller.unwrap_or_default();
         record_request(&request.model, &caller.request_id);
-        let (mut response, route) = self
-            .routes
+        let (mut response, route) = routes
             .route(&request, &caller, deadline)
             .await
             .map_err(|e| status(&e))?;
@@ -114,7 +108,8 @@ impl RouterService for RouterGrpc {
         &self,
         request: Request<RouteStreamRequest>,
     ) -> Result<Response<Self::RouteStreamStream>, Status> {
-        let deadline = self.routes.deadline(caller_timeout(&request));
+        let routes = self.routes.load();
+        let deadline = routes.deadline(caller_timeout(&request));
         let RouteStreamRequest { request, caller } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {
@@ -126,7 +121,6 @@ impl RouterService for RouterGrpc {
         let request_id = caller.request_id.clone();
         record_request(&request.model, &request_id);
         let (tx, rx) = mpsc::channel::<StreamEvent>(16);
-        let routes = self.routes.clone();
         let cancel = self.cancel.child_token();
         self.tracker.spawn(
             async move {
@@ -158,7 +152,7 @@ impl RouterService for RouterGrpc {
         _request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         Ok(Response::new(ListModelsResponse {
-            models: self.routes.models(),
+            models: self.routes.load().models(),
         }))
     }
 }

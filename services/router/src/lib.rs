@@ -9,6 +9,7 @@ mod error;
 mod grpc;
 mod metrics;
 mod provider;
+mod reload;
 mod route_config;
 mod routing;
 mod strategy;
@@ -20,3 +21,4 @@ pub use config::{
 };
 pub use error::RouterError;
 pub use provider::ProviderError;
+pub use reload::Reloader;

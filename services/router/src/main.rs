@@ -8,7 +8,7 @@ use switchboard_router::{App, Config};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    switchboard_grpc::run_service(
+    switchboard_grpc::run_reloadable_service(
         "router",
         2,
         |source| {
@@ -16,11 +16,13 @@ fn main() -> ExitCode {
             config.validate()?;
             Ok(config)
         },
-        |mut config: Config, shutdown| async move {
+        |mut config: Config, shutdown, file| async move {
             for provider in config.resolve_api_keys(|var| std::env::var(var).ok()) {
                 tracing::warn!(%provider, "api key environment variable is unset, calling the provider without a key");
             }
-            App::build(config).await?.run_until(shutdown).await
+            let mut app = App::build(config).await?;
+            app.watch_config(&file);
+            app.run_until(shutdown).await
         },
     )
 }

@@ -171,7 +171,7 @@ pub struct RuleConfig {
 }
 
 /// Circuit breaker and cooldown settings (`[router.breaker]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     /// Consecutive failures that open the breaker of a (provider, endpoint, key, model).

@@ -98,6 +98,43 @@ pub struct Routes {
     deployments: Vec<Arc<Deployment>>,
     policy: Policy,
     created: i64,
+    /// Each deployment with what it was built from, so that a reload keeps its state.
+    built: HashMap<DeploymentId, Built>,
+    /// Target statistics by target name, kept by a reload.
+    stats: HashMap<String, Arc<TargetStats>>,
+}
+
+/// (provider, model, key alias) of a deployment.
+type DeploymentId = (String, String, Option<String>);
+
+/// A deployment and its settings.
+struct Built {
+    deployment: Arc<Deployment>,
+    spec: Spec,
+}
+
+/// What a deployment is built from: its provider settings (endpoint and key included), connect
+/// timeout, RPM/TPM limits and breaker settings.
+struct Spec {
+    provider: crate::config::ProviderConfig,
+    connect_timeout: Duration,
+    limits: (u32, u32),
+    breaker: crate::route_config::BreakerConfig,
+}
+
+impl Spec {
+    /// Same endpoint, key and protocol settings: the HTTP client (and its connections) can stay.
+    fn same_client(&self, other: &Spec) -> bool {
+        use secrecy::ExposeSecret;
+        let (a, b) = (&self.provider, &other.provider);
+        a.kind == b.kind
+            && a.base_url == b.base_url
+            && a.api_version == b.api_version
+            && a.default_max_tokens == b.default_max_tokens
+            && a.api_key.as_ref().map(|k| k.expose_secret())
+                == b.api_key.as_ref().map(|k| k.expose_secret())
+            && self.connect_timeout == other.connect_timeout
+    }
 }
 
 /// What a stream producer emits.
@@ -295,6 +332,18 @@ impl Routes {
     /// Deployments — (provider, endpoint, key, model) — and target statistics are shared by every
     /// route that names them, so their breakers, budgets and latency see all of their traffic.
     pub fn new(config: &Config) -> Result<Self, StartupError> {
+        Self::build(config, None)
+    }
+
+    /// Builds the table of a reloaded configuration. A deployment that still exists — same
+    /// provider, model and key alias, same endpoint and key — keeps its HTTP client, breaker,
+    /// cooldown, budget window and metrics (its limits and breaker settings may change); a target
+    /// keeps its latency statistics. Requests in flight keep using `previous`.
+    pub fn rebuild(config: &Config, previous: &Routes) -> Result<Self, StartupError> {
+        Self::build(config, Some(previous))
+    }
+
+    fn build(config: &Config, previous: Option<&Routes>) -> Result<Self, StartupError> {
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         let client = |name: &str, provider: &crate::config::ProviderConfig| {
             ProviderClient::new(name, provider, connect_timeout)
@@ -310,8 +359,7 @@ impl Routes {
         }
         let mut keyed_clients: HashMap<(String, String, Option<String>), Arc<ProviderClient>> =
             HashMap::new();
-        let mut deployments: HashMap<(String, String, Option<String>), Arc<Deployment>> =
-            HashMap::new();
+        let mut deployments: HashMap<DeploymentId, Built> = HashMap::new();
         let mut all = Vec::new();
         let mut stats: HashMap<String, Arc<TargetStats>> = HashMap::new();
         let mut routes = HashMap::new();
@@ -336,12 +384,38 @@ impl Routes {
                     let alias = key.map(|k| k.alias.clone());
                     let id = (target.provider.clone(), target.model.clone(), alias.clone());
                     if let Some(existing) = deployments.get(&id) {
-                        target_deployments.push(existing.clone());
+                        target_deployments.push(existing.deployment.clone());
                         continue;
                     }
-                    let http = match key {
-                        None => provider_client.clone(),
-                        Some(key) => {
+                    let mut effective = provider_config.clone();
+                    if let Some(key) = key {
+                        if let Some(base_url) = &key.base_url {
+                            effective.base_url.clone_from(base_url);
+                        }
+                        effective.api_key.clone_from(&key.api_key);
+                    }
+                    let spec = Spec {
+                        provider: effective,
+                        connect_timeout,
+                        limits: key.map_or((0, 0), |k| (k.rpm, k.tpm)),
+                        breaker: config.breaker.clone(),
+                    };
+                    let old = previous
+                        .and_then(|p| p.built.get(&id))
+                        .filter(|old| old.spec.same_client(&spec));
+                    if let Some(old) = old
+                        .filter(|o| o.spec.limits == spec.limits && o.spec.breaker == spec.breaker)
+                    {
+                        let deployment = old.deployment.clone();
+                        all.push(deployment.clone());
+                        target_deployments.push(deployment.clone());
+                        deployments.insert(id, Built { deployment, spec });
+                        continue;
+                    }
+                    let http = match (old, key) {
+                        (Some(old), _) => old.deployment.client.clone(),
+                        (None, None) => provider_client.clone(),
+                        (None, Some(key)) => {
                             let client_id = (
                                 target.provider.clone(),
                                 key.alias.clone(),
@@ -350,29 +424,29 @@ impl Routes {
                             match keyed_clients.get(&client_id) {
                                 Some(http) => http.clone(),
                                 None => {
-                                    let mut keyed = provider_config.clone();
-                                    if let Some(base_url) = &key.base_url {
-                                        keyed.base_url.clone_from(base_url);
-                                    }
-                                    keyed.api_key.clone_from(&key.api_key);
-                                    let http = client(&target.provider, &keyed)?;
+                                    let http = client(&target.provider, &spec.provider)?;
                                     keyed_clients.insert(client_id, http.clone());
                                     http
                                 }
                             }
                         }
                     };
-                    let deployment = Arc::new(Deployment::new(
+                    let mut deployment = Deployment::new(
                         http,
                         &target.provider,
                         &target.model,
                         alias.as_deref(),
                         Breaker::new(&config.breaker),
-                        key.and_then(|k| Budget::new(k.rpm, k.tpm)),
-                    ));
-                    deployments.insert(id, deployment.clone());
+                        Budget::new(spec.limits.0, spec.limits.1),
+                    );
+                    if let Some(old) = old {
+                        // The same deployment with new limits or breaker settings: its state stays.
+                        deployment.carry_state_from(&old.deployment);
+                    }
+                    let deployment = Arc::new(deployment);
                     all.push(deployment.clone());
-                    target_deployments.push(deployment);
+                    target_deployments.push(deployment.clone());
+                    deployments.insert(id, Built { deployment, spec });
                 }
                 let price = match (
                     target.input_usd_nanos_per_mtok,
@@ -389,7 +463,15 @@ impl Routes {
                         images: target.images,
                         price,
                     },
-                    stats: stats.entry(name.clone()).or_default().clone(),
+                    stats: stats
+                        .entry(name.clone())
+                        .or_insert_with(|| {
+                            previous
+                                .and_then(|p| p.stats.get(&name))
+                                .cloned()
+                                .unwrap_or_default()
+                        })
+                        .clone(),
                     deployments: target_deployments,
                     rotation: AtomicUsize::new(0),
                     name,
@@ -415,11 +497,16 @@ impl Routes {
             );
             order.push(route.name.clone());
         }
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let created = match previous {
+            Some(previous) => previous.created,
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        };
         Ok(Routes {
+            built: deployments,
+            stats,
             routes,
             order,
             deployments: all,
