@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use switchboard_config::{ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
+mod prices;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -33,6 +35,11 @@ enum Command {
         /// Configuration file (default: $SWITCHBOARD_CONFIG).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Price administration: import LiteLLM's price map, re-price a period (ledger database).
+    Prices {
+        #[command(subcommand)]
+        command: prices::PricesCommand,
     },
     /// Print the SHA-256 of an API key, for `gateway.keys[].sha256`.
     HashKey {
@@ -74,6 +81,7 @@ fn load(path: Option<&std::path::Path>) -> Result<Mesh, ConfigError> {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Prices { command } => prices::run(command).await,
         Command::HashKey { key } => {
             println!("{}", switchboard_gateway::hash_api_key(&key));
             ExitCode::SUCCESS
