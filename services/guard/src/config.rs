@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use switchboard_config::ConfigError;
 
@@ -12,8 +13,21 @@ use crate::policy::Policies;
 /// ```toml
 /// [guard]
 /// grpc_addr = "127.0.0.1:50052"
-/// default_action = "redact"          # allow | redact | block
+/// default_action = "redact"          # allow | redact | mask | hash | pseudonymize | block
 /// entities = ["EMAIL_ADDRESS", "CREDIT_CARD"]
+/// actions = { CREDIT_CARD = "mask" } # per entity type (prompts and answers)
+/// answer_action = "redact"           # answers; unset: the prompt actions (pseudonymize: allow)
+/// answer_actions = {}
+/// min_score = 0.5                    # confidence threshold, 0.0..=1.0
+/// allow_values = ["support@example.com"]
+/// allow_patterns = ["@example\\.com$"]
+/// phone_regions = ["US", "GB"]       # national phone numbers are validated for these
+/// hash_secret = "…"                  # HMAC key of the hash action (required when it is used)
+/// hash_length = 8                    # hex characters of the keyed hash
+/// [guard.mask]
+/// keep_last = 4
+/// char = "*"
+/// email_domain = true
 /// [guard.apps.billing]               # per-app overrides; unset fields inherit the defaults
 /// action = "block"
 /// entities = ["CREDIT_CARD"]
@@ -23,15 +37,87 @@ use crate::policy::Policies;
 pub struct Config {
     /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
     pub grpc_addr: String,
-    /// Action for apps without an override: `allow`, `redact` or `block`.
+    /// Action for apps without an override.
     pub default_action: String,
     /// Entity types checked for apps without an override.
     pub entities: Vec<String>,
+    /// Action per entity type, over `default_action`.
+    pub actions: BTreeMap<String, String>,
+    /// Action in answers; unset: the prompt's actions (with pseudonymize meaning allow).
+    pub answer_action: Option<String>,
+    /// Action per entity type in answers, over `answer_action`.
+    pub answer_actions: BTreeMap<String, String>,
+    /// Findings with a lower confidence are ignored.
+    pub min_score: f64,
+    /// Values never flagged (compared in canonical form: case-insensitive emails, digits of numbers).
+    pub allow_values: Vec<String>,
+    /// Regular expressions; a value matching one is never flagged.
+    pub allow_patterns: Vec<String>,
+    /// Regions (ISO 3166 alpha-2) whose national phone numbers are recognised, in order.
+    pub phone_regions: Vec<String>,
+    /// Key of the `hash` action's HMAC-SHA256.
+    pub hash_secret: Option<HashSecret>,
+    /// Hex characters of the keyed hash kept in the text.
+    pub hash_length: usize,
+    /// How the `mask` action renders values.
+    pub mask: MaskConfig,
     /// Per-app policy overrides, by app id.
     pub apps: BTreeMap<String, AppPolicyConfig>,
 }
 
-/// A per-app override (`[guard.apps.<app>]`).
+/// `[guard.mask]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskConfig {
+    /// Trailing letters and digits kept of cards, phones, SSNs and IBANs (`****1234`).
+    pub keep_last: usize,
+    /// The masking character.
+    pub char: char,
+    /// Emails keep their first letter and domain (`j***@example.com`); false: fully masked.
+    pub email_domain: bool,
+}
+
+impl Default for MaskConfig {
+    fn default() -> Self {
+        MaskConfig {
+            keep_last: 4,
+            char: '*',
+            email_domain: true,
+        }
+    }
+}
+
+/// The HMAC key of the hash action (never printed).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct HashSecret(pub SecretString);
+
+impl HashSecret {
+    /// The key's bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.expose_secret().as_bytes()
+    }
+}
+
+impl PartialEq for HashSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl std::fmt::Debug for HashSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashSecret([REDACTED])")
+    }
+}
+
+impl From<&str> for HashSecret {
+    fn from(secret: &str) -> Self {
+        HashSecret(SecretString::from(secret.to_owned()))
+    }
+}
+
+/// A per-app override (`[guard.apps.<app>]`). Every unset field inherits the `[guard]` value.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppPolicyConfig {
@@ -39,6 +125,18 @@ pub struct AppPolicyConfig {
     pub action: Option<String>,
     /// Entity types for this app; unset: `guard.entities`.
     pub entities: Option<Vec<String>>,
+    /// Per entity type actions; unset: `guard.actions`.
+    pub actions: Option<BTreeMap<String, String>>,
+    /// Answer action; unset: `guard.answer_action`.
+    pub answer_action: Option<String>,
+    /// Per entity type answer actions; unset: `guard.answer_actions`.
+    pub answer_actions: Option<BTreeMap<String, String>>,
+    /// Confidence threshold; unset: `guard.min_score`.
+    pub min_score: Option<f64>,
+    /// Values never flagged; unset: `guard.allow_values`.
+    pub allow_values: Option<Vec<String>>,
+    /// Patterns never flagged; unset: `guard.allow_patterns`.
+    pub allow_patterns: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -47,6 +145,16 @@ impl Default for Config {
             grpc_addr: "127.0.0.1:50052".to_owned(),
             default_action: "redact".to_owned(),
             entities: vec!["EMAIL_ADDRESS".to_owned(), "CREDIT_CARD".to_owned()],
+            actions: BTreeMap::new(),
+            answer_action: None,
+            answer_actions: BTreeMap::new(),
+            min_score: 0.5,
+            allow_values: Vec::new(),
+            allow_patterns: Vec::new(),
+            phone_regions: vec!["US".to_owned(), "GB".to_owned()],
+            hash_secret: None,
+            hash_length: 8,
+            mask: MaskConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -57,6 +165,28 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.grpc_addr.trim().is_empty() {
             return Err(ConfigError::invalid("guard.grpc_addr", "must not be empty"));
+        }
+        if !(4..=64).contains(&self.hash_length) {
+            return Err(ConfigError::invalid(
+                "guard.hash_length",
+                "must be between 4 and 64",
+            ));
+        }
+        if self
+            .hash_secret
+            .as_ref()
+            .is_some_and(|secret| secret.expose().len() < 16)
+        {
+            return Err(ConfigError::invalid(
+                "guard.hash_secret",
+                "must be at least 16 bytes",
+            ));
+        }
+        if self.mask.keep_last > 8 {
+            return Err(ConfigError::invalid(
+                "guard.mask.keep_last",
+                "must be at most 8",
+            ));
         }
         Policies::from_config(self).map(|_| ())
     }
@@ -85,10 +215,19 @@ mod tests {
     fn the_documented_example_parses() {
         let config = parse(
             "[guard]\ngrpc_addr = \"127.0.0.1:50052\"\ndefault_action = \"redact\"\n\
-             entities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\"]\n[guard.apps.billing]\naction = \"block\"\n",
+             entities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\", \"US_SSN\"]\n\
+             actions = { CREDIT_CARD = \"mask\", US_SSN = \"hash\" }\n\
+             answer_action = \"redact\"\nmin_score = 0.6\n\
+             allow_values = [\"support@example.com\"]\nallow_patterns = [\"@example\\\\.com$\"]\n\
+             phone_regions = [\"US\", \"DE\"]\nhash_secret = \"0123456789abcdef\"\n\
+             [guard.mask]\nkeep_last = 2\nchar = \"#\"\n\
+             [guard.apps.billing]\naction = \"block\"\n\
+             [guard.apps.support]\nactions = { EMAIL_ADDRESS = \"pseudonymize\" }\nmin_score = 0.3\n",
         )
         .unwrap();
         assert_eq!(config.apps["billing"].action.as_deref(), Some("block"));
+        assert_eq!(config.mask.char, '#');
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
     }
 
     #[test]
@@ -119,6 +258,39 @@ mod tests {
                 "guard.apps.billing",
             ),
             ("[guard]\ngrpc_addr = \"\"\n", "guard.grpc_addr"),
+            (
+                "[guard]\nactions = { CREDIT_CARD = \"shred\" }\n",
+                "guard.actions.CREDIT_CARD",
+            ),
+            (
+                "[guard]\nactions = { PERSON = \"redact\" }\n",
+                "guard.actions.PERSON",
+            ),
+            (
+                "[guard.apps.x]\nanswer_actions = { EMAIL_ADDRESS = \"pseudonymize\" }\n",
+                "guard.apps.x.answer_actions.EMAIL_ADDRESS",
+            ),
+            ("[guard]\nmin_score = 1.5\n", "guard.min_score"),
+            (
+                "[guard.apps.x]\nmin_score = -0.1\n",
+                "guard.apps.x.min_score",
+            ),
+            (
+                "[guard]\nallow_patterns = [\"(\"]\n",
+                "guard.allow_patterns[0]",
+            ),
+            (
+                "[guard]\nphone_regions = [\"XX\"]\n",
+                "guard.phone_regions[0]",
+            ),
+            ("[guard]\ndefault_action = \"hash\"\n", "guard.hash_secret"),
+            (
+                "[guard.apps.x]\nactions = { EMAIL_ADDRESS = \"hash\" }\n",
+                "guard.hash_secret",
+            ),
+            ("[guard]\nhash_secret = \"short\"\n", "guard.hash_secret"),
+            ("[guard]\nhash_length = 2\n", "guard.hash_length"),
+            ("[guard.mask]\nkeep_last = 20\n", "guard.mask.keep_last"),
         ];
         for (text, path) in cases {
             let error = parse(text).unwrap_err().to_string();

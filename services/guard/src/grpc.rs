@@ -2,13 +2,19 @@
 
 use std::sync::Arc;
 
-use switchboard_proto::guard::v1::{
-    CheckPromptRequest, CheckPromptResponse, Decision as PbDecision, Finding as PbFinding,
-    guard_service_server::GuardService,
+use switchboard_proto::{
+    chat::v1::Message,
+    guard::v1::{
+        CheckAnswerRequest, CheckPromptRequest, CheckPromptResponse, Decision as PbDecision,
+        Finding as PbFinding, Pseudonym as PbPseudonym, guard_service_server::GuardService,
+    },
 };
 use tonic::{Request, Response, Status};
 
-use crate::guard::{Decision, Guard};
+use crate::{
+    guard::{Decision, Guard},
+    policy::Direction,
+};
 
 /// Error domain of the guard's statuses.
 pub const DOMAIN: &str = "guard";
@@ -23,43 +29,55 @@ impl GuardGrpc {
     pub fn new(guard: Arc<Guard>) -> Self {
         GuardGrpc { guard }
     }
-}
 
-#[tonic::async_trait]
-impl GuardService for GuardGrpc {
-    async fn check_prompt(
+    fn check(
         &self,
-        request: Request<CheckPromptRequest>,
+        request_id: &str,
+        app: &str,
+        direction: Direction,
+        messages: &[Message],
     ) -> Result<Response<CheckPromptResponse>, Status> {
-        let request = request.into_inner();
         // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
-        tracing::Span::current()
-            .record("request.id", request.request_id.as_str())
-            .record("app.id", request.app.as_str());
+        let span = tracing::Span::current();
+        span.record("request.id", request_id);
+        span.record("app.id", app);
         let outcome = self
             .guard
-            .check(&request.app, &request.messages)
+            .check(app, direction, messages)
             .map_err(|error| switchboard_status::to_status(DOMAIN, &error))?;
         let decision = match outcome.decision {
             Decision::Allow => PbDecision::Allow,
             Decision::Transform => PbDecision::Transform,
             Decision::Block => PbDecision::Block,
         };
-        // Entity types and counts only: never the text or a matched value.
+        // Entity types and counts only: never the text, a matched value or a pseudonym.
         let summary: Vec<String> = outcome
             .findings
             .iter()
-            .map(|f| format!("{}:{}", f.entity_type, f.count))
+            .map(|f| format!("{}:{}:{}", f.entity_type, f.count, f.action.as_str()))
             .collect();
-        let span = tracing::Span::current();
         span.record("decision", decision.as_str_name());
         span.record("findings", summary.join(","));
         tracing::debug!(
             decision = decision.as_str_name(),
             findings = %summary.join(","),
+            pseudonyms = outcome.pseudonyms.len(),
             policy_version = %outcome.policy_version,
-            "prompt checked"
+            "{} checked",
+            match direction {
+                Direction::Prompt => "prompt",
+                Direction::Answer => "answer",
+            }
         );
+        let pseudonyms = outcome
+            .pseudonyms
+            .pairs()
+            .into_iter()
+            .map(|(placeholder, value)| PbPseudonym {
+                placeholder: placeholder.to_owned(),
+                value: value.to_owned(),
+            })
+            .collect();
         Ok(Response::new(CheckPromptResponse {
             decision: decision as i32,
             messages: outcome.messages,
@@ -73,6 +91,36 @@ impl GuardService for GuardGrpc {
                 })
                 .collect(),
             policy_version: outcome.policy_version,
+            pseudonyms,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl GuardService for GuardGrpc {
+    async fn check_prompt(
+        &self,
+        request: Request<CheckPromptRequest>,
+    ) -> Result<Response<CheckPromptResponse>, Status> {
+        let request = request.into_inner();
+        self.check(
+            &request.request_id,
+            &request.app,
+            Direction::Prompt,
+            &request.messages,
+        )
+    }
+
+    async fn check_answer(
+        &self,
+        request: Request<CheckAnswerRequest>,
+    ) -> Result<Response<CheckPromptResponse>, Status> {
+        let request = request.into_inner();
+        self.check(
+            &request.request_id,
+            &request.app,
+            Direction::Answer,
+            &request.messages,
+        )
     }
 }

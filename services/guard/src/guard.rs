@@ -1,4 +1,5 @@
-//! The check itself: find entities in every text part, then allow, redact or block per policy.
+//! The check itself: normalise every text part, find entities, then allow, transform or block
+//! per policy, entity type and direction.
 
 use std::collections::BTreeMap;
 
@@ -7,8 +8,11 @@ use switchboard_proto::chat::v1::{Message, content_part::Part};
 use crate::{
     config::Config,
     error::{GuardError, StartupError},
-    policy::{Action, Policies},
+    normalize::Normalized,
+    policy::{Action, Direction, Policies},
+    pseudonym::Mapping,
     recognizer::{self, Recognizer, Registry},
+    transform::{Renderer, Rewriter},
 };
 
 /// What the guard decided.
@@ -38,45 +42,77 @@ pub struct Finding {
 pub struct Outcome {
     /// The decision.
     pub decision: Decision,
-    /// The redacted conversation (only when `decision` is `Transform`).
+    /// The transformed conversation (only when `decision` is `Transform`).
     pub messages: Vec<Message>,
     /// Findings by entity type, sorted by entity type.
     pub findings: Vec<Finding>,
+    /// Placeholder → original value of the pseudonymised entities (only when `decision` is
+    /// `Transform`). Sensitive: for restoring the answer only, never logged.
+    pub pseudonyms: Mapping,
     /// Version of the policy that decided.
     pub policy_version: String,
 }
 
-/// The recognisers and the policies.
+impl Outcome {
+    /// The entity types whose action is block, sorted (for a typed refusal; never the values).
+    pub fn blocked_entity_types(&self) -> Vec<&'static str> {
+        self.findings
+            .iter()
+            .filter(|f| f.action == Action::Block)
+            .map(|f| f.entity_type)
+            .collect()
+    }
+}
+
+/// The recognisers, the policies and the renderer of transformed values.
 pub struct Guard {
     registry: Registry,
     policies: Policies,
+    renderer: Renderer,
 }
 
 impl Guard {
     /// Builds the guard from a configuration (validated again here).
     pub fn new(config: &Config) -> Result<Self, StartupError> {
         config.validate()?;
+        let regions: Vec<phonenumber::country::Id> = config
+            .phone_regions
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect();
+        let renderer = Renderer::new(
+            config.mask.clone(),
+            config.hash_secret.as_ref().map(|s| s.expose()),
+            config.hash_length,
+        )
+        .map_err(|_| {
+            switchboard_config::ConfigError::invalid("guard.hash_secret", "invalid HMAC key")
+        })?;
         Ok(Guard {
-            registry: Registry::builtin()?,
+            registry: Registry::builtin(&regions)?,
             policies: Policies::from_config(config)?,
+            renderer,
         })
     }
 
-    /// Checks the text parts of every message (all roles) under the policy of `app`.
-    /// Other parts and fields are left as they are.
-    pub fn check(&self, app: &str, messages: &[Message]) -> Result<Outcome, GuardError> {
+    /// Checks the text parts of every message (all roles) under the policy of `app` for
+    /// `direction`. Other parts and fields are left as they are.
+    pub fn check(
+        &self,
+        app: &str,
+        direction: Direction,
+        messages: &[Message],
+    ) -> Result<Outcome, GuardError> {
         let policy = self.policies.for_app(app);
         let recognizers: Vec<&dyn Recognizer> = policy
             .entities
             .iter()
-            .filter_map(|entity| self.registry.get(entity))
+            .filter_map(|entity| self.registry.get(entity.entity_type))
             .collect();
-        let redact = policy.action == Action::Redact;
+        let action_of = |entity_type: &'static str| policy.action(entity_type, direction);
         let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
-        let mut transformed: Vec<Message> = Vec::new();
-        if redact {
-            transformed = messages.to_vec();
-        }
+        let mut transformed: Option<Vec<Message>> = None;
+        let mut rewriter: Option<Rewriter<'_>> = None;
         for (i, message) in messages.iter().enumerate() {
             for (j, part) in message.content.iter().enumerate() {
                 let text = match &part.part {
@@ -90,7 +126,11 @@ impl Guard {
                         });
                     }
                 };
-                let matches = recognizer::scan(text, &recognizers);
+                let view = Normalized::new(text);
+                let matches =
+                    recognizer::scan(view.text(), &recognizers, policy.min_score, |e, v| {
+                        policy.allow.allows(e, v)
+                    });
                 if matches.is_empty() {
                     continue;
                 }
@@ -98,10 +138,21 @@ impl Guard {
                     let count = counts.entry(m.entity_type).or_default();
                     *count = count.saturating_add(1);
                 }
-                if redact
-                    && let Some(slot) = transformed.get_mut(i).and_then(|m| m.content.get_mut(j))
+                if !matches
+                    .iter()
+                    .any(|m| action_of(m.entity_type).transforms())
                 {
-                    slot.part = Some(Part::Text(recognizer::redact(text, &matches)));
+                    continue;
+                }
+                let rewriter =
+                    rewriter.get_or_insert_with(|| Rewriter::new(&self.renderer, texts(messages)));
+                let rewritten = rewriter.rewrite(text, &view, &matches, action_of);
+                if let Some(slot) = transformed
+                    .get_or_insert_with(|| messages.to_vec())
+                    .get_mut(i)
+                    .and_then(|m| m.content.get_mut(j))
+                {
+                    slot.part = Some(Part::Text(rewritten));
                 }
             }
         }
@@ -110,24 +161,42 @@ impl Guard {
             .map(|(entity_type, count)| Finding {
                 entity_type,
                 count,
-                action: policy.action,
+                action: action_of(entity_type),
             })
             .collect();
-        let decision = match (findings.is_empty(), policy.action) {
-            (true, _) | (false, Action::Allow) => Decision::Allow,
-            (false, Action::Redact) => Decision::Transform,
-            (false, Action::Block) => Decision::Block,
+        let decision = if findings.iter().any(|f| f.action == Action::Block) {
+            Decision::Block
+        } else if transformed.is_some() {
+            Decision::Transform
+        } else {
+            Decision::Allow
         };
-        if decision != Decision::Transform {
-            transformed.clear();
-        }
+        let (messages, pseudonyms) = match (decision, transformed) {
+            (Decision::Transform, Some(messages)) => {
+                (messages, rewriter.map(|r| r.mapping).unwrap_or_default())
+            }
+            _ => (Vec::new(), Mapping::new()),
+        };
         Ok(Outcome {
             decision,
-            messages: transformed,
+            messages,
             findings,
+            pseudonyms,
             policy_version: policy.version.clone(),
         })
     }
+}
+
+/// Every text part of `messages` (to avoid issuing a placeholder the caller already wrote).
+fn texts(messages: &[Message]) -> Vec<&str> {
+    messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .filter_map(|p| match &p.part {
+            Some(Part::Text(text)) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -135,31 +204,26 @@ impl Guard {
 mod tests {
     use super::*;
     use crate::config::AppPolicyConfig;
+    use proptest::prelude::*;
     use switchboard_proto::chat::v1::{ContentPart, ImageUrl, Role, ToolCall};
+
+    fn app(action: Option<&str>, entities: Option<&[&str]>) -> AppPolicyConfig {
+        AppPolicyConfig {
+            action: action.map(str::to_owned),
+            entities: entities.map(|e| e.iter().map(|s| (*s).to_owned()).collect()),
+            ..Default::default()
+        }
+    }
 
     fn guard() -> Guard {
         let mut config = Config::default();
-        config.apps.insert(
-            "billing".into(),
-            AppPolicyConfig {
-                action: Some("block".into()),
-                entities: None,
-            },
-        );
-        config.apps.insert(
-            "audit".into(),
-            AppPolicyConfig {
-                action: Some("allow".into()),
-                entities: None,
-            },
-        );
-        config.apps.insert(
-            "cards".into(),
-            AppPolicyConfig {
-                action: None,
-                entities: Some(vec!["CREDIT_CARD".into()]),
-            },
-        );
+        config
+            .apps
+            .insert("billing".into(), app(Some("block"), None));
+        config.apps.insert("audit".into(), app(Some("allow"), None));
+        config
+            .apps
+            .insert("cards".into(), app(None, Some(&["CREDIT_CARD"])));
         Guard::new(&config).unwrap()
     }
 
@@ -187,10 +251,14 @@ mod tests {
         vec![Message::text(Role::System, "be brief"), user, assistant]
     }
 
+    fn check(guard: &Guard, app: &str, messages: &[Message]) -> Outcome {
+        guard.check(app, Direction::Prompt, messages).unwrap()
+    }
+
     #[test]
     fn redact_replaces_matches_and_preserves_everything_else() {
         let input = conversation();
-        let outcome = guard().check("web", &input).unwrap();
+        let outcome = check(&guard(), "web", &input);
         assert_eq!(outcome.decision, Decision::Transform);
         assert_eq!(
             outcome.findings,
@@ -219,21 +287,26 @@ mod tests {
         assert_eq!(out[1].role, input[1].role);
         assert_eq!(out[2].joined_text(), "noted, [EMAIL_ADDRESS]");
         assert_eq!(out[2].tool_calls, input[2].tool_calls);
+        assert!(outcome.pseudonyms.is_empty());
     }
 
     #[test]
     fn actions_follow_the_app_policy() {
         let guard = guard();
         let input = conversation();
-        let blocked = guard.check("billing", &input).unwrap();
+        let blocked = check(&guard, "billing", &input);
         assert_eq!(blocked.decision, Decision::Block);
         assert!(blocked.messages.is_empty());
         assert!(blocked.findings.iter().all(|f| f.action == Action::Block));
-        let allowed = guard.check("audit", &input).unwrap();
+        assert_eq!(
+            blocked.blocked_entity_types(),
+            ["CREDIT_CARD", "EMAIL_ADDRESS"]
+        );
+        let allowed = check(&guard, "audit", &input);
         assert_eq!(allowed.decision, Decision::Allow);
         assert!(allowed.messages.is_empty());
         assert_eq!(allowed.findings.len(), 2);
-        let cards = guard.check("cards", &input).unwrap();
+        let cards = check(&guard, "cards", &input);
         assert_eq!(
             cards
                 .findings
@@ -246,13 +319,106 @@ mod tests {
     }
 
     #[test]
+    fn per_entity_and_direction_actions_mix() {
+        let config = Config {
+            entities: vec![
+                "EMAIL_ADDRESS".into(),
+                "CREDIT_CARD".into(),
+                "US_SSN".into(),
+            ],
+            actions: [
+                ("EMAIL_ADDRESS".to_owned(), "pseudonymize".to_owned()),
+                ("CREDIT_CARD".to_owned(), "mask".to_owned()),
+                ("US_SSN".to_owned(), "block".to_owned()),
+            ]
+            .into(),
+            answer_actions: [("CREDIT_CARD".to_owned(), "redact".to_owned())].into(),
+            ..Config::default()
+        };
+        let guard = Guard::new(&config).unwrap();
+        let input = conversation();
+        let prompt = check(&guard, "web", &input);
+        assert_eq!(prompt.decision, Decision::Transform);
+        assert_eq!(
+            prompt.messages[1].joined_text(),
+            "I am <EMAIL_ADDRESS_1>, card ****1111.also <EMAIL_ADDRESS_2>"
+        );
+        assert_eq!(prompt.messages[2].joined_text(), "noted, <EMAIL_ADDRESS_3>");
+        assert_eq!(
+            prompt.pseudonyms.get("<EMAIL_ADDRESS_2>"),
+            Some("bob@example.org")
+        );
+        let restored =
+            crate::pseudonym::restore(&prompt.messages[1].joined_text(), &prompt.pseudonyms);
+        assert_eq!(
+            restored,
+            "I am jane@example.com, card ****1111.also bob@example.org"
+        );
+        // Answers: pseudonymised entities pass (the caller's own values), cards are redacted.
+        let answer = guard.check("web", Direction::Answer, &input).unwrap();
+        assert_eq!(
+            answer.messages[1].joined_text(),
+            "I am jane@example.com, card [CREDIT_CARD].also bob@example.org"
+        );
+        // One SSN blocks the whole request.
+        let ssn = [Message::text(
+            Role::User,
+            "jane@example.com, ssn 536-22-5436",
+        )];
+        let blocked = check(&guard, "web", &ssn);
+        assert_eq!(blocked.decision, Decision::Block);
+        assert_eq!(blocked.blocked_entity_types(), ["US_SSN"]);
+        assert!(blocked.messages.is_empty() && blocked.pseudonyms.is_empty());
+    }
+
+    #[test]
+    fn allow_lists_and_thresholds_apply_per_app() {
+        let mut config = Config {
+            entities: vec!["EMAIL_ADDRESS".into(), "US_SSN".into()],
+            allow_values: vec!["support@example.com".into()],
+            ..Config::default()
+        };
+        config.apps.insert(
+            "strict".into(),
+            AppPolicyConfig {
+                min_score: Some(0.2),
+                allow_values: Some(Vec::new()),
+                ..Default::default()
+            },
+        );
+        let guard = Guard::new(&config).unwrap();
+        let input = [Message::text(
+            Role::User,
+            "write to Support@Example.com, code 536225436",
+        )];
+        assert_eq!(check(&guard, "web", &input).decision, Decision::Allow);
+        let strict = check(&guard, "strict", &input);
+        assert_eq!(
+            strict.messages[0].joined_text(),
+            "write to [EMAIL_ADDRESS], code [US_SSN]"
+        );
+    }
+
+    #[test]
+    fn evasions_are_found_and_the_original_text_is_edited() {
+        let input = [Message::text(
+            Role::User,
+            "mail jаnе\u{200B}@ехаmple.com or card ４１１１ １１１１ １１１１ １１１１ thanks",
+        )];
+        let outcome = check(&guard(), "web", &input);
+        assert_eq!(
+            outcome.messages[0].joined_text(),
+            "mail [EMAIL_ADDRESS] or card [CREDIT_CARD] thanks"
+        );
+    }
+
+    #[test]
     fn clean_prompts_are_allowed_without_messages() {
-        let outcome = guard()
-            .check(
-                "billing",
-                &[Message::text(Role::User, "hello @team, see a@b")],
-            )
-            .unwrap();
+        let outcome = check(
+            &guard(),
+            "billing",
+            &[Message::text(Role::User, "hello @team, see a@b")],
+        );
         assert_eq!(outcome.decision, Decision::Allow);
         assert!(outcome.messages.is_empty() && outcome.findings.is_empty());
         assert!(!outcome.policy_version.is_empty());
@@ -262,7 +428,9 @@ mod tests {
     fn unknown_content_parts_fail_closed() {
         let mut message = Message::text(Role::User, "hi");
         message.content.push(ContentPart { part: None });
-        let error = guard().check("web", &[message]).unwrap_err();
+        let error = guard()
+            .check("web", Direction::Prompt, &[message])
+            .unwrap_err();
         assert!(matches!(
             error,
             GuardError::UninspectableContent {
@@ -270,5 +438,59 @@ mod tests {
                 part: 1
             }
         ));
+    }
+
+    fn every_entity_guard(action: &str) -> Guard {
+        Guard::new(&Config {
+            entities: recognizer::KNOWN_ENTITIES
+                .iter()
+                .map(|e| (*e).to_owned())
+                .collect(),
+            default_action: action.to_owned(),
+            hash_secret: Some("0123456789abcdef".into()),
+            ..Config::default()
+        })
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn transforms_never_leave_the_value_and_never_panic(
+            prefix in "\\PC{0,30}",
+            suffix in "\\PC{0,30}",
+            which in 0usize..6,
+            action in prop_oneof![Just("redact"), Just("mask"), Just("hash"), Just("pseudonymize")],
+        ) {
+            let values = [
+                "jane.doe@example.com",
+                "4111 1111 1111 1111",
+                "DE89 3704 0044 0532 0130 00",
+                "AKIAIOSFODNN7EXAMPLE",
+                "+44 20 7946 0958",
+                "ssn 536-22-5436",
+            ];
+            let value = values[which];
+            let guard = every_entity_guard(action);
+            let text = format!("{prefix} x {value} x {suffix}");
+            let outcome = guard.check("web", Direction::Prompt, &[Message::text(Role::User, text.clone())]).unwrap();
+            prop_assert_eq!(outcome.decision, Decision::Transform);
+            let out = outcome.messages[0].joined_text();
+            let secret = value.trim_start_matches("ssn ");
+            prop_assert!(!out.contains(secret), "{:?} -> {:?}", text, out);
+            if action == "pseudonymize" {
+                prop_assert_eq!(crate::pseudonym::restore(&out, &outcome.pseudonyms), text);
+            }
+        }
+
+        #[test]
+        fn arbitrary_unicode_never_panics(text in "\\PC{0,200}", action in prop_oneof![Just("redact"), Just("mask"), Just("hash"), Just("pseudonymize"), Just("block")]) {
+            let guard = every_entity_guard(action);
+            let outcome = guard.check("web", Direction::Prompt, &[Message::text(Role::User, text.clone())]).unwrap();
+            if outcome.decision == Decision::Transform && action == "pseudonymize" {
+                prop_assert_eq!(crate::pseudonym::restore(&outcome.messages[0].joined_text(), &outcome.pseudonyms), text);
+            }
+        }
     }
 }

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use switchboard_guard::pseudonym::{Mapping, Restorer, restore};
 use switchboard_guard::{App, AppPolicyConfig, Config};
 use switchboard_proto::{
     chat::v1::{ContentPart, ImageUrl, Message, Role, ToolCall, content_part::Part},
     guard::v1::{
-        CheckPromptRequest, CheckPromptResponse, Decision, guard_service_client::GuardServiceClient,
+        CheckAnswerRequest, CheckPromptRequest, CheckPromptResponse, Decision,
+        guard_service_client::GuardServiceClient,
     },
 };
 use tokio::sync::oneshot;
@@ -69,6 +71,7 @@ fn config() -> Config {
                 AppPolicyConfig {
                     action: Some("block".into()),
                     entities: None,
+                    ..Default::default()
                 },
             ),
             (
@@ -76,6 +79,7 @@ fn config() -> Config {
                 AppPolicyConfig {
                     action: Some("allow".into()),
                     entities: None,
+                    ..Default::default()
                 },
             ),
         ]),
@@ -211,8 +215,180 @@ async fn invalid_configuration_is_refused_at_build() {
         AppPolicyConfig {
             action: Some("quarantine".into()),
             entities: None,
+            ..Default::default()
         },
     );
     let error = App::build(config).await.err().unwrap().to_string();
     assert!(error.contains("guard.apps.x.action"), "{error}");
+}
+
+/// One app per action, every entity type checked.
+fn actions_config() -> Config {
+    let mut apps = BTreeMap::new();
+    for action in ["allow", "redact", "mask", "hash", "pseudonymize", "block"] {
+        apps.insert(
+            action.to_owned(),
+            AppPolicyConfig {
+                action: Some(action.into()),
+                ..Default::default()
+            },
+        );
+    }
+    Config {
+        grpc_addr: "127.0.0.1:0".into(),
+        entities: switchboard_guard::recognizer::KNOWN_ENTITIES
+            .iter()
+            .map(|e| (*e).to_owned())
+            .collect(),
+        hash_secret: Some("an HMAC key of the tests".into()),
+        allow_values: vec!["support@acme.example".into()],
+        apps,
+        ..Config::default()
+    }
+}
+
+const SSN: &str = "536-22-5436";
+const KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+
+fn sensitive() -> Vec<Message> {
+    vec![
+        Message::text(
+            Role::User,
+            format!("I'm {EMAIL} (or ask support@acme.example), card {CARD}, ssn {SSN}"),
+        ),
+        Message::text(Role::User, format!("again {EMAIL}; key {KEY}")),
+    ]
+}
+
+fn texts(response: &CheckPromptResponse) -> Vec<String> {
+    response.messages.iter().map(Message::joined_text).collect()
+}
+
+fn assert_values_gone(response: &CheckPromptResponse) {
+    let all = format!("{:?} {:?}", response.messages, response.findings);
+    for value in [EMAIL, CARD, SSN, KEY] {
+        assert!(!all.contains(value), "{value} in {all}");
+    }
+}
+
+#[tokio::test]
+async fn every_action_through_the_api() {
+    let mut guard = Running::start(actions_config()).await;
+
+    let allowed = guard.check("allow", sensitive()).await;
+    assert_eq!(allowed.decision(), Decision::Allow);
+    assert!(allowed.messages.is_empty() && allowed.pseudonyms.is_empty());
+    let counts: Vec<(&str, u32)> = allowed
+        .findings
+        .iter()
+        .map(|f| (f.entity_type.as_str(), f.count))
+        .collect();
+    // The allow-listed support address is not a finding.
+    assert_eq!(
+        counts,
+        [
+            ("AWS_ACCESS_KEY", 1),
+            ("CREDIT_CARD", 1),
+            ("EMAIL_ADDRESS", 2),
+            ("US_SSN", 1)
+        ]
+    );
+
+    let redacted = guard.check("redact", sensitive()).await;
+    assert_eq!(redacted.decision(), Decision::Transform);
+    assert_eq!(
+        texts(&redacted),
+        [
+            "I'm [EMAIL_ADDRESS] (or ask support@acme.example), card [CREDIT_CARD], ssn [US_SSN]",
+            "again [EMAIL_ADDRESS]; key [AWS_ACCESS_KEY]"
+        ]
+    );
+    assert_values_gone(&redacted);
+
+    let masked = guard.check("mask", sensitive()).await;
+    assert_eq!(
+        texts(&masked),
+        [
+            "I'm j***@example.com (or ask support@acme.example), card ****1111, ssn ****5436",
+            "again j***@example.com; key ****"
+        ]
+    );
+    assert_values_gone(&masked);
+
+    let hashed = guard.check("hash", sensitive()).await;
+    let hashed_texts = texts(&hashed);
+    assert!(
+        hashed_texts[0].starts_with("I'm <EMAIL_ADDRESS:"),
+        "{hashed_texts:?}"
+    );
+    // The same value hashes the same everywhere.
+    let tag = |text: &str| text[text.find("<EMAIL_ADDRESS:").unwrap()..][..24].to_owned();
+    assert_eq!(tag(&hashed_texts[0]), tag(&hashed_texts[1]));
+    assert_values_gone(&hashed);
+
+    let pseudonymized = guard.check("pseudonymize", sensitive()).await;
+    assert_eq!(pseudonymized.decision(), Decision::Transform);
+    assert_eq!(
+        texts(&pseudonymized),
+        [
+            "I'm <EMAIL_ADDRESS_1> (or ask support@acme.example), card <CREDIT_CARD_1>, ssn <US_SSN_1>",
+            "again <EMAIL_ADDRESS_1>; key <AWS_ACCESS_KEY_1>"
+        ]
+    );
+    assert_values_gone(&pseudonymized);
+    let mapping: Mapping = pseudonymized
+        .pseudonyms
+        .iter()
+        .map(|p| (p.placeholder.clone(), p.value.clone()))
+        .collect();
+    assert_eq!(mapping.len(), 4);
+    assert_eq!(mapping.get("<EMAIL_ADDRESS_1>"), Some(EMAIL));
+    // The gateway restores a streamed answer, placeholders split across chunks.
+    let answer = "Sure <EMAIL_ADDRESS_1>, your card <CREDIT_CARD_1> is fine.";
+    let mut restorer = Restorer::new(mapping.clone());
+    let mut streamed = String::new();
+    for chunk in answer.as_bytes().chunks(5) {
+        streamed.push_str(&restorer.push(std::str::from_utf8(chunk).unwrap()));
+    }
+    streamed.push_str(&restorer.finish());
+    assert_eq!(streamed, restore(answer, &mapping));
+    assert_eq!(streamed, format!("Sure {EMAIL}, your card {CARD} is fine."));
+
+    let blocked = guard.check("block", sensitive()).await;
+    assert_eq!(blocked.decision(), Decision::Block);
+    assert!(blocked.messages.is_empty() && blocked.pseudonyms.is_empty());
+    assert!(blocked.findings.iter().all(|f| f.action == "block"));
+    assert_values_gone(&blocked);
+    guard.stop().await;
+}
+
+#[tokio::test]
+async fn answers_use_the_answer_actions() {
+    let mut config = actions_config();
+    config.answer_actions = BTreeMap::from([("CREDIT_CARD".to_owned(), "block".to_owned())]);
+    let mut guard = Running::start(config).await;
+    let check_answer = |app: &str, text: String| CheckAnswerRequest {
+        request_id: "req-2".into(),
+        app: app.into(),
+        team: "t".into(),
+        messages: vec![Message::text(Role::Assistant, text)],
+    };
+    // Pseudonymised entities come back as the caller's own values in answers.
+    let answer = guard
+        .client
+        .check_answer(check_answer("pseudonymize", format!("Hello {EMAIL}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.decision(), Decision::Allow);
+    assert_eq!(answer.findings[0].action, "allow");
+    let answer = guard
+        .client
+        .check_answer(check_answer("redact", format!("Card {CARD}, mail {EMAIL}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.decision(), Decision::Block);
+    assert_values_gone(&answer);
+    guard.stop().await;
 }
