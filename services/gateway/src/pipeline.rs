@@ -650,11 +650,7 @@ impl Pipeline {
         let usage = assembled
             .usage
             .unwrap_or_else(|| assembled.estimate_usage(request));
-        let route = RouteInfo {
-            route: request.model.clone(),
-            model: assembled.model.clone(),
-            ..Default::default()
-        };
+        let route = partial_route(request, assembled, error, usage);
         self.record(
             ctx,
             request,
@@ -728,6 +724,48 @@ impl RecordArgs {
             streamed,
         }
     }
+}
+
+/// The route of a stream cut short. When the router named the deployment that was streaming (the
+/// metadata of its interrupted-stream error), the route names it and lists the cut attempt with
+/// what it consumed, so that the ledger prices those tokens at that deployment's rates.
+fn partial_route(
+    request: &ChatRequest,
+    assembled: &Assembler,
+    error: Option<&GatewayError>,
+    usage: Usage,
+) -> RouteInfo {
+    let mut route = RouteInfo {
+        route: request.model.clone(),
+        model: assembled.model.clone(),
+        ..Default::default()
+    };
+    let Some(GatewayError::Downstream { metadata, .. }) = error else {
+        return route;
+    };
+    let (Some(provider), Some(model)) = (metadata.get("provider"), metadata.get("model")) else {
+        return route;
+    };
+    let get = |name: &str| metadata.get(name).cloned().unwrap_or_default();
+    route.provider.clone_from(provider);
+    route.model.clone_from(model);
+    route.target = get("target");
+    route.key_alias = get("key_alias");
+    route.attempt_count = metadata
+        .get("attempts")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    route.attempts = vec![switchboard_proto::chat::v1::Attempt {
+        target: route.target.clone(),
+        provider: provider.clone(),
+        model: model.clone(),
+        key_alias: route.key_alias.clone(),
+        error_code: "STREAM_INTERRUPTED".to_owned(),
+        error_message: get("last_error"),
+        usage: Some(usage),
+        ..Default::default()
+    }];
+    route
 }
 
 fn caller(ctx: &RequestContext) -> Caller {
@@ -995,6 +1033,47 @@ mod tests {
             ..Default::default()
         });
         assert!(cut.to_response(&RouteInfo::default()).is_none());
+    }
+
+    #[test]
+    fn a_cut_stream_names_the_deployment_and_the_cut_attempt_with_its_usage() {
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            total_tokens: 5,
+            ..Default::default()
+        };
+        let error = GatewayError::Downstream {
+            code: ErrorCode::UpstreamUnavailable,
+            message: "stream interrupted after 3 chunks".into(),
+            metadata: [
+                ("provider", "primary"),
+                ("model", "gpt"),
+                ("target", "primary/gpt"),
+                ("key_alias", "k1"),
+                ("attempts", "2"),
+                ("last_error", "STREAM_INTERRUPTED: cut"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        };
+        let route = partial_route(&request(), &Assembler::default(), Some(&error), usage);
+        assert_eq!(
+            (
+                route.provider.as_str(),
+                route.model.as_str(),
+                route.key_alias.as_str()
+            ),
+            ("primary", "gpt", "k1")
+        );
+        assert_eq!(route.attempt_count, 2);
+        assert_eq!(route.attempts.len(), 1);
+        assert_eq!(route.attempts[0].usage, Some(usage));
+        assert_eq!(route.attempts[0].error_code, "STREAM_INTERRUPTED");
+        // A client that went away: nothing known about the deployment.
+        let route = partial_route(&request(), &Assembler::default(), None, usage);
+        assert!(route.provider.is_empty() && route.attempts.is_empty());
     }
 
     #[test]

@@ -138,6 +138,33 @@ pub fn time_to_timestamp(time: OffsetDateTime) -> switchboard_proto::Timestamp {
     }
 }
 
+/// The cost of the attempts before the last one that consumed tokens (a retry or fallback after
+/// an attempt that was cut short): each at its own provider's and model's price. The last
+/// attempt's tokens are the event's `usage`. `Err((provider, model))` when one has no price.
+fn earlier_attempts_cost(
+    route: &switchboard_proto::chat::v1::RouteInfo,
+    at: OffsetDateTime,
+    prices: &PriceBook,
+) -> Result<i64, (String, String)> {
+    let Some((_, earlier)) = route.attempts.split_last() else {
+        return Ok(0);
+    };
+    let mut total = 0i64;
+    for attempt in earlier {
+        let tokens = tokens_of(attempt.usage.as_ref());
+        if tokens.is_zero() {
+            continue;
+        }
+        let unpriced = || (attempt.provider.clone(), attempt.model.clone());
+        let pricing = prices
+            .lookup(&attempt.provider, &attempt.model, at)
+            .ok_or_else(unpriced)?;
+        let cost = pricing.cost(tokens).map_err(|_| unpriced())?;
+        total = total.checked_add(cost).ok_or_else(unpriced)?;
+    }
+    Ok(total)
+}
+
 /// Prices an event. `fallback_time` is used when the event carries no (valid) time.
 pub fn price_event(
     event: UsageEvent,
@@ -185,7 +212,7 @@ pub fn price_event(
         };
         (Some(0), saved)
     } else {
-        let cost = match pricing {
+        let serving = match pricing {
             Some(pricing) => match pricing.cost(tokens) {
                 Ok(cost) => Some(cost),
                 Err(error) => {
@@ -202,6 +229,19 @@ pub fn price_event(
                 );
                 None
             }
+        };
+        let earlier = earlier_attempts_cost(&route, time, prices).map_err(|(provider, model)| {
+            tracing::warn!(
+                request.id = %request_id, %provider, %model,
+                "no price for the model of a failed attempt that consumed tokens; recorded as unpriced"
+            );
+        });
+        let cost = match (serving, earlier) {
+            (Some(serving), Ok(earlier)) => serving.checked_add(earlier).or_else(|| {
+                tracing::error!(request.id = %request_id, "cost overflow; recorded as unpriced");
+                None
+            }),
+            _ => None,
         };
         (cost, 0)
     };
@@ -308,6 +348,45 @@ pub(crate) mod tests {
             }
         );
         assert_eq!(row.time, datetime!(2025-03-01 12:00:00.123456 UTC));
+    }
+
+    #[test]
+    fn a_failed_attempt_that_consumed_tokens_is_billed_with_the_serving_one() {
+        use switchboard_proto::chat::v1::Attempt;
+        // A stream cut after 100 output tokens, then the fallback served 1000 in / 500 out.
+        let mut e = event(ID, "gpt-4o-mini");
+        let route = e.route.as_mut().unwrap();
+        route.attempt_count = 2;
+        route.attempts = vec![
+            Attempt {
+                target: "primary/gpt-4o-mini".into(),
+                provider: "primary".into(),
+                model: "gpt-4o-mini".into(),
+                error_code: "STREAM_INTERRUPTED".into(),
+                usage: Some(Usage {
+                    prompt_tokens: 1000,
+                    completion_tokens: 100,
+                    total_tokens: 1100,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Attempt {
+                target: "openai/gpt-4o-mini".into(),
+                provider: "openai".into(),
+                model: "gpt-4o-mini".into(),
+                usage: e.usage,
+                ..Default::default()
+            },
+        ];
+        let row = price_event(e.clone(), now(), &book()).unwrap();
+        // 435_000 served + 1000 x 150 + 100 x 600 for the cut attempt.
+        assert_eq!(row.cost_usd_nanos, Some(435_000 + 150_000 + 60_000));
+        assert_eq!(row.attempts, 2);
+        // A cut attempt on a model without a price makes the row unpriced, never cheaper.
+        e.route.as_mut().unwrap().attempts[0].model = "mystery".into();
+        let row = price_event(e, now(), &book()).unwrap();
+        assert_eq!(row.cost_usd_nanos, None);
     }
 
     #[test]

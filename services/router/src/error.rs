@@ -72,6 +72,8 @@ pub struct StreamSource {
     pub model: String,
     /// Alias of the configured key, empty for the provider's own key.
     pub key_alias: String,
+    /// Attempts made, the broken one included.
+    pub attempts: usize,
 }
 
 impl ServiceError for RouterError {
@@ -146,6 +148,9 @@ impl ServiceError for RouterError {
                     ("target", from.target.clone()),
                     ("last_error", last_error.clone()),
                 ];
+                if from.attempts > 0 {
+                    pairs.push(("attempts", from.attempts.to_string()));
+                }
                 for (name, value) in [
                     ("provider", &from.provider),
                     ("model", &from.model),

@@ -955,6 +955,7 @@ async fn forward(
     let mut usage = first.usage;
     let mut forwarded = 0usize;
     let route = served.attempts.route.clone();
+    let attempts = served.attempts.list.len() + 1;
     let interrupted = |chunks: usize, last_error: String| RouterError::StreamInterrupted {
         route: route.clone(),
         chunks,
@@ -963,6 +964,7 @@ async fn forward(
             provider: deployment.provider.clone(),
             model: deployment.model.clone(),
             key_alias: deployment.key_alias.clone(),
+            attempts,
         }),
         last_error,
     };

@@ -716,3 +716,35 @@ async fn every_service_answers_health_checks_and_reflection() {
     }
     sandbox.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stream_cut_mid_answer_is_billed_at_the_deployment_that_was_cut() {
+    let sandbox = Sandbox::start().await.unwrap();
+    sandbox.primary.fail_stream_after(MODEL, 2, 1);
+    let mut request = body("one two three four five six seven eight");
+    request["stream"] = json!(true);
+    let response = post(&sandbox, Some(KEY_A), &request).await;
+    assert_eq!(response.status(), 200);
+    let id = header(&response, "x-switchboard-request-id");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("echo"), "{text}");
+    assert!(!text.contains("[DONE]"), "never a clean finish: {text}");
+    let row = sandbox.wait_for_record(&id).await.unwrap();
+    assert_eq!(row.status, RequestStatus::Partial as i32);
+    // The router named the deployment that was streaming: the row names it and prices what it
+    // consumed (counted locally: the provider sent no usage before the cut).
+    assert_eq!(row.provider, "primary");
+    assert_eq!(row.model, MODEL);
+    assert!(
+        row.prompt_tokens > 0 && row.completion_tokens > 0,
+        "{row:?}"
+    );
+    assert_eq!(
+        row.cost_usd_nanos,
+        Some(expected_cost_nanos(
+            row.prompt_tokens.into(),
+            row.completion_tokens.into()
+        ))
+    );
+    sandbox.stop().await.unwrap();
+}
