@@ -62,6 +62,23 @@ impl KeyStore {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingKey)?;
+        self.resolve(key)
+    }
+
+    /// Resolves Anthropic-style credentials: the `x-api-key` header when present, else the
+    /// `Authorization: Bearer` header.
+    pub fn authenticate_api_key(
+        &self,
+        x_api_key: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<Principal, GatewayError> {
+        match x_api_key.map(str::trim).filter(|k| !k.is_empty()) {
+            Some(key) => self.resolve(key),
+            None => self.authenticate(authorization),
+        }
+    }
+
+    fn resolve(&self, key: &str) -> Result<Principal, GatewayError> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         self.by_hash
             .get(&hash)
@@ -107,6 +124,31 @@ mod tests {
         assert!(matches!(
             store().authenticate(Some("Bearer sk-wrong")),
             Err(GatewayError::InvalidKey)
+        ));
+    }
+
+    #[test]
+    fn x_api_key_wins_over_authorization() {
+        let store = store();
+        assert_eq!(
+            store
+                .authenticate_api_key(Some("sk-test"), None)
+                .unwrap()
+                .key_id,
+            "k1"
+        );
+        assert!(
+            store
+                .authenticate_api_key(None, Some("Bearer sk-test"))
+                .is_ok()
+        );
+        assert!(matches!(
+            store.authenticate_api_key(Some("sk-wrong"), Some("Bearer sk-test")),
+            Err(GatewayError::InvalidKey)
+        ));
+        assert!(matches!(
+            store.authenticate_api_key(Some(" "), None),
+            Err(GatewayError::MissingKey)
         ));
     }
 }

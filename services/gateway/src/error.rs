@@ -92,6 +92,40 @@ impl GatewayError {
     }
 }
 
+impl GatewayError {
+    /// Anthropic's error `type` for this error (its HTTP status is the code's, as for every API).
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.code() {
+            ErrorCode::InvalidArgument | ErrorCode::UpstreamRejected => "invalid_request_error",
+            ErrorCode::PayloadTooLarge => "request_too_large",
+            ErrorCode::Unauthenticated => "authentication_error",
+            ErrorCode::PermissionDenied => "permission_error",
+            ErrorCode::NotFound => "not_found_error",
+            ErrorCode::RateLimited => "rate_limit_error",
+            ErrorCode::Unavailable => "overloaded_error",
+            ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Internal => {
+                "api_error"
+            }
+        }
+    }
+
+    /// Anthropic's error body: `{"type":"error","error":{"type","message"}}`.
+    pub fn anthropic_body(&self) -> crate::anthropic::ErrorBody {
+        let message = if self.code() == ErrorCode::Internal {
+            "internal error".to_owned()
+        } else {
+            self.to_string()
+        };
+        crate::anthropic::ErrorBody {
+            kind: "error",
+            error: crate::anthropic::ErrorDetail {
+                kind: self.anthropic_type(),
+                message,
+            },
+        }
+    }
+}
+
 impl ServiceError for GatewayError {
     fn code(&self) -> ErrorCode {
         match self {

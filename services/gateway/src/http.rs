@@ -30,6 +30,7 @@ use crate::{
 pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(crate::anthropic::messages))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -44,7 +45,7 @@ impl IntoResponse for GatewayError {
     }
 }
 
-fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
+pub(crate) fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
     let span = tracing::info_span!(
         "gateway.http",
         otel.name = name,
@@ -57,14 +58,14 @@ fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
     span
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
 }
 
 /// Cache control from `Cache-Control` / `x-switchboard-cache` / `x-switchboard-cache-ttl` headers.
-fn cache_control(headers: &HeaderMap) -> CacheControl {
+pub(crate) fn cache_control(headers: &HeaderMap) -> CacheControl {
     let mut control = CacheControl::default();
     for name in [http::header::CACHE_CONTROL.as_str(), "x-switchboard-cache"] {
         for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
@@ -85,7 +86,7 @@ fn cache_control(headers: &HeaderMap) -> CacheControl {
     control
 }
 
-async fn read_body(
+pub(crate) async fn read_body(
     body: Body,
     limit: usize,
     headers: &HeaderMap,
@@ -109,7 +110,8 @@ async fn read_body(
         })
 }
 
-fn parse_request(bytes: &[u8]) -> Result<ChatCompletionRequest, GatewayError> {
+/// Parses a JSON body; errors name the offending field by its path.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
@@ -148,7 +150,7 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
         Ok(bytes) => bytes,
         Err(error) => return error.into_response(),
     };
-    let parsed = match parse_request(&bytes) {
+    let parsed = match parse_json::<ChatCompletionRequest>(&bytes) {
         Ok(parsed) => parsed,
         Err(error) => return error.into_response(),
     };
@@ -216,7 +218,7 @@ fn error_with_id(error: GatewayError, request_id: &str) -> Response {
     response
 }
 
-fn set_headers(
+pub(crate) fn set_headers(
     headers: &mut HeaderMap,
     request_id: &str,
     cache: &str,

@@ -2,6 +2,7 @@
 //! guard → cache → router over gRPC, and publishes one usage event per request to NATS JetStream.
 //! It serves `switchboard.gateway.v1.GatewayService` over gRPC and an OpenAI-compatible HTTP API.
 
+mod anthropic;
 mod app;
 mod auth;
 mod config;

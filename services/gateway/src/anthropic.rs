@@ -1,0 +1,995 @@
+//! Anthropic Messages at the front door: `POST /v1/messages`, so that Anthropic clients work
+//! unchanged. The request is translated into the provider-neutral `ChatRequest` and served by the
+//! same [`Pipeline`](crate::pipeline::Pipeline) as `/v1/chat/completions` (guard → cache → router →
+//! usage event); only the wire format differs.
+//!
+//! - Credentials: `x-api-key` (what Anthropic SDKs send) or `Authorization: Bearer`.
+//! - `max_tokens` is required, as Anthropic requires it (`invalid_request_error` otherwise).
+//! - `system` (a string or text blocks) becomes a system message; a user turn's `tool_result`
+//!   blocks become tool messages (before the turn's own text); `tool_use` blocks become tool calls
+//!   with their `input` as JSON text. `thinking` blocks are dropped; other block types and server
+//!   tools are refused. `top_k` has no field in the neutral model and is ignored.
+//! - Stop reasons: `end_turn` (finished, also after a stop sequence: the neutral model does not tell
+//!   them apart), `max_tokens`, `tool_use`, `refusal` (content filter).
+//! - Usage: Anthropic's `input_tokens` excludes cache reads and writes, ours includes them.
+//! - Streams: the real event sequence (`message_start`, `content_block_start`, `ping`,
+//!   `content_block_delta` with `text_delta` / `input_json_delta`, `content_block_stop`,
+//!   `message_delta` with the stop reason and usage, `message_stop`). A stream that fails after it
+//!   started ends with an `error` event, never with `message_stop`.
+//! - Errors: `{"type":"error","error":{"type","message"}}` with the status of their code.
+
+use std::convert::Infallible;
+
+use axum::{
+    Json,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use switchboard_proto::chat::v1 as pb;
+use switchboard_status::ServiceError;
+use tracing::Instrument;
+
+use crate::{
+    app::Shared,
+    error::GatewayError,
+    http,
+    pipeline::{RequestContext, StreamEvent},
+};
+
+// === request ===
+
+/// `POST /v1/messages` body. Unknown fields are ignored (`top_k` among them: the neutral model has
+/// no field for it).
+#[derive(Debug, Deserialize)]
+pub struct MessagesRequest {
+    pub model: String,
+    pub messages: Vec<InMessage>,
+    #[serde(default)]
+    pub system: Option<InContent>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub tools: Vec<InTool>,
+    #[serde(default)]
+    pub tool_choice: Option<InToolChoice>,
+    #[serde(default)]
+    pub stop_sequences: Vec<String>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub metadata: Option<InMetadata>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    pub content: InContent,
+}
+
+/// A string, or content blocks.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum InContent {
+    Text(String),
+    Blocks(Vec<InBlock>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InBlock {
+    Text {
+        text: String,
+    },
+    Image {
+        source: ImageSource,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: String,
+        #[serde(default)]
+        content: Option<InContent>,
+    },
+    Thinking {},
+    RedactedThinking {},
+    #[serde(other)]
+    Unsupported,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImageSource {
+    Base64 { media_type: String, data: String },
+    Url { url: String },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InTool {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub input_schema: Option<Value>,
+    /// Absent or `custom` for client tools; server tools (`web_search_…`) are refused.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InToolChoice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub disable_parallel_tool_use: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InMetadata {
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidRequest {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn text_part(text: String) -> pb::ContentPart {
+    pb::ContentPart {
+        part: Some(pb::content_part::Part::Text(text)),
+    }
+}
+
+fn image_part(source: ImageSource) -> pb::ContentPart {
+    let url = match source {
+        ImageSource::Base64 { media_type, data } => format!("data:{media_type};base64,{data}"),
+        ImageSource::Url { url } => url,
+    };
+    pb::ContentPart {
+        part: Some(pb::content_part::Part::ImageUrl(pb::ImageUrl {
+            url,
+            detail: String::new(),
+        })),
+    }
+}
+
+/// Text and image parts of `content` (a system prompt or a tool result).
+fn plain_parts(content: InContent, field: &str) -> Result<Vec<pb::ContentPart>, GatewayError> {
+    match content {
+        InContent::Text(text) => Ok(vec![text_part(text)]),
+        InContent::Blocks(blocks) => {
+            let mut parts = Vec::with_capacity(blocks.len());
+            for (i, block) in blocks.into_iter().enumerate() {
+                match block {
+                    InBlock::Text { text } => parts.push(text_part(text)),
+                    InBlock::Image { source } => parts.push(image_part(source)),
+                    _ => {
+                        return Err(invalid(
+                            format!("{field}[{i}].type"),
+                            "only text and image blocks are allowed here",
+                        ));
+                    }
+                }
+            }
+            Ok(parts)
+        }
+    }
+}
+
+fn unsupported(field: String) -> GatewayError {
+    invalid(
+        field,
+        "unsupported content block type; expected text, image, tool_use or tool_result",
+    )
+}
+
+impl MessagesRequest {
+    /// Translates to the provider-neutral request.
+    pub fn into_proto(self) -> Result<pb::ChatRequest, GatewayError> {
+        let max_tokens = self
+            .max_tokens
+            .ok_or_else(|| invalid("max_tokens", "Field required"))?;
+        let mut messages = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(system) = self.system {
+            messages.push(pb::Message {
+                role: pb::Role::System as i32,
+                content: plain_parts(system, "system")?,
+                ..Default::default()
+            });
+        }
+        for (index, message) in self.messages.into_iter().enumerate() {
+            let field = format!("messages[{index}]");
+            let assistant = match message.role.as_str() {
+                "user" => false,
+                "assistant" => true,
+                other => {
+                    return Err(invalid(
+                        format!("{field}.role"),
+                        format!("unknown role `{other}`; expected user or assistant"),
+                    ));
+                }
+            };
+            let blocks = match message.content {
+                InContent::Text(text) => vec![InBlock::Text { text }],
+                InContent::Blocks(blocks) => blocks,
+            };
+            let mut content = Vec::new();
+            let mut tool_calls = Vec::new();
+            for (i, block) in blocks.into_iter().enumerate() {
+                let block_field = || format!("{field}.content[{i}]");
+                match block {
+                    InBlock::Text { text } => content.push(text_part(text)),
+                    InBlock::Image { source } if !assistant => content.push(image_part(source)),
+                    InBlock::ToolUse { id, name, input } if assistant => {
+                        let arguments_json = match input {
+                            Value::Null => "{}".to_owned(),
+                            Value::Object(_) => input.to_string(),
+                            _ => {
+                                return Err(invalid(
+                                    format!("{}.input", block_field()),
+                                    "must be an object",
+                                ));
+                            }
+                        };
+                        tool_calls.push(pb::ToolCall {
+                            id,
+                            name,
+                            arguments_json,
+                        });
+                    }
+                    InBlock::ToolResult {
+                        tool_use_id,
+                        content: result,
+                    } if !assistant => {
+                        // Tool results answer the previous assistant turn: they go first.
+                        let parts = match result {
+                            Some(result) => {
+                                plain_parts(result, &format!("{}.content", block_field()))?
+                            }
+                            None => Vec::new(),
+                        };
+                        messages.push(pb::Message {
+                            role: pb::Role::Tool as i32,
+                            content: parts,
+                            tool_call_id: tool_use_id,
+                            ..Default::default()
+                        });
+                    }
+                    InBlock::Thinking {} | InBlock::RedactedThinking {} => {}
+                    InBlock::Unsupported => {
+                        return Err(unsupported(format!("{}.type", block_field())));
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("{}.type", block_field()),
+                            format!("this block type is not allowed in a {} turn", message.role),
+                        ));
+                    }
+                }
+            }
+            if content.is_empty() && tool_calls.is_empty() {
+                continue;
+            }
+            messages.push(pb::Message {
+                role: if assistant {
+                    pb::Role::Assistant
+                } else {
+                    pb::Role::User
+                } as i32,
+                content,
+                tool_calls,
+                ..Default::default()
+            });
+        }
+        let mut tools = Vec::with_capacity(self.tools.len());
+        for (index, tool) in self.tools.into_iter().enumerate() {
+            if let Some(kind) = tool.kind.as_deref()
+                && kind != "custom"
+            {
+                return Err(invalid(
+                    format!("tools[{index}].type"),
+                    format!("server tool `{kind}` is not supported"),
+                ));
+            }
+            let schema = tool
+                .input_schema
+                .ok_or_else(|| invalid(format!("tools[{index}].input_schema"), "Field required"))?;
+            tools.push(pb::Tool {
+                name: tool.name,
+                description: tool.description.unwrap_or_default(),
+                parameters_json: schema.to_string(),
+                strict: false,
+            });
+        }
+        let mut parallel_tool_calls = None;
+        let tool_choice = match self.tool_choice {
+            None => None,
+            Some(choice) => {
+                if choice.disable_parallel_tool_use {
+                    parallel_tool_calls = Some(false);
+                }
+                let mode = |mode: pb::ToolChoiceMode| pb::tool_choice::Choice::Mode(mode as i32);
+                Some(pb::ToolChoice {
+                    choice: Some(match choice.kind.as_str() {
+                        "auto" => mode(pb::ToolChoiceMode::Auto),
+                        "any" => mode(pb::ToolChoiceMode::Required),
+                        "none" => mode(pb::ToolChoiceMode::None),
+                        "tool" => pb::tool_choice::Choice::FunctionName(
+                            choice
+                                .name
+                                .filter(|n| !n.is_empty())
+                                .ok_or_else(|| invalid("tool_choice.name", "Field required"))?,
+                        ),
+                        other => {
+                            return Err(invalid(
+                                "tool_choice.type",
+                                format!("unknown tool_choice type `{other}`"),
+                            ));
+                        }
+                    }),
+                })
+            }
+        };
+        Ok(pb::ChatRequest {
+            model: self.model,
+            messages,
+            tools,
+            tool_choice,
+            sampling: Some(pb::SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_tokens: Some(max_tokens),
+                stop: self.stop_sequences,
+                ..Default::default()
+            }),
+            response_format: None,
+            parallel_tool_calls,
+            user: self.metadata.and_then(|m| m.user_id).unwrap_or_default(),
+            tags: Default::default(),
+        })
+    }
+}
+
+// === response ===
+
+/// A complete Anthropic message.
+#[derive(Debug, Serialize)]
+pub struct MessageOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub role: &'static str,
+    pub model: String,
+    pub content: Vec<BlockOut>,
+    pub stop_reason: Option<&'static str>,
+    pub stop_sequence: Option<String>,
+    pub usage: UsageOut,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BlockOut {
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
+}
+
+#[derive(Debug, Serialize, Default, PartialEq)]
+pub struct UsageOut {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub cache_creation_input_tokens: u32,
+    pub cache_read_input_tokens: u32,
+}
+
+/// Anthropic's error body.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// Anthropic's stop reason for a finish reason.
+pub fn stop_reason(reason: i32) -> Option<&'static str> {
+    match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Unspecified => None,
+        pb::FinishReason::Stop | pb::FinishReason::Error => Some("end_turn"),
+        pb::FinishReason::Length => Some("max_tokens"),
+        pb::FinishReason::ToolCalls => Some("tool_use"),
+        pb::FinishReason::ContentFilter => Some("refusal"),
+    }
+}
+
+/// Anthropic usage: `input_tokens` excludes cache reads and writes.
+pub fn usage_out(usage: Option<&pb::Usage>) -> UsageOut {
+    let usage = usage.copied().unwrap_or_default();
+    UsageOut {
+        input_tokens: usage
+            .prompt_tokens
+            .saturating_sub(usage.cached_prompt_tokens)
+            .saturating_sub(usage.cache_write_tokens),
+        output_tokens: usage.completion_tokens,
+        cache_creation_input_tokens: usage.cache_write_tokens,
+        cache_read_input_tokens: usage.cached_prompt_tokens,
+    }
+}
+
+/// `msg_` + the request id without dashes.
+pub fn message_id(request_id: &str) -> String {
+    let mut id = String::with_capacity(4 + request_id.len());
+    id.push_str("msg_");
+    id.extend(request_id.chars().filter(|c| *c != '-'));
+    id
+}
+
+/// A tool call's arguments as the `input` object (`{}` when empty or not an object).
+fn input_of(arguments_json: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments_json) {
+        Ok(value @ Value::Object(_)) => value,
+        _ => {
+            if !arguments_json.trim().is_empty() {
+                tracing::warn!("tool call arguments are not a JSON object; sent as {{}}");
+            }
+            json!({})
+        }
+    }
+}
+
+impl MessageOut {
+    /// The first choice of `response` as an Anthropic message.
+    pub fn from_proto(response: &pb::ChatResponse, id: String) -> Self {
+        let choice = response.choices.first();
+        let message = choice.and_then(|c| c.message.as_ref());
+        let mut content = Vec::new();
+        if let Some(message) = message {
+            let text = message.joined_text();
+            if !text.is_empty() {
+                content.push(BlockOut::Text { text });
+            }
+            for call in &message.tool_calls {
+                content.push(BlockOut::ToolUse {
+                    id: call.id.clone(),
+                    name: call.name.clone(),
+                    input: input_of(&call.arguments_json),
+                });
+            }
+        }
+        MessageOut {
+            id,
+            kind: "message",
+            role: "assistant",
+            model: response.model.clone(),
+            content,
+            stop_reason: choice
+                .and_then(|c| stop_reason(c.finish_reason))
+                .or(Some("end_turn")),
+            stop_sequence: None,
+            usage: usage_out(response.usage.as_ref()),
+        }
+    }
+}
+
+// === streaming ===
+
+fn event(name: &'static str, data: &Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+/// The block being streamed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Open {
+    Text,
+    /// A tool call, by its index among the message's calls.
+    Tool(u32),
+}
+
+/// Turns pipeline stream events into Anthropic's event sequence.
+struct Streamer {
+    id: String,
+    started: bool,
+    pinged: bool,
+    /// The open block and its Anthropic index.
+    open: Option<(Open, u32)>,
+    next_index: u32,
+    finish: i32,
+}
+
+impl Streamer {
+    fn new(id: String) -> Self {
+        Streamer {
+            id,
+            started: false,
+            pinged: false,
+            open: None,
+            next_index: 0,
+            finish: pb::FinishReason::Unspecified as i32,
+        }
+    }
+
+    fn start(&mut self, model: &str, out: &mut Vec<Event>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        out.push(event(
+            "message_start",
+            &json!({ "type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": UsageOut::default() } }),
+        ));
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        if let Some((_, index)) = self.open.take() {
+            out.push(event(
+                "content_block_stop",
+                &json!({ "type": "content_block_stop", "index": index }),
+            ));
+        }
+    }
+
+    fn open(&mut self, block: Open, content_block: Value, out: &mut Vec<Event>) -> u32 {
+        self.close(out);
+        let index = self.next_index;
+        self.next_index += 1;
+        out.push(event(
+            "content_block_start",
+            &json!({ "type": "content_block_start", "index": index, "content_block": content_block }),
+        ));
+        self.ping(out);
+        self.open = Some((block, index));
+        index
+    }
+
+    fn ping(&mut self, out: &mut Vec<Event>) {
+        if !self.pinged {
+            self.pinged = true;
+            out.push(event("ping", &json!({ "type": "ping" })));
+        }
+    }
+
+    fn chunk(&mut self, chunk: &pb::ChatChunk, out: &mut Vec<Event>) {
+        self.start(&chunk.model, out);
+        // Anthropic has one choice per message.
+        for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+            if !choice.content.is_empty() {
+                let index = match self.open {
+                    Some((Open::Text, index)) => index,
+                    _ => self.open(Open::Text, json!({ "type": "text", "text": "" }), out),
+                };
+                out.push(event(
+                    "content_block_delta",
+                    &json!({ "type": "content_block_delta", "index": index,
+                             "delta": { "type": "text_delta", "text": choice.content } }),
+                ));
+            }
+            for call in &choice.tool_calls {
+                let index = match self.open {
+                    Some((Open::Tool(open), index)) if open == call.index => index,
+                    _ => self.open(
+                        Open::Tool(call.index),
+                        json!({ "type": "tool_use", "id": call.id, "name": call.name, "input": {} }),
+                        out,
+                    ),
+                };
+                if !call.arguments_delta.is_empty() {
+                    out.push(event(
+                        "content_block_delta",
+                        &json!({ "type": "content_block_delta", "index": index,
+                                 "delta": { "type": "input_json_delta", "partial_json": call.arguments_delta } }),
+                    ));
+                }
+            }
+            if choice.finish_reason != pb::FinishReason::Unspecified as i32 {
+                self.finish = choice.finish_reason;
+            }
+        }
+    }
+
+    fn done(&mut self, model: &str, usage: &pb::Usage, out: &mut Vec<Event>) {
+        self.start(model, out);
+        self.close(out);
+        self.ping(out);
+        out.push(event(
+            "message_delta",
+            &json!({ "type": "message_delta",
+                     "delta": { "stop_reason": stop_reason(self.finish).unwrap_or("end_turn"), "stop_sequence": null },
+                     "usage": usage_out(Some(usage)) }),
+        ));
+        out.push(event("message_stop", &json!({ "type": "message_stop" })));
+    }
+}
+
+fn error_event(error: &GatewayError) -> Event {
+    Event::default().event("error").data(
+        serde_json::to_string(&error.anthropic_body()).unwrap_or_else(|_| {
+            "{\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"stream failed\"}}"
+                .to_owned()
+        }),
+    )
+}
+
+/// Anthropic SSE events from the pipeline's stream events.
+fn sse_events(
+    mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
+    id: String,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream::stream! {
+        let mut streamer = Streamer::new(id);
+        let mut model = String::new();
+        let mut out = Vec::new();
+        while let Some(item) = events.recv().await {
+            match item {
+                StreamEvent::Chunk(chunk) => {
+                    if model.is_empty() {
+                        model.clone_from(&chunk.model);
+                    }
+                    streamer.chunk(&chunk, &mut out);
+                    for event in out.drain(..) {
+                        yield Ok(event);
+                    }
+                }
+                StreamEvent::Done { usage, .. } => {
+                    streamer.done(&model, &usage, &mut out);
+                    for event in out.drain(..) {
+                        yield Ok(event);
+                    }
+                    return;
+                }
+                StreamEvent::Failed(error) => {
+                    yield Ok(error_event(&error));
+                    return;
+                }
+            }
+        }
+        // The pipeline always ends with Done or Failed; anything else is not a clean finish.
+        yield Ok(error_event(&GatewayError::Internal("stream ended without its end".to_owned())));
+    }
+}
+
+// === handler ===
+
+/// An Anthropic-shaped error response.
+fn error_response(error: &GatewayError, request_id: Option<&str>) -> Response {
+    let mut response = (error.code().http_status(), Json(error.anthropic_body())).into_response();
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        response
+            .headers_mut()
+            .insert("x-switchboard-request-id", value);
+    }
+    response
+}
+
+/// `POST /v1/messages`.
+pub async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let span = http::request_span("POST /v1/messages", &headers);
+    let response = handle(shared, headers, body).instrument(span.clone()).await;
+    span.record("http.status_code", response.status().as_u16());
+    response
+}
+
+async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let principal = match shared
+        .keys
+        .authenticate_api_key(x_api_key, http::authorization(&headers))
+    {
+        Ok(principal) => principal,
+        Err(error) => return error_response(&error, None),
+    };
+    let request = match http::read_body(body, shared.max_body_bytes, &headers)
+        .await
+        .and_then(|bytes| http::parse_json::<MessagesRequest>(&bytes))
+    {
+        Ok(request) => request,
+        Err(error) => return error_response(&error, None),
+    };
+    let stream = request.stream;
+    let request = match request.into_proto() {
+        Ok(request) => request,
+        Err(error) => return error_response(&error, None),
+    };
+    let ctx = RequestContext::new(principal);
+    let span = tracing::Span::current();
+    span.record("request.id", ctx.request_id.as_str());
+    span.record("app.id", ctx.principal.app.as_str());
+    let control = http::cache_control(&headers);
+    let id = message_id(&ctx.request_id);
+    if stream {
+        match shared.pipeline.stream(&ctx, request, control).await {
+            Ok(handle) => {
+                let mut response = Sse::new(sse_events(handle.events, id))
+                    .keep_alive(KeepAlive::default())
+                    .into_response();
+                http::set_headers(
+                    response.headers_mut(),
+                    &ctx.request_id,
+                    handle.cache.as_str(),
+                    None,
+                );
+                response
+            }
+            Err(error) => error_response(&error, Some(&ctx.request_id)),
+        }
+    } else {
+        match shared.pipeline.complete(&ctx, request, control).await {
+            Ok(done) => {
+                let mut response = Json(MessageOut::from_proto(&done.response, id)).into_response();
+                http::set_headers(
+                    response.headers_mut(),
+                    &ctx.request_id,
+                    done.cache.as_str(),
+                    Some(&done.route),
+                );
+                response
+            }
+            Err(error) => error_response(&error, Some(&ctx.request_id)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<pb::ChatRequest, GatewayError> {
+        http::parse_json::<MessagesRequest>(json.as_bytes())?.into_proto()
+    }
+
+    fn field_of(error: GatewayError) -> String {
+        match error {
+            GatewayError::InvalidRequest { field, .. } => field,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn translates_a_full_request() {
+        let request = parse(
+            r#"{"model":"m","max_tokens":64,
+              "system":[{"type":"text","text":"be brief","cache_control":{"type":"ephemeral"}}],
+              "messages":[
+                {"role":"user","content":[{"type":"text","text":"look"},
+                  {"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]},
+                {"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"},
+                  {"type":"text","text":"calling"},
+                  {"type":"tool_use","id":"toolu_1","name":"f","input":{"a":1}}]},
+                {"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":"42"},
+                  {"type":"text","text":"thanks"}]}],
+              "tools":[{"name":"f","description":"d","input_schema":{"type":"object"}}],
+              "tool_choice":{"type":"any","disable_parallel_tool_use":true},
+              "stop_sequences":["END"],"temperature":0.5,"top_p":0.9,"top_k":5,
+              "metadata":{"user_id":"u1"},"stream":false}"#,
+        )
+        .unwrap();
+        assert_eq!(request.model, "m");
+        let roles: Vec<i32> = request.messages.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [
+                pb::Role::System,
+                pb::Role::User,
+                pb::Role::Assistant,
+                pb::Role::Tool,
+                pb::Role::User
+            ]
+            .map(|r| r as i32)
+        );
+        assert_eq!(request.messages[0].joined_text(), "be brief");
+        assert!(matches!(
+            &request.messages[1].content[1].part,
+            Some(pb::content_part::Part::ImageUrl(image)) if image.url == "data:image/png;base64,AAAA"
+        ));
+        assert_eq!(request.messages[2].joined_text(), "calling");
+        assert_eq!(
+            request.messages[2].tool_calls[0].arguments_json,
+            r#"{"a":1}"#
+        );
+        assert_eq!(request.messages[3].tool_call_id, "toolu_1");
+        assert_eq!(request.messages[3].joined_text(), "42");
+        assert_eq!(request.messages[4].joined_text(), "thanks");
+        assert_eq!(request.tools[0].parameters_json, r#"{"type":"object"}"#);
+        assert_eq!(
+            request.tool_choice.unwrap().choice,
+            Some(pb::tool_choice::Choice::Mode(
+                pb::ToolChoiceMode::Required as i32
+            ))
+        );
+        assert_eq!(request.parallel_tool_calls, Some(false));
+        let sampling = request.sampling.unwrap();
+        assert_eq!(sampling.max_tokens, Some(64));
+        assert_eq!(sampling.stop, ["END"]);
+        assert_eq!(sampling.temperature, Some(0.5));
+        assert_eq!(request.user, "u1");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let missing = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        assert_eq!(field_of(missing.unwrap_err()), "max_tokens");
+        let role =
+            parse(r#"{"model":"m","max_tokens":1,"messages":[{"role":"system","content":"hi"}]}"#);
+        assert_eq!(field_of(role.unwrap_err()), "messages[0].role");
+        let block = parse(
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#,
+        );
+        assert_eq!(field_of(block.unwrap_err()), "messages[0].content[0].type");
+        let tool_use_by_user = parse(
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"tool_use","id":"a","name":"f","input":{}}]}]}"#,
+        );
+        assert_eq!(
+            field_of(tool_use_by_user.unwrap_err()),
+            "messages[0].content[0].type"
+        );
+        let server_tool = parse(
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+        );
+        assert_eq!(field_of(server_tool.unwrap_err()), "tools[0].type");
+        let error = GatewayError::InvalidRequest {
+            field: "max_tokens".into(),
+            message: "Field required".into(),
+        };
+        let body = serde_json::to_value(error.anthropic_body()).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn response_has_blocks_stop_reason_and_anthropic_usage() {
+        let response = pb::ChatResponse {
+            model: "m".into(),
+            choices: vec![pb::Choice {
+                index: 0,
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    content: vec![text_part("let me check".into())],
+                    tool_calls: vec![pb::ToolCall {
+                        id: "call_1".into(),
+                        name: "f".into(),
+                        arguments_json: r#"{"city":"Paris"}"#.into(),
+                    }],
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::ToolCalls as i32,
+            }],
+            usage: Some(pb::Usage {
+                prompt_tokens: 100,
+                completion_tokens: 7,
+                total_tokens: 107,
+                cached_prompt_tokens: 30,
+                cache_write_tokens: 10,
+                reasoning_tokens: 0,
+            }),
+            ..Default::default()
+        };
+        let json =
+            serde_json::to_value(MessageOut::from_proto(&response, message_id("0a-1b"))).unwrap();
+        assert_eq!(json["id"], "msg_0a1b");
+        assert_eq!(json["type"], "message");
+        assert_eq!(
+            json["content"][0],
+            json!({"type":"text","text":"let me check"})
+        );
+        assert_eq!(
+            json["content"][1],
+            json!({"type":"tool_use","id":"call_1","name":"f","input":{"city":"Paris"}})
+        );
+        assert_eq!(json["stop_reason"], "tool_use");
+        assert!(json["stop_sequence"].is_null());
+        assert_eq!(
+            json["usage"],
+            json!({"input_tokens":60,"output_tokens":7,"cache_creation_input_tokens":10,"cache_read_input_tokens":30})
+        );
+        for (reason, name) in [
+            (pb::FinishReason::Stop, "end_turn"),
+            (pb::FinishReason::Length, "max_tokens"),
+            (pb::FinishReason::ContentFilter, "refusal"),
+        ] {
+            assert_eq!(stop_reason(reason as i32), Some(name));
+        }
+    }
+
+    fn names(events: &[Event]) -> Vec<String> {
+        // `Event` has no accessors: read the rendered `event:` line back.
+        events
+            .iter()
+            .map(|e| {
+                let text = format!("{e:?}");
+                text.split("event: ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(['\\', '\n']).next())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stream_events_follow_anthropics_sequence() {
+        let mut streamer = Streamer::new("msg_1".into());
+        let mut out = Vec::new();
+        let delta = |content: &str, tool: Option<pb::ToolCallDelta>, finish: pb::FinishReason| {
+            pb::ChatChunk {
+                model: "m".into(),
+                choices: vec![pb::ChoiceDelta {
+                    index: 0,
+                    content: content.into(),
+                    tool_calls: tool.into_iter().collect(),
+                    finish_reason: finish as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        };
+        let unspecified = pb::FinishReason::Unspecified;
+        streamer.chunk(&delta("", None, unspecified), &mut out);
+        streamer.chunk(&delta("hel", None, unspecified), &mut out);
+        streamer.chunk(&delta("lo", None, unspecified), &mut out);
+        let call = |id: &str, args: &str| pb::ToolCallDelta {
+            index: 0,
+            id: id.into(),
+            name: if id.is_empty() { "" } else { "f" }.into(),
+            arguments_delta: args.into(),
+        };
+        streamer.chunk(&delta("", Some(call("c1", "")), unspecified), &mut out);
+        streamer.chunk(&delta("", Some(call("", "{\"a\":")), unspecified), &mut out);
+        streamer.chunk(
+            &delta("", Some(call("", "1}")), pb::FinishReason::ToolCalls),
+            &mut out,
+        );
+        streamer.done("m", &pb::Usage::default(), &mut out);
+        assert_eq!(
+            names(&out),
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        let rendered = format!("{:?}", out[10]);
+        assert!(rendered.contains("tool_use"), "{rendered}");
+    }
+}
