@@ -26,6 +26,9 @@
 //! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: Gemini
 //!   (`x-goog-api-key` header or `key=`; roles `user`/`model`; `functionResponse` needs a name).
 //!   Streams have no end marker: the last event carries `finishReason` and the usage.
+//! - `POST /v1/embeddings` and Azure `POST /openai/deployments/{deployment}/embeddings`: OpenAI
+//!   embeddings, deterministic (a unit vector seeded by a hash of each input, of
+//!   [`embeddings::DEFAULT_DIMENSIONS`] or the requested `dimensions`; `prompt_tokens` = words).
 //! - `GET /v1/models`: models seen in requests or mentioned by a control call.
 //!
 //! # Faults
@@ -42,6 +45,7 @@
 
 mod answer;
 mod anthropic;
+pub mod embeddings;
 mod gemini;
 mod openai;
 
@@ -390,6 +394,11 @@ fn router(shared: Arc<Shared>) -> Router {
             post(azure_chat),
         )
         .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route(
+            "/openai/deployments/{deployment}/embeddings",
+            post(azure_embeddings),
+        )
         .route("/v1beta/models/{model_method}", post(gemini_generate))
         .route("/v1/models", get(list_models))
         .route("/_fake/fault", post(control_fault))
@@ -878,6 +887,45 @@ async fn gemini_generate(
         stream_method,
     };
     chat(shared, socket, incoming).await
+}
+
+async fn openai_embeddings(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = path_of(&uri);
+    embeddings::handle(shared, socket, ApiFormat::Openai, None, path, headers, body).await
+}
+
+async fn azure_embeddings(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(socket): ConnectInfo<Socket>,
+    Path(deployment): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !headers.contains_key("api-key") && !headers.contains_key(header::AUTHORIZATION) {
+        return openai::error_response(
+            401,
+            "Access denied due to missing subscription key.",
+            Some("401"),
+        );
+    }
+    let path = path_of(&uri);
+    embeddings::handle(
+        shared,
+        socket,
+        ApiFormat::Azure,
+        Some(deployment),
+        path,
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn list_models(State(shared): State<Arc<Shared>>) -> Json<Value> {

@@ -887,3 +887,67 @@ async fn gemini_generate_stream_tools_and_faults() {
     assert_eq!(keyless.status(), 403);
     fake.shutdown().await;
 }
+
+#[tokio::test]
+async fn embeddings_are_deterministic_unit_vectors_with_usage() {
+    let fake = start().await;
+    let embed = |body: Value| {
+        reqwest::Client::new()
+            .post(format!("{}/embeddings", fake.base_url()))
+            .bearer_auth("sk-test")
+            .json(&body)
+            .send()
+    };
+    let response = embed(json!({ "model": "e", "input": ["hello world", "other text here"] }))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let value: Value = response.json().await.unwrap();
+    assert_eq!(value["object"], "list");
+    assert_eq!(value["model"], "e");
+    assert_eq!(value["usage"]["prompt_tokens"], 5);
+    let first: Vec<f32> = serde_json::from_value(value["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(first.len(), embeddings::DEFAULT_DIMENSIONS);
+    assert_eq!(first, embeddings::vector("hello world", first.len()));
+    let norm: f32 = first.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    assert_ne!(value["data"][0]["embedding"], value["data"][1]["embedding"]);
+    assert_eq!(value["data"][1]["index"], 1);
+
+    let value: Value = embed(json!({ "model": "e", "input": "hello world", "dimensions": 4 }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(value["data"][0]["embedding"].as_array().unwrap().len(), 4);
+    assert_eq!(fake.request_count("e"), 2);
+
+    fake.fail_next("e", 500, 1);
+    assert_eq!(
+        embed(json!({ "model": "e", "input": "x" }))
+            .await
+            .unwrap()
+            .status(),
+        500
+    );
+    for bad in [
+        json!({ "model": "e", "input": [] }),
+        json!({ "model": "e", "input": [[1, 2]] }),
+        json!({ "model": "e", "input": "" }),
+    ] {
+        assert_eq!(embed(bad).await.unwrap().status(), 400);
+    }
+    let azure = reqwest::Client::new()
+        .post(format!(
+            "{}/openai/deployments/dep/embeddings?api-version=2024-10-21",
+            fake.root_url()
+        ))
+        .header("api-key", "k")
+        .json(&json!({ "input": ["a"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(azure.status(), 200);
+    assert_eq!(fake.request_count("dep"), 1);
+}

@@ -130,6 +130,40 @@ impl GatewayService for GatewayGrpc {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn create_embeddings(
+        &self,
+        request: Request<pb::CreateEmbeddingsRequest>,
+    ) -> Result<Response<pb::CreateEmbeddingsResponse>, Status> {
+        let principal = self.authenticate(&request)?;
+        let inner = request.into_inner();
+        let ctx = RequestContext::new(principal);
+        tracing::Span::current()
+            .record("request.id", ctx.request_id.as_str())
+            .record("app.id", ctx.principal.app.as_str());
+        let input = crate::embeddings::EmbedInput {
+            model: inner.model,
+            inputs: inner.inputs,
+            dimensions: inner.dimensions,
+            user: inner.user,
+            tags: inner.tags,
+        };
+        let response = self.shared.pipeline.embed(&ctx, input).await?;
+        Ok(Response::new(pb::CreateEmbeddingsResponse {
+            embeddings: response
+                .embeddings
+                .into_iter()
+                .map(|e| pb::Embedding {
+                    index: e.index,
+                    values: e.values,
+                })
+                .collect(),
+            model: response.model,
+            usage: response.usage,
+            route: response.route,
+            request_id: ctx.request_id,
+        }))
+    }
+
     async fn list_models(
         &self,
         request: Request<pb::ListModelsRequest>,

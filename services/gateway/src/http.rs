@@ -31,6 +31,7 @@ pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(crate::anthropic::messages))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

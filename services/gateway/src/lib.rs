@@ -6,6 +6,7 @@ mod anthropic;
 mod app;
 mod auth;
 mod config;
+mod embeddings;
 mod error;
 mod grpc;
 mod http;

@@ -227,6 +227,69 @@ impl Pipeline {
         Ok(response.into_inner().models)
     }
 
+    /// Embeddings: admission, validation, the guard over the inputs (one user message each: block
+    /// and redact apply as for prompts), the router's `Embed` (never cached), and one usage event
+    /// (prompt tokens only).
+    pub async fn embed(
+        &self,
+        ctx: &RequestContext,
+        input: crate::embeddings::EmbedInput,
+    ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
+        let _permit = self.admit()?;
+        input.validate()?;
+        let count = input.inputs.len();
+        let mut request = ChatRequest {
+            model: input.model,
+            messages: input
+                .inputs
+                .into_iter()
+                .map(|text| Message::text(Role::User, text))
+                .collect(),
+            tags: input.tags,
+            ..Default::default()
+        };
+        self.check_guard(ctx, &mut request).await?;
+        if request.messages.len() != count {
+            return Err(GatewayError::Internal(
+                "guard changed the number of inputs".to_owned(),
+            ));
+        }
+        let inputs = std::mem::take(&mut request.messages)
+            .iter()
+            .map(Message::joined_text)
+            .collect();
+        let routed = self
+            .router
+            .clone()
+            .embed(switchboard_proto::router::v1::EmbedRequest {
+                model: request.model.clone(),
+                inputs,
+                dimensions: input.dimensions,
+                user: input.user,
+                caller: Some(caller(ctx)),
+            })
+            .await;
+        match routed {
+            Ok(response) => {
+                let response = response.into_inner();
+                let none = RouteInfo::default();
+                let route = response.route.as_ref().unwrap_or(&none);
+                let usage = response.usage.unwrap_or_default();
+                self.record(
+                    ctx,
+                    &request,
+                    RecordArgs::served(route, usage, CacheStatus::Bypass, false),
+                );
+                Ok(response)
+            }
+            Err(status) => {
+                let error = GatewayError::from_status("router", &status);
+                self.record_failure(ctx, &request, CacheStatus::Bypass, &error, false);
+                Err(error)
+            }
+        }
+    }
+
     /// What both front ends do before the router: admission, validation, the guard (whose
     /// transformation replaces the messages) and the cache lookup.
     async fn prepare(

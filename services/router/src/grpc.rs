@@ -4,8 +4,9 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use switchboard_proto::router::v1::{
-    ListModelsRequest, ListModelsResponse, RouteRequest, RouteResponse, RouteStreamRequest,
-    RouteStreamResponse, route_stream_response::Event, router_service_server::RouterService,
+    EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, RouteRequest,
+    RouteResponse, RouteStreamRequest, RouteStreamResponse, route_stream_response::Event,
+    router_service_server::RouterService,
 };
 use switchboard_status::to_status;
 use tokio::sync::mpsc;
@@ -145,6 +146,25 @@ impl RouterService for RouterGrpc {
             StreamEvent::Failed(error) => Err(status(&error)),
         });
         Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn embed(
+        &self,
+        request: Request<EmbedRequest>,
+    ) -> Result<Response<EmbedResponse>, Status> {
+        let routes = self.routes.load();
+        let deadline = routes.deadline(caller_timeout(&request));
+        let request = request.into_inner();
+        let request_id = request
+            .caller
+            .as_ref()
+            .map(|c| c.request_id.as_str())
+            .unwrap_or_default();
+        record_request(&request.model, request_id);
+        let response = crate::provider::embeddings::embed(&routes, &request, deadline)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(response))
     }
 
     async fn list_models(

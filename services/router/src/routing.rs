@@ -30,6 +30,9 @@ use crate::{
 /// Most of a caller's deadline kept back so that the router's own answer arrives first.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
+/// The deployments of each target of a route, in configuration order.
+pub(crate) type TargetDeployments<'a> = Vec<&'a [Arc<Deployment>]>;
+
 /// Retry and timeout settings.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -47,7 +50,7 @@ pub struct Policy {
 
 impl Policy {
     /// Delay before try number `retry` (1-based) of a target that last failed with `error`.
-    fn delay(&self, retry: u32, error: &ProviderError) -> Duration {
+    pub(crate) fn delay(&self, retry: u32, error: &ProviderError) -> Duration {
         if let Some(after) = error.retry_after() {
             return after.min(self.max_retry_after);
         }
@@ -536,6 +539,26 @@ impl Routes {
                 created: self.created,
             })
             .collect()
+    }
+
+    /// The deployments of each target of route `model`, in configuration order, and the retry
+    /// policy: embeddings use a plain ordered fallback (no strategy, rules or capability filter).
+    pub(crate) fn embedding_targets(
+        &self,
+        model: &str,
+    ) -> Result<(TargetDeployments<'_>, &Policy), RouterError> {
+        let route = self
+            .routes
+            .get(model)
+            .ok_or_else(|| RouterError::NotFound {
+                model: model.to_owned(),
+            })?;
+        let targets = route
+            .targets
+            .iter()
+            .map(|t| t.deployments.as_slice())
+            .collect();
+        Ok((targets, &self.policy))
     }
 
     fn route_of(&self, request: &ChatRequest) -> Result<&Route, RouterError> {

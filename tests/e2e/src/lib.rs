@@ -24,6 +24,8 @@ pub const KEY_A: &str = "sk-test-app-a";
 pub const KEY_B: &str = "sk-test-app-b";
 /// The route every test uses: primary fake provider, then the backup.
 pub const MODEL: &str = "gpt-4o-mini";
+/// The embeddings route: primary fake provider, then the backup.
+pub const EMBEDDING_MODEL: &str = "text-embedding-3-small";
 /// Request body limit of the sandbox gateway.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -93,6 +95,9 @@ base_url = "{backup}"
 [[router.routes]]
 name = "{MODEL}"
 targets = [{{ provider = "primary", model = "{MODEL}" }}, {{ provider = "backup", model = "{MODEL}" }}]
+[[router.routes]]
+name = "{EMBEDDING_MODEL}"
+targets = [{{ provider = "primary", model = "{EMBEDDING_MODEL}" }}, {{ provider = "backup", model = "{EMBEDDING_MODEL}" }}]
 
 [ledger]
 grpc_addr = "127.0.0.1:0"
@@ -105,6 +110,11 @@ model = "{MODEL}"
 input = "0.15"
 cached_input = "0.075"
 output = "0.60"
+effective_from = "2024-01-01"
+[[ledger.prices]]
+model = "{EMBEDDING_MODEL}"
+input = "0.02"
+output = "0"
 effective_from = "2024-01-01"
 "#,
         nats_url = nats.url,

@@ -8,6 +8,7 @@
 //! other way is [`ProviderError::Interrupted`].
 
 pub mod anthropic;
+pub mod embeddings;
 pub mod gemini;
 #[cfg(test)]
 mod golden;
