@@ -324,3 +324,30 @@ async fn metrics_count_requests_errors_latency_and_breaker_state_per_key() {
     assert!(!text.contains("sk-secret"));
     mesh.shutdown().await;
 }
+
+#[tokio::test]
+async fn each_key_is_sent_to_its_own_endpoint() {
+    let mut second_endpoint = String::new();
+    let mesh = Mesh::start(&["fake", "other"], |config| {
+        second_endpoint = config.providers["other"].base_url.clone();
+        let mut target = TargetConfig::new("fake", "m");
+        let mut k2 = keyed("k2", 1);
+        k2.base_url = Some(second_endpoint.clone());
+        target.keys = vec![keyed("k1", 1), k2];
+        config.routes = vec![RouteConfig::new("chat", vec![target])];
+    })
+    .await;
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let info = mesh.route(chat("chat", "hi")).await.unwrap().route.unwrap();
+        served.push(info.key_alias);
+    }
+    served.sort();
+    assert_eq!(served, ["k1", "k2"]);
+    // k1 went to the provider's own endpoint, k2 to its configured one.
+    assert_eq!(mesh.fake("fake").request_count("m"), 1);
+    assert_eq!(mesh.fake("other").request_count("m"), 1);
+    let sent = mesh.fake("other").requests();
+    assert_eq!(sent[0].authorization.as_deref(), Some("Bearer sk-k2"));
+    mesh.shutdown().await;
+}

@@ -213,14 +213,15 @@ impl ProviderClient {
         model: &str,
         request: &EmbedRequest,
     ) -> Result<Prepared, TranslateError> {
+        self.embeddings_url(model)?;
         Ok(Prepared {
-            url: self.embeddings_url(model)?,
             body: to_provider_request(self.kind, model, request)?,
             model: model.to_owned(),
+            call: super::Call::Embeddings,
         })
     }
 
-    fn embeddings_url(&self, model: &str) -> Result<reqwest::Url, TranslateError> {
+    pub(super) fn embeddings_url(&self, model: &str) -> Result<reqwest::Url, TranslateError> {
         let bad = |message: String| invalid("model", message);
         let mut url = reqwest::Url::parse(&self.base_url)
             .map_err(|e| bad(format!("provider base URL is invalid: {e}")))?;

@@ -389,7 +389,11 @@ fn check(path: &PathBuf) {
         serde_json::to_string_pretty(&prepared.body).unwrap()
     );
     if let Some(url) = fixture.get("url").and_then(Value::as_str) {
-        assert_eq!(prepared.url.as_str(), url, "{name}: url");
+        assert_eq!(
+            client.url(model, stream).expect(&name).as_str(),
+            url,
+            "{name}: url"
+        );
     }
     assert!(
         !prepared.body.to_string().contains("tag-value"),

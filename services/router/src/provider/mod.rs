@@ -372,9 +372,16 @@ pub fn unix_now() -> i64 {
 /// A request translated for one provider model: its URL and body.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    url: reqwest::Url,
     body: Value,
     model: String,
+    call: Call,
+}
+
+/// Which endpoint a prepared body goes to.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Chat { stream: bool },
+    Embeddings,
 }
 
 /// A configured provider with its pooled HTTP client.
@@ -439,10 +446,13 @@ impl ProviderClient {
             }
             ProviderKind::Gemini => gemini::to_gemini_request(request)?,
         };
+        // The URL is validated here but built at send time from the client that sends: the keys of
+        // one target share the body, not necessarily the endpoint (`keys[].base_url`).
+        self.url(model, stream)?;
         Ok(Prepared {
-            url: self.url(model, stream)?,
             body,
             model: model.to_owned(),
+            call: Call::Chat { stream },
         })
     }
 
@@ -515,7 +525,12 @@ impl ProviderClient {
     }
 
     async fn send(&self, prepared: &Prepared) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.http.post(prepared.url.clone()).json(&prepared.body);
+        let url = match prepared.call {
+            Call::Chat { stream } => self.url(&prepared.model, stream),
+            Call::Embeddings => self.embeddings_url(&prepared.model),
+        }
+        .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let mut request = self.http.post(url).json(&prepared.body);
         if let Some(key) = &self.api_key {
             let key = key.expose_secret();
             request = match self.kind {
