@@ -75,6 +75,25 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // One recogniser at a time on the 2 KB prompt: where the time goes.
+    let messages = prompt(2 * 1024, false);
+    let mut group = c.benchmark_group("entity_2KB");
+    for entity in KNOWN_ENTITIES {
+        let guard = Guard::new(&Config {
+            entities: vec![(*entity).to_owned()],
+            ..Config::default()
+        })
+        .unwrap();
+        group.bench_function(*entity, |b| {
+            b.iter(|| {
+                guard
+                    .check("web", Direction::Prompt, black_box(&messages))
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
 }
 
 criterion_group! {

@@ -231,6 +231,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let config = parse(include_str!("../../../deploy/switchboard.example.toml")).unwrap();
+        assert_eq!(config.default_action, "redact");
+    }
+
+    #[test]
     fn errors_name_the_bad_field() {
         let cases = [
             (

@@ -17,7 +17,9 @@
 
 use std::{borrow::Cow, ops::Range};
 
-use unicode_normalization::{UnicodeNormalization, char::canonical_combining_class};
+use unicode_normalization::{
+    IsNormalized, UnicodeNormalization, char::canonical_combining_class, is_nfkc_quick,
+};
 
 /// A text's detection view and the way back to the original.
 #[derive(Debug)]
@@ -61,6 +63,14 @@ impl<'a> Normalized<'a> {
             if segment.len() == 1 {
                 // ASCII: as it is.
                 push(c);
+                continue;
+            }
+            if end - start == c.len_utf8() && is_nfkc_quick(std::iter::once(c)) == IsNormalized::Yes
+            {
+                // One character, already in NFKC: only folded.
+                if !is_invisible(c) {
+                    push(fold(c));
+                }
                 continue;
             }
             for n in segment.nfkc() {

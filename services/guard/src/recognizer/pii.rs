@@ -413,32 +413,12 @@ impl Recognizer for PhoneRecognizer {
             if bytes[start] == b'(' && !m.as_str().contains(')') {
                 start += 1;
             }
-            // Several numbers in one candidate (`555-123-4567 555-987-6543`): the longest valid
-            // window of space-separated pieces, left to right.
-            let pieces: Vec<Range<usize>> = split_spaces(text, start..end);
-            if pieces.len() > 8 {
-                continue;
-            }
-            let mut i = 0;
-            while i < pieces.len() {
-                let mut found = None;
-                for j in (i..pieces.len()).rev() {
-                    let candidate = &text[pieces[i].start..pieces[j].end];
-                    if let Some(score) = self.score(candidate) {
-                        found = Some((j, score));
-                        break;
-                    }
-                }
-                match found {
-                    Some((j, score)) => {
-                        out.push(Candidate {
-                            range: pieces[i].start..pieces[j].end,
-                            score,
-                        });
-                        i = j + 1;
-                    }
-                    None => i += 1,
-                }
+            let candidate = &text[start..end];
+            if let Some(score) = self.score(candidate) {
+                out.push(Candidate {
+                    range: start..end,
+                    score,
+                });
             }
         }
     }
@@ -446,18 +426,6 @@ impl Recognizer for PhoneRecognizer {
     fn context(&self) -> &Context {
         &PHONE_CONTEXT
     }
-}
-
-fn split_spaces(text: &str, range: Range<usize>) -> Vec<Range<usize>> {
-    let mut pieces = Vec::new();
-    let mut at = range.start;
-    for piece in text[range.clone()].split(' ') {
-        if !piece.is_empty() {
-            pieces.push(at..at + piece.len());
-        }
-        at += piece.len() + 1;
-    }
-    pieces
 }
 
 /// IBANs: a country code, two check digits and the country's BBAN length (from the registry's
@@ -1027,6 +995,8 @@ mod tests {
             found(&r, "202-555-0123 or 212.555.0199"),
             ["202-555-0123", "212.555.0199"]
         );
+        // A card (more than 15 digits) is never tried as a phone number.
+        assert!(found(&r, "4111 1111 1111 1111").is_empty());
         assert_eq!(scanned("phone: 2025550123"), [(PHONE_NUMBER, "2025550123")]);
     }
 
