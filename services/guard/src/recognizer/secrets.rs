@@ -12,8 +12,11 @@ use super::{
 pub struct PatternRecognizer {
     entity_type: &'static str,
     regex: Regex,
-    /// A literal every match contains: the text is skipped without running the regex when it is absent.
+    /// A literal every match contains (or, for context-driven ones, its context needs): the text is
+    /// skipped without running the regex when it is absent.
     needle: &'static str,
+    /// The needle, case-insensitively, when case does not matter.
+    needle_ci: Option<Regex>,
     score: f32,
     check: fn(&str) -> bool,
     context: &'static Context,
@@ -26,7 +29,11 @@ impl Recognizer for PatternRecognizer {
 
     fn find(&self, input: &Input<'_>, out: &mut Vec<Candidate>) {
         let text = input.text();
-        if !self.needle.is_empty() && !contains_ignore_case(text, self.needle) {
+        let present = match &self.needle_ci {
+            Some(needle) => needle.is_match(text),
+            None => self.needle.is_empty() || text.contains(self.needle),
+        };
+        if !present {
             return;
         }
         for captures in self.regex.captures_iter(text) {
@@ -45,14 +52,6 @@ impl Recognizer for PatternRecognizer {
     fn context(&self) -> &Context {
         self.context
     }
-}
-
-fn contains_ignore_case(text: &str, needle: &str) -> bool {
-    let (text, needle) = (text.as_bytes(), needle.as_bytes());
-    needle.len() <= text.len()
-        && text
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 static AWS_CONTEXT: Context = Context {
@@ -76,6 +75,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
             entity_type: AWS_ACCESS_KEY,
             regex: Regex::new(r"(?-u:\b)((?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16})(?-u:\b)")?,
             needle: "",
+            needle_ci: None,
             score: 0.9,
             check: any,
             context: &Context::NONE,
@@ -85,6 +85,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
             entity_type: AWS_SECRET_KEY,
             regex: Regex::new(r"(?:^|[^A-Za-z0-9/+=])([A-Za-z0-9/+]{40})(?:$|[^A-Za-z0-9/+=])")?,
             needle: "aws",
+            needle_ci: Some(Regex::new("(?i)aws")?),
             score: 0.3,
             check: aws_secret_shaped,
             context: &AWS_CONTEXT,
@@ -95,6 +96,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
                 r"(?-u:\b)((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,250})(?-u:\b)",
             )?,
             needle: "",
+            needle_ci: None,
             score: 0.95,
             check: any,
             context: &Context::NONE,
@@ -105,6 +107,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
                 r"(?-u:\b)(xox[abprs]-[A-Za-z0-9]{4,}(?:-[A-Za-z0-9]{4,}){1,6})(?-u:\b)",
             )?,
             needle: "xox",
+            needle_ci: None,
             score: 0.9,
             check: any,
             context: &Context::NONE,
@@ -113,6 +116,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
             entity_type: ANTHROPIC_API_KEY,
             regex: Regex::new(r"(?-u:\b)(sk-ant-[A-Za-z0-9_\-]{32,})")?,
             needle: "sk-ant-",
+            needle_ci: None,
             score: 0.95,
             check: any,
             context: &Context::NONE,
@@ -123,6 +127,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
             entity_type: OPENAI_API_KEY,
             regex: Regex::new(r"(?-u:\b)(sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{32,})")?,
             needle: "sk-",
+            needle_ci: None,
             score: 0.9,
             check: openai_key_shaped,
             context: &Context::NONE,
@@ -134,6 +139,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
                 r"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,\-\\]*?-----END [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,\\]*)",
             )?,
             needle: "PRIVATE KEY",
+            needle_ci: None,
             score: 0.95,
             check: any,
             context: &Context::NONE,
@@ -144,6 +150,7 @@ pub(super) fn builtin() -> Result<Vec<PatternRecognizer>, regex::Error> {
                 r"(?-u:\b)(eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)",
             )?,
             needle: "eyJ",
+            needle_ci: None,
             score: 0.9,
             check: jwt_header_has_alg,
             context: &Context::NONE,
