@@ -462,6 +462,7 @@ mod tests {
             suffix in "\\PC{0,30}",
             which in 0usize..6,
             action in prop_oneof![Just("redact"), Just("mask"), Just("hash"), Just("pseudonymize")],
+            evasion in 0usize..4,
         ) {
             let values = [
                 "jane.doe@example.com",
@@ -471,14 +472,27 @@ mod tests {
                 "+44 20 7946 0958",
                 "ssn 536-22-5436",
             ];
-            let value = values[which];
+            // The value as written: plain, with zero-width spaces, fullwidth, or with Cyrillic look-alikes.
+            let value: String = match evasion {
+                0 => values[which].to_owned(),
+                1 => values[which].chars().flat_map(|c| [c, '\u{200B}']).collect(),
+                2 => values[which]
+                    .chars()
+                    .map(|c| if c.is_ascii_graphic() { char::from_u32(u32::from(c) + 0xFEE0).unwrap() } else { c })
+                    .collect(),
+                _ => values[which]
+                    .chars()
+                    .map(|c| match c { 'a' => 'а', 'e' => 'е', 'o' => 'о', 'A' => 'А', 'E' => 'Е', 'O' => 'О', c => c })
+                    .collect(),
+            };
             let guard = every_entity_guard(action);
             let text = format!("{prefix} x {value} x {suffix}");
             let outcome = guard.check("web", Direction::Prompt, &[Message::text(Role::User, text.clone())]).unwrap();
-            prop_assert_eq!(outcome.decision, Decision::Transform);
+            prop_assert_eq!(outcome.decision, Decision::Transform, "{:?}", text);
             let out = outcome.messages[0].joined_text();
-            let secret = value.trim_start_matches("ssn ");
+            let secret = value.split_once("ssn ").map_or(value.as_str(), |(_, s)| s);
             prop_assert!(!out.contains(secret), "{:?} -> {:?}", text, out);
+            prop_assert!(!out.contains(values[which].trim_start_matches("ssn ")), "{:?} -> {:?}", text, out);
             if action == "pseudonymize" {
                 prop_assert_eq!(crate::pseudonym::restore(&out, &outcome.pseudonyms), text);
             }
