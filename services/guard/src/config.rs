@@ -19,6 +19,7 @@ use crate::policy::Policies;
 /// answer_action = "redact"           # answers; unset: the prompt actions (pseudonymize: allow)
 /// answer_actions = {}
 /// min_score = 0.5                    # confidence threshold, 0.0..=1.0
+/// min_scores = { PHONE_NUMBER = 0.7 } # per entity type
 /// allow_values = ["support@example.com"]
 /// allow_patterns = ["@example\\.com$"]
 /// phone_regions = ["US", "GB"]       # national phone numbers are validated for these
@@ -49,6 +50,8 @@ pub struct Config {
     pub answer_actions: BTreeMap<String, String>,
     /// Findings with a lower confidence are ignored.
     pub min_score: f64,
+    /// Threshold per entity type, over `min_score`.
+    pub min_scores: BTreeMap<String, f64>,
     /// Values never flagged (compared in canonical form: case-insensitive emails, digits of numbers).
     pub allow_values: Vec<String>,
     /// Regular expressions; a value matching one is never flagged.
@@ -133,6 +136,8 @@ pub struct AppPolicyConfig {
     pub answer_actions: Option<BTreeMap<String, String>>,
     /// Confidence threshold; unset: `guard.min_score`.
     pub min_score: Option<f64>,
+    /// Threshold per entity type; unset: `guard.min_scores`.
+    pub min_scores: Option<BTreeMap<String, f64>>,
     /// Values never flagged; unset: `guard.allow_values`.
     pub allow_values: Option<Vec<String>>,
     /// Patterns never flagged; unset: `guard.allow_patterns`.
@@ -149,6 +154,7 @@ impl Default for Config {
             answer_action: None,
             answer_actions: BTreeMap::new(),
             min_score: 0.5,
+            min_scores: BTreeMap::new(),
             allow_values: Vec::new(),
             allow_patterns: Vec::new(),
             phone_regions: vec!["US".to_owned(), "GB".to_owned()],
@@ -217,7 +223,7 @@ mod tests {
             "[guard]\ngrpc_addr = \"127.0.0.1:50052\"\ndefault_action = \"redact\"\n\
              entities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\", \"US_SSN\"]\n\
              actions = { CREDIT_CARD = \"mask\", US_SSN = \"hash\" }\n\
-             answer_action = \"redact\"\nmin_score = 0.6\n\
+             answer_action = \"redact\"\nmin_score = 0.6\nmin_scores = { US_SSN = 0.4 }\n\
              allow_values = [\"support@example.com\"]\nallow_patterns = [\"@example\\\\.com$\"]\n\
              phone_regions = [\"US\", \"DE\"]\nhash_secret = \"0123456789abcdef\"\n\
              [guard.mask]\nkeep_last = 2\nchar = \"#\"\n\
@@ -277,6 +283,14 @@ mod tests {
                 "guard.apps.x.answer_actions.EMAIL_ADDRESS",
             ),
             ("[guard]\nmin_score = 1.5\n", "guard.min_score"),
+            (
+                "[guard]\nmin_scores = { PHONE_NUMBER = 2.0 }\n",
+                "guard.min_scores.PHONE_NUMBER",
+            ),
+            (
+                "[guard.apps.x]\nmin_scores = { PHONE = 0.5 }\n",
+                "guard.apps.x.min_scores.PHONE",
+            ),
             (
                 "[guard.apps.x]\nmin_score = -0.1\n",
                 "guard.apps.x.min_score",

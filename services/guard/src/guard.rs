@@ -104,10 +104,10 @@ impl Guard {
         messages: &[Message],
     ) -> Result<Outcome, GuardError> {
         let policy = self.policies.for_app(app);
-        let recognizers: Vec<&dyn Recognizer> = policy
+        let recognizers: Vec<(&dyn Recognizer, f32)> = policy
             .entities
             .iter()
-            .filter_map(|entity| self.registry.get(entity.entity_type))
+            .filter_map(|e| Some((self.registry.get(e.entity_type)?, e.min_score)))
             .collect();
         let action_of = |entity_type: &'static str| policy.action(entity_type, direction);
         let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
@@ -128,9 +128,7 @@ impl Guard {
                 };
                 let view = Normalized::new(text);
                 let matches =
-                    recognizer::scan(view.text(), &recognizers, policy.min_score, |e, v| {
-                        policy.allow.allows(e, v)
-                    });
+                    recognizer::scan(view.text(), &recognizers, |e, v| policy.allow.allows(e, v));
                 if matches.is_empty() {
                     continue;
                 }
@@ -386,12 +384,25 @@ mod tests {
                 ..Default::default()
             },
         );
+        config.apps.insert(
+            "ssn-only".into(),
+            AppPolicyConfig {
+                min_scores: Some([("US_SSN".to_owned(), 0.3)].into()),
+                ..Default::default()
+            },
+        );
         let guard = Guard::new(&config).unwrap();
         let input = [Message::text(
             Role::User,
             "write to Support@Example.com, code 536225436",
         )];
         assert_eq!(check(&guard, "web", &input).decision, Decision::Allow);
+        // A lower threshold for one entity type only.
+        let ssn_only = check(&guard, "ssn-only", &input);
+        assert_eq!(
+            ssn_only.messages[0].joined_text(),
+            "write to Support@Example.com, code [US_SSN]"
+        );
         let strict = check(&guard, "strict", &input);
         assert_eq!(
             strict.messages[0].joined_text(),

@@ -138,8 +138,6 @@ impl AllowList {
 pub struct Policy {
     /// The entity types checked, sorted and distinct, with their prompt and answer actions.
     pub entities: Vec<EntityPolicy>,
-    /// Findings with a lower confidence are ignored.
-    pub min_score: f32,
     /// Exempt values.
     pub allow: AllowList,
     /// A short hash of everything above: equal policies have equal versions.
@@ -147,7 +145,7 @@ pub struct Policy {
 }
 
 /// What happens to one entity type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EntityPolicy {
     /// The entity type.
     pub entity_type: &'static str,
@@ -155,6 +153,8 @@ pub struct EntityPolicy {
     pub prompt: Action,
     /// Its action in answers.
     pub answer: Action,
+    /// Its confidence threshold.
+    pub min_score: f32,
 }
 
 impl Policy {
@@ -184,6 +184,8 @@ struct Raw<'a> {
     answer_actions_path: String,
     min_score: f64,
     min_score_path: String,
+    min_scores: &'a BTreeMap<String, f64>,
+    min_scores_path: String,
     allow_values: &'a [String],
     allow_patterns: &'a [String],
     allow_path: String,
@@ -220,6 +222,8 @@ impl Policies {
             answer_actions_path: "guard.answer_actions".to_owned(),
             min_score: config.min_score,
             min_score_path: "guard.min_score".to_owned(),
+            min_scores: &config.min_scores,
+            min_scores_path: "guard.min_scores".to_owned(),
             allow_values: &config.allow_values,
             allow_patterns: &config.allow_patterns,
             allow_path: "guard".to_owned(),
@@ -271,6 +275,12 @@ impl Policies {
                     o.min_score.is_some(),
                     format!("{path}.min_score"),
                     &base.min_score_path,
+                ),
+                min_scores: o.min_scores.as_ref().unwrap_or(base.min_scores),
+                min_scores_path: pick(
+                    o.min_scores.is_some(),
+                    format!("{path}.min_scores"),
+                    &base.min_scores_path,
                 ),
                 allow_values: o.allow_values.as_deref().unwrap_or(base.allow_values),
                 allow_patterns: o.allow_patterns.as_deref().unwrap_or(base.allow_patterns),
@@ -327,6 +337,23 @@ fn compile(raw: &Raw<'_>, config: &Config) -> Result<Policy, ConfigError> {
             "must be between 0.0 and 1.0",
         ));
     }
+    let mut min_scores: HashMap<&'static str, f64> = HashMap::new();
+    for (entity, score) in raw.min_scores {
+        let at = format!("{}.{entity}", raw.min_scores_path);
+        let Some(known) = KNOWN_ENTITIES.iter().copied().find(|k| k == entity) else {
+            return Err(ConfigError::invalid(
+                at,
+                format!(
+                    "unknown entity type `{entity}`, expected one of {}",
+                    KNOWN_ENTITIES.join(", ")
+                ),
+            ));
+        };
+        if !(0.0..=1.0).contains(score) {
+            return Err(ConfigError::invalid(at, "must be between 0.0 and 1.0"));
+        }
+        min_scores.insert(known, *score);
+    }
     let allow = AllowList::new(raw.allow_values, raw.allow_patterns, &raw.allow_path)?;
     let entities: Vec<EntityPolicy> = entities
         .into_iter()
@@ -343,16 +370,20 @@ fn compile(raw: &Raw<'_>, config: &Config) -> Result<Policy, ConfigError> {
                 .copied()
                 .or(answer_action)
                 .unwrap_or(inherited);
+            // Narrowed to f32 once here; scores are f32.
+            #[allow(clippy::cast_possible_truncation)]
+            let min_score = min_scores
+                .get(entity_type)
+                .copied()
+                .unwrap_or(raw.min_score) as f32;
             EntityPolicy {
                 entity_type,
                 prompt,
                 answer,
+                min_score,
             }
         })
         .collect();
-    // Narrowed to f32 once here; scores are f32.
-    #[allow(clippy::cast_possible_truncation)]
-    let min_score = raw.min_score as f32;
     let mut hasher = Sha256::new();
     hasher.update(b"switchboard.guard.policy.v2\0");
     for e in &entities {
@@ -362,8 +393,8 @@ fn compile(raw: &Raw<'_>, config: &Config) -> Result<Policy, ConfigError> {
         hasher.update(b"\0");
         hasher.update(e.answer.as_str().as_bytes());
         hasher.update(b"\0");
+        hasher.update(e.min_score.to_le_bytes());
     }
-    hasher.update(min_score.to_le_bytes());
     let mut values: Vec<&String> = raw.allow_values.iter().collect();
     values.sort();
     for v in values {
@@ -381,7 +412,6 @@ fn compile(raw: &Raw<'_>, config: &Config) -> Result<Policy, ConfigError> {
     let version = hex::encode(&hasher.finalize()[..6]);
     Ok(Policy {
         entities,
-        min_score,
         allow,
         version,
     })

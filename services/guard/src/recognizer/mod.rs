@@ -248,20 +248,19 @@ pub struct Match {
 }
 
 /// Runs `recognizers` over `text` (a normalised view), keeps the candidates whose confidence after
-/// context is at least `min_score` and that `allowed(entity_type, value)` does not exempt, and
+/// context is at least the recogniser's threshold (paired with it) and that `allowed(entity_type, value)` does not exempt, and
 /// resolves overlaps so every byte belongs to at most one entity: a match inside another is
 /// dropped; of two that cross, the one that starts first is kept unless the other has a higher
 /// confidence.
 pub fn scan(
     text: &str,
-    recognizers: &[&dyn Recognizer],
-    min_score: f32,
+    recognizers: &[(&dyn Recognizer, f32)],
     allowed: impl Fn(&'static str, &str) -> bool,
 ) -> Vec<Match> {
     let input = Input::new(text);
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut all: Vec<Match> = Vec::new();
-    for r in recognizers {
+    for &(r, min_score) in recognizers {
         candidates.clear();
         r.find(&input, &mut candidates);
         let context = r.context();
@@ -376,17 +375,17 @@ pub(crate) mod tests {
         Registry::builtin(&[phonenumber::country::Id::US, phonenumber::country::Id::GB]).unwrap()
     }
 
-    pub(crate) fn all(registry: &Registry) -> Vec<&dyn Recognizer> {
+    pub(crate) fn all(registry: &Registry) -> Vec<(&dyn Recognizer, f32)> {
         KNOWN_ENTITIES
             .iter()
-            .map(|e| registry.get(e).unwrap())
+            .map(|e| (registry.get(e).unwrap(), 0.5))
             .collect()
     }
 
     /// Scans `text` with every recogniser at threshold 0.5: (entity type, value) pairs.
     pub(crate) fn scanned(text: &str) -> Vec<(&'static str, &str)> {
         let registry = registry();
-        scan(text, &all(&registry), 0.5, |_, _| false)
+        scan(text, &all(&registry), |_, _| false)
             .into_iter()
             .map(|m| (m.entity_type, &text[m.range]))
             .collect()
@@ -453,7 +452,7 @@ pub(crate) mod tests {
             ]
         );
         let registry = registry();
-        let matches = scan(text, &all(&registry), 0.5, |entity, value| {
+        let matches = scan(text, &all(&registry), |entity, value| {
             entity == CREDIT_CARD && canonical(entity, value) == "4111111111111111"
         });
         assert_eq!(
