@@ -5,8 +5,9 @@ use std::sync::Arc;
 use switchboard_proto::{
     chat::v1::Message,
     guard::v1::{
-        CheckAnswerRequest, CheckPromptRequest, CheckPromptResponse, Decision as PbDecision,
-        Finding as PbFinding, Pseudonym as PbPseudonym, guard_service_server::GuardService,
+        CheckAnswerRequest, CheckAnswerResponse, CheckPromptRequest, CheckPromptResponse,
+        Decision as PbDecision, Finding as PbFinding, Pseudonym as PbPseudonym,
+        guard_service_server::GuardService,
     },
 };
 use tonic::{Request, Response, Status};
@@ -114,13 +115,21 @@ impl GuardService for GuardGrpc {
     async fn check_answer(
         &self,
         request: Request<CheckAnswerRequest>,
-    ) -> Result<Response<CheckPromptResponse>, Status> {
+    ) -> Result<Response<CheckAnswerResponse>, Status> {
         let request = request.into_inner();
-        self.check(
-            &request.request_id,
-            &request.app,
-            Direction::Answer,
-            &request.messages,
-        )
+        let checked = self
+            .check(
+                &request.request_id,
+                &request.app,
+                Direction::Answer,
+                &request.messages,
+            )?
+            .into_inner();
+        Ok(Response::new(CheckAnswerResponse {
+            decision: checked.decision,
+            messages: checked.messages,
+            findings: checked.findings,
+            policy_version: checked.policy_version,
+        }))
     }
 }
