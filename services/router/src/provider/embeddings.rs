@@ -24,8 +24,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field::Empty};
 
 use super::{
-    Prepared, ProviderClient, ProviderError, TranslateError, content_type, openai::invalid,
-    record_outcome,
+    Prepared, ProviderClient, ProviderError, TranslateError, openai::invalid, record_outcome,
 };
 use crate::{
     balance::{Pick, pick},
@@ -276,19 +275,7 @@ impl ProviderClient {
             error.type = Empty,
         );
         let attempt = async {
-            let response = self.send(prepared).await?;
-            let content_type = content_type(&response);
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| ProviderError::from_reqwest(&e))?;
-            if let Some(content_type) = content_type
-                && !content_type.contains("json")
-            {
-                return Err(ProviderError::Protocol(format!(
-                    "unexpected content type `{content_type}`"
-                )));
-            }
+            let body = self.json_body(prepared).await?;
             parse_response(self.kind, &body, request, &prepared.model)
         };
         async {

@@ -570,6 +570,25 @@ impl ProviderClient {
         ))
     }
 
+    /// Sends `prepared` and reads a successful JSON answer's body (any other content type is a
+    /// protocol error, even with a 200).
+    async fn json_body(&self, prepared: &Prepared) -> Result<bytes::Bytes, ProviderError> {
+        let response = self.send(prepared).await?;
+        let content_type = content_type(&response);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        if let Some(content_type) = content_type
+            && !content_type.contains("json")
+        {
+            return Err(ProviderError::Protocol(format!(
+                "unexpected content type `{content_type}`"
+            )));
+        }
+        Ok(body)
+    }
+
     /// One unary attempt, bounded by `timeout`.
     pub async fn chat(
         &self,
@@ -578,19 +597,7 @@ impl ProviderClient {
     ) -> Result<ChatResponse, ProviderError> {
         let span = self.span(&prepared.model, false);
         let attempt = async {
-            let response = self.send(prepared).await?;
-            let content_type = content_type(&response);
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| ProviderError::from_reqwest(&e))?;
-            if let Some(content_type) = content_type
-                && !content_type.contains("json")
-            {
-                return Err(ProviderError::Protocol(format!(
-                    "unexpected content type `{content_type}`"
-                )));
-            }
+            let body = self.json_body(prepared).await?;
             parse_response(self.kind, &body, unix_now())
         };
 
