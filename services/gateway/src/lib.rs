@@ -12,6 +12,7 @@ mod grpc;
 mod http;
 mod openai;
 mod pipeline;
+mod restore;
 mod usage;
 
 pub use app::{App, StartupError, hash_api_key};

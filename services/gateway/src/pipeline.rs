@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{auth::Principal, error::GatewayError, usage::UsageSink};
+use crate::{auth::Principal, error::GatewayError, restore::Pseudonyms, usage::UsageSink};
 
 /// Per-request cache control.
 #[derive(Debug, Clone, Copy, Default)]
@@ -291,18 +291,22 @@ impl Pipeline {
     }
 
     /// What both front ends do before the router: admission, validation, the guard (whose
-    /// transformation replaces the messages) and the cache lookup.
+    /// transformation replaces the messages) and the cache lookup. Also returns the guard's
+    /// pseudonyms, to restore the answer with (this request only; never logged or stored).
     async fn prepare(
         &self,
         ctx: &RequestContext,
         request: &mut ChatRequest,
         control: CacheControl,
-    ) -> Result<Prepared, GatewayError> {
+    ) -> Result<(Prepared, Pseudonyms), GatewayError> {
         let permit = self.admit()?;
         validate(request)?;
         if !self.cache_enabled || control.no_cache {
-            self.check_guard(ctx, request).await?;
-            return Ok(Prepared::Route(permit, CacheStatus::Bypass));
+            let pseudonyms = match self.check_guard(ctx, request).await? {
+                Guarded::Unchanged => Pseudonyms::default(),
+                Guarded::Transformed(pseudonyms) => pseudonyms,
+            };
+            return Ok((Prepared::Route(permit, CacheStatus::Bypass), pseudonyms));
         }
         // The guard and the exact-cache lookup run together: when the guard lets the prompt through
         // unchanged (the common case), the lookup's key is the key of what goes to the provider, so
@@ -312,15 +316,18 @@ impl Pipeline {
         let candidate = request.clone();
         let (guarded, looked_up) =
             tokio::join!(self.check_guard(ctx, request), self.lookup(ctx, candidate));
-        let looked_up = match guarded? {
-            Guarded::Unchanged => looked_up,
-            Guarded::Transformed => self.lookup(ctx, request.clone()).await,
+        let (looked_up, pseudonyms) = match guarded? {
+            Guarded::Unchanged => (looked_up, Pseudonyms::default()),
+            Guarded::Transformed(pseudonyms) => {
+                (self.lookup(ctx, request.clone()).await, pseudonyms)
+            }
         };
-        Ok(match looked_up {
+        let prepared = match looked_up {
             Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
             Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
             Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
-        })
+        };
+        Ok((prepared, pseudonyms))
     }
 
     /// A unary completion.
@@ -330,10 +337,13 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<Completed, GatewayError> {
-        let (_permit, cache_status) = match self.prepare(ctx, &mut request, control).await? {
+        let (prepared, pseudonyms) = self.prepare(ctx, &mut request, control).await?;
+        let (_permit, cache_status) = match prepared {
             Prepared::Hit(permit, response, route) => {
                 drop(permit);
                 let (mut response, route) = (*response, *route);
+                // The cache holds the placeholder version: restored with this request's mapping.
+                pseudonyms.restore_response(&mut response);
                 response.id = ctx.response_id();
                 let usage = response.usage.unwrap_or_default();
                 self.record(ctx, &request, RecordArgs::hit(&route, usage, false));
@@ -363,9 +373,11 @@ impl Pipeline {
         };
         let mut response = routed.response.unwrap_or_default();
         let route = routed.route.unwrap_or_default();
+        // The cache stores what the provider returned (placeholders), never the restored answer.
         if self.cache_enabled && !control.no_store {
             self.store(ctx, &request, &response, &route, control.ttl_seconds);
         }
+        pseudonyms.restore_response(&mut response);
         self.record(
             ctx,
             &request,
@@ -393,10 +405,12 @@ impl Pipeline {
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
         let (tx, rx) = mpsc::channel(64);
-        let (permit, cache_status) = match self.prepare(ctx, &mut request, control).await? {
+        let (prepared, pseudonyms) = self.prepare(ctx, &mut request, control).await?;
+        let (permit, cache_status) = match prepared {
             Prepared::Hit(permit, response, route) => {
                 drop(permit);
-                let (response, route) = (*response, *route);
+                let (mut response, route) = (*response, *route);
+                pseudonyms.restore_response(&mut response);
                 let usage = response.usage.unwrap_or_default();
                 for chunk in replay_chunks(&response, &ctx.response_id()) {
                     let _ = tx.send(StreamEvent::Chunk(chunk)).await;
@@ -446,7 +460,16 @@ impl Pipeline {
         self.tasks.spawn(
             async move {
                 pipeline
-                    .pump(ctx, request, control, cache_status, first, upstream, tx)
+                    .pump(
+                        ctx,
+                        request,
+                        control,
+                        cache_status,
+                        pseudonyms,
+                        first,
+                        upstream,
+                        tx,
+                    )
                     .await;
                 drop(permit);
             }
@@ -465,12 +488,15 @@ impl Pipeline {
         request: ChatRequest,
         control: CacheControl,
         cache_status: CacheStatus,
+        pseudonyms: Pseudonyms,
         first: Option<switchboard_proto::router::v1::RouteStreamResponse>,
         mut upstream: tonic::Streaming<switchboard_proto::router::v1::RouteStreamResponse>,
         tx: mpsc::Sender<StreamEvent>,
     ) {
         let response_id = ctx.response_id();
         let mut assembled = Assembler::default();
+        let mut restorer = pseudonyms.stream();
+        drop(pseudonyms);
         let mut next = first;
         loop {
             let Some(message) = next.take() else {
@@ -487,7 +513,12 @@ impl Pipeline {
             match message.event {
                 Some(route_stream_response::Event::Chunk(mut chunk)) => {
                     chunk.id = response_id.clone();
+                    // Assembled (for the cache and the usage count) as the provider sent it, with
+                    // placeholders; restored only on the way to the caller.
                     assembled.add(&chunk);
+                    if let Some(restorer) = restorer.as_mut() {
+                        restorer.chunk(&mut chunk);
+                    }
                     if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
                         // The client went away: stop reading upstream (dropping it cancels the call)
                         // and record what was consumed.
@@ -511,6 +542,9 @@ impl Pipeline {
                         &request,
                         RecordArgs::served(&route, usage, cache_status, true),
                     );
+                    if let Some(rest) = restorer.as_mut().and_then(|r| r.finish(&response_id)) {
+                        let _ = tx.send(StreamEvent::Chunk(rest)).await;
+                    }
                     let _ = tx.send(StreamEvent::Done { usage, route }).await;
                     return;
                 }
@@ -557,7 +591,12 @@ impl Pipeline {
             Decision::Allow => Ok(Guarded::Unchanged),
             Decision::Transform => {
                 request.messages = checked.messages;
-                Ok(Guarded::Transformed)
+                Ok(Guarded::Transformed(Pseudonyms::new(
+                    checked
+                        .pseudonyms
+                        .into_iter()
+                        .map(|p| (p.placeholder, p.value)),
+                )))
             }
             Decision::Block => {
                 let mut entities: Vec<String> = checked
@@ -743,8 +782,9 @@ enum Prepared {
 enum Guarded {
     /// Passed as it was.
     Unchanged,
-    /// Rewritten (redacted, masked, …): `request.messages` now holds the new text.
-    Transformed,
+    /// Rewritten (redacted, masked, pseudonymised, …): `request.messages` now holds the new text;
+    /// the pseudonyms (possibly none) restore the answer.
+    Transformed(Pseudonyms),
 }
 
 enum Lookup {

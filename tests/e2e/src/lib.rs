@@ -22,6 +22,8 @@ use tonic::transport::Channel;
 pub const KEY_A: &str = "sk-test-app-a";
 /// API key of app `app-b` (guard: block).
 pub const KEY_B: &str = "sk-test-app-b";
+/// API key of app `app-c` (guard: reversible pseudonyms, restored in the answer).
+pub const KEY_C: &str = "sk-test-app-c";
 /// The route every test uses: primary fake provider, then the backup.
 pub const MODEL: &str = "gpt-4o-mini";
 /// The embeddings route: primary fake provider, then the backup.
@@ -55,6 +57,7 @@ pub struct Sandbox {
 pub fn mesh_toml(primary: &str, backup: &str, database_url: &str, nats: &TestNats) -> String {
     let hash_a = switchboard_gateway::hash_api_key(KEY_A);
     let hash_b = switchboard_gateway::hash_api_key(KEY_B);
+    let hash_c = switchboard_gateway::hash_api_key(KEY_C);
     format!(
         r#"
 [nats]
@@ -69,6 +72,7 @@ max_body_bytes = {MAX_BODY}
 keys = [
   {{ id = "key-a", sha256 = "{hash_a}", app = "app-a", team = "team-1" }},
   {{ id = "key-b", sha256 = "{hash_b}", app = "app-b", team = "team-2" }},
+  {{ id = "key-c", sha256 = "{hash_c}", app = "app-c", team = "team-3" }},
 ]
 
 [guard]
@@ -76,6 +80,8 @@ grpc_addr = "127.0.0.1:0"
 default_action = "redact"
 [guard.apps.app-b]
 action = "block"
+[guard.apps.app-c]
+action = "pseudonymize"
 
 [cache]
 grpc_addr = "127.0.0.1:0"
