@@ -12,6 +12,7 @@ use crate::{
     auth::KeyStore,
     config::Config,
     grpc::GatewayGrpc,
+    outbox::Outbox,
     pipeline::{Downstream, Pipeline},
     usage::{self, UsagePublisher},
 };
@@ -34,6 +35,9 @@ pub enum StartupError {
     /// NATS could not be reached.
     #[error(transparent)]
     Bus(#[from] switchboard_bus::BusError),
+    /// The usage outbox could not be opened.
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
 }
 
 /// State shared by the HTTP and gRPC front ends.
@@ -76,8 +80,13 @@ impl App {
             addr: config.grpc_addr.clone(),
             source,
         })?;
+        let outbox = Outbox::open(
+            outbox_path(&config.outbox_dir, &nats.subject_prefix),
+            config.outbox_max_bytes,
+        )?;
         let nats_client = nats.connect().await?;
-        let (sink, publisher) = usage::channel(nats, config.usage_queue_capacity);
+        let (sink, publisher) =
+            usage::channel_with_outbox(nats, config.usage_queue_capacity, outbox);
         let tasks = TaskTracker::new();
         let downstream = Downstream {
             guard: switchboard_grpc::channel(&config.guard_url)?,
@@ -177,6 +186,25 @@ impl App {
         grpc_result?;
         Ok(())
     }
+}
+
+/// The outbox of one subject prefix: `<outbox_dir>/<prefix>` (events are never replayed elsewhere).
+fn outbox_path(outbox_dir: &str, subject_prefix: &str) -> std::path::PathBuf {
+    let name: String = subject_prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::path::Path::new(outbox_dir).join(if name.is_empty() || name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name
+    })
 }
 
 /// Hex SHA-256 of an API key (for `switchboard hash-key`).

@@ -23,6 +23,12 @@ pub struct Config {
     pub cache_enabled: bool,
     /// Capacity of the in-memory queue of usage events waiting for JetStream.
     pub usage_queue_capacity: usize,
+    /// Directory of the durable outbox of usage events that could not reach JetStream (ADR 005).
+    /// Events go to a subdirectory named after `nats.subject_prefix`; one gateway per directory.
+    pub outbox_dir: String,
+    /// Bound of the outbox, bytes. Beyond it events wait in memory and
+    /// `switchboard_usage_outbox_full_total` counts the refusals.
+    pub outbox_max_bytes: u64,
     /// Requests served at once (streams included); beyond it requests get a fast 503.
     pub max_in_flight: usize,
     /// Virtual API keys.
@@ -55,6 +61,8 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             cache_enabled: true,
             usage_queue_capacity: 100_000,
+            outbox_dir: "./data/outbox".to_owned(),
+            outbox_max_bytes: 1024 * 1024 * 1024,
             max_in_flight: 2048,
             keys: Vec::new(),
         }
@@ -92,6 +100,18 @@ impl Config {
             return Err(ConfigError::invalid(
                 "gateway.usage_queue_capacity",
                 "must be greater than 0",
+            ));
+        }
+        if self.outbox_dir.is_empty() {
+            return Err(ConfigError::invalid(
+                "gateway.outbox_dir",
+                "must not be empty",
+            ));
+        }
+        if self.outbox_max_bytes < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "gateway.outbox_max_bytes",
+                "must be at least 65536",
             ));
         }
         let mut ids = std::collections::HashSet::new();

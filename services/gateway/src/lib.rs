@@ -11,9 +11,11 @@ mod error;
 mod grpc;
 mod http;
 mod openai;
+mod outbox;
 mod pipeline;
 mod restore;
 mod usage;
 
 pub use app::{App, StartupError, hash_api_key};
 pub use config::{Config, KeyConfig};
+pub use outbox::OutboxError;
