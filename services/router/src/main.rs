@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_reloadable_service(
         "router",
-        2,
+        1,
         |source| {
             let config: Config = source.section("router")?;
             config.validate()?;
