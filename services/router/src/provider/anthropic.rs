@@ -23,7 +23,7 @@ use switchboard_proto::chat::v1::{
 
 use super::{
     Decoded, ProviderError, StreamDecoder,
-    openai::{TranslateError, invalid, parse_json_text},
+    openai::{TranslateError, content_values, invalid, parse_json_text, tool_arguments},
     sse::SseEvent,
 };
 
@@ -62,26 +62,12 @@ fn image_block(url: &str, field: &str) -> Result<Value, TranslateError> {
 }
 
 fn content_blocks(message: &Message, field: &str) -> Result<Vec<Value>, TranslateError> {
-    let mut blocks = Vec::new();
-    for (i, part) in message.content.iter().enumerate() {
-        match &part.part {
-            // Anthropic rejects empty text blocks.
-            Some(Part::Text(text)) if text.is_empty() => {}
-            Some(Part::Text(text)) => blocks.push(json!({ "type": "text", "text": text })),
-            Some(Part::ImageUrl(image)) => {
-                blocks.push(image_block(&image.url, &format!("{field}.content[{i}]"))?);
-            }
-            None => {}
-        }
-    }
-    Ok(blocks)
-}
-
-fn arguments(text: &str, field: &str) -> Result<Value, TranslateError> {
-    if text.trim().is_empty() {
-        return Ok(json!({}));
-    }
-    parse_json_text(text, field)
+    content_values(
+        message,
+        field,
+        |text| json!({ "type": "text", "text": text }),
+        image_block,
+    )
 }
 
 fn system_text(request: &ChatRequest) -> Result<String, TranslateError> {
@@ -142,7 +128,7 @@ pub fn to_anthropic_request(
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     blocks.push(json!({
                         "type": "tool_use", "id": call.id, "name": call.name,
-                        "input": arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))?,
+                        "input": tool_arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))?,
                     }));
                 }
                 ("assistant", blocks)
@@ -327,19 +313,18 @@ pub fn finish_reason(reason: Option<&str>) -> FinishReason {
     }
 }
 
-fn protocol(error: impl std::fmt::Display) -> ProviderError {
-    ProviderError::Protocol(format!("malformed provider response: {error}"))
-}
-
 /// Parses a Messages response (`"type": "message"`); `created` is stamped (Anthropic sends none).
 pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, ProviderError> {
-    let value: Value = serde_json::from_slice(body).map_err(protocol)?;
+    let value: Value = serde_json::from_slice(body).map_err(ProviderError::malformed)?;
     if value.get("type").and_then(Value::as_str) == Some("error") || value.get("error").is_some() {
         return Err(ProviderError::from_error_value(&value));
     }
-    let message: AnMessage = serde_json::from_value(value).map_err(protocol)?;
+    let message: AnMessage = serde_json::from_value(value).map_err(ProviderError::malformed)?;
     if message.kind != "message" {
-        return Err(protocol(format!("unexpected type `{}`", message.kind)));
+        return Err(ProviderError::malformed(format!(
+            "unexpected type `{}`",
+            message.kind
+        )));
     }
     let mut content = Vec::new();
     let mut tool_calls = Vec::new();
@@ -443,7 +428,7 @@ fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
 
 impl StreamDecoder for AnthropicDecoder {
     fn event(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
-        let data: Value = serde_json::from_str(&event.data).map_err(protocol)?;
+        let data: Value = serde_json::from_str(&event.data).map_err(ProviderError::malformed)?;
         let kind = data
             .get("type")
             .and_then(Value::as_str)
@@ -455,7 +440,8 @@ impl StreamDecoder for AnthropicDecoder {
                 self.id = str_at(message, "/id").to_owned();
                 self.model = str_at(message, "/model").to_owned();
                 if let Some(usage) = message.get("usage") {
-                    let usage: AnUsage = serde_json::from_value(usage.clone()).map_err(protocol)?;
+                    let usage: AnUsage =
+                        serde_json::from_value(usage.clone()).map_err(ProviderError::malformed)?;
                     self.usage.update(&usage);
                 }
                 chunks.push(self.chunk(
@@ -515,7 +501,7 @@ impl StreamDecoder for AnthropicDecoder {
                     )),
                     "input_json_delta" => {
                         let tool = self.tool_index(index).ok_or_else(|| {
-                            protocol(format!(
+                            ProviderError::malformed(format!(
                                 "input_json_delta for block {index}, not a tool_use"
                             ))
                         })?;
@@ -537,7 +523,8 @@ impl StreamDecoder for AnthropicDecoder {
             }
             "message_delta" => {
                 if let Some(usage) = data.get("usage") {
-                    let usage: AnUsage = serde_json::from_value(usage.clone()).map_err(protocol)?;
+                    let usage: AnUsage =
+                        serde_json::from_value(usage.clone()).map_err(ProviderError::malformed)?;
                     self.usage.update(&usage);
                 }
                 let reason = data.pointer("/delta/stop_reason").and_then(Value::as_str);

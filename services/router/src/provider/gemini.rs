@@ -28,7 +28,7 @@ use switchboard_proto::chat::v1::{
 
 use super::{
     Decoded, ProviderError, StreamDecoder,
-    openai::{TranslateError, invalid, parse_json_text},
+    openai::{TranslateError, content_values, invalid, parse_json_text, tool_arguments},
     sse::SseEvent,
 };
 
@@ -66,25 +66,7 @@ fn image_part(url: &str, field: &str) -> Result<Value, TranslateError> {
 }
 
 fn parts_of(message: &Message, field: &str) -> Result<Vec<Value>, TranslateError> {
-    let mut parts = Vec::new();
-    for (i, part) in message.content.iter().enumerate() {
-        match &part.part {
-            Some(Part::Text(text)) if text.is_empty() => {}
-            Some(Part::Text(text)) => parts.push(json!({ "text": text })),
-            Some(Part::ImageUrl(image)) => {
-                parts.push(image_part(&image.url, &format!("{field}.content[{i}]"))?);
-            }
-            None => {}
-        }
-    }
-    Ok(parts)
-}
-
-fn arguments(text: &str, field: &str) -> Result<Value, TranslateError> {
-    if text.trim().is_empty() {
-        return Ok(json!({}));
-    }
-    parse_json_text(text, field)
+    content_values(message, field, |text| json!({ "text": text }), image_part)
 }
 
 /// The `generateContent` body for `request` (the model is in the URL). `tags` are never sent.
@@ -115,7 +97,7 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     parts.push(json!({
                         "functionCall": { "name": call.name,
-                            "args": arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))? },
+                            "args": tool_arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))? },
                         "thoughtSignature": PLACEHOLDER_SIGNATURE,
                     }));
                 }
@@ -347,16 +329,12 @@ pub fn finish_reason(reason: Option<&str>, calls: bool) -> FinishReason {
     }
 }
 
-fn protocol(error: impl std::fmt::Display) -> ProviderError {
-    ProviderError::Protocol(format!("malformed provider response: {error}"))
-}
-
 fn parse(data: &[u8]) -> Result<GmResponse, ProviderError> {
-    let value: Value = serde_json::from_slice(data).map_err(protocol)?;
+    let value: Value = serde_json::from_slice(data).map_err(ProviderError::malformed)?;
     if value.get("error").is_some() {
         return Err(ProviderError::from_error_value(&value));
     }
-    let response: GmResponse = serde_json::from_value(value).map_err(protocol)?;
+    let response: GmResponse = serde_json::from_value(value).map_err(ProviderError::malformed)?;
     if let Some(reason) = response
         .prompt_feedback
         .as_ref()
@@ -408,7 +386,7 @@ fn split_parts(parts: &[Value], next_call: &mut u32) -> (String, Vec<ToolCall>) 
 pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, ProviderError> {
     let response = parse(body)?;
     if response.candidates.is_empty() {
-        return Err(protocol("no candidates"));
+        return Err(ProviderError::malformed("no candidates"));
     }
     let choices = response
         .candidates

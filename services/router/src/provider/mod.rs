@@ -86,6 +86,11 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// An answer that does not parse as the provider's format.
+    pub fn malformed(error: impl std::fmt::Display) -> Self {
+        ProviderError::Protocol(format!("malformed provider response: {error}"))
+    }
+
     /// Whether the same target may be tried again.
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -42,6 +42,36 @@ pub(crate) fn parse_json_text(text: &str, field: &str) -> Result<Value, Translat
     serde_json::from_str(text).map_err(|e| invalid(field, format!("not valid JSON: {e}")))
 }
 
+/// Tool-call arguments as a JSON value (providers that take an object, not a string): empty text is `{}`.
+pub(crate) fn tool_arguments(text: &str, field: &str) -> Result<Value, TranslateError> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    parse_json_text(text, field)
+}
+
+/// A message's content parts in a provider's shape: `text` for each non-empty text part (empty ones
+/// are dropped: providers reject them), `image` for each image URL (given its field path).
+pub(crate) fn content_values(
+    message: &Message,
+    field: &str,
+    text: impl Fn(&str) -> Value,
+    image: impl Fn(&str, &str) -> Result<Value, TranslateError>,
+) -> Result<Vec<Value>, TranslateError> {
+    let mut values = Vec::new();
+    for (i, part) in message.content.iter().enumerate() {
+        match &part.part {
+            Some(Part::Text(t)) if t.is_empty() => {}
+            Some(Part::Text(t)) => values.push(text(t)),
+            Some(Part::ImageUrl(img)) => {
+                values.push(image(&img.url, &format!("{field}.content[{i}]"))?);
+            }
+            None => {}
+        }
+    }
+    Ok(values)
+}
+
 fn content_json(message: &Message) -> Value {
     let only_text = message
         .content
