@@ -212,7 +212,6 @@ impl ProviderClient {
         model: &str,
         request: &EmbedRequest,
     ) -> Result<Prepared, TranslateError> {
-        self.embeddings_url(model)?;
         Ok(Prepared {
             body: to_provider_request(self.kind, model, request)?,
             model: model.to_owned(),

@@ -451,9 +451,8 @@ impl ProviderClient {
             }
             ProviderKind::Gemini => gemini::to_gemini_request(request)?,
         };
-        // The URL is validated here but built at send time from the client that sends: the keys of
-        // one target share the body, not necessarily the endpoint (`keys[].base_url`).
-        self.url(model, stream)?;
+        // The URL is built at send time by the client that sends: the keys of one target share the
+        // body, not necessarily the endpoint (`keys[].base_url`, validated with the configuration).
         Ok(Prepared {
             body,
             model: model.to_owned(),
