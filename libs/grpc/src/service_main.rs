@@ -30,9 +30,8 @@ struct Args {
 #[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Worker threads of the process's tokio runtime; 0 means the service's own default (see
-    /// `docs/BENCHMARKS.md`: on a small machine running the whole mesh, one worker per light
-    /// service costs less CPU per request than a work-stealing pool).
+    /// Worker threads of the process's tokio runtime; 0 means the default, one (ADR 004: on a small
+    /// machine running the whole mesh, one worker per service costs the least CPU per request).
     pub worker_threads: usize,
 }
 
@@ -41,7 +40,7 @@ impl RuntimeConfig {
         if self.worker_threads > 1024 {
             return Err(ConfigError::invalid(
                 "runtime.worker_threads",
-                "must be at most 1024 (0: the service's default)",
+                "must be at most 1024 (0: the default, one)",
             ));
         }
         Ok(())
@@ -156,34 +155,21 @@ impl ConfigWatch {
 }
 
 /// Runs service `name` to completion and returns its exit code: `load` reads its sections from
-/// the configuration (and validates them), then a tokio runtime with `default_workers` worker
-/// threads (unless `runtime.worker_threads` says otherwise) runs `run` until the shutdown future
-/// resolves.
-pub fn run_service<C, L, R, Fut, E>(
-    name: &'static str,
-    default_workers: usize,
-    load: L,
-    run: R,
-) -> ExitCode
+/// the configuration (and validates them), then a tokio runtime with `runtime.worker_threads`
+/// workers (one by default) runs `run` until the shutdown future resolves.
+pub fn run_service<C, L, R, Fut, E>(name: &'static str, load: L, run: R) -> ExitCode
 where
     L: FnOnce(&Source) -> Result<C, ConfigError>,
     R: FnOnce(C, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    run_reloadable_service(name, default_workers, load, |config, shutdown, _file| {
-        run(config, shutdown)
-    })
+    run_reloadable_service(name, load, |config, shutdown, _file| run(config, shutdown))
 }
 
 /// [`run_service`] for a service that reloads its configuration: `run` also gets the
 /// [`ConfigFile`] the configuration came from (see [`ConfigFile::watch`]).
-pub fn run_reloadable_service<C, L, R, Fut, E>(
-    name: &'static str,
-    default_workers: usize,
-    load: L,
-    run: R,
-) -> ExitCode
+pub fn run_reloadable_service<C, L, R, Fut, E>(name: &'static str, load: L, run: R) -> ExitCode
 where
     L: FnOnce(&Source) -> Result<C, ConfigError>,
     R: FnOnce(C, Shutdown, ConfigFile) -> Fut,
@@ -208,10 +194,7 @@ where
             return ExitCode::from(64);
         }
     };
-    let workers = match runtime.worker_threads {
-        0 => default_workers.max(1),
-        n => n,
-    };
+    let workers = runtime.worker_threads.max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name(name)

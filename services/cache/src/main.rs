@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "cache",
-        1,
         |source| {
             let config: Config = source.section("cache")?;
             config.validate()?;

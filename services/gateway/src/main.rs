@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "gateway",
-        1,
         |source| {
             let config: Config = source.section("gateway")?;
             config.validate()?;

@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "guard",
-        1,
         |source| {
             let config: Config = source.section("guard")?;
             config.validate()?;

@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_service(
         "ledger",
-        1,
         |source| {
             let config: Config = source.section("ledger")?;
             config.validate()?;

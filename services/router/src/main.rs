@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     switchboard_grpc::run_reloadable_service(
         "router",
-        1,
         |source| {
             let config: Config = source.section("router")?;
             config.validate()?;
