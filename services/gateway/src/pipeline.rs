@@ -576,6 +576,7 @@ impl Pipeline {
                 app: ctx.principal.app.clone(),
                 team: ctx.principal.team.clone(),
                 messages: request.messages.clone(),
+                route: request.model.clone(),
             })
             .await
             // Fail closed: without the guard's answer nothing goes to a provider.
