@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use switchboard_proto::cache::v1::{
-    LookupRequest, LookupResponse, Scope, StoreRequest, StoreResponse,
+    LookupRequest, LookupResponse, MatchKind, Scope, StoreRequest, StoreResponse,
     cache_service_server::CacheService,
 };
 use tonic::{Request, Response, Status};
@@ -62,6 +62,8 @@ impl CacheService for CacheGrpc {
                     route: hit.route,
                     key: key.hex(),
                     age_seconds: hit.age.as_secs(),
+                    r#match: MatchKind::Exact as i32,
+                    similarity: 1.0,
                 }
             }
             None => {
