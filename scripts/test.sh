@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/dev-services.sh
+scripts/fetch-embed-assets.sh
 scripts/buf-lint.sh
 cargo build --workspace --bins
 if command -v cargo-nextest >/dev/null 2>&1; then
