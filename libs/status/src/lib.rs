@@ -36,6 +36,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected failure; details are logged, not returned.
     Internal,
+    /// The caller asked for a cached answer only (`only-if-cached`) and there is none: gRPC
+    /// NOT_FOUND, HTTP 504 as RFC 9111 prescribes for `only-if-cached`.
+    NotCached,
 }
 
 impl ErrorCode {
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::NotCached => "NOT_CACHED",
         }
     }
 
@@ -75,6 +79,7 @@ impl ErrorCode {
             ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::Internal => tonic::Code::Internal,
+            ErrorCode::NotCached => tonic::Code::NotFound,
         }
     }
 
@@ -92,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Timeout => http::StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::NotCached => http::StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -103,7 +109,7 @@ impl ErrorCode {
             | ErrorCode::UpstreamRejected => "invalid_request_error",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
-            ErrorCode::NotFound => "not_found_error",
+            ErrorCode::NotFound | ErrorCode::NotCached => "not_found_error",
             ErrorCode::RateLimited => "rate_limit_error",
             ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Unavailable => {
                 "api_error"
@@ -133,7 +139,7 @@ impl ErrorCode {
     }
 }
 
-const ALL: [ErrorCode; 11] = [
+const ALL: [ErrorCode; 12] = [
     ErrorCode::InvalidArgument,
     ErrorCode::Unauthenticated,
     ErrorCode::PermissionDenied,
@@ -145,6 +151,7 @@ const ALL: [ErrorCode; 11] = [
     ErrorCode::Timeout,
     ErrorCode::Unavailable,
     ErrorCode::Internal,
+    ErrorCode::NotCached,
 ];
 
 impl std::fmt::Display for ErrorCode {
@@ -161,6 +168,11 @@ pub trait ServiceError: std::error::Error {
     fn metadata(&self) -> HashMap<String, String> {
         HashMap::new()
     }
+    /// Invalid request fields as (field path, description), sent as a `google.rpc.BadRequest`
+    /// detail next to `ErrorInfo` when not empty. Never a prompt or a secret.
+    fn field_violations(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Converts a service error into a status with an `ErrorInfo` detail. `Internal` errors are logged
@@ -173,7 +185,15 @@ pub fn to_status(domain: &'static str, error: &dyn ServiceError) -> tonic::Statu
     } else {
         error.to_string()
     };
-    status(code, domain, message, error.metadata())
+    let violations = error.field_violations();
+    if violations.is_empty() {
+        return status(code, domain, message, error.metadata());
+    }
+    let mut details = ErrorDetails::with_error_info(code.as_str(), domain, error.metadata());
+    for (field, description) in violations {
+        details.add_bad_request_violation(field, description);
+    }
+    tonic::Status::with_error_details(code.grpc(), message, details)
 }
 
 /// Builds a status with an `ErrorInfo` detail.
@@ -223,11 +243,56 @@ mod tests {
         assert_eq!(status.message(), "model `x` not found");
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid `group_by[1]`")]
+    struct BadField;
+    impl ServiceError for BadField {
+        fn code(&self) -> ErrorCode {
+            ErrorCode::InvalidArgument
+        }
+        fn field_violations(&self) -> Vec<(String, String)> {
+            vec![("group_by[1]".to_owned(), "unknown dimension".to_owned())]
+        }
+    }
+
+    #[test]
+    fn field_violations_travel_as_bad_request_next_to_error_info() {
+        let status = to_status("ledger", &BadField);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(ErrorCode::from_status(&status), ErrorCode::InvalidArgument);
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "group_by[1]");
+        assert_eq!(bad.field_violations[0].description, "unknown dimension");
+        // Without violations there is no BadRequest detail.
+        assert!(
+            to_status("router", &Missing)
+                .get_details_bad_request()
+                .is_none()
+        );
+    }
+
     #[test]
     fn every_code_parses_back() {
         for code in ALL {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
+    }
+
+    #[test]
+    fn not_cached_is_not_found_over_grpc_and_504_over_http() {
+        let status = status(
+            ErrorCode::NotCached,
+            "gateway",
+            "not cached",
+            HashMap::new(),
+        );
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(ErrorCode::from_status(&status), ErrorCode::NotCached);
+        assert_eq!(
+            ErrorCode::NotCached.http_status(),
+            http::StatusCode::GATEWAY_TIMEOUT
+        );
     }
 
     #[test]
