@@ -115,10 +115,19 @@ impl Cache {
         }))
     }
 
-    /// Stores `response` under `key` if it is a complete answer. `ttl_seconds` 0 means the default;
-    /// anything above the maximum is clamped to it.
+    /// Removes every entry of `app` (an erasure request); returns how many were removed.
+    pub async fn purge(&self, app: &str) -> Result<u64, CacheError> {
+        if app.is_empty() {
+            return Err(CacheError::Missing { field: "scope.app" });
+        }
+        Ok(self.store.purge_app(app).await?)
+    }
+
+    /// Stores `response` of scope `app` under `key` if it is a complete answer. `ttl_seconds` 0
+    /// means the default; anything above the maximum is clamped to it.
     pub async fn store(
         &self,
+        app: &str,
         key: CacheKey,
         response: Option<ChatResponse>,
         route: Option<RouteInfo>,
@@ -136,6 +145,7 @@ impl Cache {
             .put(
                 key,
                 Entry {
+                    app: app.to_owned(),
                     response,
                     route,
                     inserted_at: SystemTime::now(),
@@ -306,7 +316,7 @@ mod tests {
         ));
 
         for (response, refusal) in cases {
-            let outcome = cache.store(key, response, None, 0).await.unwrap();
+            let outcome = cache.store("a", key, response, None, 0).await.unwrap();
             assert_eq!(outcome, Stored::No(refusal.clone()));
             assert!(!refusal.to_string().is_empty());
             assert!(cache.lookup(key).await.unwrap().is_none(), "{refusal}");
@@ -324,7 +334,7 @@ mod tests {
             ..Default::default()
         };
         let outcome = cache
-            .store(key, Some(complete()), Some(route.clone()), 0)
+            .store("a", key, Some(complete()), Some(route.clone()), 0)
             .await
             .unwrap();
         assert_eq!(

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use switchboard_proto::cache::v1::{
-    LookupRequest, LookupResponse, MatchKind, Scope, StoreRequest, StoreResponse,
-    cache_service_server::CacheService,
+    LookupRequest, LookupResponse, MatchKind, PurgeRequest, PurgeResponse, Scope, StoreRequest,
+    StoreResponse, cache_service_server::CacheService,
 };
 use tonic::{Request, Response, Status};
 
@@ -93,7 +93,13 @@ impl CacheService for CacheGrpc {
             .record("key", key.prefix());
         let outcome = self
             .cache
-            .store(key, request.response, request.route, request.ttl_seconds)
+            .store(
+                app_of(&request.scope),
+                key,
+                request.response,
+                request.route,
+                request.ttl_seconds,
+            )
             .await
             .map_err(to_status)?;
         let response = match outcome {
@@ -115,5 +121,21 @@ impl CacheService for CacheGrpc {
             }
         };
         Ok(Response::new(response))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<PurgeRequest>,
+    ) -> Result<Response<PurgeResponse>, Status> {
+        let request = request.into_inner();
+        let app = app_of(&request.scope);
+        tracing::Span::current().record("app.id", app);
+        let removed = self
+            .cache
+            .purge(app)
+            .await
+            .map_err(|error| switchboard_status::to_status(DOMAIN, &error))?;
+        tracing::info!(app.id = %app, removed, "cache purged");
+        Ok(Response::new(PurgeResponse { removed }))
     }
 }

@@ -15,6 +15,8 @@ use crate::key::CacheKey;
 /// A cached answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
+    /// The scope (tenant) it belongs to: what a purge removes.
+    pub app: String,
     /// The answer.
     pub response: ChatResponse,
     /// The route that produced it.
@@ -31,6 +33,25 @@ impl Entry {
         now.duration_since(self.inserted_at)
             .unwrap_or(Duration::ZERO)
     }
+
+    /// When it stops being served (wall clock, so that every replica expires it at the same time).
+    pub fn expires_at(&self) -> SystemTime {
+        self.inserted_at
+            .checked_add(self.ttl)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// How long it may still be served (zero once expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at()
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Whether it must no longer be served.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.remaining(now).is_zero()
+    }
 }
 
 /// A store failure (never a prompt in the message).
@@ -45,12 +66,15 @@ pub enum StoreError {
 pub trait CacheStore: Send + Sync + 'static {
     /// The live entry under `key`, if any.
     fn get(&self, key: CacheKey) -> BoxFuture<'_, Result<Option<Entry>, StoreError>>;
-    /// Stores `entry` under `key` (replacing any previous one) for `entry.ttl`.
+    /// Stores `entry` under `key` (replacing any previous one) until `entry.expires_at()`.
     fn put(&self, key: CacheKey, entry: Entry) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Removes every entry of `app`; returns how many were removed.
+    fn purge_app<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
 }
 
 /// Bounded in-memory store (moka; least-recently/frequently used entries are evicted beyond
-/// `max_entries`, and each entry expires after its own TTL).
+/// `max_entries`, and each entry expires at its own `expires_at`). It is also the local index of
+/// a shared store (`crate::replication`).
 pub struct MemoryStore {
     entries: Cache<CacheKey, Arc<Entry>>,
 }
@@ -64,7 +88,7 @@ impl Expiry<CacheKey, Arc<Entry>> for PerEntryTtl {
         value: &Arc<Entry>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.remaining(SystemTime::now()))
     }
 
     fn expire_after_update(
@@ -74,7 +98,7 @@ impl Expiry<CacheKey, Arc<Entry>> for PerEntryTtl {
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.remaining(SystemTime::now()))
     }
 }
 
@@ -90,15 +114,52 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// The live entry under `key` (an expired one is never returned, whatever moka's timers say).
+    pub fn get_now(&self, key: &CacheKey) -> Option<Entry> {
+        self.entries
+            .get(key)
+            .filter(|entry| !entry.is_expired(SystemTime::now()))
+            .map(|entry| Entry::clone(&entry))
+    }
+
+    /// Stores `entry` under `key` unless it has already expired; returns whether it was stored.
+    pub fn insert(&self, key: CacheKey, entry: Entry) -> bool {
+        if entry.is_expired(SystemTime::now()) {
+            self.entries.invalidate(&key);
+            return false;
+        }
+        self.entries.insert(key, Arc::new(entry));
+        true
+    }
+
+    /// Removes every entry of `app`; returns how many there were.
+    pub fn remove_app(&self, app: &str) -> u64 {
+        let keys: Vec<CacheKey> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.app == app)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &keys {
+            self.entries.invalidate(key);
+        }
+        keys.len() as u64
+    }
+}
+
 impl CacheStore for MemoryStore {
     fn get(&self, key: CacheKey) -> BoxFuture<'_, Result<Option<Entry>, StoreError>> {
-        let entry = self.entries.get(&key).map(|entry| Entry::clone(&entry));
-        futures::future::ready(Ok(entry)).boxed()
+        futures::future::ready(Ok(self.get_now(&key))).boxed()
     }
 
     fn put(&self, key: CacheKey, entry: Entry) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.entries.insert(key, Arc::new(entry));
+        self.insert(key, entry);
         futures::future::ready(Ok(())).boxed()
+    }
+
+    fn purge_app<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        futures::future::ready(Ok(self.remove_app(app))).boxed()
     }
 }
 
@@ -109,6 +170,7 @@ mod tests {
 
     fn entry(ttl: Duration) -> Entry {
         Entry {
+            app: "a".into(),
             response: ChatResponse {
                 id: "r".into(),
                 ..Default::default()

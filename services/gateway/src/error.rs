@@ -37,6 +37,10 @@ pub enum GatewayError {
     /// Too many requests in flight at this gateway.
     #[error("gateway overloaded: {limit} requests in flight; retry with backoff")]
     Overloaded { limit: usize },
+    /// `only-if-cached` and the cache has no answer (or was not consulted): nothing was sent to a
+    /// provider.
+    #[error("no cached answer for this request (only-if-cached)")]
+    NotCached,
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -100,7 +104,7 @@ impl GatewayError {
             ErrorCode::PayloadTooLarge => "request_too_large",
             ErrorCode::Unauthenticated => "authentication_error",
             ErrorCode::PermissionDenied => "permission_error",
-            ErrorCode::NotFound => "not_found_error",
+            ErrorCode::NotFound | ErrorCode::NotCached => "not_found_error",
             ErrorCode::RateLimited => "rate_limit_error",
             ErrorCode::Unavailable => "overloaded_error",
             ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::Internal => {
@@ -137,6 +141,7 @@ impl ServiceError for GatewayError {
             GatewayError::DependencyDown { .. } | GatewayError::Overloaded { .. } => {
                 ErrorCode::Unavailable
             }
+            GatewayError::NotCached => ErrorCode::NotCached,
             GatewayError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -319,7 +319,7 @@ fn target(scenario: &Scenario, mesh: &Mesh) -> anyhow::Result<Target> {
             let cache = Some(CacheControl {
                 no_cache: !scenario.use_cache,
                 no_store: !scenario.use_cache,
-                ttl_seconds: 0,
+                ..Default::default()
             });
             Ok(if scenario.stream {
                 Target::GrpcStream {
