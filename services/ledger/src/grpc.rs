@@ -67,6 +67,10 @@ fn record_of(row: UsageRow) -> UsageRecord {
         streamed: row.streamed,
         trace_id: row.trace_id,
         error_code: row.error_code,
+        cache_write_tokens: row.tokens.cache_write,
+        reasoning_tokens: row.tokens.reasoning,
+        latency_ms: row.latency_ms,
+        tags: row.tags.into_iter().collect(),
     }
 }
 
@@ -162,6 +166,32 @@ impl LedgerApi {
 
 #[tonic::async_trait]
 impl LedgerService for LedgerApi {
+    type ExportUsageStream = futures::stream::BoxStream<
+        'static,
+        Result<switchboard_proto::ledger::v1::ExportUsageResponse, Status>,
+    >;
+
+    async fn query_spend(
+        &self,
+        _request: Request<switchboard_proto::ledger::v1::QuerySpendRequest>,
+    ) -> Result<Response<switchboard_proto::ledger::v1::QuerySpendResponse>, Status> {
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn find_usage_records(
+        &self,
+        _request: Request<switchboard_proto::ledger::v1::FindUsageRecordsRequest>,
+    ) -> Result<Response<switchboard_proto::ledger::v1::FindUsageRecordsResponse>, Status> {
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn export_usage(
+        &self,
+        _request: Request<switchboard_proto::ledger::v1::ExportUsageRequest>,
+    ) -> Result<Response<Self::ExportUsageStream>, Status> {
+        Err(Status::unimplemented("not yet"))
+    }
+
     #[tracing::instrument(skip_all, fields(app = %request.get_ref().app))]
     async fn get_spend(
         &self,
