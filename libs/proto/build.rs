@@ -9,10 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => protoc_bin_vendored::protoc_bin_path()?,
     };
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files: Vec<PathBuf> = ["chat", "gateway", "router", "cache", "guard", "ledger"]
+    let mut files: Vec<PathBuf> = ["chat", "gateway", "router", "cache", "guard", "ledger"]
         .iter()
         .map(|svc| root.join(format!("switchboard/{svc}/v1/{svc}.proto")))
         .collect();
+    files.push(root.join("switchboard/ledger/v1/budget.proto"));
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);

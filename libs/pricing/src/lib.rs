@@ -1,4 +1,6 @@
 //! Money without floats: prices are integer nano-USD per million tokens, costs integer nano-USD.
+//! The one cost rule of Switchboard: the ledger records with it, the gateway estimates and settles
+//! budget spend with it, the router checks each attempt against a spend allowance with it.
 
 use std::fmt;
 
@@ -751,3 +753,5 @@ mod tests {
         }
     }
 }
+
+pub mod allowance;

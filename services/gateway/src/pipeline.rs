@@ -361,6 +361,7 @@ impl Pipeline {
             .route(RouteRequest {
                 request: Some(request.clone()),
                 caller: Some(caller(ctx)),
+                allowance: None,
             })
             .await;
         let routed = match routed {
@@ -435,6 +436,7 @@ impl Pipeline {
             .route_stream(RouteStreamRequest {
                 request: Some(request.clone()),
                 caller: Some(caller(ctx)),
+                allowance: None,
             })
             .await;
         let mut upstream = match opened {

@@ -157,13 +157,21 @@ impl App {
                 }
             });
         }
+        let budgets = crate::budget_grpc::server(
+            repo.pool().clone(),
+            consumer.prices.clone(),
+            consumer.js.client(),
+            consumer.nats.subject_prefix.clone(),
+        );
         tasks.spawn(consumer.run(pull, cancel.clone()));
         tasks.close();
 
         tracing::info!(grpc.addr = %local_addr, "ledger listening");
         let routes =
-            tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())));
-        let served = switchboard_grpc::serve(listener, routes, &[SERVICE_NAME], shutdown).await;
+            tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())))
+                .add_service(budgets);
+        let names = [SERVICE_NAME, crate::budget_grpc::BUDGET_SERVICE_NAME];
+        let served = switchboard_grpc::serve(listener, routes, &names, shutdown).await;
 
         cancel.cancel();
         tasks.wait().await;

@@ -43,6 +43,16 @@ pub enum RouterError {
         attempts: usize,
         summary: String,
     },
+    /// The request's spend allowance (a budget, ADR 007) fits no remaining target's estimate;
+    /// those targets were not sent.
+    #[error(
+        "budget exceeded: no target of route `{route}` fits the request's spend allowance: {summary}"
+    )]
+    BudgetExceeded {
+        route: String,
+        attempts: usize,
+        summary: String,
+    },
     /// The caller's deadline passed.
     #[error("deadline exceeded after {attempts} attempts for route `{route}`")]
     DeadlineExceeded {
@@ -88,7 +98,9 @@ impl ServiceError for RouterError {
                 ErrorCode::UpstreamUnavailable
             }
             RouterError::DeadlineExceeded { .. } => ErrorCode::Timeout,
-            RouterError::KeysExhausted { .. } => ErrorCode::RateLimited,
+            RouterError::KeysExhausted { .. } | RouterError::BudgetExceeded { .. } => {
+                ErrorCode::RateLimited
+            }
         }
     }
 
@@ -127,6 +139,13 @@ impl ServiceError for RouterError {
             | RouterError::KeysExhausted {
                 route, attempts, ..
             } => vec![("route", route.clone()), ("attempts", attempts.to_string())],
+            RouterError::BudgetExceeded {
+                route, attempts, ..
+            } => vec![
+                ("route", route.clone()),
+                ("attempts", attempts.to_string()),
+                ("budget", "exceeded".to_owned()),
+            ],
             RouterError::DeadlineExceeded {
                 route,
                 attempts,

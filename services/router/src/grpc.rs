@@ -81,7 +81,11 @@ impl RouterService for RouterGrpc {
     ) -> Result<Response<RouteResponse>, Status> {
         let routes = self.routes.load();
         let deadline = routes.deadline(caller_timeout(&request));
-        let RouteRequest { request, caller } = request.into_inner();
+        let RouteRequest {
+            request,
+            caller,
+            allowance,
+        } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {
                 field: "request".to_owned(),
@@ -91,7 +95,7 @@ impl RouterService for RouterGrpc {
         let caller = caller.unwrap_or_default();
         record_request(&request.model, &caller.request_id);
         let (mut response, route) = routes
-            .route(&request, &caller, deadline)
+            .route(&request, &caller, allowance.as_ref(), deadline)
             .await
             .map_err(|e| status(&e))?;
         if !caller.request_id.is_empty() {
@@ -111,7 +115,11 @@ impl RouterService for RouterGrpc {
     ) -> Result<Response<Self::RouteStreamStream>, Status> {
         let routes = self.routes.load();
         let deadline = routes.deadline(caller_timeout(&request));
-        let RouteStreamRequest { request, caller } = request.into_inner();
+        let RouteStreamRequest {
+            request,
+            caller,
+            allowance,
+        } = request.into_inner();
         let request = request.ok_or_else(|| {
             status(&RouterError::InvalidArgument {
                 field: "request".to_owned(),
@@ -126,7 +134,7 @@ impl RouterService for RouterGrpc {
         self.tracker.spawn(
             async move {
                 routes
-                    .route_stream(request, caller, deadline, tx, cancel)
+                    .route_stream(request, caller, allowance, deadline, tx, cancel)
                     .await
             }
             .instrument(Span::current()),
@@ -173,6 +181,7 @@ impl RouterService for RouterGrpc {
     ) -> Result<Response<ListModelsResponse>, Status> {
         Ok(Response::new(ListModelsResponse {
             models: self.routes.load().models(),
+            routes: self.routes.load().route_targets(),
         }))
     }
 }

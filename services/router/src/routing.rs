@@ -8,9 +8,11 @@ use std::{
 
 use futures::StreamExt;
 use rand::Rng;
+use switchboard_pricing::allowance as spend;
 use switchboard_proto::{
     chat::v1::{Attempt, ChatChunk, ChatRequest, ChatResponse, Model, RouteInfo, Usage},
-    router::v1::Caller,
+    ledger::v1::PriceTarget,
+    router::v1::{Caller, RouteTargets, SpendAllowance},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -245,20 +247,14 @@ impl Attempts {
 
     fn unavailable(self) -> RouterError {
         Span::current().record("attempts", self.list.len());
-        let summary = self
-            .list
-            .iter()
-            .map(|a| {
-                let key = if a.key_alias.is_empty() { "" } else { "#" };
-                let target = format!("{}{key}{}", a.target, a.key_alias);
-                if a.http_status == 0 {
-                    format!("{target} {}", a.error_code)
-                } else {
-                    format!("{target} {} (HTTP {})", a.error_code, a.http_status)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        if self.list.iter().any(|a| a.error_code == BUDGET_CODE) {
+            return RouterError::BudgetExceeded {
+                summary: summarize(&self.list),
+                attempts: self.list.len(),
+                route: self.route,
+            };
+        }
+        let summary = summarize(&self.list);
         let incapable = |a: &Attempt| CAPABILITY_CODES.contains(&a.error_code.as_str());
         if !self.list.is_empty() && self.list.iter().all(incapable) {
             return RouterError::NoCapableTarget {
@@ -294,6 +290,22 @@ impl Attempts {
             last_error,
         }
     }
+}
+
+/// `target#key CODE (HTTP n); …` of every attempt.
+fn summarize(list: &[Attempt]) -> String {
+    list.iter()
+        .map(|a| {
+            let key = if a.key_alias.is_empty() { "" } else { "#" };
+            let target = format!("{}{key}{}", a.target, a.key_alias);
+            if a.http_status == 0 {
+                format!("{target} {}", a.error_code)
+            } else {
+                format!("{target} {} (HTTP {})", a.error_code, a.http_status)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What to do after a failed try.
@@ -541,6 +553,25 @@ impl Routes {
             .collect()
     }
 
+    /// The targets of every route, for the gateways' budget estimates (ADR 007).
+    pub fn route_targets(&self) -> Vec<RouteTargets> {
+        self.order
+            .iter()
+            .filter_map(|name| self.routes.get(name).map(|route| (name, route)))
+            .map(|(name, route)| RouteTargets {
+                route: name.clone(),
+                targets: route
+                    .targets
+                    .iter()
+                    .map(|t| PriceTarget {
+                        provider: t.deployments[0].provider.clone(),
+                        model: t.deployments[0].model.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The deployments of each target of route `model`, in configuration order, and the retry
     /// policy: embeddings use a plain ordered fallback (no strategy, rules or capability filter).
     pub(crate) fn embedding_targets(
@@ -651,9 +682,12 @@ impl Routes {
         &self,
         request: &ChatRequest,
         caller: &Caller,
+        allowance: Option<&SpendAllowance>,
         deadline: Instant,
     ) -> Result<(ChatResponse, RouteInfo), RouterError> {
-        let served = self.attempt_loop(&Unary, request, caller, deadline).await?;
+        let served = self
+            .attempt_loop(&Unary, request, caller, allowance, deadline)
+            .await?;
         let usage = served.output.usage;
         served.settle(usage.as_ref());
         let info = served
@@ -668,12 +702,13 @@ impl Routes {
         &self,
         request: ChatRequest,
         caller: Caller,
+        allowance: Option<SpendAllowance>,
         deadline: Instant,
         tx: mpsc::Sender<StreamEvent>,
         cancel: CancellationToken,
     ) {
         let outcome = tokio::select! {
-            outcome = self.stream_inner(&request, &caller, deadline, &tx) => outcome,
+            outcome = self.stream_inner(&request, &caller, allowance.as_ref(), deadline, &tx) => outcome,
             () = tx.closed() => {
                 tracing::info!("client went away, stream stopped");
                 return;
@@ -696,11 +731,12 @@ impl Routes {
         &self,
         request: &ChatRequest,
         caller: &Caller,
+        allowance: Option<&SpendAllowance>,
         deadline: Instant,
         tx: &mpsc::Sender<StreamEvent>,
     ) -> Result<RouteInfo, RouterError> {
         let served = self
-            .attempt_loop(&Streamed, request, caller, deadline)
+            .attempt_loop(&Streamed, request, caller, allowance, deadline)
             .await?;
         let ((first, stream), served) = served.split();
         forward(served, first, stream, tx, deadline).await
@@ -715,6 +751,7 @@ impl Routes {
         exchange: &E,
         request: &ChatRequest,
         caller: &Caller,
+        allowance: Option<&SpendAllowance>,
         deadline: Instant,
     ) -> Result<Served<'a, E::Output>, RouterError> {
         let route = self.route_of(request)?;
@@ -754,6 +791,15 @@ impl Routes {
                     && !self.backoff(retries, error, deadline).await
                 {
                     return Err(attempts.deadline_exceeded());
+                }
+                // Every attempt, fallbacks and retries included, must fit the spend allowance.
+                if let Some(allowance) = allowance
+                    && let Err(message) = fits(allowance, &target.deployments[0], &attempts.list)
+                {
+                    if !tried {
+                        attempts.skipped(target, BUDGET_CODE, message);
+                    }
+                    break;
                 }
                 let now = Instant::now();
                 let (key, permit) = match pick(
@@ -844,6 +890,48 @@ impl Routes {
         }
         Err(attempts.unavailable())
     }
+}
+
+/// Reason code of a target not sent because its estimate does not fit the spend allowance.
+const BUDGET_CODE: &str = "BUDGET_EXCEEDED";
+
+/// Whether the next attempt at `deployment` fits `allowance` after what the earlier attempts
+/// consumed (each priced at its own target's rates): its estimate (the prompt bound at the input
+/// rate plus the output bound at the output rate) must not exceed what is left. A target without a
+/// price cannot be estimated, so it does not fit.
+fn fits(
+    allowance: &SpendAllowance,
+    deployment: &Deployment,
+    earlier: &[Attempt],
+) -> Result<(), String> {
+    let Some(price) = spend::find(&allowance.prices, &deployment.provider, &deployment.model)
+    else {
+        return Err("skipped: no price for this target under a budget".to_owned());
+    };
+    let spent: i64 = earlier
+        .iter()
+        .filter_map(|a| {
+            let usage = a.usage.as_ref()?;
+            Some(
+                match spend::find(&allowance.prices, &a.provider, &a.model) {
+                    Some(p) => spend::cost(&spend::pricing_of(p), usage),
+                    None => i64::MAX,
+                },
+            )
+        })
+        .fold(0i64, i64::saturating_add);
+    let estimate = spend::estimate(
+        &spend::pricing_of(price),
+        allowance.prompt_tokens,
+        allowance.max_output_tokens,
+    );
+    let left = allowance.allowance_usd_nanos.saturating_sub(spent);
+    if estimate > left {
+        return Err(format!(
+            "skipped: estimated {estimate} nano-USD, {left} left of the request's allowance"
+        ));
+    }
+    Ok(())
 }
 
 /// Reason codes of targets skipped because they cannot take the request at all.

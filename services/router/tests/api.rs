@@ -107,6 +107,7 @@ impl Harness {
                 app: "app".to_owned(),
                 team: "team".to_owned(),
             }),
+            allowance: None,
         };
         self.client
             .clone()
@@ -126,6 +127,7 @@ impl Harness {
                 request_id: "req-2".to_owned(),
                 ..Default::default()
             }),
+            allowance: None,
         };
         let mut stream = self
             .client
@@ -643,6 +645,7 @@ async fn caller_deadline_bounds_the_request() {
     let mut request = tonic::Request::new(RouteRequest {
         request: Some(chat("chat", "hi")),
         caller: None,
+        allowance: None,
     });
     request.set_timeout(Duration::from_millis(200));
     let status = h.client.clone().route(request).await.unwrap_err();
@@ -665,6 +668,7 @@ async fn the_router_answers_a_caller_deadline_with_its_attempts() {
     let mut request = tonic::Request::new(RouteRequest {
         request: Some(chat("chat", "hi")),
         caller: None,
+        allowance: None,
     });
     request.set_timeout(Duration::from_millis(600));
     let status = h.client.clone().route(request).await.unwrap_err();
@@ -684,6 +688,7 @@ async fn a_stream_that_misses_the_caller_deadline_ends_with_a_timeout() {
     let mut request = tonic::Request::new(RouteStreamRequest {
         request: Some(chat("chat", "hi")),
         caller: None,
+        allowance: None,
     });
     request.set_timeout(Duration::from_millis(400));
     let mut stream = h

@@ -54,6 +54,7 @@ impl Running {
             .route(RouteRequest {
                 request: Some(chat(model)),
                 caller: None,
+                allowance: None,
             })
             .await
             .map(|r| r.into_inner().route.unwrap())
@@ -169,6 +170,7 @@ async fn a_stream_in_flight_finishes_on_the_table_it_started_on() {
             .route_stream(RouteStreamRequest {
                 request: Some(chat("a")),
                 caller: None,
+                allowance: None,
             })
             .await
             .unwrap()

@@ -36,6 +36,7 @@ fn chat(model: &str) -> RouteRequest {
             ..Default::default()
         }),
         caller: None,
+        allowance: None,
     }
 }
 

@@ -57,6 +57,7 @@ async fn stream_producer_and_provider_spans_continue_the_request_trace() {
             ..Default::default()
         }),
         caller: None,
+        allowance: None,
     };
     let mut stream = client.route_stream(request).await.unwrap().into_inner();
     while let Some(item) = stream.next().await {

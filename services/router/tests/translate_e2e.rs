@@ -117,6 +117,7 @@ targets = [{{ provider = "claude", model = "m-small" }}, {{ provider = "gem", mo
                 app: "app".to_owned(),
                 team: "team".to_owned(),
             }),
+            allowance: None,
         };
         self.client
             .clone()
@@ -136,6 +137,7 @@ targets = [{{ provider = "claude", model = "m-small" }}, {{ provider = "gem", mo
                 request_id: "req-2".to_owned(),
                 ..Default::default()
             }),
+            allowance: None,
         };
         let mut stream = match self.client.clone().route_stream(request).await {
             Ok(response) => response.into_inner(),

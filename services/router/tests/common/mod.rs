@@ -85,6 +85,7 @@ impl Mesh {
             .route(RouteRequest {
                 request: Some(request),
                 caller: Some(caller),
+                allowance: None,
             })
             .await
             .map(tonic::Response::into_inner)
@@ -105,6 +106,7 @@ impl Mesh {
             .route_stream(RouteStreamRequest {
                 request: Some(request),
                 caller: None,
+                allowance: None,
             })
             .await?
             .into_inner();

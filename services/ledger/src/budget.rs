@@ -1,0 +1,1044 @@
+//! Budgets (ADR 007): definitions, calendar periods in a time zone, and the lease ledger that makes a
+//! hard budget impossible to overspend.
+//!
+//! Invariant, per budget and period, kept under the budget row's lock (`SELECT … FOR UPDATE`):
+//! `max(settled, recorded) + Σ open (granted − spent) ≤ limit`, where `settled` is what gateways
+//! reported spent on their leases, `recorded` what `usage_records` holds for the scope (the source
+//! of truth, trailing by the usage stream's delay) and an open lease counts its whole unspent
+//! grant. A lease that is not extended before `expires_at` is closed by the next operation on its
+//! budget: from then on only its reported spend counts, so a crashed gateway's slice comes back.
+
+use std::collections::HashMap;
+
+use jiff::{Timestamp, ToSpan, Zoned, civil::Date, tz::TimeZone};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use switchboard_status::{ErrorCode, ServiceError};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Request-path errors of `BudgetService`.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    /// A field is missing or invalid.
+    #[error("invalid `{field}`: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    /// No such budget or lease.
+    #[error("no {what} `{id}`")]
+    NotFound { what: &'static str, id: String },
+    /// The budget id is taken.
+    #[error("budget `{id}` already exists")]
+    AlreadyExists { id: String },
+    /// Postgres failed.
+    #[error("the ledger database is unavailable")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for BudgetError {
+    fn from(error: sqlx::Error) -> Self {
+        BudgetError::Database(error)
+    }
+}
+
+impl ServiceError for BudgetError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            BudgetError::InvalidArgument { .. } | BudgetError::AlreadyExists { .. } => {
+                ErrorCode::InvalidArgument
+            }
+            BudgetError::NotFound { .. } => ErrorCode::NotFound,
+            BudgetError::Database(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            BudgetError::InvalidArgument { field, .. } => {
+                HashMap::from([("field".to_owned(), (*field).to_owned())])
+            }
+            BudgetError::NotFound { id, .. } | BudgetError::AlreadyExists { id } => {
+                HashMap::from([("id".to_owned(), id.clone())])
+            }
+            BudgetError::Database(_) => HashMap::new(),
+        }
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> BudgetError {
+    BudgetError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+/// What a budget applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeKind {
+    /// A key id.
+    Key,
+    /// An app.
+    App,
+    /// A team.
+    Team,
+    /// The organisation.
+    Org,
+}
+
+impl ScopeKind {
+    /// Database text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Key => "key",
+            ScopeKind::App => "app",
+            ScopeKind::Team => "team",
+            ScopeKind::Org => "org",
+        }
+    }
+
+    fn from_db(text: &str) -> Option<ScopeKind> {
+        Some(match text {
+            "key" => ScopeKind::Key,
+            "app" => ScopeKind::App,
+            "team" => ScopeKind::Team,
+            "org" => ScopeKind::Org,
+            _ => return None,
+        })
+    }
+}
+
+/// When a budget resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    /// Calendar day.
+    Day,
+    /// Calendar week, Monday first.
+    Week,
+    /// Calendar month.
+    Month,
+    /// Never.
+    Lifetime,
+}
+
+impl Period {
+    /// Database text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Lifetime => "lifetime",
+        }
+    }
+
+    fn from_db(text: &str) -> Option<Period> {
+        Some(match text {
+            "day" => Period::Day,
+            "week" => Period::Week,
+            "month" => Period::Month,
+            "lifetime" => Period::Lifetime,
+            _ => return None,
+        })
+    }
+}
+
+/// A budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Id.
+    pub id: String,
+    /// Scope kind.
+    pub kind: ScopeKind,
+    /// Key id, app or team; empty for the organisation.
+    pub scope_id: String,
+    /// Period.
+    pub period: Period,
+    /// IANA time zone (validated).
+    pub time_zone: String,
+    /// Limit per period, nano-USD.
+    pub limit: i64,
+    /// Hard (blocks) or soft (alerts only).
+    pub hard: bool,
+    /// Alert thresholds, percent, ascending, unique.
+    pub thresholds: Vec<u32>,
+    /// Created.
+    pub created_at: OffsetDateTime,
+    /// Last changed.
+    pub updated_at: OffsetDateTime,
+}
+
+impl Budget {
+    /// Checks a budget given by a caller; normalises the time zone (empty: UTC) and thresholds.
+    pub fn validate(&mut self) -> Result<(), BudgetError> {
+        if self.id.is_empty()
+            || self.id.len() > 128
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "budget.id",
+                "must be 1-128 letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        match self.kind {
+            ScopeKind::Org if !self.scope_id.is_empty() => {
+                return Err(invalid(
+                    "budget.scope.id",
+                    "must be empty for the organisation",
+                ));
+            }
+            ScopeKind::Key | ScopeKind::App | ScopeKind::Team if self.scope_id.is_empty() => {
+                return Err(invalid("budget.scope.id", "must not be empty"));
+            }
+            _ => {}
+        }
+        if self.time_zone.is_empty() {
+            "UTC".clone_into(&mut self.time_zone);
+        }
+        if TimeZone::get(&self.time_zone).is_err() {
+            return Err(invalid(
+                "budget.time_zone",
+                format!("unknown time zone `{}`", self.time_zone),
+            ));
+        }
+        if self.limit < 0 {
+            return Err(invalid("budget.limit_usd_nanos", "must not be negative"));
+        }
+        if self.thresholds.iter().any(|t| *t == 0 || *t > 1000) {
+            return Err(invalid(
+                "budget.alert_thresholds_pct",
+                "each must be between 1 and 1000",
+            ));
+        }
+        self.thresholds.sort_unstable();
+        self.thresholds.dedup();
+        Ok(())
+    }
+
+    fn zone(&self) -> TimeZone {
+        TimeZone::get(&self.time_zone).unwrap_or(TimeZone::UTC)
+    }
+
+    /// The period containing `now`.
+    pub fn period_at(&self, now: Timestamp) -> PeriodBounds {
+        period_bounds(self.period, &self.zone(), now)
+    }
+}
+
+/// The bounds of one period: `[start, end)`; `end` is `None` for lifetime budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeriodBounds {
+    /// First instant (the Unix epoch for lifetime budgets).
+    pub start: Timestamp,
+    /// First instant of the next period (the reset time).
+    pub end: Option<Timestamp>,
+}
+
+/// The calendar period of `period` in `zone` that contains `now`: it starts at local midnight of
+/// its first day (or the first valid instant after it, when a DST gap swallows midnight).
+pub fn period_bounds(period: Period, zone: &TimeZone, now: Timestamp) -> PeriodBounds {
+    let today = now.to_zoned(zone.clone()).date();
+    let (first, next) = match period {
+        Period::Lifetime => {
+            return PeriodBounds {
+                start: Timestamp::UNIX_EPOCH,
+                end: None,
+            };
+        }
+        Period::Day => (today, today.checked_add(1.day())),
+        Period::Week => {
+            let monday = today
+                .checked_sub(i64::from(today.weekday().to_monday_zero_offset()).days())
+                .unwrap_or(today);
+            (monday, monday.checked_add(1.week()))
+        }
+        Period::Month => {
+            let first = today.first_of_month();
+            (first, first.checked_add(1.month()))
+        }
+    };
+    PeriodBounds {
+        start: midnight(first, zone).unwrap_or(now),
+        end: next.ok().and_then(|d| midnight(d, zone)),
+    }
+}
+
+fn midnight(date: Date, zone: &TimeZone) -> Option<Timestamp> {
+    date.to_zoned(zone.clone())
+        .ok()
+        .and_then(|z: Zoned| z.start_of_day().ok())
+        .map(|z| z.timestamp())
+}
+
+/// jiff → the `time` type sqlx binds.
+pub fn to_odt(ts: Timestamp) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(ts.as_nanosecond())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// The `time` type sqlx returns → jiff.
+pub fn from_odt(odt: OffsetDateTime) -> Timestamp {
+    Timestamp::from_nanosecond(odt.unix_timestamp_nanos()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// A budget's current-period numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeriodState {
+    /// Reported spend on every lease of the period.
+    pub settled: i64,
+    /// `usage_records` spend of the scope in the period.
+    pub recorded: i64,
+    /// Σ open (granted − spent).
+    pub leased: i64,
+    /// Open leases.
+    pub open_leases: i64,
+}
+
+impl PeriodState {
+    /// What counts against the limit now.
+    pub fn committed(&self) -> i64 {
+        self.settled
+            .max(self.recorded)
+            .saturating_add(self.leased.max(0))
+    }
+
+    /// What is known spent.
+    pub fn spent(&self) -> i64 {
+        self.settled.max(self.recorded)
+    }
+
+    /// What can still be leased under `limit`.
+    pub fn remaining(&self, limit: i64) -> i64 {
+        limit.saturating_sub(self.committed()).max(0)
+    }
+}
+
+/// A granted (or refused: `granted == 0`, no id) lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// Lease id (nil when refused).
+    pub id: Uuid,
+    /// Budget.
+    pub budget: Budget,
+    /// Total granted on the lease.
+    pub granted: i64,
+    /// Expiry.
+    pub expires_at: Timestamp,
+    /// The period.
+    pub bounds: PeriodBounds,
+    /// Leasable after this grant.
+    pub remaining: i64,
+}
+
+/// A threshold crossed for the first time in a period: to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// The budget.
+    pub budget: Budget,
+    /// Threshold, percent.
+    pub threshold: u32,
+    /// Known spend.
+    pub spent: i64,
+    /// The period.
+    pub bounds: PeriodBounds,
+}
+
+/// A lease operation's outcome: the lease and the alerts to publish after commit.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The lease.
+    pub lease: LeaseGrant,
+    /// New alerts.
+    pub alerts: Vec<Alert>,
+}
+
+/// Budgets, leases and rate windows in Postgres.
+#[derive(Debug, Clone)]
+pub struct BudgetStore {
+    pool: PgPool,
+    /// Longest lease lifetime granted.
+    pub max_ttl_ms: u32,
+}
+
+const BUDGET_COLUMNS: &str = "id, scope_kind, scope_id, period, time_zone, limit_usd_nanos, hard, \
+                              alert_thresholds_pct, created_at, updated_at";
+
+fn budget_from_row(row: &sqlx::postgres::PgRow) -> Result<Budget, BudgetError> {
+    let kind: String = row.try_get("scope_kind")?;
+    let period: String = row.try_get("period")?;
+    let thresholds: Vec<i32> = row.try_get("alert_thresholds_pct")?;
+    Ok(Budget {
+        id: row.try_get("id")?,
+        kind: ScopeKind::from_db(&kind).unwrap_or(ScopeKind::Org),
+        scope_id: row.try_get("scope_id")?,
+        period: Period::from_db(&period).unwrap_or(Period::Lifetime),
+        time_zone: row.try_get("time_zone")?,
+        limit: row.try_get("limit_usd_nanos")?,
+        hard: row.try_get("hard")?,
+        thresholds: thresholds
+            .into_iter()
+            .filter_map(|t| u32::try_from(t).ok())
+            .collect(),
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn thresholds_db(budget: &Budget) -> Vec<i32> {
+    budget
+        .thresholds
+        .iter()
+        .filter_map(|t| i32::try_from(*t).ok())
+        .collect()
+}
+
+impl BudgetStore {
+    /// Over the ledger's pool.
+    pub fn new(pool: PgPool) -> Self {
+        BudgetStore {
+            pool,
+            max_ttl_ms: 10 * 60 * 1000,
+        }
+    }
+
+    /// Creates a budget.
+    pub async fn create(&self, mut budget: Budget) -> Result<Budget, BudgetError> {
+        budget.validate()?;
+        let sql = format!(
+            "INSERT INTO budgets (id, scope_kind, scope_id, period, time_zone, limit_usd_nanos, \
+             hard, alert_thresholds_pct) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO NOTHING RETURNING {BUDGET_COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&budget.id)
+            .bind(budget.kind.as_str())
+            .bind(&budget.scope_id)
+            .bind(budget.period.as_str())
+            .bind(&budget.time_zone)
+            .bind(budget.limit)
+            .bind(budget.hard)
+            .bind(thresholds_db(&budget))
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => budget_from_row(&row),
+            None => Err(BudgetError::AlreadyExists { id: budget.id }),
+        }
+    }
+
+    /// Replaces a budget's mutable fields (its scope stays).
+    pub async fn update(&self, mut budget: Budget) -> Result<Budget, BudgetError> {
+        budget.validate()?;
+        let current = self.get(&budget.id).await?;
+        if current.kind != budget.kind || current.scope_id != budget.scope_id {
+            return Err(invalid(
+                "budget.scope",
+                "cannot change; create another budget",
+            ));
+        }
+        let sql = format!(
+            "UPDATE budgets SET period = $2, time_zone = $3, limit_usd_nanos = $4, hard = $5, \
+             alert_thresholds_pct = $6, updated_at = now() WHERE id = $1 RETURNING {BUDGET_COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&budget.id)
+            .bind(budget.period.as_str())
+            .bind(&budget.time_zone)
+            .bind(budget.limit)
+            .bind(budget.hard)
+            .bind(thresholds_db(&budget))
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => budget_from_row(&row),
+            None => Err(BudgetError::NotFound {
+                what: "budget",
+                id: budget.id,
+            }),
+        }
+    }
+
+    /// One budget.
+    pub async fn get(&self, id: &str) -> Result<Budget, BudgetError> {
+        let sql = format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE id = $1");
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => budget_from_row(&row),
+            None => Err(BudgetError::NotFound {
+                what: "budget",
+                id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// Every budget, by id.
+    pub async fn list(&self) -> Result<Vec<Budget>, BudgetError> {
+        let sql = format!("SELECT {BUDGET_COLUMNS} FROM budgets ORDER BY id");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(budget_from_row)
+            .collect()
+    }
+
+    async fn lock(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Budget, BudgetError> {
+        let sql = format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE id = $1 FOR UPDATE");
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+        {
+            Some(row) => budget_from_row(&row),
+            None => Err(BudgetError::NotFound {
+                what: "budget",
+                id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// Closes the budget's expired open leases (their reported spend stays counted).
+    async fn reclaim(
+        tx: &mut Transaction<'_, Postgres>,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), BudgetError> {
+        let reclaimed = sqlx::query(
+            "UPDATE budget_leases SET closed_at = $2 \
+             WHERE budget_id = $1 AND closed_at IS NULL AND expires_at <= $2",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if reclaimed > 0 {
+            tracing::info!(
+                budget.id = id,
+                leases = reclaimed,
+                "expired budget leases reclaimed"
+            );
+        }
+        Ok(())
+    }
+
+    async fn state(
+        executor: &mut sqlx::PgConnection,
+        budget: &Budget,
+        bounds: PeriodBounds,
+        now: OffsetDateTime,
+    ) -> Result<PeriodState, BudgetError> {
+        let start = to_odt(bounds.start);
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(spent_usd_nanos), 0)::BIGINT AS settled, \
+                    COALESCE(SUM(granted_usd_nanos - spent_usd_nanos) \
+                             FILTER (WHERE closed_at IS NULL AND expires_at > $3), 0)::BIGINT AS leased, \
+                    COUNT(*) FILTER (WHERE closed_at IS NULL AND expires_at > $3) AS open_leases \
+             FROM budget_leases WHERE budget_id = $1 AND period_start = $2",
+        )
+        .bind(&budget.id)
+        .bind(start)
+        .bind(now)
+        .fetch_one(&mut *executor)
+        .await?;
+        let end = bounds
+            .end
+            .map(to_odt)
+            .unwrap_or(now + time::Duration::days(1));
+        let recorded: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(cost_usd_nanos), 0)::BIGINT FROM usage_records \
+             WHERE time >= $1 AND time < $2 AND CASE $3 \
+                WHEN 'key' THEN key_id = $4 WHEN 'app' THEN app = $4 \
+                WHEN 'team' THEN team = $4 ELSE TRUE END",
+        )
+        .bind(start)
+        .bind(end)
+        .bind(budget.kind.as_str())
+        .bind(&budget.scope_id)
+        .fetch_one(&mut *executor)
+        .await?;
+        Ok(PeriodState {
+            settled: row.try_get("settled")?,
+            recorded,
+            leased: row.try_get("leased")?,
+            open_leases: row.try_get("open_leases")?,
+        })
+    }
+
+    /// The live status of a budget's current period.
+    pub async fn status(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> Result<(Budget, PeriodBounds, PeriodState), BudgetError> {
+        let budget = self.get(id).await?;
+        let bounds = budget.period_at(now);
+        let mut conn = self.pool.acquire().await?;
+        let state = Self::state(&mut conn, &budget, bounds, to_odt(now)).await?;
+        Ok((budget, bounds, state))
+    }
+
+    /// Thresholds reached and not yet recorded as sent in this period: recorded now (to publish
+    /// after commit).
+    async fn alerts(
+        tx: &mut Transaction<'_, Postgres>,
+        budget: &Budget,
+        bounds: PeriodBounds,
+        state: &PeriodState,
+    ) -> Result<Vec<Alert>, BudgetError> {
+        let spent = state.spent();
+        let mut alerts = Vec::new();
+        for &threshold in &budget.thresholds {
+            // spent ≥ threshold % of limit, in integers.
+            if i128::from(spent) * 100 < i128::from(threshold) * i128::from(budget.limit) {
+                break;
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO budget_alerts_sent (budget_id, period_start, threshold_pct, \
+                 spent_usd_nanos) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&budget.id)
+            .bind(to_odt(bounds.start))
+            .bind(i32::try_from(threshold).unwrap_or(i32::MAX))
+            .bind(spent)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                alerts.push(Alert {
+                    budget: budget.clone(),
+                    threshold,
+                    spent,
+                    bounds,
+                });
+            }
+        }
+        Ok(alerts)
+    }
+
+    fn expiry(&self, now: Timestamp, ttl_ms: u32) -> Timestamp {
+        let ttl = ttl_ms.clamp(100, self.max_ttl_ms.max(100));
+        now.checked_add(i64::from(ttl).milliseconds())
+            .unwrap_or(now)
+    }
+
+    /// Grants a new lease of at most `requested` (nothing below `minimum`) for the current period.
+    pub async fn acquire(
+        &self,
+        budget_id: &str,
+        holder: &str,
+        requested: i64,
+        minimum: i64,
+        ttl_ms: u32,
+        now: Timestamp,
+    ) -> Result<Outcome, BudgetError> {
+        if requested < 0 || minimum < 0 {
+            return Err(invalid("requested_usd_nanos", "must not be negative"));
+        }
+        let mut tx = self.pool.begin().await?;
+        let budget = Self::lock(&mut tx, budget_id).await?;
+        let outcome = self
+            .grant_new(&mut tx, budget, holder, requested, minimum, ttl_ms, now)
+            .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn grant_new(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        budget: Budget,
+        holder: &str,
+        requested: i64,
+        minimum: i64,
+        ttl_ms: u32,
+        now: Timestamp,
+    ) -> Result<Outcome, BudgetError> {
+        let now_odt = to_odt(now);
+        Self::reclaim(tx, &budget.id, now_odt).await?;
+        let bounds = budget.period_at(now);
+        let state = Self::state(&mut **tx, &budget, bounds, now_odt).await?;
+        let available = state.remaining(budget.limit);
+        let granted = match budget.hard {
+            true if available < minimum.max(1) => 0,
+            true => requested.min(available),
+            false => requested,
+        };
+        let expires_at = self.expiry(now, ttl_ms);
+        let id = if granted > 0 {
+            let id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO budget_leases (id, budget_id, period_start, holder, \
+                 granted_usd_nanos, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(&budget.id)
+            .bind(to_odt(bounds.start))
+            .bind(holder)
+            .bind(granted)
+            .bind(to_odt(expires_at))
+            .execute(&mut **tx)
+            .await?;
+            id
+        } else {
+            Uuid::nil()
+        };
+        let alerts = Self::alerts(tx, &budget, bounds, &state).await?;
+        let remaining = if budget.hard {
+            available - granted
+        } else {
+            available
+        };
+        Ok(Outcome {
+            lease: LeaseGrant {
+                id,
+                budget,
+                granted,
+                expires_at,
+                bounds,
+                remaining,
+            },
+            alerts,
+        })
+    }
+
+    async fn lease_budget(&self, lease_id: Uuid) -> Result<String, BudgetError> {
+        sqlx::query_scalar("SELECT budget_id FROM budget_leases WHERE id = $1")
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| BudgetError::NotFound {
+                what: "lease",
+                id: lease_id.to_string(),
+            })
+    }
+
+    /// Records `spent` (monotonic) on a lease, and closes it when `close`.
+    async fn report(
+        tx: &mut Transaction<'_, Postgres>,
+        lease_id: Uuid,
+        spent: i64,
+        close: Option<OffsetDateTime>,
+    ) -> Result<(OffsetDateTime, bool, i64), BudgetError> {
+        let row = sqlx::query(
+            "UPDATE budget_leases SET spent_usd_nanos = GREATEST(spent_usd_nanos, $2), \
+             closed_at = COALESCE(closed_at, $3) WHERE id = $1 \
+             RETURNING period_start, closed_at IS NOT NULL AS closed, granted_usd_nanos",
+        )
+        .bind(lease_id)
+        .bind(spent.max(0))
+        .bind(close)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok((
+            row.try_get("period_start")?,
+            row.try_get("closed")?,
+            row.try_get("granted_usd_nanos")?,
+        ))
+    }
+
+    /// Reports a lease's spend, pushes its expiry and grants up to `requested` more (nothing below
+    /// `minimum`). A lease that was closed (expired) or belongs to a past period is closed and a
+    /// new one is granted instead (`requested` of it; none when 0).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn extend(
+        &self,
+        lease_id: Uuid,
+        holder: &str,
+        spent: i64,
+        requested: i64,
+        minimum: i64,
+        ttl_ms: u32,
+        now: Timestamp,
+    ) -> Result<Outcome, BudgetError> {
+        if requested < 0 || minimum < 0 || spent < 0 {
+            return Err(invalid("requested_usd_nanos", "must not be negative"));
+        }
+        let budget_id = self.lease_budget(lease_id).await?;
+        let now_odt = to_odt(now);
+        let mut tx = self.pool.begin().await?;
+        let budget = Self::lock(&mut tx, &budget_id).await?;
+        Self::reclaim(&mut tx, &budget.id, now_odt).await?;
+        let bounds = budget.period_at(now);
+        let (period_start, closed, granted) = Self::report(&mut tx, lease_id, spent, None).await?;
+        if closed || period_start != to_odt(bounds.start) {
+            Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
+            let outcome = self
+                .grant_new(&mut tx, budget, holder, requested, minimum, ttl_ms, now)
+                .await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let state = Self::state(&mut *tx, &budget, bounds, now_odt).await?;
+        let available = state.remaining(budget.limit);
+        let extra = match budget.hard {
+            true if requested == 0 || available < minimum.max(1) => 0,
+            true => requested.min(available),
+            false => requested,
+        };
+        let expires_at = self.expiry(now, ttl_ms);
+        sqlx::query(
+            "UPDATE budget_leases SET granted_usd_nanos = granted_usd_nanos + $2, expires_at = $3 \
+             WHERE id = $1",
+        )
+        .bind(lease_id)
+        .bind(extra)
+        .bind(to_odt(expires_at))
+        .execute(&mut *tx)
+        .await?;
+        let alerts = Self::alerts(&mut tx, &budget, bounds, &state).await?;
+        tx.commit().await?;
+        let remaining = if budget.hard {
+            available - extra
+        } else {
+            available
+        };
+        Ok(Outcome {
+            lease: LeaseGrant {
+                id: lease_id,
+                budget,
+                granted: granted + extra,
+                expires_at,
+                bounds,
+                remaining,
+            },
+            alerts,
+        })
+    }
+
+    /// Closes a lease with its final spend; alerts the spend may have crossed.
+    pub async fn release(
+        &self,
+        lease_id: Uuid,
+        spent: i64,
+        now: Timestamp,
+    ) -> Result<Vec<Alert>, BudgetError> {
+        let budget_id = self.lease_budget(lease_id).await?;
+        let now_odt = to_odt(now);
+        let mut tx = self.pool.begin().await?;
+        let budget = Self::lock(&mut tx, &budget_id).await?;
+        Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
+        let bounds = budget.period_at(now);
+        let state = Self::state(&mut *tx, &budget, bounds, now_odt).await?;
+        let alerts = Self::alerts(&mut tx, &budget, bounds, &state).await?;
+        tx.commit().await?;
+        Ok(alerts)
+    }
+
+    /// Grants up to the wanted requests and tokens of `scope`'s current minute window, within its
+    /// per-minute limits (0: unlimited). Returns (requests, tokens, window start).
+    pub async fn rate_slice(
+        &self,
+        scope: &str,
+        limits: (u64, u64),
+        want: (u64, u64),
+        now: Timestamp,
+    ) -> Result<(u64, u64, Timestamp), BudgetError> {
+        if scope.is_empty() {
+            return Err(invalid("scope", "must not be empty"));
+        }
+        let window = Timestamp::from_second(now.as_second().div_euclid(60) * 60)
+            .unwrap_or(Timestamp::UNIX_EPOCH);
+        let start = to_odt(window);
+        let mut tx = self.pool.begin().await?;
+        let created = sqlx::query(
+            "INSERT INTO rate_windows (scope, window_start) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(scope)
+        .bind(start)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if created == 1 {
+            sqlx::query("DELETE FROM rate_windows WHERE scope = $1 AND window_start < $2")
+                .bind(scope)
+                .bind(start - time::Duration::minutes(10))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let row = sqlx::query(
+            "SELECT granted_requests, granted_tokens FROM rate_windows \
+             WHERE scope = $1 AND window_start = $2 FOR UPDATE",
+        )
+        .bind(scope)
+        .bind(start)
+        .fetch_one(&mut *tx)
+        .await?;
+        let used_requests = u64::try_from(row.try_get::<i64, _>("granted_requests")?).unwrap_or(0);
+        let used_tokens = u64::try_from(row.try_get::<i64, _>("granted_tokens")?).unwrap_or(0);
+        let (requests, tokens) = grant_rate(limits, (used_requests, used_tokens), want);
+        if requests > 0 || tokens > 0 {
+            sqlx::query(
+                "UPDATE rate_windows SET granted_requests = granted_requests + $3, \
+                 granted_tokens = granted_tokens + $4 WHERE scope = $1 AND window_start = $2",
+            )
+            .bind(scope)
+            .bind(start)
+            .bind(i64::try_from(requests).unwrap_or(i64::MAX))
+            .bind(i64::try_from(tokens).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((requests, tokens, window))
+    }
+}
+
+/// What a rate window can still grant: each dimension up to its limit (0: unlimited); nothing at
+/// all once the request limit is reached, so that a token slice never outlives its requests.
+pub fn grant_rate(limits: (u64, u64), used: (u64, u64), want: (u64, u64)) -> (u64, u64) {
+    let left = |limit: u64, used: u64, want: u64| {
+        if limit == 0 {
+            want
+        } else {
+            want.min(limit.saturating_sub(used))
+        }
+    };
+    let requests = left(limits.0, used.0, want.0);
+    if want.0 > 0 && requests == 0 {
+        return (0, 0);
+    }
+    (requests, left(limits.1, used.1, want.1))
+}
+
+/// The NATS subject of a budget's alerts: `<prefix>.budget.alert.<kind>[.<id>]`, the id made a
+/// single subject token.
+pub fn alert_subject(prefix: &str, budget: &Budget) -> String {
+    let id: String = budget
+        .scope_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if id.is_empty() {
+        format!("{prefix}.budget.alert.{}", budget.kind.as_str())
+    } else {
+        format!("{prefix}.budget.alert.{}.{id}", budget.kind.as_str())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ts(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_day_resets_at_local_midnight_of_the_configured_zone() {
+        let berlin = TimeZone::get("Europe/Berlin").unwrap();
+        // 23:30 UTC on 14 March is 00:30 on 15 March in Berlin (UTC+1).
+        let bounds = period_bounds(Period::Day, &berlin, ts("2026-03-14T23:30:00Z"));
+        assert_eq!(bounds.start, ts("2026-03-14T23:00:00Z"));
+        assert_eq!(bounds.end, Some(ts("2026-03-15T23:00:00Z")));
+        // The same instant in UTC is still 14 March.
+        let utc = period_bounds(Period::Day, &TimeZone::UTC, ts("2026-03-14T23:30:00Z"));
+        assert_eq!(utc.start, ts("2026-03-14T00:00:00Z"));
+        assert_eq!(utc.end, Some(ts("2026-03-15T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_day_across_a_dst_change_is_23_hours_long() {
+        let berlin = TimeZone::get("Europe/Berlin").unwrap();
+        // 29 March 2026: clocks go from 02:00 CET to 03:00 CEST.
+        let bounds = period_bounds(Period::Day, &berlin, ts("2026-03-29T12:00:00Z"));
+        assert_eq!(bounds.start, ts("2026-03-28T23:00:00Z"));
+        assert_eq!(bounds.end, Some(ts("2026-03-29T22:00:00Z")));
+    }
+
+    #[test]
+    fn weeks_start_on_monday_and_months_on_the_first_in_the_zone() {
+        let tokyo = TimeZone::get("Asia/Tokyo").unwrap();
+        // Sunday 2026-11-29 20:00 UTC is Monday 30 November 05:00 in Tokyo (UTC+9).
+        let week = period_bounds(Period::Week, &tokyo, ts("2026-11-29T20:00:00Z"));
+        assert_eq!(week.start, ts("2026-11-29T15:00:00Z"));
+        assert_eq!(week.end, Some(ts("2026-12-06T15:00:00Z")));
+        // 30 November 16:00 UTC is already 1 December in Tokyo: a new month.
+        let month = period_bounds(Period::Month, &tokyo, ts("2026-11-30T16:00:00Z"));
+        assert_eq!(month.start, ts("2026-11-30T15:00:00Z"));
+        assert_eq!(month.end, Some(ts("2026-12-31T15:00:00Z")));
+        let before = period_bounds(Period::Month, &tokyo, ts("2026-11-30T14:59:59Z"));
+        assert_eq!(before.start, ts("2026-10-31T15:00:00Z"));
+        assert_eq!(before.end, Some(month.start));
+        let lifetime = period_bounds(Period::Lifetime, &tokyo, ts("2026-11-30T14:59:59Z"));
+        assert_eq!(lifetime.end, None);
+    }
+
+    #[test]
+    fn committed_spend_takes_the_larger_of_settled_and_recorded_plus_open_leases() {
+        let state = PeriodState {
+            settled: 30,
+            recorded: 45,
+            leased: 20,
+            open_leases: 1,
+        };
+        assert_eq!(state.committed(), 65);
+        assert_eq!(state.remaining(100), 35);
+        assert_eq!(state.remaining(50), 0);
+    }
+
+    #[test]
+    fn rate_windows_grant_within_both_limits() {
+        assert_eq!(grant_rate((10, 0), (8, 0), (5, 100)), (2, 100));
+        assert_eq!(grant_rate((10, 1000), (10, 0), (1, 10)), (0, 0));
+        assert_eq!(grant_rate((0, 1000), (0, 990), (1, 50)), (1, 10));
+    }
+
+    #[test]
+    fn validation_names_fields_and_normalises() {
+        let mut budget = Budget {
+            id: "b1".into(),
+            kind: ScopeKind::App,
+            scope_id: "a".into(),
+            period: Period::Day,
+            time_zone: String::new(),
+            limit: 10,
+            hard: true,
+            thresholds: vec![80, 50, 80],
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        budget.validate().unwrap();
+        assert_eq!(budget.time_zone, "UTC");
+        assert_eq!(budget.thresholds, vec![50, 80]);
+        budget.time_zone = "Mars/Olympus".into();
+        let error = budget.validate().unwrap_err().to_string();
+        assert!(error.contains("budget.time_zone"), "{error}");
+        let org = Budget {
+            kind: ScopeKind::Org,
+            scope_id: "x".into(),
+            ..budget.clone()
+        };
+        assert!(
+            org.clone()
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("scope.id")
+        );
+        assert_eq!(
+            alert_subject(
+                "sb",
+                &Budget {
+                    scope_id: "my app".into(),
+                    ..budget
+                }
+            ),
+            "sb.budget.alert.app.my_app"
+        );
+    }
+}
