@@ -14,6 +14,7 @@ use crate::{
     error::StartupError,
     grpc::LedgerApi,
     metrics::Metrics,
+    partitions::{Partitions, maintenance_loop},
     reload::{Fingerprint, SharedPrices, reload_loop},
     repo::Repository,
 };
@@ -31,6 +32,9 @@ pub struct App {
     metrics_listener: Option<TcpListener>,
     metrics_addr: Option<SocketAddr>,
     reload: Option<(Duration, Fingerprint)>,
+    partitions: Arc<Partitions>,
+    /// Partition maintenance: every, months ahead.
+    maintenance: (Duration, u32),
 }
 
 impl App {
@@ -52,6 +56,10 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         metrics.prices_loaded(book.len());
         let prices = SharedPrices::new(book);
+        let partitions = Arc::new(Partitions::new(
+            repo.pool().clone(),
+            config.retention_months,
+        ));
 
         let client = nats.connect().await?;
         let js = jetstream::new(client);
@@ -85,6 +93,7 @@ impl App {
             repo: repo.clone(),
             prices,
             metrics,
+            partitions: partitions.clone(),
         };
         let reload = (config.price_reload_secs > 0)
             .then(|| (Duration::from_secs(config.price_reload_secs), fingerprint));
@@ -97,6 +106,11 @@ impl App {
             metrics_listener,
             metrics_addr,
             reload,
+            partitions,
+            maintenance: (
+                Duration::from_secs(config.partition_maintenance_secs),
+                config.partitions_ahead,
+            ),
         })
     }
 
@@ -123,6 +137,8 @@ impl App {
             pull,
             metrics_listener,
             reload,
+            partitions,
+            maintenance,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -163,6 +179,12 @@ impl App {
             consumer.js.client(),
             consumer.nats.subject_prefix.clone(),
         );
+        tasks.spawn(maintenance_loop(
+            partitions,
+            maintenance.0,
+            maintenance.1,
+            cancel.clone(),
+        ));
         tasks.spawn(consumer.run(pull, cancel.clone()));
         tasks.close();
 

@@ -36,6 +36,13 @@ pub struct Config {
     pub price_reload_secs: u64,
     /// Prometheus `/metrics` listen address (unpriced usage, price reloads); none when unset.
     pub metrics_addr: Option<String>,
+    /// Months of raw usage rows kept: monthly partitions that ended before the first day of the
+    /// month `retention_months` months ago are dropped (0: keep forever). Rollups are kept.
+    pub retention_months: u32,
+    /// Monthly partitions created ahead of the current month.
+    pub partitions_ahead: u32,
+    /// How often partitions are created ahead and retention runs (seconds).
+    pub partition_maintenance_secs: u64,
     /// Prices, USD per million tokens, versioned by `effective_from`. They override imported prices.
     pub prices: Vec<PriceConfig>,
 }
@@ -52,6 +59,9 @@ impl Default for Config {
             ack_wait_secs: 30,
             price_reload_secs: 30,
             metrics_addr: None,
+            retention_months: 0,
+            partitions_ahead: 3,
+            partition_maintenance_secs: 3600,
             prices: Vec::new(),
         }
     }
@@ -144,6 +154,24 @@ impl Config {
             return Err(ConfigError::invalid(
                 "ledger.price_reload_secs",
                 "must be at most 86400 (seconds; 0: only at start)",
+            ));
+        }
+        if self.retention_months > 1200 {
+            return Err(ConfigError::invalid(
+                "ledger.retention_months",
+                "must be at most 1200 (months; 0: keep forever)",
+            ));
+        }
+        if self.partitions_ahead > 24 {
+            return Err(ConfigError::invalid(
+                "ledger.partitions_ahead",
+                "must be at most 24",
+            ));
+        }
+        if self.partition_maintenance_secs == 0 || self.partition_maintenance_secs > 86_400 {
+            return Err(ConfigError::invalid(
+                "ledger.partition_maintenance_secs",
+                "must be between 1 and 86400 (seconds)",
             ));
         }
         if let Some(addr) = &self.metrics_addr {
@@ -346,6 +374,12 @@ mod tests {
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
             ("price_reload_secs = 100000", "ledger.price_reload_secs"),
             ("metrics_addr = \"nope\"", "ledger.metrics_addr"),
+            ("retention_months = 5000", "ledger.retention_months"),
+            ("partitions_ahead = 100", "ledger.partitions_ahead"),
+            (
+                "partition_maintenance_secs = 0",
+                "ledger.partition_maintenance_secs",
+            ),
             ("unknown = 1", "unknown"),
         ] {
             let error = parse(&format!("[ledger]\n{toml}\n"))

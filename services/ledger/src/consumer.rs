@@ -91,6 +91,7 @@ pub struct UsageConsumer {
     pub(crate) repo: Repository,
     pub(crate) prices: SharedPrices,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) partitions: Arc<crate::partitions::Partitions>,
 }
 
 /// Exponential backoff between retries.
@@ -122,7 +123,8 @@ struct Pending {
 }
 
 enum Commit {
-    Done,
+    /// Committed; the request ids actually inserted (not those already recorded).
+    Done(Vec<uuid::Uuid>),
     DataError(sqlx::Error),
     Cancelled,
 }
@@ -210,8 +212,8 @@ impl UsageConsumer {
         }
         let rows: Vec<UsageRow> = pending.iter().map(|p| p.row.clone()).collect();
         match self.commit(&rows, cancel).await {
-            Commit::Done => {
-                self.count(&rows);
+            Commit::Done(inserted) => {
+                self.count(&rows, &inserted);
                 ack_all(&pending).await
             }
             Commit::Cancelled => {}
@@ -219,8 +221,8 @@ impl UsageConsumer {
                 tracing::warn!(%error, rows = rows.len(), "batch refused by the database; inserting row by row");
                 for item in &pending {
                     match self.commit(std::slice::from_ref(&item.row), cancel).await {
-                        Commit::Done => {
-                            self.count(std::slice::from_ref(&item.row));
+                        Commit::Done(inserted) => {
+                            self.count(std::slice::from_ref(&item.row), &inserted);
                             ack_all(std::slice::from_ref(item)).await
                         }
                         Commit::Cancelled => return,
@@ -235,9 +237,11 @@ impl UsageConsumer {
         }
     }
 
-    /// Counts committed rows, unpriced ones by model.
-    fn count(&self, rows: &[UsageRow]) {
-        for row in rows {
+    /// Counts the rows this commit inserted, unpriced ones by model (a redelivered row that was
+    /// already recorded is not counted again).
+    fn count(&self, rows: &[UsageRow], inserted: &[uuid::Uuid]) {
+        let inserted: std::collections::HashSet<&uuid::Uuid> = inserted.iter().collect();
+        for row in rows.iter().filter(|row| inserted.contains(&row.request_id)) {
             self.metrics
                 .recorded(&row.provider, &row.model, row.cost_usd_nanos.is_none());
         }
@@ -247,10 +251,23 @@ impl UsageConsumer {
     async fn commit(&self, rows: &[UsageRow], cancel: &CancellationToken) -> Commit {
         let mut backoff = Backoff::new();
         loop {
-            match self.repo.insert_batch(rows).await {
+            // The rows' months get their partitions first (one query per month not seen before).
+            let ensured = self
+                .partitions
+                .ensure_for(rows.iter().map(|row| row.time), OffsetDateTime::now_utc())
+                .await;
+            let recorded = match ensured {
+                Ok(()) => self.repo.record_batch(rows).await,
+                Err(error) => Err(error),
+            };
+            match recorded {
                 Ok(inserted) => {
-                    tracing::debug!(rows = rows.len(), inserted, "usage batch committed");
-                    return Commit::Done;
+                    tracing::debug!(
+                        rows = rows.len(),
+                        inserted = inserted.len(),
+                        "usage batch committed"
+                    );
+                    return Commit::Done(inserted);
                 }
                 Err(error) if is_data_error(&error) => return Commit::DataError(error),
                 Err(error) => {

@@ -16,6 +16,9 @@ pub enum LedgerError {
         field: &'static str,
         message: String,
     },
+    /// Several request fields are invalid: (field path, description) each.
+    #[error("invalid request: {}", describe(.0))]
+    InvalidFields(Vec<(String, String)>),
     /// No row for the request id.
     #[error("no usage record for request {request_id}")]
     NotFound { request_id: String },
@@ -45,7 +48,9 @@ impl From<sqlx::Error> for LedgerError {
 impl ServiceError for LedgerError {
     fn code(&self) -> ErrorCode {
         match self {
-            LedgerError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            LedgerError::InvalidArgument { .. } | LedgerError::InvalidFields(_) => {
+                ErrorCode::InvalidArgument
+            }
             LedgerError::NotFound { .. } => ErrorCode::NotFound,
             LedgerError::Unavailable(_) => ErrorCode::Unavailable,
             LedgerError::Internal(_) => ErrorCode::Internal,
@@ -57,12 +62,34 @@ impl ServiceError for LedgerError {
             LedgerError::InvalidArgument { field, .. } => {
                 HashMap::from([("field".to_owned(), (*field).to_owned())])
             }
+            LedgerError::InvalidFields(violations) => violations
+                .first()
+                .map(|(field, _)| HashMap::from([("field".to_owned(), field.clone())]))
+                .unwrap_or_default(),
             LedgerError::NotFound { request_id } => {
                 HashMap::from([("request_id".to_owned(), request_id.clone())])
             }
             _ => HashMap::new(),
         }
     }
+
+    fn field_violations(&self) -> Vec<(String, String)> {
+        match self {
+            LedgerError::InvalidArgument { field, message } => {
+                vec![((*field).to_owned(), message.clone())]
+            }
+            LedgerError::InvalidFields(violations) => violations.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn describe(violations: &[(String, String)]) -> String {
+    violations
+        .iter()
+        .map(|(field, message)| format!("`{field}`: {message}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why the ledger could not start.

@@ -1,8 +1,11 @@
 //! gRPC handlers: convert protobuf <-> domain and map errors.
 
+use futures::StreamExt as _;
 use switchboard_proto::ledger::v1::{
+    ExportUsageRequest, ExportUsageResponse, FindUsageRecordsRequest, FindUsageRecordsResponse,
     GetSpendRequest, GetSpendResponse, GetUsageRecordRequest, GetUsageRecordResponse,
-    ListUnpricedRequest, ListUnpricedResponse, SpendRow, UnpricedModel, UsageRecord,
+    ListUnpricedRequest, ListUnpricedResponse, QuerySpendRequest, QuerySpendResponse,
+    SpendDimension, SpendGroup, SpendRow, SpendSource, UnpricedModel, UsageFilter, UsageRecord,
     ledger_service_server::LedgerService,
 };
 use switchboard_status::to_status;
@@ -13,7 +16,12 @@ use crate::{
     error::{DOMAIN, LedgerError},
     record::{UsageRow, time_to_timestamp, timestamp_to_time},
     repo::Repository,
+    spend::{Dimension, Filter, Group, Measures, Source, SpendQuery},
 };
+
+/// Export page size when the request sets none, and the largest allowed.
+const DEFAULT_PAGE: u32 = 1000;
+const MAX_PAGE: u32 = 10_000;
 
 /// The `LedgerService` implementation.
 #[derive(Debug, Clone)]
@@ -89,6 +97,138 @@ fn time_range(
     Ok((start, end))
 }
 
+fn filter_of(filter: Option<UsageFilter>) -> Filter {
+    let filter = filter.unwrap_or_default();
+    Filter {
+        apps: filter.apps,
+        teams: filter.teams,
+        key_ids: filter.key_ids,
+        models: filter.models,
+        providers: filter.providers,
+        routes: filter.routes,
+        tags: filter.tags.into_iter().collect(),
+    }
+}
+
+fn dimension_of(value: i32) -> Option<Dimension> {
+    Some(match SpendDimension::try_from(value).ok()? {
+        SpendDimension::Unspecified => return None,
+        SpendDimension::App => Dimension::App,
+        SpendDimension::Team => Dimension::Team,
+        SpendDimension::Key => Dimension::Key,
+        SpendDimension::Model => Dimension::Model,
+        SpendDimension::Provider => Dimension::Provider,
+        SpendDimension::Route => Dimension::Route,
+        SpendDimension::Tag => Dimension::Tag,
+        SpendDimension::Hour => Dimension::Hour,
+        SpendDimension::Day => Dimension::Day,
+        SpendDimension::Month => Dimension::Month,
+    })
+}
+
+/// Checks a spend query; every invalid field is reported (google.rpc.BadRequest).
+fn spend_query_of(request: QuerySpendRequest) -> Result<SpendQuery, LedgerError> {
+    let mut violations: Vec<(String, String)> = Vec::new();
+    let range = time_range(request.start.as_ref(), request.end.as_ref());
+    if let Err(LedgerError::InvalidArgument { field, message }) = &range {
+        violations.push(((*field).to_owned(), message.clone()));
+    }
+    let mut group_by = Vec::with_capacity(request.group_by.len());
+    let mut periods = 0;
+    for (i, value) in request.group_by.iter().enumerate() {
+        match dimension_of(*value) {
+            None => violations.push((
+                format!("group_by[{i}]"),
+                format!("unknown dimension {value}: use one of app, team, key, model, provider, route, tag, hour, day, month"),
+            )),
+            Some(dimension) if group_by.contains(&dimension) => {
+                violations.push((format!("group_by[{i}]"), "repeated dimension".to_owned()));
+            }
+            Some(dimension) => {
+                if matches!(dimension, Dimension::Hour | Dimension::Day | Dimension::Month) {
+                    periods += 1;
+                    if periods > 1 {
+                        violations.push((
+                            format!("group_by[{i}]"),
+                            "at most one of hour, day and month".to_owned(),
+                        ));
+                    }
+                }
+                group_by.push(dimension);
+            }
+        }
+    }
+    let tag_key = Some(request.tag_key.trim().to_owned()).filter(|k| !k.is_empty());
+    match (group_by.contains(&Dimension::Tag), &tag_key) {
+        (true, None) => violations.push((
+            "tag_key".to_owned(),
+            "required when grouping by SPEND_DIMENSION_TAG".to_owned(),
+        )),
+        (false, Some(_)) => violations.push((
+            "tag_key".to_owned(),
+            "only used with SPEND_DIMENSION_TAG in group_by".to_owned(),
+        )),
+        _ => {}
+    }
+    match range {
+        Ok((start, end)) if violations.is_empty() => Ok(SpendQuery {
+            start,
+            end,
+            group_by,
+            tag_key,
+            filter: filter_of(request.filter),
+        }),
+        _ => Err(LedgerError::InvalidFields(violations)),
+    }
+}
+
+fn group_of(group: Group) -> SpendGroup {
+    let Measures {
+        requests,
+        prompt_tokens,
+        completion_tokens,
+        cached_prompt_tokens,
+        cache_write_tokens,
+        reasoning_tokens,
+        cost_usd_nanos,
+        unpriced_requests,
+        saved_usd_nanos,
+        error_requests,
+        cache_hits,
+    } = group.measures;
+    SpendGroup {
+        app: group.app.unwrap_or_default(),
+        team: group.team.unwrap_or_default(),
+        key_id: group.key_id.unwrap_or_default(),
+        model: group.model.unwrap_or_default(),
+        provider: group.provider.unwrap_or_default(),
+        route: group.route.unwrap_or_default(),
+        tag_value: group.tag_value.unwrap_or_default(),
+        period_start: group.period_start.map(time_to_timestamp),
+        requests: to_u64(requests),
+        prompt_tokens: to_u64(prompt_tokens),
+        completion_tokens: to_u64(completion_tokens),
+        cached_prompt_tokens: to_u64(cached_prompt_tokens),
+        cache_write_tokens: to_u64(cache_write_tokens),
+        reasoning_tokens: to_u64(reasoning_tokens),
+        cost_usd_nanos,
+        unpriced_requests: to_u64(unpriced_requests),
+        saved_usd_nanos,
+        error_requests: to_u64(error_requests),
+        cache_hits: to_u64(cache_hits),
+    }
+}
+
+fn is_trace_id(text: &str) -> bool {
+    text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Where an export stands between pages.
+enum Cursor {
+    Next(Option<(time::OffsetDateTime, Uuid)>),
+    Done,
+}
+
 impl LedgerApi {
     async fn unpriced(
         &self,
@@ -141,6 +281,119 @@ impl LedgerApi {
         })
     }
 
+    async fn query_spend(
+        &self,
+        request: QuerySpendRequest,
+    ) -> Result<QuerySpendResponse, LedgerError> {
+        let query = spend_query_of(request)?;
+        let answer = crate::spend::query(self.repo.pool(), &query).await?;
+        Ok(QuerySpendResponse {
+            groups: answer.groups.into_iter().map(group_of).collect(),
+            total: Some(group_of(Group {
+                measures: answer.total,
+                ..Group::default()
+            })),
+            sources: answer
+                .sources
+                .into_iter()
+                .map(|source| match source {
+                    Source::RollupDaily => SpendSource::RollupDaily as i32,
+                    Source::RollupHourly => SpendSource::RollupHourly as i32,
+                    Source::Raw => SpendSource::Raw as i32,
+                })
+                .collect(),
+        })
+    }
+
+    async fn find(
+        &self,
+        request: FindUsageRecordsRequest,
+    ) -> Result<FindUsageRecordsResponse, LedgerError> {
+        let request_id = request.request_id.trim();
+        let trace_id = request.trace_id.trim();
+        let rows = match (request_id.is_empty(), trace_id.is_empty()) {
+            (false, true) => {
+                let id = Uuid::parse_str(request_id).map_err(|_| LedgerError::InvalidArgument {
+                    field: "request_id",
+                    message: "not a UUID".to_owned(),
+                })?;
+                self.repo.get(id).await?.into_iter().collect()
+            }
+            (true, false) => {
+                if !is_trace_id(trace_id) {
+                    return Err(LedgerError::InvalidArgument {
+                        field: "trace_id",
+                        message: "not a W3C trace id (32 hex digits)".to_owned(),
+                    });
+                }
+                self.repo.by_trace(&trace_id.to_ascii_lowercase()).await?
+            }
+            _ => {
+                return Err(LedgerError::InvalidFields(vec![
+                    (
+                        "request_id".to_owned(),
+                        "set exactly one of request_id and trace_id".to_owned(),
+                    ),
+                    (
+                        "trace_id".to_owned(),
+                        "set exactly one of request_id and trace_id".to_owned(),
+                    ),
+                ]));
+            }
+        };
+        Ok(FindUsageRecordsResponse {
+            records: rows.into_iter().map(record_of).collect(),
+        })
+    }
+
+    /// Validates an export and returns its page stream (keyset pagination on (time, request_id)).
+    fn export(
+        &self,
+        request: ExportUsageRequest,
+    ) -> Result<<LedgerApi as LedgerService>::ExportUsageStream, LedgerError> {
+        let (start, end) = time_range(request.start.as_ref(), request.end.as_ref())?;
+        let page = match request.page_size {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(LedgerError::InvalidArgument {
+                    field: "page_size",
+                    message: format!("at most {MAX_PAGE}"),
+                });
+            }
+            n => n,
+        };
+        let filter = filter_of(request.filter);
+        let repo = self.repo.clone();
+        let span = tracing::Span::current();
+        let pages = futures::stream::try_unfold(Cursor::Next(None), move |cursor| {
+            let repo = repo.clone();
+            let filter = filter.clone();
+            let span = span.clone();
+            async move {
+                let Cursor::Next(after) = cursor else {
+                    return Ok(None);
+                };
+                let rows = tracing::Instrument::instrument(
+                    repo.export_page(start, end, &filter, after, i64::from(page)),
+                    span,
+                )
+                .await
+                .map_err(|e| to_status(DOMAIN, &LedgerError::from(e)))?;
+                let Some(last) = rows.last() else {
+                    return Ok(None);
+                };
+                let next = if rows.len() < page as usize {
+                    Cursor::Done
+                } else {
+                    Cursor::Next(Some((last.time, last.request_id)))
+                };
+                let records = rows.into_iter().map(record_of).collect();
+                Ok(Some((ExportUsageResponse { records }, next)))
+            }
+        });
+        Ok(pages.boxed())
+    }
+
     async fn usage_record(
         &self,
         request: GetUsageRecordRequest,
@@ -166,30 +419,39 @@ impl LedgerApi {
 
 #[tonic::async_trait]
 impl LedgerService for LedgerApi {
-    type ExportUsageStream = futures::stream::BoxStream<
-        'static,
-        Result<switchboard_proto::ledger::v1::ExportUsageResponse, Status>,
-    >;
+    type ExportUsageStream =
+        futures::stream::BoxStream<'static, Result<ExportUsageResponse, Status>>;
 
+    #[tracing::instrument(skip_all, fields(group_by = request.get_ref().group_by.len()))]
     async fn query_spend(
         &self,
-        _request: Request<switchboard_proto::ledger::v1::QuerySpendRequest>,
-    ) -> Result<Response<switchboard_proto::ledger::v1::QuerySpendResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        request: Request<QuerySpendRequest>,
+    ) -> Result<Response<QuerySpendResponse>, Status> {
+        self.query_spend(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn find_usage_records(
         &self,
-        _request: Request<switchboard_proto::ledger::v1::FindUsageRecordsRequest>,
-    ) -> Result<Response<switchboard_proto::ledger::v1::FindUsageRecordsResponse>, Status> {
-        Err(Status::unimplemented("not yet"))
+        request: Request<FindUsageRecordsRequest>,
+    ) -> Result<Response<FindUsageRecordsResponse>, Status> {
+        self.find(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn export_usage(
         &self,
-        _request: Request<switchboard_proto::ledger::v1::ExportUsageRequest>,
+        request: Request<ExportUsageRequest>,
     ) -> Result<Response<Self::ExportUsageStream>, Status> {
-        Err(Status::unimplemented("not yet"))
+        self.export(request.into_inner())
+            .map(Response::new)
+            .map_err(|e| to_status(DOMAIN, &e))
     }
 
     #[tracing::instrument(skip_all, fields(app = %request.get_ref().app))]

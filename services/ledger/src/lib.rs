@@ -11,11 +11,13 @@ mod grpc;
 mod litellm;
 mod metrics;
 mod money;
+mod partitions;
 pub mod prices;
 mod pricing;
 mod record;
 mod reload;
 mod repo;
+mod spend;
 
 pub use app::{App, SERVICE_NAME};
 pub use config::{Config, PriceConfig};
@@ -31,7 +33,12 @@ pub mod internals {
             cost_nanos, parse_usd_per_token,
         },
         pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
+        partitions::{Maintenance, Partitions, month_start},
         record::{Rejected, UsageRow, price_event},
         repo::{ImportMeta, RepoError, Repository, Spend, Unpriced},
+        spend::{
+            Dimension, Filter, Group, Measures, Plan, Source, SpendAnswer, SpendQuery,
+            plan as spend_plan, query as query_spend,
+        },
     };
 }

@@ -279,7 +279,7 @@ pub async fn reprice(
     let model = request.model.as_deref().filter(|m| !m.is_empty());
 
     let mut report = RepriceReport::default();
-    let mut changes: Vec<(Uuid, Option<i64>, Option<i64>)> = Vec::new();
+    let mut changes: Vec<(Uuid, OffsetDateTime, Option<i64>, Option<i64>)> = Vec::new();
     let mut after: Option<(OffsetDateTime, Uuid)> = None;
     loop {
         let rows = sqlx::query(
@@ -313,12 +313,12 @@ pub async fn reprice(
             };
             let old: Option<i64> = row.try_get("cost_usd_nanos")?;
             let cache: String = row.try_get("cache")?;
+            let time: OffsetDateTime = row.try_get("time")?;
             let new = if cache == "hit" {
                 old
             } else {
                 let provider: String = row.try_get("provider")?;
                 let served: String = row.try_get("model")?;
-                let time: OffsetDateTime = row.try_get("time")?;
                 cost_of(tokens, book.lookup(&provider, &served, time))
             };
             match old {
@@ -330,7 +330,7 @@ pub async fn reprice(
                 None => report.new_unpriced += 1,
             }
             if old != new {
-                changes.push((row.try_get("request_id")?, old, new));
+                changes.push((row.try_get("request_id")?, time, old, new));
             }
         }
         if i64::try_from(rows.len()).unwrap_or(i64::MAX) < PAGE {
@@ -362,16 +362,17 @@ pub async fn reprice(
     .await?;
     for chunk in changes.chunks(PAGE as usize) {
         let ids: Vec<Uuid> = chunk.iter().map(|c| c.0).collect();
-        let old: Vec<Option<i64>> = chunk.iter().map(|c| c.1).collect();
-        let new: Vec<Option<i64>> = chunk.iter().map(|c| c.2).collect();
-        sqlx::query(
-            "UPDATE usage_records u SET cost_usd_nanos = c.cost \
-             FROM UNNEST($1::uuid[], $2::int8[]) AS c(request_id, cost) WHERE u.request_id = c.request_id",
-        )
-        .bind(&ids)
-        .bind(&new)
-        .execute(&mut *tx)
-        .await?;
+        let times: Vec<OffsetDateTime> = chunk.iter().map(|c| c.1).collect();
+        let old: Vec<Option<i64>> = chunk.iter().map(|c| c.2).collect();
+        let new: Vec<Option<i64>> = chunk.iter().map(|c| c.3).collect();
+        // The rows, and by the same differences the hourly and daily rollups that counted them.
+        sqlx::query(REPRICE_ROWS_AND_ROLLUPS)
+            .bind(&ids)
+            .bind(&times)
+            .bind(&old)
+            .bind(&new)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO reprice_changes (audit_id, request_id, old_cost_usd_nanos, new_cost_usd_nanos) \
              SELECT $1, * FROM UNNEST($2::uuid[], $3::int8[], $4::int8[])",
@@ -393,6 +394,31 @@ pub async fn reprice(
     );
     Ok(report)
 }
+
+/// Sets the new costs by (request id, time), and applies the change of each (cost, unpriced
+/// count) to the rollup rows of the rows' hours and days.
+const REPRICE_ROWS_AND_ROLLUPS: &str = "\
+    WITH c AS (SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::int8[], $4::int8[]) \
+        AS c(request_id, time, old_cost, new_cost)), \
+    u AS (UPDATE usage_records u SET cost_usd_nanos = c.new_cost FROM c \
+        WHERE u.request_id = c.request_id AND u.time = c.time \
+        RETURNING u.time, u.app, u.team, u.key_id, u.requested_model, u.provider, u.model, \
+          COALESCE(c.new_cost, 0) - COALESCE(c.old_cost, 0) AS cost_delta, \
+          (c.new_cost IS NULL)::INT - (c.old_cost IS NULL)::INT AS unpriced_delta), \
+    hourly AS (UPDATE usage_rollup_hourly r SET cost_usd_nanos = r.cost_usd_nanos + d.cost_delta, \
+        unpriced_requests = r.unpriced_requests + d.unpriced_delta \
+        FROM (SELECT date_trunc('hour', time, 'UTC') AS bucket, app, team, key_id, requested_model AS route, \
+                provider, model, SUM(cost_delta)::BIGINT AS cost_delta, SUM(unpriced_delta)::BIGINT AS unpriced_delta \
+              FROM u GROUP BY 1, 2, 3, 4, 5, 6, 7) d \
+        WHERE r.bucket = d.bucket AND r.app = d.app AND r.team = d.team AND r.key_id = d.key_id \
+          AND r.route = d.route AND r.provider = d.provider AND r.model = d.model) \
+    UPDATE usage_rollup_daily r SET cost_usd_nanos = r.cost_usd_nanos + d.cost_delta, \
+        unpriced_requests = r.unpriced_requests + d.unpriced_delta \
+    FROM (SELECT date_trunc('day', time, 'UTC') AS bucket, app, team, key_id, requested_model AS route, \
+            provider, model, SUM(cost_delta)::BIGINT AS cost_delta, SUM(unpriced_delta)::BIGINT AS unpriced_delta \
+          FROM u GROUP BY 1, 2, 3, 4, 5, 6, 7) d \
+    WHERE r.bucket = d.bucket AND r.app = d.app AND r.team = d.team AND r.key_id = d.key_id \
+      AND r.route = d.route AND r.provider = d.provider AND r.model = d.model";
 
 const DATE_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
     time::macros::format_description!("[year]-[month]-[day]");

@@ -165,7 +165,19 @@ fn earlier_attempts_cost(
     Ok(total)
 }
 
-/// Prices an event. `fallback_time` is used when the event carries no (valid) time.
+/// The time embedded in a UUIDv7 (Unix milliseconds).
+fn uuid_v7_time(id: &Uuid) -> Option<OffsetDateTime> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let (seconds, nanos) = id.get_timestamp()?.to_unix();
+    let nanos = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+/// Prices an event. An event without a (valid) time takes the time of its UUIDv7 request id, so
+/// that a redelivery gets the same time (the row's key is (request id, time)); only an id of
+/// another version falls back to `fallback_time`.
 pub fn price_event(
     event: UsageEvent,
     fallback_time: OffsetDateTime,
@@ -177,6 +189,7 @@ pub fn price_event(
         .time
         .as_ref()
         .and_then(timestamp_to_time)
+        .or_else(|| uuid_v7_time(&request_id))
         .unwrap_or(fallback_time);
     let time = time
         .replace_nanosecond(time.nanosecond() / 1000 * 1000)
@@ -416,11 +429,24 @@ pub(crate) mod tests {
 
     #[test]
     fn missing_time_uses_the_fallback_and_nul_is_dropped() {
-        let mut e = event(ID, "gpt-4o-mini");
+        // A UUIDv4 request id carries no time: the fallback.
+        let mut e = event("3f0e8a52-8a8e-4c5e-9a59-1d2b8f4c1e77", "gpt-4o-mini");
         e.time = None;
         e.app = "a\0b".into();
         let row = price_event(e, now(), &book()).unwrap();
         assert_eq!(row.time, now());
         assert_eq!(row.app, "ab");
+    }
+
+    #[test]
+    fn missing_time_of_a_uuid_v7_is_the_ids_time_whatever_the_fallback() {
+        let id = Uuid::now_v7();
+        let mut e = event(&id.to_string(), "gpt-4o-mini");
+        e.time = None;
+        let first = price_event(e.clone(), now(), &book()).unwrap();
+        let redelivered = price_event(e, now() + time::Duration::days(3), &book()).unwrap();
+        assert_eq!(first.time, redelivered.time);
+        let (seconds, _) = id.get_timestamp().unwrap().to_unix();
+        assert_eq!(first.time.unix_timestamp(), i64::try_from(seconds).unwrap());
     }
 }

@@ -17,6 +17,16 @@ use crate::{
     record::{UsageRow, cache_from_str, cache_str, status_from_str, status_str},
 };
 
+/// The columns of a usage row, in [`usage_row_of`]'s names.
+macro_rules! usage_columns {
+    () => {
+        "request_id, time, app, team, key_id, requested_model, provider, model, attempts, \
+         prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
+         cost_usd_nanos, saved_usd_nanos, cache, status, error_code, streamed, latency_ms, trace_id, \
+         tags::text AS tags"
+    };
+}
+
 /// Repository errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -197,11 +207,18 @@ impl Repository {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
-    /// Inserts rows in one transaction, one multi-row statement; rows whose request id is already
-    /// recorded are skipped. Returns how many rows were new.
+    /// Inserts rows in one transaction, one statement that also updates the hourly and daily
+    /// rollups with exactly the rows inserted; rows whose request id is already recorded are
+    /// skipped. Returns how many rows were new.
     pub async fn insert_batch(&self, rows: &[UsageRow]) -> Result<u64, sqlx::Error> {
+        let inserted = self.record_batch(rows).await?;
+        Ok(u64::try_from(inserted.len()).unwrap_or(u64::MAX))
+    }
+
+    /// [`Repository::insert_batch`], returning the request ids actually inserted.
+    pub async fn record_batch(&self, rows: &[UsageRow]) -> Result<Vec<Uuid>, sqlx::Error> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
         let inserted = insert_rows(&mut tx, rows).await?;
@@ -209,90 +226,114 @@ impl Repository {
         Ok(inserted)
     }
 
-    /// One row by request id.
+    /// One row by request id (one primary-key probe per partition).
     pub async fn get(&self, request_id: Uuid) -> Result<Option<UsageRow>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
-             cost_usd_nanos, saved_usd_nanos, cache, \
-             status, error_code, streamed, latency_ms, trace_id, tags::text AS tags \
-             FROM usage_records WHERE request_id = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage_records WHERE request_id = $1 ORDER BY time LIMIT 1"
+        ))
         .bind(request_id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-        let tags: String = row.try_get("tags")?;
-        Ok(Some(UsageRow {
-            request_id: row.try_get("request_id")?,
-            time: row.try_get("time")?,
-            app: row.try_get("app")?,
-            team: row.try_get("team")?,
-            key_id: row.try_get("key_id")?,
-            requested_model: row.try_get("requested_model")?,
-            provider: row.try_get("provider")?,
-            model: row.try_get("model")?,
-            attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
-            tokens: Tokens {
-                prompt: u32_of(row.try_get("prompt_tokens")?),
-                cached_prompt: u32_of(row.try_get("cached_prompt_tokens")?),
-                cache_write: u32_of(row.try_get("cache_write_tokens")?),
-                completion: u32_of(row.try_get("completion_tokens")?),
-                reasoning: u32_of(row.try_get("reasoning_tokens")?),
-            },
-            cost_usd_nanos: row.try_get("cost_usd_nanos")?,
-            saved_usd_nanos: row.try_get("saved_usd_nanos")?,
-            cache: cache_from_str(row.try_get::<&str, _>("cache")?),
-            status: status_from_str(row.try_get::<&str, _>("status")?),
-            error_code: row.try_get("error_code")?,
-            streamed: row.try_get("streamed")?,
-            latency_ms: u64::try_from(row.try_get::<i64, _>("latency_ms")?).unwrap_or(0),
-            trace_id: row.try_get("trace_id")?,
-            tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).unwrap_or_default(),
-        }))
+        row.as_ref().map(usage_row_of).transpose()
     }
 
-    /// Spend in `[start, end)` grouped by (app, provider/model), ordered by app then model.
+    /// Every row of a trace (a trace may hold several requests), by time then request id.
+    pub async fn by_trace(&self, trace_id: &str) -> Result<Vec<UsageRow>, sqlx::Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage_records WHERE trace_id = $1 AND trace_id <> '' ORDER BY time, request_id LIMIT 10000"
+        ))
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(usage_row_of).collect()
+    }
+
+    /// One export page: rows of `[start, end)` matching `filter`, after the keyset `after`
+    /// ((time, request_id) of the previous page's last row), ordered by (time, request_id).
+    pub async fn export_page(
+        &self,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+        filter: &crate::spend::Filter,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<UsageRow>, sqlx::Error> {
+        let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(concat!(
+            "SELECT ",
+            usage_columns!(),
+            " FROM usage_records WHERE "
+        ));
+        match after {
+            // Row comparison: one range scan of the (time, request_id) index.
+            Some((time, id)) => {
+                query
+                    .push("(time, request_id) > (")
+                    .push_bind(time)
+                    .push(", ")
+                    .push_bind(id)
+                    .push(")");
+            }
+            None => {
+                query.push("time >= ").push_bind(start);
+            }
+        }
+        query.push(" AND time < ").push_bind(end);
+        filter.push_conditions(&mut query, "requested_model", true);
+        query
+            .push(" ORDER BY time, request_id LIMIT ")
+            .push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        rows.iter().map(usage_row_of).collect()
+    }
+
+    /// Spend in `[start, end)` grouped by (app, provider/model), ordered by app then model
+    /// (`GetSpend`; read from the rollups like every spend query, see [`crate::spend`]).
     pub async fn spend(
         &self,
         start: OffsetDateTime,
         end: OffsetDateTime,
         app: Option<&str>,
     ) -> Result<Vec<Spend>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT app, provider || '/' || model AS model, \
-               COUNT(*)::BIGINT AS requests, \
-               COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens, \
-               COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens, \
-               COALESCE(SUM(cost_usd_nanos), 0)::BIGINT AS cost_usd_nanos, \
-               COALESCE(SUM(saved_usd_nanos), 0)::BIGINT AS saved_usd_nanos, \
-               (COUNT(*) FILTER (WHERE cache = 'hit'))::BIGINT AS cache_hits, \
-               (COUNT(*) FILTER (WHERE cost_usd_nanos IS NULL))::BIGINT AS unpriced_requests \
-             FROM usage_records \
-             WHERE time >= $1 AND time < $2 AND ($3::text IS NULL OR app = $3) \
-             GROUP BY 1, 2 ORDER BY 1, 2",
+        use crate::spend::{Dimension, Filter, SpendQuery};
+        let answer = crate::spend::query(
+            &self.pool,
+            &SpendQuery {
+                start,
+                end,
+                group_by: vec![Dimension::App, Dimension::Provider, Dimension::Model],
+                tag_key: None,
+                filter: Filter {
+                    apps: app.map(|a| vec![a.to_owned()]).unwrap_or_default(),
+                    ..Filter::default()
+                },
+            },
         )
-        .bind(start)
-        .bind(end)
-        .bind(app)
-        .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(Spend {
-                    app: row.try_get("app")?,
-                    model: row.try_get("model")?,
-                    requests: row.try_get("requests")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    cost_usd_nanos: row.try_get("cost_usd_nanos")?,
-                    saved_usd_nanos: row.try_get("saved_usd_nanos")?,
-                    cache_hits: row.try_get("cache_hits")?,
-                    unpriced_requests: row.try_get("unpriced_requests")?,
-                })
+        let mut spend: Vec<Spend> = answer
+            .groups
+            .into_iter()
+            .map(|g| Spend {
+                app: g.app.unwrap_or_default(),
+                model: format!(
+                    "{}/{}",
+                    g.provider.unwrap_or_default(),
+                    g.model.unwrap_or_default()
+                ),
+                requests: g.measures.requests,
+                prompt_tokens: g.measures.prompt_tokens,
+                completion_tokens: g.measures.completion_tokens,
+                cost_usd_nanos: g.measures.cost_usd_nanos,
+                saved_usd_nanos: g.measures.saved_usd_nanos,
+                cache_hits: g.measures.cache_hits,
+                unpriced_requests: g.measures.unpriced_requests,
             })
-            .collect()
+            .collect();
+        spend.sort_by(|a, b| (&a.app, &a.model).cmp(&(&b.app, &b.model)));
+        Ok(spend)
     }
 
     /// Unpriced rows in `[start, end)` grouped by (provider, model), most requests first.
@@ -337,7 +378,47 @@ impl Repository {
     }
 }
 
-async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, sqlx::Error> {
+/// Decodes `usage_columns!()`.
+fn usage_row_of(row: &sqlx::postgres::PgRow) -> Result<UsageRow, sqlx::Error> {
+    let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let tags: String = row.try_get("tags")?;
+    Ok(UsageRow {
+        request_id: row.try_get("request_id")?,
+        time: row.try_get("time")?,
+        app: row.try_get("app")?,
+        team: row.try_get("team")?,
+        key_id: row.try_get("key_id")?,
+        requested_model: row.try_get("requested_model")?,
+        provider: row.try_get("provider")?,
+        model: row.try_get("model")?,
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+        tokens: Tokens {
+            prompt: u32_of(row.try_get("prompt_tokens")?),
+            cached_prompt: u32_of(row.try_get("cached_prompt_tokens")?),
+            cache_write: u32_of(row.try_get("cache_write_tokens")?),
+            completion: u32_of(row.try_get("completion_tokens")?),
+            reasoning: u32_of(row.try_get("reasoning_tokens")?),
+        },
+        cost_usd_nanos: row.try_get("cost_usd_nanos")?,
+        saved_usd_nanos: row.try_get("saved_usd_nanos")?,
+        cache: cache_from_str(row.try_get::<&str, _>("cache")?),
+        status: status_from_str(row.try_get::<&str, _>("status")?),
+        error_code: row.try_get("error_code")?,
+        streamed: row.try_get("streamed")?,
+        latency_ms: u64::try_from(row.try_get::<i64, _>("latency_ms")?).unwrap_or(0),
+        trace_id: row.try_get("trace_id")?,
+        tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).unwrap_or_default(),
+    })
+}
+
+/// Inserts the rows that are new and adds them to the rollups; returns the inserted request ids.
+/// A request id repeated within `rows` is inserted once (its first row).
+async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let rows: Vec<&UsageRow> = rows
+        .iter()
+        .filter(|row| seen.insert(row.request_id))
+        .collect();
     let n = rows.len();
     let mut request_id = Vec::with_capacity(n);
     let mut time = Vec::with_capacity(n);
@@ -387,48 +468,108 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<u64, 
         trace_id.push(row.trace_id.as_str());
         tags.push(serde_json::to_string(&row.tags).unwrap_or_else(|_| "{}".to_owned()));
     }
-    let result = sqlx::query(
-        "INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
-           attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
-           cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
-         SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
-           completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-           streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
-         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-           $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::text[], \
-           $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[], $22::int8[], $23::int8[]) \
-           AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
-           completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-           streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
-         ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(request_id)
-    .bind(time)
-    .bind(app)
-    .bind(team)
-    .bind(key_id)
-    .bind(requested_model)
-    .bind(provider)
-    .bind(model)
-    .bind(attempts)
-    .bind(prompt)
-    .bind(completion)
-    .bind(cached)
-    .bind(cost)
-    .bind(saved)
-    .bind(cache)
-    .bind(status)
-    .bind(error_code)
-    .bind(streamed)
-    .bind(latency)
-    .bind(trace_id)
-    .bind(tags)
-    .bind(cache_write)
-    .bind(reasoning)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
+    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_WITH_ROLLUPS)
+        .bind(request_id)
+        .bind(time)
+        .bind(app)
+        .bind(team)
+        .bind(key_id)
+        .bind(requested_model)
+        .bind(provider)
+        .bind(model)
+        .bind(attempts)
+        .bind(prompt)
+        .bind(completion)
+        .bind(cached)
+        .bind(cost)
+        .bind(saved)
+        .bind(cache)
+        .bind(status)
+        .bind(error_code)
+        .bind(streamed)
+        .bind(latency)
+        .bind(trace_id)
+        .bind(tags)
+        .bind(cache_write)
+        .bind(reasoning)
+        .fetch_all(conn)
+        .await?;
+    Ok(inserted)
 }
+
+/// The measures of a rollup row, summed over rows `r` (the inserted ones).
+macro_rules! rollup_measures {
+    () => {
+        "COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_prompt_tokens), \
+         SUM(cache_write_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost_usd_nanos), 0), \
+         COUNT(*) FILTER (WHERE cost_usd_nanos IS NULL), SUM(saved_usd_nanos), \
+         COUNT(*) FILTER (WHERE status = 'error'), COUNT(*) FILTER (WHERE cache = 'hit')"
+    };
+}
+
+/// Adds an upsert's measures to the stored rollup row.
+macro_rules! rollup_upsert {
+    () => {
+        " ON CONFLICT (bucket, app, team, key_id, route, provider, model) DO UPDATE SET \
+           requests = r.requests + EXCLUDED.requests, \
+           prompt_tokens = r.prompt_tokens + EXCLUDED.prompt_tokens, \
+           completion_tokens = r.completion_tokens + EXCLUDED.completion_tokens, \
+           cached_prompt_tokens = r.cached_prompt_tokens + EXCLUDED.cached_prompt_tokens, \
+           cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, \
+           reasoning_tokens = r.reasoning_tokens + EXCLUDED.reasoning_tokens, \
+           cost_usd_nanos = r.cost_usd_nanos + EXCLUDED.cost_usd_nanos, \
+           unpriced_requests = r.unpriced_requests + EXCLUDED.unpriced_requests, \
+           saved_usd_nanos = r.saved_usd_nanos + EXCLUDED.saved_usd_nanos, \
+           error_requests = r.error_requests + EXCLUDED.error_requests, \
+           cache_hits = r.cache_hits + EXCLUDED.cache_hits"
+    };
+}
+
+/// One statement: insert the rows that are new, then add exactly those (the insert's RETURNING)
+/// to the hourly and daily rollups, so that a redelivered row never counts twice. A row is new
+/// when neither its (request id, time) nor its request id within 7 days of its time (the usage
+/// stream's retention: no redelivery comes later) is recorded; the second check is one probe of
+/// the primary-key index of the one or two partitions of that window. Rollup keys are upserted
+/// in key order, so concurrent ledgers lock rollup rows in the same order.
+const INSERT_WITH_ROLLUPS: &str = concat!(
+    "WITH input AS ( \
+       SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
+         $15::text[], $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[], $22::int8[], \
+         $23::int8[]) \
+         AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
+         completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
+         streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens)), \
+     ins AS ( \
+       INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
+         attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
+         cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
+       SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
+         completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
+         streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
+       FROM input t \
+       WHERE NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
+         AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days') \
+       ON CONFLICT (request_id, time) DO NOTHING \
+       RETURNING request_id, time, app, team, key_id, requested_model, provider, model, prompt_tokens, \
+         completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, cost_usd_nanos, \
+         saved_usd_nanos, status, cache), \
+     hourly AS ( \
+       INSERT INTO usage_rollup_hourly AS r \
+       SELECT date_trunc('hour', time, 'UTC'), app, team, key_id, requested_model, provider, model, ",
+    rollup_measures!(),
+    " FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
+    rollup_upsert!(),
+    "), \
+     daily AS ( \
+       INSERT INTO usage_rollup_daily AS r \
+       SELECT date_trunc('day', time, 'UTC'), app, team, key_id, requested_model, provider, model, ",
+    rollup_measures!(),
+    " FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
+    rollup_upsert!(),
+    ") \
+     SELECT request_id FROM ins"
+);
 
 /// The columns of a price version, in [`price_of_row`]'s order (a macro, so that queries stay
 /// `'static` strings).
