@@ -35,7 +35,8 @@ impl App {
         store: Arc<dyn CacheStore>,
     ) -> Result<App, StartupError> {
         config.validate()?;
-        let cache = Arc::new(Cache::new(&config, store));
+        let semantic = crate::semantic::Semantic::load(&config.semantic).await?;
+        let cache = Arc::new(Cache::new(&config, store).with_semantic(semantic));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;
         Ok(App {

@@ -12,6 +12,7 @@ use crate::{
     config::Config,
     error::CacheError,
     key::CacheKey,
+    semantic::Semantic,
     store::{CacheStore, Entry},
 };
 
@@ -79,6 +80,7 @@ pub struct Cache {
     store: Arc<dyn CacheStore>,
     default_ttl: Duration,
     max_ttl: Duration,
+    semantic: Option<Arc<Semantic>>,
 }
 
 impl Cache {
@@ -88,6 +90,64 @@ impl Cache {
             store,
             default_ttl: Duration::from_secs(config.default_ttl_secs),
             max_ttl: Duration::from_secs(config.max_ttl_secs),
+            semantic: None,
+        }
+    }
+
+    /// Adds the semantic layer (`None`: exact matches only).
+    pub fn with_semantic(mut self, semantic: Option<Arc<Semantic>>) -> Self {
+        self.semantic = semantic;
+        self
+    }
+
+    /// After an exact miss: the best live entry of the request's scope whose final user message
+    /// means the same (threshold and near-miss guard of its route), with its similarity. An
+    /// embedding failure is logged and answered as a miss: the cache never fails a request for it.
+    pub async fn lookup_semantic(
+        &self,
+        app: &str,
+        request: &ChatRequest,
+    ) -> Result<Option<(Hit, f32)>, CacheError> {
+        let Some(semantic) = &self.semantic else {
+            return Ok(None);
+        };
+        let matches = match semantic.find(app, request).await {
+            Ok(matches) => matches,
+            Err(error) => {
+                tracing::warn!(%error, "semantic lookup skipped");
+                return Ok(None);
+            }
+        };
+        for found in matches {
+            match self.store.get(found.key).await? {
+                Some(entry) => {
+                    let hit = Hit {
+                        age: entry.age(SystemTime::now()),
+                        response: entry.response,
+                        route: entry.route,
+                    };
+                    return Ok(Some((hit, found.similarity)));
+                }
+                // Evicted or expired in the store: forget it here too.
+                None => semantic.on_remove(found.key),
+            }
+        }
+        Ok(None)
+    }
+
+    /// After a store of `key` for `ttl`: indexes the entry when the request's route opts in to the
+    /// semantic cache (failures are logged: the exact entry is stored either way).
+    pub async fn index_semantic(
+        &self,
+        app: &str,
+        request: &ChatRequest,
+        key: CacheKey,
+        ttl: Duration,
+    ) {
+        if let Some(semantic) = &self.semantic
+            && let Err(error) = semantic.index_stored(app, request, key, ttl).await
+        {
+            tracing::warn!(%error, key = %key.prefix(), "semantic indexing skipped");
         }
     }
 
@@ -120,7 +180,11 @@ impl Cache {
         if app.is_empty() {
             return Err(CacheError::Missing { field: "scope.app" });
         }
-        Ok(self.store.purge_app(app).await?)
+        let removed = self.store.purge_app(app).await?;
+        if let Some(semantic) = &self.semantic {
+            semantic.on_purge(app);
+        }
+        Ok(removed)
     }
 
     /// Stores `response` of scope `app` under `key` if it is a complete answer. `ttl_seconds` 0

@@ -3,6 +3,8 @@
 use serde::Deserialize;
 use switchboard_config::ConfigError;
 
+use crate::semantic::SemanticConfig;
+
 /// The `[cache]` section.
 ///
 /// ```toml
@@ -12,7 +14,7 @@ use switchboard_config::ConfigError;
 /// max_ttl_secs = 86400      # longer requested TTLs are clamped to this
 /// max_entries = 100000      # bound of the in-memory store
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
@@ -23,6 +25,8 @@ pub struct Config {
     pub max_ttl_secs: u64,
     /// Most entries kept in memory; the least useful are evicted beyond it.
     pub max_entries: u64,
+    /// The semantic cache (`[cache.semantic]`, see `crate::semantic::config`).
+    pub semantic: SemanticConfig,
 }
 
 impl Default for Config {
@@ -32,6 +36,7 @@ impl Default for Config {
             default_ttl_secs: 3600,
             max_ttl_secs: 86_400,
             max_entries: 100_000,
+            semantic: SemanticConfig::default(),
         }
     }
 }
@@ -66,6 +71,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.semantic.validate()?;
         Ok(())
     }
 }

@@ -47,4 +47,7 @@ pub enum StartupError {
     /// The listener's address is unavailable.
     #[error("cannot read the listener address: {0}")]
     Io(#[from] std::io::Error),
+    /// The semantic cache is enabled but its embedding model could not be loaded.
+    #[error(transparent)]
+    Embed(#[from] switchboard_embed::EmbedError),
 }

@@ -51,19 +51,40 @@ impl CacheService for CacheGrpc {
         span.record("app.id", app_of(&request.scope))
             .record("model", model_of(&request.request))
             .record("key", key.prefix());
-        let hit = self.cache.lookup(key).await.map_err(to_status)?;
+        let mut hit = self
+            .cache
+            .lookup(key)
+            .await
+            .map_err(to_status)?
+            .map(|hit| (hit, MatchKind::Exact, 1.0));
+        if hit.is_none()
+            && let Some(chat) = request.request.as_ref()
+        {
+            hit = self
+                .cache
+                .lookup_semantic(app_of(&request.scope), chat)
+                .await
+                .map_err(to_status)?
+                .map(|(hit, similarity)| (hit, MatchKind::Semantic, similarity));
+        }
         span.record("hit", hit.is_some());
         let response = match hit {
-            Some(hit) => {
-                tracing::debug!(key = %key.prefix(), age_seconds = hit.age.as_secs(), "cache hit");
+            Some((hit, kind, similarity)) => {
+                tracing::debug!(
+                    key = %key.prefix(),
+                    age_seconds = hit.age.as_secs(),
+                    r#match = kind.as_str_name(),
+                    similarity,
+                    "cache hit"
+                );
                 LookupResponse {
                     hit: true,
                     response: Some(hit.response),
                     route: hit.route,
                     key: key.hex(),
                     age_seconds: hit.age.as_secs(),
-                    r#match: MatchKind::Exact as i32,
-                    similarity: 1.0,
+                    r#match: kind as i32,
+                    similarity,
                 }
             }
             None => {
@@ -104,6 +125,11 @@ impl CacheService for CacheGrpc {
             .map_err(to_status)?;
         let response = match outcome {
             Stored::Yes { ttl } => {
+                if let Some(chat) = request.request.as_ref() {
+                    self.cache
+                        .index_semantic(app_of(&request.scope), chat, key, ttl)
+                        .await;
+                }
                 span.record("stored", true);
                 tracing::debug!(key = %key.prefix(), ttl_seconds = ttl.as_secs(), "answer stored");
                 StoreResponse {

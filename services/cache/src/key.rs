@@ -55,6 +55,65 @@ impl CacheKey {
     }
 }
 
+/// Version tag of the semantic scope encoding; changing it must change this.
+pub const SCOPE_VERSION: &str = "switchboard.cache.semantic-scope.v1";
+
+/// The compatibility scope of a semantic lookup: a hash of everything that changes the answer
+/// except the text of the final user message. Two requests can share a semantic answer only
+/// within one scope, so nothing is ever matched across apps, models, system prompts, earlier
+/// turns, tools, tool choice, sampling parameters or response formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeKey(pub [u8; 32]);
+
+impl ScopeKey {
+    /// The scope of `request` in `app` and the text to embed (the final user message's text
+    /// parts, joined), or `None` when the request cannot be matched semantically: its last message
+    /// is not from the user, has no text, or carries anything besides text (an image).
+    pub fn of(app: &str, request: &ChatRequest) -> Option<(ScopeKey, String)> {
+        let (last, earlier) = request.messages.split_last()?;
+        if last.role != switchboard_proto::chat::v1::Role::User as i32
+            || !last.tool_calls.is_empty()
+            || !last.tool_call_id.is_empty()
+        {
+            return None;
+        }
+        let mut text = String::new();
+        for part in &last.content {
+            match &part.part {
+                Some(Part::Text(t)) => text.push_str(t),
+                _ => return None,
+            }
+        }
+        if text.trim().is_empty() {
+            return None;
+        }
+        let mut enc = Encoder(Sha256::new());
+        enc.str(SCOPE_VERSION);
+        enc.str(app);
+        enc.str(&request.model);
+        enc.count(earlier.len());
+        for message in earlier {
+            enc.message(message);
+        }
+        // The final message's sender name still counts; only its text is compared by meaning.
+        enc.str(&last.name);
+        enc.count(request.tools.len());
+        for tool in &request.tools {
+            enc.tool(tool);
+        }
+        enc.tool_choice(&request.tool_choice.clone().unwrap_or_default());
+        enc.sampling(&request.sampling.clone().unwrap_or_default());
+        enc.response_format(&request.response_format.clone().unwrap_or_default());
+        enc.opt(request.parallel_tool_calls, |enc, v| enc.bool(v));
+        Some((ScopeKey(enc.0.finalize().into()), text))
+    }
+
+    /// The first 12 hex digits, for logs.
+    pub fn prefix(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+}
+
 struct Encoder(Sha256);
 
 impl Encoder {

@@ -1,0 +1,454 @@
+//! One approximate nearest-neighbour index (HNSW, `hnsw_rs`) per compatibility scope.
+//!
+//! A scope's index holds the vectors of its entries' last user messages; each point's id is a
+//! slot number, and the slot says which cache key it stands for, when it expires and what the
+//! near-miss guard needs. Replaced, removed and expired entries become tombstones that searches
+//! filter out; a scope is rebuilt from its live slots when tombstones outnumber them, and dropped
+//! when none is left. Searches never cross scopes: there is no global index.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::SystemTime,
+};
+
+use hnsw_rs::{anndists::dist::Distance, hnsw::Hnsw};
+
+use super::guard::Features;
+use crate::key::{CacheKey, ScopeKey};
+
+/// HNSW links per node (M).
+const MAX_CONNECTIONS: usize = 16;
+/// Layers of the graph (more than enough for millions of points at M = 16).
+const MAX_LAYERS: usize = 16;
+/// Candidate list size while building.
+const EF_CONSTRUCTION: usize = 100;
+/// Candidate list size while searching (at least `k`).
+const EF_SEARCH: usize = 64;
+/// Below this many tombstones a scope is never rebuilt.
+const MIN_TOMBSTONES_TO_REBUILD: usize = 32;
+/// Every this many inserts into a scope, its expired slots are swept.
+const SWEEP_EVERY: usize = 64;
+
+/// A nearest neighbour of a query within one scope.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The entry's exact key in the store.
+    pub key: CacheKey,
+    /// Cosine similarity to the query, in [-1, 1].
+    pub similarity: f32,
+    /// The guard features of the entry's text.
+    pub features: Arc<Features>,
+}
+
+/// `1 - a·b` for L2-normalised vectors, clamped at 0. (`anndists`' `DistDot` asserts `a·b <= 1`,
+/// which float rounding breaks for identical vectors: a panic is not an option on the request path.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CosineDistance;
+
+impl Distance<f32> for CosineDistance {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        (1.0 - dot).max(0.0)
+    }
+}
+
+struct Slot {
+    key: CacheKey,
+    vector: Arc<[f32]>,
+    features: Arc<Features>,
+    expires_at: SystemTime,
+    live: bool,
+}
+
+struct Scope {
+    app: String,
+    graph: Hnsw<'static, f32, CosineDistance>,
+    slots: Vec<Slot>,
+    by_key: HashMap<CacheKey, usize>,
+    live: usize,
+    inserts: usize,
+}
+
+fn graph(expected: usize) -> Hnsw<'static, f32, CosineDistance> {
+    Hnsw::new(
+        MAX_CONNECTIONS,
+        expected.max(16),
+        MAX_LAYERS,
+        EF_CONSTRUCTION,
+        CosineDistance,
+    )
+}
+
+impl Scope {
+    fn new(app: &str) -> Self {
+        Scope {
+            app: app.to_owned(),
+            graph: graph(16),
+            slots: Vec::new(),
+            by_key: HashMap::new(),
+            live: 0,
+            inserts: 0,
+        }
+    }
+
+    fn kill(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot)
+            && s.live
+        {
+            s.live = false;
+            self.live -= 1;
+            self.by_key.remove(&s.key);
+        }
+    }
+
+    fn insert(
+        &mut self,
+        key: CacheKey,
+        vector: Arc<[f32]>,
+        features: Arc<Features>,
+        expires_at: SystemTime,
+        max_live: usize,
+    ) {
+        if let Some(&old) = self.by_key.get(&key) {
+            self.kill(old);
+        }
+        self.inserts += 1;
+        if self.inserts.is_multiple_of(SWEEP_EVERY) {
+            self.sweep(SystemTime::now());
+        }
+        // The oldest live entries go first when a scope is full.
+        let mut oldest = 0;
+        while self.live >= max_live.max(1) && oldest < self.slots.len() {
+            self.kill(oldest);
+            oldest += 1;
+        }
+        let id = self.slots.len();
+        self.graph.insert_slice((&vector, id));
+        self.slots.push(Slot {
+            key,
+            vector,
+            features,
+            expires_at,
+            live: true,
+        });
+        self.by_key.insert(key, id);
+        self.live += 1;
+        self.maybe_rebuild();
+    }
+
+    fn sweep(&mut self, now: SystemTime) {
+        let expired: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live && s.expires_at <= now)
+            .map(|(i, _)| i)
+            .collect();
+        for slot in expired {
+            self.kill(slot);
+        }
+    }
+
+    fn maybe_rebuild(&mut self) {
+        let dead = self.slots.len() - self.live;
+        if dead < MIN_TOMBSTONES_TO_REBUILD || dead <= self.live {
+            return;
+        }
+        let live: Vec<Slot> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .filter(|s| s.live)
+            .collect();
+        self.graph = graph(live.len());
+        self.by_key.clear();
+        for (id, slot) in live.iter().enumerate() {
+            self.graph.insert_slice((&slot.vector, id));
+            self.by_key.insert(slot.key, id);
+        }
+        self.live = live.len();
+        self.slots = live;
+    }
+
+    fn search(&self, vector: &[f32], k: usize, now: SystemTime) -> Vec<Candidate> {
+        if self.live == 0 {
+            return Vec::new();
+        }
+        let slots = &self.slots;
+        let alive = |id: &usize| slots.get(*id).is_some_and(|s| s.live && s.expires_at > now);
+        let found = self
+            .graph
+            .search_filter(vector, k, EF_SEARCH.max(k), Some(&alive));
+        found
+            .into_iter()
+            .filter_map(|n| {
+                let slot = slots.get(n.d_id)?;
+                Some(Candidate {
+                    key: slot.key,
+                    // The distance is 1 - a·b (clamped), and the vectors are L2-normalised.
+                    similarity: 1.0 - n.distance,
+                    features: Arc::clone(&slot.features),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every scope's index.
+pub struct SemanticIndex {
+    scopes: RwLock<HashMap<ScopeKey, Arc<RwLock<Scope>>>>,
+    /// Which scope each indexed key is in.
+    keys: RwLock<HashMap<CacheKey, ScopeKey>>,
+    max_per_scope: usize,
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl SemanticIndex {
+    /// An empty index keeping at most `max_per_scope` live entries per scope.
+    pub fn new(max_per_scope: usize) -> Self {
+        SemanticIndex {
+            scopes: RwLock::new(HashMap::new()),
+            keys: RwLock::new(HashMap::new()),
+            max_per_scope: max_per_scope.max(1),
+        }
+    }
+
+    /// Indexes `key` (of `app`) in `scope`, replacing any previous point of the same key.
+    pub fn insert(
+        &self,
+        app: &str,
+        scope: ScopeKey,
+        key: CacheKey,
+        vector: Arc<[f32]>,
+        features: Arc<Features>,
+        expires_at: SystemTime,
+    ) {
+        let previous = write(&self.keys).insert(key, scope);
+        if let Some(previous) = previous.filter(|p| *p != scope) {
+            self.remove_from(previous, key);
+        }
+        let index = {
+            let mut scopes = write(&self.scopes);
+            Arc::clone(
+                scopes
+                    .entry(scope)
+                    .or_insert_with(|| Arc::new(RwLock::new(Scope::new(app)))),
+            )
+        };
+        write(&index).insert(key, vector, features, expires_at, self.max_per_scope);
+    }
+
+    /// The `k` nearest live entries to `vector` in `scope`, most similar first.
+    pub fn search(&self, scope: ScopeKey, vector: &[f32], k: usize) -> Vec<Candidate> {
+        let Some(index) = read(&self.scopes).get(&scope).cloned() else {
+            return Vec::new();
+        };
+        let mut found = read(&index).search(vector, k.max(1), SystemTime::now());
+        found.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+        found
+    }
+
+    /// Forgets `key` (its entry was removed, replaced without a semantic tag, or has expired).
+    pub fn remove(&self, key: CacheKey) {
+        let scope = write(&self.keys).remove(&key);
+        if let Some(scope) = scope {
+            self.remove_from(scope, key);
+        }
+    }
+
+    fn remove_from(&self, scope: ScopeKey, key: CacheKey) {
+        let Some(index) = read(&self.scopes).get(&scope).cloned() else {
+            return;
+        };
+        let empty = {
+            let mut index = write(&index);
+            if let Some(&slot) = index.by_key.get(&key) {
+                index.kill(slot);
+                index.maybe_rebuild();
+            }
+            index.live == 0
+        };
+        if empty {
+            self.drop_if_empty(scope);
+        }
+    }
+
+    fn drop_if_empty(&self, scope: ScopeKey) {
+        let mut scopes = write(&self.scopes);
+        if scopes.get(&scope).is_some_and(|i| read(i).live == 0) {
+            scopes.remove(&scope);
+        }
+    }
+
+    /// Forgets every entry of `app`; returns how many there were.
+    pub fn purge_app(&self, app: &str) -> usize {
+        let mut scopes = write(&self.scopes);
+        let mut keys = write(&self.keys);
+        let mut removed = 0;
+        scopes.retain(|_, index| {
+            let index = read(index);
+            if index.app != app {
+                return true;
+            }
+            removed += index.live;
+            for key in index.by_key.keys() {
+                keys.remove(key);
+            }
+            false
+        });
+        removed
+    }
+
+    /// Live entries over every scope, and the number of scopes.
+    pub fn len(&self) -> (usize, usize) {
+        let scopes = read(&self.scopes);
+        let live = scopes.values().map(|i| read(i).live).sum();
+        (live, scopes.len())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn unit(seed: u32, dim: usize) -> Arc<[f32]> {
+        // A deterministic pseudo-random unit vector.
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let mut v: Vec<f32> = (0..dim)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect();
+        let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|a| *a /= norm);
+        v.into()
+    }
+
+    fn later() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(3600)
+    }
+
+    fn features() -> Arc<Features> {
+        Arc::new(Features::default())
+    }
+
+    #[test]
+    fn finds_the_nearest_within_its_scope_only() {
+        let index = SemanticIndex::new(1000);
+        let (a, b) = (ScopeKey([1; 32]), ScopeKey([2; 32]));
+        for i in 0..300u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            index.insert("app", a, CacheKey(key), unit(i, 32), features(), later());
+        }
+        let found = index.search(a, &unit(123, 32), 3);
+        assert_eq!(found[0].key.0[..4], 123u32.to_le_bytes());
+        assert!((found[0].similarity - 1.0).abs() < 1e-4);
+        assert!(found.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+        assert!(index.search(b, &unit(123, 32), 3).is_empty());
+        assert_eq!(index.len(), (300, 1));
+    }
+
+    #[test]
+    fn removed_replaced_and_expired_entries_are_never_found() {
+        let index = SemanticIndex::new(1000);
+        let scope = ScopeKey([1; 32]);
+        let (k1, k2, k3) = (CacheKey([1; 32]), CacheKey([2; 32]), CacheKey([3; 32]));
+        index.insert("app", scope, k1, unit(1, 16), features(), later());
+        index.insert("app", scope, k2, unit(2, 16), features(), later());
+        index.insert(
+            "app",
+            scope,
+            k3,
+            unit(3, 16),
+            features(),
+            SystemTime::now() - Duration::from_secs(1),
+        );
+        index.remove(k1);
+        let found: Vec<CacheKey> = index
+            .search(scope, &unit(1, 16), 5)
+            .iter()
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(found, [k2]);
+        // Replacing k2 with another vector moves it.
+        index.insert("app", scope, k2, unit(9, 16), features(), later());
+        let best = &index.search(scope, &unit(9, 16), 1)[0];
+        assert_eq!(best.key, k2);
+        assert!(best.similarity > 0.999);
+        assert_eq!(index.search(scope, &unit(2, 16), 5).len(), 1);
+    }
+
+    #[test]
+    fn tombstones_trigger_a_rebuild_and_scopes_are_bounded() {
+        let index = SemanticIndex::new(10);
+        let scope = ScopeKey([7; 32]);
+        for i in 0..200u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            index.insert("app", scope, CacheKey(key), unit(i, 8), features(), later());
+        }
+        assert_eq!(index.len(), (10, 1));
+        let scopes = read(&index.scopes);
+        let inner = read(scopes.get(&scope).unwrap());
+        assert!(
+            inner.slots.len() < 10 + MIN_TOMBSTONES_TO_REBUILD + 1,
+            "{}",
+            inner.slots.len()
+        );
+        // The newest survive.
+        assert!(inner.by_key.contains_key(&{
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&199u32.to_le_bytes());
+            CacheKey(key)
+        }));
+    }
+
+    #[test]
+    fn purge_drops_every_scope_of_an_app() {
+        let index = SemanticIndex::new(100);
+        index.insert(
+            "a",
+            ScopeKey([1; 32]),
+            CacheKey([1; 32]),
+            unit(1, 8),
+            features(),
+            later(),
+        );
+        index.insert(
+            "a",
+            ScopeKey([2; 32]),
+            CacheKey([2; 32]),
+            unit(2, 8),
+            features(),
+            later(),
+        );
+        index.insert(
+            "b",
+            ScopeKey([3; 32]),
+            CacheKey([3; 32]),
+            unit(3, 8),
+            features(),
+            later(),
+        );
+        assert_eq!(index.purge_app("a"), 2);
+        assert_eq!(index.len(), (1, 1));
+        assert!(index.search(ScopeKey([1; 32]), &unit(1, 8), 1).is_empty());
+        // A removed key of a purged app is a no-op.
+        index.remove(CacheKey([1; 32]));
+        assert_eq!(index.len(), (1, 1));
+    }
+}
