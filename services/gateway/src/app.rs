@@ -10,10 +10,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::KeyStore,
+    budget::Budgets,
     config::Config,
     grpc::GatewayGrpc,
     outbox::Outbox,
     pipeline::{Downstream, Pipeline},
+    ratelimit::RateLimits,
     usage::{self, UsagePublisher},
 };
 
@@ -53,6 +55,7 @@ pub struct App {
     http: TcpListener,
     grpc: TcpListener,
     shared: Shared,
+    budgets: Option<Budgets>,
     publisher: UsagePublisher,
     nats_client: async_nats::Client,
     tasks: TaskTracker,
@@ -93,6 +96,21 @@ impl App {
             cache: switchboard_grpc::channel(&config.cache_url)?,
             router: switchboard_grpc::channel(&config.router_url)?,
         };
+        // Budgets and shared rate limits (ADR 007): nothing of them exists when not configured.
+        let ledger = (config.budgets.enabled || !config.rate_limits.is_empty())
+            .then(|| switchboard_grpc::channel(&config.ledger_url))
+            .transpose()?;
+        let budgets = match (&ledger, config.budgets.enabled) {
+            (Some(ledger), true) => Some(Budgets::new(
+                config.budgets.clone(),
+                ledger.clone(),
+                switchboard_grpc::channel(&config.router_url)?,
+            )),
+            _ => None,
+        };
+        let rate_limits = ledger.and_then(|ledger| {
+            RateLimits::new(&config.rate_limits, ledger, &config.budgets.holder)
+        });
         let pipeline = Pipeline::new(
             downstream,
             sink,
@@ -100,7 +118,8 @@ impl App {
             tasks.clone(),
             config.max_body_bytes,
             config.max_in_flight,
-        );
+        )
+        .with_limits(budgets.clone(), rate_limits);
         let shared = Shared {
             keys: KeyStore::new(&config.keys),
             pipeline,
@@ -110,6 +129,7 @@ impl App {
             http,
             grpc,
             shared,
+            budgets,
             publisher,
             nats_client,
             tasks,
@@ -137,6 +157,7 @@ impl App {
             http,
             grpc,
             shared,
+            budgets,
             publisher,
             nats_client,
             tasks,
@@ -155,6 +176,8 @@ impl App {
             let cancel = publisher_cancel.clone();
             tokio::spawn(publisher.run(nats_client, cancel, Duration::from_secs(10)))
         };
+        let budgets_cancel = CancellationToken::new();
+        let budgets_task = budgets.map(|budgets| tokio::spawn(budgets.run(budgets_cancel.clone())));
         tracing::info!(http.addr = %http_addr, grpc.addr = %grpc_addr, "gateway listening");
         let http_cancel = cancel.clone();
         let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
@@ -176,6 +199,11 @@ impl App {
         // In-flight streams and cache stores finish; then the publisher drains its queue.
         tasks.close();
         tasks.wait().await;
+        // Every request has settled: the leases go back with their final spend.
+        budgets_cancel.cancel();
+        if let Some(task) = budgets_task {
+            let _ = task.await;
+        }
         publisher_cancel.cancel();
         let _ = publisher_task.await;
         stopper.abort();

@@ -33,6 +33,12 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Virtual API keys.
     pub keys: Vec<KeyConfig>,
+    /// The ledger's gRPC URL (`BudgetService`: budgets and shared rate limits, ADR 007).
+    pub ledger_url: String,
+    /// Budget enforcement.
+    pub budgets: crate::budget::BudgetsConfig,
+    /// Per-key and per-app rate limits shared by every replica (through the ledger).
+    pub rate_limits: Vec<crate::ratelimit::RateLimitConfig>,
 }
 
 /// One virtual API key. Only its SHA-256 is configured (`switchboard hash-key <key>` prints it).
@@ -65,6 +71,9 @@ impl Default for Config {
             outbox_max_bytes: 1024 * 1024 * 1024,
             max_in_flight: 2048,
             keys: Vec::new(),
+            ledger_url: "http://127.0.0.1:50055".to_owned(),
+            budgets: crate::budget::BudgetsConfig::default(),
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -76,6 +85,7 @@ impl Config {
             ("guard_url", &self.guard_url),
             ("cache_url", &self.cache_url),
             ("router_url", &self.router_url),
+            ("ledger_url", &self.ledger_url),
         ] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::invalid(
@@ -114,6 +124,8 @@ impl Config {
                 "must be at least 65536",
             ));
         }
+        self.budgets.validate()?;
+        crate::ratelimit::validate(&self.rate_limits)?;
         let mut ids = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (index, key) in self.keys.iter().enumerate() {

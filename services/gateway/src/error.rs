@@ -34,6 +34,25 @@ pub enum GatewayError {
     /// A required dependency (the guard, fail-closed) is unreachable.
     #[error("{service} is unavailable")]
     DependencyDown { service: &'static str },
+    /// A hard budget of the caller cannot cover the request (ADR 007).
+    #[error(
+        "budget `{budget_id}` of {scope} is exhausted: limit {} USD{}",
+        usd(*limit_usd_nanos),
+        resets(resets_at)
+    )]
+    BudgetExceeded {
+        budget_id: String,
+        scope: String,
+        limit_usd_nanos: i64,
+        /// RFC 3339; empty for a lifetime budget.
+        resets_at: String,
+    },
+    /// A shared per-minute rate limit of the caller's key or app is reached.
+    #[error("rate limit of {scope} reached; retry after {retry_after_secs} s")]
+    RateLimited {
+        scope: String,
+        retry_after_secs: u64,
+    },
     /// Too many requests in flight at this gateway.
     #[error("gateway overloaded: {limit} requests in flight; retry with backoff")]
     Overloaded { limit: usize },
@@ -46,7 +65,33 @@ pub enum GatewayError {
     Internal(String),
 }
 
+/// Nano-USD as a decimal USD amount.
+fn usd(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let abs = nanos.unsigned_abs();
+    format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
+}
+
+fn resets(at: &str) -> String {
+    if at.is_empty() {
+        String::new()
+    } else {
+        format!(", resets at {at}")
+    }
+}
+
 impl GatewayError {
+    /// Seconds after which a refused request may be retried (the `Retry-After` header and gRPC
+    /// `RetryInfo`), for rate limits.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            GatewayError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
     /// Wraps a downstream status, keeping its code and `ErrorInfo` metadata.
     pub fn from_status(service: &'static str, status: &tonic::Status) -> Self {
         use tonic_types::StatusExt;
@@ -78,6 +123,11 @@ impl GatewayError {
         } else {
             self.to_string()
         };
+        let (kind, code_name) = match self {
+            GatewayError::BudgetExceeded { .. } => ("insufficient_quota", "budget_exceeded"),
+            GatewayError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            _ => (code.openai_type(), code.as_str()),
+        };
         let param = match self {
             GatewayError::InvalidRequest { field, .. } => Some(field.clone()),
             GatewayError::Downstream { metadata, .. } => {
@@ -88,9 +138,9 @@ impl GatewayError {
         ErrorBody {
             error: ErrorDetail {
                 message,
-                kind: code.openai_type(),
+                kind,
                 param,
-                code: code.as_str(),
+                code: code_name,
             },
         }
     }
@@ -141,6 +191,9 @@ impl ServiceError for GatewayError {
             GatewayError::DependencyDown { .. } | GatewayError::Overloaded { .. } => {
                 ErrorCode::Unavailable
             }
+            GatewayError::BudgetExceeded { .. } | GatewayError::RateLimited { .. } => {
+                ErrorCode::RateLimited
+            }
             GatewayError::NotCached => ErrorCode::NotCached,
             GatewayError::Internal(_) => ErrorCode::Internal,
         }
@@ -161,6 +214,25 @@ impl ServiceError for GatewayError {
             GatewayError::DependencyDown { service } => {
                 HashMap::from([("service".to_owned(), (*service).to_owned())])
             }
+            GatewayError::BudgetExceeded {
+                budget_id,
+                scope,
+                limit_usd_nanos,
+                resets_at,
+            } => HashMap::from([
+                ("budget".to_owned(), "exceeded".to_owned()),
+                ("budget_id".to_owned(), budget_id.clone()),
+                ("scope".to_owned(), scope.clone()),
+                ("limit_usd_nanos".to_owned(), limit_usd_nanos.to_string()),
+                ("resets_at".to_owned(), resets_at.clone()),
+            ]),
+            GatewayError::RateLimited {
+                scope,
+                retry_after_secs,
+            } => HashMap::from([
+                ("scope".to_owned(), scope.clone()),
+                ("retry_after_secs".to_owned(), retry_after_secs.to_string()),
+            ]),
             _ => HashMap::new(),
         }
     }
@@ -168,6 +240,21 @@ impl ServiceError for GatewayError {
 
 impl From<GatewayError> for tonic::Status {
     fn from(error: GatewayError) -> Self {
+        if let Some(secs) = error.retry_after_secs() {
+            // RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo.
+            let mut details = tonic_types::ErrorDetails::with_error_info(
+                error.code().as_str(),
+                "gateway",
+                error.metadata(),
+            );
+            details.set_retry_info(Some(std::time::Duration::from_secs(secs)));
+            use tonic_types::StatusExt;
+            return tonic::Status::with_error_details(
+                error.code().grpc(),
+                error.to_string(),
+                details,
+            );
+        }
         switchboard_status::to_status("gateway", &error)
     }
 }
@@ -184,6 +271,45 @@ mod tests {
         assert_eq!(
             error.code().http_status(),
             http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn budget_errors_name_the_scope_limit_and_reset_and_rate_limits_carry_retry_info() {
+        let error = GatewayError::BudgetExceeded {
+            budget_id: "b1".into(),
+            scope: "app:a".into(),
+            limit_usd_nanos: 1_500_000,
+            resets_at: "2026-11-27T00:00:00Z".into(),
+        };
+        assert_eq!(
+            error.code().http_status(),
+            http::StatusCode::TOO_MANY_REQUESTS
+        );
+        let body = serde_json::to_value(error.body()).unwrap();
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        assert_eq!(body["error"]["code"], "budget_exceeded");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("app:a"), "{message}");
+        assert!(message.contains("0.001500000 USD"), "{message}");
+        assert!(message.contains("2026-11-27T00:00:00Z"), "{message}");
+
+        let limited = GatewayError::RateLimited {
+            scope: "key:k".into(),
+            retry_after_secs: 7,
+        };
+        let body = serde_json::to_value(limited.body()).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        let status = tonic::Status::from(limited);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(std::time::Duration::from_secs(7))
+        );
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "RATE_LIMITED"
         );
     }
 

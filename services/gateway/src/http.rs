@@ -42,7 +42,14 @@ pub fn router(shared: Shared) -> Router {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.code().http_status();
-        (status, Json(self.body())).into_response()
+        let retry_after = self.retry_after_secs();
+        let mut response = (status, Json(self.body())).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        response
     }
 }
 

@@ -5,6 +5,7 @@
 mod anthropic;
 mod app;
 mod auth;
+mod budget;
 mod config;
 mod embeddings;
 mod error;
@@ -13,9 +14,12 @@ mod http;
 mod openai;
 mod outbox;
 mod pipeline;
+mod ratelimit;
 mod restore;
 mod usage;
 
 pub use app::{App, StartupError, hash_api_key};
+pub use budget::BudgetsConfig;
 pub use config::{Config, KeyConfig};
 pub use outbox::OutboxError;
+pub use ratelimit::RateLimitConfig;

@@ -27,7 +27,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{auth::Principal, error::GatewayError, restore::Pseudonyms, usage::UsageSink};
+use crate::{
+    auth::Principal,
+    budget::{Budgets, Reservation},
+    error::GatewayError,
+    ratelimit::RateLimits,
+    restore::Pseudonyms,
+    usage::UsageSink,
+};
 
 /// Per-request cache control.
 #[derive(Debug, Clone, Copy, Default)]
@@ -153,6 +160,10 @@ pub struct Pipeline {
     tasks: TaskTracker,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// Budget enforcement (ADR 007); `None` when disabled.
+    budgets: Option<Budgets>,
+    /// Shared rate limits; `None` when none are configured.
+    rate_limits: Option<RateLimits>,
 }
 
 /// Channels to the services the pipeline calls.
@@ -195,6 +206,53 @@ impl Pipeline {
             tasks,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            budgets: None,
+            rate_limits: None,
+        }
+    }
+
+    /// Enforces budgets and shared rate limits (ADR 007).
+    pub fn with_limits(
+        mut self,
+        budgets: Option<Budgets>,
+        rate_limits: Option<RateLimits>,
+    ) -> Self {
+        self.budgets = budgets;
+        self.rate_limits = rate_limits;
+        self
+    }
+
+    /// Admission against the caller's shared rate limits (no code runs without limits).
+    async fn check_rate(&self, ctx: &RequestContext, tokens: u64) -> Result<(), GatewayError> {
+        match &self.rate_limits {
+            Some(limits) => limits.check(&ctx.principal, tokens).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reserves the request's estimate against the caller's budgets (none: `None`, no RPC).
+    async fn reserve(
+        &self,
+        ctx: &RequestContext,
+        request: &mut ChatRequest,
+        chat: bool,
+    ) -> Result<Option<Reservation>, GatewayError> {
+        match &self.budgets {
+            Some(budgets) => budgets.reserve(&ctx.principal, request, chat).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A router refusal for the spend allowance becomes the caller's typed budget error.
+    fn budget_error(&self, ctx: &RequestContext, error: GatewayError) -> GatewayError {
+        match (&self.budgets, &error) {
+            (Some(budgets), GatewayError::Downstream { code, metadata, .. })
+                if *code == ErrorCode::RateLimited
+                    && metadata.get("budget").is_some_and(|b| b == "exceeded") =>
+            {
+                budgets.exceeded_for(&ctx.principal).unwrap_or(error)
+            }
+            _ => error,
         }
     }
 
@@ -237,6 +295,8 @@ impl Pipeline {
     ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
         let _permit = self.admit()?;
         input.validate()?;
+        let tokens: usize = input.inputs.iter().map(String::len).sum();
+        self.check_rate(ctx, tokens as u64).await?;
         let count = input.inputs.len();
         let mut request = ChatRequest {
             model: input.model,
@@ -254,6 +314,7 @@ impl Pipeline {
                 "guard changed the number of inputs".to_owned(),
             ));
         }
+        let reservation = self.reserve(ctx, &mut request, false).await?;
         let inputs = std::mem::take(&mut request.messages)
             .iter()
             .map(Message::joined_text)
@@ -275,6 +336,9 @@ impl Pipeline {
                 let none = RouteInfo::default();
                 let route = response.route.as_ref().unwrap_or(&none);
                 let usage = response.usage.unwrap_or_default();
+                if let Some(reservation) = reservation {
+                    reservation.settle_usage(&route.provider, &route.model, &usage);
+                }
                 self.record(
                     ctx,
                     &request,
@@ -284,6 +348,9 @@ impl Pipeline {
             }
             Err(status) => {
                 let error = GatewayError::from_status("router", &status);
+                if let Some(reservation) = reservation {
+                    reservation.settle(0);
+                }
                 self.record_failure(ctx, &request, CacheStatus::Bypass, &error, false);
                 Err(error)
             }
@@ -301,6 +368,12 @@ impl Pipeline {
     ) -> Result<(Prepared, Pseudonyms), GatewayError> {
         let permit = self.admit()?;
         validate(request)?;
+        if self.rate_limits.is_some() {
+            let max_tokens = request.sampling.as_ref().and_then(|s| s.max_tokens);
+            let tokens = u64::from(crate::budget::prompt_bound(request))
+                + u64::from(max_tokens.unwrap_or(0));
+            self.check_rate(ctx, tokens).await?;
+        }
         if !self.cache_enabled || control.no_cache {
             let pseudonyms = match self.check_guard(ctx, request).await? {
                 Guarded::Unchanged => Pseudonyms::default(),
@@ -355,25 +428,34 @@ impl Pipeline {
             }
             Prepared::Route(permit, cache_status) => (permit, cache_status),
         };
+        let mut routed_request = request.clone();
+        let reservation = self.reserve(ctx, &mut routed_request, true).await?;
         let routed = self
             .router
             .clone()
             .route(RouteRequest {
-                request: Some(request.clone()),
+                request: Some(routed_request),
                 caller: Some(caller(ctx)),
-                allowance: None,
+                allowance: reservation.as_ref().map(Reservation::allowance),
             })
             .await;
         let routed = match routed {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                let error = GatewayError::from_status("router", &status);
+                let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
+                if let Some(reservation) = reservation {
+                    // Failed attempts are recorded without usage: nothing was spent.
+                    reservation.settle(0);
+                }
                 self.record_failure(ctx, &request, cache_status, &error, false);
                 return Err(error);
             }
         };
         let mut response = routed.response.unwrap_or_default();
         let route = routed.route.unwrap_or_default();
+        if let Some(reservation) = reservation {
+            reservation.settle_route(&route);
+        }
         // The cache stores what the provider returned (placeholders), never the restored answer.
         if self.cache_enabled && !control.no_store {
             self.store(ctx, &request, &response, &route, control.ttl_seconds);
@@ -430,19 +512,24 @@ impl Pipeline {
             }
             Prepared::Route(permit, cache_status) => (permit, cache_status),
         };
+        let mut routed_request = request.clone();
+        let reservation = self.reserve(ctx, &mut routed_request, true).await?;
         let opened = self
             .router
             .clone()
             .route_stream(RouteStreamRequest {
-                request: Some(request.clone()),
+                request: Some(routed_request),
                 caller: Some(caller(ctx)),
-                allowance: None,
+                allowance: reservation.as_ref().map(Reservation::allowance),
             })
             .await;
         let mut upstream = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                let error = GatewayError::from_status("router", &status);
+                let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
+                if let Some(reservation) = reservation {
+                    reservation.settle(0);
+                }
                 self.record_failure(ctx, &request, cache_status, &error, true);
                 return Err(error);
             }
@@ -451,7 +538,10 @@ impl Pipeline {
         let first = match upstream.message().await {
             Ok(first) => first,
             Err(status) => {
-                let error = GatewayError::from_status("router", &status);
+                let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
+                if let Some(reservation) = reservation {
+                    reservation.settle(0);
+                }
                 self.record_failure(ctx, &request, cache_status, &error, true);
                 return Err(error);
             }
@@ -471,6 +561,7 @@ impl Pipeline {
                         first,
                         upstream,
                         tx,
+                        reservation,
                     )
                     .await;
                 drop(permit);
@@ -494,7 +585,15 @@ impl Pipeline {
         first: Option<switchboard_proto::router::v1::RouteStreamResponse>,
         mut upstream: tonic::Streaming<switchboard_proto::router::v1::RouteStreamResponse>,
         tx: mpsc::Sender<StreamEvent>,
+        reservation: Option<Reservation>,
     ) {
+        // Settled with the route recorded for the ledger (the same usage, the same prices).
+        let mut reservation = reservation;
+        let mut settle = move |route: &RouteInfo| {
+            if let Some(reservation) = reservation.take() {
+                reservation.settle_route(route);
+            }
+        };
         let response_id = ctx.response_id();
         let mut assembled = Assembler::default();
         let mut restorer = pseudonyms.stream();
@@ -508,7 +607,9 @@ impl Pipeline {
                     message: "stream ended before completion".to_owned(),
                     metadata: Default::default(),
                 };
-                self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                let route =
+                    self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                settle(&route);
                 let _ = tx.send(StreamEvent::Failed(error)).await;
                 return;
             };
@@ -525,7 +626,9 @@ impl Pipeline {
                         // The client went away: stop reading upstream (dropping it cancels the call)
                         // and record what was consumed.
                         tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
-                        self.record_partial(&ctx, &request, cache_status, &assembled, None);
+                        let route =
+                            self.record_partial(&ctx, &request, cache_status, &assembled, None);
+                        settle(&route);
                         return;
                     }
                 }
@@ -544,6 +647,7 @@ impl Pipeline {
                         &request,
                         RecordArgs::served(&route, usage, cache_status, true),
                     );
+                    settle(&route);
                     if let Some(rest) = restorer.as_mut().and_then(|r| r.finish(&response_id)) {
                         let _ = tx.send(StreamEvent::Chunk(rest)).await;
                     }
@@ -557,7 +661,9 @@ impl Pipeline {
                 Ok(None) => None,
                 Err(status) => {
                     let error = GatewayError::from_status("router", &status);
-                    self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                    let route =
+                        self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                    settle(&route);
                     let _ = tx.send(StreamEvent::Failed(error)).await;
                     return;
                 }
@@ -750,7 +856,7 @@ impl Pipeline {
         cache: CacheStatus,
         assembled: &Assembler,
         error: Option<&GatewayError>,
-    ) {
+    ) -> RouteInfo {
         use switchboard_status::ServiceError;
         let usage = assembled
             .usage
@@ -760,7 +866,7 @@ impl Pipeline {
             ctx,
             request,
             RecordArgs {
-                route,
+                route: route.clone(),
                 usage,
                 saved_usage: None,
                 cache,
@@ -771,6 +877,7 @@ impl Pipeline {
                 streamed: true,
             },
         );
+        route
     }
 }
 

@@ -664,7 +664,7 @@ impl BudgetStore {
         let now_odt = to_odt(now);
         Self::reclaim(tx, &budget.id, now_odt).await?;
         let bounds = budget.period_at(now);
-        let state = Self::state(&mut **tx, &budget, bounds, now_odt).await?;
+        let state = Self::state(tx, &budget, bounds, now_odt).await?;
         let available = state.remaining(budget.limit);
         let granted = match budget.hard {
             true if available < minimum.max(1) => 0,
@@ -776,7 +776,7 @@ impl BudgetStore {
             tx.commit().await?;
             return Ok(outcome);
         }
-        let state = Self::state(&mut *tx, &budget, bounds, now_odt).await?;
+        let state = Self::state(&mut tx, &budget, bounds, now_odt).await?;
         let available = state.remaining(budget.limit);
         let extra = match budget.hard {
             true if requested == 0 || available < minimum.max(1) => 0,
@@ -826,7 +826,7 @@ impl BudgetStore {
         let budget = Self::lock(&mut tx, &budget_id).await?;
         Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
         let bounds = budget.period_at(now);
-        let state = Self::state(&mut *tx, &budget, bounds, now_odt).await?;
+        let state = Self::state(&mut tx, &budget, bounds, now_odt).await?;
         let alerts = Self::alerts(&mut tx, &budget, bounds, &state).await?;
         tx.commit().await?;
         Ok(alerts)

@@ -1,0 +1,899 @@
+//! Budget enforcement at the gateway (ADR 007).
+//!
+//! The ledger leases each gateway replica slices of a budget's remaining amount; a request reserves
+//! its upper-bound estimate from the local slice (a mutex held for a few arithmetic operations, never
+//! across an await), passes what it reserved to the router as its spend allowance (so that every
+//! attempt, fallbacks included, is checked against it), and settles to the true cost of the usage
+//! the attempts reported, priced with the ledger's rules (`switchboard_pricing`). Only when the
+//! slice runs low does a request wait for the ledger (`ExtendLease`/`AcquireLease`, one at a time
+//! per budget). A background task re-reads the budgets, the routes' targets and their prices, and
+//! reports each lease's spend (which also pushes its expiry); leases are released at shutdown.
+//!
+//! With no budget for the caller's key, app, team or organisation, a request costs two hash
+//! lookups and no RPC. With budgets disabled, nothing here exists.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+use switchboard_grpc::TracedChannel;
+use switchboard_pricing::allowance as spend;
+use switchboard_proto::{
+    chat::v1::{ChatRequest, RouteInfo, Usage, content_part::Part},
+    ledger::v1::{
+        AcquireLeaseRequest, BudgetEnforcement, BudgetScopeKind, ExtendLeaseRequest,
+        GetPricesRequest, Lease, ListBudgetsRequest, PriceTarget, ReleaseLeaseRequest, TargetPrice,
+        budget_service_client::BudgetServiceClient,
+    },
+    router::v1::{ListModelsRequest, SpendAllowance, router_service_client::RouterServiceClient},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{auth::Principal, error::GatewayError};
+
+/// Tokens assumed for one image in a prompt (an upper bound of the providers' image pricing).
+const IMAGE_TOKENS: u32 = 3_000;
+/// Tokens assumed per message for roles and separators.
+const MESSAGE_OVERHEAD_TOKENS: u32 = 8;
+
+/// `[gateway.budgets]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsConfig {
+    /// Enforce the budgets defined in the ledger (`BudgetService`). Off: no budget code runs.
+    pub enabled: bool,
+    /// How often budgets, route targets and prices are re-read, and lease spend reported (ms).
+    pub refresh_ms: u64,
+    /// Lifetime of a lease (ms); it is extended every third of it while the gateway runs.
+    pub lease_ttl_ms: u32,
+    /// Size of a lease slice, percent of the budget's limit (at least what the request needs).
+    pub lease_pct: u32,
+    /// Output tokens assumed when a request sets no `max_tokens` (it is then sent with this
+    /// `max_tokens`, so the estimate bounds the answer).
+    pub default_max_output_tokens: u32,
+    /// After the ledger refused a slice, requests over that budget are refused locally for this
+    /// long (ms) instead of asking again.
+    pub denied_backoff_ms: u64,
+    /// Name of this replica in the ledger's leases; empty: a random id.
+    pub holder: String,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        BudgetsConfig {
+            enabled: false,
+            refresh_ms: 10_000,
+            lease_ttl_ms: 30_000,
+            lease_pct: 10,
+            default_max_output_tokens: 4_096,
+            denied_backoff_ms: 1_000,
+            holder: String::new(),
+        }
+    }
+}
+
+impl BudgetsConfig {
+    /// Checks values that types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.refresh_ms == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.budgets.refresh_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.lease_ttl_ms < 300 {
+            return Err(ConfigError::invalid(
+                "gateway.budgets.lease_ttl_ms",
+                "must be at least 300",
+            ));
+        }
+        if self.lease_pct == 0 || self.lease_pct > 100 {
+            return Err(ConfigError::invalid(
+                "gateway.budgets.lease_pct",
+                "must be between 1 and 100",
+            ));
+        }
+        if self.default_max_output_tokens == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.budgets.default_max_output_tokens",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The budget enforcer of one gateway replica (cheap to clone).
+#[derive(Clone)]
+pub struct Budgets(Arc<Inner>);
+
+struct Inner {
+    ledger: BudgetServiceClient<TracedChannel>,
+    router: RouterServiceClient<TracedChannel>,
+    config: BudgetsConfig,
+    holder: String,
+    catalog: RwLock<Arc<Catalog>>,
+    /// One catalog reload at a time.
+    reload: tokio::sync::Mutex<()>,
+}
+
+/// Budgets by scope, and the prices of each route's targets.
+#[derive(Default)]
+struct Catalog {
+    loaded: bool,
+    keys: HashMap<String, Vec<Arc<Slot>>>,
+    apps: HashMap<String, Vec<Arc<Slot>>>,
+    teams: HashMap<String, Vec<Arc<Slot>>>,
+    org: Vec<Arc<Slot>>,
+    by_id: HashMap<String, Arc<Slot>>,
+    routes: HashMap<String, Arc<[TargetPrice]>>,
+}
+
+/// One budget at this replica: its definition and the local state of its lease.
+struct Slot {
+    id: String,
+    hard: bool,
+    limit: i64,
+    /// `app:<app>`, `key:<id>`, `team:<team>` or `org` (for errors).
+    scope: String,
+    local: Mutex<Local>,
+    /// One ledger call at a time for this budget.
+    refill: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Current lease id (empty: none).
+    lease: String,
+    granted: i64,
+    spent: i64,
+    reserved: i64,
+    /// Locally assumed expiry (before the ledger's, by a margin).
+    expires: Option<Instant>,
+    /// Reset time of the lease's period, RFC 3339 (empty for lifetime budgets).
+    resets_at: String,
+    /// Refused by the ledger: refuse locally until then.
+    denied_until: Option<Instant>,
+}
+
+impl Local {
+    fn available(&self, now: Instant) -> i64 {
+        match self.expires {
+            Some(expires) if !self.lease.is_empty() && now < expires => {
+                self.granted - self.spent - self.reserved
+            }
+            _ => 0,
+        }
+    }
+}
+
+fn lock(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
+    local.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A request's reservation: settled with the true cost, or (dropped unsettled, e.g. the caller went
+/// away) with the whole reserved amount, which over-counts but never under-counts.
+pub struct Reservation {
+    holds: Vec<(Arc<Slot>, i64)>,
+    allowance: i64,
+    prompt_tokens: u32,
+    max_output_tokens: u32,
+    prices: Arc<[TargetPrice]>,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("allowance", &self.allowance)
+            .field("budgets", &self.holds.len())
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The allowance to send with the route request.
+    pub fn allowance(&self) -> SpendAllowance {
+        SpendAllowance {
+            allowance_usd_nanos: self.allowance,
+            prompt_tokens: self.prompt_tokens,
+            max_output_tokens: self.max_output_tokens,
+            prices: self.prices.to_vec(),
+        }
+    }
+
+    /// The cost of the attempts of `route` (each at its own target's price); an attempt with
+    /// usage on a target without a price costs the whole allowance (never less than true).
+    pub fn cost_of(&self, route: &RouteInfo) -> i64 {
+        let prices = &self.prices;
+        route
+            .attempts
+            .iter()
+            .filter_map(|attempt| {
+                let usage = attempt.usage.as_ref()?;
+                if usage.prompt_tokens == 0 && usage.completion_tokens == 0 {
+                    return Some(0);
+                }
+                Some(
+                    match spend::find(prices, &attempt.provider, &attempt.model) {
+                        Some(price) => spend::cost(&spend::pricing_of(price), usage),
+                        None => self.allowance,
+                    },
+                )
+            })
+            .fold(0i64, i64::saturating_add)
+    }
+
+    /// Settles with the attempts of `route`.
+    pub fn settle_route(self, route: &RouteInfo) {
+        let cost = self.cost_of(route);
+        self.settle(cost);
+    }
+
+    /// Settles with one usage served by (provider, model) (embeddings).
+    pub fn settle_usage(self, provider: &str, model: &str, usage: &Usage) {
+        let cost = match spend::find(&self.prices, provider, model) {
+            Some(price) => spend::cost(&spend::pricing_of(price), usage),
+            None if usage.prompt_tokens == 0 && usage.completion_tokens == 0 => 0,
+            None => self.allowance,
+        };
+        self.settle(cost);
+    }
+
+    /// Releases the reservation and records `cost` as spent on every budget.
+    pub fn settle(mut self, cost: i64) {
+        self.finish(cost);
+    }
+
+    fn finish(&mut self, cost: i64) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        for (slot, held) in &self.holds {
+            let mut local = lock(&slot.local);
+            local.reserved -= held;
+            local.spent = local.spent.saturating_add(cost.max(0));
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let cost = self.allowance;
+        self.finish(cost);
+    }
+}
+
+/// Upper bound of the prompt's tokens: its bytes (no tokenizer makes more tokens than bytes of
+/// UTF-8 text), a per-message overhead, and a fixed amount per image.
+pub fn prompt_bound(request: &ChatRequest) -> u32 {
+    let mut bytes: u64 = 0;
+    let mut images: u64 = 0;
+    for message in &request.messages {
+        bytes += u64::from(MESSAGE_OVERHEAD_TOKENS) + message.name.len() as u64;
+        for part in &message.content {
+            match &part.part {
+                Some(Part::Text(text)) => bytes += text.len() as u64,
+                Some(Part::ImageUrl(_)) => images += 1,
+                None => {}
+            }
+        }
+        for call in &message.tool_calls {
+            bytes += (call.name.len() + call.arguments_json.len() + call.id.len()) as u64;
+        }
+    }
+    for tool in &request.tools {
+        bytes += (tool.name.len() + tool.description.len() + tool.parameters_json.len()) as u64;
+    }
+    if let Some(format) = &request.response_format {
+        bytes += format.json_schema_json.len() as u64;
+    }
+    let total = bytes + images * u64::from(IMAGE_TOKENS);
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+fn scope_label(kind: BudgetScopeKind, id: &str) -> String {
+    match kind {
+        BudgetScopeKind::Key => format!("key:{id}"),
+        BudgetScopeKind::App => format!("app:{id}"),
+        BudgetScopeKind::Team => format!("team:{id}"),
+        BudgetScopeKind::Org | BudgetScopeKind::Unspecified => "org".to_owned(),
+    }
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(ts) = ts else {
+        return String::new();
+    };
+    let Ok(at) = time::OffsetDateTime::from_unix_timestamp(ts.seconds) else {
+        return String::new();
+    };
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Budgets {
+    /// An enforcer talking to the ledger and the router over these channels.
+    pub fn new(config: BudgetsConfig, ledger: TracedChannel, router: TracedChannel) -> Self {
+        let holder = if config.holder.is_empty() {
+            format!("gateway-{}", uuid::Uuid::now_v7())
+        } else {
+            config.holder.clone()
+        };
+        Budgets(Arc::new(Inner {
+            ledger: BudgetServiceClient::new(ledger),
+            router: RouterServiceClient::new(router),
+            config,
+            holder,
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            reload: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.0
+            .catalog
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The budgets that apply to `principal` (no allocation when there are none).
+    fn slots_of(catalog: &Catalog, principal: &Principal) -> Vec<Arc<Slot>> {
+        let mut slots = Vec::new();
+        for list in [
+            catalog.keys.get(&principal.key_id),
+            catalog.apps.get(&principal.app),
+            catalog.teams.get(&principal.team),
+            Some(&catalog.org),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            slots.extend(list.iter().cloned());
+        }
+        slots
+    }
+
+    /// Reserves the request's estimate against every budget of the caller. `None`: no budget
+    /// applies. The request's `max_tokens` is set when it had none, so the estimate bounds it.
+    /// For embeddings (`chat` false) no output is estimated and the request is left as it is.
+    pub async fn reserve(
+        &self,
+        principal: &Principal,
+        request: &mut ChatRequest,
+        chat: bool,
+    ) -> Result<Option<Reservation>, GatewayError> {
+        let mut catalog = self.catalog();
+        if !catalog.loaded {
+            self.reload().await?;
+            catalog = self.catalog();
+        }
+        let slots = Self::slots_of(&catalog, principal);
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        let prices = match catalog.routes.get(&request.model) {
+            Some(prices) => prices.clone(),
+            None => {
+                // A route added since the last reload.
+                self.reload().await?;
+                self.catalog()
+                    .routes
+                    .get(&request.model)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(Vec::new()))
+            }
+        };
+        let max_output = if chat {
+            let sampling = request.sampling.get_or_insert_with(Default::default);
+            let max_tokens = *sampling
+                .max_tokens
+                .get_or_insert(self.0.config.default_max_output_tokens);
+            max_tokens.saturating_mul(sampling.n.unwrap_or(1).max(1))
+        } else {
+            0
+        };
+        let prompt = prompt_bound(request);
+        let estimates = prices
+            .iter()
+            .map(|p| spend::estimate(&spend::pricing_of(p), prompt, max_output));
+        let want = estimates.clone().max().unwrap_or(0);
+        let need = estimates.min().unwrap_or(0);
+        let mut holds: Vec<(Arc<Slot>, i64)> = Vec::with_capacity(slots.len());
+        let mut allowance = want;
+        for slot in slots {
+            match self.take(&slot, want, need).await {
+                Ok(held) => {
+                    if slot.hard {
+                        allowance = allowance.min(held);
+                    }
+                    holds.push((slot, held));
+                }
+                Err(error) => {
+                    // What was taken from the other budgets goes back.
+                    for (slot, held) in holds {
+                        lock(&slot.local).reserved -= held;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        // Every hard budget keeps only the common allowance.
+        for (slot, held) in &mut holds {
+            if *held > allowance {
+                lock(&slot.local).reserved -= *held - allowance;
+                *held = allowance;
+            }
+        }
+        Ok(Some(Reservation {
+            holds,
+            allowance,
+            prompt_tokens: prompt,
+            max_output_tokens: max_output,
+            prices,
+            settled: false,
+        }))
+    }
+
+    /// Takes `want` (at least `need`, for a hard budget) from the slot's lease, asking the ledger
+    /// for more when the lease cannot cover it.
+    async fn take(&self, slot: &Slot, want: i64, need: i64) -> Result<i64, GatewayError> {
+        if let Some(held) = try_take(slot, want, want) {
+            return Ok(held);
+        }
+        let _refill = slot.refill.lock().await;
+        if let Some(held) = try_take(slot, want, want) {
+            return Ok(held);
+        }
+        let now = Instant::now();
+        let denied = lock(&slot.local)
+            .denied_until
+            .is_some_and(|until| now < until);
+        if !denied {
+            // Fail closed: without the ledger a hard budget cannot be kept.
+            if let Err(error) = self.refill(slot, want).await
+                && slot.hard
+            {
+                return Err(error);
+            }
+            if let Some(held) = try_take(slot, want, need) {
+                return Ok(held);
+            }
+            if slot.hard {
+                lock(&slot.local).denied_until =
+                    Some(now + Duration::from_millis(self.0.config.denied_backoff_ms));
+            }
+        }
+        if !slot.hard {
+            // A soft budget never blocks: the spend is recorded against it anyway.
+            lock(&slot.local).reserved += want;
+            return Ok(want);
+        }
+        Err(exceeded(slot))
+    }
+
+    /// Extends the slot's lease (reporting its spend) or acquires one, asking for a slice.
+    async fn refill(&self, slot: &Slot, want: i64) -> Result<(), GatewayError> {
+        let ttl = self.0.config.lease_ttl_ms;
+        let slice = (i128::from(slot.limit) * i128::from(self.0.config.lease_pct) / 100) as i64;
+        let (lease, spent, available) = {
+            let local = lock(&slot.local);
+            (
+                local.lease.clone(),
+                local.spent,
+                local.available(Instant::now()),
+            )
+        };
+        let requested = slice.max(want);
+        let minimum = (want - available.max(0)).max(1);
+        let sent = Instant::now();
+        let mut ledger = self.0.ledger.clone();
+        let answer = if lease.is_empty() {
+            ledger
+                .acquire_lease(AcquireLeaseRequest {
+                    budget_id: slot.id.clone(),
+                    holder: self.0.holder.clone(),
+                    requested_usd_nanos: requested,
+                    minimum_usd_nanos: minimum,
+                    ttl_ms: ttl,
+                })
+                .await
+                .map(|r| r.into_inner().lease)
+        } else {
+            ledger
+                .extend_lease(ExtendLeaseRequest {
+                    lease_id: lease.clone(),
+                    spent_usd_nanos: spent,
+                    requested_usd_nanos: requested,
+                    minimum_usd_nanos: minimum,
+                    ttl_ms: ttl,
+                })
+                .await
+                .map(|r| r.into_inner().lease)
+        };
+        let granted = answer.map_err(|status| {
+            tracing::warn!(budget.id = %slot.id, code = ?status.code(), "budget lease refused by the ledger");
+            GatewayError::DependencyDown { service: "ledger" }
+        })?;
+        if let Some(granted) = granted {
+            apply(slot, &lease, &granted, sent, ttl);
+        }
+        Ok(())
+    }
+
+    /// Re-reads budgets, route targets and prices; keeps the local state of known budgets.
+    pub async fn reload(&self) -> Result<(), GatewayError> {
+        let _one = self.0.reload.lock().await;
+        let budgets = self
+            .0
+            .ledger
+            .clone()
+            .list_budgets(ListBudgetsRequest {})
+            .await
+            .map_err(|_| GatewayError::DependencyDown { service: "ledger" })?
+            .into_inner()
+            .budgets;
+        let routes = self
+            .0
+            .router
+            .clone()
+            .list_models(ListModelsRequest {})
+            .await
+            .map_err(|_| GatewayError::DependencyDown { service: "router" })?
+            .into_inner()
+            .routes;
+        let mut targets: Vec<PriceTarget> = routes
+            .iter()
+            .flat_map(|r| r.targets.iter().cloned())
+            .collect();
+        targets.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));
+        targets.dedup();
+        let prices = self
+            .0
+            .ledger
+            .clone()
+            .get_prices(GetPricesRequest { targets })
+            .await
+            .map_err(|_| GatewayError::DependencyDown { service: "ledger" })?
+            .into_inner()
+            .prices;
+        let previous = self.catalog();
+        let mut catalog = Catalog {
+            loaded: true,
+            ..Catalog::default()
+        };
+        for route in routes {
+            let priced: Vec<TargetPrice> = route
+                .targets
+                .iter()
+                .filter_map(|t| spend::find(&prices, &t.provider, &t.model).cloned())
+                .collect();
+            catalog.routes.insert(route.route, Arc::from(priced));
+        }
+        for budget in budgets {
+            let scope = budget.scope.unwrap_or_default();
+            let kind = BudgetScopeKind::try_from(scope.kind).unwrap_or_default();
+            let hard = budget.enforcement == BudgetEnforcement::Hard as i32;
+            let slot = match previous.by_id.get(&budget.id) {
+                Some(slot) if slot.hard == hard && slot.limit == budget.limit_usd_nanos => {
+                    slot.clone()
+                }
+                _ => Arc::new(Slot {
+                    id: budget.id.clone(),
+                    hard,
+                    limit: budget.limit_usd_nanos,
+                    scope: scope_label(kind, &scope.id),
+                    local: Mutex::new(Local::default()),
+                    refill: tokio::sync::Mutex::new(()),
+                }),
+            };
+            match kind {
+                BudgetScopeKind::Key => {
+                    catalog.keys.entry(scope.id).or_default().push(slot.clone())
+                }
+                BudgetScopeKind::App => {
+                    catalog.apps.entry(scope.id).or_default().push(slot.clone())
+                }
+                BudgetScopeKind::Team => {
+                    catalog
+                        .teams
+                        .entry(scope.id)
+                        .or_default()
+                        .push(slot.clone());
+                }
+                BudgetScopeKind::Org => catalog.org.push(slot.clone()),
+                BudgetScopeKind::Unspecified => continue,
+            }
+            catalog.by_id.insert(budget.id, slot);
+        }
+        *self
+            .0
+            .catalog
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(catalog);
+        // A budget that was changed or removed: its old lease goes back.
+        for (id, slot) in &previous.by_id {
+            let kept = self
+                .catalog()
+                .by_id
+                .get(id)
+                .is_some_and(|s| Arc::ptr_eq(s, slot));
+            if !kept {
+                self.release(slot).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports every lease's spend and pushes its expiry.
+    async fn report(&self) {
+        let ttl = self.0.config.lease_ttl_ms;
+        for slot in self.catalog().by_id.values() {
+            let _refill = slot.refill.lock().await;
+            let (lease, spent) = {
+                let local = lock(&slot.local);
+                (local.lease.clone(), local.spent)
+            };
+            if lease.is_empty() {
+                continue;
+            }
+            let sent = Instant::now();
+            let answer = self
+                .0
+                .ledger
+                .clone()
+                .extend_lease(ExtendLeaseRequest {
+                    lease_id: lease.clone(),
+                    spent_usd_nanos: spent,
+                    requested_usd_nanos: 0,
+                    minimum_usd_nanos: 0,
+                    ttl_ms: ttl,
+                })
+                .await;
+            match answer {
+                Ok(answer) => {
+                    if let Some(granted) = answer.into_inner().lease {
+                        apply(slot, &lease, &granted, sent, ttl);
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(budget.id = %slot.id, code = ?status.code(), "budget lease not extended");
+                }
+            }
+        }
+    }
+
+    async fn release(&self, slot: &Slot) {
+        let (lease, spent) = {
+            let mut local = lock(&slot.local);
+            let taken = (std::mem::take(&mut local.lease), local.spent);
+            local.granted = 0;
+            local.spent = 0;
+            taken
+        };
+        if lease.is_empty() {
+            return;
+        }
+        let released = self
+            .0
+            .ledger
+            .clone()
+            .release_lease(ReleaseLeaseRequest {
+                lease_id: lease,
+                spent_usd_nanos: spent,
+            })
+            .await;
+        if let Err(status) = released {
+            tracing::warn!(budget.id = %slot.id, code = ?status.code(), "budget lease not released; it expires");
+        }
+    }
+
+    /// Reloads every `refresh_ms` and reports lease spend every third of the lease lifetime until
+    /// `cancel`; then releases every lease (their unspent remainders go back to the budgets).
+    pub async fn run(self, cancel: CancellationToken) {
+        let report_every =
+            Duration::from_millis(u64::from(self.0.config.lease_ttl_ms / 3).max(100));
+        let reload_every = Duration::from_millis(self.0.config.refresh_ms);
+        let mut report = tokio::time::interval(report_every);
+        let mut reload = tokio::time::interval(reload_every);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = reload.tick() => {
+                    if let Err(error) = self.reload().await {
+                        tracing::warn!(%error, "budgets not reloaded");
+                    }
+                }
+                _ = report.tick() => self.report().await,
+            }
+        }
+        for slot in self.catalog().by_id.values() {
+            let _refill = slot.refill.lock().await;
+            self.release(slot).await;
+        }
+    }
+
+    /// The budget error for a router refusal (nothing fitted the allowance): names the hard budget
+    /// of the caller with the least left.
+    pub fn exceeded_for(&self, principal: &Principal) -> Option<GatewayError> {
+        let catalog = self.catalog();
+        let now = Instant::now();
+        Self::slots_of(&catalog, principal)
+            .into_iter()
+            .filter(|s| s.hard)
+            .min_by_key(|s| lock(&s.local).available(now))
+            .map(|slot| exceeded(&slot))
+    }
+}
+
+/// Takes `want` if available, else as much as is available when that is at least `need`.
+fn try_take(slot: &Slot, want: i64, need: i64) -> Option<i64> {
+    let mut local = lock(&slot.local);
+    let available = local.available(Instant::now());
+    let take = want.min(available);
+    if take >= need && (take > 0 || want == 0) {
+        local.reserved += take;
+        return Some(take);
+    }
+    None
+}
+
+/// Applies the ledger's answer about lease `asked` (sent at `sent`).
+fn apply(slot: &Slot, asked: &str, granted: &Lease, sent: Instant, ttl_ms: u32) {
+    let mut local = lock(&slot.local);
+    if granted.lease_id != asked {
+        // A new lease (the old one expired or its period ended): its spend starts at zero.
+        local.spent = 0;
+    }
+    local.lease.clone_from(&granted.lease_id);
+    local.granted = granted.granted_usd_nanos;
+    local.resets_at = rfc3339(granted.resets_at.as_ref());
+    // Expire locally a fifth of the lifetime before the ledger does.
+    local.expires = Some(sent + Duration::from_millis(u64::from(ttl_ms) * 4 / 5));
+    if local.lease.is_empty() {
+        local.granted = 0;
+        local.expires = None;
+    } else {
+        local.denied_until = None;
+    }
+}
+
+fn exceeded(slot: &Slot) -> GatewayError {
+    GatewayError::BudgetExceeded {
+        budget_id: slot.id.clone(),
+        scope: slot.scope.clone(),
+        limit_usd_nanos: slot.limit,
+        resets_at: lock(&slot.local).resets_at.clone(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use switchboard_proto::chat::v1::{Attempt, ContentPart, ImageUrl, Message, Role, Usage};
+
+    fn slot(granted: i64) -> Arc<Slot> {
+        Arc::new(Slot {
+            id: "b".into(),
+            hard: true,
+            limit: 1000,
+            scope: "app:a".into(),
+            local: Mutex::new(Local {
+                lease: "l".into(),
+                granted,
+                expires: Some(Instant::now() + Duration::from_secs(60)),
+                ..Local::default()
+            }),
+            refill: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn reservation(
+        holds: Vec<(Arc<Slot>, i64)>,
+        allowance: i64,
+        prices: Vec<TargetPrice>,
+    ) -> Reservation {
+        Reservation {
+            holds,
+            allowance,
+            prompt_tokens: 0,
+            max_output_tokens: 0,
+            prices: Arc::from(prices),
+            settled: false,
+        }
+    }
+
+    #[test]
+    fn the_prompt_bound_counts_bytes_overheads_and_images() {
+        let mut request = ChatRequest {
+            messages: vec![Message::text(Role::User, "héllo")],
+            ..Default::default()
+        };
+        assert_eq!(prompt_bound(&request), 8 + 6);
+        request.messages[0].content.push(ContentPart {
+            part: Some(Part::ImageUrl(ImageUrl::default())),
+        });
+        assert_eq!(prompt_bound(&request), 8 + 6 + IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn reservations_never_take_more_than_the_lease_and_settle_to_the_true_cost() {
+        let slot = slot(100);
+        assert_eq!(try_take(&slot, 60, 60), Some(60));
+        // 40 left: a full 60 does not fit, a partial take needs at least `need`.
+        assert_eq!(try_take(&slot, 60, 60), None);
+        assert_eq!(try_take(&slot, 60, 50), None);
+        assert_eq!(try_take(&slot, 60, 30), Some(40));
+        assert_eq!(lock(&slot.local).available(Instant::now()), 0);
+        let reservation = reservation(vec![(slot.clone(), 60)], 60, Vec::new());
+        reservation.settle(25);
+        let local = lock(&slot.local);
+        assert_eq!((local.reserved, local.spent), (40, 25));
+        assert_eq!(local.available(Instant::now()), 35);
+    }
+
+    #[test]
+    fn an_unsettled_reservation_is_charged_in_full() {
+        let slot = slot(100);
+        assert_eq!(try_take(&slot, 70, 70), Some(70));
+        drop(reservation(vec![(slot.clone(), 70)], 70, Vec::new()));
+        let local = lock(&slot.local);
+        assert_eq!((local.reserved, local.spent), (0, 70));
+    }
+
+    #[test]
+    fn an_expired_lease_has_nothing_available() {
+        let slot = slot(100);
+        lock(&slot.local).expires = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(try_take(&slot, 1, 1), None);
+    }
+
+    #[test]
+    fn the_cost_of_a_route_prices_each_attempt_at_its_target() {
+        let price = |provider: &str, input| TargetPrice {
+            provider: provider.into(),
+            model: "m".into(),
+            base: Some(switchboard_proto::ledger::v1::TokenRates {
+                input,
+                output: input,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let reservation = reservation(
+            Vec::new(),
+            1_000_000,
+            vec![price("a", 1_000_000_000), price("b", 2_000_000_000)],
+        );
+        let usage = |tokens| Usage {
+            prompt_tokens: tokens,
+            ..Default::default()
+        };
+        let attempt = |provider: &str, tokens| Attempt {
+            provider: provider.into(),
+            model: "m".into(),
+            usage: Some(usage(tokens)),
+            ..Default::default()
+        };
+        let route = RouteInfo {
+            attempts: vec![attempt("a", 10), attempt("b", 10)],
+            ..Default::default()
+        };
+        assert_eq!(reservation.cost_of(&route), 10 * 1000 + 10 * 2000);
+        // Tokens on an unpriced target cost the whole allowance.
+        let route = RouteInfo {
+            attempts: vec![attempt("c", 1)],
+            ..Default::default()
+        };
+        assert_eq!(reservation.cost_of(&route), 1_000_000);
+    }
+}

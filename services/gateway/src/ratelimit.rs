@@ -1,0 +1,353 @@
+//! Per-key and per-app rate limits (requests and tokens per minute) shared by every gateway replica
+//! (ADR 007). The ledger keeps one counter per scope and minute window in Postgres and grants
+//! slices of it (`AcquireRateSlice`); a replica admits requests from its slice locally and asks for
+//! another when it is used up. A refused slice is remembered until the window ends, so an
+//! exhausted limit costs no RPC either. Unused slices lapse with their window: a replica can only
+//! under-admit, never over-admit.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+use switchboard_grpc::TracedChannel;
+use switchboard_proto::ledger::v1::{
+    AcquireRateSliceRequest, budget_service_client::BudgetServiceClient,
+};
+
+use crate::{auth::Principal, error::GatewayError};
+
+/// `[[gateway.rate_limits]]`: a limit on one key or one app.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// A key id (exactly one of `key` and `app`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// An app.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Requests per minute (0: no request limit).
+    #[serde(default)]
+    pub requests_per_minute: u64,
+    /// Tokens per minute, prompt bound plus `max_tokens` at admission (0: no token limit).
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+}
+
+/// Checks `[[gateway.rate_limits]]`.
+pub fn validate(limits: &[RateLimitConfig]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (index, limit) in limits.iter().enumerate() {
+        let path = format!("gateway.rate_limits[{index}]");
+        let scope = match (&limit.key, &limit.app) {
+            (Some(key), None) if !key.is_empty() => format!("key:{key}"),
+            (None, Some(app)) if !app.is_empty() => format!("app:{app}"),
+            _ => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "set exactly one of `key` and `app`",
+                ));
+            }
+        };
+        if limit.requests_per_minute == 0 && limit.tokens_per_minute == 0 {
+            return Err(ConfigError::invalid(
+                format!("{path}.requests_per_minute"),
+                "set requests_per_minute or tokens_per_minute",
+            ));
+        }
+        if !seen.insert(scope.clone()) {
+            return Err(ConfigError::invalid(
+                path,
+                format!("a second limit for `{scope}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The shared limits of this replica.
+#[derive(Clone)]
+pub struct RateLimits {
+    ledger: BudgetServiceClient<TracedChannel>,
+    holder: Arc<str>,
+    keys: Arc<HashMap<String, Arc<Limiter>>>,
+    apps: Arc<HashMap<String, Arc<Limiter>>>,
+}
+
+struct Limiter {
+    scope: String,
+    requests_per_minute: u64,
+    tokens_per_minute: u64,
+    window: Mutex<Window>,
+    refill: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    /// End of the window the slice belongs to (wall clock, as the ledger's windows are).
+    ends: Option<SystemTime>,
+    requests: u64,
+    tokens: u64,
+    /// The ledger granted nothing more in this window.
+    exhausted: bool,
+}
+
+impl Window {
+    fn current(&mut self, now: SystemTime) -> bool {
+        match self.ends {
+            Some(ends) if now < ends => true,
+            _ => {
+                *self = Window::default();
+                false
+            }
+        }
+    }
+}
+
+/// Admission outcome of one limiter.
+enum Admit {
+    Yes,
+    Ask,
+    No(Duration),
+}
+
+impl Limiter {
+    fn admit(&self, tokens: u64, now: SystemTime) -> Admit {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if !window.current(now) {
+            return Admit::Ask;
+        }
+        let need_requests = u64::from(self.requests_per_minute > 0);
+        let need_tokens = if self.tokens_per_minute > 0 {
+            tokens
+        } else {
+            0
+        };
+        if window.requests >= need_requests && window.tokens >= need_tokens {
+            window.requests -= need_requests;
+            window.tokens -= need_tokens;
+            return Admit::Yes;
+        }
+        if window.exhausted {
+            let wait = window
+                .ends
+                .and_then(|ends| ends.duration_since(now).ok())
+                .unwrap_or_default();
+            return Admit::No(wait);
+        }
+        Admit::Ask
+    }
+
+    /// Slice size: a twentieth of the limit, at least what this request needs.
+    fn want(&self, tokens: u64) -> (u64, u64) {
+        let requests = if self.requests_per_minute > 0 {
+            (self.requests_per_minute / 20).max(1)
+        } else {
+            0
+        };
+        let tokens = if self.tokens_per_minute > 0 {
+            (self.tokens_per_minute / 20).max(tokens)
+        } else {
+            0
+        };
+        (requests, tokens)
+    }
+}
+
+fn limiter(scope: String, config: &RateLimitConfig) -> Arc<Limiter> {
+    Arc::new(Limiter {
+        scope,
+        requests_per_minute: config.requests_per_minute,
+        tokens_per_minute: config.tokens_per_minute,
+        window: Mutex::new(Window::default()),
+        refill: tokio::sync::Mutex::new(()),
+    })
+}
+
+impl RateLimits {
+    /// The configured limits; `None` when there are none (no code on the request path then).
+    pub fn new(limits: &[RateLimitConfig], ledger: TracedChannel, holder: &str) -> Option<Self> {
+        if limits.is_empty() {
+            return None;
+        }
+        let mut keys = HashMap::new();
+        let mut apps = HashMap::new();
+        for limit in limits {
+            if let Some(key) = &limit.key {
+                keys.insert(key.clone(), limiter(format!("key:{key}"), limit));
+            } else if let Some(app) = &limit.app {
+                apps.insert(app.clone(), limiter(format!("app:{app}"), limit));
+            }
+        }
+        Some(RateLimits {
+            ledger: BudgetServiceClient::new(ledger),
+            holder: Arc::from(holder),
+            keys: Arc::new(keys),
+            apps: Arc::new(apps),
+        })
+    }
+
+    /// Admits one request of about `tokens` tokens for `principal`, or refuses it with a
+    /// rate-limit error carrying the time until the window ends.
+    pub async fn check(&self, principal: &Principal, tokens: u64) -> Result<(), GatewayError> {
+        for limiter in [
+            self.keys.get(&principal.key_id),
+            self.apps.get(&principal.app),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            self.check_one(limiter, tokens).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_one(&self, limiter: &Limiter, tokens: u64) -> Result<(), GatewayError> {
+        // Each round either admits, refuses, or records a grant; three rounds bound a race with
+        // the window's end.
+        for _ in 0..3 {
+            match limiter.admit(tokens, SystemTime::now()) {
+                Admit::Yes => return Ok(()),
+                Admit::No(wait) => return Err(limited(limiter, wait)),
+                Admit::Ask => {}
+            }
+            let _one = limiter.refill.lock().await;
+            match limiter.admit(tokens, SystemTime::now()) {
+                Admit::Yes => return Ok(()),
+                Admit::No(wait) => return Err(limited(limiter, wait)),
+                Admit::Ask => {}
+            }
+            let (want_requests, want_tokens) = limiter.want(tokens);
+            let granted = self
+                .ledger
+                .clone()
+                .acquire_rate_slice(AcquireRateSliceRequest {
+                    scope: limiter.scope.clone(),
+                    holder: self.holder.to_string(),
+                    requests_per_minute: limiter.requests_per_minute,
+                    tokens_per_minute: limiter.tokens_per_minute,
+                    want_requests,
+                    want_tokens,
+                })
+                .await
+                .map_err(|status| {
+                    tracing::warn!(code = ?status.code(), "rate-limit slice refused by the ledger");
+                    GatewayError::DependencyDown { service: "ledger" }
+                })?
+                .into_inner();
+            let ends = granted
+                .window_end
+                .and_then(|end| {
+                    let secs = u64::try_from(end.seconds).ok()?;
+                    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+                })
+                .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
+            let mut window = limiter
+                .window
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if window.ends != Some(ends) {
+                *window = Window {
+                    ends: Some(ends),
+                    ..Window::default()
+                };
+            }
+            window.requests += granted.granted_requests;
+            window.tokens += granted.granted_tokens;
+            let short_requests =
+                limiter.requests_per_minute > 0 && granted.granted_requests < want_requests;
+            let short_tokens = limiter.tokens_per_minute > 0 && granted.granted_tokens < tokens;
+            if (short_requests && window.requests == 0) || (short_tokens && window.tokens < tokens)
+            {
+                window.exhausted = true;
+            }
+        }
+        Err(limited(limiter, Duration::from_secs(1)))
+    }
+}
+
+fn limited(limiter: &Limiter, wait: Duration) -> GatewayError {
+    // Whole seconds, rounded up, at least one.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    GatewayError::RateLimited {
+        scope: limiter.scope.clone(),
+        retry_after_secs: secs.max(1),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn limit() -> Limiter {
+        Limiter {
+            scope: "key:k".into(),
+            requests_per_minute: 40,
+            tokens_per_minute: 0,
+            window: Mutex::new(Window::default()),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    #[test]
+    fn a_slice_admits_locally_then_asks_and_an_exhausted_window_refuses_until_it_ends() {
+        let limiter = limit();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_020);
+        assert!(matches!(limiter.admit(1, now), Admit::Ask));
+        assert_eq!(limiter.want(1), (2, 0));
+        *limiter.window.lock().unwrap() = Window {
+            ends: Some(now + Duration::from_secs(40)),
+            requests: 1,
+            tokens: 0,
+            exhausted: false,
+        };
+        assert!(matches!(limiter.admit(1, now), Admit::Yes));
+        assert!(matches!(limiter.admit(1, now), Admit::Ask));
+        limiter.window.lock().unwrap().exhausted = true;
+        match limiter.admit(1, now + Duration::from_millis(500)) {
+            Admit::No(wait) => assert_eq!(wait, Duration::from_millis(39_500)),
+            _ => panic!("expected a refusal"),
+        }
+        let error = limited(&limiter, Duration::from_millis(39_500));
+        assert!(matches!(
+            error,
+            GatewayError::RateLimited {
+                retry_after_secs: 40,
+                ..
+            }
+        ));
+        // The next window starts afresh.
+        assert!(matches!(
+            limiter.admit(1, now + Duration::from_secs(41)),
+            Admit::Ask
+        ));
+    }
+
+    #[test]
+    fn configuration_names_the_bad_limit() {
+        let both = RateLimitConfig {
+            key: Some("k".into()),
+            app: Some("a".into()),
+            requests_per_minute: 1,
+            tokens_per_minute: 0,
+        };
+        let error = validate(&[both]).unwrap_err().to_string();
+        assert!(error.contains("gateway.rate_limits[0]"), "{error}");
+        let none = RateLimitConfig {
+            key: Some("k".into()),
+            app: None,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+        };
+        let error = validate(&[none]).unwrap_err().to_string();
+        assert!(
+            error.contains("gateway.rate_limits[0].requests_per_minute"),
+            "{error}"
+        );
+    }
+}
