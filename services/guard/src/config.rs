@@ -6,7 +6,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use switchboard_config::ConfigError;
 
-use crate::policy::Policies;
+use crate::{
+    content::{ContentFilters, TopicConfig},
+    policy::Policies,
+    route::{RoutePolicies, RoutePolicyConfig},
+};
 
 /// The `[guard]` section.
 ///
@@ -25,13 +29,23 @@ use crate::policy::Policies;
 /// phone_regions = ["US", "GB"]       # national phone numbers are validated for these
 /// hash_secret = "…"                  # HMAC key of the hash action (required when it is used)
 /// hash_length = 8                    # hex characters of the keyed hash
+/// injection_action = "flag"          # prompt injection: off | flag | block
+/// injection_threshold = 0.5          # score in [0, 1] at which the action applies
+/// denied_topics = ["weapons"]        # names of [guard.topics.*] denied on every route
+/// topic_action = "block"             # flag | block
 /// [guard.mask]
 /// keep_last = 4
 /// char = "*"
 /// email_domain = true
+/// [guard.topics.weapons]             # a content-filter topic: whole-word terms and regexes
+/// terms = ["pipe bomb", "nerve agent"]
+/// patterns = ["\\b3d[- ]?printed guns?\\b"]
 /// [guard.apps.billing]               # per-app overrides; unset fields inherit the defaults
 /// action = "block"
 /// entities = ["CREDIT_CARD"]
+/// [guard.routes."gpt-4o"]            # per-route overrides of the four keys above
+/// injection_action = "block"
+/// injection_threshold = 0.3
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,6 +80,18 @@ pub struct Config {
     pub mask: MaskConfig,
     /// Per-app policy overrides, by app id.
     pub apps: BTreeMap<String, AppPolicyConfig>,
+    /// Prompt-injection action: `off`, `flag` or `block`.
+    pub injection_action: String,
+    /// Injection score at or above which `injection_action` applies.
+    pub injection_threshold: f64,
+    /// Content-filter topics, by name.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// Topics denied on routes without an override.
+    pub denied_topics: Vec<String>,
+    /// What a denied topic does: `flag` or `block`.
+    pub topic_action: String,
+    /// Per-route overrides of the injection and topic keys, by route (requested model).
+    pub routes: BTreeMap<String, RoutePolicyConfig>,
 }
 
 /// `[guard.mask]`.
@@ -144,6 +170,9 @@ pub struct AppPolicyConfig {
     pub allow_patterns: Option<Vec<String>>,
 }
 
+/// The default injection threshold (see `docs/GUARD.md` for its measured rates).
+pub const DEFAULT_INJECTION_THRESHOLD: f64 = 0.5;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -162,6 +191,12 @@ impl Default for Config {
             hash_length: 8,
             mask: MaskConfig::default(),
             apps: BTreeMap::new(),
+            injection_action: "flag".to_owned(),
+            injection_threshold: DEFAULT_INJECTION_THRESHOLD,
+            topics: BTreeMap::new(),
+            denied_topics: Vec::new(),
+            topic_action: "block".to_owned(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -194,7 +229,9 @@ impl Config {
                 "must be at most 8",
             ));
         }
-        Policies::from_config(self).map(|_| ())
+        Policies::from_config(self)?;
+        let filters = ContentFilters::new(&self.topics)?;
+        RoutePolicies::from_config(self, &filters).map(|_| ())
     }
 }
 
@@ -275,8 +312,8 @@ mod tests {
                 "guard.actions.CREDIT_CARD",
             ),
             (
-                "[guard]\nactions = { PERSON = \"redact\" }\n",
-                "guard.actions.PERSON",
+                "[guard]\nactions = { NAME = \"redact\" }\n",
+                "guard.actions.NAME",
             ),
             (
                 "[guard.apps.x]\nanswer_actions = { EMAIL_ADDRESS = \"pseudonymize\" }\n",

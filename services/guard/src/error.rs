@@ -35,9 +35,12 @@ pub enum StartupError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] switchboard_config::ConfigError),
-    /// A recogniser's pattern does not compile (a bug).
-    #[error("cannot compile a recogniser: {0}")]
-    Recognizer(#[from] regex::Error),
+    /// A recogniser's pattern or word list does not compile (a bug).
+    #[error(transparent)]
+    Recognizer(#[from] crate::recognizer::BuildError),
+    /// The prompt-injection detector cannot be built (a bug in the shipped patterns or weights).
+    #[error("cannot build the injection detector: {0}")]
+    Injection(#[from] crate::injection::DetectorError),
     /// The gRPC server could not bind or failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),

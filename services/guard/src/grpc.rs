@@ -35,6 +35,7 @@ impl GuardGrpc {
         &self,
         request_id: &str,
         app: &str,
+        route: &str,
         direction: Direction,
         messages: &[Message],
     ) -> Result<Response<CheckPromptResponse>, Status> {
@@ -44,7 +45,7 @@ impl GuardGrpc {
         span.record("app.id", app);
         let outcome = self
             .guard
-            .check(app, direction, messages)
+            .check_route(app, route, direction, messages)
             .map_err(|error| switchboard_status::to_status(DOMAIN, &error))?;
         let decision = match outcome.decision {
             Decision::Allow => PbDecision::Allow,
@@ -55,7 +56,15 @@ impl GuardGrpc {
         let summary: Vec<String> = outcome
             .findings
             .iter()
-            .map(|f| format!("{}:{}:{}", f.entity_type, f.count, f.action.as_str()))
+            .map(|f| {
+                format!(
+                    "{}:{}:{}:{}",
+                    f.kind.as_str(),
+                    f.entity_type,
+                    f.count,
+                    f.action.as_str()
+                )
+            })
             .collect();
         span.record("decision", decision.as_str_name());
         span.record("findings", summary.join(","));
@@ -63,7 +72,9 @@ impl GuardGrpc {
             decision = decision.as_str_name(),
             findings = %summary.join(","),
             pseudonyms = outcome.pseudonyms.len(),
+            injection_score = outcome.injection_score,
             policy_version = %outcome.policy_version,
+            detector_version = %outcome.detector_version,
             "{} checked",
             match direction {
                 Direction::Prompt => "prompt",
@@ -86,13 +97,16 @@ impl GuardGrpc {
                 .findings
                 .into_iter()
                 .map(|f| PbFinding {
-                    entity_type: f.entity_type.to_owned(),
+                    entity_type: f.entity_type.into_owned(),
                     count: f.count,
                     action: f.action.as_str().to_owned(),
+                    kind: f.kind.as_str().to_owned(),
                 })
                 .collect(),
             policy_version: outcome.policy_version,
             pseudonyms,
+            injection_score: outcome.injection_score,
+            detector_version: outcome.detector_version,
         }))
     }
 }
@@ -107,6 +121,7 @@ impl GuardService for GuardGrpc {
         self.check(
             &request.request_id,
             &request.app,
+            &request.route,
             Direction::Prompt,
             &request.messages,
         )
@@ -121,6 +136,7 @@ impl GuardService for GuardGrpc {
             .check(
                 &request.request_id,
                 &request.app,
+                &request.route,
                 Direction::Answer,
                 &request.messages,
             )?
@@ -130,6 +146,7 @@ impl GuardService for GuardGrpc {
             messages: checked.messages,
             findings: checked.findings,
             policy_version: checked.policy_version,
+            detector_version: checked.detector_version,
         }))
     }
 }

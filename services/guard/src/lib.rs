@@ -1,7 +1,9 @@
 //! Switchboard guard: finds personal data and secrets in prompts and answers (email, phone, card,
-//! SSN, IBAN, IP address, URL credentials, cloud/API keys, private keys, JWTs) on a normalised
-//! view of the text, and allows, redacts, masks, hashes, pseudonymises or blocks them per app,
-//! entity type and direction (`switchboard.guard.v1.GuardService`).
+//! SSN, IBAN, IP address, URL credentials, cloud/API keys, private keys, JWTs, and by dictionaries
+//! and rules names, street addresses and locations) on a normalised view of the text, and allows,
+//! redacts, masks, hashes, pseudonymises or blocks them per app, entity type and direction; scores
+//! prompt injection ([`injection`]) and matches content-filter topics ([`content`]), flagged or
+//! blocked per route (`switchboard.guard.v1.GuardService`). [`eval`] measures it on labelled data.
 //!
 //! Recognisers implement [`recognizer::Recognizer`]; findings never carry the matched value, and
 //! nothing here logs prompt text. [`pseudonym::restore`] and [`pseudonym::Restorer`] put
@@ -9,17 +11,23 @@
 
 mod app;
 mod config;
+pub mod content;
 mod error;
+pub mod eval;
 mod grpc;
 mod guard;
+pub mod injection;
 pub mod normalize;
 mod policy;
 pub mod pseudonym;
 pub mod recognizer;
+mod route;
 mod transform;
 
 pub use app::App;
-pub use config::{AppPolicyConfig, Config, HashSecret, MaskConfig};
+pub use config::{AppPolicyConfig, Config, DEFAULT_INJECTION_THRESHOLD, HashSecret, MaskConfig};
+pub use content::TopicConfig;
 pub use error::StartupError;
-pub use guard::{Decision, Finding, Guard, Outcome};
+pub use guard::{DETECTOR_VERSION_PREFIX, Decision, Finding, FindingKind, Guard, Outcome};
 pub use policy::{Action, Direction};
+pub use route::RoutePolicyConfig;

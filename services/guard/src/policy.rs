@@ -25,10 +25,12 @@ pub enum Action {
     Pseudonymize,
     /// Refuse the request.
     Block,
+    /// Pass, and report the finding (injection and content-filter findings only).
+    Flag,
 }
 
 impl Action {
-    /// Every action.
+    /// Every action of an entity type (`flag` is for injection and content-filter findings).
     pub const ALL: [Action; 6] = [
         Action::Allow,
         Action::Redact,
@@ -47,6 +49,7 @@ impl Action {
             Action::Hash => "hash",
             Action::Pseudonymize => "pseudonymize",
             Action::Block => "block",
+            Action::Flag => "flag",
         }
     }
 

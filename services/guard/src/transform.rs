@@ -105,7 +105,7 @@ impl<'a> Rewriter<'a> {
         key: &str,
     ) {
         match action {
-            Action::Allow | Action::Block => out.push_str(value),
+            Action::Allow | Action::Block | Action::Flag => out.push_str(value),
             Action::Redact => {
                 out.push('[');
                 out.push_str(entity_type);
