@@ -8,6 +8,7 @@ use switchboard_config::{ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
 mod prices;
+mod spend;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -40,6 +41,13 @@ enum Command {
     Prices {
         #[command(subcommand)]
         command: prices::PricesCommand,
+    },
+    /// Spend for finance, grouped by team, model, day, … (ledger gRPC, read from the rollups).
+    Spend(spend::SpendArgs),
+    /// Usage rows for finance: `usage export` (ledger gRPC, streamed).
+    Usage {
+        #[command(subcommand)]
+        command: spend::UsageCommand,
     },
     /// Print the SHA-256 of an API key, for `gateway.keys[].sha256`.
     HashKey {
@@ -82,6 +90,8 @@ fn load(path: Option<&std::path::Path>) -> Result<Mesh, ConfigError> {
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Prices { command } => prices::run(command).await,
+        Command::Spend(args) => spend::run_spend(args).await,
+        Command::Usage { command } => spend::run_usage(command).await,
         Command::HashKey { key } => {
             println!("{}", switchboard_gateway::hash_api_key(&key));
             ExitCode::SUCCESS
