@@ -222,6 +222,13 @@ fn summary(
         .collect()
 }
 
+/// A dimension, how to read a group's key, and the expected (key, requests, cost) rows.
+type Case = (
+    SpendDimension,
+    fn(&SpendGroup) -> String,
+    Vec<(String, u64, i64)>,
+);
+
 fn period(g: &SpendGroup) -> String {
     let p = g.period_start.unwrap();
     OffsetDateTime::from_unix_timestamp(p.seconds)
@@ -265,11 +272,7 @@ async fn spend_by_every_dimension_with_filters_from_the_rollups() {
         (4, 1_300, 4_000, 400, 80)
     );
 
-    let cases: Vec<(
-        SpendDimension,
-        fn(&SpendGroup) -> String,
-        Vec<(String, u64, i64)>,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             SpendDimension::App,
             |g| g.app.clone(),
