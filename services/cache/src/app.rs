@@ -1,9 +1,14 @@
 //! The cache process: configuration in, gRPC server out.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use switchboard_bus::NatsConfig;
 use switchboard_proto::cache::v1::cache_service_server::{CacheServiceServer, SERVICE_NAME};
 use tokio::net::TcpListener;
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
 use tonic::service::Routes;
 
 use crate::{
@@ -11,22 +16,52 @@ use crate::{
     config::Config,
     error::StartupError,
     grpc::CacheGrpc,
+    replication::{ReplicationError, SharedStore},
     store::{CacheStore, MemoryStore},
 };
 
-/// A built cache: listener bound, store ready.
+/// A built cache: listener bound, store ready (and, when shared, in sync with the stream).
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     cache: Arc<Cache>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    _stop_tasks_on_drop: DropGuard,
 }
 
 impl App {
     /// Validates `config`, creates the bounded in-memory store and binds `config.grpc_addr`.
-    pub async fn build(config: Config) -> Result<App, StartupError> {
+    ///
+    /// With `cache.shared` (the default), the store is shared through NATS JetStream (`nats`): the
+    /// replica connects, creates or updates the stream, and loads every live entry before this
+    /// returns, so it never serves (health included) before it is in sync; it fails after
+    /// `cache.sync_timeout_secs` if NATS does not answer.
+    pub async fn build(config: Config, nats: NatsConfig) -> Result<App, StartupError> {
         config.validate()?;
-        let store = Arc::new(MemoryStore::new(config.max_entries));
-        Self::build_with_store(config, store).await
+        let local = Arc::new(MemoryStore::new(config.max_entries));
+        if !config.shared {
+            return Self::build_with_store(config, local).await;
+        }
+        let shared = Arc::new(SharedStore::connect(&config, &nats, local).await?);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+        tasks.spawn(shared.clone().sync(ready_tx, cancel.clone()));
+        let seconds = config.sync_timeout_secs;
+        let synced =
+            tokio::time::timeout(Duration::from_secs(seconds), ready.wait_for(|ready| *ready))
+                .await;
+        if !matches!(synced, Ok(Ok(_))) {
+            cancel.cancel();
+            return Err(ReplicationError::SyncTimeout {
+                stream: shared.stream_name().to_owned(),
+                seconds,
+            }
+            .into());
+        }
+        tracing::info!(stream = %shared.stream_name(), "shared cache in sync");
+        Self::assemble(config, shared, tasks, cancel).await
     }
 
     /// Like [`App::build`], over a caller-provided store.
@@ -35,6 +70,15 @@ impl App {
         store: Arc<dyn CacheStore>,
     ) -> Result<App, StartupError> {
         config.validate()?;
+        Self::assemble(config, store, TaskTracker::new(), CancellationToken::new()).await
+    }
+
+    async fn assemble(
+        config: Config,
+        store: Arc<dyn CacheStore>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<App, StartupError> {
         let semantic = crate::semantic::Semantic::load(&config.semantic).await?;
         let cache = Arc::new(Cache::new(&config, store).with_semantic(semantic));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
@@ -43,6 +87,9 @@ impl App {
             listener,
             local_addr,
             cache,
+            tasks,
+            _stop_tasks_on_drop: cancel.clone().drop_guard(),
+            cancel,
         })
     }
 
@@ -51,14 +98,19 @@ impl App {
         self.local_addr
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    /// Serves until `shutdown` resolves, then drains in-flight calls and stops the sync task.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "cache listening");
         let routes = Routes::new(CacheServiceServer::new(CacheGrpc::new(self.cache)));
-        switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await?;
+        let served =
+            switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        served?;
         tracing::info!("cache stopped");
         Ok(())
     }

@@ -12,7 +12,12 @@ use crate::semantic::SemanticConfig;
 /// grpc_addr = "127.0.0.1:50053"
 /// default_ttl_secs = 3600   # used when a Store asks for ttl_seconds = 0
 /// max_ttl_secs = 86400      # longer requested TTLs are clamped to this
-/// max_entries = 100000      # bound of the in-memory store
+/// max_entries = 100000      # bound of the in-memory store (each replica's local index)
+/// shared = true             # entries shared by every replica through NATS JetStream ([nats])
+/// stream = ""               # empty: <NATS SUBJECT PREFIX>_CACHE (SWITCHBOARD_CACHE by default)
+/// stream_max_bytes = 1073741824  # bound of the shared stream (oldest dropped); 0 = unlimited
+/// sync_timeout_secs = 30    # a starting replica loads the stream within this, or fails to start
+/// publish_timeout_ms = 5000 # how long a Store / Purge waits for JetStream
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +30,16 @@ pub struct Config {
     pub max_ttl_secs: u64,
     /// Most entries kept in memory; the least useful are evicted beyond it.
     pub max_entries: u64,
+    /// Share entries between replicas through NATS JetStream (the `[nats]` section).
+    pub shared: bool,
+    /// Name of the shared stream; empty: derived from `nats.subject_prefix`.
+    pub stream: String,
+    /// Most bytes the shared stream keeps (the oldest entries are dropped beyond it); 0: no bound.
+    pub stream_max_bytes: u64,
+    /// How long a starting replica may take to connect and load the shared entries.
+    pub sync_timeout_secs: u64,
+    /// How long a store or a purge waits for JetStream.
+    pub publish_timeout_ms: u64,
     /// The semantic cache (`[cache.semantic]`, see `crate::semantic::config`).
     pub semantic: SemanticConfig,
 }
@@ -36,6 +51,11 @@ impl Default for Config {
             default_ttl_secs: 3600,
             max_ttl_secs: 86_400,
             max_entries: 100_000,
+            shared: true,
+            stream: String::new(),
+            stream_max_bytes: 1 << 30,
+            sync_timeout_secs: 30,
+            publish_timeout_ms: 5000,
             semantic: SemanticConfig::default(),
         }
     }
@@ -71,6 +91,32 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.stream.chars().any(|c| {
+            c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_control()
+        }) {
+            return Err(ConfigError::invalid(
+                "cache.stream",
+                "must not contain whitespace, `.`, `*`, `>`, `/` or `\\`",
+            ));
+        }
+        if i64::try_from(self.stream_max_bytes).is_err() {
+            return Err(ConfigError::invalid(
+                "cache.stream_max_bytes",
+                "must fit in a signed 64-bit integer",
+            ));
+        }
+        if self.sync_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "cache.sync_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.publish_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "cache.publish_timeout_ms",
+                "must be at least 1",
+            ));
+        }
         self.semantic.validate()?;
         Ok(())
     }
@@ -92,7 +138,9 @@ mod tests {
     fn defaults_and_the_documented_example_are_valid() {
         assert_eq!(parse("").unwrap(), Config::default());
         let text = "[cache]\ngrpc_addr = \"127.0.0.1:50053\"\ndefault_ttl_secs = 3600\n\
-                    max_ttl_secs = 86400\nmax_entries = 100000\n";
+                    max_ttl_secs = 86400\nmax_entries = 100000\nshared = true\nstream = \"\"\n\
+                    stream_max_bytes = 1073741824\nsync_timeout_secs = 30\n\
+                    publish_timeout_ms = 5000\n";
         assert_eq!(parse(text).unwrap(), Config::default());
     }
 
@@ -109,6 +157,15 @@ mod tests {
             ("[cache]\ngrpc_addr = \" \"\n", "cache.grpc_addr"),
             ("[cache]\nmax_entries = -1\n", "cache.max_entries"),
             ("[cache]\nttl = 5\n", "cache"),
+            ("[cache]\nstream = \"a.b\"\n", "cache.stream"),
+            (
+                "[cache]\nsync_timeout_secs = 0\n",
+                "cache.sync_timeout_secs",
+            ),
+            (
+                "[cache]\npublish_timeout_ms = 0\n",
+                "cache.publish_timeout_ms",
+            ),
         ];
         for (text, path) in cases {
             let error = parse(text).unwrap_err().to_string();

@@ -50,4 +50,7 @@ pub enum StartupError {
     /// The semantic cache is enabled but its embedding model could not be loaded.
     #[error(transparent)]
     Embed(#[from] switchboard_embed::EmbedError),
+    /// The shared store (NATS JetStream) could not be set up or loaded.
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplicationError),
 }

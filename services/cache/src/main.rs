@@ -13,8 +13,13 @@ fn main() -> ExitCode {
         |source| {
             let config: Config = source.section("cache")?;
             config.validate()?;
-            Ok(config)
+            Ok((
+                config,
+                source.section::<switchboard_bus::NatsConfig>("nats")?,
+            ))
         },
-        |config, shutdown| async move { App::build(config).await?.run_until(shutdown).await },
+        |(config, nats), shutdown| async move {
+            App::build(config, nats).await?.run_until(shutdown).await
+        },
     )
 }

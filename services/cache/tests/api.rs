@@ -6,7 +6,7 @@ use std::time::Duration;
 use switchboard_cache::{App, Config, StartupError};
 use switchboard_proto::{
     cache::v1::{
-        LookupRequest, LookupResponse, Scope, StoreRequest, StoreResponse,
+        LookupRequest, LookupResponse, PurgeRequest, Scope, StoreRequest, StoreResponse,
         cache_service_client::CacheServiceClient,
     },
     chat::v1::{
@@ -27,9 +27,12 @@ impl Running {
     async fn start() -> Self {
         let config = Config {
             grpc_addr: "127.0.0.1:0".into(),
+            shared: false,
             ..Config::default()
         };
-        let app = App::build(config).await.unwrap();
+        let app = App::build(config, switchboard_bus::NatsConfig::default())
+            .await
+            .unwrap();
         let url = switchboard_grpc::url_of(app.local_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async {
@@ -235,6 +238,50 @@ async fn empty_app_or_model_is_invalid_argument() {
 }
 
 #[tokio::test]
+async fn purge_removes_only_the_apps_entries_and_needs_an_app() {
+    let mut cache = Running::start().await;
+    for temperature in [0.1, 0.2] {
+        let stored = cache
+            .store(
+                "search",
+                request(temperature),
+                response(FinishReason::Stop),
+                0,
+            )
+            .await;
+        assert!(stored.stored);
+    }
+    let stored = cache
+        .store("billing", request(0.1), response(FinishReason::Stop), 0)
+        .await;
+    assert!(stored.stored);
+
+    let purged = cache
+        .client
+        .purge(PurgeRequest {
+            scope: Some(Scope {
+                app: "search".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged.removed, 2);
+    assert!(!cache.lookup("search", request(0.1)).await.hit);
+    assert!(!cache.lookup("search", request(0.2)).await.hit);
+    assert!(cache.lookup("billing", request(0.1)).await.hit);
+
+    let status = cache
+        .client
+        .purge(PurgeRequest { scope: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(cache.lookup("billing", request(0.1)).await.hit);
+    cache.stop().await;
+}
+
+#[tokio::test]
 async fn entries_expire_after_the_requested_ttl() {
     let mut cache = Running::start().await;
     let stored = cache
@@ -266,6 +313,10 @@ async fn invalid_configuration_is_refused_at_build() {
         max_ttl_secs: 5,
         ..Config::default()
     };
-    let error = App::build(config).await.err().unwrap().to_string();
+    let error = App::build(config, switchboard_bus::NatsConfig::default())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(error.contains("cache.default_ttl_secs"), "{error}");
 }

@@ -43,6 +43,8 @@ fn control(cache: Option<pb::CacheControl>) -> CacheControl {
     CacheControl {
         no_cache: cache.no_cache,
         no_store: cache.no_store,
+        refresh: cache.refresh,
+        only_if_cached: cache.only_if_cached,
         ttl_seconds: cache.ttl_seconds,
     }
 }
@@ -108,6 +110,9 @@ impl GatewayService for GatewayGrpc {
         let stream = async_stream::stream! {
             while let Some(event) = events.recv().await {
                 match event {
+                    // A chunk without choices only carried the provider's usage, which the summary
+                    // has: live and replayed streams have the same shape.
+                    StreamEvent::Chunk(chunk) if chunk.choices.is_empty() => {}
                     StreamEvent::Chunk(chunk) => yield Ok(pb::StreamChatCompletionResponse { event: Some(Event::Chunk(chunk)) }),
                     StreamEvent::Done { usage, route } => {
                         yield Ok(pb::StreamChatCompletionResponse {

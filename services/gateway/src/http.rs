@@ -72,26 +72,59 @@ pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Cache control from `Cache-Control` / `x-switchboard-cache` / `x-switchboard-cache-ttl` headers.
+/// Cache control from the request's headers. Directives (case-insensitive, comma-separated, in
+/// `Cache-Control` or `x-switchboard-cache`): `no-cache` (skip the lookup), `no-store`, `refresh`
+/// (skip the lookup, store the new answer), `only-if-cached` (a miss is 504 `NOT_CACHED`),
+/// `max-age=N` / `s-maxage=N` (the stored answer's TTL; `0` means refresh). TTL precedence:
+/// `x-switchboard-cache-ttl: N`, then `s-maxage`, then `max-age`. Malformed values are ignored,
+/// as HTTP caches do.
 pub(crate) fn cache_control(headers: &HeaderMap) -> CacheControl {
     let mut control = CacheControl::default();
+    let (mut max_age, mut s_maxage) = (None, None);
     for name in [http::header::CACHE_CONTROL.as_str(), "x-switchboard-cache"] {
         for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
             for directive in value.split(',').map(str::trim) {
-                match directive {
+                let (name, argument) = match directive.split_once('=') {
+                    Some((name, argument)) => {
+                        (name.trim(), Some(argument.trim().trim_matches('"')))
+                    }
+                    None => (directive, None),
+                };
+                match name.to_ascii_lowercase().as_str() {
                     "no-cache" => control.no_cache = true,
                     "no-store" => control.no_store = true,
+                    "refresh" => control.refresh = true,
+                    "only-if-cached" => control.only_if_cached = true,
+                    "max-age" => max_age = argument.and_then(delta_seconds),
+                    "s-maxage" => s_maxage = argument.and_then(delta_seconds),
                     _ => {}
                 }
             }
         }
     }
-    control.ttl_seconds = headers
+    let explicit = headers
         .get("x-switchboard-cache-ttl")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .and_then(|v| delta_seconds(v.trim()));
+    match (explicit, s_maxage.or(max_age)) {
+        (Some(ttl), _) => control.ttl_seconds = ttl,
+        // A client that accepts no cached answer older than 0 s asks for a fresh one.
+        (None, Some(0)) => control.refresh = true,
+        (None, Some(ttl)) => control.ttl_seconds = ttl,
+        (None, None) => {}
+    }
     control
+}
+
+/// RFC 9111 delta-seconds: digits only; too large a value saturates.
+fn delta_seconds(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        text.parse::<u64>()
+            .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+    )
 }
 
 pub(crate) async fn read_body(
@@ -274,6 +307,11 @@ fn sse_events(
                         model = chunk.model.clone();
                         created = chunk.created;
                     }
+                    // A chunk without choices only carried the provider's usage: it comes once,
+                    // in the usage chunk at the end (when asked for), live or replayed alike.
+                    if chunk.choices.is_empty() {
+                        continue;
+                    }
                     yield Ok(json_event(&ChatCompletionChunk::from_proto(&chunk, &response_id)));
                 }
                 StreamEvent::Done { usage, .. } => {
@@ -335,4 +373,70 @@ async fn metrics(State(shared): State<Shared>) -> String {
         stats.outbox_full.load(Relaxed),
         stats.outbox_bytes.load(Relaxed),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(pairs: &[(&'static str, &'static str)]) -> CacheControl {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        cache_control(&headers)
+    }
+
+    #[test]
+    fn cache_directives_are_read_from_both_headers_case_insensitively() {
+        let c = control(&[]);
+        assert!(!c.no_cache && !c.no_store && !c.refresh && !c.only_if_cached);
+        assert_eq!(c.ttl_seconds, 0);
+        let c = control(&[("cache-control", "No-Cache, no-store")]);
+        assert!(c.no_cache && c.no_store && !c.refresh);
+        let c = control(&[("x-switchboard-cache", "refresh")]);
+        assert!(c.refresh && !c.no_cache);
+        let c = control(&[("cache-control", "only-if-cached")]);
+        assert!(c.only_if_cached);
+        let c = control(&[("x-switchboard-cache", "only-if-cached, no-store")]);
+        assert!(c.only_if_cached && c.no_store);
+    }
+
+    #[test]
+    fn ttl_comes_from_the_explicit_header_then_s_maxage_then_max_age() {
+        assert_eq!(control(&[("cache-control", "max-age=60")]).ttl_seconds, 60);
+        assert_eq!(
+            control(&[("cache-control", "max-age=60, s-maxage=30")]).ttl_seconds,
+            30
+        );
+        assert_eq!(
+            control(&[
+                ("cache-control", "s-maxage=30"),
+                ("x-switchboard-cache-ttl", "7")
+            ])
+            .ttl_seconds,
+            7
+        );
+        assert_eq!(
+            control(&[("cache-control", "max-age=\"90\"")]).ttl_seconds,
+            90
+        );
+        assert_eq!(
+            control(&[("cache-control", "max-age=99999999999")]).ttl_seconds,
+            u32::MAX
+        );
+        // max-age=0: no cached answer is acceptable, so a fresh one is fetched and stored.
+        let c = control(&[("cache-control", "max-age=0")]);
+        assert!(c.refresh && c.ttl_seconds == 0);
+        // Malformed values are ignored.
+        for bad in ["max-age=-1", "max-age=1.5", "max-age=", "max-age"] {
+            let c = control(&[("cache-control", bad)]);
+            assert_eq!(c.ttl_seconds, 0, "{bad}");
+            assert!(!c.refresh, "{bad}");
+        }
+        assert_eq!(
+            control(&[("x-switchboard-cache-ttl", "soon")]).ttl_seconds,
+            0
+        );
+    }
 }

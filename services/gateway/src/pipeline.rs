@@ -36,13 +36,19 @@ use crate::{
     usage::UsageSink,
 };
 
-/// Per-request cache control.
+/// Per-request cache control (HTTP `Cache-Control` / `x-switchboard-cache*` headers, gRPC
+/// `CacheControl`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CacheControl {
-    /// Skip the lookup.
+    /// Skip the lookup (the answer is still stored unless `no_store`, as RFC 9111 `no-cache`).
     pub no_cache: bool,
     /// Skip the store.
     pub no_store: bool,
+    /// Skip the lookup and store the new answer, replacing the cached one.
+    pub refresh: bool,
+    /// Serve only from the cache: anything but a hit is [`GatewayError::NotCached`] and nothing
+    /// goes to a provider.
+    pub only_if_cached: bool,
     /// TTL of a stored answer, seconds (0: the cache's default).
     pub ttl_seconds: u32,
 }
@@ -374,11 +380,15 @@ impl Pipeline {
                 + u64::from(max_tokens.unwrap_or(0));
             self.check_rate(ctx, tokens).await?;
         }
-        if !self.cache_enabled || control.no_cache {
+        if !self.cache_enabled || control.no_cache || control.refresh {
             let pseudonyms = match self.check_guard(ctx, request).await? {
                 Guarded::Unchanged => Pseudonyms::default(),
                 Guarded::Transformed(pseudonyms) => pseudonyms,
             };
+            if control.only_if_cached {
+                // Nothing was looked up, so nothing can be served; never a provider call.
+                return Err(GatewayError::NotCached);
+            }
             return Ok((Prepared::Route(permit, CacheStatus::Bypass), pseudonyms));
         }
         // The guard and the exact-cache lookup run together: when the guard lets the prompt through
@@ -397,6 +407,11 @@ impl Pipeline {
         };
         let prepared = match looked_up {
             Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
+            // RFC 9111 `only-if-cached`: a miss (or an unreachable cache) is an error, never a
+            // provider call.
+            Lookup::Miss | Lookup::Unavailable if control.only_if_cached => {
+                return Err(GatewayError::NotCached);
+            }
             Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
             Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
         };
@@ -1035,27 +1050,57 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Replays a cached answer as a stream of the same shape: role, content, finish.
+/// Most bytes of content in one replayed chunk (pieces end after whitespace when they can).
+const REPLAY_PIECE_BYTES: usize = 64;
+
+/// Splits `text` into pieces of about [`REPLAY_PIECE_BYTES`], cut after whitespace.
+fn replay_pieces(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    for word in text.split_inclusive(char::is_whitespace) {
+        if end > start && end - start + word.len() > REPLAY_PIECE_BYTES {
+            pieces.push(&text[start..end]);
+            start = end;
+        }
+        end += word.len();
+    }
+    if end > start {
+        pieces.push(&text[start..end]);
+    }
+    pieces
+}
+
+/// Replays a cached answer as a stream of the same shape as a live one: per choice a role chunk
+/// (empty content), content chunks, a finish chunk; the usage follows in [`StreamEvent::Done`]
+/// (the HTTP front end's usage chunk, the gRPC summary).
 fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
     let mut chunks = Vec::new();
+    let chunk = |delta: ChoiceDelta| ChatChunk {
+        id: id.to_owned(),
+        model: response.model.clone(),
+        created: response.created,
+        choices: vec![delta],
+        usage: None,
+    };
     for choice in &response.choices {
         let text = choice
             .message
             .as_ref()
             .map(Message::joined_text)
             .unwrap_or_default();
-        chunks.push(ChatChunk {
-            id: id.to_owned(),
-            model: response.model.clone(),
-            created: response.created,
-            choices: vec![ChoiceDelta {
+        chunks.push(chunk(ChoiceDelta {
+            index: choice.index,
+            role: Role::Assistant as i32,
+            ..Default::default()
+        }));
+        for piece in replay_pieces(&text) {
+            chunks.push(chunk(ChoiceDelta {
                 index: choice.index,
-                role: Role::Assistant as i32,
-                content: text,
+                content: piece.to_owned(),
                 ..Default::default()
-            }],
-            usage: None,
-        });
+            }));
+        }
         chunks.push(ChatChunk {
             id: id.to_owned(),
             model: response.model.clone(),
@@ -1301,11 +1346,27 @@ mod tests {
             ..Default::default()
         };
         let chunks = replay_chunks(&response, "id");
-        assert_eq!(chunks.len(), 2);
-        assert_eq!(chunks[0].choices[0].content, "cached");
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks[0].choices[0].role, Role::Assistant as i32);
+        assert!(chunks[0].choices[0].content.is_empty());
+        assert_eq!(chunks[1].choices[0].content, "cached");
+        assert_eq!(chunks[1].choices[0].role, Role::Unspecified as i32);
         assert_eq!(
-            chunks[1].choices[0].finish_reason,
+            chunks[2].choices[0].finish_reason,
             FinishReason::Stop as i32
         );
+        assert!(chunks.iter().all(|c| c.id == "id" && c.model == "m"));
+    }
+
+    #[test]
+    fn a_long_cached_answer_is_replayed_in_pieces_that_concatenate_back() {
+        let text = "word ".repeat(100) + "ünïcödé end";
+        let pieces = replay_pieces(&text);
+        assert!(pieces.len() > 5, "{}", pieces.len());
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| p.len() <= REPLAY_PIECE_BYTES));
+        let long_word = "x".repeat(200);
+        assert_eq!(replay_pieces(&long_word), vec![long_word.as_str()]);
+        assert!(replay_pieces("").is_empty());
     }
 }

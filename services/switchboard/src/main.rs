@@ -162,7 +162,7 @@ async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()
     };
     let ledger = switchboard_ledger::App::build(mesh.ledger, mesh.nats.clone()).await?;
     let router = switchboard_router::App::build(mesh.router).await?;
-    let cache = switchboard_cache::App::build(mesh.cache).await?;
+    let cache = switchboard_cache::App::build(mesh.cache, mesh.nats.clone()).await?;
     let guard = switchboard_guard::App::build(mesh.guard).await?;
     let gateway = switchboard_gateway::App::build(mesh.gateway, mesh.nats).await?;
     tracing::info!(

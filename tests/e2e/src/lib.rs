@@ -176,7 +176,7 @@ impl Sandbox {
             Ok(router.run_until(stop).await?)
         }));
 
-        let cache = switchboard_cache::App::build(source.section("cache")?)
+        let cache = switchboard_cache::App::build(source.section("cache")?, nats_config.clone())
             .await
             .context("cache")?;
         let cache_url = format!("http://{}", cache.local_addr());
@@ -283,6 +283,17 @@ impl Sandbox {
                 .context("service did not stop")???;
         }
         self.nats.cleanup().await;
+        // The shared cache's stream (named after the test's subject prefix).
+        if let Ok(client) = async_nats::connect(&self.nats.url).await {
+            let nats = switchboard_bus::NatsConfig {
+                subject_prefix: self.nats.prefix.clone(),
+                ..Default::default()
+            };
+            let stream = switchboard_cache::replication::stream_name(&Default::default(), &nats);
+            let _ = async_nats::jetstream::new(client)
+                .delete_stream(&stream)
+                .await;
+        }
         if let Some(pg) = self.pg.take() {
             pg.drop_db().await;
         }

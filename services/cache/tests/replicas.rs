@@ -1,0 +1,303 @@
+//! Replicas sharing one cache through NATS JetStream: real `App`s on 127.0.0.1:0 and the machine's
+//! NATS, one namespace (subject prefix, stream) per test. No latency is asserted: state changes are
+//! polled for with a deadline.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use switchboard_bus::NatsConfig;
+use switchboard_cache::{App, Config, StartupError};
+use switchboard_proto::{
+    cache::v1::{
+        LookupRequest, PurgeRequest, Scope, StoreRequest, cache_service_client::CacheServiceClient,
+    },
+    chat::v1::{ChatRequest, ChatResponse, Choice, FinishReason, Message, Role, Usage},
+};
+use switchboard_testkit::TestNats;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+struct Namespace {
+    nats: TestNats,
+    config: NatsConfig,
+}
+
+impl Namespace {
+    async fn create() -> Self {
+        let nats = TestNats::create().await.unwrap();
+        let config = NatsConfig {
+            url: nats.url.clone(),
+            subject_prefix: nats.prefix.clone(),
+            usage_stream: nats.stream.clone(),
+            ..NatsConfig::default()
+        };
+        Namespace { nats, config }
+    }
+
+    async fn replica(&self) -> Replica {
+        let config = Config {
+            grpc_addr: "127.0.0.1:0".into(),
+            shared: true,
+            sync_timeout_secs: 20,
+            ..Config::default()
+        };
+        let app = App::build(config.clone(), self.config.clone())
+            .await
+            .unwrap();
+        let url = switchboard_grpc::url_of(app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let client = CacheServiceClient::connect(url).await.unwrap();
+        Replica {
+            client,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    /// Deletes the test's cache stream.
+    async fn cleanup(self) {
+        let client = async_nats::connect(&self.nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let name = switchboard_cache::replication::stream_name(&Config::default(), &self.config);
+        js.delete_stream(&name).await.unwrap();
+        self.nats.cleanup().await;
+    }
+}
+
+struct Replica {
+    client: CacheServiceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), StartupError>>,
+}
+
+impl Replica {
+    async fn hit(&mut self, app: &str, question: &str) -> bool {
+        let found = self
+            .client
+            .lookup(LookupRequest {
+                scope: Some(Scope { app: app.into() }),
+                request: Some(request(question)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if found.hit {
+            let text = found.response.unwrap().choices[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .joined_text();
+            assert_eq!(text, answer_to(question), "a hit serves the stored answer");
+        }
+        found.hit
+    }
+
+    async fn store(&mut self, app: &str, question: &str, ttl_seconds: u32) {
+        let stored = self
+            .client
+            .store(StoreRequest {
+                scope: Some(Scope { app: app.into() }),
+                request: Some(request(question)),
+                response: Some(response(question)),
+                route: None,
+                ttl_seconds,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stored.stored, "{}", stored.reason);
+    }
+
+    async fn purge(&mut self, app: &str) -> u64 {
+        self.client
+            .purge(PurgeRequest {
+                scope: Some(Scope { app: app.into() }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .removed
+    }
+
+    /// Polls until the lookup answers `hit`, or fails after the deadline.
+    async fn wait_for(&mut self, app: &str, question: &str, hit: bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.hit(app, question).await != hit {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{app}/{question}: still {} after {DEADLINE:?}",
+                if hit { "a miss" } else { "a hit" }
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+fn request(question: &str) -> ChatRequest {
+    ChatRequest {
+        model: "fast".into(),
+        messages: vec![Message::text(Role::User, question)],
+        ..Default::default()
+    }
+}
+
+fn answer_to(question: &str) -> String {
+    format!("answer to {question}")
+}
+
+fn response(question: &str) -> ChatResponse {
+    ChatResponse {
+        id: "r".into(),
+        model: "m".into(),
+        choices: vec![Choice {
+            index: 0,
+            message: Some(Message::text(Role::Assistant, answer_to(question))),
+            finish_reason: FinishReason::Stop as i32,
+        }],
+        usage: Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 3,
+            total_tokens: 6,
+            ..Default::default()
+        }),
+        created: 1,
+    }
+}
+
+#[tokio::test]
+async fn an_entry_stored_through_one_replica_is_served_by_every_replica() {
+    let ns = Namespace::create().await;
+    let mut a = ns.replica().await;
+    let mut b = ns.replica().await;
+    assert!(!b.hit("app1", "q1").await);
+
+    a.store("app1", "q1", 0).await;
+    // The storing replica serves it at once; the other one once it has read the stream.
+    assert!(a.hit("app1", "q1").await);
+    b.wait_for("app1", "q1", true).await;
+    // Scopes stay apart across replicas too.
+    assert!(!b.hit("app2", "q1").await);
+
+    // A replica started afterwards has loaded the stream before it serves anything: no polling.
+    let mut c = ns.replica().await;
+    assert!(c.hit("app1", "q1").await);
+    assert!(!c.hit("app1", "other question").await);
+
+    // And a store through the late replica reaches the first ones.
+    c.store("app1", "q2", 0).await;
+    a.wait_for("app1", "q2", true).await;
+    b.wait_for("app1", "q2", true).await;
+
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_purge_by_app_removes_its_entries_from_every_replica_and_spares_other_apps() {
+    let ns = Namespace::create().await;
+    let mut a = ns.replica().await;
+    let mut b = ns.replica().await;
+    a.store("app1", "q1", 0).await;
+    a.store("app1", "q2", 0).await;
+    a.store("app2", "q1", 0).await;
+    // Another app whose name maps to the same sanitised token would collide with a naive scheme.
+    a.store("app.1", "q1", 0).await;
+    let mut c = ns.replica().await;
+    for replica in [&mut b, &mut c] {
+        replica.wait_for("app1", "q1", true).await;
+        replica.wait_for("app1", "q2", true).await;
+        replica.wait_for("app2", "q1", true).await;
+        replica.wait_for("app.1", "q1", true).await;
+    }
+
+    assert_eq!(a.purge("app1").await, 2, "both entries of app1 removed");
+    assert!(!a.hit("app1", "q1").await);
+    assert!(!a.hit("app1", "q2").await);
+    for replica in [&mut b, &mut c] {
+        replica.wait_for("app1", "q1", false).await;
+        replica.wait_for("app1", "q2", false).await;
+    }
+    for replica in [&mut a, &mut b, &mut c] {
+        assert!(replica.hit("app2", "q1").await, "app2 survives");
+        assert!(replica.hit("app.1", "q1").await, "app.1 survives");
+    }
+
+    // The stream lost them too: a replica started now does not load them.
+    let mut d = ns.replica().await;
+    assert!(!d.hit("app1", "q1").await);
+    assert!(d.hit("app2", "q1").await);
+
+    // The purge notice only removes what was stored before it: a later store of the app is
+    // served everywhere, by a replica started after it as well (which replays the notice first).
+    b.store("app1", "q3", 0).await;
+    a.wait_for("app1", "q3", true).await;
+    c.wait_for("app1", "q3", true).await;
+    let mut e = ns.replica().await;
+    assert!(e.hit("app1", "q3").await);
+    assert!(!e.hit("app1", "q1").await);
+    // Purging again counts only what is left.
+    assert_eq!(e.purge("app1").await, 1);
+    assert_eq!(e.purge("app1").await, 0);
+
+    for replica in [a, b, c, d, e] {
+        replica.stop().await;
+    }
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_entry_stops_being_served_by_every_replica() {
+    let ns = Namespace::create().await;
+    let mut a = ns.replica().await;
+    let mut b = ns.replica().await;
+    a.store("app1", "long", 3600).await;
+    a.store("app1", "short", 4).await;
+    b.wait_for("app1", "long", true).await;
+    b.wait_for("app1", "short", true).await;
+
+    for replica in [&mut a, &mut b] {
+        replica.wait_for("app1", "short", false).await;
+    }
+    // Still in the stream (max_age is the maximum TTL), but skipped on sync: a new replica
+    // never serves it.
+    let mut c = ns.replica().await;
+    assert!(!c.hit("app1", "short").await);
+    for replica in [&mut a, &mut b, &mut c] {
+        assert!(replica.hit("app1", "long").await);
+    }
+
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_reach_nats_does_not_start() {
+    let config = Config {
+        grpc_addr: "127.0.0.1:0".into(),
+        sync_timeout_secs: 1,
+        ..Config::default()
+    };
+    let nats = NatsConfig {
+        // Nothing listens on the discard port.
+        url: "nats://127.0.0.1:9".into(),
+        ..NatsConfig::default()
+    };
+    let error = App::build(config, nats).await.err().unwrap().to_string();
+    assert!(error.contains("shared cache"), "{error}");
+}
