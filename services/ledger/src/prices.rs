@@ -366,11 +366,16 @@ pub async fn reprice(
         let old: Vec<Option<i64>> = chunk.iter().map(|c| c.2).collect();
         let new: Vec<Option<i64>> = chunk.iter().map(|c| c.3).collect();
         // The rows, and by the same differences the hourly and daily rollups that counted them.
+        // The chunk's time span bounds the partitions the update touches.
+        let first = times.iter().min().copied().unwrap_or(request.since);
+        let last = times.iter().max().copied().unwrap_or(request.until);
         sqlx::query(REPRICE_ROWS_AND_ROLLUPS)
             .bind(&ids)
             .bind(&times)
             .bind(&old)
             .bind(&new)
+            .bind(first)
+            .bind(last)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
@@ -401,7 +406,7 @@ const REPRICE_ROWS_AND_ROLLUPS: &str = "\
     WITH c AS (SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::int8[], $4::int8[]) \
         AS c(request_id, time, old_cost, new_cost)), \
     u AS (UPDATE usage_records u SET cost_usd_nanos = c.new_cost FROM c \
-        WHERE u.request_id = c.request_id AND u.time = c.time \
+        WHERE u.request_id = c.request_id AND u.time = c.time AND u.time >= $5 AND u.time <= $6 \
         RETURNING u.time, u.app, u.team, u.key_id, u.requested_model, u.provider, u.model, \
           COALESCE(c.new_cost, 0) - COALESCE(c.old_cost, 0) AS cost_delta, \
           (c.new_cost IS NULL)::INT - (c.old_cost IS NULL)::INT AS unpriced_delta), \

@@ -270,12 +270,14 @@ impl Repository {
         match after {
             // Row comparison: one range scan of the (time, request_id) index.
             Some((time, id)) => {
+                // The plain bound lets Postgres prune partitions before `after`.
                 query
                     .push("(time, request_id) > (")
                     .push_bind(time)
                     .push(", ")
                     .push_bind(id)
-                    .push(")");
+                    .push(") AND time >= ")
+                    .push_bind(time);
             }
             None => {
                 query.push("time >= ").push_bind(start);
@@ -529,7 +531,9 @@ macro_rules! rollup_upsert {
 /// to the hourly and daily rollups, so that a redelivered row never counts twice. A row is new
 /// when neither its (request id, time) nor its request id within 7 days of its time (the usage
 /// stream's retention: no redelivery comes later) is recorded; the second check is one probe of
-/// the primary-key index of the one or two partitions of that window. Rollup keys are upserted
+/// the primary-key index of the one or two partitions of that window (a scalar subquery, so that
+/// it runs per row with run-time partition pruning: `NOT EXISTS` would be planned as an anti-join
+/// over every partition). Rollup keys are upserted
 /// in key order, so concurrent ledgers lock rollup rows in the same order.
 const INSERT_WITH_ROLLUPS: &str = concat!(
     "WITH input AS ( \
@@ -548,8 +552,8 @@ const INSERT_WITH_ROLLUPS: &str = concat!(
          completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
          streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
        FROM input t \
-       WHERE NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
-         AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days') \
+       WHERE (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
+         AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days' LIMIT 1) IS NULL \
        ON CONFLICT (request_id, time) DO NOTHING \
        RETURNING request_id, time, app, team, key_id, requested_model, provider, model, prompt_tokens, \
          completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, cost_usd_nanos, \
