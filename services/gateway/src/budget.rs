@@ -457,7 +457,7 @@ impl Budgets {
             .is_some_and(|until| now < until);
         if !denied {
             // Fail closed: without the ledger a hard budget cannot be kept.
-            if let Err(error) = self.refill(slot, want).await
+            if let Err(error) = self.refill(slot, want, need).await
                 && slot.hard
             {
                 return Err(error);
@@ -478,8 +478,9 @@ impl Budgets {
         Err(exceeded(slot))
     }
 
-    /// Extends the slot's lease (reporting its spend) or acquires one, asking for a slice.
-    async fn refill(&self, slot: &Slot, want: i64) -> Result<(), GatewayError> {
+    /// Extends the slot's lease (reporting its spend) or acquires one, asking for a slice (at
+    /// least `want`; nothing is worth less than what makes `need` available).
+    async fn refill(&self, slot: &Slot, want: i64, need: i64) -> Result<(), GatewayError> {
         let ttl = self.0.config.lease_ttl_ms;
         let slice = (i128::from(slot.limit) * i128::from(self.0.config.lease_pct) / 100) as i64;
         let (lease, spent, available) = {
@@ -491,7 +492,7 @@ impl Budgets {
             )
         };
         let requested = slice.max(want);
-        let minimum = (want - available.max(0)).max(1);
+        let minimum = (need - available.max(0)).max(1);
         let sent = Instant::now();
         let mut ledger = self.0.ledger.clone();
         let answer = if lease.is_empty() {
