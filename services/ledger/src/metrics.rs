@@ -66,7 +66,7 @@ impl Metrics {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# HELP switchboard_ledger_rows_recorded_total Usage rows committed (redeliveries of a recorded row included).\n\
+            "# HELP switchboard_ledger_rows_recorded_total Usage rows inserted (a redelivery of a recorded row is not counted).\n\
              # TYPE switchboard_ledger_rows_recorded_total counter\n\
              switchboard_ledger_rows_recorded_total {}",
             self.recorded.load(Ordering::Relaxed)

@@ -478,3 +478,78 @@ async fn bi_views_show_exact_usd() {
     assert_eq!(listed, vec![unpriced.request_id]);
     pg.drop_db().await;
 }
+
+#[tokio::test]
+async fn the_migration_moves_existing_rows_into_partitions_and_rolls_them_up() {
+    let pg = TestPg::create().await.expect("postgres");
+    // The schema before partitioning: the first two migrations only.
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations");
+    before.migrations = std::borrow::Cow::Owned(
+        before
+            .migrations
+            .iter()
+            .filter(|m| m.version < 20261126000001)
+            .cloned()
+            .collect(),
+    );
+    assert_eq!(before.migrations.len(), 2);
+    before.run(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
+           attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, cache, status, \
+           streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) VALUES \
+         ('0195f0e2-7f4c-7000-8000-000000000001', '2025-03-01 12:00Z', 'billing', 'finance', 'k', 'fast', \
+           'openai', 'gpt-4o', 1, 100, 10, 5, 700, 'miss', 'ok', false, 3, 'abc', '{\"env\":\"prod\"}', 2, 1), \
+         ('0195f0e2-7f4c-7000-8000-000000000002', '2025-03-01 12:30Z', 'billing', 'finance', 'k', 'fast', \
+           'openai', 'gpt-4o', 1, 100, 10, 0, NULL, 'miss', 'error', true, 3, '', '{}', 0, 0), \
+         ('0195f0e2-7f4c-7000-8000-000000000003', '2025-04-02 00:00Z', 'search', 'platform', 'k', 'smart', \
+           'openai', 'gpt-4o', 1, 50, 5, 0, 40, 'hit', 'ok', false, 3, '', '{}', 0, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    // The ledger's start runs the rest.
+    let repo = Repository::connect(&pg.url, 2).await.unwrap();
+    let id = Uuid::parse_str("0195f0e2-7f4c-7000-8000-000000000001").unwrap();
+    assert_eq!(partition_of(&repo, id).await, "usage_records_p2025_03");
+    let moved = repo.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            moved.cost_usd_nanos,
+            moved.tokens.cache_write,
+            moved.tokens.reasoning,
+            moved.tags.get("env").map(String::as_str)
+        ),
+        (Some(700), 2, 1, Some("prod"))
+    );
+    assert_eq!(scalar(&repo, "SELECT COUNT(*) FROM usage_records").await, 3);
+    assert_eq!(
+        scalar(
+            &repo,
+            "SELECT COUNT(*) FROM pg_class WHERE relname = 'usage_records_unpartitioned'"
+        )
+        .await,
+        0
+    );
+    let (requests, cost, unpriced, errors): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT requests, cost_usd_nanos, unpriced_requests, error_requests FROM usage_rollup_hourly \
+         WHERE bucket = '2025-03-01 12:00Z'",
+    )
+    .fetch_one(repo.pool())
+    .await
+    .unwrap();
+    assert_eq!((requests, cost, unpriced, errors), (2, 700, 1, 1));
+    assert_eq!(
+        rollup_mismatches(&repo, "usage_rollup_hourly", "hour").await,
+        0
+    );
+    assert_eq!(
+        rollup_mismatches(&repo, "usage_rollup_daily", "day").await,
+        0
+    );
+    repo.pool().close().await;
+    pg.drop_db().await;
+}
