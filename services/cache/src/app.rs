@@ -17,6 +17,7 @@ use crate::{
     error::StartupError,
     grpc::CacheGrpc,
     replication::{ReplicationError, SharedStore},
+    semantic::Semantic,
     store::{CacheStore, MemoryStore},
 };
 
@@ -43,7 +44,12 @@ impl App {
         if !config.shared {
             return Self::build_with_store(config, local).await;
         }
+        // The semantic layer first: the sync indexes the replicated semantic tags into it.
+        let semantic = Semantic::load(&config.semantic).await?;
         let shared = Arc::new(SharedStore::connect(&config, &nats, local).await?);
+        if let Some(semantic) = &semantic {
+            shared.attach_semantic(Arc::clone(semantic));
+        }
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
         let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
@@ -61,7 +67,7 @@ impl App {
             .into());
         }
         tracing::info!(stream = %shared.stream_name(), "shared cache in sync");
-        Self::assemble(config, shared, tasks, cancel).await
+        Self::assemble(config, shared, semantic, tasks, cancel).await
     }
 
     /// Like [`App::build`], over a caller-provided store.
@@ -70,16 +76,24 @@ impl App {
         store: Arc<dyn CacheStore>,
     ) -> Result<App, StartupError> {
         config.validate()?;
-        Self::assemble(config, store, TaskTracker::new(), CancellationToken::new()).await
+        let semantic = Semantic::load(&config.semantic).await?;
+        Self::assemble(
+            config,
+            store,
+            semantic,
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .await
     }
 
     async fn assemble(
         config: Config,
         store: Arc<dyn CacheStore>,
+        semantic: Option<Arc<Semantic>>,
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<App, StartupError> {
-        let semantic = crate::semantic::Semantic::load(&config.semantic).await?;
         let cache = Arc::new(Cache::new(&config, store).with_semantic(semantic));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;

@@ -144,10 +144,23 @@ impl Cache {
         key: CacheKey,
         ttl: Duration,
     ) {
-        if let Some(semantic) = &self.semantic
-            && let Err(error) = semantic.index_stored(app, request, key, ttl).await
-        {
-            tracing::warn!(%error, key = %key.prefix(), "semantic indexing skipped");
+        let Some(semantic) = &self.semantic else {
+            return;
+        };
+        match semantic.index_stored(app, request, key, ttl).await {
+            // Other replicas index it from the shared store without embedding again.
+            Ok(Some(tag)) => {
+                let expires_at = SystemTime::now()
+                    .checked_add(ttl)
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                if let Err(error) = self.store.put_tag(app, key, &tag, expires_at).await {
+                    tracing::warn!(%error, key = %key.prefix(), "semantic tag not shared");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, key = %key.prefix(), "semantic indexing skipped");
+            }
         }
     }
 

@@ -7,7 +7,10 @@
 //! ([`stream_name`], file storage, `max_msgs_per_subject = 1`, `max_age = cache.max_ttl_secs`):
 //! - `.entry.<app>.<key hex>`: one [`WireEntry`] per key (a newer store of the same key replaces
 //!   the older one in the stream).
-//! - `.purge.<app>`: a [`WirePurge`] notice; replicas drop the app's local entries when they read it.
+//! - `.tag.<app>.<key hex>`: a [`WireTag`], the semantic tag of an entry (scope, embedding and
+//!   final user message), so that every replica's semantic index holds it without embedding again.
+//! - `.purge.<app>`: a [`WirePurge`] notice; replicas drop the app's local entries (and semantic
+//!   index) when they read it.
 //!
 //! `<app>` is the app itself when it is made of `[A-Za-z0-9_-]`, else `%` + its hex (injective, so
 //! a purge of one app never touches another's subjects).
@@ -24,7 +27,10 @@
 //! reads everything up to the stream's end before [`crate::App::build`] returns, so it answers
 //! nothing (its gRPC port, health included, is not yet served) until it is in sync.
 
-use std::{sync::Arc, time::Duration, time::SystemTime};
+use std::{
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
 
 use async_nats::jetstream::{
     self,
@@ -43,7 +49,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    key::CacheKey,
+    key::{CacheKey, ScopeKey},
+    semantic::{Semantic, SemanticTag},
     store::{CacheStore, Entry, MemoryStore, StoreError},
 };
 
@@ -68,6 +75,43 @@ pub struct WireEntry {
     /// When it stops being served, Unix milliseconds.
     #[prost(int64, tag = "6")]
     pub expires_at_unix_ms: i64,
+}
+
+/// The semantic tag of an entry as it travels between replicas (protobuf).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireTag {
+    /// The app (tenant).
+    #[prost(string, tag = "1")]
+    pub app: String,
+    /// The entry's 32-byte cache key.
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    /// The 32-byte compatibility scope.
+    #[prost(bytes = "vec", tag = "3")]
+    pub scope: Vec<u8>,
+    /// The embedding of the final user message.
+    #[prost(float, repeated, tag = "4")]
+    pub vector: Vec<f32>,
+    /// The final user message (what the guard let through; the near-miss guard compares it).
+    #[prost(string, tag = "5")]
+    pub text: String,
+    /// When the entry stops being served, Unix milliseconds.
+    #[prost(int64, tag = "6")]
+    pub expires_at_unix_ms: i64,
+}
+
+impl WireTag {
+    fn into_tag(self) -> Option<(String, CacheKey, SemanticTag, SystemTime)> {
+        let key = CacheKey(self.key.try_into().ok()?);
+        let scope = ScopeKey(self.scope.try_into().ok()?);
+        let expires_at = from_unix_ms(self.expires_at_unix_ms);
+        let tag = SemanticTag {
+            scope,
+            vector: self.vector.into(),
+            text: self.text,
+        };
+        Some((self.app, key, tag, expires_at))
+    }
 }
 
 /// A purge notice (protobuf).
@@ -151,6 +195,16 @@ impl Subjects {
         format!("{}.entry.{}.>", self.root, app_token(app))
     }
 
+    /// The semantic tag of one entry.
+    pub fn tag(&self, app: &str, key: &CacheKey) -> String {
+        format!("{}.tag.{}.{}", self.root, app_token(app), key.hex())
+    }
+
+    /// Every semantic tag of `app`.
+    pub fn tags_of(&self, app: &str) -> String {
+        format!("{}.tag.{}.>", self.root, app_token(app))
+    }
+
     /// The purge notice subject of `app`.
     pub fn purge(&self, app: &str) -> String {
         format!("{}.purge.{}", self.root, app_token(app))
@@ -214,6 +268,7 @@ pub struct SharedStore {
     stream_name: String,
     subjects: Subjects,
     timeout: Duration,
+    semantic: OnceLock<Arc<Semantic>>,
 }
 
 impl SharedStore {
@@ -266,7 +321,14 @@ impl SharedStore {
             stream_name,
             subjects,
             timeout: Duration::from_millis(config.publish_timeout_ms),
+            semantic: OnceLock::new(),
         })
+    }
+
+    /// The semantic layer that replicated tags and purge notices are applied to (set before
+    /// [`SharedStore::sync`] starts, or tags read before are not indexed).
+    pub fn attach_semantic(&self, semantic: Arc<Semantic>) {
+        let _ = self.semantic.set(semantic);
     }
 
     /// The stream's name.
@@ -341,9 +403,23 @@ impl SharedStore {
                 },
                 Err(error) => tracing::warn!(%error, "undecodable shared cache entry skipped"),
             },
+            Some("tag") => match WireTag::decode(message.payload.as_ref()).map(WireTag::into_tag) {
+                Ok(Some((app, key, tag, expires_at))) => {
+                    if let Some(semantic) = self.semantic.get()
+                        && expires_at > SystemTime::now()
+                    {
+                        semantic.on_insert(&app, key, &tag, expires_at);
+                    }
+                }
+                Ok(None) => tracing::warn!("malformed semantic tag skipped"),
+                Err(error) => tracing::warn!(%error, "undecodable semantic tag skipped"),
+            },
             Some("purge") => match WirePurge::decode(message.payload.as_ref()) {
                 Ok(notice) => {
                     let removed = self.local.remove_app(&notice.app);
+                    if let Some(semantic) = self.semantic.get() {
+                        semantic.on_purge(&notice.app);
+                    }
                     tracing::info!(app.id = %notice.app, removed, "cache purge notice applied");
                 }
                 Err(error) => tracing::warn!(%error, "undecodable cache purge notice skipped"),
@@ -387,22 +463,51 @@ impl SharedStore {
         // The notice first: its sequence bounds the stream purge, so that the stream and every
         // replica (which apply the notice in stream order) drop exactly the same entries.
         let sequence = self.publish(self.subjects.purge(app), notice).await?;
-        let purged = tokio::time::timeout(
-            self.timeout,
-            self.stream
-                .purge()
-                .filter(self.subjects.entries_of(app))
-                .sequence(sequence),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Unavailable(format!("purge on stream {} timed out", self.stream_name))
-        })?
-        .map_err(|e| {
-            StoreError::Unavailable(format!("purge on stream {}: {e}", self.stream_name))
-        })?;
+        let mut purged = 0;
+        for (filter, counted) in [
+            (self.subjects.entries_of(app), true),
+            (self.subjects.tags_of(app), false),
+        ] {
+            let response = tokio::time::timeout(
+                self.timeout,
+                self.stream.purge().filter(filter).sequence(sequence),
+            )
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("purge on stream {} timed out", self.stream_name))
+            })?
+            .map_err(|e| {
+                StoreError::Unavailable(format!("purge on stream {}: {e}", self.stream_name))
+            })?;
+            if counted {
+                purged = response.purged;
+            }
+        }
         self.local.remove_app(app);
-        Ok(purged.purged)
+        if let Some(semantic) = self.semantic.get() {
+            semantic.on_purge(app);
+        }
+        Ok(purged)
+    }
+
+    async fn put_tag_shared(
+        &self,
+        app: &str,
+        key: CacheKey,
+        tag: &SemanticTag,
+        expires_at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let wire = WireTag {
+            app: app.to_owned(),
+            key: key.0.to_vec(),
+            scope: tag.scope.0.to_vec(),
+            vector: tag.vector.to_vec(),
+            text: tag.text.clone(),
+            expires_at_unix_ms: unix_ms(expires_at),
+        };
+        self.publish(self.subjects.tag(app, &key), wire.encode_to_vec())
+            .await
+            .map(|_| ())
     }
 }
 
@@ -417,6 +522,16 @@ impl CacheStore for SharedStore {
 
     fn purge_app<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.purge_shared(app).boxed()
+    }
+
+    fn put_tag<'a>(
+        &'a self,
+        app: &'a str,
+        key: CacheKey,
+        tag: &'a SemanticTag,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.put_tag_shared(app, key, tag, expires_at).boxed()
     }
 }
 

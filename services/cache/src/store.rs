@@ -10,7 +10,7 @@ use futures::future::{BoxFuture, FutureExt};
 use moka::{Expiry, sync::Cache};
 use switchboard_proto::chat::v1::{ChatResponse, RouteInfo};
 
-use crate::key::CacheKey;
+use crate::{key::CacheKey, semantic::SemanticTag};
 
 /// A cached answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +70,17 @@ pub trait CacheStore: Send + Sync + 'static {
     fn put(&self, key: CacheKey, entry: Entry) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Removes every entry of `app`; returns how many were removed.
     fn purge_app<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Shares the semantic tag of the entry under `key` with the other replicas, which index it
+    /// without embedding again. A no-op unless the store is shared.
+    fn put_tag<'a>(
+        &'a self,
+        _app: &'a str,
+        _key: CacheKey,
+        _tag: &'a SemanticTag,
+        _expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        futures::future::ready(Ok(())).boxed()
+    }
 }
 
 /// Bounded in-memory store (moka; least-recently/frequently used entries are evicted beyond

@@ -18,6 +18,8 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(15);
+/// The model (route) of every request; the semantic test opts it in.
+const MODEL: &str = "fast";
 
 struct Namespace {
     nats: TestNats,
@@ -37,11 +39,15 @@ impl Namespace {
     }
 
     async fn replica(&self) -> Replica {
+        self.replica_with(Config::default()).await
+    }
+
+    async fn replica_with(&self, base: Config) -> Replica {
         let config = Config {
             grpc_addr: "127.0.0.1:0".into(),
             shared: true,
             sync_timeout_secs: 20,
-            ..Config::default()
+            ..base
         };
         let app = App::build(config.clone(), self.config.clone())
             .await
@@ -147,7 +153,7 @@ impl Replica {
 
 fn request(question: &str) -> ChatRequest {
     ChatRequest {
-        model: "fast".into(),
+        model: MODEL.into(),
         messages: vec![Message::text(Role::User, question)],
         ..Default::default()
     }
@@ -300,4 +306,85 @@ async fn a_replica_that_cannot_reach_nats_does_not_start() {
     };
     let error = App::build(config, nats).await.err().unwrap().to_string();
     assert!(error.contains("shared cache"), "{error}");
+}
+
+/// Semantic replicas: the tag (embedding and final user message) computed by the storing replica
+/// travels with the entry, so a paraphrase hits on every replica, one started later included; a
+/// purge through any replica empties every replica's semantic index for the app. Needs the
+/// embedding assets (`scripts/fetch-embed-assets.sh`); fails without them.
+#[tokio::test]
+async fn a_paraphrase_hits_on_every_replica_and_a_purge_clears_every_semantic_index() {
+    let mut routes = std::collections::BTreeMap::new();
+    routes.insert(
+        MODEL.to_owned(),
+        switchboard_cache::semantic::RouteConfig {
+            enabled: true,
+            threshold: 0.6,
+            near_miss_guard: true,
+        },
+    );
+    let config = Config {
+        semantic: switchboard_cache::semantic::SemanticConfig {
+            enabled: true,
+            routes,
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let ns = Namespace::create().await;
+    let mut a = ns.replica_with(config.clone()).await;
+    let mut b = ns.replica_with(config.clone()).await;
+    let stored = "How do I reset my password?";
+    let paraphrase = "How can I reset my password?";
+    a.store("app1", stored, 0).await;
+    a.store("app2", stored, 0).await;
+
+    let semantic_hit = |found: switchboard_proto::cache::v1::LookupResponse| {
+        found.hit && found.r#match == switchboard_proto::cache::v1::MatchKind::Semantic as i32
+    };
+    let lookup = |app: &str, question: &str| LookupRequest {
+        scope: Some(Scope { app: app.into() }),
+        request: Some(request(question)),
+    };
+    // The storing replica, then the other one once it has read the entry and its tag.
+    let found = a.client.lookup(lookup("app1", paraphrase)).await.unwrap();
+    assert!(semantic_hit(found.into_inner()), "storing replica");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let found = b.client.lookup(lookup("app1", paraphrase)).await.unwrap();
+        if semantic_hit(found.into_inner()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica b never hit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A replica started afterwards has loaded the tags too.
+    let mut c = ns.replica_with(config.clone()).await;
+    let found = c.client.lookup(lookup("app1", paraphrase)).await.unwrap();
+    assert!(semantic_hit(found.into_inner()), "late replica");
+
+    // Purged through B: no replica serves app1 any more, exactly or semantically; app2 stays.
+    assert_eq!(b.purge("app1").await, 1);
+    for replica in [&mut a, &mut b, &mut c] {
+        replica.wait_for("app1", stored, false).await;
+        let found = replica
+            .client
+            .lookup(lookup("app1", paraphrase))
+            .await
+            .unwrap();
+        assert!(!found.into_inner().hit);
+        let found = replica
+            .client
+            .lookup(lookup("app2", paraphrase))
+            .await
+            .unwrap();
+        assert!(semantic_hit(found.into_inner()), "app2 survives");
+    }
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+    ns.cleanup().await;
 }
