@@ -13,6 +13,7 @@
 //! shared prefix drown a different question.
 
 pub mod config;
+pub mod eval;
 pub mod guard;
 pub mod index;
 
