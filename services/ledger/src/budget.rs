@@ -1041,4 +1041,186 @@ mod tests {
             "sb.budget.alert.app.my_app"
         );
     }
+
+    async fn store() -> (BudgetStore, switchboard_testkit::TestPg) {
+        let pg = switchboard_testkit::TestPg::create().await.unwrap();
+        let repo = crate::repo::Repository::connect(&pg.url, 8).await.unwrap();
+        (BudgetStore::new(repo.pool().clone()), pg)
+    }
+
+    fn hard(id: &str, period: Period, zone: &str, limit: i64) -> Budget {
+        Budget {
+            id: id.into(),
+            kind: ScopeKind::App,
+            scope_id: "a".into(),
+            period,
+            time_zone: zone.into(),
+            limit,
+            hard: true,
+            thresholds: Vec::new(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_leases_never_exceed_a_hard_limit_and_releases_return_the_rest() {
+        let (store, pg) = store().await;
+        store
+            .create(hard("b", Period::Month, "UTC", 1_000))
+            .await
+            .unwrap();
+        let now = Timestamp::now();
+        let grants = futures::future::join_all((0..40).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .acquire("b", &format!("h{i}"), 70, 1, 60_000, now)
+                    .await
+                    .unwrap()
+                    .lease
+            }
+        }))
+        .await;
+        let granted: i64 = grants.iter().map(|l| l.granted).sum();
+        // 40 × 70 asked for, exactly the limit granted, never more.
+        assert_eq!(granted, 1_000);
+        let leases: Vec<_> = grants.iter().filter(|l| l.granted > 0).collect();
+        for lease in &leases {
+            store.release(lease.id, 10, now).await.unwrap();
+        }
+        let (_, _, state) = store.status("b", now).await.unwrap();
+        let spent = 10 * leases.len() as i64;
+        assert_eq!(state.settled, spent);
+        assert_eq!((state.leased, state.open_leases), (0, 0));
+        assert_eq!(state.remaining(1_000), 1_000 - spent);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_period_starts_at_midnight_of_the_budgets_zone() {
+        let (store, pg) = store().await;
+        store
+            .create(hard("berlin", Period::Day, "Europe/Berlin", 100))
+            .await
+            .unwrap();
+        // 23:30 in Berlin on 26 November: everything leased and spent.
+        let late = ts("2026-11-26T22:30:00Z");
+        let lease = store
+            .acquire("berlin", "h", 100, 1, 60_000, late)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(lease.granted, 100);
+        assert_eq!(lease.bounds.end, Some(ts("2026-11-26T23:00:00Z")));
+        store.release(lease.id, 100, late).await.unwrap();
+        let refused = store
+            .acquire("berlin", "h", 100, 1, 60_000, late)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(refused.granted, 0);
+        // 00:30 on the 27th in Berlin (still the 26th in UTC): a new period, the full limit.
+        let next = ts("2026-11-26T23:30:00Z");
+        let lease = store
+            .acquire("berlin", "h", 100, 1, 60_000, next)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(lease.granted, 100);
+        assert_eq!(lease.bounds.start, ts("2026-11-26T23:00:00Z"));
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_gives_back_what_it_did_not_spend() {
+        let (store, pg) = store().await;
+        store
+            .create(hard("x", Period::Lifetime, "UTC", 100))
+            .await
+            .unwrap();
+        let t0 = ts("2026-11-26T10:00:00Z");
+        let lease = store
+            .acquire("x", "crashed", 100, 1, 1_000, t0)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(lease.granted, 100);
+        // It reported 30 spent, then went silent.
+        let extended = store
+            .extend(lease.id, "", 30, 0, 0, 1_000, t0)
+            .await
+            .unwrap();
+        assert_eq!(extended.lease.id, lease.id);
+        let during = ts("2026-11-26T10:00:00.500Z");
+        let refused = store
+            .acquire("x", "other", 100, 1, 1_000, during)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(refused.granted, 0);
+        let after = ts("2026-11-26T10:00:02Z");
+        let other = store
+            .acquire("x", "other", 100, 1, 1_000, after)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(
+            other.granted, 70,
+            "the unspent 70 came back, the 30 spent did not"
+        );
+        // The silent holder's late extend gets a new lease (nothing left), never its old slice.
+        let late = store
+            .extend(lease.id, "", 30, 50, 1, 1_000, after)
+            .await
+            .unwrap();
+        assert_ne!(late.lease.id, lease.id);
+        assert_eq!(late.lease.granted, 0);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn soft_budget_alerts_are_recorded_once_per_threshold() {
+        let (store, pg) = store().await;
+        let mut soft = hard("s", Period::Week, "Asia/Tokyo", 1_000);
+        soft.hard = false;
+        soft.thresholds = vec![50, 80, 100];
+        store.create(soft).await.unwrap();
+        let now = Timestamp::now();
+        let lease = store
+            .acquire("s", "h", 5_000, 1, 60_000, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.lease.granted, 5_000,
+            "a soft budget never limits a lease"
+        );
+        let report = |spent| store.extend(lease.lease.id, "", spent, 0, 0, 60_000, now);
+        assert!(report(400).await.unwrap().alerts.is_empty());
+        let crossed: Vec<u32> = report(850)
+            .await
+            .unwrap()
+            .alerts
+            .iter()
+            .map(|a| a.threshold)
+            .collect();
+        assert_eq!(crossed, vec![50, 80]);
+        assert!(report(900).await.unwrap().alerts.is_empty());
+        let crossed: Vec<u32> = report(1_200)
+            .await
+            .unwrap()
+            .alerts
+            .iter()
+            .map(|a| a.threshold)
+            .collect();
+        assert_eq!(crossed, vec![100]);
+        assert!(
+            store
+                .release(lease.lease.id, 1_300, now)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        pg.drop_db().await;
+    }
 }
