@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use switchboard_config::{ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
+mod cache_cmd;
 mod prices;
 mod spend;
 
@@ -48,6 +49,11 @@ enum Command {
     Usage {
         #[command(subcommand)]
         command: spend::UsageCommand,
+    },
+    /// Cache administration: `cache purge --app X` (cache gRPC; every replica).
+    Cache {
+        #[command(subcommand)]
+        command: cache_cmd::CacheCommand,
     },
     /// Print the SHA-256 of an API key, for `gateway.keys[].sha256`.
     HashKey {
@@ -92,6 +98,7 @@ async fn main() -> ExitCode {
         Command::Prices { command } => prices::run(command).await,
         Command::Spend(args) => spend::run_spend(args).await,
         Command::Usage { command } => spend::run_usage(command).await,
+        Command::Cache { command } => cache_cmd::run(command).await,
         Command::HashKey { key } => {
             println!("{}", switchboard_gateway::hash_api_key(&key));
             ExitCode::SUCCESS
