@@ -300,8 +300,8 @@ async fn ttl_headers_set_how_long_an_answer_is_served() {
     let max_age = body("short lived by max-age");
     let default = body("lives as long as the default ttl");
     for (question, headers) in [
-        (&explicit, vec![("x-switchboard-cache-ttl", "2")]),
-        (&max_age, vec![("cache-control", "max-age=2")]),
+        (&explicit, vec![("x-switchboard-cache-ttl", "3")]),
+        (&max_age, vec![("cache-control", "max-age=3")]),
         (&default, vec![]),
     ] {
         let response = post(&sandbox, question, &headers).await;
@@ -322,7 +322,7 @@ async fn ttl_headers_set_how_long_an_answer_is_served() {
         .create_chat_completion(authed(CreateChatCompletionRequest {
             request: Some(question.clone()),
             cache: Some(CacheControl {
-                ttl_seconds: 1,
+                ttl_seconds: 3,
                 ..Default::default()
             }),
         }))
