@@ -455,25 +455,25 @@ impl Budgets {
         let denied = lock(&slot.local)
             .denied_until
             .is_some_and(|until| now < until);
-        if !denied {
-            // Fail closed: without the ledger a hard budget cannot be kept.
-            if let Err(error) = self.refill(slot, want, need).await
-                && slot.hard
-            {
-                return Err(error);
-            }
-            if let Some(held) = try_take(slot, want, need) {
-                return Ok(held);
-            }
-            if slot.hard {
-                lock(&slot.local).denied_until =
-                    Some(now + Duration::from_millis(self.0.config.denied_backoff_ms));
-            }
+        // Fail closed: without the ledger a hard budget cannot be kept.
+        if !denied
+            && let Err(error) = self.refill(slot, want, need).await
+            && slot.hard
+        {
+            return Err(error);
+        }
+        // What the lease has, when it covers at least the cheapest target.
+        if let Some(held) = try_take(slot, want, need) {
+            return Ok(held);
         }
         if !slot.hard {
             // A soft budget never blocks: the spend is recorded against it anyway.
             lock(&slot.local).reserved += want;
             return Ok(want);
+        }
+        if !denied {
+            lock(&slot.local).denied_until =
+                Some(now + Duration::from_millis(self.0.config.denied_backoff_ms));
         }
         Err(exceeded(slot))
     }

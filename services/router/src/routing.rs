@@ -794,7 +794,12 @@ impl Routes {
                 }
                 // Every attempt, fallbacks and retries included, must fit the spend allowance.
                 if let Some(allowance) = allowance
-                    && let Err(message) = fits(allowance, &target.deployments[0], &attempts.list)
+                    && let Err(message) = fits(
+                        allowance,
+                        &target.deployments[0].provider,
+                        &target.deployments[0].model,
+                        &attempts.list,
+                    )
                 {
                     if !tried {
                         attempts.skipped(target, BUDGET_CODE, message);
@@ -895,17 +900,17 @@ impl Routes {
 /// Reason code of a target not sent because its estimate does not fit the spend allowance.
 const BUDGET_CODE: &str = "BUDGET_EXCEEDED";
 
-/// Whether the next attempt at `deployment` fits `allowance` after what the earlier attempts
+/// Whether the next attempt at (`provider`, `model`) fits `allowance` after what the earlier attempts
 /// consumed (each priced at its own target's rates): its estimate (the prompt bound at the input
 /// rate plus the output bound at the output rate) must not exceed what is left. A target without a
 /// price cannot be estimated, so it does not fit.
 fn fits(
     allowance: &SpendAllowance,
-    deployment: &Deployment,
+    provider: &str,
+    model: &str,
     earlier: &[Attempt],
 ) -> Result<(), String> {
-    let Some(price) = spend::find(&allowance.prices, &deployment.provider, &deployment.model)
-    else {
+    let Some(price) = spend::find(&allowance.prices, provider, model) else {
         return Err("skipped: no price for this target under a budget".to_owned());
     };
     let spent: i64 = earlier
@@ -1121,6 +1126,45 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_is_sent_only_when_its_estimate_fits_what_earlier_attempts_left() {
+        use switchboard_proto::ledger::v1::{TargetPrice, TokenRates};
+        let price = |provider: &str, rate: i64| TargetPrice {
+            provider: provider.into(),
+            model: "m".into(),
+            base: Some(TokenRates {
+                input: rate,
+                cached_input: rate,
+                cache_write: rate,
+                output: rate,
+                reasoning: rate,
+            }),
+            ..Default::default()
+        };
+        // 1 and 10 USD per million tokens: 100 tokens estimate 100,000 and 1,000,000 nano-USD.
+        let allowance = SpendAllowance {
+            allowance_usd_nanos: 150_000,
+            prompt_tokens: 60,
+            max_output_tokens: 40,
+            prices: vec![price("cheap", 1_000_000_000), price("dear", 10_000_000_000)],
+        };
+        assert!(fits(&allowance, "cheap", "m", &[]).is_ok());
+        assert!(fits(&allowance, "dear", "m", &[]).is_err());
+        assert!(fits(&allowance, "unpriced", "m", &[]).is_err());
+        // A cut attempt consumed 60 tokens at the cheap rate: 60,000 spent, 90,000 left.
+        let cut = Attempt {
+            provider: "cheap".into(),
+            model: "m".into(),
+            usage: Some(Usage {
+                prompt_tokens: 60,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let error = fits(&allowance, "cheap", "m", std::slice::from_ref(&cut)).unwrap_err();
+        assert!(error.contains("90000 left"), "{error}");
+    }
 
     #[test]
     fn backoff_grows_and_honours_capped_retry_after() {
