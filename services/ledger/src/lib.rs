@@ -32,8 +32,8 @@ pub mod internals {
             CostOverflow, PerTokenRate, PriceParseError, Pricing, Rate, Rates, Tier, Tokens,
             cost_nanos, parse_usd_per_token,
         },
-        pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
         partitions::{Maintenance, Partitions, month_start},
+        pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
         record::{Rejected, UsageRow, price_event},
         repo::{ImportMeta, RepoError, Repository, Spend, Unpriced},
         spend::{
