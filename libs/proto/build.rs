@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|svc| root.join(format!("switchboard/{svc}/v1/{svc}.proto")))
         .collect();
     files.push(root.join("switchboard/ledger/v1/budget.proto"));
+    files.push(root.join("switchboard/guard/v1/audit.proto"));
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
