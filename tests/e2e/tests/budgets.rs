@@ -329,6 +329,10 @@ async fn three_replicas_never_overspend_a_hard_budget() -> anyhow::Result<()> {
         "recorded spend {recorded} exceeds the limit {LIMIT}"
     );
     let status = mesh.status("app-a-daily").await?;
+    eprintln!(
+        "served {served}, refused {refused}; recorded {recorded} / settled {} of {LIMIT} nano-USD",
+        status.settled_usd_nanos
+    );
     assert!(status.settled_usd_nanos <= LIMIT, "{status:?}");
     assert_eq!(status.recorded_usd_nanos, recorded);
     assert!(
