@@ -5,6 +5,9 @@
 //! - `<prefix>.usage.<app>`: one [`UsageEvent`] per request, protobuf-encoded, `Nats-Msg-Id` = our
 //!   request id (JetStream de-duplicates redeliveries within the stream's duplicate window), W3C
 //!   `traceparent` in the headers. Captured by the stream `<STREAM>` (`SWITCHBOARD_USAGE` by default).
+//! - `<prefix>.audit.<app>`: one [`AuditEvent`] per guard decision that found something or acted,
+//!   `Nats-Msg-Id` = its event id (`<request_id>:<direction>:<sequence>`). Captured by the stream
+//!   named after the prefix ([`NatsConfig::audit_stream`]: `SWITCHBOARD_AUDIT` for `switchboard`).
 
 use std::time::Duration;
 
@@ -15,6 +18,7 @@ use async_nats::{
 use prost::Message as _;
 use serde::Deserialize;
 pub use switchboard_proto::ledger::v1::UsageEvent;
+pub use switchboard_proto::guard::v1::AuditEvent;
 
 /// The `[nats]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -67,6 +71,55 @@ impl NatsConfig {
     /// Wildcard over every usage subject.
     pub fn usage_wildcard(&self) -> String {
         format!("{}.usage.>", self.subject_prefix)
+    }
+
+    /// Subject of audit events for `app`.
+    pub fn audit_subject(&self, app: &str) -> String {
+        format!("{}.audit.{}", self.subject_prefix, sanitize_token(app))
+    }
+
+    /// Wildcard over every audit subject.
+    pub fn audit_wildcard(&self) -> String {
+        format!("{}.audit.>", self.subject_prefix)
+    }
+
+    /// Name of the audit stream: the subject prefix in upper case (other characters `_`) and
+    /// `_AUDIT`, so `SWITCHBOARD_AUDIT` for the default prefix and one stream per test prefix.
+    pub fn audit_stream(&self) -> String {
+        let base: String = self
+            .subject_prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{base}_AUDIT")
+    }
+
+    /// Creates the audit stream if needed and returns it (same de-duplication window and age
+    /// limit as the usage stream).
+    pub async fn ensure_audit_stream(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<stream::Stream, BusError> {
+        js.get_or_create_stream(stream::Config {
+            name: self.audit_stream(),
+            subjects: vec![self.audit_wildcard()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
+            max_age: Duration::from_secs(self.max_age_hours * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Stream {
+            stream: self.audit_stream(),
+            message: e.to_string(),
+        })
     }
 
     /// Connects (the client reconnects by itself afterwards).
@@ -159,6 +212,29 @@ pub async fn publish_usage_in(
         })
 }
 
+/// Publishes an audit event with `Nats-Msg-Id` = its event id and the trace context `parent`.
+/// Await the returned future to know JetStream has stored it.
+pub async fn publish_audit_in(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    event: &AuditEvent,
+    parent: &opentelemetry::Context,
+) -> Result<PublishAckFuture, BusError> {
+    let subject = config.audit_subject(&event.app);
+    let mut headers = HeaderMap::new();
+    switchboard_telemetry::inject_nats_context(parent, &mut headers);
+    let message = PublishMessage::build()
+        .headers(headers)
+        .message_id(&event.event_id)
+        .payload(event.encode_to_vec().into());
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +251,9 @@ mod tests {
         );
         assert_eq!(config.usage_subject(""), "test.abc.usage._");
         assert_eq!(config.usage_wildcard(), "test.abc.usage.>");
+        assert_eq!(config.audit_subject("a.b"), "test.abc.audit.a_b");
+        assert_eq!(config.audit_wildcard(), "test.abc.audit.>");
+        assert_eq!(config.audit_stream(), "TEST_ABC_AUDIT");
+        assert_eq!(NatsConfig::default().audit_stream(), "SWITCHBOARD_AUDIT");
     }
 }
