@@ -1,11 +1,14 @@
 //! Scan throughput of the guard's check (normalise, every recogniser, policy, rewrite) on 2 KB and
-//! 50 KB prompts: `cargo bench -p switchboard-guard --bench scan`.
+//! 50 KB prompts, and of the prompt-injection detector and content filters alone:
+//! `cargo bench -p switchboard-guard --bench scan` (on an idle machine).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use switchboard_guard::{Config, Direction, Guard, recognizer::KNOWN_ENTITIES};
+use switchboard_guard::{
+    Config, Direction, Guard, RoutePolicyConfig, TopicConfig, recognizer::KNOWN_ENTITIES,
+};
 use switchboard_proto::chat::v1::{Message, Role};
 
 /// Prose with a few entities per kilobyte, numbers that are not entities and some code.
@@ -92,6 +95,80 @@ fn bench(c: &mut Criterion) {
                     .unwrap()
             })
         });
+    }
+    group.finish();
+
+    // Injection detection and content filters without recognisers, on the default route
+    // (injection off, no topics) and on a route with both.
+    let topics = [
+        (
+            "weapons",
+            &[
+                "pipe bomb",
+                "nerve agent",
+                "ricin",
+                "sarin",
+                "3d printed gun",
+            ][..],
+        ),
+        (
+            "finance",
+            &["stock tip", "insider trading", "pump and dump"][..],
+        ),
+        (
+            "competitors",
+            &["acme corp", "globex", "initech", "umbrella corporation"][..],
+        ),
+    ];
+    let detectors = Guard::new(&Config {
+        entities: Vec::new(),
+        injection_action: "off".into(),
+        topics: topics
+            .iter()
+            .map(|(name, terms)| {
+                (
+                    (*name).to_owned(),
+                    TopicConfig {
+                        terms: terms.iter().map(|t| (*t).to_owned()).collect(),
+                        patterns: vec![r"\b(buy|sell) \d+ shares\b".to_owned()],
+                    },
+                )
+            })
+            .collect(),
+        routes: [
+            (
+                "injection".to_owned(),
+                RoutePolicyConfig {
+                    injection_action: Some("flag".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "topics".to_owned(),
+                RoutePolicyConfig {
+                    denied_topics: Some(topics.iter().map(|(n, _)| (*n).to_owned()).collect()),
+                    ..Default::default()
+                },
+            ),
+        ]
+        .into(),
+        ..Config::default()
+    })
+    .unwrap();
+    let mut group = c.benchmark_group("detectors");
+    for (name, size) in [("2KB", 2 * 1024), ("50KB", 50 * 1024)] {
+        let messages = prompt(size, false);
+        let bytes: usize = messages.iter().map(|m| m.joined_text().len()).sum();
+        group.throughput(Throughput::Bytes(bytes as u64));
+        for route in ["injection", "topics"] {
+            group.bench_function(format!("{route}/{name}"), |b| {
+                b.iter(|| {
+                    detectors
+                        .check_route("web", route, Direction::Prompt, black_box(&messages))
+                        .unwrap()
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -317,6 +317,10 @@ pub struct InjectionReport {
     pub all: Rates,
     /// The heuristics alone on the held-out rows (no classifier).
     pub heuristics_only_held_out: Rates,
+    /// Per attack family (source prefix, e.g. `tensor_trust`): a classifier trained without any
+    /// row of that family, scored on that family's attacks and the held-out benign rows (how
+    /// the detector does on a kind of attack it has never seen).
+    pub unseen_family: BTreeMap<String, Rates>,
 }
 
 /// Rates of `scored` (score, label, source).
@@ -405,7 +409,38 @@ pub fn evaluate_injection(
             heuristic_held.push((h.score, row.label, row.source.as_str()));
         }
     }
+    let mut unseen_family = BTreeMap::new();
+    let families: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.label == 1)
+        .map(|r| family(&r.source))
+        .collect();
+    for name in families {
+        let training: Vec<InjectionRow> = rows
+            .iter()
+            .filter(|r| !(r.label == 1 && family(&r.source) == name))
+            .cloned()
+            .collect();
+        let detector = injection::Detector::with_model_bytes(&train_injection(&training, 6))
+            .map_err(crate::error::StartupError::from)?;
+        let scored: Vec<(f32, u8, &str)> = rows
+            .iter()
+            .filter(|r| {
+                (r.label == 1 && family(&r.source) == name)
+                    || (r.label == 0 && injection::is_held_out(&r.text))
+            })
+            .map(|r| {
+                (
+                    detector.score(Normalized::new(&r.text).text()).score,
+                    r.label,
+                    r.source.as_str(),
+                )
+            })
+            .collect();
+        unseen_family.insert(name.to_owned(), rates(&scored, default_threshold));
+    }
     Ok(InjectionReport {
+        unseen_family,
         detector_version: injection::Detector::shipped()
             .map_err(crate::error::StartupError::from)?
             .version()
@@ -414,6 +449,11 @@ pub fn evaluate_injection(
         all: rates(&all, default_threshold),
         heuristics_only_held_out: rates(&heuristic_held, default_threshold),
     })
+}
+
+/// The family of a source: what comes before the first `:` (`garak:dan` → `garak`).
+fn family(source: &str) -> &str {
+    source.split(':').next().unwrap_or(source)
 }
 
 /// Trains the classifier on the rows that are not held out; returns the weight file.
@@ -492,6 +532,18 @@ pub fn injection_table(report: &InjectionReport) -> String {
             r.threshold_at_1pct_fpr,
             r.tpr_at_1pct_fpr,
             r.fpr_at_1pct_fpr
+        ));
+    }
+    for (family, r) in &report.unseen_family {
+        out.push_str(&format!(
+            "  attack family {family} never seen in training: {} attacks vs {} held-out benign\n    at default threshold {:.2}: TPR {:.3}, FPR {:.3}; at <=1% FPR (threshold {:.3}): TPR {:.3}\n",
+            r.attacks,
+            r.benign,
+            r.default_threshold,
+            r.tpr_at_default,
+            r.fpr_at_default,
+            r.threshold_at_1pct_fpr,
+            r.tpr_at_1pct_fpr
         ));
     }
     out.push_str(

@@ -103,6 +103,9 @@ pub struct Outcome {
     pub injection_score: f32,
     /// Version of the detectors (recognisers, injection heuristics and weights, topics).
     pub detector_version: String,
+    /// Whether the app's and route's policy acts on answers (an entity answer action other than
+    /// allow, or denied topics): when false the caller need not check the answer.
+    pub check_answer: bool,
 }
 
 impl Outcome {
@@ -328,6 +331,8 @@ impl Guard {
             policy_version: hex::encode(&hasher.finalize()[..6]),
             injection_score,
             detector_version: self.detector_version.clone(),
+            check_answer: filter_topics
+                || policy.entities.iter().any(|e| e.answer != Action::Allow),
         })
     }
 }
@@ -441,6 +446,8 @@ mod tests {
         );
         let allowed = check(&guard, "audit", &input);
         assert_eq!(allowed.decision, Decision::Allow);
+        // Nothing acts on this app's answers; the billing app blocks in answers too.
+        assert!(!allowed.check_answer && blocked.check_answer);
         assert!(allowed.messages.is_empty());
         assert_eq!(allowed.findings.len(), 2);
         let cards = check(&guard, "cards", &input);

@@ -276,7 +276,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_route_field() {
-        let cases: [(fn(&mut Config), &str); 5] = [
+        type Edit = fn(&mut Config);
+        let cases: [(Edit, &str); 5] = [
             (
                 |c| {
                     c.routes.get_mut("strict").unwrap().injection_action = Some("warn".into());

@@ -377,6 +377,7 @@ async fn answers_use_the_answer_actions() {
         team: "t".into(),
         messages: vec![Message::text(Role::Assistant, text)],
         route: String::new(),
+        sequence: 0,
     };
     // Pseudonymised entities come back as the caller's own values in answers.
     let answer = guard
@@ -507,6 +508,8 @@ async fn injections_are_flagged_or_blocked_per_route() {
     assert_eq!(off.decision(), Decision::Allow);
     assert!(off.findings.is_empty());
     assert_eq!(off.injection_score, 0.0);
+    // Denied topics and the default redaction act on answers.
+    assert!(off.check_answer && blocked.check_answer);
     // A benign question passes on the default and strict routes...
     let benign = "How do I ignore a failing test in pytest?";
     for route in ["", "strict-model"] {
@@ -562,6 +565,7 @@ async fn answers_carry_the_route_and_entity_findings_keep_their_kind() {
                 format!("{ATTACK} Mail {EMAIL} about ricin."),
             )],
             route: "strict-model".into(),
+            sequence: 0,
         })
         .await
         .unwrap()
