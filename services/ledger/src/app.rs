@@ -35,6 +35,8 @@ pub struct App {
     partitions: Arc<Partitions>,
     /// Partition maintenance: every, months ahead.
     maintenance: (Duration, u32),
+    /// The guard's audit events (second durable consumer).
+    audit: (crate::audit::AuditConsumer, PullConsumer),
 }
 
 impl App {
@@ -70,6 +72,16 @@ impl App {
             ack_wait: Duration::from_secs(config.ack_wait_secs),
         };
         let pull = set_up(&js, &nats, &settings).await?;
+        let audit_pull =
+            crate::audit::set_up(&js, &nats, &settings.name, settings.ack_wait).await?;
+        let audit = crate::audit::AuditConsumer {
+            js: js.clone(),
+            nats: nats.clone(),
+            name: settings.name.clone(),
+            ack_wait: settings.ack_wait,
+            batch_size: settings.batch_size,
+            pool: repo.pool().clone(),
+        };
 
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
@@ -111,6 +123,7 @@ impl App {
                 Duration::from_secs(config.partition_maintenance_secs),
                 config.partitions_ahead,
             ),
+            audit: (audit, audit_pull),
         })
     }
 
@@ -139,6 +152,7 @@ impl App {
             reload,
             partitions,
             maintenance,
+            audit,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -186,6 +200,7 @@ impl App {
             cancel.clone(),
         ));
         tasks.spawn(consumer.run(pull, cancel.clone()));
+        tasks.spawn(audit.0.run(audit.1, cancel.clone()));
         tasks.close();
 
         tracing::info!(grpc.addr = %local_addr, "ledger listening");

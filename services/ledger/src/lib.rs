@@ -2,6 +2,7 @@
 //! exactly one Postgres row per request, and answers finance over gRPC (`LedgerService`).
 
 mod app;
+mod audit;
 mod budget;
 mod budget_grpc;
 mod config;
@@ -26,6 +27,7 @@ pub use error::StartupError;
 /// Building blocks exposed for tests and tooling (price parsing, cost maths, the repository).
 pub mod internals {
     pub use crate::{
+        audit::{AuditRow, insert as insert_audit, row_of as audit_row_of},
         consumer::{ConsumerSettings, consumer_config},
         litellm::{Note, Parsed, parse as parse_litellm},
         money::{
