@@ -107,6 +107,7 @@ impl GuardGrpc {
             pseudonyms,
             injection_score: outcome.injection_score,
             detector_version: outcome.detector_version,
+            check_answer: outcome.check_answer,
         }))
     }
 }
