@@ -1,30 +1,75 @@
 //! The guard process: configuration in, gRPC server out.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use switchboard_bus::NatsConfig;
 use switchboard_proto::guard::v1::guard_service_server::{GuardServiceServer, SERVICE_NAME};
 use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
 
-use crate::{config::Config, error::StartupError, grpc::GuardGrpc, guard::Guard};
+use crate::{
+    audit::{AuditSink, AuditStats, Queued, publish_loop},
+    config::Config,
+    error::StartupError,
+    grpc::GuardGrpc,
+    guard::Guard,
+};
+
+/// The audit trail's publisher side, set up at build time.
+struct Audit {
+    sink: AuditSink,
+    rx: tokio::sync::mpsc::Receiver<Queued>,
+    js: async_nats::jetstream::Context,
+    nats: NatsConfig,
+    timeout: Duration,
+}
 
 /// A built guard: listener bound, policies compiled.
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     guard: Arc<Guard>,
+    audit: Option<Audit>,
 }
 
 impl App {
     /// Validates `config`, compiles the recognisers and policies and binds `config.grpc_addr`.
+    /// No audit trail: see [`App::build_with_audit`].
     pub async fn build(config: Config) -> Result<App, StartupError> {
+        Self::build_with_audit(config, None).await
+    }
+
+    /// [`App::build`], and when `nats` is given and `guard.audit.enabled`, connects NATS, creates
+    /// the audit stream if needed and publishes an audit event per audited decision.
+    pub async fn build_with_audit(
+        config: Config,
+        nats: Option<NatsConfig>,
+    ) -> Result<App, StartupError> {
         let guard = Arc::new(Guard::new(&config)?);
+        let audit = match nats {
+            Some(nats) if config.audit.enabled => {
+                let client = nats.connect().await?;
+                let js = async_nats::jetstream::new(client);
+                nats.ensure_audit_stream(&js).await?;
+                let (sink, rx) = AuditSink::channel(config.audit.queue_capacity);
+                Some(Audit {
+                    sink,
+                    rx,
+                    js,
+                    nats,
+                    timeout: Duration::from_millis(config.audit.publish_timeout_ms),
+                })
+            }
+            _ => None,
+        };
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;
         Ok(App {
             listener,
             local_addr,
             guard,
+            audit,
         })
     }
 
@@ -33,14 +78,47 @@ impl App {
         self.local_addr
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    /// The audit counters (queued, published, dropped, failed), when the audit trail is on.
+    pub fn audit_stats(&self) -> Option<Arc<AuditStats>> {
+        self.audit.as_ref().map(|a| a.sink.stats().clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls and the audit queue.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "guard listening");
-        let routes = Routes::new(GuardServiceServer::new(GuardGrpc::new(self.guard)));
-        switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await?;
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let sink = match self.audit {
+            Some(Audit {
+                sink,
+                rx,
+                js,
+                nats,
+                timeout,
+            }) => {
+                tasks.spawn(publish_loop(
+                    rx,
+                    js,
+                    nats,
+                    sink.stats().clone(),
+                    timeout,
+                    cancel.clone(),
+                ));
+                Some(sink)
+            }
+            None => None,
+        };
+        tasks.close();
+        let routes = Routes::new(GuardServiceServer::new(GuardGrpc::new(self.guard, sink)));
+        let served =
+            switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
+        // The server (and its sink clones) is gone: the publisher drains what is queued.
+        cancel.cancel();
+        tasks.wait().await;
+        served?;
         tracing::info!("guard stopped");
         Ok(())
     }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use switchboard_config::ConfigError;
 
 use crate::{
+    audit::AuditConfig,
     content::{ContentFilters, TopicConfig},
     policy::Policies,
     route::{RoutePolicies, RoutePolicyConfig},
@@ -92,6 +93,8 @@ pub struct Config {
     pub topic_action: String,
     /// Per-route overrides of the injection and topic keys, by route (requested model).
     pub routes: BTreeMap<String, RoutePolicyConfig>,
+    /// The audit trail (`[guard.audit]`, see [`crate::audit::AuditConfig`]).
+    pub audit: AuditConfig,
 }
 
 /// `[guard.mask]`.
@@ -197,6 +200,7 @@ impl Default for Config {
             denied_topics: Vec::new(),
             topic_action: "block".to_owned(),
             routes: BTreeMap::new(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -229,6 +233,7 @@ impl Config {
                 "must be at most 8",
             ));
         }
+        self.audit.validate()?;
         Policies::from_config(self)?;
         let filters = ContentFilters::new(&self.topics)?;
         RoutePolicies::from_config(self, &filters).map(|_| ())

@@ -44,6 +44,9 @@ pub enum StartupError {
     /// The gRPC server could not bind or failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
+    /// NATS (the audit trail) cannot be set up.
+    #[error(transparent)]
+    Bus(#[from] switchboard_bus::BusError),
     /// The listener's address is unavailable.
     #[error("cannot read the listener address: {0}")]
     Io(#[from] std::io::Error),

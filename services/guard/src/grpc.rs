@@ -13,6 +13,7 @@ use switchboard_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::{AuditSink, Subject},
     guard::{Decision, Guard},
     policy::Direction,
 };
@@ -23,22 +24,27 @@ pub const DOMAIN: &str = "guard";
 /// The `switchboard.guard.v1.GuardService` implementation.
 pub struct GuardGrpc {
     guard: Arc<Guard>,
+    audit: Option<AuditSink>,
 }
 
 impl GuardGrpc {
-    /// Serves `guard`.
-    pub fn new(guard: Arc<Guard>) -> Self {
-        GuardGrpc { guard }
+    /// Serves `guard`; every audited decision goes to `audit` when set.
+    pub fn new(guard: Arc<Guard>, audit: Option<AuditSink>) -> Self {
+        GuardGrpc { guard, audit }
     }
 
     fn check(
         &self,
-        request_id: &str,
-        app: &str,
-        route: &str,
-        direction: Direction,
+        subject: &Subject<'_>,
         messages: &[Message],
     ) -> Result<Response<CheckPromptResponse>, Status> {
+        let &Subject {
+            request_id,
+            app,
+            route,
+            direction,
+            ..
+        } = subject;
         // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
         let span = tracing::Span::current();
         span.record("request.id", request_id);
@@ -47,6 +53,9 @@ impl GuardGrpc {
             .guard
             .check_route(app, route, direction, messages)
             .map_err(|error| switchboard_status::to_status(DOMAIN, &error))?;
+        if let Some(audit) = &self.audit {
+            audit.record(subject, &outcome);
+        }
         let decision = match outcome.decision {
             Decision::Allow => PbDecision::Allow,
             Decision::Transform => PbDecision::Transform,
@@ -120,10 +129,14 @@ impl GuardService for GuardGrpc {
     ) -> Result<Response<CheckPromptResponse>, Status> {
         let request = request.into_inner();
         self.check(
-            &request.request_id,
-            &request.app,
-            &request.route,
-            Direction::Prompt,
+            &Subject {
+                request_id: &request.request_id,
+                app: &request.app,
+                team: &request.team,
+                route: &request.route,
+                direction: Direction::Prompt,
+                sequence: 0,
+            },
             &request.messages,
         )
     }
@@ -135,10 +148,14 @@ impl GuardService for GuardGrpc {
         let request = request.into_inner();
         let checked = self
             .check(
-                &request.request_id,
-                &request.app,
-                &request.route,
-                Direction::Answer,
+                &Subject {
+                    request_id: &request.request_id,
+                    app: &request.app,
+                    team: &request.team,
+                    route: &request.route,
+                    direction: Direction::Answer,
+                    sequence: request.sequence,
+                },
                 &request.messages,
             )?
             .into_inner();

@@ -10,6 +10,7 @@
 //! pseudonymised values back into an answer (whole or streamed).
 
 mod app;
+pub mod audit;
 mod config;
 pub mod content;
 mod error;
@@ -25,6 +26,7 @@ mod route;
 mod transform;
 
 pub use app::App;
+pub use audit::AuditConfig;
 pub use config::{AppPolicyConfig, Config, DEFAULT_INJECTION_THRESHOLD, HashSecret, MaskConfig};
 pub use content::TopicConfig;
 pub use error::StartupError;

@@ -13,8 +13,14 @@ fn main() -> ExitCode {
         |source| {
             let config: Config = source.section("guard")?;
             config.validate()?;
-            Ok(config)
+            let nats: switchboard_bus::NatsConfig = source.section("nats")?;
+            Ok((config, nats))
         },
-        |config, shutdown| async move { App::build(config).await?.run_until(shutdown).await },
+        |(config, nats), shutdown| async move {
+            App::build_with_audit(config, Some(nats))
+                .await?
+                .run_until(shutdown)
+                .await
+        },
     )
 }
