@@ -761,6 +761,25 @@ mod tests {
         }
 
         #[test]
+        fn generated_us_street_addresses_are_found(
+            number in 1u32..99_999,
+            street in proptest::sample::select(vec!["Elm", "Maple Grove", "Martin Luther King", "Oak"]),
+            suffix in proptest::sample::select(vec!["Street", "St.", "Avenue", "Ave", "Road", "Blvd", "Lane", "Drive"]),
+            prefix in "[a-z ]{0,20}",
+        ) {
+            let address = format!("{number} {street} {suffix}");
+            let text = format!("{prefix} send it to {address} today");
+            let found = of(STREET_ADDRESS, &text);
+            prop_assert_eq!(found, vec![address.clone()], "{}", text);
+        }
+
+        #[test]
+        fn numbers_before_lower_case_words_are_not_addresses(number in 1u32..99_999, words in "[a-z]{2,8}( [a-z]{2,8}){0,3}") {
+            let text = format!("we counted {number} {words} yesterday");
+            prop_assert!(of(STREET_ADDRESS, &text).is_empty(), "{}", text);
+        }
+
+        #[test]
         fn lower_case_text_has_no_names_or_places(text in "[a-z ,.]{0,120}") {
             prop_assert!(persons(&text).is_empty());
             prop_assert!(of(LOCATION, &text).is_empty());
