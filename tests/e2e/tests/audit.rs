@@ -1,0 +1,351 @@
+//! End-to-end: the guard's audit trail. Blocked, redacted and pseudonymised requests go gateway →
+//! guard → NATS (`<prefix>.audit.<app>`) → ledger → Postgres `audit_events`; a clean request is not
+//! audited; and no planted sensitive value ends up in any table of the database or in the logs and
+//! span fields of the in-process services (captured by a subscriber that prints every event with
+//! its spans' fields, and every span's fields when it closes).
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use switchboard_config::Source;
+use switchboard_e2e::{KEY_A, KEY_B, KEY_C, MODEL, mesh_toml};
+use switchboard_fake_provider::{FakeConfig, FakeProvider};
+use switchboard_testkit::{TestNats, TestPg};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::{
+    EnvFilter, fmt::format::FmtSpan, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
+
+const EMAIL_A: &str = "alice.secret@example.org";
+const EMAIL_B: &str = "bob.hidden@example.net";
+const EMAIL_C: &str = "carol.private@example.com";
+const CARD: &str = "4111 1111 1111 1111";
+
+/// Everything the in-process services log (and their span fields).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn captured() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_span_events(FmtSpan::CLOSE)
+                    .with_writer(move || writer.clone())
+                    .with_filter(EnvFilter::new(
+                        "debug,h2=info,hyper=info,hyper_util=info,tower=info,async_nats=info,rustls=info",
+                    )),
+            )
+            .init();
+        switchboard_telemetry::install_propagator();
+        logs
+    })
+}
+
+use tracing_subscriber::Layer as _;
+
+struct Mesh {
+    http_url: String,
+    pg: TestPg,
+    nats: TestNats,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Mesh {
+    async fn start() -> anyhow::Result<Mesh> {
+        let primary = FakeProvider::start(FakeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..Default::default()
+        })
+        .await?;
+        let nats = TestNats::create().await?;
+        let pg = TestPg::create().await?;
+        let toml = mesh_toml(&primary.base_url(), &primary.base_url(), &pg.url, &nats);
+        let source = Source::from_toml(&toml)?;
+        let nats_config: switchboard_bus::NatsConfig = source.section("nats")?;
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let ledger =
+            switchboard_ledger::App::build(source.section("ledger")?, nats_config.clone()).await?;
+        tasks.push(spawn(&cancel, |stop| async move {
+            Ok(ledger.run_until(stop).await?)
+        }));
+        let router = switchboard_router::App::build(source.section("router")?).await?;
+        let router_url = format!("http://{}", router.local_addr());
+        tasks.push(spawn(&cancel, |stop| async move {
+            Ok(router.run_until(stop).await?)
+        }));
+        let cache =
+            switchboard_cache::App::build(source.section("cache")?, nats_config.clone()).await?;
+        let cache_url = format!("http://{}", cache.local_addr());
+        tasks.push(spawn(&cancel, |stop| async move {
+            Ok(cache.run_until(stop).await?)
+        }));
+        let guard = switchboard_guard::App::build_with_audit(
+            source.section("guard")?,
+            Some(nats_config.clone()),
+        )
+        .await?;
+        assert!(guard.audit_stats().is_some(), "the audit trail is on");
+        let guard_url = format!("http://{}", guard.local_addr());
+        tasks.push(spawn(&cancel, |stop| async move {
+            Ok(guard.run_until(stop).await?)
+        }));
+        let mut gateway_config: switchboard_gateway::Config = source.section("gateway")?;
+        gateway_config.guard_url = guard_url;
+        gateway_config.cache_url = cache_url;
+        gateway_config.router_url = router_url;
+        let gateway = switchboard_gateway::App::build(gateway_config, nats_config).await?;
+        let http_url = format!("http://{}", gateway.http_addr());
+        tasks.push(spawn(&cancel, |stop| async move {
+            Ok(gateway.run_until(stop).await?)
+        }));
+        // The fake provider lives as long as the test: leak it into the last task.
+        tasks.push(tokio::spawn(async move {
+            let _primary = primary;
+            std::future::pending::<()>().await;
+            Ok(())
+        }));
+        Ok(Mesh {
+            http_url,
+            pg,
+            nats,
+            cancel,
+            tasks,
+        })
+    }
+
+    async fn post(&self, key: &str, text: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.http_url))
+            .bearer_auth(key)
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": text}]}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        let fake = self.tasks.pop().unwrap();
+        fake.abort();
+        for task in self.tasks.drain(..) {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("service stops")
+                .unwrap()
+                .unwrap();
+        }
+        self.nats.cleanup().await;
+        if let Ok(client) = async_nats::connect(&self.nats.url).await {
+            let nats = switchboard_bus::NatsConfig {
+                subject_prefix: self.nats.prefix.clone(),
+                ..Default::default()
+            };
+            let js = async_nats::jetstream::new(client);
+            let _ = js.delete_stream(nats.audit_stream()).await;
+            let cache = switchboard_cache::replication::stream_name(&Default::default(), &nats);
+            let _ = js.delete_stream(&cache).await;
+        }
+        self.pg.drop_db().await;
+    }
+}
+
+fn spawn<F, Fut>(cancel: &CancellationToken, run: F) -> JoinHandle<anyhow::Result<()>>
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let cancel = cancel.clone();
+    let stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(async move { cancel.cancelled_owned().await });
+    tokio::spawn(run(stop))
+}
+
+/// The audit rows of `app`: (direction, decision, entity types, actions, team, policy version).
+async fn audit_rows(
+    pool: &sqlx::PgPool,
+    app: &str,
+) -> Vec<(String, String, Vec<String>, Vec<String>, String, String)> {
+    sqlx::query_as(
+        "SELECT direction, decision, entity_types, actions, team, policy_version \
+         FROM audit_events WHERE app = $1 ORDER BY occurred_at",
+    )
+    .bind(app)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Every row of every table (all schemas but the catalogs) as JSON text.
+async fn dump_database(pool: &sqlx::PgPool) -> String {
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema::text, table_name::text FROM information_schema.tables \
+         WHERE table_type = 'BASE TABLE' \
+           AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        tables.iter().any(|(_, t)| t == "audit_events"),
+        "{tables:?}"
+    );
+    let mut dump = String::new();
+    for (schema, table) in tables {
+        // Identifiers from the catalog, quoted (a `"` doubled).
+        let (schema, table) = (schema.replace('"', "\"\""), table.replace('"', "\"\""));
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT row_to_json(t)::text FROM \"{schema}\".\"{table}\" t"
+        )))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        for row in rows {
+            dump.push_str(&row);
+            dump.push('\n');
+        }
+    }
+    dump
+}
+
+fn assert_no_planted_value(haystack: &str, what: &str) {
+    let lower = haystack.to_lowercase();
+    for value in [EMAIL_A, EMAIL_B, EMAIL_C, CARD, &CARD.replace(' ', "")] {
+        assert!(!lower.contains(value), "{what} holds a planted value");
+    }
+    // Nor the local parts (a partial leak).
+    for part in ["alice.secret", "bob.hidden", "carol.private"] {
+        assert!(
+            !lower.contains(part),
+            "{what} holds part of a planted value"
+        );
+    }
+}
+
+#[tokio::test]
+async fn blocked_redacted_and_pseudonymised_requests_are_audited_without_values() {
+    let logs = captured();
+    let mesh = Mesh::start().await.unwrap();
+    let pool = sqlx::PgPool::connect(&mesh.pg.url).await.unwrap();
+
+    // app-a redacts.
+    let response = mesh
+        .post(KEY_A, &format!("mail {EMAIL_A} and charge {CARD}"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.contains(EMAIL_A), "redacted before the provider");
+    // app-b blocks.
+    let response = mesh.post(KEY_B, &format!("mail {EMAIL_B}")).await;
+    assert_eq!(response.status(), 403);
+    let refusal = response.text().await.unwrap();
+    assert!(refusal.contains("EMAIL_ADDRESS") && !refusal.contains(EMAIL_B));
+    // app-c pseudonymises; the caller gets its own value back.
+    let response = mesh.post(KEY_C, &format!("write to {EMAIL_C}")).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains(EMAIL_C)
+    );
+    // A clean prompt is allowed with no findings: not audited.
+    let response = mesh.post(KEY_A, "what is the capital of France").await;
+    assert_eq!(response.status(), 200);
+
+    // Bounded wait for the three audited decisions (the clean one publishes nothing).
+    let mut seen = 0i64;
+    for _ in 0..300 {
+        seen = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if seen >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, 3, "one audit row per audited decision");
+
+    let a = audit_rows(&pool, "app-a").await;
+    assert_eq!(a.len(), 1, "the clean request is not audited: {a:?}");
+    let (direction, decision, types, actions, team, policy) = &a[0];
+    assert_eq!(
+        (direction.as_str(), decision.as_str()),
+        ("prompt", "transform")
+    );
+    assert_eq!(types, &["CREDIT_CARD", "EMAIL_ADDRESS"]);
+    assert_eq!(actions, &["redact", "redact"]);
+    assert_eq!(team, "team-1");
+    assert!(!policy.is_empty());
+    let b = audit_rows(&pool, "app-b").await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].1, "block");
+    assert_eq!(b[0].2, ["EMAIL_ADDRESS"]);
+    assert_eq!(b[0].3, ["block"]);
+    assert_eq!(b[0].4, "team-2");
+    let c = audit_rows(&pool, "app-c").await;
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].1, "transform");
+    assert_eq!(c[0].3, ["pseudonymize"]);
+
+    // Trace ids and request ids are recorded (ids, never text).
+    let ids: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT event_id, request_id, route FROM audit_events")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (event_id, request_id, route) in &ids {
+        assert_eq!(event_id, &format!("{request_id}:prompt:0"));
+        assert_eq!(route, MODEL);
+    }
+
+    // The table is append-only.
+    assert!(
+        sqlx::query("DELETE FROM audit_events")
+            .execute(&pool)
+            .await
+            .is_err()
+    );
+
+    // No planted value anywhere: every table, the logs, the span fields.
+    let dump = dump_database(&pool).await;
+    assert!(
+        dump.contains("EMAIL_ADDRESS"),
+        "the dump covers the audit rows"
+    );
+    assert_no_planted_value(&dump, "the database");
+    pool.close().await;
+    mesh.stop().await;
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("prompt checked"),
+        "the guard's decisions were logged and captured"
+    );
+    assert_no_planted_value(&logs, "the logs or span fields");
+}
