@@ -252,14 +252,17 @@ impl UsageConsumer {
         let mut backoff = Backoff::new();
         loop {
             // The rows' months get their partitions first (one query per month not seen before).
-            let ensured = self
+            // A failure only means the rows wait in the default partition (the month is tried
+            // again with its next batch; creating it moves them): never a reason to hold back or
+            // refuse the rows.
+            if let Err(error) = self
                 .partitions
                 .ensure_for(rows.iter().map(|row| row.time), OffsetDateTime::now_utc())
-                .await;
-            let recorded = match ensured {
-                Ok(()) => self.repo.record_batch(rows).await,
-                Err(error) => Err(error),
-            };
+                .await
+            {
+                tracing::warn!(%error, "cannot create a usage partition; rows go to the default partition");
+            }
+            let recorded = self.repo.record_batch(rows).await;
             match recorded {
                 Ok(inserted) => {
                     tracing::debug!(
