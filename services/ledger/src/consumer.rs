@@ -5,7 +5,7 @@
 //! - NATS errors (fetch, consumer lookup): log, back off, set the consumer up again.
 //! - Postgres connection errors: retry the same batch with backoff until it commits or the ledger
 //!   stops; nothing is acknowledged before the commit, so a crash means redelivery, and redelivery
-//!   is harmless (`ON CONFLICT (request_id) DO NOTHING`).
+//!   is harmless (the insert skips recorded request ids and adds only inserted rows to the rollups).
 //! - Data errors (a row Postgres refuses): the batch is retried row by row and only the refused
 //!   rows' messages are terminated.
 //! - Undecodable payloads and request ids that are not UUIDs: terminated (`AckKind::Term`) with an
@@ -345,7 +345,7 @@ async fn drain(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_
 }
 
 /// Acknowledges committed messages. A plain ack (one publish, no reply awaited) is enough: a lost
-/// ack only means a redelivery, and the row's `ON CONFLICT (request_id) DO NOTHING` makes that a no-op.
+/// ack only means a redelivery, which inserts nothing and adds nothing to the rollups.
 async fn ack_all(items: &[Pending]) {
     let acks = items.iter().map(|item| {
         async move {
