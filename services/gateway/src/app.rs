@@ -119,7 +119,8 @@ impl App {
             config.max_body_bytes,
             config.max_in_flight,
         )
-        .with_limits(budgets.clone(), rate_limits);
+        .with_limits(budgets.clone(), rate_limits)
+        .with_guard_failure(crate::answer::GuardFailure::new(&config.guard));
         let shared = Shared {
             keys: KeyStore::new(&config.keys),
             pipeline,

@@ -39,6 +39,8 @@ pub struct Config {
     pub budgets: crate::budget::BudgetsConfig,
     /// Per-key and per-app rate limits shared by every replica (through the ledger).
     pub rate_limits: Vec<crate::ratelimit::RateLimitConfig>,
+    /// What happens when the guard is unreachable, per route (`[gateway.guard]`).
+    pub guard: crate::answer::GuardConfig,
 }
 
 /// One virtual API key. Only its SHA-256 is configured (`switchboard hash-key <key>` prints it).
@@ -74,6 +76,7 @@ impl Default for Config {
             ledger_url: "http://127.0.0.1:50055".to_owned(),
             budgets: crate::budget::BudgetsConfig::default(),
             rate_limits: Vec::new(),
+            guard: crate::answer::GuardConfig::default(),
         }
     }
 }
@@ -94,6 +97,7 @@ impl Config {
                 ));
             }
         }
+        self.guard.validate()?;
         if self.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "gateway.max_body_bytes",

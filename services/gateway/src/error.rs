@@ -31,6 +31,12 @@ pub enum GatewayError {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// The guard is unreachable and the request's route fails closed (`[gateway.guard]`).
+    #[error("guard is unavailable and route `{route}` fails closed")]
+    GuardUnavailable { route: String },
+    /// The guard refused the provider's answer (entity types only, never values).
+    #[error("answer blocked by policy: answer contains {entities}")]
+    AnswerBlocked { entities: String },
     /// A required dependency (the guard, fail-closed) is unreachable.
     #[error("{service} is unavailable")]
     DependencyDown { service: &'static str },
@@ -126,6 +132,7 @@ impl GatewayError {
         let (kind, code_name) = match self {
             GatewayError::BudgetExceeded { .. } => ("insufficient_quota", "budget_exceeded"),
             GatewayError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            GatewayError::GuardUnavailable { .. } => (code.openai_type(), "guard_unavailable"),
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
@@ -186,7 +193,10 @@ impl ServiceError for GatewayError {
             GatewayError::MissingKey | GatewayError::InvalidKey => ErrorCode::Unauthenticated,
             GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
             GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            GatewayError::Blocked { .. } => ErrorCode::PermissionDenied,
+            GatewayError::Blocked { .. } | GatewayError::AnswerBlocked { .. } => {
+                ErrorCode::PermissionDenied
+            }
+            GatewayError::GuardUnavailable { .. } => ErrorCode::Unavailable,
             GatewayError::Downstream { code, .. } => *code,
             GatewayError::DependencyDown { .. } | GatewayError::Overloaded { .. } => {
                 ErrorCode::Unavailable
@@ -214,6 +224,15 @@ impl ServiceError for GatewayError {
             GatewayError::DependencyDown { service } => {
                 HashMap::from([("service".to_owned(), (*service).to_owned())])
             }
+            GatewayError::GuardUnavailable { route } => HashMap::from([
+                ("service".to_owned(), "guard".to_owned()),
+                ("reason".to_owned(), "guard_unavailable".to_owned()),
+                ("route".to_owned(), route.clone()),
+            ]),
+            GatewayError::AnswerBlocked { entities } => HashMap::from([
+                ("entities".to_owned(), entities.clone()),
+                ("direction".to_owned(), "answer".to_owned()),
+            ]),
             GatewayError::BudgetExceeded {
                 budget_id,
                 scope,

@@ -366,12 +366,14 @@ async fn metrics(State(shared): State<Shared>) -> String {
          # TYPE switchboard_usage_events_dropped_total counter\nswitchboard_usage_events_dropped_total {}\n\
          # TYPE switchboard_usage_events_retried_total counter\nswitchboard_usage_events_retried_total {}\n\
          # TYPE switchboard_usage_outbox_full_total counter\nswitchboard_usage_outbox_full_total {}\n\
-         # TYPE switchboard_usage_outbox_bytes gauge\nswitchboard_usage_outbox_bytes {}\n",
+         # TYPE switchboard_usage_outbox_bytes gauge\nswitchboard_usage_outbox_bytes {}\n\
+         # TYPE switchboard_guard_fail_open_total counter\nswitchboard_guard_fail_open_total {}\n",
         stats.published.load(Relaxed),
         stats.dropped.load(Relaxed),
         stats.retries.load(Relaxed),
         stats.outbox_full.load(Relaxed),
         stats.outbox_bytes.load(Relaxed),
+        shared.pipeline.guard_fail_open_total(),
     )
 }
 

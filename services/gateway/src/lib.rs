@@ -2,6 +2,7 @@
 //! guard → cache → router over gRPC, and publishes one usage event per request to NATS JetStream.
 //! It serves `switchboard.gateway.v1.GatewayService` over gRPC and an OpenAI-compatible HTTP API.
 
+mod answer;
 mod anthropic;
 mod app;
 mod auth;
@@ -18,6 +19,7 @@ mod ratelimit;
 mod restore;
 mod usage;
 
+pub use answer::GuardConfig;
 pub use app::{App, StartupError, hash_api_key};
 pub use budget::BudgetsConfig;
 pub use config::{Config, KeyConfig};

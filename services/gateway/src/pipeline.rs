@@ -15,7 +15,9 @@ use switchboard_proto::{
         ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role,
         RouteInfo, Usage,
     },
-    guard::v1::{CheckPromptRequest, Decision, guard_service_client::GuardServiceClient},
+    guard::v1::{
+        CheckAnswerRequest, CheckPromptRequest, Decision, guard_service_client::GuardServiceClient,
+    },
     ledger::v1::{CacheOutcome, RequestStatus},
     router::v1::{
         Caller, RouteRequest, RouteStreamRequest, route_stream_response,
@@ -28,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{
+    answer::{GuardFailure, GuardVerdict, UNCHECKED_TAG},
     auth::Principal,
     budget::{Budgets, Reservation},
     error::GatewayError,
@@ -101,6 +104,8 @@ pub struct RequestContext {
     pub principal: Principal,
     started: Instant,
     time: SystemTime,
+    /// What the prompt check said about the rest of the request (set once, by the guard check).
+    guard: std::sync::OnceLock<GuardVerdict>,
 }
 
 impl RequestContext {
@@ -111,7 +116,13 @@ impl RequestContext {
             principal,
             started: Instant::now(),
             time: SystemTime::now(),
+            guard: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What the prompt check decided about the answer (the default before the check).
+    pub fn guard_verdict(&self) -> GuardVerdict {
+        self.guard.get().copied().unwrap_or_default()
     }
 
     /// The response id shown to callers.
@@ -170,6 +181,8 @@ pub struct Pipeline {
     budgets: Option<Budgets>,
     /// Shared rate limits; `None` when none are configured.
     rate_limits: Option<RateLimits>,
+    /// Fail-open routes when the guard is unreachable (default: every route fails closed).
+    guard_failure: GuardFailure,
 }
 
 /// Channels to the services the pipeline calls.
@@ -214,7 +227,19 @@ impl Pipeline {
             max_in_flight,
             budgets: None,
             rate_limits: None,
+            guard_failure: GuardFailure::default(),
         }
+    }
+
+    /// Which routes fail open when the guard is unreachable (`[gateway.guard]`).
+    pub fn with_guard_failure(mut self, guard_failure: GuardFailure) -> Self {
+        self.guard_failure = guard_failure;
+        self
+    }
+
+    /// Requests that went through unchecked because the guard was down and their route fails open.
+    pub fn guard_fail_open_total(&self) -> u64 {
+        self.guard_failure.fail_open_total()
     }
 
     /// Enforces budgets and shared rate limits (ADR 007).
@@ -471,8 +496,15 @@ impl Pipeline {
         if let Some(reservation) = reservation {
             reservation.settle_route(&route);
         }
-        // The cache stores what the provider returned (placeholders), never the restored answer.
-        if self.cache_enabled && !control.no_store {
+        // The answer check runs on the provider's answer (placeholders) before anything else sees
+        // it; a blocked answer is a typed refusal naming entity types only.
+        if let Err(error) = self.check_answer(ctx, &request, &mut response).await {
+            self.record_failure(ctx, &request, cache_status, &error, false);
+            return Err(error);
+        }
+        // The cache stores the checked answer (placeholders), never the restored one, and nothing
+        // of a request the guard did not check.
+        if self.cache_enabled && !control.no_store && !ctx.guard_verdict().unchecked {
             self.store(ctx, &request, &response, &route, control.ttl_seconds);
         }
         pseudonyms.restore_response(&mut response);
@@ -702,15 +734,23 @@ impl Pipeline {
                 route: request.model.clone(),
             })
             .await
-            // Fail closed: without the guard's answer nothing goes to a provider.
-            .map_err(|status| match GatewayError::from_status("guard", &status) {
-                GatewayError::Downstream {
-                    code: ErrorCode::Unavailable,
-                    ..
-                } => GatewayError::DependencyDown { service: "guard" },
-                other => other,
-            })?
-            .into_inner();
+            .map_err(|status| self.guard_error(ctx, &request.model, &status, "prompt"));
+        let checked = match checked {
+            Ok(checked) => checked.into_inner(),
+            Err(None) => {
+                // The route fails open: nothing was checked, and the usage event says so.
+                let _ = ctx.guard.set(GuardVerdict {
+                    check_answer: false,
+                    unchecked: true,
+                });
+                return Ok(Guarded::Unchanged);
+            }
+            Err(Some(error)) => return Err(error),
+        };
+        let _ = ctx.guard.set(GuardVerdict {
+            check_answer: checked.check_answer,
+            unchecked: false,
+        });
         match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
             Decision::Allow => Ok(Guarded::Unchanged),
             Decision::Transform => {
@@ -732,6 +772,105 @@ impl Pipeline {
                 entities.sort();
                 entities.dedup();
                 Err(GatewayError::Blocked {
+                    entities: entities.join(", "),
+                })
+            }
+            Decision::Unspecified => Err(GatewayError::Internal(
+                "guard returned no decision".to_owned(),
+            )),
+        }
+    }
+
+    /// The error of a failed guard call: `None` when the guard is unreachable and the route fails
+    /// open; else fail closed (503 `guard_unavailable`) or the guard's own error.
+    fn guard_error(
+        &self,
+        ctx: &RequestContext,
+        route: &str,
+        status: &tonic::Status,
+        direction: &'static str,
+    ) -> Option<GatewayError> {
+        match GatewayError::from_status("guard", status) {
+            GatewayError::DependencyDown { .. }
+            | GatewayError::Downstream {
+                code: ErrorCode::Unavailable | ErrorCode::Timeout,
+                ..
+            } => {
+                if self
+                    .guard_failure
+                    .fails_open(route, &ctx.request_id, direction)
+                {
+                    None
+                } else {
+                    Some(GatewayError::GuardUnavailable {
+                        route: route.to_owned(),
+                    })
+                }
+            }
+            other => Some(other),
+        }
+    }
+
+    /// CheckAnswer on a unary answer, when the prompt check asked for it: a transformed answer
+    /// replaces the choices' messages; a blocked one is a typed error naming entity types only.
+    async fn check_answer(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        response: &mut ChatResponse,
+    ) -> Result<(), GatewayError> {
+        if !ctx.guard_verdict().check_answer {
+            return Ok(());
+        }
+        let messages: Vec<Message> = response
+            .choices
+            .iter()
+            .map(|choice| choice.message.clone().unwrap_or_default())
+            .collect();
+        let checked = self
+            .guard
+            .clone()
+            .check_answer(CheckAnswerRequest {
+                request_id: ctx.request_id.clone(),
+                app: ctx.principal.app.clone(),
+                team: ctx.principal.team.clone(),
+                messages,
+                route: request.model.clone(),
+                sequence: 0,
+            })
+            .await;
+        let checked = match checked {
+            Ok(checked) => checked.into_inner(),
+            Err(status) => {
+                return match self.guard_error(ctx, &request.model, &status, "answer") {
+                    None => Ok(()),
+                    Some(error) => Err(error),
+                };
+            }
+        };
+        match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
+            Decision::Allow => Ok(()),
+            Decision::Transform => {
+                if checked.messages.len() != response.choices.len() {
+                    return Err(GatewayError::Internal(
+                        "guard changed the number of answer messages".to_owned(),
+                    ));
+                }
+                for (choice, message) in response.choices.iter_mut().zip(checked.messages) {
+                    choice.message = Some(message);
+                }
+                Ok(())
+            }
+            Decision::Block => {
+                let mut entities: Vec<String> = checked
+                    .findings
+                    .iter()
+                    .filter(|finding| finding.action == "block")
+                    .map(|finding| finding.entity_type.clone())
+                    .collect();
+                entities.sort();
+                entities.dedup();
+                Err(GatewayError::AnswerBlocked {
                     entities: entities.join(", "),
                 })
             }
@@ -815,7 +954,13 @@ impl Pipeline {
             streamed: args.streamed,
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             trace_id: switchboard_telemetry::current_trace_id(),
-            tags: request.tags.clone(),
+            tags: {
+                let mut tags = request.tags.clone();
+                if ctx.guard_verdict().unchecked {
+                    tags.insert(UNCHECKED_TAG.0.to_owned(), UNCHECKED_TAG.1.to_owned());
+                }
+                tags
+            },
         };
         self.usage.record(event);
     }

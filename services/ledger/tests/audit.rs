@@ -29,7 +29,7 @@ async fn audit_rows_are_stored_once_and_never_changed() {
     };
     let row = audit_row_of(event).expect("row");
     assert_eq!(
-        insert_audit(repo.pool(), &[row.clone()])
+        insert_audit(repo.pool(), std::slice::from_ref(&row))
             .await
             .expect("insert"),
         1

@@ -27,6 +27,11 @@ const EMAIL_A: &str = "alice.secret@example.org";
 const EMAIL_B: &str = "bob.hidden@example.net";
 const EMAIL_C: &str = "carol.private@example.com";
 const CARD: &str = "4111 1111 1111 1111";
+const EMAIL_D: &str = "dave.answer@example.org";
+/// API key of app `app-d`: emails pass in prompts but are redacted in answers.
+const KEY_D: &str = "sk-test-app-d";
+/// A route that proceeds without the guard when the guard is unreachable.
+const OPEN_ROUTE: &str = "open-route";
 
 /// Everything the in-process services log (and their span fields).
 #[derive(Clone, Default)]
@@ -67,6 +72,8 @@ use tracing_subscriber::Layer as _;
 
 struct Mesh {
     http_url: String,
+    ledger_url: String,
+    guard_stop: CancellationToken,
     pg: TestPg,
     nats: TestNats,
     cancel: CancellationToken,
@@ -82,13 +89,41 @@ impl Mesh {
         .await?;
         let nats = TestNats::create().await?;
         let pg = TestPg::create().await?;
-        let toml = mesh_toml(&primary.base_url(), &primary.base_url(), &pg.url, &nats);
+        let hash_d = switchboard_gateway::hash_api_key(KEY_D);
+        let toml = mesh_toml(&primary.base_url(), &primary.base_url(), &pg.url, &nats)
+            .replacen(
+                "keys = [\n",
+                &format!(
+                    "keys = [\n  {{ id = \"key-d\", sha256 = \"{hash_d}\", app = \"app-d\", team = \"team-4\" }},\n"
+                ),
+                1,
+            )
+            .replacen(
+                "[guard.apps.app-b]",
+                "[guard.apps.app-d]\nactions = { EMAIL_ADDRESS = \"allow\" }\n\
+                 answer_actions = { EMAIL_ADDRESS = \"redact\" }\n[guard.apps.app-b]",
+                1,
+            )
+            .replacen(
+                "[cache]",
+                &format!("[gateway.guard]\nfail_open_routes = [\"{OPEN_ROUTE}\"]\n\n[cache]"),
+                1,
+            )
+            .replacen(
+                "[[router.routes]]",
+                &format!(
+                    "[[router.routes]]\nname = \"{OPEN_ROUTE}\"\n\
+                     targets = [{{ provider = \"primary\", model = \"{MODEL}\" }}]\n[[router.routes]]"
+                ),
+                1,
+            );
         let source = Source::from_toml(&toml)?;
         let nats_config: switchboard_bus::NatsConfig = source.section("nats")?;
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         let ledger =
             switchboard_ledger::App::build(source.section("ledger")?, nats_config.clone()).await?;
+        let ledger_url = format!("http://{}", ledger.local_addr());
         tasks.push(spawn(&cancel, |stop| async move {
             Ok(ledger.run_until(stop).await?)
         }));
@@ -110,7 +145,9 @@ impl Mesh {
         .await?;
         assert!(guard.audit_stats().is_some(), "the audit trail is on");
         let guard_url = format!("http://{}", guard.local_addr());
-        tasks.push(spawn(&cancel, |stop| async move {
+        // The guard stops on its own token too (the fail-open/closed test stops it alone).
+        let guard_stop = cancel.child_token();
+        tasks.push(spawn(&guard_stop, |stop| async move {
             Ok(guard.run_until(stop).await?)
         }));
         let mut gateway_config: switchboard_gateway::Config = source.section("gateway")?;
@@ -130,6 +167,8 @@ impl Mesh {
         }));
         Ok(Mesh {
             http_url,
+            ledger_url,
+            guard_stop,
             pg,
             nats,
             cancel,
@@ -138,10 +177,14 @@ impl Mesh {
     }
 
     async fn post(&self, key: &str, text: &str) -> reqwest::Response {
+        self.post_to(key, MODEL, text).await
+    }
+
+    async fn post_to(&self, key: &str, model: &str, text: &str) -> reqwest::Response {
         reqwest::Client::new()
             .post(format!("{}/v1/chat/completions", self.http_url))
             .bearer_auth(key)
-            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": text}]}))
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": text}]}))
             .send()
             .await
             .unwrap()
@@ -348,4 +391,153 @@ async fn blocked_redacted_and_pseudonymised_requests_are_audited_without_values(
         "the guard's decisions were logged and captured"
     );
     assert_no_planted_value(&logs, "the logs or span fields");
+}
+
+/// The request id behind a response id (`chatcmpl-` + the UUID without dashes).
+fn request_id_of(answer: &Value) -> String {
+    let hex = answer["id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("chatcmpl-");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+async fn metric(mesh: &Mesh, name: &str) -> String {
+    let text = reqwest::get(format!("{}/metrics", mesh.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_unreachable_guard_fails_closed_by_default_and_open_on_listed_routes() {
+    captured();
+    let mut mesh = Mesh::start().await.unwrap();
+    // The guard is up: both routes are checked.
+    let response = mesh.post_to(KEY_A, OPEN_ROUTE, "hello").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        metric(&mesh, "switchboard_guard_fail_open_total").await,
+        "0"
+    );
+
+    // Stop the guard alone.
+    mesh.guard_stop.cancel();
+    let guard = mesh.tasks.remove(3);
+    tokio::time::timeout(Duration::from_secs(20), guard)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Default route: closed, a typed 503; nothing reaches the provider.
+    let response = mesh.post(KEY_A, "hello again").await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "guard_unavailable", "{body}");
+
+    // Listed route: open, served, counted, and the usage record says it went unchecked.
+    let response = mesh.post_to(KEY_A, OPEN_ROUTE, "hello, unchecked").await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "echo: hello, unchecked"
+    );
+    assert_eq!(
+        metric(&mesh, "switchboard_guard_fail_open_total").await,
+        "1"
+    );
+    let request_id = request_id_of(&answer);
+    let mut ledger =
+        switchboard_proto::ledger::v1::ledger_service_client::LedgerServiceClient::connect(
+            mesh.ledger_url.clone(),
+        )
+        .await
+        .unwrap();
+    let mut record = None;
+    for _ in 0..200 {
+        match ledger
+            .get_usage_record(switchboard_proto::ledger::v1::GetUsageRecordRequest {
+                request_id: request_id.clone(),
+            })
+            .await
+        {
+            Ok(found) => {
+                record = found.into_inner().record;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let record = record.expect("usage record of the unchecked request");
+    assert_eq!(
+        record.tags.get("switchboard.guard").map(String::as_str),
+        Some("unchecked")
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn unary_answers_are_checked_when_the_policy_acts_on_answers() {
+    captured();
+    let mesh = Mesh::start().await.unwrap();
+    let pool = sqlx::PgPool::connect(&mesh.pg.url).await.unwrap();
+    // app-d lets the email through in the prompt; the fake echoes it; the answer check redacts it.
+    // The store is asynchronous: ask again (bounded) until the cache answers.
+    let mut caches = Vec::new();
+    for _ in 0..100 {
+        if caches.last().is_some_and(|c| c == "hit") {
+            break;
+        }
+        if !caches.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let response = mesh.post(KEY_D, &format!("contact {EMAIL_D} now")).await;
+        assert_eq!(response.status(), 200);
+        let cache = response
+            .headers()
+            .get("x-switchboard-cache")
+            .map(|v| v.to_str().unwrap().to_lowercase())
+            .unwrap_or_default();
+        let answer: Value = response.json().await.unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        // The cache holds the checked answer: a hit is redacted too.
+        assert_eq!(
+            content, "echo: contact [EMAIL_ADDRESS] now",
+            "cache {cache}"
+        );
+        caches.push(cache);
+    }
+    assert_eq!(caches.first().map(String::as_str), Some("miss"));
+    assert_eq!(caches.last().map(String::as_str), Some("hit"));
+    // The answer decision is audited.
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = audit_rows(&pool, "app-d").await;
+        if rows.iter().any(|r| r.0 == "answer") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer_row = rows
+        .iter()
+        .find(|r| r.0 == "answer")
+        .expect("answer audit row");
+    assert_eq!(answer_row.1, "transform");
+    assert_eq!(answer_row.3, ["redact"]);
+    pool.close().await;
+    mesh.stop().await;
 }

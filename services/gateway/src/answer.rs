@@ -1,0 +1,146 @@
+//! The guard's side of a request beyond CheckPrompt: whether the route fails open or closed when the
+//! guard is unreachable (`[gateway.guard]`), and what the prompt check said about the answer
+//! ([`GuardVerdict`]: whether CheckAnswer must run, whether the request went unchecked).
+//!
+//! Answers are checked after the provider and before pseudonyms are restored, only when the
+//! guard's CheckPrompt response says the app's or route's policy acts on answers
+//! (`check_answer`), so the common path adds no RPC. The cache stores the answer *after* the
+//! answer check (still with placeholders): it must never hold a value the policy said to redact.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::Deserialize;
+use switchboard_config::ConfigError;
+
+/// `[gateway.guard]`.
+///
+/// ```toml
+/// [gateway.guard]
+/// fail_open_routes = ["internal-summaries"]  # requested models/routes served without the guard
+///                                            # when it is unreachable; every other route: 503
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Routes (requested model names) that proceed unchecked when the guard is unreachable;
+    /// every other route fails closed with a 503 `guard_unavailable`.
+    pub fail_open_routes: Vec<String>,
+}
+
+impl GuardConfig {
+    /// Checks the values; errors name the dotted field path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = BTreeSet::new();
+        for (i, route) in self.fail_open_routes.iter().enumerate() {
+            if route.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("gateway.guard.fail_open_routes[{i}]"),
+                    "must not be empty",
+                ));
+            }
+            if !seen.insert(route) {
+                return Err(ConfigError::invalid(
+                    format!("gateway.guard.fail_open_routes[{i}]"),
+                    format!("`{route}` is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the gateway treats an unreachable guard, per route.
+#[derive(Debug, Clone, Default)]
+pub struct GuardFailure {
+    fail_open: Arc<BTreeSet<String>>,
+    /// Requests let through unchecked (prompt or answer) because their route fails open.
+    fail_open_total: Arc<AtomicU64>,
+}
+
+impl GuardFailure {
+    /// From `[gateway.guard]`.
+    pub fn new(config: &GuardConfig) -> Self {
+        GuardFailure {
+            fail_open: Arc::new(config.fail_open_routes.iter().cloned().collect()),
+            fail_open_total: Arc::default(),
+        }
+    }
+
+    /// Whether `route` proceeds without the guard (counted and logged when it does).
+    pub fn fails_open(&self, route: &str, request_id: &str, direction: &'static str) -> bool {
+        if !self.fail_open.contains(route) {
+            return false;
+        }
+        let total = self.fail_open_total.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            request.id = %request_id,
+            route = %route,
+            direction,
+            guard_fail_open_total = total,
+            "guard unavailable; route fails open: request proceeds unchecked"
+        );
+        true
+    }
+
+    /// `switchboard_guard_fail_open_total`.
+    pub fn fail_open_total(&self) -> u64 {
+        self.fail_open_total.load(Ordering::Relaxed)
+    }
+}
+
+/// What the prompt check decided about the rest of the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardVerdict {
+    /// The policy acts on answers: CheckAnswer runs on the provider's answer.
+    pub check_answer: bool,
+    /// The guard was unreachable and the route fails open: nothing was checked (the usage event is
+    /// tagged `switchboard.guard = unchecked` and the answer is not cached).
+    pub unchecked: bool,
+}
+
+/// The usage-event tag of a request the guard did not check.
+pub const UNCHECKED_TAG: (&str, &str) = ("switchboard.guard", "unchecked");
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listed_routes_fail_open_and_they_are_counted() {
+        let failure = GuardFailure::new(&GuardConfig {
+            fail_open_routes: vec!["open".into()],
+        });
+        assert!(!failure.fails_open("gpt-4o", "r1", "prompt"));
+        assert!(failure.fails_open("open", "r2", "prompt"));
+        assert_eq!(failure.fail_open_total(), 1);
+        assert!(!GuardFailure::default().fails_open("open", "r3", "prompt"));
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let error = GuardConfig {
+            fail_open_routes: vec!["a".into(), "a".into()],
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("gateway.guard.fail_open_routes[1]"),
+            "{error}"
+        );
+        assert!(
+            GuardConfig {
+                fail_open_routes: vec![" ".into()]
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}
