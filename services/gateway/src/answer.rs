@@ -144,3 +144,92 @@ mod tests {
         );
     }
 }
+
+/// Characters of a streamed answer held back before they are checked: more than the longest entity
+/// that could straddle a chunk boundary (cards, IBANs, emails, keys), so that a value split by the
+/// provider's chunking is whole when its window is checked.
+pub const STREAM_HOLD_CHARS: usize = 128;
+
+/// Where the stable part of `pending` (to be checked and sent now) ends: the last whitespace that
+/// leaves at least [`STREAM_HOLD_CHARS`] characters held back and does not sit between two digits
+/// (a card or phone number written in groups), or `None` when nothing is stable yet.
+pub fn stable_cut(pending: &str) -> Option<usize> {
+    let chars: Vec<(usize, char)> = pending.char_indices().collect();
+    if chars.len() <= STREAM_HOLD_CHARS {
+        return None;
+    }
+    let limit = chars.len() - STREAM_HOLD_CHARS;
+    (1..=limit).rev().find_map(|i| {
+        let (at, c) = chars[i];
+        let before = chars[i - 1].1;
+        let after = chars.get(i + 1).map(|(_, c)| *c);
+        (c.is_whitespace()
+            && !(before.is_ascii_digit() && after.is_some_and(|a| a.is_ascii_digit())))
+        .then_some(at + c.len_utf8())
+    })
+}
+
+/// Held-back answer text of a stream, per choice index.
+#[derive(Debug, Default)]
+pub struct StreamHold {
+    pending: std::collections::BTreeMap<u32, String>,
+    /// Windows checked so far (the CheckAnswer `sequence` of the next one is this + 1).
+    pub windows: u32,
+}
+
+impl StreamHold {
+    /// Adds `content` of choice `index` and returns the stable text to check and send now
+    /// (empty when everything is still held back). `last`: the choice finished, flush it all.
+    pub fn push(&mut self, index: u32, content: &str, last: bool) -> String {
+        let pending = self.pending.entry(index).or_default();
+        pending.push_str(content);
+        let cut = if last {
+            Some(pending.len())
+        } else {
+            stable_cut(pending)
+        };
+        match cut {
+            Some(cut) => {
+                let rest = pending.split_off(cut);
+                std::mem::replace(pending, rest)
+            }
+            None => String::new(),
+        }
+    }
+
+    /// Everything still held, by choice index (end of stream).
+    pub fn drain(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|(_, text)| !text.is_empty())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn text_is_held_until_enough_follows_and_cuts_avoid_digit_groups() {
+        let mut hold = StreamHold::default();
+        assert_eq!(hold.push(0, "write to jane.", false), "");
+        assert_eq!(hold.push(0, "doe@example.org please", false), "");
+        let long = "x ".repeat(STREAM_HOLD_CHARS);
+        let stable = hold.push(0, &long, false);
+        // The email is in the stable part whole, and at least the hold is kept back.
+        assert!(stable.starts_with("write to jane.doe@example.org please"));
+        let held: usize = hold.drain().iter().map(|(_, t)| t.chars().count()).sum();
+        assert!(held >= STREAM_HOLD_CHARS);
+
+        let card = format!(
+            "{}4111 1111 1111 1111{}",
+            "a ".repeat(10),
+            " b".repeat(STREAM_HOLD_CHARS / 2 - 5)
+        );
+        let cut = stable_cut(&card).unwrap();
+        assert!(!card[..cut].contains("4111 1111") || card[..cut].contains("4111 1111 1111 1111"));
+        assert_eq!(hold.push(1, "tail", true), "tail");
+    }
+}

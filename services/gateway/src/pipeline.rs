@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{
-    answer::{GuardFailure, GuardVerdict, UNCHECKED_TAG},
+    answer::{GuardFailure, GuardVerdict, StreamHold, UNCHECKED_TAG},
     auth::Principal,
     budget::{Budgets, Reservation},
     error::GatewayError,
@@ -645,6 +645,8 @@ impl Pipeline {
         let mut assembled = Assembler::default();
         let mut restorer = pseudonyms.stream();
         drop(pseudonyms);
+        // Answer checking of a stream: text is held back and checked in windows (see `answer`).
+        let mut hold = ctx.guard_verdict().check_answer.then(StreamHold::default);
         let mut next = first;
         loop {
             let Some(message) = next.take() else {
@@ -663,6 +665,22 @@ impl Pipeline {
             match message.event {
                 Some(route_stream_response::Event::Chunk(mut chunk)) => {
                     chunk.id = response_id.clone();
+                    if let Some(hold) = hold.as_mut()
+                        && let Err(error) = self
+                            .check_stream_chunk(&ctx, &request, hold, &mut chunk)
+                            .await
+                    {
+                        let route = self.record_partial(
+                            &ctx,
+                            &request,
+                            cache_status,
+                            &assembled,
+                            Some(&error),
+                        );
+                        settle(&route);
+                        let _ = tx.send(StreamEvent::Failed(error)).await;
+                        return;
+                    }
                     // Assembled (for the cache and the usage count) as the provider sent it, with
                     // placeholders; restored only on the way to the caller.
                     assembled.add(&chunk);
@@ -680,6 +698,47 @@ impl Pipeline {
                     }
                 }
                 Some(route_stream_response::Event::Route(route)) => {
+                    // Text still held back (a stream without a finish reason) is checked and
+                    // sent before the end.
+                    if let Some(hold) = hold.as_mut() {
+                        let rest = hold.drain();
+                        if !rest.is_empty() {
+                            let mut chunk = ChatChunk {
+                                id: response_id.clone(),
+                                ..Default::default()
+                            };
+                            for (index, text) in rest {
+                                hold.windows += 1;
+                                let checked =
+                                    self.check_window(&ctx, &request, text, hold.windows).await;
+                                let content = match checked {
+                                    Ok(content) => content,
+                                    Err(error) => {
+                                        let route = self.record_partial(
+                                            &ctx,
+                                            &request,
+                                            cache_status,
+                                            &assembled,
+                                            Some(&error),
+                                        );
+                                        settle(&route);
+                                        let _ = tx.send(StreamEvent::Failed(error)).await;
+                                        return;
+                                    }
+                                };
+                                chunk.choices.push(ChoiceDelta {
+                                    index,
+                                    content,
+                                    ..Default::default()
+                                });
+                            }
+                            assembled.add(&chunk);
+                            if let Some(restorer) = restorer.as_mut() {
+                                restorer.chunk(&mut chunk);
+                            }
+                            let _ = tx.send(StreamEvent::Chunk(chunk)).await;
+                        }
+                    }
                     let usage = assembled
                         .usage
                         .unwrap_or_else(|| assembled.estimate_usage(&request));
@@ -827,29 +886,12 @@ impl Pipeline {
             .iter()
             .map(|choice| choice.message.clone().unwrap_or_default())
             .collect();
-        let checked = self
-            .guard
-            .clone()
-            .check_answer(CheckAnswerRequest {
-                request_id: ctx.request_id.clone(),
-                app: ctx.principal.app.clone(),
-                team: ctx.principal.team.clone(),
-                messages,
-                route: request.model.clone(),
-                sequence: 0,
-            })
-            .await;
-        let checked = match checked {
-            Ok(checked) => checked.into_inner(),
-            Err(status) => {
-                return match self.guard_error(ctx, &request.model, &status, "answer") {
-                    None => Ok(()),
-                    Some(error) => Err(error),
-                };
-            }
+        let Some(checked) = self.call_check_answer(ctx, request, messages, 0).await? else {
+            return Ok(());
         };
         match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
             Decision::Allow => Ok(()),
+            Decision::Block => Err(answer_blocked(&checked.findings)),
             Decision::Transform => {
                 if checked.messages.len() != response.choices.len() {
                     return Err(GatewayError::Internal(
@@ -861,19 +903,90 @@ impl Pipeline {
                 }
                 Ok(())
             }
-            Decision::Block => {
-                let mut entities: Vec<String> = checked
-                    .findings
-                    .iter()
-                    .filter(|finding| finding.action == "block")
-                    .map(|finding| finding.entity_type.clone())
-                    .collect();
-                entities.sort();
-                entities.dedup();
-                Err(GatewayError::AnswerBlocked {
-                    entities: entities.join(", "),
-                })
+            Decision::Unspecified => Err(GatewayError::Internal(
+                "guard returned no decision".to_owned(),
+            )),
+        }
+    }
+
+    /// CheckAnswer; `Ok(None)` when the guard is unreachable and the route fails open.
+    async fn call_check_answer(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        messages: Vec<Message>,
+        sequence: u32,
+    ) -> Result<Option<switchboard_proto::guard::v1::CheckAnswerResponse>, GatewayError> {
+        let checked = self
+            .guard
+            .clone()
+            .check_answer(CheckAnswerRequest {
+                request_id: ctx.request_id.clone(),
+                app: ctx.principal.app.clone(),
+                team: ctx.principal.team.clone(),
+                messages,
+                route: request.model.clone(),
+                sequence,
+            })
+            .await;
+        match checked {
+            Ok(checked) => Ok(Some(checked.into_inner())),
+            Err(status) => match self.guard_error(ctx, &request.model, &status, "answer") {
+                None => Ok(None),
+                Some(error) => Err(error),
+            },
+        }
+    }
+
+    /// Checks the stable text of a streamed chunk (what [`StreamHold`] releases) and puts the
+    /// checked text back into the chunk's deltas; held text leaves an empty delta (the chunk's
+    /// shape, role, tool calls and finish reason are kept).
+    async fn check_stream_chunk(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        hold: &mut StreamHold,
+        chunk: &mut ChatChunk,
+    ) -> Result<(), GatewayError> {
+        for delta in &mut chunk.choices {
+            let last = delta.finish_reason != FinishReason::Unspecified as i32;
+            if delta.content.is_empty() && !last {
+                continue;
             }
+            let stable = hold.push(delta.index, &delta.content, last);
+            delta.content = if stable.is_empty() {
+                stable
+            } else {
+                hold.windows += 1;
+                self.check_window(ctx, request, stable, hold.windows).await?
+            };
+        }
+        Ok(())
+    }
+
+    /// One window of a streamed answer through CheckAnswer: the text to send instead.
+    async fn check_window(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        text: String,
+        sequence: u32,
+    ) -> Result<String, GatewayError> {
+        let messages = vec![Message::text(Role::Assistant, text.clone())];
+        let Some(checked) = self
+            .call_check_answer(ctx, request, messages, sequence)
+            .await?
+        else {
+            return Ok(text);
+        };
+        match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
+            Decision::Allow => Ok(text),
+            Decision::Transform => Ok(checked
+                .messages
+                .first()
+                .map(Message::joined_text)
+                .unwrap_or_default()),
+            Decision::Block => Err(answer_blocked(&checked.findings)),
             Decision::Unspecified => Err(GatewayError::Internal(
                 "guard returned no decision".to_owned(),
             )),
@@ -1046,6 +1159,20 @@ enum Prepared {
     Hit(OwnedSemaphorePermit, Box<ChatResponse>, Box<RouteInfo>),
     /// To be routed.
     Route(OwnedSemaphorePermit, CacheStatus),
+}
+
+/// The typed refusal of a blocked answer: entity types, never values.
+fn answer_blocked(findings: &[switchboard_proto::guard::v1::Finding]) -> GatewayError {
+    let mut entities: Vec<String> = findings
+        .iter()
+        .filter(|finding| finding.action == "block")
+        .map(|finding| finding.entity_type.clone())
+        .collect();
+    entities.sort();
+    entities.dedup();
+    GatewayError::AnswerBlocked {
+        entities: entities.join(", "),
+    }
 }
 
 /// What the guard did to an allowed prompt.

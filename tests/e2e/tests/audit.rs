@@ -100,7 +100,7 @@ impl Mesh {
             )
             .replacen(
                 "[guard.apps.app-b]",
-                "[guard.apps.app-d]\nactions = { EMAIL_ADDRESS = \"allow\" }\n\
+                "[guard.apps.app-d]\nactions = { EMAIL_ADDRESS = \"allow\", CREDIT_CARD = \"pseudonymize\" }\n\
                  answer_actions = { EMAIL_ADDRESS = \"redact\" }\n[guard.apps.app-b]",
                 1,
             )
@@ -539,5 +539,56 @@ async fn unary_answers_are_checked_when_the_policy_acts_on_answers() {
     assert_eq!(answer_row.1, "transform");
     assert_eq!(answer_row.3, ["redact"]);
     pool.close().await;
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn streamed_answers_are_redacted_across_chunks_and_pseudonyms_still_restored() {
+    captured();
+    let mesh = Mesh::start().await.unwrap();
+    // Long enough for windows to be released mid-stream; the fake splits it into 5 chunks, so the
+    // email (allowed in the prompt, redacted in answers) and the card's placeholder (restored)
+    // straddle chunk boundaries.
+    let filler = "lorem ipsum dolor sit amet ".repeat(8);
+    let prompt = format!("{filler}mail {EMAIL_D} {filler}card {CARD} done");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", mesh.http_url))
+        .bearer_auth(KEY_D)
+        .json(&json!({"model": MODEL, "stream": true,
+            "messages": [{"role": "user", "content": prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let mut content = String::new();
+    let mut events = 0;
+    let mut finish = Vec::new();
+    let mut done = false;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        events += 1;
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(text);
+        }
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish.push(reason.to_owned());
+        }
+    }
+    assert!(done, "SSE framing kept: {body}");
+    assert_eq!(finish, ["stop"]);
+    assert!(events >= 5, "still a stream: {events} events");
+    assert!(!content.contains(EMAIL_D), "the email is redacted");
+    assert_eq!(
+        content,
+        format!("echo: {filler}mail [EMAIL_ADDRESS] {filler}card {CARD} done")
+    );
     mesh.stop().await;
 }
