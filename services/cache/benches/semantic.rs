@@ -23,6 +23,11 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (Arc<Semantic>, Vec<ChatRequest>)
     let mut config = SemanticConfig {
         enabled: true,
         max_entries_per_scope: ENTRIES as usize + 10,
+        // SEMANTIC_BENCH_THREADS=n sets ONNX Runtime's intra-op threads (default: one per core).
+        intra_threads: std::env::var("SEMANTIC_BENCH_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         ..SemanticConfig::default()
     };
     config.routes.insert("fast".into(), RouteConfig::default());
