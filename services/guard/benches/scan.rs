@@ -160,6 +160,20 @@ fn bench(c: &mut Criterion) {
         let messages = prompt(size, false);
         let bytes: usize = messages.iter().map(|m| m.joined_text().len()).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
+        // The injection detector's two parts alone, on the lower-cased text.
+        let text: String = messages.iter().map(|m| m.joined_text()).collect();
+        let lowered = text.to_lowercase();
+        let heuristics = switchboard_guard::injection::Heuristics::new().unwrap();
+        group.bench_function(format!("injection_heuristics/{name}"), |b| {
+            b.iter(|| heuristics.score(black_box(&text), black_box(&lowered)))
+        });
+        group.bench_function(format!("injection_features/{name}"), |b| {
+            let mut buckets = Vec::new();
+            b.iter(|| {
+                switchboard_guard::injection::model::features(black_box(&lowered), &mut buckets);
+                buckets.len()
+            })
+        });
         for route in ["injection", "topics"] {
             group.bench_function(format!("{route}/{name}"), |b| {
                 b.iter(|| {

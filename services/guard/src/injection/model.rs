@@ -20,6 +20,9 @@ const MAGIC: &[u8; 8] = b"SBINJ001";
 pub fn features(lowered: &str, out: &mut Vec<u32>) {
     out.clear();
     let mut previous: Option<&str> = None;
+    // Reused per word: the word between boundary spaces and its character offsets.
+    let mut padded = String::new();
+    let mut offsets: Vec<usize> = Vec::new();
     for word in lowered
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty() && w.len() <= MAX_WORD)
@@ -30,33 +33,39 @@ pub fn features(lowered: &str, out: &mut Vec<u32>) {
         }
         previous = Some(word);
         // Character trigrams with boundaries.
-        let chars: Vec<char> = std::iter::once(' ')
-            .chain(word.chars())
-            .chain(std::iter::once(' '))
-            .collect();
-        let mut buf = [0u8; 12];
-        for window in chars.windows(3) {
-            let mut len = 0;
-            for c in window {
-                len += c.encode_utf8(&mut buf[len..]).len();
-            }
-            out.push(bucket(b'c', &buf[..len], b""));
+        padded.clear();
+        padded.push(' ');
+        padded.push_str(word);
+        padded.push(' ');
+        offsets.clear();
+        offsets.extend(padded.char_indices().map(|(i, _)| i));
+        offsets.push(padded.len());
+        for i in 0..offsets.len().saturating_sub(3) {
+            out.push(bucket(
+                b'c',
+                &padded.as_bytes()[offsets[i]..offsets[i + 3]],
+                b"",
+            ));
         }
     }
     out.sort_unstable();
     out.dedup();
 }
 
-fn bucket(namespace: u8, a: &[u8], b: &[u8]) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in std::iter::once(&namespace)
-        .chain(a)
-        .chain(std::iter::once(&0u8))
-        .chain(b)
-    {
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
         hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        hash = hash.wrapping_mul(FNV_PRIME);
     }
+    hash
+}
+
+/// FNV-1a of `namespace`, `a`, a zero byte and `b`, masked to a bucket.
+fn bucket(namespace: u8, a: &[u8], b: &[u8]) -> u32 {
+    let hash = fnv(fnv(fnv(fnv(FNV_OFFSET, &[namespace]), a), &[0]), b);
     // BUCKETS is a power of two below 2^32: the mask keeps the value in range.
     #[allow(clippy::cast_possible_truncation)]
     let index = (hash & (BUCKETS as u64 - 1)) as u32;
@@ -226,6 +235,9 @@ pub fn train(examples: &[Example], epochs: usize, rate: f32, l2: f32, seed: u64)
 mod tests {
     use super::*;
 
+    /// Buckets of "hi" (unigram, trigrams " hi" and "hi ") with the shipped hash.
+    const PINNED_HI: [u32; 3] = [37547, 83917, 114219];
+
     #[test]
     fn features_are_stable_and_distinct() {
         let mut a = Vec::new();
@@ -239,6 +251,9 @@ mod tests {
         assert!(a.iter().all(|&x| (x as usize) < BUCKETS));
         features("", &mut b);
         assert!(b.is_empty());
+        // The hash is part of the weight file's meaning: pinned.
+        features("hi", &mut b);
+        assert_eq!(b, PINNED_HI);
     }
 
     #[test]
