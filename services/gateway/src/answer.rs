@@ -56,11 +56,35 @@ impl GuardConfig {
 }
 
 /// How the gateway treats an unreachable guard, per route.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct GuardFailure {
     fail_open: Arc<BTreeSet<String>>,
     /// Requests let through unchecked (prompt or answer) because their route fails open.
     fail_open_total: Arc<AtomicU64>,
+    /// Where an unchecked request's audit event goes (none: only the metric and the usage tag).
+    audit: Option<UncheckedAudit>,
+}
+
+/// Publishes the gateway's own audit event of a request the guard did not check.
+#[derive(Clone)]
+struct UncheckedAudit {
+    js: async_nats::jetstream::Context,
+    nats: switchboard_bus::NatsConfig,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+/// The request a fail-open decision is about.
+pub struct Unchecked<'a> {
+    /// Request id.
+    pub request_id: &'a str,
+    /// App id.
+    pub app: &'a str,
+    /// Team id.
+    pub team: &'a str,
+    /// Route (requested model).
+    pub route: &'a str,
+    /// `prompt` or `answer`.
+    pub direction: &'static str,
 }
 
 impl GuardFailure {
@@ -69,28 +93,82 @@ impl GuardFailure {
         GuardFailure {
             fail_open: Arc::new(config.fail_open_routes.iter().cloned().collect()),
             fail_open_total: Arc::default(),
+            audit: None,
         }
     }
 
-    /// Whether `route` proceeds without the guard (counted and logged when it does).
-    pub fn fails_open(&self, route: &str, request_id: &str, direction: &'static str) -> bool {
-        if !self.fail_open.contains(route) {
+    /// Also publishes an audit event (decision `unchecked`, source `gateway`) to the audit stream
+    /// for every request let through unchecked, in a task tracked by `tasks`.
+    pub fn with_audit(
+        mut self,
+        js: async_nats::jetstream::Context,
+        nats: switchboard_bus::NatsConfig,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
+        self.audit = Some(UncheckedAudit { js, nats, tasks });
+        self
+    }
+
+    /// Whether the request's route proceeds without the guard (counted, logged and audited when
+    /// it does).
+    pub fn fails_open(&self, request: &Unchecked<'_>) -> bool {
+        if !self.fail_open.contains(request.route) {
             return false;
         }
         let total = self.fail_open_total.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(
-            request.id = %request_id,
-            route = %route,
-            direction,
+            request.id = %request.request_id,
+            route = %request.route,
+            direction = request.direction,
             guard_fail_open_total = total,
             "guard unavailable; route fails open: request proceeds unchecked"
         );
+        if let Some(audit) = &self.audit {
+            let event = unchecked_event(request);
+            let parent = switchboard_telemetry::current_context();
+            let (js, nats) = (audit.js.clone(), audit.nats.clone());
+            audit.tasks.spawn(async move {
+                let published = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    switchboard_bus::publish_audit_in(&js, &nats, &event, &parent)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await;
+                if !matches!(published, Ok(Ok(_))) {
+                    tracing::error!(audit.event_id = %event.event_id, "audit event of an unchecked request not published");
+                }
+            });
+        }
         true
     }
 
     /// `switchboard_guard_fail_open_total`.
     pub fn fail_open_total(&self) -> u64 {
         self.fail_open_total.load(Ordering::Relaxed)
+    }
+}
+
+/// The audit event of a request let through without the guard.
+fn unchecked_event(request: &Unchecked<'_>) -> switchboard_bus::AuditEvent {
+    let occurred_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    switchboard_bus::AuditEvent {
+        event_id: format!("{}:{}:0", request.request_id, request.direction),
+        request_id: request.request_id.to_owned(),
+        app: request.app.to_owned(),
+        team: request.team.to_owned(),
+        route: request.route.to_owned(),
+        direction: request.direction.to_owned(),
+        decision: "unchecked".to_owned(),
+        injection_decision: "none".to_owned(),
+        trace_id: switchboard_telemetry::current_trace_id(),
+        occurred_at_unix_ms,
+        source: "gateway".to_owned(),
+        ..Default::default()
     }
 }
 
@@ -117,10 +195,22 @@ mod tests {
         let failure = GuardFailure::new(&GuardConfig {
             fail_open_routes: vec!["open".into()],
         });
-        assert!(!failure.fails_open("gpt-4o", "r1", "prompt"));
-        assert!(failure.fails_open("open", "r2", "prompt"));
+        let request = |route| Unchecked {
+            request_id: "r1",
+            app: "a",
+            team: "t",
+            route,
+            direction: "prompt",
+        };
+        assert!(!failure.fails_open(&request("gpt-4o")));
+        assert!(failure.fails_open(&request("open")));
         assert_eq!(failure.fail_open_total(), 1);
-        assert!(!GuardFailure::default().fails_open("open", "r3", "prompt"));
+        assert!(!GuardFailure::default().fails_open(&request("open")));
+        let event = unchecked_event(&request("open"));
+        assert_eq!(
+            (event.event_id.as_str(), event.decision.as_str()),
+            ("r1:prompt:0", "unchecked")
+        );
     }
 
     #[test]

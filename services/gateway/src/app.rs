@@ -88,6 +88,7 @@ impl App {
             config.outbox_max_bytes,
         )?;
         let nats_client = nats.connect().await?;
+        let audit_nats = nats.clone();
         let (sink, publisher) =
             usage::channel_with_outbox(nats, config.usage_queue_capacity, outbox);
         let tasks = TaskTracker::new();
@@ -120,7 +121,11 @@ impl App {
             config.max_in_flight,
         )
         .with_limits(budgets.clone(), rate_limits)
-        .with_guard_failure(crate::answer::GuardFailure::new(&config.guard));
+        .with_guard_failure(crate::answer::GuardFailure::new(&config.guard).with_audit(
+            async_nats::jetstream::new(nats_client.clone()),
+            audit_nats,
+            tasks.clone(),
+        ));
         let shared = Shared {
             keys: KeyStore::new(&config.keys),
             pipeline,

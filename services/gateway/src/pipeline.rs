@@ -701,42 +701,27 @@ impl Pipeline {
                     // Text still held back (a stream without a finish reason) is checked and
                     // sent before the end.
                     if let Some(hold) = hold.as_mut() {
-                        let rest = hold.drain();
-                        if !rest.is_empty() {
-                            let mut chunk = ChatChunk {
-                                id: response_id.clone(),
-                                ..Default::default()
-                            };
-                            for (index, text) in rest {
-                                hold.windows += 1;
-                                let checked =
-                                    self.check_window(&ctx, &request, text, hold.windows).await;
-                                let content = match checked {
-                                    Ok(content) => content,
-                                    Err(error) => {
-                                        let route = self.record_partial(
-                                            &ctx,
-                                            &request,
-                                            cache_status,
-                                            &assembled,
-                                            Some(&error),
-                                        );
-                                        settle(&route);
-                                        let _ = tx.send(StreamEvent::Failed(error)).await;
-                                        return;
-                                    }
-                                };
-                                chunk.choices.push(ChoiceDelta {
-                                    index,
-                                    content,
-                                    ..Default::default()
-                                });
+                        match self.flush_hold(&ctx, &request, hold, &response_id).await {
+                            Ok(None) => {}
+                            Ok(Some(mut chunk)) => {
+                                assembled.add(&chunk);
+                                if let Some(restorer) = restorer.as_mut() {
+                                    restorer.chunk(&mut chunk);
+                                }
+                                let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                             }
-                            assembled.add(&chunk);
-                            if let Some(restorer) = restorer.as_mut() {
-                                restorer.chunk(&mut chunk);
+                            Err(error) => {
+                                let route = self.record_partial(
+                                    &ctx,
+                                    &request,
+                                    cache_status,
+                                    &assembled,
+                                    Some(&error),
+                                );
+                                settle(&route);
+                                let _ = tx.send(StreamEvent::Failed(error)).await;
+                                return;
                             }
-                            let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                         }
                     }
                     let usage = assembled
@@ -767,6 +752,17 @@ impl Pipeline {
                 Ok(None) => None,
                 Err(status) => {
                     let error = GatewayError::from_status("router", &status);
+                    // What was received and held back is checked and sent before the error.
+                    if let Some(hold) = hold.as_mut()
+                        && let Ok(Some(mut chunk)) =
+                            self.flush_hold(&ctx, &request, hold, &response_id).await
+                    {
+                        assembled.add(&chunk);
+                        if let Some(restorer) = restorer.as_mut() {
+                            restorer.chunk(&mut chunk);
+                        }
+                        let _ = tx.send(StreamEvent::Chunk(chunk)).await;
+                    }
                     let route =
                         self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
                     settle(&route);
@@ -855,10 +851,13 @@ impl Pipeline {
                 code: ErrorCode::Unavailable | ErrorCode::Timeout,
                 ..
             } => {
-                if self
-                    .guard_failure
-                    .fails_open(route, &ctx.request_id, direction)
-                {
+                if self.guard_failure.fails_open(&crate::answer::Unchecked {
+                    request_id: &ctx.request_id,
+                    app: &ctx.principal.app,
+                    team: &ctx.principal.team,
+                    route,
+                    direction,
+                }) {
                     None
                 } else {
                     Some(GatewayError::GuardUnavailable {
@@ -958,10 +957,39 @@ impl Pipeline {
                 stable
             } else {
                 hold.windows += 1;
-                self.check_window(ctx, request, stable, hold.windows).await?
+                self.check_window(ctx, request, stable, hold.windows)
+                    .await?
             };
         }
         Ok(())
+    }
+
+    /// The checked text still held back, as one chunk (none when nothing is held).
+    async fn flush_hold(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        hold: &mut StreamHold,
+        response_id: &str,
+    ) -> Result<Option<ChatChunk>, GatewayError> {
+        let rest = hold.drain();
+        if rest.is_empty() {
+            return Ok(None);
+        }
+        let mut chunk = ChatChunk {
+            id: response_id.to_owned(),
+            ..Default::default()
+        };
+        for (index, text) in rest {
+            hold.windows += 1;
+            let content = self.check_window(ctx, request, text, hold.windows).await?;
+            chunk.choices.push(ChoiceDelta {
+                index,
+                content,
+                ..Default::default()
+            });
+        }
+        Ok(Some(chunk))
     }
 
     /// One window of a streamed answer through CheckAnswer: the text to send instead.

@@ -78,6 +78,8 @@ keys = [
 [guard]
 grpc_addr = "127.0.0.1:0"
 default_action = "redact"
+# Answers pass unchecked (no CheckAnswer RPC, streams not held back) unless an app says otherwise.
+answer_action = "allow"
 [guard.apps.app-b]
 action = "block"
 [guard.apps.app-c]
