@@ -487,6 +487,26 @@ async fn an_unreachable_guard_fails_closed_by_default_and_open_on_listed_routes(
         record.tags.get("switchboard.guard").map(String::as_str),
         Some("unchecked")
     );
+    // And the audit trail has the gateway's `unchecked` event of it.
+    let pool = sqlx::PgPool::connect(&mesh.pg.url).await.unwrap();
+    let mut unchecked: Vec<(String, String, String)> = Vec::new();
+    for _ in 0..200 {
+        unchecked = sqlx::query_as(
+            "SELECT request_id, source, route FROM audit_events WHERE decision = 'unchecked'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if !unchecked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        unchecked,
+        [(request_id, "gateway".to_owned(), OPEN_ROUTE.to_owned())]
+    );
+    pool.close().await;
     mesh.stop().await;
 }
 
