@@ -17,8 +17,8 @@ use async_nats::{
 };
 use prost::Message as _;
 use serde::Deserialize;
-pub use switchboard_proto::ledger::v1::UsageEvent;
 pub use switchboard_proto::guard::v1::AuditEvent;
+pub use switchboard_proto::ledger::v1::UsageEvent;
 
 /// The `[nats]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]

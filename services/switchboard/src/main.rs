@@ -170,7 +170,8 @@ async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()
     let ledger = switchboard_ledger::App::build(mesh.ledger, mesh.nats.clone()).await?;
     let router = switchboard_router::App::build(mesh.router).await?;
     let cache = switchboard_cache::App::build(mesh.cache, mesh.nats.clone()).await?;
-    let guard = switchboard_guard::App::build(mesh.guard).await?;
+    let guard =
+        switchboard_guard::App::build_with_audit(mesh.guard, Some(mesh.nats.clone())).await?;
     let gateway = switchboard_gateway::App::build(mesh.gateway, mesh.nats).await?;
     tracing::info!(
         http = %gateway.http_addr(),
