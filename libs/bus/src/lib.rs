@@ -198,18 +198,14 @@ pub async fn publish_usage_in(
     parent: &opentelemetry::Context,
 ) -> Result<PublishAckFuture, BusError> {
     let subject = config.usage_subject(&event.app);
-    let mut headers = HeaderMap::new();
-    switchboard_telemetry::inject_nats_context(parent, &mut headers);
-    let message = PublishMessage::build()
-        .headers(headers)
-        .message_id(&event.request_id)
-        .payload(event.encode_to_vec().into());
-    js.send_publish(subject.clone(), message)
-        .await
-        .map_err(|e| BusError::Publish {
-            subject,
-            message: e.to_string(),
-        })
+    publish_traced(
+        js,
+        subject,
+        &event.request_id,
+        event.encode_to_vec(),
+        parent,
+    )
+    .await
 }
 
 /// Publishes an audit event with `Nats-Msg-Id` = its event id and the trace context `parent`.
@@ -221,12 +217,24 @@ pub async fn publish_audit_in(
     parent: &opentelemetry::Context,
 ) -> Result<PublishAckFuture, BusError> {
     let subject = config.audit_subject(&event.app);
+    publish_traced(js, subject, &event.event_id, event.encode_to_vec(), parent).await
+}
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `id` (JetStream de-duplicates on it) and
+/// the trace context `parent` in the headers.
+async fn publish_traced(
+    js: &jetstream::Context,
+    subject: String,
+    id: &str,
+    payload: Vec<u8>,
+    parent: &opentelemetry::Context,
+) -> Result<PublishAckFuture, BusError> {
     let mut headers = HeaderMap::new();
     switchboard_telemetry::inject_nats_context(parent, &mut headers);
     let message = PublishMessage::build()
         .headers(headers)
-        .message_id(&event.event_id)
-        .payload(event.encode_to_vec().into());
+        .message_id(id)
+        .payload(payload.into());
     js.send_publish(subject.clone(), message)
         .await
         .map_err(|e| BusError::Publish {
