@@ -2,7 +2,12 @@
 //! reflection, one traced server span per RPC, graceful shutdown, and lazily connected channels
 //! that propagate the trace context.
 
+mod coalesce;
+mod cork;
 mod service_main;
+
+pub use coalesce::{Coalesced, CoalescedBody};
+pub use cork::Corked;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -17,8 +22,9 @@ use tonic::{
     transport::{Channel, Endpoint, Server},
 };
 
-/// A client channel that injects the trace context into every call.
-pub type TracedChannel = InterceptedService<Channel, TracePropagation>;
+/// A client channel that injects the trace context into every call and sends a unary call's
+/// message with END_STREAM (one write fewer per call, see [`Coalesced`]).
+pub type TracedChannel = InterceptedService<Coalesced<Channel>, TracePropagation>;
 
 /// Errors while starting a server or building a client.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +68,33 @@ pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
             source,
         })?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     Ok(InterceptedService::new(
-        endpoint.connect_lazy(),
+        Coalesced::new(endpoint.connect_with_connector_lazy(tower::service_fn(connect))),
         TracePropagation,
     ))
+}
+
+/// Dials `uri` over TCP (no Nagle delay) and corks the connection (see [`Corked`]).
+async fn connect(
+    uri: http::Uri,
+) -> Result<hyper_util::rt::TokioIo<Corked<tokio::net::TcpStream>>, std::io::Error> {
+    let invalid = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no host in {uri}"),
+        )
+    };
+    let host = uri.host().ok_or_else(invalid)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(hyper_util::rt::TokioIo::new(Corked::new(tcp)))
 }
 
 /// Serves `routes` on `listener` with health checking (every named service reported SERVING),
@@ -99,7 +125,10 @@ pub async fn serve(
         .trace_fn(switchboard_telemetry::grpc_server_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            futures::TryStreamExt::map_ok(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                Corked::new,
+            ),
             shutdown,
         )
         .await?;
