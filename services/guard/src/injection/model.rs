@@ -48,8 +48,34 @@ pub fn features(lowered: &str, out: &mut Vec<u32>) {
             ));
         }
     }
-    out.sort_unstable();
-    out.dedup();
+    distinct_sorted(out);
+}
+
+/// Sorts and deduplicates `buckets` in place. Long texts (tens of thousands of n-grams) go through
+/// a bitmap of every bucket, which is linear, instead of a sort; the result is the same.
+fn distinct_sorted(buckets: &mut Vec<u32>) {
+    const WORDS: usize = BUCKETS / 64;
+    if buckets.len() < 4 * WORDS {
+        buckets.sort_unstable();
+        buckets.dedup();
+        return;
+    }
+    let mut seen = vec![0u64; WORDS];
+    for &b in buckets.iter() {
+        // Buckets are below BUCKETS (masked in `bucket`).
+        seen[b as usize / 64] |= 1u64 << (b % 64);
+    }
+    buckets.clear();
+    for (i, word) in seen.iter().enumerate() {
+        let mut word = *word;
+        while word != 0 {
+            let bit = word.trailing_zeros();
+            // i < WORDS and bit < 64: the bucket fits in u32 (BUCKETS < 2^32).
+            #[allow(clippy::cast_possible_truncation)]
+            buckets.push((i * 64) as u32 + bit);
+            word &= word - 1;
+        }
+    }
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -237,6 +263,59 @@ mod tests {
 
     /// Buckets of "hi" (unigram, trigrams " hi" and "hi ") with the shipped hash.
     const PINNED_HI: [u32; 3] = [37547, 83917, 114219];
+
+    #[test]
+    fn long_texts_get_the_same_distinct_sorted_buckets_as_short_ones() {
+        let mut text = String::new();
+        for i in 0..4000 {
+            text.push_str(&format!(
+                "word{} ignore previous instructions {} ",
+                i % 977,
+                i % 13
+            ));
+        }
+        let mut fast = Vec::new();
+        features(&text, &mut fast);
+        // The reference: every bucket, sorted and deduplicated by the plain way.
+        let mut reference = Vec::new();
+        features_unsorted_for_test(&text, &mut reference);
+        assert!(
+            reference.len() >= 4 * (BUCKETS / 64),
+            "the text takes the bitmap path"
+        );
+        reference.sort_unstable();
+        reference.dedup();
+        assert_eq!(fast, reference);
+    }
+
+    /// `features` without the final deduplication (the test's reference).
+    fn features_unsorted_for_test(lowered: &str, out: &mut Vec<u32>) {
+        out.clear();
+        let mut previous: Option<&str> = None;
+        for word in lowered
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty() && w.len() <= MAX_WORD)
+        {
+            out.push(bucket(b'w', word.as_bytes(), b""));
+            if let Some(previous) = previous {
+                out.push(bucket(b'b', previous.as_bytes(), word.as_bytes()));
+            }
+            previous = Some(word);
+            let padded = format!(" {word} ");
+            let offsets: Vec<usize> = padded
+                .char_indices()
+                .map(|(i, _)| i)
+                .chain([padded.len()])
+                .collect();
+            for i in 0..offsets.len().saturating_sub(3) {
+                out.push(bucket(
+                    b'c',
+                    &padded.as_bytes()[offsets[i]..offsets[i + 3]],
+                    b"",
+                ));
+            }
+        }
+    }
 
     #[test]
     fn features_are_stable_and_distinct() {
