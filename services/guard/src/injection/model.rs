@@ -18,6 +18,12 @@ const MAGIC: &[u8; 8] = b"SBINJ001";
 
 /// The distinct feature buckets of `lowered` (normalised and lower-cased text), sorted.
 pub fn features(lowered: &str, out: &mut Vec<u32>) {
+    every_bucket(lowered, out);
+    distinct_sorted(out);
+}
+
+/// Every feature bucket of `lowered`, repeats included, in text order.
+fn every_bucket(lowered: &str, out: &mut Vec<u32>) {
     out.clear();
     let mut previous: Option<&str> = None;
     // Reused per word: the word between boundary spaces and its character offsets.
@@ -48,7 +54,6 @@ pub fn features(lowered: &str, out: &mut Vec<u32>) {
             ));
         }
     }
-    distinct_sorted(out);
 }
 
 /// Sorts and deduplicates `buckets` in place. Long texts (tens of thousands of n-grams) go through
@@ -278,7 +283,7 @@ mod tests {
         features(&text, &mut fast);
         // The reference: every bucket, sorted and deduplicated by the plain way.
         let mut reference = Vec::new();
-        features_unsorted_for_test(&text, &mut reference);
+        every_bucket(&text, &mut reference);
         assert!(
             reference.len() >= 4 * (BUCKETS / 64),
             "the text takes the bitmap path"
@@ -286,35 +291,6 @@ mod tests {
         reference.sort_unstable();
         reference.dedup();
         assert_eq!(fast, reference);
-    }
-
-    /// `features` without the final deduplication (the test's reference).
-    fn features_unsorted_for_test(lowered: &str, out: &mut Vec<u32>) {
-        out.clear();
-        let mut previous: Option<&str> = None;
-        for word in lowered
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty() && w.len() <= MAX_WORD)
-        {
-            out.push(bucket(b'w', word.as_bytes(), b""));
-            if let Some(previous) = previous {
-                out.push(bucket(b'b', previous.as_bytes(), word.as_bytes()));
-            }
-            previous = Some(word);
-            let padded = format!(" {word} ");
-            let offsets: Vec<usize> = padded
-                .char_indices()
-                .map(|(i, _)| i)
-                .chain([padded.len()])
-                .collect();
-            for i in 0..offsets.len().saturating_sub(3) {
-                out.push(bucket(
-                    b'c',
-                    &padded.as_bytes()[offsets[i]..offsets[i + 3]],
-                    b"",
-                ));
-            }
-        }
     }
 
     #[test]
