@@ -335,8 +335,12 @@ async fn three_replicas_never_overspend_a_hard_budget() -> anyhow::Result<()> {
     );
     assert!(status.settled_usd_nanos <= LIMIT, "{status:?}");
     assert_eq!(status.recorded_usd_nanos, recorded);
+    // What the leases have reported plus what they may still spend never exceeds the limit. (Adding
+    // `recorded` instead would count twice a request whose usage row arrived before its replica
+    // reported the spend on the lease: the ledger's grant rule does that on purpose, to be
+    // conservative, but a snapshot of it can exceed the limit without any overspend.)
     assert!(
-        status.settled_usd_nanos.max(status.recorded_usd_nanos) + status.leased_usd_nanos <= LIMIT,
+        status.settled_usd_nanos + status.leased_usd_nanos <= LIMIT,
         "{status:?}"
     );
     mesh.stop().await
