@@ -240,23 +240,147 @@ mod tests {
 /// provider's chunking is whole when its window is checked.
 pub const STREAM_HOLD_CHARS: usize = 128;
 
-/// Where the stable part of `pending` (to be checked and sent now) ends: the last whitespace that
-/// leaves at least [`STREAM_HOLD_CHARS`] characters held back and does not sit between two digits
-/// (a card or phone number written in groups), or `None` when nothing is stable yet.
+/// The most characters held back while no safe cut point exists (a long run of capitalised words,
+/// numbers or text without whitespace): beyond this a window is cut anyway, so a stream never
+/// stalls. The cut then falls at the last whitespace not between two digits that leaves at most
+/// this many characters held, or, when there is none, exactly [`STREAM_HOLD_CHARS`] before the end.
+pub const STREAM_MAX_HOLD_CHARS: usize = 1024;
+
+/// Where the stable part of `pending` (to be checked and sent now) ends, or `None` when nothing
+/// is stable yet. At least [`STREAM_HOLD_CHARS`] characters are always held back. Each window is
+/// checked on its own, so the cut must not fall inside a multi-word entity (a name, a street
+/// address, a phone number or IBAN written in groups). In order of preference, the cut is after:
+///
+/// 1. the last line break or sentence end (`.`, `!`, `?`, not after an initial or a title such as
+///    `Q.`, `Dr.`, `St.`, and not followed by a lower-case letter);
+/// 2. the last whitespace that is safe: not between two capitalised words (or name particles such
+///    as `van`, `de`), not after a word containing a digit (`221B Baker`, `+44 20`, `DE89 3704`),
+///    and not before one starting with a digit;
+/// 3. only when more than [`STREAM_MAX_HOLD_CHARS`] are pending and neither 1 nor 2 leaves at
+///    most that many held: the last whitespace not between two digits that does, else a hard cut
+///    [`STREAM_HOLD_CHARS`] before the end.
 pub fn stable_cut(pending: &str) -> Option<usize> {
     let chars: Vec<(usize, char)> = pending.char_indices().collect();
     if chars.len() <= STREAM_HOLD_CHARS {
         return None;
     }
     let limit = chars.len() - STREAM_HOLD_CHARS;
-    (1..=limit).rev().find_map(|i| {
-        let (at, c) = chars[i];
+    let byte_after = |i: usize| chars[i].0 + chars[i].1.len_utf8();
+    // Whitespace positions in the stable region, last first.
+    let spaces = || (1..=limit).rev().filter(|&i| chars[i].1.is_whitespace());
+    let within_bound = |i: usize| chars.len() - (i + 1) <= STREAM_MAX_HOLD_CHARS;
+    let over_bound = chars.len() > STREAM_MAX_HOLD_CHARS;
+    let acceptable = |i: &usize| !over_bound || within_bound(*i);
+    if let Some(i) = spaces()
+        .find(|&i| is_sentence_break(&chars, i))
+        .filter(acceptable)
+    {
+        return Some(byte_after(i));
+    }
+    if let Some(i) = spaces()
+        .find(|&i| is_safe_break(&chars, i))
+        .filter(acceptable)
+    {
+        return Some(byte_after(i));
+    }
+    if !over_bound {
+        return None;
+    }
+    // Bounded hold: the old rule, then a hard cut.
+    let fallback = spaces().take_while(|&i| within_bound(i)).find(|&i| {
         let before = chars[i - 1].1;
         let after = chars.get(i + 1).map(|(_, c)| *c);
-        (c.is_whitespace()
-            && !(before.is_ascii_digit() && after.is_some_and(|a| a.is_ascii_digit())))
-        .then_some(at + c.len_utf8())
-    })
+        !(before.is_ascii_digit() && after.is_some_and(|a| a.is_ascii_digit()))
+    });
+    Some(fallback.map_or(chars[limit].0, byte_after))
+}
+
+/// Titles and abbreviations after which a period does not end a sentence (lower case).
+const ABBREVIATIONS: &[&str] = &[
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "ste", "mt", "ft", "ave", "av", "rd",
+    "blvd", "ln", "apt", "no", "nr", "vs", "co", "inc", "ltd", "hr", "fr", "frau", "herr", "sra",
+    "sgt", "capt", "gen", "rev", "hon", "tel", "ph", "ext", "e.g", "i.e", "etc", "approx",
+];
+
+/// Lower-case particles that belong to a name or a street between capitalised words
+/// (`Ludwig van Beethoven`, `Rue de la Paix`).
+const NAME_PARTICLES: &[&str] = &[
+    "van", "von", "der", "den", "de", "del", "della", "di", "da", "du", "dos", "das", "la", "le",
+    "ter", "ten", "bin", "al", "el", "y", "zu", "of",
+];
+
+/// The whitespace-separated word ending before `chars[i]` (skipping whitespace), as a string.
+fn word_before(chars: &[(usize, char)], i: usize) -> String {
+    let mut end = i;
+    while end > 0 && chars[end - 1].1.is_whitespace() {
+        end -= 1;
+    }
+    let mut start = end;
+    while start > 0 && !chars[start - 1].1.is_whitespace() {
+        start -= 1;
+    }
+    chars[start..end].iter().map(|(_, c)| c).collect()
+}
+
+/// The whitespace-separated word starting after `chars[i]` (skipping whitespace).
+fn word_after(chars: &[(usize, char)], i: usize) -> String {
+    chars[i + 1..]
+        .iter()
+        .map(|(_, c)| *c)
+        .skip_while(|c| c.is_whitespace())
+        .take_while(|c| !c.is_whitespace())
+        .collect()
+}
+
+/// A line break, or whitespace after a sentence's final `.`/`!`/`?` (closing quotes or brackets
+/// may follow it).
+fn is_sentence_break(chars: &[(usize, char)], i: usize) -> bool {
+    if matches!(chars[i].1, '\n' | '\r' | '\u{2028}' | '\u{2029}') {
+        return true;
+    }
+    let before = word_before(chars, i);
+    let trimmed = before.trim_end_matches(['"', '\'', ')', ']', '\u{201d}', '\u{2019}']);
+    let Some(last) = trimmed.chars().next_back() else {
+        return false;
+    };
+    if !matches!(last, '.' | '!' | '?') {
+        return false;
+    }
+    let next = word_after(chars, i);
+    if next.chars().next().is_some_and(char::is_lowercase) {
+        return false;
+    }
+    if last == '.' {
+        let stem = trimmed
+            .trim_end_matches('.')
+            .trim_start_matches(['"', '\'', '(', '[']);
+        let single_letter = stem.chars().count() == 1 && stem.chars().all(char::is_alphabetic);
+        if single_letter || ABBREVIATIONS.contains(&stem.to_lowercase().as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whitespace that no multi-word entity crosses: see [`stable_cut`], rule 2.
+fn is_safe_break(chars: &[(usize, char)], i: usize) -> bool {
+    let before = word_before(chars, i);
+    let after = word_after(chars, i);
+    if before.chars().any(|c| c.is_ascii_digit()) {
+        return false;
+    }
+    let first = |w: &str| {
+        w.chars()
+            .find(|c| !matches!(c, '(' | '[' | '"' | '\'' | '+'))
+    };
+    if first(&after).is_some_and(|c| c.is_ascii_digit()) {
+        return false;
+    }
+    let name_like = |w: &str| {
+        let bare = w.trim_matches(|c: char| !c.is_alphanumeric());
+        first(w).is_some_and(char::is_uppercase) || NAME_PARTICLES.contains(&bare)
+    };
+    !(name_like(&before) && name_like(&after))
 }
 
 /// Held-back answer text of a stream, per choice index.
@@ -321,5 +445,173 @@ mod stream_tests {
         let cut = stable_cut(&card).unwrap();
         assert!(!card[..cut].contains("4111 1111") || card[..cut].contains("4111 1111 1111 1111"));
         assert_eq!(hold.push(1, "tail", true), "tail");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod window_tests {
+    use super::*;
+
+    /// The cut of the rule before this fix: the last whitespace leaving the hold, not between two
+    /// digits (to show that each case below really straddles the old cut).
+    fn old_cut(pending: &str) -> Option<usize> {
+        let chars: Vec<(usize, char)> = pending.char_indices().collect();
+        if chars.len() <= STREAM_HOLD_CHARS {
+            return None;
+        }
+        let limit = chars.len() - STREAM_HOLD_CHARS;
+        (1..=limit).rev().find_map(|i| {
+            let (at, c) = chars[i];
+            let before = chars[i - 1].1;
+            let after = chars.get(i + 1).map(|(_, c)| *c);
+            (c.is_whitespace()
+                && !(before.is_ascii_digit() && after.is_some_and(|a| a.is_ascii_digit())))
+            .then_some(at + c.len_utf8())
+        })
+    }
+
+    /// Lower-case filler words of exactly `len` characters (starting with a space).
+    fn filler(len: usize) -> String {
+        let mut out = String::new();
+        while out.len() < len {
+            out.push_str(" lorem");
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Streams `text` through a hold in one push of `first` characters, then chunks of 16, and
+    /// returns the windows.
+    fn windows(text: &str, first: usize) -> Vec<String> {
+        let mut hold = StreamHold::default();
+        let mut out = vec![hold.push(0, &text[..first], false)];
+        let rest = &text[first..];
+        let mut at = 0;
+        while at < rest.len() {
+            let end = (at + 16).min(rest.len());
+            out.push(hold.push(0, &rest[at..end], end == rest.len()));
+            at = end;
+        }
+        out.retain(|w| !w.is_empty());
+        out
+    }
+
+    #[test]
+    fn entities_across_the_old_cut_point_end_up_whole_in_one_window() {
+        // (entity, byte offset of the whitespace inside it where the old rule cut)
+        for (entity, split) in [
+            ("Jane Doe", "Jane ".len()),
+            ("Dr. Jane Q. Doe", "Dr. Jane Q. ".len()),
+            ("221B Baker Street", "221B ".len()),
+            ("221B Baker Street", "221B Baker ".len()),
+            ("+44 (0)20 7946 0958", "+44 ".len()),
+            ("+44 20 7946 0958", "+44 20 ".len()),
+            ("GB82 WEST 1234 5698 7654 32", "GB82 ".len()),
+            ("GB82 WEST 1234 5698 7654 32", "GB82 WEST ".len()),
+            ("DE89 3704 0044 0532 0130 00", "DE89 3704 ".len()),
+            ("Ludwig van Beethoven", "Ludwig van ".len()),
+        ] {
+            let prefix = format!("the answer is{} for", filler(200));
+            let pending_len = prefix.len() + 1 + split + STREAM_HOLD_CHARS;
+            let text = format!("{prefix} {entity}{}", filler(600));
+            let first = &text[..pending_len];
+            // The old rule cut right inside the entity (only where it was not between digits).
+            let old = old_cut(first).unwrap();
+            let inside = prefix.len() + 1 + split;
+            if !(entity.as_bytes()[split - 2].is_ascii_digit()
+                && entity.as_bytes()[split].is_ascii_digit())
+            {
+                assert_eq!(old, inside, "{entity}: the setup must straddle the old cut");
+            }
+            let cut = stable_cut(first).unwrap();
+            assert!(
+                cut <= prefix.len() + 1 || cut >= inside + entity.len() - split,
+                "{entity}: cut at {cut} inside {}..{}",
+                prefix.len() + 1,
+                prefix.len() + 1 + entity.len()
+            );
+            let windows = windows(&text, pending_len);
+            assert!(windows.len() > 2, "{entity}: still streamed in windows");
+            assert_eq!(windows.concat(), text, "{entity}: nothing lost or repeated");
+            assert_eq!(
+                windows.iter().filter(|w| w.contains(entity)).count(),
+                1,
+                "{entity}: whole in one window: {windows:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sentence_ends_and_line_breaks_are_preferred_over_other_whitespace() {
+        let text = format!(
+            "We met Jane. Then lunch with friends{}{}",
+            filler(40),
+            filler(STREAM_HOLD_CHARS)
+        );
+        assert_eq!(stable_cut(&text), Some("We met Jane. ".len()));
+        let text = format!(
+            "A list:\nitem one and two{}{}",
+            filler(40),
+            filler(STREAM_HOLD_CHARS)
+        );
+        assert_eq!(stable_cut(&text), Some("A list:\n".len()));
+        // Not after an initial or a title, nor before a lower-case word.
+        for text in ["Ask Dr. Jane Q. Doe", "see approx. ten"] {
+            let pending = format!("{text}{}", filler(STREAM_HOLD_CHARS));
+            let cut = stable_cut(&pending).unwrap_or(0);
+            assert!(
+                !matches!(
+                    &pending[..cut],
+                    "Ask Dr. " | "Ask Dr. Jane Q. " | "see approx. "
+                ),
+                "{text}: {cut}"
+            );
+        }
+        // Safe whitespace between lower-case words is still used when there is no sentence end.
+        let text = format!("plain words here{}", filler(STREAM_HOLD_CHARS));
+        assert_eq!(stable_cut(&text), Some("plain words here ".len()));
+        let text = format!("plain words Here{}", filler(STREAM_HOLD_CHARS));
+        assert_eq!(stable_cut(&text), Some("plain words Here ".len()));
+        let text = format!("plain Words Here{}", filler(STREAM_HOLD_CHARS - 1));
+        assert_eq!(stable_cut(&text), Some("plain ".len()));
+    }
+
+    #[test]
+    fn a_long_text_without_a_safe_point_still_flushes_within_the_bound() {
+        let capitalised = "Alpha Beta Gamma Delta ".repeat(200);
+        let digits = "12 34 56 78 90 ".repeat(300);
+        let blob = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo".repeat(150);
+        for text in [capitalised, digits, blob] {
+            let mut hold = StreamHold::default();
+            let mut released = String::new();
+            let mut at = 0;
+            while at < text.len() {
+                let end = (at + 7).min(text.len());
+                released.push_str(&hold.push(0, &text[at..end], false));
+                let held = text[..end].len() - released.len();
+                assert!(
+                    held <= STREAM_MAX_HOLD_CHARS + 7,
+                    "held {held} characters: the stream stalls"
+                );
+                at = end;
+            }
+            assert!(
+                released.len() >= text.len() - STREAM_MAX_HOLD_CHARS - 7,
+                "released {} of {}",
+                released.len(),
+                text.len()
+            );
+            let rest: String = hold.drain().into_iter().map(|(_, t)| t).collect();
+            assert_eq!(released + &rest, text);
+        }
+    }
+
+    #[test]
+    fn under_the_bound_text_without_a_safe_point_is_held() {
+        let text = format!("Alpha Beta{}", " Gamma".repeat(STREAM_HOLD_CHARS / 4));
+        assert!(text.len() < STREAM_MAX_HOLD_CHARS);
+        assert_eq!(stable_cut(&text), None);
+        assert!(old_cut(&text).is_some());
     }
 }
