@@ -8,7 +8,7 @@ use switchboard_embed::{EmbedOptions, default_embed_dir};
 
 /// The default similarity threshold of a route that opts in (see docs/SEMANTIC_CACHE.md for how
 /// it was chosen).
-pub const DEFAULT_THRESHOLD: f32 = 0.97;
+pub const DEFAULT_THRESHOLD: f32 = 0.99;
 
 /// `[cache.semantic]`: the semantic cache. Off unless `enabled` and a route opts in.
 ///
@@ -24,8 +24,8 @@ pub const DEFAULT_THRESHOLD: f32 = 0.97;
 /// max_entries_per_scope = 10000
 ///
 /// [cache.semantic.routes.fast]   # the route (requested model) "fast" opts in
-/// threshold = 0.97          # lowest cosine similarity served
-/// near_miss_guard = true    # numbers, negation, antonyms and names must agree
+/// threshold = 0.99          # lowest cosine similarity served
+/// near_miss_guard = true    # numbers, negation, antonyms, names, word order and length must agree
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,7 +58,7 @@ pub struct RouteConfig {
     pub enabled: bool,
     /// Lowest cosine similarity served, in (0, 1].
     pub threshold: f32,
-    /// Turn near misses (numbers, negation, antonyms, names) into misses.
+    /// Turn near misses (numbers, negation, antonyms, names, word order, length) into misses.
     pub near_miss_guard: bool,
 }
 
@@ -176,7 +176,7 @@ mod tests {
         let text = "[cache.semantic]\nenabled = true\nmodel_dir = \"\"\nort_library = \"\"\n\
                     max_batch = 32\nmax_wait_us = 1000\nintra_threads = 0\ntop_k = 4\n\
                     max_entries_per_scope = 10000\n\
-                    [cache.semantic.routes.fast]\nthreshold = 0.97\nnear_miss_guard = true\n";
+                    [cache.semantic.routes.fast]\nthreshold = 0.99\nnear_miss_guard = true\n";
         let config = parse(text).unwrap();
         assert!(config.enabled);
         assert_eq!(config.route("fast"), Some(&RouteConfig::default()));

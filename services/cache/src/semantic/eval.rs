@@ -33,7 +33,9 @@ use crate::key::{CacheKey, ScopeKey};
 pub const PAIRS: &str = "shared/eval/semantic_cache/normalized/pairs_dev.jsonl";
 
 /// The thresholds reported.
-pub const THRESHOLDS: [f32; 10] = [0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98];
+pub const THRESHOLDS: [f32; 13] = [
+    0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99, 0.995,
+];
 
 /// The evaluation data file: `$SWITCHBOARD_EVAL_DIR/semantic_cache/normalized/pairs_dev.jsonl`,
 /// else `shared/eval/...` next to the current directory or one of its ancestors.
@@ -385,7 +387,7 @@ pub fn report(scored: &[Scored]) -> String {
             let c = count(scored, t, guard, None);
             let _ = writeln!(
                 out,
-                "| {t:.2} | {} | {:.1}% | {:.2}% | {:.2}% | {:.1}% |",
+                "| {t:.3} | {} | {:.1}% | {:.2}% | {:.2}% | {:.1}% |",
                 if guard { "on" } else { "off" },
                 100.0 * c.recall(),
                 100.0 * c.false_hits(),
@@ -408,7 +410,7 @@ pub fn report(scored: &[Scored]) -> String {
             let c = count_shared(scored, t, guard);
             let _ = writeln!(
                 out,
-                "| {t:.2} | {} | {:.1}% | {:.2}% | {:.1}% |",
+                "| {t:.3} | {} | {:.1}% | {:.2}% | {:.1}% |",
                 if guard { "on" } else { "off" },
                 100.0 * c.recall(),
                 100.0 * c.negative_hits as f64 / (c.positives + c.negatives).max(1) as f64,
