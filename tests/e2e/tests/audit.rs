@@ -100,8 +100,9 @@ impl Mesh {
             )
             .replacen(
                 "[guard.apps.app-b]",
-                "[guard.apps.app-d]\nactions = { EMAIL_ADDRESS = \"allow\", CREDIT_CARD = \"pseudonymize\" }\n\
-                 answer_actions = { EMAIL_ADDRESS = \"redact\" }\n[guard.apps.app-b]",
+                "[guard.apps.app-d]\nentities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\", \"IBAN_CODE\"]\n\
+                 actions = { EMAIL_ADDRESS = \"allow\", CREDIT_CARD = \"pseudonymize\", IBAN_CODE = \"allow\" }\n\
+                 answer_actions = { EMAIL_ADDRESS = \"redact\", IBAN_CODE = \"redact\" }\n[guard.apps.app-b]",
                 1,
             )
             .replacen(
@@ -610,5 +611,58 @@ async fn streamed_answers_are_redacted_across_chunks_and_pseudonyms_still_restor
         content,
         format!("echo: {filler}mail [EMAIL_ADDRESS] {filler}card {CARD} done")
     );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn an_entity_across_a_stream_window_boundary_is_redacted_whole() {
+    captured();
+    let mesh = Mesh::start().await.unwrap();
+    // The fake answers `echo: <prompt>` in 5 equal chunks; with 1,000 characters each chunk is
+    // 200. After the first chunk the gateway holds back 128 characters, so the first window ends
+    // at or before character 72: the old cut (the last whitespace there not between two digits)
+    // fell right after `GB82 `, splitting the grouped IBAN between two windows, and neither
+    // window's check saw it whole.
+    let iban = "GB82 WEST 1234 5698 7654 32";
+    let mut before = "lorem ipsum dolor sit amet ".repeat(3)[..72 - 5 - "echo: ".len()].to_owned();
+    before.push(' ');
+    let after_len = 1000 - "echo: ".len() - before.len() - iban.len();
+    let after = " lorem ipsum dolor sit amet".repeat(40)[..after_len].to_owned();
+    let prompt = format!("{before}{iban}{after}");
+    let answer = format!("echo: {prompt}");
+    assert_eq!(answer.chars().count(), 1000);
+    assert_eq!(
+        &answer[68..73],
+        "GB82 ",
+        "the IBAN straddles the old cut at 72"
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", mesh.http_url))
+        .bearer_auth(KEY_D)
+        .json(&json!({"model": MODEL, "stream": true,
+            "messages": [{"role": "user", "content": prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let mut content = String::new();
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(text);
+        }
+    }
+    assert!(
+        !content.contains("WEST 1234"),
+        "the IBAN is redacted: {content}"
+    );
+    assert_eq!(content, format!("echo: {before}[IBAN_CODE]{after}"));
     mesh.stop().await;
 }
