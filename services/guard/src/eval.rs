@@ -34,6 +34,12 @@ pub enum EvalError {
         path: String,
         source: std::io::Error,
     },
+    /// A file cannot be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     /// A line is not the expected JSON.
     #[error("{path}:{line}: {source}")]
     Json {
@@ -264,6 +270,87 @@ pub fn evaluate_pii(rows: &[PiiRow]) -> Result<PiiReport, EvalError> {
         micro,
         unsupported,
     })
+}
+
+/// A span the recognisers got wrong: a gold span no prediction matches exactly (`missed`), or a
+/// prediction no gold span matches exactly (`false`), with the text around it (for analysis only;
+/// the output holds the evaluated data, so it belongs in a scratch directory, never in the repository).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PiiError {
+    /// `missed` or `false`.
+    pub kind: &'static str,
+    /// The guard's entity type.
+    pub entity_type: String,
+    /// The span's text.
+    pub value: String,
+    /// Up to 40 characters either side.
+    pub context: String,
+    /// Predictions of the same type overlapping a missed gold span (boundary errors), or gold
+    /// spans of any type overlapping a false prediction.
+    pub overlapping: Vec<String>,
+}
+
+/// The exact-match errors of the recognisers on `rows` for `entities` (every type when empty).
+pub fn pii_errors(rows: &[PiiRow], entities: &[String]) -> Result<Vec<PiiError>, EvalError> {
+    let registry =
+        Registry::builtin(&[phonenumber::country::Id::US, phonenumber::country::Id::GB])?;
+    let wanted = |e: &str| entities.is_empty() || entities.iter().any(|w| w == e);
+    let mut out = Vec::new();
+    for row in rows {
+        let chars: Vec<char> = row.text.chars().collect();
+        let slice = |r: &Range<usize>| -> String {
+            chars[r.start.min(chars.len())..r.end.min(chars.len())]
+                .iter()
+                .collect()
+        };
+        let around = |r: &Range<usize>| slice(&(r.start.saturating_sub(40)..r.end + 40));
+        let gold: Vec<(String, Range<usize>)> = row
+            .spans
+            .iter()
+            .map(|s| {
+                let mapped = map_entity(&s.entity_type).unwrap_or(s.entity_type.as_str());
+                (mapped.to_owned(), s.start..s.end)
+            })
+            .collect();
+        let predicted: Vec<(&'static str, Range<usize>)> = predict_entities(&registry, &row.text)
+            .into_iter()
+            .filter(|(e, _)| is_labelled(e))
+            .collect();
+        let overlaps = |a: &Range<usize>, b: &Range<usize>| a.start < b.end && b.start < a.end;
+        for (entity, range) in &gold {
+            if !wanted(entity) || predicted.iter().any(|(e, r)| e == entity && r == range) {
+                continue;
+            }
+            out.push(PiiError {
+                kind: "missed",
+                entity_type: entity.clone(),
+                value: slice(range),
+                context: around(range),
+                overlapping: predicted
+                    .iter()
+                    .filter(|(e, r)| e == entity && overlaps(r, range))
+                    .map(|(_, r)| slice(r))
+                    .collect(),
+            });
+        }
+        for (entity, range) in &predicted {
+            if !wanted(entity) || gold.iter().any(|(e, r)| e == entity && r == range) {
+                continue;
+            }
+            out.push(PiiError {
+                kind: "false",
+                entity_type: (*entity).to_owned(),
+                value: slice(range),
+                context: around(range),
+                overlapping: gold
+                    .iter()
+                    .filter(|(_, r)| overlaps(r, range))
+                    .map(|(e, r)| format!("{e}: {}", slice(r)))
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Entity types of the guard that the PII set labels (the others are not scored: no gold).

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! guard-eval [--pii FILE] [--injection FILE] [--format table|json]
+//!            [--errors FILE [--errors-entity TYPE]...]
 //! guard-eval train-injection [--data FILE] [--out FILE] [--epochs N]
 //! ```
 //! Without `--pii`/`--injection` it reads the shared development sets under `../shared/eval/`
@@ -30,6 +31,13 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Also write the PII spans missed and found wrongly (exact match) to FILE as JSON lines, with
+    /// the text around them. The file holds evaluation data: write it outside the repository.
+    #[arg(long)]
+    errors: Option<PathBuf>,
+    /// Restrict `--errors` to these entity types (repeatable; all types when absent).
+    #[arg(long = "errors-entity")]
+    errors_entities: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -112,6 +120,19 @@ fn run(args: Args) -> Result<(), eval::EvalError> {
     if present(&pii, "pii") {
         let rows: Vec<PiiRow> = eval::read_jsonl(&pii)?;
         let report = eval::evaluate_pii(&rows)?;
+        if let Some(path) = &args.errors {
+            let errors = eval::pii_errors(&rows, &args.errors_entities)?;
+            let mut lines = String::new();
+            for error in &errors {
+                lines.push_str(&serde_json::to_string(error).unwrap_or_default());
+                lines.push('\n');
+            }
+            std::fs::write(path, lines).map_err(|source| eval::EvalError::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
+            println!("wrote {} errors to {}", errors.len(), path.display());
+        }
         match args.format {
             Format::Table => println!("{}", eval::pii_table(&report)),
             Format::Json => {

@@ -328,6 +328,22 @@ pub fn adjust(text: &str, range: &Range<usize>, context: &Context, score: f32) -
     if context.raise.is_empty() && context.lower.is_empty() {
         return score;
     }
+    let mut score = score;
+    if word_near(text, range, context.raise) {
+        score += context.boost;
+    }
+    if word_near(text, range, context.lower) {
+        score -= context.penalty;
+    }
+    score.clamp(0.0, 1.0)
+}
+
+/// Whether one of `words` is within [`CONTEXT_BEFORE`] bytes before or [`CONTEXT_AFTER`] bytes
+/// after `range` (the window [`adjust`] uses).
+pub(crate) fn word_near(text: &str, range: &Range<usize>, words: &[&str]) -> bool {
+    if words.is_empty() {
+        return false;
+    }
     let mut from = range.start.saturating_sub(CONTEXT_BEFORE);
     while !text.is_char_boundary(from) {
         from -= 1;
@@ -336,17 +352,7 @@ pub fn adjust(text: &str, range: &Range<usize>, context: &Context, score: f32) -
     while !text.is_char_boundary(to) {
         to += 1;
     }
-    let near = |words: &[&str]| {
-        has_word(&text[from..range.start], words) || has_word(&text[range.end..to], words)
-    };
-    let mut score = score;
-    if near(context.raise) {
-        score += context.boost;
-    }
-    if near(context.lower) {
-        score -= context.penalty;
-    }
-    score.clamp(0.0, 1.0)
+    has_word(&text[from..range.start], words) || has_word(&text[range.end..to], words)
 }
 
 /// Whether `hay` contains one of `words` (ASCII case-insensitive, as a whole word).
@@ -359,12 +365,18 @@ fn has_word(hay: &str, words: &[&str]) -> bool {
         }
         (0..=hay.len() - word.len()).any(|at| {
             hay[at..at + word.len()].eq_ignore_ascii_case(word)
-                && (at == 0 || !hay[at - 1].is_ascii_alphanumeric())
+                && (at == 0 || !hay[at - 1].is_ascii_alphanumeric() || escape_before(hay, at))
                 && hay
                     .get(at + word.len())
                     .is_none_or(|b| !b.is_ascii_alphanumeric())
         })
     })
+}
+
+/// Whether `hay[..at]` ends with a literal `\n`, `\t` or `\r` escape (text pasted from JSON or
+/// code): a separator, although its last byte is a letter.
+pub(crate) fn escape_before(hay: &[u8], at: usize) -> bool {
+    at >= 2 && matches!(hay[at - 1], b'n' | b't' | b'r') && hay[at - 2] == b'\\'
 }
 
 /// The canonical form of a matched value, used for allow-lists, keyed hashes and pseudonyms:
@@ -462,6 +474,9 @@ pub(crate) mod tests {
         assert!((score("nothing 123456789") - 0.3).abs() < 1e-6);
         // Whole words only.
         assert!((score("lessn 123456789 reorders") - 0.3).abs() < 1e-6);
+        // A literal `\n` escape before a word separates it (text pasted from JSON).
+        assert!((score(r"x\nSSN:\n123456789") - 0.7).abs() < 1e-6);
+        assert!((score("xssn 123456789") - 0.3).abs() < 1e-6);
         // Too far away.
         let far = format!("ssn {} 123456789", "x".repeat(CONTEXT_BEFORE));
         assert!((score(&far) - 0.3).abs() < 1e-6);

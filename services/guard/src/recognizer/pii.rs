@@ -10,7 +10,7 @@ use regex::Regex;
 
 use super::{
     CREDIT_CARD, Candidate, Context, EMAIL_ADDRESS, IBAN_CODE, IP_ADDRESS, Input, PHONE_NUMBER,
-    Recognizer, URL_CREDENTIALS, US_SSN, collect_digits,
+    Recognizer, URL_CREDENTIALS, US_SSN, collect_digits, escape_before, word_near,
 };
 
 /// `local@domain.tld`: a dot-atom local part, one or more domain labels and an alphabetic TLD of at
@@ -54,10 +54,16 @@ impl Recognizer for EmailRecognizer {
     }
 }
 
-/// Payment cards: 13 to 19 digits (spaced-out, dash- or dot-separated digits are joined) in a known
-/// issuer range and length, passing the Luhn check. A group of digits is never split, so a card
-/// is never found inside a longer number; in a run of several groups the longest valid window of
-/// whole groups is taken (a card followed by its CVV is still found).
+/// Payment cards, passing the Luhn check, in digit groups (spaced-out, dash- or dot-separated
+/// digits are joined). A group of digits is never split, so a card is never found inside a longer
+/// number; in a run of several groups the best window of whole groups is taken (highest
+/// confidence, then longest: a card followed by its CVV is still found). Confidence:
+/// - 0.8: 13–19 digits in a known issuer range and length (Visa, Mastercard, Amex, Discover, JCB,
+///   UnionPay, Diners, Mir, Troy, RuPay);
+/// - 0.6: Maestro (50, 56–69) with 13–19 digits;
+/// - 0.35, so only with a card word nearby ("card", "credit", "visa", …): a 12-digit Maestro
+///   number, or 13–19 digits in no known range (new ranges appear; a Luhn-valid number next to
+///   the word "card" is a card whatever its issuer).
 pub struct CreditCardRecognizer;
 
 static CARD_CONTEXT: Context = Context {
@@ -68,6 +74,8 @@ static CARD_CONTEXT: Context = Context {
         "visa",
         "mastercard",
         "amex",
+        "maestro",
+        "jcb",
         "cc",
         "cvv",
         "expiry",
@@ -92,7 +100,14 @@ static CARD_CONTEXT: Context = Context {
     penalty: 0.4,
 };
 
-/// The card network of an issuer prefix and length, if any.
+/// Confidence of a Luhn-valid number in a known range of a card network.
+const CARD_KNOWN: f32 = 0.8;
+/// Confidence of a Maestro number of 13–19 digits.
+const CARD_MAESTRO: f32 = 0.6;
+/// Confidence of a Luhn-valid number no known range explains (needs a card word).
+const CARD_UNKNOWN_RANGE: f32 = 0.35;
+
+/// The card network of an issuer prefix and length, if any (Maestro last: its ranges are broad).
 pub fn card_issuer(digits: &[u8]) -> Option<&'static str> {
     let prefix = |n: usize| -> u32 {
         digits
@@ -116,22 +131,47 @@ pub fn card_issuer(digits: &[u8]) -> Option<&'static str> {
     {
         return Some("discover");
     }
-    if (3528..=3589).contains(&p4) && (16..=19).contains(&len) {
+    // JCB, and its older 15-digit ranges 1800 and 2131.
+    if ((3528..=3589).contains(&p4) && (16..=19).contains(&len))
+        || (matches!(p4, 1800 | 2131) && len == 15)
+    {
         return Some("jcb");
     }
-    if p2 == 62 && (16..=19).contains(&len) {
+    if (p2 == 62 || (8100..=8171).contains(&p4)) && (16..=19).contains(&len) {
         return Some("unionpay");
     }
-    if (((300..=305).contains(&p3) || p3 == 309 || p2 == 36) && (14..=19).contains(&len))
-        || (matches!(p2, 38 | 39) && (16..=19).contains(&len))
+    if ((300..=305).contains(&p3) || p3 == 309 || matches!(p2, 36 | 38 | 39))
+        && (14..=19).contains(&len)
     {
         return Some("diners");
+    }
+    if (2200..=2204).contains(&p4) && (16..=19).contains(&len) {
+        return Some("mir");
+    }
+    if p4 == 9792 && len == 16 {
+        return Some("troy");
+    }
+    if (p3 == 508 || p2 == 60 || matches!(p2, 81 | 82)) && len == 16 {
+        return Some("rupay");
+    }
+    if (p2 == 50 || (56..=69).contains(&p2)) && (12..=19).contains(&len) {
+        return Some("maestro");
     }
     None
 }
 
-fn card_valid(digits: &[u8]) -> bool {
-    (13..=19).contains(&digits.len()) && card_issuer(digits).is_some() && luhn_valid(digits)
+/// The base confidence of `digits` as a card number (see [`CreditCardRecognizer`]), if any.
+pub fn card_score(digits: &[u8]) -> Option<f32> {
+    if !(12..=19).contains(&digits.len()) || !luhn_valid(digits) {
+        return None;
+    }
+    match card_issuer(digits) {
+        Some("maestro") if digits.len() == 12 => Some(CARD_UNKNOWN_RANGE),
+        Some("maestro") => Some(CARD_MAESTRO),
+        Some(_) => Some(CARD_KNOWN),
+        None if digits.len() >= 13 => Some(CARD_UNKNOWN_RANGE),
+        None => None,
+    }
 }
 
 impl Recognizer for CreditCardRecognizer {
@@ -147,26 +187,40 @@ impl Recognizer for CreditCardRecognizer {
             let groups = &runs.groups[run.clone()];
             let mut i = 0;
             while i < groups.len() {
-                // The longest window of whole groups starting at `i` that is a card.
-                let mut best = None;
+                // The most confident (then longest) window of whole groups starting at `i`.
+                let mut best: Option<(usize, f32)> = None;
                 let mut count = 0;
                 for (j, g) in groups.iter().enumerate().skip(i) {
                     count += g.len();
                     if count > 19 {
                         break;
                     }
-                    if count >= 13 {
+                    if count >= 12 {
                         collect_digits(text, &groups[i..=j], &mut digits);
-                        if card_valid(&digits) {
-                            best = Some(j);
+                        if let Some(score) = card_score(&digits)
+                            && best.is_none_or(|(_, s)| score >= s)
+                        {
+                            best = Some((j, score));
                         }
                     }
                 }
-                match best {
-                    Some(j) => {
+                // A weakly validated number glued to letters is part of an identifier
+                // (`U6292878855718`, `ORD5018…`), not a card.
+                let glued = |j: usize| {
+                    let (first, last) = (groups[i].start, groups[j].end);
+                    (first > 0
+                        && text.as_bytes()[first - 1].is_ascii_alphabetic()
+                        && !escape_before(text.as_bytes(), first))
+                        || text
+                            .as_bytes()
+                            .get(last)
+                            .is_some_and(u8::is_ascii_alphabetic)
+                };
+                match best.filter(|&(j, score)| score >= CARD_KNOWN || !glued(j)) {
+                    Some((j, score)) => {
                         out.push(Candidate {
                             range: groups[i].start..groups[j].end,
-                            score: 0.8,
+                            score,
                         });
                         i = j + 1;
                     }
@@ -301,17 +355,29 @@ impl Recognizer for SsnRecognizer {
 }
 
 /// Phone numbers, parsed and validated with libphonenumber's metadata (the `phonenumber`
-/// crate): `+` / `00` international numbers for any region, national numbers for the configured
-/// regions in order. International numbers start at 0.7, formatted national numbers at 0.55,
-/// bare national digit strings at 0.4 (they need a context word such as "phone" or "call").
+/// crate). Confidence:
+/// - 0.7: `+` / `00` international numbers valid for their country (any country);
+/// - 0.55: formatted national numbers valid for one of the configured regions (in order);
+/// - 0.4: bare national digit strings valid there (need a context word such as "phone" or
+///   "call");
+/// - 0.35: national numbers valid for some other region, tried only when a context word is near
+///   (so they need it: a random digit string is valid *somewhere*).
+///
+/// An extension (`x123`, `ext. 123`, `#123`) after a valid number belongs to its span. A number
+/// glued to a date or a time (`2024-01-31 12`, `12:30`) is not a phone number; a literal `\n`,
+/// `\t` or `\r` escape before a number counts as a separator (text pasted from JSON).
 pub struct PhoneRecognizer {
     regex: Regex,
+    extension: Regex,
     regions: Vec<country::Id>,
+    /// Every region of the metadata, minus `regions`.
+    other_regions: Vec<country::Id>,
 }
 
 static PHONE_CONTEXT: Context = Context {
     raise: &[
         "phone",
+        "phones",
         "tel",
         "telephone",
         "call",
@@ -320,6 +386,12 @@ static PHONE_CONTEXT: Context = Context {
         "fax",
         "whatsapp",
         "sms",
+        "text",
+        "message",
+        "messages",
+        "voicemail",
+        "landline",
+        "hotline",
         "contact",
         "ring",
         "dial",
@@ -340,23 +412,34 @@ static PHONE_CONTEXT: Context = Context {
     penalty: 0.3,
 };
 
+/// Confidence of a national number valid only outside the configured regions (needs context).
+const PHONE_OTHER_REGION: f32 = 0.35;
+
 impl PhoneRecognizer {
-    /// Compiles the candidate pattern; national numbers are tried for `regions`.
+    /// Compiles the candidate pattern; national numbers are tried for `regions` first.
     pub fn new(regions: &[country::Id]) -> Result<Self, regex::Error> {
         // Loads the metadata now rather than on the first request.
         let _ = phonenumber::parse(Some(country::Id::US), "2025550123");
+        let other_regions = phonenumber::metadata::DATABASE
+            .iter()
+            .filter_map(|meta| meta.id().parse::<country::Id>().ok())
+            .filter(|id| !regions.contains(id))
+            .collect();
         Ok(PhoneRecognizer {
             regex: Regex::new(r"\+?\(?[0-9][0-9 ()\-./]{4,24}[0-9]")?,
+            extension: Regex::new(r"^(?i:\s?(?:x|ext\.?|extension|#)\s?)[0-9]{1,6}")?,
             regions: regions.to_vec(),
+            other_regions,
         })
     }
 
-    fn score(&self, candidate: &str) -> Option<f32> {
+    /// The confidence of `candidate`; `context`: whether a phone context word is near it.
+    fn score(&self, candidate: &str, context: bool) -> Option<f32> {
         let digits = candidate.bytes().filter(u8::is_ascii_digit).count();
         if !(7..=15).contains(&digits) || candidate.parse::<Ipv4Addr>().is_ok() {
             return None;
         }
-        if is_date(candidate) {
+        if is_date(candidate) || candidate.split(' ').any(is_date) {
             return None;
         }
         if candidate.starts_with('+') || candidate.starts_with("00") {
@@ -374,14 +457,15 @@ impl PhoneRecognizer {
                 return None;
             }
         }
+        let valid_in = |region: &country::Id| {
+            phonenumber::parse(Some(*region), candidate)
+                .is_ok_and(|number| phonenumber::is_valid(&number))
+        };
         let formatted = candidate.bytes().any(|b| !b.is_ascii_digit());
-        self.regions
-            .iter()
-            .any(|region| {
-                phonenumber::parse(Some(*region), candidate)
-                    .is_ok_and(|number| phonenumber::is_valid(&number))
-            })
-            .then_some(if formatted { 0.55 } else { 0.4 })
+        if self.regions.iter().any(valid_in) {
+            return Some(if formatted { 0.55 } else { 0.4 });
+        }
+        (context && self.other_regions.iter().any(valid_in)).then_some(PHONE_OTHER_REGION)
     }
 }
 
@@ -391,6 +475,16 @@ fn is_date(candidate: &str) -> bool {
     let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
     parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit()))
         && matches!(lens.as_slice(), [4, 2, 2] | [2, 2, 4] | [1 | 2, 1 | 2, 4])
+}
+
+/// Whether the byte before `start` separates a number from what precedes it: anything but a
+/// letter, digit, `.`, `-` or `/`; a letter only as the end of a `\n`, `\t` or `\r` escape.
+fn separated_before(bytes: &[u8], start: usize) -> bool {
+    let Some(before) = start.checked_sub(1).map(|i| bytes[i]) else {
+        return true;
+    };
+    escape_before(bytes, start)
+        || !(before.is_ascii_alphanumeric() || matches!(before, b'.' | b'-' | b'/'))
 }
 
 impl Recognizer for PhoneRecognizer {
@@ -403,10 +497,19 @@ impl Recognizer for PhoneRecognizer {
         let bytes = text.as_bytes();
         for m in self.regex.find_iter(text) {
             let (mut start, end) = (m.start(), m.end());
-            let before = start.checked_sub(1).map(|i| bytes[i]);
-            if before.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'/'))
-                || bytes.get(end).is_some_and(|b| b.is_ascii_alphanumeric())
-            {
+            if !separated_before(bytes, start) {
+                continue;
+            }
+            // A time (`2024-01-31 12:30`, `12:30:45`), not a number.
+            if bytes.get(end) == Some(&b':') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit) {
+                continue;
+            }
+            let extension = self
+                .extension
+                .find(&text[end..])
+                .map(|x| end + x.end())
+                .filter(|&x_end| !bytes.get(x_end).is_some_and(u8::is_ascii_alphanumeric));
+            if extension.is_none() && bytes.get(end).is_some_and(u8::is_ascii_alphanumeric) {
                 continue;
             }
             // An unbalanced opening parenthesis belongs to the prose: `(call 555 …`.
@@ -414,9 +517,10 @@ impl Recognizer for PhoneRecognizer {
                 start += 1;
             }
             let candidate = &text[start..end];
-            if let Some(score) = self.score(candidate) {
+            let context = word_near(text, &(start..end), PHONE_CONTEXT.raise);
+            if let Some(score) = self.score(candidate, context) {
                 out.push(Candidate {
-                    range: start..end,
+                    range: start..extension.unwrap_or(end),
                     score,
                 });
             }
@@ -832,14 +936,84 @@ mod tests {
             assert!(luhn_valid(&d), "{number}");
             assert_eq!(found(&CreditCardRecognizer, number), [number]);
         }
-        // Luhn-valid but no issuer has this range and length.
-        for number in [
-            "1234567812345670",
-            "9999999999999995",
-            "41111111111111",
-            "2721000000000005",
-        ] {
+        // Luhn-valid but no issuer has this range and length: only next to a card word.
+        for number in ["1234567812345670", "9999999999999995"] {
+            assert!(luhn_valid(&digits(number)));
+            assert_eq!(card_issuer(&digits(number)), None, "{number}");
+            assert!(scanned(&format!("see {number} now")).is_empty(), "{number}");
+            assert_eq!(
+                scanned(&format!("my card {number}")),
+                [(CREDIT_CARD, number)],
+                "{number}"
+            );
+        }
+        // A Visa prefix at a length Visa does not issue, a Mastercard prefix just past the
+        // range: neither Luhn-valid, so never found.
+        for number in ["41111111111111", "2721000000000005"] {
             assert!(found(&CreditCardRecognizer, number).is_empty(), "{number}");
+            assert!(scanned(&format!("card {number}")).is_empty(), "{number}");
+        }
+    }
+
+    #[test]
+    fn older_jcb_diners_maestro_mir_and_rupay_ranges_are_known() {
+        for (body, issuer) in [
+            // 15-digit JCB (1800, 2131), 14-digit Diners 38/39.
+            ("18001234567890", "jcb"),
+            ("21311234567890", "jcb"),
+            ("3812345678901", "diners"),
+            ("3912345678901", "diners"),
+            // Maestro 13-19 digits (50, 56-69), Mir, Troy, RuPay.
+            ("501812345678901", "maestro"),
+            ("676112345678901", "maestro"),
+            ("220012345678901", "mir"),
+            ("979212345678901", "troy"),
+            ("508112345678901", "rupay"),
+        ] {
+            let card = with_check_digit(&digits(body));
+            assert_eq!(card_issuer(&card), Some(issuer), "{body}");
+            let text = render(&card, None, 1);
+            assert_eq!(found(&CreditCardRecognizer, &text), [text.as_str()]);
+            assert_eq!(
+                scanned(&format!("number {text}")),
+                [(CREDIT_CARD, text.as_str())]
+            );
+        }
+        // The same prefixes at another length, or failing Luhn, are not cards of the range.
+        let mut jcb16 = with_check_digit(&digits("180012345678901"));
+        assert_eq!(card_issuer(&jcb16), None);
+        if let Some(last) = jcb16.last_mut() {
+            *last = (*last + 1) % 10;
+        }
+        assert!(found(&CreditCardRecognizer, &render(&jcb16, None, 1)).is_empty());
+    }
+
+    #[test]
+    fn twelve_digit_maestro_numbers_need_a_card_word() {
+        let card = render(&with_check_digit(&digits("67591234567")), None, 1);
+        assert_eq!(card.len(), 12);
+        assert_eq!(
+            scanned(&format!("lost my card {card} today")),
+            [(CREDIT_CARD, card.as_str())]
+        );
+        assert!(scanned(&format!("code {card} today")).is_empty());
+        // Glued to letters: an identifier.
+        assert!(scanned(&format!("card U{card} today")).is_empty());
+        assert!(scanned("my driver's licence is U62928788557186").is_empty());
+        // Near-miss: 12 digits in no Maestro range, even next to "card".
+        let other = render(&with_check_digit(&digits("41234567890")), None, 1);
+        assert!(scanned(&format!("card {other}")).is_empty());
+    }
+
+    #[test]
+    fn a_luhn_failing_sixteen_digit_number_is_never_a_card_even_next_to_card_words() {
+        for text in [
+            "order 4111111111111112",
+            "card 4111111111111112",
+            "card 3598899323053411",
+            "credit card 1234567812345678",
+        ] {
+            assert!(scanned(text).is_empty(), "{text}");
         }
     }
 
@@ -998,6 +1172,72 @@ mod tests {
         // A card (more than 15 digits) is never tried as a phone number.
         assert!(found(&r, "4111 1111 1111 1111").is_empty());
         assert_eq!(scanned("phone: 2025550123"), [(PHONE_NUMBER, "2025550123")]);
+    }
+
+    #[test]
+    fn extensions_belong_to_the_number() {
+        let r = phone();
+        for (text, number) in [
+            ("desk: 202-555-0123x4587.", "202-555-0123x4587"),
+            ("desk: +1-202-555-0123x765 or", "+1-202-555-0123x765"),
+            ("desk: (202) 555-0123 ext. 12", "(202) 555-0123 ext. 12"),
+            ("desk: 202.555.0123 #99", "202.555.0123 #99"),
+        ] {
+            assert_eq!(found(&r, text), [number], "{text}");
+        }
+        // Not an extension: letters go on, or the number before is not valid.
+        assert!(found(&r, "202-555-0123xyz").is_empty());
+        assert!(found(&r, "111-111-1111x12").is_empty());
+    }
+
+    #[test]
+    fn national_numbers_of_other_regions_need_a_context_word() {
+        let r = phone();
+        // Belgian, Dutch and Australian numbers (regions US and GB configured).
+        for number in ["0494 92 82 32", "06-82237745", "(02) 4071 4121"] {
+            assert_eq!(
+                scanned(&format!("call me at {number} please")),
+                [(PHONE_NUMBER, number)],
+                "{number}"
+            );
+            assert_eq!(
+                scanned(&format!("Mobile: {number}")),
+                [(PHONE_NUMBER, number)],
+                "{number}"
+            );
+            // Without a context word: not even a candidate.
+            assert!(
+                found(&r, &format!("see {number} below")).is_empty(),
+                "{number}"
+            );
+            // A context word that lowers cancels the raise.
+            assert!(
+                scanned(&format!("call about account id {number}")).is_empty(),
+                "{number}"
+            );
+        }
+        // Valid in no region, even with a context word.
+        assert!(scanned("phone: 0000 000").is_empty());
+        // A region that is configured does not need the context.
+        let be = PhoneRecognizer::new(&[country::Id::BE]).unwrap();
+        assert_eq!(found(&be, "see 0494 92 82 32 below"), ["0494 92 82 32"]);
+    }
+
+    #[test]
+    fn escapes_dates_and_times_around_numbers() {
+        let r = phone();
+        // Text pasted from JSON: a literal `\n` before the number separates it.
+        assert_eq!(found(&r, r"Phone:\n202-555-0123\nE-mail"), ["202-555-0123"]);
+        assert!(found(&r, "x202-555-0123").is_empty());
+        // A timestamp is not a phone number (its date and hour look like one).
+        for text in [
+            "at 2000-04-16 11:34:35 in",
+            "at 2010-12-15 10:31:41.204013, then",
+            "phone 1978-04-13 12:20:39",
+            "call at 12:30:45",
+        ] {
+            assert!(found(&r, text).is_empty(), "{text}: {:?}", found(&r, text));
+        }
     }
 
     #[test]
@@ -1164,7 +1404,7 @@ mod tests {
         #[test]
         fn random_digit_strings_are_found_exactly_when_valid(digits in proptest::collection::vec(0u8..10, 1..30)) {
             let text = render(&digits, None, 1);
-            let expected = card_valid(&digits);
+            let expected = card_score(&digits).is_some();
             prop_assert_eq!(!found(&CreditCardRecognizer, &text).is_empty(), expected);
         }
 
