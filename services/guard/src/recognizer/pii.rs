@@ -3,6 +3,7 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     ops::Range,
+    sync::OnceLock,
 };
 
 use phonenumber::country;
@@ -360,8 +361,9 @@ impl Recognizer for SsnRecognizer {
 /// - 0.55: formatted national numbers valid for one of the configured regions (in order);
 /// - 0.4: bare national digit strings valid there (need a context word such as "phone" or
 ///   "call");
-/// - 0.35: national numbers valid for some other region, tried only when a context word is near
-///   (so they need it: a random digit string is valid *somewhere*).
+/// - 0.35: national numbers that are a fixed-line or mobile number of some other region of the
+///   metadata (as dialled or after a one-digit trunk prefix), tried only when a context word is
+///   near (so they need it: a random digit string fits *somewhere*).
 ///
 /// An extension (`x123`, `ext. 123`, `#123`) after a valid number belongs to its span. A number
 /// glued to a date or a time (`2024-01-31 12`, `12:30`) is not a phone number; a literal `\n`,
@@ -370,8 +372,6 @@ pub struct PhoneRecognizer {
     regex: Regex,
     extension: Regex,
     regions: Vec<country::Id>,
-    /// Every region of the metadata, minus `regions`.
-    other_regions: Vec<country::Id>,
 }
 
 static PHONE_CONTEXT: Context = Context {
@@ -420,16 +420,11 @@ impl PhoneRecognizer {
     pub fn new(regions: &[country::Id]) -> Result<Self, regex::Error> {
         // Loads the metadata now rather than on the first request.
         let _ = phonenumber::parse(Some(country::Id::US), "2025550123");
-        let other_regions = phonenumber::metadata::DATABASE
-            .iter()
-            .filter_map(|meta| meta.id().parse::<country::Id>().ok())
-            .filter(|id| !regions.contains(id))
-            .collect();
+        let _ = region_patterns();
         Ok(PhoneRecognizer {
             regex: Regex::new(r"\+?\(?[0-9][0-9 ()\-./]{4,24}[0-9]")?,
             extension: Regex::new(r"^(?i:\s?(?:x|ext\.?|extension|#)\s?)[0-9]{1,6}")?,
             regions: regions.to_vec(),
-            other_regions,
         })
     }
 
@@ -465,7 +460,69 @@ impl PhoneRecognizer {
         if self.regions.iter().any(valid_in) {
             return Some(if formatted { 0.55 } else { 0.4 });
         }
-        (context && self.other_regions.iter().any(valid_in)).then_some(PHONE_OTHER_REGION)
+        (context && region_patterns().any_other(candidate, &self.regions))
+            .then_some(PHONE_OTHER_REGION)
+    }
+}
+
+/// The fixed-line and mobile number patterns of every region (libphonenumber's metadata),
+/// compiled once, to check quickly whether a national number is a valid fixed-line or mobile
+/// number of some region. (The `phonenumber` crate's own parse per region recompiles patterns
+/// through a small LRU cache: tens of milliseconds for one number over all regions.)
+struct RegionPatterns {
+    /// Per region and number type: id, anchored pattern, possible national lengths (empty: any),
+    /// and the region's national (trunk) prefix when it is one digit (`0`, `1`, `8`).
+    patterns: Vec<(country::Id, Regex, Vec<u16>, Option<u8>)>,
+}
+
+/// The patterns of every region, compiled once per process (a pattern that does not compile is
+/// left out).
+fn region_patterns() -> &'static RegionPatterns {
+    static PATTERNS: OnceLock<RegionPatterns> = OnceLock::new();
+    PATTERNS.get_or_init(|| {
+        let mut patterns = Vec::new();
+        for meta in phonenumber::metadata::DATABASE.iter() {
+            let Ok(id) = meta.id().parse::<country::Id>() else {
+                continue;
+            };
+            let trunk = meta
+                .national_prefix()
+                .filter(|p| p.len() == 1)
+                .and_then(|p| p.bytes().next());
+            let descriptors = meta.descriptors();
+            for descriptor in [descriptors.fixed_line(), descriptors.mobile()]
+                .into_iter()
+                .flatten()
+            {
+                // The metadata's patterns are written with insignificant whitespace.
+                let source = format!("(?x)^(?:{})$", descriptor.national_number().as_str());
+                if let Ok(pattern) = Regex::new(&source) {
+                    patterns.push((id, pattern, descriptor.possible_length().to_vec(), trunk));
+                }
+            }
+        }
+        RegionPatterns { patterns }
+    })
+}
+
+impl RegionPatterns {
+    /// Whether the digits of `candidate` (as dialled, or without a one-digit trunk prefix) are a
+    /// fixed-line or mobile number of a region other than `skip`.
+    fn any_other(&self, candidate: &str, skip: &[country::Id]) -> bool {
+        let digits: String = candidate.chars().filter(char::is_ascii_digit).collect();
+        let first = digits.as_bytes().first().copied();
+        let fits = |pattern: &Regex, lengths: &[u16], national: &str| {
+            (lengths.is_empty()
+                || u16::try_from(national.len()).is_ok_and(|len| lengths.contains(&len)))
+                && pattern.is_match(national)
+        };
+        self.patterns
+            .iter()
+            .filter(|(id, ..)| !skip.contains(id))
+            .any(|(_, pattern, lengths, trunk)| {
+                fits(pattern, lengths, &digits)
+                    || (trunk.is_some() && *trunk == first && fits(pattern, lengths, &digits[1..]))
+            })
     }
 }
 
