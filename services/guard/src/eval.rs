@@ -286,7 +286,7 @@ pub struct PiiError {
     /// Up to 40 characters either side.
     pub context: String,
     /// Predictions of the same type overlapping a missed gold span (boundary errors), or gold
-    /// spans of any type overlapping a false prediction.
+    /// spans of any type the guard recognises overlapping a false prediction.
     pub overlapping: Vec<String>,
 }
 
@@ -304,13 +304,11 @@ pub fn pii_errors(rows: &[PiiRow], entities: &[String]) -> Result<Vec<PiiError>,
                 .collect()
         };
         let around = |r: &Range<usize>| slice(&(r.start.saturating_sub(40)..r.end + 40));
+        // Gold spans of types the guard has no recogniser for are not errors of the guard.
         let gold: Vec<(String, Range<usize>)> = row
             .spans
             .iter()
-            .map(|s| {
-                let mapped = map_entity(&s.entity_type).unwrap_or(s.entity_type.as_str());
-                (mapped.to_owned(), s.start..s.end)
-            })
+            .filter_map(|s| Some((map_entity(&s.entity_type)?.to_owned(), s.start..s.end)))
             .collect();
         let predicted: Vec<(&'static str, Range<usize>)> = predict_entities(&registry, &row.text)
             .into_iter()

@@ -83,3 +83,63 @@ fn the_command_skips_missing_files_and_reports_fixtures() {
     assert_eq!(value["pii"]["rows"], 6);
     assert_eq!(value["injection"]["all"]["attacks"], 3);
 }
+
+#[test]
+fn errors_list_each_missed_and_false_span_with_its_context() {
+    let rows: Vec<PiiRow> = eval::read_jsonl(&fixture("pii_tiny.jsonl")).unwrap();
+    let report = eval::evaluate_pii(&rows).unwrap();
+    let errors = eval::pii_errors(&rows, &[]).unwrap();
+    // As many misses per type as gold spans without an exact match, and as many false hits as
+    // predictions without one.
+    for score in &report.entities {
+        let missed = errors
+            .iter()
+            .filter(|e| e.kind == "missed" && e.entity_type == score.entity_type)
+            .count();
+        let wrong = errors
+            .iter()
+            .filter(|e| e.kind == "false" && e.entity_type == score.entity_type)
+            .count();
+        assert_eq!(
+            missed,
+            score.support - score.exact.true_positives,
+            "{score:?}"
+        );
+        assert_eq!(
+            wrong,
+            score.predicted - score.exact.true_positives,
+            "{score:?}"
+        );
+    }
+    let person = errors
+        .iter()
+        .find(|e| e.kind == "missed" && e.entity_type == "PERSON")
+        .unwrap();
+    assert!(person.context.contains(&person.value));
+    // Types the guard does not recognise are not listed.
+    assert!(errors.iter().all(|e| e.entity_type != "ORGANIZATION"));
+    // Restricted to one type.
+    let only = eval::pii_errors(&rows, &["CREDIT_CARD".to_owned()]).unwrap();
+    assert!(only.iter().all(|e| e.entity_type == "CREDIT_CARD"));
+
+    // The command writes them as JSON lines.
+    let out = std::env::temp_dir().join(format!("guard-eval-errors-{}.jsonl", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_guard-eval"))
+        .arg("--pii")
+        .arg(fixture("pii_tiny.jsonl"))
+        .args(["--injection", "/nonexistent/p.jsonl", "--errors"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let written = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    assert_eq!(written.lines().count(), errors.len());
+    for line in written.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(
+            matches!(value["kind"].as_str(), Some("missed" | "false")),
+            "{line}"
+        );
+    }
+}
