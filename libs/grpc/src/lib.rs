@@ -44,6 +44,12 @@ pub enum GrpcError {
     /// Reflection could not be built from the descriptor set.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(String),
+    /// A client could not connect.
+    #[error("cannot connect to `{url}`: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
     /// The server failed while running.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -59,25 +65,46 @@ pub async fn bind(addr: &str) -> Result<TcpListener, GrpcError> {
         })
 }
 
-/// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
-/// Channels multiplex: build one per dependency and clone it per request.
-pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// A client channel without trace propagation, for callers outside the mesh (a connected
+/// [`client`]): corked connection, unary calls end with their DATA frame.
+pub type ClientChannel = Coalesced<Channel>;
+
+fn endpoint(url: &str) -> Result<Endpoint, GrpcError> {
+    Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|source| GrpcError::Endpoint {
             url: url.to_owned(),
             source,
         })?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true))
+}
+
+/// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
+/// Channels multiplex: build one per dependency and clone it per request.
+pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
     Ok(InterceptedService::new(
-        Coalesced::new(endpoint.connect_with_connector_lazy(tower::service_fn(connect))),
+        Coalesced::new(endpoint(url)?.connect_with_connector_lazy(tower::service_fn(dial))),
         TracePropagation,
     ))
 }
 
+/// A channel to `url`, connected now, with the transport of [`channel`] (one write per call; see
+/// ADR 008) but no trace propagation: what a Rust caller of the gateway's generated stubs uses.
+/// One call of `client` is one HTTP/2 connection.
+pub async fn client(url: &str) -> Result<ClientChannel, GrpcError> {
+    let channel = endpoint(url)?
+        .connect_with_connector(tower::service_fn(dial))
+        .await
+        .map_err(|source| GrpcError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    Ok(Coalesced::new(channel))
+}
+
 /// Dials `uri` over TCP (no Nagle delay) and corks the connection (see [`Corked`]).
-async fn connect(
+async fn dial(
     uri: http::Uri,
 ) -> Result<hyper_util::rt::TokioIo<Corked<tokio::net::TcpStream>>, std::io::Error> {
     let invalid = || {

@@ -6,8 +6,8 @@
 //!
 //! - HTTP/1.1: `C` persistent connections (one hyper handshake each), each sending one request at a
 //!   time, all fed from one shared queue of due requests.
-//! - gRPC: `C` tonic channels; each due request is sent at once on channel `i mod C` (HTTP/2
-//!   multiplexes), as its own task.
+//! - gRPC: `C` channels from `switchboard_grpc::client` (tonic, corked: one write per call); each
+//!   due request is sent at once on channel `i mod C` (HTTP/2 multiplexes), as its own task.
 
 use std::{
     net::SocketAddr,
@@ -20,12 +20,13 @@ use hdrhistogram::Histogram;
 use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
+use switchboard_grpc::ClientChannel as Channel;
 use switchboard_proto::gateway::v1::{
     CreateChatCompletionRequest, StreamChatCompletionRequest,
     gateway_service_client::GatewayServiceClient, stream_chat_completion_response::Event,
 };
 use tokio::sync::{Mutex, mpsc};
-use tonic::{metadata::MetadataValue, transport::Channel};
+use tonic::metadata::MetadataValue;
 
 use crate::{procfs, stats};
 
@@ -332,12 +333,9 @@ pub async fn run(
         Target::GrpcUnary { url, .. } | Target::GrpcStream { url, .. } => {
             let mut channels = Vec::with_capacity(spec.connections);
             for _ in 0..spec.connections {
-                channels.push(
-                    tonic::transport::Endpoint::from_shared(url.clone())?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await?,
-                );
+                // The client a Rust caller of the generated stubs gets from switchboard-grpc:
+                // one write per call (ADR 008), like the HTTP/1.1 client's one write per request.
+                channels.push(switchboard_grpc::client(url).await?);
             }
             Conns::Grpc(channels)
         }
