@@ -91,6 +91,7 @@ impl App {
         let audit_nats = nats.clone();
         let (sink, publisher) =
             usage::channel_with_outbox(nats, config.usage_queue_capacity, outbox);
+        let publisher = publisher.with_linger(Duration::from_millis(config.usage_linger_ms));
         let tasks = TaskTracker::new();
         let downstream = Downstream {
             guard: switchboard_grpc::channel(&config.guard_url)?,

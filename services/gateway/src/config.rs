@@ -23,6 +23,10 @@ pub struct Config {
     pub cache_enabled: bool,
     /// Capacity of the in-memory queue of usage events waiting for JetStream.
     pub usage_queue_capacity: usize,
+    /// How long the publisher waits, after a usage event arrives, for others to publish with it
+    /// (one NATS write and one burst of acks per batch instead of one per event), milliseconds.
+    /// 0 publishes each event at once.
+    pub usage_linger_ms: u64,
     /// Directory of the durable outbox of usage events that could not reach JetStream (ADR 005).
     /// Events go to a subdirectory named after `nats.subject_prefix`; one gateway per directory.
     pub outbox_dir: String,
@@ -69,6 +73,7 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             cache_enabled: true,
             usage_queue_capacity: 100_000,
+            usage_linger_ms: 5,
             outbox_dir: "./data/outbox".to_owned(),
             outbox_max_bytes: 1024 * 1024 * 1024,
             max_in_flight: 2048,
@@ -114,6 +119,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "gateway.usage_queue_capacity",
                 "must be greater than 0",
+            ));
+        }
+        if self.usage_linger_ms > 1000 {
+            return Err(ConfigError::invalid(
+                "gateway.usage_linger_ms",
+                "must be at most 1000",
             ));
         }
         if self.outbox_dir.is_empty() {

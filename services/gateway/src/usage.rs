@@ -79,6 +79,8 @@ pub struct UsagePublisher {
     outbox: Outbox,
     /// Replay position: (segment, events of it already acknowledged). Segments start at 1.
     cursor: (u64, usize),
+    /// How long the first event of a batch waits for company.
+    linger: Duration,
 }
 
 /// Builds the sink and its publisher with an outbox that is never opened (tests that do not run the
@@ -112,6 +114,7 @@ pub fn channel_with_outbox(
             stats,
             outbox,
             cursor: (0, 0),
+            linger: Duration::ZERO,
         },
     )
 }
@@ -182,6 +185,14 @@ impl Transport for JetStream {
 }
 
 impl UsagePublisher {
+    /// Lets the first event of a batch wait up to `linger` for more (`[gateway] usage_linger_ms`):
+    /// a batch is one write to NATS and one burst of acks, where single events cost a write and a
+    /// wake-up each. Usage reaches the ledger that much later; the request never waits for it.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
     /// Publishes until `cancel` fires, then drains what is queued (bounded by `drain_timeout`):
     /// what cannot reach JetStream in time stays in the outbox for the next start.
     pub async fn run(
@@ -217,6 +228,15 @@ impl UsagePublisher {
                         None => break,
                     },
                     () = cancel.cancelled() => break,
+                }
+                if !self.linger.is_zero() {
+                    let until = tokio::time::Instant::now() + self.linger;
+                    while pending.len() < BATCH {
+                        match tokio::time::timeout_at(until, self.rx.recv()).await {
+                            Ok(Some(item)) => pending.push(item),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
                 }
             }
             while pending.len() < BATCH {
@@ -512,6 +532,31 @@ mod tests {
         let task =
             tokio::spawn(publisher.run_with(fake.clone(), cancel.clone(), Duration::from_secs(5)));
         (sink, cancel, task)
+    }
+
+    #[tokio::test]
+    async fn lingering_publishes_events_that_arrive_together_in_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default();
+        fake.up.store(true, Ordering::SeqCst);
+        let outbox = Outbox::open(dir.path(), 1024 * 1024).unwrap();
+        let (sink, publisher) = channel_with_outbox(NatsConfig::default(), 100, outbox);
+        // A long linger, so that the test does not depend on how fast this machine is.
+        let publisher = publisher.with_linger(Duration::from_secs(1));
+        let cancel = CancellationToken::new();
+        let task =
+            tokio::spawn(publisher.run_with(fake.clone(), cancel.clone(), Duration::from_secs(5)));
+        sink.record(event(0));
+        // The publisher has taken the first event and lingers.
+        until(|| sink.tx.capacity() == 100).await;
+        sink.record(event(1));
+        sink.record(event(2));
+        until(|| fake.delivered.lock().unwrap().len() == 3).await;
+        // One transport call carried all three.
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(*fake.delivered.lock().unwrap(), expected(0..3));
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]
