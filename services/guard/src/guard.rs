@@ -22,7 +22,7 @@ use crate::{
 
 /// Version of the recognisers and content-filter matching (bump when they change); the detector
 /// version of an outcome is this, the injection detector's version and a hash of the topics.
-pub const DETECTOR_VERSION_PREFIX: &str = "d2";
+pub const DETECTOR_VERSION_PREFIX: &str = "d3";
 
 /// Entity type of injection findings.
 pub const PROMPT_INJECTION: &str = "PROMPT_INJECTION";
@@ -637,7 +637,7 @@ mod tests {
             [(FindingKind::Injection, 1), (FindingKind::ContentFilter, 1)]
         );
         assert!(outcome.injection_score >= 0.5);
-        assert!(outcome.detector_version.starts_with("d2-h1-"));
+        assert!(outcome.detector_version.starts_with("d3-h1-"));
         // Answers are not scored for injection; topics still apply.
         let answer = guard.check("web", Direction::Answer, &user).unwrap();
         assert_eq!(answer.injection_score, 0.0);

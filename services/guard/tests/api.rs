@@ -493,7 +493,7 @@ async fn injections_are_flagged_or_blocked_per_route() {
         "{}",
         flagged.injection_score
     );
-    assert!(flagged.detector_version.starts_with("d2-h1-"));
+    assert!(flagged.detector_version.starts_with("d3-h1-"));
     // A route that blocks.
     let blocked = guard.check_route("strict-model", ATTACK).await;
     assert_eq!(blocked.decision(), Decision::Block);
