@@ -543,6 +543,37 @@ mod window_tests {
     }
 
     #[test]
+    fn entities_at_every_offset_and_chunk_size_are_whole_in_one_window() {
+        let words = "some plain words of an answer that go on and on";
+        for entity in [
+            "Jane Doe",
+            "221B Baker Street",
+            "+44 (0)20 7946 0958",
+            "GB82 WEST 1234 5698 7654 32",
+        ] {
+            for offset in 0..STREAM_HOLD_CHARS + 40 {
+                let before: String = words.chars().cycle().take(offset).collect();
+                let text = format!("{before} {entity} {}", filler(300));
+                for chunk in [1, 7, 33, 200] {
+                    let mut hold = StreamHold::default();
+                    let mut windows = Vec::new();
+                    let mut at = 0;
+                    while at < text.len() {
+                        let end = (at + chunk).min(text.len());
+                        windows.push(hold.push(0, &text[at..end], end == text.len()));
+                        at = end;
+                    }
+                    assert_eq!(windows.concat(), text);
+                    assert!(
+                        windows.iter().any(|w| w.contains(entity)),
+                        "{entity} at {offset}, chunks of {chunk}: {windows:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn sentence_ends_and_line_breaks_are_preferred_over_other_whitespace() {
         let text = format!(
             "We met Jane. Then lunch with friends{}{}",
