@@ -56,11 +56,15 @@ fn every_bucket(lowered: &str, out: &mut Vec<u32>) {
     }
 }
 
-/// Sorts and deduplicates `buckets` in place. Long texts (tens of thousands of n-grams) go through
-/// a bitmap of every bucket, which is linear, instead of a sort; the result is the same.
+/// Below this many n-grams a sort is cheaper than the bitmap (whose scan of `BUCKETS / 64` words
+/// costs about as much as sorting a few hundred); a 1 KB prompt has ~1,200.
+const SORT_BELOW: usize = 384;
+
+/// Sorts and deduplicates `buckets` in place. Texts with more than [`SORT_BELOW`] n-grams go
+/// through a bitmap of every bucket, which is linear, instead of a sort; the result is the same.
 fn distinct_sorted(buckets: &mut Vec<u32>) {
     const WORDS: usize = BUCKETS / 64;
-    if buckets.len() < 4 * WORDS {
+    if buckets.len() < SORT_BELOW {
         buckets.sort_unstable();
         buckets.dedup();
         return;
@@ -281,11 +285,21 @@ mod tests {
         }
         let mut fast = Vec::new();
         features(&text, &mut fast);
+        // A prompt of about 1 KB takes the bitmap path too.
+        let kilobyte = &text[..1024];
+        let mut fast_1k = Vec::new();
+        features(kilobyte, &mut fast_1k);
+        let mut reference_1k = Vec::new();
+        every_bucket(kilobyte, &mut reference_1k);
+        assert!(reference_1k.len() >= SORT_BELOW);
+        reference_1k.sort_unstable();
+        reference_1k.dedup();
+        assert_eq!(fast_1k, reference_1k);
         // The reference: every bucket, sorted and deduplicated by the plain way.
         let mut reference = Vec::new();
         every_bucket(&text, &mut reference);
         assert!(
-            reference.len() >= 4 * (BUCKETS / 64),
+            reference.len() >= SORT_BELOW,
             "the text takes the bitmap path"
         );
         reference.sort_unstable();
