@@ -3,7 +3,8 @@
 //!
 //! Usage: `semantic-eval [--pairs FILE] [--limit N] [--seed S] [--dump FILE]`
 //! (`--dump` writes one line per pair, without the texts: source:id, label, hard negative,
-//! similarity, guard verdict.)
+//! similarity, guard verdict, and in the shared scope the nearest A's similarity, whether the guard
+//! passes it, whether it is the pair's own, and its pair's source:id.)
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Instant};
 
@@ -103,12 +104,16 @@ async fn main() -> ExitCode {
             for s in &scored {
                 writeln!(
                     file,
-                    "{}\t{}\t{}\t{:.5}\t{}",
+                    "{}\t{}\t{}\t{:.5}\t{}\t{:.5}\t{}\t{}\t{}",
                     s.pair.id,
                     u8::from(s.pair.paraphrase),
                     u8::from(s.pair.hard_negative),
                     s.similarity,
-                    s.near_miss.map_or("-", |r| r.as_str())
+                    s.near_miss.map_or("-", |r| r.as_str()),
+                    s.shared_best.0,
+                    u8::from(s.shared_best.1),
+                    u8::from(s.shared_nearest_is_own),
+                    s.shared_nearest_id
                 )?;
             }
             Ok(())
