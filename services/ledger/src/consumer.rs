@@ -2,7 +2,10 @@
 //! transaction, and acknowledge only after the commit.
 //!
 //! Failure handling:
-//! - NATS errors (fetch, consumer lookup): log, back off, set the consumer up again.
+//! - NATS errors (fetch, consumer lookup): log, back off, set the consumer up again. A fetch that
+//!   gets no answer in time counts as one: a pull request lost in a NATS restart is never answered,
+//!   and a no-wait fetch has no expiry of its own, so without the bound the consumer would wait
+//!   forever (seen in `tests/e2e/tests/faults.rs`).
 //! - Postgres connection errors: retry the same batch with backoff until it commits or the ledger
 //!   stops; nothing is acknowledged before the commit, so a crash means redelivery, and redelivery
 //!   is harmless (the insert skips recorded request ids and adds only inserted rows to the rollups).
@@ -37,6 +40,8 @@ use crate::{
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a fetch may take beyond its own waits (`IDLE_WAIT` and the linger) before it is given up.
+const FETCH_SLACK: Duration = Duration::from_secs(5);
 
 /// Settings of the durable pull consumer.
 #[derive(Debug, Clone)]
@@ -286,8 +291,25 @@ impl UsageConsumer {
 
 /// Fetches up to `max` messages: whatever is available now, or else waits up to [`IDLE_WAIT`] for
 /// the first one and then takes whatever else is available; a batch smaller than `max` then waits
-/// `linger` once for more.
+/// `linger` once for more. Bounded: a pull request that is never answered is an error (messages
+/// already received are then redelivered after the ack wait).
 async fn fetch(
+    consumer: &PullConsumer,
+    max: usize,
+    linger: Duration,
+) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let bound = IDLE_WAIT + linger + FETCH_SLACK;
+    match tokio::time::timeout(bound, fetch_unbounded(consumer, max, linger)).await {
+        Ok(fetched) => fetched,
+        Err(_) => Err(format!(
+            "no answer to a pull request within {} ms",
+            bound.as_millis()
+        )
+        .into()),
+    }
+}
+
+async fn fetch_unbounded(
     consumer: &PullConsumer,
     max: usize,
     linger: Duration,
