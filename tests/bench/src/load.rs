@@ -25,6 +25,9 @@ use switchboard_proto::gateway::v1::{
     CreateChatCompletionRequest, StreamChatCompletionRequest,
     gateway_service_client::GatewayServiceClient, stream_chat_completion_response::Event,
 };
+use switchboard_proto::guard::v1::{
+    CheckPromptRequest, Decision, guard_service_client::GuardServiceClient,
+};
 use tokio::sync::{Mutex, mpsc};
 use tonic::metadata::MetadataValue;
 
@@ -50,6 +53,11 @@ pub enum Target {
         authorization: MetadataValue<tonic::metadata::Ascii>,
         request: StreamChatCompletionRequest,
     },
+    /// The guard service's `CheckPrompt` directly (guard latency, issue 7).
+    GuardCheck {
+        url: String,
+        request: CheckPromptRequest,
+    },
 }
 
 impl Target {
@@ -58,6 +66,7 @@ impl Target {
             Target::Http { stream, .. } => *stream,
             Target::GrpcUnary { .. } => false,
             Target::GrpcStream { .. } => true,
+            Target::GuardCheck { .. } => false,
         }
     }
 }
@@ -222,7 +231,6 @@ async fn grpc_request(
     channel: Channel,
     target: &Target,
 ) -> Result<(bool, Option<Instant>), Failure> {
-    let mut client = GatewayServiceClient::new(channel);
     let status_failure = |s: tonic::Status| {
         let ambiguous = matches!(
             s.code(),
@@ -244,7 +252,7 @@ async fn grpc_request(
             let mut req = tonic::Request::new(request.clone());
             req.metadata_mut()
                 .insert("authorization", authorization.clone());
-            let response = client
+            let response = GatewayServiceClient::new(channel)
                 .create_chat_completion(req)
                 .await
                 .map_err(status_failure)?;
@@ -259,7 +267,7 @@ async fn grpc_request(
             let mut req = tonic::Request::new(request.clone());
             req.metadata_mut()
                 .insert("authorization", authorization.clone());
-            let mut stream = client
+            let mut stream = GatewayServiceClient::new(channel)
                 .stream_chat_completion(req)
                 .await
                 .map_err(status_failure)?
@@ -293,6 +301,17 @@ async fn grpc_request(
                 return Err(fail("stream without content", true));
             }
             Ok((false, first_token))
+        }
+        Target::GuardCheck { request, .. } => {
+            let response = GuardServiceClient::new(channel)
+                .check_prompt(request.clone())
+                .await
+                .map_err(status_failure)?;
+            // Every guard scenario's prompt holds an address the redact policy must rewrite.
+            if response.get_ref().decision != Decision::Transform as i32 {
+                return Err(fail("the guard did not redact the planted address", false));
+            }
+            Ok((false, None))
         }
         Target::Http { .. } => Err(fail("not a gRPC target", false)),
     }
@@ -330,7 +349,9 @@ pub async fn run(
             }
             Conns::Http(senders)
         }
-        Target::GrpcUnary { url, .. } | Target::GrpcStream { url, .. } => {
+        Target::GrpcUnary { url, .. }
+        | Target::GrpcStream { url, .. }
+        | Target::GuardCheck { url, .. } => {
             let mut channels = Vec::with_capacity(spec.connections);
             for _ in 0..spec.connections {
                 // The client a Rust caller of the generated stubs gets from switchboard-grpc:

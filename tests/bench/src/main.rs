@@ -23,6 +23,7 @@ use http::{HeaderName, HeaderValue};
 use switchboard_proto::{
     chat::v1::{ChatRequest, Message, Role},
     gateway::v1::{CacheControl, CreateChatCompletionRequest, StreamChatCompletionRequest},
+    guard::v1::CheckPromptRequest,
 };
 
 use crate::{
@@ -102,6 +103,8 @@ pub enum Via {
     GatewayHttp,
     /// The gateway's gRPC API.
     GatewayGrpc,
+    /// The guard service's `CheckPrompt` alone (guard latency; no provider, no ledger row).
+    Guard,
 }
 
 impl Via {
@@ -110,6 +113,7 @@ impl Via {
             Via::Direct => "direct",
             Via::GatewayHttp => "gateway-http",
             Via::GatewayGrpc => "gateway-grpc",
+            Via::Guard => "guard",
         }
     }
 }
@@ -216,6 +220,14 @@ fn scenarios() -> Vec<Scenario> {
             &[(1000.0, 1), (1000.0, 100), (1000.0, 1000)],
             Some("direct-http-1k"),
         ),
+        Scenario {
+            email: true,
+            ..s("guard-2k", Via::Guard, 2048, false, &two, None)
+        },
+        Scenario {
+            email: true,
+            ..s("guard-50k", Via::Guard, 50 * 1024, false, &two, None)
+        },
         Scenario {
             max_rate: true,
             ..s("max-rate", Via::GatewayHttp, 1024, false, &[], None)
@@ -341,6 +353,16 @@ fn target(scenario: &Scenario, mesh: &Mesh) -> anyhow::Result<Target> {
                 }
             })
         }
+        Via::Guard => Ok(Target::GuardCheck {
+            url: format!("http://{}", mesh.guard_addr.context("mesh not started")?),
+            request: CheckPromptRequest {
+                request_id: String::new(),
+                app: mesh::app_name(scenario.name),
+                team: String::new(),
+                messages: vec![Message::text(Role::User, text)],
+                route: MODEL.to_owned(),
+            },
+        }),
     }
 }
 
@@ -511,7 +533,11 @@ async fn run_all(
         nats_url: args.nats.clone(),
         stream_chunks: 20,
         apps: names,
-        redact_apps: vec!["guard-redact-http".to_owned()],
+        redact_apps: vec![
+            "guard-redact-http".to_owned(),
+            "guard-2k".to_owned(),
+            "guard-50k".to_owned(),
+        ],
         rust_log: args.rust_log.clone(),
     };
     eprintln!("starting the mesh from {} …", args.bin_dir.display());
@@ -566,7 +592,7 @@ async fn run_all(
                 report.runs.push(run);
             }
         }
-        if scenario.via != Via::Direct {
+        if matches!(scenario.via, Via::GatewayHttp | Via::GatewayGrpc) {
             eprintln!(
                 "  checking the ledger ({} successful requests) …",
                 report.ok_total

@@ -49,6 +49,7 @@ pub struct Mesh {
     pub fake_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
+    pub guard_addr: Option<SocketAddr>,
     pub otlp: Option<otlp::Counter>,
     otlp_task: Option<tokio::task::JoinHandle<()>>,
     db_name: Option<String>,
@@ -237,6 +238,7 @@ impl Mesh {
         self.fake_addr = Some(fake);
         self.http_addr = Some(http);
         self.grpc_addr = Some(gw_grpc);
+        self.guard_addr = Some(guard);
 
         let config_path = std::env::temp_dir().join(format!("switchboard-bench-{id}.toml"));
         std::fs::write(
