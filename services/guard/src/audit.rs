@@ -3,8 +3,8 @@
 //! path.
 //!
 //! A check only builds the event and `try_send`s it into a bounded queue; a background task
-//! publishes (awaiting JetStream's ack, retrying with the same `Nats-Msg-Id` so a retry is stored
-//! once). A full queue never blocks a check: the event is dropped, counted and logged at error
+//! publishes what is queued in pipelined batches (all sent, then the acks awaited), retrying an
+//! event that is not acknowledged with the same `Nats-Msg-Id` so a retry is stored once. A full queue never blocks a check: the event is dropped, counted and logged at error
 //! level (`audit queue full`).
 //!
 //! What is audited: every decision other than a plain allow with no findings (blocks, transforms,
@@ -270,14 +270,60 @@ pub async fn publish_loop(
             () = cancel.cancelled() => None,
         };
         let Some(queued) = next else { break };
-        publish_one(&js, &nats, &stats, timeout, queued).await;
+        let mut batch = vec![queued];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(queued) => batch.push(queued),
+                Err(_) => break,
+            }
+        }
+        publish_batch(&js, &nats, &stats, timeout, batch).await;
     }
     // Drain: checks that ran before the shutdown are still audited.
     rx.close();
+    let mut rest = Vec::new();
     while let Ok(queued) = rx.try_recv() {
-        publish_one(&js, &nats, &stats, timeout, queued).await;
+        rest.push(queued);
     }
+    publish_batch(&js, &nats, &stats, timeout, rest).await;
     tracing::info!("audit publisher stopped");
+}
+
+/// Most events published before their acks are awaited.
+const BATCH: usize = 256;
+
+/// Publishes `batch` pipelined: every event is sent, then the acks are awaited (one round trip for
+/// the batch instead of one per event, so the publisher keeps up with a busy guard). What fails or
+/// is not acknowledged in time is retried one by one with the same message id (JetStream drops a
+/// duplicate).
+async fn publish_batch(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    stats: &AuditStats,
+    timeout: Duration,
+    batch: Vec<Queued>,
+) {
+    let mut sent = Vec::with_capacity(batch.len());
+    let mut retry = Vec::new();
+    for queued in batch {
+        let publish = switchboard_bus::publish_audit_in(js, nats, &queued.event, &queued.parent);
+        match tokio::time::timeout(timeout, publish).await {
+            Ok(Ok(ack)) => sent.push((queued, ack)),
+            Ok(Err(_)) | Err(_) => retry.push(queued),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (queued, ack) in sent {
+        match tokio::time::timeout_at(deadline, ack).await {
+            Ok(Ok(_)) => {
+                stats.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(_)) | Err(_) => retry.push(queued),
+        }
+    }
+    for queued in retry {
+        publish_one(js, nats, stats, timeout, queued).await;
+    }
 }
 
 async fn publish_one(
