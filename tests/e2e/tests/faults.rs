@@ -266,10 +266,71 @@ impl Mesh {
         self.children.push((name, child));
     }
 
+    /// Starts the gateway. A port picked by `free_port` can be taken before the gateway binds it
+    /// (tests run in parallel, and an outgoing connection's local port counts): when the gateway
+    /// exits before listening, it gets two new ports and another try.
     async fn start_gateway(&mut self) {
-        self.spawn("gateway");
-        wait_port(self.gateway_grpc, "gateway grpc").await;
-        wait_port(self.http, "gateway http").await;
+        for _ in 0..5 {
+            self.spawn("gateway");
+            if self
+                .listening("gateway", &[self.gateway_grpc, self.http])
+                .await
+            {
+                return;
+            }
+            let (http, grpc) = (free_port(), free_port());
+            for (key, port) in [
+                ("SWITCHBOARD__GATEWAY__HTTP_ADDR", http),
+                ("SWITCHBOARD__GATEWAY__GRPC_ADDR", grpc),
+            ] {
+                for (k, v) in &mut self.env {
+                    if k == key {
+                        *v = format!("127.0.0.1:{port}");
+                    }
+                }
+            }
+            self.http = http;
+            self.gateway_grpc = grpc;
+            self.http_url = format!("http://127.0.0.1:{http}");
+        }
+        panic!(
+            "the gateway did not start in 5 tries; see {}",
+            self.work.join("gateway.log").display()
+        );
+    }
+
+    /// Waits until every port in `ports` accepts connections and process `name` still runs a moment
+    /// later (true), or until it exits (false; it is then forgotten).
+    async fn listening(&mut self, name: &str, ports: &[u16]) -> bool {
+        for _ in 0..600 {
+            let exited = |children: &mut Vec<(&'static str, Child)>| {
+                children
+                    .iter_mut()
+                    .find(|(n, _)| *n == name)
+                    .is_none_or(|(_, child)| matches!(child.try_wait(), Ok(Some(_))))
+            };
+            if exited(&mut self.children) {
+                self.children.retain(|(n, _)| *n != name);
+                return false;
+            }
+            let mut all = true;
+            for &port in ports {
+                if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if exited(&mut self.children) {
+                    self.children.retain(|(n, _)| *n != name);
+                    return false;
+                }
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{name}: not listening on {ports:?} after 30 s");
     }
 
     /// SIGKILLs the process of service `name`.
