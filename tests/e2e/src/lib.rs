@@ -312,3 +312,26 @@ where
         Box::pin(async move { cancel.cancelled_owned().await });
     tokio::spawn(run(stop))
 }
+
+/// Directory of the workspace's binaries (`target/<profile>`), next to the running test's `deps/`:
+/// the tests that run the services as processes start them from there.
+pub fn bin_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().and_then(|deps| deps.parent()).map(Into::into))
+        .unwrap_or_else(|| panic!("cannot locate the test executable's directory"))
+}
+
+/// Waits until something accepts connections on `127.0.0.1:port`; panics, naming `what`, after 30 s.
+pub async fn wait_port(port: u16, what: &str) {
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: nothing listening on port {port} after 30 s");
+}

@@ -191,6 +191,20 @@ impl Mesh {
             .unwrap()
     }
 
+    /// A streamed completion of `text`; asserts a 200 and returns the SSE body.
+    async fn stream(&self, key: &str, text: &str) -> String {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.http_url))
+            .bearer_auth(key)
+            .json(&json!({"model": MODEL, "stream": true,
+                "messages": [{"role": "user", "content": text}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+
     async fn stop(mut self) {
         self.cancel.cancel();
         let fake = self.tasks.pop().unwrap();
@@ -572,16 +586,7 @@ async fn streamed_answers_are_redacted_across_chunks_and_pseudonyms_still_restor
     // straddle chunk boundaries.
     let filler = "lorem ipsum dolor sit amet ".repeat(8);
     let prompt = format!("{filler}mail {EMAIL_D} {filler}card {CARD} done");
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", mesh.http_url))
-        .bearer_auth(KEY_D)
-        .json(&json!({"model": MODEL, "stream": true,
-            "messages": [{"role": "user", "content": prompt}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.text().await.unwrap();
+    let body = mesh.stream(KEY_D, &prompt).await;
     let mut content = String::new();
     let mut events = 0;
     let mut finish = Vec::new();
@@ -636,16 +641,7 @@ async fn an_entity_across_a_stream_window_boundary_is_redacted_whole() {
         "GB82 ",
         "the IBAN straddles the old cut at 72"
     );
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", mesh.http_url))
-        .bearer_auth(KEY_D)
-        .json(&json!({"model": MODEL, "stream": true,
-            "messages": [{"role": "user", "content": prompt}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.text().await.unwrap();
+    let body = mesh.stream(KEY_D, &prompt).await;
     let mut content = String::new();
     for line in body.lines() {
         let Some(data) = line.strip_prefix("data: ") else {

@@ -30,7 +30,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use switchboard_e2e::{KEY_A, MODEL, mesh_toml};
+use switchboard_e2e::{KEY_A, MODEL, bin_dir, mesh_toml, wait_port};
 use switchboard_fake_provider::{FakeConfig, FakeProvider, Fault};
 use switchboard_proto::ledger::v1::{
     AcquireLeaseRequest, Budget, BudgetEnforcement, BudgetPeriod, BudgetScope, BudgetScopeKind,
@@ -56,30 +56,12 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 // === the mesh as processes ===
 
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .to_path_buf()
-}
-
 fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-}
-
-async fn wait_port(port: u16, what: &str) {
-    for _ in 0..600 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: nothing listening on port {port} after 30 s");
 }
 
 /// SIGKILL and reap.

@@ -8,24 +8,15 @@
 use std::{
     collections::{HashMap, HashSet},
     net::TcpListener,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use switchboard_e2e::{KEY_A, MODEL, mesh_toml};
+use switchboard_e2e::{KEY_A, MODEL, bin_dir, mesh_toml, wait_port};
 use switchboard_proto::ledger::v1::{
     GetUsageRecordRequest, ledger_service_client::LedgerServiceClient,
 };
 use switchboard_testkit::{TestNats, TestPg, otlp};
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .to_path_buf()
-}
 
 fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -73,19 +64,6 @@ impl Drop for Processes {
             let _ = child.kill();
         }
     }
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listening on port {port} after 15 s");
 }
 
 #[tokio::test]
@@ -194,7 +172,7 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
         processes.0.push((name.into(), spawn(name, &config_arg)));
     }
     for port in [fake, fake2, ledger, router, cache, guard, gw_grpc, http] {
-        wait_port(port).await;
+        wait_port(port, "service").await;
     }
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
