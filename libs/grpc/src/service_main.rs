@@ -33,9 +33,27 @@ pub struct RuntimeConfig {
     /// Worker threads of the process's tokio runtime; 0 means the default, one (ADR 004: on a small
     /// machine running the whole mesh, one worker per service costs the least CPU per request).
     pub worker_threads: usize,
+    /// Let the allocator back its arenas with transparent huge pages (default false). mimalloc asks
+    /// for them (`MADV_HUGEPAGE`), and then every touched 2 MB region is resident as a whole: the
+    /// guard, for one, sat at 88 MB with them and 61 MB without. Off, the process opts out of
+    /// THP (`prctl(PR_SET_THP_DISABLE)`) before its runtime starts.
+    pub transparent_huge_pages: bool,
 }
 
 impl RuntimeConfig {
+    /// Applies the process-wide memory settings (see [`RuntimeConfig::transparent_huge_pages`]).
+    /// Failure is reported on stderr and is not fatal: the service still runs, with more RSS.
+    pub fn apply_memory_settings(&self, name: &str) {
+        #[cfg(target_os = "linux")]
+        if !self.transparent_huge_pages
+            && let Err(error) = nix::sys::prctl::set_thp_disable(true)
+        {
+            eprintln!("{name}: cannot opt out of transparent huge pages: {error}");
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = name;
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.worker_threads > 1024 {
             return Err(ConfigError::invalid(
@@ -194,6 +212,7 @@ where
             return ExitCode::from(64);
         }
     };
+    runtime.apply_memory_settings(name);
     let workers = runtime.worker_threads.max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -241,4 +260,21 @@ where
     };
     telemetry.shutdown();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_pages_are_off_by_default() {
+        assert!(!RuntimeConfig::default().transparent_huge_pages);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn memory_settings_opt_the_process_out_of_huge_pages() {
+        RuntimeConfig::default().apply_memory_settings("test");
+        assert!(nix::sys::prctl::get_thp_disable().expect("prctl"));
+    }
 }
