@@ -42,6 +42,8 @@ pub enum Target {
         headers: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
         stream: bool,
+        /// Every answer must be a cache hit (`x-switchboard-cache: hit`), else it is an error.
+        require_hit: bool,
     },
     GrpcUnary {
         url: String,
@@ -165,6 +167,7 @@ async fn http_request(
         headers,
         body,
         stream,
+        require_hit,
     } = target
     else {
         return Err(fail("not an HTTP target", false));
@@ -214,6 +217,9 @@ async fn http_request(
     }
     if !status.is_success() {
         return Err(fail(format!("HTTP {status}"), false));
+    }
+    if *require_hit && !cache_hit {
+        return Err(fail("answered, but not from the cache", false));
     }
     if *stream {
         let done = tail.windows(6).any(|w| w == b"[DONE]");

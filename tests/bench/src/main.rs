@@ -28,7 +28,7 @@ use switchboard_proto::{
 
 use crate::{
     load::{RunSpec, Target},
-    mesh::{MODEL, Mesh, MeshOptions},
+    mesh::{MODEL, Mesh, MeshOptions, SEMANTIC_MODEL},
     report::{LedgerCheck, MemoryUse, RunReport, ScenarioReport},
 };
 
@@ -130,6 +130,11 @@ pub struct Scenario {
     runs: Vec<(f64, usize)>,
     baseline: Option<&'static str>,
     max_rate: bool,
+    /// Hard budgets on the scenario's app and key (every request reserves and settles).
+    budget: bool,
+    /// Semantic-cache hits: one request stores [`SEMANTIC_QUESTION`], then every request asks it in
+    /// lower case (an exact-key miss, a semantic hit) on [`SEMANTIC_MODEL`].
+    semantic: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -143,6 +148,8 @@ fn scenarios() -> Vec<Scenario> {
         runs: runs.to_vec(),
         baseline,
         max_rate: false,
+        budget: false,
+        semantic: false,
     };
     let three = [(200.0, 100), (1000.0, 100), (2000.0, 100)];
     let two = [(200.0, 100), (1000.0, 100)];
@@ -190,6 +197,29 @@ fn scenarios() -> Vec<Scenario> {
             &two,
             Some("direct-stream-http"),
         ),
+        Scenario {
+            budget: true,
+            ..s(
+                "budget-http-1k",
+                Via::GatewayHttp,
+                1024,
+                false,
+                &two,
+                Some("direct-http-1k"),
+            )
+        },
+        Scenario {
+            use_cache: true,
+            semantic: true,
+            ..s(
+                "semantic-hit-http",
+                Via::GatewayHttp,
+                SEMANTIC_QUESTION.len(),
+                false,
+                &[(100.0, 100)],
+                Some("direct-http-1k"),
+            )
+        },
         Scenario {
             use_cache: true,
             ..s(
@@ -276,13 +306,29 @@ fn prompt(bytes: usize, email: bool) -> String {
     text
 }
 
-fn target(scenario: &Scenario, mesh: &Mesh) -> anyhow::Result<Target> {
+/// The semantic scenario's question (stored as is, asked in lower case).
+const SEMANTIC_QUESTION: &str =
+    "How do I rotate the API keys of our staging environment without any downtime for the apps?";
+
+/// The request of a scenario; `seed`: the semantic scenario's storing request instead.
+fn target(scenario: &Scenario, mesh: &Mesh, seed: bool) -> anyhow::Result<Target> {
     let key = mesh::api_key(scenario.name);
-    let text = prompt(scenario.prompt_bytes, scenario.email);
+    let mut text = prompt(scenario.prompt_bytes, scenario.email);
+    let model = if scenario.semantic {
+        // A typical cached question: embedding cost grows with the text (256 tokens at most).
+        text = SEMANTIC_QUESTION.to_owned();
+        if !seed {
+            // Same tokens for the (uncased) embedding model, another exact key.
+            text = text.to_lowercase();
+        }
+        SEMANTIC_MODEL
+    } else {
+        MODEL
+    };
     match scenario.via {
         Via::Direct | Via::GatewayHttp => {
             let mut body = serde_json::json!({
-                "model": MODEL,
+                "model": model,
                 "messages": [{"role": "user", "content": text}],
                 "stream": scenario.stream,
             });
@@ -318,13 +364,14 @@ fn target(scenario: &Scenario, mesh: &Mesh) -> anyhow::Result<Target> {
                 headers,
                 body: Bytes::from(serde_json::to_vec(&body)?),
                 stream: scenario.stream,
+                require_hit: scenario.semantic && !seed,
             })
         }
         Via::GatewayGrpc => {
             let url = format!("http://{}", mesh.grpc_addr.context("mesh not started")?);
             let authorization = format!("Bearer {key}").parse()?;
             let request = ChatRequest {
-                model: MODEL.to_owned(),
+                model: model.to_owned(),
                 messages: vec![Message::text(Role::User, text)],
                 ..Default::default()
             };
@@ -505,6 +552,40 @@ async fn run_once(
     ))
 }
 
+/// Stores the semantic scenario's prompt (one request, counted for the ledger check) and waits for
+/// the cache to index it.
+async fn seed_semantic(
+    scenario: &Scenario,
+    mesh: &mut Mesh,
+    periods: &Periods,
+    report: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let seed = target(scenario, mesh, true)?;
+    let spec = RunSpec {
+        rate: 1.0,
+        connections: 1,
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(1),
+        timeout: periods.timeout,
+    };
+    let result = load::run(&seed, spec, &mesh.pids()).await?;
+    anyhow::ensure!(
+        result.ok_total >= 1 && result.errors_total == 0,
+        "the semantic scenario's seed request failed: {:?}",
+        result.error_samples
+    );
+    report.totals(&RunReport::from_result(
+        scenario.name,
+        scenario.via.label(),
+        1.0,
+        1,
+        &result,
+    ));
+    // The gateway stores after answering; the cache embeds and indexes the entry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
 async fn run_all(
     args: &Args,
     selected: &[Scenario],
@@ -539,6 +620,12 @@ async fn run_all(
             "guard-50k".to_owned(),
         ],
         rust_log: args.rust_log.clone(),
+        budget_apps: selected
+            .iter()
+            .filter(|s| s.budget)
+            .map(|s| s.name.to_owned())
+            .collect(),
+        semantic: selected.iter().any(|s| s.semantic),
     };
     eprintln!("starting the mesh from {} …", args.bin_dir.display());
     mesh.start(&opts).await?;
@@ -552,10 +639,13 @@ async fn run_all(
 
     for scenario in selected {
         eprintln!("scenario {}", scenario.name);
-        let target = target(scenario, mesh)?;
+        let target = target(scenario, mesh, false)?;
         let spans_before = mesh.otlp.as_ref().map_or(0, |c| c.spans());
         let mut report =
             ScenarioReport::new(scenario.name, scenario.via.label(), scenario.baseline);
+        if scenario.semantic {
+            seed_semantic(scenario, mesh, &periods, &mut report).await?;
+        }
         if scenario.max_rate {
             let mut rate = 1000.0;
             while rate <= args.max_rate_limit {

@@ -17,8 +17,14 @@ use tokio::process::{Child, Command};
 
 use crate::otlp;
 
-/// The route every scenario uses.
+/// The route every scenario uses (but the semantic one).
 pub const MODEL: &str = "gpt-4o-mini";
+
+/// A second route to the same target with the semantic cache on (`[cache.semantic.routes]`).
+pub const SEMANTIC_MODEL: &str = "bench-semantic";
+
+/// The hard budgets of a budget scenario's app and key: large enough never to refuse.
+const BENCH_BUDGET_USD_NANOS: i64 = 1_000_000 * 1_000_000_000;
 
 /// Where to find things and how to reach Postgres / NATS.
 pub struct MeshOptions {
@@ -33,6 +39,10 @@ pub struct MeshOptions {
     pub redact_apps: Vec<String>,
     /// `RUST_LOG` of the services.
     pub rust_log: String,
+    /// Scenario names whose app and key get a hard budget (the gateway's budgets are on when any).
+    pub budget_apps: Vec<String>,
+    /// Load the embedding model and open [`SEMANTIC_MODEL`] to the semantic cache.
+    pub semantic: bool,
 }
 
 /// A started process.
@@ -50,6 +60,7 @@ pub struct Mesh {
     pub http_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
     pub guard_addr: Option<SocketAddr>,
+    pub ledger_addr: Option<SocketAddr>,
     pub otlp: Option<otlp::Counter>,
     otlp_task: Option<tokio::task::JoinHandle<()>>,
     db_name: Option<String>,
@@ -103,6 +114,20 @@ fn config_toml(
         .iter()
         .map(|s| format!("[guard.apps.{}]\naction = \"redact\"\n", app_name(s)))
         .collect();
+    let budgets = if opts.budget_apps.is_empty() {
+        String::new()
+    } else {
+        // Budgets are read from the ledger every second (a budget created after start-up is in force
+        // before its scenario runs).
+        "[gateway.budgets]\nenabled = true\nrefresh_ms = 1000\n".to_owned()
+    };
+    let semantic = if opts.semantic {
+        format!(
+            "[cache.semantic]\nenabled = true\n[cache.semantic.routes.{SEMANTIC_MODEL}]\nthreshold = 0.99\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"
 [telemetry]
@@ -120,7 +145,7 @@ usage_queue_capacity = 1000000
 keys = [
 {keys}
 ]
-
+{budgets}
 [guard]
 default_action = "allow"
 entities = ["EMAIL_ADDRESS", "CREDIT_CARD"]
@@ -128,7 +153,7 @@ entities = ["EMAIL_ADDRESS", "CREDIT_CARD"]
 [cache]
 default_ttl_secs = 3600
 max_entries = 100000
-
+{semantic}
 [router]
 attempt_timeout_ms = 30000
 max_retries = 0
@@ -138,6 +163,9 @@ kind = "openai"
 base_url = "http://{fake}/v1"
 [[router.routes]]
 name = "{MODEL}"
+targets = [{{ provider = "fake", model = "{MODEL}" }}]
+[[router.routes]]
+name = "{SEMANTIC_MODEL}"
 targets = [{{ provider = "fake", model = "{MODEL}" }}]
 
 [ledger]
@@ -156,6 +184,39 @@ effective_from = "2024-07-18"
         nats_url = opts.nats_url,
         keys = keys.join("\n"),
     )
+}
+
+/// A hard lifetime budget on the scenario's app and one on its key (both reserved per request).
+async fn create_budgets(ledger: SocketAddr, scenario: &str) -> anyhow::Result<()> {
+    use switchboard_proto::ledger::v1::{
+        Budget, BudgetEnforcement, BudgetPeriod, BudgetScope, BudgetScopeKind, CreateBudgetRequest,
+        budget_service_client::BudgetServiceClient,
+    };
+    let mut client = BudgetServiceClient::connect(format!("http://{ledger}")).await?;
+    let scopes = [
+        ("app", BudgetScopeKind::App, app_name(scenario)),
+        ("key", BudgetScopeKind::Key, format!("key-{scenario}")),
+    ];
+    for (label, kind, id) in scopes {
+        let budget = Budget {
+            id: format!("bench-{label}-{scenario}"),
+            scope: Some(BudgetScope {
+                kind: kind as i32,
+                id,
+            }),
+            period: BudgetPeriod::Lifetime as i32,
+            limit_usd_nanos: BENCH_BUDGET_USD_NANOS,
+            enforcement: BudgetEnforcement::Hard as i32,
+            ..Default::default()
+        };
+        client
+            .create_budget(CreateBudgetRequest {
+                budget: Some(budget),
+            })
+            .await
+            .with_context(|| format!("creating the budgets of {scenario}"))?;
+    }
+    Ok(())
 }
 
 async fn wait_port(name: &str, addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
@@ -239,6 +300,7 @@ impl Mesh {
         self.http_addr = Some(http);
         self.grpc_addr = Some(gw_grpc);
         self.guard_addr = Some(guard);
+        self.ledger_addr = Some(ledger);
 
         let config_path = std::env::temp_dir().join(format!("switchboard-bench-{id}.toml"));
         std::fs::write(
@@ -256,6 +318,10 @@ impl Mesh {
             ("SWITCHBOARD__GATEWAY__GRPC_ADDR", gw_grpc.to_string()),
             ("SWITCHBOARD__GATEWAY__GUARD_URL", format!("http://{guard}")),
             ("SWITCHBOARD__GATEWAY__CACHE_URL", format!("http://{cache}")),
+            (
+                "SWITCHBOARD__GATEWAY__LEDGER_URL",
+                format!("http://{ledger}"),
+            ),
             (
                 "SWITCHBOARD__GATEWAY__ROUTER_URL",
                 format!("http://{router}"),
@@ -298,6 +364,9 @@ impl Mesh {
                 .connect(&database_url)
                 .await?,
         );
+        for scenario in &opts.budget_apps {
+            create_budgets(ledger, scenario).await?;
+        }
         Ok(())
     }
 
