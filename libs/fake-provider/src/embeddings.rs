@@ -1,4 +1,7 @@
-//! OpenAI embeddings (`POST /v1/embeddings`, Azure `POST /openai/deployments/{d}/embeddings`).
+//! OpenAI embeddings (`POST /v1/embeddings`, Azure `POST /openai/deployments/{d}/embeddings`) and
+//! Gemini `POST /v1beta/models/{model}:batchEmbedContents` (`{"requests":[{"model":"models/{model}",
+//! "content":{"parts":[{"text"}]},"outputDimensionality"}]}` answered with
+//! `{"embeddings":[{"values":[…]}]}`, no usage, as the real API).
 //!
 //! Deterministic: each input text gets a unit vector seeded by a hash of the text (the same text
 //! always gets the same vector), of [`DEFAULT_DIMENSIONS`] or the requested `dimensions`. Usage:
@@ -17,9 +20,9 @@ use axum::{
 use serde_json::{Value, json};
 
 use crate::{
-    ApiFormat, Fault, KEPT_REQUESTS, ReceivedRequest, Shared, Socket,
+    ApiFormat, Fault, KEPT_REQUESTS, ReceivedRequest, Rejected, Shared, Socket,
     answer::{Prompt, word_count},
-    header_map, openai, with_type,
+    header_map, with_type,
 };
 
 /// Vector size when the request asks none.
@@ -55,31 +58,133 @@ pub fn vector(text: &str, dimensions: usize) -> Vec<f32> {
     values.into_iter().map(|v| v as f32).collect()
 }
 
-fn bad(message: &str) -> Response {
-    openai::error_response(400, message, None)
+/// What an embeddings request asks: the model, the texts, the vector size.
+struct Asked {
+    model: String,
+    inputs: Vec<String>,
+    dimensions: usize,
 }
 
-/// Handles one embeddings request; `deployment` is Azure's path model.
+fn dimensions_of(value: Option<&Value>) -> Result<usize, Rejected> {
+    match value {
+        None | Some(Value::Null) => Ok(DEFAULT_DIMENSIONS),
+        Some(value) => value
+            .as_u64()
+            .filter(|d| (1..=MAX_DIMENSIONS).contains(d))
+            .map(|d| d as usize)
+            .ok_or_else(|| Rejected::bad("dimensions must be between 1 and 4096")),
+    }
+}
+
+/// A Gemini `batchEmbedContents` body for the path's `model`: every request names
+/// `models/{model}` and has text parts; all ask the same `outputDimensionality`.
+fn parse_gemini(
+    headers: &HeaderMap,
+    query: &str,
+    model: String,
+    body: &Value,
+) -> Result<Asked, Rejected> {
+    let keyed = headers.contains_key("x-goog-api-key")
+        || query.split('&').any(|pair| pair.starts_with("key="));
+    if !keyed {
+        return Err(Rejected {
+            status: 403,
+            message: "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.".to_owned(),
+        });
+    }
+    let requests = body
+        .get("requests")
+        .and_then(Value::as_array)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            Rejected::bad("* BatchEmbedContentsRequest.requests: requests is not specified")
+        })?;
+    let name = format!("models/{model}");
+    let mut inputs = Vec::with_capacity(requests.len());
+    let mut dimensions = None;
+    for (i, request) in requests.iter().enumerate() {
+        if request.get("model").and_then(Value::as_str) != Some(name.as_str()) {
+            return Err(Rejected::bad(format!(
+                "* BatchEmbedContentsRequest.requests[{i}].model: the model must be `{name}`, as in the URL"
+            )));
+        }
+        let text: String = request
+            .pointer("/content/parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect();
+        if text.is_empty() {
+            return Err(Rejected::bad(format!(
+                "* BatchEmbedContentsRequest.requests[{i}].content: contents are required"
+            )));
+        }
+        inputs.push(text);
+        let asked = dimensions_of(request.get("outputDimensionality"))?;
+        if dimensions.is_some_and(|d| d != asked) {
+            return Err(Rejected::bad(
+                "outputDimensionality differs between requests",
+            ));
+        }
+        dimensions = Some(asked);
+    }
+    Ok(Asked {
+        model,
+        inputs,
+        dimensions: dimensions.unwrap_or(DEFAULT_DIMENSIONS),
+    })
+}
+
+/// Handles one embeddings request; `path_model` is Azure's deployment or Gemini's path model,
+/// `query` the query string (Gemini's `key=`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     socket: Socket,
     format: ApiFormat,
-    deployment: Option<String>,
+    path_model: Option<String>,
     path: String,
+    query: &str,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => value,
-        _ => return bad("could not parse the JSON body of your request"),
+        _ => {
+            return format.error(400, "could not parse the JSON body of your request");
+        }
     };
+    let Asked {
+        model,
+        inputs,
+        dimensions,
+    } = if format == ApiFormat::Gemini {
+        match parse_gemini(&headers, query, path_model.unwrap_or_default(), &parsed) {
+            Ok(asked) => asked,
+            Err(rejected) => return format.error(rejected.status, &rejected.message),
+        }
+    } else {
+        match parse_openai(path_model, &parsed) {
+            Ok(asked) => asked,
+            Err(rejected) => return format.error(rejected.status, &rejected.message),
+        }
+    };
+    record_and_answer(
+        shared, socket, format, model, inputs, dimensions, parsed, path, headers,
+    )
+    .await
+}
+
+/// An OpenAI / Azure body (Azure's model is its deployment).
+fn parse_openai(deployment: Option<String>, parsed: &Value) -> Result<Asked, Rejected> {
     let Some(model) = deployment.or_else(|| {
         parsed
             .get("model")
             .and_then(Value::as_str)
             .map(str::to_owned)
     }) else {
-        return bad("you must provide a model parameter");
+        return Err(Rejected::bad("you must provide a model parameter"));
     };
     let inputs: Vec<String> = match parsed.get("input") {
         Some(Value::String(text)) => vec![text.clone()],
@@ -90,21 +195,36 @@ pub(crate) async fn handle(
                 .collect::<Option<Vec<_>>>()
             {
                 Some(texts) => texts,
-                None => return bad("'$.input' is invalid: expected strings"),
+                None => return Err(Rejected::bad("'$.input' is invalid: expected strings")),
             }
         }
-        _ => return bad("'$.input' is invalid"),
+        _ => return Err(Rejected::bad("'$.input' is invalid")),
     };
     if inputs.iter().any(String::is_empty) {
-        return bad("'$.input' is invalid: empty strings are not allowed");
+        return Err(Rejected::bad(
+            "'$.input' is invalid: empty strings are not allowed",
+        ));
     }
-    let dimensions = match parsed.get("dimensions") {
-        None | Some(Value::Null) => DEFAULT_DIMENSIONS,
-        Some(value) => match value.as_u64().filter(|d| (1..=MAX_DIMENSIONS).contains(d)) {
-            Some(d) => d as usize,
-            None => return bad("dimensions must be between 1 and 4096"),
-        },
-    };
+    let dimensions = dimensions_of(parsed.get("dimensions"))?;
+    Ok(Asked {
+        model,
+        inputs,
+        dimensions,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn record_and_answer(
+    shared: Arc<Shared>,
+    socket: Socket,
+    format: ApiFormat,
+    model: String,
+    inputs: Vec<String>,
+    dimensions: usize,
+    parsed: Value,
+    path: String,
+    headers: HeaderMap,
+) -> Response {
     let (fault, latency) = {
         let mut inner = shared.lock();
         inner.models.insert(model.clone());
@@ -151,11 +271,12 @@ pub(crate) async fn handle(
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }
         Some(Fault::MalformedJson) => {
-            return with_type(
-                StatusCode::OK,
-                "application/json",
-                Body::from("{\"object\":\"list\",\"data\":[{\"index\":0,\"embedding\":[0.1,"),
-            );
+            let cut = if format == ApiFormat::Gemini {
+                "{\"embeddings\":[{\"values\":[0.1,"
+            } else {
+                "{\"object\":\"list\",\"data\":[{\"index\":0,\"embedding\":[0.1,"
+            };
+            return with_type(StatusCode::OK, "application/json", Body::from(cut));
         }
         Some(Fault::WrongContentType) => {
             return with_type(
@@ -173,6 +294,13 @@ pub(crate) async fn handle(
             return format.context_length_exceeded(&prompt);
         }
         _ => {}
+    }
+    if format == ApiFormat::Gemini {
+        let embeddings: Vec<Value> = inputs
+            .iter()
+            .map(|text| json!({ "values": vector(text, dimensions) }))
+            .collect();
+        return Json(json!({ "embeddings": embeddings })).into_response();
     }
     let data: Vec<Value> = inputs
         .iter()

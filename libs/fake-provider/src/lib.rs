@@ -29,6 +29,8 @@
 //! - `POST /v1/embeddings` and Azure `POST /openai/deployments/{deployment}/embeddings`: OpenAI
 //!   embeddings, deterministic (a unit vector seeded by a hash of each input, of
 //!   [`embeddings::DEFAULT_DIMENSIONS`] or the requested `dimensions`; `prompt_tokens` = words).
+//! - `POST /v1beta/models/{model}:batchEmbedContents`: Gemini embeddings, the same vectors
+//!   (`{"embeddings":[{"values":[…]}]}`, no usage; `outputDimensionality` as `dimensions`).
 //! - `GET /v1/models`: models seen in requests or mentioned by a control call.
 //!
 //! # Faults
@@ -868,11 +870,25 @@ async fn gemini_generate(
     let (model, stream_method) = match model_method.rsplit_once(':') {
         Some((model, "generateContent")) => (model.to_owned(), false),
         Some((model, "streamGenerateContent")) => (model.to_owned(), true),
+        Some((model, "batchEmbedContents")) => {
+            let path = path_of(&uri);
+            return embeddings::handle(
+                shared,
+                socket,
+                ApiFormat::Gemini,
+                Some(model.to_owned()),
+                path,
+                query.as_deref().unwrap_or_default(),
+                headers,
+                body,
+            )
+            .await;
+        }
         _ => {
             return gemini::error_response(
                 404,
                 &format!(
-                    "unknown method in `{model_method}`: use :generateContent or :streamGenerateContent"
+                    "unknown method in `{model_method}`: use :generateContent, :streamGenerateContent or :batchEmbedContents"
                 ),
             );
         }
@@ -897,7 +913,17 @@ async fn openai_embeddings(
     body: Bytes,
 ) -> Response {
     let path = path_of(&uri);
-    embeddings::handle(shared, socket, ApiFormat::Openai, None, path, headers, body).await
+    embeddings::handle(
+        shared,
+        socket,
+        ApiFormat::Openai,
+        None,
+        path,
+        "",
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn azure_embeddings(
@@ -922,6 +948,7 @@ async fn azure_embeddings(
         ApiFormat::Azure,
         Some(deployment),
         path,
+        "",
         headers,
         body,
     )

@@ -951,3 +951,85 @@ async fn embeddings_are_deterministic_unit_vectors_with_usage() {
     assert_eq!(azure.status(), 200);
     assert_eq!(fake.request_count("dep"), 1);
 }
+
+#[tokio::test]
+async fn gemini_batch_embed_contents() {
+    let fake = start().await;
+    let url = format!(
+        "{}/v1beta/models/text-embedding-004:batchEmbedContents",
+        fake.root_url()
+    );
+    let embed = |body: Value, keyed: bool| {
+        let mut request = reqwest::Client::new().post(&url).json(&body);
+        if keyed {
+            request = request.header("x-goog-api-key", "g-key");
+        }
+        request.send()
+    };
+    let one = |text: &str| json!({ "model": "models/text-embedding-004", "content": { "parts": [{ "text": text }] } });
+    let response = embed(
+        json!({ "requests": [one("hello world"), one("other text here")] }),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let value: Value = response.json().await.unwrap();
+    // Gemini's shape: no object, no index, no usage.
+    assert_eq!(value.as_object().unwrap().len(), 1, "{value}");
+    let embeddings = value["embeddings"].as_array().unwrap();
+    assert_eq!(embeddings.len(), 2);
+    let first: Vec<f32> = serde_json::from_value(embeddings[0]["values"].clone()).unwrap();
+    assert_eq!(
+        first,
+        embeddings::vector("hello world", embeddings::DEFAULT_DIMENSIONS)
+    );
+    let second: Vec<f32> = serde_json::from_value(embeddings[1]["values"].clone()).unwrap();
+    assert_eq!(
+        second,
+        embeddings::vector("other text here", embeddings::DEFAULT_DIMENSIONS)
+    );
+    let received = fake.requests();
+    assert_eq!(received[0].format, ApiFormat::Gemini);
+    assert_eq!(received[0].model, "text-embedding-004");
+    assert_eq!(fake.request_count("text-embedding-004"), 1);
+
+    let mut sized = one("hello world");
+    sized["outputDimensionality"] = json!(4);
+    let value: Value = embed(json!({ "requests": [sized] }), true)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["embeddings"][0]["values"].as_array().unwrap().len(),
+        4
+    );
+
+    // No key: 403, in Gemini's error shape.
+    let response = embed(json!({ "requests": [one("x")] }), false)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let value: Value = response.json().await.unwrap();
+    assert_eq!(value["error"]["status"], "PERMISSION_DENIED");
+    for bad in [
+        json!({ "requests": [] }),
+        json!({ "requests": [{ "model": "models/other", "content": { "parts": [{ "text": "x" }] } }] }),
+        json!({ "requests": [{ "model": "models/text-embedding-004", "content": { "parts": [] } }] }),
+    ] {
+        let response = embed(bad, true).await.unwrap();
+        assert_eq!(response.status(), 400);
+        let value: Value = response.json().await.unwrap();
+        assert_eq!(value["error"]["status"], "INVALID_ARGUMENT");
+    }
+    fake.fail_next("text-embedding-004", 503, 1);
+    assert_eq!(
+        embed(json!({ "requests": [one("x")] }), true)
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+}
