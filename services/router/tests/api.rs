@@ -4,18 +4,18 @@
 use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
-use switchboard_fake_provider::{FakeConfig, FakeProvider};
+use switchboard_fake_provider::{ApiFormat, FakeConfig, FakeProvider, embeddings};
 use switchboard_proto::{
     chat::v1::{
         ChatChunk, ChatRequest, FinishReason, Message, Role, RouteInfo, SamplingParams, Tool,
         ToolCall, ToolCallDelta,
     },
     router::v1::{
-        Caller, ListModelsRequest, RouteRequest, RouteResponse, RouteStreamRequest,
+        Caller, EmbedRequest, ListModelsRequest, RouteRequest, RouteResponse, RouteStreamRequest,
         route_stream_response::Event, router_service_client::RouterServiceClient,
     },
 };
-use switchboard_router::{App, Config, ProviderConfig, RouteConfig, TargetConfig};
+use switchboard_router::{App, Config, ProviderConfig, ProviderKind, RouteConfig, TargetConfig};
 use switchboard_status::{ErrorCode, status_metadata};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Code, Status, transport::Channel};
@@ -716,5 +716,131 @@ async fn the_request_timeout_bounds_a_request_without_a_caller_deadline() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(h.fake.request_count(PRIMARY), 1);
     assert_eq!(h.backup.request_count(BACKUP), 0);
+    h.shutdown().await;
+}
+
+/// A Gemini provider on the primary fake, and routes `gemini-embed` / `gemini-chat` /
+/// `claude-chat` to it.
+async fn start_with_gemini_and_anthropic() -> Harness {
+    Harness::start_with(|config| {
+        // The primary fake's root URL (its OpenAI base URL without `/v1`).
+        let root = config.providers["fake"]
+            .base_url
+            .trim_end_matches("/v1")
+            .to_owned();
+        config.providers.insert(
+            "gem".to_owned(),
+            ProviderConfig::of_kind(ProviderKind::Gemini, root.clone(), Some("g-key")),
+        );
+        config.providers.insert(
+            "claude".to_owned(),
+            ProviderConfig::of_kind(ProviderKind::Anthropic, root, Some("a-key")),
+        );
+        config.routes.push(RouteConfig::new(
+            "gemini-embed".to_owned(),
+            vec![TargetConfig::new("gem", "text-embedding-004")],
+        ));
+        config.routes.push(RouteConfig::new(
+            "gemini-chat".to_owned(),
+            vec![TargetConfig::new("gem", "gemini-x")],
+        ));
+        config.routes.push(RouteConfig::new(
+            "claude-chat".to_owned(),
+            vec![TargetConfig::new("claude", "claude-x")],
+        ));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn embed_routes_to_a_gemini_target_through_batch_embed_contents() {
+    let h = start_with_gemini_and_anthropic().await;
+    let inputs = vec![
+        "first text".to_owned(),
+        "the second, longer text".to_owned(),
+    ];
+    let response = h
+        .client
+        .clone()
+        .embed(EmbedRequest {
+            model: "gemini-embed".to_owned(),
+            inputs: inputs.clone(),
+            dimensions: Some(8),
+            user: String::new(),
+            caller: Some(Caller {
+                request_id: "req-e".to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The fake's vectors are deterministic: the same as it gives any format for these texts.
+    assert_eq!(response.embeddings.len(), 2);
+    for (i, embedding) in response.embeddings.iter().enumerate() {
+        assert_eq!(embedding.index, i as u32);
+        assert_eq!(embedding.values, embeddings::vector(&inputs[i], 8));
+    }
+    assert_eq!(response.model, "text-embedding-004");
+    // Gemini reports no usage: four characters a token, rounded up.
+    let chars: usize = inputs.iter().map(String::len).sum();
+    let usage = response.usage.unwrap();
+    assert_eq!(usage.prompt_tokens as usize, chars.div_ceil(4));
+    assert_eq!(usage.total_tokens, usage.prompt_tokens);
+    assert_eq!(usage.completion_tokens, 0);
+    let route = response.route.unwrap();
+    assert_eq!(route.target, "gem/text-embedding-004");
+    assert_eq!(route.provider, "gem");
+    let received = h.fake.requests();
+    let last = received.last().unwrap();
+    assert_eq!(last.format, ApiFormat::Gemini);
+    assert_eq!(last.model, "text-embedding-004");
+    assert!(
+        last.path
+            .starts_with("/v1beta/models/text-embedding-004:batchEmbedContents"),
+        "{}",
+        last.path
+    );
+    assert_eq!(
+        last.headers.get("x-goog-api-key").map(String::as_str),
+        Some("g-key")
+    );
+    assert_eq!(
+        last.body["requests"][1],
+        serde_json::json!({ "model": "models/text-embedding-004",
+            "content": { "parts": [{ "text": "the second, longer text" }] },
+            "outputDimensionality": 8 })
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn top_k_reaches_anthropic_gemini_and_openai_compatible_targets() {
+    let h = start_with_gemini_and_anthropic().await;
+    let with_top_k = |model: &str| {
+        let mut request = chat(model, "hello there");
+        request.sampling = Some(SamplingParams {
+            top_k: Some(7),
+            max_tokens: Some(20),
+            ..Default::default()
+        });
+        request
+    };
+    for route in ["chat", "gemini-chat", "claude-chat"] {
+        let response = h.route(with_top_k(route)).await.unwrap();
+        assert_eq!(text_of(&response), "echo: hello there", "{route}");
+    }
+    let received = h.fake.requests();
+    let body_of = |format: ApiFormat| {
+        received
+            .iter()
+            .find(|r| r.format == format)
+            .map(|r| r.body.clone())
+            .unwrap()
+    };
+    // The fake at 127.0.0.1 is an OpenAI-compatible server, not api.openai.com: it gets top_k.
+    assert_eq!(body_of(ApiFormat::Openai)["top_k"], 7);
+    assert_eq!(body_of(ApiFormat::Anthropic)["top_k"], 7);
+    assert_eq!(body_of(ApiFormat::Gemini)["generationConfig"]["topK"], 7);
     h.shutdown().await;
 }

@@ -6,19 +6,30 @@
 //! wants tool results of one assistant turn in one user turn). `max_tokens` is required by
 //! Anthropic: the request's, else the provider's `default_max_tokens`. JSON mode has no Anthropic
 //! parameter: it is emulated by an instruction appended to `system` (with the schema for
-//! `JSON_SCHEMA`). Not expressible and ignored: `seed`, `presence_penalty`, `frequency_penalty`,
-//! `Tool.strict`; `n > 1` is rejected.
+//! `JSON_SCHEMA`). `top_k` is sent as `top_k`. Not expressible and ignored: `seed`,
+//! `presence_penalty`, `frequency_penalty`, `Tool.strict`; `n > 1` is rejected. A tool message's
+//! `tool_error` is the `tool_result`'s `is_error: true`.
+//!
+//! Extended thinking: an assistant message's `thinking` blocks are sent back first in its turn,
+//! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
+//! in the turn after a tool call. Answers carry them the other way: `thinking` /
+//! `redacted_thinking` content blocks become `Message.thinking`; in streams `thinking_delta` and
+//! `signature_delta` become `ChoiceDelta.thinking` pieces (a redacted block arrives whole at its
+//! `content_block_start`).
+//!
+//! Stop reasons: `stop_sequence` is FINISH_REASON_STOP with the matched sequence in
+//! `Message.stop_sequence` (streams: `ChoiceDelta.stop_sequence` on the finishing delta).
 //!
 //! Usage: Anthropic's `input_tokens` excludes cache reads and writes; ours includes them
 //! (`prompt_tokens = input + cache_read + cache_creation`, `cached_prompt_tokens = cache_read`,
-//! `cache_write_tokens = cache_creation`). Thinking blocks are dropped (no field for them).
+//! `cache_write_tokens = cache_creation`).
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_proto::chat::v1::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, ContentPart, FinishReason, Message,
-    ResponseFormatType, Role, ToolCall, ToolCallDelta, ToolChoiceMode, Usage, content_part::Part,
-    tool_choice::Choice as ToolChoiceKind,
+    ResponseFormatType, Role, ThinkingBlock, ThinkingDelta, ToolCall, ToolCallDelta,
+    ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
 };
 
 use super::{
@@ -102,6 +113,15 @@ fn system_text(request: &ChatRequest) -> Result<String, TranslateError> {
     Ok(parts.join("\n\n"))
 }
 
+/// A thinking block as Anthropic sent it: `redacted_thinking` when it has redacted data.
+fn thinking_block(block: &ThinkingBlock) -> Value {
+    if block.redacted_data.is_empty() {
+        json!({ "type": "thinking", "thinking": block.text, "signature": block.signature })
+    } else {
+        json!({ "type": "redacted_thinking", "data": block.redacted_data })
+    }
+}
+
 /// The Anthropic Messages body for `request` sent to `model`. `tags` are never sent.
 pub fn to_anthropic_request(
     model: &str,
@@ -124,7 +144,9 @@ pub fn to_anthropic_request(
             Ok(Role::System | Role::Developer) => continue,
             Ok(Role::User) => ("user", content_blocks(message, &field)?),
             Ok(Role::Assistant) => {
-                let mut blocks = content_blocks(message, &field)?;
+                // Thinking blocks come first in the turn, exactly as Anthropic sent them.
+                let mut blocks: Vec<Value> = message.thinking.iter().map(thinking_block).collect();
+                blocks.extend(content_blocks(message, &field)?);
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     blocks.push(json!({
                         "type": "tool_use", "id": call.id, "name": call.name,
@@ -143,6 +165,9 @@ pub fn to_anthropic_request(
                 let mut result = Map::new();
                 result.insert("type".into(), json!("tool_result"));
                 result.insert("tool_use_id".into(), json!(message.tool_call_id));
+                if message.tool_error {
+                    result.insert("is_error".into(), json!(true));
+                }
                 let parts = content_blocks(message, &field)?;
                 let only_text = parts.iter().all(|b| b["type"] == "text");
                 if only_text && !parts.is_empty() {
@@ -189,6 +214,9 @@ pub fn to_anthropic_request(
     }
     if let Some(top_p) = sampling.top_p {
         body.insert("top_p".into(), json!(top_p));
+    }
+    if let Some(top_k) = sampling.top_k {
+        body.insert("top_k".into(), json!(top_k));
     }
 
     if !request.tools.is_empty() {
@@ -299,6 +327,7 @@ struct AnMessage {
     model: String,
     content: Vec<Value>,
     stop_reason: Option<String>,
+    stop_sequence: Option<String>,
     usage: Option<AnUsage>,
 }
 
@@ -310,6 +339,14 @@ pub fn finish_reason(reason: Option<&str>) -> FinishReason {
         Some("tool_use") => FinishReason::ToolCalls,
         Some("refusal") => FinishReason::ContentFilter,
         _ => FinishReason::Unspecified,
+    }
+}
+
+/// The matched stop sequence, kept only when it is why generation stopped.
+fn stop_sequence_of(reason: Option<&str>, sequence: Option<&str>) -> String {
+    match (reason, sequence) {
+        (Some("stop_sequence"), Some(sequence)) => sequence.to_owned(),
+        _ => String::new(),
     }
 }
 
@@ -328,8 +365,18 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
     }
     let mut content = Vec::new();
     let mut tool_calls = Vec::new();
+    let mut thinking = Vec::new();
     for block in &message.content {
         match block.get("type").and_then(Value::as_str) {
+            Some("thinking") => thinking.push(ThinkingBlock {
+                text: str_at(block, "/thinking").to_owned(),
+                signature: str_at(block, "/signature").to_owned(),
+                redacted_data: String::new(),
+            }),
+            Some("redacted_thinking") => thinking.push(ThinkingBlock {
+                redacted_data: str_at(block, "/data").to_owned(),
+                ..Default::default()
+            }),
             Some("text") => content.push(ContentPart {
                 part: Some(Part::Text(
                     block
@@ -352,7 +399,7 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                     .to_owned(),
                 arguments_json: block.get("input").unwrap_or(&json!({})).to_string(),
             }),
-            // thinking, redacted_thinking, server tool blocks: nothing to carry them in.
+            // Server tool blocks: nothing to carry them in.
             _ => {}
         }
     }
@@ -365,6 +412,11 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                 role: Role::Assistant as i32,
                 content,
                 tool_calls,
+                thinking,
+                stop_sequence: stop_sequence_of(
+                    message.stop_reason.as_deref(),
+                    message.stop_sequence.as_deref(),
+                ),
                 ..Default::default()
             }),
             finish_reason: finish_reason(message.stop_reason.as_deref()) as i32,
@@ -386,6 +438,9 @@ pub struct AnthropicDecoder {
     /// Tool-call index of each content block index that is a `tool_use`.
     tool_blocks: Vec<(u64, u32)>,
     next_tool: u32,
+    /// Thinking-block index of each content block index that is a `thinking` block.
+    thinking_blocks: Vec<(u64, u32)>,
+    next_thinking: u32,
 }
 
 impl AnthropicDecoder {
@@ -398,6 +453,8 @@ impl AnthropicDecoder {
             usage: AnUsage::default(),
             tool_blocks: Vec::new(),
             next_tool: 0,
+            thinking_blocks: Vec::new(),
+            next_thinking: 0,
         }
     }
 
@@ -416,6 +473,26 @@ impl AnthropicDecoder {
             .iter()
             .find(|(b, _)| *b == block)
             .map(|(_, t)| *t)
+    }
+
+    fn thinking_index(&self, block: u64) -> Result<u32, ProviderError> {
+        self.thinking_blocks
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                ProviderError::malformed(format!("thinking delta for block {block}, not thinking"))
+            })
+    }
+
+    fn thinking_chunk(&self, delta: ThinkingDelta) -> ChatChunk {
+        self.chunk(
+            ChoiceDelta {
+                thinking: vec![delta],
+                ..Default::default()
+            },
+            None,
+        )
     }
 }
 
@@ -468,6 +545,18 @@ impl StreamDecoder for AnthropicDecoder {
                             ));
                         }
                     }
+                    "thinking" | "redacted_thinking" => {
+                        let thinking = self.next_thinking;
+                        self.next_thinking += 1;
+                        self.thinking_blocks.push((index, thinking));
+                        // Always sent, even empty: it opens the block for the gateway.
+                        chunks.push(self.thinking_chunk(ThinkingDelta {
+                            index: thinking,
+                            text: str_at(block, "/thinking").to_owned(),
+                            signature: str_at(block, "/signature").to_owned(),
+                            redacted_data: str_at(block, "/data").to_owned(),
+                        }));
+                    }
                     "tool_use" => {
                         let tool = self.next_tool;
                         self.next_tool += 1;
@@ -517,7 +606,23 @@ impl StreamDecoder for AnthropicDecoder {
                             None,
                         ));
                     }
-                    // thinking_delta, signature_delta, citations_delta: nothing to carry them in.
+                    "thinking_delta" => {
+                        let thinking = self.thinking_index(index)?;
+                        chunks.push(self.thinking_chunk(ThinkingDelta {
+                            index: thinking,
+                            text: str_at(delta, "/thinking").to_owned(),
+                            ..Default::default()
+                        }));
+                    }
+                    "signature_delta" => {
+                        let thinking = self.thinking_index(index)?;
+                        chunks.push(self.thinking_chunk(ThinkingDelta {
+                            index: thinking,
+                            signature: str_at(delta, "/signature").to_owned(),
+                            ..Default::default()
+                        }));
+                    }
+                    // citations_delta: nothing to carry it in.
                     _ => {}
                 }
             }
@@ -528,9 +633,11 @@ impl StreamDecoder for AnthropicDecoder {
                     self.usage.update(&usage);
                 }
                 let reason = data.pointer("/delta/stop_reason").and_then(Value::as_str);
+                let sequence = data.pointer("/delta/stop_sequence").and_then(Value::as_str);
                 chunks.push(self.chunk(
                     ChoiceDelta {
                         finish_reason: finish_reason(reason) as i32,
+                        stop_sequence: stop_sequence_of(reason, sequence),
                         ..Default::default()
                     },
                     Some(self.usage.to_usage()),

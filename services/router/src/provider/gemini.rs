@@ -8,8 +8,10 @@
 //! result as is, other text as `{"content": text}`). Replayed `functionCall` parts carry Gemini's
 //! documented placeholder `thoughtSignature` (we have no field to keep the real one). Images:
 //! `data:` URLs as `inlineData`, other URLs as `fileData`. JSON mode is `responseMimeType:
-//! application/json` (+ `responseJsonSchema`). `user`, `parallel_tool_calls` and `Tool.strict`
-//! have no Gemini equivalent and are not sent.
+//! application/json` (+ `responseJsonSchema`); `top_k` is `generationConfig.topK`. `user`,
+//! `parallel_tool_calls` and `Tool.strict` have no Gemini equivalent and are not sent; neither are
+//! an assistant message's `thinking` blocks (Anthropic's, signed for Anthropic only) nor a tool
+//! message's `tool_error` flag (the result content goes as is).
 //!
 //! Responses: Gemini has no tool-call ids; a call without `id` gets `call_<index>`. A prompt
 //! blocked by `promptFeedback.blockReason` is [`ProviderError::ContentFiltered`]; a candidate
@@ -209,6 +211,7 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
         };
         put("temperature", sampling.temperature.map(|v| json!(v)));
         put("topP", sampling.top_p.map(|v| json!(v)));
+        put("topK", sampling.top_k.map(|v| json!(v)));
         put("maxOutputTokens", sampling.max_tokens.map(|v| json!(v)));
         put(
             "stopSequences",
@@ -513,6 +516,7 @@ impl StreamDecoder for GeminiDecoder {
                     })
                     .collect(),
                 finish_reason: finish as i32,
+                ..Default::default()
             });
         }
         let chunks = if deltas.is_empty() {

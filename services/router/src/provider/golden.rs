@@ -13,8 +13,8 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use serde_json::{Map, Value, json};
 use switchboard_proto::chat::v1::{
     ChatChunk, ChatRequest, ChatResponse, ContentPart, FinishReason, ImageUrl, Message,
-    ResponseFormat, ResponseFormatType, Role, SamplingParams, Tool, ToolCall, ToolChoice,
-    ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
+    ResponseFormat, ResponseFormatType, Role, SamplingParams, ThinkingBlock, Tool, ToolCall,
+    ToolChoice, ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
 };
 
 use super::{ProviderClient, ProviderError, decoder, parse_response, sse::SseParser};
@@ -70,7 +70,7 @@ fn json_text(value: Option<&Value>) -> String {
 
 /// A `ChatRequest` from a compact JSON form close to OpenAI's: messages with `content` (string or
 /// parts `{"text"}` / `{"image_url": {"url", "detail"}}`), `tool_calls` (`{"id","name","arguments"}`),
-/// `tool_call_id`; `tools` with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or
+/// `tool_call_id`, `tool_error`, `thinking` (`{"text","signature","redacted_data"}`); `tools` with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or
 /// `{"function": name}`); `sampling`; `response_format` (`{"type", "schema_name", "schema",
 /// "strict"}`); `parallel_tool_calls`; `user`; `tags`.
 pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
@@ -113,6 +113,22 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
                     })
                     .collect(),
                 tool_call_id: str_of(m, "tool_call_id"),
+                tool_error: m
+                    .get("tool_error")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                thinking: m
+                    .get("thinking")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|t| ThinkingBlock {
+                        text: str_of(t, "text"),
+                        signature: str_of(t, "signature"),
+                        redacted_data: str_of(t, "redacted_data"),
+                    })
+                    .collect(),
+                stop_sequence: String::new(),
             }
         })
         .collect();
@@ -158,6 +174,7 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
         frequency_penalty: s.get("frequency_penalty").and_then(Value::as_f64),
         seed: s.get("seed").and_then(Value::as_i64),
         n: s.get("n").and_then(Value::as_u64).map(|v| v as u32),
+        top_k: s.get("top_k").and_then(Value::as_u64).map(|v| v as u32),
     });
     let response_format = value.get("response_format").map(|f| ResponseFormat {
         r#type: match f["type"].as_str().unwrap() {
@@ -217,10 +234,21 @@ pub(crate) fn response_json(response: &ChatResponse) -> Value {
         "created": response.created,
         "choices": response.choices.iter().map(|c| {
             let message = c.message.clone().unwrap_or_default();
+            let mut out = json!({
+                "role": role_name(message.role), "content": message.joined_text(),
+                "tool_calls": calls_json(&message.tool_calls) });
+            // Newer fields only when set, so that older fixtures stay as they are.
+            if !message.thinking.is_empty() {
+                out["thinking"] = message.thinking.iter().map(|t| json!({
+                    "text": t.text, "signature": t.signature, "redacted_data": t.redacted_data,
+                })).collect();
+            }
+            if !message.stop_sequence.is_empty() {
+                out["stop_sequence"] = json!(message.stop_sequence);
+            }
             json!({
                 "index": c.index,
-                "message": { "role": role_name(message.role), "content": message.joined_text(),
-                             "tool_calls": calls_json(&message.tool_calls) },
+                "message": out,
                 "finish_reason": finish_name(c.finish_reason),
             })
         }).collect::<Vec<_>>(),
@@ -265,8 +293,32 @@ pub(crate) fn chunk_json(chunk: &ChatChunk) -> Value {
                     .collect();
                 delta.insert("tool_calls".into(), Value::Array(calls));
             }
+            if !d.thinking.is_empty() {
+                let pieces: Vec<Value> = d
+                    .thinking
+                    .iter()
+                    .map(|t| {
+                        let mut piece = Map::new();
+                        piece.insert("index".into(), json!(t.index));
+                        for (key, value) in [
+                            ("text", &t.text),
+                            ("signature", &t.signature),
+                            ("redacted_data", &t.redacted_data),
+                        ] {
+                            if !value.is_empty() {
+                                piece.insert(key.into(), json!(value));
+                            }
+                        }
+                        Value::Object(piece)
+                    })
+                    .collect();
+                delta.insert("thinking".into(), Value::Array(pieces));
+            }
             if d.finish_reason != 0 {
                 delta.insert("finish_reason".into(), json!(finish_name(d.finish_reason)));
+            }
+            if !d.stop_sequence.is_empty() {
+                delta.insert("stop_sequence".into(), json!(d.stop_sequence));
             }
             Value::Object(delta)
         })

@@ -435,6 +435,20 @@ impl ProviderClient {
         })
     }
 
+    /// Whether chat requests may carry `top_k`: OpenAI-compatible servers (vLLM, Ollama, ...) take
+    /// it as an extension; OpenAI itself (`api.openai.com`) and Azure OpenAI have no such parameter,
+    /// and it is dropped for them.
+    fn takes_top_k(&self) -> bool {
+        if self.kind != ProviderKind::Openai {
+            return false;
+        }
+        let host = reqwest::Url::parse(&self.base_url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        host != "api.openai.com"
+    }
+
     /// Translates `request` for provider model `model` (for Azure: the deployment).
     pub fn prepare(
         &self,
@@ -444,7 +458,14 @@ impl ProviderClient {
     ) -> Result<Prepared, TranslateError> {
         let body = match self.kind {
             ProviderKind::Openai | ProviderKind::Azure => {
-                openai::to_openai_request(model, request, stream)?
+                let mut body = openai::to_openai_request(model, request, stream)?;
+                if let Some(top_k) = request.sampling.as_ref().and_then(|s| s.top_k)
+                    && self.takes_top_k()
+                    && let Some(body) = body.as_object_mut()
+                {
+                    body.insert("top_k".into(), Value::from(top_k));
+                }
+                body
             }
             ProviderKind::Anthropic => {
                 anthropic::to_anthropic_request(model, request, stream, self.default_max_tokens)?

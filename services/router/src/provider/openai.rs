@@ -1,4 +1,11 @@
 //! Translation between `switchboard.chat.v1` and the OpenAI chat-completions wire format.
+//!
+//! Not sent, as chat completions has no field for them: an assistant message's `thinking` blocks
+//! (Anthropic's extended thinking, signed for Anthropic only), a tool message's `tool_error` flag
+//! (the result content goes as is, nothing prefixed) and `SamplingParams.top_k` — except to
+//! OpenAI-compatible servers (vLLM, Ollama, ...), which take `top_k` as an extension: the provider
+//! client adds it for an `openai` provider whose `base_url` is not OpenAI's own (see
+//! `ProviderClient::prepare`). It is never an error.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -473,6 +480,7 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
                     })
                     .collect(),
                 finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
+                ..Default::default()
             }
         })
         .collect();
@@ -586,6 +594,7 @@ mod tests {
                 frequency_penalty: Some(0.25),
                 seed: Some(7),
                 n: Some(1),
+                top_k: Some(40),
             }),
             response_format: Some(ResponseFormat {
                 r#type: ResponseFormatType::JsonSchema as i32,
