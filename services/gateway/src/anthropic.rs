@@ -7,14 +7,19 @@
 //! - `max_tokens` is required, as Anthropic requires it (`invalid_request_error` otherwise).
 //! - `system` (a string or text blocks) becomes a system message; a user turn's `tool_result`
 //!   blocks become tool messages (before the turn's own text); `tool_use` blocks become tool calls
-//!   with their `input` as JSON text. `thinking` blocks are dropped; other block types and server
-//!   tools are refused. `top_k` has no field in the neutral model and is ignored.
-//! - Stop reasons: `end_turn` (finished, also after a stop sequence: the neutral model does not tell
-//!   them apart), `max_tokens`, `tool_use`, `refusal` (content filter).
+//!   with their `input` as JSON text; a `tool_result`'s `is_error` is the tool message's
+//!   `tool_error`. `thinking` (`thinking` + `signature`) and `redacted_thinking` (`data`) blocks of
+//!   an assistant turn are kept verbatim in `Message.thinking`, so an Anthropic target gets them
+//!   back unchanged; other block types and server tools are refused. `top_k` is
+//!   `SamplingParams.top_k`.
+//! - Answers: thinking blocks first (as the provider sent them), then text, then `tool_use`.
+//! - Stop reasons: `end_turn`, `stop_sequence` (with the matched `stop_sequence`, when the provider
+//!   reported it), `max_tokens`, `tool_use`, `refusal` (content filter).
 //! - Usage: Anthropic's `input_tokens` excludes cache reads and writes, ours includes them.
 //! - Streams: the real event sequence (`message_start`, `content_block_start`, `ping`,
-//!   `content_block_delta` with `text_delta` / `input_json_delta`, `content_block_stop`,
-//!   `message_delta` with the stop reason and usage, `message_stop`). A stream that fails after it
+//!   `content_block_delta` with `thinking_delta` / `signature_delta` / `text_delta` /
+//!   `input_json_delta`, `content_block_stop`, `message_delta` with the stop reason, stop sequence
+//!   and usage, `message_stop`). A stream that fails after it
 //!   started ends with an `error` event, never with `message_stop`.
 //! - Errors: `{"type":"error","error":{"type","message"}}` with the status of their code.
 
@@ -46,8 +51,7 @@ use crate::{
 
 // === request ===
 
-/// `POST /v1/messages` body. Unknown fields are ignored (`top_k` among them: the neutral model has
-/// no field for it).
+/// `POST /v1/messages` body. Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
     pub model: String,
@@ -66,6 +70,8 @@ pub struct MessagesRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<u32>,
     #[serde(default)]
     pub metadata: Option<InMetadata>,
     #[serde(default)]
@@ -105,9 +111,19 @@ pub enum InBlock {
         tool_use_id: String,
         #[serde(default)]
         content: Option<InContent>,
+        #[serde(default)]
+        is_error: bool,
     },
-    Thinking {},
-    RedactedThinking {},
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+        #[serde(default)]
+        signature: String,
+    },
+    RedactedThinking {
+        #[serde(default)]
+        data: String,
+    },
     #[serde(other)]
     Unsupported,
 }
@@ -235,6 +251,7 @@ impl MessagesRequest {
             };
             let mut content = Vec::new();
             let mut tool_calls = Vec::new();
+            let mut thinking = Vec::new();
             for (i, block) in blocks.into_iter().enumerate() {
                 let block_field = || format!("{field}.content[{i}]");
                 match block {
@@ -260,6 +277,7 @@ impl MessagesRequest {
                     InBlock::ToolResult {
                         tool_use_id,
                         content: result,
+                        is_error,
                     } if !assistant => {
                         // Tool results answer the previous assistant turn: they go first.
                         let parts = match result {
@@ -272,10 +290,25 @@ impl MessagesRequest {
                             role: pb::Role::Tool as i32,
                             content: parts,
                             tool_call_id: tool_use_id,
+                            tool_error: is_error,
                             ..Default::default()
                         });
                     }
-                    InBlock::Thinking {} | InBlock::RedactedThinking {} => {}
+                    // Kept verbatim: Anthropic checks the signature when they come back.
+                    InBlock::Thinking {
+                        thinking: text,
+                        signature,
+                    } if assistant => thinking.push(pb::ThinkingBlock {
+                        text,
+                        signature,
+                        redacted_data: String::new(),
+                    }),
+                    InBlock::RedactedThinking { data } if assistant => {
+                        thinking.push(pb::ThinkingBlock {
+                            redacted_data: data,
+                            ..Default::default()
+                        });
+                    }
                     InBlock::Unsupported => {
                         return Err(unsupported(format!("{}.type", block_field())));
                     }
@@ -287,7 +320,7 @@ impl MessagesRequest {
                     }
                 }
             }
-            if content.is_empty() && tool_calls.is_empty() {
+            if content.is_empty() && tool_calls.is_empty() && thinking.is_empty() {
                 continue;
             }
             messages.push(pb::Message {
@@ -298,6 +331,7 @@ impl MessagesRequest {
                 } as i32,
                 content,
                 tool_calls,
+                thinking,
                 ..Default::default()
             });
         }
@@ -358,6 +392,7 @@ impl MessagesRequest {
             sampling: Some(pb::SamplingParams {
                 temperature: self.temperature,
                 top_p: self.top_p,
+                top_k: self.top_k,
                 max_tokens: Some(max_tokens),
                 stop: self.stop_sequences,
                 ..Default::default()
@@ -389,6 +424,13 @@ pub struct MessageOut {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BlockOut {
+    Thinking {
+        thinking: String,
+        signature: String,
+    },
+    RedactedThinking {
+        data: String,
+    },
     Text {
         text: String,
     },
@@ -420,6 +462,28 @@ pub struct ErrorDetail {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub message: String,
+}
+
+/// Anthropic's stop reason for a finish reason and the reported stop sequence (if any).
+pub fn stop_reason_with(reason: i32, stop_sequence: &str) -> Option<&'static str> {
+    if reason == pb::FinishReason::Stop as i32 && !stop_sequence.is_empty() {
+        return Some("stop_sequence");
+    }
+    stop_reason(reason)
+}
+
+/// The thinking block of a neutral one: `redacted_thinking` when it has redacted data.
+fn thinking_out(block: &pb::ThinkingBlock) -> BlockOut {
+    if block.redacted_data.is_empty() {
+        BlockOut::Thinking {
+            thinking: block.text.clone(),
+            signature: block.signature.clone(),
+        }
+    } else {
+        BlockOut::RedactedThinking {
+            data: block.redacted_data.clone(),
+        }
+    }
 }
 
 /// Anthropic's stop reason for a finish reason.
@@ -474,7 +538,12 @@ impl MessageOut {
         let choice = response.choices.first();
         let message = choice.and_then(|c| c.message.as_ref());
         let mut content = Vec::new();
+        let mut stop_sequence = None;
         if let Some(message) = message {
+            content.extend(message.thinking.iter().map(thinking_out));
+            if !message.stop_sequence.is_empty() {
+                stop_sequence = Some(message.stop_sequence.clone());
+            }
             let text = message.joined_text();
             if !text.is_empty() {
                 content.push(BlockOut::Text { text });
@@ -494,9 +563,14 @@ impl MessageOut {
             model: response.model.clone(),
             content,
             stop_reason: choice
-                .and_then(|c| stop_reason(c.finish_reason))
+                .and_then(|c| {
+                    stop_reason_with(
+                        c.finish_reason,
+                        stop_sequence.as_deref().unwrap_or_default(),
+                    )
+                })
                 .or(Some("end_turn")),
-            stop_sequence: None,
+            stop_sequence,
             usage: usage_out(response.usage.as_ref()),
         }
     }
@@ -512,6 +586,8 @@ fn event(name: &'static str, data: &Value) -> Event {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Open {
     Text,
+    /// A thinking block, by its index among the message's thinking blocks.
+    Thinking(u32),
     /// A tool call, by its index among the message's calls.
     Tool(u32),
 }
@@ -525,6 +601,7 @@ struct Streamer {
     open: Option<(Open, u32)>,
     next_index: u32,
     finish: i32,
+    stop_sequence: String,
 }
 
 impl Streamer {
@@ -536,6 +613,7 @@ impl Streamer {
             open: None,
             next_index: 0,
             finish: pb::FinishReason::Unspecified as i32,
+            stop_sequence: String::new(),
         }
     }
 
@@ -586,6 +664,39 @@ impl Streamer {
         self.start(&chunk.model, out);
         // Anthropic has one choice per message.
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+            for piece in &choice.thinking {
+                let index = match self.open {
+                    Some((Open::Thinking(open), index)) if open == piece.index => index,
+                    _ if !piece.redacted_data.is_empty() => {
+                        // A redacted block arrives whole, in its start event.
+                        self.open(
+                            Open::Thinking(piece.index),
+                            json!({ "type": "redacted_thinking", "data": piece.redacted_data }),
+                            out,
+                        );
+                        continue;
+                    }
+                    _ => self.open(
+                        Open::Thinking(piece.index),
+                        json!({ "type": "thinking", "thinking": "", "signature": "" }),
+                        out,
+                    ),
+                };
+                if !piece.text.is_empty() {
+                    out.push(event(
+                        "content_block_delta",
+                        &json!({ "type": "content_block_delta", "index": index,
+                                 "delta": { "type": "thinking_delta", "thinking": piece.text } }),
+                    ));
+                }
+                if !piece.signature.is_empty() {
+                    out.push(event(
+                        "content_block_delta",
+                        &json!({ "type": "content_block_delta", "index": index,
+                                 "delta": { "type": "signature_delta", "signature": piece.signature } }),
+                    ));
+                }
+            }
             if !choice.content.is_empty() {
                 let index = match self.open {
                     Some((Open::Text, index)) => index,
@@ -616,6 +727,7 @@ impl Streamer {
             }
             if choice.finish_reason != pb::FinishReason::Unspecified as i32 {
                 self.finish = choice.finish_reason;
+                self.stop_sequence.clone_from(&choice.stop_sequence);
             }
         }
     }
@@ -627,7 +739,8 @@ impl Streamer {
         out.push(event(
             "message_delta",
             &json!({ "type": "message_delta",
-                     "delta": { "stop_reason": stop_reason(self.finish).unwrap_or("end_turn"), "stop_sequence": null },
+                     "delta": { "stop_reason": stop_reason_with(self.finish, &self.stop_sequence).unwrap_or("end_turn"),
+                                "stop_sequence": (!self.stop_sequence.is_empty()).then_some(&self.stop_sequence) },
                      "usage": usage_out(Some(usage)) }),
         ));
         out.push(event("message_stop", &json!({ "type": "message_stop" })));
@@ -991,5 +1104,197 @@ mod tests {
         );
         let rendered = format!("{:?}", out[10]);
         assert!(rendered.contains("tool_use"), "{rendered}");
+    }
+
+    #[test]
+    fn thinking_blocks_tool_errors_and_top_k_are_kept_on_input() {
+        let request = parse(
+            r#"{"model":"m","max_tokens":64,"top_k":12,
+              "messages":[
+                {"role":"user","content":"weather?"},
+                {"role":"assistant","content":[
+                  {"type":"thinking","thinking":"call the tool","signature":"Sig=="},
+                  {"type":"redacted_thinking","data":"Red=="},
+                  {"type":"tool_use","id":"toolu_1","name":"f","input":{}}]},
+                {"role":"user","content":[
+                  {"type":"tool_result","tool_use_id":"toolu_1","content":"down","is_error":true}]},
+                {"role":"assistant","content":[{"type":"thinking","thinking":"only","signature":"S2"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.sampling.unwrap().top_k, Some(12));
+        let assistant = &request.messages[1];
+        assert_eq!(
+            assistant.thinking,
+            vec![
+                pb::ThinkingBlock {
+                    text: "call the tool".into(),
+                    signature: "Sig==".into(),
+                    redacted_data: String::new(),
+                },
+                pb::ThinkingBlock {
+                    redacted_data: "Red==".into(),
+                    ..Default::default()
+                },
+            ]
+        );
+        // Thinking is never content.
+        assert!(assistant.content.is_empty());
+        assert_eq!(assistant.tool_calls[0].id, "toolu_1");
+        let tool = &request.messages[2];
+        assert_eq!(tool.role, pb::Role::Tool as i32);
+        assert!(tool.tool_error);
+        assert_eq!(tool.joined_text(), "down");
+        // A turn with nothing but thinking is kept.
+        assert_eq!(request.messages[3].thinking[0].signature, "S2");
+        let plain = parse(
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[
+                {"type":"tool_result","tool_use_id":"t","content":"ok"}]}]}"#,
+        )
+        .unwrap();
+        assert!(!plain.messages[0].tool_error);
+        assert_eq!(plain.sampling.unwrap().top_k, None);
+    }
+
+    #[test]
+    fn response_returns_thinking_blocks_first_and_the_stop_sequence() {
+        let response = pb::ChatResponse {
+            model: "m".into(),
+            choices: vec![pb::Choice {
+                index: 0,
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    content: vec![text_part("done".into())],
+                    thinking: vec![
+                        pb::ThinkingBlock {
+                            text: "hm".into(),
+                            signature: "Sig==".into(),
+                            redacted_data: String::new(),
+                        },
+                        pb::ThinkingBlock {
+                            redacted_data: "Red==".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    stop_sequence: "END".into(),
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::Stop as i32,
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(MessageOut::from_proto(&response, "msg_1".into())).unwrap();
+        assert_eq!(
+            json["content"],
+            json!([
+                {"type":"thinking","thinking":"hm","signature":"Sig=="},
+                {"type":"redacted_thinking","data":"Red=="},
+                {"type":"text","text":"done"}
+            ])
+        );
+        assert_eq!(json["stop_reason"], "stop_sequence");
+        assert_eq!(json["stop_sequence"], "END");
+        // Without a reported sequence a stop is end_turn.
+        let mut plain = response.clone();
+        if let Some(message) = plain.choices[0].message.as_mut() {
+            message.stop_sequence.clear();
+        }
+        let json = serde_json::to_value(MessageOut::from_proto(&plain, "msg_1".into())).unwrap();
+        assert_eq!(json["stop_reason"], "end_turn");
+        assert!(json["stop_sequence"].is_null());
+    }
+
+    /// The `data:` JSON of a rendered event.
+    fn data_of(event: &Event) -> Value {
+        let text = format!("{event:?}");
+        let start = text.find("data: ").unwrap() + "data: ".len();
+        let rest = &text[start..];
+        // The Debug form escapes quotes and backslashes; undo that for the JSON.
+        let end = rest.find("\\n").unwrap_or(rest.len());
+        let data = rest[..end].replace("\\\"", "\"").replace("\\\\", "\\");
+        serde_json::from_str(&data).unwrap_or_else(|e| panic!("{e}: {data}"))
+    }
+
+    #[test]
+    fn stream_carries_thinking_blocks_signatures_and_the_stop_sequence() {
+        let mut streamer = Streamer::new("msg_1".into());
+        let mut out = Vec::new();
+        let thinking = |index: u32, text: &str, signature: &str, redacted: &str| pb::ChatChunk {
+            model: "m".into(),
+            choices: vec![pb::ChoiceDelta {
+                thinking: vec![pb::ThinkingDelta {
+                    index,
+                    text: text.into(),
+                    signature: signature.into(),
+                    redacted_data: redacted.into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        streamer.chunk(&thinking(0, "", "", ""), &mut out);
+        streamer.chunk(&thinking(0, "let me ", "", ""), &mut out);
+        streamer.chunk(&thinking(0, "think", "", ""), &mut out);
+        streamer.chunk(&thinking(0, "", "Sig==", ""), &mut out);
+        streamer.chunk(&thinking(1, "", "", "Red=="), &mut out);
+        streamer.chunk(
+            &pb::ChatChunk {
+                model: "m".into(),
+                choices: vec![pb::ChoiceDelta {
+                    content: "done".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            &mut out,
+        );
+        streamer.chunk(
+            &pb::ChatChunk {
+                model: "m".into(),
+                choices: vec![pb::ChoiceDelta {
+                    finish_reason: pb::FinishReason::Stop as i32,
+                    stop_sequence: "END".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            &mut out,
+        );
+        streamer.done("m", &pb::Usage::default(), &mut out);
+        let data: Vec<Value> = out.iter().map(data_of).collect();
+        let starts: Vec<&Value> = data
+            .iter()
+            .filter(|d| d["type"] == "content_block_start")
+            .map(|d| &d["content_block"])
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                &json!({"type":"thinking","thinking":"","signature":""}),
+                &json!({"type":"redacted_thinking","data":"Red=="}),
+                &json!({"type":"text","text":""}),
+            ]
+        );
+        let deltas: Vec<(u64, &Value)> = data
+            .iter()
+            .filter(|d| d["type"] == "content_block_delta")
+            .map(|d| (d["index"].as_u64().unwrap(), &d["delta"]))
+            .collect();
+        assert_eq!(
+            deltas,
+            [
+                (0, &json!({"type":"thinking_delta","thinking":"let me "})),
+                (0, &json!({"type":"thinking_delta","thinking":"think"})),
+                (0, &json!({"type":"signature_delta","signature":"Sig=="})),
+                (2, &json!({"type":"text_delta","text":"done"})),
+            ]
+        );
+        let stops = data
+            .iter()
+            .filter(|d| d["type"] == "content_block_stop")
+            .count();
+        assert_eq!(stops, 3);
+        let message_delta = data.iter().find(|d| d["type"] == "message_delta").unwrap();
+        assert_eq!(message_delta["delta"]["stop_reason"], "stop_sequence");
+        assert_eq!(message_delta["delta"]["stop_sequence"], "END");
     }
 }

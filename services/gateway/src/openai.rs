@@ -1,5 +1,12 @@
 //! The OpenAI chat-completions wire format at the front door, and its translation to and from the
 //! provider-neutral protobuf model.
+//!
+//! Extensions beyond OpenAI's format, as OpenAI-compatible servers have them: `top_k` in the
+//! request (vLLM, Ollama; passed on to providers that take it, dropped for OpenAI itself), and
+//! the model's reasoning (`Message.thinking`, Anthropic's extended thinking) as
+//! `reasoning_content` on the answer's message and on stream deltas, never in `content`.
+//! Redacted reasoning and signatures have no place here and are not shown; a stop sequence is
+//! finish reason `stop`.
 
 use std::collections::HashMap;
 
@@ -26,6 +33,9 @@ pub struct ChatCompletionRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
+    /// Extension (vLLM, Ollama): top-k sampling.
+    #[serde(default)]
+    pub top_k: Option<u32>,
     #[serde(default)]
     pub max_tokens: Option<u32>,
     #[serde(default)]
@@ -214,6 +224,7 @@ impl ChatCompletionRequest {
                 name: message.name.unwrap_or_default(),
                 tool_calls,
                 tool_call_id: message.tool_call_id.unwrap_or_default(),
+                ..Default::default()
             });
         }
         let mut tools = Vec::with_capacity(self.tools.len());
@@ -314,6 +325,7 @@ impl ChatCompletionRequest {
                 frequency_penalty: self.frequency_penalty,
                 seed: self.seed,
                 n: self.n,
+                top_k: self.top_k,
             }),
             response_format,
             parallel_tool_calls: self.parallel_tool_calls,
@@ -348,6 +360,9 @@ pub struct ChoiceOut {
 pub struct MessageOut {
     pub role: &'static str,
     pub content: Option<String>,
+    /// The model's reasoning text (extension), when it returned any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallOut>,
 }
@@ -476,6 +491,12 @@ fn tool_calls_out(calls: &[pb::ToolCall]) -> Vec<ToolCallOut> {
         .collect()
 }
 
+/// The reasoning text of thinking blocks or pieces (redacted ones have none), `None` when empty.
+fn reasoning<'a>(texts: impl Iterator<Item = &'a str>) -> Option<String> {
+    let text: String = texts.collect();
+    (!text.is_empty()).then_some(text)
+}
+
 impl ChatCompletion {
     pub fn from_proto(response: &pb::ChatResponse, info: SwitchboardInfo) -> Self {
         ChatCompletion {
@@ -498,6 +519,9 @@ impl ChatCompletion {
                             } else {
                                 Some(text)
                             },
+                            reasoning_content: reasoning(
+                                message.thinking.iter().map(|t| t.text.as_str()),
+                            ),
                             tool_calls: tool_calls_out(&message.tool_calls),
                         },
                         finish_reason: finish_reason_str(choice.finish_reason),
@@ -536,6 +560,9 @@ pub struct DeltaOut {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The next piece of the model's reasoning text (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallDeltaOut>,
 }
@@ -588,6 +615,9 @@ impl ChatCompletionChunk {
                         } else {
                             Some(choice.content.clone())
                         },
+                        reasoning_content: reasoning(
+                            choice.thinking.iter().map(|t| t.text.as_str()),
+                        ),
                         tool_calls: choice
                             .tool_calls
                             .iter()
@@ -734,5 +764,106 @@ mod tests {
         assert_eq!(json["choices"][0]["delta"]["role"], "assistant");
         assert!(json["choices"][0]["finish_reason"].is_null());
         assert!(json.get("usage").is_none());
+    }
+
+    #[test]
+    fn top_k_is_accepted_as_an_extension() {
+        let request =
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":20}"#)
+                .unwrap();
+        assert_eq!(request.sampling.unwrap().top_k, Some(20));
+        let request = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert_eq!(request.sampling.unwrap().top_k, None);
+    }
+
+    #[test]
+    fn thinking_is_reasoning_content_never_content() {
+        let response = pb::ChatResponse {
+            id: "chatcmpl-1".into(),
+            model: "m".into(),
+            choices: vec![pb::Choice {
+                index: 0,
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    content: vec![pb::ContentPart {
+                        part: Some(pb::content_part::Part::Text("answer".into())),
+                    }],
+                    thinking: vec![
+                        pb::ThinkingBlock {
+                            text: "first, ".into(),
+                            signature: "Sig==".into(),
+                            redacted_data: String::new(),
+                        },
+                        pb::ThinkingBlock {
+                            redacted_data: "Red==".into(),
+                            ..Default::default()
+                        },
+                        pb::ThinkingBlock {
+                            text: "then".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    stop_sequence: "END".into(),
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::Stop as i32,
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(ChatCompletion::from_proto(
+            &response,
+            switchboard_info("r", "miss", None),
+        ))
+        .unwrap();
+        let message = &json["choices"][0]["message"];
+        assert_eq!(message["content"], "answer");
+        assert_eq!(message["reasoning_content"], "first, then");
+        assert!(!message.to_string().contains("Sig=="));
+        assert!(!message.to_string().contains("Red=="));
+        // A stop sequence is a plain stop here.
+        assert_eq!(json["choices"][0]["finish_reason"], "stop");
+        let mut plain = response.clone();
+        if let Some(message) = plain.choices[0].message.as_mut() {
+            message.thinking.clear();
+        }
+        let json = serde_json::to_value(ChatCompletion::from_proto(
+            &plain,
+            switchboard_info("r", "miss", None),
+        ))
+        .unwrap();
+        assert!(
+            json["choices"][0]["message"]
+                .get("reasoning_content")
+                .is_none()
+        );
+
+        let chunk = pb::ChatChunk {
+            choices: vec![pb::ChoiceDelta {
+                thinking: vec![pb::ThinkingDelta {
+                    index: 0,
+                    text: "hmm".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(ChatCompletionChunk::from_proto(&chunk, "c")).unwrap();
+        assert_eq!(json["choices"][0]["delta"]["reasoning_content"], "hmm");
+        assert!(json["choices"][0]["delta"].get("content").is_none());
+        let signature_only = pb::ChatChunk {
+            choices: vec![pb::ChoiceDelta {
+                thinking: vec![pb::ThinkingDelta {
+                    index: 0,
+                    signature: "Sig==".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json =
+            serde_json::to_value(ChatCompletionChunk::from_proto(&signature_only, "c")).unwrap();
+        assert_eq!(json["choices"][0]["delta"], serde_json::json!({}));
     }
 }
