@@ -39,6 +39,8 @@ pub(crate) struct Prompt {
     /// Names of the declared tools, in order.
     pub tools: Vec<String>,
     pub max_tokens: Option<u64>,
+    /// Anthropic extended thinking was enabled: the answer starts with a signed thinking block.
+    pub thinking: bool,
 }
 
 pub(crate) fn word_count(text: &str) -> u64 {

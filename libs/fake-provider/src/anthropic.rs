@@ -72,9 +72,57 @@ fn result_words(block: &Value) -> u64 {
     }
 }
 
+/// The fake's signature of a thinking block's text (the real API's is opaque too; the fake checks
+/// it when the block comes back, as the real one does).
+pub(crate) fn signature_of(thinking: &str) -> String {
+    let mut state: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in thinking.bytes() {
+        state ^= u64::from(byte);
+        state = state.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fakesig{state:016x}")
+}
+
+/// The thinking text of an answer to `prompt` (extended thinking enabled).
+fn thinking_of(prompt: &Prompt) -> String {
+    format!("thinking about: {}", prompt.last_user)
+}
+
+/// Reads `thinking` (`{"type":"enabled","budget_tokens"}` or `{"type":"disabled"}`): whether it is
+/// enabled, validated as the real API does (a budget of at least 1024, below `max_tokens`).
+fn thinking_enabled(body: &Value, max_tokens: u64) -> Result<bool, Rejected> {
+    let Some(thinking) = body.get("thinking") else {
+        return Ok(false);
+    };
+    match thinking.get("type").and_then(Value::as_str) {
+        Some("disabled") => Ok(false),
+        Some("enabled") => {
+            let budget = thinking
+                .get("budget_tokens")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Rejected::bad("thinking.enabled.budget_tokens: Field required"))?;
+            if budget < 1024 {
+                return Err(Rejected::bad(
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
+                ));
+            }
+            if budget >= max_tokens {
+                return Err(Rejected::bad(
+                    "`max_tokens` must be greater than `thinking.budget_tokens`",
+                ));
+            }
+            Ok(true)
+        }
+        _ => Err(Rejected::bad(
+            "thinking: Input tag does not match any of the expected tags: 'enabled', 'disabled'",
+        )),
+    }
+}
+
 /// Reads a Messages request, validating what the real API validates and that the adapter might
 /// get wrong: headers, `max_tokens`, roles, non-empty text blocks, `tool_result`s answering a
-/// `tool_use` of the assistant turn just before.
+/// `tool_use` of the assistant turn just before, `thinking`, and the signatures of thinking
+/// blocks sent back (`thinking` and `redacted_thinking` only in assistant turns).
 pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejected> {
     if !headers.contains_key("x-api-key") && !headers.contains_key(header::AUTHORIZATION) {
         return Err(Rejected {
@@ -99,6 +147,7 @@ pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejecte
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| Rejected::bad("messages: at least one message is required"))?;
+    let thinking = thinking_enabled(body, max_tokens)?;
     let mut prompt_words = match body.get("system") {
         Some(Value::String(text)) => word_count(text),
         Some(Value::Array(blocks)) => word_count(&text_of(blocks)),
@@ -121,8 +170,28 @@ pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejecte
         }
         let mut tool_uses = Vec::new();
         let mut only_results = true;
-        for block in &blocks {
+        for (j, block) in blocks.iter().enumerate() {
             match block.get("type").and_then(Value::as_str) {
+                Some("thinking") if role == "assistant" => {
+                    let text = block.get("thinking").and_then(Value::as_str).unwrap_or("");
+                    let signature = block.get("signature").and_then(Value::as_str);
+                    if signature != Some(signature_of(text).as_str()) {
+                        return Err(Rejected::bad(format!(
+                            "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                        )));
+                    }
+                }
+                Some("redacted_thinking") if role == "assistant" => {
+                    if block
+                        .get("data")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                    {
+                        return Err(Rejected::bad(format!(
+                            "messages.{i}.content.{j}.redacted_thinking.data: Field required"
+                        )));
+                    }
+                }
                 Some("text") => {
                     let text = block.get("text").and_then(Value::as_str).unwrap_or("");
                     if text.is_empty() {
@@ -197,6 +266,7 @@ pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejecte
         last_user: last_user.unwrap_or_default(),
         tools,
         max_tokens: Some(max_tokens),
+        thinking,
     })
 }
 
@@ -229,12 +299,20 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
 
 pub(crate) fn message_json(
     id: &str,
-    model: &str,
+    request: &Prompt,
     answer: &Answer,
     prompt: u64,
     completion: u64,
 ) -> Value {
-    let content: Vec<Value> = match answer {
+    let mut content = Vec::new();
+    let mut completion = completion;
+    if request.thinking {
+        let thinking = thinking_of(request);
+        completion += word_count(&thinking);
+        content.push(json!({ "type": "thinking", "thinking": thinking,
+                             "signature": signature_of(&thinking) }));
+    }
+    content.extend(match answer {
         Answer::Text { content, .. } => vec![json!({ "type": "text", "text": content })],
         Answer::ToolCalls(calls) => calls
             .iter()
@@ -244,12 +322,12 @@ pub(crate) fn message_json(
                         "input": input_of(call) })
             })
             .collect(),
-    };
+    });
     json!({
         "id": id,
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": request.model,
         "content": content,
         "stop_reason": stop_reason(answer),
         "stop_sequence": null,
@@ -266,36 +344,67 @@ fn frame(data: &Value) -> Bytes {
 }
 
 /// The real event sequence: `message_start`, `content_block_start`, `ping`, deltas (text or
-/// `input_json_delta` pieces), `content_block_stop`, `message_delta`, `message_stop`.
+/// `input_json_delta` pieces), `content_block_stop`, `message_delta`, `message_stop`. With
+/// thinking enabled a thinking block comes first (`thinking_delta` pieces, one
+/// `signature_delta`).
 pub(crate) fn stream_plan(
     id: &str,
-    model: &str,
+    request: &Prompt,
     answer: &Answer,
     usage: (u64, u64),
     pieces: usize,
 ) -> StreamPlan {
     let mut head = vec![frame(&json!({ "type": "message_start", "message": {
-        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "id": id, "type": "message", "role": "assistant", "model": request.model, "content": [],
         "stop_reason": null, "stop_sequence": null, "usage": usage_json(usage.0, 1) } }))];
     let mut body = Vec::new();
     let mut tail = Vec::new();
+    let mut usage = usage;
+    // Index of the first block after the thinking block.
+    let first = u64::from(request.thinking);
+    if request.thinking {
+        let thinking = thinking_of(request);
+        usage.1 += word_count(&thinking);
+        head.push(frame(&json!({ "type": "content_block_start", "index": 0,
+            "content_block": { "type": "thinking", "thinking": "" } })));
+        head.push(frame(&json!({ "type": "ping" })));
+        for piece in split_pieces(&thinking, pieces) {
+            body.push(frame(&json!({ "type": "content_block_delta", "index": 0,
+                "delta": { "type": "thinking_delta", "thinking": piece } })));
+        }
+        body.push(frame(&json!({ "type": "content_block_delta", "index": 0,
+            "delta": { "type": "signature_delta", "signature": signature_of(&thinking) } })));
+        body.push(frame(&json!({ "type": "content_block_stop", "index": 0 })));
+    }
     match answer {
         Answer::Text { content, .. } => {
-            head.push(frame(&json!({ "type": "content_block_start", "index": 0,
-                "content_block": { "type": "text", "text": "" } })));
-            head.push(frame(&json!({ "type": "ping" })));
-            for piece in split_pieces(content, pieces) {
-                body.push(frame(&json!({ "type": "content_block_delta", "index": 0,
-                    "delta": { "type": "text_delta", "text": piece } })));
+            let start = frame(&json!({ "type": "content_block_start", "index": first,
+                "content_block": { "type": "text", "text": "" } }));
+            if request.thinking {
+                body.push(start);
+            } else {
+                head.push(start);
+                head.push(frame(&json!({ "type": "ping" })));
             }
-            tail.push(frame(&json!({ "type": "content_block_stop", "index": 0 })));
+            for piece in split_pieces(content, pieces) {
+                body.push(frame(
+                    &json!({ "type": "content_block_delta", "index": first,
+                    "delta": { "type": "text_delta", "text": piece } }),
+                ));
+            }
+            tail.push(frame(
+                &json!({ "type": "content_block_stop", "index": first }),
+            ));
         }
         Answer::ToolCalls(calls) => {
-            head.push(frame(&json!({ "type": "ping" })));
-            for (index, call) in calls.iter().enumerate() {
+            if !request.thinking {
+                head.push(frame(&json!({ "type": "ping" })));
+            }
+            for (position, call) in calls.iter().enumerate() {
+                let index = first + position as u64;
                 body.push(frame(
                     &json!({ "type": "content_block_start", "index": index,
-                    "content_block": { "type": "tool_use", "id": format!("toolu_{}", index + 1),
+                    "content_block": { "type": "tool_use", "id": format!("toolu_{}", position + 1),
                                        "name": call.name, "input": {} } }),
                 ));
                 // The compact JSON text, as the real API streams it.

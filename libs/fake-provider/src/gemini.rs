@@ -185,6 +185,7 @@ pub(crate) fn parse(
         max_tokens: body
             .pointer("/generationConfig/maxOutputTokens")
             .and_then(Value::as_u64),
+        thinking: false,
     })
 }
 

@@ -23,6 +23,10 @@
 //!   `content_block_start`, `ping`, `content_block_delta`, `content_block_stop`, `message_delta`,
 //!   `message_stop`). Requests are validated like the real API does where an adapter could go
 //!   wrong: roles, empty text blocks, `tool_result`s answering the previous turn's `tool_use`s.
+//!   Extended thinking (`"thinking": {"type": "enabled", "budget_tokens"}`, budget ≥ 1024 and below
+//!   `max_tokens`): the answer starts with a `thinking` block signed by the fake
+//!   (`thinking_delta` pieces and a `signature_delta` when streamed; its words count as output
+//!   tokens); thinking blocks sent back in an assistant turn must carry that signature unchanged.
 //! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: Gemini
 //!   (`x-goog-api-key` header or `key=`; roles `user`/`model`; `functionResponse` needs a name).
 //!   Streams have no end marker: the last event carries `finishReason` and the usage.
@@ -534,7 +538,15 @@ impl ApiFormat {
         }
     }
 
-    fn unary(self, id: &str, model: &str, answer: &Answer, prompt: u64, completion: u64) -> Value {
+    fn unary(
+        self,
+        id: &str,
+        request: &Prompt,
+        answer: &Answer,
+        prompt: u64,
+        completion: u64,
+    ) -> Value {
+        let model = request.model.as_str();
         match self {
             ApiFormat::Openai | ApiFormat::Azure => {
                 let ctx = openai::Ctx {
@@ -545,7 +557,9 @@ impl ApiFormat {
                 };
                 openai::completion_json(&ctx, answer, prompt, completion)
             }
-            ApiFormat::Anthropic => anthropic::message_json(id, model, answer, prompt, completion),
+            ApiFormat::Anthropic => {
+                anthropic::message_json(id, request, answer, prompt, completion)
+            }
             ApiFormat::Gemini => gemini::response_json(id, model, answer, prompt, completion),
         }
     }
@@ -571,9 +585,7 @@ impl ApiFormat {
                     .then(|| openai::usage_json(usage.0, usage.1));
                 openai::stream_plan(&ctx, answer, usage, pieces)
             }
-            ApiFormat::Anthropic => {
-                anthropic::stream_plan(id, &request.model, answer, usage, pieces)
-            }
+            ApiFormat::Anthropic => anthropic::stream_plan(id, request, answer, usage, pieces),
             ApiFormat::Gemini => gemini::stream_plan(id, &request.model, answer, usage, pieces),
         }
     }
@@ -761,7 +773,7 @@ async fn chat(shared: Arc<Shared>, socket: Socket, incoming: Incoming) -> Respon
     };
     let id = format.id();
     if !prompt.stream {
-        return Json(format.unary(&id, &model, &answer, prompt_tokens, completion_tokens))
+        return Json(format.unary(&id, &prompt, &answer, prompt_tokens, completion_tokens))
             .into_response();
     }
     let plan = format.stream(

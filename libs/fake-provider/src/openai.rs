@@ -126,6 +126,7 @@ pub(crate) fn parse(body: &Value, model: Option<String>) -> Result<Prompt, Rejec
         last_user,
         tools,
         max_tokens,
+        thinking: false,
     })
 }
 

@@ -1033,3 +1033,105 @@ async fn gemini_batch_embed_contents() {
         503
     );
 }
+
+#[tokio::test]
+async fn anthropic_thinking_blocks_are_signed_and_checked() {
+    let fake = start().await;
+    let ask = |messages: Value, stream: bool| {
+        json!({ "model": "claude-x", "max_tokens": 2048, "stream": stream,
+                "thinking": { "type": "enabled", "budget_tokens": 1024 }, "messages": messages })
+    };
+    let question = json!({ "role": "user", "content": "hi there" });
+    let value: Value = anthropic(&fake, &ask(json!([question.clone()]), false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let thinking = "thinking about: hi there";
+    let block = json!({ "type": "thinking", "thinking": thinking,
+                        "signature": anthropic::signature_of(thinking) });
+    assert_eq!(
+        value["content"],
+        json!([block.clone(), { "type": "text", "text": "echo: hi there" }])
+    );
+    // Thinking tokens are output tokens: 3 words of answer, 4 of thinking.
+    assert_eq!(value["usage"]["output_tokens"], 7);
+
+    // Streamed: the thinking block first (thinking_delta pieces, one signature_delta), then text.
+    let text = anthropic(&fake, &ask(json!([question.clone()]), true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_events(&text);
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|(e, _)| e == "content_block_start")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(starts[0]["index"], 0);
+    assert_eq!(starts[0]["content_block"]["type"], "thinking");
+    assert_eq!(starts[1]["index"], 1);
+    assert_eq!(starts[1]["content_block"]["type"], "text");
+    let deltas = |kind: &str, field: &str| -> String {
+        events
+            .iter()
+            .filter(|(_, d)| d["delta"]["type"] == kind)
+            .map(|(_, d)| d["delta"][field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(deltas("thinking_delta", "thinking"), thinking);
+    assert_eq!(
+        deltas("signature_delta", "signature"),
+        anthropic::signature_of(thinking)
+    );
+    assert_eq!(deltas("text_delta", "text"), "echo: hi there");
+
+    // Sent back unchanged the block passes; changed, or in a user turn, it is refused.
+    let follow = |block: Value| {
+        ask(
+            json!([question.clone(),
+                   { "role": "assistant", "content": [block, { "type": "text", "text": "echo: hi there" }] },
+                   { "role": "user", "content": "more" }]),
+            false,
+        )
+    };
+    let response = anthropic(&fake, &follow(block.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut changed = block.clone();
+    changed["thinking"] = json!("thinking about: something else");
+    let redacted = json!({ "type": "redacted_thinking", "data": "" });
+    for bad in [follow(changed), follow(redacted)] {
+        let response = anthropic(&fake, &bad).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+    }
+    let in_user_turn = ask(json!([{ "role": "user", "content": [block] }]), false);
+    assert_eq!(
+        anthropic(&fake, &in_user_turn)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    // The budget is validated as the real API does.
+    for thinking in [
+        json!({ "type": "enabled", "budget_tokens": 512 }),
+        json!({ "type": "enabled", "budget_tokens": 4096 }),
+        json!({ "type": "sometimes" }),
+    ] {
+        let request = json!({ "model": "claude-x", "max_tokens": 2048, "thinking": thinking,
+                              "messages": [question.clone()] });
+        assert_eq!(
+            anthropic(&fake, &request).send().await.unwrap().status(),
+            400
+        );
+    }
+}

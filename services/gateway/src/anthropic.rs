@@ -11,7 +11,8 @@
 //!   `tool_error`. `thinking` (`thinking` + `signature`) and `redacted_thinking` (`data`) blocks of
 //!   an assistant turn are kept verbatim in `Message.thinking`, so an Anthropic target gets them
 //!   back unchanged; other block types and server tools are refused. `top_k` is
-//!   `SamplingParams.top_k`.
+//!   `SamplingParams.top_k`; `thinking` (`enabled` + `budget_tokens`, or `disabled`) is
+//!   `ChatRequest.thinking`.
 //! - Answers: thinking blocks first (as the provider sent them), then text, then `tool_use`.
 //! - Stop reasons: `end_turn`, `stop_sequence` (with the matched `stop_sequence`, when the provider
 //!   reported it), `max_tokens`, `tool_use`, `refusal` (content filter).
@@ -75,7 +76,18 @@ pub struct MessagesRequest {
     #[serde(default)]
     pub metadata: Option<InMetadata>,
     #[serde(default)]
+    pub thinking: Option<InThinking>,
+    #[serde(default)]
     pub stream: bool,
+}
+
+/// `thinking`: `{"type": "enabled", "budget_tokens": N}` or `{"type": "disabled"}`.
+#[derive(Debug, Deserialize)]
+pub struct InThinking {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub budget_tokens: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -384,7 +396,26 @@ impl MessagesRequest {
                 })
             }
         };
+        let thinking = match self.thinking {
+            None => None,
+            Some(thinking) => Some(match thinking.kind.as_str() {
+                "enabled" => pb::ThinkingConfig {
+                    enabled: true,
+                    budget_tokens: thinking.budget_tokens.ok_or_else(|| {
+                        invalid("thinking.enabled.budget_tokens", "Field required")
+                    })?,
+                },
+                "disabled" => pb::ThinkingConfig::default(),
+                other => {
+                    return Err(invalid(
+                        "thinking.type",
+                        format!("unknown thinking type `{other}`; expected enabled or disabled"),
+                    ));
+                }
+            }),
+        };
         Ok(pb::ChatRequest {
+            thinking,
             model: self.model,
             messages,
             tools,
@@ -1109,7 +1140,8 @@ mod tests {
     #[test]
     fn thinking_blocks_tool_errors_and_top_k_are_kept_on_input() {
         let request = parse(
-            r#"{"model":"m","max_tokens":64,"top_k":12,
+            r#"{"model":"m","max_tokens":4096,"top_k":12,
+              "thinking":{"type":"enabled","budget_tokens":2000},
               "messages":[
                 {"role":"user","content":"weather?"},
                 {"role":"assistant","content":[
@@ -1122,6 +1154,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(request.sampling.unwrap().top_k, Some(12));
+        assert_eq!(
+            request.thinking,
+            Some(pb::ThinkingConfig {
+                enabled: true,
+                budget_tokens: 2000
+            })
+        );
         let assistant = &request.messages[1];
         assert_eq!(
             assistant.thinking,
@@ -1153,6 +1192,24 @@ mod tests {
         .unwrap();
         assert!(!plain.messages[0].tool_error);
         assert_eq!(plain.sampling.unwrap().top_k, None);
+        assert_eq!(plain.thinking, None);
+        let off = parse(
+            r#"{"model":"m","max_tokens":1,"thinking":{"type":"disabled"},"messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(off.thinking, Some(pb::ThinkingConfig::default()));
+        for (body, field) in [
+            (
+                r#"{"model":"m","max_tokens":1,"thinking":{"type":"enabled"},"messages":[{"role":"user","content":"x"}]}"#,
+                "thinking.enabled.budget_tokens",
+            ),
+            (
+                r#"{"model":"m","max_tokens":1,"thinking":{"type":"sometimes"},"messages":[{"role":"user","content":"x"}]}"#,
+                "thinking.type",
+            ),
+        ] {
+            assert_eq!(field_of(parse(body).unwrap_err()), field);
+        }
     }
 
     #[test]

@@ -331,6 +331,7 @@ impl ChatCompletionRequest {
             parallel_tool_calls: self.parallel_tool_calls,
             user: self.user.unwrap_or_default(),
             tags: self.metadata.unwrap_or_default(),
+            thinking: None,
         })
     }
 }

@@ -7,8 +7,8 @@ use futures::StreamExt;
 use switchboard_fake_provider::{ApiFormat, FakeConfig, FakeProvider, embeddings};
 use switchboard_proto::{
     chat::v1::{
-        ChatChunk, ChatRequest, FinishReason, Message, Role, RouteInfo, SamplingParams, Tool,
-        ToolCall, ToolCallDelta,
+        ChatChunk, ChatRequest, FinishReason, Message, Role, RouteInfo, SamplingParams,
+        ThinkingConfig, Tool, ToolCall, ToolCallDelta,
     },
     router::v1::{
         Caller, EmbedRequest, ListModelsRequest, RouteRequest, RouteResponse, RouteStreamRequest,
@@ -842,5 +842,96 @@ async fn top_k_reaches_anthropic_gemini_and_openai_compatible_targets() {
     assert_eq!(body_of(ApiFormat::Openai)["top_k"], 7);
     assert_eq!(body_of(ApiFormat::Anthropic)["top_k"], 7);
     assert_eq!(body_of(ApiFormat::Gemini)["generationConfig"]["topK"], 7);
+    h.shutdown().await;
+}
+
+/// Extended thinking end to end: enabled through `ChatRequest.thinking`, the Anthropic fake
+/// answers with a signed thinking block (unary and streamed alike), and the block sent back in
+/// the next turn passes the fake's signature check only when it is unchanged.
+#[tokio::test]
+async fn anthropic_thinking_round_trips_with_its_signature() {
+    let h = start_with_gemini_and_anthropic().await;
+    let ask = |messages: Vec<Message>| ChatRequest {
+        model: "claude-chat".to_owned(),
+        messages,
+        sampling: Some(SamplingParams {
+            max_tokens: Some(2048),
+            ..Default::default()
+        }),
+        thinking: Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 1024,
+        }),
+        ..Default::default()
+    };
+    let question = Message::text(Role::User, "why is the sky blue");
+    let response = h.route(ask(vec![question.clone()])).await.unwrap();
+    let answer = response.response.unwrap();
+    let message = answer.choices[0].message.clone().unwrap();
+    assert_eq!(message.joined_text(), "echo: why is the sky blue");
+    assert_eq!(message.thinking.len(), 1);
+    let block = &message.thinking[0];
+    assert_eq!(block.text, "thinking about: why is the sky blue");
+    assert!(block.signature.starts_with("fakesig"), "{block:?}");
+    let sent = h.fake.requests().last().unwrap().body.clone();
+    assert_eq!(
+        sent["thinking"],
+        serde_json::json!({ "type": "enabled", "budget_tokens": 1024 })
+    );
+
+    // Streamed: the same block, in pieces, with its signature.
+    let (chunks, _, error) = h.stream(ask(vec![question.clone()])).await.unwrap();
+    assert!(error.is_none(), "{error:?}");
+    let pieces: Vec<_> = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .flat_map(|d| d.thinking.iter())
+        .collect();
+    assert!(pieces.iter().all(|p| p.index == 0));
+    let text: String = pieces.iter().map(|p| p.text.as_str()).collect();
+    let signature: String = pieces.iter().map(|p| p.signature.as_str()).collect();
+    assert_eq!(
+        (text.as_str(), signature.as_str()),
+        (block.text.as_str(), block.signature.as_str())
+    );
+    let content: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .map(|d| d.content.as_str())
+        .collect();
+    assert_eq!(content, "echo: why is the sky blue");
+
+    // The next turn sends the block back unchanged, first in the assistant turn.
+    let follow_up = Message::text(Role::User, "and at sunset");
+    let response = h
+        .route(ask(vec![
+            question.clone(),
+            message.clone(),
+            follow_up.clone(),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.response.unwrap().choices[0]
+            .message
+            .as_ref()
+            .unwrap()
+            .joined_text(),
+        "echo: and at sunset"
+    );
+    let sent = h.fake.requests().last().unwrap().body.clone();
+    assert_eq!(
+        sent["messages"][1]["content"][0],
+        serde_json::json!({ "type": "thinking", "thinking": block.text,
+                            "signature": block.signature })
+    );
+    // A block that was changed on the way fails the signature check: the request is rejected.
+    let mut tampered = message.clone();
+    tampered.thinking[0].text.push('!');
+    let status = h
+        .route(ask(vec![question, tampered, follow_up]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "UPSTREAM_REJECTED", "{status:?}");
     h.shutdown().await;
 }

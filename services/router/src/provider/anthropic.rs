@@ -10,7 +10,8 @@
 //! `presence_penalty`, `frequency_penalty`, `Tool.strict`; `n > 1` is rejected. A tool message's
 //! `tool_error` is the `tool_result`'s `is_error: true`.
 //!
-//! Extended thinking: an assistant message's `thinking` blocks are sent back first in its turn,
+//! Extended thinking: `ChatRequest.thinking` is `thinking` (`enabled` with `budget_tokens`, or
+//! `disabled`). An assistant message's `thinking` blocks are sent back first in its turn,
 //! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
 //! in the turn after a tool call. Answers carry them the other way: `thinking` /
 //! `redacted_thinking` content blocks become `Message.thinking`; in streams `thinking_delta` and
@@ -264,6 +265,16 @@ pub fn to_anthropic_request(
     }
     if !request.user.is_empty() {
         body.insert("metadata".into(), json!({ "user_id": request.user }));
+    }
+    if let Some(thinking) = &request.thinking {
+        body.insert(
+            "thinking".into(),
+            if thinking.enabled {
+                json!({ "type": "enabled", "budget_tokens": thinking.budget_tokens })
+            } else {
+                json!({ "type": "disabled" })
+            },
+        );
     }
     if stream {
         body.insert("stream".into(), json!(true));

@@ -10,7 +10,8 @@
 //! `data:` URLs as `inlineData`, other URLs as `fileData`. JSON mode is `responseMimeType:
 //! application/json` (+ `responseJsonSchema`); `top_k` is `generationConfig.topK`. `user`,
 //! `parallel_tool_calls` and `Tool.strict` have no Gemini equivalent and are not sent; neither are
-//! an assistant message's `thinking` blocks (Anthropic's, signed for Anthropic only) nor a tool
+//! an assistant message's `thinking` blocks (Anthropic's, signed for Anthropic only), nor
+//! `ChatRequest.thinking` (Anthropic's switch; Gemini's `thinkingConfig` differs), nor a tool
 //! message's `tool_error` flag (the result content goes as is).
 //!
 //! Responses: Gemini has no tool-call ids; a call without `id` gets `call_<index>`. A prompt

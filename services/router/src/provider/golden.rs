@@ -13,8 +13,9 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use serde_json::{Map, Value, json};
 use switchboard_proto::chat::v1::{
     ChatChunk, ChatRequest, ChatResponse, ContentPart, FinishReason, ImageUrl, Message,
-    ResponseFormat, ResponseFormatType, Role, SamplingParams, ThinkingBlock, Tool, ToolCall,
-    ToolChoice, ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
+    ResponseFormat, ResponseFormatType, Role, SamplingParams, ThinkingBlock, ThinkingConfig, Tool,
+    ToolCall, ToolChoice, ToolChoiceMode, Usage, content_part::Part,
+    tool_choice::Choice as ToolChoiceKind,
 };
 
 use super::{ProviderClient, ProviderError, decoder, parse_response, sse::SseParser};
@@ -70,7 +71,8 @@ fn json_text(value: Option<&Value>) -> String {
 
 /// A `ChatRequest` from a compact JSON form close to OpenAI's: messages with `content` (string or
 /// parts `{"text"}` / `{"image_url": {"url", "detail"}}`), `tool_calls` (`{"id","name","arguments"}`),
-/// `tool_call_id`, `tool_error`, `thinking` (`{"text","signature","redacted_data"}`); `tools` with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or
+/// `tool_call_id`, `tool_error`, `thinking` (`{"text","signature","redacted_data"}`); `thinking`
+/// (`{"enabled","budget_tokens"}`); `tools` with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or
 /// `{"function": name}`); `sampling`; `response_format` (`{"type", "schema_name", "schema",
 /// "strict"}`); `parallel_tool_calls`; `user`; `tags`.
 pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
@@ -196,6 +198,10 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
         response_format,
         parallel_tool_calls: value.get("parallel_tool_calls").and_then(Value::as_bool),
         user: str_of(value, "user"),
+        thinking: value.get("thinking").map(|t| ThinkingConfig {
+            enabled: t.get("enabled").and_then(Value::as_bool).unwrap_or(false),
+            budget_tokens: t.get("budget_tokens").and_then(Value::as_u64).unwrap_or(0) as u32,
+        }),
         tags: value
             .get("tags")
             .and_then(Value::as_object)

@@ -1,7 +1,8 @@
 //! Translation between `switchboard.chat.v1` and the OpenAI chat-completions wire format.
 //!
 //! Not sent, as chat completions has no field for them: an assistant message's `thinking` blocks
-//! (Anthropic's extended thinking, signed for Anthropic only), a tool message's `tool_error` flag
+//! (Anthropic's extended thinking, signed for Anthropic only) and `ChatRequest.thinking`, a tool
+//! message's `tool_error` flag
 //! (the result content goes as is, nothing prefixed) and `SamplingParams.top_k` — except to
 //! OpenAI-compatible servers (vLLM, Ollama, ...), which take `top_k` as an extension: the provider
 //! client adds it for an `openai` provider whose `base_url` is not OpenAI's own (see
@@ -548,7 +549,9 @@ mod tests {
 
     use super::*;
     use std::collections::HashMap;
-    use switchboard_proto::chat::v1::{ImageUrl, ResponseFormat, SamplingParams, Tool, ToolChoice};
+    use switchboard_proto::chat::v1::{
+        ImageUrl, ResponseFormat, SamplingParams, ThinkingConfig, Tool, ToolChoice,
+    };
 
     fn full_request() -> ChatRequest {
         let mut assistant = Message::text(Role::Assistant, "");
@@ -605,6 +608,10 @@ mod tests {
             parallel_tool_calls: Some(false),
             user: "user-1".into(),
             tags: HashMap::from([("team".into(), "secret-team".into())]),
+            thinking: Some(ThinkingConfig {
+                enabled: true,
+                budget_tokens: 2048,
+            }),
         }
     }
 
