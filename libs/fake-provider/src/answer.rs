@@ -41,6 +41,8 @@ pub(crate) struct Prompt {
     pub max_tokens: Option<u64>,
     /// Anthropic extended thinking was enabled: the answer starts with a signed thinking block.
     pub thinking: bool,
+    /// Anthropic `stop_sequences`: a text answer ends before the first one it contains.
+    pub stop_sequences: Vec<String>,
 }
 
 pub(crate) fn word_count(text: &str) -> u64 {

@@ -267,7 +267,55 @@ pub(crate) fn parse(headers: &HeaderMap, body: &Value) -> Result<Prompt, Rejecte
         tools,
         max_tokens: Some(max_tokens),
         thinking,
+        stop_sequences: body
+            .get("stop_sequences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
     })
+}
+
+/// A text answer cut before the first of `request`'s stop sequences it contains (the answer,
+/// the matched sequence and the output tokens), as the real API stops.
+fn cut_at_stop(
+    request: &Prompt,
+    answer: &Answer,
+    completion: u64,
+) -> (Answer, Option<String>, u64) {
+    if let Answer::Text {
+        content,
+        finish: Finish::Stop,
+    } = answer
+        && let Some((at, sequence)) = request
+            .stop_sequences
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| content.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at)
+    {
+        let cut = content[..at].to_owned();
+        let words = word_count(&cut);
+        return (
+            Answer::Text {
+                content: cut,
+                finish: Finish::Stop,
+            },
+            Some(sequence.clone()),
+            words,
+        );
+    }
+    (answer.clone(), None, completion)
+}
+
+fn stop_reason_of(answer: &Answer, sequence: Option<&String>) -> &'static str {
+    if sequence.is_some() {
+        "stop_sequence"
+    } else {
+        stop_reason(answer)
+    }
 }
 
 fn stop_reason(answer: &Answer) -> &'static str {
@@ -304,8 +352,9 @@ pub(crate) fn message_json(
     prompt: u64,
     completion: u64,
 ) -> Value {
+    let (answer, sequence, mut completion) = cut_at_stop(request, answer, completion);
+    let answer = &answer;
     let mut content = Vec::new();
-    let mut completion = completion;
     if request.thinking {
         let thinking = thinking_of(request);
         completion += word_count(&thinking);
@@ -329,8 +378,8 @@ pub(crate) fn message_json(
         "role": "assistant",
         "model": request.model,
         "content": content,
-        "stop_reason": stop_reason(answer),
-        "stop_sequence": null,
+        "stop_reason": stop_reason_of(answer, sequence.as_ref()),
+        "stop_sequence": sequence,
         "usage": usage_json(prompt, completion),
     })
 }
@@ -359,7 +408,9 @@ pub(crate) fn stream_plan(
         "stop_reason": null, "stop_sequence": null, "usage": usage_json(usage.0, 1) } }))];
     let mut body = Vec::new();
     let mut tail = Vec::new();
-    let mut usage = usage;
+    let (answer, sequence, completion) = cut_at_stop(request, answer, usage.1);
+    let answer = &answer;
+    let mut usage = (usage.0, completion);
     // Index of the first block after the thinking block.
     let first = u64::from(request.thinking);
     if request.thinking {
@@ -422,7 +473,7 @@ pub(crate) fn stream_plan(
         }
     }
     tail.push(frame(&json!({ "type": "message_delta",
-        "delta": { "stop_reason": stop_reason(answer), "stop_sequence": null },
+        "delta": { "stop_reason": stop_reason_of(answer, sequence.as_ref()), "stop_sequence": sequence },
         "usage": { "output_tokens": usage.1 } })));
     tail.push(frame(&json!({ "type": "message_stop" })));
     StreamPlan {

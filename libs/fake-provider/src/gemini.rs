@@ -186,6 +186,7 @@ pub(crate) fn parse(
             .pointer("/generationConfig/maxOutputTokens")
             .and_then(Value::as_u64),
         thinking: false,
+        stop_sequences: Vec::new(),
     })
 }
 

@@ -27,6 +27,8 @@
 //!   `max_tokens`): the answer starts with a `thinking` block signed by the fake
 //!   (`thinking_delta` pieces and a `signature_delta` when streamed; its words count as output
 //!   tokens); thinking blocks sent back in an assistant turn must carry that signature unchanged.
+//!   A text answer containing one of `stop_sequences` ends before it (`stop_reason:
+//!   "stop_sequence"` with the matched `stop_sequence`).
 //! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: Gemini
 //!   (`x-goog-api-key` header or `key=`; roles `user`/`model`; `functionResponse` needs a name).
 //!   Streams have no end marker: the last event carries `finishReason` and the usage.

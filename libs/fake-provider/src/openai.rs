@@ -127,6 +127,7 @@ pub(crate) fn parse(body: &Value, model: Option<String>) -> Result<Prompt, Rejec
         tools,
         max_tokens,
         thinking: false,
+        stop_sequences: Vec::new(),
     })
 }
 

@@ -1135,3 +1135,44 @@ async fn anthropic_thinking_blocks_are_signed_and_checked() {
         );
     }
 }
+
+#[tokio::test]
+async fn anthropic_stops_at_a_stop_sequence_and_names_it() {
+    let fake = start().await;
+    let ask = |stream: bool| {
+        json!({ "model": "claude-x", "max_tokens": 100, "stream": stream,
+                "stop_sequences": ["zzz", "END"],
+                "messages": [{ "role": "user", "content": "one two END three" }] })
+    };
+    let value: Value = anthropic(&fake, &ask(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["content"],
+        json!([{ "type": "text", "text": "echo: one two " }])
+    );
+    assert_eq!(value["stop_reason"], "stop_sequence");
+    assert_eq!(value["stop_sequence"], "END");
+    assert_eq!(value["usage"]["output_tokens"], 3);
+    let text = anthropic(&fake, &ask(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = sse_events(&text);
+    let delta = &events.iter().find(|(e, _)| e == "message_delta").unwrap().1;
+    assert_eq!(delta["delta"]["stop_reason"], "stop_sequence");
+    assert_eq!(delta["delta"]["stop_sequence"], "END");
+    let streamed: String = events
+        .iter()
+        .filter(|(_, d)| d["delta"]["type"] == "text_delta")
+        .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(streamed, "echo: one two ");
+}

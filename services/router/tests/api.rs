@@ -935,3 +935,67 @@ async fn anthropic_thinking_round_trips_with_its_signature() {
     assert_eq!(reason(&status), "UPSTREAM_REJECTED", "{status:?}");
     h.shutdown().await;
 }
+
+/// Anthropic's `stop_sequence` comes back with the sequence (unary and streamed), and a tool
+/// result's error flag reaches Anthropic as `is_error`.
+#[tokio::test]
+async fn anthropic_stop_sequence_and_tool_errors_cross_the_wire() {
+    let h = start_with_gemini_and_anthropic().await;
+    let mut request = chat("claude-chat", "tell me a story END of it");
+    request.sampling = Some(SamplingParams {
+        stop: vec!["END".to_owned(), "never".to_owned()],
+        max_tokens: Some(100),
+        ..Default::default()
+    });
+    let answer = h.route(request.clone()).await.unwrap().response.unwrap();
+    assert_eq!(answer.choices[0].finish_reason, FinishReason::Stop as i32);
+    let message = answer.choices[0].message.as_ref().unwrap();
+    assert_eq!(message.joined_text(), "echo: tell me a story ");
+    assert_eq!(message.stop_sequence, "END");
+    let (chunks, _, error) = h.stream(request).await.unwrap();
+    assert!(error.is_none(), "{error:?}");
+    let last = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .find(|d| d.finish_reason != FinishReason::Unspecified as i32)
+        .unwrap();
+    assert_eq!(last.finish_reason, FinishReason::Stop as i32);
+    assert_eq!(last.stop_sequence, "END");
+    // Without a matched sequence: a plain stop, no sequence.
+    let plain = h.route(chat("claude-chat", "hello")).await.unwrap();
+    let message = plain.response.unwrap().choices[0].message.clone().unwrap();
+    assert!(message.stop_sequence.is_empty());
+
+    let mut assistant = Message::text(Role::Assistant, "");
+    assistant.content.clear();
+    assistant.tool_calls = vec![ToolCall {
+        id: "toolu_1".to_owned(),
+        name: "weather".to_owned(),
+        arguments_json: "{}".to_owned(),
+    }];
+    let mut result = Message::text(Role::Tool, "service down");
+    result.tool_call_id = "toolu_1".to_owned();
+    result.tool_error = true;
+    let request = ChatRequest {
+        model: "claude-chat".to_owned(),
+        messages: vec![
+            Message::text(Role::User, "weather please"),
+            assistant,
+            result,
+        ],
+        tools: vec![Tool {
+            name: "weather".to_owned(),
+            parameters_json: r#"{"type":"object"}"#.to_owned(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    h.route(request).await.unwrap();
+    let sent = h.fake.requests().last().unwrap().body.clone();
+    assert_eq!(
+        sent["messages"][2]["content"][0],
+        serde_json::json!({ "type": "tool_result", "tool_use_id": "toolu_1", "is_error": true,
+                            "content": "service down" })
+    );
+    h.shutdown().await;
+}
