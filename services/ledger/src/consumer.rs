@@ -1,6 +1,12 @@
 //! The JetStream consumer: fetch a batch of usage events, price them, insert them in one
 //! transaction, and acknowledge only after the commit.
 //!
+//! Pipelined: while one batch commits (on its own pool connection, in its own task), the next is
+//! fetched and priced, and may start committing on a second connection; at most
+//! [`IN_FLIGHT`] batches are held unacknowledged at a time (bounded memory). Each batch is
+//! acknowledged strictly after its own commit. The order in which batches commit does not matter:
+//! a request id is recorded once whichever batch carries it.
+//!
 //! Failure handling:
 //! - NATS errors (fetch, consumer lookup): log, back off, set the consumer up again. A fetch that
 //!   gets no answer in time counts as one: a pull request lost in a NATS restart is never answered,
@@ -15,6 +21,8 @@
 //!   error log; they never block the consumer.
 
 use std::{sync::Arc, time::Duration};
+
+use tokio::task::JoinSet;
 
 use async_nats::jetstream::{
     self, AckKind,
@@ -42,6 +50,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a fetch may take beyond its own waits (`IDLE_WAIT` and the linger) before it is given up.
 const FETCH_SLACK: Duration = Duration::from_secs(5);
+/// Batches fetched and not yet acknowledged, at most (the one being fetched and priced included).
+const IN_FLIGHT: usize = 2;
 
 /// Settings of the durable pull consumer.
 #[derive(Debug, Clone)]
@@ -135,12 +145,44 @@ enum Commit {
 }
 
 impl UsageConsumer {
-    /// Runs until `cancel` fires.
+    /// Runs until `cancel` fires; batches still committing then finish (or give up their retries)
+    /// before it returns.
     pub async fn run(self, consumer: PullConsumer, cancel: CancellationToken) {
+        let this = Arc::new(self);
+        let mut committing = JoinSet::new();
+        this.fetch_loop(consumer, &mut committing, &cancel).await;
+        while let Some(done) = committing.join_next().await {
+            log_join(done);
+        }
+        tracing::info!(consumer = %this.settings.name, "usage consumer stopped");
+    }
+
+    /// Fetches and prices batches and starts their commits in `committing` until `cancel` fires.
+    async fn fetch_loop(
+        self: &Arc<Self>,
+        consumer: PullConsumer,
+        committing: &mut JoinSet<()>,
+        cancel: &CancellationToken,
+    ) {
         let mut consumer = Some(consumer);
         let mut backoff = Backoff::new();
         tracing::info!(consumer = %self.settings.name, stream = %self.nats.usage_stream, "usage consumer started");
         while !cancel.is_cancelled() {
+            // Bounded memory: the batch about to be fetched and those committing are at most
+            // `IN_FLIGHT`.
+            while let Some(done) = committing.try_join_next() {
+                log_join(done);
+            }
+            while committing.len() >= IN_FLIGHT {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    done = committing.join_next() => {
+                        if let Some(done) = done {
+                            log_join(done);
+                        }
+                    }
+                }
+            }
             let current = match &consumer {
                 Some(current) => current.clone(),
                 None => match set_up(&self.js, &self.nats, &self.settings).await {
@@ -151,38 +193,40 @@ impl UsageConsumer {
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot set up the usage consumer; retrying");
-                        if !backoff.wait(&cancel).await {
-                            break;
+                        if !backoff.wait(cancel).await {
+                            return;
                         }
                         continue;
                     }
                 },
             };
             let fetched = tokio::select! {
-                () = cancel.cancelled() => break,
+                () = cancel.cancelled() => return,
                 fetched = fetch(&current, self.settings.batch_size, self.settings.linger) => fetched,
             };
             match fetched {
                 Ok(messages) => {
                     backoff.reset();
-                    if !messages.is_empty() {
-                        self.process(messages, &cancel).await;
+                    let pending = self.price(messages).await;
+                    if !pending.is_empty() {
+                        let this = Arc::clone(self);
+                        let cancel = cancel.clone();
+                        committing.spawn(async move { this.process(pending, &cancel).await });
                     }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "fetching usage events failed; retrying");
                     consumer = None;
-                    if !backoff.wait(&cancel).await {
-                        break;
+                    if !backoff.wait(cancel).await {
+                        return;
                     }
                 }
             }
         }
-        tracing::info!(consumer = %self.settings.name, "usage consumer stopped");
     }
 
-    /// Decodes, prices, commits and acknowledges one fetched batch.
-    async fn process(&self, messages: Vec<jetstream::Message>, cancel: &CancellationToken) {
+    /// Decodes and prices a fetched batch; messages that can never be recorded are terminated.
+    async fn price(&self, messages: Vec<jetstream::Message>) -> Vec<Pending> {
         let now = OffsetDateTime::now_utc();
         let prices = self.prices.current();
         let mut pending = Vec::with_capacity(messages.len());
@@ -212,9 +256,11 @@ impl UsageConsumer {
                 }
             }
         }
-        if pending.is_empty() {
-            return;
-        }
+        pending
+    }
+
+    /// Commits and acknowledges one priced batch.
+    async fn process(&self, pending: Vec<Pending>, cancel: &CancellationToken) {
         let rows: Vec<UsageRow> = pending.iter().map(|p| p.row.clone()).collect();
         match self.commit(&rows, cancel).await {
             Commit::Done(inserted) => {
@@ -364,6 +410,13 @@ async fn drain(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_
         }
     }
     Ok(messages)
+}
+
+/// Logs a commit task that panicked (its messages were not acknowledged: they are redelivered).
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done {
+        tracing::error!(%error, "usage batch task failed; its events will be redelivered");
+    }
 }
 
 /// Acknowledges committed messages. A plain ack (one publish, no reply awaited) is enough: a lost

@@ -415,12 +415,40 @@ fn usage_row_of(row: &sqlx::postgres::PgRow) -> Result<UsageRow, sqlx::Error> {
 
 /// Inserts the rows that are new and adds them to the rollups; returns the inserted request ids.
 /// A request id repeated within `rows` is inserted once (its first row).
+///
+/// Two statements on the caller's transaction: the insert returns the request ids it actually
+/// inserted, and only those rows are folded (in Rust, one rollup row per distinct key) and added
+/// to the hourly and daily rollups. Both commit together or not at all, so a redelivered row
+/// never counts twice.
 async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<Vec<Uuid>, sqlx::Error> {
     let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    let rows: Vec<&UsageRow> = rows
+    let mut rows: Vec<&UsageRow> = rows
         .iter()
         .filter(|row| seen.insert(row.request_id))
         .collect();
+    // In request id order: two batches committing at once that share request ids (a redelivery)
+    // wait on each other's rows in the same order instead of deadlocking.
+    rows.sort_unstable_by_key(|row| row.request_id);
+    let inserted = insert_new_rows(conn, &rows).await?;
+    if inserted.is_empty() {
+        return Ok(inserted);
+    }
+    let new: std::collections::HashSet<&Uuid> = inserted.iter().collect();
+    let new_rows = rows
+        .iter()
+        .copied()
+        .filter(|row| new.contains(&row.request_id));
+    let (hourly, daily) = fold_rollups(new_rows)?;
+    upsert_rollups(conn, UPSERT_HOURLY, &hourly).await?;
+    upsert_rollups(conn, UPSERT_DAILY, &daily).await?;
+    Ok(inserted)
+}
+
+/// Inserts the rows (distinct request ids) that are new; returns their request ids.
+async fn insert_new_rows(
+    conn: &mut PgConnection,
+    rows: &[&UsageRow],
+) -> Result<Vec<Uuid>, sqlx::Error> {
     let n = rows.len();
     let mut request_id = Vec::with_capacity(n);
     let mut time = Vec::with_capacity(n);
@@ -470,7 +498,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<Vec<U
         trace_id.push(row.trace_id.as_str());
         tags.push(serde_json::to_string(&row.tags).unwrap_or_else(|_| "{}".to_owned()));
     }
-    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_WITH_ROLLUPS)
+    sqlx::query_scalar(INSERT_NEW_ROWS)
         .bind(request_id)
         .bind(time)
         .bind(app)
@@ -495,18 +523,158 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<Vec<U
         .bind(cache_write)
         .bind(reasoning)
         .fetch_all(conn)
-        .await?;
-    Ok(inserted)
+        .await
 }
 
-/// The measures of a rollup row, summed over rows `r` (the inserted ones).
-macro_rules! rollup_measures {
-    () => {
-        "COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_prompt_tokens), \
-         SUM(cache_write_tokens), SUM(reasoning_tokens), COALESCE(SUM(cost_usd_nanos), 0), \
-         COUNT(*) FILTER (WHERE cost_usd_nanos IS NULL), SUM(saved_usd_nanos), \
-         COUNT(*) FILTER (WHERE status = 'error'), COUNT(*) FILTER (WHERE cache = 'hit')"
-    };
+/// The key of a rollup row: (bucket, app, team, key id, route, provider, model).
+type RollupKey<'a> = (
+    OffsetDateTime,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+);
+
+/// The measures of a rollup row (the sums of the rows it counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RollupMeasures {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_prompt_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// Priced rows only.
+    pub cost_usd_nanos: i64,
+    pub unpriced_requests: i64,
+    pub saved_usd_nanos: i64,
+    pub error_requests: i64,
+    pub cache_hits: i64,
+}
+
+impl RollupMeasures {
+    /// Adds one row; `None` when a sum would overflow (the database would refuse it too).
+    fn add(&mut self, row: &UsageRow) -> Option<()> {
+        let flag = |yes: bool| i64::from(yes);
+        self.requests = self.requests.checked_add(1)?;
+        self.prompt_tokens = self
+            .prompt_tokens
+            .checked_add(i64::from(row.tokens.prompt))?;
+        self.completion_tokens = self
+            .completion_tokens
+            .checked_add(i64::from(row.tokens.completion))?;
+        self.cached_prompt_tokens = self
+            .cached_prompt_tokens
+            .checked_add(i64::from(row.tokens.cached_prompt))?;
+        self.cache_write_tokens = self
+            .cache_write_tokens
+            .checked_add(i64::from(row.tokens.cache_write))?;
+        self.reasoning_tokens = self
+            .reasoning_tokens
+            .checked_add(i64::from(row.tokens.reasoning))?;
+        self.cost_usd_nanos = self
+            .cost_usd_nanos
+            .checked_add(row.cost_usd_nanos.unwrap_or(0))?;
+        self.unpriced_requests += flag(row.cost_usd_nanos.is_none());
+        self.saved_usd_nanos = self.saved_usd_nanos.checked_add(row.saved_usd_nanos)?;
+        self.error_requests += flag(status_str(row.status) == "error");
+        self.cache_hits += flag(cache_str(row.cache) == "hit");
+        Some(())
+    }
+}
+
+/// Rollup rows keyed (and so ordered) by their key.
+pub(crate) type Rollups<'a> = BTreeMap<RollupKey<'a>, RollupMeasures>;
+
+/// The start of the UTC hour (`3600`) or day (`86400`) holding `time`.
+fn bucket(time: OffsetDateTime, seconds: i64) -> Result<OffsetDateTime, sqlx::Error> {
+    let start = time.unix_timestamp().div_euclid(seconds) * seconds;
+    OffsetDateTime::from_unix_timestamp(start).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// Folds rows into their hourly and daily rollup rows (one per distinct key).
+pub(crate) fn fold_rollups<'a>(
+    rows: impl IntoIterator<Item = &'a UsageRow>,
+) -> Result<(Rollups<'a>, Rollups<'a>), sqlx::Error> {
+    let mut hourly = Rollups::new();
+    let mut daily = Rollups::new();
+    for row in rows {
+        for (rollups, seconds) in [(&mut hourly, 3_600), (&mut daily, 86_400)] {
+            let key = (
+                bucket(row.time, seconds)?,
+                row.app.as_str(),
+                row.team.as_str(),
+                row.key_id.as_str(),
+                row.requested_model.as_str(),
+                row.provider.as_str(),
+                row.model.as_str(),
+            );
+            rollups.entry(key).or_default().add(row).ok_or_else(|| {
+                sqlx::Error::Encode("a rollup sum overflows a 64-bit integer".into())
+            })?;
+        }
+    }
+    Ok((hourly, daily))
+}
+
+/// Adds folded rollup rows to the stored ones (one upsert; rows in key order, so concurrent
+/// ledgers lock rollup rows in the same order).
+async fn upsert_rollups(
+    conn: &mut PgConnection,
+    statement: &'static str,
+    rollups: &Rollups<'_>,
+) -> Result<(), sqlx::Error> {
+    let n = rollups.len();
+    let mut keys: (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut measures: [Vec<i64>; 11] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for (key, m) in rollups {
+        keys.0.push(key.0);
+        keys.1.push(key.1);
+        keys.2.push(key.2);
+        keys.3.push(key.3);
+        keys.4.push(key.4);
+        keys.5.push(key.5);
+        keys.6.push(key.6);
+        let values = [
+            m.requests,
+            m.prompt_tokens,
+            m.completion_tokens,
+            m.cached_prompt_tokens,
+            m.cache_write_tokens,
+            m.reasoning_tokens,
+            m.cost_usd_nanos,
+            m.unpriced_requests,
+            m.saved_usd_nanos,
+            m.error_requests,
+            m.cache_hits,
+        ];
+        for (column, value) in measures.iter_mut().zip(values) {
+            column.push(value);
+        }
+    }
+    let mut query = sqlx::query(statement)
+        .bind(keys.0)
+        .bind(keys.1)
+        .bind(keys.2)
+        .bind(keys.3)
+        .bind(keys.4)
+        .bind(keys.5)
+        .bind(keys.6);
+    for column in measures {
+        query = query.bind(column);
+    }
+    query.execute(conn).await?;
+    Ok(())
 }
 
 /// Adds an upsert's measures to the stored rollup row.
@@ -527,53 +695,51 @@ macro_rules! rollup_upsert {
     };
 }
 
-/// One statement: insert the rows that are new, then add exactly those (the insert's RETURNING)
-/// to the hourly and daily rollups, so that a redelivered row never counts twice. A row is new
-/// when neither its (request id, time) nor its request id within 7 days of its time (the usage
-/// stream's retention: no redelivery comes later) is recorded; the second check is one probe of
-/// the primary-key index of the one or two partitions of that window (a scalar subquery, so that
-/// it runs per row with run-time partition pruning: `NOT EXISTS` would be planned as an anti-join
-/// over every partition). Rollup keys are upserted
-/// in key order, so concurrent ledgers lock rollup rows in the same order.
-const INSERT_WITH_ROLLUPS: &str = concat!(
-    "WITH input AS ( \
+/// The upsert of folded rollup rows into `$table` (the arrays in [`upsert_rollups`]'s order).
+macro_rules! upsert_rollups {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " AS r (bucket, app, team, key_id, route, provider, model, requests, prompt_tokens, \
+               completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
+               cost_usd_nanos, unpriced_requests, saved_usd_nanos, error_requests, cache_hits) \
+             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
+               $6::text[], $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
+               $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[])",
+            rollup_upsert!()
+        )
+    };
+}
+
+const UPSERT_HOURLY: &str = upsert_rollups!("usage_rollup_hourly");
+const UPSERT_DAILY: &str = upsert_rollups!("usage_rollup_daily");
+
+/// Inserts the rows that are new and returns their request ids. A row is new when neither its
+/// (request id, time) nor its request id within 7 days of its time (the usage stream's retention:
+/// no redelivery comes later) is recorded; the second check is one probe of the primary-key index
+/// of the one or two partitions of that window (a scalar subquery, so that it runs per row with
+/// run-time partition pruning: `NOT EXISTS` would be planned as an anti-join over every
+/// partition). The caller adds exactly the returned rows to the rollups in the same transaction.
+const INSERT_NEW_ROWS: &str = "WITH input AS ( \
        SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
          $15::text[], $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[], $22::int8[], \
          $23::int8[]) \
          AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
          completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-         streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens)), \
-     ins AS ( \
-       INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
-         attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
-         cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
-       SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
-         completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-         streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
-       FROM input t \
-       WHERE (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
-         AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days' LIMIT 1) IS NULL \
-       ON CONFLICT (request_id, time) DO NOTHING \
-       RETURNING request_id, time, app, team, key_id, requested_model, provider, model, prompt_tokens, \
-         completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, cost_usd_nanos, \
-         saved_usd_nanos, status, cache), \
-     hourly AS ( \
-       INSERT INTO usage_rollup_hourly AS r \
-       SELECT date_trunc('hour', time, 'UTC'), app, team, key_id, requested_model, provider, model, ",
-    rollup_measures!(),
-    " FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
-    rollup_upsert!(),
-    "), \
-     daily AS ( \
-       INSERT INTO usage_rollup_daily AS r \
-       SELECT date_trunc('day', time, 'UTC'), app, team, key_id, requested_model, provider, model, ",
-    rollup_measures!(),
-    " FROM ins GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
-    rollup_upsert!(),
-    ") \
-     SELECT request_id FROM ins"
-);
+         streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens)) \
+     INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
+       attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
+       cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
+     SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
+       completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
+       streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
+     FROM input t \
+     WHERE (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
+       AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days' LIMIT 1) IS NULL \
+     ON CONFLICT (request_id, time) DO NOTHING \
+     RETURNING request_id";
 
 /// The columns of a price version, in [`price_of_row`]'s order (a macro, so that queries stay
 /// `'static` strings).

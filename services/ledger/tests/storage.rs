@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use sqlx::Row as _;
 use switchboard_ledger::{
     internals::{
         Dimension, Filter, Partitions, Rate, Rates, Repository, Source, SpendQuery, Tokens,
@@ -551,5 +552,140 @@ async fn the_migration_moves_existing_rows_into_partitions_and_rolls_them_up() {
         0
     );
     repo.pool().close().await;
+    pg.drop_db().await;
+}
+
+/// The rollup measures of one bucket of `table` (one key in these tests), in the table's order.
+async fn bucket_measures(repo: &Repository, table: &str, bucket: OffsetDateTime) -> Vec<[i64; 11]> {
+    let sql = format!(
+        "SELECT requests, prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens, \
+           reasoning_tokens, cost_usd_nanos, unpriced_requests, saved_usd_nanos, error_requests, cache_hits \
+         FROM {table} WHERE bucket = $1"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(bucket)
+        .fetch_all(repo.pool())
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| std::array::from_fn(|i| r.get::<i64, _>(i)))
+        .collect()
+}
+
+/// The expected rollup measures of `rows`, summed here one by one.
+fn sums(rows: &[UsageRow]) -> [i64; 11] {
+    let mut m = [0i64; 11];
+    for r in rows {
+        m[0] += 1;
+        m[1] += i64::from(r.tokens.prompt);
+        m[2] += i64::from(r.tokens.completion);
+        m[3] += i64::from(r.tokens.cached_prompt);
+        m[4] += i64::from(r.tokens.cache_write);
+        m[5] += i64::from(r.tokens.reasoning);
+        m[6] += r.cost_usd_nanos.unwrap_or(0);
+        m[7] += i64::from(r.cost_usd_nanos.is_none());
+        m[8] += r.saved_usd_nanos;
+        m[9] += i64::from(r.status == RequestStatus::Error);
+        m[10] += i64::from(r.cache == CacheOutcome::Hit);
+    }
+    m
+}
+
+/// Every rollup row of both tables, in key order.
+async fn all_rollups(repo: &Repository) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('%s %s', 'hourly', r::text) FROM usage_rollup_hourly r \
+         UNION ALL SELECT format('%s %s', 'daily', r::text) FROM usage_rollup_daily r ORDER BY 1",
+    )
+    .fetch_all(repo.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn many_rows_folding_into_one_rollup_row_give_exact_sums_and_a_redelivered_batch_changes_nothing()
+ {
+    let (repo, pg) = repo().await;
+    let nine = datetime!(2026-01-12 09:00 UTC);
+    let five_pm = datetime!(2026-01-12 17:00 UTC);
+    // 500 rows of one key in one hour with different measures (costs above 2^53: exact integer
+    // sums, no float on the way), then 3 rows of the same key in another hour of the same day.
+    let mut rows: Vec<UsageRow> = (0..500u32)
+        .map(|i| {
+            let cost = match i % 5 {
+                0 => None,
+                1 => Some(9_007_199_254_740_993),
+                _ => Some(1_000_003 * i64::from(i)),
+            };
+            let mut r = row(nine + Duration::seconds(i64::from(i) * 7), "a", "m", cost);
+            r.tokens = Tokens {
+                prompt: 1_000 + i,
+                cached_prompt: i % 13,
+                cache_write: i % 3,
+                completion: 2 * i,
+                reasoning: i % 11,
+            };
+            r.saved_usd_nanos = i64::from(i % 4) * 999;
+            if i % 9 == 0 {
+                r.status = RequestStatus::Error;
+            }
+            if i % 6 == 0 {
+                r.cache = CacheOutcome::Hit;
+            }
+            r
+        })
+        .collect();
+    rows.extend((0..3).map(|i| row(five_pm + Duration::minutes(i), "a", "m", Some(5))));
+    assert_eq!(repo.insert_batch(&rows).await.unwrap(), 503);
+
+    assert_eq!(
+        bucket_measures(&repo, "usage_rollup_hourly", nine).await,
+        vec![sums(&rows[..500])]
+    );
+    assert_eq!(
+        bucket_measures(&repo, "usage_rollup_hourly", five_pm).await,
+        vec![sums(&rows[500..])]
+    );
+    assert_eq!(
+        bucket_measures(&repo, "usage_rollup_daily", datetime!(2026-01-12 00:00 UTC)).await,
+        vec![sums(&rows)]
+    );
+    assert_eq!(
+        scalar(&repo, "SELECT COUNT(*) FROM usage_rollup_hourly").await,
+        2
+    );
+    assert_eq!(
+        scalar(&repo, "SELECT COUNT(*) FROM usage_rollup_daily").await,
+        1
+    );
+
+    // Redelivered: the same batch, whole and in reverse order, inserts nothing and adds nothing.
+    let before = all_rollups(&repo).await;
+    assert_eq!(repo.insert_batch(&rows).await.unwrap(), 0);
+    let reversed: Vec<UsageRow> = rows.iter().rev().cloned().collect();
+    assert_eq!(repo.insert_batch(&reversed).await.unwrap(), 0);
+    assert_eq!(all_rollups(&repo).await, before);
+
+    // Half of it redelivered with 4 new rows of the same rollup row: only the new rows count.
+    let fresh: Vec<UsageRow> = (0..4)
+        .map(|i| row(nine + Duration::minutes(59), "a", "m", Some(1_000 + i)))
+        .collect();
+    let mut mixed = rows[..250].to_vec();
+    mixed.extend(fresh.iter().cloned());
+    assert_eq!(repo.insert_batch(&mixed).await.unwrap(), 4);
+    let mut expected: Vec<UsageRow> = rows[..500].to_vec();
+    expected.extend(fresh);
+    assert_eq!(
+        bucket_measures(&repo, "usage_rollup_hourly", nine).await,
+        vec![sums(&expected)]
+    );
+    assert_eq!(
+        rollup_mismatches(&repo, "usage_rollup_hourly", "hour").await,
+        0
+    );
+    assert_eq!(
+        rollup_mismatches(&repo, "usage_rollup_daily", "day").await,
+        0
+    );
     pg.drop_db().await;
 }
