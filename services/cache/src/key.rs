@@ -11,12 +11,12 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use switchboard_proto::chat::v1::{
-    ChatRequest, Message, ResponseFormat, SamplingParams, Tool, ToolChoice, content_part::Part,
-    tool_choice::Choice,
+    ChatRequest, Message, ResponseFormat, SamplingParams, ThinkingConfig, Tool, ToolChoice,
+    content_part::Part, tool_choice::Choice,
 };
 
 /// Version tag hashed first; changing the encoding must change it.
-pub const KEY_VERSION: &str = "switchboard.cache.exact.v1";
+pub const KEY_VERSION: &str = "switchboard.cache.exact.v2";
 
 /// A 32-byte cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,6 +41,7 @@ impl CacheKey {
         enc.sampling(&request.sampling.clone().unwrap_or_default());
         enc.response_format(&request.response_format.clone().unwrap_or_default());
         enc.opt(request.parallel_tool_calls, |enc, v| enc.bool(v));
+        enc.thinking_config(request.thinking.as_ref());
         CacheKey(enc.0.finalize().into())
     }
 
@@ -56,7 +57,7 @@ impl CacheKey {
 }
 
 /// Version tag of the semantic scope encoding; changing it must change this.
-pub const SCOPE_VERSION: &str = "switchboard.cache.semantic-scope.v1";
+pub const SCOPE_VERSION: &str = "switchboard.cache.semantic-scope.v2";
 
 /// The compatibility scope of a semantic lookup: a hash of everything that changes the answer
 /// except the text of the final user message. Two requests can share a semantic answer only
@@ -105,6 +106,7 @@ impl ScopeKey {
         enc.sampling(&request.sampling.clone().unwrap_or_default());
         enc.response_format(&request.response_format.clone().unwrap_or_default());
         enc.opt(request.parallel_tool_calls, |enc, v| enc.bool(v));
+        enc.thinking_config(request.thinking.as_ref());
         Some((ScopeKey(enc.0.finalize().into()), text))
     }
 
@@ -183,6 +185,21 @@ impl Encoder {
             self.str(&call.arguments_json);
         }
         self.str(&message.tool_call_id);
+        self.bool(message.tool_error);
+        // Thinking blocks sent back to the provider are part of what it reads.
+        self.count(message.thinking.len());
+        for block in &message.thinking {
+            self.str(&block.text);
+            self.str(&block.signature);
+            self.str(&block.redacted_data);
+        }
+    }
+
+    fn thinking_config(&mut self, config: Option<&ThinkingConfig>) {
+        self.opt(config, |enc, c| {
+            enc.bool(c.enabled);
+            enc.u32(c.budget_tokens);
+        });
     }
 
     fn tool(&mut self, tool: &Tool) {
@@ -239,6 +256,7 @@ impl Encoder {
         self.opt(s.frequency_penalty, Self::f64);
         self.opt(s.seed, Self::i64);
         self.opt(s.n, Self::u32);
+        self.opt(s.top_k, Self::u32);
     }
 
     fn response_format(&mut self, format: &ResponseFormat) {
@@ -446,6 +464,52 @@ mod tests {
         let mut r = base();
         r.parallel_tool_calls = Some(false);
         variants.push(("parallel tool calls", r));
+        let mut r = base();
+        r.sampling = Some(SamplingParams {
+            temperature: Some(0.2),
+            top_k: Some(40),
+            ..Default::default()
+        });
+        variants.push(("top_k", r));
+        let mut r = base();
+        r.thinking = Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 2048,
+        });
+        variants.push(("thinking on", r));
+        let mut r = base();
+        r.thinking = Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 4096,
+        });
+        variants.push(("thinking budget", r));
+        let mut r = base();
+        r.messages.push(Message {
+            tool_call_id: "c".into(),
+            tool_error: true,
+            ..Message::text(Role::Tool, "Hi")
+        });
+        variants.push(("tool result is an error", r));
+        let mut r = base();
+        r.messages.push(Message {
+            thinking: vec![switchboard_proto::chat::v1::ThinkingBlock {
+                text: "Let me see.".into(),
+                signature: "sig".into(),
+                ..Default::default()
+            }],
+            ..Message::text(Role::Assistant, "Sunny.")
+        });
+        variants.push(("thinking block in history", r));
+        let mut r = base();
+        r.messages.push(Message {
+            thinking: vec![switchboard_proto::chat::v1::ThinkingBlock {
+                text: "Let me see.".into(),
+                signature: "other".into(),
+                ..Default::default()
+            }],
+            ..Message::text(Role::Assistant, "Sunny.")
+        });
+        variants.push(("thinking signature", r));
 
         let mut seen = HashMap::new();
         for (name, request) in &variants {
@@ -479,6 +543,38 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(key(&r), key(&zero));
+    }
+
+    #[test]
+    fn semantic_scope_changes_with_top_k_thinking_and_tool_errors() {
+        let scope = |r: &ChatRequest| ScopeKey::of("app", r).map(|(s, _)| s);
+        let base_scope = scope(&base());
+        assert!(base_scope.is_some());
+        let mut r = base();
+        r.sampling = Some(SamplingParams {
+            temperature: Some(0.2),
+            top_k: Some(5),
+            ..Default::default()
+        });
+        assert_ne!(scope(&r), base_scope, "top_k");
+        let mut r = base();
+        r.thinking = Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 1024,
+        });
+        assert_ne!(scope(&r), base_scope, "thinking");
+        let mut r = base();
+        r.messages.insert(
+            1,
+            Message {
+                tool_call_id: "c".into(),
+                tool_error: true,
+                ..Message::text(Role::Tool, "failed")
+            },
+        );
+        let mut ok = r.clone();
+        ok.messages[1].tool_error = false;
+        assert_ne!(scope(&r), scope(&ok), "tool error");
     }
 
     #[test]
