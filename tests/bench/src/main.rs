@@ -537,7 +537,15 @@ async fn run_once(
         duration,
         timeout: periods.timeout,
     };
-    let result = load::run(target, spec, &mesh.pids()).await?;
+    let mut pids = mesh.pids();
+    for name in report::SHARED {
+        pids.extend(
+            procfs::pids_named(name)
+                .into_iter()
+                .map(|p| (name.to_owned(), p)),
+        );
+    }
+    let result = load::run(target, spec, &pids).await?;
     let dead = mesh.dead();
     anyhow::ensure!(
         dead.is_empty(),

@@ -14,6 +14,19 @@ pub fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Pids of every process whose command name (`/proc/<pid>/comm`) is `name`.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
 /// utime + stime of a process, in clock ticks. `pid` "self" is this process.
 pub fn cpu_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -92,6 +105,14 @@ pub fn loadavg() -> f64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn finds_this_process_by_its_command_name() {
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let pids = pids_named(comm.trim());
+        assert!(pids.contains(&std::process::id()), "{pids:?}");
+        assert!(pids_named("no-such-process-name").is_empty());
+    }
 
     #[test]
     fn parses_utime_and_stime_after_a_name_with_spaces() {

@@ -10,6 +10,10 @@ use crate::{
     stats::{self, Overhead, Percentiles},
 };
 
+/// The shared servers whose CPU is counted too (every process of that name: Postgres has one per
+/// connection). Their work per request is the ledger's inserts and the usage stream.
+pub const SHARED: [&str; 2] = ["postgres", "nats-server"];
+
 /// Processes in table order.
 const PROCS: [&str; 7] = [
     "gateway",
@@ -58,8 +62,11 @@ impl RunReport {
         r: &RunResult,
     ) -> RunReport {
         let requests = r.measured_ok + r.measured_errors;
-        let cpu_seconds: BTreeMap<String, f64> =
-            r.cpu.iter().map(|c| (c.name.clone(), c.seconds)).collect();
+        // Summed by name: Postgres runs one process per connection.
+        let mut cpu_seconds: BTreeMap<String, f64> = BTreeMap::new();
+        for c in &r.cpu {
+            *cpu_seconds.entry(c.name.clone()).or_default() += c.seconds;
+        }
         let cpu_seconds_per_request = cpu_seconds
             .iter()
             .map(|(k, v)| {
@@ -395,7 +402,7 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
         "\nCPU per request (µs of CPU time per measured request, by process)"
     );
     let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
-    for p in PROCS {
+    for p in PROCS.iter().chain(&SHARED) {
         let _ = write!(header, " {:>9}", short(p));
     }
     let _ = writeln!(out, "{header}");
@@ -405,8 +412,8 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
                 "{:<18} {:>6.0} {:>5}",
                 run.scenario, run.target_rps, run.connections
             );
-            for p in PROCS {
-                let v = run.cpu_seconds_per_request.get(p).copied();
+            for p in PROCS.iter().chain(&SHARED) {
+                let v = run.cpu_seconds_per_request.get(*p).copied();
                 let _ = write!(
                     line,
                     " {:>9}",
@@ -493,6 +500,7 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
 fn short(p: &str) -> &str {
     match p {
         "fake-provider" => "fake",
+        "nats-server" => "nats",
         other => other,
     }
 }
