@@ -439,8 +439,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[UsageRow]) -> Result<Vec<U
         .copied()
         .filter(|row| new.contains(&row.request_id));
     let (hourly, daily) = fold_rollups(new_rows)?;
-    upsert_rollups(conn, UPSERT_HOURLY, &hourly).await?;
-    upsert_rollups(conn, UPSERT_DAILY, &daily).await?;
+    upsert_rollups(conn, &hourly, &daily).await?;
     Ok(inserted)
 }
 
@@ -619,59 +618,49 @@ pub(crate) fn fold_rollups<'a>(
     Ok((hourly, daily))
 }
 
-/// Adds folded rollup rows to the stored ones (one upsert; rows in key order, so concurrent
-/// ledgers lock rollup rows in the same order).
+/// Adds folded hourly and daily rollup rows to the stored ones, in one statement (one round
+/// trip). Rows go in key order, so concurrent ledgers lock rollup rows in the same order.
 async fn upsert_rollups(
     conn: &mut PgConnection,
-    statement: &'static str,
-    rollups: &Rollups<'_>,
+    hourly: &Rollups<'_>,
+    daily: &Rollups<'_>,
 ) -> Result<(), sqlx::Error> {
-    let n = rollups.len();
-    let mut keys: (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut measures: [Vec<i64>; 11] = std::array::from_fn(|_| Vec::with_capacity(n));
-    for (key, m) in rollups {
-        keys.0.push(key.0);
-        keys.1.push(key.1);
-        keys.2.push(key.2);
-        keys.3.push(key.3);
-        keys.4.push(key.4);
-        keys.5.push(key.5);
-        keys.6.push(key.6);
-        let values = [
-            m.requests,
-            m.prompt_tokens,
-            m.completion_tokens,
-            m.cached_prompt_tokens,
-            m.cache_write_tokens,
-            m.reasoning_tokens,
-            m.cost_usd_nanos,
-            m.unpriced_requests,
-            m.saved_usd_nanos,
-            m.error_requests,
-            m.cache_hits,
-        ];
-        for (column, value) in measures.iter_mut().zip(values) {
-            column.push(value);
+    let mut query = sqlx::query(UPSERT_ROLLUPS);
+    for rollups in [hourly, daily] {
+        let n = rollups.len();
+        let mut buckets = Vec::with_capacity(n);
+        let mut keys: [Vec<&str>; 6] = std::array::from_fn(|_| Vec::with_capacity(n));
+        let mut measures: [Vec<i64>; 11] = std::array::from_fn(|_| Vec::with_capacity(n));
+        for (key, m) in rollups {
+            buckets.push(key.0);
+            let texts = [key.1, key.2, key.3, key.4, key.5, key.6];
+            for (column, value) in keys.iter_mut().zip(texts) {
+                column.push(value);
+            }
+            let values = [
+                m.requests,
+                m.prompt_tokens,
+                m.completion_tokens,
+                m.cached_prompt_tokens,
+                m.cache_write_tokens,
+                m.reasoning_tokens,
+                m.cost_usd_nanos,
+                m.unpriced_requests,
+                m.saved_usd_nanos,
+                m.error_requests,
+                m.cache_hits,
+            ];
+            for (column, value) in measures.iter_mut().zip(values) {
+                column.push(value);
+            }
         }
-    }
-    let mut query = sqlx::query(statement)
-        .bind(keys.0)
-        .bind(keys.1)
-        .bind(keys.2)
-        .bind(keys.3)
-        .bind(keys.4)
-        .bind(keys.5)
-        .bind(keys.6);
-    for column in measures {
-        query = query.bind(column);
+        query = query.bind(buckets);
+        for column in keys {
+            query = query.bind(column);
+        }
+        for column in measures {
+            query = query.bind(column);
+        }
     }
     query.execute(conn).await?;
     Ok(())
@@ -695,25 +684,107 @@ macro_rules! rollup_upsert {
     };
 }
 
-/// The upsert of folded rollup rows into `$table` (the arrays in [`upsert_rollups`]'s order).
+/// The upsert of folded rollup rows into `$table` from the arrays `$first`.. (in
+/// [`upsert_rollups`]'s order).
 macro_rules! upsert_rollups {
-    ($table:literal) => {
+    ($table:literal, $a:literal, $b:literal, $c:literal, $d:literal, $e:literal, $f:literal,
+     $g:literal, $h:literal, $i:literal, $j:literal, $k:literal, $l:literal, $m:literal, $n:literal,
+     $o:literal, $p:literal, $q:literal, $r:literal) => {
         concat!(
             "INSERT INTO ",
             $table,
             " AS r (bucket, app, team, key_id, route, provider, model, requests, prompt_tokens, \
                completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
                cost_usd_nanos, unpriced_requests, saved_usd_nanos, error_requests, cache_hits) \
-             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
-               $6::text[], $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
-               $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[])",
+             SELECT * FROM UNNEST($",
+            $a,
+            "::timestamptz[], $",
+            $b,
+            "::text[], $",
+            $c,
+            "::text[], $",
+            $d,
+            "::text[], $",
+            $e,
+            "::text[], $",
+            $f,
+            "::text[], $",
+            $g,
+            "::text[], $",
+            $h,
+            "::int8[], $",
+            $i,
+            "::int8[], $",
+            $j,
+            "::int8[], $",
+            $k,
+            "::int8[], $",
+            $l,
+            "::int8[], $",
+            $m,
+            "::int8[], $",
+            $n,
+            "::int8[], $",
+            $o,
+            "::int8[], $",
+            $p,
+            "::int8[], $",
+            $q,
+            "::int8[], $",
+            $r,
+            "::int8[])",
             rollup_upsert!()
         )
     };
 }
 
-const UPSERT_HOURLY: &str = upsert_rollups!("usage_rollup_hourly");
-const UPSERT_DAILY: &str = upsert_rollups!("usage_rollup_daily");
+/// The hourly upsert (`$1`..`$18`), then the daily one (`$19`..`$36`).
+const UPSERT_ROLLUPS: &str = concat!(
+    "WITH hourly AS (",
+    upsert_rollups!(
+        "usage_rollup_hourly",
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18
+    ),
+    ") ",
+    upsert_rollups!(
+        "usage_rollup_daily",
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        34,
+        35,
+        36
+    )
+);
 
 /// Inserts the rows that are new and returns their request ids. A row is new when neither its
 /// (request id, time) nor its request id within 7 days of its time (the usage stream's retention:
