@@ -23,7 +23,8 @@ pub struct Config {
     pub max_connections: u32,
     /// Durable JetStream pull consumer name.
     pub consumer_name: String,
-    /// Messages fetched and inserted per transaction.
+    /// Messages fetched and inserted per transaction, at most (two batches are in flight at a time:
+    /// one committing while the next is fetched and priced, or both committing).
     pub batch_size: usize,
     /// After the first message of a batch arrives, how long to wait for more before inserting
     /// (milliseconds; 0: insert at once). A short linger turns a trickle of events into batches,
@@ -54,7 +55,7 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:5432/switchboard".to_owned(),
             max_connections: 8,
             consumer_name: "ledger".to_owned(),
-            batch_size: 200,
+            batch_size: 2_000,
             linger_ms: 20,
             ack_wait_secs: 30,
             price_reload_secs: 30,
