@@ -207,9 +207,9 @@ impl Repository {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
-    /// Inserts rows in one transaction, one statement that also updates the hourly and daily
-    /// rollups with exactly the rows inserted; rows whose request id is already recorded are
-    /// skipped. Returns how many rows were new.
+    /// Inserts rows in one transaction that also updates the hourly and daily rollups with exactly
+    /// the rows inserted; rows whose request id is already recorded are skipped. Returns how many
+    /// rows were new.
     pub async fn insert_batch(&self, rows: &[UsageRow]) -> Result<u64, sqlx::Error> {
         let inserted = self.record_batch(rows).await?;
         Ok(u64::try_from(inserted.len()).unwrap_or(u64::MAX))
