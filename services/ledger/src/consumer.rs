@@ -321,6 +321,9 @@ impl UsageConsumer {
                         inserted = inserted.len(),
                         "usage batch committed"
                     );
+                    self.partitions
+                        .note_inserted(rows.iter().map(|row| row.time))
+                        .await;
                     return Commit::Done(inserted);
                 }
                 Err(error) if is_data_error(&error) => return Commit::DataError(error),

@@ -34,7 +34,7 @@ pub mod internals {
             CostOverflow, PerTokenRate, PriceParseError, Pricing, Rate, Rates, Tier, Tokens,
             cost_nanos, parse_usd_per_token,
         },
-        partitions::{Maintenance, Partitions, month_start},
+        partitions::{ANALYZE_FIRST_ROWS, Maintenance, Partitions, analyze_due, month_start},
         pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
         record::{Rejected, UsageRow, price_event},
         repo::{ImportMeta, RepoError, Repository, Spend, Unpriced},

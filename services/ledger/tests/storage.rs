@@ -94,6 +94,71 @@ async fn rollup_mismatches(repo: &Repository, table: &str, unit: &str) -> i64 {
         .unwrap()
 }
 
+/// When the partition was last analyzed (by anyone), from the statistics collector.
+async fn last_analyze(repo: &Repository, partition: &str) -> Option<OffsetDateTime> {
+    sqlx::query_scalar(
+        "SELECT GREATEST(last_analyze, last_autoanalyze) FROM pg_stat_user_tables WHERE relname = $1",
+    )
+    .bind(partition)
+    .fetch_optional(repo.pool())
+    .await
+    .unwrap()
+    .flatten()
+}
+
+#[tokio::test]
+async fn a_partition_is_analyzed_once_it_has_rows_and_again_after_a_tenth_more() {
+    use switchboard_ledger::internals::{ANALYZE_FIRST_ROWS, analyze_due};
+    assert!(!analyze_due(ANALYZE_FIRST_ROWS - 1, 0));
+    assert!(analyze_due(ANALYZE_FIRST_ROWS, 0));
+    assert!(!analyze_due(ANALYZE_FIRST_ROWS, 100_000));
+    assert!(analyze_due(10_000, 100_000));
+
+    let (repo, _pg) = repo().await;
+    let partitions = Partitions::new(repo.pool().clone(), 0);
+    let time = datetime!(2026-04-10 08:00 UTC);
+    partitions
+        .ensure_for([time], OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    let rows: Vec<UsageRow> = (0..ANALYZE_FIRST_ROWS)
+        .map(|i| {
+            row(
+                time + Duration::seconds(i64::try_from(i).unwrap()),
+                "a",
+                "m",
+                Some(1),
+            )
+        })
+        .collect();
+    repo.insert_batch(&rows[..10]).await.unwrap();
+    // Ten rows: not due yet.
+    assert!(
+        partitions
+            .note_inserted(rows[..10].iter().map(|r| r.time))
+            .await
+            .is_empty()
+    );
+    assert_eq!(last_analyze(&repo, "usage_records_p2026_04").await, None);
+    repo.insert_batch(&rows[10..]).await.unwrap();
+    let analyzed = partitions
+        .note_inserted(rows[10..].iter().map(|r| r.time))
+        .await;
+    assert_eq!(analyzed, vec![time::macros::date!(2026 - 04 - 01)]);
+    // The statistics collector reports it asynchronously: wait for it (bounded).
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = last_analyze(&repo, "usage_records_p2026_04").await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(seen.is_some(), "the partition was not analyzed");
+    // Right after an analyze, a few more rows are not due again.
+    assert!(partitions.note_inserted([time]).await.is_empty());
+}
+
 #[tokio::test]
 async fn rows_land_in_their_monthly_partition_and_late_months_leave_the_default() {
     let (repo, pg) = repo().await;
