@@ -84,14 +84,7 @@ fn parse_gemini(
     model: String,
     body: &Value,
 ) -> Result<Asked, Rejected> {
-    let keyed = headers.contains_key("x-goog-api-key")
-        || query.split('&').any(|pair| pair.starts_with("key="));
-    if !keyed {
-        return Err(Rejected {
-            status: 403,
-            message: "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.".to_owned(),
-        });
-    }
+    crate::gemini::require_key(headers, query)?;
     let requests = body
         .get("requests")
         .and_then(Value::as_array)

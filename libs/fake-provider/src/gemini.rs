@@ -82,13 +82,8 @@ fn response_words(response: &Value) -> u64 {
 }
 
 /// Reads a `generateContent` request for `model`, validating roles, parts and function responses.
-pub(crate) fn parse(
-    headers: &HeaderMap,
-    query: &str,
-    model: String,
-    stream: bool,
-    body: &Value,
-) -> Result<Prompt, Rejected> {
+/// Gemini's refusal of a call without an API key (`x-goog-api-key` header or `key=` query).
+pub(crate) fn require_key(headers: &HeaderMap, query: &str) -> Result<(), Rejected> {
     let keyed = headers.contains_key("x-goog-api-key")
         || query.split('&').any(|pair| pair.starts_with("key="));
     if !keyed {
@@ -97,6 +92,17 @@ pub(crate) fn parse(
             message: "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.".to_owned(),
         });
     }
+    Ok(())
+}
+
+pub(crate) fn parse(
+    headers: &HeaderMap,
+    query: &str,
+    model: String,
+    stream: bool,
+    body: &Value,
+) -> Result<Prompt, Rejected> {
+    require_key(headers, query)?;
     if stream && !query.split('&').any(|pair| pair == "alt=sse") {
         return Err(Rejected::bad("the fake provider streams only with alt=sse"));
     }

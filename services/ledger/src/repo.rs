@@ -536,26 +536,13 @@ type RollupKey<'a> = (
     &'a str,
 );
 
-/// The measures of a rollup row (the sums of the rows it counts).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct RollupMeasures {
-    pub requests: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cached_prompt_tokens: i64,
-    pub cache_write_tokens: i64,
-    pub reasoning_tokens: i64,
-    /// Priced rows only.
-    pub cost_usd_nanos: i64,
-    pub unpriced_requests: i64,
-    pub saved_usd_nanos: i64,
-    pub error_requests: i64,
-    pub cache_hits: i64,
-}
+/// The measures of a rollup row (the sums of the rows it counts): the same measures finance reads
+/// back (`spend::Measures`).
+pub(crate) type RollupMeasures = crate::spend::Measures;
 
 impl RollupMeasures {
     /// Adds one row; `None` when a sum would overflow (the database would refuse it too).
-    fn add(&mut self, row: &UsageRow) -> Option<()> {
+    fn add_row(&mut self, row: &UsageRow) -> Option<()> {
         let flag = |yes: bool| i64::from(yes);
         self.requests = self.requests.checked_add(1)?;
         self.prompt_tokens = self
@@ -610,9 +597,13 @@ pub(crate) fn fold_rollups<'a>(
                 row.provider.as_str(),
                 row.model.as_str(),
             );
-            rollups.entry(key).or_default().add(row).ok_or_else(|| {
-                sqlx::Error::Encode("a rollup sum overflows a 64-bit integer".into())
-            })?;
+            rollups
+                .entry(key)
+                .or_default()
+                .add_row(row)
+                .ok_or_else(|| {
+                    sqlx::Error::Encode("a rollup sum overflows a 64-bit integer".into())
+                })?;
         }
     }
     Ok((hourly, daily))
