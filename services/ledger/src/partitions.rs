@@ -70,11 +70,13 @@ impl Partitions {
     /// `(time, request_id)` index, reading every row of its 14-day window per inserted row, so
     /// Postgres CPU per row grew with the table (220 -> 900 us per row over a 15-minute
     /// benchmark). An analyze invalidates the cached plans, and the next one uses the primary key.
-    /// Returns the months analyzed; a failed analyze is logged and tried again later.
+    /// Returns the months analyzed; a failed analyze is logged and tried again at the next threshold.
     pub async fn note_inserted(
         &self,
         times: impl IntoIterator<Item = OffsetDateTime>,
     ) -> Vec<Date> {
+        // Due months are claimed under the lock (their count restarts at once), so two batches
+        // committing together never analyze the same partition twice.
         let due: Vec<Date> = {
             let mut analyzed = self
                 .analyzed
@@ -85,9 +87,12 @@ impl Partitions {
                 analyzed.entry(month).or_insert((0, 0)).0 += 1;
             }
             analyzed
-                .iter()
+                .iter_mut()
                 .filter(|(_, (since, then))| analyze_due(*since, *then))
-                .map(|(month, _)| *month)
+                .map(|(month, entry)| {
+                    *entry = (0, entry.1 + entry.0);
+                    *month
+                })
                 .collect()
         };
         let mut done = Vec::new();
@@ -103,26 +108,12 @@ impl Partitions {
                 .await
             {
                 Ok(_) => {
-                    let mut analyzed = self
-                        .analyzed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if let Some(entry) = analyzed.get_mut(&month) {
-                        *entry = (0, entry.1 + entry.0);
-                    }
                     tracing::debug!(partition = %name, "usage partition analyzed");
                     done.push(month);
                 }
+                // Tried again when a tenth more rows have come (a month without its partition,
+                // for one, has its rows in the default partition).
                 Err(error) => {
-                    // Tried again after as many rows once more (a month without its partition, for
-                    // one, has its rows in the default partition).
-                    let mut analyzed = self
-                        .analyzed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if let Some(entry) = analyzed.get_mut(&month) {
-                        entry.0 = 0;
-                    }
                     tracing::warn!(%error, partition = %name, "cannot analyze a usage partition");
                 }
             }

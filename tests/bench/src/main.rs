@@ -313,17 +313,17 @@ const SEMANTIC_QUESTION: &str =
 /// The request of a scenario; `seed`: the semantic scenario's storing request instead.
 fn target(scenario: &Scenario, mesh: &Mesh, seed: bool) -> anyhow::Result<Target> {
     let key = mesh::api_key(scenario.name);
-    let mut text = prompt(scenario.prompt_bytes, scenario.email);
-    let model = if scenario.semantic {
-        // A typical cached question: embedding cost grows with the text (256 tokens at most).
-        text = SEMANTIC_QUESTION.to_owned();
-        if !seed {
-            // Same tokens for the (uncased) embedding model, another exact key.
-            text = text.to_lowercase();
-        }
-        SEMANTIC_MODEL
+    let (text, model) = if scenario.semantic {
+        // A typical cached question (embedding cost grows with the text, up to 256 tokens); asked
+        // in lower case: the same tokens for the uncased embedding model, another exact key.
+        let text = if seed {
+            SEMANTIC_QUESTION.to_owned()
+        } else {
+            SEMANTIC_QUESTION.to_lowercase()
+        };
+        (text, SEMANTIC_MODEL)
     } else {
-        MODEL
+        (prompt(scenario.prompt_bytes, scenario.email), MODEL)
     };
     match scenario.via {
         Via::Direct | Via::GatewayHttp => {

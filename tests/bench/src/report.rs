@@ -218,13 +218,14 @@ fn run_at<'a>(reports: &'a [ScenarioReport], name: &str, rate: f64) -> Option<&'
 /// The budget against this run's numbers.
 pub fn budget(reports: &[ScenarioReport]) -> Vec<BudgetLine> {
     let mut lines = Vec::new();
-    for (name, label) in [
-        ("gateway-http-1k", "HTTP"),
-        ("gateway-grpc-1k", "gRPC"),
-        ("budget-http-1k", "HTTP, budgets on"),
-        ("guard-redact-http", "HTTP, guard redacting"),
+    // The two main lines always show (`-` when not run); the variants only when their scenario ran.
+    for (name, label, always) in [
+        ("gateway-http-1k", "HTTP", true),
+        ("gateway-grpc-1k", "gRPC", true),
+        ("budget-http-1k", "HTTP, budgets on", false),
+        ("guard-redact-http", "HTTP, guard redacting", false),
     ] {
-        if !reports.iter().any(|r| r.name == name) && name != "gateway-http-1k" {
+        if !always && !reports.iter().any(|r| r.name == name) {
             continue;
         }
         let o = run_at(reports, name, 1000.0).and_then(|r| r.overhead);
