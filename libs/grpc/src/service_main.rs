@@ -26,12 +26,16 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// The `[runtime]` section: how many tokio worker threads a service runs.
+/// The `[runtime]` section: which tokio runtime a service runs, and its memory settings.
 #[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Worker threads of the process's tokio runtime; 0 means the default, one (ADR 004: on a small
-    /// machine running the whole mesh, one worker per service costs the least CPU per request).
+    /// Worker threads of the process's tokio runtime. 0 (the default): a current-thread runtime,
+    /// every task of the service on its main thread; N: a multi-thread runtime with N workers.
+    /// ADR 004: with the whole mesh on a small machine, one thread per service has the fewest
+    /// cross-thread wake-ups per hop (the lowest latency and CPU per request); a service with
+    /// cores of its own raises it. Blocking work (the embedding model) runs on its own threads
+    /// either way.
     pub worker_threads: usize,
     /// Let the allocator back its arenas with transparent huge pages (default false). mimalloc asks
     /// for them (`MADV_HUGEPAGE`), and then every touched 2 MB region is resident as a whole: the
@@ -58,10 +62,23 @@ impl RuntimeConfig {
         if self.worker_threads > 1024 {
             return Err(ConfigError::invalid(
                 "runtime.worker_threads",
-                "must be at most 1024 (0: the default, one)",
+                "must be at most 1024 (0: the default, one thread)",
             ));
         }
         Ok(())
+    }
+
+    /// Builds the tokio runtime this section describes (see [`RuntimeConfig::worker_threads`]).
+    pub fn build(&self, name: &'static str) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.worker_threads {
+            0 => tokio::runtime::Builder::new_current_thread(),
+            workers => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(workers);
+                builder
+            }
+        };
+        builder.thread_name(name).enable_all().build()
     }
 }
 
@@ -173,8 +190,8 @@ impl ConfigWatch {
 }
 
 /// Runs service `name` to completion and returns its exit code: `load` reads its sections from
-/// the configuration (and validates them), then a tokio runtime with `runtime.worker_threads`
-/// workers (one by default) runs `run` until the shutdown future resolves.
+/// the configuration (and validates them), then the tokio runtime of `[runtime]` (one thread by
+/// default) runs `run` until the shutdown future resolves.
 pub fn run_service<C, L, R, Fut, E>(name: &'static str, load: L, run: R) -> ExitCode
 where
     L: FnOnce(&Source) -> Result<C, ConfigError>,
@@ -213,13 +230,7 @@ where
         }
     };
     runtime.apply_memory_settings(name);
-    let workers = runtime.worker_threads.max(1);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime.build(name) {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("{name}: cannot start the runtime: {error}");
@@ -269,6 +280,37 @@ mod tests {
     #[test]
     fn huge_pages_are_off_by_default() {
         assert!(!RuntimeConfig::default().transparent_huge_pages);
+    }
+
+    #[test]
+    fn a_service_runs_on_one_thread_by_default_and_on_n_workers_when_asked() {
+        use tokio::runtime::RuntimeFlavor;
+        let default = RuntimeConfig::default().build("test").expect("runtime");
+        assert_eq!(
+            default.handle().runtime_flavor(),
+            RuntimeFlavor::CurrentThread
+        );
+        let two = RuntimeConfig {
+            worker_threads: 2,
+            ..RuntimeConfig::default()
+        }
+        .build("test")
+        .expect("runtime");
+        assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(two.metrics().num_workers(), 2);
+    }
+
+    #[test]
+    fn more_than_1024_workers_is_a_configuration_error() {
+        let config = RuntimeConfig {
+            worker_threads: 1025,
+            ..RuntimeConfig::default()
+        };
+        let error = config.validate().expect_err("1025 workers");
+        assert!(
+            error.to_string().contains("runtime.worker_threads"),
+            "{error}"
+        );
     }
 
     #[cfg(target_os = "linux")]
