@@ -55,6 +55,7 @@ mod answer;
 mod anthropic;
 pub mod embeddings;
 mod gemini;
+pub mod grpc;
 mod openai;
 
 use std::{

@@ -47,6 +47,10 @@ struct Args {
     /// Print the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Keep only the runs at these target rates (repeat or comma-separate; e.g. `--rate 1000` for a
+    /// quicker A/B comparison at the budget's rate). The max-rate search is not affected.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -97,8 +101,12 @@ struct Args {
 /// How a scenario reaches the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
-    /// The fake provider directly (the baseline).
+    /// The fake provider directly over HTTP (the baseline of the HTTP scenarios).
     Direct,
+    /// The fake provider's own server of the gateway's gRPC API (`fake-provider --grpc-addr`),
+    /// called like the gateway: the baseline of the gRPC scenarios, so that their overhead is what
+    /// the mesh adds, not what a gRPC client and server cost.
+    DirectGrpc,
     /// The gateway's OpenAI-compatible HTTP API.
     GatewayHttp,
     /// The gateway's gRPC API.
@@ -111,6 +119,7 @@ impl Via {
     fn label(self) -> &'static str {
         match self {
             Via::Direct => "direct",
+            Via::DirectGrpc => "direct-grpc",
             Via::GatewayHttp => "gateway-http",
             Via::GatewayGrpc => "gateway-grpc",
             Via::Guard => "guard",
@@ -163,13 +172,14 @@ fn scenarios() -> Vec<Scenario> {
             &three,
             Some("direct-http-1k"),
         ),
+        s("direct-grpc-1k", Via::DirectGrpc, 1024, false, &three, None),
         s(
             "gateway-grpc-1k",
             Via::GatewayGrpc,
             1024,
             false,
             &three,
-            Some("direct-http-1k"),
+            Some("direct-grpc-1k"),
         ),
         s("direct-http-50k", Via::Direct, 50 * 1024, false, &two, None),
         s(
@@ -190,12 +200,20 @@ fn scenarios() -> Vec<Scenario> {
             Some("direct-stream-http"),
         ),
         s(
+            "direct-stream-grpc",
+            Via::DirectGrpc,
+            1024,
+            true,
+            &two,
+            None,
+        ),
+        s(
             "stream-grpc",
             Via::GatewayGrpc,
             1024,
             true,
             &two,
-            Some("direct-stream-http"),
+            Some("direct-stream-grpc"),
         ),
         Scenario {
             budget: true,
@@ -367,8 +385,13 @@ fn target(scenario: &Scenario, mesh: &Mesh, seed: bool) -> anyhow::Result<Target
                 require_hit: scenario.semantic && !seed,
             })
         }
-        Via::GatewayGrpc => {
-            let url = format!("http://{}", mesh.grpc_addr.context("mesh not started")?);
+        Via::GatewayGrpc | Via::DirectGrpc => {
+            let addr = if scenario.via == Via::DirectGrpc {
+                mesh.fake_grpc_addr
+            } else {
+                mesh.grpc_addr
+            };
+            let url = format!("http://{}", addr.context("mesh not started")?);
             let authorization = format!("Bearer {key}").parse()?;
             let request = ChatRequest {
                 model: model.to_owned(),
@@ -739,6 +762,19 @@ async fn interrupted() {
     }
 }
 
+/// Drops the runs whose rate is not in `rates` (all kept when `rates` is empty).
+fn keep_rates(mut scenarios: Vec<Scenario>, rates: &[f64]) -> Vec<Scenario> {
+    if !rates.is_empty() {
+        for s in &mut scenarios {
+            if !s.max_rate {
+                s.runs.retain(|(rate, _)| rates.contains(rate));
+            }
+        }
+        scenarios.retain(|s| s.max_rate || !s.runs.is_empty());
+    }
+    scenarios
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -756,7 +792,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let selected = match select(&all, &args.scenario) {
-        Ok(s) => s,
+        Ok(s) => keep_rates(s, &args.rate),
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(64);
@@ -818,11 +854,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rate_filter_keeps_only_those_runs_and_the_max_rate_search() {
+        let kept = keep_rates(scenarios(), &[1000.0]);
+        assert!(
+            kept.iter().any(|s| s.max_rate),
+            "max-rate is not a rate run"
+        );
+        for s in kept.iter().filter(|s| !s.max_rate) {
+            assert!(!s.runs.is_empty(), "{} kept with no run", s.name);
+            assert!(s.runs.iter().all(|(rate, _)| *rate == 1000.0), "{}", s.name);
+        }
+        assert!(
+            !kept.iter().any(|s| s.name == "semantic-hit-http"),
+            "a scenario with no run at 1000 rps is dropped"
+        );
+        assert_eq!(keep_rates(scenarios(), &[]).len(), scenarios().len());
+    }
+
+    #[test]
     fn selecting_a_gateway_scenario_brings_its_baseline() {
         let all = scenarios();
         let picked = select(&all, &["stream-grpc".to_owned()]).unwrap();
         let names: Vec<&str> = picked.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["direct-stream-http", "stream-grpc"]);
+        assert_eq!(names, ["direct-stream-grpc", "stream-grpc"]);
+        let http = select(&all, &["stream-http".to_owned()]).unwrap();
+        let names: Vec<&str> = http.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["direct-stream-http", "stream-http"]);
         assert!(select(&all, &["nope".to_owned()]).is_err());
         assert_eq!(select(&all, &[]).unwrap().len(), all.len());
     }

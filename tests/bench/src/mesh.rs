@@ -57,6 +57,8 @@ pub struct Proc {
 pub struct Mesh {
     pub procs: Vec<Proc>,
     pub fake_addr: Option<SocketAddr>,
+    /// The fake provider's own gRPC server of the gateway API (the direct gRPC baseline).
+    pub fake_grpc_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
     pub guard_addr: Option<SocketAddr>,
@@ -285,7 +287,7 @@ impl Mesh {
         self.otlp = Some(counter);
         self.otlp_task = Some(task);
 
-        let ports = free_ports(7)?;
+        let ports = free_ports(8)?;
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let (fake, http, gw_grpc, guard, cache, router, ledger) = (
             addr(ports[0]),
@@ -296,7 +298,9 @@ impl Mesh {
             addr(ports[5]),
             addr(ports[6]),
         );
+        let fake_grpc = addr(ports[7]);
         self.fake_addr = Some(fake);
+        self.fake_grpc_addr = Some(fake_grpc);
         self.http_addr = Some(http);
         self.grpc_addr = Some(gw_grpc);
         self.guard_addr = Some(guard);
@@ -340,6 +344,8 @@ impl Mesh {
             "0".to_owned(),
             "--stream-chunks".to_owned(),
             opts.stream_chunks.to_string(),
+            "--grpc-addr".to_owned(),
+            fake_grpc.to_string(),
         ];
         let plan: [(&str, &[String], SocketAddr); 6] = [
             ("fake-provider", &fake_args, fake),
@@ -357,6 +363,7 @@ impl Mesh {
         }
         let gw = self.procs.len() - 1;
         wait_port("gateway (gRPC)", gw_grpc, &mut self.procs[gw].child).await?;
+        wait_port("fake provider (gRPC)", fake_grpc, &mut self.procs[0].child).await?;
 
         self.pool = Some(
             PgPoolOptions::new()
