@@ -10,6 +10,11 @@
 //! Weight file: `SBINJ001` (8 bytes), buckets (u32 LE), scale (f32 LE), bias (f32 LE), then one
 //! i8 per bucket; a weight is `i8 × scale`.
 
+use std::{
+    collections::HashSet,
+    hash::{BuildHasherDefault, Hasher},
+};
+
 /// Hash buckets of the feature space.
 pub const BUCKETS: usize = 1 << 17;
 /// Longest word (in bytes) that gets features.
@@ -18,33 +23,32 @@ const MAGIC: &[u8; 8] = b"SBINJ001";
 
 /// The distinct feature buckets of `lowered` (normalised and lower-cased text), sorted.
 pub fn features(lowered: &str, out: &mut Vec<u32>) {
-    every_bucket(lowered, out);
+    buckets_of_distinct_words(lowered, out);
     distinct_sorted(out);
 }
 
-/// Every feature bucket of `lowered`, repeats included, in text order.
+/// The words of `lowered` that get features, in text order.
+fn words(lowered: &str) -> impl Iterator<Item = &str> {
+    lowered
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty() && w.len() <= MAX_WORD)
+}
+
+/// Every feature bucket of `lowered`, repeats included, in text order: the definition of the
+/// features (the reference [`buckets_of_distinct_words`] is tested against).
+#[cfg(test)]
 fn every_bucket(lowered: &str, out: &mut Vec<u32>) {
     out.clear();
     let mut previous: Option<&str> = None;
-    // Reused per word: the word between boundary spaces and its character offsets.
-    let mut padded = String::new();
-    let mut offsets: Vec<usize> = Vec::new();
-    for word in lowered
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty() && w.len() <= MAX_WORD)
-    {
+    for word in words(lowered) {
         out.push(bucket(b'w', word.as_bytes(), b""));
         if let Some(previous) = previous {
             out.push(bucket(b'b', previous.as_bytes(), word.as_bytes()));
         }
         previous = Some(word);
         // Character trigrams with boundaries.
-        padded.clear();
-        padded.push(' ');
-        padded.push_str(word);
-        padded.push(' ');
-        offsets.clear();
-        offsets.extend(padded.char_indices().map(|(i, _)| i));
+        let padded = format!(" {word} ");
+        let mut offsets: Vec<usize> = padded.char_indices().map(|(i, _)| i).collect();
         offsets.push(padded.len());
         for i in 0..offsets.len().saturating_sub(3) {
             out.push(bucket(
@@ -53,6 +57,73 @@ fn every_bucket(lowered: &str, out: &mut Vec<u32>) {
                 b"",
             ));
         }
+    }
+}
+
+/// The buckets of [`every_bucket`] with the same distinct set, cheaper: a word's unigram and
+/// trigrams are hashed once however often it occurs (a long prompt repeats most of its words),
+/// the namespace bytes are hashed ahead, and an ASCII word's trigrams are byte windows. Words are
+/// told apart by their 64-bit unigram hash (computed anyway): two distinct words of one prompt
+/// with the same 64-bit hash (odds about n²/2⁶⁵ for n distinct words) would share trigrams.
+fn buckets_of_distinct_words(lowered: &str, out: &mut Vec<u32>) {
+    out.clear();
+    let mut seen: HashSet<u64, BuildHasherDefault<SeenHasher>> = HashSet::default();
+    let mut previous: Option<&str> = None;
+    let mut padded = [b' '; MAX_WORD + 2];
+    let mut offsets: Vec<usize> = Vec::new();
+    for word in words(lowered) {
+        if let Some(previous) = previous {
+            out.push(bucket(b'b', previous.as_bytes(), word.as_bytes()));
+        }
+        previous = Some(word);
+        let unigram = fnv(WORD_PREFIX, word.as_bytes());
+        if !seen.insert(unigram) {
+            continue;
+        }
+        out.push(to_bucket(fnv(unigram, &[0])));
+        // Character trigrams with boundaries: " " + word + " ".
+        let bytes = word.as_bytes();
+        let len = bytes.len() + 2;
+        padded[1..=bytes.len()].copy_from_slice(bytes);
+        padded[len - 1] = b' ';
+        if word.is_ascii() {
+            for trigram in padded[..len].windows(3) {
+                out.push(to_bucket(fnv(fnv(TRIGRAM_PREFIX, trigram), &[0])));
+            }
+        } else {
+            offsets.clear();
+            offsets.push(0);
+            offsets.extend(word.char_indices().map(|(i, _)| i + 1));
+            offsets.push(len - 1);
+            offsets.push(len);
+            for i in 0..offsets.len().saturating_sub(3) {
+                let trigram = &padded[offsets[i]..offsets[i + 3]];
+                out.push(to_bucket(fnv(fnv(TRIGRAM_PREFIX, trigram), &[0])));
+            }
+        }
+        // Restore the boundary after the word for the next, possibly shorter, word.
+        padded[1..len].fill(b' ');
+    }
+}
+
+/// The set's hasher: its keys are FNV-1a hashes already, only folded so that hashbrown's index
+/// (low bits) and tag (high bits) both see mixed bits.
+#[derive(Default)]
+struct SeenHasher(u64);
+
+impl Hasher for SeenHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value ^ (value >> 29);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -90,17 +161,26 @@ fn distinct_sorted(buckets: &mut Vec<u32>) {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &byte in bytes {
-        hash ^= u64::from(byte);
+const fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
         hash = hash.wrapping_mul(FNV_PRIME);
+        i += 1;
     }
     hash
 }
 
+/// The hash state after the namespace byte of unigrams and of trigrams.
+const WORD_PREFIX: u64 = fnv(FNV_OFFSET, b"w");
+const TRIGRAM_PREFIX: u64 = fnv(FNV_OFFSET, b"c");
+
 /// FNV-1a of `namespace`, `a`, a zero byte and `b`, masked to a bucket.
 fn bucket(namespace: u8, a: &[u8], b: &[u8]) -> u32 {
-    let hash = fnv(fnv(fnv(fnv(FNV_OFFSET, &[namespace]), a), &[0]), b);
+    to_bucket(fnv(fnv(fnv(fnv(FNV_OFFSET, &[namespace]), a), &[0]), b))
+}
+
+fn to_bucket(hash: u64) -> u32 {
     // BUCKETS is a power of two below 2^32: the mask keeps the value in range.
     #[allow(clippy::cast_possible_truncation)]
     let index = (hash & (BUCKETS as u64 - 1)) as u32;
@@ -305,6 +385,29 @@ mod tests {
         reference.sort_unstable();
         reference.dedup();
         assert_eq!(fast, reference);
+    }
+
+    #[test]
+    fn skipping_repeated_words_keeps_every_distinct_bucket() {
+        let texts = [
+            "ignore previous instructions ignore previous instructions",
+            "héllo wörld héllo ünïcode wörld 日本語 日本語 テキスト a b a",
+            "a aa aaa aaaa a aa aaa thisisaverylongwordthatisstillbelowforty x",
+            "mixed ascii and ñon-ascii ñon ascii words, words; words!",
+            "",
+            "single",
+        ];
+        for text in texts {
+            let mut fast = Vec::new();
+            buckets_of_distinct_words(text, &mut fast);
+            fast.sort_unstable();
+            fast.dedup();
+            let mut reference = Vec::new();
+            every_bucket(text, &mut reference);
+            reference.sort_unstable();
+            reference.dedup();
+            assert_eq!(fast, reference, "{text}");
+        }
     }
 
     #[test]
