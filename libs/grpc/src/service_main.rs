@@ -269,7 +269,12 @@ where
             ExitCode::FAILURE
         }
     };
-    telemetry.shutdown();
+    // The flush blocks until the exporter has sent the last spans, and the exporter's channel is
+    // driven by this runtime: block a thread of the blocking pool, not the runtime's own (with a
+    // current-thread runtime that would wait for itself until the flush timed out).
+    if let Err(error) = tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
+        eprintln!("{name}: telemetry shutdown: {error}");
+    }
     code
 }
 
