@@ -88,11 +88,83 @@ impl TestNats {
         })
     }
 
-    /// Deletes the test's stream (best effort).
+    /// Deletes the test's streams (best effort): the usage stream and the ones the services
+    /// derive from its name (`<stream>_AUDIT`, the guard's audit events; `<stream>_CACHE`, the
+    /// cache's replication log).
     pub async fn cleanup(&self) {
         if let Ok(client) = async_nats::connect(&self.url).await {
             let js = async_nats::jetstream::new(client);
-            let _ = js.delete_stream(&self.stream).await;
+            for suffix in ["", "_AUDIT", "_CACHE"] {
+                let _ = js.delete_stream(format!("{}{suffix}", self.stream)).await;
+            }
+        }
+    }
+}
+
+/// `n` distinct TCP ports on 127.0.0.1 that were free a moment ago, for a child process to listen
+/// on. They are drawn at random from below the kernel's ephemeral range (Linux:
+/// `/proc/sys/net/ipv4/ip_local_port_range`): a port handed out by `bind(":0")` is in that range,
+/// and any outgoing connection of a test running in parallel may take it as its local port before
+/// the child binds it. Below the range only another listener can take it. Falls back to `:0`
+/// ports when the range leaves no room below it.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use std::{
+        hash::{BuildHasher, RandomState},
+        net::TcpListener,
+    };
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let mut held = Vec::with_capacity(n);
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = ephemeral_low - LOWEST;
+        let random = RandomState::new();
+        for attempt in 0..(n as u64 * 50) {
+            if held.len() == n {
+                break;
+            }
+            let port = LOWEST + (random.hash_one(attempt) % u64::from(span)) as u32;
+            if let Ok(port) = u16::try_from(port)
+                && let Ok(listener) = TcpListener::bind(("127.0.0.1", port))
+            {
+                held.push(listener);
+            }
+        }
+    }
+    while held.len() < n {
+        held.push(TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+    }
+    held.iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
+/// One port of [`free_ports`].
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+#[cfg(test)]
+mod port_tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = super::free_ports(8);
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 8, "{ports:?}");
+        for port in &ports {
+            std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
+        }
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+            if low > 11_000 {
+                assert!(ports.iter().all(|p| *p < low), "{ports:?} not below {low}");
+            }
         }
     }
 }

@@ -48,11 +48,7 @@ async fn sighup_reloads_the_configuration_file() {
     })
     .await
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = switchboard_testkit::free_port();
     let dir = std::env::temp_dir().join(format!("switchboard-sighup-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("router.toml");

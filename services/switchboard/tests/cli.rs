@@ -60,15 +60,7 @@ fn hash_key_prints_the_configured_demo_hash() {
 async fn switchboard_run_serves_the_demo_key_end_to_end() {
     let nats = TestNats::create().await.unwrap();
     let pg = TestPg::create().await.unwrap();
-    let ports: Vec<u16> = {
-        let listeners: Vec<_> = (0..7)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().port())
-            .collect()
-    };
+    let ports = switchboard_testkit::free_ports(7);
     let (http, grpc, guard, cache, router, ledger, fake) = (
         ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6],
     );

@@ -19,7 +19,6 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    net::TcpListener as StdTcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -37,7 +36,7 @@ use switchboard_proto::ledger::v1::{
     BudgetStatus, CreateBudgetRequest, GetBudgetStatusRequest, ReleaseLeaseRequest,
     budget_service_client::BudgetServiceClient,
 };
-use switchboard_testkit::{TestNats, TestPg};
+use switchboard_testkit::{TestNats, TestPg, free_port, free_ports};
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinHandle,
@@ -55,14 +54,6 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // === the mesh as processes ===
-
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// SIGKILL and reap.
 async fn sigkill(name: &str, child: &mut Child) {
@@ -144,13 +135,9 @@ impl Mesh {
             mesh_toml(&fake.base_url(), &fake.base_url(), &ledger_db, &nats) + &options.extra_toml;
         std::fs::write(&config, toml).unwrap();
 
-        let (http, gateway_grpc, guard, router, ledger) = (
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-        );
+        let [http, gateway_grpc, guard, router, ledger] = free_ports(5)[..] else {
+            unreachable!("five ports");
+        };
         let mut env: Vec<(String, String)> = [
             (
                 "SWITCHBOARD__GATEWAY__HTTP_ADDR",
@@ -260,7 +247,9 @@ impl Mesh {
             {
                 return;
             }
-            let (http, grpc) = (free_port(), free_port());
+            let [http, grpc] = free_ports(2)[..] else {
+                unreachable!("two ports");
+            };
             for (key, port) in [
                 ("SWITCHBOARD__GATEWAY__HTTP_ADDR", http),
                 ("SWITCHBOARD__GATEWAY__GRPC_ADDR", grpc),

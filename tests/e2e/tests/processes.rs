@@ -7,7 +7,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -16,17 +15,7 @@ use switchboard_e2e::{KEY_A, MODEL, bin_dir, mesh_toml, wait_port};
 use switchboard_proto::ledger::v1::{
     GetUsageRecordRequest, ledger_service_client::LedgerServiceClient,
 };
-use switchboard_testkit::{TestNats, TestPg, otlp};
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
+use switchboard_testkit::{TestNats, TestPg, free_ports, otlp};
 
 struct Processes(Vec<(String, Child)>);
 
