@@ -538,6 +538,9 @@ struct Periods {
     timeout: Duration,
 }
 
+/// How long after a run its last spans arrive (a few export periods of the services).
+const SPAN_EXPORT_LAG: Duration = Duration::from_millis(600);
+
 async fn run_once(
     scenario: &Scenario,
     target: &Target,
@@ -568,19 +571,28 @@ async fn run_once(
                 .map(|p| (name.to_owned(), p)),
         );
     }
+    if let Some(otlp) = &mesh.otlp {
+        otlp.take_durations();
+    }
     let result = load::run(target, spec, &pids).await?;
     let dead = mesh.dead();
     anyhow::ensure!(
         dead.is_empty(),
         "processes exited during the run: {dead:?} (see their logs)"
     );
-    Ok(RunReport::from_result(
+    let mut report = RunReport::from_result(
         scenario.name,
         scenario.via.label(),
         rate,
         connections,
         &result,
-    ))
+    );
+    if let Some(otlp) = &mesh.otlp {
+        // The services export every 200 ms (`telemetry.export_delay_ms`): wait for the run's last.
+        tokio::time::sleep(SPAN_EXPORT_LAG).await;
+        report.spans = otlp.take_durations();
+    }
+    Ok(report)
 }
 
 /// Stores the semantic scenario's prompt (one request, counted for the ledger check) and waits for

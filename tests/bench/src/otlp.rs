@@ -1,13 +1,20 @@
-//! An OTLP/gRPC trace receiver that only counts what it receives, so exporting stays on during the
-//! benchmark without Jaeger and without the receiver holding spans in memory.
+//! An OTLP/gRPC trace receiver that counts what it receives and keeps a duration histogram per
+//! span (service and span name), so exporting stays on during the benchmark without Jaeger and
+//! without the receiver holding spans in memory. The durations break a request's latency down by
+//! hop (`docs/BENCHMARKS.md`, "Span durations").
 
 use std::{
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
+
+use hdrhistogram::Histogram;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -16,16 +23,58 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
+use crate::stats::{self, Percentiles};
+
 /// The span counter.
 #[derive(Clone, Default)]
 pub struct Counter {
     spans: Arc<AtomicU64>,
+    /// Durations since the last [`Counter::take_durations`], by `service: span name`.
+    durations: Arc<Mutex<HashMap<String, Histogram<u64>>>>,
 }
 
 impl Counter {
     /// Spans received so far.
     pub fn spans(&self) -> u64 {
         self.spans.load(Ordering::Relaxed)
+    }
+
+    /// The span durations received since the last call, by `service: span name` (and forgets them).
+    pub fn take_durations(&self) -> BTreeMap<String, Percentiles> {
+        let taken = std::mem::take(&mut *self.durations.lock().unwrap_or_else(|e| e.into_inner()));
+        taken
+            .into_iter()
+            .filter_map(|(name, h)| Some((name, stats::percentiles(&h)?)))
+            .collect()
+    }
+
+    fn record(&self, request: &ExportTraceServiceRequest) {
+        let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        for resource in &request.resource_spans {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("?");
+            for span in resource.scope_spans.iter().flat_map(|s| s.spans.iter()) {
+                let nanos = span
+                    .end_time_unix_nano
+                    .saturating_sub(span.start_time_unix_nano);
+                let key = format!("{service}: {}", span.name);
+                let histogram = match durations.get_mut(&key) {
+                    Some(h) => h,
+                    None => match stats::new_histogram() {
+                        Ok(h) => durations.entry(key).or_insert(h),
+                        Err(_) => continue,
+                    },
+                };
+                stats::record(histogram, Duration::from_nanos(nanos));
+            }
+        }
     }
 }
 
@@ -43,6 +92,7 @@ impl TraceService for Counter {
             .map(|s| s.spans.len())
             .sum();
         self.spans.fetch_add(spans as u64, Ordering::Relaxed);
+        self.record(request.get_ref());
         Ok(Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
@@ -63,4 +113,59 @@ pub async fn spawn() -> anyhow::Result<(SocketAddr, Counter, JoinHandle<()>)> {
             .await;
     });
     Ok((addr, counter, task))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use opentelemetry_proto::tonic::{
+        common::v1::{AnyValue, KeyValue},
+        resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span},
+    };
+
+    use super::*;
+
+    fn span(name: &str, micros: u64) -> Span {
+        Span {
+            name: name.to_owned(),
+            start_time_unix_nano: 1_000_000_000,
+            end_time_unix_nano: 1_000_000_000 + micros * 1000,
+            ..Span::default()
+        }
+    }
+
+    #[test]
+    fn durations_are_kept_per_service_and_span_name_until_taken() {
+        let resource = Resource {
+            attributes: vec![KeyValue {
+                key: "service.name".to_owned(),
+                value: Some(AnyValue {
+                    value: Some(Value::StringValue("router".to_owned())),
+                }),
+                ..KeyValue::default()
+            }],
+            ..Resource::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(resource),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span("route", 200), span("route", 400), span("call", 100)],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        };
+        let counter = Counter::default();
+        counter.record(&request);
+        let taken = counter.take_durations();
+        assert_eq!(taken.len(), 2, "{taken:?}");
+        let route = taken["router: route"];
+        assert_eq!(route.count, 2);
+        assert!((route.max_ms - 0.4).abs() < 0.01, "{route:?}");
+        assert_eq!(taken["router: call"].count, 1);
+        assert!(counter.take_durations().is_empty(), "taking resets");
+    }
 }

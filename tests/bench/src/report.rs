@@ -51,6 +51,9 @@ pub struct RunReport {
     pub error_samples: Vec<String>,
     /// Max-rate steps only.
     pub sustained: Option<bool>,
+    /// Durations of the spans the services exported during the run (warm-up included), by
+    /// `service: span name`.
+    pub spans: BTreeMap<String, Percentiles>,
 }
 
 impl RunReport {
@@ -101,6 +104,7 @@ impl RunReport {
             cpu_seconds_per_request,
             error_samples: r.error_samples.clone(),
             sustained: None,
+            spans: BTreeMap::new(),
         }
     }
 }
@@ -423,6 +427,27 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
                 );
             }
             let _ = writeln!(out, "{line}");
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\nSpan durations (ms p50 / p99 of the services' own spans during the run, warm-up included)"
+    );
+    for report in reports {
+        for run in report.runs.iter().filter(|r| !r.spans.is_empty()) {
+            let _ = writeln!(
+                out,
+                "{:<18} {:>6.0} {:>5}",
+                run.scenario, run.target_rps, run.connections
+            );
+            for (name, p) in &run.spans {
+                let _ = writeln!(
+                    out,
+                    "    {name:<60} {:>8.3} {:>8.3}   ({} spans)",
+                    p.p50_ms, p.p99_ms, p.count
+                );
+            }
         }
     }
 
