@@ -162,6 +162,18 @@ fn checked(metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
     Ok(())
 }
 
+/// Checks the key, reads the chat request and computes the fake's answer to it.
+fn answered(
+    metadata: &tonic::metadata::MetadataMap,
+    chat: Option<&ChatRequest>,
+) -> Result<(Prompt, (Answer, u64, u64)), Status> {
+    checked(metadata)?;
+    let chat = chat.ok_or_else(|| Status::invalid_argument("request is required"))?;
+    let prompt = prompt_of(chat)?;
+    let answer = answer(&prompt);
+    Ok((prompt, answer))
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamChatCompletionResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -170,14 +182,8 @@ impl GatewayService for Echo {
         &self,
         request: Request<CreateChatCompletionRequest>,
     ) -> Result<Response<CreateChatCompletionResponse>, Status> {
-        checked(request.metadata())?;
-        let chat = request
-            .get_ref()
-            .request
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("request is required"))?;
-        let prompt = prompt_of(chat)?;
-        let (answer, prompt_tokens, completion_tokens) = answer(&prompt);
+        let (prompt, (answer, prompt_tokens, completion_tokens)) =
+            answered(request.metadata(), request.get_ref().request.as_ref())?;
         if !self.0.latency.is_zero() {
             tokio::time::sleep(self.0.latency).await;
         }
@@ -207,14 +213,8 @@ impl GatewayService for Echo {
         &self,
         request: Request<StreamChatCompletionRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        checked(request.metadata())?;
-        let chat = request
-            .get_ref()
-            .request
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("request is required"))?;
-        let prompt = prompt_of(chat)?;
-        let (answer, prompt_tokens, completion_tokens) = answer(&prompt);
+        let (prompt, (answer, prompt_tokens, completion_tokens)) =
+            answered(request.metadata(), request.get_ref().request.as_ref())?;
         let pieces = split_pieces(text_of(&answer)?, self.0.stream_chunks);
         let finish = finish_reason(&answer) as i32;
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
