@@ -82,27 +82,26 @@ fn buckets_of_distinct_words(lowered: &str, out: &mut Vec<u32>) {
         }
         out.push(to_bucket(fnv(unigram, &[0])));
         // Character trigrams with boundaries: " " + word + " ".
+        // `padded` is all spaces between words, so the byte after the word is its boundary.
         let bytes = word.as_bytes();
         let len = bytes.len() + 2;
         padded[1..=bytes.len()].copy_from_slice(bytes);
-        padded[len - 1] = b' ';
+        let trigram_bucket = |trigram: &[u8]| to_bucket(fnv(fnv(TRIGRAM_PREFIX, trigram), &[0]));
         if word.is_ascii() {
-            for trigram in padded[..len].windows(3) {
-                out.push(to_bucket(fnv(fnv(TRIGRAM_PREFIX, trigram), &[0])));
-            }
+            out.extend(padded[..len].windows(3).map(trigram_bucket));
         } else {
             offsets.clear();
             offsets.push(0);
             offsets.extend(word.char_indices().map(|(i, _)| i + 1));
             offsets.push(len - 1);
             offsets.push(len);
-            for i in 0..offsets.len().saturating_sub(3) {
-                let trigram = &padded[offsets[i]..offsets[i + 3]];
-                out.push(to_bucket(fnv(fnv(TRIGRAM_PREFIX, trigram), &[0])));
-            }
+            out.extend(
+                offsets
+                    .windows(4)
+                    .map(|o| trigram_bucket(&padded[o[0]..o[3]])),
+            );
         }
-        // Restore the boundary after the word for the next, possibly shorter, word.
-        padded[1..len].fill(b' ');
+        padded[1..=bytes.len()].fill(b' ');
     }
 }
 
