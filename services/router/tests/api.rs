@@ -519,7 +519,8 @@ async fn tool_calls_round_trip() {
         vec![ToolCall {
             id: "call_1".to_owned(),
             name: "get_weather".to_owned(),
-            arguments_json: "{}".to_owned()
+            arguments_json: "{}".to_owned(),
+            signature: String::new(),
         }]
     );
     let sent = &h.fake.requests()[0].body;
@@ -972,6 +973,7 @@ async fn anthropic_stop_sequence_and_tool_errors_cross_the_wire() {
         id: "toolu_1".to_owned(),
         name: "weather".to_owned(),
         arguments_json: "{}".to_owned(),
+        signature: String::new(),
     }];
     let mut result = Message::text(Role::Tool, "service down");
     result.tool_call_id = "toolu_1".to_owned();

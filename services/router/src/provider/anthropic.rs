@@ -13,7 +13,10 @@
 //! Extended thinking: `ChatRequest.thinking` is `thinking` (`enabled` with `budget_tokens`, or
 //! `disabled`). An assistant message's `thinking` blocks are sent back first in its turn,
 //! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
-//! in the turn after a tool call. Answers carry them the other way: `thinking` /
+//! in the turn after a tool call. A block with neither a signature nor redacted data is not sent:
+//! Anthropic could not verify it and would reject the request (it came from another provider,
+//! such as Gemini thought summaries or an OpenAI-compatible server's `reasoning_content`, or its
+//! signature was dropped on the way). A tool call's `signature` (Gemini's) is not sent. Answers carry them the other way: `thinking` /
 //! `redacted_thinking` content blocks become `Message.thinking`; in streams `thinking_delta` and
 //! `signature_delta` become `ChoiceDelta.thinking` pieces (a redacted block arrives whole at its
 //! `content_block_start`).
@@ -114,12 +117,16 @@ fn system_text(request: &ChatRequest) -> Result<String, TranslateError> {
     Ok(parts.join("\n\n"))
 }
 
-/// A thinking block as Anthropic sent it: `redacted_thinking` when it has redacted data.
-fn thinking_block(block: &ThinkingBlock) -> Value {
-    if block.redacted_data.is_empty() {
-        json!({ "type": "thinking", "thinking": block.text, "signature": block.signature })
+/// A thinking block as Anthropic sent it: `redacted_thinking` when it has redacted data. None for
+/// a block with neither a signature nor redacted data, which Anthropic cannot verify (it did not
+/// come from Anthropic).
+fn thinking_block(block: &ThinkingBlock) -> Option<Value> {
+    if !block.redacted_data.is_empty() {
+        Some(json!({ "type": "redacted_thinking", "data": block.redacted_data }))
+    } else if !block.signature.is_empty() {
+        Some(json!({ "type": "thinking", "thinking": block.text, "signature": block.signature }))
     } else {
-        json!({ "type": "redacted_thinking", "data": block.redacted_data })
+        None
     }
 }
 
@@ -145,8 +152,10 @@ pub fn to_anthropic_request(
             Ok(Role::System | Role::Developer) => continue,
             Ok(Role::User) => ("user", content_blocks(message, &field)?),
             Ok(Role::Assistant) => {
-                // Thinking blocks come first in the turn, exactly as Anthropic sent them.
-                let mut blocks: Vec<Value> = message.thinking.iter().map(thinking_block).collect();
+                // Thinking blocks come first in the turn, exactly as Anthropic sent them; unsigned
+                // ones (from another provider) are left out.
+                let mut blocks: Vec<Value> =
+                    message.thinking.iter().filter_map(thinking_block).collect();
                 blocks.extend(content_blocks(message, &field)?);
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     blocks.push(json!({
@@ -409,6 +418,7 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                     .unwrap_or_default()
                     .to_owned(),
                 arguments_json: block.get("input").unwrap_or(&json!({})).to_string(),
+                signature: String::new(),
             }),
             // Server tool blocks: nothing to carry them in.
             _ => {}
@@ -579,6 +589,7 @@ impl StreamDecoder for AnthropicDecoder {
                                     id: str_at(block, "/id").to_owned(),
                                     name: str_at(block, "/name").to_owned(),
                                     arguments_delta: String::new(),
+                                    signature: String::new(),
                                 }],
                                 ..Default::default()
                             },
@@ -671,5 +682,81 @@ impl StreamDecoder for AnthropicDecoder {
         Err(ProviderError::Interrupted(
             "stream ended without message_stop".to_owned(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn block(text: &str, signature: &str, redacted_data: &str) -> ThinkingBlock {
+        ThinkingBlock {
+            text: text.into(),
+            signature: signature.into(),
+            redacted_data: redacted_data.into(),
+        }
+    }
+
+    #[test]
+    fn only_signed_and_redacted_thinking_blocks_are_sent_back() {
+        let mut assistant = Message::text(Role::Assistant, "Checking.");
+        assistant.thinking = vec![
+            // Gemini thought summary / reasoning_content: no signature, not sent.
+            block("**Weighing** the options.", "", ""),
+            block("The user wants the weather.", "EqQBCgIYAhIM", ""),
+            block("", "", "EmwKAhgBEgy3"),
+            // A signed block with empty text (omitted thinking) still goes.
+            block("", "EqQBsig2", ""),
+            block("", "", ""),
+        ];
+        assistant.tool_calls = vec![ToolCall {
+            id: "toolu_1".into(),
+            name: "weather".into(),
+            arguments_json: "{}".into(),
+            signature: "Z2VtaW5p".into(),
+        }];
+        // An assistant turn whose only block is unsigned thinking has nothing left to send.
+        let mut unsigned_only = Message::text(Role::Assistant, "");
+        unsigned_only.content.clear();
+        unsigned_only.thinking = vec![block("from another provider", "", "")];
+        let mut result = Message::text(Role::Tool, "sunny");
+        result.tool_call_id = "toolu_1".into();
+        let request = ChatRequest {
+            messages: vec![
+                Message::text(Role::User, "Weather?"),
+                assistant,
+                result,
+                unsigned_only,
+                Message::text(Role::User, "Thanks"),
+            ],
+            ..Default::default()
+        };
+        let body = to_anthropic_request("claude", &request, false, 1024).unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([
+                { "role": "user", "content": [{ "type": "text", "text": "Weather?" }] },
+                { "role": "assistant", "content": [
+                    { "type": "thinking", "thinking": "The user wants the weather.",
+                      "signature": "EqQBCgIYAhIM" },
+                    { "type": "redacted_thinking", "data": "EmwKAhgBEgy3" },
+                    { "type": "thinking", "thinking": "", "signature": "EqQBsig2" },
+                    { "type": "text", "text": "Checking." },
+                    // A call's (Gemini) signature is not Anthropic's: not sent.
+                    { "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {} },
+                ] },
+                { "role": "user", "content": [
+                    { "type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny" },
+                    { "type": "text", "text": "Thanks" },
+                ] },
+            ])
+        );
+        let text = body.to_string();
+        assert!(
+            !text.contains("Weighing") && !text.contains("another provider"),
+            "{text}"
+        );
     }
 }

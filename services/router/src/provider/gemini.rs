@@ -5,18 +5,30 @@
 //! `model` (tool calls as `functionCall` parts); tool results are `functionResponse` parts of a
 //! user turn, named after the call they answer (found by `tool_call_id` among the earlier
 //! assistant tool calls, else the message's `name`), with the result as `response` (a JSON object
-//! result as is, other text as `{"content": text}`). Replayed `functionCall` parts carry Gemini's
-//! documented placeholder `thoughtSignature` (we have no field to keep the real one). Images:
+//! result as is, other text as `{"content": text}`). A replayed `functionCall` part carries its
+//! call's `ToolCall.signature` as `thoughtSignature`, the one Gemini sent with the call, or, when
+//! the call has none (it came from another provider, or Gemini signed only the first of parallel
+//! calls), Gemini's documented placeholder `skip_thought_signature_validator`. Images:
 //! `data:` URLs as `inlineData`, other URLs as `fileData`. JSON mode is `responseMimeType:
 //! application/json` (+ `responseJsonSchema`); `top_k` is `generationConfig.topK`. `user`,
 //! `parallel_tool_calls` and `Tool.strict` have no Gemini equivalent and are not sent; neither are
-//! an assistant message's `thinking` blocks (Anthropic's, signed for Anthropic only), nor
-//! `ChatRequest.thinking` (Anthropic's switch; Gemini's `thinkingConfig` differs), nor a tool
-//! message's `tool_error` flag (the result content goes as is).
+//! an assistant message's `thinking` blocks (Gemini takes no thought text back, and Anthropic's
+//! are signed for Anthropic only), nor a tool message's `tool_error` flag (the result content goes
+//! as is). `ChatRequest.thinking` enabled is `generationConfig.thinkingConfig` with
+//! `includeThoughts: true` and `thinkingBudget` (when a budget is given); disabled is not sent (some
+//! Gemini models cannot stop thinking, so the model's default applies).
 //!
-//! Responses: Gemini has no tool-call ids; a call without `id` gets `call_<index>`. A prompt
-//! blocked by `promptFeedback.blockReason` is [`ProviderError::ContentFiltered`]; a candidate
-//! stopped for SAFETY (or another policy reason) finishes with `FINISH_REASON_CONTENT_FILTER`.
+//! Responses: parts with `"thought": true` are thought summaries (Gemini sends them when
+//! `thinkingConfig.includeThoughts` is set): each run of consecutive thought parts of a candidate
+//! is one unsigned `Message.thinking` block, never content; in streams their text comes as
+//! `ChoiceDelta.thinking` pieces, of block 0 unless answer text or a call came between two runs
+//! (the next run is the next block, as in the unary answer). A `thoughtSignature` on a
+//! `functionCall` part is kept in that call's `ToolCall.signature` (streams: on its
+//! `ToolCallDelta`, which carries the whole call); signatures on other parts have no field and are
+//! dropped. Gemini has no tool-call ids; a call without `id` gets `call_<index>`. A part of the
+//! wrong shape (a `text` that is not a string, ...) is a malformed answer. A prompt blocked by
+//! `promptFeedback.blockReason` is [`ProviderError::ContentFiltered`]; a candidate stopped for
+//! SAFETY (or another policy reason) finishes with `FINISH_REASON_CONTENT_FILTER`.
 //! Usage: `prompt_tokens = promptTokenCount + toolUsePromptTokenCount` (cached content included),
 //! `completion_tokens = candidatesTokenCount + thoughtsTokenCount`, `cached_prompt_tokens =
 //! cachedContentTokenCount`, `reasoning_tokens = thoughtsTokenCount`.
@@ -25,8 +37,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_proto::chat::v1::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, ContentPart, FinishReason, Message,
-    ResponseFormatType, Role, ToolCall, ToolCallDelta, ToolChoiceMode, Usage, content_part::Part,
-    tool_choice::Choice as ToolChoiceKind,
+    ResponseFormatType, Role, ThinkingBlock, ThinkingDelta, ToolCall, ToolCallDelta,
+    ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
 };
 
 use super::{
@@ -98,10 +110,15 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
             Ok(Role::Assistant) => {
                 let mut parts = parts_of(message, &field)?;
                 for (j, call) in message.tool_calls.iter().enumerate() {
+                    let signature = if call.signature.is_empty() {
+                        PLACEHOLDER_SIGNATURE
+                    } else {
+                        call.signature.as_str()
+                    };
                     parts.push(json!({
                         "functionCall": { "name": call.name,
                             "args": tool_arguments(&call.arguments_json, &format!("{field}.tool_calls[{j}].arguments_json"))? },
-                        "thoughtSignature": PLACEHOLDER_SIGNATURE,
+                        "thoughtSignature": signature,
                     }));
                 }
                 ("model", parts)
@@ -252,6 +269,17 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
             Ok(ResponseFormatType::Unspecified) | Err(_) => {}
         }
     }
+    // Thinking on: Gemini returns thought summaries (`includeThoughts`) within the budget (none
+    // given: Gemini's dynamic budget). Off: not sent (some Gemini models cannot stop thinking; the
+    // model's default applies).
+    if let Some(thinking) = request.thinking.as_ref().filter(|t| t.enabled) {
+        let mut thinking_config = Map::new();
+        thinking_config.insert("includeThoughts".into(), json!(true));
+        if thinking.budget_tokens > 0 {
+            thinking_config.insert("thinkingBudget".into(), json!(thinking.budget_tokens));
+        }
+        config.insert("thinkingConfig".into(), Value::Object(thinking_config));
+    }
     if !config.is_empty() {
         body.insert("generationConfig".into(), Value::Object(config));
     }
@@ -287,8 +315,28 @@ impl GmUsage {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
+struct GmFunctionCall {
+    id: Option<String>,
+    name: Option<String>,
+    args: Option<Value>,
+}
+
+/// One part of a candidate's content; kinds we do not carry (`inlineData`, `executableCode`, ...)
+/// are ignored.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct GmPart {
+    text: Option<String>,
+    /// A thought summary (its `text`), not answer text.
+    thought: Option<bool>,
+    thought_signature: Option<String>,
+    function_call: Option<GmFunctionCall>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
 struct GmContent {
-    parts: Vec<Value>,
+    parts: Vec<GmPart>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -353,37 +401,75 @@ fn parse(data: &[u8]) -> Result<GmResponse, ProviderError> {
     Ok(response)
 }
 
-/// Text and function calls of one candidate's parts (thought summaries are skipped).
-/// `next_call` numbers the calls without an id.
-fn split_parts(parts: &[Value], next_call: &mut u32) -> (String, Vec<ToolCall>) {
-    let mut text = String::new();
-    let mut calls = Vec::new();
+/// Where one candidate's numbering stands; a stream carries it from one event to the next.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    /// Index of the next call without an id (`call_<n>`), and of the next call delta.
+    next_call: u32,
+    /// The thinking block a following thought part continues; none at the start and after answer
+    /// text or a call.
+    open_thought: Option<u32>,
+    /// Index of the next thinking block.
+    next_thought: u32,
+}
+
+/// What one candidate's parts carry.
+#[derive(Debug, Default)]
+struct Pieces {
+    /// Answer text, joined.
+    text: String,
+    /// Thought-summary text by thinking block index, in order (one entry per block).
+    thoughts: Vec<(u32, String)>,
+    /// Function calls, with their signatures.
+    calls: Vec<ToolCall>,
+}
+
+/// Splits one candidate's parts into answer text, thought summaries and function calls, numbering
+/// from `cursor` (and advancing it).
+fn split_parts(parts: &[GmPart], cursor: &mut Cursor) -> Pieces {
+    let mut pieces = Pieces::default();
     for part in parts {
-        if part.get("thought").and_then(Value::as_bool) == Some(true) {
+        let text = part.text.as_deref().unwrap_or_default();
+        if part.thought == Some(true) {
+            // An empty thought part (a bare signature) neither opens nor closes a block.
+            if text.is_empty() {
+                continue;
+            }
+            let block = match cursor.open_thought {
+                Some(block) => block,
+                None => {
+                    let block = cursor.next_thought;
+                    cursor.next_thought += 1;
+                    cursor.open_thought = Some(block);
+                    block
+                }
+            };
+            match pieces.thoughts.last_mut() {
+                Some((index, joined)) if *index == block => joined.push_str(text),
+                _ => pieces.thoughts.push((block, text.to_owned())),
+            }
             continue;
         }
-        if let Some(piece) = part.get("text").and_then(Value::as_str) {
-            text.push_str(piece);
+        if !text.is_empty() {
+            cursor.open_thought = None;
+            pieces.text.push_str(text);
         }
-        if let Some(call) = part.get("functionCall") {
+        if let Some(call) = &part.function_call {
+            cursor.open_thought = None;
             let id = call
-                .get("id")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("call_{next_call}"));
-            *next_call += 1;
-            calls.push(ToolCall {
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("call_{}", cursor.next_call));
+            cursor.next_call += 1;
+            pieces.calls.push(ToolCall {
                 id,
-                name: call
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                arguments_json: call.get("args").unwrap_or(&json!({})).to_string(),
+                name: call.name.clone().unwrap_or_default(),
+                arguments_json: call.args.as_ref().unwrap_or(&json!({})).to_string(),
+                signature: part.thought_signature.clone().unwrap_or_default(),
             });
         }
     }
-    (text, calls)
+    pieces
 }
 
 /// Parses a `generateContent` response; `created` is stamped (Gemini sends none).
@@ -402,8 +488,11 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                 .as_ref()
                 .map(|c| c.parts.as_slice())
                 .unwrap_or_default();
-            let mut next_call = 0;
-            let (text, tool_calls) = split_parts(parts, &mut next_call);
+            let Pieces {
+                text,
+                thoughts,
+                calls: tool_calls,
+            } = split_parts(parts, &mut Cursor::default());
             let finish = finish_reason(candidate.finish_reason.as_deref(), !tool_calls.is_empty());
             Choice {
                 index: candidate.index.unwrap_or(position as u32),
@@ -417,6 +506,13 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                         }]
                     },
                     tool_calls,
+                    thinking: thoughts
+                        .into_iter()
+                        .map(|(_, text)| ThinkingBlock {
+                            text,
+                            ..Default::default()
+                        })
+                        .collect(),
                     ..Default::default()
                 }),
                 finish_reason: finish as i32,
@@ -443,8 +539,8 @@ pub struct GeminiDecoder {
     model: String,
     usage: Option<GmUsage>,
     finished: bool,
-    /// Candidate indexes that got their first (role) delta, and their next tool-call index.
-    candidates: Vec<(u32, u32)>,
+    /// Candidate indexes that got their first (role) delta, and where their numbering stands.
+    candidates: Vec<(u32, Cursor)>,
 }
 
 impl GeminiDecoder {
@@ -476,25 +572,29 @@ impl StreamDecoder for GeminiDecoder {
         let mut deltas = Vec::new();
         for (position, candidate) in response.candidates.iter().enumerate() {
             let index = candidate.index.unwrap_or(position as u32);
-            let (first, mut next_call) = match self.candidates.iter().find(|(i, _)| *i == index) {
-                Some((_, next)) => (false, *next),
-                None => (true, 0),
+            let (first, mut cursor) = match self.candidates.iter().find(|(i, _)| *i == index) {
+                Some((_, cursor)) => (false, *cursor),
+                None => (true, Cursor::default()),
             };
-            let start = next_call;
+            let start = cursor.next_call;
             let parts = candidate
                 .content
                 .as_ref()
                 .map(|c| c.parts.as_slice())
                 .unwrap_or_default();
-            let (text, calls) = split_parts(parts, &mut next_call);
+            let Pieces {
+                text,
+                thoughts,
+                calls,
+            } = split_parts(parts, &mut cursor);
             match self.candidates.iter_mut().find(|(i, _)| *i == index) {
-                Some(entry) => entry.1 = next_call,
-                None => self.candidates.push((index, next_call)),
+                Some(entry) => entry.1 = cursor,
+                None => self.candidates.push((index, cursor)),
             }
             let finish = match &candidate.finish_reason {
                 Some(reason) => {
                     self.finished = true;
-                    finish_reason(Some(reason), next_call > 0)
+                    finish_reason(Some(reason), cursor.next_call > 0)
                 }
                 None => FinishReason::Unspecified,
             };
@@ -514,9 +614,18 @@ impl StreamDecoder for GeminiDecoder {
                         id: call.id,
                         name: call.name,
                         arguments_delta: call.arguments_json,
+                        signature: call.signature,
                     })
                     .collect(),
                 finish_reason: finish as i32,
+                thinking: thoughts
+                    .into_iter()
+                    .map(|(index, text)| ThinkingDelta {
+                        index,
+                        text,
+                        ..Default::default()
+                    })
+                    .collect(),
                 ..Default::default()
             });
         }
@@ -554,5 +663,267 @@ impl StreamDecoder for GeminiDecoder {
             })
             .into_iter()
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn block(text: &str) -> ThinkingBlock {
+        ThinkingBlock {
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    fn answer(parts: Value) -> Value {
+        json!({ "candidates": [{ "content": { "role": "model", "parts": parts },
+            "finishReason": "STOP", "index": 0 }], "responseId": "r", "modelVersion": "gemini-2.5-flash" })
+    }
+
+    fn message_of(body: &Value) -> Message {
+        let response = parse_response(body.to_string().as_bytes(), 1).unwrap();
+        response.choices[0].message.clone().unwrap()
+    }
+
+    #[test]
+    fn thought_parts_become_thinking_blocks_and_call_signatures_are_kept() {
+        let message = message_of(&answer(json!([
+            { "text": "**Weighing** the cities.", "thought": true },
+            { "text": " Paris first.", "thought": true },
+            { "text": "", "thought": true, "thoughtSignature": "c2lnLXRob3VnaHQ=" },
+            { "text": "Checking." },
+            { "text": "Now the calls.", "thought": true },
+            { "functionCall": { "name": "get_weather", "args": { "city": "Paris" } },
+              "thoughtSignature": "c2lnLTE=" },
+            { "functionCall": { "id": "fc-2", "name": "get_weather", "args": { "city": "Oslo" } } },
+        ])));
+        // Runs of thought parts are blocks (an empty thought part neither opens nor closes one);
+        // thought text never reaches the content, and no block is signed.
+        assert_eq!(
+            message.thinking,
+            vec![
+                block("**Weighing** the cities. Paris first."),
+                block("Now the calls.")
+            ]
+        );
+        assert_eq!(message.joined_text(), "Checking.");
+        assert_eq!(
+            message.tool_calls,
+            vec![
+                ToolCall {
+                    id: "call_0".into(),
+                    name: "get_weather".into(),
+                    arguments_json: r#"{"city":"Paris"}"#.into(),
+                    signature: "c2lnLTE=".into(),
+                },
+                ToolCall {
+                    id: "fc-2".into(),
+                    name: "get_weather".into(),
+                    arguments_json: r#"{"city":"Oslo"}"#.into(),
+                    signature: String::new(),
+                },
+            ]
+        );
+        // No thought parts: no blocks; a thought flag set to false is answer text.
+        let message = message_of(&answer(json!([
+            { "text": "a", "thought": false }, { "text": "b", "thoughtSignature": "c2ln" }
+        ])));
+        assert!(message.thinking.is_empty());
+        assert_eq!(message.joined_text(), "ab");
+    }
+
+    #[test]
+    fn parts_of_the_wrong_shape_are_malformed() {
+        for parts in [
+            json!([{ "text": 5 }]),
+            json!([{ "text": "x", "thought": "yes" }]),
+            json!([{ "functionCall": { "name": "f" }, "thoughtSignature": 7 }]),
+            json!([{ "functionCall": { "name": ["f"] } }]),
+        ] {
+            let error =
+                parse_response(answer(parts.clone()).to_string().as_bytes(), 1).unwrap_err();
+            assert_eq!(error.code(), "PROTOCOL_ERROR", "{parts}");
+            let mut decoder = GeminiDecoder::new(1);
+            let event = SseEvent {
+                event: String::new(),
+                data: answer(parts.clone()).to_string(),
+            };
+            assert_eq!(
+                decoder.event(&event).unwrap_err().code(),
+                "PROTOCOL_ERROR",
+                "{parts}"
+            );
+        }
+    }
+
+    fn decode(events: &[Value]) -> Vec<ChoiceDelta> {
+        let mut decoder = GeminiDecoder::new(1);
+        let mut deltas = Vec::new();
+        for data in events {
+            let event = SseEvent {
+                event: String::new(),
+                data: data.to_string(),
+            };
+            for chunk in decoder.event(&event).unwrap().chunks {
+                deltas.extend(chunk.choices);
+            }
+        }
+        deltas
+    }
+
+    fn piece(index: u32, text: &str) -> Vec<ThinkingDelta> {
+        vec![ThinkingDelta {
+            index,
+            text: text.into(),
+            ..Default::default()
+        }]
+    }
+
+    #[test]
+    fn streamed_thoughts_are_thinking_pieces_and_calls_carry_their_signature() {
+        let event = |parts: Value, finish: Option<&str>| {
+            let mut candidate =
+                json!({ "content": { "role": "model", "parts": parts }, "index": 0 });
+            if let Some(finish) = finish {
+                candidate["finishReason"] = json!(finish);
+            }
+            json!({ "candidates": [candidate], "responseId": "r" })
+        };
+        let deltas = decode(&[
+            event(json!([{ "text": "Thinking", "thought": true }]), None),
+            event(json!([{ "text": " more.", "thought": true }]), None),
+            event(json!([{ "text": "Let me check." }]), None),
+            event(json!([{ "text": "Which tool?", "thought": true }]), None),
+            event(
+                json!([
+                    { "functionCall": { "name": "get_weather", "args": { "city": "Paris" } },
+                      "thoughtSignature": "c2lnLTE=" },
+                    { "functionCall": { "name": "get_time", "args": {} } },
+                ]),
+                Some("STOP"),
+            ),
+        ]);
+        assert_eq!(deltas.len(), 5);
+        // One run of thought pieces is block 0, never content; the run after answer text is block 1.
+        assert_eq!(deltas[0].role, Role::Assistant as i32);
+        assert_eq!(deltas[0].thinking, piece(0, "Thinking"));
+        assert_eq!(deltas[0].content, "");
+        assert_eq!(deltas[1].thinking, piece(0, " more."));
+        assert_eq!(deltas[1].content, "");
+        assert!(deltas[2].thinking.is_empty());
+        assert_eq!(deltas[2].content, "Let me check.");
+        assert_eq!(deltas[3].thinking, piece(1, "Which tool?"));
+        assert_eq!(deltas[3].content, "");
+        // A call arrives whole, its signature on its only delta.
+        assert_eq!(
+            deltas[4].tool_calls,
+            vec![
+                ToolCallDelta {
+                    index: 0,
+                    id: "call_0".into(),
+                    name: "get_weather".into(),
+                    arguments_delta: r#"{"city":"Paris"}"#.into(),
+                    signature: "c2lnLTE=".into(),
+                },
+                ToolCallDelta {
+                    index: 1,
+                    id: "call_1".into(),
+                    name: "get_time".into(),
+                    arguments_delta: "{}".into(),
+                    signature: String::new(),
+                },
+            ]
+        );
+        assert_eq!(deltas[4].finish_reason, FinishReason::ToolCalls as i32);
+    }
+
+    #[test]
+    fn replayed_calls_carry_their_own_signature_else_the_placeholder() {
+        let mut assistant = Message::text(Role::Assistant, "Checking.");
+        // Thinking blocks (Gemini thoughts read earlier, or Anthropic's signed ones) are not sent.
+        assistant.thinking = vec![
+            block("Weighing the cities."),
+            ThinkingBlock {
+                text: "signed".into(),
+                signature: "YW50aHJvcGlj".into(),
+                redacted_data: String::new(),
+            },
+        ];
+        assistant.tool_calls = vec![
+            ToolCall {
+                id: "call_0".into(),
+                name: "get_weather".into(),
+                arguments_json: r#"{"city":"Paris"}"#.into(),
+                signature: "c2lnLTE=".into(),
+            },
+            ToolCall {
+                id: "call_1".into(),
+                name: "get_weather".into(),
+                arguments_json: r#"{"city":"Oslo"}"#.into(),
+                signature: String::new(),
+            },
+        ];
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::User, "Weather?"), assistant],
+            ..Default::default()
+        };
+        let body = to_gemini_request(&request).unwrap();
+        assert_eq!(
+            body["contents"][1],
+            json!({ "role": "model", "parts": [
+                { "text": "Checking." },
+                { "functionCall": { "name": "get_weather", "args": { "city": "Paris" } },
+                  "thoughtSignature": "c2lnLTE=" },
+                { "functionCall": { "name": "get_weather", "args": { "city": "Oslo" } },
+                  "thoughtSignature": PLACEHOLDER_SIGNATURE },
+            ] })
+        );
+        let text = body.to_string();
+        assert!(
+            !text.contains("Weighing") && !text.contains("YW50aHJvcGlj"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn thinking_on_asks_gemini_for_thought_summaries_within_the_budget() {
+        use switchboard_proto::chat::v1::ThinkingConfig;
+        let ask = |thinking: Option<ThinkingConfig>| {
+            to_gemini_request(&ChatRequest {
+                messages: vec![Message::text(Role::User, "why")],
+                thinking,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let on = ask(Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 2048,
+        }));
+        assert_eq!(
+            on["generationConfig"]["thinkingConfig"],
+            json!({ "includeThoughts": true, "thinkingBudget": 2048 })
+        );
+        let dynamic = ask(Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 0,
+        }));
+        assert_eq!(
+            dynamic["generationConfig"]["thinkingConfig"],
+            json!({ "includeThoughts": true })
+        );
+        for off in [
+            None,
+            Some(ThinkingConfig {
+                enabled: false,
+                budget_tokens: 0,
+            }),
+        ] {
+            assert!(ask(off).get("generationConfig").is_none());
+        }
     }
 }

@@ -70,11 +70,12 @@ fn json_text(value: Option<&Value>) -> String {
 }
 
 /// A `ChatRequest` from a compact JSON form close to OpenAI's: messages with `content` (string or
-/// parts `{"text"}` / `{"image_url": {"url", "detail"}}`), `tool_calls` (`{"id","name","arguments"}`),
-/// `tool_call_id`, `tool_error`, `thinking` (`{"text","signature","redacted_data"}`); `thinking`
-/// (`{"enabled","budget_tokens"}`); `tools` with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or
-/// `{"function": name}`); `sampling`; `response_format` (`{"type", "schema_name", "schema",
-/// "strict"}`); `parallel_tool_calls`; `user`; `tags`.
+/// parts `{"text"}` / `{"image_url": {"url", "detail"}}`), `tool_calls`
+/// (`{"id","name","arguments","signature"}`), `tool_call_id`, `tool_error`, `thinking`
+/// (`{"text","signature","redacted_data"}`); `thinking` (`{"enabled","budget_tokens"}`); `tools`
+/// with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or `{"function": name}`);
+/// `sampling`; `response_format` (`{"type", "schema_name", "schema", "strict"}`);
+/// `parallel_tool_calls`; `user`; `tags`.
 pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
     let messages = value["messages"]
         .as_array()
@@ -112,6 +113,7 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
                         id: str_of(c, "id"),
                         name: str_of(c, "name"),
                         arguments_json: str_of(c, "arguments"),
+                        signature: str_of(c, "signature"),
                     })
                     .collect(),
                 tool_call_id: str_of(m, "tool_call_id"),
@@ -228,7 +230,14 @@ fn usage_json(usage: &Usage) -> Value {
 fn calls_json(calls: &[ToolCall]) -> Value {
     calls
         .iter()
-        .map(|c| json!({ "id": c.id, "name": c.name, "arguments": c.arguments_json }))
+        .map(|c| {
+            let mut call = json!({ "id": c.id, "name": c.name, "arguments": c.arguments_json });
+            // Only when set, so that older fixtures stay as they are.
+            if !c.signature.is_empty() {
+                call["signature"] = json!(c.signature);
+            }
+            call
+        })
         .collect()
 }
 
@@ -294,6 +303,9 @@ pub(crate) fn chunk_json(chunk: &ChatChunk) -> Value {
                             call.insert("name".into(), json!(t.name));
                         }
                         call.insert("arguments".into(), json!(t.arguments_delta));
+                        if !t.signature.is_empty() {
+                            call.insert("signature".into(), json!(t.signature));
+                        }
                         Value::Object(call)
                     })
                     .collect();

@@ -1,19 +1,26 @@
 //! Translation between `switchboard.chat.v1` and the OpenAI chat-completions wire format.
 //!
+//! Reasoning output of OpenAI-compatible servers: `reasoning_content` (DeepSeek, vLLM's reasoning
+//! parser, SGLang, ...) or `reasoning` (OpenRouter, newer vLLM) on the answer's message becomes one
+//! unsigned `Message.thinking` block, and on a stream delta a `ChoiceDelta.thinking` piece of block
+//! 0; it never goes into `content`. A server that sends both (vLLM during its rename) sends the
+//! same text twice: `reasoning_content` is taken, `reasoning` only when it is absent or empty; a
+//! `reasoning` that is not a string is ignored.
+//!
 //! Not sent, as chat completions has no field for them: an assistant message's `thinking` blocks
-//! (Anthropic's extended thinking, signed for Anthropic only) and `ChatRequest.thinking`, a tool
-//! message's `tool_error` flag
-//! (the result content goes as is, nothing prefixed) and `SamplingParams.top_k` — except to
-//! OpenAI-compatible servers (vLLM, Ollama, ...), which take `top_k` as an extension: the provider
-//! client adds it for an `openai` provider whose `base_url` is not OpenAI's own (see
-//! `ProviderClient::prepare`). It is never an error.
+//! (Anthropic's extended thinking, signed for Anthropic only, or reasoning read from a server,
+//! which servers do not take back), a tool call's `signature` (Gemini's), `ChatRequest.thinking`,
+//! a tool message's `tool_error` flag (the result content goes as is, nothing prefixed) and
+//! `SamplingParams.top_k` — except to OpenAI-compatible servers (vLLM, Ollama, ...), which take
+//! `top_k` as an extension: the provider client adds it for an `openai` provider whose `base_url`
+//! is not OpenAI's own (see `ProviderClient::prepare`). It is never an error.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_proto::chat::v1::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, ContentPart, FinishReason, Message,
-    ResponseFormatType, Role, ToolCall, ToolCallDelta, ToolChoiceMode, Usage, content_part::Part,
-    tool_choice::Choice as ToolChoiceKind,
+    ResponseFormatType, Role, ThinkingBlock, ThinkingDelta, ToolCall, ToolCallDelta,
+    ToolChoiceMode, Usage, content_part::Part, tool_choice::Choice as ToolChoiceKind,
 };
 
 use super::{Decoded, ProviderError, StreamDecoder, sse::SseEvent};
@@ -300,6 +307,24 @@ struct OaMessage {
     role: Option<String>,
     content: Option<Value>,
     tool_calls: Option<Vec<OaToolCall>>,
+    /// Reasoning text of DeepSeek, vLLM, SGLang and others.
+    reasoning_content: Option<String>,
+    /// Reasoning text of OpenRouter and newer vLLM. Taken only as a string: the name is generic
+    /// enough that a server may use it for something else.
+    reasoning: Option<Value>,
+}
+
+impl OaMessage {
+    /// The reasoning text (empty when there is none): `reasoning_content`, else `reasoning`.
+    fn take_reasoning(&mut self) -> String {
+        match self.reasoning_content.take() {
+            Some(text) if !text.is_empty() => text,
+            _ => match self.reasoning.take() {
+                Some(Value::String(text)) => text,
+                _ => String::new(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -416,7 +441,8 @@ pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
         .choices
         .into_iter()
         .map(|choice| {
-            let message = choice.message.unwrap_or_default();
+            let mut message = choice.message.unwrap_or_default();
+            let reasoning = message.take_reasoning();
             Choice {
                 index: choice.index,
                 message: Some(Message {
@@ -432,9 +458,18 @@ pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
                                 id: call.id.unwrap_or_default(),
                                 name: function.name.unwrap_or_default(),
                                 arguments_json: function.arguments.unwrap_or_default(),
+                                signature: String::new(),
                             }
                         })
                         .collect(),
+                    thinking: if reasoning.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![ThinkingBlock {
+                            text: reasoning,
+                            ..Default::default()
+                        }]
+                    },
                     ..Default::default()
                 }),
                 finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
@@ -457,7 +492,8 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
         .choices
         .into_iter()
         .map(|choice| {
-            let delta = choice.delta.unwrap_or_default();
+            let mut delta = choice.delta.unwrap_or_default();
+            let reasoning = delta.take_reasoning();
             ChoiceDelta {
                 index: choice.index,
                 role: role(delta.role.as_deref()) as i32,
@@ -477,10 +513,20 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
                             id: call.id.unwrap_or_default(),
                             name: function.name.unwrap_or_default(),
                             arguments_delta: function.arguments.unwrap_or_default(),
+                            signature: String::new(),
                         }
                     })
                     .collect(),
                 finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
+                thinking: if reasoning.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![ThinkingDelta {
+                        index: 0,
+                        text: reasoning,
+                        ..Default::default()
+                    }]
+                },
                 ..Default::default()
             }
         })
@@ -560,6 +606,7 @@ mod tests {
             id: "call_9".into(),
             name: "lookup".into(),
             arguments_json: "{\"q\":1}".into(),
+            signature: String::new(),
         }];
         let mut tool = Message::text(Role::Tool, "42");
         tool.tool_call_id = "call_9".into();
@@ -703,7 +750,8 @@ mod tests {
             vec![ToolCall {
                 id: "call_1".into(),
                 name: "f".into(),
-                arguments_json: "{}".into()
+                arguments_json: "{}".into(),
+                signature: String::new(),
             }]
         );
         assert_eq!(
@@ -755,7 +803,8 @@ mod tests {
                 index: 1,
                 id: "call_1".into(),
                 name: "f".into(),
-                arguments_delta: String::new()
+                arguments_delta: String::new(),
+                signature: String::new(),
             }]
         );
         let chunk =
@@ -774,5 +823,100 @@ mod tests {
                 .0
                 .contains("overloaded")
         );
+    }
+
+    fn thinking_of(body: Value) -> (Vec<ThinkingBlock>, String) {
+        let response = from_openai_response(body.to_string().as_bytes()).unwrap();
+        let message = response.choices[0].message.clone().unwrap();
+        let text = message.joined_text();
+        (message.thinking, text)
+    }
+
+    #[test]
+    fn response_reasoning_becomes_one_unsigned_thinking_block() {
+        let answer = |message: Value| {
+            json!({ "id": "x", "model": "deepseek-reasoner", "created": 1,
+                "choices": [{ "index": 0, "finish_reason": "stop", "message": message }] })
+        };
+        let block = |text: &str| ThinkingBlock {
+            text: text.into(),
+            ..Default::default()
+        };
+        // DeepSeek / vLLM: `reasoning_content` next to `content`.
+        let (thinking, content) = thinking_of(answer(json!({ "role": "assistant",
+            "reasoning_content": "9.8 is 9.80, larger.", "content": "9.8 is greater." })));
+        assert_eq!(thinking, vec![block("9.8 is 9.80, larger.")]);
+        assert_eq!(content, "9.8 is greater.");
+        // OpenRouter: `reasoning`.
+        let (thinking, content) = thinking_of(answer(
+            json!({ "role": "assistant", "reasoning": "compare digits", "content": "9.8" }),
+        ));
+        assert_eq!(thinking, vec![block("compare digits")]);
+        assert_eq!(content, "9.8");
+        // Both (vLLM during its rename): the same text, taken once.
+        let (thinking, _) = thinking_of(answer(json!({ "role": "assistant",
+            "reasoning_content": "same", "reasoning": "same", "content": "a" })));
+        assert_eq!(thinking, vec![block("same")]);
+        let (thinking, _) = thinking_of(answer(json!({ "role": "assistant",
+            "reasoning_content": "", "reasoning": "fallback", "content": "a" })));
+        assert_eq!(thinking, vec![block("fallback")]);
+        // Absent, null, empty or not text: no block.
+        for message in [
+            json!({ "role": "assistant", "content": "a" }),
+            json!({ "role": "assistant", "content": "a", "reasoning_content": null, "reasoning": null }),
+            json!({ "role": "assistant", "content": "a", "reasoning_content": "" }),
+            json!({ "role": "assistant", "content": "a", "reasoning": { "effort": "high" } }),
+        ] {
+            let (thinking, content) = thinking_of(answer(message.clone()));
+            assert!(thinking.is_empty(), "{message}");
+            assert_eq!(content, "a", "{message}");
+        }
+        // A reasoning-only answer (cut by max_tokens) has thinking and no content.
+        let (thinking, content) = thinking_of(answer(
+            json!({ "role": "assistant", "reasoning_content": "long", "content": null }),
+        ));
+        assert_eq!(thinking, vec![block("long")]);
+        assert_eq!(content, "");
+        // Reasoning of the wrong type is malformed, like any other field.
+        assert!(
+            from_openai_response(
+                answer(json!({ "role": "assistant", "reasoning_content": 5 }))
+                    .to_string()
+                    .as_bytes()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn chunk_reasoning_becomes_thinking_pieces_of_block_zero() {
+        let delta = |delta: &str| {
+            from_openai_chunk(&format!(
+                r#"{{"id":"c","created":5,"model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":null}}]}}"#
+            ))
+            .unwrap()
+            .choices
+            .remove(0)
+        };
+        let piece = |text: &str| {
+            vec![ThinkingDelta {
+                index: 0,
+                text: text.into(),
+                ..Default::default()
+            }]
+        };
+        let first = delta(r#"{"role":"assistant","content":null,"reasoning_content":""}"#);
+        assert_eq!(first.role, Role::Assistant as i32);
+        assert!(first.thinking.is_empty());
+        let reasoning = delta(r#"{"content":null,"reasoning_content":"Okay, "}"#);
+        assert_eq!(reasoning.thinking, piece("Okay, "));
+        assert_eq!(reasoning.content, "");
+        let reasoning = delta(r#"{"reasoning":"so"}"#);
+        assert_eq!(reasoning.thinking, piece("so"));
+        let reasoning = delta(r#"{"reasoning_content":"x","reasoning":"x"}"#);
+        assert_eq!(reasoning.thinking, piece("x"));
+        let answer = delta(r#"{"content":"9.8","reasoning_content":null}"#);
+        assert!(answer.thinking.is_empty());
+        assert_eq!(answer.content, "9.8");
     }
 }
