@@ -16,7 +16,7 @@ use switchboard_proto::chat::v1::{
 };
 
 /// Version tag hashed first; changing the encoding must change it.
-pub const KEY_VERSION: &str = "switchboard.cache.exact.v2";
+pub const KEY_VERSION: &str = "switchboard.cache.exact.v3";
 
 /// A 32-byte cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,6 +183,8 @@ impl Encoder {
             self.str(&call.name);
             // The model sees the arguments as text, so they are hashed exactly as given.
             self.str(&call.arguments_json);
+            // Gemini's signature carries the model's reasoning state back to it.
+            self.str(&call.signature);
         }
         self.str(&message.tool_call_id);
         self.bool(message.tool_error);
@@ -408,10 +410,23 @@ mod tests {
                 id: "c".into(),
                 name: "f".into(),
                 arguments_json: "{}".into(),
+                signature: String::new(),
             }],
             ..Default::default()
         });
         variants.push(("tool call", r));
+        let mut r = base();
+        r.messages.push(Message {
+            role: Role::Assistant as i32,
+            tool_calls: vec![ToolCall {
+                id: "c".into(),
+                name: "f".into(),
+                arguments_json: "{}".into(),
+                signature: "gemini-sig".into(),
+            }],
+            ..Default::default()
+        });
+        variants.push(("tool call signature", r));
         let mut r = base();
         r.messages.push(Message {
             tool_call_id: "c".into(),
