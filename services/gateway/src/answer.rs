@@ -383,37 +383,83 @@ fn is_safe_break(chars: &[(usize, char)], i: usize) -> bool {
     !(name_like(&before) && name_like(&after))
 }
 
-/// Held-back answer text of a stream, per choice index.
+/// Held-back answer text of a stream, per choice index, and reasoning text per (choice, block).
 #[derive(Debug, Default)]
 pub struct StreamHold {
     pending: std::collections::BTreeMap<u32, String>,
+    thinking: std::collections::BTreeMap<(u32, u32), String>,
+    /// Reasoning blocks whose checked text differs from the provider's (their signature, which
+    /// covers the original text, must not be passed on).
+    rewritten: std::collections::BTreeSet<(u32, u32)>,
     /// Windows checked so far (the CheckAnswer `sequence` of the next one is this + 1).
     pub windows: u32,
+}
+
+/// Appends `content` to `pending` and splits off the stable text (all of it when `last`).
+fn release(pending: &mut String, content: &str, last: bool) -> String {
+    pending.push_str(content);
+    let cut = if last {
+        Some(pending.len())
+    } else {
+        stable_cut(pending)
+    };
+    match cut {
+        Some(cut) => {
+            let rest = pending.split_off(cut);
+            std::mem::replace(pending, rest)
+        }
+        None => String::new(),
+    }
 }
 
 impl StreamHold {
     /// Adds `content` of choice `index` and returns the stable text to check and send now
     /// (empty when everything is still held back). `last`: the choice finished, flush it all.
     pub fn push(&mut self, index: u32, content: &str, last: bool) -> String {
-        let pending = self.pending.entry(index).or_default();
-        pending.push_str(content);
-        let cut = if last {
-            Some(pending.len())
-        } else {
-            stable_cut(pending)
-        };
-        match cut {
-            Some(cut) => {
-                let rest = pending.split_off(cut);
-                std::mem::replace(pending, rest)
-            }
-            None => String::new(),
-        }
+        release(self.pending.entry(index).or_default(), content, last)
+    }
+
+    /// [`StreamHold::push`] for the text of reasoning block `block` of choice `index`; `last`:
+    /// the block ended (its signature arrived) or the choice finished.
+    pub fn push_thinking(&mut self, index: u32, block: u32, text: &str, last: bool) -> String {
+        release(self.thinking.entry((index, block)).or_default(), text, last)
+    }
+
+    /// Everything still held of choice `index`'s reasoning blocks other than `except`, by block
+    /// (a later block, the answer text or the end of the choice follows: they end here).
+    pub fn take_thinking(&mut self, index: u32, except: Option<u32>) -> Vec<(u32, String)> {
+        let keys: Vec<(u32, u32)> = self
+            .thinking
+            .range((index, 0)..=(index, u32::MAX))
+            .filter(|((_, block), text)| Some(*block) != except && !text.is_empty())
+            .map(|(key, _)| *key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| Some((key.1, self.thinking.remove(&key)?)))
+            .collect()
+    }
+
+    /// Notes that the checked text of a reasoning block differs from what the provider sent.
+    pub fn mark_rewritten(&mut self, index: u32, block: u32) {
+        self.rewritten.insert((index, block));
+    }
+
+    /// Whether a reasoning block's text was rewritten by the check.
+    pub fn is_rewritten(&self, index: u32, block: u32) -> bool {
+        self.rewritten.contains(&(index, block))
     }
 
     /// Everything still held, by choice index (end of stream).
     pub fn drain(&mut self) -> Vec<(u32, String)> {
         std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|(_, text)| !text.is_empty())
+            .collect()
+    }
+
+    /// Reasoning text still held, by (choice index, block) (end of stream).
+    pub fn drain_thinking(&mut self) -> Vec<((u32, u32), String)> {
+        std::mem::take(&mut self.thinking)
             .into_iter()
             .filter(|(_, text)| !text.is_empty())
             .collect()

@@ -284,6 +284,7 @@ impl MessagesRequest {
                             id,
                             name,
                             arguments_json,
+                            signature: String::new(),
                         });
                     }
                     InBlock::ToolResult {
@@ -1025,6 +1026,7 @@ mod tests {
                         id: "call_1".into(),
                         name: "f".into(),
                         arguments_json: r#"{"city":"Paris"}"#.into(),
+                        signature: String::new(),
                     }],
                     ..Default::default()
                 }),
@@ -1108,6 +1110,7 @@ mod tests {
             id: id.into(),
             name: if id.is_empty() { "" } else { "f" }.into(),
             arguments_delta: args.into(),
+            signature: String::new(),
         };
         streamer.chunk(&delta("", Some(call("c1", "")), unspecified), &mut out);
         streamer.chunk(&delta("", Some(call("", "{\"a\":")), unspecified), &mut out);

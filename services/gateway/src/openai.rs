@@ -216,6 +216,7 @@ impl ChatCompletionRequest {
                     id: call.id,
                     name: call.function.name,
                     arguments_json: call.function.arguments,
+                    signature: String::new(),
                 })
                 .collect();
             messages.push(pb::Message {

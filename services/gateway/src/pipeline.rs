@@ -13,7 +13,7 @@ use switchboard_proto::{
     cache::v1::{LookupRequest, Scope, StoreRequest, cache_service_client::CacheServiceClient},
     chat::v1::{
         ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role,
-        RouteInfo, Usage,
+        RouteInfo, ThinkingBlock, ThinkingDelta, Usage,
     },
     guard::v1::{
         CheckAnswerRequest, CheckPromptRequest, Decision, guard_service_client::GuardServiceClient,
@@ -939,7 +939,9 @@ impl Pipeline {
 
     /// Checks the stable text of a streamed chunk (what [`StreamHold`] releases) and puts the
     /// checked text back into the chunk's deltas; held text leaves an empty delta (the chunk's
-    /// shape, role, tool calls and finish reason are kept).
+    /// shape, role, tool calls and finish reason are kept). Reasoning text is held and checked the
+    /// same way, per block; a block ends at its signature, at the next block, or where the answer
+    /// text, a tool call or the finish follows. A rewritten block's signature is dropped.
     async fn check_stream_chunk(
         &self,
         ctx: &RequestContext,
@@ -949,6 +951,55 @@ impl Pipeline {
     ) -> Result<(), GatewayError> {
         for delta in &mut chunk.choices {
             let last = delta.finish_reason != FinishReason::Unspecified as i32;
+            let index = delta.index;
+            if !delta.thinking.is_empty() {
+                let incoming = std::mem::take(&mut delta.thinking);
+                let mut out = Vec::with_capacity(incoming.len());
+                for mut piece in incoming {
+                    for (block, text) in hold.take_thinking(index, Some(piece.index)) {
+                        let text = self
+                            .check_thinking(ctx, request, hold, (index, block), text)
+                            .await?;
+                        out.push(ThinkingDelta {
+                            index: block,
+                            text,
+                            ..Default::default()
+                        });
+                    }
+                    if !piece.redacted_data.is_empty() {
+                        // Encrypted by the provider: nothing to read.
+                        out.push(piece);
+                        continue;
+                    }
+                    let ends = !piece.signature.is_empty() || last;
+                    let stable = hold.push_thinking(index, piece.index, &piece.text, ends);
+                    piece.text = if stable.is_empty() {
+                        stable
+                    } else {
+                        self.check_thinking(ctx, request, hold, (index, piece.index), stable)
+                            .await?
+                    };
+                    if hold.is_rewritten(index, piece.index) {
+                        piece.signature.clear();
+                    }
+                    if !piece.text.is_empty() || !piece.signature.is_empty() {
+                        out.push(piece);
+                    }
+                }
+                delta.thinking = out;
+            }
+            if !delta.content.is_empty() || !delta.tool_calls.is_empty() || last {
+                for (block, text) in hold.take_thinking(index, None) {
+                    let text = self
+                        .check_thinking(ctx, request, hold, (index, block), text)
+                        .await?;
+                    delta.thinking.push(ThinkingDelta {
+                        index: block,
+                        text,
+                        ..Default::default()
+                    });
+                }
+            }
             if delta.content.is_empty() && !last {
                 continue;
             }
@@ -964,7 +1015,28 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The checked text still held back, as one chunk (none when nothing is held).
+    /// One window of a reasoning block (`at`: choice index, block) through CheckAnswer; notes a
+    /// rewrite in `hold`.
+    async fn check_thinking(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        hold: &mut StreamHold,
+        at: (u32, u32),
+        text: String,
+    ) -> Result<String, GatewayError> {
+        hold.windows += 1;
+        let checked = self
+            .check_window(ctx, request, text.clone(), hold.windows)
+            .await?;
+        if checked != text {
+            hold.mark_rewritten(at.0, at.1);
+        }
+        Ok(checked)
+    }
+
+    /// The checked text still held back (reasoning first), as one chunk (none when nothing is
+    /// held).
     async fn flush_hold(
         &self,
         ctx: &RequestContext,
@@ -972,14 +1044,29 @@ impl Pipeline {
         hold: &mut StreamHold,
         response_id: &str,
     ) -> Result<Option<ChatChunk>, GatewayError> {
+        let thinking = hold.drain_thinking();
         let rest = hold.drain();
-        if rest.is_empty() {
+        if rest.is_empty() && thinking.is_empty() {
             return Ok(None);
         }
         let mut chunk = ChatChunk {
             id: response_id.to_owned(),
             ..Default::default()
         };
+        for ((index, block), text) in thinking {
+            let text = self
+                .check_thinking(ctx, request, hold, (index, block), text)
+                .await?;
+            chunk.choices.push(ChoiceDelta {
+                index,
+                thinking: vec![ThinkingDelta {
+                    index: block,
+                    text,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
         for (index, text) in rest {
             hold.windows += 1;
             let content = self.check_window(ctx, request, text, hold.windows).await?;
@@ -1372,8 +1459,10 @@ fn replay_pieces(text: &str) -> Vec<&str> {
 }
 
 /// Replays a cached answer as a stream of the same shape as a live one: per choice a role chunk
-/// (empty content), content chunks, a finish chunk; the usage follows in [`StreamEvent::Done`]
-/// (the HTTP front end's usage chunk, the gRPC summary).
+/// (empty content), the reasoning blocks (text in pieces, then the block's signature; a redacted
+/// block in one delta), content chunks, a finish chunk (with the stop sequence, when the answer
+/// named one); the usage follows in [`StreamEvent::Done`] (the HTTP front end's usage chunk, the
+/// gRPC summary).
 fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
     let mut chunks = Vec::new();
     let chunk = |delta: ChoiceDelta| ChatChunk {
@@ -1384,16 +1473,43 @@ fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
         usage: None,
     };
     for choice in &response.choices {
-        let text = choice
-            .message
-            .as_ref()
-            .map(Message::joined_text)
-            .unwrap_or_default();
+        let message = choice.message.as_ref();
+        let text = message.map(Message::joined_text).unwrap_or_default();
         chunks.push(chunk(ChoiceDelta {
             index: choice.index,
             role: Role::Assistant as i32,
             ..Default::default()
         }));
+        let thinking_delta = |delta: ThinkingDelta| ChoiceDelta {
+            index: choice.index,
+            thinking: vec![delta],
+            ..Default::default()
+        };
+        for (position, block) in message.into_iter().flat_map(|m| &m.thinking).enumerate() {
+            let index = position as u32;
+            if !block.redacted_data.is_empty() {
+                chunks.push(chunk(thinking_delta(ThinkingDelta {
+                    index,
+                    redacted_data: block.redacted_data.clone(),
+                    ..Default::default()
+                })));
+                continue;
+            }
+            for piece in replay_pieces(&block.text) {
+                chunks.push(chunk(thinking_delta(ThinkingDelta {
+                    index,
+                    text: piece.to_owned(),
+                    ..Default::default()
+                })));
+            }
+            if !block.signature.is_empty() {
+                chunks.push(chunk(thinking_delta(ThinkingDelta {
+                    index,
+                    signature: block.signature.clone(),
+                    ..Default::default()
+                })));
+            }
+        }
         for piece in replay_pieces(&text) {
             chunks.push(chunk(ChoiceDelta {
                 index: choice.index,
@@ -1401,17 +1517,12 @@ fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
                 ..Default::default()
             }));
         }
-        chunks.push(ChatChunk {
-            id: id.to_owned(),
-            model: response.model.clone(),
-            created: response.created,
-            choices: vec![ChoiceDelta {
-                index: choice.index,
-                finish_reason: choice.finish_reason,
-                ..Default::default()
-            }],
-            usage: None,
-        });
+        chunks.push(chunk(ChoiceDelta {
+            index: choice.index,
+            finish_reason: choice.finish_reason,
+            stop_sequence: message.map(|m| m.stop_sequence.clone()).unwrap_or_default(),
+            ..Default::default()
+        }));
     }
     chunks
 }
@@ -1422,6 +1533,9 @@ struct Assembler {
     model: String,
     created: i64,
     text: BTreeMap<u32, String>,
+    /// Reasoning blocks per choice, in block order.
+    thinking: BTreeMap<u32, Vec<ThinkingBlock>>,
+    stop_sequence: BTreeMap<u32, String>,
     finish: BTreeMap<u32, i32>,
     has_tool_calls: bool,
     usage: Option<Usage>,
@@ -1440,6 +1554,23 @@ impl Assembler {
                 .push_str(&choice.content);
             if !choice.tool_calls.is_empty() {
                 self.has_tool_calls = true;
+            }
+            if !choice.thinking.is_empty() {
+                let blocks = self.thinking.entry(choice.index).or_default();
+                for delta in &choice.thinking {
+                    let at = delta.index as usize;
+                    if blocks.len() <= at {
+                        blocks.resize_with(at + 1, ThinkingBlock::default);
+                    }
+                    let block = &mut blocks[at];
+                    block.text.push_str(&delta.text);
+                    block.signature.push_str(&delta.signature);
+                    block.redacted_data.push_str(&delta.redacted_data);
+                }
+            }
+            if !choice.stop_sequence.is_empty() {
+                self.stop_sequence
+                    .insert(choice.index, choice.stop_sequence.clone());
             }
             if choice.finish_reason != FinishReason::Unspecified as i32 {
                 self.finish.insert(choice.index, choice.finish_reason);
@@ -1461,9 +1592,12 @@ impl Assembler {
             if finish != FinishReason::Stop as i32 {
                 return None;
             }
+            let mut message = Message::text(Role::Assistant, text.clone());
+            message.thinking = self.thinking.get(index).cloned().unwrap_or_default();
+            message.stop_sequence = self.stop_sequence.get(index).cloned().unwrap_or_default();
             choices.push(Choice {
                 index: *index,
-                message: Some(Message::text(Role::Assistant, text.clone())),
+                message: Some(message),
                 finish_reason: finish,
             });
         }
@@ -1476,16 +1610,25 @@ impl Assembler {
         })
     }
 
-    /// A local count when the provider reported no usage: about four characters per token.
+    /// A local count when the provider reported no usage: about four characters per token
+    /// (reasoning text is output too).
     fn estimate_usage(&self, request: &ChatRequest) -> Usage {
         let prompt_chars: usize = request.messages.iter().map(|m| m.joined_text().len()).sum();
-        let completion_chars: usize = self.text.values().map(String::len).sum();
+        let thinking_chars: usize = self
+            .thinking
+            .values()
+            .flatten()
+            .map(|block| block.text.len())
+            .sum();
+        let completion_chars: usize =
+            self.text.values().map(String::len).sum::<usize>() + thinking_chars;
         let prompt_tokens = prompt_chars.div_ceil(4) as u32;
         let completion_tokens = completion_chars.div_ceil(4) as u32;
         Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            reasoning_tokens: thinking_chars.div_ceil(4) as u32,
             ..Default::default()
         }
     }
@@ -1656,6 +1799,95 @@ mod tests {
             FinishReason::Stop as i32
         );
         assert!(chunks.iter().all(|c| c.id == "id" && c.model == "m"));
+    }
+
+    #[test]
+    fn reasoning_and_the_stop_sequence_survive_caching_and_replay() {
+        let delta = |thinking: Vec<ThinkingDelta>, content: &str| ChatChunk {
+            model: "m".into(),
+            choices: vec![ChoiceDelta {
+                index: 0,
+                content: content.into(),
+                thinking,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let think = |index: u32, text: &str, signature: &str, redacted: &str| ThinkingDelta {
+            index,
+            text: text.into(),
+            signature: signature.into(),
+            redacted_data: redacted.into(),
+        };
+        let mut live = Assembler::default();
+        live.add(&delta(vec![think(0, "first ", "", "")], ""));
+        live.add(&delta(vec![think(0, "thought", "", "")], ""));
+        live.add(&delta(vec![think(0, "", "sig-0", "")], ""));
+        live.add(&delta(vec![think(1, "", "", "opaque")], ""));
+        live.add(&delta(vec![], "the answer"));
+        live.add(&ChatChunk {
+            choices: vec![ChoiceDelta {
+                index: 0,
+                finish_reason: FinishReason::Stop as i32,
+                stop_sequence: "END".into(),
+                ..Default::default()
+            }],
+            usage: Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 9,
+                total_tokens: 10,
+                reasoning_tokens: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let cached = live.to_response(&RouteInfo::default()).unwrap();
+        let message = cached.choices[0].message.as_ref().unwrap();
+        assert_eq!(
+            message.thinking,
+            vec![
+                ThinkingBlock {
+                    text: "first thought".into(),
+                    signature: "sig-0".into(),
+                    redacted_data: String::new(),
+                },
+                ThinkingBlock {
+                    redacted_data: "opaque".into(),
+                    ..Default::default()
+                },
+            ]
+        );
+        assert_eq!(message.stop_sequence, "END");
+        assert_eq!(message.joined_text(), "the answer");
+
+        // The replay streams the same blocks, text and stop sequence back.
+        let chunks = replay_chunks(&cached, "id");
+        let first_content = chunks
+            .iter()
+            .position(|c| !c.choices[0].content.is_empty())
+            .unwrap();
+        assert!(
+            chunks[..first_content]
+                .iter()
+                .skip(1)
+                .all(|c| !c.choices[0].thinking.is_empty()),
+            "reasoning precedes the content"
+        );
+        let mut replayed = Assembler::default();
+        for chunk in &chunks {
+            replayed.add(chunk);
+        }
+        replayed.add(&ChatChunk {
+            usage: cached.usage,
+            ..Default::default()
+        });
+        assert_eq!(replayed.to_response(&RouteInfo::default()), Some(cached));
+
+        // A cut stream's local count includes the reasoning it consumed.
+        let mut cut = Assembler::default();
+        cut.add(&delta(vec![think(0, &"x".repeat(40), "", "")], "abcd"));
+        let usage = cut.estimate_usage(&request());
+        assert_eq!((usage.completion_tokens, usage.reasoning_tokens), (11, 10));
     }
 
     #[test]

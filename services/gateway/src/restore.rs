@@ -1,6 +1,8 @@
 //! Restores pseudonymised values (`<EMAIL_ADDRESS_1>` → the original) in answers before they reach
 //! the caller. The mapping comes from the guard's `CheckPrompt` and lives for one request only: it
 //! is never logged, put in a span, a usage event or the cache (which holds the placeholder version).
+//! Reasoning blocks keep their placeholders: a signed block must reach the caller as the provider
+//! signed it (it is echoed back in the next turn, where that turn's own pseudonyms apply).
 
 use std::collections::BTreeMap;
 
@@ -207,6 +209,7 @@ mod tests {
             id: "c".into(),
             name: "send".into(),
             arguments_json: r#"{"to":"<EMAIL_ADDRESS_1>","name":"<NAME_1>"}"#.into(),
+            signature: String::new(),
         }];
         let mut response = ChatResponse {
             choices: vec![Choice {

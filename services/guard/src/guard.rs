@@ -194,10 +194,11 @@ impl Guard {
         self.check_route(app, "", direction, messages)
     }
 
-    /// Checks the text parts of every message (all roles) under the policy of `app` for
-    /// `direction`, and, under the policy of `route`, scores prompt injection (prompts only) and
-    /// matches denied topics in the messages that are not the application's own instructions
-    /// (system and developer messages are exempt). Other parts and fields are left as they are.
+    /// Checks the text parts and reasoning blocks of every message (all roles) under the policy of
+    /// `app` for `direction`, and, under the policy of `route`, scores prompt injection (prompts
+    /// only, text parts only) and matches denied topics in the messages that are not the
+    /// application's own instructions (system and developer messages are exempt). A rewritten
+    /// reasoning block loses its signature. Other parts and fields are left as they are.
     pub fn check_route(
         &self,
         app: &str,
@@ -229,21 +230,39 @@ impl Guard {
                 Role::try_from(message.role),
                 Ok(Role::System | Role::Developer)
             );
+            let mut texts = Vec::with_capacity(message.content.len() + message.thinking.len());
             for (j, part) in message.content.iter().enumerate() {
-                let text = match &part.part {
-                    Some(Part::Text(text)) => text,
-                    Some(Part::ImageUrl(_)) => continue,
-                    // A part kind this build does not know: it cannot be inspected, so it cannot pass.
+                match &part.part {
+                    Some(Part::Text(text)) => texts.push((Slot::Part(j), text)),
+                    Some(Part::ImageUrl(_)) => {}
+                    // A part kind this build does not know: it cannot be inspected, so it cannot
+                    // pass.
                     None => {
                         return Err(GuardError::UninspectableContent {
                             message: i,
                             part: j,
                         });
                     }
-                };
+                }
+            }
+            // Reasoning blocks carry the model's text too (a redacted block is encrypted: nothing
+            // to read). They are checked for entities and topics, not scored for injection: the
+            // model's own reasoning about an attack is not one, and a forged block fails the
+            // provider's signature check.
+            texts.extend(
+                message
+                    .thinking
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, block)| !block.text.is_empty())
+                    .map(|(k, block)| (Slot::Thinking(k), &block.text)),
+            );
+            for (slot, text) in texts {
                 let view = Normalized::new(text);
                 if !instructions {
-                    if let Some((threshold, _)) = injection {
+                    if let Some((threshold, _)) = injection
+                        && matches!(slot, Slot::Part(_))
+                    {
                         let score = self.detector.score(view.text()).score;
                         injection_score = injection_score.max(score);
                         if score >= threshold {
@@ -270,15 +289,29 @@ impl Guard {
                 {
                     continue;
                 }
-                let rewriter =
-                    rewriter.get_or_insert_with(|| Rewriter::new(&self.renderer, texts(messages)));
+                let rewriter = rewriter
+                    .get_or_insert_with(|| Rewriter::new(&self.renderer, texts_of(messages)));
                 let rewritten = rewriter.rewrite(text, &view, &matches, action_of);
-                if let Some(slot) = transformed
+                let Some(message) = transformed
                     .get_or_insert_with(|| messages.to_vec())
                     .get_mut(i)
-                    .and_then(|m| m.content.get_mut(j))
-                {
-                    slot.part = Some(Part::Text(rewritten));
+                else {
+                    continue;
+                };
+                match slot {
+                    Slot::Part(j) => {
+                        if let Some(part) = message.content.get_mut(j) {
+                            part.part = Some(Part::Text(rewritten));
+                        }
+                    }
+                    Slot::Thinking(k) => {
+                        if let Some(block) = message.thinking.get_mut(k) {
+                            // Rewritten reasoning no longer matches the provider's signature: the
+                            // block goes unsigned (the Anthropic adapter does not send it back).
+                            block.text = rewritten;
+                            block.signature.clear();
+                        }
+                    }
                 }
             }
         }
@@ -337,14 +370,28 @@ impl Guard {
     }
 }
 
-/// Every text part of `messages` (to avoid issuing a placeholder the caller already wrote).
-fn texts(messages: &[Message]) -> Vec<&str> {
+/// Where a checked text lives in its message.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// A content part (its index).
+    Part(usize),
+    /// A reasoning block (its index).
+    Thinking(usize),
+}
+
+/// Every text part and reasoning text of `messages` (to avoid issuing a placeholder the caller
+/// already wrote).
+fn texts_of(messages: &[Message]) -> Vec<&str> {
     messages
         .iter()
-        .flat_map(|m| &m.content)
-        .filter_map(|p| match &p.part {
-            Some(Part::Text(text)) => Some(text.as_str()),
-            _ => None,
+        .flat_map(|m| {
+            m.content
+                .iter()
+                .filter_map(|p| match &p.part {
+                    Some(Part::Text(text)) => Some(text.as_str()),
+                    _ => None,
+                })
+                .chain(m.thinking.iter().map(|b| b.text.as_str()))
         })
         .collect()
 }
@@ -383,6 +430,7 @@ mod tests {
             id: "call_1".into(),
             name: "lookup".into(),
             arguments_json: "{\"email\":\"x@example.com\"}".into(),
+            signature: String::new(),
         });
         let mut user = Message::text(
             Role::User,
@@ -403,6 +451,48 @@ mod tests {
 
     fn check(guard: &Guard, app: &str, messages: &[Message]) -> Outcome {
         guard.check(app, Direction::Prompt, messages).unwrap()
+    }
+
+    #[test]
+    fn reasoning_blocks_are_checked_and_a_rewritten_block_loses_its_signature() {
+        use switchboard_proto::chat::v1::ThinkingBlock;
+        let mut assistant = Message::text(Role::Assistant, "done");
+        assistant.thinking = vec![
+            ThinkingBlock {
+                text: "the user is ann@example.com".into(),
+                signature: "sig-a".into(),
+                ..Default::default()
+            },
+            ThinkingBlock {
+                text: "nothing personal here".into(),
+                signature: "sig-b".into(),
+                ..Default::default()
+            },
+            ThinkingBlock {
+                redacted_data: "opaque".into(),
+                ..Default::default()
+            },
+        ];
+        let input = vec![Message::text(Role::User, "hi"), assistant];
+        let guard = guard();
+
+        let outcome = guard.check("web", Direction::Answer, &input).unwrap();
+        assert_eq!(outcome.decision, Decision::Transform);
+        assert_eq!(
+            outcome.findings,
+            vec![Finding::entity("EMAIL_ADDRESS", 1, Action::Redact)]
+        );
+        let thinking = &outcome.messages[1].thinking;
+        assert_eq!(thinking[0].text, "the user is [EMAIL_ADDRESS]");
+        assert!(thinking[0].signature.is_empty(), "rewritten: unsigned");
+        assert_eq!(thinking[1], input[1].thinking[1], "untouched: still signed");
+        assert_eq!(thinking[2], input[1].thinking[2]);
+        assert_eq!(outcome.messages[1].joined_text(), "done");
+
+        // The same value only in reasoning is enough to block under a blocking policy.
+        let blocked = guard.check("billing", Direction::Prompt, &input).unwrap();
+        assert_eq!(blocked.decision, Decision::Block);
+        assert_eq!(blocked.blocked_entity_types(), vec!["EMAIL_ADDRESS"]);
     }
 
     #[test]

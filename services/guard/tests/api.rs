@@ -101,6 +101,7 @@ fn prompt() -> Vec<Message> {
         id: "c1".into(),
         name: "send".into(),
         arguments_json: "{}".into(),
+        signature: String::new(),
     });
     vec![
         Message::text(Role::System, "You are a billing assistant."),

@@ -32,6 +32,9 @@ const EMAIL_D: &str = "dave.answer@example.org";
 const KEY_D: &str = "sk-test-app-d";
 /// A route that proceeds without the guard when the guard is unreachable.
 const OPEN_ROUTE: &str = "open-route";
+/// A route to an Anthropic-format target (the fake thinks `thinking about: <prompt>` when
+/// extended thinking is on).
+const THINKING_ROUTE: &str = "thinking-route";
 
 /// Everything the in-process services log (and their span fields).
 #[derive(Clone, Default)]
@@ -114,7 +117,18 @@ impl Mesh {
                 "[[router.routes]]",
                 &format!(
                     "[[router.routes]]\nname = \"{OPEN_ROUTE}\"\n\
-                     targets = [{{ provider = \"primary\", model = \"{MODEL}\" }}]\n[[router.routes]]"
+                     targets = [{{ provider = \"primary\", model = \"{MODEL}\" }}]\n\
+                     [[router.routes]]\nname = \"{THINKING_ROUTE}\"\n\
+                     targets = [{{ provider = \"claude\", model = \"claude-x\" }}]\n[[router.routes]]"
+                ),
+                1,
+            )
+            .replacen(
+                "[router.providers.backup]",
+                &format!(
+                    "[router.providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+                     api_key_env = \"E2E_CLAUDE_KEY\"\n[router.providers.backup]",
+                    primary.base_url().trim_end_matches("/v1")
                 ),
                 1,
             );
@@ -128,7 +142,10 @@ impl Mesh {
         tasks.push(spawn(&cancel, |stop| async move {
             Ok(ledger.run_until(stop).await?)
         }));
-        let router = switchboard_router::App::build(source.section("router")?).await?;
+        let mut router_config: switchboard_router::Config = source.section("router")?;
+        // The fake wants some key; no test reads one from the environment.
+        router_config.resolve_api_keys(|var| Some(format!("key-{var}")));
+        let router = switchboard_router::App::build(router_config).await?;
         let router_url = format!("http://{}", router.local_addr());
         tasks.push(spawn(&cancel, |stop| async move {
             Ok(router.run_until(stop).await?)
@@ -615,6 +632,73 @@ async fn streamed_answers_are_redacted_across_chunks_and_pseudonyms_still_restor
     assert_eq!(
         content,
         format!("echo: {filler}mail [EMAIL_ADDRESS] {filler}card {CARD} done")
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn streamed_reasoning_is_checked_like_the_answer_and_a_rewritten_block_loses_its_signature() {
+    captured();
+    let mesh = Mesh::start().await.unwrap();
+    let stream = |text: String| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/messages", mesh.http_url))
+            .header("x-api-key", KEY_D)
+            .header("anthropic-version", "2023-06-01")
+            .json(
+                &json!({"model": THINKING_ROUTE, "max_tokens": 2048, "stream": true,
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "messages": [{"role": "user", "content": text}]}),
+            )
+            .send()
+    };
+    // (thinking text, signature, answer text) of an Anthropic SSE body.
+    let read = |body: &str| {
+        let (mut thinking, mut signature, mut text) = (String::new(), String::new(), String::new());
+        for line in body.lines() {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(data).unwrap();
+            let delta = &event["delta"];
+            match delta["type"].as_str() {
+                Some("thinking_delta") => thinking.push_str(delta["thinking"].as_str().unwrap()),
+                Some("signature_delta") => signature.push_str(delta["signature"].as_str().unwrap()),
+                Some("text_delta") => text.push_str(delta["text"].as_str().unwrap()),
+                _ => {}
+            }
+        }
+        (thinking, signature, text)
+    };
+
+    // Nothing to redact: the reasoning and its signature pass as the provider sent them.
+    let response = stream("why is the sky blue".to_owned()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (thinking, signature, text) = read(&response.text().await.unwrap());
+    assert_eq!(thinking, "thinking about: why is the sky blue");
+    assert!(signature.starts_with("fakesig"), "{signature}");
+    assert_eq!(text, "echo: why is the sky blue");
+
+    // The email (allowed in prompts, redacted in answers) is redacted in the reasoning too, and
+    // the block's signature, which covers the original text, is not passed on.
+    let filler = "lorem ipsum dolor sit amet ".repeat(8);
+    let prompt = format!("{filler}mail {EMAIL_D} {filler}done");
+    let response = stream(prompt).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(!body.contains(EMAIL_D), "redacted everywhere: {body}");
+    let (thinking, signature, text) = read(&body);
+    assert_eq!(
+        thinking,
+        format!("thinking about: {filler}mail [EMAIL_ADDRESS] {filler}done")
+    );
+    assert!(
+        signature.is_empty(),
+        "rewritten reasoning is unsigned: {signature}"
+    );
+    assert_eq!(
+        text,
+        format!("echo: {filler}mail [EMAIL_ADDRESS] {filler}done")
     );
     mesh.stop().await;
 }
