@@ -9,6 +9,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
 
 use crate::{
+    admission::{Admission, AdmissionStats},
     audit::{AuditSink, AuditStats, Queued, publish_loop},
     config::Config,
     error::StartupError,
@@ -31,6 +32,7 @@ pub struct App {
     local_addr: SocketAddr,
     guard: Arc<Guard>,
     audit: Option<Audit>,
+    admission: Admission,
 }
 
 impl App {
@@ -47,6 +49,7 @@ impl App {
         nats: Option<NatsConfig>,
     ) -> Result<App, StartupError> {
         let guard = Arc::new(Guard::new(&config)?);
+        let admission = Admission::new(&config.admission);
         let audit = match nats {
             Some(nats) if config.audit.enabled => {
                 let client = nats.connect().await?;
@@ -70,6 +73,7 @@ impl App {
             local_addr,
             guard,
             audit,
+            admission,
         })
     }
 
@@ -81,6 +85,11 @@ impl App {
     /// The audit counters (queued, published, dropped, failed), when the audit trail is on.
     pub fn audit_stats(&self) -> Option<Arc<AuditStats>> {
         self.audit.as_ref().map(|a| a.sink.stats().clone())
+    }
+
+    /// The admission counters (calls admitted, refused).
+    pub fn admission_stats(&self) -> Arc<AdmissionStats> {
+        self.admission.stats().clone()
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and the audit queue.
@@ -112,7 +121,10 @@ impl App {
             None => None,
         };
         tasks.close();
-        let routes = Routes::new(GuardServiceServer::new(GuardGrpc::new(self.guard, sink)));
+        let routes = Routes::new(
+            self.admission
+                .wrap(GuardServiceServer::new(GuardGrpc::new(self.guard, sink))),
+        );
         let served =
             switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
         // The server (and its sink clones) is gone: the publisher drains what is queued.

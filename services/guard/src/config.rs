@@ -7,6 +7,7 @@ use serde::Deserialize;
 use switchboard_config::ConfigError;
 
 use crate::{
+    admission::AdmissionConfig,
     audit::AuditConfig,
     content::{ContentFilters, TopicConfig},
     policy::Policies,
@@ -47,6 +48,8 @@ use crate::{
 /// [guard.routes."gpt-4o"]            # per-route overrides of the four keys above
 /// injection_action = "block"
 /// injection_threshold = 0.3
+/// [guard.admission]                  # overload: calls in flight beyond this are refused at once
+/// max_in_flight = 128
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,6 +98,8 @@ pub struct Config {
     pub routes: BTreeMap<String, RoutePolicyConfig>,
     /// The audit trail (`[guard.audit]`, see [`crate::audit::AuditConfig`]).
     pub audit: AuditConfig,
+    /// Admission of large checks (`[guard.admission]`, see [`crate::admission`]).
+    pub admission: AdmissionConfig,
 }
 
 /// `[guard.mask]`.
@@ -201,6 +206,7 @@ impl Default for Config {
             topic_action: "block".to_owned(),
             routes: BTreeMap::new(),
             audit: AuditConfig::default(),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -211,6 +217,7 @@ impl Config {
         if self.grpc_addr.trim().is_empty() {
             return Err(ConfigError::invalid("guard.grpc_addr", "must not be empty"));
         }
+        self.admission.validate()?;
         if !(4..=64).contains(&self.hash_length) {
             return Err(ConfigError::invalid(
                 "guard.hash_length",

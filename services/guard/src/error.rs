@@ -10,12 +10,16 @@ pub enum GuardError {
     /// A content part of a kind the guard cannot inspect (for example one added by a newer API version).
     #[error("messages[{message}].content[{part}] is of a kind the guard cannot inspect")]
     UninspectableContent { message: usize, part: usize },
+    /// Too many checks are already waiting (see [`crate::admission`]).
+    #[error("the guard is overloaded ({in_flight} checks in flight); retry later")]
+    Overloaded { in_flight: usize },
 }
 
 impl ServiceError for GuardError {
     fn code(&self) -> ErrorCode {
         match self {
             GuardError::UninspectableContent { .. } => ErrorCode::InvalidArgument,
+            GuardError::Overloaded { .. } => ErrorCode::Unavailable,
         }
     }
 
@@ -25,6 +29,9 @@ impl ServiceError for GuardError {
                 "field".to_owned(),
                 format!("messages[{message}].content[{part}]"),
             )]),
+            GuardError::Overloaded { .. } => {
+                HashMap::from([("reason".to_owned(), "GUARD_OVERLOADED".to_owned())])
+            }
         }
     }
 }

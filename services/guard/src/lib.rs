@@ -9,6 +9,7 @@
 //! nothing here logs prompt text. [`pseudonym::restore`] and [`pseudonym::Restorer`] put
 //! pseudonymised values back into an answer (whole or streamed).
 
+pub mod admission;
 mod app;
 pub mod audit;
 mod config;

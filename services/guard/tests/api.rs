@@ -588,3 +588,71 @@ async fn answers_carry_the_route_and_entity_findings_keep_their_kind() {
     assert!(!answer.detector_version.is_empty());
     guard.stop().await;
 }
+
+#[tokio::test]
+async fn an_overload_is_refused_at_once_with_a_typed_status_and_nothing_leaks() {
+    let mut config = config();
+    config.admission = switchboard_guard::admission::AdmissionConfig { max_in_flight: 2 };
+    let app = App::build(config).await.unwrap();
+    let stats = app.admission_stats();
+    let url = switchboard_grpc::url_of(app.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = GuardServiceClient::connect(url).await.unwrap();
+    let request = |messages: Vec<Message>| CheckPromptRequest {
+        request_id: "req-big".into(),
+        app: "web".into(),
+        team: "t".into(),
+        messages,
+        route: String::new(),
+    };
+    // ~27 KB prompts, each a few milliseconds of checking (debug build).
+    let filler = "lorem ipsum dolor sit amet ".repeat(500);
+    let large = vec![Message::text(
+        Role::User,
+        format!("{filler} write to {EMAIL} {filler}"),
+    )];
+
+    // 32 at once against 2 in flight: some are checked, the rest refused at once with
+    // UNAVAILABLE and the overload reason; the checked ones decided as usual.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let mut client = client.clone();
+        let request = request(large.clone());
+        calls.spawn(async move { client.check_prompt(request).await });
+    }
+    let results = calls.join_all().await;
+    let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    assert!(!ok.is_empty(), "some are admitted");
+    assert!(!refused.is_empty(), "an overload is refused");
+    for status in refused.into_iter().map(Result::unwrap_err) {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let metadata = switchboard_status::status_metadata(&status);
+        assert_eq!(metadata["reason"], "GUARD_OVERLOADED");
+    }
+    for response in ok {
+        let response = response.unwrap().into_inner();
+        assert_eq!(response.decision, Decision::Transform as i32);
+        assert_no_values(&response);
+    }
+    let refused_total = stats.refused.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused_total > 0);
+    // Every slot was given back: calls one after another are all admitted again.
+    for _ in 0..5 {
+        let small = client
+            .clone()
+            .check_prompt(request(prompt()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(small.decision, Decision::Transform as i32);
+    }
+    assert_eq!(
+        stats.refused.load(std::sync::atomic::Ordering::Relaxed),
+        refused_total
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
