@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    budget::{Budget, BudgetStore},
     config::Config,
     consumer::{ConsumerSettings, UsageConsumer, set_up},
     error::StartupError,
@@ -41,13 +42,15 @@ pub struct App {
 
 impl App {
     /// Validates the configuration, creates and migrates the database, records the configured
-    /// prices, connects NATS (creating the usage stream and the durable consumer when missing) and
-    /// binds the gRPC listener.
+    /// prices, applies the declared budgets (`[[ledger.budgets]]`), connects NATS (creating the
+    /// usage stream and the durable consumer when missing) and binds the gRPC listener.
     pub async fn build(config: Config, nats: NatsConfig) -> Result<App, StartupError> {
         config.validate()?;
         let prices = config.parsed_prices()?;
+        let budgets = config.parsed_budgets()?;
         let repo = Repository::connect(&config.database_url, config.max_connections).await?;
         repo.sync_prices(&prices).await?;
+        apply_declared_budgets(&repo, &budgets).await?;
         // Fingerprint first: a version added while loading is picked up by the next reload.
         let fingerprint = repo
             .prices_fingerprint()
@@ -216,4 +219,32 @@ impl App {
         served?;
         Ok(())
     }
+}
+
+/// Upserts the budgets declared in configuration (`BudgetStore::apply_declared`) and logs what
+/// changed; declared budgets no longer in the configuration are kept and warned about.
+async fn apply_declared_budgets(repo: &Repository, budgets: &[Budget]) -> Result<(), StartupError> {
+    let applied = BudgetStore::new(repo.pool().clone())
+        .apply_declared(budgets)
+        .await
+        .map_err(StartupError::Budgets)?;
+    for id in &applied.created {
+        tracing::info!(budget.id = %id, "declared budget created");
+    }
+    for id in &applied.updated {
+        tracing::info!(budget.id = %id, "declared budget updated from the configuration");
+    }
+    for id in &applied.undeclared {
+        tracing::warn!(
+            budget.id = %id,
+            "budget no longer declared in ledger.budgets; left as it is and still enforced"
+        );
+    }
+    tracing::info!(
+        created = applied.created.len(),
+        updated = applied.updated.len(),
+        unchanged = applied.unchanged.len(),
+        "declared budgets applied"
+    );
+    Ok(())
 }

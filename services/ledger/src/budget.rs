@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 
 use jiff::{Timestamp, ToSpan, Zoned, civil::Date, tz::TimeZone};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sha2::{Digest as _, Sha256};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use switchboard_status::{ErrorCode, ServiceError};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -97,7 +98,8 @@ impl ScopeKind {
         }
     }
 
-    fn from_db(text: &str) -> Option<ScopeKind> {
+    /// Parses the database (and configuration) text: `key`, `app`, `team` or `org`.
+    pub fn parse(text: &str) -> Option<ScopeKind> {
         Some(match text {
             "key" => ScopeKind::Key,
             "app" => ScopeKind::App,
@@ -132,7 +134,8 @@ impl Period {
         }
     }
 
-    fn from_db(text: &str) -> Option<Period> {
+    /// Parses the database (and configuration) text: `day`, `week`, `month` or `lifetime`.
+    pub fn parse(text: &str) -> Option<Period> {
         Some(match text {
             "day" => Period::Day,
             "week" => Period::Week,
@@ -218,6 +221,21 @@ impl Budget {
         Ok(())
     }
 
+    /// Whether `other` applies to the same scope (kind and id).
+    pub fn same_scope(&self, other: &Budget) -> bool {
+        self.kind == other.kind && self.scope_id == other.scope_id
+    }
+
+    /// Whether `other` has the same limit, period, time zone, enforcement and alert thresholds:
+    /// everything `update` can change. Compare validated (normalised) budgets.
+    pub fn same_settings(&self, other: &Budget) -> bool {
+        self.period == other.period
+            && self.time_zone == other.time_zone
+            && self.limit == other.limit
+            && self.hard == other.hard
+            && self.thresholds == other.thresholds
+    }
+
     fn zone(&self) -> TimeZone {
         TimeZone::get(&self.time_zone).unwrap_or(TimeZone::UTC)
     }
@@ -226,6 +244,52 @@ impl Budget {
     pub fn period_at(&self, now: Timestamp) -> PeriodBounds {
         period_bounds(self.period, &self.zone(), now)
     }
+}
+
+/// Prefix of the ids of the budgets declared in `[[ledger.budgets]]`, which mark them as owned by
+/// the configuration. Reserved: `CreateBudget` refuses such an id.
+pub const DECLARED_ID_PREFIX: &str = "config.";
+
+/// Longest scope id that is kept readable in a declared budget's id (longer ones are hashed).
+const DECLARED_READABLE_MAX: usize = 64;
+
+/// The id of the budget declared in configuration for a scope (one per scope):
+/// - `config.org` for the organisation (empty scope id);
+/// - `config.<kind>.<scope id>` when the scope id is 1–64 letters, digits, `-` or `_`;
+/// - otherwise `config.<kind>.sha256.<the first 32 hex digits of the scope id's SHA-256>`, since
+///   a budget id is at most 128 letters, digits, `-`, `_` or `.`.
+///
+/// The readable form has two dots and the hashed form three, so two scopes never share an id.
+pub fn declared_id(kind: ScopeKind, scope_id: &str) -> String {
+    let kind = kind.as_str();
+    if scope_id.is_empty() {
+        return format!("{DECLARED_ID_PREFIX}{kind}");
+    }
+    let readable = scope_id.len() <= DECLARED_READABLE_MAX
+        && scope_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if readable {
+        format!("{DECLARED_ID_PREFIX}{kind}.{scope_id}")
+    } else {
+        let digest = Sha256::digest(scope_id.as_bytes());
+        let short: String = hex::encode(digest).chars().take(32).collect();
+        format!("{DECLARED_ID_PREFIX}{kind}.sha256.{short}")
+    }
+}
+
+/// What [`BudgetStore::apply_declared`] did, by budget id (each list in id order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Declared budgets that did not exist.
+    pub created: Vec<String>,
+    /// Declared budgets whose stored settings differed: replaced by the declared ones.
+    pub updated: Vec<String>,
+    /// Declared budgets stored exactly as declared: not written.
+    pub unchanged: Vec<String>,
+    /// Budgets with a declared id ([`DECLARED_ID_PREFIX`]) that are no longer declared: left as
+    /// they are (still enforced).
+    pub undeclared: Vec<String>,
 }
 
 /// The bounds of one period: `[start, end)`; `end` is `None` for lifetime budgets.
@@ -372,9 +436,9 @@ fn budget_from_row(row: &sqlx::postgres::PgRow) -> Result<Budget, BudgetError> {
     let thresholds: Vec<i32> = row.try_get("alert_thresholds_pct")?;
     Ok(Budget {
         id: row.try_get("id")?,
-        kind: ScopeKind::from_db(&kind).unwrap_or(ScopeKind::Org),
+        kind: ScopeKind::parse(&kind).unwrap_or(ScopeKind::Org),
         scope_id: row.try_get("scope_id")?,
-        period: Period::from_db(&period).unwrap_or(Period::Lifetime),
+        period: Period::parse(&period).unwrap_or(Period::Lifetime),
         time_zone: row.try_get("time_zone")?,
         limit: row.try_get("limit_usd_nanos")?,
         hard: row.try_get("hard")?,
@@ -407,6 +471,106 @@ impl BudgetStore {
     /// Creates a budget.
     pub async fn create(&self, mut budget: Budget) -> Result<Budget, BudgetError> {
         budget.validate()?;
+        let mut conn = self.pool.acquire().await?;
+        match Self::insert(&mut conn, &budget).await? {
+            Some(stored) => Ok(stored),
+            None => Err(BudgetError::AlreadyExists { id: budget.id }),
+        }
+    }
+
+    /// Replaces a budget's mutable fields (its scope stays).
+    pub async fn update(&self, mut budget: Budget) -> Result<Budget, BudgetError> {
+        budget.validate()?;
+        let current = self.get(&budget.id).await?;
+        if !current.same_scope(&budget) {
+            return Err(invalid(
+                "budget.scope",
+                "cannot change; create another budget",
+            ));
+        }
+        let mut conn = self.pool.acquire().await?;
+        match Self::rewrite(&mut conn, &budget).await? {
+            Some(stored) => Ok(stored),
+            None => Err(BudgetError::NotFound {
+                what: "budget",
+                id: budget.id,
+            }),
+        }
+    }
+
+    /// Upserts the budgets declared in the configuration (`[[ledger.budgets]]`, ids from
+    /// [`declared_id`]) in one transaction: a missing one is created, one whose stored settings
+    /// differ is updated (as `update` does), an equal one is not written (its `updated_at` stays).
+    /// No other budget is written; declared-id budgets that are no longer declared are reported in
+    /// [`Applied::undeclared`] and left as they are.
+    ///
+    /// Safe when several ledgers start at once: rows are taken in id order, each with the insert's
+    /// `ON CONFLICT DO NOTHING` (which waits for a concurrent insert of the same id) and then
+    /// `SELECT … FOR UPDATE`, so concurrent applies serialise per budget and the later one sees
+    /// the earlier one's result.
+    pub async fn apply_declared(&self, declared: &[Budget]) -> Result<Applied, BudgetError> {
+        let mut budgets = declared.to_vec();
+        for budget in &mut budgets {
+            budget.validate()?;
+        }
+        budgets.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(pair) = budgets.windows(2).find(|pair| pair[0].id == pair[1].id) {
+            return Err(invalid(
+                "budget.id",
+                format!("budget `{}` is declared twice", pair[0].id),
+            ));
+        }
+        let mut applied = Applied::default();
+        let mut tx = self.pool.begin().await?;
+        for budget in &budgets {
+            if Self::insert(&mut tx, budget).await?.is_some() {
+                applied.created.push(budget.id.clone());
+                continue;
+            }
+            let current = Self::lock(&mut tx, &budget.id).await?;
+            if !current.same_scope(budget) {
+                return Err(invalid(
+                    "budget.scope",
+                    format!(
+                        "budget `{}` exists with scope {}:{}, not {}:{}",
+                        budget.id,
+                        current.kind.as_str(),
+                        current.scope_id,
+                        budget.kind.as_str(),
+                        budget.scope_id
+                    ),
+                ));
+            }
+            if current.same_settings(budget) {
+                applied.unchanged.push(budget.id.clone());
+            } else {
+                Self::rewrite(&mut tx, budget).await?;
+                applied.updated.push(budget.id.clone());
+            }
+        }
+        let stored: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM budgets WHERE id LIKE $1 ORDER BY id")
+                .bind(format!("{DECLARED_ID_PREFIX}%"))
+                .fetch_all(&mut *tx)
+                .await?;
+        applied.undeclared = stored
+            .into_iter()
+            .filter(|id| {
+                budgets
+                    .binary_search_by(|b| b.id.as_str().cmp(id.as_str()))
+                    .is_err()
+            })
+            .collect();
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Inserts a validated budget; `None` when its id exists (after waiting for a concurrent
+    /// insert of the same id to commit).
+    async fn insert(
+        conn: &mut PgConnection,
+        budget: &Budget,
+    ) -> Result<Option<Budget>, BudgetError> {
         let sql = format!(
             "INSERT INTO budgets (id, scope_kind, scope_id, period, time_zone, limit_usd_nanos, \
              hard, alert_thresholds_pct) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -420,25 +584,17 @@ impl BudgetStore {
             .bind(&budget.time_zone)
             .bind(budget.limit)
             .bind(budget.hard)
-            .bind(thresholds_db(&budget))
-            .fetch_optional(&self.pool)
+            .bind(thresholds_db(budget))
+            .fetch_optional(conn)
             .await?;
-        match row {
-            Some(row) => budget_from_row(&row),
-            None => Err(BudgetError::AlreadyExists { id: budget.id }),
-        }
+        row.as_ref().map(budget_from_row).transpose()
     }
 
-    /// Replaces a budget's mutable fields (its scope stays).
-    pub async fn update(&self, mut budget: Budget) -> Result<Budget, BudgetError> {
-        budget.validate()?;
-        let current = self.get(&budget.id).await?;
-        if current.kind != budget.kind || current.scope_id != budget.scope_id {
-            return Err(invalid(
-                "budget.scope",
-                "cannot change; create another budget",
-            ));
-        }
+    /// Writes a validated budget's mutable fields (not its scope); `None` when it does not exist.
+    async fn rewrite(
+        conn: &mut PgConnection,
+        budget: &Budget,
+    ) -> Result<Option<Budget>, BudgetError> {
         let sql = format!(
             "UPDATE budgets SET period = $2, time_zone = $3, limit_usd_nanos = $4, hard = $5, \
              alert_thresholds_pct = $6, updated_at = now() WHERE id = $1 RETURNING {BUDGET_COLUMNS}"
@@ -449,16 +605,10 @@ impl BudgetStore {
             .bind(&budget.time_zone)
             .bind(budget.limit)
             .bind(budget.hard)
-            .bind(thresholds_db(&budget))
-            .fetch_optional(&self.pool)
+            .bind(thresholds_db(budget))
+            .fetch_optional(conn)
             .await?;
-        match row {
-            Some(row) => budget_from_row(&row),
-            None => Err(BudgetError::NotFound {
-                what: "budget",
-                id: budget.id,
-            }),
-        }
+        row.as_ref().map(budget_from_row).transpose()
     }
 
     /// One budget.
@@ -1221,6 +1371,198 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        pg.drop_db().await;
+    }
+
+    #[test]
+    fn declared_ids_are_readable_valid_and_distinct_per_scope() {
+        assert_eq!(declared_id(ScopeKind::Org, ""), "config.org");
+        assert_eq!(declared_id(ScopeKind::Team, "team-1"), "config.team.team-1");
+        assert_eq!(declared_id(ScopeKind::Key, "k_2"), "config.key.k_2");
+        let spaced = declared_id(ScopeKind::App, "my app");
+        assert!(spaced.starts_with("config.app.sha256."), "{spaced}");
+        assert_eq!(spaced.len(), "config.app.sha256.".len() + 32);
+        let long = "x".repeat(300);
+        let longest_readable = "x".repeat(64);
+        let scopes = [
+            (ScopeKind::App, "a.b"),
+            (ScopeKind::App, "a"),
+            (ScopeKind::Team, "a"),
+            (ScopeKind::App, "my app"),
+            (ScopeKind::App, "sha256"),
+            (ScopeKind::Key, long.as_str()),
+            (ScopeKind::Key, longest_readable.as_str()),
+            (ScopeKind::Key, "é"),
+        ];
+        let mut ids = std::collections::HashSet::new();
+        for (kind, scope_id) in scopes {
+            let mut budget = hard(&declared_id(kind, scope_id), Period::Day, "", 1);
+            budget.kind = kind;
+            scope_id.clone_into(&mut budget.scope_id);
+            budget.validate().unwrap();
+            assert!(budget.id.starts_with(DECLARED_ID_PREFIX));
+            assert!(ids.insert(budget.id.clone()), "{kind:?} {scope_id}");
+        }
+    }
+
+    fn declared(kind: ScopeKind, scope_id: &str, period: Period, limit: i64) -> Budget {
+        Budget {
+            id: declared_id(kind, scope_id),
+            kind,
+            scope_id: scope_id.into(),
+            period,
+            time_zone: String::new(),
+            limit,
+            hard: true,
+            thresholds: vec![80, 50],
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|id| (*id).to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn declared_budgets_are_created_updated_or_left_alone() {
+        let (store, pg) = store().await;
+        let api = store
+            .create(Budget {
+                kind: ScopeKind::Team,
+                scope_id: "team-1".into(),
+                ..hard("team-1-daily", Period::Day, "Asia/Tokyo", 7)
+            })
+            .await
+            .unwrap();
+        let team = declared(ScopeKind::Team, "team-1", Period::Month, 250);
+        let org = declared(ScopeKind::Org, "", Period::Lifetime, 1_000);
+        let first = store
+            .apply_declared(&[team.clone(), org.clone()])
+            .await
+            .unwrap();
+        assert_eq!(first.created, ids(&["config.org", "config.team.team-1"]));
+        let stored = store.get("config.team.team-1").await.unwrap();
+        assert_eq!((stored.limit, stored.period), (250, Period::Month));
+        assert_eq!(stored.time_zone, "UTC");
+        assert_eq!(stored.thresholds, vec![50, 80]);
+
+        let again = store
+            .apply_declared(&[org.clone(), team.clone()])
+            .await
+            .unwrap();
+        assert_eq!(again.unchanged, ids(&["config.org", "config.team.team-1"]));
+        assert!(again.created.is_empty() && again.updated.is_empty());
+        assert_eq!(store.get("config.team.team-1").await.unwrap(), stored);
+
+        let changed = Budget {
+            limit: 300,
+            hard: false,
+            time_zone: "Europe/Berlin".into(),
+            ..team.clone()
+        };
+        let org_before = store.get("config.org").await.unwrap();
+        let third = store
+            .apply_declared(&[changed.clone(), org.clone()])
+            .await
+            .unwrap();
+        assert_eq!(third.updated, ids(&["config.team.team-1"]));
+        assert_eq!(third.unchanged, ids(&["config.org"]));
+        let updated = store.get("config.team.team-1").await.unwrap();
+        assert_eq!((updated.limit, updated.hard), (300, false));
+        assert_eq!(updated.time_zone, "Europe/Berlin");
+        assert_eq!(updated.created_at, stored.created_at);
+        assert_ne!(updated.updated_at, stored.updated_at);
+        assert_eq!(store.get("config.org").await.unwrap(), org_before);
+        assert_eq!(store.get("team-1-daily").await.unwrap(), api);
+
+        // No longer declared: reported, kept as it is.
+        let fourth = store.apply_declared(&[changed]).await.unwrap();
+        assert_eq!(fourth.undeclared, ids(&["config.org"]));
+        assert_eq!(store.get("config.org").await.unwrap(), org_before);
+        assert_eq!(store.list().await.unwrap().len(), 3);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_declared_id_stored_with_another_scope_is_refused() {
+        let (store, pg) = store().await;
+        // Created before the id was reserved (CreateBudget now refuses `config.` ids).
+        store
+            .create(Budget {
+                kind: ScopeKind::Team,
+                scope_id: "other".into(),
+                ..hard("config.team.team-1", Period::Day, "UTC", 5)
+            })
+            .await
+            .unwrap();
+        let error = store
+            .apply_declared(&[declared(ScopeKind::Team, "team-1", Period::Day, 5)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, BudgetError::InvalidArgument { field, .. } if *field == "budget.scope"),
+            "{error}"
+        );
+        let error = store
+            .apply_declared(&[
+                declared(ScopeKind::Org, "", Period::Day, 5),
+                declared(ScopeKind::Org, "", Period::Week, 5),
+            ])
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("declared twice"), "{error}");
+        assert_eq!(store.list().await.unwrap().len(), 1);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn ledgers_starting_at_once_apply_the_declared_budgets_once() {
+        let (store, pg) = store().await;
+        let declared_budgets: Vec<Budget> = (0..6)
+            .map(|i| declared(ScopeKind::App, &format!("app-{i}"), Period::Day, 100 + i))
+            .collect();
+        let applies = futures::future::join_all((0..8).map(|_| {
+            let store = store.clone();
+            let budgets = declared_budgets.clone();
+            async move { store.apply_declared(&budgets).await.unwrap() }
+        }))
+        .await;
+        let created: usize = applies.iter().map(|a| a.created.len()).sum();
+        let updated: usize = applies.iter().map(|a| a.updated.len()).sum();
+        assert_eq!((created, updated), (6, 0), "{applies:?}");
+        let stored = store.list().await.unwrap();
+        assert_eq!(stored.len(), 6);
+        // Rolling deploy: replicas with old and new limits start at once; one of them wins.
+        let raised: Vec<Budget> = declared_budgets
+            .iter()
+            .map(|b| Budget {
+                limit: b.limit * 2,
+                ..b.clone()
+            })
+            .collect();
+        futures::future::join_all((0..8).map(|i| {
+            let store = store.clone();
+            let budgets = if i % 2 == 0 {
+                raised.clone()
+            } else {
+                declared_budgets.clone()
+            };
+            async move { store.apply_declared(&budgets).await.unwrap() }
+        }))
+        .await;
+        let stored = store.list().await.unwrap();
+        assert_eq!(stored.len(), 6);
+        for budget in stored {
+            let i = declared_budgets
+                .iter()
+                .position(|b| b.id == budget.id)
+                .unwrap();
+            assert!(
+                budget.limit == declared_budgets[i].limit || budget.limit == raised[i].limit,
+                "{budget:?}"
+            );
+        }
         pg.drop_db().await;
     }
 }

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::{
     budget::{
-        Alert, Budget, BudgetError, BudgetStore, LeaseGrant, Period, ScopeKind, alert_subject,
-        from_odt,
+        Alert, Budget, BudgetError, BudgetStore, DECLARED_ID_PREFIX, LeaseGrant, Period, ScopeKind,
+        alert_subject, from_odt,
     },
     money::{Pricing, Rates},
     reload::SharedPrices,
@@ -237,6 +237,15 @@ impl BudgetService for BudgetApi {
         request: Request<CreateBudgetRequest>,
     ) -> Result<Response<CreateBudgetResponse>, Status> {
         let budget = budget_of(request.into_inner().budget).map_err(|e| status(&e))?;
+        if budget.id.starts_with(DECLARED_ID_PREFIX) {
+            return Err(status(&BudgetError::InvalidArgument {
+                field: "budget.id",
+                message: format!(
+                    "ids starting with `{DECLARED_ID_PREFIX}` are reserved for budgets declared in \
+                     [[ledger.budgets]]"
+                ),
+            }));
+        }
         let stored = self.store.create(budget).await.map_err(|e| status(&e))?;
         Ok(Response::new(CreateBudgetResponse {
             budget: Some(budget_pb(&stored)),
@@ -258,6 +267,8 @@ impl BudgetService for BudgetApi {
         }))
     }
 
+    /// A budget declared in `[[ledger.budgets]]` (id `config.…`) can be updated too, but its
+    /// declared settings are written back at the next ledger start: the configuration owns them.
     #[tracing::instrument(skip_all)]
     async fn update_budget(
         &self,

@@ -1,13 +1,17 @@
 //! The `[ledger]` configuration section.
 
-use std::{collections::HashSet, net::SocketAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use serde::Deserialize;
 use switchboard_config::ConfigError;
-use time::Date;
+use time::{Date, OffsetDateTime};
 
 use crate::{
-    money::{Rate, Rates},
+    budget::{Budget, BudgetError, Period, ScopeKind, declared_id},
+    money::{MAX_USD_PER_MTOK, PriceParseError, Rate, Rates},
     pricing::Price,
 };
 
@@ -46,6 +50,9 @@ pub struct Config {
     pub partition_maintenance_secs: u64,
     /// Prices, USD per million tokens, versioned by `effective_from`. They override imported prices.
     pub prices: Vec<PriceConfig>,
+    /// Budgets declared in configuration, at most one per scope, upserted at every start (see
+    /// [`BudgetConfig`]). Budgets created through `BudgetService` are not affected.
+    pub budgets: Vec<BudgetConfig>,
 }
 
 impl Default for Config {
@@ -64,6 +71,7 @@ impl Default for Config {
             partitions_ahead: 3,
             partition_maintenance_secs: 3600,
             prices: Vec::new(),
+            budgets: Vec::new(),
         }
     }
 }
@@ -93,6 +101,63 @@ pub struct PriceConfig {
     /// First day (UTC) the price applies, `YYYY-MM-DD` (default 1970-01-01).
     #[serde(default)]
     pub effective_from: Option<String>,
+}
+
+/// `[[ledger.budgets]]`: a budget declared in configuration, identified by its scope (`scope` and
+/// `id`). Its budget id is derived from the scope (`config.team.team-1`, `config.org`; see
+/// `budget::declared_id`). Its settings are owned by the configuration: at every ledger start the
+/// budget is created when missing and updated when its stored limit, period, time zone,
+/// enforcement or thresholds differ, so an `UpdateBudget` of it lasts only until the next start.
+/// The rules are those of `CreateBudget` (`Budget::validate`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// `key`, `app`, `team` or `org`.
+    pub scope: String,
+    /// The key id, app or team; empty (omitted) for `org`.
+    #[serde(default)]
+    pub id: String,
+    /// Limit per period in USD, an exact decimal string (`"250"`, `"0.50"`; at most 9 decimals and
+    /// at most 1,000,000 USD). Exactly one of `limit_usd` and `limit_usd_nanos`.
+    #[serde(default)]
+    pub limit_usd: Option<String>,
+    /// Limit per period in nano-USD, an integer (for limits above 1,000,000 USD).
+    #[serde(default)]
+    pub limit_usd_nanos: Option<i64>,
+    /// `day`, `week` (Monday first), `month` or `lifetime`.
+    pub period: String,
+    /// IANA time zone of the calendar periods (e.g. `Europe/Berlin`); empty or omitted: UTC.
+    #[serde(default)]
+    pub time_zone: String,
+    /// `hard` (requests that do not fit are refused; the default) or `soft` (alerts only).
+    #[serde(default = "hard_enforcement")]
+    pub enforcement: String,
+    /// Alert thresholds, percent of the limit (1–1000), each published once per period.
+    #[serde(default)]
+    pub alert_thresholds_pct: Vec<u32>,
+}
+
+fn hard_enforcement() -> String {
+    "hard".to_owned()
+}
+
+/// A budget limit in USD as an exact decimal string → nano-USD, with the price parser
+/// (`Rate::parse`: same digits, same nano-USD precision, same upper bound).
+fn limit_nanos(text: &str) -> Result<i64, String> {
+    Rate::parse(text)
+        .map(|rate| rate.0)
+        .map_err(|error| match error {
+            PriceParseError::Negative => "must not be negative".to_owned(),
+            PriceParseError::TooPrecise => {
+                format!("{text:?} has more than 9 decimals (finer than a nano-USD)")
+            }
+            PriceParseError::TooLarge => format!(
+                "{text:?} exceeds {MAX_USD_PER_MTOK} USD; give larger limits as limit_usd_nanos"
+            ),
+            PriceParseError::Empty | PriceParseError::Malformed => format!(
+                "{text:?} is not a decimal string of USD like \"250\" or \"0.50\" (never a float)"
+            ),
+        })
 }
 
 fn any_provider() -> String {
@@ -180,7 +245,105 @@ impl Config {
                 ConfigError::invalid("ledger.metrics_addr", format!("not a socket address: {e}"))
             })?;
         }
-        self.parsed_prices().map(|_| ())
+        self.parsed_prices()?;
+        self.parsed_budgets()?;
+        Ok(())
+    }
+
+    /// The declared budgets (`[[ledger.budgets]]`), checked by `Budget::validate` (the rules of
+    /// `CreateBudget`) with errors at the entry's field, and no scope declared twice.
+    pub(crate) fn parsed_budgets(&self) -> Result<Vec<Budget>, ConfigError> {
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut budgets = Vec::with_capacity(self.budgets.len());
+        for (i, entry) in self.budgets.iter().enumerate() {
+            let path = |field: &str| format!("ledger.budgets[{i}].{field}");
+            let kind = ScopeKind::parse(&entry.scope).ok_or_else(|| {
+                ConfigError::invalid(
+                    path("scope"),
+                    format!(
+                        "unknown scope {:?}: must be key, app, team or org",
+                        entry.scope
+                    ),
+                )
+            })?;
+            let period = Period::parse(&entry.period).ok_or_else(|| {
+                ConfigError::invalid(
+                    path("period"),
+                    format!(
+                        "unknown period {:?}: must be day, week, month or lifetime",
+                        entry.period
+                    ),
+                )
+            })?;
+            let hard = match entry.enforcement.as_str() {
+                "hard" => true,
+                "soft" => false,
+                other => {
+                    return Err(ConfigError::invalid(
+                        path("enforcement"),
+                        format!("unknown enforcement {other:?}: must be hard or soft"),
+                    ));
+                }
+            };
+            let (limit, limit_field) = match (&entry.limit_usd, entry.limit_usd_nanos) {
+                (Some(text), None) => (
+                    limit_nanos(text).map_err(|m| ConfigError::invalid(path("limit_usd"), m))?,
+                    "limit_usd",
+                ),
+                (None, Some(nanos)) => (nanos, "limit_usd_nanos"),
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        path("limit_usd"),
+                        "required (or limit_usd_nanos)",
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        path("limit_usd_nanos"),
+                        "give either limit_usd or limit_usd_nanos, not both",
+                    ));
+                }
+            };
+            let mut budget = Budget {
+                id: declared_id(kind, &entry.id),
+                kind,
+                scope_id: entry.id.clone(),
+                period,
+                time_zone: entry.time_zone.clone(),
+                limit,
+                hard,
+                thresholds: entry.alert_thresholds_pct.clone(),
+                created_at: OffsetDateTime::UNIX_EPOCH,
+                updated_at: OffsetDateTime::UNIX_EPOCH,
+            };
+            budget.validate().map_err(|error| match error {
+                BudgetError::InvalidArgument { field, message } => {
+                    let field = match field {
+                        "budget.time_zone" => "time_zone",
+                        "budget.limit_usd_nanos" => limit_field,
+                        "budget.alert_thresholds_pct" => "alert_thresholds_pct",
+                        // The scope id and the budget id derived from it.
+                        _ => "id",
+                    };
+                    ConfigError::invalid(path(field), message)
+                }
+                other => ConfigError::invalid(format!("ledger.budgets[{i}]"), other.to_string()),
+            })?;
+            if let Some(first) = seen.insert((kind.as_str(), entry.id.as_str()), i) {
+                let field = if entry.id.is_empty() { "scope" } else { "id" };
+                return Err(ConfigError::invalid(
+                    path(field),
+                    format!(
+                        "duplicate budget for scope {}:{} (also ledger.budgets[{first}]); \
+                         declare at most one budget per scope",
+                        kind.as_str(),
+                        entry.id
+                    ),
+                ));
+            }
+            budgets.push(budget);
+        }
+        Ok(budgets)
     }
 
     /// The configured prices, parsed and checked (no duplicate provider/model/effective_from).
@@ -388,5 +551,166 @@ mod tests {
                 .to_string();
             assert!(error.contains(path), "{toml}: {error}");
         }
+    }
+
+    const TEAM: &str =
+        "[[ledger.budgets]]\nscope = \"team\"\nid = \"team-1\"\nperiod = \"month\"\n";
+
+    #[test]
+    fn declared_budgets_parse_exactly() {
+        let config = parse(
+            r#"
+            [[ledger.budgets]]
+            scope = "team"
+            id = "team-1"
+            limit_usd = "250.75"
+            period = "month"
+            time_zone = "Europe/Berlin"
+            enforcement = "hard"
+            alert_thresholds_pct = [80, 50, 100]
+
+            [[ledger.budgets]]
+            scope = "org"
+            limit_usd_nanos = 5000000000000000
+            period = "lifetime"
+            enforcement = "soft"
+
+            [[ledger.budgets]]
+            scope = "app"
+            id = "chat app"
+            limit_usd = "0.000000001"
+            period = "day"
+            "#,
+        )
+        .unwrap();
+        let budgets = config.parsed_budgets().unwrap();
+        assert_eq!(budgets.len(), 3);
+        let team = &budgets[0];
+        assert_eq!(team.id, "config.team.team-1");
+        assert_eq!(
+            (team.kind, team.scope_id.as_str()),
+            (ScopeKind::Team, "team-1")
+        );
+        assert_eq!(team.limit, 250_750_000_000);
+        assert_eq!(team.period, Period::Month);
+        assert_eq!(team.time_zone, "Europe/Berlin");
+        assert!(team.hard);
+        assert_eq!(team.thresholds, vec![50, 80, 100]);
+        let org = &budgets[1];
+        assert_eq!(org.id, "config.org");
+        assert_eq!((org.kind, org.scope_id.as_str()), (ScopeKind::Org, ""));
+        assert_eq!(org.limit, 5_000_000_000_000_000);
+        assert_eq!(org.period, Period::Lifetime);
+        assert!(!org.hard);
+        let app = &budgets[2];
+        assert!(app.id.starts_with("config.app.sha256."), "{}", app.id);
+        assert_eq!(app.limit, 1);
+        assert_eq!(app.time_zone, "UTC", "empty time zone means UTC");
+        assert!(app.hard, "enforcement defaults to hard");
+        assert!(app.thresholds.is_empty());
+    }
+
+    #[test]
+    fn bad_budgets_name_their_field() {
+        let cases = [
+            (
+                "[[ledger.budgets]]\nscope = \"teams\"\nid = \"t\"\nperiod = \"day\"\nlimit_usd = \"1\"\n",
+                "ledger.budgets[0].scope",
+            ),
+            (
+                "[[ledger.budgets]]\nscope = \"org\"\nid = \"acme\"\nperiod = \"day\"\nlimit_usd = \"1\"\n",
+                "ledger.budgets[0].id",
+            ),
+            (
+                "[[ledger.budgets]]\nscope = \"team\"\nperiod = \"day\"\nlimit_usd = \"1\"\n",
+                "ledger.budgets[0].id",
+            ),
+            (
+                &format!("{TEAM}limit_usd = 250.5\n"),
+                "ledger.budgets[0].limit_usd",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"25O\"\n"),
+                "ledger.budgets[0].limit_usd",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"-1\"\n"),
+                "ledger.budgets[0].limit_usd",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"0.0000000001\"\n"),
+                "ledger.budgets[0].limit_usd",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1000000.01\"\n"),
+                "ledger.budgets[0].limit_usd",
+            ),
+            (&format!("{TEAM}\n"), "ledger.budgets[0].limit_usd"),
+            (
+                &format!("{TEAM}limit_usd_nanos = -5\n"),
+                "ledger.budgets[0].limit_usd_nanos",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1\"\nlimit_usd_nanos = 1\n"),
+                "ledger.budgets[0].limit_usd_nanos",
+            ),
+            (
+                "[[ledger.budgets]]\nscope = \"team\"\nid = \"t\"\nperiod = \"quarter\"\nlimit_usd = \"1\"\n",
+                "ledger.budgets[0].period",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1\"\ntime_zone = \"Mars/Olympus\"\n"),
+                "ledger.budgets[0].time_zone",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1\"\nenforcement = \"strict\"\n"),
+                "ledger.budgets[0].enforcement",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1\"\nalert_thresholds_pct = [50, 0]\n"),
+                "ledger.budgets[0].alert_thresholds_pct",
+            ),
+            (
+                &format!("{TEAM}limit_usd = \"1\"\nmax_budget = 3\n"),
+                "ledger.budgets[0].max_budget",
+            ),
+            (
+                "[[ledger.budgets]]\nscope = \"org\"\nlimit_usd = \"1\"\n",
+                "missing field `period`",
+            ),
+        ];
+        for (toml, path) in cases {
+            let error = parse(toml).unwrap_err().to_string();
+            assert!(error.contains(path), "{toml}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_scope_is_declared_at_most_once() {
+        let ok = "[[ledger.budgets]]\nscope = \"app\"\nid = \"team-1\"\nperiod = \"day\"\nlimit_usd = \"1\"\n";
+        let team = format!("{TEAM}limit_usd = \"1\"\n");
+        // The same id in another scope is another budget.
+        parse(&format!("{team}{ok}")).unwrap();
+        let error = parse(&format!("{team}{ok}{team}")).unwrap_err().to_string();
+        assert!(error.contains("ledger.budgets[2].id"), "{error}");
+        assert!(error.contains("ledger.budgets[0]"), "{error}");
+        let org = "[[ledger.budgets]]\nscope = \"org\"\nperiod = \"day\"\nlimit_usd = \"1\"\n";
+        let error = parse(&format!("{org}{org}")).unwrap_err().to_string();
+        assert!(error.contains("ledger.budgets[1].scope"), "{error}");
+    }
+
+    #[test]
+    fn the_commented_example_budgets_are_valid() {
+        let example = include_str!("../../../deploy/switchboard.example.toml");
+        let start = example.find("# [[ledger.budgets]]").unwrap();
+        let text: Vec<&str> = example[start..]
+            .lines()
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .collect();
+        let budgets = parse(&text.join("\n")).unwrap().parsed_budgets().unwrap();
+        assert_eq!(budgets.len(), 2);
+        assert_eq!(budgets[0].id, "config.team.team-1");
+        assert_eq!(budgets[1].limit, 20_000_000_000_000);
     }
 }

@@ -104,6 +104,10 @@ pub enum StartupError {
     /// A configured price contradicts the recorded price history (a configuration error).
     #[error("invalid configuration at `ledger.prices`: {0}")]
     PriceHistory(crate::repo::RepoError),
+    /// The budgets declared in `[[ledger.budgets]]` could not be applied (the database failed, or
+    /// a stored budget with a declared id has another scope: a configuration error).
+    #[error("cannot apply the budgets of `ledger.budgets`: {0}")]
+    Budgets(#[source] crate::budget::BudgetError),
     /// NATS connection or stream set-up failed.
     #[error(transparent)]
     Bus(#[from] switchboard_bus::BusError),
@@ -134,7 +138,9 @@ impl StartupError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            StartupError::Config(_) | StartupError::PriceHistory(_)
+            StartupError::Config(_)
+                | StartupError::PriceHistory(_)
+                | StartupError::Budgets(crate::budget::BudgetError::InvalidArgument { .. })
         )
     }
 }

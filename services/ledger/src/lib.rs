@@ -21,13 +21,14 @@ mod repo;
 mod spend;
 
 pub use app::{App, SERVICE_NAME};
-pub use config::{Config, PriceConfig};
+pub use config::{BudgetConfig, Config, PriceConfig};
 pub use error::StartupError;
 
 /// Building blocks exposed for tests and tooling (price parsing, cost maths, the repository).
 pub mod internals {
     pub use crate::{
         audit::{AuditRow, insert as insert_audit, row_of as audit_row_of},
+        budget::{Applied, BudgetError, DECLARED_ID_PREFIX, declared_id},
         consumer::{ConsumerSettings, consumer_config},
         litellm::{Note, Parsed, parse as parse_litellm},
         money::{
