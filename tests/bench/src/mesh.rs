@@ -64,7 +64,7 @@ pub struct Mesh {
     pub guard_addr: Option<SocketAddr>,
     pub ledger_addr: Option<SocketAddr>,
     pub otlp: Option<otlp::Counter>,
-    otlp_task: Option<tokio::task::JoinHandle<()>>,
+    otlp_task: Option<otlp::Receiver>,
     db_name: Option<String>,
     pg_server: String,
     pool: Option<sqlx::PgPool>,
@@ -283,7 +283,7 @@ impl Mesh {
         self.stream = Some(stream.clone());
 
         // The in-process span counter.
-        let (otlp_addr, counter, task) = otlp::spawn().await?;
+        let (otlp_addr, counter, task) = otlp::spawn()?;
         self.otlp = Some(counter);
         self.otlp_task = Some(task);
 
@@ -478,8 +478,8 @@ impl Mesh {
         if let Some(path) = self.config_path.take() {
             let _ = std::fs::remove_file(path);
         }
-        if let Some(task) = self.otlp_task.take() {
-            task.abort();
+        if let Some(mut receiver) = self.otlp_task.take() {
+            receiver.stop();
         }
     }
 }

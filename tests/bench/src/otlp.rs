@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
-use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
 use crate::stats::{self, Percentiles};
@@ -99,20 +98,70 @@ impl TraceService for Counter {
     }
 }
 
-/// Serves the receiver on `127.0.0.1:0`; the task ends when aborted.
-pub async fn spawn() -> anyhow::Result<(SocketAddr, Counter, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// The receiver's server: its own thread and single-threaded runtime, so that decoding the spans
+/// never runs on (and delays) the load generator's workers, as with an external collector.
+pub struct Receiver {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Stops the server and waits for its thread.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Serves the receiver on `127.0.0.1:0` until [`Receiver::stop`].
+pub fn spawn() -> anyhow::Result<(SocketAddr, Counter, Receiver)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let counter = Counter::default();
     let service =
         TraceServiceServer::new(counter.clone()).max_decoding_message_size(64 * 1024 * 1024);
-    let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    Ok((addr, counter, task))
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("otlp-receiver".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    eprintln!("OTLP receiver: cannot register its listener");
+                    return;
+                };
+                let server = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                // Stopping drops the server and, with the runtime, its connections (the services'
+                // exporters may still hold theirs): no graceful wait.
+                tokio::select! {
+                    _ = server => {}
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok((
+        addr,
+        counter,
+        Receiver {
+            stop: Some(stop),
+            thread: Some(thread),
+        },
+    ))
 }
 
 #[cfg(test)]

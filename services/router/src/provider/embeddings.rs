@@ -221,7 +221,9 @@ impl ProviderClient {
 
     pub(super) fn embeddings_url(&self, model: &str) -> Result<reqwest::Url, TranslateError> {
         let bad = |message: String| invalid("model", message);
-        let mut url = reqwest::Url::parse(&self.base_url)
+        let mut url = self
+            .base
+            .clone()
             .map_err(|e| bad(format!("provider base URL is invalid: {e}")))?;
         {
             let mut path = url

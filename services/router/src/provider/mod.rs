@@ -394,6 +394,9 @@ pub struct ProviderClient {
     name: String,
     kind: ProviderKind,
     base_url: String,
+    /// `base_url` parsed once, not per call (an error when it does not parse: every call then
+    /// fails with it, which configuration validation prevents).
+    base: Result<reqwest::Url, String>,
     api_version: Option<String>,
     default_max_tokens: u32,
     api_key: Option<SecretString>,
@@ -428,6 +431,8 @@ impl ProviderClient {
             name: name.to_owned(),
             kind: config.kind,
             base_url: config.base_url.trim_end_matches('/').to_owned(),
+            base: reqwest::Url::parse(config.base_url.trim_end_matches('/'))
+                .map_err(|e| e.to_string()),
             api_version: config.api_version.clone().filter(|v| !v.is_empty()),
             default_max_tokens: config.default_max_tokens,
             api_key: config.api_key.clone(),
@@ -442,7 +447,9 @@ impl ProviderClient {
         if self.kind != ProviderKind::Openai {
             return false;
         }
-        let host = reqwest::Url::parse(&self.base_url)
+        let host = self
+            .base
+            .as_ref()
             .ok()
             .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
             .unwrap_or_default();
@@ -490,7 +497,9 @@ impl ProviderClient {
             field: "model".to_owned(),
             message,
         };
-        let mut url = reqwest::Url::parse(&self.base_url)
+        let mut url = self
+            .base
+            .clone()
             .map_err(|e| bad(format!("provider base URL is invalid: {e}")))?;
         {
             let mut path = url
