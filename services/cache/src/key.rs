@@ -201,6 +201,7 @@ impl Encoder {
         self.opt(config, |enc, c| {
             enc.bool(c.enabled);
             enc.u32(c.budget_tokens);
+            enc.str(&c.effort);
         });
     }
 
@@ -490,14 +491,23 @@ mod tests {
         r.thinking = Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 2048,
+            ..Default::default()
         });
         variants.push(("thinking on", r));
         let mut r = base();
         r.thinking = Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 4096,
+            ..Default::default()
         });
         variants.push(("thinking budget", r));
+        let mut r = base();
+        r.thinking = Some(ThinkingConfig {
+            enabled: true,
+            budget_tokens: 2048,
+            effort: "high".into(),
+        });
+        variants.push(("reasoning effort", r));
         let mut r = base();
         r.messages.push(Message {
             tool_call_id: "c".into(),
@@ -576,6 +586,7 @@ mod tests {
         r.thinking = Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 1024,
+            ..Default::default()
         });
         assert_ne!(scope(&r), base_scope, "thinking");
         let mut r = base();

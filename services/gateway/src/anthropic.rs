@@ -405,6 +405,7 @@ impl MessagesRequest {
                     budget_tokens: thinking.budget_tokens.ok_or_else(|| {
                         invalid("thinking.enabled.budget_tokens", "Field required")
                     })?,
+                    ..Default::default()
                 },
                 "disabled" => pb::ThinkingConfig::default(),
                 other => {
@@ -1161,7 +1162,8 @@ mod tests {
             request.thinking,
             Some(pb::ThinkingConfig {
                 enabled: true,
-                budget_tokens: 2000
+                budget_tokens: 2000,
+                ..Default::default()
             })
         );
         let assistant = &request.messages[1];

@@ -6,7 +6,9 @@
 //! the model's reasoning (`Message.thinking`, Anthropic's extended thinking) as
 //! `reasoning_content` on the answer's message and on stream deltas, never in `content`.
 //! Redacted reasoning and signatures have no place here and are not shown; a stop sequence is
-//! finish reason `stop`.
+//! finish reason `stop`. `reasoning_effort` (`none`, `minimal`, `low`, `medium`, `high`; anything
+//! else is a 400 naming the field) is `ChatRequest.thinking.effort`: passed to OpenAI as is, and a
+//! thinking budget for Anthropic and Gemini.
 
 use std::collections::HashMap;
 
@@ -60,6 +62,9 @@ pub struct ChatCompletionRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Reasoning models: `none`, `minimal`, `low`, `medium` or `high`.
+    #[serde(default)]
+    pub reasoning_effort: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +279,24 @@ impl ChatCompletionRequest {
             }
             Some(_) => return Err(invalid("tool_choice", "expected a string or an object")),
         };
+        let thinking = match self.reasoning_effort.as_deref() {
+            None => None,
+            Some(effort @ ("none" | "minimal" | "low" | "medium" | "high")) => {
+                Some(pb::ThinkingConfig {
+                    enabled: effort != "none",
+                    budget_tokens: 0,
+                    effort: effort.to_owned(),
+                })
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "reasoning_effort",
+                    format!(
+                        "unknown reasoning effort `{other}`; expected none, minimal, low, medium or high"
+                    ),
+                ));
+            }
+        };
         let response_format = match self.response_format {
             None => None,
             Some(format) => Some(match format.kind.as_str() {
@@ -332,7 +355,7 @@ impl ChatCompletionRequest {
             parallel_tool_calls: self.parallel_tool_calls,
             user: self.user.unwrap_or_default(),
             tags: self.metadata.unwrap_or_default(),
-            thinking: None,
+            thinking,
         })
     }
 }
@@ -740,6 +763,35 @@ mod tests {
             parse(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
         match error {
             GatewayError::InvalidRequest { field, .. } => assert_eq!(field, "messages[0].role"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reasoning_effort_is_the_thinking_effort_and_an_unknown_one_is_refused() {
+        let with = |effort: &str| {
+            parse(&format!(
+                r#"{{"model":"m","reasoning_effort":"{effort}","messages":[{{"role":"user","content":"x"}}]}}"#
+            ))
+        };
+        assert_eq!(
+            with("high").unwrap().thinking,
+            Some(pb::ThinkingConfig {
+                enabled: true,
+                budget_tokens: 0,
+                effort: "high".into(),
+            })
+        );
+        let none = with("none").unwrap().thinking.unwrap();
+        assert!(!none.enabled && none.effort == "none");
+        assert!(
+            parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#)
+                .unwrap()
+                .thinking
+                .is_none()
+        );
+        match with("extreme").unwrap_err() {
+            GatewayError::InvalidRequest { field, .. } => assert_eq!(field, "reasoning_effort"),
             other => panic!("unexpected {other:?}"),
         }
     }

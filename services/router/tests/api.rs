@@ -862,6 +862,7 @@ async fn anthropic_thinking_round_trips_with_its_signature() {
         thinking: Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 1024,
+            ..Default::default()
         }),
         ..Default::default()
     };

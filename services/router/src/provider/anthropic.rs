@@ -11,7 +11,8 @@
 //! `tool_error` is the `tool_result`'s `is_error: true`.
 //!
 //! Extended thinking: `ChatRequest.thinking` is `thinking` (`enabled` with `budget_tokens`, or
-//! `disabled`). An assistant message's `thinking` blocks are sent back first in its turn,
+//! `disabled`; with no budget, an OpenAI-style `effort` picks it: low 1,024, medium 2,048, high
+//! 4,096). An assistant message's `thinking` blocks are sent back first in its turn,
 //! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
 //! in the turn after a tool call. A block with neither a signature nor redacted data is not sent:
 //! Anthropic could not verify it and would reject the request (it came from another provider,
@@ -279,7 +280,7 @@ pub fn to_anthropic_request(
         body.insert(
             "thinking".into(),
             if thinking.enabled {
-                json!({ "type": "enabled", "budget_tokens": thinking.budget_tokens })
+                json!({ "type": "enabled", "budget_tokens": super::thinking_budget(thinking) })
             } else {
                 json!({ "type": "disabled" })
             },

@@ -15,7 +15,8 @@
 //! an assistant message's `thinking` blocks (Gemini takes no thought text back, and Anthropic's
 //! are signed for Anthropic only), nor a tool message's `tool_error` flag (the result content goes
 //! as is). `ChatRequest.thinking` enabled is `generationConfig.thinkingConfig` with
-//! `includeThoughts: true` and `thinkingBudget` (when a budget is given); disabled is not sent (some
+//! `includeThoughts: true` and `thinkingBudget` (when a budget is given, or an OpenAI-style effort:
+//! low 1,024, medium 2,048, high 4,096); disabled is not sent (some
 //! Gemini models cannot stop thinking, so the model's default applies).
 //!
 //! Responses: parts with `"thought": true` are thought summaries (Gemini sends them when
@@ -275,8 +276,9 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
     if let Some(thinking) = request.thinking.as_ref().filter(|t| t.enabled) {
         let mut thinking_config = Map::new();
         thinking_config.insert("includeThoughts".into(), json!(true));
-        if thinking.budget_tokens > 0 {
-            thinking_config.insert("thinkingBudget".into(), json!(thinking.budget_tokens));
+        let budget = super::thinking_budget(thinking);
+        if budget > 0 {
+            thinking_config.insert("thinkingBudget".into(), json!(budget));
         }
         config.insert("thinkingConfig".into(), Value::Object(thinking_config));
     }
@@ -903,6 +905,7 @@ mod tests {
         let on = ask(Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 2048,
+            ..Default::default()
         }));
         assert_eq!(
             on["generationConfig"]["thinkingConfig"],
@@ -911,6 +914,7 @@ mod tests {
         let dynamic = ask(Some(ThinkingConfig {
             enabled: true,
             budget_tokens: 0,
+            ..Default::default()
         }));
         assert_eq!(
             dynamic["generationConfig"]["thinkingConfig"],
@@ -921,6 +925,7 @@ mod tests {
             Some(ThinkingConfig {
                 enabled: false,
                 budget_tokens: 0,
+                ..Default::default()
             }),
         ] {
             assert!(ask(off).get("generationConfig").is_none());

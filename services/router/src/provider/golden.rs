@@ -203,6 +203,11 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
         thinking: value.get("thinking").map(|t| ThinkingConfig {
             enabled: t.get("enabled").and_then(Value::as_bool).unwrap_or(false),
             budget_tokens: t.get("budget_tokens").and_then(Value::as_u64).unwrap_or(0) as u32,
+            effort: t
+                .get("effort")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
         }),
         tags: value
             .get("tags")

@@ -382,6 +382,27 @@ pub struct Prepared {
     call: Call,
 }
 
+/// The thinking budget of an OpenAI-style reasoning effort, for providers that take a budget
+/// (Anthropic, Gemini) when the request names no budget: minimal and low 1,024 (Anthropic's
+/// minimum), medium 2,048, high 4,096 tokens; `None` for an empty or unknown effort.
+pub(crate) fn effort_budget(effort: &str) -> Option<u32> {
+    match effort {
+        "minimal" | "low" => Some(1024),
+        "medium" => Some(2048),
+        "high" => Some(4096),
+        _ => None,
+    }
+}
+
+/// The thinking budget of `thinking`: its own, else its effort's (see [`effort_budget`]), else 0.
+pub(crate) fn thinking_budget(thinking: &switchboard_proto::chat::v1::ThinkingConfig) -> u32 {
+    if thinking.budget_tokens > 0 {
+        thinking.budget_tokens
+    } else {
+        effort_budget(&thinking.effort).unwrap_or(0)
+    }
+}
+
 /// Which endpoint a prepared body goes to.
 #[derive(Debug, Clone, Copy)]
 enum Call {
@@ -808,6 +829,59 @@ fn record_outcome(span: &Span, outcome: &Result<(&str, Option<&Usage>), &Provide
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_reasoning_effort_reaches_every_provider_in_its_own_terms() {
+        use switchboard_proto::chat::v1::{Message, Role, SamplingParams, ThinkingConfig};
+        let ask = |enabled: bool, budget_tokens: u32, effort: &str| ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, "why")],
+            sampling: Some(SamplingParams {
+                max_tokens: Some(8192),
+                ..Default::default()
+            }),
+            thinking: Some(ThinkingConfig {
+                enabled,
+                budget_tokens,
+                effort: effort.into(),
+            }),
+            ..Default::default()
+        };
+        let high = ask(true, 0, "high");
+        let openai = openai::to_openai_request("o3", &high, false).unwrap();
+        assert_eq!(openai["reasoning_effort"], "high");
+        let anthropic = anthropic::to_anthropic_request("claude", &high, false, 1024).unwrap();
+        assert_eq!(
+            anthropic["thinking"],
+            serde_json::json!({ "type": "enabled", "budget_tokens": 4096 })
+        );
+        let gemini = gemini::to_gemini_request(&high).unwrap();
+        assert_eq!(
+            gemini["generationConfig"]["thinkingConfig"],
+            serde_json::json!({ "includeThoughts": true, "thinkingBudget": 4096 })
+        );
+        // A budget of its own wins over the effort; low is Anthropic's minimum.
+        let budgeted = ask(true, 3000, "low");
+        let anthropic = anthropic::to_anthropic_request("claude", &budgeted, false, 1024).unwrap();
+        assert_eq!(anthropic["thinking"]["budget_tokens"], 3000);
+        let low = ask(true, 0, "low");
+        let anthropic = anthropic::to_anthropic_request("claude", &low, false, 1024).unwrap();
+        assert_eq!(anthropic["thinking"]["budget_tokens"], 1024);
+        // `none`: thinking off for Anthropic, the effort as is for OpenAI.
+        let none = ask(false, 0, "none");
+        let anthropic = anthropic::to_anthropic_request("claude", &none, false, 1024).unwrap();
+        assert_eq!(
+            anthropic["thinking"],
+            serde_json::json!({ "type": "disabled" })
+        );
+        let openai = openai::to_openai_request("o3", &none, false).unwrap();
+        assert_eq!(openai["reasoning_effort"], "none");
+        // Anthropic's switch and budget without an effort: OpenAI gets nothing.
+        let switched = ask(true, 2048, "");
+        let openai = openai::to_openai_request("o3", &switched, false).unwrap();
+        assert!(openai.get("reasoning_effort").is_none());
+    }
 
     #[test]
     fn statuses_map_to_the_taxonomy() {

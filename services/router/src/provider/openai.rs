@@ -7,6 +7,9 @@
 //! same text twice: `reasoning_content` is taken, `reasoning` only when it is absent or empty; a
 //! `reasoning` that is not a string is ignored.
 //!
+//! `ChatRequest.thinking.effort` is `reasoning_effort` (OpenAI's reasoning models, and servers
+//! that take it); a thinking switch or budget without an effort (Anthropic's) is not sent.
+//!
 //! Not sent, as chat completions has no field for them: an assistant message's `thinking` blocks
 //! (Anthropic's extended thinking, signed for Anthropic only, or reasoning read from a server,
 //! which servers do not take back), a tool call's `signature` (Gemini's), `ChatRequest.thinking`,
@@ -254,6 +257,9 @@ pub fn to_openai_request(
     }
     if !request.user.is_empty() {
         body.insert("user".into(), json!(request.user));
+    }
+    if let Some(thinking) = request.thinking.as_ref().filter(|t| !t.effort.is_empty()) {
+        body.insert("reasoning_effort".into(), json!(thinking.effort));
     }
     if stream {
         body.insert("stream".into(), json!(true));
@@ -658,6 +664,7 @@ mod tests {
             thinking: Some(ThinkingConfig {
                 enabled: true,
                 budget_tokens: 2048,
+                ..Default::default()
             }),
         }
     }
