@@ -121,10 +121,11 @@ impl App {
             None => None,
         };
         tasks.close();
-        let routes = Routes::new(
-            self.admission
-                .wrap(GuardServiceServer::new(GuardGrpc::new(self.guard, sink))),
-        );
+        let routes = Routes::new(self.admission.wrap(GuardServiceServer::new(GuardGrpc::new(
+            self.guard,
+            sink,
+            self.admission.clone(),
+        ))));
         let served =
             switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
         // The server (and its sink clones) is gone: the publisher drains what is queued.

@@ -48,8 +48,9 @@ use crate::{
 /// [guard.routes."gpt-4o"]            # per-route overrides of the four keys above
 /// injection_action = "block"
 /// injection_threshold = 0.3
-/// [guard.admission]                  # overload: calls in flight beyond this are refused at once
-/// max_in_flight = 128
+/// [guard.admission]                  # overload: refused at once beyond these (see `admission`)
+/// max_in_flight = 2048
+/// max_wait_ms = 500
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -13,13 +13,18 @@ pub enum GuardError {
     /// Too many checks are already waiting (see [`crate::admission`]).
     #[error("the guard is overloaded ({in_flight} checks in flight); retry later")]
     Overloaded { in_flight: usize },
+    /// The call waited longer than `[guard.admission] max_wait_ms` for its turn.
+    #[error("the guard is overloaded (the check waited {waited_ms} ms for its turn); retry later")]
+    WaitedTooLong { waited_ms: u64 },
 }
 
 impl ServiceError for GuardError {
     fn code(&self) -> ErrorCode {
         match self {
             GuardError::UninspectableContent { .. } => ErrorCode::InvalidArgument,
-            GuardError::Overloaded { .. } => ErrorCode::Unavailable,
+            GuardError::Overloaded { .. } | GuardError::WaitedTooLong { .. } => {
+                ErrorCode::Unavailable
+            }
         }
     }
 
@@ -29,7 +34,7 @@ impl ServiceError for GuardError {
                 "field".to_owned(),
                 format!("messages[{message}].content[{part}]"),
             )]),
-            GuardError::Overloaded { .. } => {
+            GuardError::Overloaded { .. } | GuardError::WaitedTooLong { .. } => {
                 HashMap::from([("reason".to_owned(), "GUARD_OVERLOADED".to_owned())])
             }
         }

@@ -13,6 +13,7 @@ use switchboard_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    admission::{Admission, Deadline},
     audit::{AuditSink, Subject},
     guard::{Decision, Guard},
     policy::Direction,
@@ -25,12 +26,25 @@ pub const DOMAIN: &str = "guard";
 pub struct GuardGrpc {
     guard: Arc<Guard>,
     audit: Option<AuditSink>,
+    admission: Admission,
 }
 
 impl GuardGrpc {
-    /// Serves `guard`; every audited decision goes to `audit` when set.
-    pub fn new(guard: Arc<Guard>, audit: Option<AuditSink>) -> Self {
-        GuardGrpc { guard, audit }
+    /// Serves `guard`; every audited decision goes to `audit` when set; a call that waited past
+    /// its admission deadline is refused (see [`crate::admission`]).
+    pub fn new(guard: Arc<Guard>, audit: Option<AuditSink>, admission: Admission) -> Self {
+        GuardGrpc {
+            guard,
+            audit,
+            admission,
+        }
+    }
+
+    /// Refuses a call that waited too long for its turn.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.admission
+            .check_wait(request.extensions().get::<Deadline>())
+            .map_err(|error| switchboard_status::to_status(DOMAIN, &error))
     }
 
     fn check(
@@ -127,6 +141,7 @@ impl GuardService for GuardGrpc {
         &self,
         request: Request<CheckPromptRequest>,
     ) -> Result<Response<CheckPromptResponse>, Status> {
+        self.admit(&request)?;
         let request = request.into_inner();
         self.check(
             &Subject {
@@ -145,6 +160,7 @@ impl GuardService for GuardGrpc {
         &self,
         request: Request<CheckAnswerRequest>,
     ) -> Result<Response<CheckAnswerResponse>, Status> {
+        self.admit(&request)?;
         let request = request.into_inner();
         let checked = self
             .check(

@@ -592,7 +592,10 @@ async fn answers_carry_the_route_and_entity_findings_keep_their_kind() {
 #[tokio::test]
 async fn an_overload_is_refused_at_once_with_a_typed_status_and_nothing_leaks() {
     let mut config = config();
-    config.admission = switchboard_guard::admission::AdmissionConfig { max_in_flight: 2 };
+    config.admission = switchboard_guard::admission::AdmissionConfig {
+        max_in_flight: 2,
+        max_wait_ms: 0,
+    };
     let app = App::build(config).await.unwrap();
     let stats = app.admission_stats();
     let url = switchboard_grpc::url_of(app.local_addr());
@@ -653,6 +656,73 @@ async fn an_overload_is_refused_at_once_with_a_typed_status_and_nothing_leaks() 
         stats.refused.load(std::sync::atomic::Ordering::Relaxed),
         refused_total
     );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_check_that_waited_too_long_for_its_turn_is_refused_not_checked() {
+    let mut config = config();
+    // No count bound to speak of: only the wait sheds. A 27 KB check takes milliseconds in a
+    // debug build, so in a burst of 64 the later ones wait well past 20 ms.
+    config.admission = switchboard_guard::admission::AdmissionConfig {
+        max_in_flight: 10_000,
+        max_wait_ms: 20,
+    };
+    let app = App::build(config).await.unwrap();
+    let stats = app.admission_stats();
+    let url = switchboard_grpc::url_of(app.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = GuardServiceClient::connect(url).await.unwrap();
+    let request = |messages: Vec<Message>| CheckPromptRequest {
+        request_id: "req-wait".into(),
+        app: "web".into(),
+        team: "t".into(),
+        messages,
+        route: String::new(),
+    };
+    let filler = "lorem ipsum dolor sit amet ".repeat(500);
+    let large = vec![Message::text(
+        Role::User,
+        format!("{filler} write to {EMAIL} {filler}"),
+    )];
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let mut client = client.clone();
+        let request = request(large.clone());
+        calls.spawn(async move { client.check_prompt(request).await });
+    }
+    let results = calls.join_all().await;
+    let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    assert!(
+        !refused.is_empty(),
+        "the ones that waited too long are refused"
+    );
+    for status in refused.into_iter().map(Result::unwrap_err) {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(
+            switchboard_status::status_metadata(&status)["reason"],
+            "GUARD_OVERLOADED"
+        );
+        assert!(status.message().contains("waited"), "{}", status.message());
+    }
+    for response in ok {
+        assert_no_values(&response.unwrap().into_inner());
+    }
+    // An idle guard checks again (a few tries: on a loaded machine one call alone may wait 20 ms).
+    let mut checked = None;
+    for _ in 0..20 {
+        if let Ok(response) = client.clone().check_prompt(request(prompt())).await {
+            checked = Some(response.into_inner());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(checked.unwrap().decision, Decision::Transform as i32);
+    assert!(stats.refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }

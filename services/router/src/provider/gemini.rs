@@ -674,6 +674,16 @@ mod tests {
 
     use super::*;
 
+    /// A `get_weather` call for `city` with Gemini's `signature` (empty: none).
+    fn weather_call(id: &str, city: &str, signature: &str) -> ToolCall {
+        ToolCall {
+            id: id.into(),
+            name: "get_weather".into(),
+            arguments_json: format!(r#"{{"city":"{city}"}}"#),
+            signature: signature.into(),
+        }
+    }
+
     fn block(text: &str) -> ThinkingBlock {
         ThinkingBlock {
             text: text.into(),
@@ -716,18 +726,8 @@ mod tests {
         assert_eq!(
             message.tool_calls,
             vec![
-                ToolCall {
-                    id: "call_0".into(),
-                    name: "get_weather".into(),
-                    arguments_json: r#"{"city":"Paris"}"#.into(),
-                    signature: "c2lnLTE=".into(),
-                },
-                ToolCall {
-                    id: "fc-2".into(),
-                    name: "get_weather".into(),
-                    arguments_json: r#"{"city":"Oslo"}"#.into(),
-                    signature: String::new(),
-                },
+                weather_call("call_0", "Paris", "c2lnLTE="),
+                weather_call("fc-2", "Oslo", ""),
             ]
         );
         // No thought parts: no blocks; a thought flag set to false is answer text.
@@ -856,18 +856,8 @@ mod tests {
             },
         ];
         assistant.tool_calls = vec![
-            ToolCall {
-                id: "call_0".into(),
-                name: "get_weather".into(),
-                arguments_json: r#"{"city":"Paris"}"#.into(),
-                signature: "c2lnLTE=".into(),
-            },
-            ToolCall {
-                id: "call_1".into(),
-                name: "get_weather".into(),
-                arguments_json: r#"{"city":"Oslo"}"#.into(),
-                signature: String::new(),
-            },
+            weather_call("call_0", "Paris", "c2lnLTE="),
+            weather_call("call_1", "Oslo", ""),
         ];
         let request = ChatRequest {
             messages: vec![Message::text(Role::User, "Weather?"), assistant],
