@@ -48,8 +48,7 @@ pub struct CosineDistance;
 
 impl Distance<f32> for CosineDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        (1.0 - dot).max(0.0)
+        (1.0 - switchboard_embed::cosine(a, b)).max(0.0)
     }
 }
 
