@@ -589,140 +589,154 @@ async fn answers_carry_the_route_and_entity_findings_keep_their_kind() {
     guard.stop().await;
 }
 
-#[tokio::test]
-async fn an_overload_is_refused_at_once_with_a_typed_status_and_nothing_leaks() {
-    let mut config = config();
-    config.admission = switchboard_guard::admission::AdmissionConfig {
-        max_in_flight: 2,
-        max_wait_ms: 0,
-    };
-    let app = App::build(config).await.unwrap();
-    let stats = app.admission_stats();
-    let url = switchboard_grpc::url_of(app.local_addr());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = stopped.await;
-    }));
-    let client = GuardServiceClient::connect(url).await.unwrap();
-    let request = |messages: Vec<Message>| CheckPromptRequest {
-        request_id: "req-big".into(),
+/// A guard under `admission`, after `calls` checks of ~27 KB (milliseconds each in a debug build)
+/// were sent at once: the answers and the refusals, each refusal checked to be UNAVAILABLE with the
+/// overload reason and each answer redacted.
+struct Burst {
+    client: GuardServiceClient<Channel>,
+    stats: std::sync::Arc<switchboard_guard::admission::AdmissionStats>,
+    ok: Vec<CheckPromptResponse>,
+    refused: Vec<tonic::Status>,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), switchboard_guard::StartupError>>,
+}
+
+fn check_request(messages: Vec<Message>) -> CheckPromptRequest {
+    CheckPromptRequest {
+        request_id: "req-burst".into(),
         app: "web".into(),
         team: "t".into(),
         messages,
         route: String::new(),
-    };
-    // ~27 KB prompts, each a few milliseconds of checking (debug build).
-    let filler = "lorem ipsum dolor sit amet ".repeat(500);
-    let large = vec![Message::text(
-        Role::User,
-        format!("{filler} write to {EMAIL} {filler}"),
-    )];
+    }
+}
 
-    // 32 at once against 2 in flight: some are checked, the rest refused at once with
-    // UNAVAILABLE and the overload reason; the checked ones decided as usual.
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..32 {
-        let mut client = client.clone();
-        let request = request(large.clone());
-        calls.spawn(async move { client.check_prompt(request).await });
+impl Burst {
+    async fn run(admission: switchboard_guard::admission::AdmissionConfig, calls: usize) -> Burst {
+        let mut config = config();
+        config.admission = admission;
+        let app = App::build(config).await.unwrap();
+        let stats = app.admission_stats();
+        let url = switchboard_grpc::url_of(app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let client = GuardServiceClient::connect(url).await.unwrap();
+        let filler = "lorem ipsum dolor sit amet ".repeat(500);
+        let large = vec![Message::text(
+            Role::User,
+            format!("{filler} write to {EMAIL} {filler}"),
+        )];
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..calls {
+            let mut client = client.clone();
+            let request = check_request(large.clone());
+            burst.spawn(async move { client.check_prompt(request).await });
+        }
+        let (mut ok, mut refused) = (Vec::new(), Vec::new());
+        for result in burst.join_all().await {
+            match result {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    assert_eq!(response.decision, Decision::Transform as i32);
+                    assert_no_values(&response);
+                    ok.push(response);
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                    let metadata = switchboard_status::status_metadata(&status);
+                    assert_eq!(metadata["reason"], "GUARD_OVERLOADED");
+                    refused.push(status);
+                }
+            }
+        }
+        Burst {
+            client,
+            stats,
+            ok,
+            refused,
+            stop,
+            server,
+        }
     }
-    let results = calls.join_all().await;
-    let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
-    assert!(!ok.is_empty(), "some are admitted");
-    assert!(!refused.is_empty(), "an overload is refused");
-    for status in refused.into_iter().map(Result::unwrap_err) {
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        let metadata = switchboard_status::status_metadata(&status);
-        assert_eq!(metadata["reason"], "GUARD_OVERLOADED");
+
+    fn refused_total(&self) -> u64 {
+        self.stats
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
-    for response in ok {
-        let response = response.unwrap().into_inner();
-        assert_eq!(response.decision, Decision::Transform as i32);
-        assert_no_values(&response);
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
     }
-    let refused_total = stats.refused.load(std::sync::atomic::Ordering::Relaxed);
+}
+
+#[tokio::test]
+async fn an_overload_is_refused_at_once_with_a_typed_status_and_nothing_leaks() {
+    // 32 at once against 2 in flight: some are checked, the rest refused at once.
+    let burst = Burst::run(
+        switchboard_guard::admission::AdmissionConfig {
+            max_in_flight: 2,
+            max_wait_ms: 0,
+        },
+        32,
+    )
+    .await;
+    assert!(!burst.ok.is_empty(), "some are admitted");
+    assert!(!burst.refused.is_empty(), "an overload is refused");
+    let refused_total = burst.refused_total();
     assert!(refused_total > 0);
     // Every slot was given back: calls one after another are all admitted again.
     for _ in 0..5 {
-        let small = client
+        let small = burst
+            .client
             .clone()
-            .check_prompt(request(prompt()))
+            .check_prompt(check_request(prompt()))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(small.decision, Decision::Transform as i32);
     }
-    assert_eq!(
-        stats.refused.load(std::sync::atomic::Ordering::Relaxed),
-        refused_total
-    );
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    assert_eq!(burst.refused_total(), refused_total);
+    burst.stop().await;
 }
 
 #[tokio::test]
 async fn a_check_that_waited_too_long_for_its_turn_is_refused_not_checked() {
-    let mut config = config();
-    // No count bound to speak of: only the wait sheds. A 27 KB check takes milliseconds in a
-    // debug build, so in a burst of 64 the later ones wait well past 20 ms.
-    config.admission = switchboard_guard::admission::AdmissionConfig {
-        max_in_flight: 10_000,
-        max_wait_ms: 20,
-    };
-    let app = App::build(config).await.unwrap();
-    let stats = app.admission_stats();
-    let url = switchboard_grpc::url_of(app.local_addr());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = stopped.await;
-    }));
-    let client = GuardServiceClient::connect(url).await.unwrap();
-    let request = |messages: Vec<Message>| CheckPromptRequest {
-        request_id: "req-wait".into(),
-        app: "web".into(),
-        team: "t".into(),
-        messages,
-        route: String::new(),
-    };
-    let filler = "lorem ipsum dolor sit amet ".repeat(500);
-    let large = vec![Message::text(
-        Role::User,
-        format!("{filler} write to {EMAIL} {filler}"),
-    )];
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..64 {
-        let mut client = client.clone();
-        let request = request(large.clone());
-        calls.spawn(async move { client.check_prompt(request).await });
-    }
-    let results = calls.join_all().await;
-    let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    // No count bound to speak of: only the wait sheds; in a burst of 64 the later ones wait well
+    // past 20 ms.
+    let burst = Burst::run(
+        switchboard_guard::admission::AdmissionConfig {
+            max_in_flight: 10_000,
+            max_wait_ms: 20,
+        },
+        64,
+    )
+    .await;
     assert!(
-        !refused.is_empty(),
+        !burst.refused.is_empty(),
         "the ones that waited too long are refused"
     );
-    for status in refused.into_iter().map(Result::unwrap_err) {
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert_eq!(
-            switchboard_status::status_metadata(&status)["reason"],
-            "GUARD_OVERLOADED"
-        );
+    for status in &burst.refused {
         assert!(status.message().contains("waited"), "{}", status.message());
-    }
-    for response in ok {
-        assert_no_values(&response.unwrap().into_inner());
     }
     // An idle guard checks again (a few tries: on a loaded machine one call alone may wait 20 ms).
     let mut checked = None;
     for _ in 0..20 {
-        if let Ok(response) = client.clone().check_prompt(request(prompt())).await {
+        if let Ok(response) = burst
+            .client
+            .clone()
+            .check_prompt(check_request(prompt()))
+            .await
+        {
             checked = Some(response.into_inner());
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(checked.unwrap().decision, Decision::Transform as i32);
-    assert!(stats.refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    assert!(burst.refused_total() > 0);
+    burst.stop().await;
 }
