@@ -957,14 +957,10 @@ impl Pipeline {
                 let mut out = Vec::with_capacity(incoming.len());
                 for mut piece in incoming {
                     for (block, text) in hold.take_thinking(index, Some(piece.index)) {
-                        let text = self
-                            .check_thinking(ctx, request, hold, (index, block), text)
-                            .await?;
-                        out.push(ThinkingDelta {
-                            index: block,
-                            text,
-                            ..Default::default()
-                        });
+                        out.push(
+                            self.check_thinking(ctx, request, hold, (index, block), text)
+                                .await?,
+                        );
                     }
                     if !piece.redacted_data.is_empty() {
                         // Encrypted by the provider: nothing to read.
@@ -978,6 +974,7 @@ impl Pipeline {
                     } else {
                         self.check_thinking(ctx, request, hold, (index, piece.index), stable)
                             .await?
+                            .text
                     };
                     if hold.is_rewritten(index, piece.index) {
                         piece.signature.clear();
@@ -990,14 +987,10 @@ impl Pipeline {
             }
             if !delta.content.is_empty() || !delta.tool_calls.is_empty() || last {
                 for (block, text) in hold.take_thinking(index, None) {
-                    let text = self
-                        .check_thinking(ctx, request, hold, (index, block), text)
-                        .await?;
-                    delta.thinking.push(ThinkingDelta {
-                        index: block,
-                        text,
-                        ..Default::default()
-                    });
+                    delta.thinking.push(
+                        self.check_thinking(ctx, request, hold, (index, block), text)
+                            .await?,
+                    );
                 }
             }
             if delta.content.is_empty() && !last {
@@ -1015,8 +1008,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One window of a reasoning block (`at`: choice index, block) through CheckAnswer; notes a
-    /// rewrite in `hold`.
+    /// One window of a reasoning block (`at`: choice index, block) through CheckAnswer, as the
+    /// block's delta to send; notes a rewrite in `hold`.
     async fn check_thinking(
         &self,
         ctx: &RequestContext,
@@ -1024,7 +1017,7 @@ impl Pipeline {
         hold: &mut StreamHold,
         at: (u32, u32),
         text: String,
-    ) -> Result<String, GatewayError> {
+    ) -> Result<ThinkingDelta, GatewayError> {
         hold.windows += 1;
         let checked = self
             .check_window(ctx, request, text.clone(), hold.windows)
@@ -1032,7 +1025,11 @@ impl Pipeline {
         if checked != text {
             hold.mark_rewritten(at.0, at.1);
         }
-        Ok(checked)
+        Ok(ThinkingDelta {
+            index: at.1,
+            text: checked,
+            ..Default::default()
+        })
     }
 
     /// The checked text still held back (reasoning first), as one chunk (none when nothing is
@@ -1054,16 +1051,12 @@ impl Pipeline {
             ..Default::default()
         };
         for ((index, block), text) in thinking {
-            let text = self
+            let piece = self
                 .check_thinking(ctx, request, hold, (index, block), text)
                 .await?;
             chunk.choices.push(ChoiceDelta {
                 index,
-                thinking: vec![ThinkingDelta {
-                    index: block,
-                    text,
-                    ..Default::default()
-                }],
+                thinking: vec![piece],
                 ..Default::default()
             });
         }
@@ -1533,8 +1526,9 @@ struct Assembler {
     model: String,
     created: i64,
     text: BTreeMap<u32, String>,
-    /// Reasoning blocks per choice, in block order.
-    thinking: BTreeMap<u32, Vec<ThinkingBlock>>,
+    /// Reasoning blocks per (choice, block index); a map, so a block index is a key, never a
+    /// length to allocate.
+    thinking: BTreeMap<(u32, u32), ThinkingBlock>,
     stop_sequence: BTreeMap<u32, String>,
     finish: BTreeMap<u32, i32>,
     has_tool_calls: bool,
@@ -1555,18 +1549,14 @@ impl Assembler {
             if !choice.tool_calls.is_empty() {
                 self.has_tool_calls = true;
             }
-            if !choice.thinking.is_empty() {
-                let blocks = self.thinking.entry(choice.index).or_default();
-                for delta in &choice.thinking {
-                    let at = delta.index as usize;
-                    if blocks.len() <= at {
-                        blocks.resize_with(at + 1, ThinkingBlock::default);
-                    }
-                    let block = &mut blocks[at];
-                    block.text.push_str(&delta.text);
-                    block.signature.push_str(&delta.signature);
-                    block.redacted_data.push_str(&delta.redacted_data);
-                }
+            for delta in &choice.thinking {
+                let block = self
+                    .thinking
+                    .entry((choice.index, delta.index))
+                    .or_default();
+                block.text.push_str(&delta.text);
+                block.signature.push_str(&delta.signature);
+                block.redacted_data.push_str(&delta.redacted_data);
             }
             if !choice.stop_sequence.is_empty() {
                 self.stop_sequence
@@ -1593,7 +1583,11 @@ impl Assembler {
                 return None;
             }
             let mut message = Message::text(Role::Assistant, text.clone());
-            message.thinking = self.thinking.get(index).cloned().unwrap_or_default();
+            message.thinking = self
+                .thinking
+                .range((*index, 0)..=(*index, u32::MAX))
+                .map(|(_, block)| block.clone())
+                .collect();
             message.stop_sequence = self.stop_sequence.get(index).cloned().unwrap_or_default();
             choices.push(Choice {
                 index: *index,
@@ -1614,12 +1608,7 @@ impl Assembler {
     /// (reasoning text is output too).
     fn estimate_usage(&self, request: &ChatRequest) -> Usage {
         let prompt_chars: usize = request.messages.iter().map(|m| m.joined_text().len()).sum();
-        let thinking_chars: usize = self
-            .thinking
-            .values()
-            .flatten()
-            .map(|block| block.text.len())
-            .sum();
+        let thinking_chars: usize = self.thinking.values().map(|block| block.text.len()).sum();
         let completion_chars: usize =
             self.text.values().map(String::len).sum::<usize>() + thinking_chars;
         let prompt_tokens = prompt_chars.div_ceil(4) as u32;

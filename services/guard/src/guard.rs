@@ -230,34 +230,33 @@ impl Guard {
                 Role::try_from(message.role),
                 Ok(Role::System | Role::Developer)
             );
-            let mut texts = Vec::with_capacity(message.content.len() + message.thinking.len());
-            for (j, part) in message.content.iter().enumerate() {
-                match &part.part {
-                    Some(Part::Text(text)) => texts.push((Slot::Part(j), text)),
-                    Some(Part::ImageUrl(_)) => {}
-                    // A part kind this build does not know: it cannot be inspected, so it cannot
-                    // pass.
-                    None => {
-                        return Err(GuardError::UninspectableContent {
+            let parts =
+                message
+                    .content
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, part)| match &part.part {
+                        Some(Part::Text(text)) => Some(Ok((Slot::Part(j), text))),
+                        Some(Part::ImageUrl(_)) => None,
+                        // A part kind this build does not know: it cannot be inspected, so it cannot
+                        // pass.
+                        None => Some(Err(GuardError::UninspectableContent {
                             message: i,
                             part: j,
-                        });
-                    }
-                }
-            }
+                        })),
+                    });
             // Reasoning blocks carry the model's text too (a redacted block is encrypted: nothing
             // to read). They are checked for entities and topics, not scored for injection: the
             // model's own reasoning about an attack is not one, and a forged block fails the
             // provider's signature check.
-            texts.extend(
-                message
-                    .thinking
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, block)| !block.text.is_empty())
-                    .map(|(k, block)| (Slot::Thinking(k), &block.text)),
-            );
-            for (slot, text) in texts {
+            let thinking = message
+                .thinking
+                .iter()
+                .enumerate()
+                .filter(|(_, block)| !block.text.is_empty())
+                .map(|(k, block)| Ok((Slot::Thinking(k), &block.text)));
+            for item in parts.chain(thinking) {
+                let (slot, text) = item?;
                 let view = Normalized::new(text);
                 if !instructions {
                     if let Some((threshold, _)) = injection

@@ -414,9 +414,8 @@ enum Call {
 pub struct ProviderClient {
     name: String,
     kind: ProviderKind,
-    base_url: String,
-    /// `base_url` parsed once, not per call (an error when it does not parse: every call then
-    /// fails with it, which configuration validation prevents).
+    /// The configured base URL, parsed once, not per call (an error when it does not parse: every
+    /// call then fails with it, which configuration validation prevents).
     base: Result<reqwest::Url, String>,
     api_version: Option<String>,
     default_max_tokens: u32,
@@ -429,7 +428,7 @@ impl std::fmt::Debug for ProviderClient {
         f.debug_struct("ProviderClient")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("base_url", &self.base_url)
+            .field("base_url", &self.base.as_ref().map(reqwest::Url::as_str))
             .finish()
     }
 }
@@ -451,7 +450,6 @@ impl ProviderClient {
         Ok(ProviderClient {
             name: name.to_owned(),
             kind: config.kind,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
             base: reqwest::Url::parse(config.base_url.trim_end_matches('/'))
                 .map_err(|e| e.to_string()),
             api_version: config.api_version.clone().filter(|v| !v.is_empty()),
