@@ -2,9 +2,16 @@
 //! envelope.
 //!
 //! Subjects (all under the configured prefix, `switchboard` by default):
-//! - `<prefix>.usage.<app>`: one [`UsageEvent`] per request, protobuf-encoded, `Nats-Msg-Id` = our
-//!   request id (JetStream de-duplicates redeliveries within the stream's duplicate window), W3C
-//!   `traceparent` in the headers. Captured by the stream `<STREAM>` (`SWITCHBOARD_USAGE` by default).
+//! - `<prefix>.usage.batch.v1`: a [`UsageBatch`], the usage events of several requests in one
+//!   message, each with its request's W3C trace context (ADR 009); `Nats-Msg-Id` =
+//!   `<first request id>+<count>`. This is what the gateway publishes.
+//! - `<prefix>.usage.<app>`: one [`UsageEvent`], protobuf-encoded, `Nats-Msg-Id` = its request id
+//!   (JetStream de-duplicates redeliveries within the stream's duplicate window), W3C `traceparent`
+//!   in the headers. Still accepted by the ledger (tests, tools, events of older gateways).
+//!   Both are captured by the stream `<STREAM>` (`SWITCHBOARD_USAGE` by default); an app's token is
+//!   a single subject token, so no app's subject is the batch subject.
+//!
+//! [`decode_usage`] reads either.
 //! - `<prefix>.audit.<app>`: one [`AuditEvent`] per guard decision that found something or acted,
 //!   `Nats-Msg-Id` = its event id (`<request_id>:<direction>:<sequence>`). Captured by the stream
 //!   named after the prefix ([`NatsConfig::audit_stream`]: `SWITCHBOARD_AUDIT` for `switchboard`).
@@ -19,6 +26,7 @@ use prost::Message as _;
 use serde::Deserialize;
 pub use switchboard_proto::guard::v1::AuditEvent;
 pub use switchboard_proto::ledger::v1::UsageEvent;
+use switchboard_proto::ledger::v1::{TracedUsageEvent, UsageBatch};
 
 /// The `[nats]` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -66,6 +74,11 @@ impl NatsConfig {
     /// Subject of usage events for `app`.
     pub fn usage_subject(&self, app: &str) -> String {
         format!("{}.usage.{}", self.subject_prefix, sanitize_token(app))
+    }
+
+    /// Subject of usage batches ([`UsageBatch`]): two tokens after `usage`, so no app's subject.
+    pub fn usage_batch_subject(&self) -> String {
+        format!("{}.usage.batch.v1", self.subject_prefix)
     }
 
     /// Wildcard over every usage subject.
@@ -208,6 +221,109 @@ pub async fn publish_usage_in(
     .await
 }
 
+/// Bytes of one encoded usage batch at most, well below NATS's default `max_payload` (1 MiB).
+pub const MAX_USAGE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Splits `events` into consecutive runs whose batch messages stay within `max_bytes` (an event
+/// larger than that goes alone): the lengths of the runs, in order.
+pub fn usage_batch_runs(events: &[&UsageEvent], max_bytes: usize) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for event in events {
+        // The event, its trace context (~120 bytes) and the framing of both.
+        let size = event.encoded_len() + 160;
+        if count > 0 && bytes + size > max_bytes {
+            runs.push(count);
+            (count, bytes) = (0, 0);
+        }
+        count += 1;
+        bytes += size;
+    }
+    if count > 0 {
+        runs.push(count);
+    }
+    runs
+}
+
+/// Publishes `events` (keep them within [`MAX_USAGE_BATCH_BYTES`], see [`usage_batch_runs`]) as one
+/// [`UsageBatch`] message, each event with the trace context of its request (captured when it was
+/// queued), `Nats-Msg-Id` = `<first request id>+<count>`. Await the returned future to know
+/// JetStream has stored it: then every event of it is stored.
+pub async fn publish_usage_batch(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    events: &[(&UsageEvent, &opentelemetry::Context)],
+) -> Result<PublishAckFuture, BusError> {
+    let subject = config.usage_batch_subject();
+    let Some((first, _)) = events.first() else {
+        return Err(BusError::Publish {
+            subject,
+            message: "an empty usage batch".to_owned(),
+        });
+    };
+    let id = format!("{}+{}", first.request_id, events.len());
+    let batch = UsageBatch {
+        events: events
+            .iter()
+            .map(|(event, parent)| TracedUsageEvent {
+                event: Some((*event).clone()),
+                trace_context: switchboard_telemetry::context_fields(parent),
+            })
+            .collect(),
+    };
+    let message = PublishMessage::build()
+        .message_id(id)
+        .payload(batch.encode_to_vec().into());
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })
+}
+
+/// A usage message that cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable usage message on {subject}: {message}")]
+pub struct UsageDecodeError {
+    /// The message's subject.
+    pub subject: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// The usage events of a message of the usage stream, each with its request's trace context: a
+/// [`UsageBatch`] on the batch subject, else one [`UsageEvent`] with the context in the headers.
+pub fn decode_usage(
+    config: &NatsConfig,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<Vec<(UsageEvent, opentelemetry::Context)>, UsageDecodeError> {
+    let invalid = |message: String| UsageDecodeError {
+        subject: subject.to_owned(),
+        message,
+    };
+    if subject == config.usage_batch_subject() {
+        let batch = UsageBatch::decode(payload).map_err(|e| invalid(e.to_string()))?;
+        batch
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(index, traced)| match traced.event {
+                Some(event) => Ok((
+                    event,
+                    switchboard_telemetry::context_from_fields(&traced.trace_context),
+                )),
+                None => Err(invalid(format!("batch entry {index} holds no event"))),
+            })
+            .collect()
+    } else {
+        let event = UsageEvent::decode(payload).map_err(|e| invalid(e.to_string()))?;
+        Ok(vec![(event, switchboard_telemetry::extract_nats(headers))])
+    }
+}
+
 /// Publishes an audit event with `Nats-Msg-Id` = its event id and the trace context `parent`.
 /// Await the returned future to know JetStream has stored it.
 pub async fn publish_audit_in(
@@ -263,5 +379,136 @@ mod tests {
         assert_eq!(config.audit_wildcard(), "test.abc.audit.>");
         assert_eq!(config.audit_stream(), "TEST_ABC_AUDIT");
         assert_eq!(NatsConfig::default().audit_stream(), "SWITCHBOARD_AUDIT");
+        assert_eq!(config.usage_batch_subject(), "test.abc.usage.batch.v1");
+        // The batch subject is under the stream's wildcard, and no app maps to it.
+        assert!(config.usage_batch_subject().starts_with("test.abc.usage."));
+        assert_ne!(
+            config.usage_subject("batch.v1"),
+            config.usage_batch_subject()
+        );
+    }
+
+    fn event(n: usize, tag_bytes: usize) -> UsageEvent {
+        UsageEvent {
+            request_id: format!("0190c0de-0000-7000-8000-{n:012}"),
+            app: "billing".to_owned(),
+            tags: [("note".to_owned(), "x".repeat(tag_bytes))].into(),
+            ..Default::default()
+        }
+    }
+
+    fn remote_context(trace: u128, span: u64) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(span),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    #[test]
+    fn a_batch_keeps_each_event_and_its_own_trace_context() {
+        use opentelemetry::trace::TraceContextExt as _;
+        switchboard_telemetry::install_propagator();
+        let config = NatsConfig::default();
+        let events = [event(1, 10), event(2, 10), event(3, 10)];
+        let contexts = [
+            remote_context(0xA1, 0xB1),
+            opentelemetry::Context::new(),
+            remote_context(0xA3, 0xB3),
+        ];
+        let batch = UsageBatch {
+            events: events
+                .iter()
+                .zip(&contexts)
+                .map(|(event, cx)| TracedUsageEvent {
+                    event: Some(event.clone()),
+                    trace_context: switchboard_telemetry::context_fields(cx),
+                })
+                .collect(),
+        };
+        let decoded = decode_usage(
+            &config,
+            &config.usage_batch_subject(),
+            None,
+            &batch.encode_to_vec(),
+        )
+        .unwrap();
+        let ids: Vec<_> = decoded.iter().map(|(e, _)| e.request_id.clone()).collect();
+        let expected: Vec<_> = events.iter().map(|e| e.request_id.clone()).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(decoded[0].0, events[0]);
+        let trace = |cx: &opentelemetry::Context| cx.span().span_context().trace_id();
+        assert_eq!(trace(&decoded[0].1), trace(&contexts[0]));
+        assert!(!decoded[1].1.span().span_context().is_valid());
+        assert_eq!(trace(&decoded[2].1), trace(&contexts[2]));
+        assert_eq!(
+            decoded[2].1.span().span_context().span_id(),
+            contexts[2].span().span_context().span_id()
+        );
+    }
+
+    #[test]
+    fn a_single_event_message_still_decodes_with_the_context_of_its_headers() {
+        use opentelemetry::trace::TraceContextExt as _;
+        switchboard_telemetry::install_propagator();
+        let config = NatsConfig::default();
+        let cx = remote_context(0xC1, 0xD1);
+        let mut headers = HeaderMap::new();
+        switchboard_telemetry::inject_nats_context(&cx, &mut headers);
+        let one = event(7, 0);
+        let decoded = decode_usage(
+            &config,
+            &config.usage_subject("billing"),
+            Some(&headers),
+            &one.encode_to_vec(),
+        )
+        .unwrap();
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].0, one);
+        assert_eq!(
+            decoded[0].1.span().span_context().trace_id(),
+            cx.span().span_context().trace_id()
+        );
+    }
+
+    #[test]
+    fn undecodable_messages_and_empty_entries_are_errors() {
+        let config = NatsConfig::default();
+        let garbage = [0xFFu8, 0xFF, 0xFF];
+        assert!(decode_usage(&config, &config.usage_batch_subject(), None, &garbage).is_err());
+        assert!(decode_usage(&config, &config.usage_subject("a"), None, &garbage).is_err());
+        let hollow = UsageBatch {
+            events: vec![TracedUsageEvent::default()],
+        };
+        let error = decode_usage(
+            &config,
+            &config.usage_batch_subject(),
+            None,
+            &hollow.encode_to_vec(),
+        )
+        .unwrap_err();
+        assert!(error.message.contains("entry 0"), "{error}");
+    }
+
+    #[test]
+    fn batch_runs_stay_within_the_byte_bound_and_keep_every_event() {
+        let small: Vec<UsageEvent> = (0..10).map(|n| event(n, 100)).collect();
+        let refs: Vec<&UsageEvent> = small.iter().collect();
+        assert_eq!(usage_batch_runs(&refs, MAX_USAGE_BATCH_BYTES), vec![10]);
+        // ~1.1 KB each with a 3 KB bound: runs of 2.
+        let big: Vec<UsageEvent> = (0..5).map(|n| event(n, 1000)).collect();
+        let refs: Vec<&UsageEvent> = big.iter().collect();
+        let runs = usage_batch_runs(&refs, 3000);
+        assert_eq!(runs, vec![2, 2, 1]);
+        // An event larger than the bound goes alone, never dropped.
+        let huge = [event(1, 10), event(2, 5000), event(3, 10)];
+        let refs: Vec<&UsageEvent> = huge.iter().collect();
+        assert_eq!(usage_batch_runs(&refs, 3000), vec![1, 1, 1]);
+        assert!(usage_batch_runs(&[], 3000).is_empty());
     }
 }

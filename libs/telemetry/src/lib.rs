@@ -295,6 +295,24 @@ pub fn extract_nats(headers: Option<&async_nats::HeaderMap>) -> opentelemetry::C
     }
 }
 
+/// `cx`'s W3C context as plain fields (`traceparent`, `tracestate`), for carriers that are not
+/// headers: a usage event inside a batch message carries its own request's context this way.
+pub fn context_fields(cx: &opentelemetry::Context) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut fields));
+    fields
+}
+
+/// The W3C context carried by plain fields (see [`context_fields`]), or an empty context.
+pub fn context_from_fields(
+    fields: &std::collections::HashMap<String, String>,
+) -> opentelemetry::Context {
+    if fields.is_empty() {
+        return opentelemetry::Context::new();
+    }
+    global::get_text_map_propagator(|p| p.extract(fields))
+}
+
 /// Hex trace id of the current span ("" when there is none).
 pub fn current_trace_id() -> String {
     let cx = tracing::Span::current().context();

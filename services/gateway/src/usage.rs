@@ -1,5 +1,7 @@
 //! Usage events: built once per request and handed to a background publisher that delivers them to
-//! JetStream (message id = request id, so a retried publish is de-duplicated by the server).
+//! JetStream in batch messages (ADR 009; message id = first request id and count, so a retried
+//! publish of the same batch is de-duplicated by the server, and the ledger records a request id
+//! once whatever message carries it).
 //!
 //! The request path never waits on NATS: events go into a bounded in-memory queue. The publisher
 //! task sends them to JetStream; what JetStream does not acknowledge (or everything, while the usage
@@ -148,32 +150,47 @@ impl Transport for JetStream {
         self.stream_ready
     }
 
+    /// One [`switchboard_bus::UsageBatch`] message per run of events (ADR 009): JetStream stores,
+    /// acknowledges and delivers a message, not an event, so its cost per event falls with the
+    /// batch; each message's ack stands for all of its events.
     async fn publish(&mut self, batch: &[(&UsageEvent, &opentelemetry::Context)]) -> Vec<bool> {
         let mut acked = vec![false; batch.len()];
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut slots = Vec::with_capacity(batch.len());
+        let events: Vec<&UsageEvent> = batch.iter().map(|(event, _)| *event).collect();
+        let mut acks = Vec::new();
+        let mut runs = Vec::new();
         let mut failures = 0usize;
         let mut first_error = None;
-        for (index, (event, parent)) in batch.iter().enumerate() {
-            match switchboard_bus::publish_usage_in(&self.js, &self.nats, event, parent).await {
+        let mut start = 0usize;
+        for run in
+            switchboard_bus::usage_batch_runs(&events, switchboard_bus::MAX_USAGE_BATCH_BYTES)
+        {
+            let range = start..start + run;
+            start += run;
+            match switchboard_bus::publish_usage_batch(&self.js, &self.nats, &batch[range.clone()])
+                .await
+            {
                 Ok(ack) => {
                     acks.push(ack.into_future());
-                    slots.push(index);
+                    runs.push(range);
                 }
                 Err(error) => {
-                    failures += 1;
-                    first_error.get_or_insert((error.to_string(), event.request_id.clone()));
+                    failures += run;
+                    first_error.get_or_insert((
+                        error.to_string(),
+                        batch[range.start].0.request_id.clone(),
+                    ));
                 }
             }
         }
-        for (index, ack) in slots.into_iter().zip(join_all(acks).await) {
+        for (range, ack) in runs.into_iter().zip(join_all(acks).await) {
             match ack {
-                Ok(_) => acked[index] = true,
+                Ok(_) => acked[range].fill(true),
                 Err(error) => {
-                    failures += 1;
-                    if let Some((event, _)) = batch.get(index) {
-                        first_error.get_or_insert((error.to_string(), event.request_id.clone()));
-                    }
+                    failures += range.len();
+                    first_error.get_or_insert((
+                        error.to_string(),
+                        batch[range.start].0.request_id.clone(),
+                    ));
                 }
             }
         }
@@ -651,7 +668,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn real_nats_replay_after_outage_is_in_order_and_deduplicated() {
+    async fn real_nats_replay_after_outage_is_in_order_and_loses_nothing() {
         let nats = switchboard_testkit::TestNats::create().await.unwrap();
         let config = NatsConfig {
             url: nats.url.clone(),
@@ -663,11 +680,14 @@ mod tests {
         let path = dir.path().join("outbox");
         let client = config.connect().await.unwrap();
         let js = jetstream::new(client.clone());
-        // Published before the outage but not known to be (a lost ack): the replay must not
-        // duplicate them.
         config.ensure_usage_stream(&js).await.unwrap();
-        for n in 0..5 {
-            switchboard_bus::publish_usage(&js, &config, &event(n))
+        // Published before the outage but not known to be (a lost ack): the same batch sent again
+        // is de-duplicated by JetStream (same message id).
+        let early: Vec<UsageEvent> = (0..5).map(event).collect();
+        let none = opentelemetry::Context::new();
+        let refs: Vec<_> = early.iter().map(|e| (e, &none)).collect();
+        for _ in 0..2 {
+            switchboard_bus::publish_usage_batch(&js, &config, &refs)
                 .await
                 .unwrap()
                 .await
@@ -685,7 +705,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let task =
             tokio::spawn(publisher.run(down_client, cancel.clone(), Duration::from_millis(200)));
-        for n in 0..20 {
+        for n in 5..20 {
             sink.record(event(n));
         }
         until(|| sink.stats().outbox_bytes.load(Ordering::Relaxed) > 0).await;
@@ -704,7 +724,7 @@ mod tests {
         for n in 20..25 {
             sink.record(event(n));
         }
-        until(|| sink.stats().published.load(Ordering::Relaxed) >= 25).await;
+        until(|| sink.stats().published.load(Ordering::Relaxed) >= 20).await;
         cancel.cancel();
         task.await.unwrap();
         assert!(!path.exists());
@@ -714,10 +734,15 @@ mod tests {
         let mut ids = Vec::new();
         for seq in 1..=messages {
             let message = stream.get_raw_message(seq).await.unwrap();
-            let event = <UsageEvent as prost::Message>::decode(message.payload).unwrap();
-            ids.push(event.request_id);
+            assert_eq!(message.subject.as_str(), config.usage_batch_subject());
+            let events =
+                switchboard_bus::decode_usage(&config, &message.subject, None, &message.payload)
+                    .unwrap();
+            ids.extend(events.into_iter().map(|(event, _)| event.request_id));
         }
         nats.cleanup().await;
+        // Batches, not one message per event; the repeated batch stored once.
+        assert!(messages < 25, "{messages} messages");
         assert_eq!(ids, expected(0..25));
     }
 }

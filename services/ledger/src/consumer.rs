@@ -1,5 +1,6 @@
-//! The JetStream consumer: fetch a batch of usage events, price them, insert them in one
-//! transaction, and acknowledge only after the commit.
+//! The JetStream consumer: fetch a batch of messages, price their usage events, insert them in one
+//! transaction, and acknowledge only after the commit. A message is a batch of events from the
+//! gateway (ADR 009) or a single event; it is acknowledged once every event of it is recorded.
 //!
 //! Pipelined: while one batch commits (on its own pool connection, in its own task), the next is
 //! fetched and priced, and may start committing on a second connection; at most
@@ -15,10 +16,12 @@
 //! - Postgres connection errors: retry the same batch with backoff until it commits or the ledger
 //!   stops; nothing is acknowledged before the commit, so a crash means redelivery, and redelivery
 //!   is harmless (the insert skips recorded request ids and adds only inserted rows to the rollups).
-//! - Data errors (a row Postgres refuses): the batch is retried row by row and only the refused
-//!   rows' messages are terminated.
-//! - Undecodable payloads and request ids that are not UUIDs: terminated (`AckKind::Term`) with an
-//!   error log; they never block the consumer.
+//! - Data errors (a row Postgres refuses): the batch is retried row by row; a refused row is logged
+//!   as an error with its request id and dropped, and a message none of whose rows could be
+//!   recorded is terminated.
+//! - Undecodable payloads: terminated (`AckKind::Term`) with an error log. Events that can never
+//!   be recorded (a request id that is not a UUID) are logged and dropped, the rest of their
+//!   message recorded. Neither ever blocks the consumer.
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,11 +32,10 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
 use futures::StreamExt as _;
-use prost::Message as _;
-use switchboard_bus::{NatsConfig, UsageEvent};
+use switchboard_bus::NatsConfig;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, Span, field};
+use tracing::{Span, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
@@ -52,6 +54,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const FETCH_SLACK: Duration = Duration::from_secs(5);
 /// Batches fetched and not yet acknowledged, at most (the one being fetched and priced included).
 const IN_FLIGHT: usize = 2;
+
+/// Bytes one fetch may bring, at most: `batch_size` counts messages, and a gateway's message holds
+/// many events (ADR 009), so the bytes bound what a batch holds in memory and in one transaction
+/// (~`batch_size` events of ~500 bytes), and always admit the largest message NATS takes by default
+/// (1 MiB payload and headers): a message larger than a fetch's bound is refused, not delivered.
+fn fetch_max_bytes(batch_size: usize) -> usize {
+    batch_size.saturating_mul(512).max(FETCH_MIN_BYTES)
+}
+
+/// NATS's default `max_payload` and room for headers.
+const FETCH_MIN_BYTES: usize = (1 << 20) + (64 << 10);
 
 /// Settings of the durable pull consumer.
 #[derive(Debug, Clone)]
@@ -130,11 +143,13 @@ impl Backoff {
     }
 }
 
-/// A decoded message waiting for its row to be committed.
+/// A decoded message waiting for its rows to be committed.
 struct Pending {
     message: jetstream::Message,
-    row: UsageRow,
-    span: Span,
+    /// Its events' rows, each with the event's span (a child of its request's span).
+    rows: Vec<(UsageRow, Span)>,
+    /// Events of it that could never be recorded (logged when priced).
+    rejected: usize,
 }
 
 enum Commit {
@@ -231,29 +246,53 @@ impl UsageConsumer {
         let prices = self.prices.current();
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
-            let parent = switchboard_telemetry::extract_nats(message.headers.as_ref());
-            let span = tracing::info_span!(
-                "ledger.record",
-                otel.kind = "consumer",
-                request.id = field::Empty,
-                messaging.system = "nats",
-                messaging.destination.name = %message.subject,
+            let decoded = switchboard_bus::decode_usage(
+                &self.nats,
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
             );
-            let _ = span.set_parent(parent);
-            let priced = span.in_scope(|| {
-                let event = UsageEvent::decode(message.payload.clone())
-                    .map_err(|e| Rejected::Decode(e.to_string()))?;
-                let shown: String = event.request_id.chars().take(64).collect();
-                Span::current().record("request.id", shown.as_str());
-                price_event(event, now, &prices)
-            });
-            match priced {
-                Ok(row) => pending.push(Pending { message, row, span }),
-                Err(rejected) => {
-                    terminate(&message, &rejected.to_string())
-                        .instrument(span)
-                        .await
+            let events = match decoded {
+                Ok(events) => events,
+                Err(error) => {
+                    terminate(&message, &Rejected::Decode(error.message).to_string()).await;
+                    continue;
                 }
+            };
+            let mut rows = Vec::with_capacity(events.len());
+            let mut rejected = 0;
+            for (event, parent) in events {
+                let span = tracing::info_span!(
+                    "ledger.record",
+                    otel.kind = "consumer",
+                    request.id = field::Empty,
+                    messaging.system = "nats",
+                    messaging.destination.name = %message.subject,
+                );
+                let _ = span.set_parent(parent);
+                let priced = span.in_scope(|| {
+                    let shown: String = event.request_id.chars().take(64).collect();
+                    Span::current().record("request.id", shown.as_str());
+                    price_event(event, now, &prices)
+                });
+                match priced {
+                    Ok(row) => rows.push((row, span)),
+                    Err(rejected_event) => {
+                        rejected += 1;
+                        span.in_scope(|| {
+                            tracing::error!(subject = %message.subject, reason = %rejected_event, "usage event cannot be recorded; dropping it");
+                        });
+                    }
+                }
+            }
+            if rows.is_empty() {
+                terminate(&message, "no event of the message can be recorded").await;
+            } else {
+                pending.push(Pending {
+                    message,
+                    rows,
+                    rejected,
+                });
             }
         }
         pending
@@ -261,7 +300,10 @@ impl UsageConsumer {
 
     /// Commits and acknowledges one priced batch.
     async fn process(&self, pending: Vec<Pending>, cancel: &CancellationToken) {
-        let rows: Vec<UsageRow> = pending.iter().map(|p| p.row.clone()).collect();
+        let rows: Vec<UsageRow> = pending
+            .iter()
+            .flat_map(|p| p.rows.iter().map(|(row, _)| row.clone()))
+            .collect();
         match self.commit(&rows, cancel).await {
             Commit::Done(inserted) => {
                 self.count(&rows, &inserted);
@@ -271,17 +313,23 @@ impl UsageConsumer {
             Commit::DataError(error) => {
                 tracing::warn!(%error, rows = rows.len(), "batch refused by the database; inserting row by row");
                 for item in &pending {
-                    match self.commit(std::slice::from_ref(&item.row), cancel).await {
-                        Commit::Done(inserted) => {
-                            self.count(std::slice::from_ref(&item.row), &inserted);
-                            ack_all(std::slice::from_ref(item)).await
+                    let mut recorded = 0usize;
+                    for (row, span) in &item.rows {
+                        match self.commit(std::slice::from_ref(row), cancel).await {
+                            Commit::Done(inserted) => {
+                                self.count(std::slice::from_ref(row), &inserted);
+                                recorded += 1;
+                            }
+                            Commit::Cancelled => return,
+                            Commit::DataError(error) => span.in_scope(|| {
+                                tracing::error!(%error, request.id = %row.request_id, "database refused the usage row; dropping it");
+                            }),
                         }
-                        Commit::Cancelled => return,
-                        Commit::DataError(error) => {
-                            terminate(&item.message, &format!("database refused the row: {error}"))
-                                .instrument(item.span.clone())
-                                .await;
-                        }
+                    }
+                    if recorded == 0 {
+                        terminate(&item.message, "database refused every row of the message").await;
+                    } else {
+                        ack_all(std::slice::from_ref(item)).await
                     }
                 }
             }
@@ -364,11 +412,14 @@ async fn fetch_unbounded(
     linger: Duration,
 ) -> Result<Vec<jetstream::Message>, async_nats::Error> {
     let mut messages = fetch_now(consumer, max).await?;
-    if !messages.is_empty() && messages.len() < max && !linger.is_zero() {
+    let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+    let room = fetch_max_bytes(max).saturating_sub(bytes);
+    if !messages.is_empty() && messages.len() < max && room > 0 && !linger.is_zero() {
         tokio::time::sleep(linger).await;
         let more = consumer
             .fetch()
             .max_messages(max - messages.len())
+            .max_bytes(room)
             .messages()
             .await?;
         messages.extend(drain(more).await.unwrap_or_default());
@@ -380,7 +431,16 @@ async fn fetch_now(
     consumer: &PullConsumer,
     max: usize,
 ) -> Result<Vec<jetstream::Message>, async_nats::Error> {
-    let mut messages = drain(consumer.fetch().max_messages(max).messages().await?).await?;
+    let max_bytes = fetch_max_bytes(max);
+    let mut messages = drain(
+        consumer
+            .fetch()
+            .max_messages(max)
+            .max_bytes(max_bytes)
+            .messages()
+            .await?,
+    )
+    .await?;
     if messages.is_empty() {
         messages = drain(
             consumer
@@ -392,7 +452,12 @@ async fn fetch_now(
         )
         .await?;
         if !messages.is_empty() && max > 1 {
-            let more = consumer.fetch().max_messages(max - 1).messages().await?;
+            let more = consumer
+                .fetch()
+                .max_messages(max - 1)
+                .max_bytes(max_bytes)
+                .messages()
+                .await?;
             messages.extend(drain(more).await.unwrap_or_default());
         }
     }
@@ -425,16 +490,14 @@ fn log_join(done: Result<(), tokio::task::JoinError>) {
 /// Acknowledges committed messages. A plain ack (one publish, no reply awaited) is enough: a lost
 /// ack only means a redelivery, which inserts nothing and adds nothing to the rollups.
 async fn ack_all(items: &[Pending]) {
-    let acks = items.iter().map(|item| {
-        async move {
-            match item.message.ack().await {
-                Ok(()) => tracing::debug!(request.id = %item.row.request_id, "usage recorded"),
-                Err(error) => {
-                    tracing::warn!(request.id = %item.row.request_id, %error, "ack failed; the event will be redelivered")
-                }
+    let acks = items.iter().map(|item| async move {
+        let rows = item.rows.len();
+        match item.message.ack().await {
+            Ok(()) => tracing::debug!(rows, rejected = item.rejected, "usage message recorded"),
+            Err(error) => {
+                tracing::warn!(rows, %error, "ack failed; the message will be redelivered")
             }
         }
-        .instrument(item.span.clone())
     });
     futures::future::join_all(acks).await;
 }

@@ -618,6 +618,57 @@ async fn poison_messages_are_terminated_and_do_not_block() {
 }
 
 #[tokio::test]
+async fn a_batch_message_records_each_event_once_and_drops_only_the_bad_one() {
+    let env = Env::new().await;
+    let mut app = env.start(env.config()).await;
+    let first = event("billing", "openai", "gpt-4o-mini", usage(1000, 200, 500));
+    let second = event("search", "openai", "gpt-4o-mini", usage(1000, 200, 500));
+    let mut bad_id = event("billing", "openai", "gpt-4o-mini", usage(1, 0, 1));
+    bad_id.request_id = "req-not-a-uuid".into();
+    let none = opentelemetry::Context::new();
+    let batch = [(&first, &none), (&bad_id, &none), (&second, &none)];
+    switchboard_bus::publish_usage_batch(&env.js, &env.nats_config, &batch)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // The first event again, alone and inside another batch: still one row.
+    env.publish(&first).await;
+    let again = [(&second, &none), (&first, &none)];
+    switchboard_bus::publish_usage_batch(&env.js, &env.nats_config, &again)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    app.wait_record(&first.request_id).await;
+    app.wait_record(&second.request_id).await;
+    // Every message acknowledged (none terminated, none left for redelivery).
+    env.wait_consumer_idle(3).await;
+    let spend = app
+        .client
+        .get_spend(spend_request(""))
+        .await
+        .expect("spend")
+        .into_inner();
+    assert_eq!(spend.rows.iter().map(|r| r.requests).sum::<u64>(), 2);
+    assert_eq!(spend.total_cost_usd_nanos, 2 * 435_000);
+    let by_app: std::collections::BTreeMap<_, _> = spend
+        .rows
+        .iter()
+        .map(|r| (r.app.clone(), r.requests))
+        .collect();
+    assert_eq!(
+        by_app,
+        [("billing".to_owned(), 1), ("search".to_owned(), 1)].into()
+    );
+    assert!(app.record("req-not-a-uuid").await.is_err());
+
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn argument_errors() {
     let env = Env::new().await;
     let mut app = env.start(env.config()).await;

@@ -91,6 +91,56 @@ async fn ledger_record_span_is_a_child_of_the_publisher() {
         record.attributes
     );
 
+    // A batch message: each event's span continues its own request's trace, not the batch's.
+    let mut parents = Vec::new();
+    let mut events = Vec::new();
+    for name in ["request.a", "request.b"] {
+        let span = tracing::info_span!("test.request", otel.name = name);
+        let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&span);
+        parents.push((name, cx));
+        events.push(UsageEvent {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            app: "billing".into(),
+            ..Default::default()
+        });
+    }
+    let batch: Vec<_> = events
+        .iter()
+        .zip(&parents)
+        .map(|(e, (_, cx))| (e, cx))
+        .collect();
+    switchboard_bus::publish_usage_batch(&js, &nats_config, &batch)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for ((name, _), event) in parents.iter().zip(&events) {
+        let (record, parent) = loop {
+            let spans = sink.spans();
+            let record = spans
+                .iter()
+                .find(|s| {
+                    s.name == "ledger.record"
+                        && s.attributes
+                            .iter()
+                            .any(|(k, v)| k == "request.id" && *v == event.request_id)
+                })
+                .cloned();
+            let parent = spans.iter().find(|s| s.name == *name).cloned();
+            if let (Some(record), Some(parent)) = (record, parent) {
+                break (record, parent);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ledger.record span of {name} not exported"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(record.trace_id, parent.trace_id, "{name}");
+        assert_eq!(record.parent_span_id, parent.span_id, "{name}");
+    }
+
     let _ = stop.send(());
     task.await.expect("join").expect("shutdown");
     telemetry.shutdown();
