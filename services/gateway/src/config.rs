@@ -24,7 +24,8 @@ pub struct Config {
     /// Capacity of the in-memory queue of usage events waiting for JetStream.
     pub usage_queue_capacity: usize,
     /// How long the publisher waits, after a usage event arrives, for others to publish with it
-    /// (one NATS write and one burst of acks per batch instead of one per event), milliseconds.
+    /// (one JetStream message per batch, ADR 009), milliseconds. The request never waits for it;
+    /// usage reaches the ledger that much later, and a crash loses at most what is in memory.
     /// 0 publishes each event at once.
     pub usage_linger_ms: u64,
     /// Directory of the durable outbox of usage events that could not reach JetStream (ADR 005).
@@ -73,7 +74,7 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             cache_enabled: true,
             usage_queue_capacity: 100_000,
-            usage_linger_ms: 5,
+            usage_linger_ms: 20,
             outbox_dir: "./data/outbox".to_owned(),
             outbox_max_bytes: 1024 * 1024 * 1024,
             max_in_flight: 2048,

@@ -28,7 +28,8 @@ pub struct Config {
     /// Durable JetStream pull consumer name.
     pub consumer_name: String,
     /// Messages fetched and inserted per transaction, at most (two batches are in flight at a time:
-    /// one committing while the next is fetched and priced, or both committing).
+    /// one committing while the next is fetched and priced, or both committing). A gateway's
+    /// message holds many events (ADR 009); a fetch is also bounded to ~`batch_size` × 512 bytes.
     pub batch_size: usize,
     /// After the first message of a batch arrives, how long to wait for more before inserting
     /// (milliseconds; 0: insert at once). A short linger turns a trickle of events into batches,
@@ -63,7 +64,7 @@ impl Default for Config {
             max_connections: 8,
             consumer_name: "ledger".to_owned(),
             batch_size: 2_000,
-            linger_ms: 20,
+            linger_ms: 100,
             ack_wait_secs: 30,
             price_reload_secs: 30,
             metrics_addr: None,
