@@ -40,6 +40,7 @@ pub(crate) struct Prompt {
     pub tools: Vec<String>,
     pub max_tokens: Option<u64>,
     /// Anthropic extended thinking was enabled: the answer starts with a signed thinking block.
+    /// Gemini `thinkingConfig` was sent: the answer's first function call is signed.
     pub thinking: bool,
     /// Anthropic `stop_sequences`: a text answer ends before the first one it contains.
     pub stop_sequences: Vec<String>,

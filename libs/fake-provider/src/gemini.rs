@@ -191,9 +191,28 @@ pub(crate) fn parse(
         max_tokens: body
             .pointer("/generationConfig/maxOutputTokens")
             .and_then(Value::as_u64),
-        thinking: false,
+        thinking: thinking_asked(body),
         stop_sequences: Vec::new(),
     })
+}
+
+/// Whether the request asks for thinking (`generationConfig.thinkingConfig`, its `thinkingBudget`
+/// not 0): the answer's first function call then carries a `thoughtSignature`, as Gemini 2.5/3
+/// thinking models send it.
+fn thinking_asked(body: &Value) -> bool {
+    body.pointer("/generationConfig/thinkingConfig")
+        .is_some_and(|config| config.get("thinkingBudget").and_then(Value::as_i64) != Some(0))
+}
+
+/// The fake's `thoughtSignature` of a function call (the real one is opaque): standard base64
+/// with `/`, `+` and padding, as real signatures have.
+pub(crate) fn thought_signature_of(call: &Call) -> String {
+    let mut state: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in call.name.bytes().chain(call.arguments.bytes()) {
+        state ^= u64::from(byte);
+        state = state.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fake/thought+sig{state:016x}AA==")
 }
 
 fn finish_name(answer: &Answer) -> &'static str {
@@ -225,6 +244,22 @@ fn call_part(call: &Call) -> Value {
     json!({ "functionCall": { "name": call.name, "args": args } })
 }
 
+/// The parts of `calls`; with `signed`, the first carries its `thoughtSignature` (Gemini signs
+/// the first function call of a turn, parallel ones come unsigned).
+fn call_parts(calls: &[Call], signed: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            let mut part = call_part(call);
+            if signed && i == 0 {
+                part["thoughtSignature"] = json!(thought_signature_of(call));
+            }
+            part
+        })
+        .collect()
+}
+
 fn candidate(parts: Vec<Value>, finish: Option<&str>) -> Value {
     let mut candidate = json!({ "content": { "parts": parts, "role": "model" }, "index": 0 });
     if let Some(finish) = finish {
@@ -239,18 +274,18 @@ fn response(id: &str, model: &str, candidates: Vec<Value>, usage: Value) -> Valu
 
 pub(crate) fn response_json(
     id: &str,
-    model: &str,
+    request: &Prompt,
     answer: &Answer,
     prompt: u64,
     completion: u64,
 ) -> Value {
     let parts = match answer {
         Answer::Text { content, .. } => vec![json!({ "text": content })],
-        Answer::ToolCalls(calls) => calls.iter().map(call_part).collect(),
+        Answer::ToolCalls(calls) => call_parts(calls, request.thinking),
     };
     response(
         id,
-        model,
+        &request.model,
         vec![candidate(parts, Some(finish_name(answer)))],
         usage_json(prompt, Some(completion)),
     )
@@ -271,11 +306,12 @@ pub(crate) fn frame(data: &Value) -> Bytes {
 /// reason and the full usage. Function calls come whole in one event. No end marker.
 pub(crate) fn stream_plan(
     id: &str,
-    model: &str,
+    request: &Prompt,
     answer: &Answer,
     usage: (u64, u64),
     pieces: usize,
 ) -> StreamPlan {
+    let model = request.model.as_str();
     let mut body = Vec::new();
     match answer {
         Answer::Text { content, .. } => {
@@ -304,7 +340,7 @@ pub(crate) fn stream_plan(
                 id,
                 model,
                 vec![candidate(
-                    calls.iter().map(call_part).collect(),
+                    call_parts(calls, request.thinking),
                     Some(finish_name(answer)),
                 )],
                 usage_json(usage.0, Some(usage.1)),

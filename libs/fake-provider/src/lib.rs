@@ -31,7 +31,11 @@
 //!   "stop_sequence"` with the matched `stop_sequence`).
 //! - `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`: Gemini
 //!   (`x-goog-api-key` header or `key=`; roles `user`/`model`; `functionResponse` needs a name).
-//!   Streams have no end marker: the last event carries `finishReason` and the usage.
+//!   Streams have no end marker: the last event carries `finishReason` and the usage. When the
+//!   request asks for thinking (`generationConfig.thinkingConfig`, `thinkingBudget` not 0), the
+//!   first `functionCall` part of an answer carries a `thoughtSignature` (the fake's, standard
+//!   base64 with `/`, `+` and `=`), as Gemini's thinking models send it; what comes back in the
+//!   next turn can be read from [`FakeProvider::requests`].
 //! - `POST /v1/embeddings` and Azure `POST /openai/deployments/{deployment}/embeddings`: OpenAI
 //!   embeddings, deterministic (a unit vector seeded by a hash of each input, of
 //!   [`embeddings::DEFAULT_DIMENSIONS`] or the requested `dimensions`; `prompt_tokens` = words).
@@ -563,7 +567,7 @@ impl ApiFormat {
             ApiFormat::Anthropic => {
                 anthropic::message_json(id, request, answer, prompt, completion)
             }
-            ApiFormat::Gemini => gemini::response_json(id, model, answer, prompt, completion),
+            ApiFormat::Gemini => gemini::response_json(id, request, answer, prompt, completion),
         }
     }
 
@@ -589,7 +593,7 @@ impl ApiFormat {
                 openai::stream_plan(&ctx, answer, usage, pieces)
             }
             ApiFormat::Anthropic => anthropic::stream_plan(id, request, answer, usage, pieces),
-            ApiFormat::Gemini => gemini::stream_plan(id, &request.model, answer, usage, pieces),
+            ApiFormat::Gemini => gemini::stream_plan(id, request, answer, usage, pieces),
         }
     }
 

@@ -33,17 +33,21 @@ fn answer_echoes_the_last_user_message_and_counts_words() {
 
 #[test]
 fn max_tokens_truncates_with_length() {
-    let mut request = body(json!([{ "role": "user", "content": "one two three four" }]));
-    request["max_completion_tokens"] = json!(2);
-    let (answer, _, completion) = answer_for(&request);
-    assert_eq!(
-        answer,
-        Answer::Text {
-            content: "echo: one".to_owned(),
-            finish: Finish::Length
-        }
-    );
-    assert_eq!(completion, 2);
+    // OpenAI's `max_completion_tokens` and the older `max_tokens` of compatible servers alike.
+    for field in ["max_completion_tokens", "max_tokens"] {
+        let mut request = body(json!([{ "role": "user", "content": "one two three four" }]));
+        request[field] = json!(2);
+        let (answer, _, completion) = answer_for(&request);
+        assert_eq!(
+            answer,
+            Answer::Text {
+                content: "echo: one".to_owned(),
+                finish: Finish::Length
+            },
+            "{field}"
+        );
+        assert_eq!(completion, 2, "{field}");
+    }
 }
 
 #[test]
@@ -1175,4 +1179,60 @@ async fn anthropic_stops_at_a_stop_sequence_and_names_it() {
         .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(streamed, "echo: one two ");
+}
+
+#[tokio::test]
+async fn gemini_signs_the_first_function_call_when_thinking_is_asked() {
+    let fake = start().await;
+    let mut request = json!({
+        "contents": [{ "role": "user", "parts": [{ "text": "call every tool {\"q\":1}" }] }],
+        "tools": [{ "functionDeclarations": [{ "name": "a" }, { "name": "b" }] }],
+        "generationConfig": { "thinkingConfig": { "includeThoughts": true, "thinkingBudget": 1024 } } });
+    let signature = gemini::thought_signature_of(&Call {
+        name: "a".to_owned(),
+        arguments: "{\"q\":1}".to_owned(),
+    });
+    assert!(
+        signature.contains(['/', '+']) && signature.ends_with('='),
+        "{signature}"
+    );
+    let value: Value = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["candidates"][0]["content"]["parts"],
+        json!([{ "functionCall": { "name": "a", "args": { "q": 1 } }, "thoughtSignature": signature },
+               { "functionCall": { "name": "b", "args": { "q": 1 } } }])
+    );
+    let text = gemini(&fake, "gem-x", true, &request)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let event: Value =
+        serde_json::from_str(text.trim_end().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(
+        event["candidates"][0]["content"]["parts"][0]["thoughtSignature"],
+        signature
+    );
+    // Thinking off (budget 0) or not asked: unsigned.
+    request["generationConfig"]["thinkingConfig"]["thinkingBudget"] = json!(0);
+    let value: Value = gemini(&fake, "gem-x", false, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        value["candidates"][0]["content"]["parts"][0]
+            .get("thoughtSignature")
+            .is_none()
+    );
 }

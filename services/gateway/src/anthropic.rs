@@ -14,6 +14,10 @@
 //!   `SamplingParams.top_k`; `thinking` (`enabled` + `budget_tokens`, or `disabled`) is
 //!   `ChatRequest.thinking`.
 //! - Answers: thinking blocks first (as the provider sent them), then text, then `tool_use`.
+//! - A Gemini thought signature on a tool call (`ToolCall.signature`, not Anthropic's thinking
+//!   signatures above) rides in the id (`<id>__thought__<signature>`, see [`crate::tool_id`]):
+//!   shown in `tool_use.id` (answers and `content_block_start`), split again from `tool_use.id`
+//!   and `tool_result.tool_use_id` of the next turn.
 //! - Stop reasons: `end_turn`, `stop_sequence` (with the matched `stop_sequence`, when the provider
 //!   reported it), `max_tokens`, `tool_use`, `refusal` (content filter).
 //! - Usage: Anthropic's `input_tokens` excludes cache reads and writes, ours includes them.
@@ -48,6 +52,7 @@ use crate::{
     error::GatewayError,
     http,
     pipeline::{RequestContext, StreamEvent},
+    tool_id,
 };
 
 // === request ===
@@ -280,11 +285,12 @@ impl MessagesRequest {
                                 ));
                             }
                         };
+                        let (id, signature) = tool_id::decode(&id);
                         tool_calls.push(pb::ToolCall {
                             id,
                             name,
                             arguments_json,
-                            signature: String::new(),
+                            signature,
                         });
                     }
                     InBlock::ToolResult {
@@ -302,7 +308,7 @@ impl MessagesRequest {
                         messages.push(pb::Message {
                             role: pb::Role::Tool as i32,
                             content: parts,
-                            tool_call_id: tool_use_id,
+                            tool_call_id: tool_id::decode(&tool_use_id).0,
                             tool_error: is_error,
                             ..Default::default()
                         });
@@ -583,7 +589,7 @@ impl MessageOut {
             }
             for call in &message.tool_calls {
                 content.push(BlockOut::ToolUse {
-                    id: call.id.clone(),
+                    id: tool_id::encode(&call.id, &call.signature),
                     name: call.name.clone(),
                     input: input_of(&call.arguments_json),
                 });
@@ -746,7 +752,8 @@ impl Streamer {
                     Some((Open::Tool(open), index)) if open == call.index => index,
                     _ => self.open(
                         Open::Tool(call.index),
-                        json!({ "type": "tool_use", "id": call.id, "name": call.name, "input": {} }),
+                        json!({ "type": "tool_use", "id": tool_id::encode(&call.id, &call.signature),
+                                "name": call.name, "input": {} }),
                         out,
                     ),
                 };
@@ -1358,5 +1365,90 @@ mod tests {
         let message_delta = data.iter().find(|d| d["type"] == "message_delta").unwrap();
         assert_eq!(message_delta["delta"]["stop_reason"], "stop_sequence");
         assert_eq!(message_delta["delta"]["stop_sequence"], "END");
+    }
+
+    #[test]
+    fn gemini_call_signatures_ride_in_tool_use_ids_both_ways() {
+        let signature = "fake/thought+sig00AA==";
+        let shown = crate::tool_id::encode("call_0", signature);
+        assert_ne!(shown, "call_0");
+        // Answer: the signed call's id carries the signature; an unsigned one is unchanged.
+        let call = |id: &str, signature: &str| pb::ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments_json: "{}".into(),
+            signature: signature.into(),
+        };
+        let response = pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    tool_calls: vec![call("call_0", signature), call("call_1", "")],
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::ToolCalls as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(MessageOut::from_proto(&response, "msg_1".into())).unwrap();
+        assert_eq!(json["content"][0]["id"], shown.as_str());
+        assert_eq!(json["content"][1]["id"], "call_1");
+
+        // Next turn: tool_use and tool_result ids are split back; the signature is on the call.
+        let request = parse(&format!(
+            r#"{{"model":"m","max_tokens":10,"messages":[
+                {{"role":"user","content":"weather?"}},
+                {{"role":"assistant","content":[
+                  {{"type":"tool_use","id":"{shown}","name":"f","input":{{}}}},
+                  {{"type":"tool_use","id":"call_1","name":"f","input":{{}}}}]}},
+                {{"role":"user","content":[
+                  {{"type":"tool_result","tool_use_id":"{shown}","content":"sunny"}},
+                  {{"type":"tool_result","tool_use_id":"call_1","content":"warm"}}]}}]}}"#
+        ))
+        .unwrap();
+        let calls = &request.messages[1].tool_calls;
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].signature.as_str()),
+            ("call_0", signature)
+        );
+        assert_eq!(
+            (calls[1].id.as_str(), calls[1].signature.as_str()),
+            ("call_1", "")
+        );
+        assert_eq!(request.messages[2].tool_call_id, "call_0");
+        assert_eq!(request.messages[3].tool_call_id, "call_1");
+
+        // Streamed: the content_block_start of the call shows the same id.
+        let mut streamer = Streamer::new("msg_1".into());
+        let mut out = Vec::new();
+        streamer.chunk(
+            &pb::ChatChunk {
+                model: "m".into(),
+                choices: vec![pb::ChoiceDelta {
+                    tool_calls: vec![pb::ToolCallDelta {
+                        index: 0,
+                        id: "call_0".into(),
+                        name: "f".into(),
+                        arguments_delta: "{}".into(),
+                        signature: signature.into(),
+                    }],
+                    finish_reason: pb::FinishReason::ToolCalls as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            &mut out,
+        );
+        streamer.done("m", &pb::Usage::default(), &mut out);
+        let start = out
+            .iter()
+            .map(data_of)
+            .find(|d| d["type"] == "content_block_start")
+            .unwrap();
+        assert_eq!(
+            start["content_block"],
+            json!({"type":"tool_use","id":shown,"name":"f","input":{}})
+        );
     }
 }

@@ -5,7 +5,11 @@
 //! request (vLLM, Ollama; passed on to providers that take it, dropped for OpenAI itself), and
 //! the model's reasoning (`Message.thinking`, Anthropic's extended thinking) as
 //! `reasoning_content` on the answer's message and on stream deltas, never in `content`.
-//! Redacted reasoning and signatures have no place here and are not shown; a stop sequence is
+//! A Gemini thought signature on a tool call (`ToolCall.signature`) rides in the call's id
+//! (`<id>__thought__<signature>`, see [`crate::tool_id`]): shown in `tool_calls[].id` and in the
+//! stream delta that carries the id, split again from an assistant message's `tool_calls[].id`
+//! and a tool message's `tool_call_id`. Other signatures (Anthropic's thinking) and redacted
+//! reasoning have no place here and are not shown; a stop sequence is
 //! finish reason `stop`. `reasoning_effort` (`none`, `minimal`, `low`, `medium`, `high`; anything
 //! else is a 400 naming the field) is `ChatRequest.thinking.effort`: passed to OpenAI as is, and a
 //! thinking budget for Anthropic and Gemini.
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchboard_proto::chat::v1 as pb;
 
-use crate::error::GatewayError;
+use crate::{error::GatewayError, tool_id};
 
 // === request ===
 
@@ -217,19 +221,27 @@ impl ChatCompletionRequest {
             let tool_calls = message
                 .tool_calls
                 .into_iter()
-                .map(|call| pb::ToolCall {
-                    id: call.id,
-                    name: call.function.name,
-                    arguments_json: call.function.arguments,
-                    signature: String::new(),
+                .map(|call| {
+                    let (id, signature) = tool_id::decode(&call.id);
+                    pb::ToolCall {
+                        id,
+                        name: call.function.name,
+                        arguments_json: call.function.arguments,
+                        signature,
+                    }
                 })
                 .collect();
+            // A result names the call by the id it was shown; the signature rides on the call.
+            let tool_call_id = message
+                .tool_call_id
+                .map(|shown| tool_id::decode(&shown).0)
+                .unwrap_or_default();
             messages.push(pb::Message {
                 role: role as i32,
                 content,
                 name: message.name.unwrap_or_default(),
                 tool_calls,
-                tool_call_id: message.tool_call_id.unwrap_or_default(),
+                tool_call_id,
                 ..Default::default()
             });
         }
@@ -506,7 +518,7 @@ fn tool_calls_out(calls: &[pb::ToolCall]) -> Vec<ToolCallOut> {
     calls
         .iter()
         .map(|call| ToolCallOut {
-            id: call.id.clone(),
+            id: tool_id::encode(&call.id, &call.signature),
             kind: "function",
             function: FunctionCallOut {
                 name: call.name.clone(),
@@ -648,7 +660,8 @@ impl ChatCompletionChunk {
                             .iter()
                             .map(|delta| ToolCallDeltaOut {
                                 index: delta.index,
-                                id: (!delta.id.is_empty()).then(|| delta.id.clone()),
+                                id: (!delta.id.is_empty())
+                                    .then(|| tool_id::encode(&delta.id, &delta.signature)),
                                 kind: (!delta.id.is_empty()).then_some("function"),
                                 function: FunctionDeltaOut {
                                     name: (!delta.name.is_empty()).then(|| delta.name.clone()),
@@ -919,5 +932,107 @@ mod tests {
         let json =
             serde_json::to_value(ChatCompletionChunk::from_proto(&signature_only, "c")).unwrap();
         assert_eq!(json["choices"][0]["delta"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn gemini_call_signatures_ride_in_tool_call_ids_both_ways() {
+        let signature = "fake/thought+sig00AA==";
+        let shown = crate::tool_id::encode("call_0", signature);
+        assert!(shown.starts_with("call_0__thought__"), "{shown}");
+        // Answer: the signed call's id carries the signature; an unsigned one is unchanged.
+        let call = |id: &str, signature: &str| pb::ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments_json: "{}".into(),
+            signature: signature.into(),
+        };
+        let response = pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    tool_calls: vec![call("call_0", signature), call("call_1", "")],
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::ToolCalls as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(ChatCompletion::from_proto(
+            &response,
+            switchboard_info("r", "miss", None),
+        ))
+        .unwrap();
+        let calls = &json["choices"][0]["message"]["tool_calls"];
+        assert_eq!(calls[0]["id"], shown.as_str());
+        assert_eq!(calls[1]["id"], "call_1");
+
+        // Next turn: the assistant's call ids and the tool messages' ids are split back.
+        let request = parse(&format!(
+            r#"{{"model":"m","messages":[
+                {{"role":"user","content":"weather?"}},
+                {{"role":"assistant","content":null,"tool_calls":[
+                  {{"id":"{shown}","type":"function","function":{{"name":"f","arguments":"{{}}"}}}},
+                  {{"id":"call_1","type":"function","function":{{"name":"f","arguments":"{{}}"}}}},
+                  {{"id":"call_2__thought__","type":"function","function":{{"name":"f","arguments":"{{}}"}}}}]}},
+                {{"role":"tool","tool_call_id":"{shown}","content":"sunny"}},
+                {{"role":"tool","tool_call_id":"call_1","content":"warm"}},
+                {{"role":"tool","tool_call_id":"call_2__thought__","content":"dry"}}]}}"#
+        ))
+        .unwrap();
+        let calls: Vec<(&str, &str)> = request.messages[1]
+            .tool_calls
+            .iter()
+            .map(|c| (c.id.as_str(), c.signature.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [("call_0", signature), ("call_1", ""), ("call_2", "")]
+        );
+        let results: Vec<&str> = request.messages[2..]
+            .iter()
+            .map(|m| m.tool_call_id.as_str())
+            .collect();
+        assert_eq!(results, ["call_0", "call_1", "call_2"]);
+
+        // Streamed: the delta that carries the id shows it with the signature; later ones no id.
+        let delta = |id: &str, signature: &str, arguments: &str| pb::ChatChunk {
+            choices: vec![pb::ChoiceDelta {
+                tool_calls: vec![pb::ToolCallDelta {
+                    index: 0,
+                    id: id.into(),
+                    name: if id.is_empty() { "" } else { "f" }.into(),
+                    arguments_delta: arguments.into(),
+                    signature: signature.into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let first = serde_json::to_value(ChatCompletionChunk::from_proto(
+            &delta("call_0", signature, "{}"),
+            "c",
+        ))
+        .unwrap();
+        let first = &first["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(first["id"], shown.as_str());
+        assert_eq!(first["type"], "function");
+        let unsigned = serde_json::to_value(ChatCompletionChunk::from_proto(
+            &delta("call_1", "", ""),
+            "c",
+        ))
+        .unwrap();
+        assert_eq!(
+            unsigned["choices"][0]["delta"]["tool_calls"][0]["id"],
+            "call_1"
+        );
+        let later =
+            serde_json::to_value(ChatCompletionChunk::from_proto(&delta("", "", "{}"), "c"))
+                .unwrap();
+        assert!(
+            later["choices"][0]["delta"]["tool_calls"][0]
+                .get("id")
+                .is_none()
+        );
     }
 }

@@ -88,6 +88,40 @@ impl ProviderKind {
     }
 }
 
+/// The request field that carries the output-token limit (`SamplingParams.max_tokens`) to an
+/// OpenAI-style provider (kinds `openai` and `azure`), `[router.providers.<name>] max_tokens_field`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// `max_tokens`: the only one OpenAI-compatible servers (vLLM, Ollama, Groq, Mistral,
+    /// DeepSeek, OpenRouter, Together, ...) know; OpenAI's reasoning models reject it.
+    MaxTokens,
+    /// `max_completion_tokens`: OpenAI's current field for every chat model, required by its
+    /// reasoning models (o1, o3, o4-mini, gpt-5), and Azure OpenAI's since api-version 2024-09-01.
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    /// The JSON field name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxTokens => "max_tokens",
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
+/// The first Azure OpenAI api-version that takes `max_completion_tokens`.
+const AZURE_MAX_COMPLETION_TOKENS_SINCE: &str = "2024-09-01";
+
+/// Whether `base_url` is OpenAI's own API (`api.openai.com`), not an OpenAI-compatible server.
+pub(crate) fn is_openai_itself(base_url: &str) -> bool {
+    reqwest::Url::parse(base_url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
+        .is_some_and(|host| host == "api.openai.com")
+}
+
 /// One provider (`[router.providers.<name>]`).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -102,6 +136,13 @@ pub struct ProviderConfig {
     pub api_version: Option<String>,
     /// `max_tokens` sent to Anthropic (which requires it) when the request sets none.
     pub default_max_tokens: u32,
+    /// Kinds `openai` and `azure` only: the field that carries a request's output-token limit,
+    /// `"max_tokens"` or `"max_completion_tokens"`. Unset: `max_completion_tokens` for OpenAI
+    /// itself (kind `openai` with a `base_url` on `api.openai.com`) and for `azure` (unless its
+    /// `api_version` is a date before 2024-09-01, which knows only `max_tokens`); `max_tokens`
+    /// for any other `openai` base URL (OpenAI-compatible servers). Set it for a proxy in front of
+    /// OpenAI (`max_completion_tokens`) or a server that knows only `max_tokens`.
+    pub max_tokens_field: Option<MaxTokensField>,
     /// Environment variable holding the API key (read once at start by [`Config::resolve_api_keys`]).
     pub api_key_env: Option<String>,
     /// The API key itself; never read from the file, set in code or resolved from `api_key_env`.
@@ -116,6 +157,7 @@ impl Default for ProviderConfig {
             base_url: String::new(),
             api_version: None,
             default_max_tokens: 4096,
+            max_tokens_field: None,
             api_key_env: None,
             api_key: None,
         }
@@ -129,6 +171,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("base_url", &self.base_url)
             .field("api_version", &self.api_version)
             .field("default_max_tokens", &self.default_max_tokens)
+            .field("max_tokens_field", &self.max_tokens_field)
             .field("api_key_env", &self.api_key_env)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .finish()
@@ -163,6 +206,32 @@ impl ProviderConfig {
         }
     }
 
+    /// The field that carries the output-token limit to this provider (kinds `openai` and
+    /// `azure`): `max_tokens_field` if set, else the default of its kind, base URL and
+    /// api-version (see [`ProviderConfig::max_tokens_field`]).
+    pub fn effective_max_tokens_field(&self) -> MaxTokensField {
+        if let Some(field) = self.max_tokens_field {
+            return field;
+        }
+        match self.kind {
+            ProviderKind::Openai if is_openai_itself(&self.base_url) => {
+                MaxTokensField::MaxCompletionTokens
+            }
+            ProviderKind::Azure => {
+                // Dated versions (`2024-06-01`, `2024-08-01-preview`) compare as text; others
+                // (`v1`, `preview`, `latest`) are recent.
+                let version = self.api_version.as_deref().unwrap_or_default();
+                let dated = version.starts_with(|c: char| c.is_ascii_digit());
+                if dated && version < AZURE_MAX_COMPLETION_TOKENS_SINCE {
+                    MaxTokensField::MaxTokens
+                } else {
+                    MaxTokensField::MaxCompletionTokens
+                }
+            }
+            _ => MaxTokensField::MaxTokens,
+        }
+    }
+
     /// Checks the provider-specific settings; `path` is `router.providers.<name>`.
     fn validate_kind(&self, path: &str) -> Result<(), ConfigError> {
         let version = self.api_version.as_deref();
@@ -185,6 +254,14 @@ impl ProviderConfig {
             return Err(ConfigError::invalid(
                 format!("{path}.api_version"),
                 "must be non-empty and contain no `/`, `?`, `#` or spaces",
+            ));
+        }
+        if self.max_tokens_field.is_some()
+            && !matches!(self.kind, ProviderKind::Openai | ProviderKind::Azure)
+        {
+            return Err(ConfigError::invalid(
+                format!("{path}.max_tokens_field"),
+                "is used only by kind = \"openai\" and kind = \"azure\"",
             ));
         }
         if self.default_max_tokens == 0 {
@@ -408,6 +485,92 @@ base_url = "https://generativelanguage.googleapis.com"
         let mut bad = config;
         bad.providers.get_mut("gem").unwrap().api_version = Some("v1/../x".into());
         assert!(error_of(&bad).contains("router.providers.gem.api_version"));
+    }
+
+    #[test]
+    fn the_max_tokens_field_defaults_by_kind_host_and_api_version() {
+        use MaxTokensField::{MaxCompletionTokens, MaxTokens};
+        let openai = ProviderConfig::openai("https://api.openai.com/v1", None);
+        assert_eq!(openai.effective_max_tokens_field(), MaxCompletionTokens);
+        let upper = ProviderConfig::openai("https://API.OpenAI.com/v1/", None);
+        assert_eq!(upper.effective_max_tokens_field(), MaxCompletionTokens);
+        for compatible in [
+            "http://localhost:8000/v1",
+            "https://api.groq.com/openai/v1",
+            "https://openrouter.ai/api/v1",
+            "https://api.openai.com.evil.example/v1",
+        ] {
+            let config = ProviderConfig::openai(compatible, None);
+            assert_eq!(
+                config.effective_max_tokens_field(),
+                MaxTokens,
+                "{compatible}"
+            );
+        }
+        for (version, field) in [
+            ("2024-10-21", MaxCompletionTokens),
+            ("2024-09-01-preview", MaxCompletionTokens),
+            ("2025-04-01-preview", MaxCompletionTokens),
+            ("preview", MaxCompletionTokens),
+            ("2024-08-01-preview", MaxTokens),
+            ("2024-06-01", MaxTokens),
+        ] {
+            let azure = ProviderConfig::azure("https://r.openai.azure.com", version, None);
+            assert_eq!(azure.effective_max_tokens_field(), field, "{version}");
+        }
+        // The override wins both ways.
+        let proxy = ProviderConfig {
+            max_tokens_field: Some(MaxCompletionTokens),
+            ..ProviderConfig::openai("https://proxy.example/v1", None)
+        };
+        assert_eq!(proxy.effective_max_tokens_field(), MaxCompletionTokens);
+        let old = ProviderConfig {
+            max_tokens_field: Some(MaxTokens),
+            ..ProviderConfig::azure("https://r.openai.azure.com", "2024-10-21", None)
+        };
+        assert_eq!(old.effective_max_tokens_field(), MaxTokens);
+    }
+
+    #[test]
+    fn max_tokens_field_parses_and_is_refused_for_other_kinds() {
+        let text = r#"
+[router.providers.proxy]
+base_url = "https://proxy.example/v1"
+max_tokens_field = "max_completion_tokens"
+[router.providers.vllm]
+base_url = "http://localhost:8000/v1"
+max_tokens_field = "max_tokens"
+"#;
+        let config: Config = Source::from_toml(text).unwrap().section("router").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.providers["proxy"].max_tokens_field,
+            Some(MaxTokensField::MaxCompletionTokens)
+        );
+        assert_eq!(
+            config.providers["vllm"].max_tokens_field,
+            Some(MaxTokensField::MaxTokens)
+        );
+        let bad = text.replace("\"max_tokens\"", "\"max_output_tokens\"");
+        let error = Source::from_toml(&bad)
+            .unwrap()
+            .section::<Config>("router")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_output_tokens"), "{error}");
+        let mut config = config;
+        config.providers.insert(
+            "claude".into(),
+            ProviderConfig {
+                max_tokens_field: Some(MaxTokensField::MaxTokens),
+                ..ProviderConfig::of_kind(
+                    ProviderKind::Anthropic,
+                    "https://api.anthropic.com",
+                    None,
+                )
+            },
+        );
+        assert!(error_of(&config).contains("router.providers.claude.max_tokens_field"));
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl Spec {
             && a.base_url == b.base_url
             && a.api_version == b.api_version
             && a.default_max_tokens == b.default_max_tokens
+            && a.max_tokens_field == b.max_tokens_field
             && a.api_key.as_ref().map(|k| k.expose_secret())
                 == b.api_key.as_ref().map(|k| k.expose_secret())
             && self.connect_timeout == other.connect_timeout

@@ -140,6 +140,15 @@ pub fn expected_cost_nanos(prompt_tokens: i64, completion_tokens: i64) -> i64 {
 impl Sandbox {
     /// Starts two fake providers and the five services.
     pub async fn start() -> anyhow::Result<Sandbox> {
+        Self::start_with(|_| String::new()).await
+    }
+
+    /// Starts the mesh with `extra(primary)` appended to its configuration (e.g. more providers
+    /// and routes on the primary fake provider). A provider's `api_key_env` there resolves to
+    /// `sandbox-key-<VAR>`.
+    pub async fn start_with(
+        extra: impl FnOnce(&FakeProvider) -> String,
+    ) -> anyhow::Result<Sandbox> {
         let primary = FakeProvider::start(FakeConfig {
             addr: "127.0.0.1:0".into(),
             ..Default::default()
@@ -152,12 +161,10 @@ impl Sandbox {
         .await?;
         let nats = TestNats::create().await?;
         let pg = TestPg::create().await?;
-        let source = Source::from_toml(&mesh_toml(
-            &primary.base_url(),
-            &backup.base_url(),
-            &pg.url,
-            &nats,
-        ))?;
+        let source = Source::from_toml(
+            &(mesh_toml(&primary.base_url(), &backup.base_url(), &pg.url, &nats)
+                + &extra(&primary)),
+        )?;
         let nats_config: switchboard_bus::NatsConfig = source.section("nats")?;
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -170,7 +177,9 @@ impl Sandbox {
             Ok(ledger.run_until(stop).await?)
         }));
 
-        let router = switchboard_router::App::build(source.section("router")?)
+        let mut router_config: switchboard_router::Config = source.section("router")?;
+        router_config.resolve_api_keys(|var| Some(format!("sandbox-key-{var}")));
+        let router = switchboard_router::App::build(router_config)
             .await
             .context("router")?;
         let router_url = format!("http://{}", router.local_addr());

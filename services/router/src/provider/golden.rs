@@ -2,7 +2,8 @@
 //! body and URL we send for a `ChatRequest`, and what we make of the provider's answer or stream.
 //!
 //! Fixture fields: `description`, `source` (the API reference the provider side was written from),
-//! `model`, `stream`, `request` (a `ChatRequest` in the JSON form of [`request_from_json`]),
+//! `model`, `stream`, optional provider settings (`base_url`, `api_version`, `default_max_tokens`,
+//! `max_tokens_field`), `request` (a `ChatRequest` in the JSON form of [`request_from_json`]),
 //! `provider_request` (the exact body), `url` (optional), and either `provider_response` +
 //! `expected_response` / `expected_error` (unary) or `provider_stream` (the lines of the SSE body)
 //! + `expected_chunks` + `expected_end` (`"done"` or an error code).
@@ -375,10 +376,19 @@ fn client(kind: ProviderKind, fixture: &Value) -> ProviderClient {
         });
     let mut config = ProviderConfig::of_kind(kind, base, Some("key"));
     if kind == ProviderKind::Azure {
-        config.api_version = Some("2024-10-21".to_owned());
+        config.api_version = Some(
+            fixture
+                .get("api_version")
+                .and_then(Value::as_str)
+                .unwrap_or("2024-10-21")
+                .to_owned(),
+        );
     }
     if let Some(max) = fixture.get("default_max_tokens").and_then(Value::as_u64) {
         config.default_max_tokens = max as u32;
+    }
+    if let Some(field) = fixture.get("max_tokens_field") {
+        config.max_tokens_field = Some(serde_json::from_value(field.clone()).unwrap());
     }
     ProviderClient::new("golden", &config, Duration::from_secs(1)).unwrap()
 }

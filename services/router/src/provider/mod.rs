@@ -26,7 +26,7 @@ use serde_json::Value;
 use switchboard_proto::chat::v1::{ChatChunk, ChatRequest, ChatResponse, Usage};
 use tracing::{Instrument, Span, field::Empty};
 
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::{MaxTokensField, ProviderConfig, ProviderKind};
 
 pub use openai::TranslateError;
 
@@ -419,6 +419,8 @@ pub struct ProviderClient {
     base: Result<reqwest::Url, String>,
     api_version: Option<String>,
     default_max_tokens: u32,
+    /// The field of the output-token limit (kinds `openai` and `azure`).
+    max_tokens_field: MaxTokensField,
     api_key: Option<SecretString>,
     http: reqwest::Client,
 }
@@ -454,6 +456,7 @@ impl ProviderClient {
                 .map_err(|e| e.to_string()),
             api_version: config.api_version.clone().filter(|v| !v.is_empty()),
             default_max_tokens: config.default_max_tokens,
+            max_tokens_field: config.effective_max_tokens_field(),
             api_key: config.api_key.clone(),
             http,
         })
@@ -484,7 +487,8 @@ impl ProviderClient {
     ) -> Result<Prepared, TranslateError> {
         let body = match self.kind {
             ProviderKind::Openai | ProviderKind::Azure => {
-                let mut body = openai::to_openai_request(model, request, stream)?;
+                let mut body =
+                    openai::to_openai_request(model, request, stream, self.max_tokens_field)?;
                 if let Some(top_k) = request.sampling.as_ref().and_then(|s| s.top_k)
                     && self.takes_top_k()
                     && let Some(body) = body.as_object_mut()
@@ -847,7 +851,9 @@ mod tests {
             ..Default::default()
         };
         let high = ask(true, 0, "high");
-        let openai = openai::to_openai_request("o3", &high, false).unwrap();
+        let openai =
+            openai::to_openai_request("o3", &high, false, MaxTokensField::MaxCompletionTokens)
+                .unwrap();
         assert_eq!(openai["reasoning_effort"], "high");
         let anthropic = anthropic::to_anthropic_request("claude", &high, false, 1024).unwrap();
         assert_eq!(
@@ -873,11 +879,15 @@ mod tests {
             anthropic["thinking"],
             serde_json::json!({ "type": "disabled" })
         );
-        let openai = openai::to_openai_request("o3", &none, false).unwrap();
+        let openai =
+            openai::to_openai_request("o3", &none, false, MaxTokensField::MaxCompletionTokens)
+                .unwrap();
         assert_eq!(openai["reasoning_effort"], "none");
         // Anthropic's switch and budget without an effort: OpenAI gets nothing.
         let switched = ask(true, 2048, "");
-        let openai = openai::to_openai_request("o3", &switched, false).unwrap();
+        let openai =
+            openai::to_openai_request("o3", &switched, false, MaxTokensField::MaxCompletionTokens)
+                .unwrap();
         assert!(openai.get("reasoning_effort").is_none());
     }
 

@@ -7,6 +7,11 @@
 //! same text twice: `reasoning_content` is taken, `reasoning` only when it is absent or empty; a
 //! `reasoning` that is not a string is ignored.
 //!
+//! `SamplingParams.max_tokens` goes in the field the provider takes (see
+//! [`MaxTokensField`]): `max_completion_tokens` for OpenAI itself and Azure OpenAI (OpenAI's
+//! reasoning models reject `max_tokens`), `max_tokens` for OpenAI-compatible servers, which
+//! mostly know only that one.
+//!
 //! `ChatRequest.thinking.effort` is `reasoning_effort` (OpenAI's reasoning models, and servers
 //! that take it); a thinking switch or budget without an effort (Anthropic's) is not sent.
 //!
@@ -27,6 +32,7 @@ use switchboard_proto::chat::v1::{
 };
 
 use super::{Decoded, ProviderError, StreamDecoder, sse::SseEvent};
+use crate::config::MaxTokensField;
 
 /// A request that cannot be expressed (bad JSON text in a schema, unspecified role, ...).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,11 +130,13 @@ fn content_json(message: &Message) -> Value {
     Value::Array(parts)
 }
 
-/// The OpenAI request body for `request` sent to provider model `model`. `tags` are never sent.
+/// The OpenAI request body for `request` sent to provider model `model`, the output-token limit
+/// in `max_tokens_field`. `tags` are never sent.
 pub fn to_openai_request(
     model: &str,
     request: &ChatRequest,
     stream: bool,
+    max_tokens_field: MaxTokensField,
 ) -> Result<Value, TranslateError> {
     let mut body = Map::new();
     body.insert("model".into(), json!(model));
@@ -239,7 +247,10 @@ pub fn to_openai_request(
         };
         put("temperature", sampling.temperature.map(|v| json!(v)));
         put("top_p", sampling.top_p.map(|v| json!(v)));
-        put("max_tokens", sampling.max_tokens.map(|v| json!(v)));
+        put(
+            max_tokens_field.name(),
+            sampling.max_tokens.map(|v| json!(v)),
+        );
         put(
             "stop",
             (!sampling.stop.is_empty()).then(|| json!(sampling.stop)),
@@ -671,7 +682,8 @@ mod tests {
 
     #[test]
     fn request_translates_every_field() {
-        let body = to_openai_request("gpt-x", &full_request(), false).unwrap();
+        let body =
+            to_openai_request("gpt-x", &full_request(), false, MaxTokensField::MaxTokens).unwrap();
         let expected = json!({
             "model": "gpt-x",
             "messages": [
@@ -704,6 +716,29 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_goes_in_the_providers_field_and_only_there() {
+        let body = to_openai_request(
+            "o3",
+            &full_request(),
+            false,
+            MaxTokensField::MaxCompletionTokens,
+        )
+        .unwrap();
+        assert_eq!(body["max_completion_tokens"], 100);
+        assert!(body.get("max_tokens").is_none(), "{body}");
+        let body =
+            to_openai_request("llama", &full_request(), false, MaxTokensField::MaxTokens).unwrap();
+        assert_eq!(body["max_tokens"], 100);
+        assert!(body.get("max_completion_tokens").is_none(), "{body}");
+        // No limit asked: neither field.
+        let mut request = full_request();
+        request.sampling.as_mut().unwrap().max_tokens = None;
+        let body =
+            to_openai_request("o3", &request, false, MaxTokensField::MaxCompletionTokens).unwrap();
+        assert!(body.get("max_completion_tokens").is_none() && body.get("max_tokens").is_none());
+    }
+
+    #[test]
     fn stream_requests_ask_for_usage() {
         let request = ChatRequest {
             messages: vec![Message::text(Role::User, "hi")],
@@ -712,7 +747,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let body = to_openai_request("m", &request, true).unwrap();
+        let body = to_openai_request("m", &request, true, MaxTokensField::MaxTokens).unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"], json!({ "include_usage": true }));
         assert_eq!(body["tool_choice"], "required");
@@ -723,12 +758,14 @@ mod tests {
     fn bad_requests_name_the_field() {
         let mut request = full_request();
         request.tools[0].parameters_json = "{nope".into();
-        let error = to_openai_request("m", &request, false).unwrap_err();
+        let error = to_openai_request("m", &request, false, MaxTokensField::MaxTokens).unwrap_err();
         assert_eq!(error.field, "tools[0].parameters_json");
         let mut request = full_request();
         request.messages[1].role = Role::Unspecified as i32;
         assert_eq!(
-            to_openai_request("m", &request, false).unwrap_err().field,
+            to_openai_request("m", &request, false, MaxTokensField::MaxTokens)
+                .unwrap_err()
+                .field,
             "messages[1].role"
         );
     }
