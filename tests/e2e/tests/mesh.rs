@@ -600,7 +600,9 @@ async fn the_same_usage_event_published_twice_makes_one_row() {
     let response = post(&sandbox, Some(KEY_A), &body("count me once")).await;
     let id = header(&response, "x-switchboard-request-id");
     let row = sandbox.wait_for_record(&id).await.unwrap();
-    // Republish an event with the same request id, as a gateway retry would.
+    // Republish events with the same request id: as a gateway retry would (its time, as single
+    // messages, not the gateway's batch, so JetStream's de-duplication does not apply), and once
+    // with a time three days off. The ledger's key and its ±7-day probe keep one row (ADR 009).
     let client = async_nats::connect(&sandbox.nats.url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let config = switchboard_bus::NatsConfig {
@@ -609,28 +611,31 @@ async fn the_same_usage_event_published_twice_makes_one_row() {
         usage_stream: sandbox.nats.stream.clone(),
         ..Default::default()
     };
-    let event = switchboard_bus::UsageEvent {
-        request_id: id.clone(),
-        app: "app-a".into(),
-        requested_model: MODEL.into(),
-        status: RequestStatus::Ok as i32,
-        usage: Some(switchboard_proto::chat::v1::Usage {
-            prompt_tokens: 999,
-            completion_tokens: 999,
-            total_tokens: 1998,
+    let time = row.time.unwrap();
+    for offset in [0, 3 * 86_400] {
+        let event = switchboard_bus::UsageEvent {
+            request_id: id.clone(),
+            app: "app-a".into(),
+            requested_model: MODEL.into(),
+            status: RequestStatus::Ok as i32,
+            usage: Some(switchboard_proto::chat::v1::Usage {
+                prompt_tokens: 999,
+                completion_tokens: 999,
+                total_tokens: 1998,
+                ..Default::default()
+            }),
+            time: Some(prost_types::Timestamp {
+                seconds: time.seconds + offset,
+                nanos: time.nanos,
+            }),
             ..Default::default()
-        }),
-        time: Some(prost_types::Timestamp {
-            seconds: 1_800_000_000,
-            nanos: 0,
-        }),
-        ..Default::default()
-    };
-    switchboard_bus::publish_usage(&js, &config, &event)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        };
+        switchboard_bus::publish_usage(&js, &config, &event)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
     // A marker request after it: once its row exists, the duplicate has been consumed too.
     let marker = post(&sandbox, Some(KEY_A), &body("marker")).await;
     sandbox
