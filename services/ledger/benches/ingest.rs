@@ -2,7 +2,9 @@
 //! Postgres. Not a criterion bench: one timed run against the local Postgres and NATS.
 //!
 //! `cargo bench -p switchboard-ledger --bench ingest` (release). Environment:
-//! `LEDGER_BENCH_EVENTS` (default 100000), `LEDGER_BENCH_BATCH` (ledger batch size, default 1000).
+//! `LEDGER_BENCH_EVENTS` (default 100000), `LEDGER_BENCH_BATCH` (ledger batch size, default 1000),
+//! `LEDGER_BENCH_PER_MESSAGE` (events per JetStream message, default 20 as the gateway sends at
+//! 1,000 rps with its 20 ms linger, ADR 009; 1 publishes single-event messages).
 //! The stream is filled first, then the ledger starts; the rate is rows committed per second of
 //! draining (from the ledger's start to the last row). Needs an idle machine to mean anything.
 
@@ -10,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchboard_bus::{NatsConfig, UsageEvent, publish_usage};
+use switchboard_bus::{NatsConfig, UsageEvent, publish_usage, publish_usage_batch};
 use switchboard_ledger::{App, Config, PriceConfig};
 use switchboard_proto::{
     Timestamp,
@@ -66,6 +68,7 @@ fn event(i: usize, now: i64) -> UsageEvent {
 async fn main() {
     let events = env_or("LEDGER_BENCH_EVENTS", 100_000);
     let batch = env_or("LEDGER_BENCH_BATCH", 1_000);
+    let per_message = env_or("LEDGER_BENCH_PER_MESSAGE", 20).max(1);
     let pg = TestPg::create().await.expect("postgres");
     let nats = TestNats::create().await.expect("nats");
     let nats_config = NatsConfig {
@@ -80,12 +83,18 @@ async fn main() {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let published = Instant::now();
     let mut acks = Vec::with_capacity(4_096);
-    for i in 0..events {
-        acks.push(
-            publish_usage(&js, &nats_config, &event(i, now))
-                .await
-                .expect("publish"),
-        );
+    let none = opentelemetry::Context::new();
+    for first in (0..events).step_by(per_message) {
+        let group: Vec<UsageEvent> = (first..(first + per_message).min(events))
+            .map(|i| event(i, now))
+            .collect();
+        let ack = if per_message == 1 {
+            publish_usage(&js, &nats_config, &group[0]).await
+        } else {
+            let refs: Vec<_> = group.iter().map(|e| (e, &none)).collect();
+            publish_usage_batch(&js, &nats_config, &refs).await
+        };
+        acks.push(ack.expect("publish"));
         if acks.len() == 4_096 {
             for ack in acks.drain(..) {
                 ack.await.expect("stored");
@@ -146,7 +155,7 @@ async fn main() {
             .expect("rollup");
     assert_eq!(rollup, expected, "the daily rollup counts every row once");
     println!(
-        "ledger ingest: {events} events, batch {batch}: published in {publish_secs:.2} s ({:.0}/s); \
+        "ledger ingest: {events} events, {per_message} per message, batch {batch}: published in {publish_secs:.2} s ({:.0}/s); \
          committed (rows + rollups) in {ingest_secs:.2} s = {:.0} events/s",
         events as f64 / publish_secs,
         events as f64 / ingest_secs
