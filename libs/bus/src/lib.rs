@@ -12,9 +12,13 @@
 //!   a single subject token, so no app's subject is the batch subject.
 //!
 //! [`decode_usage`] reads either.
+//! - `<prefix>.audit.batch.v1`: an [`AuditBatch`], the guard's audit events of several decisions in
+//!   one message (ADR 009), `Nats-Msg-Id` = `<first event id>+<count>`.
 //! - `<prefix>.audit.<app>`: one [`AuditEvent`] per guard decision that found something or acted,
-//!   `Nats-Msg-Id` = its event id (`<request_id>:<direction>:<sequence>`). Captured by the stream
-//!   named after the prefix ([`NatsConfig::audit_stream`]: `SWITCHBOARD_AUDIT` for `switchboard`).
+//!   `Nats-Msg-Id` = its event id (`<request_id>:<direction>:<sequence>`): the gateway's answer
+//!   audits, tools, older guards. Both are captured by the stream named after the prefix
+//!   ([`NatsConfig::audit_stream`]: `SWITCHBOARD_AUDIT` for `switchboard`); [`decode_audit`] reads
+//!   either.
 
 use std::time::Duration;
 
@@ -24,6 +28,7 @@ use async_nats::{
 };
 use prost::Message as _;
 use serde::Deserialize;
+use switchboard_proto::guard::v1::AuditBatch;
 pub use switchboard_proto::guard::v1::AuditEvent;
 pub use switchboard_proto::ledger::v1::UsageEvent;
 use switchboard_proto::ledger::v1::{TracedUsageEvent, UsageBatch};
@@ -89,6 +94,11 @@ impl NatsConfig {
     /// Subject of audit events for `app`.
     pub fn audit_subject(&self, app: &str) -> String {
         format!("{}.audit.{}", self.subject_prefix, sanitize_token(app))
+    }
+
+    /// Subject of audit batches ([`AuditBatch`]): two tokens after `audit`, so no app's subject.
+    pub fn audit_batch_subject(&self) -> String {
+        format!("{}.audit.batch.v1", self.subject_prefix)
     }
 
     /// Wildcard over every audit subject.
@@ -227,11 +237,25 @@ pub const MAX_USAGE_BATCH_BYTES: usize = 256 * 1024;
 /// Splits `events` into consecutive runs whose batch messages stay within `max_bytes` (an event
 /// larger than that goes alone): the lengths of the runs, in order.
 pub fn usage_batch_runs(events: &[&UsageEvent], max_bytes: usize) -> Vec<usize> {
+    // The event, its trace context (~120 bytes) and the framing of both.
+    batch_runs(
+        events.iter().map(|event| event.encoded_len() + 160),
+        max_bytes,
+    )
+}
+
+/// [`usage_batch_runs`] for audit events.
+pub fn audit_batch_runs(events: &[&AuditEvent], max_bytes: usize) -> Vec<usize> {
+    batch_runs(
+        events.iter().map(|event| event.encoded_len() + 8),
+        max_bytes,
+    )
+}
+
+fn batch_runs(sizes: impl Iterator<Item = usize>, max_bytes: usize) -> Vec<usize> {
     let mut runs = Vec::new();
     let (mut count, mut bytes) = (0usize, 0usize);
-    for event in events {
-        // The event, its trace context (~120 bytes) and the framing of both.
-        let size = event.encoded_len() + 160;
+    for size in sizes {
         if count > 0 && bytes + size > max_bytes {
             runs.push(count);
             (count, bytes) = (0, 0);
@@ -282,10 +306,10 @@ pub async fn publish_usage_batch(
         })
 }
 
-/// A usage message that cannot be decoded.
+/// A usage or audit message that cannot be decoded.
 #[derive(Debug, thiserror::Error)]
-#[error("undecodable usage message on {subject}: {message}")]
-pub struct UsageDecodeError {
+#[error("undecodable message on {subject}: {message}")]
+pub struct DecodeError {
     /// The message's subject.
     pub subject: String,
     /// What was wrong.
@@ -299,8 +323,8 @@ pub fn decode_usage(
     subject: &str,
     headers: Option<&HeaderMap>,
     payload: &[u8],
-) -> Result<Vec<(UsageEvent, opentelemetry::Context)>, UsageDecodeError> {
-    let invalid = |message: String| UsageDecodeError {
+) -> Result<Vec<(UsageEvent, opentelemetry::Context)>, DecodeError> {
+    let invalid = |message: String| DecodeError {
         subject: subject.to_owned(),
         message,
     };
@@ -321,6 +345,55 @@ pub fn decode_usage(
     } else {
         let event = UsageEvent::decode(payload).map_err(|e| invalid(e.to_string()))?;
         Ok(vec![(event, switchboard_telemetry::extract_nats(headers))])
+    }
+}
+
+/// Publishes `events` (keep them within [`MAX_USAGE_BATCH_BYTES`], see [`audit_batch_runs`]) as
+/// one [`AuditBatch`] message, `Nats-Msg-Id` = `<first event id>+<count>` (a retry of the same run
+/// is stored once). Audit events carry their trace id in the event, so the message has no trace
+/// headers. Await the returned future to know JetStream has stored every event of it.
+pub async fn publish_audit_batch(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    events: &[&AuditEvent],
+) -> Result<PublishAckFuture, BusError> {
+    let subject = config.audit_batch_subject();
+    let Some(first) = events.first() else {
+        return Err(BusError::Publish {
+            subject,
+            message: "an empty audit batch".to_owned(),
+        });
+    };
+    let id = format!("{}+{}", first.event_id, events.len());
+    let batch = AuditBatch {
+        events: events.iter().map(|event| (*event).clone()).collect(),
+    };
+    let message = PublishMessage::build()
+        .message_id(id)
+        .payload(batch.encode_to_vec().into());
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })
+}
+
+/// The audit events of a message of the audit stream: an [`AuditBatch`] on the batch subject,
+/// else one [`AuditEvent`].
+pub fn decode_audit(
+    config: &NatsConfig,
+    subject: &str,
+    payload: &[u8],
+) -> Result<Vec<AuditEvent>, DecodeError> {
+    let invalid = |e: prost::DecodeError| DecodeError {
+        subject: subject.to_owned(),
+        message: e.to_string(),
+    };
+    if subject == config.audit_batch_subject() {
+        Ok(AuditBatch::decode(payload).map_err(invalid)?.events)
+    } else {
+        Ok(vec![AuditEvent::decode(payload).map_err(invalid)?])
     }
 }
 
@@ -493,6 +566,43 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.message.contains("entry 0"), "{error}");
+    }
+
+    #[test]
+    fn audit_batches_and_single_audit_events_decode() {
+        let config = NatsConfig::default();
+        assert_eq!(config.audit_batch_subject(), "switchboard.audit.batch.v1");
+        assert_ne!(
+            config.audit_subject("batch.v1"),
+            config.audit_batch_subject()
+        );
+        let events: Vec<AuditEvent> = (0..3)
+            .map(|n| AuditEvent {
+                event_id: format!("req-{n}:prompt:0"),
+                app: "billing".into(),
+                ..Default::default()
+            })
+            .collect();
+        let batch = AuditBatch {
+            events: events.clone(),
+        };
+        let decoded = decode_audit(
+            &config,
+            &config.audit_batch_subject(),
+            &batch.encode_to_vec(),
+        )
+        .unwrap();
+        assert_eq!(decoded, events);
+        let single = decode_audit(
+            &config,
+            &config.audit_subject("billing"),
+            &events[1].encode_to_vec(),
+        )
+        .unwrap();
+        assert_eq!(single, vec![events[1].clone()]);
+        assert!(decode_audit(&config, &config.audit_batch_subject(), &[0xFF, 0xFF]).is_err());
+        let refs: Vec<&AuditEvent> = events.iter().collect();
+        assert_eq!(audit_batch_runs(&refs, MAX_USAGE_BATCH_BYTES), vec![3]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tonic::service::Routes;
 
 use crate::{
     admission::{Admission, AdmissionStats},
-    audit::{AuditSink, AuditStats, Queued, publish_loop},
+    audit::{AuditSink, AuditStats, Queued, Timing, publish_loop},
     config::Config,
     error::StartupError,
     grpc::GuardGrpc,
@@ -23,7 +23,7 @@ struct Audit {
     rx: tokio::sync::mpsc::Receiver<Queued>,
     js: async_nats::jetstream::Context,
     nats: NatsConfig,
-    timeout: Duration,
+    timing: Timing,
 }
 
 /// A built guard: listener bound, policies compiled.
@@ -61,7 +61,10 @@ impl App {
                     rx,
                     js,
                     nats,
-                    timeout: Duration::from_millis(config.audit.publish_timeout_ms),
+                    timing: Timing {
+                        timeout: Duration::from_millis(config.audit.publish_timeout_ms),
+                        linger: Duration::from_millis(config.audit.linger_ms),
+                    },
                 })
             }
             _ => None,
@@ -106,14 +109,14 @@ impl App {
                 rx,
                 js,
                 nats,
-                timeout,
+                timing,
             }) => {
                 tasks.spawn(publish_loop(
                     rx,
                     js,
                     nats,
                     sink.stats().clone(),
-                    timeout,
+                    timing,
                     cancel.clone(),
                 ));
                 Some(sink)

@@ -1,11 +1,12 @@
-//! The audit trail: one [`AuditEvent`] per decision that found something or acted, published to
-//! `<prefix>.audit.<app>` on the JetStream stream [`NatsConfig::audit_stream`] off the request
-//! path.
+//! The audit trail: one [`AuditEvent`] per decision that found something or acted, published in
+//! batch messages (`AuditBatch` on `<prefix>.audit.batch.v1`, ADR 009) on the JetStream stream
+//! [`NatsConfig::audit_stream`] off the request path.
 //!
-//! A check only builds the event and `try_send`s it into a bounded queue; a background task
-//! publishes what is queued in pipelined batches (all sent, then the acks awaited), retrying an
-//! event that is not acknowledged with the same `Nats-Msg-Id` so a retry is stored once. A full queue never blocks a check: the event is dropped, counted and logged at error
-//! level (`audit queue full`).
+//! A check only builds the event and `try_send`s it into a bounded queue; a background task takes
+//! what is queued (the first event of a batch waits `linger_ms` for company), publishes it as one
+//! message per run of at most 256 KiB (all sent, then the acks awaited), and retries a run that is
+//! not acknowledged with the same `Nats-Msg-Id`, so a retry is stored once. A full queue never
+//! blocks a check: the event is dropped, counted and logged at error level (`audit queue full`).
 //!
 //! What is audited: every decision other than a plain allow with no findings (blocks, transforms,
 //! flags and allowed findings such as an injection score under the block threshold that was
@@ -41,6 +42,7 @@ use crate::{
 /// enabled = true          # needs the [nats] section
 /// queue_capacity = 4096   # events waiting for the publisher; a full queue drops (loudly)
 /// publish_timeout_ms = 5000
+/// linger_ms = 20          # the first event of a batch waits this long for others (one message)
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +53,9 @@ pub struct AuditConfig {
     pub queue_capacity: usize,
     /// How long one publish (send and JetStream ack) may take before it is retried.
     pub publish_timeout_ms: u64,
+    /// How long the first event of a batch waits for others to share its message, milliseconds
+    /// (0: publish what is queued at once). Not on the request path.
+    pub linger_ms: u64,
 }
 
 impl Default for AuditConfig {
@@ -59,6 +64,7 @@ impl Default for AuditConfig {
             enabled: true,
             queue_capacity: 4096,
             publish_timeout_ms: 5000,
+            linger_ms: 20,
         }
     }
 }
@@ -70,6 +76,12 @@ impl AuditConfig {
             return Err(ConfigError::invalid(
                 "guard.audit.queue_capacity",
                 "must be at least 1",
+            ));
+        }
+        if self.linger_ms > 1000 {
+            return Err(ConfigError::invalid(
+                "guard.audit.linger_ms",
+                "must be at most 1000",
             ));
         }
         if self.publish_timeout_ms == 0 {
@@ -95,10 +107,9 @@ pub struct AuditStats {
     pub failed: AtomicU64,
 }
 
-/// An event waiting for the publisher, with the trace context of the check that made it.
+/// An event waiting for the publisher (it names its trace by id, `AuditEvent.trace_id`).
 pub struct Queued {
     event: AuditEvent,
-    parent: opentelemetry::Context,
 }
 
 /// The producer side: cheap to clone, never blocks.
@@ -148,10 +159,7 @@ impl AuditSink {
             return;
         }
         let event = event_of(subject, outcome, switchboard_telemetry::current_trace_id());
-        let queued = Queued {
-            event,
-            parent: switchboard_telemetry::current_context(),
-        };
+        let queued = Queued { event };
         match self.tx.try_send(queued) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -252,14 +260,14 @@ fn next_anonymous() -> u64 {
 
 const RETRIES: u32 = 5;
 
-/// Publishes queued events until `cancel` fires, then publishes what is still queued (each with
-/// its retries) and stops.
+/// Publishes queued events until `cancel` fires, then publishes what is still queued (each run
+/// with its retries) and stops.
 pub async fn publish_loop(
     mut rx: mpsc::Receiver<Queued>,
     js: jetstream::Context,
     nats: NatsConfig,
     stats: Arc<AuditStats>,
-    timeout: Duration,
+    timing: Timing,
     cancel: CancellationToken,
 ) {
     tracing::info!(stream = %nats.audit_stream(), "audit publisher started");
@@ -271,13 +279,26 @@ pub async fn publish_loop(
         };
         let Some(queued) = next else { break };
         let mut batch = vec![queued];
+        if !timing.linger.is_zero() {
+            let until = tokio::time::Instant::now() + timing.linger;
+            while batch.len() < BATCH {
+                tokio::select! {
+                    biased;
+                    received = tokio::time::timeout_at(until, rx.recv()) => match received {
+                        Ok(Some(queued)) => batch.push(queued),
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = cancel.cancelled() => break,
+                }
+            }
+        }
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(queued) => batch.push(queued),
                 Err(_) => break,
             }
         }
-        publish_batch(&js, &nats, &stats, timeout, batch).await;
+        publish_batch(&js, &nats, &stats, timing.timeout, batch).await;
     }
     // Drain: checks that ran before the shutdown are still audited.
     rx.close();
@@ -285,17 +306,25 @@ pub async fn publish_loop(
     while let Ok(queued) = rx.try_recv() {
         rest.push(queued);
     }
-    publish_batch(&js, &nats, &stats, timeout, rest).await;
+    publish_batch(&js, &nats, &stats, timing.timeout, rest).await;
     tracing::info!("audit publisher stopped");
 }
 
-/// Most events published before their acks are awaited.
-const BATCH: usize = 256;
+/// The publisher's timing (`[guard.audit]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long one publish (send and ack) may take.
+    pub timeout: Duration,
+    /// How long the first event of a batch waits for company.
+    pub linger: Duration,
+}
 
-/// Publishes `batch` pipelined: every event is sent, then the acks are awaited (one round trip for
-/// the batch instead of one per event, so the publisher keeps up with a busy guard). What fails or
-/// is not acknowledged in time is retried one by one with the same message id (JetStream drops a
-/// duplicate).
+/// Most events taken from the queue at once.
+const BATCH: usize = 1024;
+
+/// Publishes `batch` as batch messages, pipelined: every run is sent, then the acks are awaited.
+/// A run that fails or is not acknowledged in time is retried with the same message id (JetStream
+/// drops a duplicate).
 async fn publish_batch(
     js: &jetstream::Context,
     nats: &NatsConfig,
@@ -303,40 +332,51 @@ async fn publish_batch(
     timeout: Duration,
     batch: Vec<Queued>,
 ) {
-    let mut sent = Vec::with_capacity(batch.len());
+    let events: Vec<&AuditEvent> = batch.iter().map(|queued| &queued.event).collect();
+    let mut sent = Vec::new();
     let mut retry = Vec::new();
-    for queued in batch {
-        let publish = switchboard_bus::publish_audit_in(js, nats, &queued.event, &queued.parent);
+    let mut start = 0usize;
+    for run in switchboard_bus::audit_batch_runs(&events, switchboard_bus::MAX_USAGE_BATCH_BYTES) {
+        let run = &events[start..start + run];
+        start += run.len();
+        let publish = switchboard_bus::publish_audit_batch(js, nats, run);
         match tokio::time::timeout(timeout, publish).await {
-            Ok(Ok(ack)) => sent.push((queued, ack)),
-            Ok(Err(_)) | Err(_) => retry.push(queued),
+            Ok(Ok(ack)) => sent.push((run, ack)),
+            Ok(Err(_)) | Err(_) => retry.push(run),
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    for (queued, ack) in sent {
+    for (run, ack) in sent {
         match tokio::time::timeout_at(deadline, ack).await {
             Ok(Ok(_)) => {
-                stats.published.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .published
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
             }
-            Ok(Err(_)) | Err(_) => retry.push(queued),
+            Ok(Err(_)) | Err(_) => retry.push(run),
         }
     }
-    for queued in retry {
-        publish_one(js, nats, stats, timeout, queued).await;
+    for run in retry {
+        publish_run(js, nats, stats, timeout, run).await;
     }
 }
 
-async fn publish_one(
+/// Publishes one run with retries and backoff; counts its events as failed when every try fails.
+async fn publish_run(
     js: &jetstream::Context,
     nats: &NatsConfig,
     stats: &AuditStats,
     timeout: Duration,
-    queued: Queued,
+    run: &[&AuditEvent],
 ) {
     let mut delay = Duration::from_millis(100);
+    let first = run
+        .first()
+        .map(|event| event.event_id.as_str())
+        .unwrap_or_default();
     for attempt in 1..=RETRIES {
         let sent = tokio::time::timeout(timeout, async {
-            switchboard_bus::publish_audit_in(js, nats, &queued.event, &queued.parent)
+            switchboard_bus::publish_audit_batch(js, nats, run)
                 .await
                 .map_err(|e| e.to_string())?
                 .await
@@ -345,14 +385,17 @@ async fn publish_one(
         .await;
         let error = match sent {
             Ok(Ok(_)) => {
-                stats.published.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .published
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
                 return;
             }
             Ok(Err(error)) => error,
             Err(_) => "timed out".to_owned(),
         };
         tracing::warn!(
-            audit.event_id = %queued.event.event_id,
+            audit.event_id = %first,
+            events = run.len(),
             attempt,
             %error,
             "audit publish failed"
@@ -360,11 +403,12 @@ async fn publish_one(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
     }
-    let failed = stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
+    let failed = stats.failed.fetch_add(run.len() as u64, Ordering::Relaxed) + run.len() as u64;
     tracing::error!(
-        audit.event_id = %queued.event.event_id,
+        audit.event_id = %first,
+        events = run.len(),
         audit_failed_total = failed,
-        "audit event not published after retries"
+        "audit events not published after retries"
     );
 }
 

@@ -1,10 +1,13 @@
 //! The audit consumer: a second durable JetStream consumer (on the audit stream) that stores the
 //! guard's audit events in the append-only table `audit_events`.
 //!
-//! A fetched batch is inserted in one transaction (`ON CONFLICT (event_id) DO NOTHING`, so a
-//! redelivery is a no-op) and acknowledged only after the commit. Database failures are retried
-//! with backoff (nothing is acknowledged); an undecodable event, or one Postgres refuses on its
-//! own, is terminated with an error log so that it never blocks the consumer.
+//! A message is a guard's batch (`AuditBatch`, ADR 009) or a single event. A fetched batch of
+//! messages is inserted in one transaction (`ON CONFLICT (event_id) DO NOTHING`, so a redelivery
+//! is a no-op) and each message acknowledged only after the commit. Database failures are retried
+//! with backoff (nothing is acknowledged). An undecodable message is terminated; an event that
+//! cannot be stored (malformed, or refused by Postgres on its own) is logged as an error and
+//! dropped, the rest of its message stored; a message none of whose events can be stored is
+//! terminated. Nothing of that kind ever blocks the consumer.
 
 use std::time::Duration;
 
@@ -13,7 +16,6 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
 use futures::StreamExt as _;
-use prost::Message as _;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use switchboard_bus::{AuditEvent, NatsConfig};
 use time::OffsetDateTime;
@@ -71,10 +73,10 @@ pub struct AuditConsumer {
     pub(crate) pool: PgPool,
 }
 
-/// One decoded event with its message.
+/// A decoded message with its events' rows.
 struct Pending {
     message: jetstream::Message,
-    row: AuditRow,
+    rows: Vec<AuditRow>,
 }
 
 /// A row of `audit_events`.
@@ -255,15 +257,32 @@ impl AuditConsumer {
     async fn process(&self, messages: Vec<jetstream::Message>, cancel: &CancellationToken) {
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
-            let decoded = AuditEvent::decode(message.payload.clone())
-                .map_err(|e| e.to_string())
-                .and_then(row_of);
-            match decoded {
-                Ok(row) => pending.push(Pending { message, row }),
-                Err(reason) => terminate(&message, &reason).await,
+            let events =
+                match switchboard_bus::decode_audit(&self.nats, &message.subject, &message.payload)
+                {
+                    Ok(events) => events,
+                    Err(error) => {
+                        terminate(&message, &error.to_string()).await;
+                        continue;
+                    }
+                };
+            let mut rows = Vec::with_capacity(events.len());
+            for event in events {
+                let event_id: String = event.event_id.chars().take(128).collect();
+                match row_of(event) {
+                    Ok(row) => rows.push(row),
+                    Err(reason) => {
+                        tracing::error!(audit.event_id = %event_id, subject = %message.subject, %reason, "audit event cannot be stored; dropping it");
+                    }
+                }
+            }
+            if rows.is_empty() {
+                terminate(&message, "no event of the message can be stored").await;
+            } else {
+                pending.push(Pending { message, rows });
             }
         }
-        let rows: Vec<AuditRow> = pending.iter().map(|p| p.row.clone()).collect();
+        let rows: Vec<AuditRow> = pending.iter().flat_map(|p| p.rows.clone()).collect();
         match self.commit(&rows, cancel).await {
             Some(Ok(inserted)) => {
                 tracing::debug!(rows = rows.len(), inserted, "audit batch committed");
@@ -272,13 +291,20 @@ impl AuditConsumer {
             Some(Err(error)) => {
                 tracing::warn!(%error, rows = rows.len(), "audit batch refused; inserting one by one");
                 for item in &pending {
-                    match self.commit(std::slice::from_ref(&item.row), cancel).await {
-                        Some(Ok(_)) => ack_all(std::slice::from_ref(item)).await,
-                        Some(Err(error)) => {
-                            terminate(&item.message, &format!("database refused the row: {error}"))
-                                .await;
+                    let mut stored = 0usize;
+                    for row in &item.rows {
+                        match self.commit(std::slice::from_ref(row), cancel).await {
+                            Some(Ok(_)) => stored += 1,
+                            Some(Err(error)) => {
+                                tracing::error!(audit.event_id = %row.event_id, %error, "database refused the audit row; dropping it");
+                            }
+                            None => return,
                         }
-                        None => return,
+                    }
+                    if stored == 0 {
+                        terminate(&item.message, "database refused every row of the message").await;
+                    } else {
+                        ack_all(std::slice::from_ref(item)).await;
                     }
                 }
             }
@@ -324,6 +350,7 @@ async fn fetch(
     let mut batch = consumer
         .batch()
         .max_messages(max.max(1))
+        .max_bytes(crate::consumer::fetch_max_bytes(max))
         .expires(IDLE_WAIT)
         .messages()
         .await?;
@@ -344,7 +371,7 @@ async fn fetch(
 async fn ack_all(items: &[Pending]) {
     let acks = items.iter().map(|item| async move {
         if let Err(error) = item.message.ack().await {
-            tracing::warn!(audit.event_id = %item.row.event_id, %error, "audit ack failed; the event will be redelivered");
+            tracing::warn!(events = item.rows.len(), %error, "audit ack failed; the message will be redelivered");
         }
     });
     futures::future::join_all(acks).await;

@@ -59,7 +59,7 @@ const IN_FLIGHT: usize = 2;
 /// many events (ADR 009), so the bytes bound what a batch holds in memory and in one transaction
 /// (~`batch_size` events of ~500 bytes), and always admit the largest message NATS takes by default
 /// (1 MiB payload and headers): a message larger than a fetch's bound is refused, not delivered.
-fn fetch_max_bytes(batch_size: usize) -> usize {
+pub(crate) fn fetch_max_bytes(batch_size: usize) -> usize {
     batch_size.saturating_mul(512).max(FETCH_MIN_BYTES)
 }
 

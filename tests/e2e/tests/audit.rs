@@ -1,5 +1,5 @@
 //! End-to-end: the guard's audit trail. Blocked, redacted and pseudonymised requests go gateway →
-//! guard → NATS (`<prefix>.audit.<app>`) → ledger → Postgres `audit_events`; a clean request is not
+//! guard → NATS (`<prefix>.audit.batch.v1`) → ledger → Postgres `audit_events`; a clean request is not
 //! audited; and no planted sensitive value ends up in any table of the database or in the logs and
 //! span fields of the in-process services (captured by a subscriber that prints every event with
 //! its spans' fields, and every span's fields when it closes).
