@@ -4,13 +4,14 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use switchboard_bus::NatsConfig;
+use switchboard_grpc::{ConfigFile, ConfigWatch};
 use switchboard_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    budget::{Budget, BudgetStore},
     config::Config,
+    config_reload::{ConfigReloader, apply_configured, log_outcome},
     consumer::{ConsumerSettings, UsageConsumer, set_up},
     error::StartupError,
     grpc::LedgerApi,
@@ -38,19 +39,25 @@ pub struct App {
     maintenance: (Duration, u32),
     /// The guard's audit events (second durable consumer).
     audit: (crate::audit::AuditConsumer, PullConsumer),
+    /// The configuration the ledger was built with (a reload keeps its restart-only settings).
+    config: Config,
+    /// How often the configuration file is checked for a change (`ledger.config_poll_ms`).
+    config_poll: Duration,
+    /// Set by [`App::watch_config`].
+    watch: Option<ConfigWatch>,
 }
 
 impl App {
     /// Validates the configuration, creates and migrates the database, records the configured
-    /// prices, applies the declared budgets (`[[ledger.budgets]]`), connects NATS (creating the
-    /// usage stream and the durable consumer when missing) and binds the gRPC listener.
+    /// prices and applies the declared budgets (`[[ledger.budgets]]`) in one transaction, connects
+    /// NATS (creating the usage stream and the durable consumer when missing) and binds the gRPC
+    /// listener.
     pub async fn build(config: Config, nats: NatsConfig) -> Result<App, StartupError> {
         config.validate()?;
         let prices = config.parsed_prices()?;
         let budgets = config.parsed_budgets()?;
         let repo = Repository::connect(&config.database_url, config.max_connections).await?;
-        repo.sync_prices(&prices).await?;
-        apply_declared_budgets(&repo, &budgets).await?;
+        log_outcome(&apply_configured(&repo, &prices, &budgets).await?);
         // Fingerprint first: a version added while loading is picked up by the next reload.
         let fingerprint = repo
             .prices_fingerprint()
@@ -127,7 +134,19 @@ impl App {
                 config.partitions_ahead,
             ),
             audit: (audit, audit_pull),
+            config_poll: Duration::from_millis(config.config_poll_ms),
+            config,
+            watch: None,
         })
+    }
+
+    /// Reloads the configuration from `file` on SIGHUP and whenever the file's modification time
+    /// changes (checked every `ledger.config_poll_ms`) while [`App::run_until`] runs: the
+    /// configured prices and declared budgets are applied again, as at start; an invalid file is
+    /// refused and the running configuration stays. Installs the SIGHUP handler (call within a
+    /// tokio runtime; a SIGHUP no longer ends the process).
+    pub fn watch_config(&mut self, file: &ConfigFile) {
+        self.watch = Some(file.watch(self.config_poll));
     }
 
     /// The bound gRPC address.
@@ -156,6 +175,8 @@ impl App {
             partitions,
             maintenance,
             audit,
+            config,
+            watch,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -170,6 +191,15 @@ impl App {
                 fingerprint,
                 cancel.clone(),
             ));
+        }
+        if let Some(watch) = watch {
+            let reloader = ConfigReloader::new(
+                repo.clone(),
+                consumer.prices.clone(),
+                metrics.clone(),
+                config,
+            );
+            tasks.spawn(crate::config_reload::watch(watch, reloader, cancel.clone()));
         }
         if let Some(listener) = metrics_listener {
             let metrics = metrics.clone();
@@ -219,32 +249,4 @@ impl App {
         served?;
         Ok(())
     }
-}
-
-/// Upserts the budgets declared in configuration (`BudgetStore::apply_declared`) and logs what
-/// changed; declared budgets no longer in the configuration are kept and warned about.
-async fn apply_declared_budgets(repo: &Repository, budgets: &[Budget]) -> Result<(), StartupError> {
-    let applied = BudgetStore::new(repo.pool().clone())
-        .apply_declared(budgets)
-        .await
-        .map_err(StartupError::Budgets)?;
-    for id in &applied.created {
-        tracing::info!(budget.id = %id, "declared budget created");
-    }
-    for id in &applied.updated {
-        tracing::info!(budget.id = %id, "declared budget updated from the configuration");
-    }
-    for id in &applied.undeclared {
-        tracing::warn!(
-            budget.id = %id,
-            "budget no longer declared in ledger.budgets; left as it is and still enforced"
-        );
-    }
-    tracing::info!(
-        created = applied.created.len(),
-        updated = applied.updated.len(),
-        unchanged = applied.unchanged.len(),
-        "declared budgets applied"
-    );
-    Ok(())
 }

@@ -278,7 +278,7 @@ pub fn declared_id(kind: ScopeKind, scope_id: &str) -> String {
     }
 }
 
-/// What [`BudgetStore::apply_declared`] did, by budget id (each list in id order).
+/// What [`BudgetStore::apply_declared_in`] did, by budget id (each list in id order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Declared budgets that did not exist.
@@ -498,6 +498,15 @@ impl BudgetStore {
         }
     }
 
+    /// [`BudgetStore::apply_declared_in`] in a transaction of its own.
+    #[cfg(test)]
+    pub async fn apply_declared(&self, declared: &[Budget]) -> Result<Applied, BudgetError> {
+        let mut tx = self.pool.begin().await?;
+        let applied = Self::apply_declared_in(&mut tx, declared).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
     /// Upserts the budgets declared in the configuration (`[[ledger.budgets]]`, ids from
     /// [`declared_id`]) in one transaction: a missing one is created, one whose stored settings
     /// differ is updated (as `update` does), an equal one is not written (its `updated_at` stays).
@@ -508,7 +517,14 @@ impl BudgetStore {
     /// `ON CONFLICT DO NOTHING` (which waits for a concurrent insert of the same id) and then
     /// `SELECT … FOR UPDATE`, so concurrent applies serialise per budget and the later one sees
     /// the earlier one's result.
-    pub async fn apply_declared(&self, declared: &[Budget]) -> Result<Applied, BudgetError> {
+    ///
+    /// Runs in the caller's transaction (which it does not commit; on error the caller rolls back):
+    /// at start and on every configuration reload, with the configured prices
+    /// (`config_reload::apply_configured`).
+    pub(crate) async fn apply_declared_in(
+        tx: &mut Transaction<'_, Postgres>,
+        declared: &[Budget],
+    ) -> Result<Applied, BudgetError> {
         let mut budgets = declared.to_vec();
         for budget in &mut budgets {
             budget.validate()?;
@@ -521,13 +537,12 @@ impl BudgetStore {
             ));
         }
         let mut applied = Applied::default();
-        let mut tx = self.pool.begin().await?;
         for budget in &budgets {
-            if Self::insert(&mut tx, budget).await?.is_some() {
+            if Self::insert(tx, budget).await?.is_some() {
                 applied.created.push(budget.id.clone());
                 continue;
             }
-            let current = Self::lock(&mut tx, &budget.id).await?;
+            let current = Self::lock(tx, &budget.id).await?;
             if !current.same_scope(budget) {
                 return Err(invalid(
                     "budget.scope",
@@ -544,14 +559,14 @@ impl BudgetStore {
             if current.same_settings(budget) {
                 applied.unchanged.push(budget.id.clone());
             } else {
-                Self::rewrite(&mut tx, budget).await?;
+                Self::rewrite(tx, budget).await?;
                 applied.updated.push(budget.id.clone());
             }
         }
         let stored: Vec<String> =
             sqlx::query_scalar("SELECT id FROM budgets WHERE id LIKE $1 ORDER BY id")
                 .bind(format!("{DECLARED_ID_PREFIX}%"))
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?;
         applied.undeclared = stored
             .into_iter()
@@ -561,7 +576,6 @@ impl BudgetStore {
                     .is_err()
             })
             .collect();
-        tx.commit().await?;
         Ok(applied)
     }
 

@@ -268,7 +268,8 @@ impl BudgetService for BudgetApi {
     }
 
     /// A budget declared in `[[ledger.budgets]]` (id `config.…`) can be updated too, but its
-    /// declared settings are written back at the next ledger start: the configuration owns them.
+    /// declared settings are written back at the next ledger start or configuration reload: the
+    /// configuration owns them.
     #[tracing::instrument(skip_all)]
     async fn update_budget(
         &self,

@@ -42,6 +42,10 @@ pub struct Config {
     pub price_reload_secs: u64,
     /// Prometheus `/metrics` listen address (unpriced usage, price reloads); none when unset.
     pub metrics_addr: Option<String>,
+    /// How often the configuration file's modification time is checked for a reload (milliseconds;
+    /// SIGHUP always reloads); 0: only on SIGHUP. A reload applies `prices` and `budgets`; the
+    /// other settings of `[ledger]`, this one included, take effect at the next start.
+    pub config_poll_ms: u64,
     /// Months of raw usage rows kept: monthly partitions that ended before the first day of the
     /// month `retention_months` months ago are dropped (0: keep forever). Rollups are kept.
     pub retention_months: u32,
@@ -51,8 +55,9 @@ pub struct Config {
     pub partition_maintenance_secs: u64,
     /// Prices, USD per million tokens, versioned by `effective_from`. They override imported prices.
     pub prices: Vec<PriceConfig>,
-    /// Budgets declared in configuration, at most one per scope, upserted at every start (see
-    /// [`BudgetConfig`]). Budgets created through `BudgetService` are not affected.
+    /// Budgets declared in configuration, at most one per scope, upserted at every start and
+    /// every configuration reload (see [`BudgetConfig`]). Budgets created through `BudgetService`
+    /// are not affected.
     pub budgets: Vec<BudgetConfig>,
 }
 
@@ -68,6 +73,7 @@ impl Default for Config {
             ack_wait_secs: 30,
             price_reload_secs: 30,
             metrics_addr: None,
+            config_poll_ms: 5_000,
             retention_months: 0,
             partitions_ahead: 3,
             partition_maintenance_secs: 3600,
@@ -106,9 +112,10 @@ pub struct PriceConfig {
 
 /// `[[ledger.budgets]]`: a budget declared in configuration, identified by its scope (`scope` and
 /// `id`). Its budget id is derived from the scope (`config.team.team-1`, `config.org`; see
-/// `budget::declared_id`). Its settings are owned by the configuration: at every ledger start the
-/// budget is created when missing and updated when its stored limit, period, time zone,
-/// enforcement or thresholds differ, so an `UpdateBudget` of it lasts only until the next start.
+/// `budget::declared_id`). Its settings are owned by the configuration: at every ledger start and
+/// configuration reload the budget is created when missing and updated when its stored limit,
+/// period, time zone, enforcement or thresholds differ, so an `UpdateBudget` of it lasts only
+/// until the next start or reload.
 /// The rules are those of `CreateBudget` (`Budget::validate`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +248,12 @@ impl Config {
                 "must be between 1 and 86400 (seconds)",
             ));
         }
+        if self.config_poll_ms > 86_400_000 {
+            return Err(ConfigError::invalid(
+                "ledger.config_poll_ms",
+                "must be at most 86400000 (milliseconds; 0: only on SIGHUP)",
+            ));
+        }
         if let Some(addr) = &self.metrics_addr {
             addr.parse::<SocketAddr>().map_err(|e| {
                 ConfigError::invalid("ledger.metrics_addr", format!("not a socket address: {e}"))
@@ -249,6 +262,65 @@ impl Config {
         self.parsed_prices()?;
         self.parsed_budgets()?;
         Ok(())
+    }
+
+    /// The settings that differ between `self` (the running configuration) and `new` and take
+    /// effect only at the next start: every field but `prices` and `budgets`, by dotted path.
+    pub(crate) fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        // Destructured, so that a new field must be classified here.
+        let Config {
+            grpc_addr,
+            database_url,
+            max_connections,
+            consumer_name,
+            batch_size,
+            linger_ms,
+            ack_wait_secs,
+            price_reload_secs,
+            metrics_addr,
+            config_poll_ms,
+            retention_months,
+            partitions_ahead,
+            partition_maintenance_secs,
+            prices: _,
+            budgets: _,
+        } = self;
+        [
+            ("ledger.grpc_addr", *grpc_addr != new.grpc_addr),
+            ("ledger.database_url", *database_url != new.database_url),
+            (
+                "ledger.max_connections",
+                *max_connections != new.max_connections,
+            ),
+            ("ledger.consumer_name", *consumer_name != new.consumer_name),
+            ("ledger.batch_size", *batch_size != new.batch_size),
+            ("ledger.linger_ms", *linger_ms != new.linger_ms),
+            ("ledger.ack_wait_secs", *ack_wait_secs != new.ack_wait_secs),
+            (
+                "ledger.price_reload_secs",
+                *price_reload_secs != new.price_reload_secs,
+            ),
+            ("ledger.metrics_addr", *metrics_addr != new.metrics_addr),
+            (
+                "ledger.config_poll_ms",
+                *config_poll_ms != new.config_poll_ms,
+            ),
+            (
+                "ledger.retention_months",
+                *retention_months != new.retention_months,
+            ),
+            (
+                "ledger.partitions_ahead",
+                *partitions_ahead != new.partitions_ahead,
+            ),
+            (
+                "ledger.partition_maintenance_secs",
+                *partition_maintenance_secs != new.partition_maintenance_secs,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
     }
 
     /// The declared budgets (`[[ledger.budgets]]`), checked by `Budget::validate` (the rules of
@@ -539,6 +611,7 @@ mod tests {
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
             ("price_reload_secs = 100000", "ledger.price_reload_secs"),
             ("metrics_addr = \"nope\"", "ledger.metrics_addr"),
+            ("config_poll_ms = 100000000", "ledger.config_poll_ms"),
             ("retention_months = 5000", "ledger.retention_months"),
             ("partitions_ahead = 100", "ledger.partitions_ahead"),
             (
@@ -552,6 +625,23 @@ mod tests {
                 .to_string();
             assert!(error.contains(path), "{toml}: {error}");
         }
+    }
+
+    #[test]
+    fn only_prices_and_budgets_change_without_a_restart() {
+        let running = Config::default();
+        let mut new = parse(&format!(
+            "[ledger]\nbatch_size = 10\ndatabase_url = \"postgres://elsewhere/x\"\n\
+             [[ledger.prices]]\nmodel = \"m\"\ninput = \"1\"\noutput = \"1\"\n{TEAM}limit_usd = \"1\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            running.restart_only_changes(&new),
+            vec!["ledger.database_url", "ledger.batch_size"]
+        );
+        new.batch_size = running.batch_size;
+        new.database_url = running.database_url.clone();
+        assert!(running.restart_only_changes(&new).is_empty());
     }
 
     const TEAM: &str =

@@ -153,3 +153,64 @@ impl From<crate::repo::RepoError> for StartupError {
         }
     }
 }
+
+/// Why the configured prices and declared budgets could not be applied, at start or on a
+/// configuration reload. They are applied in one transaction: on error nothing of them is written.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A configured price contradicts the recorded price history (a configuration error).
+    #[error("invalid configuration at `ledger.prices`: {0}")]
+    PriceHistory(#[source] crate::repo::RepoError),
+    /// The declared budgets could not be applied (a stored budget with a declared id has another
+    /// scope: a configuration error).
+    #[error("cannot apply the budgets of `ledger.budgets`: {0}")]
+    Budgets(#[source] crate::budget::BudgetError),
+    /// The database failed.
+    #[error(transparent)]
+    Database(crate::repo::RepoError),
+}
+
+impl From<crate::repo::RepoError> for ApplyError {
+    fn from(error: crate::repo::RepoError) -> Self {
+        match error {
+            e @ crate::repo::RepoError::PriceHistory { .. } => ApplyError::PriceHistory(e),
+            e => ApplyError::Database(e),
+        }
+    }
+}
+
+impl From<ApplyError> for StartupError {
+    fn from(error: ApplyError) -> Self {
+        match error {
+            ApplyError::PriceHistory(e) => StartupError::PriceHistory(e),
+            ApplyError::Budgets(e) => StartupError::Budgets(e),
+            ApplyError::Database(e) => StartupError::Database(e),
+        }
+    }
+}
+
+/// Why a configuration reload was refused: the running configuration (prices, budgets and
+/// everything else) stays as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file cannot be read or `[ledger]` is invalid.
+    #[error(transparent)]
+    Config(#[from] switchboard_config::ConfigError),
+    /// The prices or budgets could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl ReloadError {
+    /// The configuration field at fault, by dotted path, when the error names one.
+    pub fn field(&self) -> Option<&str> {
+        use switchboard_config::ConfigError;
+        match self {
+            ReloadError::Config(ConfigError::Field { path, .. })
+            | ReloadError::Config(ConfigError::Invalid { path, .. }) => Some(path.as_str()),
+            ReloadError::Config(_) | ReloadError::Apply(ApplyError::Database(_)) => None,
+            ReloadError::Apply(ApplyError::PriceHistory(_)) => Some("ledger.prices"),
+            ReloadError::Apply(ApplyError::Budgets(_)) => Some("ledger.budgets"),
+        }
+    }
+}

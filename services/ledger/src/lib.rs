@@ -6,6 +6,7 @@ mod audit;
 mod budget;
 mod budget_grpc;
 mod config;
+mod config_reload;
 mod consumer;
 mod error;
 mod grpc;

@@ -17,6 +17,8 @@ pub struct Metrics {
     price_versions: AtomicU64,
     price_reloads: AtomicU64,
     price_reload_failures: AtomicU64,
+    config_reloads: AtomicU64,
+    config_reload_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -59,6 +61,16 @@ impl Metrics {
     /// Re-reading the price table failed (the previous prices stay in use).
     pub fn price_reload_failed(&self) {
         self.price_reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A configuration reload was applied.
+    pub fn config_reloaded(&self) {
+        self.config_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A configuration reload was refused (the running configuration stays).
+    pub fn config_reload_failed(&self) {
+        self.config_reload_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition.
@@ -105,6 +117,17 @@ impl Metrics {
             self.price_reloads.load(Ordering::Relaxed),
             self.price_reload_failures.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_ledger_config_reloads_total Configuration reloads applied (SIGHUP or a changed file).\n\
+             # TYPE switchboard_ledger_config_reloads_total counter\n\
+             switchboard_ledger_config_reloads_total {}\n\
+             # HELP switchboard_ledger_config_reload_failures_total Configuration reloads refused (invalid file, rewritten price history, database failure; the running configuration stays).\n\
+             # TYPE switchboard_ledger_config_reload_failures_total counter\n\
+             switchboard_ledger_config_reload_failures_total {}",
+            self.config_reloads.load(Ordering::Relaxed),
+            self.config_reload_failures.load(Ordering::Relaxed),
+        );
         out
     }
 }
@@ -143,5 +166,17 @@ mod tests {
             "{text}"
         );
         assert_eq!(metrics.unpriced("openai", "gpt-4o-mini"), 0);
+        metrics.config_reloaded();
+        metrics.config_reload_failed();
+        metrics.config_reload_failed();
+        let text = metrics.render();
+        assert!(
+            text.contains("switchboard_ledger_config_reloads_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchboard_ledger_config_reload_failures_total 2\n"),
+            "{text}"
+        );
     }
 }

@@ -149,36 +149,7 @@ impl Repository {
     /// different rates it is an error (history is never rewritten).
     pub async fn sync_prices(&self, prices: &[Price]) -> Result<(), RepoError> {
         let mut tx = self.pool.begin().await?;
-        for price in prices {
-            insert_price(&mut tx, price, &ImportMeta::default()).await?;
-            let row = sqlx::query(concat!(
-                "SELECT ",
-                price_columns!(),
-                " FROM prices WHERE source = $1 AND provider = $2 AND model = $3 AND effective_from = $4"
-            ))
-            .bind(price.source.as_str())
-            .bind(&price.provider)
-            .bind(&price.model)
-            .bind(price.effective_from)
-            .fetch_one(&mut *tx)
-            .await?;
-            let stored = price_of_row(&row)?;
-            if stored.rates != price.rates || stored.tier != price.tier {
-                let show = |r: &Rates| {
-                    format!(
-                        "{}/{}/{}/{}/{}",
-                        r.input, r.cached_input, r.cache_write, r.output, r.reasoning
-                    )
-                };
-                return Err(RepoError::PriceHistory {
-                    provider: price.provider.clone(),
-                    model: price.model.clone(),
-                    effective_from: price.effective_from,
-                    stored: show(&stored.rates),
-                    configured: show(&price.rates),
-                });
-            }
-        }
+        sync_prices_in(&mut tx, prices).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -874,6 +845,48 @@ pub struct ImportMeta {
     pub max_input_tokens: Option<i64>,
     /// The `price_imports` row that added the version.
     pub import_id: Option<i64>,
+}
+
+/// [`Repository::sync_prices`] within the caller's transaction: returns the versions that were not
+/// stored yet (inserted now). On error the caller rolls back, so that nothing of it stays.
+pub(crate) async fn sync_prices_in(
+    tx: &mut PgConnection,
+    prices: &[Price],
+) -> Result<Vec<Price>, RepoError> {
+    let mut added = Vec::new();
+    for price in prices {
+        if insert_price(&mut *tx, price, &ImportMeta::default()).await? > 0 {
+            added.push(price.clone());
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            price_columns!(),
+            " FROM prices WHERE source = $1 AND provider = $2 AND model = $3 AND effective_from = $4"
+        ))
+        .bind(price.source.as_str())
+        .bind(&price.provider)
+        .bind(&price.model)
+        .bind(price.effective_from)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = price_of_row(&row)?;
+        if stored.rates != price.rates || stored.tier != price.tier {
+            let show = |r: &Rates| {
+                format!(
+                    "{}/{}/{}/{}/{}",
+                    r.input, r.cached_input, r.cache_write, r.output, r.reasoning
+                )
+            };
+            return Err(RepoError::PriceHistory {
+                provider: price.provider.clone(),
+                model: price.model.clone(),
+                effective_from: price.effective_from,
+                stored: show(&stored.rates),
+                configured: show(&price.rates),
+            });
+        }
+    }
+    Ok(added)
 }
 
 /// Inserts a price version unless one is stored under the same key (then nothing happens).

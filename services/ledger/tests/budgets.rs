@@ -1,5 +1,6 @@
 //! Budgets declared in `[[ledger.budgets]]`: upserted at every start of the real `App` (real
 //! Postgres and NATS), next to budgets managed through `BudgetService`, which they never touch.
+//! (They are upserted at every configuration reload too: `reload.rs`.)
 
 #![allow(clippy::unwrap_used)]
 
