@@ -280,10 +280,7 @@ pub async fn publish_usage_batch(
 ) -> Result<PublishAckFuture, BusError> {
     let subject = config.usage_batch_subject();
     let Some((first, _)) = events.first() else {
-        return Err(BusError::Publish {
-            subject,
-            message: "an empty usage batch".to_owned(),
-        });
+        return Err(empty_batch(subject));
     };
     let id = format!("{}+{}", first.request_id, events.len());
     let batch = UsageBatch {
@@ -295,9 +292,26 @@ pub async fn publish_usage_batch(
             })
             .collect(),
     };
+    publish_with_id(js, subject, id, batch.encode_to_vec()).await
+}
+
+fn empty_batch(subject: String) -> BusError {
+    BusError::Publish {
+        subject,
+        message: "an empty batch".to_owned(),
+    }
+}
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `id` and no headers of its own.
+async fn publish_with_id(
+    js: &jetstream::Context,
+    subject: String,
+    id: String,
+    payload: Vec<u8>,
+) -> Result<PublishAckFuture, BusError> {
     let message = PublishMessage::build()
         .message_id(id)
-        .payload(batch.encode_to_vec().into());
+        .payload(payload.into());
     js.send_publish(subject.clone(), message)
         .await
         .map_err(|e| BusError::Publish {
@@ -359,24 +373,13 @@ pub async fn publish_audit_batch(
 ) -> Result<PublishAckFuture, BusError> {
     let subject = config.audit_batch_subject();
     let Some(first) = events.first() else {
-        return Err(BusError::Publish {
-            subject,
-            message: "an empty audit batch".to_owned(),
-        });
+        return Err(empty_batch(subject));
     };
     let id = format!("{}+{}", first.event_id, events.len());
     let batch = AuditBatch {
         events: events.iter().map(|event| (*event).clone()).collect(),
     };
-    let message = PublishMessage::build()
-        .message_id(id)
-        .payload(batch.encode_to_vec().into());
-    js.send_publish(subject.clone(), message)
-        .await
-        .map_err(|e| BusError::Publish {
-            subject,
-            message: e.to_string(),
-        })
+    publish_with_id(js, subject, id, batch.encode_to_vec()).await
 }
 
 /// The audit events of a message of the audit stream: an [`AuditBatch`] on the batch subject,
