@@ -292,7 +292,7 @@ pub async fn publish_usage_batch(
             })
             .collect(),
     };
-    publish_with_id(js, subject, id, batch.encode_to_vec()).await
+    publish_with_id(js, subject, &id, batch.encode_to_vec(), None).await
 }
 
 fn empty_batch(subject: String) -> BusError {
@@ -302,16 +302,20 @@ fn empty_batch(subject: String) -> BusError {
     }
 }
 
-/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `id` and no headers of its own.
+/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `id` (JetStream de-duplicates on it) and
+/// `headers`, if any.
 async fn publish_with_id(
     js: &jetstream::Context,
     subject: String,
-    id: String,
+    id: &str,
     payload: Vec<u8>,
+    headers: Option<HeaderMap>,
 ) -> Result<PublishAckFuture, BusError> {
-    let message = PublishMessage::build()
-        .message_id(id)
-        .payload(payload.into());
+    let mut message = PublishMessage::build();
+    if let Some(headers) = headers {
+        message = message.headers(headers);
+    }
+    let message = message.message_id(id).payload(payload.into());
     js.send_publish(subject.clone(), message)
         .await
         .map_err(|e| BusError::Publish {
@@ -379,7 +383,7 @@ pub async fn publish_audit_batch(
     let batch = AuditBatch {
         events: events.iter().map(|event| (*event).clone()).collect(),
     };
-    publish_with_id(js, subject, id, batch.encode_to_vec()).await
+    publish_with_id(js, subject, &id, batch.encode_to_vec(), None).await
 }
 
 /// The audit events of a message of the audit stream: an [`AuditBatch`] on the batch subject,
@@ -423,16 +427,7 @@ async fn publish_traced(
 ) -> Result<PublishAckFuture, BusError> {
     let mut headers = HeaderMap::new();
     switchboard_telemetry::inject_nats_context(parent, &mut headers);
-    let message = PublishMessage::build()
-        .headers(headers)
-        .message_id(id)
-        .payload(payload.into());
-    js.send_publish(subject.clone(), message)
-        .await
-        .map_err(|e| BusError::Publish {
-            subject,
-            message: e.to_string(),
-        })
+    publish_with_id(js, subject, id, payload, Some(headers)).await
 }
 
 #[cfg(test)]
