@@ -31,7 +31,7 @@ use switchboard_proto::guard::v1::{
 use tokio::sync::{Mutex, mpsc};
 use tonic::metadata::MetadataValue;
 
-use crate::{procfs, stats};
+use crate::{dispatch, procfs, stats};
 
 /// What one request is.
 #[derive(Clone)]
@@ -109,6 +109,8 @@ pub struct RunResult {
     pub cache_hits: u64,
     pub error_samples: Vec<String>,
     pub cpu: Vec<CpuDelta>,
+    /// How late the dispatcher released the measured period's requests.
+    pub dispatch_lateness: Option<dispatch::Lateness>,
 }
 
 struct Job {
@@ -453,22 +455,24 @@ pub async fn run(
         Conns::Grpc(channels) => Some(channels),
     };
 
-    // The dispatcher.
-    let mut grpc_tasks = tokio::task::JoinSet::new();
-    for index in 0..total {
-        let due = t0 + stats::schedule_offset(index, spec.rate);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        match &grpc_channels {
-            None => {
+    // The dispatcher: a thread of its own (tokio's 1 ms timer would send requests late, see
+    // `dispatch`); HTTP jobs go to the connections' queue, gRPC calls start as tasks at once.
+    let runtime = tokio::runtime::Handle::current();
+    let dispatcher = match grpc_channels {
+        None => {
+            let job_tx = job_tx.clone();
+            dispatch::spawn(total, spec.rate, t0, measure_start, move |index, due| {
                 let _ = job_tx.send(Job { index, due });
-            }
-            Some(channels) => {
+            })?
+        }
+        Some(channels) => {
+            let target = target.clone();
+            let outcome_tx = outcome_tx.clone();
+            dispatch::spawn(total, spec.rate, t0, measure_start, move |index, due| {
                 let channel = channels[(index as usize) % channels.len()].clone();
                 let target = target.clone();
                 let outcome_tx = outcome_tx.clone();
-                grpc_tasks.spawn(async move {
+                runtime.spawn(async move {
                     let left = (due + timeout).saturating_duration_since(Instant::now());
                     let result =
                         match tokio::time::timeout(left, grpc_request(channel, &target)).await {
@@ -483,10 +487,9 @@ pub async fn run(
                         result: result.map(|r| r.0),
                     });
                 });
-                while grpc_tasks.try_join_next().is_some() {}
-            }
+            })?
         }
-    }
+    };
     drop(job_tx);
     drop(outcome_tx);
 
@@ -504,6 +507,7 @@ pub async fn run(
         cache_hits: 0,
         error_samples: Vec::new(),
         cpu: Vec::new(),
+        dispatch_lateness: None,
     };
     let mut last_measured_done = measure_start;
     while let Some(outcome) = outcome_rx.recv().await {
@@ -543,7 +547,11 @@ pub async fn run(
         }
     }
     while workers.join_next().await.is_some() {}
-    while grpc_tasks.join_next().await.is_some() {}
+    // The thread has released everything (its senders are gone, so the loop above ended).
+    let lateness = tokio::task::spawn_blocking(move || dispatcher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the dispatcher thread panicked"))?;
+    result.dispatch_lateness = dispatch::Lateness::of(&lateness);
     let cpu_after = cpu_snapshot(pids);
     let cpu_before = cpu_before.await?;
     result.cpu = cpu_before

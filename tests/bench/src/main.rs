@@ -7,6 +7,7 @@
 //! per process, and whether the ledger holds exactly one row per successful request.
 //! See docs/BENCHMARKS.md.
 
+mod dispatch;
 mod load;
 mod mesh;
 mod otlp;
@@ -575,6 +576,12 @@ async fn run_once(
         otlp.take_durations();
     }
     let result = load::run(target, spec, &pids).await?;
+    if let Some(late) = result.dispatch_lateness {
+        eprintln!(
+            "    released {} µs late at p50, {} µs at p99",
+            late.p50_us, late.p99_us
+        );
+    }
     let dead = mesh.dead();
     anyhow::ensure!(
         dead.is_empty(),

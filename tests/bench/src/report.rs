@@ -54,6 +54,8 @@ pub struct RunReport {
     /// Durations of the spans the services exported during the run (warm-up included), by
     /// `service: span name`.
     pub spans: BTreeMap<String, Percentiles>,
+    /// How late the load generator released the measured requests (its clock's own error).
+    pub dispatch_lateness: Option<crate::dispatch::Lateness>,
 }
 
 impl RunReport {
@@ -105,6 +107,7 @@ impl RunReport {
             error_samples: r.error_samples.clone(),
             sustained: None,
             spans: BTreeMap::new(),
+            dispatch_lateness: r.dispatch_lateness,
         }
     }
 }
@@ -371,6 +374,25 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
                 f(run.ttft_overhead.map(|o| o.p99_ms)),
             );
         }
+    }
+
+    let late = reports
+        .iter()
+        .flat_map(|r| &r.runs)
+        .filter_map(|run| run.dispatch_lateness)
+        .fold(None, |worst: Option<crate::dispatch::Lateness>, l| {
+            Some(worst.map_or(l, |w| crate::dispatch::Lateness {
+                p50_us: w.p50_us.max(l.p50_us),
+                p99_us: w.p99_us.max(l.p99_us),
+                max_us: w.max_us.max(l.max_us),
+            }))
+        });
+    if let Some(late) = late {
+        let _ = writeln!(
+            out,
+            "Requests left the load generator at most {} µs (p50) / {} µs (p99) / {} µs (max) after their scheduled time (worst run)",
+            late.p50_us, late.p99_us, late.max_us
+        );
     }
 
     let _ = writeln!(
