@@ -105,7 +105,7 @@ impl ConfigFile {
     }
 
     /// `--config`, else `$SWITCHBOARD_CONFIG`, else none.
-    fn resolve(flag: Option<PathBuf>) -> Self {
+    pub fn resolve(flag: Option<PathBuf>) -> Self {
         let path = flag.or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
         ConfigFile { path }
     }

@@ -131,7 +131,10 @@ async fn main() -> ExitCode {
                     return ExitCode::from(70);
                 }
             };
-            let outcome = run(mesh, with_fake_provider).await;
+            // The router and the ledger re-read their sections of this file on SIGHUP or when it
+            // changes, as their own binaries do.
+            let file = switchboard_grpc::ConfigFile::resolve(config);
+            let outcome = run(mesh, with_fake_provider, file).await;
             telemetry.shutdown();
             match outcome {
                 Ok(()) => ExitCode::SUCCESS,
@@ -144,7 +147,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()> {
+async fn run(
+    mut mesh: Mesh,
+    fake_provider: Option<String>,
+    file: switchboard_grpc::ConfigFile,
+) -> anyhow::Result<()> {
     let fake = match fake_provider {
         Some(addr) => {
             let fake = switchboard_fake_provider::FakeProvider::start(
@@ -167,8 +174,10 @@ async fn run(mut mesh: Mesh, fake_provider: Option<String>) -> anyhow::Result<()
         let cancel = cancel.clone();
         async move { cancel.cancelled_owned().await }
     };
-    let ledger = switchboard_ledger::App::build(mesh.ledger, mesh.nats.clone()).await?;
-    let router = switchboard_router::App::build(mesh.router).await?;
+    let mut ledger = switchboard_ledger::App::build(mesh.ledger, mesh.nats.clone()).await?;
+    ledger.watch_config(&file);
+    let mut router = switchboard_router::App::build(mesh.router).await?;
+    router.watch_config(&file);
     let cache = switchboard_cache::App::build(mesh.cache, mesh.nats.clone()).await?;
     let guard =
         switchboard_guard::App::build_with_audit(mesh.guard, Some(mesh.nats.clone())).await?;

@@ -2,7 +2,7 @@
 //! `switchboard run --with-fake-provider` serves a request end to end (the README's run command).
 
 use std::{
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -56,107 +56,141 @@ fn hash_key_prints_the_configured_demo_hash() {
     );
 }
 
-#[tokio::test]
-async fn switchboard_run_serves_the_demo_key_end_to_end() {
-    let nats = TestNats::create().await.unwrap();
-    let pg = TestPg::create().await.unwrap();
+/// `switchboard run --config <config> --with-fake-provider` on free ports, with a private NATS
+/// prefix and database; returns the process and the gateway's HTTP port.
+fn spawn_mesh(config: &str, nats: &TestNats, pg: &TestPg) -> (Child, u16) {
     let ports = switchboard_testkit::free_ports(7);
     let (http, grpc, guard, cache, router, ledger, fake) = (
         ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6],
     );
-    let mut child = Command::new(BIN)
+    let local = |port: u16| format!("127.0.0.1:{port}");
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let child = Command::new(BIN)
         .args([
             "run",
             "--config",
-            &example_config(),
+            config,
             "--with-fake-provider",
-            &format!("127.0.0.1:{fake}"),
+            &local(fake),
         ])
         .env("SWITCHBOARD__NATS__SUBJECT_PREFIX", &nats.prefix)
         .env("SWITCHBOARD__NATS__USAGE_STREAM", &nats.stream)
-        .env(
-            "SWITCHBOARD__GATEWAY__HTTP_ADDR",
-            format!("127.0.0.1:{http}"),
-        )
-        .env(
-            "SWITCHBOARD__GATEWAY__GRPC_ADDR",
-            format!("127.0.0.1:{grpc}"),
-        )
-        .env(
-            "SWITCHBOARD__GATEWAY__GUARD_URL",
-            format!("http://127.0.0.1:{guard}"),
-        )
-        .env(
-            "SWITCHBOARD__GATEWAY__CACHE_URL",
-            format!("http://127.0.0.1:{cache}"),
-        )
-        .env(
-            "SWITCHBOARD__GATEWAY__ROUTER_URL",
-            format!("http://127.0.0.1:{router}"),
-        )
-        .env(
-            "SWITCHBOARD__GUARD__GRPC_ADDR",
-            format!("127.0.0.1:{guard}"),
-        )
-        .env(
-            "SWITCHBOARD__CACHE__GRPC_ADDR",
-            format!("127.0.0.1:{cache}"),
-        )
-        .env(
-            "SWITCHBOARD__ROUTER__GRPC_ADDR",
-            format!("127.0.0.1:{router}"),
-        )
+        .env("SWITCHBOARD__GATEWAY__HTTP_ADDR", local(http))
+        .env("SWITCHBOARD__GATEWAY__GRPC_ADDR", local(grpc))
+        .env("SWITCHBOARD__GATEWAY__GUARD_URL", url(guard))
+        .env("SWITCHBOARD__GATEWAY__CACHE_URL", url(cache))
+        .env("SWITCHBOARD__GATEWAY__ROUTER_URL", url(router))
+        .env("SWITCHBOARD__GUARD__GRPC_ADDR", local(guard))
+        .env("SWITCHBOARD__CACHE__GRPC_ADDR", local(cache))
+        .env("SWITCHBOARD__ROUTER__GRPC_ADDR", local(router))
         .env(
             "SWITCHBOARD__ROUTER__PROVIDERS__FAKE__BASE_URL",
             format!("http://127.0.0.1:{fake}/v1"),
         )
-        .env(
-            "SWITCHBOARD__LEDGER__GRPC_ADDR",
-            format!("127.0.0.1:{ledger}"),
-        )
+        .env("SWITCHBOARD__LEDGER__GRPC_ADDR", local(ledger))
         .env("SWITCHBOARD__LEDGER__DATABASE_URL", &pg.url)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
+        .expect("switchboard starts");
+    (child, http)
+}
+
+/// One chat completion for `model` with the demo key, retried while the gateway is not listening
+/// yet (up to 15 s): the status and the JSON body.
+async fn chat(http: u16, model: &str) -> (reqwest::StatusCode, serde_json::Value) {
     let client = reqwest::Client::new();
-    let mut answer = None;
     for _ in 0..300 {
         let sent = client
             .post(format!("http://127.0.0.1:{http}/v1/chat/completions"))
             .bearer_auth("sk-switchboard-demo")
-            .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello mesh"}]}))
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hello mesh"}]}))
             .send()
             .await;
         if let Ok(response) = sent {
-            answer = Some(response);
-            break;
+            let status = response.status();
+            return (status, response.json().await.expect("a JSON body"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let response = answer.expect("the gateway answered within 15 s");
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap();
-    drop(client);
+    panic!("the gateway did not answer within 15 s");
+}
+
+/// `kill -<signal>` of the child.
+fn signal(child: &Child, signal: &str) {
     let _ = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{signal}"))
         .arg(child.id().to_string())
         .status();
-    let mut stopped = false;
+}
+
+/// SIGTERM, then waits up to 20 s; whether the process stopped by itself.
+async fn stop(mut child: Child) -> bool {
+    signal(&child, "TERM");
     for _ in 0..200 {
-        if child.try_wait().unwrap().is_some() {
-            stopped = true;
-            break;
+        if child.try_wait().expect("wait").is_some() {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if !stopped {
-        let _ = child.kill();
-    }
+    let _ = child.kill();
+    false
+}
+
+#[tokio::test]
+async fn switchboard_run_serves_the_demo_key_end_to_end() {
+    let nats = TestNats::create().await.unwrap();
+    let pg = TestPg::create().await.unwrap();
+    let (child, http) = spawn_mesh(&example_config(), &nats, &pg);
+    let (status, body) = chat(http, "gpt-4o-mini").await;
+    let stopped = stop(child).await;
     nats.cleanup().await;
     pg.drop_db().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "echo: hello mesh");
     assert_eq!(body["switchboard"]["provider"], "fake");
     assert!(stopped, "switchboard run stops on SIGTERM");
+}
+
+#[tokio::test]
+async fn switchboard_run_reloads_the_routes_on_sighup() {
+    let nats = TestNats::create().await.unwrap();
+    let pg = TestPg::create().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("sb-run-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("switchboard.toml");
+    std::fs::copy(example_config(), &config).unwrap();
+    let (child, http) = spawn_mesh(config.to_str().unwrap(), &nats, &pg);
+    let (before, before_body) = chat(http, "reloaded-model").await;
+    // A new route, appended to the file the mesh runs from; SIGHUP makes the router read it again.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[router.routes]]\nname = \"reloaded-model\"\ntargets = [{ provider = \"fake\", model = \"gpt-4o-mini\" }]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    signal(&child, "HUP");
+    let mut after = None;
+    for _ in 0..100 {
+        let (status, body) = chat(http, "reloaded-model").await;
+        if status == 200 {
+            after = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = stop(child).await;
+    nats.cleanup().await;
+    pg.drop_db().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        before, 404,
+        "an unknown model before the reload: {before_body}"
+    );
+    let after = after.expect("the new route served within 10 s of SIGHUP");
+    assert_eq!(
+        after["choices"][0]["message"]["content"],
+        "echo: hello mesh"
+    );
+    assert_eq!(after["switchboard"]["provider"], "fake");
+    assert!(stopped, "switchboard run stops on SIGTERM after a reload");
 }
