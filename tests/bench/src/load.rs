@@ -548,10 +548,10 @@ pub async fn run(
     }
     while workers.join_next().await.is_some() {}
     // The thread has released everything (its senders are gone, so the loop above ended).
-    let lateness = tokio::task::spawn_blocking(move || dispatcher.join())
+    let released = tokio::task::spawn_blocking(move || dispatcher.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the dispatcher thread panicked"))?;
-    result.dispatch_lateness = dispatch::Lateness::of(&lateness);
+    result.dispatch_lateness = dispatch::Lateness::of(&released);
     let cpu_after = cpu_snapshot(pids);
     let cpu_before = cpu_before.await?;
     result.cpu = cpu_before

@@ -385,13 +385,18 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
                 p50_us: w.p50_us.max(l.p50_us),
                 p99_us: w.p99_us.max(l.p99_us),
                 max_us: w.max_us.max(l.max_us),
+                priority: w.priority.and(l.priority),
             }))
         });
     if let Some(late) = late {
         let _ = writeln!(
             out,
-            "Requests left the load generator at most {} µs (p50) / {} µs (p99) / {} µs (max) after their scheduled time (worst run)",
-            late.p50_us, late.p99_us, late.max_us
+            "Requests left the load generator at most {} µs (p50) / {} µs (p99) / {} µs (max) after their scheduled time (worst run; dispatcher thread at {})",
+            late.p50_us,
+            late.p99_us,
+            late.max_us,
+            late.priority
+                .unwrap_or("the default priority: no permission to raise it")
         );
     }
 
