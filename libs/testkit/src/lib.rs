@@ -88,6 +88,17 @@ impl TestNats {
         })
     }
 
+    /// The services' NATS settings for this namespace (its URL, subject prefix and usage stream;
+    /// the rest as configured by default).
+    pub fn config(&self) -> switchboard_bus::NatsConfig {
+        switchboard_bus::NatsConfig {
+            url: self.url.clone(),
+            subject_prefix: self.prefix.clone(),
+            usage_stream: self.stream.clone(),
+            ..Default::default()
+        }
+    }
+
     /// Deletes the test's streams (best effort): the usage stream and the ones the services
     /// derive from its name (`<stream>_AUDIT`, the guard's audit events; `<stream>_CACHE`, the
     /// cache's replication log).

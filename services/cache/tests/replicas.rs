@@ -29,12 +29,7 @@ struct Namespace {
 impl Namespace {
     async fn create() -> Self {
         let nats = TestNats::create().await.unwrap();
-        let config = NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..NatsConfig::default()
-        };
+        let config = nats.config();
         Namespace { nats, config }
     }
 

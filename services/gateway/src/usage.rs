@@ -670,12 +670,7 @@ mod tests {
     #[tokio::test]
     async fn real_nats_replay_after_outage_is_in_order_and_loses_nothing() {
         let nats = switchboard_testkit::TestNats::create().await.unwrap();
-        let config = NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..Default::default()
-        };
+        let config = nats.config();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox");
         let client = config.connect().await.unwrap();

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchboard_bus::{NatsConfig, UsageEvent, publish_usage, publish_usage_batch};
+use switchboard_bus::{UsageEvent, publish_usage, publish_usage_batch};
 use switchboard_ledger::{App, Config, PriceConfig};
 use switchboard_proto::{
     Timestamp,
@@ -71,12 +71,7 @@ async fn main() {
     let per_message = env_or("LEDGER_BENCH_PER_MESSAGE", 20).max(1);
     let pg = TestPg::create().await.expect("postgres");
     let nats = TestNats::create().await.expect("nats");
-    let nats_config = NatsConfig {
-        url: nats.url.clone(),
-        subject_prefix: nats.prefix.clone(),
-        usage_stream: nats.stream.clone(),
-        ..Default::default()
-    };
+    let nats_config = nats.config();
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.expect("nats"));
     nats_config.ensure_usage_stream(&js).await.expect("stream");
 

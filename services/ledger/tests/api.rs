@@ -46,12 +46,7 @@ impl Env {
     async fn new() -> Env {
         let pg = TestPg::create().await.expect("postgres");
         let nats = TestNats::create().await.expect("nats");
-        let nats_config = NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..Default::default()
-        };
+        let nats_config = nats.config();
         let js = jetstream::new(async_nats::connect(&nats.url).await.expect("nats connect"));
         Env {
             pg,

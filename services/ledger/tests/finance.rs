@@ -42,12 +42,7 @@ impl Ledger {
     async fn start(metrics: bool) -> Ledger {
         let pg = TestPg::create().await.expect("postgres");
         let nats = TestNats::create().await.expect("nats");
-        let nats_config = NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..Default::default()
-        };
+        let nats_config = nats.config();
         let config = Config {
             grpc_addr: "127.0.0.1:0".into(),
             database_url: pg.url.clone(),

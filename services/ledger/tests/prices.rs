@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use switchboard_bus::{NatsConfig, UsageEvent, publish_usage};
+use switchboard_bus::{UsageEvent, publish_usage};
 use switchboard_ledger::{
     App, Config, PriceConfig,
     internals::{Price, Rate, Rates, Repository, Tokens, price_event},
@@ -538,12 +538,7 @@ async fn reprice_is_explicit_and_audited() {
 async fn prices_reload_without_restart_and_unpriced_usage_is_visible() {
     let pg = TestPg::create().await.expect("postgres");
     let nats = TestNats::create().await.expect("nats");
-    let nats_config = NatsConfig {
-        url: nats.url.clone(),
-        subject_prefix: nats.prefix.clone(),
-        usage_stream: nats.stream.clone(),
-        ..Default::default()
-    };
+    let nats_config = nats.config();
     let config = Config {
         grpc_addr: "127.0.0.1:0".into(),
         database_url: pg.url.clone(),

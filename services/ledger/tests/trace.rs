@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use switchboard_bus::{NatsConfig, UsageEvent, publish_usage};
+use switchboard_bus::{UsageEvent, publish_usage};
 use switchboard_ledger::{App, Config};
 use switchboard_telemetry::TelemetryConfig;
 use switchboard_testkit::{TestNats, TestPg, otlp};
@@ -25,12 +25,7 @@ async fn ledger_record_span_is_a_child_of_the_publisher() {
     .expect("telemetry");
     let pg = TestPg::create().await.expect("postgres");
     let nats = TestNats::create().await.expect("nats");
-    let nats_config = NatsConfig {
-        url: nats.url.clone(),
-        subject_prefix: nats.prefix.clone(),
-        usage_stream: nats.stream.clone(),
-        ..Default::default()
-    };
+    let nats_config = nats.config();
     let config = Config {
         grpc_addr: "127.0.0.1:0".into(),
         database_url: pg.url.clone(),

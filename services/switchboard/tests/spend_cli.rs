@@ -5,7 +5,6 @@
 
 use std::process::{Command, Output};
 
-use switchboard_bus::NatsConfig;
 use switchboard_ledger::{
     App, Config,
     internals::{Repository, Tokens, UsageRow},
@@ -77,12 +76,7 @@ async fn spend_and_export_from_the_command_line() {
             max_connections: 4,
             ..Config::default()
         },
-        NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..Default::default()
-        },
+        nats.config(),
     )
     .await
     .unwrap();

@@ -76,12 +76,7 @@ impl Env {
     pub async fn new() -> Env {
         let pg = TestPg::create().await.expect("postgres");
         let nats = TestNats::create().await.expect("nats");
-        let nats_config = NatsConfig {
-            url: nats.url.clone(),
-            subject_prefix: nats.prefix.clone(),
-            usage_stream: nats.stream.clone(),
-            ..Default::default()
-        };
+        let nats_config = nats.config();
         let dir = std::env::temp_dir().join(format!(
             "switchboard-ledger-reload-{}",
             uuid::Uuid::now_v7()
