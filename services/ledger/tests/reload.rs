@@ -7,9 +7,7 @@
 #[path = "support/reload.rs"]
 mod support;
 
-use support::{
-    Env, ORG_ID, TEAM_ID, USD, eventually, ledger_toml, org_budget, price, team_budget, write_file,
-};
+use support::{Env, ORG_ID, TEAM_ID, USD, ledger_toml, org_budget, price, team_budget, write_file};
 
 const RELOADS: &str = "switchboard_ledger_config_reloads_total";
 const FAILURES: &str = "switchboard_ledger_config_reload_failures_total";
@@ -47,10 +45,7 @@ async fn an_edited_file_is_applied_and_an_invalid_edit_keeps_the_running_configu
         1,
     );
     // Counted once the reload is done (one reload per change of the modification time).
-    eventually("the reload", || async move {
-        (ledger.counter(RELOADS).await == 1).then_some(())
-    })
-    .await;
+    ledger.wait_for("the reload", RELOADS, 1).await;
     assert_eq!(ledger.limit(TEAM_ID).await, Some(150 * USD));
     assert_eq!(ledger.limit(ORG_ID).await, Some(1000 * USD));
     assert_eq!(ledger.input_rate().await, Some(3 * USD));
@@ -69,10 +64,7 @@ async fn an_edited_file_is_applied_and_an_invalid_edit_keeps_the_running_configu
         ),
         2,
     );
-    eventually("the refused reload", || async move {
-        (ledger.counter(FAILURES).await == 1).then_some(())
-    })
-    .await;
+    ledger.wait_for("the refused reload", FAILURES, 1).await;
     assert_eq!(ledger.limit(TEAM_ID).await, Some(150 * USD));
     assert_eq!(ledger.input_rate().await, Some(3 * USD));
     assert_eq!(ledger.counter(RELOADS).await, 1);
@@ -92,10 +84,9 @@ async fn an_edited_file_is_applied_and_an_invalid_edit_keeps_the_running_configu
         ),
         3,
     );
-    eventually("the refused price rewrite", || async move {
-        (ledger.counter(FAILURES).await == 2).then_some(())
-    })
-    .await;
+    ledger
+        .wait_for("the refused price rewrite", FAILURES, 2)
+        .await;
     assert_eq!(ledger.limit(TEAM_ID).await, Some(150 * USD));
     assert_eq!(ledger.input_rate().await, Some(3 * USD));
     assert_eq!(ledger.counter(RELOADS).await, 1);
@@ -110,10 +101,9 @@ async fn an_edited_file_is_applied_and_an_invalid_edit_keeps_the_running_configu
         ),
         4,
     );
-    eventually("the valid file after refused ones", || async move {
-        (ledger.counter(RELOADS).await == 2).then_some(())
-    })
-    .await;
+    ledger
+        .wait_for("the valid file after refused ones", RELOADS, 2)
+        .await;
     assert_eq!(ledger.limit(TEAM_ID).await, Some(175 * USD));
     assert_eq!(
         ledger.limit(ORG_ID).await,

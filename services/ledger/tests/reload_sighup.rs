@@ -8,7 +8,7 @@
 #[path = "support/reload.rs"]
 mod support;
 
-use support::{Env, TEAM_ID, USD, eventually, ledger_toml, price, team_budget, write_file};
+use support::{Env, TEAM_ID, USD, ledger_toml, price, team_budget, write_file};
 
 #[tokio::test]
 async fn sighup_reloads_the_configuration_file() {
@@ -43,14 +43,13 @@ async fn sighup_reloads_the_configuration_file() {
         .expect("kill");
     assert!(hup.success());
     // Counted once the reload is done.
-    eventually("the reload after SIGHUP", || async move {
-        (ledger
-            .counter("switchboard_ledger_config_reloads_total")
-            .await
-            == 1)
-            .then_some(())
-    })
-    .await;
+    ledger
+        .wait_for(
+            "the reload after SIGHUP",
+            "switchboard_ledger_config_reloads_total",
+            1,
+        )
+        .await;
     assert_eq!(ledger.limit(TEAM_ID).await, Some(150 * USD));
     assert_eq!(ledger.input_rate().await, Some(3 * USD));
 

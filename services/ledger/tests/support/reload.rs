@@ -198,6 +198,14 @@ impl Running {
     }
 
     /// A counter of the `/metrics` endpoint.
+    /// Waits until the counter `name` reads `value` (`what`: for the timeout message).
+    pub async fn wait_for(&self, what: &str, name: &str, value: u64) {
+        eventually(what, || async move {
+            (self.counter(name).await == value).then_some(())
+        })
+        .await;
+    }
+
     pub async fn counter(&self, name: &str) -> u64 {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let mut stream = tokio::net::TcpStream::connect(self.metrics)
@@ -217,7 +225,7 @@ impl Running {
 }
 
 /// Polls `probe` (every 25 ms, at most 400 times) until it returns `Some`.
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
