@@ -4,10 +4,12 @@
 
 mod coalesce;
 mod cork;
+mod h2channel;
 mod service_main;
 
 pub use coalesce::{Coalesced, CoalescedBody};
 pub use cork::Corked;
+pub use h2channel::{EndpointError, H2Body, H2Channel};
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -22,9 +24,10 @@ use tonic::{
     transport::{Channel, Endpoint, Server},
 };
 
-/// A client channel that injects the trace context into every call and sends a unary call's
-/// message with END_STREAM (one write fewer per call, see [`Coalesced`]).
-pub type TracedChannel = InterceptedService<Coalesced<Channel>, TracePropagation>;
+/// A client channel for the mesh's internal hops: h2 straight from the calling task (see
+/// [`H2Channel`], ADR 010), a unary call's message sent with END_STREAM (see [`Coalesced`]), and
+/// the trace context injected into every call.
+pub type TracedChannel = InterceptedService<H2Channel, TracePropagation>;
 
 /// Errors while starting a server or building a client.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,9 @@ pub enum GrpcError {
         addr: String,
         source: std::io::Error,
     },
+    /// The URL is not a valid endpoint for an internal channel.
+    #[error("invalid gRPC endpoint `{url}`: {source}")]
+    Url { url: String, source: EndpointError },
     /// The URL is not a valid endpoint.
     #[error("invalid gRPC endpoint `{url}`: {source}")]
     Endpoint {
@@ -83,10 +89,11 @@ fn endpoint(url: &str) -> Result<Endpoint, GrpcError> {
 /// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
 /// Channels multiplex: build one per dependency and clone it per request.
 pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
-    Ok(InterceptedService::new(
-        Coalesced::new(endpoint(url)?.connect_with_connector_lazy(tower::service_fn(dial))),
-        TracePropagation,
-    ))
+    let channel = H2Channel::new(url).map_err(|source| GrpcError::Url {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(InterceptedService::new(channel, TracePropagation))
 }
 
 /// A channel to `url`, connected now, with the transport of [`channel`] (one write per call; see

@@ -1,0 +1,267 @@
+//! The internal channel against real tonic servers: calls, streams, large bodies past the
+//! flow-control windows, lost connections, unreachable peers and the client-side deadline.
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use switchboard_grpc::{H2Channel, bind, channel, serve, url_of};
+use tonic::{Code, body::Body, server::NamedService, service::Routes};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tower::{Service, ServiceExt};
+
+/// Echoes a call's request body back as its response, followed by `grpc-status: 0` trailers.
+#[derive(Clone)]
+struct Echo;
+
+impl NamedService for Echo {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl Service<http::Request<Body>> for Echo {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        Box::pin(async move {
+            let received = request
+                .into_body()
+                .collect()
+                .await
+                .expect("request body")
+                .to_bytes();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let frames = futures::stream::iter([
+                Ok::<_, tonic::Status>(http_body::Frame::data(received)),
+                Ok(http_body::Frame::trailers(trailers)),
+            ]);
+            Ok(http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Body::new(http_body_util::StreamBody::new(frames)))
+                .expect("response"))
+        })
+    }
+}
+
+struct Server {
+    url: String,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(addr: &str) -> Self {
+        let listener = bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(listener, Routes::new(Echo), &["test.Echo"], async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Self {
+            url: url_of(addr),
+            addr,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("server task");
+    }
+}
+
+async fn echo(channel: &mut H2Channel, payload: Bytes) -> (Bytes, http::HeaderMap) {
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/test.Echo/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Body::new(http_body_util::Full::new(payload)))
+        .expect("request");
+    let response = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("call");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let collected = response.into_body().collect().await.expect("response body");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    (collected.to_bytes(), trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_and_server_streams_work_over_one_connection() {
+    let server = Server::start("127.0.0.1:0").await;
+    let mut health = HealthClient::new(channel(&server.url).expect("channel"));
+    for _ in 0..3 {
+        let answer = health
+            .check(HealthCheckRequest {
+                service: "test.Echo".into(),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert_eq!(answer.status(), ServingStatus::Serving);
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "test.Echo".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("stream").expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(
+        unknown.code(),
+        Code::NotFound,
+        "the server's status reaches the caller"
+    );
+    // The server drains open calls before it stops: end the watch first.
+    drop(watch);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_flow_control_windows_arrive_whole() {
+    let server = Server::start("127.0.0.1:0").await;
+    let mut channel = H2Channel::new(&server.url).expect("channel");
+    // 4 × 3 MB: more than a stream's 2 MB window each, more than the connection's 5 MB in all,
+    // so the calls complete only if the channel returns the capacity it reads.
+    for round in 0u8..4 {
+        let payload = Bytes::from(vec![round; 3 * 1024 * 1024]);
+        let (echoed, trailers) = echo(&mut channel, payload.clone()).await;
+        assert_eq!(echoed.len(), payload.len(), "round {round}");
+        assert!(echoed == payload, "round {round}: the echo differs");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_ready_at_once_is_streamed() {
+    let server = Server::start("127.0.0.1:0").await;
+    let mut channel = H2Channel::new(&server.url).expect("channel");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(4);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/test.Echo/Call")
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+        .expect("request");
+    let call = tokio::spawn(channel.ready().await.expect("ready").call(request));
+    for part in ["first ", "second ", "third"] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+            part.as_bytes(),
+        ))))
+        .await
+        .expect("send");
+    }
+    drop(tx);
+    let response = call.await.expect("task").expect("call");
+    let echoed = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(echoed, Bytes::from_static(b"first second third"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_reached_again_on_a_new_connection() {
+    let server = Server::start("127.0.0.1:0").await;
+    let addr = server.addr;
+    let mut channel = H2Channel::new(&server.url).expect("channel");
+    let (echoed, _) = echo(&mut channel, Bytes::from_static(b"before")).await;
+    assert_eq!(echoed, Bytes::from_static(b"before"));
+    server.stop().await;
+
+    let request = || {
+        http::Request::builder()
+            .method("POST")
+            .uri("/test.Echo/Call")
+            .body(Body::new(http_body_util::Full::new(Bytes::from_static(
+                b"x",
+            ))))
+            .expect("request")
+    };
+    let down = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request())
+        .await
+        .expect_err("peer down");
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+
+    let server = Server::start(&addr.to_string()).await;
+    let (echoed, _) = echo(&mut channel, Bytes::from_static(b"after")).await;
+    assert_eq!(echoed, Bytes::from_static(b"after"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_unavailable() {
+    // A port that was just free: nothing listens on it.
+    let listener = bind("127.0.0.1:0").await.expect("bind");
+    let url = url_of(listener.local_addr().expect("addr"));
+    drop(listener);
+    let mut health = HealthClient::new(channel(&url).expect("channel"));
+    let error = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_grpc_timeout_ends_a_call_that_gets_no_answer() {
+    // Accepts connections and never speaks HTTP/2.
+    let listener = bind("127.0.0.1:0").await.expect("bind");
+    let url = url_of(listener.local_addr().expect("addr"));
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut health = HealthClient::new(channel(&url).expect("channel"));
+    let mut request = tonic::Request::new(HealthCheckRequest::default());
+    request.set_timeout(Duration::from_millis(200));
+    let error = health.check(request).await.expect_err("no answer");
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    silent.abort();
+}
