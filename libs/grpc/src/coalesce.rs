@@ -4,7 +4,7 @@
 //! is polled again, so hyper sends the message as a DATA frame and then, separately, an empty DATA
 //! frame carrying END_STREAM. On loopback every write wakes the peer, and that second write and
 //! wake-up showed as a measurable share of each internal hop (docs/BENCHMARKS.md, ADR 008).
-//! [`Coalesced`] wraps the body so that, after each data frame, the next frame is polled at once:
+//! [`CoalescedBody`] wraps the body so that, after each data frame, the next frame is polled at once:
 //! when the body turns out to be finished, the data frame goes out with END_STREAM. Streaming
 //! bodies are unchanged: a frame that is not ready yet is simply polled later.
 
@@ -85,37 +85,6 @@ impl HttpBody for CoalescedBody {
         } else {
             self.inner.size_hint()
         }
-    }
-}
-
-/// A client service whose request bodies are [`CoalescedBody`].
-#[derive(Clone, Debug)]
-pub struct Coalesced<S> {
-    inner: S,
-}
-
-impl<S> Coalesced<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        Self { inner }
-    }
-}
-
-impl<S> tower::Service<http::Request<Body>> for Coalesced<S>
-where
-    S: tower::Service<http::Request<Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        self.inner
-            .call(request.map(|body| Body::new(CoalescedBody::new(body))))
     }
 }
 

@@ -7,11 +7,11 @@ mod cork;
 mod h2channel;
 mod service_main;
 
-pub use coalesce::{Coalesced, CoalescedBody};
+pub use coalesce::CoalescedBody;
 pub use cork::Corked;
 pub use h2channel::{EndpointError, H2Body, H2Channel};
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr};
 
 pub use service_main::{
     ConfigFile, ConfigWatch, RuntimeConfig, Shutdown, run_reloadable_service, run_service,
@@ -21,11 +21,11 @@ use switchboard_telemetry::TracePropagation;
 use tokio::net::TcpListener;
 use tonic::{
     service::{Routes, interceptor::InterceptedService},
-    transport::{Channel, Endpoint, Server},
+    transport::Server,
 };
 
 /// A client channel for the mesh's internal hops: h2 straight from the calling task (see
-/// [`H2Channel`], ADR 010), a unary call's message sent with END_STREAM (see [`Coalesced`]), and
+/// [`H2Channel`], ADR 010), a unary call's message sent with END_STREAM (see [`CoalescedBody`]), and
 /// the trace context injected into every call.
 pub type TracedChannel = InterceptedService<H2Channel, TracePropagation>;
 
@@ -41,21 +41,12 @@ pub enum GrpcError {
     /// The URL is not a valid endpoint for an internal channel.
     #[error("invalid gRPC endpoint `{url}`: {source}")]
     Url { url: String, source: EndpointError },
-    /// The URL is not a valid endpoint.
-    #[error("invalid gRPC endpoint `{url}`: {source}")]
-    Endpoint {
-        url: String,
-        source: tonic::transport::Error,
-    },
     /// Reflection could not be built from the descriptor set.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(String),
     /// A client could not connect.
-    #[error("cannot connect to `{url}`: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot connect to `{url}`: {}", source.message())]
+    Connect { url: String, source: tonic::Status },
     /// The server failed while running.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -72,19 +63,8 @@ pub async fn bind(addr: &str) -> Result<TcpListener, GrpcError> {
 }
 
 /// A client channel without trace propagation, for callers outside the mesh (a connected
-/// [`client`]): corked connection, unary calls end with their DATA frame.
-pub type ClientChannel = Coalesced<Channel>;
-
-fn endpoint(url: &str) -> Result<Endpoint, GrpcError> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| GrpcError::Endpoint {
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true))
-}
+/// [`client`]): the same lean h2 transport as [`channel`] (ADR 010).
+pub type ClientChannel = H2Channel;
 
 /// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
 /// Channels multiplex: build one per dependency and clone it per request.
@@ -96,39 +76,22 @@ pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
     Ok(InterceptedService::new(channel, TracePropagation))
 }
 
-/// A channel to `url`, connected now, with the transport of [`channel`] (one write per call; see
-/// ADR 008) but no trace propagation: what a Rust caller of the gateway's generated stubs uses.
-/// One call of `client` is one HTTP/2 connection.
+/// A channel to `url`, connected now, with the transport of [`channel`] (one write per call, h2
+/// from the calling task; ADR 008, ADR 010) but no trace propagation: what a Rust caller of the
+/// gateway's generated stubs uses. One call of `client` is one HTTP/2 connection.
 pub async fn client(url: &str) -> Result<ClientChannel, GrpcError> {
-    let channel = endpoint(url)?
-        .connect_with_connector(tower::service_fn(dial))
+    let channel = H2Channel::new(url).map_err(|source| GrpcError::Url {
+        url: url.to_owned(),
+        source,
+    })?;
+    channel
+        .connect()
         .await
         .map_err(|source| GrpcError::Connect {
             url: url.to_owned(),
             source,
         })?;
-    Ok(Coalesced::new(channel))
-}
-
-/// Dials `uri` over TCP (no Nagle delay) and corks the connection (see [`Corked`]).
-async fn dial(
-    uri: http::Uri,
-) -> Result<hyper_util::rt::TokioIo<Corked<tokio::net::TcpStream>>, std::io::Error> {
-    let invalid = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("no host in {uri}"),
-        )
-    };
-    let host = uri.host().ok_or_else(invalid)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    });
-    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
-    Ok(hyper_util::rt::TokioIo::new(Corked::new(tcp)))
+    Ok(channel)
 }
 
 /// Serves `routes` on `listener` with health checking (every named service reported SERVING),

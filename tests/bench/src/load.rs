@@ -6,7 +6,8 @@
 //!
 //! - HTTP/1.1: `C` persistent connections (one hyper handshake each), each sending one request at a
 //!   time, all fed from one shared queue of due requests.
-//! - gRPC: `C` channels from `switchboard_grpc::client` (tonic, corked: one write per call); each
+//! - gRPC: `C` channels from `switchboard_grpc::client` (h2 from the calling task, corked: one
+//!   write per call; ADR 010); each
 //!   due request is sent at once on channel `i mod C` (HTTP/2 multiplexes), as its own task.
 
 use std::{
