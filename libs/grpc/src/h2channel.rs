@@ -241,10 +241,10 @@ impl Shared {
         body: Body,
     ) -> Result<Response<H2Body>, Status> {
         let mut retried = false;
-        let mut sender = loop {
+        let (generation, mut sender) = loop {
             let (generation, sender) = Shared::sender(self).await?;
             match sender.ready().await {
-                Ok(ready) => break ready,
+                Ok(ready) => break (generation, ready),
                 Err(error) => {
                     self.forget(generation);
                     if retried {
@@ -254,9 +254,11 @@ impl Shared {
                 }
             }
         };
-        let (response, stream) = sender
-            .send_request(head, false)
-            .map_err(|e| status_from_h2(&e))?;
+        // Refused only when the connection closed since `ready`: nothing was sent.
+        let (response, stream) = sender.send_request(head, false).map_err(|error| {
+            self.forget(generation);
+            Status::unavailable(format!("internal gRPC connection lost: {error}"))
+        })?;
         let mut pump = Box::pin(send_body(CoalescedBody::new(body), stream));
         // A unary message is ready now and goes out with this call; a streaming body that is not
         // ready yet is sent by its own task.

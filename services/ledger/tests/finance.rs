@@ -691,7 +691,21 @@ async fn a_redelivered_row_is_not_counted_again_as_unpriced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = http_get(ledger.metrics.unwrap()).await;
+    // The counters are bumped just after the commit that made the row visible: wait until the
+    // fresh row is counted, then give a wrongly counted redelivery time to show as well.
+    let metrics_addr = ledger.metrics.unwrap();
+    while http_get(metrics_addr)
+        .await
+        .contains("switchboard_ledger_rows_recorded_total 0\n")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fresh row not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = http_get(metrics_addr).await;
     assert!(
         metrics.contains(
             "switchboard_ledger_unpriced_rows_total{provider=\"openai\",model=\"mystery\"} 1\n"

@@ -14,6 +14,7 @@ mod otlp;
 mod procfs;
 mod report;
 mod stats;
+mod yardstick;
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -48,6 +49,10 @@ struct Args {
     /// Print the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Measure the machine's yardstick (see `yardstick.rs`), print it as JSON and exit: how a run
+    /// measures it, in a process of its own so that its 64 MiB do not count in the bench's RSS.
+    #[arg(long, hide = true)]
+    yardstick: bool,
     /// Keep only the runs at these target rates (repeat or comma-separate; e.g. `--rate 1000` for a
     /// quicker A/B comparison at the budget's rate). The max-rate search is not affected.
     #[arg(long, value_delimiter = ',')]
@@ -794,9 +799,44 @@ fn keep_rates(mut scenarios: Vec<Scenario>, rates: &[f64]) -> Vec<Scenario> {
     scenarios
 }
 
+/// The machine's yardstick, measured by this binary in a child process (`--yardstick`) while no
+/// scenario runs; `None` (and a warning) when it cannot be.
+async fn yardstick_reading() -> Option<yardstick::Yardstick> {
+    let exe = std::env::current_exe().ok()?;
+    let output = tokio::process::Command::new(exe)
+        .arg("--yardstick")
+        .output()
+        .await;
+    match output {
+        Ok(output) if output.status.success() => serde_json::from_slice(&output.stdout)
+            .map_err(|e| eprintln!("warning: unreadable yardstick: {e}"))
+            .ok(),
+        Ok(output) => {
+            eprintln!("warning: the yardstick failed: {}", output.status);
+            None
+        }
+        Err(e) => {
+            eprintln!("warning: cannot run the yardstick: {e}");
+            None
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.yardstick {
+        return match serde_json::to_string(&yardstick::measure()) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let all = scenarios();
     if args.list {
         for s in &all {
@@ -819,6 +859,7 @@ async fn main() -> ExitCode {
     };
     let machine = procfs::machine_info();
     let load_before = procfs::loadavg();
+    let yardstick_before = yardstick_reading().await;
     let started = std::time::Instant::now();
     let mut mesh = Mesh::new();
     let mut reports = Vec::new();
@@ -832,9 +873,17 @@ async fn main() -> ExitCode {
     report::apply_baselines(&mut reports);
     let budget = report::budget(&reports);
     let failed = reports.iter().any(|r| r.failed());
+    let yardstick_after = yardstick_reading().await;
     print!("{}", report::tables(&reports, &budget));
+    for (when, reading) in [("before", &yardstick_before), ("after", &yardstick_after)] {
+        match reading {
+            Some(reading) => println!("Machine yardstick {when} the scenarios: {}", reading.line()),
+            None => println!("Machine yardstick {when} the scenarios: not measured"),
+        }
+    }
     let json = serde_json::json!({
         "machine": machine,
+        "yardstick": { "before": yardstick_before, "after": yardstick_after },
         "loadavg_1m_at_start": load_before,
         "loadavg_1m_at_end": procfs::loadavg(),
         "quick": args.quick,
