@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use h2::{SendStream, client::SendRequest};
 use http::{HeaderValue, Request, Response, Uri, uri::PathAndQuery};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use tonic::{Code, Status, body::Body};
 
 use crate::{CoalescedBody, Corked};
@@ -58,7 +58,6 @@ impl std::fmt::Debug for H2Channel {
 }
 
 struct Shared {
-    scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: String,
     port: u16,
@@ -107,7 +106,6 @@ impl H2Channel {
         }
         Ok(Self {
             shared: Arc::new(Shared {
-                scheme: http::uri::Scheme::HTTP,
                 port: authority.port_u16().unwrap_or(80),
                 authority,
                 host,
@@ -213,7 +211,7 @@ impl Shared {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         head.uri = Uri::builder()
-            .scheme(self.scheme.clone())
+            .scheme(http::uri::Scheme::HTTP)
             .authority(self.authority.clone())
             .path_and_query(path)
             .build()
@@ -411,20 +409,24 @@ impl HttpBody for H2Body {
     fn is_end_stream(&self) -> bool {
         self.stream.is_end_stream()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
-/// The call's `grpc-timeout` header (`<digits><unit>`), if any.
+/// The call's `grpc-timeout` header, if any.
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value (`<1 to 8 digits><unit>`, units `H M S m u n`), as the gRPC HTTP/2
+/// protocol spec writes it.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
         "S" => Duration::from_secs(amount),
         "m" => Duration::from_millis(amount),
         "u" => Duration::from_micros(amount),
@@ -469,6 +471,18 @@ mod tests {
         assert_eq!(header("9x"), None);
         assert_eq!(header("S"), None);
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+        // The spec allows at most eight digits.
+        assert_eq!(
+            parse_grpc_timeout("99999999S"),
+            Some(Duration::from_secs(99_999_999))
+        );
+        assert_eq!(parse_grpc_timeout("100000000S"), None);
+        // As the router reads its callers' deadlines.
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
     }
 
     #[test]

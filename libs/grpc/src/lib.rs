@@ -9,7 +9,7 @@ mod service_main;
 
 pub use coalesce::CoalescedBody;
 pub use cork::Corked;
-pub use h2channel::{EndpointError, H2Body, H2Channel};
+pub use h2channel::{EndpointError, H2Body, H2Channel, parse_grpc_timeout};
 
 use std::{future::Future, net::SocketAddr};
 
@@ -69,21 +69,21 @@ pub type ClientChannel = H2Channel;
 /// A lazily connected channel to `url` with sensible keep-alive and connect timeouts.
 /// Channels multiplex: build one per dependency and clone it per request.
 pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
-    let channel = H2Channel::new(url).map_err(|source| GrpcError::Url {
+    Ok(InterceptedService::new(h2_channel(url)?, TracePropagation))
+}
+
+fn h2_channel(url: &str) -> Result<H2Channel, GrpcError> {
+    H2Channel::new(url).map_err(|source| GrpcError::Url {
         url: url.to_owned(),
         source,
-    })?;
-    Ok(InterceptedService::new(channel, TracePropagation))
+    })
 }
 
 /// A channel to `url`, connected now, with the transport of [`channel`] (one write per call, h2
 /// from the calling task; ADR 008, ADR 010) but no trace propagation: what a Rust caller of the
 /// gateway's generated stubs uses. One call of `client` is one HTTP/2 connection.
 pub async fn client(url: &str) -> Result<ClientChannel, GrpcError> {
-    let channel = H2Channel::new(url).map_err(|source| GrpcError::Url {
-        url: url.to_owned(),
-        source,
-    })?;
+    let channel = h2_channel(url)?;
     channel
         .connect()
         .await

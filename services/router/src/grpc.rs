@@ -3,6 +3,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
+use switchboard_grpc::parse_grpc_timeout;
 use switchboard_proto::router::v1::{
     EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, RouteRequest,
     RouteResponse, RouteStreamRequest, RouteStreamResponse, route_stream_response::Event,
@@ -42,23 +43,6 @@ impl RouterGrpc {
 fn caller_timeout<T>(request: &Request<T>) -> Option<Duration> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     parse_grpc_timeout(value)
-}
-
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 fn record_request(model: &str, request_id: &str) {
@@ -183,19 +167,5 @@ impl RouterService for RouterGrpc {
             models: self.routes.load().models(),
             routes: self.routes.load().route_targets(),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
     }
 }
