@@ -36,10 +36,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A ping not answered within this closes the connection.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Flow-control windows, as hyper sets them for tonic's channels.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Flow-control windows, as hyper sets them for tonic's channels (the server uses them too).
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 const USER_AGENT: &str = concat!("switchboard-grpc/", env!("CARGO_PKG_VERSION"));
 
@@ -360,7 +360,8 @@ impl tower::Service<Request<Body>> for H2Channel {
     }
 }
 
-/// A response body read straight from the h2 stream, returning flow-control capacity as it goes.
+/// A body read straight from an h2 stream (a client's response, a server's request), returning
+/// flow-control capacity as it goes.
 #[derive(Debug)]
 pub struct H2Body {
     stream: h2::RecvStream,
@@ -368,7 +369,7 @@ pub struct H2Body {
 }
 
 impl H2Body {
-    fn new(stream: h2::RecvStream) -> Self {
+    pub(crate) fn new(stream: h2::RecvStream) -> Self {
         Self {
             stream,
             data_done: false,
@@ -412,7 +413,7 @@ impl HttpBody for H2Body {
 }
 
 /// The call's `grpc-timeout` header, if any.
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 

@@ -5,6 +5,7 @@
 mod coalesce;
 mod cork;
 mod h2channel;
+mod h2server;
 mod service_main;
 
 pub use coalesce::CoalescedBody;
@@ -19,10 +20,7 @@ pub use service_main::{
 
 use switchboard_telemetry::TracePropagation;
 use tokio::net::TcpListener;
-use tonic::{
-    service::{Routes, interceptor::InterceptedService},
-    transport::Server,
-};
+use tonic::service::{Routes, interceptor::InterceptedService};
 
 /// A client channel for the mesh's internal hops: h2 straight from the calling task (see
 /// [`H2Channel`], ADR 010), a unary call's message sent with END_STREAM (see [`CoalescedBody`]), and
@@ -47,9 +45,6 @@ pub enum GrpcError {
     /// A client could not connect.
     #[error("cannot connect to `{url}`: {}", source.message())]
     Connect { url: String, source: tonic::Status },
-    /// The server failed while running.
-    #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 /// Binds a TCP listener (`127.0.0.1:0` picks a free port).
@@ -96,7 +91,8 @@ pub async fn client(url: &str) -> Result<ClientChannel, GrpcError> {
 
 /// Serves `routes` on `listener` with health checking (every named service reported SERVING),
 /// server reflection over the Switchboard descriptor set, and one server span per RPC, until
-/// `shutdown` resolves; in-flight calls are then drained.
+/// `shutdown` resolves; in-flight calls are then drained. Each connection's calls run in the
+/// connection's own task (ADR 010), with `TCP_NODELAY` and corked writes (ADR 008).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -117,18 +113,7 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| GrpcError::Reflection(e.to_string()))?;
     let routes = routes.add_service(health).add_service(reflection);
-    Server::builder()
-        .tcp_nodelay(true)
-        .trace_fn(switchboard_telemetry::grpc_server_span)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            futures::TryStreamExt::map_ok(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                Corked::new,
-            ),
-            shutdown,
-        )
-        .await?;
+    h2server::serve(listener, routes, shutdown).await;
     Ok(())
 }
 

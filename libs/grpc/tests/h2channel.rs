@@ -1,7 +1,12 @@
-//! The internal channel against real tonic servers: calls, streams, large bodies past the
-//! flow-control windows, lost connections, unreachable peers and the client-side deadline.
+//! The internal channel and server (ADR 010): calls, streams, large bodies past the flow-control
+//! windows, lost connections, unreachable peers, the client-side and the server-side deadline, and
+//! a client's reset reaching the server's handler.
 
-use std::{convert::Infallible, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -13,8 +18,21 @@ use tonic_health::pb::{
 use tower::{Service, ServiceExt};
 
 /// Echoes a call's request body back as its response, followed by `grpc-status: 0` trailers.
+/// `/test.Echo/Never` never answers; `/test.Echo/Endless` answers with a body that never ends
+/// and counts its drop in [`ENDLESS_DROPPED`].
 #[derive(Clone)]
 struct Echo;
+
+static ENDLESS_DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts its drop: the server let go of the endless body.
+struct DropCount;
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        ENDLESS_DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
 
 impl NamedService for Echo {
     const NAME: &'static str = "test.Echo";
@@ -34,6 +52,22 @@ impl Service<http::Request<Body>> for Echo {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         Box::pin(async move {
+            match request.uri().path() {
+                "/test.Echo/Never" => futures::future::pending::<()>().await,
+                "/test.Echo/Endless" => {
+                    let guard = DropCount;
+                    let frames = futures::stream::unfold(guard, |guard| async move {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        let frame = http_body::Frame::data(Bytes::from_static(b"tick"));
+                        Some((Ok::<_, tonic::Status>(frame), guard))
+                    });
+                    return Ok(http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(Body::new(http_body_util::StreamBody::new(frames)))
+                        .expect("response"));
+                }
+                _ => {}
+            }
             let received = request
                 .into_body()
                 .collect()
@@ -264,4 +298,81 @@ async fn the_callers_grpc_timeout_ends_a_call_that_gets_no_answer() {
     let error = health.check(request).await.expect_err("no answer");
     assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
     silent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_resets_drops_the_servers_handler() {
+    let server = Server::start("127.0.0.1:0").await;
+    let mut channel = H2Channel::new(&server.url).expect("channel");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/test.Echo/Endless")
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::Full::new(Bytes::new())))
+        .expect("request");
+    let response = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("call");
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"tick")
+    );
+    assert_eq!(ENDLESS_DROPPED.load(Ordering::SeqCst), 0, "still streaming");
+    // Dropping the response resets the stream; the server must drop the body it was sending.
+    drop(body);
+    let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+        while ENDLESS_DROPPED.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "the server kept streaming to a reset stream"
+    );
+    // And the connection still serves calls.
+    let (echoed, trailers) = echo(&mut channel, Bytes::from_static(b"after")).await;
+    assert_eq!(echoed, Bytes::from_static(b"after"));
+    assert_eq!(trailers.get("grpc-status").expect("status"), "0");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_grpc_timeout_cancels_a_handler_that_does_not_answer() {
+    let server = Server::start("127.0.0.1:0").await;
+    // A bare h2 client: no client-side timer, so the answer can only come from the server.
+    let tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/test.Echo/Never", server.url))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "100m")
+        .body(())
+        .expect("request");
+    let (response, _stream) = sender.send_request(request, true).expect("send");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("the server answered")
+        .expect("response");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(
+        response.headers().get("grpc-status").expect("grpc-status"),
+        "1",
+        "CANCELLED, as tonic's server answers an expired grpc-timeout"
+    );
+    assert!(response.body().is_end_stream(), "a headers-only answer");
+    drop(sender);
+    driver.abort();
+    server.stop().await;
 }
