@@ -169,7 +169,9 @@ fn status_only(code: tonic::Code, message: &'static str) -> Response<()> {
 
 /// Sends a response body's frames to the client: data as it comes (waiting for flow-control
 /// capacity when the client's window is full), trailers last. Stops when the client resets the
-/// stream; dropping the body then cancels whatever produced it.
+/// stream; dropping the body then cancels whatever produced it. (The client's `send_body` is the
+/// same loop without the capacity wait: a unary request's message must be queued in the calling
+/// pass, before its new stream has been given any capacity.)
 async fn pipe(mut body: Body, mut send: h2::SendStream<Bytes>) {
     loop {
         let frame = tokio::select! {
