@@ -798,7 +798,7 @@ fn error_event(error: &GatewayError) -> Event {
 
 /// Anthropic SSE events from the pipeline's stream events.
 fn sse_events(
-    mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
+    mut events: crate::pipeline::Events,
     id: String,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {

@@ -293,7 +293,7 @@ fn json_event<T: serde::Serialize>(value: &T) -> Event {
 /// SSE events: OpenAI chunks, the usage chunk when asked for, `[DONE]`; or an explicit error event
 /// (and no `[DONE]`) when the stream fails after it started.
 fn sse_events(
-    mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
+    mut events: crate::pipeline::Events,
     response_id: String,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {

@@ -163,7 +163,25 @@ pub struct StreamHandle {
     /// Cache outcome.
     pub cache: CacheStatus,
     /// Events, in order.
-    pub events: mpsc::Receiver<StreamEvent>,
+    pub events: Events,
+}
+
+/// A stream's events. A live stream's handle is returned with its first event already received,
+/// so that the caller's response head and first chunk leave together (one write, one wake-up of
+/// the client, instead of a head alone and the chunk after it).
+pub struct Events {
+    first: Option<StreamEvent>,
+    rx: mpsc::Receiver<StreamEvent>,
+}
+
+impl Events {
+    /// The next event; `None` once the stream is over.
+    pub async fn recv(&mut self) -> Option<StreamEvent> {
+        match self.first.take() {
+            Some(event) => Some(event),
+            None => self.rx.recv().await,
+        }
+    }
 }
 
 /// The request path.
@@ -554,7 +572,7 @@ impl Pipeline {
                 self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
                 return Ok(StreamHandle {
                     cache: CacheStatus::Hit,
-                    events: rx,
+                    events: Events { first: None, rx },
                 });
             }
             Prepared::Route(permit, cache_status) => (permit, cache_status),
@@ -615,9 +633,11 @@ impl Pipeline {
             }
             .instrument(span),
         );
+        let mut rx = rx;
+        let first = rx.recv().await;
         Ok(StreamHandle {
             cache: cache_status,
-            events: rx,
+            events: Events { first, rx },
         })
     }
 

@@ -113,7 +113,7 @@ impl RouterService for RouterGrpc {
         let caller = caller.unwrap_or_default();
         let request_id = caller.request_id.clone();
         record_request(&request.model, &request_id);
-        let (tx, rx) = mpsc::channel::<StreamEvent>(16);
+        let (tx, mut rx) = mpsc::channel::<StreamEvent>(16);
         let cancel = self.cancel.child_token();
         self.tracker.spawn(
             async move {
@@ -123,20 +123,29 @@ impl RouterService for RouterGrpc {
             }
             .instrument(Span::current()),
         );
-        let events = ReceiverStream::new(rx).map(move |event| match event {
-            StreamEvent::Chunk(mut chunk) => {
-                if !request_id.is_empty() {
-                    chunk.id.clone_from(&request_id);
+        // The response head waits for the first event (the first chunk, or the failure that ended
+        // every attempt): head and first chunk then leave in one write, and a stream that never
+        // started is answered with its status alone.
+        let first = rx.recv().await;
+        if let Some(StreamEvent::Failed(error)) = &first {
+            return Err(status(error));
+        }
+        let events = futures::stream::iter(first)
+            .chain(ReceiverStream::new(rx))
+            .map(move |event| match event {
+                StreamEvent::Chunk(mut chunk) => {
+                    if !request_id.is_empty() {
+                        chunk.id.clone_from(&request_id);
+                    }
+                    Ok(RouteStreamResponse {
+                        event: Some(Event::Chunk(chunk)),
+                    })
                 }
-                Ok(RouteStreamResponse {
-                    event: Some(Event::Chunk(chunk)),
-                })
-            }
-            StreamEvent::Done(info) => Ok(RouteStreamResponse {
-                event: Some(Event::Route(info)),
-            }),
-            StreamEvent::Failed(error) => Err(status(&error)),
-        });
+                StreamEvent::Done(info) => Ok(RouteStreamResponse {
+                    event: Some(Event::Route(info)),
+                }),
+                StreamEvent::Failed(error) => Err(status(&error)),
+            });
         Ok(Response::new(Box::pin(events)))
     }
 
