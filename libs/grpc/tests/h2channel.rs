@@ -10,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use switchboard_grpc::{H2Channel, bind, channel, serve, url_of};
+use switchboard_grpc::{H2Body, H2Channel, bind, channel, serve, url_of};
 use tonic::{Code, body::Body, server::NamedService, service::Routes};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -121,21 +121,26 @@ impl Server {
     }
 }
 
-async fn echo(channel: &mut H2Channel, payload: Bytes) -> (Bytes, http::HeaderMap) {
+/// Calls `path` on `channel` with `payload` as the whole request body; the response head.
+async fn call(channel: &mut H2Channel, path: &str, payload: Bytes) -> http::Response<H2Body> {
     let request = http::Request::builder()
         .method("POST")
-        .uri("/test.Echo/Call")
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Body::new(http_body_util::Full::new(payload)))
         .expect("request");
-    let response = channel
+    channel
         .ready()
         .await
         .expect("ready")
         .call(request)
         .await
-        .expect("call");
+        .expect("call")
+}
+
+async fn echo(channel: &mut H2Channel, payload: Bytes) -> (Bytes, http::HeaderMap) {
+    let response = call(channel, "/test.Echo/Call", payload).await;
     assert_eq!(response.status(), http::StatusCode::OK);
     let collected = response.into_body().collect().await.expect("response body");
     let trailers = collected.trailers().cloned().expect("trailers");
@@ -304,19 +309,7 @@ async fn the_callers_grpc_timeout_ends_a_call_that_gets_no_answer() {
 async fn a_stream_the_client_resets_drops_the_servers_handler() {
     let server = Server::start("127.0.0.1:0").await;
     let mut channel = H2Channel::new(&server.url).expect("channel");
-    let request = http::Request::builder()
-        .method("POST")
-        .uri("/test.Echo/Endless")
-        .header("content-type", "application/grpc")
-        .body(Body::new(http_body_util::Full::new(Bytes::new())))
-        .expect("request");
-    let response = channel
-        .ready()
-        .await
-        .expect("ready")
-        .call(request)
-        .await
-        .expect("call");
+    let response = call(&mut channel, "/test.Echo/Endless", Bytes::new()).await;
     let mut body = response.into_body();
     let first = body.frame().await.expect("a frame").expect("data");
     assert_eq!(

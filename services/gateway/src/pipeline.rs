@@ -552,7 +552,7 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, mut rx) = mpsc::channel(64);
         let (prepared, pseudonyms) = self.prepare(ctx, &mut request, control).await?;
         let (permit, cache_status) = match prepared {
             Prepared::Hit(permit, response, route) => {
@@ -633,7 +633,6 @@ impl Pipeline {
             }
             .instrument(span),
         );
-        let mut rx = rx;
         let first = rx.recv().await;
         Ok(StreamHandle {
             cache: cache_status,
