@@ -19,7 +19,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use h2::server::SendResponse;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body as HttpBody;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tonic::{body::Body, service::Routes};
@@ -123,9 +123,8 @@ async fn call(
     let bodyless = Request::from_parts(head, ());
     let span = switchboard_telemetry::grpc_server_span(&bodyless);
     let timeout = grpc_timeout(bodyless.headers());
-    let (head, ()) = bodyless.into_parts();
     let handler = routes
-        .call(Request::from_parts(head, H2Body::new(stream)))
+        .call(bodyless.map(|()| H2Body::new(stream)))
         .instrument(span);
     let handled = async {
         let handled = match timeout {
@@ -141,7 +140,8 @@ async fn call(
     };
     let Some(response) = response else {
         // tonic's server answers an expired `grpc-timeout` the same way.
-        let _ = respond.send_response(status_only(tonic::Code::Cancelled, "Timeout expired"), true);
+        let expired = tonic::Status::cancelled("Timeout expired").into_http::<()>();
+        let _ = respond.send_response(expired, true);
         return;
     };
     let (head, body) = response.into_parts();
@@ -152,19 +152,6 @@ async fn call(
     if !end {
         pipe(body, send).await;
     }
-}
-
-/// A headers-only gRPC response carrying `code` and `message`.
-fn status_only(code: tonic::Code, message: &'static str) -> Response<()> {
-    let mut response = Response::new(());
-    let headers: &mut HeaderMap = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
-    headers.insert("grpc-message", HeaderValue::from_static(message));
-    response
 }
 
 /// Sends a response body's frames to the client: data as it comes (waiting for flow-control

@@ -61,10 +61,7 @@ impl Service<http::Request<Body>> for Echo {
                         let frame = http_body::Frame::data(Bytes::from_static(b"tick"));
                         Some((Ok::<_, tonic::Status>(frame), guard))
                     });
-                    return Ok(http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(Body::new(http_body_util::StreamBody::new(frames)))
-                        .expect("response"));
+                    return Ok(grpc_response(frames));
                 }
                 _ => {}
             }
@@ -80,12 +77,19 @@ impl Service<http::Request<Body>> for Echo {
                 Ok::<_, tonic::Status>(http_body::Frame::data(received)),
                 Ok(http_body::Frame::trailers(trailers)),
             ]);
-            Ok(http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(Body::new(http_body_util::StreamBody::new(frames)))
-                .expect("response"))
+            Ok(grpc_response(frames))
         })
     }
+}
+
+/// A gRPC response whose body is `frames`.
+fn grpc_response(
+    frames: impl futures::Stream<Item = Result<http_body::Frame<Bytes>, tonic::Status>> + Send + 'static,
+) -> http::Response<Body> {
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(Body::new(http_body_util::StreamBody::new(frames)))
+        .expect("response")
 }
 
 struct Server {
