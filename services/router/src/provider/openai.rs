@@ -559,12 +559,19 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
 
 /// Parses a successful unary answer; an error object in it is mapped to the taxonomy.
 pub fn parse_response(body: &[u8]) -> Result<ChatResponse, ProviderError> {
-    if let Ok(value) = serde_json::from_slice::<Value>(body)
-        && value.get("error").is_some_and(|e| !e.is_null())
-    {
-        return Err(ProviderError::from_error_value(&value));
+    from_openai_response(body).map_err(|e| provider_error(body, e))
+}
+
+/// Why a body did not parse as a completion: the provider's error object when it is one (mapped to
+/// the taxonomy), else a protocol error. Bodies are parsed once, as the typed completion; only one
+/// that fails that is looked at again as generic JSON.
+fn provider_error(body: &[u8], error: ParseError) -> ProviderError {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) if value.get("error").is_some_and(|e| !e.is_null()) => {
+            ProviderError::from_error_value(&value)
+        }
+        _ => ProviderError::Protocol(error.to_string()),
     }
-    from_openai_response(body).map_err(|e| ProviderError::Protocol(e.to_string()))
 }
 
 /// Decodes OpenAI (and Azure OpenAI) chat-completion streams: one `chat.completion.chunk` per
@@ -582,12 +589,7 @@ impl StreamDecoder for OpenaiDecoder {
                 done: true,
             });
         }
-        if let Ok(value) = serde_json::from_str::<Value>(data)
-            && value.get("error").is_some_and(|e| !e.is_null())
-        {
-            return Err(ProviderError::from_error_value(&value));
-        }
-        let chunk = from_openai_chunk(data).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let chunk = from_openai_chunk(data).map_err(|e| provider_error(data.as_bytes(), e))?;
         let chunks = if chunk.choices.is_empty() && chunk.usage.is_none() {
             Vec::new()
         } else {
@@ -866,6 +868,66 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("overloaded")
+        );
+    }
+
+    #[test]
+    fn error_objects_map_to_the_taxonomy_whatever_else_the_body_holds() {
+        let event = |data: &str| SseEvent {
+            event: String::new(),
+            data: data.to_owned(),
+        };
+        let mut decoder = OpenaiDecoder;
+        // An error event mid-stream, alone or with fields that do not fit a chunk's shape.
+        for data in [
+            r#"{"error":{"message":"Overloaded","type":"overloaded_error"}}"#,
+            r#"{"choices":"none","error":{"message":"Overloaded","type":"overloaded_error"}}"#,
+        ] {
+            assert!(
+                matches!(
+                    decoder.event(&event(data)),
+                    Err(ProviderError::Overloaded { status: 529, .. })
+                ),
+                "{data}"
+            );
+        }
+        assert!(matches!(
+            decoder.event(&event(r#"{"error":{"message":"slow down","code":429}}"#)),
+            Err(ProviderError::RateLimited { status: 429, .. })
+        ));
+        // Neither a chunk nor an error object: a protocol error; `"error": null` is no error.
+        assert!(matches!(
+            decoder.event(&event(r#"{"choices":"none"}"#)),
+            Err(ProviderError::Protocol(_))
+        ));
+        let decoded = decoder
+            .event(&event(
+                r#"{"id":"c","model":"m","error":null,"choices":[{"index":0,"delta":{"content":"hi"}}]}"#,
+            ))
+            .unwrap();
+        assert_eq!(decoded.chunks[0].choices[0].content, "hi");
+        // The same for a unary answer.
+        assert!(matches!(
+            parse_response(br#"{"error":{"message":"boom","type":"server_error"}}"#),
+            Err(ProviderError::Upstream { status: 500, .. })
+        ));
+        assert!(matches!(
+            parse_response(br#"{"choices":[{"index":0,"message":{"content":"x"}}],"error":{"message":"no","type":"invalid_request_error"}}"#),
+            Err(ProviderError::BadRequest { status: 400, .. })
+        ));
+        assert!(matches!(
+            parse_response(br#"{"choices":7}"#),
+            Err(ProviderError::Protocol(_))
+        ));
+        assert_eq!(
+            parse_response(br#"{"choices":[{"index":0,"message":{"content":"x"}}],"error":null}"#)
+                .unwrap()
+                .choices[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .joined_text(),
+            "x"
         );
     }
 

@@ -9,12 +9,13 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Buffers bytes until complete lines, and lines until a blank line ends an event.
+/// Buffers bytes until complete lines, and lines until a blank line ends an event. Lines are read
+/// in place: an event costs one allocation, its `data`.
 #[derive(Debug, Default)]
 pub struct SseParser {
     buffer: Vec<u8>,
     event: String,
-    data: Vec<String>,
+    data: String,
     has_data: bool,
 }
 
@@ -27,27 +28,27 @@ impl SseParser {
     /// Feeds one read; returns the events it completed.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buffer.extend_from_slice(bytes);
+        let buffer = std::mem::take(&mut self.buffer);
         let mut events = Vec::new();
         let mut start = 0;
-        while let Some(offset) = self.buffer[start..]
+        while let Some(offset) = buffer[start..]
             .iter()
             .position(|b| *b == b'\n' || *b == b'\r')
         {
             let end = start + offset;
             // A `\r` at the very end may be the first half of `\r\n`: wait for the next read.
-            if self.buffer[end] == b'\r' && end + 1 == self.buffer.len() {
+            if buffer[end] == b'\r' && end + 1 == buffer.len() {
                 break;
             }
-            let line = String::from_utf8_lossy(&self.buffer[start..end]).into_owned();
-            let mut next = end + 1;
-            if self.buffer[end] == b'\r' && self.buffer.get(end + 1) == Some(&b'\n') {
-                next += 1;
-            }
-            start = next;
-            if let Some(event) = self.line(&line) {
+            if let Some(event) = self.line(&buffer[start..end]) {
                 events.push(event);
             }
+            start = end + 1;
+            if buffer[end] == b'\r' && buffer.get(end + 1) == Some(&b'\n') {
+                start += 1;
+            }
         }
+        self.buffer = buffer;
         self.buffer.drain(..start);
         events
     }
@@ -57,7 +58,9 @@ impl SseParser {
         !self.buffer.is_empty() || self.has_data
     }
 
-    fn line(&mut self, line: &str) -> Option<SseEvent> {
+    /// One line, without its end. Invalid UTF-8 is replaced (U+FFFD); `:` is ASCII, so splitting
+    /// the field from the value first changes nothing.
+    fn line(&mut self, line: &[u8]) -> Option<SseEvent> {
         if line.is_empty() {
             if !self.has_data {
                 self.event.clear();
@@ -65,24 +68,30 @@ impl SseParser {
             }
             let event = SseEvent {
                 event: std::mem::take(&mut self.event),
-                data: std::mem::take(&mut self.data).join("\n"),
+                data: std::mem::take(&mut self.data),
             };
             self.has_data = false;
             return Some(event);
         }
-        if line.starts_with(':') {
+        if line[0] == b':' {
             return None;
         }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
+        let (field, value) = match line.iter().position(|b| *b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
         };
         match field {
-            "data" => {
-                self.data.push(value.to_owned());
+            b"data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(&String::from_utf8_lossy(value));
                 self.has_data = true;
             }
-            "event" => self.event = value.to_owned(),
+            b"event" => self.event = String::from_utf8_lossy(value).into_owned(),
             _ => {}
         }
         None
@@ -127,6 +136,17 @@ mod tests {
             .flat_map(|b| parser.push(std::slice::from_ref(b)))
             .collect();
         assert_eq!(events.len(), 3);
+    }
+
+    #[test]
+    fn empty_and_bare_data_lines_and_invalid_utf8() {
+        let mut parser = SseParser::new();
+        let events =
+            parser.push(b"data:\ndata: b\n\ndata\n\nevent: e\xff\ndata:  two spaces\xc3\n\n");
+        assert_eq!(data(&events), vec!["\nb", "", " two spaces\u{FFFD}"]);
+        assert_eq!(events[2].event, "e\u{FFFD}");
+        assert_eq!(events[0].event, "");
+        assert!(!parser.has_partial());
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! CPU cost of decoding a provider's streamed answer in the router (SSE parsing and the OpenAI
+//! chunk decoder; no network): `cargo bench -p switchboard-router --bench decode` (on an idle
+//! machine). The answer is 20 content chunks shaped like OpenAI's (the fake provider's stream
+//! scenario of `switchboard-bench`), then the finish, usage and `[DONE]` events; it arrives in one
+//! read (a fast provider's burst) or in one read per event.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use switchboard_router::{ProviderKind, bench_support::decode_stream};
+
+fn chunk(delta: &str, finish: &str) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-8f3b2c\",\"object\":\"chat.completion.chunk\",\"created\":1764000000,\
+         \"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_fake\",\"choices\":[{{\"index\":0,\
+         \"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
+    )
+}
+
+/// The events of one answer, one string each.
+fn events() -> Vec<String> {
+    let mut events = vec![chunk(
+        r#"{"role":"assistant","content":"","refusal":null}"#,
+        "null",
+    )];
+    for i in 0..20 {
+        events.push(chunk(
+            &format!(r#"{{"content":"word{i} of the answer, "}}"#),
+            "null",
+        ));
+    }
+    events.push(chunk("{}", "\"stop\""));
+    events.push(
+        "data: {\"id\":\"chatcmpl-8f3b2c\",\"object\":\"chat.completion.chunk\",\"created\":1764000000,\
+         \"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\
+         \"completion_tokens\":120,\"total_tokens\":370}}\n\n"
+            .to_owned(),
+    );
+    events.push("data: [DONE]\n\n".to_owned());
+    events
+}
+
+fn decode(c: &mut Criterion) {
+    let events = events();
+    let whole = events.concat();
+    let mut group = c.benchmark_group("openai_stream_decode");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_read", |b| {
+        b.iter(|| decode_stream(ProviderKind::Openai, &[black_box(whole.as_bytes())]))
+    });
+    let reads: Vec<&[u8]> = events.iter().map(String::as_bytes).collect();
+    group.bench_function("read_per_event", |b| {
+        b.iter(|| decode_stream(ProviderKind::Openai, black_box(&reads)))
+    });
+    group.finish();
+    assert_eq!(decode_stream(ProviderKind::Openai, &reads), 23);
+}
+
+criterion_group!(benches, decode);
+criterion_main!(benches);
