@@ -1,8 +1,9 @@
-//! CPU cost of decoding a provider's streamed answer in the router (SSE parsing and the OpenAI
-//! chunk decoder; no network): `cargo bench -p switchboard-router --bench decode` (on an idle
-//! machine). The answer is 20 content chunks shaped like OpenAI's (the fake provider's stream
-//! scenario of `switchboard-bench`), then the finish, usage and `[DONE]` events; it arrives in one
-//! read (a fast provider's burst) or in one read per event.
+//! CPU cost of decoding a provider's streamed answer in the router (SSE parsing and the provider
+//! format's decoder; no network): `cargo bench -p switchboard-router --bench decode` (on an idle
+//! machine). The OpenAI answer is 20 content chunks (the fake provider's stream scenario of
+//! `switchboard-bench`), then the finish, usage and `[DONE]` events; it arrives in one read (a fast
+//! provider's burst) or in one read per event. The Gemini answer is 20 events of text, the last with
+//! the finish reason and usage.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
@@ -41,6 +42,29 @@ fn events() -> Vec<String> {
     events
 }
 
+/// Gemini's `streamGenerateContent?alt=sse` events.
+fn gemini_events() -> Vec<String> {
+    (0..20)
+        .map(|i| {
+            let last = if i == 19 {
+                r#","finishReason":"STOP""#
+            } else {
+                ""
+            };
+            let usage = if i == 19 {
+                r#","usageMetadata":{"promptTokenCount":250,"candidatesTokenCount":120,"totalTokenCount":370}"#
+            } else {
+                ""
+            };
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"word{i} of the answer, \"}}],\
+                 \"role\":\"model\"}},\"index\":0{last}}}]{usage},\"modelVersion\":\"gemini-2.5-flash\",\
+                 \"responseId\":\"mVd3aO2kJ8zW\"}}\r\n\r\n"
+            )
+        })
+        .collect()
+}
+
 fn decode(c: &mut Criterion) {
     let events = events();
     let whole = events.concat();
@@ -55,6 +79,15 @@ fn decode(c: &mut Criterion) {
     });
     group.finish();
     assert_eq!(decode_stream(ProviderKind::Openai, &reads), 23);
+
+    let gemini = gemini_events().concat();
+    let mut group = c.benchmark_group("gemini_stream_decode");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_read", |b| {
+        b.iter(|| decode_stream(ProviderKind::Gemini, &[black_box(gemini.as_bytes())]))
+    });
+    group.finish();
+    assert!(decode_stream(ProviderKind::Gemini, &[gemini.as_bytes()]) >= 20);
 }
 
 criterion_group!(benches, decode);

@@ -357,7 +357,14 @@ struct GmResponse {
     usage_metadata: Option<GmUsage>,
     model_version: String,
     response_id: String,
+    /// Present (even `null`): the body is an error object.
+    #[serde(deserialize_with = "present")]
     error: Option<Value>,
+}
+
+/// `Some` for any value the field holds, `null` included (a missing field is `None`).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// Maps a Gemini finish reason (`calls` says whether the candidate called functions).
@@ -383,12 +390,24 @@ pub fn finish_reason(reason: Option<&str>, calls: bool) -> FinishReason {
     }
 }
 
+/// One response (or stream event), parsed once into its type; only a body that is an error object,
+/// or that fails the typed parse, is looked at again as generic JSON.
 fn parse(data: &[u8]) -> Result<GmResponse, ProviderError> {
-    let value: Value = serde_json::from_slice(data).map_err(ProviderError::malformed)?;
-    if value.get("error").is_some() {
+    let response: GmResponse = match serde_json::from_slice(data) {
+        Ok(response) => response,
+        Err(error) => {
+            return Err(match serde_json::from_slice::<Value>(data) {
+                Ok(value) if value.get("error").is_some() => {
+                    ProviderError::from_error_value(&value)
+                }
+                _ => ProviderError::malformed(error),
+            });
+        }
+    };
+    if response.error.is_some() {
+        let value: Value = serde_json::from_slice(data).map_err(ProviderError::malformed)?;
         return Err(ProviderError::from_error_value(&value));
     }
-    let response: GmResponse = serde_json::from_value(value).map_err(ProviderError::malformed)?;
     if let Some(reason) = response
         .prompt_feedback
         .as_ref()
@@ -699,6 +718,38 @@ mod tests {
     fn message_of(body: &Value) -> Message {
         let response = parse_response(body.to_string().as_bytes(), 1).unwrap();
         response.choices[0].message.clone().unwrap()
+    }
+
+    #[test]
+    fn error_objects_map_to_the_taxonomy_whatever_else_the_body_holds() {
+        let quota = r#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}"#;
+        assert!(matches!(
+            parse_response(quota.as_bytes(), 1),
+            Err(ProviderError::RateLimited { status: 429, .. })
+        ));
+        // With fields that do not fit a response's shape, and with a `null` error (still an error).
+        let odd = r#"{"candidates":"none","error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}"#;
+        assert!(matches!(
+            parse_response(odd.as_bytes(), 1),
+            Err(ProviderError::Overloaded { status: 503, .. })
+        ));
+        assert!(parse_response(br#"{"error":null}"#, 1).is_err());
+        assert!(matches!(
+            parse_response(br#"{"candidates":"none"}"#, 1),
+            Err(ProviderError::Protocol(_))
+        ));
+        let event = |data: &str| SseEvent {
+            event: String::new(),
+            data: data.to_owned(),
+        };
+        let mut decoder = GeminiDecoder::new(1);
+        assert!(matches!(
+            decoder.event(&event(quota)),
+            Err(ProviderError::RateLimited { status: 429, .. })
+        ));
+        let text = answer(json!([{ "text": "hi" }])).to_string();
+        let decoded = decoder.event(&event(&text)).unwrap();
+        assert_eq!(decoded.chunks[0].choices[0].content, "hi");
     }
 
     #[test]
