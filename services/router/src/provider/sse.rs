@@ -25,32 +25,41 @@ impl SseParser {
         Self::default()
     }
 
-    /// Feeds one read; returns the events it completed.
+    /// Feeds one read; returns the events it completed. Whole lines are read where they arrived;
+    /// only an unfinished line is kept for the next read.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
-        self.buffer.extend_from_slice(bytes);
-        let buffer = std::mem::take(&mut self.buffer);
         let mut events = Vec::new();
+        if self.buffer.is_empty() {
+            let used = self.lines(bytes, &mut events);
+            self.buffer.extend_from_slice(&bytes[used..]);
+        } else {
+            self.buffer.extend_from_slice(bytes);
+            let buffer = std::mem::take(&mut self.buffer);
+            let used = self.lines(&buffer, &mut events);
+            self.buffer = buffer;
+            self.buffer.drain(..used);
+        }
+        events
+    }
+
+    /// Reads the complete lines of `input` into events; returns how many bytes they took.
+    fn lines(&mut self, input: &[u8], events: &mut Vec<SseEvent>) -> usize {
         let mut start = 0;
-        while let Some(offset) = buffer[start..]
-            .iter()
-            .position(|b| *b == b'\n' || *b == b'\r')
-        {
+        while let Some(offset) = memchr::memchr2(b'\n', b'\r', &input[start..]) {
             let end = start + offset;
             // A `\r` at the very end may be the first half of `\r\n`: wait for the next read.
-            if buffer[end] == b'\r' && end + 1 == buffer.len() {
+            if input[end] == b'\r' && end + 1 == input.len() {
                 break;
             }
-            if let Some(event) = self.line(&buffer[start..end]) {
+            if let Some(event) = self.line(&input[start..end]) {
                 events.push(event);
             }
             start = end + 1;
-            if buffer[end] == b'\r' && buffer.get(end + 1) == Some(&b'\n') {
+            if input[end] == b'\r' && input.get(end + 1) == Some(&b'\n') {
                 start += 1;
             }
         }
-        self.buffer = buffer;
-        self.buffer.drain(..start);
-        events
+        start
     }
 
     /// Whether bytes of an unfinished event are pending (the stream was cut mid-event).
@@ -88,13 +97,21 @@ impl SseParser {
                 if self.has_data {
                     self.data.push('\n');
                 }
-                self.data.push_str(&String::from_utf8_lossy(value));
+                self.data.push_str(&text(value));
                 self.has_data = true;
             }
-            b"event" => self.event = String::from_utf8_lossy(value).into_owned(),
+            b"event" => self.event = text(value).into_owned(),
             _ => {}
         }
         None
+    }
+}
+
+/// The bytes as text, invalid UTF-8 replaced (the validation is the fast one when all is valid).
+fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 
