@@ -1,7 +1,7 @@
 //! The shared cache: every entry lives in one NATS JetStream stream, and every replica keeps its
 //! local index ([`MemoryStore`]) in sync from it. Lookups only read the local index (they never
 //! wait on NATS); a store writes locally, then publishes and waits for JetStream's ack; a purge
-//! removes an app's entries from the stream and tells every replica to drop them.
+//! deletes an app's entries from the stream and tells every replica to drop them.
 //!
 //! Subjects (under `<nats.subject_prefix>.cache`), all captured by one stream
 //! ([`stream_name`], file storage, `max_msgs_per_subject = 1`, `max_age = cache.max_ttl_secs`):
@@ -23,7 +23,9 @@
 //! (the live entries and the last notice of each app, in stream order), then live. Applying every
 //! message in stream order, this replica's own publications included, keeps all replicas equal:
 //! a notice published at sequence N is applied after every entry before N and before every entry
-//! after it, and the stream purge removes exactly the app's entries before N. A starting replica
+//! after it, and the purge deletes exactly the app's entries before N from the stream (message
+//! by message: a filtered stream purge moves every consumer past the stream's end on NATS before
+//! 2.9.15, so a replica could miss the notice). A starting replica
 //! reads everything up to the stream's end before [`crate::App::build`] returns, so it answers
 //! nothing (its gRPC port, health included, is not yet served) until it is in sync.
 
@@ -259,6 +261,13 @@ impl WireEntry {
     }
 }
 
+/// How many deletions a purge keeps in flight.
+const PURGE_CONCURRENCY: usize = 64;
+/// How many message headers a purge reads per fetch.
+const PURGE_LIST_BATCH: usize = 1024;
+/// The least time a purge gets to list an app's messages (the publish timeout when larger).
+const PURGE_LIST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A [`CacheStore`] shared by every replica through JetStream, over a local index.
 pub struct SharedStore {
     local: Arc<MemoryStore>,
@@ -460,34 +469,109 @@ impl SharedStore {
             app: app.to_owned(),
         }
         .encode_to_vec();
-        // The notice first: its sequence bounds the stream purge, so that the stream and every
+        // The notice first: its sequence bounds the deletion, so that the stream and every
         // replica (which apply the notice in stream order) drop exactly the same entries.
-        let sequence = self.publish(self.subjects.purge(app), notice).await?;
-        let mut purged = 0;
-        for (filter, counted) in [
-            (self.subjects.entries_of(app), true),
-            (self.subjects.tags_of(app), false),
-        ] {
-            let response = tokio::time::timeout(
-                self.timeout,
-                self.stream.purge().filter(filter).sequence(sequence),
-            )
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!("purge on stream {} timed out", self.stream_name))
-            })?
-            .map_err(|e| {
-                StoreError::Unavailable(format!("purge on stream {}: {e}", self.stream_name))
-            })?;
-            if counted {
-                purged = response.purged;
-            }
-        }
+        let notice_sequence = self.publish(self.subjects.purge(app), notice).await?;
+        // The app's messages are deleted one by one, not with a filtered stream purge: before
+        // nats-server 2.9.15 (nats-server#3838) a filtered purge moves *every* consumer of the
+        // stream past its last message, so a replica that had not read the notice yet (or any
+        // other message) never would.
+        let purged = self
+            .delete_before(self.subjects.entries_of(app), notice_sequence)
+            .await?;
+        self.delete_before(self.subjects.tags_of(app), notice_sequence)
+            .await?;
         self.local.remove_app(app);
         if let Some(semantic) = self.semantic.get() {
             semantic.on_purge(app);
         }
         Ok(purged)
+    }
+
+    /// Deletes the messages of the stream on `filter` below sequence `before`; returns how many
+    /// it deleted (a message replaced or expired meanwhile is not counted).
+    async fn delete_before(&self, filter: String, before: u64) -> Result<u64, StoreError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Unavailable(format!("{what} on stream {}: {e}", self.stream_name))
+        };
+        let sequences = tokio::time::timeout(self.timeout.max(PURGE_LIST_TIMEOUT), async {
+            self.sequences_before(filter, before).await
+        })
+        .await
+        .map_err(|_| unavailable("purge listing", &"timed out"))?
+        .map_err(|e| unavailable("purge listing", &e))?;
+        let mut deleted = 0;
+        let mut results = futures::stream::iter(sequences)
+            .map(|sequence| {
+                tokio::time::timeout(self.timeout, self.stream.delete_message(sequence))
+            })
+            .buffer_unordered(PURGE_CONCURRENCY);
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(Ok(true)) => deleted += 1,
+                Ok(Ok(false)) => {}
+                // Replaced by a newer store of its key, or expired, since it was listed.
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        jetstream::stream::DeleteMessageErrorKind::JetStream(ref error)
+                            if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                    ) => {}
+                Ok(Err(e)) => return Err(unavailable("purge", &e)),
+                Err(_) => return Err(unavailable("purge", &"timed out")),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// The sequences of the stream's messages on `filter` below `before`, read through a
+    /// short-lived headers-only consumer.
+    async fn sequences_before(&self, filter: String, before: u64) -> Result<Vec<u64>, String> {
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: filter,
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                headers_only: true,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = consumer.cached_info().name.clone();
+        let mut remaining = consumer.cached_info().num_pending;
+        let mut sequences = Vec::new();
+        let listed = async {
+            'reading: while remaining > 0 {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(PURGE_LIST_BATCH)
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut read = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|e| e.to_string())?;
+                    let info = message.info().map_err(|e| e.to_string())?;
+                    read += 1;
+                    if info.stream_sequence >= before {
+                        break 'reading;
+                    }
+                    sequences.push(info.stream_sequence);
+                    remaining = info.pending;
+                }
+                if read == 0 {
+                    // Deleted or expired since the consumer counted them.
+                    break;
+                }
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        // Best effort: the consumer also goes away by itself once inactive.
+        let _ = self.stream.delete_consumer(&name).await;
+        listed.map(|()| sequences)
     }
 
     async fn put_tag_shared(

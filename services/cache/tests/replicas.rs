@@ -260,6 +260,110 @@ async fn a_purge_by_app_removes_its_entries_from_every_replica_and_spares_other_
     ns.cleanup().await;
 }
 
+/// A purge reaches a reader of the stream that lags behind it. A filtered stream purge moves every
+/// consumer of the stream past the stream's last message on NATS before 2.9.15 (nats-server#3838),
+/// so a replica that had not read the purge notice yet (or anything after its position) never
+/// did; the purge deletes the app's messages one by one instead. The lagging reader here is a raw
+/// ordered consumer whose messages are only subscribed to after the purge, so the server has
+/// delivered nothing to it by then: it must still get every message, the notice last.
+#[tokio::test]
+async fn a_purge_reaches_readers_that_lag_behind_the_stream() {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull, push};
+    use futures::StreamExt as _;
+    use prost::Message as _;
+    const BURST: usize = 500;
+    let ns = Namespace::create().await;
+    let mut a = ns.replica().await;
+    a.store("app1", "q1", 0).await;
+    a.store("app1", "q2", 0).await;
+
+    let client = async_nats::connect(&ns.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let name = switchboard_cache::replication::stream_name(&Config::default(), &ns.config);
+    let stream = js.get_stream(&name).await.unwrap();
+    let subjects = switchboard_cache::replication::Subjects::new(&ns.config.subject_prefix);
+    let lagging = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: subjects.all(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Another app's entries, which the purge must not make the lagging reader skip either.
+    let expires_ms = i64::try_from(
+        (std::time::SystemTime::now() + Duration::from_secs(3600))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let burst_response = response("burst");
+    for i in 0..BURST {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let key = switchboard_cache::key::CacheKey(key);
+        let wire = switchboard_cache::replication::WireEntry {
+            app: "app3".into(),
+            key: key.0.to_vec(),
+            response: Some(burst_response.clone()),
+            route: None,
+            stored_at_unix_ms: expires_ms - 3_600_000,
+            expires_at_unix_ms: expires_ms,
+        };
+        js.publish(subjects.entry("app3", &key), wire.encode_to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.purge("app1").await, 2, "both entries of app1 removed");
+
+    // The lagging reader gets the whole burst, then the purge notice.
+    let mut messages = lagging.messages().await.unwrap();
+    let mut burst = 0;
+    let purge_subject = subjects.purge("app1");
+    let burst_filter = subjects.entries_of("app3");
+    let burst_prefix = burst_filter.trim_end_matches('>');
+    loop {
+        let message = tokio::time::timeout(DEADLINE, messages.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the lagging reader stalled after {burst} messages of the burst")
+            })
+            .unwrap()
+            .unwrap();
+        if message.subject.as_str() == purge_subject {
+            break;
+        }
+        if message.subject.as_str().starts_with(burst_prefix) {
+            burst += 1;
+        }
+    }
+    assert_eq!(burst, BURST, "every message before the notice delivered");
+    a.wait_for("app1", "q1", false).await;
+
+    // The stream holds none of app1's entries, and all of the burst.
+    for (filter, expected) in [
+        (subjects.entries_of("app1"), 0),
+        (subjects.entries_of("app3"), BURST as u64),
+    ] {
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: filter.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(consumer.cached_info().num_pending, expected, "{filter}");
+    }
+
+    a.stop().await;
+    ns.cleanup().await;
+}
+
 #[tokio::test]
 async fn an_expired_entry_stops_being_served_by_every_replica() {
     let ns = Namespace::create().await;
