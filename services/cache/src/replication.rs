@@ -489,7 +489,9 @@ impl SharedStore {
     }
 
     /// Deletes the messages of the stream on `filter` below sequence `before`; returns how many
-    /// it deleted (a message replaced or expired meanwhile is not counted).
+    /// it deleted (a message replaced or expired meanwhile is not counted). JetStream's delete
+    /// overwrites each message in the store file (no `no_erase`), so nothing of a purged answer
+    /// stays on the server's disk.
     async fn delete_before(&self, filter: String, before: u64) -> Result<u64, StoreError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             StoreError::Unavailable(format!("{what} on stream {}: {e}", self.stream_name))
