@@ -3,7 +3,9 @@
 //! machine). The OpenAI answer is 20 content chunks (the fake provider's stream scenario of
 //! `switchboard-bench`), then the finish, usage and `[DONE]` events; it arrives in one read (a fast
 //! provider's burst) or in one read per event. The Gemini answer is 20 events of text, the last with
-//! the finish reason and usage.
+//! the finish reason and usage. The Anthropic answer is a Messages stream: `message_start`, a text
+//! block with 20 `text_delta`s, `content_block_stop`, `message_delta` (stop reason and usage),
+//! `message_stop`, with a `ping`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
@@ -65,6 +67,40 @@ fn gemini_events() -> Vec<String> {
         .collect()
 }
 
+/// Anthropic's Messages stream events.
+fn anthropic_events() -> Vec<String> {
+    let event = |name: &str, data: &str| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![
+        event(
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5-20250929","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":250,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+        ),
+        event(
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        ),
+        event("ping", r#"{"type": "ping"}"#),
+    ];
+    for i in 0..20 {
+        events.push(event(
+            "content_block_delta",
+            &format!(
+                r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"word{i} of the answer, "}}}}"#
+            ),
+        ));
+    }
+    events.push(event(
+        "content_block_stop",
+        r#"{"type":"content_block_stop","index":0}"#,
+    ));
+    events.push(event(
+        "message_delta",
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":120}}"#,
+    ));
+    events.push(event("message_stop", r#"{"type":"message_stop"}"#));
+    events
+}
+
 fn decode(c: &mut Criterion) {
     let events = events();
     let whole = events.concat();
@@ -88,6 +124,19 @@ fn decode(c: &mut Criterion) {
     });
     group.finish();
     assert!(decode_stream(ProviderKind::Gemini, &[gemini.as_bytes()]) >= 20);
+
+    let anthropic = anthropic_events().concat();
+    let mut group = c.benchmark_group("anthropic_stream_decode");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_read", |b| {
+        b.iter(|| decode_stream(ProviderKind::Anthropic, &[black_box(anthropic.as_bytes())]))
+    });
+    group.finish();
+    // The role, 20 deltas and the finish.
+    assert_eq!(
+        decode_stream(ProviderKind::Anthropic, &[anthropic.as_bytes()]),
+        22
+    );
 }
 
 criterion_group!(benches, decode);
