@@ -875,6 +875,8 @@ async fn main() -> ExitCode {
     let failed = reports.iter().any(|r| r.failed());
     let yardstick_after = yardstick_reading().await;
     print!("{}", report::tables(&reports, &budget));
+    let loopback = report::loopback(&reports);
+    println!("{}", report::loopback_line(loopback));
     for (when, reading) in [("before", &yardstick_before), ("after", &yardstick_after)] {
         match reading {
             Some(reading) => println!("Machine yardstick {when} the scenarios: {}", reading.line()),
@@ -884,6 +886,14 @@ async fn main() -> ExitCode {
     let json = serde_json::json!({
         "machine": machine,
         "yardstick": { "before": yardstick_before, "after": yardstick_after },
+        "loopback": loopback.map(|(p50_ms, fake_cpu_us)| serde_json::json!({
+            "p50_ms": p50_ms,
+            "fake_cpu_us_per_request": fake_cpu_us,
+            "reference": {
+                "p50_ms": report::LOOPBACK_REFERENCE.0,
+                "fake_cpu_us_per_request": report::LOOPBACK_REFERENCE.1,
+            },
+        })),
         "loadavg_1m_at_start": load_before,
         "loadavg_1m_at_end": procfs::loadavg(),
         "quick": args.quick,
