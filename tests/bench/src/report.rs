@@ -244,7 +244,7 @@ pub fn loopback_line(reading: Option<(f64, f64)>) -> String {
         Some((p50_now, fake_now)) => format!(
             "Machine's loopback path (direct-http-1k @1000 rps): p50 {p50_now:.3} ms, fake provider \
              {fake_now:.0} µs CPU per request; reference machine {p50:.2} ms, {fake:.0} µs ({:.1}× its \
-             CPU; where this reads high, every overhead line reads high too)",
+             CPU)",
             fake_now / fake
         ),
         None => format!(
