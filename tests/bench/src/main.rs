@@ -31,7 +31,7 @@ use switchboard_proto::{
 use crate::{
     load::{RunSpec, Target},
     mesh::{MODEL, Mesh, MeshOptions, SEMANTIC_MODEL},
-    report::{LedgerCheck, MemoryUse, RunReport, ScenarioReport},
+    report::{LedgerCheck, MemoryUse, RunReport, ScenarioReport, Settle},
 };
 
 #[derive(Parser, Debug)]
@@ -547,6 +547,37 @@ struct Periods {
 /// How long after a run its last spans arrive (a few export periods of the services).
 const SPAN_EXPORT_LAG: Duration = Duration::from_millis(600);
 
+/// The machine counts as quiet when at most this share of its CPU time was busy over one
+/// [`SETTLE_WINDOW`] (an idle mesh reads 0–2 %).
+pub(crate) const QUIET_BUSY: f64 = 0.05;
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+/// A run starts after this at the latest, quiet or not.
+const SETTLE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits until the machine is quiet, so that a run does not measure the previous one's aftermath
+/// (the ledger's inserts, Postgres's autovacuum and checkpoints, page-cache writeback after a
+/// heavy scenario). Returns how long it waited and the busy share of the last window.
+async fn settle() -> (Duration, f64) {
+    let started = std::time::Instant::now();
+    let mut last = procfs::machine_ticks();
+    loop {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let now = procfs::machine_ticks();
+        let busy = match (last, now) {
+            (Some((t0, i0)), Some((t1, i1))) if t1 > t0 => {
+                let total = (t1 - t0) as f64;
+                (total - i1.saturating_sub(i0) as f64).max(0.0) / total
+            }
+            // No /proc/stat: nothing to wait for.
+            _ => return (started.elapsed(), 0.0),
+        };
+        if busy <= QUIET_BUSY || started.elapsed() >= SETTLE_LIMIT {
+            return (started.elapsed(), busy);
+        }
+        last = now;
+    }
+}
+
 async fn run_once(
     scenario: &Scenario,
     target: &Target,
@@ -556,11 +587,14 @@ async fn run_once(
     duration: Duration,
     periods: &Periods,
 ) -> anyhow::Result<RunReport> {
+    let (settled, busy) = settle().await;
     eprintln!(
-        "  {} at {rate} rps, {connections} connections, {:.1}+{:.1} s …",
+        "  {} at {rate} rps, {connections} connections, {:.1}+{:.1} s (machine quiet after {:.1} s, {:.0} % busy) …",
         scenario.name,
         periods.warmup.as_secs_f64(),
-        duration.as_secs_f64()
+        duration.as_secs_f64(),
+        settled.as_secs_f64(),
+        busy * 100.0
     );
     let spec = RunSpec {
         rate,
@@ -599,6 +633,10 @@ async fn run_once(
         connections,
         &result,
     );
+    report.settle = Some(Settle {
+        waited_s: settled.as_secs_f64(),
+        busy_at_start: busy,
+    });
     if let Some(otlp) = &mesh.otlp {
         // The services export every 200 ms (`telemetry.export_delay_ms`): wait for the run's last.
         tokio::time::sleep(SPAN_EXPORT_LAG).await;

@@ -44,6 +44,24 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The machine's (total, idle) CPU time from the first line of /proc/stat, in clock ticks (idle
+/// includes iowait).
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_ticks(stat.lines().next()?)
+}
+
+/// Parses the `cpu  user nice system idle iowait irq softirq steal …` line.
+pub fn parse_machine_ticks(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let values: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
+    Some((values.iter().sum(), idle))
+}
+
 /// (VmHWM, VmRSS) in kB.
 pub fn memory_kb(pid: &str) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -105,6 +123,14 @@ pub fn loadavg() -> f64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn machine_ticks_are_the_sum_and_idle_plus_iowait() {
+        let line = "cpu  100 5 50 1000 20 3 7 0 0 0";
+        assert_eq!(parse_machine_ticks(line), Some((1185, 1020)));
+        assert_eq!(parse_machine_ticks("cpu0 1 2 3 4"), None);
+        assert_eq!(parse_machine_ticks("cpu  1 x 3 4"), None);
+    }
 
     #[test]
     fn finds_this_process_by_its_command_name() {

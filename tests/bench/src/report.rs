@@ -56,6 +56,17 @@ pub struct RunReport {
     pub spans: BTreeMap<String, Percentiles>,
     /// How late the load generator released the measured requests (its clock's own error).
     pub dispatch_lateness: Option<crate::dispatch::Lateness>,
+    /// How long the run waited for a quiet machine before it started.
+    pub settle: Option<Settle>,
+}
+
+/// The wait for a quiet machine before a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Settle {
+    /// Seconds waited.
+    pub waited_s: f64,
+    /// Busy share of the machine's CPU in the last window before the run (0–1).
+    pub busy_at_start: f64,
 }
 
 impl RunReport {
@@ -108,6 +119,7 @@ impl RunReport {
             sustained: None,
             spans: BTreeMap::new(),
             dispatch_lateness: r.dispatch_lateness,
+            settle: None,
         }
     }
 }
@@ -251,6 +263,29 @@ pub fn loopback_line(reading: Option<(f64, f64)>) -> String {
             "Machine's loopback path: not measured (run direct-http-1k at 1000 rps; reference \
              machine {p50:.2} ms, {fake:.0} µs)"
         ),
+    }
+}
+
+/// How the runs' waits for a quiet machine went (one line under the latency table).
+pub fn settle_line(settles: &[Settle]) -> String {
+    let longest = settles.iter().map(|s| s.waited_s).fold(0.0, f64::max);
+    let busy: Vec<&Settle> = settles
+        .iter()
+        .filter(|s| s.busy_at_start > crate::QUIET_BUSY)
+        .collect();
+    if busy.is_empty() {
+        format!(
+            "Every run started on a quiet machine (at most {:.0} % busy; waited at most {longest:.1} s)",
+            crate::QUIET_BUSY * 100.0
+        )
+    } else {
+        let worst = busy.iter().map(|s| s.busy_at_start).fold(0.0, f64::max);
+        format!(
+            "{} of {} runs started on a busy machine after the wait's limit (up to {:.0} % busy)",
+            busy.len(),
+            settles.len(),
+            worst * 100.0
+        )
     }
 }
 
@@ -432,6 +467,14 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
                 .unwrap_or("the default priority: no permission to raise it")
         );
     }
+    let settles: Vec<Settle> = reports
+        .iter()
+        .flat_map(|r| &r.runs)
+        .filter_map(|run| run.settle)
+        .collect();
+    if !settles.is_empty() {
+        let _ = writeln!(out, "{}", settle_line(&settles));
+    }
 
     let _ = writeln!(
         out,
@@ -594,6 +637,30 @@ fn short(p: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settle_line_names_runs_that_started_busy() {
+        let quiet = Settle {
+            waited_s: 1.5,
+            busy_at_start: 0.02,
+        };
+        let line = settle_line(&[quiet, quiet]);
+        assert!(
+            line.starts_with("Every run started on a quiet machine"),
+            "{line}"
+        );
+        assert!(line.contains("1.5 s"), "{line}");
+        let busy = Settle {
+            waited_s: 20.0,
+            busy_at_start: 0.4,
+        };
+        let line = settle_line(&[quiet, busy]);
+        assert!(
+            line.starts_with("1 of 2 runs started on a busy machine"),
+            "{line}"
+        );
+        assert!(line.contains("40 % busy"), "{line}");
+    }
 
     #[test]
     fn the_loopback_line_compares_with_the_reference_machine() {
