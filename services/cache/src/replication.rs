@@ -437,20 +437,22 @@ impl SharedStore {
         }
     }
 
+    /// NATS failed at `what` on this store's stream.
+    fn unavailable(&self, what: &str, error: &dyn std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(format!("{what} on stream {}: {error}", self.stream_name))
+    }
+
     async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<u64, StoreError> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            StoreError::Unavailable(format!("{what} on stream {}: {e}", self.stream_name))
-        };
         let acked = tokio::time::timeout(self.timeout, async {
             self.js
                 .publish(subject, payload.into())
                 .await
-                .map_err(|e| unavailable("publish", &e))?
+                .map_err(|e| self.unavailable("publish", &e))?
                 .await
-                .map_err(|e| unavailable("publish ack", &e))
+                .map_err(|e| self.unavailable("publish ack", &e))
         })
         .await
-        .map_err(|_| unavailable("publish", &"timed out"))??;
+        .map_err(|_| self.unavailable("publish", &"timed out"))??;
         Ok(acked.sequence)
     }
 
@@ -493,15 +495,13 @@ impl SharedStore {
     /// overwrites each message in the store file (no `no_erase`), so nothing of a purged answer
     /// stays on the server's disk.
     async fn delete_before(&self, filter: String, before: u64) -> Result<u64, StoreError> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            StoreError::Unavailable(format!("{what} on stream {}: {e}", self.stream_name))
-        };
-        let sequences = tokio::time::timeout(self.timeout.max(PURGE_LIST_TIMEOUT), async {
-            self.sequences_before(filter, before).await
-        })
+        let sequences = tokio::time::timeout(
+            self.timeout.max(PURGE_LIST_TIMEOUT),
+            self.sequences_before(filter, before),
+        )
         .await
-        .map_err(|_| unavailable("purge listing", &"timed out"))?
-        .map_err(|e| unavailable("purge listing", &e))?;
+        .map_err(|_| self.unavailable("purge listing", &"timed out"))?
+        .map_err(|e| self.unavailable("purge listing", &e))?;
         let mut deleted = 0;
         let mut results = futures::stream::iter(sequences)
             .map(|sequence| {
@@ -519,8 +519,8 @@ impl SharedStore {
                         jetstream::stream::DeleteMessageErrorKind::JetStream(ref error)
                             if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
                     ) => {}
-                Ok(Err(e)) => return Err(unavailable("purge", &e)),
-                Err(_) => return Err(unavailable("purge", &"timed out")),
+                Ok(Err(e)) => return Err(self.unavailable("purge", &e)),
+                Err(_) => return Err(self.unavailable("purge", &"timed out")),
             }
         }
         Ok(deleted)

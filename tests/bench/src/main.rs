@@ -547,9 +547,7 @@ struct Periods {
 /// How long after a run its last spans arrive (a few export periods of the services).
 const SPAN_EXPORT_LAG: Duration = Duration::from_millis(600);
 
-/// The machine counts as quiet when at most this share of its CPU time was busy over one
-/// [`SETTLE_WINDOW`] (an idle mesh reads 0–2 %).
-pub(crate) const QUIET_BUSY: f64 = 0.05;
+/// One reading of the machine's busy share (see [`report::QUIET_BUSY`]).
 const SETTLE_WINDOW: Duration = Duration::from_millis(500);
 /// A run starts after this at the latest, quiet or not.
 const SETTLE_LIMIT: Duration = Duration::from_secs(20);
@@ -571,7 +569,7 @@ async fn settle() -> (Duration, f64) {
             // No /proc/stat: nothing to wait for.
             _ => return (started.elapsed(), 0.0),
         };
-        if busy <= QUIET_BUSY || started.elapsed() >= SETTLE_LIMIT {
+        if busy <= report::QUIET_BUSY || started.elapsed() >= SETTLE_LIMIT {
             return (started.elapsed(), busy);
         }
         last = now;

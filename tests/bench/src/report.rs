@@ -60,6 +60,10 @@ pub struct RunReport {
     pub settle: Option<Settle>,
 }
 
+/// The machine counts as quiet when at most this share of its CPU time was busy over one
+/// settle window (an idle mesh reads 0–2 %).
+pub const QUIET_BUSY: f64 = 0.05;
+
 /// The wait for a quiet machine before a run.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Settle {
@@ -271,12 +275,12 @@ pub fn settle_line(settles: &[Settle]) -> String {
     let longest = settles.iter().map(|s| s.waited_s).fold(0.0, f64::max);
     let busy: Vec<&Settle> = settles
         .iter()
-        .filter(|s| s.busy_at_start > crate::QUIET_BUSY)
+        .filter(|s| s.busy_at_start > QUIET_BUSY)
         .collect();
     if busy.is_empty() {
         format!(
             "Every run started on a quiet machine (at most {:.0} % busy; waited at most {longest:.1} s)",
-            crate::QUIET_BUSY * 100.0
+            QUIET_BUSY * 100.0
         )
     } else {
         let worst = busy.iter().map(|s| s.busy_at_start).fold(0.0, f64::max);
