@@ -102,6 +102,9 @@ struct Args {
     /// Client-side timeout per request, seconds (from its scheduled time).
     #[arg(long, default_value_t = 30)]
     request_timeout_secs: u64,
+    /// Content chunks of every streamed answer of the fake provider (the scenario: 20).
+    #[arg(long, default_value_t = report::STREAM_CHUNKS)]
+    stream_chunks: usize,
 }
 
 /// How a scenario reaches the provider.
@@ -703,7 +706,7 @@ async fn run_all(
         log_dir: args.log_dir.clone(),
         pg_server: args.pg.clone(),
         nats_url: args.nats.clone(),
-        stream_chunks: 20,
+        stream_chunks: args.stream_chunks,
         apps: names,
         redact_apps: vec![
             "guard-redact-http".to_owned(),
@@ -913,6 +916,13 @@ async fn main() -> ExitCode {
     print!("{}", report::tables(&reports, &budget));
     let loopback = report::loopback(&reports);
     println!("{}", report::loopback_line(loopback));
+    if args.stream_chunks != report::STREAM_CHUNKS {
+        println!(
+            "Streamed answers had {} content chunks (--stream-chunks), not the issue's {}: stream lines are not the budget's",
+            args.stream_chunks,
+            report::STREAM_CHUNKS
+        );
+    }
     for (when, reading) in [("before", &yardstick_before), ("after", &yardstick_after)] {
         match reading {
             Some(reading) => println!("Machine yardstick {when} the scenarios: {}", reading.line()),
@@ -933,6 +943,7 @@ async fn main() -> ExitCode {
         "loadavg_1m_at_start": load_before,
         "loadavg_1m_at_end": procfs::loadavg(),
         "quick": args.quick,
+        "stream_chunks": args.stream_chunks,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "complete": outcome.is_ok(),
         "error": outcome.as_ref().err().map(|e| format!("{e:#}")),

@@ -238,6 +238,9 @@ fn run_at<'a>(reports: &'a [ScenarioReport], name: &str, rate: f64) -> Option<&'
         .find(|r| r.target_rps == rate && r.connections == 100)
 }
 
+/// Content chunks of a streamed answer in issue 3's streaming scenario (`--stream-chunks`).
+pub const STREAM_CHUNKS: usize = 20;
+
 /// The reference reading of the machine's loopback path: the direct 1 KB HTTP baseline at 1,000 rps
 /// on run 20's machine of normal speed (p50 ms, fake provider µs of CPU per request).
 pub const LOOPBACK_REFERENCE: (f64, f64) = (0.12, 43.0);
