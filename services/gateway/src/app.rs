@@ -48,6 +48,7 @@ pub struct Shared {
     pub(crate) keys: KeyStore,
     pub(crate) pipeline: Pipeline,
     pub(crate) max_body_bytes: usize,
+    pub(crate) readiness: crate::ready::Readiness,
 }
 
 /// A built, bound, not yet running gateway.
@@ -102,6 +103,17 @@ impl App {
         let ledger = (config.budgets.enabled || !config.rate_limits.is_empty())
             .then(|| switchboard_grpc::channel(&config.ledger_url))
             .transpose()?;
+        // `/readyz` asks the dependencies' health over the request path's own connections.
+        let readiness = crate::ready::Readiness::new(
+            crate::ready::Channels {
+                router: downstream.router.clone(),
+                guard: downstream.guard.clone(),
+                cache: config.cache_enabled.then(|| downstream.cache.clone()),
+                ledger: ledger.clone(),
+            },
+            nats_client.clone(),
+            config.guard.fail_open_routes.is_empty(),
+        );
         let budgets = match (&ledger, config.budgets.enabled) {
             (Some(ledger), true) => Some(Budgets::new(
                 config.budgets.clone(),
@@ -131,6 +143,7 @@ impl App {
             keys: KeyStore::new(&config.keys),
             pipeline,
             max_body_bytes: config.max_body_bytes,
+            readiness,
         };
         Ok(App {
             http,

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP front end: `POST /v1/chat/completions` (JSON and SSE), `GET /v1/models`,
-//! `GET /healthz`. Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`].
+//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies, `ready.rs`). Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`].
 
 use std::convert::Infallible;
 
@@ -34,6 +34,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
         .with_state(shared)
@@ -358,6 +359,25 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
 }
 
 /// Prometheus text exposition of the gateway's own counters.
+/// `GET /readyz`: 200 when ready or degraded, 503 when a required dependency is down; the body
+/// names every dependency, its state and what requests get while it is down (`ready.rs`).
+async fn readyz(State(shared): State<Shared>) -> Response {
+    let report = shared.readiness.report().await;
+    let status = match report.status {
+        crate::ready::Status::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+        crate::ready::Status::Ready | crate::ready::Status::Degraded => http::StatusCode::OK,
+    };
+    (
+        status,
+        [(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        )],
+        Json(report),
+    )
+        .into_response()
+}
+
 async fn metrics(State(shared): State<Shared>) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = shared.pipeline.usage().stats();

@@ -16,6 +16,7 @@ mod openai;
 mod outbox;
 mod pipeline;
 mod ratelimit;
+mod ready;
 mod restore;
 mod tool_id;
 mod usage;

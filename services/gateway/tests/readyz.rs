@@ -1,0 +1,222 @@
+//! `GET /readyz` against dependencies whose gRPC health is switched per test: a stand-in server of
+//! `grpc.health.v1` for the router, the guard and the cache, and the real NATS.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchboard_gateway::{App, Config, GuardConfig};
+use switchboard_testkit::TestNats;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// A `grpc.health.v1` server whose overall status the test sets.
+struct Health {
+    url: String,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+}
+
+impl Health {
+    async fn start() -> Health {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { until.cancelled().await },
+                ),
+        );
+        Health {
+            url,
+            reporter,
+            stop,
+        }
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+    }
+}
+
+struct Gateway {
+    http: String,
+    stop: CancellationToken,
+    nats: TestNats,
+}
+
+async fn gateway(router: &str, guard: &str, cache: &str, guard_config: GuardConfig) -> Gateway {
+    let nats = TestNats::create().await.unwrap();
+    let outbox = tempfile::tempdir().unwrap();
+    let config = Config {
+        http_addr: "127.0.0.1:0".to_owned(),
+        grpc_addr: "127.0.0.1:0".to_owned(),
+        router_url: router.to_owned(),
+        guard_url: guard.to_owned(),
+        cache_url: cache.to_owned(),
+        outbox_dir: outbox.path().to_string_lossy().into_owned(),
+        guard: guard_config,
+        ..Config::default()
+    };
+    let app = App::build(config, nats.config()).await.unwrap();
+    let http = format!("http://{}", app.http_addr());
+    let stop = CancellationToken::new();
+    let until = stop.clone();
+    tokio::spawn(async move {
+        let _outbox = outbox;
+        app.run_until(async move { until.cancelled().await }).await
+    });
+    Gateway { http, stop, nats }
+}
+
+impl Gateway {
+    async fn readyz(&self) -> (u16, Value) {
+        let response = reqwest::get(format!("{}/readyz", self.http)).await.unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(
+            response.headers()["cache-control"],
+            "no-store",
+            "a readiness answer is never cached"
+        );
+        (status, response.json().await.unwrap())
+    }
+
+    /// Polls until the report's status is `want` (a report lives one second), bounded.
+    async fn until(&self, want: &str) -> (u16, Value) {
+        let mut last = None;
+        for _ in 0..100 {
+            let (code, body) = self.readyz().await;
+            if body["status"] == want {
+                return (code, body);
+            }
+            last = Some((code, body));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("/readyz never reported {want}; last: {last:?}");
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.nats.cleanup().await;
+    }
+}
+
+fn state<'a>(body: &'a Value, name: &str) -> &'a Value {
+    let dependency = body["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing from {body}"));
+    &dependency["state"]
+}
+
+/// A port nothing listens on.
+fn closed_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+#[tokio::test]
+async fn readiness_follows_each_dependency_and_names_the_degraded_mode() {
+    let (router, guard, cache) = (
+        Health::start().await,
+        Health::start().await,
+        Health::start().await,
+    );
+    let gw = gateway(&router.url, &guard.url, &cache.url, GuardConfig::default()).await;
+
+    let (code, body) = gw.until("ready").await;
+    assert_eq!(code, 200);
+    for name in ["router", "guard", "cache", "nats"] {
+        assert_eq!(state(&body, name), "up", "{name} in {body}");
+    }
+    // Budgets and rate limits are off: the ledger is no dependency.
+    assert!(
+        body["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["name"] != "ledger"),
+        "{body}"
+    );
+
+    // The cache drains: still serving, in bypass.
+    cache.set(ServingStatus::NotServing).await;
+    let (code, body) = gw.until("degraded").await;
+    assert_eq!(code, 200);
+    assert_eq!(state(&body, "cache"), "not_serving");
+    let cache_entry = body["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "cache")
+        .unwrap();
+    assert_eq!(cache_entry["required"], false);
+    assert!(
+        cache_entry["when_down"]
+            .as_str()
+            .unwrap()
+            .contains("bypass"),
+        "{cache_entry}"
+    );
+
+    // The guard drains with every route failing closed: nothing can be served.
+    cache.set(ServingStatus::Serving).await;
+    guard.set(ServingStatus::NotServing).await;
+    let (code, body) = gw.until("unavailable").await;
+    assert_eq!(code, 503);
+    assert_eq!(state(&body, "guard"), "not_serving");
+    assert_eq!(state(&body, "cache"), "up");
+
+    // Back: ready again.
+    guard.set(ServingStatus::Serving).await;
+    let (code, _) = gw.until("ready").await;
+    assert_eq!(code, 200);
+    gw.stop().await;
+    for health in [router, guard, cache] {
+        health.stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn a_router_that_cannot_be_reached_makes_the_gateway_unavailable() {
+    let (guard, cache) = (Health::start().await, Health::start().await);
+    let gw = gateway(
+        &closed_url(),
+        &guard.url,
+        &cache.url,
+        GuardConfig::default(),
+    )
+    .await;
+    let (code, body) = gw.until("unavailable").await;
+    assert_eq!(code, 503);
+    assert_eq!(state(&body, "router"), "unreachable");
+    assert_eq!(state(&body, "guard"), "up");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_fail_open_routes_a_missing_guard_only_degrades() {
+    let (router, cache) = (Health::start().await, Health::start().await);
+    let guard_config = GuardConfig {
+        fail_open_routes: vec!["internal-summaries".to_owned()],
+    };
+    let gw = gateway(&router.url, &closed_url(), &cache.url, guard_config).await;
+    let (code, body) = gw.until("degraded").await;
+    assert_eq!(code, 200);
+    assert_eq!(state(&body, "guard"), "unreachable");
+    assert_eq!(state(&body, "router"), "up");
+    gw.stop().await;
+}
