@@ -379,9 +379,9 @@ async fn readyz(State(shared): State<Shared>) -> Response {
 }
 
 async fn metrics(State(shared): State<Shared>) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
+    use std::{fmt::Write, sync::atomic::Ordering::Relaxed};
     let stats = shared.pipeline.usage().stats();
-    format!(
+    let mut out = format!(
         "# TYPE switchboard_usage_events_published_total counter\nswitchboard_usage_events_published_total {}\n\
          # TYPE switchboard_usage_events_dropped_total counter\nswitchboard_usage_events_dropped_total {}\n\
          # TYPE switchboard_usage_events_retried_total counter\nswitchboard_usage_events_retried_total {}\n\
@@ -394,7 +394,26 @@ async fn metrics(State(shared): State<Shared>) -> String {
         stats.outbox_full.load(Relaxed),
         stats.outbox_bytes.load(Relaxed),
         shared.pipeline.guard_fail_open_total(),
-    )
+    );
+    // The readiness report's view (one probe round per second at most, `ready.rs`): each
+    // dependency up (1) or not, and the gateway ready or degraded (1) or unavailable (0).
+    let report = shared.readiness.report().await;
+    out.push_str("# TYPE switchboard_dependency_up gauge\n");
+    for dependency in &report.dependencies {
+        let _ = writeln!(
+            out,
+            "switchboard_dependency_up{{dependency=\"{}\",required=\"{}\"}} {}",
+            dependency.name,
+            dependency.required,
+            u8::from(dependency.state == crate::ready::State::Up)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE switchboard_ready gauge\nswitchboard_ready {}",
+        u8::from(report.status != crate::ready::Status::Unavailable)
+    );
+    out
 }
 
 #[cfg(test)]

@@ -172,6 +172,23 @@ async fn readiness_follows_each_dependency_and_names_the_degraded_mode() {
         "{cache_entry}"
     );
 
+    // The same view in the metrics, for alerts.
+    let metrics = reqwest::get(format!("{}/metrics", gw.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_dependency_up{dependency=\"cache\",required=\"false\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchboard_dependency_up{dependency=\"router\",required=\"true\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("switchboard_ready 1\n"), "{metrics}");
+
     // The guard drains with every route failing closed: nothing can be served.
     cache.set(ServingStatus::Serving).await;
     guard.set(ServingStatus::NotServing).await;
@@ -204,6 +221,13 @@ async fn a_router_that_cannot_be_reached_makes_the_gateway_unavailable() {
     assert_eq!(code, 503);
     assert_eq!(state(&body, "router"), "unreachable");
     assert_eq!(state(&body, "guard"), "up");
+    let metrics = reqwest::get(format!("{}/metrics", gw.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("switchboard_ready 0\n"), "{metrics}");
     gw.stop().await;
 }
 
