@@ -121,7 +121,14 @@ async fn call(
 ) {
     let (head, stream) = request.into_parts();
     let bodyless = Request::from_parts(head, ());
-    let span = switchboard_telemetry::grpc_server_span(&bodyless);
+    // Health checks (readiness probes, `/readyz`, every few seconds) and reflection are not
+    // traced: each would be a root trace of its own in every service.
+    let path = bodyless.uri().path();
+    let span = if path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") {
+        tracing::Span::none()
+    } else {
+        switchboard_telemetry::grpc_server_span(&bodyless)
+    };
     let timeout = grpc_timeout(bodyless.headers());
     let handler = routes
         .call(bodyless.map(|()| H2Body::new(stream)))

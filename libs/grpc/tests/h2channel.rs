@@ -1,6 +1,6 @@
 //! The internal channel and server (ADR 010): calls, streams, large bodies past the flow-control
 //! windows, lost connections, unreachable peers, the client-side and the server-side deadline, and
-//! a client's reset reaching the server's handler.
+//! a client's reset reaching the server's handler, and which calls get a server span.
 
 use std::{
     convert::Infallible,
@@ -372,4 +372,60 @@ async fn the_servers_grpc_timeout_cancels_a_handler_that_does_not_answer() {
     drop(sender);
     driver.abort();
     server.stop().await;
+}
+
+/// Records the `otel.name` of every `grpc.server` span opened in this process.
+#[derive(Clone, Default)]
+struct ServerSpans(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ServerSpans {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Name(String);
+        impl tracing::field::Visit for Name {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "otel.name" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if attrs.metadata().name() == "grpc.server" {
+            let mut name = Name(String::new());
+            attrs.record(&mut name);
+            self.0.lock().expect("spans").push(name.0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_get_a_server_span_and_health_checks_do_not() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = ServerSpans::default();
+    // nextest runs each test in its own process, so the global subscriber is this test's alone.
+    let _ =
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(spans.clone()));
+    let server = Server::start("127.0.0.1:0").await;
+    let mut health = HealthClient::new(channel(&server.url).expect("channel"));
+    for _ in 0..3 {
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("check");
+    }
+    let mut echo_channel = H2Channel::new(&server.url).expect("channel");
+    let (body, _) = echo(&mut echo_channel, Bytes::from_static(b"traced")).await;
+    assert_eq!(body, Bytes::from_static(b"traced"));
+    server.stop().await;
+    let names = spans.0.lock().expect("spans").clone();
+    assert_eq!(
+        names,
+        vec!["test.Echo/Call".to_owned()],
+        "one span for the call, none for the three health checks"
+    );
 }

@@ -90,6 +90,13 @@ impl Gateway {
         (status, response.json().await.unwrap())
     }
 
+    async fn metrics(&self) -> String {
+        let response = reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Polls until the report's status is `want` (a report lives one second), bounded.
     async fn until(&self, want: &str) -> (u16, Value) {
         let mut last = None;
@@ -173,12 +180,7 @@ async fn readiness_follows_each_dependency_and_names_the_degraded_mode() {
     );
 
     // The same view in the metrics, for alerts.
-    let metrics = reqwest::get(format!("{}/metrics", gw.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("switchboard_dependency_up{dependency=\"cache\",required=\"false\"} 0\n"),
         "{metrics}"
@@ -221,12 +223,7 @@ async fn a_router_that_cannot_be_reached_makes_the_gateway_unavailable() {
     assert_eq!(code, 503);
     assert_eq!(state(&body, "router"), "unreachable");
     assert_eq!(state(&body, "guard"), "up");
-    let metrics = reqwest::get(format!("{}/metrics", gw.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("switchboard_ready 0\n"), "{metrics}");
     gw.stop().await;
 }
