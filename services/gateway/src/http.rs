@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP front end: `POST /v1/chat/completions` (JSON and SSE), `GET /v1/models`,
-//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies, `ready.rs`). Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`].
+//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies, `ready.rs`), `GET /metrics`.
+//! Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`].
 
 use std::convert::Infallible;
 
@@ -358,7 +359,6 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
     .await
 }
 
-/// Prometheus text exposition of the gateway's own counters.
 /// `GET /readyz`: 200 when ready or degraded, 503 when a required dependency is down; the body
 /// names every dependency, its state and what requests get while it is down (`ready.rs`).
 async fn readyz(State(shared): State<Shared>) -> Response {
@@ -378,6 +378,7 @@ async fn readyz(State(shared): State<Shared>) -> Response {
         .into_response()
 }
 
+/// Prometheus text exposition of the gateway's own counters and of the readiness report.
 async fn metrics(State(shared): State<Shared>) -> String {
     use std::{fmt::Write, sync::atomic::Ordering::Relaxed};
     let stats = shared.pipeline.usage().stats();

@@ -1,7 +1,7 @@
 //! `GET /readyz`: what this gateway can serve right now, from its dependencies' gRPC health
 //! (`grpc.health.v1`, every Switchboard service serves it) and its NATS connection.
 //!
-//! Each dependency is `required` (the router; the guard unless every route fails open) or not (the
+//! Each dependency is `required` (the router; the guard unless some routes fail open) or not (the
 //! cache, the ledger when budgets or shared rate limits are configured, NATS): a required one down
 //! makes the gateway `unavailable` (HTTP 503), any other one down makes it `degraded` (HTTP 200,
 //! the degraded mode named in the report). A report is reused for [`REPORT_TTL`], so probes at any
