@@ -163,6 +163,28 @@ async fn real_binaries_serve_a_request_in_one_trace_across_all_five_services() {
     for port in [fake, fake2, ledger, router, cache, guard, gw_grpc, http] {
         wait_port(port, "service").await;
     }
+    // The gateway reaches every dependency's health service (a report lives one second).
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..100 {
+        let response = reqwest::get(format!("http://127.0.0.1:{http}/readyz"))
+            .await
+            .unwrap();
+        let code = response.status();
+        ready = response.json().await.unwrap();
+        if ready["status"] == "ready" {
+            assert_eq!(code, 200);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready["status"], "ready", "{ready}");
+    let names: Vec<&str> = ready["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["router", "guard", "cache", "nats"], "{ready}");
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
