@@ -62,6 +62,9 @@ pub struct App {
     tasks: TaskTracker,
     http_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    /// The configuration it was built with, and what to watch for a reload of its keys.
+    config: Config,
+    watch: Option<switchboard_grpc::ConfigWatch>,
 }
 
 impl App {
@@ -155,7 +158,16 @@ impl App {
             tasks,
             http_addr,
             grpc_addr,
+            config,
+            watch: None,
         })
+    }
+
+    /// Reloads the keys from `file` on SIGHUP and whenever it changes (checked every
+    /// `gateway.config_poll_ms`) while [`App::run_until`] runs (`reload.rs`). Installs the SIGHUP
+    /// handler.
+    pub fn watch_config(&mut self, file: &switchboard_grpc::ConfigFile) {
+        self.watch = Some(file.watch(Duration::from_millis(self.config.config_poll_ms)));
     }
 
     /// Address of the HTTP listener.
@@ -183,6 +195,8 @@ impl App {
             tasks,
             http_addr,
             grpc_addr,
+            config,
+            watch,
         } = self;
         let max_body = shared.max_body_bytes;
         let cancel = CancellationToken::new();
@@ -198,6 +212,14 @@ impl App {
         };
         let budgets_cancel = CancellationToken::new();
         let budgets_task = budgets.map(|budgets| tokio::spawn(budgets.run(budgets_cancel.clone())));
+        if let Some(watch) = watch {
+            tasks.spawn(crate::reload::watch_keys(
+                watch,
+                shared.keys.clone(),
+                config,
+                cancel.clone(),
+            ));
+        }
         tracing::info!(http.addr = %http_addr, grpc.addr = %grpc_addr, "gateway listening");
         let http_cancel = cancel.clone();
         let http = axum::serve::ListenerExt::tap_io(http, |tcp| {

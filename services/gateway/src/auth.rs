@@ -1,6 +1,11 @@
-//! Virtual API keys: configured as SHA-256 hashes, resolved to an app and a team.
+//! Virtual API keys: configured as SHA-256 hashes, resolved to an app and a team. The set is
+//! replaced whole when the configuration is reloaded (`reload.rs`): a key added or revoked takes
+//! effect without a restart.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError, RwLock},
+};
 
 use sha2::{Digest, Sha256};
 
@@ -22,32 +27,29 @@ pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// The configured keys, indexed by hash.
+type ByHash = HashMap<[u8; 32], Principal>;
+
+/// The configured keys, indexed by hash; clones share the set.
 #[derive(Debug, Clone, Default)]
 pub struct KeyStore {
-    by_hash: Arc<HashMap<[u8; 32], Principal>>,
+    by_hash: Arc<RwLock<Arc<ByHash>>>,
 }
 
 impl KeyStore {
     /// Builds the store from validated configuration.
     pub fn new(keys: &[KeyConfig]) -> Self {
-        let mut by_hash = HashMap::with_capacity(keys.len());
-        for key in keys {
-            let mut hash = [0u8; 32];
-            if hex::decode_to_slice(key.sha256.to_ascii_lowercase(), &mut hash).is_ok() {
-                by_hash.insert(
-                    hash,
-                    Principal {
-                        key_id: key.id.clone(),
-                        app: key.app.clone(),
-                        team: key.team.clone(),
-                    },
-                );
-            }
-        }
         KeyStore {
-            by_hash: Arc::new(by_hash),
+            by_hash: Arc::new(RwLock::new(Arc::new(index(keys)))),
         }
+    }
+
+    /// Replaces every key with `keys` (validated configuration); returns how many there are now.
+    /// A request already authenticated keeps its principal.
+    pub fn replace(&self, keys: &[KeyConfig]) -> usize {
+        let by_hash = Arc::new(index(keys));
+        let count = by_hash.len();
+        *self.by_hash.write().unwrap_or_else(PoisonError::into_inner) = by_hash;
+        count
     }
 
     /// Resolves an `Authorization` header value (`Bearer <key>`).
@@ -81,10 +83,30 @@ impl KeyStore {
     fn resolve(&self, key: &str) -> Result<Principal, GatewayError> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         self.by_hash
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&hash)
             .cloned()
             .ok_or(GatewayError::InvalidKey)
     }
+}
+
+fn index(keys: &[KeyConfig]) -> ByHash {
+    let mut by_hash = HashMap::with_capacity(keys.len());
+    for key in keys {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(key.sha256.to_ascii_lowercase(), &mut hash).is_ok() {
+            by_hash.insert(
+                hash,
+                Principal {
+                    key_id: key.id.clone(),
+                    app: key.app.clone(),
+                    team: key.team.clone(),
+                },
+            );
+        }
+    }
+    by_hash
 }
 
 #[cfg(test)]

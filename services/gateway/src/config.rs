@@ -46,6 +46,9 @@ pub struct Config {
     pub rate_limits: Vec<crate::ratelimit::RateLimitConfig>,
     /// What happens when the guard is unreachable, per route (`[gateway.guard]`).
     pub guard: crate::answer::GuardConfig,
+    /// How often the configuration file is checked for a change, milliseconds (0: only SIGHUP).
+    /// A reload replaces `keys`; other changes take effect after a restart.
+    pub config_poll_ms: u64,
 }
 
 /// One virtual API key. Only its SHA-256 is configured (`switchboard hash-key <key>` prints it).
@@ -83,6 +86,7 @@ impl Default for Config {
             budgets: crate::budget::BudgetsConfig::default(),
             rate_limits: Vec::new(),
             guard: crate::answer::GuardConfig::default(),
+            config_poll_ms: 5_000,
         }
     }
 }

@@ -17,6 +17,7 @@ mod outbox;
 mod pipeline;
 mod ratelimit;
 mod ready;
+mod reload;
 mod restore;
 mod tool_id;
 mod usage;

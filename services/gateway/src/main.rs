@@ -8,7 +8,7 @@ use switchboard_gateway::{App, Config};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    switchboard_grpc::run_service(
+    switchboard_grpc::run_reloadable_service(
         "gateway",
         |source| {
             let config: Config = source.section("gateway")?;
@@ -18,8 +18,10 @@ fn main() -> ExitCode {
                 source.section::<switchboard_bus::NatsConfig>("nats")?,
             ))
         },
-        |(config, nats), shutdown| async move {
-            App::build(config, nats).await?.run_until(shutdown).await
+        |(config, nats), shutdown, file| async move {
+            let mut app = App::build(config, nats).await?;
+            app.watch_config(&file);
+            app.run_until(shutdown).await
         },
     )
 }

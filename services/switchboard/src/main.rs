@@ -181,7 +181,8 @@ async fn run(
     let cache = switchboard_cache::App::build(mesh.cache, mesh.nats.clone()).await?;
     let guard =
         switchboard_guard::App::build_with_audit(mesh.guard, Some(mesh.nats.clone())).await?;
-    let gateway = switchboard_gateway::App::build(mesh.gateway, mesh.nats).await?;
+    let mut gateway = switchboard_gateway::App::build(mesh.gateway, mesh.nats).await?;
+    gateway.watch_config(&file);
     tracing::info!(
         http = %gateway.http_addr(),
         grpc = %gateway.grpc_addr(),
