@@ -32,23 +32,28 @@ type ByHash = HashMap<[u8; 32], Principal>;
 /// The configured keys, indexed by hash; clones share the set.
 #[derive(Debug, Clone, Default)]
 pub struct KeyStore {
-    by_hash: Arc<RwLock<Arc<ByHash>>>,
+    by_hash: Arc<RwLock<ByHash>>,
 }
 
 impl KeyStore {
     /// Builds the store from validated configuration.
     pub fn new(keys: &[KeyConfig]) -> Self {
         KeyStore {
-            by_hash: Arc::new(RwLock::new(Arc::new(index(keys)))),
+            by_hash: Arc::new(RwLock::new(index(keys))),
         }
     }
 
     /// Replaces every key with `keys` (validated configuration); returns how many there are now.
     /// A request already authenticated keeps its principal.
     pub fn replace(&self, keys: &[KeyConfig]) -> usize {
-        let by_hash = Arc::new(index(keys));
+        let by_hash = index(keys);
         let count = by_hash.len();
-        *self.by_hash.write().unwrap_or_else(PoisonError::into_inner) = by_hash;
+        let previous = std::mem::replace(
+            &mut *self.by_hash.write().unwrap_or_else(PoisonError::into_inner),
+            by_hash,
+        );
+        // Freed after the lock is released.
+        drop(previous);
         count
     }
 
