@@ -20,6 +20,58 @@ pub struct Principal {
     pub app: String,
     /// Team.
     pub team: String,
+    /// The models this key may call (`gateway.keys[].models`).
+    pub models: ModelAccess,
+}
+
+/// Which models (routes, as clients name them) a key may call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelAccess {
+    /// Exact names and prefixes (`"claude-*"`); `None`: every model.
+    only: Option<Arc<[String]>>,
+}
+
+impl ModelAccess {
+    /// From `gateway.keys[].models` (validated): empty means every model.
+    pub fn new(models: &[String]) -> Self {
+        ModelAccess {
+            only: (!models.is_empty()).then(|| models.into()),
+        }
+    }
+
+    /// Whether `model` may be called.
+    pub fn allows(&self, model: &str) -> bool {
+        let Some(patterns) = &self.only else {
+            return true;
+        };
+        patterns
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => pattern == model,
+            })
+    }
+
+    /// The configured patterns, comma-separated (for error messages); `None` when unrestricted.
+    pub fn describe(&self) -> Option<String> {
+        self.only.as_ref().map(|patterns| patterns.join(", "))
+    }
+}
+
+impl Principal {
+    /// Refuses a model this key may not call (a 403 that names the key id, the model and what
+    /// the key may call; nothing is sent anywhere).
+    pub fn check_model(&self, model: &str) -> Result<(), GatewayError> {
+        if self.models.allows(model) {
+            return Ok(());
+        }
+        tracing::info!(key_id = %self.key_id, model, "model not allowed for this key");
+        Err(GatewayError::ModelNotAllowed {
+            key_id: self.key_id.clone(),
+            model: model.to_owned(),
+            allowed: self.models.describe().unwrap_or_default(),
+        })
+    }
 }
 
 /// Hex SHA-256 of an API key, as configured in `gateway.keys[].sha256`.
@@ -107,6 +159,7 @@ fn index(keys: &[KeyConfig]) -> ByHash {
                     key_id: key.id.clone(),
                     app: key.app.clone(),
                     team: key.team.clone(),
+                    models: ModelAccess::new(&key.models),
                 },
             );
         }
@@ -124,7 +177,40 @@ mod tests {
             sha256: hash_api_key("sk-test"),
             app: "app1".into(),
             team: "team1".into(),
+            models: Vec::new(),
         }])
+    }
+
+    #[test]
+    fn model_access_is_exact_names_and_prefixes_and_empty_means_every_model() {
+        let every = ModelAccess::new(&[]);
+        assert!(every.allows("gpt-4o") && every.allows(""));
+        assert_eq!(every.describe(), None);
+        let some = ModelAccess::new(&["gpt-4o-mini".into(), "claude-*".into()]);
+        assert!(some.allows("gpt-4o-mini"));
+        assert!(some.allows("claude-sonnet-4") && some.allows("claude-"));
+        assert!(!some.allows("gpt-4o"), "an exact name is not a prefix");
+        assert!(
+            !some.allows("gpt-4o-mini-2024"),
+            "an exact name is not a prefix"
+        );
+        assert!(
+            !some.allows("my-claude-3"),
+            "a prefix matches at the start only"
+        );
+        assert_eq!(some.describe().as_deref(), Some("gpt-4o-mini, claude-*"));
+        let principal = Principal {
+            key_id: "k1".into(),
+            app: "a".into(),
+            team: String::new(),
+            models: some,
+        };
+        assert!(principal.check_model("claude-haiku").is_ok());
+        let refused = principal.check_model("o3").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "key `k1` may not use model `o3` (it may use: gpt-4o-mini, claude-*)"
+        );
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub struct KeyConfig {
     /// Team the application belongs to.
     #[serde(default)]
     pub team: String,
+    /// The models (routes, as clients name them) this key may call: exact names, or a prefix
+    /// ending in `*` (`"claude-*"`). Empty (the default): every route. Others get 403
+    /// `model_not_allowed`, and `/v1/models` lists only these.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 impl Default for Config {
@@ -174,6 +179,21 @@ impl Config {
                     format!("duplicate key id `{}`", key.id),
                 ));
             }
+            for (m, model) in key.models.iter().enumerate() {
+                let prefix = model.strip_suffix('*').unwrap_or(model);
+                if model.trim().is_empty() || model.trim() != model {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.models[{m}]"),
+                        "must be a model name without surrounding spaces",
+                    ));
+                }
+                if prefix.contains('*') {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.models[{m}]"),
+                        format!("`{model}`: `*` may only end a pattern (a name prefix)"),
+                    ));
+                }
+            }
             if !hashes.insert(key.sha256.to_ascii_lowercase()) {
                 return Err(ConfigError::invalid(
                     format!("{path}.sha256"),
@@ -189,6 +209,31 @@ impl Config {
 mod tests {
     use super::*;
     use switchboard_config::Source;
+
+    #[test]
+    fn a_model_pattern_with_an_inner_star_is_named() {
+        let hash = "a".repeat(64);
+        for (models, bad) in [
+            (r#"["gpt-4o", "claude-*-sonnet"]"#, "models[1]"),
+            (r#"[" gpt-4o"]"#, "models[0]"),
+            (r#"[""]"#, "models[0]"),
+        ] {
+            let source = Source::from_toml(&format!(
+                "[gateway]\nkeys = [{{ id = \"k\", sha256 = \"{hash}\", app = \"a\", models = {models} }}]\n"
+            ))
+            .unwrap();
+            let config: Config = source.section("gateway").unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(&format!("gateway.keys[0].{bad}")), "{error}");
+        }
+        let source = Source::from_toml(&format!(
+            "[gateway]\nkeys = [{{ id = \"k\", sha256 = \"{hash}\", app = \"a\", models = [\"gpt-4o\", \"claude-*\"] }}]\n"
+        ))
+        .unwrap();
+        let config: Config = source.section("gateway").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.keys[0].models, ["gpt-4o", "claude-*"]);
+    }
 
     #[test]
     fn bad_key_hash_is_named() {

@@ -15,6 +15,13 @@ pub enum GatewayError {
     /// Credentials that match no configured key.
     #[error("invalid API key")]
     InvalidKey,
+    /// The key may not call this model (`gateway.keys[].models`).
+    #[error("key `{key_id}` may not use model `{model}` (it may use: {allowed})")]
+    ModelNotAllowed {
+        key_id: String,
+        model: String,
+        allowed: String,
+    },
     /// The body is not valid JSON or not a valid request.
     #[error("invalid request at `{field}`: {message}")]
     InvalidRequest { field: String, message: String },
@@ -133,10 +140,12 @@ impl GatewayError {
             GatewayError::BudgetExceeded { .. } => ("insufficient_quota", "budget_exceeded"),
             GatewayError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
             GatewayError::GuardUnavailable { .. } => (code.openai_type(), "guard_unavailable"),
+            GatewayError::ModelNotAllowed { .. } => (code.openai_type(), "model_not_allowed"),
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
             GatewayError::InvalidRequest { field, .. } => Some(field.clone()),
+            GatewayError::ModelNotAllowed { .. } => Some("model".to_owned()),
             GatewayError::Downstream { metadata, .. } => {
                 metadata.get("field").or(metadata.get("model")).cloned()
             }
@@ -193,9 +202,9 @@ impl ServiceError for GatewayError {
             GatewayError::MissingKey | GatewayError::InvalidKey => ErrorCode::Unauthenticated,
             GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
             GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            GatewayError::Blocked { .. } | GatewayError::AnswerBlocked { .. } => {
-                ErrorCode::PermissionDenied
-            }
+            GatewayError::Blocked { .. }
+            | GatewayError::AnswerBlocked { .. }
+            | GatewayError::ModelNotAllowed { .. } => ErrorCode::PermissionDenied,
             GatewayError::GuardUnavailable { .. } => ErrorCode::Unavailable,
             GatewayError::Downstream { code, .. } => *code,
             GatewayError::DependencyDown { .. } | GatewayError::Overloaded { .. } => {
@@ -217,6 +226,11 @@ impl ServiceError for GatewayError {
             GatewayError::Blocked { entities } => {
                 HashMap::from([("entities".to_owned(), entities.clone())])
             }
+            GatewayError::ModelNotAllowed { key_id, model, .. } => HashMap::from([
+                ("reason".to_owned(), "model_not_allowed".to_owned()),
+                ("key_id".to_owned(), key_id.clone()),
+                ("model".to_owned(), model.clone()),
+            ]),
             GatewayError::PayloadTooLarge { limit, .. } => {
                 HashMap::from([("limit".to_owned(), limit.to_string())])
             }

@@ -173,8 +173,8 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        self.authenticate(&request)?;
-        let models = self.shared.pipeline.list_models().await?;
+        let principal = self.authenticate(&request)?;
+        let models = self.shared.pipeline.list_models(&principal).await?;
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

@@ -335,10 +335,11 @@ fn sse_events(
 async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     let span = request_span("GET /v1/models", &headers);
     async move {
-        if let Err(error) = shared.keys.authenticate(authorization(&headers)) {
-            return error.into_response();
-        }
-        match shared.pipeline.list_models().await {
+        let principal = match shared.keys.authenticate(authorization(&headers)) {
+            Ok(principal) => principal,
+            Err(error) => return error.into_response(),
+        };
+        match shared.pipeline.list_models(&principal).await {
             Ok(models) => Json(openai::ModelList {
                 object: "list",
                 data: models

@@ -321,9 +321,10 @@ impl Pipeline {
         &self.usage
     }
 
-    /// Lists the router's models.
+    /// Lists the router's models that `principal` may call.
     pub async fn list_models(
         &self,
+        principal: &crate::auth::Principal,
     ) -> Result<Vec<switchboard_proto::chat::v1::Model>, GatewayError> {
         let response = self
             .router
@@ -331,7 +332,9 @@ impl Pipeline {
             .list_models(switchboard_proto::router::v1::ListModelsRequest {})
             .await
             .map_err(|status| GatewayError::from_status("router", &status))?;
-        Ok(response.into_inner().models)
+        let mut models = response.into_inner().models;
+        models.retain(|model| principal.models.allows(&model.id));
+        Ok(models)
     }
 
     /// Embeddings: admission, validation, the guard over the inputs (one user message each: block
@@ -344,6 +347,7 @@ impl Pipeline {
     ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
         let _permit = self.admit()?;
         input.validate()?;
+        ctx.principal.check_model(&input.model)?;
         let tokens: usize = input.inputs.iter().map(String::len).sum();
         self.check_rate(ctx, tokens as u64).await?;
         let count = input.inputs.len();
@@ -417,6 +421,7 @@ impl Pipeline {
     ) -> Result<(Prepared, Pseudonyms), GatewayError> {
         let permit = self.admit()?;
         validate(request)?;
+        ctx.principal.check_model(&request.model)?;
         if self.rate_limits.is_some() {
             let max_tokens = request.sampling.as_ref().and_then(|s| s.max_tokens);
             let tokens = u64::from(crate::budget::prompt_bound(request))

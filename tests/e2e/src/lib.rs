@@ -24,6 +24,8 @@ pub const KEY_A: &str = "sk-test-app-a";
 pub const KEY_B: &str = "sk-test-app-b";
 /// API key of app `app-c` (guard: reversible pseudonyms, restored in the answer).
 pub const KEY_C: &str = "sk-test-app-c";
+/// API key of app `app-a` that may call only `gpt-4o-*` models (`gateway.keys[].models`).
+pub const KEY_MINI: &str = "sk-test-app-a-mini";
 /// The route every test uses: primary fake provider, then the backup.
 pub const MODEL: &str = "gpt-4o-mini";
 /// The embeddings route: primary fake provider, then the backup.
@@ -58,6 +60,7 @@ pub fn mesh_toml(primary: &str, backup: &str, database_url: &str, nats: &TestNat
     let hash_a = switchboard_gateway::hash_api_key(KEY_A);
     let hash_b = switchboard_gateway::hash_api_key(KEY_B);
     let hash_c = switchboard_gateway::hash_api_key(KEY_C);
+    let hash_mini = switchboard_gateway::hash_api_key(KEY_MINI);
     format!(
         r#"
 [nats]
@@ -73,6 +76,7 @@ keys = [
   {{ id = "key-a", sha256 = "{hash_a}", app = "app-a", team = "team-1" }},
   {{ id = "key-b", sha256 = "{hash_b}", app = "app-b", team = "team-2" }},
   {{ id = "key-c", sha256 = "{hash_c}", app = "app-c", team = "team-3" }},
+  {{ id = "key-mini", sha256 = "{hash_mini}", app = "app-a", team = "team-1", models = ["gpt-4o-*"] }},
 ]
 
 [guard]
