@@ -24,6 +24,13 @@ pub struct Principal {
     pub models: ModelAccess,
 }
 
+/// A configured key: who it is, and until when it works.
+#[derive(Debug, Clone)]
+struct Entry {
+    principal: Principal,
+    expires_at: Option<time::OffsetDateTime>,
+}
+
 /// Which models (routes, as clients name them) a key may call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelAccess {
@@ -79,7 +86,7 @@ pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-type ByHash = HashMap<[u8; 32], Principal>;
+type ByHash = HashMap<[u8; 32], Entry>;
 
 /// The configured keys, indexed by hash; clones share the set.
 #[derive(Debug, Clone, Default)]
@@ -138,13 +145,27 @@ impl KeyStore {
     }
 
     fn resolve(&self, key: &str) -> Result<Principal, GatewayError> {
+        self.resolve_at(key, time::OffsetDateTime::now_utc())
+    }
+
+    fn resolve_at(&self, key: &str, now: time::OffsetDateTime) -> Result<Principal, GatewayError> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&hash)
-            .cloned()
-            .ok_or(GatewayError::InvalidKey)
+        let keys = self.by_hash.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = keys.get(&hash).ok_or(GatewayError::InvalidKey)?;
+        if let Some(expires_at) = entry.expires_at
+            && now >= expires_at
+        {
+            let key_id = entry.principal.key_id.clone();
+            drop(keys);
+            tracing::info!(%key_id, "expired key used");
+            return Err(GatewayError::KeyExpired {
+                key_id,
+                expired_at: expires_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(entry.principal.clone())
     }
 }
 
@@ -155,11 +176,15 @@ fn index(keys: &[KeyConfig]) -> ByHash {
         if hex::decode_to_slice(key.sha256.to_ascii_lowercase(), &mut hash).is_ok() {
             by_hash.insert(
                 hash,
-                Principal {
-                    key_id: key.id.clone(),
-                    app: key.app.clone(),
-                    team: key.team.clone(),
-                    models: ModelAccess::new(&key.models),
+                Entry {
+                    principal: Principal {
+                        key_id: key.id.clone(),
+                        app: key.app.clone(),
+                        team: key.team.clone(),
+                        models: ModelAccess::new(&key.models),
+                    },
+                    // Validated configuration: a bad time never gets here.
+                    expires_at: key.expiry().ok().flatten(),
                 },
             );
         }
@@ -178,6 +203,7 @@ mod tests {
             app: "app1".into(),
             team: "team1".into(),
             models: Vec::new(),
+            expires_at: None,
         }])
     }
 
@@ -211,6 +237,65 @@ mod tests {
             refused.to_string(),
             "key `k1` may not use model `o3` (it may use: gpt-4o-mini, claude-*)"
         );
+    }
+
+    #[test]
+    fn an_expired_key_is_refused_from_its_expiry_on() {
+        let store = KeyStore::new(&[KeyConfig {
+            id: "k-exp".into(),
+            sha256: hash_api_key("sk-exp"),
+            app: "app1".into(),
+            team: String::new(),
+            models: Vec::new(),
+            expires_at: Some("2027-01-01T00:00:00Z".into()),
+        }]);
+        let at = |text: &str| {
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let before = store
+            .resolve_at("sk-exp", at("2026-12-31T23:59:59Z"))
+            .unwrap();
+        assert_eq!(before.key_id, "k-exp");
+        for now in ["2027-01-01T00:00:00Z", "2027-06-01T00:00:00Z"] {
+            let error = store.resolve_at("sk-exp", at(now)).unwrap_err();
+            assert!(
+                matches!(error, GatewayError::KeyExpired { .. }),
+                "{error:?}"
+            );
+            assert_eq!(
+                error.to_string(),
+                "API key `k-exp` expired at 2027-01-01T00:00:00Z"
+            );
+            let body = serde_json::to_value(error.body()).unwrap();
+            assert_eq!(body["error"]["type"], "authentication_error");
+            assert_eq!(body["error"]["code"], "key_expired");
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        }
+        // A wrong key is still just invalid, whatever the time.
+        assert!(matches!(
+            store.resolve_at("sk-other", at("2030-01-01T00:00:00Z")),
+            Err(GatewayError::InvalidKey)
+        ));
+        // On the real clock: a key that expired long ago, one that expires far ahead.
+        let key = |secret: &str, at: &str| KeyConfig {
+            id: secret.into(),
+            sha256: hash_api_key(secret),
+            app: "app1".into(),
+            team: String::new(),
+            models: Vec::new(),
+            expires_at: Some(at.into()),
+        };
+        let store = KeyStore::new(&[
+            key("sk-old", "2000-01-01T00:00:00Z"),
+            key("sk-new", "9999-01-01T00:00:00Z"),
+        ]);
+        assert!(matches!(
+            store.authenticate(Some("Bearer sk-old")),
+            Err(GatewayError::KeyExpired { .. })
+        ));
+        assert!(store.authenticate(Some("Bearer sk-new")).is_ok());
     }
 
     #[test]

@@ -69,6 +69,27 @@ pub struct KeyConfig {
     /// `model_not_allowed`, and `/v1/models` lists only these.
     #[serde(default)]
     pub models: Vec<String>,
+    /// When the key stops working (RFC 3339, e.g. `2027-01-01T00:00:00Z`); unset: never. An
+    /// expired key gets 401 `key_expired`.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+impl KeyConfig {
+    /// `expires_at` parsed; `Err` names what is wrong with it.
+    pub fn expiry(&self) -> Result<Option<time::OffsetDateTime>, String> {
+        self.expires_at
+            .as_deref()
+            .map(|at| {
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .map_err(|error| {
+                        format!(
+                            "`{at}` is not an RFC 3339 time (e.g. 2027-01-01T00:00:00Z): {error}"
+                        )
+                    })
+            })
+            .transpose()
+    }
 }
 
 impl Default for Config {
@@ -194,6 +215,9 @@ impl Config {
                     ));
                 }
             }
+            if let Err(message) = key.expiry() {
+                return Err(ConfigError::invalid(format!("{path}.expires_at"), message));
+            }
             if !hashes.insert(key.sha256.to_ascii_lowercase()) {
                 return Err(ConfigError::invalid(
                     format!("{path}.sha256"),
@@ -233,6 +257,27 @@ mod tests {
         let config: Config = source.section("gateway").unwrap();
         config.validate().unwrap();
         assert_eq!(config.keys[0].models, ["gpt-4o", "claude-*"]);
+    }
+
+    #[test]
+    fn a_bad_expiry_is_named() {
+        let hash = "a".repeat(64);
+        let key = |at: &str| {
+            let source = Source::from_toml(&format!(
+                "[gateway]\nkeys = [{{ id = \"k\", sha256 = \"{hash}\", app = \"a\", expires_at = \"{at}\" }}]\n"
+            ))
+            .unwrap();
+            source.section::<Config>("gateway").unwrap()
+        };
+        let error = key("2027-01-01").validate().unwrap_err().to_string();
+        assert!(error.contains("gateway.keys[0].expires_at"), "{error}");
+        assert!(error.contains("RFC 3339"), "{error}");
+        let config = key("2027-01-01T00:00:00+01:00");
+        config.validate().unwrap();
+        assert_eq!(
+            config.keys[0].expiry().unwrap().unwrap().unix_timestamp(),
+            1_798_758_000
+        );
     }
 
     #[test]

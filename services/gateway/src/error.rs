@@ -15,6 +15,9 @@ pub enum GatewayError {
     /// Credentials that match no configured key.
     #[error("invalid API key")]
     InvalidKey,
+    /// The key's `expires_at` has passed.
+    #[error("API key `{key_id}` expired at {expired_at}")]
+    KeyExpired { key_id: String, expired_at: String },
     /// The key may not call this model (`gateway.keys[].models`).
     #[error("key `{key_id}` may not use model `{model}` (it may use: {allowed})")]
     ModelNotAllowed {
@@ -141,6 +144,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
             GatewayError::GuardUnavailable { .. } => (code.openai_type(), "guard_unavailable"),
             GatewayError::ModelNotAllowed { .. } => (code.openai_type(), "model_not_allowed"),
+            GatewayError::KeyExpired { .. } => (code.openai_type(), "key_expired"),
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
@@ -199,7 +203,9 @@ impl GatewayError {
 impl ServiceError for GatewayError {
     fn code(&self) -> ErrorCode {
         match self {
-            GatewayError::MissingKey | GatewayError::InvalidKey => ErrorCode::Unauthenticated,
+            GatewayError::MissingKey
+            | GatewayError::InvalidKey
+            | GatewayError::KeyExpired { .. } => ErrorCode::Unauthenticated,
             GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
             GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             GatewayError::Blocked { .. }
@@ -226,6 +232,11 @@ impl ServiceError for GatewayError {
             GatewayError::Blocked { entities } => {
                 HashMap::from([("entities".to_owned(), entities.clone())])
             }
+            GatewayError::KeyExpired { key_id, expired_at } => HashMap::from([
+                ("reason".to_owned(), "key_expired".to_owned()),
+                ("key_id".to_owned(), key_id.clone()),
+                ("expired_at".to_owned(), expired_at.clone()),
+            ]),
             GatewayError::ModelNotAllowed { key_id, model, .. } => HashMap::from([
                 ("reason".to_owned(), "model_not_allowed".to_owned()),
                 ("key_id".to_owned(), key_id.clone()),

@@ -26,6 +26,8 @@ pub const KEY_B: &str = "sk-test-app-b";
 pub const KEY_C: &str = "sk-test-app-c";
 /// API key of app `app-a` that may call only `gpt-4o-*` models (`gateway.keys[].models`).
 pub const KEY_MINI: &str = "sk-test-app-a-mini";
+/// API key of app `app-a` that expired on 2000-01-01 (`gateway.keys[].expires_at`).
+pub const KEY_EXPIRED: &str = "sk-test-app-a-expired";
 /// The route every test uses: primary fake provider, then the backup.
 pub const MODEL: &str = "gpt-4o-mini";
 /// The embeddings route: primary fake provider, then the backup.
@@ -61,6 +63,7 @@ pub fn mesh_toml(primary: &str, backup: &str, database_url: &str, nats: &TestNat
     let hash_b = switchboard_gateway::hash_api_key(KEY_B);
     let hash_c = switchboard_gateway::hash_api_key(KEY_C);
     let hash_mini = switchboard_gateway::hash_api_key(KEY_MINI);
+    let hash_expired = switchboard_gateway::hash_api_key(KEY_EXPIRED);
     format!(
         r#"
 [nats]
@@ -77,6 +80,7 @@ keys = [
   {{ id = "key-b", sha256 = "{hash_b}", app = "app-b", team = "team-2" }},
   {{ id = "key-c", sha256 = "{hash_c}", app = "app-c", team = "team-3" }},
   {{ id = "key-mini", sha256 = "{hash_mini}", app = "app-a", team = "team-1", models = ["gpt-4o-*"] }},
+  {{ id = "key-expired", sha256 = "{hash_expired}", app = "app-a", team = "team-1", expires_at = "2000-01-01T00:00:00Z" }},
 ]
 
 [guard]

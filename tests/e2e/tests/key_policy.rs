@@ -1,12 +1,12 @@
 //! End-to-end: a key limited to some models (`gateway.keys[].models`) is refused every other
 //! model with a typed 403 / `PERMISSION_DENIED` on every front door (chat, streams, Anthropic
 //! Messages, embeddings, HTTP and gRPC), before anything reaches a provider, and sees only its
-//! models in the model list.
+//! models in the model list; an expired key (`expires_at`) gets 401 / `UNAUTHENTICATED`.
 
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{Value, json};
-use switchboard_e2e::{EMBEDDING_MODEL, KEY_A, KEY_MINI, MODEL, Sandbox};
+use switchboard_e2e::{EMBEDDING_MODEL, KEY_A, KEY_EXPIRED, KEY_MINI, MODEL, Sandbox};
 use switchboard_proto::{
     chat::v1::{ChatRequest, Message, Role},
     gateway::v1::{
@@ -203,5 +203,60 @@ async fn a_key_limited_to_some_models_is_refused_the_others_everywhere() {
     )
     .await;
     assert_eq!(other.status(), 200);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused_with_a_typed_401_and_nothing_is_sent() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let refused = post(
+        &sandbox,
+        "/v1/chat/completions",
+        KEY_EXPIRED,
+        &chat_body(MODEL, false),
+    )
+    .await;
+    assert_eq!(refused.status(), 401);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "authentication_error");
+    assert_eq!(error["error"]["code"], "key_expired");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("key-expired") && message.contains("2000-01-01T00:00:00Z"),
+        "{message}"
+    );
+    let listed = reqwest::Client::new()
+        .get(format!("{}/v1/models", sandbox.http_url))
+        .bearer_auth(KEY_EXPIRED)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 401);
+
+    let mut gateway = sandbox.gateway().await.unwrap();
+    let status = gateway
+        .create_chat_completion(authed(
+            CreateChatCompletionRequest {
+                request: Some(chat(MODEL)),
+                ..Default::default()
+            },
+            KEY_EXPIRED,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["reason"], "key_expired");
+    assert_eq!(info.metadata["key_id"], "key-expired");
+    assert!(sandbox.primary.requests().is_empty());
+    // The same app's unexpired key works.
+    let served = post(
+        &sandbox,
+        "/v1/chat/completions",
+        KEY_A,
+        &chat_body(MODEL, false),
+    )
+    .await;
+    assert_eq!(served.status(), 200);
     sandbox.stop().await.unwrap();
 }
