@@ -1,4 +1,5 @@
-//! Virtual API keys: configured as SHA-256 hashes, resolved to an app and a team. The set is
+//! Virtual API keys: configured as SHA-256 hashes, resolved to an app and a team, optionally
+//! limited to some models and to a time (`expires_at`: refused from then on). The set is
 //! replaced whole when the configuration is reloaded (`reload.rs`): a key added or revoked takes
 //! effect without a restart.
 

@@ -139,6 +139,17 @@ effective_from = "2024-01-01"
     )
 }
 
+/// `message` with `authorization: Bearer <key>` metadata, as a caller of the gateway's gRPC API sends it.
+pub fn authed<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {key}"))
+            .expect("an API key is a valid header value"),
+    );
+    request
+}
+
 /// Cost in USD nanos at the sandbox prices (0.15 in / 0.60 out per million tokens).
 pub fn expected_cost_nanos(prompt_tokens: i64, completion_tokens: i64) -> i64 {
     // nanos = tokens * (USD per Mtok * 1e9) / 1e6 = tokens * 150 (input) and tokens * 600 (output)

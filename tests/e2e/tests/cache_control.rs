@@ -21,7 +21,6 @@ use switchboard_proto::{
     },
     ledger::v1::RequestStatus,
 };
-use tonic::metadata::MetadataValue;
 use tonic_types::StatusExt;
 
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -155,12 +154,7 @@ fn usage(events: &[String]) -> Value {
 }
 
 fn authed<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {KEY_A}")).unwrap(),
-    );
-    request
+    switchboard_e2e::authed(message, KEY_A)
 }
 
 fn chat(text: &str) -> ChatRequest {

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{Value, json};
-use switchboard_e2e::{EMBEDDING_MODEL, KEY_A, KEY_EXPIRED, KEY_MINI, MODEL, Sandbox};
+use switchboard_e2e::{EMBEDDING_MODEL, KEY_A, KEY_EXPIRED, KEY_MINI, MODEL, Sandbox, authed};
 use switchboard_proto::{
     chat::v1::{ChatRequest, Message, Role},
     gateway::v1::{
@@ -14,7 +14,6 @@ use switchboard_proto::{
         StreamChatCompletionRequest,
     },
 };
-use tonic::metadata::MetadataValue;
 use tonic_types::StatusExt;
 
 /// A route the limited key may not call (the sandbox's embeddings route, asked for a chat).
@@ -50,15 +49,6 @@ async fn model_ids(sandbox: &Sandbox, key: &str) -> Vec<String> {
         .iter()
         .map(|m| m["id"].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn authed<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
-    );
-    request
 }
 
 fn chat(model: &str) -> ChatRequest {

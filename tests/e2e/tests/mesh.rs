@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{Value, json};
-use switchboard_e2e::{KEY_A, KEY_B, MAX_BODY, MODEL, Sandbox, expected_cost_nanos};
+use switchboard_e2e::{KEY_A, KEY_B, MAX_BODY, MODEL, Sandbox, authed, expected_cost_nanos};
 use switchboard_proto::{
     chat::v1::{ChatRequest, Message, Role},
     gateway::v1::{
@@ -14,7 +14,6 @@ use switchboard_proto::{
     ledger::v1::{CacheOutcome, GetSpendRequest, RequestStatus},
 };
 use switchboard_status::ErrorCode;
-use tonic::metadata::MetadataValue;
 
 fn http() -> reqwest::Client {
     reqwest::Client::new()
@@ -41,15 +40,6 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned()
-}
-
-fn authed<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
-    );
-    request
 }
 
 fn chat(text: &str) -> ChatRequest {

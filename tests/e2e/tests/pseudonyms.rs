@@ -15,17 +15,11 @@ use switchboard_proto::{
         stream_chat_completion_response::Event,
     },
 };
-use tonic::metadata::MetadataValue;
 
 const EMAIL: &str = "jane.doe@example.com";
 
 fn authed<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {KEY_C}")).unwrap(),
-    );
-    request
+    switchboard_e2e::authed(message, KEY_C)
 }
 
 fn chat(text: &str) -> ChatRequest {
