@@ -23,7 +23,12 @@ pub struct Principal {
     pub team: String,
     /// The models this key may call (`gateway.keys[].models`).
     pub models: ModelAccess,
+    /// Tags added to each of the key's requests (`gateway.keys[].tags`).
+    pub tags: Arc<[(String, String)]>,
 }
+
+/// Tag names the gateway itself sets (`switchboard.guard`); neither callers nor keys may.
+pub const RESERVED_TAG_PREFIX: &str = "switchboard.";
 
 /// A configured key: who it is, and until when it works.
 #[derive(Debug, Clone)]
@@ -67,6 +72,13 @@ impl ModelAccess {
 }
 
 impl Principal {
+    /// Adds the key's tags to a request's, overriding a caller's tag of the same name.
+    pub fn apply_tags(&self, tags: &mut std::collections::HashMap<String, String>) {
+        for (name, value) in self.tags.iter() {
+            tags.insert(name.clone(), value.clone());
+        }
+    }
+
     /// Refuses a model this key may not call (a 403 that names the key id, the model and what
     /// the key may call; nothing is sent anywhere).
     pub fn check_model(&self, model: &str) -> Result<(), GatewayError> {
@@ -183,6 +195,11 @@ fn index(keys: &[KeyConfig]) -> ByHash {
                         app: key.app.clone(),
                         team: key.team.clone(),
                         models: ModelAccess::new(&key.models),
+                        tags: key
+                            .tags
+                            .iter()
+                            .map(|(name, value)| (name.clone(), value.clone()))
+                            .collect(),
                     },
                     // Validated configuration: a bad time never gets here.
                     expires_at: key.expiry().ok().flatten(),
@@ -205,6 +222,7 @@ mod tests {
             team: "team1".into(),
             models: Vec::new(),
             expires_at: None,
+            tags: Default::default(),
         }])
     }
 
@@ -231,6 +249,7 @@ mod tests {
             app: "a".into(),
             team: String::new(),
             models: some,
+            tags: Arc::new([]),
         };
         assert!(principal.check_model("claude-haiku").is_ok());
         let refused = principal.check_model("o3").unwrap_err();
@@ -249,6 +268,7 @@ mod tests {
             team: String::new(),
             models: Vec::new(),
             expires_at: Some("2027-01-01T00:00:00Z".into()),
+            tags: Default::default(),
         }]);
         let at = |text: &str| {
             time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
@@ -287,6 +307,7 @@ mod tests {
             team: String::new(),
             models: Vec::new(),
             expires_at: Some(at.into()),
+            tags: Default::default(),
         };
         let store = KeyStore::new(&[
             key("sk-old", "2000-01-01T00:00:00Z"),

@@ -73,6 +73,11 @@ pub struct KeyConfig {
     /// expired key gets 401 `key_expired`.
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// Tags added to every request of this key (its usage rows, routing rules on tags), e.g.
+    /// `{ cost_center = "cc-42" }`; they override a caller's tag of the same name, so that a
+    /// caller cannot book its spend elsewhere.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl KeyConfig {
@@ -215,6 +220,17 @@ impl Config {
                     ));
                 }
             }
+            for name in key.tags.keys() {
+                if name.trim().is_empty() || name.starts_with(crate::auth::RESERVED_TAG_PREFIX) {
+                    return Err(ConfigError::invalid(
+                        format!("{path}.tags.{name}"),
+                        format!(
+                            "a tag name must not be empty nor start with `{}` (reserved)",
+                            crate::auth::RESERVED_TAG_PREFIX
+                        ),
+                    ));
+                }
+            }
             if let Err(message) = key.expiry() {
                 return Err(ConfigError::invalid(format!("{path}.expires_at"), message));
             }
@@ -257,6 +273,21 @@ mod tests {
         let config: Config = source.section("gateway").unwrap();
         config.validate().unwrap();
         assert_eq!(config.keys[0].models, ["gpt-4o", "claude-*"]);
+    }
+
+    #[test]
+    fn a_reserved_key_tag_is_named() {
+        let hash = "a".repeat(64);
+        let source = Source::from_toml(&format!(
+            "[gateway]\nkeys = [{{ id = \"k\", sha256 = \"{hash}\", app = \"a\", tags = {{ \"switchboard.guard\" = \"checked\" }} }}]\n"
+        ))
+        .unwrap();
+        let config: Config = source.section("gateway").unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("gateway.keys[0].tags.switchboard.guard"),
+            "{error}"
+        );
     }
 
     #[test]

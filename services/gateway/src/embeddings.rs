@@ -58,6 +58,7 @@ impl EmbedInput {
         if self.model.trim().is_empty() {
             return Err(invalid("model", "must not be empty"));
         }
+        crate::pipeline::validate_tags(&self.tags)?;
         if self.inputs.is_empty() {
             return Err(invalid("input", "must contain at least one text"));
         }

@@ -361,6 +361,7 @@ impl Pipeline {
             tags: input.tags,
             ..Default::default()
         };
+        ctx.principal.apply_tags(&mut request.tags);
         self.check_guard(ctx, &mut request).await?;
         if request.messages.len() != count {
             return Err(GatewayError::Internal(
@@ -422,6 +423,7 @@ impl Pipeline {
         let permit = self.admit()?;
         validate(request)?;
         ctx.principal.check_model(&request.model)?;
+        ctx.principal.apply_tags(&mut request.tags);
         if self.rate_limits.is_some() {
             let max_tokens = request.sampling.as_ref().and_then(|s| s.max_tokens);
             let tokens = u64::from(crate::budget::prompt_bound(request))
@@ -1408,6 +1410,24 @@ fn caller(ctx: &RequestContext) -> Caller {
     }
 }
 
+/// Refuses caller tags in the gateway's own namespace (`switchboard.`): they would pass for what the
+/// gateway records (e.g. a prompt the guard did not check).
+pub fn validate_tags(tags: &std::collections::HashMap<String, String>) -> Result<(), GatewayError> {
+    match tags
+        .keys()
+        .find(|name| name.starts_with(crate::auth::RESERVED_TAG_PREFIX))
+    {
+        Some(name) => Err(GatewayError::InvalidRequest {
+            field: format!("tags.{name}"),
+            message: format!(
+                "tag names starting with `{}` are reserved (`metadata` over HTTP)",
+                crate::auth::RESERVED_TAG_PREFIX
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks what every provider would reject anyway, with errors that name the field.
 pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
     let invalid = |field: &str, message: &str| GatewayError::InvalidRequest {
@@ -1417,6 +1437,7 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
     if request.model.trim().is_empty() {
         return Err(invalid("model", "must not be empty"));
     }
+    validate_tags(&request.tags)?;
     if request.messages.is_empty() {
         return Err(invalid("messages", "must contain at least one message"));
     }

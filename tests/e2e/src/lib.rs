@@ -24,7 +24,8 @@ pub const KEY_A: &str = "sk-test-app-a";
 pub const KEY_B: &str = "sk-test-app-b";
 /// API key of app `app-c` (guard: reversible pseudonyms, restored in the answer).
 pub const KEY_C: &str = "sk-test-app-c";
-/// API key of app `app-a` that may call only `gpt-4o-*` models (`gateway.keys[].models`).
+/// API key of app `app-a` that may call only `gpt-4o-*` models (`gateway.keys[].models`) and
+/// tags its requests `cost_center = cc-42` (`gateway.keys[].tags`).
 pub const KEY_MINI: &str = "sk-test-app-a-mini";
 /// API key of app `app-a` that expired on 2000-01-01 (`gateway.keys[].expires_at`).
 pub const KEY_EXPIRED: &str = "sk-test-app-a-expired";
@@ -79,7 +80,7 @@ keys = [
   {{ id = "key-a", sha256 = "{hash_a}", app = "app-a", team = "team-1" }},
   {{ id = "key-b", sha256 = "{hash_b}", app = "app-b", team = "team-2" }},
   {{ id = "key-c", sha256 = "{hash_c}", app = "app-c", team = "team-3" }},
-  {{ id = "key-mini", sha256 = "{hash_mini}", app = "app-a", team = "team-1", models = ["gpt-4o-*"] }},
+  {{ id = "key-mini", sha256 = "{hash_mini}", app = "app-a", team = "team-1", models = ["gpt-4o-*"], tags = {{ cost_center = "cc-42" }} }},
   {{ id = "key-expired", sha256 = "{hash_expired}", app = "app-a", team = "team-1", expires_at = "2000-01-01T00:00:00Z" }},
 ]
 

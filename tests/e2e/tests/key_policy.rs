@@ -1,7 +1,8 @@
 //! End-to-end: a key limited to some models (`gateway.keys[].models`) is refused every other
 //! model with a typed 403 / `PERMISSION_DENIED` on every front door (chat, streams, Anthropic
 //! Messages, embeddings, HTTP and gRPC), before anything reaches a provider, and sees only its
-//! models in the model list; an expired key (`expires_at`) gets 401 / `UNAUTHENTICATED`.
+//! models in the model list; an expired key (`expires_at`) gets 401 / `UNAUTHENTICATED`; a key's
+//! tags are on every usage row of its requests, whatever the caller sends.
 
 #![allow(clippy::unwrap_used)]
 
@@ -248,5 +249,52 @@ async fn an_expired_key_is_refused_with_a_typed_401_and_nothing_is_sent() {
     )
     .await;
     assert_eq!(served.status(), 200);
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_keys_tags_are_on_its_usage_rows_and_callers_cannot_override_them() {
+    let sandbox = Sandbox::start().await.unwrap();
+    // The caller tries to book its spend on another cost center, and adds a tag of its own.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
+        "metadata": {"cost_center": "someone-else", "feature": "search"}});
+    let response = post(&sandbox, "/v1/chat/completions", KEY_MINI, &body).await;
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-switchboard-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let row = sandbox.wait_for_record(&id).await.unwrap();
+    assert_eq!(row.tags["cost_center"], "cc-42");
+    assert_eq!(row.tags["feature"], "search");
+    // A key without tags leaves the caller's. (Another prompt, so that the answer is not the
+    // first one's from the exact cache: both keys are app-a's.)
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hello again"}],
+        "metadata": {"cost_center": "someone-else", "feature": "search"}});
+    let response = post(&sandbox, "/v1/chat/completions", KEY_A, &body).await;
+    let id = response.headers()["x-switchboard-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let row = sandbox.wait_for_record(&id).await.unwrap();
+    assert_eq!(row.tags["cost_center"], "someone-else");
+
+    // The gateway's own tag names are refused from callers, on chat and embeddings.
+    let spoofed = json!({"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
+        "metadata": {"switchboard.guard": "checked"}});
+    let refused = post(&sandbox, "/v1/chat/completions", KEY_A, &spoofed).await;
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "tags.switchboard.guard");
+    let refused = post(
+        &sandbox,
+        "/v1/embeddings",
+        KEY_A,
+        &json!({"model": OTHER, "input": ["hello"], "metadata": {"switchboard.x": "y"}}),
+    )
+    .await;
+    assert_eq!(refused.status(), 400);
+    // Only the two served requests reached the provider.
+    assert_eq!(sandbox.primary.requests().len(), 2);
     sandbox.stop().await.unwrap();
 }
