@@ -25,6 +25,12 @@ pub enum GatewayError {
         model: String,
         allowed: String,
     },
+    /// `GET /v1/models/{model}` for a model the router does not serve.
+    #[error("the model `{model}` does not exist")]
+    ModelNotFound { model: String },
+    /// No HTTP route at this path (the query is never echoed: it may hold a key).
+    #[error("no such endpoint: {method} {path}")]
+    UnknownUrl { method: String, path: String },
     /// The body is not valid JSON or not a valid request.
     #[error("invalid request at `{field}`: {message}")]
     InvalidRequest { field: String, message: String },
@@ -145,11 +151,15 @@ impl GatewayError {
             GatewayError::GuardUnavailable { .. } => (code.openai_type(), "guard_unavailable"),
             GatewayError::ModelNotAllowed { .. } => (code.openai_type(), "model_not_allowed"),
             GatewayError::KeyExpired { .. } => (code.openai_type(), "key_expired"),
+            GatewayError::ModelNotFound { .. } => (code.openai_type(), "model_not_found"),
+            GatewayError::UnknownUrl { .. } => (code.openai_type(), "unknown_url"),
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
             GatewayError::InvalidRequest { field, .. } => Some(field.clone()),
-            GatewayError::ModelNotAllowed { .. } => Some("model".to_owned()),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelNotFound { .. } => {
+                Some("model".to_owned())
+            }
             GatewayError::Downstream { metadata, .. } => {
                 metadata.get("field").or(metadata.get("model")).cloned()
             }
@@ -207,6 +217,9 @@ impl ServiceError for GatewayError {
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired { .. } => ErrorCode::Unauthenticated,
             GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
+            GatewayError::ModelNotFound { .. } | GatewayError::UnknownUrl { .. } => {
+                ErrorCode::NotFound
+            }
             GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             GatewayError::Blocked { .. }
             | GatewayError::AnswerBlocked { .. }
@@ -241,6 +254,14 @@ impl ServiceError for GatewayError {
                 ("reason".to_owned(), "model_not_allowed".to_owned()),
                 ("key_id".to_owned(), key_id.clone()),
                 ("model".to_owned(), model.clone()),
+            ]),
+            GatewayError::ModelNotFound { model } => HashMap::from([
+                ("reason".to_owned(), "model_not_found".to_owned()),
+                ("model".to_owned(), model.clone()),
+            ]),
+            GatewayError::UnknownUrl { method, path } => HashMap::from([
+                ("method".to_owned(), method.clone()),
+                ("path".to_owned(), path.clone()),
             ]),
             GatewayError::PayloadTooLarge { limit, .. } => {
                 HashMap::from([("limit".to_owned(), limit.to_string())])

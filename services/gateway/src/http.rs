@@ -1,13 +1,15 @@
 //! The OpenAI-compatible HTTP front end: `POST /v1/chat/completions` (JSON and SSE), `GET /v1/models`,
-//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies, `ready.rs`), `GET /metrics`.
-//! Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`].
+//! `GET /v1/models/{model}`, `GET /healthz` (the process answers), `GET /readyz` (its dependencies,
+//! `ready.rs`), `GET /metrics`; `/v1/messages` and `/v1/embeddings` live in their own modules.
+//! Errors are OpenAI-shaped JSON bodies with the status of their [`ErrorCode`]; an unknown path is
+//! 404 `unknown_url`, a wrong method 405.
 
 use std::convert::Infallible;
 
 use axum::{
     Json, Router,
     body::Body,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, Path, State},
     http::{HeaderMap, HeaderValue},
     response::{
         IntoResponse, Response,
@@ -34,9 +36,13 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/messages", post(crate::anthropic::messages))
         .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/v1/models", get(list_models))
+        // Model ids may hold slashes (`meta-llama/Llama-3.1-8B` on vLLM, OpenRouter's `vendor/model`).
+        .route("/v1/models/{*model}", get(retrieve_model))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(unknown_url)
         .layer(DefaultBodyLimit::disable())
         .with_state(shared)
 }
@@ -358,6 +364,58 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
     }
     .instrument(span)
     .await
+}
+
+/// `GET /v1/models/{model}` (OpenAI's "retrieve model"): the model object, 404 `model_not_found`
+/// for a model the router does not serve, 403 `model_not_allowed` for one outside the key's list.
+async fn retrieve_model(
+    State(shared): State<Shared>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let span = request_span("GET /v1/models/{model}", &headers);
+    async move {
+        let principal = match shared.keys.authenticate(authorization(&headers)) {
+            Ok(principal) => principal,
+            Err(error) => return error.into_response(),
+        };
+        match shared.pipeline.get_model(&principal, &model).await {
+            Ok(m) => Json(openai::ModelOut {
+                id: m.id,
+                object: "model",
+                created: m.created,
+                owned_by: m.owned_by,
+            })
+            .into_response(),
+            Err(error) => error.into_response(),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Any path the gateway does not serve: an OpenAI-style 404 (`unknown_url`) instead of an empty
+/// body, so that a client with a wrong base URL sees what it called. The query string is left out
+/// (clients put keys there).
+async fn unknown_url(method: http::Method, uri: http::Uri) -> Response {
+    GatewayError::UnknownUrl {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response()
+}
+
+/// A known path with the wrong method: 405 with an OpenAI-style body (axum adds `Allow`).
+async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    let body = openai::ErrorBody {
+        error: openai::ErrorDetail {
+            message: format!("method {method} is not allowed on {}", uri.path()),
+            kind: "invalid_request_error",
+            param: None,
+            code: "method_not_allowed",
+        },
+    };
+    (http::StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 /// `GET /readyz`: 200 when ready or degraded, 503 when a required dependency is down; the body

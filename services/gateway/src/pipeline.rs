@@ -337,6 +337,23 @@ impl Pipeline {
         Ok(models)
     }
 
+    /// One model of the router that `principal` may call (`GET /v1/models/{model}`): a model
+    /// outside the key's list is refused as on every other endpoint, an unknown one is not found.
+    pub async fn get_model(
+        &self,
+        principal: &crate::auth::Principal,
+        id: &str,
+    ) -> Result<switchboard_proto::chat::v1::Model, GatewayError> {
+        principal.check_model(id)?;
+        self.list_models(principal)
+            .await?
+            .into_iter()
+            .find(|model| model.id == id)
+            .ok_or_else(|| GatewayError::ModelNotFound {
+                model: id.to_owned(),
+            })
+    }
+
     /// Embeddings: admission, validation, the guard over the inputs (one user message each: block
     /// and redact apply as for prompts), the router's `Embed` (never cached), and one usage event
     /// (prompt tokens only).

@@ -185,6 +185,21 @@ async fn a_key_limited_to_some_models_is_refused_the_others_everywhere() {
     let ids: Vec<_> = listed.models.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, vec![MODEL]);
 
+    // So does retrieving one model: its own, and a typed 403 for another.
+    let get_model = |model: &str| {
+        reqwest::Client::new()
+            .get(format!("{}/v1/models/{model}", sandbox.http_url))
+            .bearer_auth(KEY_MINI)
+            .send()
+    };
+    let own = get_model(MODEL).await.unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(own.json::<Value>().await.unwrap()["id"], MODEL);
+    let refused = get_model(OTHER).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_allowed");
+
     // An unrestricted key of the same app still calls the other model.
     let other = post(
         &sandbox,

@@ -557,7 +557,7 @@ async fn bad_grpc_input_gets_typed_statuses_with_error_info() {
 }
 
 #[tokio::test]
-async fn models_are_listed_over_http() {
+async fn models_are_listed_and_retrieved_over_http_and_unknown_urls_get_typed_errors() {
     let sandbox = Sandbox::start().await.unwrap();
     let response = http()
         .get(format!("{}/v1/models", sandbox.http_url))
@@ -581,6 +581,55 @@ async fn models_are_listed_over_http() {
         .await
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
+
+    // One model (OpenAI's "retrieve model"); ids may hold slashes.
+    let get = |path: &str| {
+        http()
+            .get(format!("{}{path}", sandbox.http_url))
+            .bearer_auth(KEY_A)
+            .send()
+    };
+    let one = get(&format!("/v1/models/{MODEL}")).await.unwrap();
+    assert_eq!(one.status(), 200);
+    let model: Value = one.json().await.unwrap();
+    assert_eq!(model["id"], MODEL);
+    assert_eq!(model["object"], "model");
+    let missing = get("/v1/models/vendor/no-such-model").await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "not_found_error");
+    assert_eq!(error["error"]["code"], "model_not_found");
+    assert_eq!(error["error"]["param"], "model");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vendor/no-such-model"),
+        "{error}"
+    );
+    let anonymous = http()
+        .get(format!("{}/v1/models/{MODEL}", sandbox.http_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // A wrong base URL or method gets an OpenAI-style body, not an empty 404 / 405; the query
+    // (where clients sometimes put a key) is not echoed.
+    let unknown = get("/chat/completions?api-key=secret-in-query")
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let error: Value = unknown.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unknown_url");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("GET /chat/completions"), "{message}");
+    assert!(!message.contains("secret-in-query"), "{message}");
+    let wrong_method = get("/v1/chat/completions").await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let error: Value = wrong_method.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "method_not_allowed");
     sandbox.stop().await.unwrap();
 }
 
