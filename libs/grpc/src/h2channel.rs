@@ -115,6 +115,13 @@ impl H2Channel {
         })
     }
 
+    /// Generation of the open connection, `None` while none is open. It changes whenever the
+    /// channel reconnects, so a caller can tell that what it learnt from its peer may be stale
+    /// (the peer restarted, perhaps with another configuration).
+    pub fn generation(&self) -> Option<u64> {
+        self.shared.cached().map(|(generation, _)| generation)
+    }
+
     /// Dials now, so that a missing peer shows at start-up rather than at the first call.
     pub async fn connect(&self) -> Result<(), Status> {
         Shared::sender(&self.shared).await.map(|_| ())

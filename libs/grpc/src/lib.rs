@@ -67,6 +67,16 @@ pub fn channel(url: &str) -> Result<TracedChannel, GrpcError> {
     Ok(InterceptedService::new(h2_channel(url)?, TracePropagation))
 }
 
+/// [`channel`], and a clone of its transport (which shares the connection) for asking it
+/// [`H2Channel::generation`].
+pub fn channel_with_transport(url: &str) -> Result<(TracedChannel, H2Channel), GrpcError> {
+    let transport = h2_channel(url)?;
+    Ok((
+        InterceptedService::new(transport.clone(), TracePropagation),
+        transport,
+    ))
+}
+
 fn h2_channel(url: &str) -> Result<H2Channel, GrpcError> {
     H2Channel::new(url).map_err(|source| GrpcError::Url {
         url: url.to_owned(),

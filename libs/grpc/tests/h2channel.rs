@@ -248,8 +248,10 @@ async fn a_restarted_peer_is_reached_again_on_a_new_connection() {
     let server = Server::start("127.0.0.1:0").await;
     let addr = server.addr;
     let mut channel = H2Channel::new(&server.url).expect("channel");
+    assert_eq!(channel.generation(), None, "nothing dialled yet");
     let (echoed, _) = echo(&mut channel, Bytes::from_static(b"before")).await;
     assert_eq!(echoed, Bytes::from_static(b"before"));
+    let first = channel.generation().expect("connected");
     server.stop().await;
 
     let request = || {
@@ -273,6 +275,9 @@ async fn a_restarted_peer_is_reached_again_on_a_new_connection() {
     let server = Server::start(&addr.to_string()).await;
     let (echoed, _) = echo(&mut channel, Bytes::from_static(b"after")).await;
     assert_eq!(echoed, Bytes::from_static(b"after"));
+    // Callers that remember what a peer told them can see that it may have changed.
+    let second = channel.generation().expect("connected again");
+    assert!(second > first, "{first} -> {second}");
     server.stop().await;
 }
 

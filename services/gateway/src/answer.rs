@@ -24,13 +24,28 @@ use switchboard_config::ConfigError;
 /// [gateway.guard]
 /// fail_open_routes = ["internal-summaries"]  # requested models/routes served without the guard
 ///                                            # when it is unreachable; every other route: 503
+/// overlap_passthrough = true                 # route a prompt while the guard checks it when its
+///                                            # policy can neither block nor change it (ADR 011)
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     /// Routes (requested model names) that proceed unchecked when the guard is unreachable;
     /// every other route fails closed with a 503 `guard_unavailable`.
     pub fail_open_routes: Vec<String>,
+    /// Whether a prompt whose guard policy can neither block nor change it (the guard says so)
+    /// goes to the router while the guard checks it, the answer held until the check is in
+    /// (ADR 011). Default on; off: every prompt is checked before it is routed.
+    pub overlap_passthrough: bool,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            fail_open_routes: Vec::new(),
+            overlap_passthrough: true,
+        }
+    }
 }
 
 impl GuardConfig {
@@ -194,6 +209,7 @@ mod tests {
     fn only_listed_routes_fail_open_and_they_are_counted() {
         let failure = GuardFailure::new(&GuardConfig {
             fail_open_routes: vec!["open".into()],
+            ..GuardConfig::default()
         });
         let request = |route| Unchecked {
             request_id: "r1",
@@ -217,6 +233,7 @@ mod tests {
     fn config_errors_name_the_field() {
         let error = GuardConfig {
             fail_open_routes: vec!["a".into(), "a".into()],
+            ..GuardConfig::default()
         }
         .validate()
         .unwrap_err()
@@ -227,7 +244,8 @@ mod tests {
         );
         assert!(
             GuardConfig {
-                fail_open_routes: vec![" ".into()]
+                fail_open_routes: vec![" ".into()],
+                ..GuardConfig::default()
             }
             .validate()
             .is_err()

@@ -97,8 +97,9 @@ impl App {
             usage::channel_with_outbox(nats, config.usage_queue_capacity, outbox);
         let publisher = publisher.with_linger(Duration::from_millis(config.usage_linger_ms));
         let tasks = TaskTracker::new();
+        let (guard, guard_transport) = switchboard_grpc::channel_with_transport(&config.guard_url)?;
         let downstream = Downstream {
-            guard: switchboard_grpc::channel(&config.guard_url)?,
+            guard,
             cache: switchboard_grpc::channel(&config.cache_url)?,
             router: switchboard_grpc::channel(&config.router_url)?,
         };
@@ -141,6 +142,9 @@ impl App {
             async_nats::jetstream::new(nats_client.clone()),
             audit_nats,
             tasks.clone(),
+        ))
+        .with_passthrough(crate::overlap::Passthrough::new(
+            config.guard.overlap_passthrough.then_some(guard_transport),
         ));
         let shared = Shared {
             keys: KeyStore::new(&config.keys),

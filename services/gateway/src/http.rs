@@ -447,13 +447,15 @@ async fn metrics(State(shared): State<Shared>) -> String {
          # TYPE switchboard_usage_events_retried_total counter\nswitchboard_usage_events_retried_total {}\n\
          # TYPE switchboard_usage_outbox_full_total counter\nswitchboard_usage_outbox_full_total {}\n\
          # TYPE switchboard_usage_outbox_bytes gauge\nswitchboard_usage_outbox_bytes {}\n\
-         # TYPE switchboard_guard_fail_open_total counter\nswitchboard_guard_fail_open_total {}\n",
+         # TYPE switchboard_guard_fail_open_total counter\nswitchboard_guard_fail_open_total {}\n\
+         # TYPE switchboard_guard_overlapped_total counter\nswitchboard_guard_overlapped_total {}\n",
         stats.published.load(Relaxed),
         stats.dropped.load(Relaxed),
         stats.retries.load(Relaxed),
         stats.outbox_full.load(Relaxed),
         stats.outbox_bytes.load(Relaxed),
         shared.pipeline.guard_fail_open_total(),
+        shared.pipeline.guard_overlapped_total(),
     );
     // The readiness report's view (one probe round per second at most, `ready.rs`): each
     // dependency up (1) or not, and the gateway ready or degraded (1) or unavailable (0).

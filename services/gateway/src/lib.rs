@@ -14,6 +14,7 @@ mod grpc;
 mod http;
 mod openai;
 mod outbox;
+mod overlap;
 mod pipeline;
 mod ratelimit;
 mod ready;

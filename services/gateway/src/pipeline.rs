@@ -2,7 +2,7 @@
 //! HTTP and gRPC front ends both call [`Pipeline`]; they only translate formats and errors.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -16,7 +16,8 @@ use switchboard_proto::{
         RouteInfo, ThinkingBlock, ThinkingDelta, Usage,
     },
     guard::v1::{
-        CheckAnswerRequest, CheckPromptRequest, Decision, guard_service_client::GuardServiceClient,
+        CheckAnswerRequest, CheckPromptRequest, CheckPromptResponse, Decision,
+        guard_service_client::GuardServiceClient,
     },
     ledger::v1::{CacheOutcome, RequestStatus},
     router::v1::{
@@ -201,6 +202,8 @@ pub struct Pipeline {
     rate_limits: Option<RateLimits>,
     /// Fail-open routes when the guard is unreachable (default: every route fails closed).
     guard_failure: GuardFailure,
+    /// Apps and routes whose prompts go to the router while the guard checks them (ADR 011).
+    passthrough: Arc<crate::overlap::Passthrough>,
 }
 
 /// Channels to the services the pipeline calls.
@@ -246,7 +249,20 @@ impl Pipeline {
             budgets: None,
             rate_limits: None,
             guard_failure: GuardFailure::default(),
+            passthrough: Arc::default(),
         }
+    }
+
+    /// Lets prompts of pass-through guard policies go to the router while they are checked
+    /// (ADR 011); without it every prompt is checked before it is routed.
+    pub fn with_passthrough(mut self, passthrough: crate::overlap::Passthrough) -> Self {
+        self.passthrough = Arc::new(passthrough);
+        self
+    }
+
+    /// Requests whose router call started before their prompt check was in (ADR 011).
+    pub fn guard_overlapped_total(&self) -> u64 {
+        self.passthrough.overlapped_total()
     }
 
     /// Which routes fail open when the guard is unreachable (`[gateway.guard]`).
@@ -436,7 +452,7 @@ impl Pipeline {
         ctx: &RequestContext,
         request: &mut ChatRequest,
         control: CacheControl,
-    ) -> Result<(Prepared, Pseudonyms), GatewayError> {
+    ) -> Result<(Prepared, Pseudonyms, Option<PendingCheck>), GatewayError> {
         let permit = self.admit()?;
         validate(request)?;
         ctx.principal.check_model(&request.model)?;
@@ -447,7 +463,25 @@ impl Pipeline {
                 + u64::from(max_tokens.unwrap_or(0));
             self.check_rate(ctx, tokens).await?;
         }
-        if !self.cache_enabled || control.no_cache || control.refresh {
+        // A prompt whose policy can neither block nor change it is checked while it is routed; the
+        // answer waits for the check (`finish_check`).
+        let pending = self
+            .passthrough
+            .may_overlap(&ctx.principal.app, &request.model)
+            .then(|| self.start_check(ctx, request));
+        let bypass = !self.cache_enabled || control.no_cache || control.refresh;
+        if let Some(pending) = pending {
+            if bypass && control.only_if_cached {
+                return Err(GatewayError::NotCached);
+            }
+            let prepared = if bypass {
+                Prepared::Route(permit, CacheStatus::Bypass)
+            } else {
+                self.looked_up(permit, self.lookup(ctx, request.clone()).await, control)?
+            };
+            return Ok((prepared, Pseudonyms::default(), Some(pending)));
+        }
+        if bypass {
             let pseudonyms = match self.check_guard(ctx, request).await? {
                 Guarded::Unchanged => Pseudonyms::default(),
                 Guarded::Transformed(pseudonyms) => pseudonyms,
@@ -456,7 +490,11 @@ impl Pipeline {
                 // Nothing was looked up, so nothing can be served; never a provider call.
                 return Err(GatewayError::NotCached);
             }
-            return Ok((Prepared::Route(permit, CacheStatus::Bypass), pseudonyms));
+            return Ok((
+                Prepared::Route(permit, CacheStatus::Bypass),
+                pseudonyms,
+                None,
+            ));
         }
         // The guard and the exact-cache lookup run together: when the guard lets the prompt through
         // unchanged (the common case), the lookup's key is the key of what goes to the provider, so
@@ -472,7 +510,18 @@ impl Pipeline {
                 (self.lookup(ctx, request.clone()).await, pseudonyms)
             }
         };
-        let prepared = match looked_up {
+        let prepared = self.looked_up(permit, looked_up, control)?;
+        Ok((prepared, pseudonyms, None))
+    }
+
+    /// What a cache lookup means for the request.
+    fn looked_up(
+        &self,
+        permit: OwnedSemaphorePermit,
+        looked_up: Lookup,
+        control: CacheControl,
+    ) -> Result<Prepared, GatewayError> {
+        Ok(match looked_up {
             Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
             // RFC 9111 `only-if-cached`: a miss (or an unreachable cache) is an error, never a
             // provider call.
@@ -481,8 +530,7 @@ impl Pipeline {
             }
             Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
             Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
-        };
-        Ok((prepared, pseudonyms))
+        })
     }
 
     /// A unary completion.
@@ -492,10 +540,11 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<Completed, GatewayError> {
-        let (prepared, pseudonyms) = self.prepare(ctx, &mut request, control).await?;
+        let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
         let (_permit, cache_status) = match prepared {
             Prepared::Hit(permit, response, route) => {
                 drop(permit);
+                self.finish_check(ctx, &request, pending).await?;
                 let (mut response, route) = (*response, *route);
                 // The cache holds the placeholder version: restored with this request's mapping.
                 pseudonyms.restore_response(&mut response);
@@ -521,6 +570,31 @@ impl Pipeline {
                 allowance: reservation.as_ref().map(Reservation::allowance),
             })
             .await;
+        // An overlapped check must be in before anything of the answer is used.
+        if let Err(error) = self.finish_check(ctx, &request, pending).await {
+            match &routed {
+                Ok(response) => {
+                    let response = response.get_ref();
+                    let route = response.route.clone().unwrap_or_default();
+                    let usage = response
+                        .response
+                        .as_ref()
+                        .and_then(|r| r.usage)
+                        .unwrap_or_default();
+                    if let Some(reservation) = reservation {
+                        reservation.settle_route(&route);
+                    }
+                    // The provider answered and was paid: the row says so, with the refusal.
+                    self.record_withheld(ctx, &request, route, usage, cache_status, &error);
+                }
+                Err(_) => {
+                    if let Some(reservation) = reservation {
+                        reservation.settle(0);
+                    }
+                }
+            }
+            return Err(error);
+        }
         let routed = match routed {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -577,10 +651,11 @@ impl Pipeline {
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
         let (tx, mut rx) = mpsc::channel(64);
-        let (prepared, pseudonyms) = self.prepare(ctx, &mut request, control).await?;
+        let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
         let (permit, cache_status) = match prepared {
             Prepared::Hit(permit, response, route) => {
                 drop(permit);
+                self.finish_check(ctx, &request, pending).await?;
                 let (mut response, route) = (*response, *route);
                 pseudonyms.restore_response(&mut response);
                 let usage = response.usage.unwrap_or_default();
@@ -619,6 +694,11 @@ impl Pipeline {
                 if let Some(reservation) = reservation {
                     reservation.settle(0);
                 }
+                // The refusal of an overlapped check, if any, says more than the router's error.
+                let error = match self.finish_check(ctx, &request, pending).await {
+                    Ok(()) => error,
+                    Err(refused) => refused,
+                };
                 self.record_failure(ctx, &request, cache_status, &error, true);
                 return Err(error);
             }
@@ -631,10 +711,30 @@ impl Pipeline {
                 if let Some(reservation) = reservation {
                     reservation.settle(0);
                 }
+                let error = match self.finish_check(ctx, &request, pending).await {
+                    Ok(()) => error,
+                    Err(refused) => refused,
+                };
                 self.record_failure(ctx, &request, cache_status, &error, true);
                 return Err(error);
             }
         };
+        // An overlapped check must be in before the first chunk leaves. A refusal cancels the
+        // router's stream (dropped here) and records what the provider was paid for so far.
+        if let Err(error) = self.finish_check(ctx, &request, pending).await {
+            drop(upstream);
+            let mut assembled = Assembler::default();
+            if let Some(route_stream_response::Event::Chunk(chunk)) =
+                first.as_ref().and_then(|m| m.event.as_ref())
+            {
+                assembled.add(chunk);
+            }
+            let route = self.record_partial(ctx, &request, cache_status, &assembled, Some(&error));
+            if let Some(reservation) = reservation {
+                reservation.settle_route(&route);
+            }
+            return Err(error);
+        }
         let pipeline = self.clone();
         let ctx = ctx.clone();
         let span = tracing::Span::current();
@@ -824,24 +924,88 @@ impl Pipeline {
         let checked = self
             .guard
             .clone()
-            .check_prompt(CheckPromptRequest {
-                request_id: ctx.request_id.clone(),
-                app: ctx.principal.app.clone(),
-                team: ctx.principal.team.clone(),
-                messages: request.messages.clone(),
-                route: request.model.clone(),
-            })
+            .check_prompt(check_prompt_request(ctx, request))
             .await
-            .map_err(|status| self.guard_error(ctx, &request.model, &status, "prompt"));
+            .map(tonic::Response::into_inner);
+        let (guarded, messages) = self.guard_outcome(ctx, &request.model, checked)?;
+        if let Some(messages) = messages {
+            request.messages = messages;
+        }
+        Ok(guarded)
+    }
+
+    /// Starts the prompt check of a request whose policy is pass-through (ADR 011), in a task of
+    /// its own so that it runs while the router is called.
+    fn start_check(&self, ctx: &RequestContext, request: &ChatRequest) -> PendingCheck {
+        self.passthrough.overlapped();
+        let mut guard = self.guard.clone();
+        let check = check_prompt_request(ctx, request);
+        PendingCheck(tokio::spawn(
+            async move {
+                guard
+                    .check_prompt(check)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+            .instrument(tracing::Span::current()),
+        ))
+    }
+
+    /// Waits for an overlapped check (none: nothing to wait for). `Ok` when the prompt passed
+    /// unchanged, or unchecked on a fail-open route; a block, or a change the policy asked for
+    /// after all (it changed since the gateway learnt it), refuses the request.
+    async fn finish_check(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        pending: Option<PendingCheck>,
+    ) -> Result<(), GatewayError> {
+        let Some(PendingCheck(task)) = pending else {
+            return Ok(());
+        };
+        let checked = task
+            .await
+            .map_err(|error| GatewayError::Internal(format!("guard check task: {error}")))?;
+        match self.guard_outcome(ctx, &request.model, checked)? {
+            (Guarded::Unchanged, _) => Ok(()),
+            (Guarded::Transformed(_), _) => {
+                tracing::warn!(
+                    app = %ctx.principal.app,
+                    route = %request.model,
+                    "guard policy no longer passes prompts through; request refused"
+                );
+                Err(GatewayError::Downstream {
+                    code: ErrorCode::Unavailable,
+                    message: "the guard's policy for this app and route changed while the \
+                              request was in flight; retry"
+                        .to_owned(),
+                    metadata: HashMap::from([
+                        ("service".to_owned(), "guard".to_owned()),
+                        ("reason".to_owned(), "policy_changed".to_owned()),
+                    ]),
+                })
+            }
+        }
+    }
+
+    /// What a prompt check means: the verdict (recorded on `ctx`), and the transformed messages
+    /// when the guard rewrote the prompt.
+    fn guard_outcome(
+        &self,
+        ctx: &RequestContext,
+        route: &str,
+        checked: Result<CheckPromptResponse, tonic::Status>,
+    ) -> Result<(Guarded, Option<Vec<Message>>), GatewayError> {
+        let checked = checked.map_err(|status| self.guard_error(ctx, route, &status, "prompt"));
         let checked = match checked {
-            Ok(checked) => checked.into_inner(),
+            Ok(checked) => checked,
             Err(None) => {
                 // The route fails open: nothing was checked, and the usage event says so.
                 let _ = ctx.guard.set(GuardVerdict {
                     check_answer: false,
                     unchecked: true,
                 });
-                return Ok(Guarded::Unchanged);
+                return Ok((Guarded::Unchanged, None));
             }
             Err(Some(error)) => return Err(error),
         };
@@ -849,17 +1013,19 @@ impl Pipeline {
             check_answer: checked.check_answer,
             unchecked: false,
         });
+        self.passthrough
+            .learn(&ctx.principal.app, route, checked.prompt_passthrough);
         match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
-            Decision::Allow => Ok(Guarded::Unchanged),
-            Decision::Transform => {
-                request.messages = checked.messages;
-                Ok(Guarded::Transformed(Pseudonyms::new(
+            Decision::Allow => Ok((Guarded::Unchanged, None)),
+            Decision::Transform => Ok((
+                Guarded::Transformed(Pseudonyms::new(
                     checked
                         .pseudonyms
                         .into_iter()
                         .map(|p| (p.placeholder, p.value)),
-                )))
-            }
+                )),
+                Some(checked.messages),
+            )),
             Decision::Block => {
                 let mut entities: Vec<String> = checked
                     .findings
@@ -1273,6 +1439,33 @@ impl Pipeline {
         );
     }
 
+    /// A routed request refused after the provider answered (an overlapped check refused it,
+    /// ADR 011): what the provider was paid is recorded, with the refusal's code.
+    fn record_withheld(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        route: RouteInfo,
+        usage: Usage,
+        cache: CacheStatus,
+        error: &GatewayError,
+    ) {
+        use switchboard_status::ServiceError;
+        self.record(
+            ctx,
+            request,
+            RecordArgs {
+                route,
+                usage,
+                saved_usage: None,
+                cache,
+                status: RequestStatus::Error,
+                error_code: error.code().as_str().to_owned(),
+                streamed: false,
+            },
+        );
+    }
+
     fn record_partial(
         &self,
         ctx: &RequestContext,
@@ -1302,6 +1495,19 @@ impl Pipeline {
             },
         );
         route
+    }
+}
+
+/// A prompt check running while the request is routed (ADR 011).
+struct PendingCheck(tokio::task::JoinHandle<Result<CheckPromptResponse, tonic::Status>>);
+
+fn check_prompt_request(ctx: &RequestContext, request: &ChatRequest) -> CheckPromptRequest {
+    CheckPromptRequest {
+        request_id: ctx.request_id.clone(),
+        app: ctx.principal.app.clone(),
+        team: ctx.principal.team.clone(),
+        messages: request.messages.clone(),
+        route: request.model.clone(),
     }
 }
 
@@ -1429,7 +1635,7 @@ fn caller(ctx: &RequestContext) -> Caller {
 
 /// Refuses caller tags in the gateway's own namespace (`switchboard.`): they would pass for what the
 /// gateway records (e.g. a prompt the guard did not check).
-pub fn validate_tags(tags: &std::collections::HashMap<String, String>) -> Result<(), GatewayError> {
+pub fn validate_tags(tags: &HashMap<String, String>) -> Result<(), GatewayError> {
     match tags
         .keys()
         .find(|name| name.starts_with(crate::auth::RESERVED_TAG_PREFIX))

@@ -233,6 +233,7 @@ async fn with_fail_open_routes_a_missing_guard_only_degrades() {
     let (router, cache) = (Health::start().await, Health::start().await);
     let guard_config = GuardConfig {
         fail_open_routes: vec!["internal-summaries".to_owned()],
+        ..GuardConfig::default()
     };
     let gw = gateway(&router.url, &closed_url(), &cache.url, guard_config).await;
     let (code, body) = gw.until("degraded").await;

@@ -131,6 +131,7 @@ impl GuardGrpc {
             injection_score: outcome.injection_score,
             detector_version: outcome.detector_version,
             check_answer: outcome.check_answer,
+            prompt_passthrough: outcome.prompt_passthrough,
         }))
     }
 }

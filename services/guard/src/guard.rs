@@ -106,6 +106,9 @@ pub struct Outcome {
     /// Whether the app's and route's policy acts on answers (an entity answer action other than
     /// allow, or denied topics): when false the caller need not check the answer.
     pub check_answer: bool,
+    /// Whether the policy that decided can neither block nor change any prompt (entity actions
+    /// allow; injection and topics off or flag): see `CheckPromptResponse.prompt_passthrough`.
+    pub prompt_passthrough: bool,
 }
 
 impl Outcome {
@@ -365,6 +368,13 @@ impl Guard {
             detector_version: self.detector_version.clone(),
             check_answer: filter_topics
                 || policy.entities.iter().any(|e| e.answer != Action::Allow),
+            prompt_passthrough: direction == Direction::Prompt
+                && policy
+                    .entities
+                    .iter()
+                    .all(|e| matches!(e.prompt, Action::Allow | Action::Flag))
+                && injection.is_none_or(|(_, action)| action != Action::Block)
+                && (!filter_topics || route_policy.topic_action != Action::Block),
         })
     }
 }
@@ -684,6 +694,51 @@ mod tests {
                 part: 1
             }
         ));
+    }
+
+    #[test]
+    fn only_a_policy_that_can_neither_block_nor_change_a_prompt_is_passthrough() {
+        let guard = guard();
+        let input = conversation();
+        assert!(check(&guard, "audit", &input).prompt_passthrough);
+        assert!(!check(&guard, "billing", &input).prompt_passthrough);
+        // The flag is the policy's, not the prompt's: a clean prompt of a redacting app is not.
+        let clean = [Message::text(Role::User, "hello")];
+        let outcome = check(&guard, "cards", &clean);
+        assert_eq!(outcome.decision, Decision::Allow);
+        assert!(!outcome.prompt_passthrough);
+        // It is about prompts only.
+        let answer = guard.check("audit", Direction::Answer, &input).unwrap();
+        assert!(!answer.prompt_passthrough);
+        // A route policy that blocks injections or topics can refuse a prompt; flagging cannot.
+        for (injection_action, topic_action, passthrough) in [
+            ("flag", "flag", true),
+            ("off", "flag", true),
+            ("block", "flag", false),
+            ("flag", "block", false),
+        ] {
+            let mut config = Config {
+                topics: [(
+                    "weapons".to_owned(),
+                    crate::content::TopicConfig {
+                        terms: vec!["ricin".into()],
+                        patterns: Vec::new(),
+                    },
+                )]
+                .into(),
+                denied_topics: vec!["weapons".into()],
+                injection_action: injection_action.into(),
+                topic_action: topic_action.into(),
+                ..Config::default()
+            };
+            config.apps.insert("audit".into(), app(Some("allow"), None));
+            let guard = Guard::new(&config).unwrap();
+            assert_eq!(
+                check(&guard, "audit", &clean).prompt_passthrough,
+                passthrough,
+                "injection {injection_action}, topics {topic_action}"
+            );
+        }
     }
 
     #[test]

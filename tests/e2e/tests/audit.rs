@@ -30,6 +30,8 @@ const CARD: &str = "4111 1111 1111 1111";
 const EMAIL_D: &str = "dave.answer@example.org";
 /// API key of app `app-d`: emails pass in prompts but are redacted in answers.
 const KEY_D: &str = "sk-test-app-d";
+/// API key of app `app-e`, whose policy allows every entity: its prompts are pass-through.
+const KEY_E: &str = "sk-test-app-e";
 /// A route that proceeds without the guard when the guard is unreachable.
 const OPEN_ROUTE: &str = "open-route";
 /// A route to an Anthropic-format target (the fake thinks `thinking about: <prompt>` when
@@ -93,11 +95,13 @@ impl Mesh {
         let nats = TestNats::create().await?;
         let pg = TestPg::create().await?;
         let hash_d = switchboard_gateway::hash_api_key(KEY_D);
+        let hash_e = switchboard_gateway::hash_api_key(KEY_E);
         let toml = mesh_toml(&primary.base_url(), &primary.base_url(), &pg.url, &nats)
             .replacen(
                 "keys = [\n",
                 &format!(
-                    "keys = [\n  {{ id = \"key-d\", sha256 = \"{hash_d}\", app = \"app-d\", team = \"team-4\" }},\n"
+                    "keys = [\n  {{ id = \"key-d\", sha256 = \"{hash_d}\", app = \"app-d\", team = \"team-4\" }},\n  \
+                     {{ id = \"key-e\", sha256 = \"{hash_e}\", app = \"app-e\", team = \"team-5\" }},\n"
                 ),
                 1,
             )
@@ -105,7 +109,8 @@ impl Mesh {
                 "[guard.apps.app-b]",
                 "[guard.apps.app-d]\nentities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\", \"IBAN_CODE\"]\n\
                  actions = { EMAIL_ADDRESS = \"allow\", CREDIT_CARD = \"pseudonymize\", IBAN_CODE = \"allow\" }\n\
-                 answer_actions = { EMAIL_ADDRESS = \"redact\", IBAN_CODE = \"redact\" }\n[guard.apps.app-b]",
+                 answer_actions = { EMAIL_ADDRESS = \"redact\", IBAN_CODE = \"redact\" }\n\
+                 [guard.apps.app-e]\naction = \"allow\"\n[guard.apps.app-b]",
                 1,
             )
             .replacen(
@@ -744,5 +749,56 @@ async fn an_entity_across_a_stream_window_boundary_is_redacted_whole() {
         "the IBAN is redacted: {content}"
     );
     assert_eq!(content, format!("echo: {before}[IBAN_CODE]{after}"));
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_passthrough_policy_is_checked_while_the_prompt_is_routed_and_a_rewriting_one_never_is() {
+    captured();
+    let mut mesh = Mesh::start().await.unwrap();
+    let overlapped = "switchboard_guard_overlapped_total";
+    // app-e allows every entity. Its first prompt is checked before it is routed (the guard's
+    // answer says the policy is pass-through); later ones are routed while they are checked.
+    for i in 0..3 {
+        let text = format!("note {i} for {EMAIL_A}");
+        let response = mesh.post(KEY_E, &text).await;
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            format!("echo: {text}")
+        );
+    }
+    assert_eq!(metric(&mesh, overlapped).await, "2");
+    let body = mesh.stream(KEY_E, "a streamed note").await;
+    assert!(body.contains("data: [DONE]"), "{body}");
+    assert_eq!(metric(&mesh, overlapped).await, "3");
+
+    // A redacting app is never overlapped: the provider only ever sees the rewritten prompt.
+    for i in 0..2 {
+        let response = mesh.post(KEY_A, &format!("mail {i} to {EMAIL_B}")).await;
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            format!("echo: mail {i} to [EMAIL_ADDRESS]")
+        );
+    }
+    assert_eq!(metric(&mesh, overlapped).await, "3");
+
+    // The guard stops. What the gateway learnt belonged to that connection: the next prompt is
+    // checked first again, and its fail-closed route refuses it before any provider call.
+    mesh.guard_stop.cancel();
+    let guard = mesh.tasks.remove(3);
+    tokio::time::timeout(Duration::from_secs(20), guard)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let response = mesh.post(KEY_E, "after the guard stopped").await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "guard_unavailable", "{body}");
+    assert_eq!(metric(&mesh, overlapped).await, "3");
     mesh.stop().await;
 }
