@@ -615,7 +615,9 @@ impl Pipeline {
         // The answer check runs on the provider's answer (placeholders) before anything else sees
         // it; a blocked answer is a typed refusal naming entity types only.
         if let Err(error) = self.check_answer(ctx, &request, &mut response).await {
-            self.record_failure(ctx, &request, cache_status, &error, false);
+            // The provider answered and was paid: the row carries its usage with the refusal.
+            let usage = response.usage.unwrap_or_default();
+            self.record_withheld(ctx, &request, route, usage, cache_status, &error);
             return Err(error);
         }
         // The cache stores the checked answer (placeholders), never the restored one, and nothing
@@ -1439,8 +1441,9 @@ impl Pipeline {
         );
     }
 
-    /// A routed request refused after the provider answered (an overlapped check refused it,
-    /// ADR 011): what the provider was paid is recorded, with the refusal's code.
+    /// A routed request refused after the provider answered (its answer was blocked, or an
+    /// overlapped prompt check refused it, ADR 011): what the provider was paid is recorded, with
+    /// the refusal's code.
     fn record_withheld(
         &self,
         ctx: &RequestContext,

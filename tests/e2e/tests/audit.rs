@@ -32,6 +32,8 @@ const EMAIL_D: &str = "dave.answer@example.org";
 const KEY_D: &str = "sk-test-app-d";
 /// API key of app `app-e`, whose policy allows every entity: its prompts are pass-through.
 const KEY_E: &str = "sk-test-app-e";
+/// API key of app `app-f`: emails pass in prompts and are blocked in answers.
+const KEY_F: &str = "sk-test-app-f";
 /// A route that proceeds without the guard when the guard is unreachable.
 const OPEN_ROUTE: &str = "open-route";
 /// A route to an Anthropic-format target (the fake thinks `thinking about: <prompt>` when
@@ -96,12 +98,14 @@ impl Mesh {
         let pg = TestPg::create().await?;
         let hash_d = switchboard_gateway::hash_api_key(KEY_D);
         let hash_e = switchboard_gateway::hash_api_key(KEY_E);
+        let hash_f = switchboard_gateway::hash_api_key(KEY_F);
         let toml = mesh_toml(&primary.base_url(), &primary.base_url(), &pg.url, &nats)
             .replacen(
                 "keys = [\n",
                 &format!(
                     "keys = [\n  {{ id = \"key-d\", sha256 = \"{hash_d}\", app = \"app-d\", team = \"team-4\" }},\n  \
-                     {{ id = \"key-e\", sha256 = \"{hash_e}\", app = \"app-e\", team = \"team-5\" }},\n"
+                     {{ id = \"key-e\", sha256 = \"{hash_e}\", app = \"app-e\", team = \"team-5\" }},\n  \
+                     {{ id = \"key-f\", sha256 = \"{hash_f}\", app = \"app-f\", team = \"team-6\" }},\n"
                 ),
                 1,
             )
@@ -110,7 +114,9 @@ impl Mesh {
                 "[guard.apps.app-d]\nentities = [\"EMAIL_ADDRESS\", \"CREDIT_CARD\", \"IBAN_CODE\"]\n\
                  actions = { EMAIL_ADDRESS = \"allow\", CREDIT_CARD = \"pseudonymize\", IBAN_CODE = \"allow\" }\n\
                  answer_actions = { EMAIL_ADDRESS = \"redact\", IBAN_CODE = \"redact\" }\n\
-                 [guard.apps.app-e]\naction = \"allow\"\n[guard.apps.app-b]",
+                 [guard.apps.app-e]\naction = \"allow\"\n\
+                 [guard.apps.app-f]\nentities = [\"EMAIL_ADDRESS\"]\nactions = { EMAIL_ADDRESS = \"allow\" }\n\
+                 answer_actions = { EMAIL_ADDRESS = \"block\" }\n[guard.apps.app-b]",
                 1,
             )
             .replacen(
@@ -800,5 +806,43 @@ async fn a_passthrough_policy_is_checked_while_the_prompt_is_routed_and_a_rewrit
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "guard_unavailable", "{body}");
     assert_eq!(metric(&mesh, overlapped).await, "3");
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_blocked_answer_is_refused_and_what_the_provider_was_paid_is_recorded() {
+    captured();
+    let mesh = Mesh::start().await.unwrap();
+    let pool = sqlx::PgPool::connect(&mesh.pg.url).await.unwrap();
+    // app-f lets the email through in the prompt; the fake echoes it; the answer check blocks it.
+    let response = mesh.post(KEY_F, &format!("write to {EMAIL_D}")).await;
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("EMAIL_ADDRESS"), "{body}");
+    assert!(!message.contains(EMAIL_D), "{body}");
+    // The provider answered and was paid: one row, with its tokens, its cost and the refusal.
+    let mut row = None;
+    for _ in 0..200 {
+        row = sqlx::query_as::<_, (String, String, i64, i64, Option<i64>)>(
+            "SELECT status, error_code, prompt_tokens, completion_tokens, cost_usd_nanos \
+             FROM usage_records WHERE app = 'app-f'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, error_code, prompt, completion, cost) = row.expect("a usage row");
+    assert_eq!(
+        (status.as_str(), error_code.as_str()),
+        ("error", "PERMISSION_DENIED")
+    );
+    assert!(prompt > 0 && completion > 0, "{prompt} / {completion}");
+    assert!(cost.is_some_and(|c| c > 0), "{cost:?}");
+    pool.close().await;
     mesh.stop().await;
 }
