@@ -696,6 +696,18 @@ mod tests {
         ));
     }
 
+    /// One content-filter topic, `weapons`, matching "ricin".
+    fn weapons_topic() -> std::collections::BTreeMap<String, crate::content::TopicConfig> {
+        [(
+            "weapons".to_owned(),
+            crate::content::TopicConfig {
+                terms: vec!["ricin".into()],
+                patterns: Vec::new(),
+            },
+        )]
+        .into()
+    }
+
     #[test]
     fn only_a_policy_that_can_neither_block_nor_change_a_prompt_is_passthrough() {
         let guard = guard();
@@ -718,14 +730,7 @@ mod tests {
             ("flag", "block", false),
         ] {
             let mut config = Config {
-                topics: [(
-                    "weapons".to_owned(),
-                    crate::content::TopicConfig {
-                        terms: vec!["ricin".into()],
-                        patterns: Vec::new(),
-                    },
-                )]
-                .into(),
+                topics: weapons_topic(),
                 denied_topics: vec!["weapons".into()],
                 injection_action: injection_action.into(),
                 topic_action: topic_action.into(),
@@ -744,14 +749,7 @@ mod tests {
     #[test]
     fn the_applications_instructions_are_exempt_from_injection_and_topic_checks() {
         let config = Config {
-            topics: [(
-                "weapons".to_owned(),
-                crate::content::TopicConfig {
-                    terms: vec!["ricin".into()],
-                    patterns: Vec::new(),
-                },
-            )]
-            .into(),
+            topics: weapons_topic(),
             denied_topics: vec!["weapons".into()],
             injection_action: "block".into(),
             ..Config::default()

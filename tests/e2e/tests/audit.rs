@@ -233,6 +233,17 @@ impl Mesh {
         response.text().await.unwrap()
     }
 
+    /// Stops the guard alone (the rest of the mesh keeps running).
+    async fn stop_guard(&mut self) {
+        self.guard_stop.cancel();
+        let guard = self.tasks.remove(3);
+        tokio::time::timeout(Duration::from_secs(20), guard)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
     async fn stop(mut self) {
         self.cancel.cancel();
         let fake = self.tasks.pop().unwrap();
@@ -477,13 +488,7 @@ async fn an_unreachable_guard_fails_closed_by_default_and_open_on_listed_routes(
     );
 
     // Stop the guard alone.
-    mesh.guard_stop.cancel();
-    let guard = mesh.tasks.remove(3);
-    tokio::time::timeout(Duration::from_secs(20), guard)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    mesh.stop_guard().await;
 
     // Default route: closed, a typed 503; nothing reaches the provider.
     let response = mesh.post(KEY_A, "hello again").await;
@@ -794,13 +799,7 @@ async fn a_passthrough_policy_is_checked_while_the_prompt_is_routed_and_a_rewrit
 
     // The guard stops. What the gateway learnt belonged to that connection: the next prompt is
     // checked first again, and its fail-closed route refuses it before any provider call.
-    mesh.guard_stop.cancel();
-    let guard = mesh.tasks.remove(3);
-    tokio::time::timeout(Duration::from_secs(20), guard)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    mesh.stop_guard().await;
     let response = mesh.post(KEY_E, "after the guard stopped").await;
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
