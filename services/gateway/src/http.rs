@@ -348,15 +348,7 @@ async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Respon
         match shared.pipeline.list_models(&principal).await {
             Ok(models) => Json(openai::ModelList {
                 object: "list",
-                data: models
-                    .into_iter()
-                    .map(|m| openai::ModelOut {
-                        id: m.id,
-                        object: "model",
-                        created: m.created,
-                        owned_by: m.owned_by,
-                    })
-                    .collect(),
+                data: models.into_iter().map(openai::ModelOut::from).collect(),
             })
             .into_response(),
             Err(error) => error.into_response(),
@@ -380,13 +372,7 @@ async fn retrieve_model(
             Err(error) => return error.into_response(),
         };
         match shared.pipeline.get_model(&principal, &model).await {
-            Ok(m) => Json(openai::ModelOut {
-                id: m.id,
-                object: "model",
-                created: m.created,
-                owned_by: m.owned_by,
-            })
-            .into_response(),
+            Ok(model) => Json(openai::ModelOut::from(model)).into_response(),
             Err(error) => error.into_response(),
         }
     }

@@ -706,6 +706,17 @@ pub struct ModelOut {
     pub owned_by: String,
 }
 
+impl From<pb::Model> for ModelOut {
+    fn from(model: pb::Model) -> Self {
+        ModelOut {
+            id: model.id,
+            object: "model",
+            created: model.created,
+            owned_by: model.owned_by,
+        }
+    }
+}
+
 /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {

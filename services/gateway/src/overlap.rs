@@ -33,7 +33,6 @@ pub struct Passthrough {
     transport: Option<H2Channel>,
     /// app → route → generation of the guard connection that said "pass-through".
     learned: RwLock<Learned>,
-    entries: AtomicU64,
     overlapped: AtomicU64,
 }
 
@@ -74,21 +73,18 @@ impl Passthrough {
             (true, Some(generation)) if generation == current => {}
             (true, _) => {
                 let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
-                if self.entries.load(Ordering::Relaxed) >= MAX_ENTRIES as u64 {
+                if learned.values().map(HashMap::len).sum::<usize>() >= MAX_ENTRIES {
                     learned.clear();
-                    self.entries.store(0, Ordering::Relaxed);
                 }
-                let routes = learned.entry(app.to_owned()).or_default();
-                if routes.insert(route.to_owned(), current).is_none() {
-                    self.entries.fetch_add(1, Ordering::Relaxed);
-                }
+                learned
+                    .entry(app.to_owned())
+                    .or_default()
+                    .insert(route.to_owned(), current);
             }
             (false, Some(_)) => {
                 let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
-                if let Some(routes) = learned.get_mut(app)
-                    && routes.remove(route).is_some()
-                {
-                    self.entries.fetch_sub(1, Ordering::Relaxed);
+                if let Some(routes) = learned.get_mut(app) {
+                    routes.remove(route);
                 }
             }
             (false, None) => {}
@@ -120,6 +116,6 @@ mod tests {
         let idle = Passthrough::new(Some(H2Channel::new("http://127.0.0.1:9").unwrap()));
         idle.learn("a", "m", true);
         assert!(!idle.may_overlap("a", "m"));
-        assert_eq!(idle.entries.load(Ordering::Relaxed), 0);
+        assert!(idle.learned.read().unwrap().is_empty());
     }
 }

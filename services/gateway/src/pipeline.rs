@@ -477,7 +477,7 @@ impl Pipeline {
             let prepared = if bypass {
                 Prepared::Route(permit, CacheStatus::Bypass)
             } else {
-                self.looked_up(permit, self.lookup(ctx, request.clone()).await, control)?
+                prepared_from_lookup(permit, self.lookup(ctx, request.clone()).await, control)?
             };
             return Ok((prepared, Pseudonyms::default(), Some(pending)));
         }
@@ -510,27 +510,8 @@ impl Pipeline {
                 (self.lookup(ctx, request.clone()).await, pseudonyms)
             }
         };
-        let prepared = self.looked_up(permit, looked_up, control)?;
+        let prepared = prepared_from_lookup(permit, looked_up, control)?;
         Ok((prepared, pseudonyms, None))
-    }
-
-    /// What a cache lookup means for the request.
-    fn looked_up(
-        &self,
-        permit: OwnedSemaphorePermit,
-        looked_up: Lookup,
-        control: CacheControl,
-    ) -> Result<Prepared, GatewayError> {
-        Ok(match looked_up {
-            Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
-            // RFC 9111 `only-if-cached`: a miss (or an unreachable cache) is an error, never a
-            // provider call.
-            Lookup::Miss | Lookup::Unavailable if control.only_if_cached => {
-                return Err(GatewayError::NotCached);
-            }
-            Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
-            Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
-        })
     }
 
     /// A unary completion.
@@ -692,33 +673,18 @@ impl Pipeline {
         let mut upstream = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
-                if let Some(reservation) = reservation {
-                    reservation.settle(0);
-                }
-                // The refusal of an overlapped check, if any, says more than the router's error.
-                let error = match self.finish_check(ctx, &request, pending).await {
-                    Ok(()) => error,
-                    Err(refused) => refused,
-                };
-                self.record_failure(ctx, &request, cache_status, &error, true);
-                return Err(error);
+                return Err(self
+                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
+                    .await);
             }
         };
         // Wait for the first message so that failures before the first token are real errors.
         let first = match upstream.message().await {
             Ok(first) => first,
             Err(status) => {
-                let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
-                if let Some(reservation) = reservation {
-                    reservation.settle(0);
-                }
-                let error = match self.finish_check(ctx, &request, pending).await {
-                    Ok(()) => error,
-                    Err(refused) => refused,
-                };
-                self.record_failure(ctx, &request, cache_status, &error, true);
-                return Err(error);
+                return Err(self
+                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
+                    .await);
             }
         };
         // An overlapped check must be in before the first chunk leaves. A refusal cancels the
@@ -764,6 +730,30 @@ impl Pipeline {
             cache: cache_status,
             events: Events { first, rx },
         })
+    }
+
+    /// A stream that failed before its first chunk: the reservation released, the failure
+    /// recorded, and the error to return (the refusal of an overlapped check, if any, says more
+    /// than the router's error).
+    async fn stream_failed(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        cache_status: CacheStatus,
+        status: &tonic::Status,
+        reservation: Option<Reservation>,
+        pending: Option<PendingCheck>,
+    ) -> GatewayError {
+        let error = self.budget_error(ctx, GatewayError::from_status("router", status));
+        if let Some(reservation) = reservation {
+            reservation.settle(0);
+        }
+        let error = match self.finish_check(ctx, request, pending).await {
+            Ok(()) => error,
+            Err(refused) => refused,
+        };
+        self.record_failure(ctx, request, cache_status, &error, true);
+        error
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1499,6 +1489,24 @@ impl Pipeline {
         );
         route
     }
+}
+
+/// What a cache lookup means for the request.
+fn prepared_from_lookup(
+    permit: OwnedSemaphorePermit,
+    looked_up: Lookup,
+    control: CacheControl,
+) -> Result<Prepared, GatewayError> {
+    Ok(match looked_up {
+        Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
+        // RFC 9111 `only-if-cached`: a miss (or an unreachable cache) is an error, never a
+        // provider call.
+        Lookup::Miss | Lookup::Unavailable if control.only_if_cached => {
+            return Err(GatewayError::NotCached);
+        }
+        Lookup::Miss => Prepared::Route(permit, CacheStatus::Miss),
+        Lookup::Unavailable => Prepared::Route(permit, CacheStatus::Bypass),
+    })
 }
 
 /// A prompt check running while the request is routed (ADR 011).
