@@ -175,6 +175,10 @@ pub trait ServiceError: std::error::Error {
     }
 }
 
+/// The `reason` in the metadata of a guard that refused a check to bound its queue (UNAVAILABLE);
+/// the gateway tells it apart from a guard that is down (`cause = overloaded`).
+pub const GUARD_OVERLOADED: &str = "GUARD_OVERLOADED";
+
 /// Converts a service error into a status with an `ErrorInfo` detail. `Internal` errors are logged
 /// here, once, and returned with a generic message.
 pub fn to_status(domain: &'static str, error: &dyn ServiceError) -> tonic::Status {

@@ -47,9 +47,10 @@ pub enum GatewayError {
         message: String,
         metadata: HashMap<String, String>,
     },
-    /// The guard is unreachable and the request's route fails closed (`[gateway.guard]`).
-    #[error("guard is unavailable and route `{route}` fails closed")]
-    GuardUnavailable { route: String },
+    /// The guard could not check the request (unreachable, too slow, or shedding load) and the
+    /// request's route fails closed (`[gateway.guard]`).
+    #[error("{cause} and route `{route}` fails closed")]
+    GuardUnavailable { route: String, cause: GuardDown },
     /// The guard refused the provider's answer (entity types only, never values).
     #[error("answer blocked by policy: answer contains {entities}")]
     AnswerBlocked { entities: String },
@@ -85,6 +86,65 @@ pub enum GatewayError {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Why the guard could not check a request: what a fail-closed refusal says (message and
+/// `metadata.cause`), so that an SRE tells a guard that is down from one that is shedding load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardDown {
+    /// No connection, a reset stream, or an UNAVAILABLE the guard gave no reason for.
+    Unreachable,
+    /// The call's deadline passed before the guard answered.
+    TimedOut,
+    /// The guard refused the check to bound its queue (`GUARD_OVERLOADED`, its `[guard.admission]`).
+    Overloaded,
+}
+
+impl GuardDown {
+    /// Why the guard call that failed with `error` did not check anything; `None` for an error
+    /// that is the guard's answer about the request itself (an invalid part, say).
+    pub fn of(error: &GatewayError) -> Option<Self> {
+        match error {
+            GatewayError::DependencyDown { .. } => Some(GuardDown::Unreachable),
+            GatewayError::Downstream {
+                code: ErrorCode::Timeout,
+                ..
+            } => Some(GuardDown::TimedOut),
+            GatewayError::Downstream {
+                code: ErrorCode::Unavailable,
+                metadata,
+                ..
+            } => Some(
+                if metadata.get("reason").map(String::as_str)
+                    == Some(switchboard_status::GUARD_OVERLOADED)
+                {
+                    GuardDown::Overloaded
+                } else {
+                    GuardDown::Unreachable
+                },
+            ),
+            _ => None,
+        }
+    }
+
+    /// The `metadata.cause` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardDown::Unreachable => "unreachable",
+            GuardDown::TimedOut => "timeout",
+            GuardDown::Overloaded => "overloaded",
+        }
+    }
+}
+
+impl std::fmt::Display for GuardDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuardDown::Unreachable => "guard is unavailable",
+            GuardDown::TimedOut => "guard did not answer in time",
+            GuardDown::Overloaded => "guard is overloaded (retry with backoff)",
+        })
+    }
 }
 
 /// Nano-USD as a decimal USD amount.
@@ -270,10 +330,11 @@ impl ServiceError for GatewayError {
             GatewayError::DependencyDown { service } => {
                 HashMap::from([("service".to_owned(), (*service).to_owned())])
             }
-            GatewayError::GuardUnavailable { route } => HashMap::from([
+            GatewayError::GuardUnavailable { route, cause } => HashMap::from([
                 ("service".to_owned(), "guard".to_owned()),
                 ("reason".to_owned(), "guard_unavailable".to_owned()),
                 ("route".to_owned(), route.clone()),
+                ("cause".to_owned(), cause.as_str().to_owned()),
             ]),
             GatewayError::AnswerBlocked { entities } => HashMap::from([
                 ("entities".to_owned(), entities.clone()),
@@ -375,6 +436,77 @@ mod tests {
         assert_eq!(
             status.get_details_error_info().unwrap().reason,
             "RATE_LIMITED"
+        );
+    }
+
+    #[test]
+    fn a_fail_closed_refusal_says_whether_the_guard_was_down_slow_or_shedding_load() {
+        let overloaded = switchboard_status::status(
+            ErrorCode::Unavailable,
+            "guard",
+            "the guard is overloaded (992 checks in flight); retry later",
+            HashMap::from([(
+                "reason".to_owned(),
+                switchboard_status::GUARD_OVERLOADED.to_owned(),
+            )]),
+        );
+        let cases = [
+            (overloaded, "overloaded", "guard is overloaded"),
+            (
+                tonic::Status::unavailable("connection refused"),
+                "unreachable",
+                "guard is unavailable",
+            ),
+            (
+                tonic::Status::deadline_exceeded("deadline"),
+                "timeout",
+                "guard did not answer in time",
+            ),
+            (
+                switchboard_status::status(
+                    ErrorCode::Unavailable,
+                    "guard",
+                    "shutting down",
+                    HashMap::new(),
+                ),
+                "unreachable",
+                "guard is unavailable",
+            ),
+        ];
+        for (status, cause, says) in cases {
+            let down = GuardDown::of(&GatewayError::from_status("guard", &status))
+                .unwrap_or_else(|| panic!("{status:?} is a guard that did not check"));
+            assert_eq!(down.as_str(), cause);
+            let error = GatewayError::GuardUnavailable {
+                route: "gpt-4o-mini".into(),
+                cause: down,
+            };
+            assert_eq!(
+                error.code().http_status(),
+                http::StatusCode::SERVICE_UNAVAILABLE
+            );
+            let body = serde_json::to_value(error.body()).unwrap();
+            assert_eq!(body["error"]["code"], "guard_unavailable");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.starts_with(says), "{message}");
+            assert!(message.contains("`gpt-4o-mini` fails closed"), "{message}");
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            use tonic_types::StatusExt;
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!(info.metadata["cause"], cause);
+            assert_eq!(info.metadata["route"], "gpt-4o-mini");
+        }
+        // The guard's verdict on the request itself is not a guard that is down.
+        let invalid = switchboard_status::status(
+            ErrorCode::InvalidArgument,
+            "guard",
+            "messages[0].content[1] is of a kind the guard cannot inspect",
+            HashMap::new(),
+        );
+        assert_eq!(
+            GuardDown::of(&GatewayError::from_status("guard", &invalid)),
+            None
         );
     }
 

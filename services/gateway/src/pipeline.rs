@@ -34,7 +34,7 @@ use crate::{
     answer::{GuardFailure, GuardVerdict, StreamHold, UNCHECKED_TAG},
     auth::Principal,
     budget::{Budgets, Reservation},
-    error::GatewayError,
+    error::{GatewayError, GuardDown},
     ratelimit::RateLimits,
     restore::Pseudonyms,
     usage::UsageSink,
@@ -1046,27 +1046,23 @@ impl Pipeline {
         status: &tonic::Status,
         direction: &'static str,
     ) -> Option<GatewayError> {
-        match GatewayError::from_status("guard", status) {
-            GatewayError::DependencyDown { .. }
-            | GatewayError::Downstream {
-                code: ErrorCode::Unavailable | ErrorCode::Timeout,
-                ..
-            } => {
-                if self.guard_failure.fails_open(&crate::answer::Unchecked {
-                    request_id: &ctx.request_id,
-                    app: &ctx.principal.app,
-                    team: &ctx.principal.team,
-                    route,
-                    direction,
-                }) {
-                    None
-                } else {
-                    Some(GatewayError::GuardUnavailable {
-                        route: route.to_owned(),
-                    })
-                }
-            }
-            other => Some(other),
+        let error = GatewayError::from_status("guard", status);
+        let Some(cause) = GuardDown::of(&error) else {
+            return Some(error);
+        };
+        if self.guard_failure.fails_open(&crate::answer::Unchecked {
+            request_id: &ctx.request_id,
+            app: &ctx.principal.app,
+            team: &ctx.principal.team,
+            route,
+            direction,
+        }) {
+            None
+        } else {
+            Some(GatewayError::GuardUnavailable {
+                route: route.to_owned(),
+                cause,
+            })
         }
     }
 

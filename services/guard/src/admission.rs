@@ -2,8 +2,8 @@
 //! answered is refused at once, before its body is decoded (memory); a call that waited longer
 //! than `max_wait_ms` between its arrival and its turn is refused instead of checked (latency).
 //! Both are UNAVAILABLE with `GUARD_OVERLOADED` as the reason in the metadata, which the gateway
-//! treats like an unreachable guard: a 503 `guard_unavailable`, or unchecked passage on a
-//! fail-open route.
+//! treats like an unreachable guard (a 503 `guard_unavailable`, or unchecked passage on a
+//! fail-open route) but names: the refusal's message and `metadata.cause` say `overloaded`.
 //!
 //! Why: a check's cost grows with its text (about 15 µs per KB here) and runs on the one worker
 //! thread. Calls that arrive faster than they are checked wait as tasks in the runtime's queue,

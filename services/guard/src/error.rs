@@ -34,9 +34,10 @@ impl ServiceError for GuardError {
                 "field".to_owned(),
                 format!("messages[{message}].content[{part}]"),
             )]),
-            GuardError::Overloaded { .. } | GuardError::WaitedTooLong { .. } => {
-                HashMap::from([("reason".to_owned(), "GUARD_OVERLOADED".to_owned())])
-            }
+            GuardError::Overloaded { .. } | GuardError::WaitedTooLong { .. } => HashMap::from([(
+                "reason".to_owned(),
+                switchboard_status::GUARD_OVERLOADED.to_owned(),
+            )]),
         }
     }
 }

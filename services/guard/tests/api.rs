@@ -646,7 +646,7 @@ impl Burst {
                 Err(status) => {
                     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
                     let metadata = switchboard_status::status_metadata(&status);
-                    assert_eq!(metadata["reason"], "GUARD_OVERLOADED");
+                    assert_eq!(metadata["reason"], switchboard_status::GUARD_OVERLOADED);
                     refused.push(status);
                 }
             }

@@ -490,11 +490,14 @@ async fn an_unreachable_guard_fails_closed_by_default_and_open_on_listed_routes(
     // Stop the guard alone.
     mesh.stop_guard().await;
 
-    // Default route: closed, a typed 503; nothing reaches the provider.
+    // Default route: closed, a typed 503 that says the guard is down (not shedding load); nothing
+    // reaches the provider.
     let response = mesh.post(KEY_A, "hello again").await;
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "guard_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("guard is unavailable"), "{body}");
 
     // Listed route: open, served, counted, and the usage record says it went unchecked.
     let response = mesh.post_to(KEY_A, OPEN_ROUTE, "hello, unchecked").await;
