@@ -100,6 +100,8 @@ pub struct Unchecked<'a> {
     pub route: &'a str,
     /// `prompt` or `answer`.
     pub direction: &'static str,
+    /// Why the guard did not check it.
+    pub cause: crate::error::GuardDown,
 }
 
 impl GuardFailure {
@@ -135,8 +137,9 @@ impl GuardFailure {
             request.id = %request.request_id,
             route = %request.route,
             direction = request.direction,
+            cause = request.cause.as_str(),
             guard_fail_open_total = total,
-            "guard unavailable; route fails open: request proceeds unchecked"
+            "guard did not check; route fails open: request proceeds unchecked"
         );
         if let Some(audit) = &self.audit {
             let event = unchecked_event(request);
@@ -217,6 +220,7 @@ mod tests {
             team: "t",
             route,
             direction: "prompt",
+            cause: crate::error::GuardDown::Overloaded,
         };
         assert!(!failure.fails_open(&request("gpt-4o")));
         assert!(failure.fails_open(&request("open")));

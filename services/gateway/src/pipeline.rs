@@ -1056,6 +1056,7 @@ impl Pipeline {
             team: &ctx.principal.team,
             route,
             direction,
+            cause,
         }) {
             None
         } else {
