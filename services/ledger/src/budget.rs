@@ -786,10 +786,19 @@ impl BudgetStore {
         Ok(alerts)
     }
 
-    fn expiry(&self, now: Timestamp, ttl_ms: u32) -> Timestamp {
+    /// A lease's expiry: `ttl_ms` from now (clamped), but never after the end of its period. A
+    /// lease belongs to one period: what its holder reserves after the reset would be spent in the
+    /// next period, whose leases do not count it. Capped, it is closed at the reset like any
+    /// expired lease (its holder's late reports still raise its spend, in its own period).
+    fn expiry(&self, now: Timestamp, ttl_ms: u32, bounds: PeriodBounds) -> Timestamp {
         let ttl = ttl_ms.clamp(100, self.max_ttl_ms.max(100));
-        now.checked_add(i64::from(ttl).milliseconds())
-            .unwrap_or(now)
+        let expiry = now
+            .checked_add(i64::from(ttl).milliseconds())
+            .unwrap_or(now);
+        match bounds.end {
+            Some(end) if end < expiry => end,
+            _ => expiry,
+        }
     }
 
     /// Grants a new lease of at most `requested` (nothing below `minimum`) for the current period.
@@ -835,7 +844,7 @@ impl BudgetStore {
             true => requested.min(available),
             false => requested,
         };
-        let expires_at = self.expiry(now, ttl_ms);
+        let expires_at = self.expiry(now, ttl_ms, bounds);
         let id = if granted > 0 {
             let id = Uuid::now_v7();
             sqlx::query(
@@ -947,7 +956,7 @@ impl BudgetStore {
             true => requested.min(available),
             false => requested,
         };
-        let expires_at = self.expiry(now, ttl_ms);
+        let expires_at = self.expiry(now, ttl_ms, bounds);
         sqlx::query(
             "UPDATE budget_leases SET granted_usd_nanos = granted_usd_nanos + $2, expires_at = $3 \
              WHERE id = $1",
@@ -1293,6 +1302,51 @@ mod tests {
             .lease;
         assert_eq!(lease.granted, 100);
         assert_eq!(lease.bounds.start, ts("2026-11-26T23:00:00Z"));
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_lease_expires_at_the_end_of_its_period_and_its_late_spend_stays_there() {
+        let (store, pg) = store().await;
+        store
+            .create(hard("d", Period::Day, "UTC", 100))
+            .await
+            .unwrap();
+        let midnight = ts("2026-11-27T00:00:00Z");
+        // Ten seconds before midnight, a lease asked for a minute: it ends at midnight.
+        let before = ts("2026-11-26T23:59:50Z");
+        let a = store
+            .acquire("d", "a", 60, 1, 60_000, before)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(a.granted, 60);
+        assert_eq!(a.expires_at, midnight);
+        // An extend before midnight does not push it past midnight either.
+        let extended = store
+            .extend(a.id, "a", 10, 20, 1, 60_000, ts("2026-11-26T23:59:55Z"))
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!((extended.id, extended.granted), (a.id, 80));
+        assert_eq!(extended.expires_at, midnight);
+        // After midnight A is closed: the new period owes it nothing, B gets the whole limit.
+        let after = ts("2026-11-27T00:00:05Z");
+        let (_, bounds, state) = store.status("d", after).await.unwrap();
+        assert_eq!(bounds.start, midnight);
+        assert_eq!((state.open_leases, state.leased, state.settled), (0, 0, 0));
+        let b = store
+            .acquire("d", "b", 100, 1, 60_000, after)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(b.granted, 100);
+        // A's holder settles what it reserved before midnight on A: it counts in A's day only.
+        store.release(a.id, 75, after).await.unwrap();
+        let (_, _, old_day) = store.status("d", before).await.unwrap();
+        assert_eq!(old_day.settled, 75);
+        let (_, _, new_day) = store.status("d", after).await.unwrap();
+        assert_eq!((new_day.settled, new_day.leased), (0, 100));
         pg.drop_db().await;
     }
 
