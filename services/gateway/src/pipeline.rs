@@ -862,8 +862,11 @@ impl Pipeline {
                     let usage = assembled
                         .usage
                         .unwrap_or_else(|| assembled.estimate_usage(&request));
+                    // As for unary answers: nothing the guard did not check (prompt or any
+                    // window of the answer) is cached.
                     if self.cache_enabled
                         && !control.no_store
+                        && !ctx.guard_verdict().unchecked
                         && let Some(response) = assembled.to_response(&route)
                     {
                         self.store(&ctx, &request, &response, &route, control.ttl_seconds);
@@ -2153,6 +2156,351 @@ mod tests {
         cut.add(&delta(vec![think(0, &"x".repeat(40), "", "")], "abcd"));
         let usage = cut.estimate_usage(&request());
         assert_eq!((usage.completion_tokens, usage.reasoning_tokens), (11, 10));
+    }
+
+    /// Stand-ins for the guard, the cache and the router, served over real gRPC on loopback, and a
+    /// pipeline over them.
+    mod stubs {
+        use std::sync::Mutex;
+
+        use switchboard_proto::{
+            cache::v1::{
+                LookupResponse, PurgeRequest, PurgeResponse, StoreResponse,
+                cache_service_server::{CacheService, CacheServiceServer},
+            },
+            guard::v1::{
+                CheckAnswerResponse,
+                guard_service_server::{GuardService, GuardServiceServer},
+            },
+            router::v1::{
+                EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, RouteResponse,
+                RouteStreamResponse,
+                router_service_server::{RouterService, RouterServiceServer},
+            },
+        };
+        use tonic::{Request, Response, Status};
+
+        use super::*;
+
+        /// What the guard does.
+        #[derive(Clone, Copy)]
+        pub struct GuardBehaviour {
+            /// CheckPrompt answers (allow) instead of failing as unreachable.
+            pub prompt_up: bool,
+            /// The policy acts on answers (`check_answer`).
+            pub check_answer: bool,
+            /// CheckAnswer answers (allow) instead of failing as unreachable.
+            pub answer_up: bool,
+        }
+
+        impl GuardBehaviour {
+            pub const HEALTHY: GuardBehaviour = GuardBehaviour {
+                prompt_up: true,
+                check_answer: true,
+                answer_up: true,
+            };
+        }
+
+        struct Guard(GuardBehaviour);
+
+        #[tonic::async_trait]
+        impl GuardService for Guard {
+            async fn check_prompt(
+                &self,
+                _request: Request<CheckPromptRequest>,
+            ) -> Result<Response<CheckPromptResponse>, Status> {
+                if !self.0.prompt_up {
+                    return Err(Status::unavailable("guard down"));
+                }
+                Ok(Response::new(CheckPromptResponse {
+                    decision: Decision::Allow as i32,
+                    check_answer: self.0.check_answer,
+                    ..Default::default()
+                }))
+            }
+
+            async fn check_answer(
+                &self,
+                _request: Request<CheckAnswerRequest>,
+            ) -> Result<Response<CheckAnswerResponse>, Status> {
+                if !self.0.answer_up {
+                    return Err(Status::unavailable("guard down"));
+                }
+                Ok(Response::new(CheckAnswerResponse {
+                    decision: Decision::Allow as i32,
+                    ..Default::default()
+                }))
+            }
+        }
+
+        /// A cache that never hits and records what it is asked.
+        #[derive(Clone, Default)]
+        pub struct Cache {
+            pub lookups: Arc<Mutex<Vec<LookupRequest>>>,
+            pub stores: Arc<Mutex<Vec<StoreRequest>>>,
+        }
+
+        #[tonic::async_trait]
+        impl CacheService for Cache {
+            async fn lookup(
+                &self,
+                request: Request<LookupRequest>,
+            ) -> Result<Response<LookupResponse>, Status> {
+                self.lookups.lock().unwrap().push(request.into_inner());
+                Ok(Response::new(LookupResponse::default()))
+            }
+
+            async fn store(
+                &self,
+                request: Request<StoreRequest>,
+            ) -> Result<Response<StoreResponse>, Status> {
+                self.stores.lock().unwrap().push(request.into_inner());
+                Ok(Response::new(StoreResponse {
+                    stored: true,
+                    reason: String::new(),
+                }))
+            }
+
+            async fn purge(
+                &self,
+                _request: Request<PurgeRequest>,
+            ) -> Result<Response<PurgeResponse>, Status> {
+                Err(Status::unimplemented("purge"))
+            }
+        }
+
+        /// A router whose provider answers "Hello there." (complete, with usage).
+        struct Router;
+
+        const ANSWER: &str = "Hello there.";
+
+        fn usage() -> Usage {
+            Usage {
+                prompt_tokens: 3,
+                completion_tokens: 3,
+                total_tokens: 6,
+                ..Default::default()
+            }
+        }
+
+        fn route_info() -> RouteInfo {
+            RouteInfo {
+                route: "m".into(),
+                provider: "p".into(),
+                model: "pm".into(),
+                attempt_count: 1,
+                ..Default::default()
+            }
+        }
+
+        #[tonic::async_trait]
+        impl RouterService for Router {
+            async fn route(
+                &self,
+                _request: Request<RouteRequest>,
+            ) -> Result<Response<RouteResponse>, Status> {
+                Ok(Response::new(RouteResponse {
+                    response: Some(ChatResponse {
+                        model: "pm".into(),
+                        choices: vec![Choice {
+                            index: 0,
+                            message: Some(Message::text(Role::Assistant, ANSWER)),
+                            finish_reason: FinishReason::Stop as i32,
+                        }],
+                        usage: Some(usage()),
+                        ..Default::default()
+                    }),
+                    route: Some(route_info()),
+                }))
+            }
+
+            type RouteStreamStream =
+                futures::stream::Iter<std::vec::IntoIter<Result<RouteStreamResponse, Status>>>;
+
+            async fn route_stream(
+                &self,
+                _request: Request<RouteStreamRequest>,
+            ) -> Result<Response<Self::RouteStreamStream>, Status> {
+                let chunk = |content: &str, finish: FinishReason, usage: Option<Usage>| {
+                    Ok(RouteStreamResponse {
+                        event: Some(route_stream_response::Event::Chunk(ChatChunk {
+                            model: "pm".into(),
+                            choices: vec![ChoiceDelta {
+                                index: 0,
+                                content: content.into(),
+                                finish_reason: finish as i32,
+                                ..Default::default()
+                            }],
+                            usage,
+                            ..Default::default()
+                        })),
+                    })
+                };
+                let events = vec![
+                    chunk("Hello ", FinishReason::Unspecified, None),
+                    chunk("there.", FinishReason::Unspecified, None),
+                    chunk("", FinishReason::Stop, Some(usage())),
+                    Ok(RouteStreamResponse {
+                        event: Some(route_stream_response::Event::Route(route_info())),
+                    }),
+                ];
+                Ok(Response::new(futures::stream::iter(events)))
+            }
+
+            async fn list_models(
+                &self,
+                _request: Request<ListModelsRequest>,
+            ) -> Result<Response<ListModelsResponse>, Status> {
+                Err(Status::unimplemented("list_models"))
+            }
+
+            async fn embed(
+                &self,
+                _request: Request<EmbedRequest>,
+            ) -> Result<Response<EmbedResponse>, Status> {
+                Err(Status::unimplemented("embed"))
+            }
+        }
+
+        /// A pipeline whose route `m` fails open, over stand-ins; the cache records its calls and
+        /// the publisher holds the usage events.
+        pub struct Harness {
+            pub pipeline: Pipeline,
+            pub cache: Cache,
+            pub usage: crate::usage::UsagePublisher,
+            tasks: TaskTracker,
+            stop: tokio_util::sync::CancellationToken,
+        }
+
+        impl Harness {
+            pub async fn start(guard: GuardBehaviour) -> Harness {
+                let cache = Cache::default();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let url = format!("http://{}", listener.local_addr().unwrap());
+                let stop = tokio_util::sync::CancellationToken::new();
+                let until = stop.clone();
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(GuardServiceServer::new(Guard(guard)))
+                        .add_service(CacheServiceServer::new(cache.clone()))
+                        .add_service(RouterServiceServer::new(Router))
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::TcpListenerStream::new(listener),
+                            async move { until.cancelled().await },
+                        ),
+                );
+                let channel = || switchboard_grpc::channel(&url).unwrap();
+                let (sink, usage) =
+                    crate::usage::channel(switchboard_bus::NatsConfig::default(), 64);
+                let tasks = TaskTracker::new();
+                let downstream = Downstream {
+                    guard: channel(),
+                    cache: channel(),
+                    router: channel(),
+                };
+                let pipeline = Pipeline::new(downstream, sink, true, tasks.clone(), 1 << 20, 16)
+                    .with_guard_failure(GuardFailure::new(&crate::answer::GuardConfig {
+                        fail_open_routes: vec!["m".into()],
+                        ..Default::default()
+                    }));
+                Harness {
+                    pipeline,
+                    cache,
+                    usage,
+                    tasks,
+                    stop,
+                }
+            }
+
+            /// Waits for the pipeline's background work (streams, cache stores) to end.
+            pub async fn settle(&self) {
+                self.tasks.close();
+                self.tasks.wait().await;
+                self.tasks.reopen();
+            }
+
+            pub fn stores(&self) -> usize {
+                self.cache.stores.lock().unwrap().len()
+            }
+
+            /// Every usage event recorded so far.
+            pub fn usage_events(&mut self) -> Vec<UsageEvent> {
+                std::iter::from_fn(|| self.usage.try_next()).collect()
+            }
+        }
+
+        impl Drop for Harness {
+            fn drop(&mut self) {
+                self.stop.cancel();
+            }
+        }
+
+        pub fn principal(team: &str) -> Principal {
+            Principal {
+                key_id: "k".into(),
+                app: "app".into(),
+                team: team.into(),
+                models: Default::default(),
+                tags: Arc::from(Vec::new()),
+            }
+        }
+
+        /// Drives a stream to its end; the text delivered to the caller.
+        pub async fn drain(mut handle: StreamHandle) -> String {
+            let mut text = String::new();
+            while let Some(event) = handle.events.recv().await {
+                match event {
+                    StreamEvent::Chunk(chunk) => {
+                        for delta in &chunk.choices {
+                            text.push_str(&delta.content);
+                        }
+                    }
+                    StreamEvent::Done { .. } => {}
+                    StreamEvent::Failed(error) => panic!("stream failed: {error}"),
+                }
+            }
+            text
+        }
+    }
+
+    fn unchecked_tagged(event: &UsageEvent) -> bool {
+        event.tags.get(UNCHECKED_TAG.0).map(String::as_str) == Some(UNCHECKED_TAG.1)
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_guard_did_not_check_is_not_cached() {
+        use stubs::*;
+        // Control: the guard up, the streamed answer is stored.
+        let mut checked = Harness::start(GuardBehaviour::HEALTHY).await;
+        let ctx = RequestContext::new(principal("t"));
+        let handle = checked
+            .pipeline
+            .stream(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        assert_eq!(drain(handle).await, "Hello there.");
+        checked.settle().await;
+        assert_eq!(checked.stores(), 1, "a checked stream is cached");
+        assert!(!checked.usage_events().iter().any(unchecked_tagged));
+
+        // The guard down on a fail-open route: served, tagged, never stored.
+        let down = GuardBehaviour {
+            prompt_up: false,
+            ..GuardBehaviour::HEALTHY
+        };
+        let mut unchecked = Harness::start(down).await;
+        let ctx = RequestContext::new(principal("t"));
+        let handle = unchecked
+            .pipeline
+            .stream(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        assert_eq!(drain(handle).await, "Hello there.");
+        unchecked.settle().await;
+        assert_eq!(unchecked.stores(), 0, "an unchecked stream was cached");
+        let events = unchecked.usage_events();
+        assert_eq!(events.len(), 1);
+        assert!(unchecked_tagged(&events[0]));
     }
 
     #[test]

@@ -96,6 +96,14 @@ pub fn channel(nats: NatsConfig, capacity: usize) -> (UsageSink, UsagePublisher)
     channel_with_outbox(nats, capacity, Outbox::unopened(dir, 1024 * 1024))
 }
 
+#[cfg(test)]
+impl UsagePublisher {
+    /// The next queued event, if any (tests that do not run the publisher).
+    pub(crate) fn try_next(&mut self) -> Option<UsageEvent> {
+        self.rx.try_recv().ok().map(|queued| queued.event)
+    }
+}
+
 /// Builds the sink and its publisher; `outbox` keeps what JetStream cannot take.
 pub fn channel_with_outbox(
     nats: NatsConfig,
