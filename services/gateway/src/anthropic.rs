@@ -34,7 +34,7 @@ use axum::{
     Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, HeaderValue},
+    http::HeaderMap,
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -838,13 +838,8 @@ fn sse_events(
 
 /// An Anthropic-shaped error response.
 fn error_response(error: &GatewayError, request_id: Option<&str>) -> Response {
-    let mut response = (error.code().http_status(), Json(error.anthropic_body())).into_response();
-    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        response
-            .headers_mut()
-            .insert("x-switchboard-request-id", value);
-    }
-    response
+    let response = (error.code().http_status(), Json(error.anthropic_body())).into_response();
+    http::with_error_headers(response, error, request_id)
 }
 
 /// `POST /v1/messages`.
@@ -988,6 +983,30 @@ mod tests {
         assert_eq!(sampling.stop, ["END"]);
         assert_eq!(sampling.temperature, Some(0.5));
         assert_eq!(request.user, "u1");
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_says_when_to_retry_as_the_openai_face_does() {
+        let error = GatewayError::RateLimited {
+            scope: "key:k".into(),
+            retry_after_secs: 7,
+        };
+        let response = error_response(&error, Some("req-1"));
+        assert_eq!(response.status(), ::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[::http::header::RETRY_AFTER], "7");
+        assert_eq!(response.headers()["x-switchboard-request-id"], "req-1");
+        // Before the request has an id, the header is still there.
+        let response = error_response(&error, None);
+        assert_eq!(response.headers()[::http::header::RETRY_AFTER], "7");
+        assert!(response.headers().get("x-switchboard-request-id").is_none());
+        // Errors that are not rate limits promise nothing.
+        let response = error_response(&invalid("model", "bad"), Some("req-1"));
+        assert!(
+            response
+                .headers()
+                .get(::http::header::RETRY_AFTER)
+                .is_none()
+        );
     }
 
     #[test]

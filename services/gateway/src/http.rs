@@ -49,16 +49,27 @@ pub fn router(shared: Shared) -> Router {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let status = self.code().http_status();
-        let retry_after = self.retry_after_secs();
-        let mut response = (status, Json(self.body())).into_response();
-        if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
-        }
-        response
+        let response = (self.code().http_status(), Json(self.body())).into_response();
+        with_error_headers(response, &self, None)
     }
+}
+
+/// The headers of an error response, the same on every face (OpenAI, Anthropic, embeddings):
+/// `Retry-After` when the error says when to retry (rate limits), and `x-switchboard-request-id`
+/// once the request has an id.
+pub(crate) fn with_error_headers(
+    mut response: Response,
+    error: &GatewayError,
+    request_id: Option<&str>,
+) -> Response {
+    let headers = response.headers_mut();
+    if let Some(secs) = error.retry_after_secs() {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        headers.insert("x-switchboard-request-id", value);
+    }
+    response
 }
 
 pub(crate) fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
@@ -258,13 +269,8 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
 }
 
 fn error_with_id(error: GatewayError, request_id: &str) -> Response {
-    let mut response = error.into_response();
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response
-            .headers_mut()
-            .insert("x-switchboard-request-id", value);
-    }
-    response
+    let response = (error.code().http_status(), Json(error.body())).into_response();
+    with_error_headers(response, &error, Some(request_id))
 }
 
 pub(crate) fn set_headers(
@@ -474,6 +480,20 @@ mod tests {
             headers.append(*name, HeaderValue::from_static(value));
         }
         cache_control(&headers)
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_carries_retry_after_and_the_request_id() {
+        let limited = || GatewayError::RateLimited {
+            scope: "key:k".into(),
+            retry_after_secs: 7,
+        };
+        let response = error_with_id(limited(), "req-1");
+        assert_eq!(response.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "7");
+        assert_eq!(response.headers()["x-switchboard-request-id"], "req-1");
+        let response = limited().into_response();
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "7");
     }
 
     #[test]
