@@ -195,8 +195,9 @@ fn unchecked_event(request: &Unchecked<'_>) -> switchboard_bus::AuditEvent {
 pub struct GuardVerdict {
     /// The policy acts on answers: CheckAnswer runs on the provider's answer.
     pub check_answer: bool,
-    /// The guard was unreachable and the route fails open: nothing was checked (the usage event is
-    /// tagged `switchboard.guard = unchecked` and the answer is not cached).
+    /// The guard was unreachable and the route fails open: the prompt, or the answer (CheckAnswer
+    /// failed after CheckPrompt passed; for a stream, any one window), went through unchecked.
+    /// The usage event is tagged `switchboard.guard = unchecked` and the answer is not cached.
     pub unchecked: bool,
 }
 

@@ -107,6 +107,10 @@ pub struct RequestContext {
     time: SystemTime,
     /// What the prompt check said about the rest of the request (set once, by the guard check).
     guard: std::sync::OnceLock<GuardVerdict>,
+    /// Some of the answer went out without its CheckAnswer (the guard was unreachable, slow or
+    /// overloaded and the route fails open). Shared by the clones of one request (a stream's pump
+    /// holds one).
+    answer_unchecked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RequestContext {
@@ -118,12 +122,25 @@ impl RequestContext {
             started: Instant::now(),
             time: SystemTime::now(),
             guard: std::sync::OnceLock::new(),
+            answer_unchecked: Arc::default(),
         }
     }
 
-    /// What the prompt check decided about the answer (the default before the check).
+    /// What the guard decided about the request so far (the default before the prompt check):
+    /// `unchecked` once the prompt, or any part of the answer, went through without a check.
     pub fn guard_verdict(&self) -> GuardVerdict {
-        self.guard.get().copied().unwrap_or_default()
+        let mut verdict = self.guard.get().copied().unwrap_or_default();
+        verdict.unchecked |= self
+            .answer_unchecked
+            .load(std::sync::atomic::Ordering::Relaxed);
+        verdict
+    }
+
+    /// Notes that (part of) the answer was delivered without its check (a fail-open route whose
+    /// CheckAnswer failed): it is then neither cached nor recorded as checked.
+    fn mark_answer_unchecked(&self) {
+        self.answer_unchecked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The response id shown to callers.
@@ -1109,7 +1126,8 @@ impl Pipeline {
         }
     }
 
-    /// CheckAnswer; `Ok(None)` when the guard is unreachable and the route fails open.
+    /// CheckAnswer; `Ok(None)` when the guard is unreachable and the route fails open (the request
+    /// is then marked unchecked: its answer is not cached and its usage event says so).
     async fn call_check_answer(
         &self,
         ctx: &RequestContext,
@@ -1132,7 +1150,10 @@ impl Pipeline {
         match checked {
             Ok(checked) => Ok(Some(checked.into_inner())),
             Err(status) => match self.guard_error(ctx, &request.model, &status, "answer") {
-                None => Ok(None),
+                None => {
+                    ctx.mark_answer_unchecked();
+                    Ok(None)
+                }
                 Some(error) => Err(error),
             },
         }
@@ -2501,6 +2522,68 @@ mod tests {
         let events = unchecked.usage_events();
         assert_eq!(events.len(), 1);
         assert!(unchecked_tagged(&events[0]));
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_check_failed_on_a_fail_open_route_is_served_tagged_and_not_cached() {
+        use stubs::*;
+        // CheckPrompt answers (and asks for the answer check); CheckAnswer is unreachable.
+        let answer_down = GuardBehaviour {
+            answer_up: false,
+            ..GuardBehaviour::HEALTHY
+        };
+        let mut harness = Harness::start(answer_down).await;
+        let ctx = RequestContext::new(principal("t"));
+        let completed = harness
+            .pipeline
+            .complete(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            completed.response.choices[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .joined_text(),
+            "Hello there.",
+            "fail-open: the answer is delivered"
+        );
+        assert!(ctx.guard_verdict().unchecked);
+        let ctx = RequestContext::new(principal("t"));
+        let handle = harness
+            .pipeline
+            .stream(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        assert_eq!(drain(handle).await, "Hello there.");
+        harness.settle().await;
+        assert_eq!(harness.stores(), 0, "an unchecked answer was cached");
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 2);
+        assert!(
+            events.iter().all(unchecked_tagged),
+            "the usage events say the answers went unchecked"
+        );
+
+        // Control: with CheckAnswer up, both answers are stored and nothing is tagged.
+        let mut healthy = Harness::start(GuardBehaviour::HEALTHY).await;
+        let ctx = RequestContext::new(principal("t"));
+        healthy
+            .pipeline
+            .complete(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        assert!(!ctx.guard_verdict().unchecked);
+        let ctx = RequestContext::new(principal("t"));
+        let handle = healthy
+            .pipeline
+            .stream(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        drain(handle).await;
+        healthy.settle().await;
+        assert_eq!(healthy.stores(), 2);
+        assert!(!healthy.usage_events().iter().any(unchecked_tagged));
     }
 
     #[test]
