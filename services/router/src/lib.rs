@@ -30,7 +30,7 @@ pub mod bench_support {
     /// Decodes one streamed answer delivered in `reads`; returns how many chunks it made.
     pub fn decode_stream(kind: crate::ProviderKind, reads: &[&[u8]]) -> usize {
         let mut parser = crate::provider::sse::SseParser::new();
-        let mut decoder = crate::provider::decoder(kind, 0);
+        let mut decoder = crate::provider::decoder(kind, 0, "");
         let mut chunks = 0;
         for read in reads {
             for event in parser.push(read) {

@@ -216,6 +216,7 @@ impl ProviderClient {
             body: to_provider_request(self.kind, model, request)?,
             model: model.to_owned(),
             call: super::Call::Embeddings,
+            call_tag: String::new(),
         })
     }
 

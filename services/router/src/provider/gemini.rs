@@ -26,7 +26,9 @@
 //! (the next run is the next block, as in the unary answer). A `thoughtSignature` on a
 //! `functionCall` part is kept in that call's `ToolCall.signature` (streams: on its
 //! `ToolCallDelta`, which carries the whole call); signatures on other parts have no field and are
-//! dropped. Gemini has no tool-call ids; a call without `id` gets `call_<index>`. A part of the
+//! dropped. A call without `id` (Gemini sends none) gets `call_<tag>_<index>`, the tag a hash of
+//! the request's conversation so that ids never repeat across turns; a tool result is matched to
+//! the most recent earlier call with its id. A part of the
 //! wrong shape (a `text` that is not a string, ...) is a malformed answer. A prompt blocked by
 //! `promptFeedback.blockReason` is [`ProviderError::ContentFiltered`]; a candidate stopped for
 //! SAFETY (or another policy reason) finishes with `FINISH_REASON_CONTENT_FILTER`.
@@ -125,8 +127,11 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
                 ("model", parts)
             }
             Ok(Role::Tool) => {
+                // The most recent call with that id: ids invented by other gateways (or by
+                // Gemini adapters that number calls per answer) may repeat across turns.
                 let name = request.messages[..i]
                     .iter()
+                    .rev()
                     .flat_map(|m| m.tool_calls.iter())
                     .find(|call| !message.tool_call_id.is_empty() && call.id == message.tool_call_id)
                     .map(|call| call.name.clone())
@@ -422,10 +427,55 @@ fn parse(data: &[u8]) -> Result<GmResponse, ProviderError> {
     Ok(response)
 }
 
+/// The tag of the ids invented for the calls of answers to `request` (`call_<tag>_<n>`): a
+/// 64-bit FNV-1a hash of its conversation, in hex. Numbering alone (`call_0`) repeats in every
+/// answer, and a later tool result would then be matched to an earlier turn's call of another
+/// function; a conversation only grows from turn to turn, so each turn gets its own tag. The tag
+/// is deterministic, so the same request unary and streamed (or replayed from the cache) shows the
+/// same ids.
+pub(crate) fn call_tag(request: &ChatRequest) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    // Each field length-prefixed, so that moving text between fields changes the hash.
+    let mut field = |bytes: &[u8]| {
+        for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(PRIME);
+        }
+    };
+    for message in &request.messages {
+        field(&message.role.to_le_bytes());
+        for part in &message.content {
+            match &part.part {
+                Some(Part::Text(text)) => field(text.as_bytes()),
+                Some(Part::ImageUrl(image)) => field(image.url.as_bytes()),
+                None => field(b""),
+            }
+        }
+        for call in &message.tool_calls {
+            field(call.id.as_bytes());
+            field(call.name.as_bytes());
+            field(call.arguments_json.as_bytes());
+        }
+        field(message.tool_call_id.as_bytes());
+        field(message.name.as_bytes());
+    }
+    format!("{hash:016x}")
+}
+
+/// The id of the `n`th call without one (see [`call_tag`]; no tag: `call_<n>`).
+fn invented_id(tag: &str, n: u32) -> String {
+    if tag.is_empty() {
+        format!("call_{n}")
+    } else {
+        format!("call_{tag}_{n}")
+    }
+}
+
 /// Where one candidate's numbering stands; a stream carries it from one event to the next.
 #[derive(Debug, Default, Clone, Copy)]
 struct Cursor {
-    /// Index of the next call without an id (`call_<n>`), and of the next call delta.
+    /// Index of the next call without an id (`call_<tag>_<n>`), and of the next call delta.
     next_call: u32,
     /// The thinking block a following thought part continues; none at the start and after answer
     /// text or a call.
@@ -446,8 +496,8 @@ struct Pieces {
 }
 
 /// Splits one candidate's parts into answer text, thought summaries and function calls, numbering
-/// from `cursor` (and advancing it).
-fn split_parts(parts: &[GmPart], cursor: &mut Cursor) -> Pieces {
+/// from `cursor` (and advancing it); a call without an id gets `call_<tag>_<n>`.
+fn split_parts(parts: &[GmPart], cursor: &mut Cursor, tag: &str) -> Pieces {
     let mut pieces = Pieces::default();
     for part in parts {
         let text = part.text.as_deref().unwrap_or_default();
@@ -480,7 +530,7 @@ fn split_parts(parts: &[GmPart], cursor: &mut Cursor) -> Pieces {
             let id = call
                 .id
                 .clone()
-                .unwrap_or_else(|| format!("call_{}", cursor.next_call));
+                .unwrap_or_else(|| invented_id(tag, cursor.next_call));
             cursor.next_call += 1;
             pieces.calls.push(ToolCall {
                 id,
@@ -493,8 +543,13 @@ fn split_parts(parts: &[GmPart], cursor: &mut Cursor) -> Pieces {
     pieces
 }
 
-/// Parses a `generateContent` response; `created` is stamped (Gemini sends none).
-pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, ProviderError> {
+/// Parses a `generateContent` response; `created` is stamped (Gemini sends none), `call_tag` goes
+/// in the ids of calls without one (see [`call_tag`]).
+pub fn parse_response(
+    body: &[u8],
+    created: i64,
+    call_tag: &str,
+) -> Result<ChatResponse, ProviderError> {
     let response = parse(body)?;
     if response.candidates.is_empty() {
         return Err(ProviderError::malformed("no candidates"));
@@ -513,7 +568,7 @@ pub fn parse_response(body: &[u8], created: i64) -> Result<ChatResponse, Provide
                 text,
                 thoughts,
                 calls: tool_calls,
-            } = split_parts(parts, &mut Cursor::default());
+            } = split_parts(parts, &mut Cursor::default(), call_tag);
             let finish = finish_reason(candidate.finish_reason.as_deref(), !tool_calls.is_empty());
             Choice {
                 index: candidate.index.unwrap_or(position as u32),
@@ -560,19 +615,22 @@ pub struct GeminiDecoder {
     model: String,
     usage: Option<GmUsage>,
     finished: bool,
+    /// The tag of invented call ids (see [`call_tag`]).
+    call_tag: String,
     /// Candidate indexes that got their first (role) delta, and where their numbering stands.
     candidates: Vec<(u32, Cursor)>,
 }
 
 impl GeminiDecoder {
-    /// A decoder stamping chunks with `created`.
-    pub fn new(created: i64) -> Self {
+    /// A decoder stamping chunks with `created`, and `call_tag` in the ids of calls without one.
+    pub fn new(created: i64, call_tag: &str) -> Self {
         GeminiDecoder {
             created,
             id: String::new(),
             model: String::new(),
             usage: None,
             finished: false,
+            call_tag: call_tag.to_owned(),
             candidates: Vec::new(),
         }
     }
@@ -607,7 +665,7 @@ impl StreamDecoder for GeminiDecoder {
                 text,
                 thoughts,
                 calls,
-            } = split_parts(parts, &mut cursor);
+            } = split_parts(parts, &mut cursor, &self.call_tag);
             match self.candidates.iter_mut().find(|(i, _)| *i == index) {
                 Some(entry) => entry.1 = cursor,
                 None => self.candidates.push((index, cursor)),
@@ -716,7 +774,7 @@ mod tests {
     }
 
     fn message_of(body: &Value) -> Message {
-        let response = parse_response(body.to_string().as_bytes(), 1).unwrap();
+        let response = parse_response(body.to_string().as_bytes(), 1, "t").unwrap();
         response.choices[0].message.clone().unwrap()
     }
 
@@ -724,25 +782,25 @@ mod tests {
     fn error_objects_map_to_the_taxonomy_whatever_else_the_body_holds() {
         let quota = r#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}"#;
         assert!(matches!(
-            parse_response(quota.as_bytes(), 1),
+            parse_response(quota.as_bytes(), 1, "t"),
             Err(ProviderError::RateLimited { status: 429, .. })
         ));
         // With fields that do not fit a response's shape, and with a `null` error (still an error).
         let odd = r#"{"candidates":"none","error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}"#;
         assert!(matches!(
-            parse_response(odd.as_bytes(), 1),
+            parse_response(odd.as_bytes(), 1, "t"),
             Err(ProviderError::Overloaded { status: 503, .. })
         ));
-        assert!(parse_response(br#"{"error":null}"#, 1).is_err());
+        assert!(parse_response(br#"{"error":null}"#, 1, "t").is_err());
         assert!(matches!(
-            parse_response(br#"{"candidates":"none"}"#, 1),
+            parse_response(br#"{"candidates":"none"}"#, 1, "t"),
             Err(ProviderError::Protocol(_))
         ));
         let event = |data: &str| SseEvent {
             event: String::new(),
             data: data.to_owned(),
         };
-        let mut decoder = GeminiDecoder::new(1);
+        let mut decoder = GeminiDecoder::new(1, "t");
         assert!(matches!(
             decoder.event(&event(quota)),
             Err(ProviderError::RateLimited { status: 429, .. })
@@ -777,7 +835,7 @@ mod tests {
         assert_eq!(
             message.tool_calls,
             vec![
-                weather_call("call_0", "Paris", "c2lnLTE="),
+                weather_call("call_t_0", "Paris", "c2lnLTE="),
                 weather_call("fc-2", "Oslo", ""),
             ]
         );
@@ -798,9 +856,9 @@ mod tests {
             json!([{ "functionCall": { "name": ["f"] } }]),
         ] {
             let error =
-                parse_response(answer(parts.clone()).to_string().as_bytes(), 1).unwrap_err();
+                parse_response(answer(parts.clone()).to_string().as_bytes(), 1, "t").unwrap_err();
             assert_eq!(error.code(), "PROTOCOL_ERROR", "{parts}");
-            let mut decoder = GeminiDecoder::new(1);
+            let mut decoder = GeminiDecoder::new(1, "t");
             let event = SseEvent {
                 event: String::new(),
                 data: answer(parts.clone()).to_string(),
@@ -814,7 +872,7 @@ mod tests {
     }
 
     fn decode(events: &[Value]) -> Vec<ChoiceDelta> {
-        let mut decoder = GeminiDecoder::new(1);
+        let mut decoder = GeminiDecoder::new(1, "t");
         let mut deltas = Vec::new();
         for data in events {
             let event = SseEvent {
@@ -877,14 +935,14 @@ mod tests {
             vec![
                 ToolCallDelta {
                     index: 0,
-                    id: "call_0".into(),
+                    id: "call_t_0".into(),
                     name: "get_weather".into(),
                     arguments_delta: r#"{"city":"Paris"}"#.into(),
                     signature: "c2lnLTE=".into(),
                 },
                 ToolCallDelta {
                     index: 1,
-                    id: "call_1".into(),
+                    id: "call_t_1".into(),
                     name: "get_time".into(),
                     arguments_delta: "{}".into(),
                     signature: String::new(),
@@ -892,6 +950,101 @@ mod tests {
             ]
         );
         assert_eq!(deltas[4].finish_reason, FinishReason::ToolCalls as i32);
+    }
+
+    #[test]
+    fn invented_call_ids_differ_from_one_turn_to_the_next() {
+        // Turn 1 asks; Gemini calls get_weather (no id). Turn 2 sends the call and its result
+        // back; Gemini calls get_time (no id). The two calls must not share an id.
+        let call = |name: &str| json!([{ "functionCall": { "name": name, "args": {} } }]);
+        let mut turn_1 = ChatRequest {
+            messages: vec![Message::text(Role::User, "Weather, then time?")],
+            ..Default::default()
+        };
+        let first = parse_response(
+            answer(call("get_weather")).to_string().as_bytes(),
+            1,
+            &call_tag(&turn_1),
+        )
+        .unwrap();
+        let first = first.choices[0].message.clone().unwrap();
+        let first_id = first.tool_calls[0].id.clone();
+        let mut result = Message::text(Role::Tool, "sunny");
+        result.tool_call_id = first_id.clone();
+        let mut turn_2 = turn_1.clone();
+        turn_2.messages.extend([first, result]);
+        let second = parse_response(
+            answer(call("get_time")).to_string().as_bytes(),
+            1,
+            &call_tag(&turn_2),
+        )
+        .unwrap();
+        let second_id = second.choices[0].message.as_ref().unwrap().tool_calls[0]
+            .id
+            .clone();
+        assert_ne!(first_id, second_id);
+        for id in [&first_id, &second_id] {
+            assert!(id.starts_with("call_") && id.ends_with("_0"), "{id}");
+            assert!(
+                id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{id}"
+            );
+        }
+        // The same request (unary, streamed, or again) gets the same ids.
+        let tag = call_tag(&turn_2);
+        let mut decoder = GeminiDecoder::new(1, &tag);
+        let event = SseEvent {
+            event: String::new(),
+            data: answer(call("get_time")).to_string(),
+        };
+        let chunks = decoder.event(&event).unwrap().chunks;
+        assert_eq!(chunks[0].choices[0].tool_calls[0].id, second_id);
+        // Any change to the conversation changes the tag.
+        turn_1.messages[0] = Message::text(Role::User, "Weather, then time!");
+        assert_ne!(call_tag(&turn_1), call_tag(&turn_2));
+        assert_ne!(
+            call_tag(&turn_1),
+            call_tag(&ChatRequest {
+                messages: vec![Message::text(Role::User, "Weather, then time?")],
+                ..Default::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_tool_result_answers_the_most_recent_call_with_its_id() {
+        // Two turns whose calls got the same id (as `call_0` per answer used to be): the second
+        // result answers get_time, not the earlier get_weather.
+        let turn = |name: &str| {
+            let mut assistant = Message::text(Role::Assistant, "");
+            assistant.tool_calls = vec![ToolCall {
+                id: "call_0".into(),
+                name: name.into(),
+                arguments_json: "{}".into(),
+                signature: String::new(),
+            }];
+            let mut result = Message::text(Role::Tool, r#"{"ok":true}"#);
+            result.tool_call_id = "call_0".into();
+            [assistant, result]
+        };
+        let mut messages = vec![Message::text(Role::User, "Weather, then time?")];
+        messages.extend(turn("get_weather"));
+        messages.extend(turn("get_time"));
+        let body = to_gemini_request(&ChatRequest {
+            messages,
+            ..Default::default()
+        })
+        .unwrap();
+        let responses: Vec<&Value> = body["contents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["parts"].as_array().unwrap())
+            .filter_map(|p| p.get("functionResponse"))
+            .collect();
+        assert_eq!(responses.len(), 2);
+        assert_eq!(responses[0]["name"], "get_weather");
+        assert_eq!(responses[1]["name"], "get_time");
     }
 
     #[test]

@@ -415,8 +415,9 @@ fn decode(
     kind: ProviderKind,
     text: &[u8],
     piece: usize,
+    call_tag: &str,
 ) -> (Vec<ChatChunk>, Result<(), ProviderError>) {
-    let mut decoder = decoder(kind, CREATED);
+    let mut decoder = decoder(kind, CREATED, call_tag);
     let mut parser = SseParser::new();
     let mut chunks = Vec::new();
     for bytes in text.chunks(piece) {
@@ -487,7 +488,7 @@ fn check(path: &PathBuf) {
 
     if let Some(response) = fixture.get("provider_response") {
         let body = serde_json::to_vec(response).unwrap();
-        let parsed = parse_response(kind, &body, CREATED);
+        let parsed = parse_response(kind, &body, CREATED, &prepared.call_tag);
         match fixture.get("expected_error").and_then(Value::as_str) {
             Some(code) => assert_eq!(parsed.unwrap_err().code(), code, "{name}"),
             None => {
@@ -505,7 +506,7 @@ fn check(path: &PathBuf) {
         let text = stream_text(&fixture);
         let expected_end = fixture["expected_end"].as_str().expect(&name);
         for piece in [text.len(), 1, 7, 64] {
-            let (chunks, end) = decode(kind, text.as_bytes(), piece);
+            let (chunks, end) = decode(kind, text.as_bytes(), piece, &prepared.call_tag);
             let got: Vec<Value> = chunks.iter().map(chunk_json).collect();
             assert_eq!(
                 Value::Array(got.clone()),
@@ -528,7 +529,7 @@ fn check(path: &PathBuf) {
                 })
                 .collect();
             let cut = events[..events.len() - 1].concat();
-            let (_, end) = decode(kind, cut.as_bytes(), cut.len().max(1));
+            let (_, end) = decode(kind, cut.as_bytes(), cut.len().max(1), &prepared.call_tag);
             assert_eq!(
                 end.map_err(|e| e.code()),
                 Err("STREAM_INTERRUPTED"),

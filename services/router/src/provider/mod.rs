@@ -344,25 +344,27 @@ pub trait StreamDecoder: Send {
     fn end_of_body(&mut self) -> Result<Vec<ChatChunk>, ProviderError>;
 }
 
-/// The decoder of `kind`'s streams.
-pub fn decoder(kind: ProviderKind, created: i64) -> Box<dyn StreamDecoder> {
+/// The decoder of `kind`'s streams; `call_tag` goes in the ids of calls a format sends without
+/// one (Gemini, [`gemini::call_tag`]).
+pub fn decoder(kind: ProviderKind, created: i64, call_tag: &str) -> Box<dyn StreamDecoder> {
     match kind {
         ProviderKind::Openai | ProviderKind::Azure => Box::new(openai::OpenaiDecoder),
         ProviderKind::Anthropic => Box::new(anthropic::AnthropicDecoder::new(created)),
-        ProviderKind::Gemini => Box::new(gemini::GeminiDecoder::new(created)),
+        ProviderKind::Gemini => Box::new(gemini::GeminiDecoder::new(created, call_tag)),
     }
 }
 
-/// Parses a successful unary answer of `kind`.
+/// Parses a successful unary answer of `kind` (`call_tag`: as for [`decoder`]).
 pub fn parse_response(
     kind: ProviderKind,
     body: &[u8],
     created: i64,
+    call_tag: &str,
 ) -> Result<ChatResponse, ProviderError> {
     match kind {
         ProviderKind::Openai | ProviderKind::Azure => openai::parse_response(body),
         ProviderKind::Anthropic => anthropic::parse_response(body, created),
-        ProviderKind::Gemini => gemini::parse_response(body, created),
+        ProviderKind::Gemini => gemini::parse_response(body, created, call_tag),
     }
 }
 
@@ -380,6 +382,8 @@ pub struct Prepared {
     body: Value,
     model: String,
     call: Call,
+    /// Tag of the ids invented for calls the answer sends without one (Gemini; else empty).
+    call_tag: String,
 }
 
 /// The thinking budget of an OpenAI-style reasoning effort, for providers that take a budget
@@ -502,12 +506,18 @@ impl ProviderClient {
             }
             ProviderKind::Gemini => gemini::to_gemini_request(request)?,
         };
+        let call_tag = if self.kind == ProviderKind::Gemini {
+            gemini::call_tag(request)
+        } else {
+            String::new()
+        };
         // The URL is built at send time by the client that sends: the keys of one target share the
         // body, not necessarily the endpoint (`keys[].base_url`, validated with the configuration).
         Ok(Prepared {
             body,
             model: model.to_owned(),
             call: Call::Chat { stream },
+            call_tag,
         })
     }
 
@@ -655,7 +665,7 @@ impl ProviderClient {
         let span = self.span(&prepared.model, false);
         let attempt = async {
             let body = self.json_body(prepared).await?;
-            parse_response(self.kind, &body, unix_now())
+            parse_response(self.kind, &body, unix_now(), &prepared.call_tag)
         };
 
         async {
@@ -711,7 +721,7 @@ impl ProviderClient {
             record_outcome(&span, &Err(&error));
             return Err(error);
         }
-        let mut decoder = decoder(self.kind, unix_now());
+        let mut decoder = decoder(self.kind, unix_now(), &prepared.call_tag);
         let stream = async_stream::stream! {
             let span = span;
             let mut body = response.bytes_stream();
