@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Deserialize;
@@ -23,7 +23,7 @@ use switchboard_config::ConfigError;
 use switchboard_grpc::TracedChannel;
 use switchboard_pricing::allowance as spend;
 use switchboard_proto::{
-    chat::v1::{ChatRequest, RouteInfo, Usage, content_part::Part},
+    chat::v1::{ChatRequest, RouteInfo, SamplingParams, Usage, content_part::Part},
     ledger::v1::{
         AcquireLeaseRequest, BudgetEnforcement, BudgetScopeKind, ExtendLeaseRequest,
         GetPricesRequest, Lease, ListBudgetsRequest, PriceTarget, ReleaseLeaseRequest, TargetPrice,
@@ -150,24 +150,107 @@ struct Local {
     /// Current lease id (empty: none).
     lease: String,
     granted: i64,
+    /// Settled on the current lease (reported to the ledger or not yet).
     spent: i64,
+    /// Reserved from the current lease by requests in flight.
     reserved: i64,
     /// Locally assumed expiry (before the ledger's, by a margin).
     expires: Option<Instant>,
     /// Reset time of the lease's period, RFC 3339 (empty for lifetime budgets).
     resets_at: String,
+    /// The same instant on this replica's monotonic clock (none for lifetime budgets): from then on
+    /// the lease serves nothing and is retired (`roll`).
+    period_end: Option<Instant>,
+    /// Start of the lease's period, Unix seconds (none for lifetime budgets).
+    period_start: Option<i64>,
     /// Refused by the ledger: refuse locally until then.
     denied_until: Option<Instant>,
+    /// Generation of the current lease: a reservation remembers it, and settles on the lease it
+    /// was taken from even when that lease has been retired since.
+    epoch: u64,
+    /// Leases that serve no new reservation (their period ended), with the reservations still in
+    /// flight on them; the background task reports their spend until none is left.
+    retired: Vec<Retired>,
+}
+
+/// A lease that no longer serves reservations, while the ones taken from it settle.
+#[derive(Debug)]
+struct Retired {
+    epoch: u64,
+    lease: String,
+    spent: i64,
+    reserved: i64,
 }
 
 impl Local {
     fn available(&self, now: Instant) -> i64 {
-        match self.expires {
-            Some(expires) if !self.lease.is_empty() && now < expires => {
-                self.granted - self.spent - self.reserved
-            }
-            _ => 0,
+        let live = !self.lease.is_empty()
+            && self.expires.is_some_and(|expires| now < expires)
+            && self.period_end.is_none_or(|end| now < end);
+        if live {
+            self.granted - self.spent - self.reserved
+        } else {
+            0
         }
+    }
+
+    /// At the end of the lease's period the lease is retired: what was reserved from it before
+    /// the reset settles on it (the usage rows of those requests carry their start time, in that
+    /// period), and nothing new is reserved from it; a refusal of the past period no longer holds.
+    fn roll(&mut self, now: Instant) {
+        if self.period_end.is_some_and(|end| now >= end) {
+            self.retire();
+            self.period_end = None;
+            self.denied_until = None;
+        }
+    }
+
+    /// Moves the current lease, its spend and its reservations in flight to `retired`; a new
+    /// epoch starts without a lease.
+    fn retire(&mut self) {
+        if self.lease.is_empty() {
+            return;
+        }
+        self.retired.push(Retired {
+            epoch: self.epoch,
+            lease: std::mem::take(&mut self.lease),
+            spent: std::mem::take(&mut self.spent),
+            reserved: std::mem::take(&mut self.reserved),
+        });
+        self.epoch += 1;
+        self.granted = 0;
+        self.expires = None;
+        self.period_start = None;
+    }
+
+    /// Reserves `amount` from the current lease; returns its epoch.
+    fn hold(&mut self, amount: i64) -> u64 {
+        self.reserved += amount;
+        self.epoch
+    }
+
+    /// The (reserved, spent) counters of the lease a reservation of `epoch` was taken from (the
+    /// current one when that lease is no longer known).
+    fn counters(&mut self, epoch: u64) -> (&mut i64, &mut i64) {
+        if epoch != self.epoch
+            && let Some(at) = self.retired.iter().position(|r| r.epoch == epoch)
+        {
+            let retired = &mut self.retired[at];
+            return (&mut retired.reserved, &mut retired.spent);
+        }
+        (&mut self.reserved, &mut self.spent)
+    }
+
+    /// Gives `amount` of a reservation of `epoch` back unspent.
+    fn unhold(&mut self, epoch: u64, amount: i64) {
+        *self.counters(epoch).0 -= amount;
+    }
+
+    /// Settles a reservation of `epoch` (`held`) at `cost`.
+    fn settle(&mut self, epoch: u64, held: i64, cost: i64) {
+        let (reserved, spent) = self.counters(epoch);
+        *reserved -= held;
+        *spent = spent.saturating_add(cost.max(0));
     }
 }
 
@@ -178,12 +261,19 @@ fn lock(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
 /// A request's reservation: settled with the true cost, or (dropped unsettled, e.g. the caller went
 /// away) with the whole reserved amount, which over-counts but never under-counts.
 pub struct Reservation {
-    holds: Vec<(Arc<Slot>, i64)>,
+    holds: Vec<Hold>,
     allowance: i64,
     prompt_tokens: u32,
     max_output_tokens: u32,
     prices: Arc<[TargetPrice]>,
     settled: bool,
+}
+
+/// What one request reserved from one budget, and from which of its leases.
+struct Hold {
+    slot: Arc<Slot>,
+    held: i64,
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -254,10 +344,8 @@ impl Reservation {
             return;
         }
         self.settled = true;
-        for (slot, held) in &self.holds {
-            let mut local = lock(&slot.local);
-            local.reserved -= held;
-            local.spent = local.spent.saturating_add(cost.max(0));
+        for hold in &self.holds {
+            lock(&hold.slot.local).settle(hold.epoch, hold.held, cost);
         }
     }
 }
@@ -295,6 +383,16 @@ pub fn prompt_bound(request: &ChatRequest) -> u32 {
     }
     let total = bytes + images * u64::from(IMAGE_TOKENS);
     u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// Upper bound of the answer's tokens: `max_tokens` (`default_max_output_tokens` when the request
+/// has none) for each of its `n` choices. The budget estimate and the token rate limit
+/// (`ratelimit.rs`) both charge this.
+pub fn output_bound(sampling: Option<&SamplingParams>, default_max_output_tokens: u32) -> u32 {
+    let (max_tokens, n) = sampling.map_or((None, None), |s| (s.max_tokens, s.n));
+    max_tokens
+        .unwrap_or(default_max_output_tokens)
+        .saturating_mul(n.unwrap_or(1).max(1))
 }
 
 fn scope_label(kind: BudgetScopeKind, id: &str) -> String {
@@ -391,11 +489,10 @@ impl Budgets {
             }
         };
         let max_output = if chat {
+            let default = self.0.config.default_max_output_tokens;
             let sampling = request.sampling.get_or_insert_with(Default::default);
-            let max_tokens = *sampling
-                .max_tokens
-                .get_or_insert(self.0.config.default_max_output_tokens);
-            max_tokens.saturating_mul(sampling.n.unwrap_or(1).max(1))
+            sampling.max_tokens.get_or_insert(default);
+            output_bound(Some(sampling), default)
         } else {
             0
         };
@@ -405,30 +502,30 @@ impl Budgets {
             .map(|p| spend::estimate(&spend::pricing_of(p), prompt, max_output));
         let want = estimates.clone().max().unwrap_or(0);
         let need = estimates.min().unwrap_or(0);
-        let mut holds: Vec<(Arc<Slot>, i64)> = Vec::with_capacity(slots.len());
+        let mut holds: Vec<Hold> = Vec::with_capacity(slots.len());
         let mut allowance = want;
         for slot in slots {
             match self.take(&slot, want, need).await {
-                Ok(held) => {
+                Ok((held, epoch)) => {
                     if slot.hard {
                         allowance = allowance.min(held);
                     }
-                    holds.push((slot, held));
+                    holds.push(Hold { slot, held, epoch });
                 }
                 Err(error) => {
                     // What was taken from the other budgets goes back.
-                    for (slot, held) in holds {
-                        lock(&slot.local).reserved -= held;
+                    for hold in holds {
+                        lock(&hold.slot.local).unhold(hold.epoch, hold.held);
                     }
                     return Err(error);
                 }
             }
         }
         // Every hard budget keeps only the common allowance.
-        for (slot, held) in &mut holds {
-            if *held > allowance {
-                lock(&slot.local).reserved -= *held - allowance;
-                *held = allowance;
+        for hold in &mut holds {
+            if hold.held > allowance {
+                lock(&hold.slot.local).unhold(hold.epoch, hold.held - allowance);
+                hold.held = allowance;
             }
         }
         Ok(Some(Reservation {
@@ -442,8 +539,8 @@ impl Budgets {
     }
 
     /// Takes `want` (at least `need`, for a hard budget) from the slot's lease, asking the ledger
-    /// for more when the lease cannot cover it.
-    async fn take(&self, slot: &Slot, want: i64, need: i64) -> Result<i64, GatewayError> {
+    /// for more when the lease cannot cover it. Returns the amount and the lease's epoch.
+    async fn take(&self, slot: &Slot, want: i64, need: i64) -> Result<(i64, u64), GatewayError> {
         if let Some(held) = try_take(slot, want, want) {
             return Ok(held);
         }
@@ -468,8 +565,7 @@ impl Budgets {
         }
         if !slot.hard {
             // A soft budget never blocks: the spend is recorded against it anyway.
-            lock(&slot.local).reserved += want;
-            return Ok(want);
+            return Ok((want, lock(&slot.local).hold(want)));
         }
         if !denied {
             lock(&slot.local).denied_until =
@@ -484,12 +580,10 @@ impl Budgets {
         let ttl = self.0.config.lease_ttl_ms;
         let slice = (i128::from(slot.limit) * i128::from(self.0.config.lease_pct) / 100) as i64;
         let (lease, spent, available) = {
-            let local = lock(&slot.local);
-            (
-                local.lease.clone(),
-                local.spent,
-                local.available(Instant::now()),
-            )
+            let mut local = lock(&slot.local);
+            let now = Instant::now();
+            local.roll(now);
+            (local.lease.clone(), local.spent, local.available(now))
         };
         let requested = slice.max(want);
         let minimum = (need - available.max(0)).max(1);
@@ -523,7 +617,7 @@ impl Budgets {
             GatewayError::DependencyDown { service: "ledger" }
         })?;
         if let Some(granted) = granted {
-            apply(slot, &lease, &granted, sent, ttl);
+            apply(slot, &lease, spent, &granted, sent, ttl);
         }
         Ok(())
     }
@@ -637,8 +731,10 @@ impl Budgets {
         let ttl = self.0.config.lease_ttl_ms;
         for slot in self.catalog().by_id.values() {
             let _refill = slot.refill.lock().await;
+            self.report_retired(slot).await;
             let (lease, spent) = {
-                let local = lock(&slot.local);
+                let mut local = lock(&slot.local);
+                local.roll(Instant::now());
                 (local.lease.clone(), local.spent)
             };
             if lease.is_empty() {
@@ -660,11 +756,46 @@ impl Budgets {
             match answer {
                 Ok(answer) => {
                     if let Some(granted) = answer.into_inner().lease {
-                        apply(slot, &lease, &granted, sent, ttl);
+                        apply(slot, &lease, spent, &granted, sent, ttl);
                     }
                 }
                 Err(status) => {
                     tracing::warn!(budget.id = %slot.id, code = ?status.code(), "budget lease not extended");
+                }
+            }
+        }
+    }
+
+    /// Reports the spend of the slot's retired leases (closing them at the ledger, which keeps the
+    /// largest spend reported); forgets each once nothing is in flight on it and its final spend
+    /// has been reported.
+    async fn report_retired(&self, slot: &Slot) {
+        let retired: Vec<(u64, String, i64)> = lock(&slot.local)
+            .retired
+            .iter()
+            .map(|r| (r.epoch, r.lease.clone(), r.spent))
+            .collect();
+        for (epoch, lease, spent) in retired {
+            let answer = self
+                .0
+                .ledger
+                .clone()
+                .release_lease(ReleaseLeaseRequest {
+                    lease_id: lease,
+                    spent_usd_nanos: spent,
+                })
+                .await;
+            let mut local = lock(&slot.local);
+            match answer {
+                Ok(_) => local
+                    .retired
+                    .retain(|r| r.epoch != epoch || r.reserved != 0 || r.spent != spent),
+                // The ledger does not know it (any more): nothing to report to.
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    local.retired.retain(|r| r.epoch != epoch);
+                }
+                Err(status) => {
+                    tracing::warn!(budget.id = %slot.id, code = ?status.code(), "spend of a retired budget lease not reported");
                 }
             }
         }
@@ -718,6 +849,7 @@ impl Budgets {
         }
         for slot in self.catalog().by_id.values() {
             let _refill = slot.refill.lock().await;
+            self.report_retired(slot).await;
             self.release(slot).await;
         }
     }
@@ -736,27 +868,60 @@ impl Budgets {
 }
 
 /// Takes `want` if available, else as much as is available when that is at least `need`.
-fn try_take(slot: &Slot, want: i64, need: i64) -> Option<i64> {
+/// Returns the amount and the epoch of the lease it was taken from.
+fn try_take(slot: &Slot, want: i64, need: i64) -> Option<(i64, u64)> {
     let mut local = lock(&slot.local);
-    let available = local.available(Instant::now());
+    let now = Instant::now();
+    local.roll(now);
+    let available = local.available(now);
     let take = want.min(available);
     if take >= need && (take > 0 || want == 0) {
-        local.reserved += take;
-        return Some(take);
+        return Some((take, local.hold(take)));
     }
     None
 }
 
-/// Applies the ledger's answer about lease `asked` (sent at `sent`).
-fn apply(slot: &Slot, asked: &str, granted: &Lease, sent: Instant, ttl_ms: u32) {
+/// `at` (the ledger's wall clock) on this replica's monotonic clock; an instant already past is
+/// now. `None` when it is too far ahead to represent.
+fn local_instant(at: &prost_types::Timestamp) -> Option<Instant> {
+    let now = Instant::now();
+    let Ok(seconds) = u64::try_from(at.seconds) else {
+        return Some(now);
+    };
+    let nanos = u32::try_from(at.nanos).unwrap_or(0);
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))?;
+    match at.duration_since(SystemTime::now()) {
+        Ok(ahead) => now.checked_add(ahead),
+        Err(_) => Some(now),
+    }
+}
+
+/// Applies the ledger's answer about lease `asked` (sent at `sent`, reporting `reported` spent).
+fn apply(slot: &Slot, asked: &str, reported: i64, granted: &Lease, sent: Instant, ttl_ms: u32) {
+    let _ = reported;
     let mut local = lock(&slot.local);
-    if granted.lease_id != asked {
-        // A new lease (the old one expired or its period ended): its spend starts at zero.
-        local.spent = 0;
+    let period_start = granted.period_start.as_ref().map(|t| t.seconds);
+    if local.lease != asked {
+        // The lease was retired while the ledger answered (its period ended here first). Its
+        // extension is not used (the grant comes back when it is released); a new lease is.
+        if granted.lease_id.is_empty() || granted.lease_id == asked || !local.lease.is_empty() {
+            return;
+        }
+    } else if granted.lease_id != asked {
+        if !asked.is_empty() && local.period_start != period_start {
+            // The ledger reached the next period first: the old lease is retired as at a reset
+            // here, and what was reserved from it settles on it.
+            local.retire();
+        } else {
+            // A new lease (the old one expired): its spend starts at zero.
+            local.spent = 0;
+        }
     }
     local.lease.clone_from(&granted.lease_id);
     local.granted = granted.granted_usd_nanos;
     local.resets_at = rfc3339(granted.resets_at.as_ref());
+    local.period_end = granted.resets_at.as_ref().and_then(local_instant);
+    local.period_start = period_start;
     // Expire locally a fifth of the lifetime before the ledger does.
     local.expires = Some(sent + Duration::from_millis(u64::from(ttl_ms) * 4 / 5));
     if local.lease.is_empty() {
@@ -804,7 +969,13 @@ mod tests {
         prices: Vec<TargetPrice>,
     ) -> Reservation {
         Reservation {
-            holds,
+            holds: holds
+                .into_iter()
+                .map(|(slot, held)| {
+                    let epoch = lock(&slot.local).epoch;
+                    Hold { slot, held, epoch }
+                })
+                .collect(),
             allowance,
             prompt_tokens: 0,
             max_output_tokens: 0,
@@ -829,11 +1000,11 @@ mod tests {
     #[test]
     fn reservations_never_take_more_than_the_lease_and_settle_to_the_true_cost() {
         let slot = slot(100);
-        assert_eq!(try_take(&slot, 60, 60), Some(60));
+        assert_eq!(try_take(&slot, 60, 60), Some((60, 0)));
         // 40 left: a full 60 does not fit, a partial take needs at least `need`.
         assert_eq!(try_take(&slot, 60, 60), None);
         assert_eq!(try_take(&slot, 60, 50), None);
-        assert_eq!(try_take(&slot, 60, 30), Some(40));
+        assert_eq!(try_take(&slot, 60, 30), Some((40, 0)));
         assert_eq!(lock(&slot.local).available(Instant::now()), 0);
         let reservation = reservation(vec![(slot.clone(), 60)], 60, Vec::new());
         reservation.settle(25);
@@ -845,7 +1016,7 @@ mod tests {
     #[test]
     fn an_unsettled_reservation_is_charged_in_full() {
         let slot = slot(100);
-        assert_eq!(try_take(&slot, 70, 70), Some(70));
+        assert_eq!(try_take(&slot, 70, 70), Some((70, 0)));
         drop(reservation(vec![(slot.clone(), 70)], 70, Vec::new()));
         let local = lock(&slot.local);
         assert_eq!((local.reserved, local.spent), (0, 70));
@@ -856,6 +1027,93 @@ mod tests {
         let slot = slot(100);
         lock(&slot.local).expires = Some(Instant::now() - Duration::from_millis(1));
         assert_eq!(try_take(&slot, 1, 1), None);
+    }
+
+    fn lease(id: &str, granted: i64, period_start: i64) -> Lease {
+        let in_a_day = SystemTime::now() + Duration::from_secs(86_400);
+        let resets_at = in_a_day.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        Lease {
+            lease_id: id.into(),
+            granted_usd_nanos: granted,
+            period_start: Some(prost_types::Timestamp {
+                seconds: period_start,
+                nanos: 0,
+            }),
+            resets_at: Some(prost_types::Timestamp {
+                seconds: resets_at.as_secs() as i64,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_whose_period_ended_serves_nothing_and_its_reservations_settle_on_it() {
+        let slot = slot(100);
+        {
+            let mut local = lock(&slot.local);
+            local.period_start = Some(1_000);
+            local.period_end = Some(Instant::now() + Duration::from_secs(60));
+        }
+        // Reserved before the reset.
+        assert_eq!(try_take(&slot, 30, 30), Some((30, 0)));
+        let before = reservation(vec![(slot.clone(), 30)], 30, Vec::new());
+        // The reset passes: the old lease has nothing left to give, although it is not expired.
+        lock(&slot.local).period_end = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(lock(&slot.local).available(Instant::now()), 0);
+        assert_eq!(try_take(&slot, 1, 1), None);
+        {
+            let local = lock(&slot.local);
+            assert!(local.lease.is_empty(), "the old lease is retired");
+            assert_eq!(local.retired.len(), 1);
+            assert_eq!((local.retired[0].reserved, local.reserved), (30, 0));
+        }
+        // The refill acquires a lease of the new period.
+        apply(
+            &slot,
+            "",
+            0,
+            &lease("new", 100, 2_000),
+            Instant::now(),
+            30_000,
+        );
+        assert_eq!(try_take(&slot, 50, 50), Some((50, 1)));
+        // The request reserved before the reset settles on the old lease, not on the new one.
+        before.settle(20);
+        let local = lock(&slot.local);
+        assert_eq!(local.lease, "new");
+        assert_eq!((local.spent, local.reserved), (0, 50));
+        assert_eq!(local.available(Instant::now()), 50);
+        assert_eq!(local.retired[0].lease, "l");
+        assert_eq!((local.retired[0].spent, local.retired[0].reserved), (20, 0));
+    }
+
+    #[test]
+    fn a_new_lease_of_the_next_period_retires_the_old_one_with_its_reservations() {
+        // The ledger reached the reset before this replica did: its answer is another period's.
+        let slot = slot(100);
+        lock(&slot.local).period_start = Some(1_000);
+        assert_eq!(try_take(&slot, 40, 40), Some((40, 0)));
+        let before = reservation(vec![(slot.clone(), 40)], 40, Vec::new());
+        lock(&slot.local).spent = 10;
+        apply(
+            &slot,
+            "l",
+            10,
+            &lease("next", 100, 2_000),
+            Instant::now(),
+            30_000,
+        );
+        assert_eq!(lock(&slot.local).available(Instant::now()), 100);
+        before.settle(25);
+        let local = lock(&slot.local);
+        assert_eq!(
+            (local.lease.as_str(), local.spent, local.reserved),
+            ("next", 0, 0)
+        );
+        assert_eq!(local.retired.len(), 1);
+        assert_eq!(local.retired[0].lease, "l");
+        assert_eq!((local.retired[0].spent, local.retired[0].reserved), (35, 0));
     }
 
     #[test]
