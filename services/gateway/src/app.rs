@@ -126,9 +126,8 @@ impl App {
             )),
             _ => None,
         };
-        let rate_limits = ledger.and_then(|ledger| {
-            RateLimits::new(&config.rate_limits, ledger, &config.budgets.holder)
-        });
+        let rate_limits =
+            ledger.and_then(|ledger| RateLimits::new(&config.rate_limits, ledger, &config.budgets));
         let pipeline = Pipeline::new(
             downstream,
             sink,

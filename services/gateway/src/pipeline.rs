@@ -474,11 +474,8 @@ impl Pipeline {
         validate(request)?;
         ctx.principal.check_model(&request.model)?;
         ctx.principal.apply_tags(&mut request.tags);
-        if self.rate_limits.is_some() {
-            let max_tokens = request.sampling.as_ref().and_then(|s| s.max_tokens);
-            let tokens = u64::from(crate::budget::prompt_bound(request))
-                + u64::from(max_tokens.unwrap_or(0));
-            self.check_rate(ctx, tokens).await?;
+        if let Some(limits) = &self.rate_limits {
+            self.check_rate(ctx, limits.chat_tokens(request)).await?;
         }
         // A prompt whose policy can neither block nor change it is checked while it is routed; the
         // answer waits for the check (`finish_check`).

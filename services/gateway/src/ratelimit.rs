@@ -14,11 +14,16 @@ use std::{
 use serde::Deserialize;
 use switchboard_config::ConfigError;
 use switchboard_grpc::TracedChannel;
-use switchboard_proto::ledger::v1::{
-    AcquireRateSliceRequest, budget_service_client::BudgetServiceClient,
+use switchboard_proto::{
+    chat::v1::ChatRequest,
+    ledger::v1::{AcquireRateSliceRequest, budget_service_client::BudgetServiceClient},
 };
 
-use crate::{auth::Principal, error::GatewayError};
+use crate::{
+    auth::Principal,
+    budget::{BudgetsConfig, output_bound, prompt_bound},
+    error::GatewayError,
+};
 
 /// `[[gateway.rate_limits]]`: a limit on one key or one app.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -33,7 +38,10 @@ pub struct RateLimitConfig {
     /// Requests per minute (0: no request limit).
     #[serde(default)]
     pub requests_per_minute: u64,
-    /// Tokens per minute, prompt bound plus `max_tokens` at admission (0: no token limit).
+    /// Tokens per minute (0: no token limit). A chat request is charged at admission what the
+    /// budget estimate bounds it by: the prompt bound plus `max_tokens` × `n`, with
+    /// `gateway.budgets.default_max_output_tokens` for a request without `max_tokens`; an
+    /// embeddings request its inputs' bytes.
     #[serde(default)]
     pub tokens_per_minute: u64,
 }
@@ -74,6 +82,9 @@ pub fn validate(limits: &[RateLimitConfig]) -> Result<(), ConfigError> {
 pub struct RateLimits {
     ledger: BudgetServiceClient<TracedChannel>,
     holder: Arc<str>,
+    /// `gateway.budgets.default_max_output_tokens`: a request without `max_tokens` is charged
+    /// this per choice, as the budget estimate is.
+    default_max_output_tokens: u32,
     keys: Arc<HashMap<String, Arc<Limiter>>>,
     apps: Arc<HashMap<String, Arc<Limiter>>>,
 }
@@ -170,7 +181,13 @@ fn limiter(scope: String, config: &RateLimitConfig) -> Arc<Limiter> {
 
 impl RateLimits {
     /// The configured limits; `None` when there are none (no code on the request path then).
-    pub fn new(limits: &[RateLimitConfig], ledger: TracedChannel, holder: &str) -> Option<Self> {
+    /// `budgets` gives the ledger holder name and the output bound of a request without
+    /// `max_tokens`.
+    pub fn new(
+        limits: &[RateLimitConfig],
+        ledger: TracedChannel,
+        budgets: &BudgetsConfig,
+    ) -> Option<Self> {
         if limits.is_empty() {
             return None;
         }
@@ -185,10 +202,22 @@ impl RateLimits {
         }
         Some(RateLimits {
             ledger: BudgetServiceClient::new(ledger),
-            holder: Arc::from(holder),
+            holder: Arc::from(budgets.holder.as_str()),
+            default_max_output_tokens: budgets.default_max_output_tokens,
             keys: Arc::new(keys),
             apps: Arc::new(apps),
         })
+    }
+
+    /// The tokens a chat request is charged at admission: the same upper bound as the budget
+    /// estimate's (`budget::prompt_bound` plus `budget::output_bound`: `max_tokens`, or the
+    /// default, × `n`).
+    pub fn chat_tokens(&self, request: &ChatRequest) -> u64 {
+        u64::from(prompt_bound(request))
+            + u64::from(output_bound(
+                request.sampling.as_ref(),
+                self.default_max_output_tokens,
+            ))
     }
 
     /// Admits one request of about `tokens` tokens for `principal`, or refuses it with a
@@ -326,6 +355,89 @@ mod tests {
             limiter.admit(1, now + Duration::from_secs(41)),
             Admit::Ask
         ));
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            key_id: "k".into(),
+            app: "a".into(),
+            team: "t".into(),
+            models: crate::auth::ModelAccess::default(),
+            tags: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Limits whose ledger is never reached (the tests fill the windows themselves).
+    fn limits(configs: &[RateLimitConfig]) -> RateLimits {
+        let ledger = switchboard_grpc::channel("http://127.0.0.1:9").unwrap();
+        RateLimits::new(configs, ledger, &BudgetsConfig::default()).unwrap()
+    }
+
+    fn on_key(requests_per_minute: u64, tokens_per_minute: u64) -> RateLimitConfig {
+        RateLimitConfig {
+            key: Some("k".into()),
+            app: None,
+            requests_per_minute,
+            tokens_per_minute,
+        }
+    }
+
+    /// A window of this replica that the ledger will not add to before it ends.
+    fn fill(limiter: &Limiter, requests: u64, tokens: u64) {
+        *limiter.window.lock().unwrap() = Window {
+            ends: Some(SystemTime::now() + Duration::from_secs(600)),
+            requests,
+            tokens,
+            exhausted: true,
+        };
+    }
+
+    #[tokio::test]
+    async fn the_token_charge_bounds_the_answer_as_the_budget_estimate_does() {
+        use switchboard_proto::chat::v1::{Message, Role, SamplingParams};
+        let limits = limits(&[on_key(0, 100_000)]);
+        let mut request = ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            ..Default::default()
+        };
+        let prompt = u64::from(prompt_bound(&request));
+        // No max_tokens: the default output bound (4096), not nothing.
+        assert_eq!(limits.chat_tokens(&request), prompt + 4_096);
+        request.sampling = Some(SamplingParams {
+            n: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(limits.chat_tokens(&request), prompt + 3 * 4_096);
+        request.sampling = Some(SamplingParams {
+            n: Some(3),
+            max_tokens: Some(100),
+            ..Default::default()
+        });
+        assert_eq!(limits.chat_tokens(&request), prompt + 300);
+        // The same bound the budget estimate reserves.
+        let estimate = crate::budget::output_bound(request.sampling.as_ref(), 4_096);
+        assert_eq!(limits.chat_tokens(&request), prompt + u64::from(estimate));
+
+        // What is left of the window covers the prompt and 1,000 tokens of answer: a request
+        // that may answer with 4,096 is refused, one with max_tokens 100 × 3 is admitted.
+        fill(&limits.keys["k"], 0, prompt + 1_000);
+        request.sampling = None;
+        let error = limits
+            .check(&principal(), limits.chat_tokens(&request))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, GatewayError::RateLimited { .. }), "{error}");
+        request.sampling = Some(SamplingParams {
+            n: Some(3),
+            max_tokens: Some(100),
+            ..Default::default()
+        });
+        limits
+            .check(&principal(), limits.chat_tokens(&request))
+            .await
+            .unwrap();
+        assert_eq!(limits.keys["k"].window.lock().unwrap().tokens, 700);
     }
 
     #[test]
