@@ -24,7 +24,8 @@
 //! - Streams: the real event sequence (`message_start`, `content_block_start`, `ping`,
 //!   `content_block_delta` with `thinking_delta` / `signature_delta` / `text_delta` /
 //!   `input_json_delta`, `content_block_stop`, `message_delta` with the stop reason, stop sequence
-//!   and usage, `message_stop`). A stream that fails after it
+//!   and usage (and, an extra field, the gateway's `switchboard` object: who served, after how many
+//!   attempts), `message_stop`). A stream that fails after it
 //!   started ends with an `error` event, never with `message_stop`.
 //! - Errors: `{"type":"error","error":{"type","message"}}` with the status of their code.
 
@@ -51,6 +52,7 @@ use crate::{
     app::Shared,
     error::GatewayError,
     http,
+    openai::{SwitchboardInfo, switchboard_info},
     pipeline::{RequestContext, StreamEvent},
     tool_id,
 };
@@ -772,7 +774,15 @@ impl Streamer {
         }
     }
 
-    fn done(&mut self, model: &str, usage: &pb::Usage, out: &mut Vec<Event>) {
+    /// The stream's end: `message_delta` (stop reason, usage, and as an extra field the
+    /// `switchboard` object: who served, after how many attempts, known only now), `message_stop`.
+    fn done(
+        &mut self,
+        model: &str,
+        usage: &pb::Usage,
+        switchboard: &SwitchboardInfo,
+        out: &mut Vec<Event>,
+    ) {
         self.start(model, out);
         self.close(out);
         self.ping(out);
@@ -781,7 +791,8 @@ impl Streamer {
             &json!({ "type": "message_delta",
                      "delta": { "stop_reason": stop_reason_with(self.finish, &self.stop_sequence).unwrap_or("end_turn"),
                                 "stop_sequence": (!self.stop_sequence.is_empty()).then_some(&self.stop_sequence) },
-                     "usage": usage_out(Some(usage)) }),
+                     "usage": usage_out(Some(usage)),
+                     "switchboard": switchboard }),
         ));
         out.push(event("message_stop", &json!({ "type": "message_stop" })));
     }
@@ -800,6 +811,8 @@ fn error_event(error: &GatewayError) -> Event {
 fn sse_events(
     mut events: crate::pipeline::Events,
     id: String,
+    request_id: String,
+    cache: &'static str,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
         let mut streamer = Streamer::new(id);
@@ -816,8 +829,9 @@ fn sse_events(
                         yield Ok(event);
                     }
                 }
-                StreamEvent::Done { usage, .. } => {
-                    streamer.done(&model, &usage, &mut out);
+                StreamEvent::Done { usage, route } => {
+                    let switchboard = switchboard_info(&request_id, cache, Some(&route));
+                    streamer.done(&model, &usage, &switchboard, &mut out);
                     for event in out.drain(..) {
                         yield Ok(event);
                     }
@@ -880,7 +894,13 @@ async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
     if stream {
         match shared.pipeline.stream(&ctx, request, control).await {
             Ok(handle) => {
-                let mut response = Sse::new(sse_events(handle.events, id))
+                let events = sse_events(
+                    handle.events,
+                    id,
+                    ctx.request_id.clone(),
+                    handle.cache.as_str(),
+                );
+                let mut response = Sse::new(events)
                     .keep_alive(KeepAlive::default())
                     .into_response();
                 http::set_headers(
@@ -1111,6 +1131,42 @@ mod tests {
             .collect()
     }
 
+    fn no_route() -> SwitchboardInfo {
+        switchboard_info("req-1", "miss", None)
+    }
+
+    #[test]
+    fn a_streams_message_delta_says_who_served_after_how_many_attempts() {
+        let mut streamer = Streamer::new("msg_1".into());
+        let mut out = Vec::new();
+        let route = pb::RouteInfo {
+            provider: "openai".into(),
+            model: "gpt-4o-mini-2024-07-18".into(),
+            target: "openai/gpt-4o-mini".into(),
+            attempt_count: 2,
+            ..Default::default()
+        };
+        let switchboard = switchboard_info("req-1", "miss", Some(&route));
+        streamer.done("m", &pb::Usage::default(), &switchboard, &mut out);
+        assert_eq!(
+            names(&out),
+            ["message_start", "ping", "message_delta", "message_stop"]
+        );
+        let delta = data_of(&out[2]);
+        assert_eq!(delta["type"], "message_delta");
+        assert_eq!(delta["switchboard"]["provider"], "openai");
+        assert_eq!(
+            delta["switchboard"]["served_model"],
+            "gpt-4o-mini-2024-07-18"
+        );
+        assert_eq!(delta["switchboard"]["attempts"], 2);
+        assert_eq!(delta["switchboard"]["request_id"], "req-1");
+        assert_eq!(delta["switchboard"]["cache"], "miss");
+        // The event's own fields are still there.
+        assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+        assert!(delta["usage"].is_object());
+    }
+
     #[test]
     fn stream_events_follow_anthropics_sequence() {
         let mut streamer = Streamer::new("msg_1".into());
@@ -1145,7 +1201,7 @@ mod tests {
             &delta("", Some(call("", "1}")), pb::FinishReason::ToolCalls),
             &mut out,
         );
-        streamer.done("m", &pb::Usage::default(), &mut out);
+        streamer.done("m", &pb::Usage::default(), &no_route(), &mut out);
         assert_eq!(
             names(&out),
             [
@@ -1347,7 +1403,7 @@ mod tests {
             },
             &mut out,
         );
-        streamer.done("m", &pb::Usage::default(), &mut out);
+        streamer.done("m", &pb::Usage::default(), &no_route(), &mut out);
         let data: Vec<Value> = out.iter().map(data_of).collect();
         let starts: Vec<&Value> = data
             .iter()
@@ -1459,7 +1515,7 @@ mod tests {
             },
             &mut out,
         );
-        streamer.done("m", &pb::Usage::default(), &mut out);
+        streamer.done("m", &pb::Usage::default(), &no_route(), &mut out);
         let start = out
             .iter()
             .map(data_of)

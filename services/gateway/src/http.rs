@@ -231,10 +231,16 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
     if stream {
         match shared.pipeline.stream(&ctx, request, control).await {
             Ok(handle) => {
-                let mut response =
-                    Sse::new(sse_events(handle.events, ctx.response_id(), include_usage))
-                        .keep_alive(KeepAlive::default())
-                        .into_response();
+                let events = sse_events(
+                    handle.events,
+                    ctx.response_id(),
+                    ctx.request_id.clone(),
+                    handle.cache.as_str(),
+                    include_usage,
+                );
+                let mut response = Sse::new(events)
+                    .keep_alive(KeepAlive::default())
+                    .into_response();
                 set_headers(
                     response.headers_mut(),
                     &ctx.request_id,
@@ -304,11 +310,36 @@ fn json_event<T: serde::Serialize>(value: &T) -> Event {
     }
 }
 
+/// The final usage chunk of a stream: OpenAI's, with the `switchboard` object of a unary answer
+/// (who served, after how many attempts) as an extra field, since a stream's headers leave before
+/// the route is known.
+#[derive(serde::Serialize)]
+struct UsageChunk {
+    #[serde(flatten)]
+    chunk: ChatCompletionChunk,
+    switchboard: openai::SwitchboardInfo,
+}
+
+fn usage_chunk(
+    response_id: &str,
+    model: &str,
+    created: i64,
+    usage: &switchboard_proto::chat::v1::Usage,
+    switchboard: openai::SwitchboardInfo,
+) -> UsageChunk {
+    UsageChunk {
+        chunk: ChatCompletionChunk::usage_only(response_id, model, created, usage),
+        switchboard,
+    }
+}
+
 /// SSE events: OpenAI chunks, the usage chunk when asked for, `[DONE]`; or an explicit error event
 /// (and no `[DONE]`) when the stream fails after it started.
 fn sse_events(
     mut events: crate::pipeline::Events,
     response_id: String,
+    request_id: String,
+    cache: &'static str,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
@@ -328,9 +359,10 @@ fn sse_events(
                     }
                     yield Ok(json_event(&ChatCompletionChunk::from_proto(&chunk, &response_id)));
                 }
-                StreamEvent::Done { usage, .. } => {
+                StreamEvent::Done { usage, route } => {
                     if include_usage {
-                        yield Ok(json_event(&ChatCompletionChunk::usage_only(&response_id, &model, created, &usage)));
+                        let switchboard = openai::switchboard_info(&request_id, cache, Some(&route));
+                        yield Ok(json_event(&usage_chunk(&response_id, &model, created, &usage, switchboard)));
                     }
                     yield Ok(Event::default().data("[DONE]"));
                     return;
@@ -494,6 +526,48 @@ mod tests {
         assert_eq!(response.headers()["x-switchboard-request-id"], "req-1");
         let response = limited().into_response();
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn a_streams_usage_chunk_says_who_served_after_how_many_attempts() {
+        let route = switchboard_proto::chat::v1::RouteInfo {
+            provider: "openai".into(),
+            model: "gpt-4o-mini-2024-07-18".into(),
+            target: "openai/gpt-4o-mini".into(),
+            attempt_count: 2,
+            ..Default::default()
+        };
+        let usage = switchboard_proto::chat::v1::Usage {
+            prompt_tokens: 3,
+            completion_tokens: 5,
+            total_tokens: 8,
+            ..Default::default()
+        };
+        let switchboard = openai::switchboard_info("req-1", "miss", Some(&route));
+        let chunk = serde_json::to_value(usage_chunk(
+            "chatcmpl-1",
+            "gpt-4o-mini",
+            7,
+            &usage,
+            switchboard,
+        ))
+        .unwrap();
+        // OpenAI's usage chunk, unchanged...
+        assert_eq!(chunk["id"], "chatcmpl-1");
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["model"], "gpt-4o-mini");
+        assert_eq!(chunk["choices"], serde_json::json!([]));
+        assert_eq!(chunk["usage"]["total_tokens"], 8);
+        // ...with the unary answer's `switchboard` object.
+        let unary =
+            serde_json::to_value(openai::switchboard_info("req-1", "miss", Some(&route))).unwrap();
+        assert_eq!(chunk["switchboard"], unary);
+        assert_eq!(chunk["switchboard"]["provider"], "openai");
+        assert_eq!(
+            chunk["switchboard"]["served_model"],
+            "gpt-4o-mini-2024-07-18"
+        );
+        assert_eq!(chunk["switchboard"]["attempts"], 2);
     }
 
     #[test]
