@@ -21,6 +21,20 @@ pub enum RouterError {
         http_status: u16,
         message: String,
     },
+    /// The prompt is too long for every target that could be tried: each one sent said context
+    /// length exceeded, the others were skipped as unable to take the request (a window already
+    /// found too small, tools, images). The request's fault, not an outage.
+    #[error(
+        "the prompt is longer than the context window of every target of route `{route}` ({summary}): {}",
+        last.message
+    )]
+    ContextLengthExceeded {
+        route: String,
+        attempts: usize,
+        summary: String,
+        /// The last target that said so.
+        last: Box<Rejection>,
+    },
     /// Every target failed.
     #[error("all {attempts} attempts for route `{route}` failed: {summary}")]
     UpstreamUnavailable {
@@ -71,6 +85,23 @@ pub enum RouterError {
     },
 }
 
+/// `ErrorInfo.metadata.cause` of [`RouterError::ContextLengthExceeded`] (whose reason is
+/// `UPSTREAM_REJECTED`).
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
+
+/// A provider's rejection of a request: which deployment, its HTTP status and its message.
+#[derive(Debug, Default)]
+pub struct Rejection {
+    /// `provider/model`.
+    pub target: String,
+    /// Alias of the configured key, empty for the provider's own key.
+    pub key_alias: String,
+    /// The provider's HTTP status.
+    pub http_status: u16,
+    /// The provider's message (never prompt text of ours).
+    pub message: String,
+}
+
 /// The deployment a broken stream was reading from (all empty when none had started).
 #[derive(Debug, Default)]
 pub struct StreamSource {
@@ -93,7 +124,9 @@ impl ServiceError for RouterError {
                 ErrorCode::InvalidArgument
             }
             RouterError::NotFound { .. } => ErrorCode::NotFound,
-            RouterError::UpstreamRejected { .. } => ErrorCode::UpstreamRejected,
+            RouterError::UpstreamRejected { .. } | RouterError::ContextLengthExceeded { .. } => {
+                ErrorCode::UpstreamRejected
+            }
             RouterError::UpstreamUnavailable { .. } | RouterError::StreamInterrupted { .. } => {
                 ErrorCode::UpstreamUnavailable
             }
@@ -120,6 +153,24 @@ impl ServiceError for RouterError {
                 ];
                 if !key_alias.is_empty() {
                     pairs.push(("key_alias", key_alias.clone()));
+                }
+                pairs
+            }
+            RouterError::ContextLengthExceeded {
+                route,
+                attempts,
+                last,
+                ..
+            } => {
+                let mut pairs = vec![
+                    ("route", route.clone()),
+                    ("attempts", attempts.to_string()),
+                    ("cause", CONTEXT_LENGTH_EXCEEDED.to_owned()),
+                    ("target", last.target.clone()),
+                    ("http_status", last.http_status.to_string()),
+                ];
+                if !last.key_alias.is_empty() {
+                    pairs.push(("key_alias", last.key_alias.clone()));
                 }
                 pairs
             }

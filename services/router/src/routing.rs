@@ -23,7 +23,7 @@ use crate::{
     balance::{Budget, Deployment, InFlight, Pick, pick},
     breaker::Breaker,
     config::Config,
-    error::{RouterError, StreamSource},
+    error::{Rejection, RouterError, StreamSource},
     provider::{ChunkStream, Prepared, ProviderClient, ProviderError, TranslateError},
     route_config::Strategy,
     strategy::{Candidate, Capabilities, Needs, Rule, TargetStats, order},
@@ -259,6 +259,24 @@ impl Attempts {
         let incapable = |a: &Attempt| CAPABILITY_CODES.contains(&a.error_code.as_str());
         if !self.list.is_empty() && self.list.iter().all(incapable) {
             return RouterError::NoCapableTarget {
+                route: self.route,
+                attempts: self.list.len(),
+                summary,
+            };
+        }
+        // Every target sent said the prompt is too long, and the others could not take it
+        // either: the request's fault (a provider rejecting it), not an outage.
+        let too_long = |a: &Attempt| a.error_code == CONTEXT_LENGTH_CODE;
+        if let Some(decisive) = self.list.iter().rev().find(|a| too_long(a))
+            && self.list.iter().all(|a| too_long(a) || incapable(a))
+        {
+            return RouterError::ContextLengthExceeded {
+                last: Box::new(Rejection {
+                    target: decisive.target.clone(),
+                    key_alias: decisive.key_alias.clone(),
+                    http_status: u16::try_from(decisive.http_status).unwrap_or_default(),
+                    message: decisive.error_message.clone(),
+                }),
                 route: self.route,
                 attempts: self.list.len(),
                 summary,
@@ -873,7 +891,7 @@ impl Routes {
                 let next = after_failure(&error, deployment);
                 let deadline_hit = capped && error == ProviderError::Timeout;
                 let authentication = matches!(error, ProviderError::Authentication { .. });
-                if error.code() == "CONTEXT_LENGTH_EXCEEDED" {
+                if error.code() == CONTEXT_LENGTH_CODE {
                     too_long_for = too_long_for.max(target.caps.context_window);
                 }
                 attempts.failed(deployment, started, error);
@@ -939,6 +957,9 @@ fn fits(
     }
     Ok(())
 }
+
+/// Error code of an attempt whose provider found the prompt longer than its context window.
+const CONTEXT_LENGTH_CODE: &str = "CONTEXT_LENGTH_EXCEEDED";
 
 /// Reason codes of targets skipped because they cannot take the request at all.
 const CAPABILITY_CODES: [&str; 3] = [

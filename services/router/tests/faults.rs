@@ -217,6 +217,20 @@ const CASES: &[Case] = &[
             ("backup/m", "", 200),
         ]),
     },
+    Case {
+        name: "context length exceeded on the only target: rejected, not an outage",
+        route: "single",
+        mode: Unary,
+        inject: &[(Fault::ContextLengthExceeded, 1)],
+        expect: Failed(Code::FailedPrecondition, "UPSTREAM_REJECTED", 1),
+    },
+    Case {
+        name: "context length exceeded before a stream's first chunk on the only target",
+        route: "single",
+        mode: Stream,
+        inject: &[(Fault::ContextLengthExceeded, 1)],
+        expect: Failed(Code::FailedPrecondition, "UPSTREAM_REJECTED", 1),
+    },
     case(
         "content filter on the prompt: rejected, no other target",
         Unary,
@@ -268,6 +282,7 @@ async fn mesh(case: &Case) -> Mesh {
                 "refused",
                 vec![TargetConfig::new("down", M), TargetConfig::new("backup", M)],
             ),
+            RouteConfig::new("single", vec![TargetConfig::new("primary", M)]),
             RouteConfig::new(
                 "context",
                 vec![
@@ -381,4 +396,75 @@ async fn fault_suite() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// Every target that was sent said the prompt is too long, the rest were skipped as too small:
+/// the caller gets the typed rejection (context length exceeded), not an outage, with every
+/// attempt counted and the last target that said so.
+#[tokio::test]
+async fn a_prompt_too_long_for_every_target_is_rejected_not_unavailable() {
+    let mesh = Mesh::start(&["primary", "backup"], |config| {
+        let window = |provider: &str, model: &str, tokens: u32| TargetConfig {
+            context_window: Some(tokens),
+            ..TargetConfig::new(provider, model)
+        };
+        config.routes = vec![
+            RouteConfig::new("single", vec![TargetConfig::new("primary", M)]),
+            RouteConfig::new(
+                "context",
+                vec![
+                    window("primary", M, 8_000),
+                    window("primary", "small", 4_000),
+                    window("backup", M, 128_000),
+                ],
+            ),
+        ];
+    })
+    .await;
+    mesh.fake("primary")
+        .inject(M, Fault::ContextLengthExceeded, 1);
+    let status = mesh
+        .route(chat("single", "one two three"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "UPSTREAM_REJECTED");
+    let metadata = status_metadata(&status);
+    assert_eq!(metadata["cause"], "context_length_exceeded");
+    assert_eq!(metadata["target"], "primary/m");
+    assert_eq!(metadata["http_status"], "400");
+    assert_eq!(metadata["attempts"], "1");
+    assert_eq!(mesh.fake("primary").request_count(M), 1, "not retried");
+
+    // Three targets: the first and the largest say context length, the middle one is skipped.
+    mesh.fake("primary")
+        .inject(M, Fault::ContextLengthExceeded, 1);
+    mesh.fake("backup")
+        .inject(M, Fault::ContextLengthExceeded, 1);
+    let status = mesh
+        .route(chat("context", "one two three"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let metadata = status_metadata(&status);
+    assert_eq!(metadata["cause"], "context_length_exceeded");
+    assert_eq!(metadata["target"], "backup/m");
+    assert_eq!(metadata["attempts"], "3");
+    assert!(
+        status.message().contains("CONTEXT_WINDOW_TOO_SMALL"),
+        "{}",
+        status.message()
+    );
+
+    // A larger target that failed otherwise might have served: that is an outage.
+    mesh.fake("primary")
+        .inject(M, Fault::ContextLengthExceeded, 1);
+    mesh.fake("backup").fail_next(M, 500, 2);
+    let status = mesh
+        .route(chat("context", "one two three"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "UPSTREAM_UNAVAILABLE");
+    mesh.shutdown().await;
 }
