@@ -14,7 +14,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -119,6 +122,8 @@ struct Inner {
     catalog: RwLock<Arc<Catalog>>,
     /// One catalog reload at a time.
     reload: tokio::sync::Mutex<()>,
+    /// Budgets gone from the catalog whose retired leases still wait for their final report.
+    closed: Mutex<Vec<Arc<Slot>>>,
 }
 
 /// Budgets by scope, and the prices of each route's targets.
@@ -136,13 +141,36 @@ struct Catalog {
 /// One budget at this replica: its definition and the local state of its lease.
 struct Slot {
     id: String,
-    hard: bool,
-    limit: i64,
+    /// Enforcement and limit, updated in place when the budget changes (its lease is then retired,
+    /// so that the next reservation leases under the new settings).
+    hard: AtomicBool,
+    limit: AtomicI64,
     /// `app:<app>`, `key:<id>`, `team:<team>` or `org` (for errors).
     scope: String,
     local: Mutex<Local>,
     /// One ledger call at a time for this budget.
     refill: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(id: String, hard: bool, limit: i64, scope: String) -> Self {
+        Slot {
+            id,
+            hard: AtomicBool::new(hard),
+            limit: AtomicI64::new(limit),
+            scope,
+            local: Mutex::new(Local::default()),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn hard(&self) -> bool {
+        self.hard.load(Ordering::Relaxed)
+    }
+
+    fn limit(&self) -> i64 {
+        self.limit.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -168,9 +196,12 @@ struct Local {
     /// Generation of the current lease: a reservation remembers it, and settles on the lease it
     /// was taken from even when that lease has been retired since.
     epoch: u64,
-    /// Leases that serve no new reservation (their period ended), with the reservations still in
-    /// flight on them; the background task reports their spend until none is left.
+    /// Leases that serve no new reservation (their period ended, or their budget changed), with
+    /// the reservations still in flight on them; the background task reports their spend until
+    /// none is left.
     retired: Vec<Retired>,
+    /// The budget is gone from the catalog: it constrains nothing any more.
+    closed: bool,
 }
 
 /// A lease that no longer serves reservations, while the ones taken from it settle.
@@ -430,6 +461,7 @@ impl Budgets {
             holder,
             catalog: RwLock::new(Arc::new(Catalog::default())),
             reload: tokio::sync::Mutex::new(()),
+            closed: Mutex::new(Vec::new()),
         }))
     }
 
@@ -507,7 +539,7 @@ impl Budgets {
         for slot in slots {
             match self.take(&slot, want, need).await {
                 Ok((held, epoch)) => {
-                    if slot.hard {
+                    if slot.hard() {
                         allowance = allowance.min(held);
                     }
                     holds.push(Hold { slot, held, epoch });
@@ -555,7 +587,7 @@ impl Budgets {
         // Fail closed: without the ledger a hard budget cannot be kept.
         if !denied
             && let Err(error) = self.refill(slot, want, need).await
-            && slot.hard
+            && slot.hard()
         {
             return Err(error);
         }
@@ -563,7 +595,7 @@ impl Budgets {
         if let Some(held) = try_take(slot, want, need) {
             return Ok(held);
         }
-        if !slot.hard {
+        if !slot.hard() {
             // A soft budget never blocks: the spend is recorded against it anyway.
             return Ok((want, lock(&slot.local).hold(want)));
         }
@@ -578,13 +610,15 @@ impl Budgets {
     /// least `want`; nothing is worth less than what makes `need` available).
     async fn refill(&self, slot: &Slot, want: i64, need: i64) -> Result<(), GatewayError> {
         let ttl = self.0.config.lease_ttl_ms;
-        let slice = (i128::from(slot.limit) * i128::from(self.0.config.lease_pct) / 100) as i64;
+        let slice = (i128::from(slot.limit()) * i128::from(self.0.config.lease_pct) / 100) as i64;
         let (lease, spent, available) = {
             let mut local = lock(&slot.local);
             let now = Instant::now();
             local.roll(now);
             (local.lease.clone(), local.spent, local.available(now))
         };
+        // What the ledger is told spent on the lease (an acquire reports nothing).
+        let reported = if lease.is_empty() { 0 } else { spent };
         let requested = slice.max(want);
         let minimum = (need - available.max(0)).max(1);
         let sent = Instant::now();
@@ -617,7 +651,7 @@ impl Budgets {
             GatewayError::DependencyDown { service: "ledger" }
         })?;
         if let Some(granted) = granted {
-            apply(slot, &lease, spent, &granted, sent, ttl);
+            apply(slot, &lease, reported, &granted, sent, ttl);
         }
         Ok(())
     }
@@ -676,17 +710,22 @@ impl Budgets {
             let kind = BudgetScopeKind::try_from(scope.kind).unwrap_or_default();
             let hard = budget.enforcement == BudgetEnforcement::Hard as i32;
             let slot = match previous.by_id.get(&budget.id) {
-                Some(slot) if slot.hard == hard && slot.limit == budget.limit_usd_nanos => {
+                Some(slot) => {
+                    if slot.hard() != hard || slot.limit() != budget.limit_usd_nanos {
+                        // Changed: the lease taken under the old settings serves nothing more;
+                        // what is in flight on it settles there and is reported below.
+                        slot.hard.store(hard, Ordering::Relaxed);
+                        slot.limit.store(budget.limit_usd_nanos, Ordering::Relaxed);
+                        lock(&slot.local).retire();
+                    }
                     slot.clone()
                 }
-                _ => Arc::new(Slot {
-                    id: budget.id.clone(),
+                None => Arc::new(Slot::new(
+                    budget.id.clone(),
                     hard,
-                    limit: budget.limit_usd_nanos,
-                    scope: scope_label(kind, &scope.id),
-                    local: Mutex::new(Local::default()),
-                    refill: tokio::sync::Mutex::new(()),
-                }),
+                    budget.limit_usd_nanos,
+                    scope_label(kind, &scope.id),
+                )),
             };
             match kind {
                 BudgetScopeKind::Key => {
@@ -707,31 +746,59 @@ impl Budgets {
             }
             catalog.by_id.insert(budget.id, slot);
         }
+        let catalog = Arc::new(catalog);
         *self
             .0
             .catalog
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(catalog);
-        // A budget that was changed or removed: its old lease goes back.
+            .unwrap_or_else(PoisonError::into_inner) = catalog.clone();
+        // A removed budget constrains nothing more; its lease is retired and reported like a
+        // changed budget's, once what is in flight on it has settled.
         for (id, slot) in &previous.by_id {
-            let kept = self
-                .catalog()
-                .by_id
-                .get(id)
-                .is_some_and(|s| Arc::ptr_eq(s, slot));
-            if !kept {
-                self.release(slot).await;
+            if !catalog.by_id.contains_key(id) {
+                let mut local = lock(&slot.local);
+                local.closed = true;
+                local.retire();
+                drop(local);
+                self.0
+                    .closed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(slot.clone());
             }
+        }
+        // Changed and removed budgets give their unspent grants back now.
+        for slot in self.retiring(&catalog) {
+            let _refill = slot.refill.lock().await;
+            self.report_retired(&slot).await;
         }
         Ok(())
     }
 
-    /// Reports every lease's spend and pushes its expiry.
+    /// The slots that have retired leases (of the catalog and of removed budgets); forgets removed
+    /// budgets with none left.
+    fn retiring(&self, catalog: &Catalog) -> Vec<Arc<Slot>> {
+        let mut closed = self.0.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        closed.retain(|slot| !lock(&slot.local).retired.is_empty());
+        catalog
+            .by_id
+            .values()
+            .chain(closed.iter())
+            .filter(|slot| !lock(&slot.local).retired.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// Reports every lease's spend (retired ones included) and pushes its expiry.
     async fn report(&self) {
         let ttl = self.0.config.lease_ttl_ms;
-        for slot in self.catalog().by_id.values() {
+        let catalog = self.catalog();
+        for slot in self.retiring(&catalog) {
             let _refill = slot.refill.lock().await;
-            self.report_retired(slot).await;
+            self.report_retired(&slot).await;
+        }
+        for slot in catalog.by_id.values() {
+            let _refill = slot.refill.lock().await;
             let (lease, spent) = {
                 let mut local = lock(&slot.local);
                 local.roll(Instant::now());
@@ -801,31 +868,6 @@ impl Budgets {
         }
     }
 
-    async fn release(&self, slot: &Slot) {
-        let (lease, spent) = {
-            let mut local = lock(&slot.local);
-            let taken = (std::mem::take(&mut local.lease), local.spent);
-            local.granted = 0;
-            local.spent = 0;
-            taken
-        };
-        if lease.is_empty() {
-            return;
-        }
-        let released = self
-            .0
-            .ledger
-            .clone()
-            .release_lease(ReleaseLeaseRequest {
-                lease_id: lease,
-                spent_usd_nanos: spent,
-            })
-            .await;
-        if let Err(status) = released {
-            tracing::warn!(budget.id = %slot.id, code = ?status.code(), "budget lease not released; it expires");
-        }
-    }
-
     /// Reloads every `refresh_ms` and reports lease spend every third of the lease lifetime until
     /// `cancel`; then releases every lease (their unspent remainders go back to the budgets).
     pub async fn run(self, cancel: CancellationToken) {
@@ -848,9 +890,11 @@ impl Budgets {
             }
         }
         for slot in self.catalog().by_id.values() {
+            lock(&slot.local).retire();
+        }
+        for slot in self.retiring(&self.catalog()) {
             let _refill = slot.refill.lock().await;
-            self.report_retired(slot).await;
-            self.release(slot).await;
+            self.report_retired(&slot).await;
         }
     }
 
@@ -861,7 +905,7 @@ impl Budgets {
         let now = Instant::now();
         Self::slots_of(&catalog, principal)
             .into_iter()
-            .filter(|s| s.hard)
+            .filter(|s| s.hard())
             .min_by_key(|s| lock(&s.local).available(now))
             .map(|slot| exceeded(&slot))
     }
@@ -871,6 +915,10 @@ impl Budgets {
 /// Returns the amount and the epoch of the lease it was taken from.
 fn try_take(slot: &Slot, want: i64, need: i64) -> Option<(i64, u64)> {
     let mut local = lock(&slot.local);
+    if local.closed {
+        // The budget is gone: it limits nothing.
+        return Some((want, local.hold(want)));
+    }
     let now = Instant::now();
     local.roll(now);
     let available = local.available(now);
@@ -898,7 +946,6 @@ fn local_instant(at: &prost_types::Timestamp) -> Option<Instant> {
 
 /// Applies the ledger's answer about lease `asked` (sent at `sent`, reporting `reported` spent).
 fn apply(slot: &Slot, asked: &str, reported: i64, granted: &Lease, sent: Instant, ttl_ms: u32) {
-    let _ = reported;
     let mut local = lock(&slot.local);
     let period_start = granted.period_start.as_ref().map(|t| t.seconds);
     if local.lease != asked {
@@ -913,8 +960,10 @@ fn apply(slot: &Slot, asked: &str, reported: i64, granted: &Lease, sent: Instant
             // here, and what was reserved from it settles on it.
             local.retire();
         } else {
-            // A new lease (the old one expired): its spend starts at zero.
-            local.spent = 0;
+            // A new lease of the same period (the old one expired, and the ledger closed it with
+            // `reported` spent): what settled since the report was sent, and what the requests
+            // still in flight settle, goes on the new lease.
+            local.spent = local.spent.saturating_sub(reported).max(0);
         }
     }
     local.lease.clone_from(&granted.lease_id);
@@ -929,6 +978,10 @@ fn apply(slot: &Slot, asked: &str, reported: i64, granted: &Lease, sent: Instant
         local.expires = None;
     } else {
         local.denied_until = None;
+        if local.closed {
+            // Granted to a budget that is gone meanwhile: it goes back.
+            local.retire();
+        }
     }
 }
 
@@ -936,7 +989,7 @@ fn exceeded(slot: &Slot) -> GatewayError {
     GatewayError::BudgetExceeded {
         budget_id: slot.id.clone(),
         scope: slot.scope.clone(),
-        limit_usd_nanos: slot.limit,
+        limit_usd_nanos: slot.limit(),
         resets_at: lock(&slot.local).resets_at.clone(),
     }
 }
@@ -948,19 +1001,14 @@ mod tests {
     use switchboard_proto::chat::v1::{Attempt, ContentPart, ImageUrl, Message, Role, Usage};
 
     fn slot(granted: i64) -> Arc<Slot> {
-        Arc::new(Slot {
-            id: "b".into(),
-            hard: true,
-            limit: 1000,
-            scope: "app:a".into(),
-            local: Mutex::new(Local {
-                lease: "l".into(),
-                granted,
-                expires: Some(Instant::now() + Duration::from_secs(60)),
-                ..Local::default()
-            }),
-            refill: tokio::sync::Mutex::new(()),
-        })
+        let slot = Slot::new("b".into(), true, 1000, "app:a".into());
+        *lock(&slot.local) = Local {
+            lease: "l".into(),
+            granted,
+            expires: Some(Instant::now() + Duration::from_secs(60)),
+            ..Local::default()
+        };
+        Arc::new(slot)
     }
 
     fn reservation(
@@ -1114,6 +1162,308 @@ mod tests {
         assert_eq!(local.retired.len(), 1);
         assert_eq!(local.retired[0].lease, "l");
         assert_eq!((local.retired[0].spent, local.retired[0].reserved), (35, 0));
+    }
+
+    #[test]
+    fn spend_settled_while_an_expired_lease_is_replaced_moves_to_the_new_lease() {
+        let slot = slot(100);
+        lock(&slot.local).period_start = Some(1_000);
+        assert_eq!(try_take(&slot, 50, 50), Some((50, 0)));
+        let in_flight = reservation(vec![(slot.clone(), 50)], 50, Vec::new());
+        // 30 settled and sent with the extend; 20 more settle while the ledger answers.
+        lock(&slot.local).spent = 30;
+        in_flight.settle(20);
+        // The ledger had closed the lease (with the 30 reported): a new one of the same period.
+        apply(
+            &slot,
+            "l",
+            30,
+            &lease("m", 100, 1_000),
+            Instant::now(),
+            30_000,
+        );
+        let local = lock(&slot.local);
+        assert_eq!(local.lease, "m");
+        assert_eq!(
+            (local.spent, local.reserved),
+            (20, 0),
+            "the 20 are not lost"
+        );
+        assert_eq!(local.available(Instant::now()), 80);
+        assert!(local.retired.is_empty());
+    }
+
+    mod fake {
+        use super::*;
+        use switchboard_proto::{
+            ledger::v1::{
+                self as pb,
+                budget_service_server::{BudgetService, BudgetServiceServer},
+            },
+            router::v1::{
+                self as rpb,
+                router_service_server::{RouterService, RouterServiceServer},
+            },
+        };
+        use tonic::{Request, Response, Status};
+
+        /// What the fake ledger was asked, and what it answers.
+        #[derive(Default)]
+        pub struct State {
+            pub budgets: Vec<pb::Budget>,
+            /// Granted per AcquireLease (0: refused).
+            pub grant: i64,
+            pub leases: u32,
+            pub list_calls: u32,
+            pub acquired: u32,
+            pub released: Vec<(String, i64)>,
+        }
+
+        #[derive(Clone, Default)]
+        pub struct Fake(pub Arc<Mutex<State>>);
+
+        impl Fake {
+            pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+                self.0.lock().unwrap()
+            }
+
+            /// Serves the fake ledger and router; returns the enforcer talking to them.
+            pub async fn budgets(&self, config: BudgetsConfig) -> Budgets {
+                let listener = switchboard_grpc::bind("127.0.0.1:0").await.unwrap();
+                let url = switchboard_grpc::url_of(listener.local_addr().unwrap());
+                let routes = tonic::service::Routes::new(BudgetServiceServer::new(self.clone()))
+                    .add_service(RouterServiceServer::new(self.clone()));
+                tokio::spawn(switchboard_grpc::serve(
+                    listener,
+                    routes,
+                    &[],
+                    std::future::pending(),
+                ));
+                let channel = || switchboard_grpc::channel(&url).unwrap();
+                Budgets::new(config, channel(), channel())
+            }
+        }
+
+        pub fn budget(id: &str, app: &str, limit: i64) -> pb::Budget {
+            pb::Budget {
+                id: id.into(),
+                scope: Some(pb::BudgetScope {
+                    kind: BudgetScopeKind::App as i32,
+                    id: app.into(),
+                }),
+                limit_usd_nanos: limit,
+                enforcement: BudgetEnforcement::Hard as i32,
+                ..Default::default()
+            }
+        }
+
+        fn lease(state: &mut State) -> pb::Lease {
+            if state.grant == 0 {
+                return pb::Lease::default();
+            }
+            state.leases += 1;
+            pb::Lease {
+                lease_id: format!("lease-{}", state.leases),
+                granted_usd_nanos: state.grant,
+                ..Default::default()
+            }
+        }
+
+        #[tonic::async_trait]
+        impl BudgetService for Fake {
+            async fn create_budget(
+                &self,
+                _: Request<pb::CreateBudgetRequest>,
+            ) -> Result<Response<pb::CreateBudgetResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn get_budget(
+                &self,
+                _: Request<pb::GetBudgetRequest>,
+            ) -> Result<Response<pb::GetBudgetResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn update_budget(
+                &self,
+                _: Request<pb::UpdateBudgetRequest>,
+            ) -> Result<Response<pb::UpdateBudgetResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn list_budgets(
+                &self,
+                _: Request<pb::ListBudgetsRequest>,
+            ) -> Result<Response<pb::ListBudgetsResponse>, Status> {
+                let mut state = self.state();
+                state.list_calls += 1;
+                Ok(Response::new(pb::ListBudgetsResponse {
+                    budgets: state.budgets.clone(),
+                }))
+            }
+            async fn get_budget_status(
+                &self,
+                _: Request<pb::GetBudgetStatusRequest>,
+            ) -> Result<Response<pb::GetBudgetStatusResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn acquire_lease(
+                &self,
+                _: Request<pb::AcquireLeaseRequest>,
+            ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
+                let mut state = self.state();
+                state.acquired += 1;
+                Ok(Response::new(pb::AcquireLeaseResponse {
+                    lease: Some(lease(&mut state)),
+                }))
+            }
+            async fn extend_lease(
+                &self,
+                request: Request<pb::ExtendLeaseRequest>,
+            ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+                let request = request.into_inner();
+                let state = self.state();
+                Ok(Response::new(pb::ExtendLeaseResponse {
+                    lease: Some(pb::Lease {
+                        lease_id: request.lease_id,
+                        granted_usd_nanos: state.grant,
+                        ..Default::default()
+                    }),
+                }))
+            }
+            async fn release_lease(
+                &self,
+                request: Request<pb::ReleaseLeaseRequest>,
+            ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+                let request = request.into_inner();
+                self.state()
+                    .released
+                    .push((request.lease_id, request.spent_usd_nanos));
+                Ok(Response::new(pb::ReleaseLeaseResponse {}))
+            }
+            async fn get_prices(
+                &self,
+                _: Request<pb::GetPricesRequest>,
+            ) -> Result<Response<pb::GetPricesResponse>, Status> {
+                // One nano-USD per token.
+                let rates = pb::TokenRates {
+                    input: 1_000_000,
+                    output: 1_000_000,
+                    ..Default::default()
+                };
+                Ok(Response::new(pb::GetPricesResponse {
+                    prices: vec![pb::TargetPrice {
+                        provider: "p".into(),
+                        model: "priced".into(),
+                        base: Some(rates),
+                        ..Default::default()
+                    }],
+                }))
+            }
+            async fn acquire_rate_slice(
+                &self,
+                _: Request<pb::AcquireRateSliceRequest>,
+            ) -> Result<Response<pb::AcquireRateSliceResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+        }
+
+        #[tonic::async_trait]
+        impl RouterService for Fake {
+            type RouteStreamStream = tokio_stream::Empty<Result<rpb::RouteStreamResponse, Status>>;
+            async fn route(
+                &self,
+                _: Request<rpb::RouteRequest>,
+            ) -> Result<Response<rpb::RouteResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn route_stream(
+                &self,
+                _: Request<rpb::RouteStreamRequest>,
+            ) -> Result<Response<Self::RouteStreamStream>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn list_models(
+                &self,
+                _: Request<rpb::ListModelsRequest>,
+            ) -> Result<Response<rpb::ListModelsResponse>, Status> {
+                let target = |model: &str| pb::PriceTarget {
+                    provider: "p".into(),
+                    model: model.into(),
+                };
+                Ok(Response::new(rpb::ListModelsResponse {
+                    routes: vec![
+                        rpb::RouteTargets {
+                            route: "priced".into(),
+                            targets: vec![target("priced")],
+                        },
+                        rpb::RouteTargets {
+                            route: "unpriced".into(),
+                            targets: vec![target("unpriced")],
+                        },
+                    ],
+                    ..Default::default()
+                }))
+            }
+            async fn embed(
+                &self,
+                _: Request<rpb::EmbedRequest>,
+            ) -> Result<Response<rpb::EmbedResponse>, Status> {
+                Err(Status::unimplemented(""))
+            }
+        }
+    }
+
+    fn principal(app: &str) -> Principal {
+        Principal {
+            key_id: "k".into(),
+            app: app.into(),
+            team: "t".into(),
+            models: Default::default(),
+            tags: Default::default(),
+        }
+    }
+
+    fn enabled() -> BudgetsConfig {
+        BudgetsConfig {
+            enabled: true,
+            ..BudgetsConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_budget_reports_what_its_requests_in_flight_settle_on_its_old_lease() {
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "a", 1_000_000)];
+            state.grant = 100_000;
+        }
+        let budgets = fake.budgets(enabled()).await;
+        let mut request = ChatRequest {
+            model: "priced".into(),
+            messages: vec![Message::text(Role::User, "hello")],
+            ..Default::default()
+        };
+        let in_flight = budgets
+            .reserve(&principal("a"), &mut request, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fake.state().acquired, 1);
+        // The limit changes while the request is in flight.
+        fake.state().budgets = vec![fake::budget("b", "a", 2_000_000)];
+        budgets.reload().await.unwrap();
+        assert_eq!(fake.state().released, vec![("lease-1".to_owned(), 0)]);
+        in_flight.settle(25);
+        budgets.report().await;
+        assert_eq!(
+            fake.state().released.last(),
+            Some(&("lease-1".to_owned(), 25)),
+            "what settled after the change is reported on the old lease"
+        );
+        let catalog = budgets.catalog();
+        let slot = catalog.by_id.get("b").unwrap();
+        assert!(lock(&slot.local).retired.is_empty());
+        assert_eq!(slot.limit(), 2_000_000);
     }
 
     #[test]
