@@ -38,7 +38,7 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (Arc<Semantic>, Vec<ChatRequest>)
         messages: vec![Message::text(Role::User, &text)],
         ..Default::default()
     };
-    let (scope, _) = ScopeKey::of("bench", &request("x".into())).unwrap();
+    let (scope, _) = ScopeKey::of("bench", "", &request("x".into())).unwrap();
     // The scope is filled with clusters, as real traffic fills it (paraphrases of the same few
     // hundred questions): 100 embedded questions, each with 100 perturbed copies at a cosine of
     // about 0.8 to it. (Uniformly random unit vectors, which this bench used first, make HNSW
@@ -88,7 +88,7 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (Arc<Semantic>, Vec<ChatRequest>)
         .collect();
     runtime.block_on(async {
         for q in &questions[..4] {
-            semantic.find("bench", q).await.unwrap();
+            semantic.find("bench", "", q).await.unwrap();
         }
     });
     (semantic, questions)
@@ -114,7 +114,7 @@ fn bench(c: &mut Criterion) {
         b.to_async(&runtime).iter(|| {
             i = (i + 1) % questions.len();
             let (semantic, q) = (Arc::clone(&semantic), questions[i].clone());
-            async move { semantic.find("bench", &q).await.unwrap() }
+            async move { semantic.find("bench", "", &q).await.unwrap() }
         });
     });
     group.throughput(Throughput::Elements(32));
@@ -123,7 +123,7 @@ fn bench(c: &mut Criterion) {
             let semantic = Arc::clone(&semantic);
             let batch: Vec<ChatRequest> = questions[..32].to_vec();
             async move {
-                let calls = batch.iter().map(|q| semantic.find("bench", q));
+                let calls = batch.iter().map(|q| semantic.find("bench", "", q));
                 futures::future::join_all(calls).await
             }
         });
@@ -142,7 +142,7 @@ fn bench(c: &mut Criterion) {
                     let q = questions[(round + j) % questions.len()].clone();
                     async move {
                         let t = Instant::now();
-                        semantic.find("bench", &q).await.unwrap();
+                        semantic.find("bench", "", &q).await.unwrap();
                         t.elapsed()
                     }
                 });

@@ -100,18 +100,20 @@ impl Cache {
         self
     }
 
-    /// After an exact miss: the best live entry of the request's scope whose final user message
-    /// means the same (threshold and near-miss guard of its route), with its similarity. An
-    /// embedding failure is logged and answered as a miss: the cache never fails a request for it.
+    /// After an exact miss: the best live entry of the request's scope (`app`, `team`, tags and
+    /// the rest, [`crate::key::ScopeKey`]) whose final user message means the same (threshold and
+    /// near-miss guard of its route), with its similarity. An embedding failure is logged and
+    /// answered as a miss: the cache never fails a request for it.
     pub async fn lookup_semantic(
         &self,
         app: &str,
+        team: &str,
         request: &ChatRequest,
     ) -> Result<Option<(Hit, f32)>, CacheError> {
         let Some(semantic) = &self.semantic else {
             return Ok(None);
         };
-        let matches = match semantic.find(app, request).await {
+        let matches = match semantic.find(app, team, request).await {
             Ok(matches) => matches,
             Err(error) => {
                 tracing::warn!(%error, "semantic lookup skipped");
@@ -140,6 +142,7 @@ impl Cache {
     pub async fn index_semantic(
         &self,
         app: &str,
+        team: &str,
         request: &ChatRequest,
         key: CacheKey,
         ttl: Duration,
@@ -147,7 +150,7 @@ impl Cache {
         let Some(semantic) = &self.semantic else {
             return;
         };
-        match semantic.index_stored(app, request, key, ttl).await {
+        match semantic.index_stored(app, team, request, key, ttl).await {
             // Other replicas index it from the shared store without embedding again.
             Ok(Some(tag)) => {
                 let expires_at = SystemTime::now()
@@ -164,8 +167,13 @@ impl Cache {
         }
     }
 
-    /// The key of `request` in scope `app`; both the app and the model are required.
-    pub fn key(app: &str, request: Option<&ChatRequest>) -> Result<CacheKey, CacheError> {
+    /// The key of `request` of `team` in scope `app`; both the app and the model are required (the
+    /// team may be empty).
+    pub fn key(
+        app: &str,
+        team: &str,
+        request: Option<&ChatRequest>,
+    ) -> Result<CacheKey, CacheError> {
         if app.is_empty() {
             return Err(CacheError::Missing { field: "scope.app" });
         }
@@ -175,7 +183,7 @@ impl Cache {
                 field: "request.model",
             });
         }
-        Ok(CacheKey::of(app, request))
+        Ok(CacheKey::of(app, team, request))
     }
 
     /// Looks `key` up.
@@ -320,11 +328,11 @@ mod tests {
     #[test]
     fn keys_need_an_app_and_a_model() {
         assert!(matches!(
-            Cache::key("", Some(&request())),
+            Cache::key("", "t", Some(&request())),
             Err(CacheError::Missing { field: "scope.app" })
         ));
         assert!(matches!(
-            Cache::key("a", None),
+            Cache::key("a", "t", None),
             Err(CacheError::Missing { field: "request" })
         ));
         let no_model = ChatRequest {
@@ -332,7 +340,7 @@ mod tests {
             ..request()
         };
         assert!(matches!(
-            Cache::key("a", Some(&no_model)),
+            Cache::key("a", "t", Some(&no_model)),
             Err(CacheError::Missing {
                 field: "request.model"
             })
@@ -342,7 +350,7 @@ mod tests {
     #[tokio::test]
     async fn incomplete_answers_are_refused() {
         let cache = cache();
-        let key = Cache::key("a", Some(&request())).unwrap();
+        let key = Cache::key("a", "t", Some(&request())).unwrap();
         let mut cases: Vec<(Option<ChatResponse>, Refusal)> =
             vec![(None, Refusal::MissingResponse)];
         cases.push((
@@ -403,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn complete_answers_are_stored_with_their_route() {
         let cache = cache();
-        let key = Cache::key("a", Some(&request())).unwrap();
+        let key = Cache::key("a", "t", Some(&request())).unwrap();
         let route = RouteInfo {
             route: "fast".into(),
             provider: "p".into(),

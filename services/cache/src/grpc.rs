@@ -29,6 +29,10 @@ fn app_of(scope: &Option<Scope>) -> &str {
     scope.as_ref().map(|s| s.app.as_str()).unwrap_or_default()
 }
 
+fn team_of(scope: &Option<Scope>) -> &str {
+    scope.as_ref().map(|s| s.team.as_str()).unwrap_or_default()
+}
+
 fn model_of(request: &Option<switchboard_proto::chat::v1::ChatRequest>) -> &str {
     request
         .as_ref()
@@ -44,8 +48,12 @@ impl CacheService for CacheGrpc {
     ) -> Result<Response<LookupResponse>, Status> {
         let request = request.into_inner();
         let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
-        let key =
-            Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        let key = Cache::key(
+            app_of(&request.scope),
+            team_of(&request.scope),
+            request.request.as_ref(),
+        )
+        .map_err(to_status)?;
         // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
         let span = tracing::Span::current();
         span.record("app.id", app_of(&request.scope))
@@ -62,7 +70,7 @@ impl CacheService for CacheGrpc {
         {
             hit = self
                 .cache
-                .lookup_semantic(app_of(&request.scope), chat)
+                .lookup_semantic(app_of(&request.scope), team_of(&request.scope), chat)
                 .await
                 .map_err(to_status)?
                 .map(|(hit, similarity)| (hit, MatchKind::Semantic, similarity));
@@ -105,8 +113,12 @@ impl CacheService for CacheGrpc {
     ) -> Result<Response<StoreResponse>, Status> {
         let request = request.into_inner();
         let to_status = |error| switchboard_status::to_status(DOMAIN, &error);
-        let key =
-            Cache::key(app_of(&request.scope), request.request.as_ref()).map_err(to_status)?;
+        let key = Cache::key(
+            app_of(&request.scope),
+            team_of(&request.scope),
+            request.request.as_ref(),
+        )
+        .map_err(to_status)?;
         // The RPC's server span (`switchboard_telemetry::grpc_server_span`) takes the fields.
         let span = tracing::Span::current();
         span.record("app.id", app_of(&request.scope))
@@ -127,7 +139,13 @@ impl CacheService for CacheGrpc {
             Stored::Yes { ttl } => {
                 if let Some(chat) = request.request.as_ref() {
                     self.cache
-                        .index_semantic(app_of(&request.scope), chat, key, ttl)
+                        .index_semantic(
+                            app_of(&request.scope),
+                            team_of(&request.scope),
+                            chat,
+                            key,
+                            ttl,
+                        )
                         .await;
                 }
                 span.record("stored", true);

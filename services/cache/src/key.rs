@@ -1,12 +1,19 @@
 //! The exact-match cache key: SHA-256 over a canonical, versioned, unambiguously framed encoding of
-//! everything that changes the answer.
+//! everything that changes the answer, or which provider and model give it.
 //!
-//! Every string is length-prefixed, every list count-prefixed, every optional and every `oneof`
-//! tagged, and fields come in a fixed order, so the encoding is prefix-free: two different requests
-//! cannot produce the same byte stream by concatenation. Unset message fields (`sampling`,
-//! `tool_choice`, `response_format`) encode like their defaults, since providers treat them the same.
-//! `user` and `tags` are left out: they never change the answer. Bump [`KEY_VERSION`] whenever the
-//! encoding changes.
+//! Every string is length-prefixed, every list and map count-prefixed, every optional and every
+//! `oneof` tagged, and fields come in a fixed order, so the encoding is prefix-free: two different
+//! requests cannot produce the same byte stream by concatenation. Unset message fields
+//! (`sampling`, `tool_choice`, `response_format`) encode like their defaults, since providers treat
+//! them the same.
+//!
+//! The caller's team and the request's `tags` are in the key: the router routes on them (rules on
+//! the team, the `task` tag and any other tag, e.g. a data-residency rule), so the same prompt of
+//! two teams, or with other tags, may be answered by another provider and must not share an
+//! answer. Tags are hashed sorted by name (a map has no order). `user` is left out: it changes
+//! neither the answer nor the route. Bump [`KEY_VERSION`] whenever the encoding changes.
+
+use std::collections::HashMap;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -16,18 +23,20 @@ use switchboard_proto::chat::v1::{
 };
 
 /// Version tag hashed first; changing the encoding must change it.
-pub const KEY_VERSION: &str = "switchboard.cache.exact.v3";
+pub const KEY_VERSION: &str = "switchboard.cache.exact.v4";
 
 /// A 32-byte cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey(pub [u8; 32]);
 
 impl CacheKey {
-    /// The key of `request` in the scope of `app`.
-    pub fn of(app: &str, request: &ChatRequest) -> Self {
+    /// The key of `request` of `team` in the scope of `app`.
+    pub fn of(app: &str, team: &str, request: &ChatRequest) -> Self {
         let mut enc = Encoder(Sha256::new());
         enc.str(KEY_VERSION);
         enc.str(app);
+        enc.str(team);
+        enc.tags(&request.tags);
         enc.str(&request.model);
         enc.count(request.messages.len());
         for message in &request.messages {
@@ -57,20 +66,20 @@ impl CacheKey {
 }
 
 /// Version tag of the semantic scope encoding; changing it must change this.
-pub const SCOPE_VERSION: &str = "switchboard.cache.semantic-scope.v2";
+pub const SCOPE_VERSION: &str = "switchboard.cache.semantic-scope.v3";
 
-/// The compatibility scope of a semantic lookup: a hash of everything that changes the answer
-/// except the text of the final user message. Two requests can share a semantic answer only
-/// within one scope, so nothing is ever matched across apps, models, system prompts, earlier
-/// turns, tools, tool choice, sampling parameters or response formats.
+/// The compatibility scope of a semantic lookup: a hash of everything that changes the answer (or
+/// its route) except the text of the final user message. Two requests can share a semantic answer
+/// only within one scope, so nothing is ever matched across apps, teams, tags, models, system
+/// prompts, earlier turns, tools, tool choice, sampling parameters or response formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScopeKey(pub [u8; 32]);
 
 impl ScopeKey {
-    /// The scope of `request` in `app` and the text to embed (the final user message's text
-    /// parts, joined), or `None` when the request cannot be matched semantically: its last message
-    /// is not from the user, has no text, or carries anything besides text (an image).
-    pub fn of(app: &str, request: &ChatRequest) -> Option<(ScopeKey, String)> {
+    /// The scope of `request` of `team` in `app` and the text to embed (the final user message's
+    /// text parts, joined), or `None` when the request cannot be matched semantically: its last
+    /// message is not from the user, has no text, or carries anything besides text (an image).
+    pub fn of(app: &str, team: &str, request: &ChatRequest) -> Option<(ScopeKey, String)> {
         let (last, earlier) = request.messages.split_last()?;
         if last.role != switchboard_proto::chat::v1::Role::User as i32
             || !last.tool_calls.is_empty()
@@ -91,6 +100,8 @@ impl ScopeKey {
         let mut enc = Encoder(Sha256::new());
         enc.str(SCOPE_VERSION);
         enc.str(app);
+        enc.str(team);
+        enc.tags(&request.tags);
         enc.str(&request.model);
         enc.count(earlier.len());
         for message in earlier {
@@ -156,6 +167,18 @@ impl Encoder {
                 self.tag(1);
                 write(self, v);
             }
+        }
+    }
+
+    /// A map of tags, sorted by name (each name and value framed), so that the order a map
+    /// iterates in never matters.
+    fn tags(&mut self, tags: &HashMap<String, String>) {
+        let mut sorted: Vec<(&String, &String)> = tags.iter().collect();
+        sorted.sort_unstable();
+        self.count(sorted.len());
+        for (name, value) in sorted {
+            self.str(name);
+            self.str(value);
         }
     }
 
@@ -341,7 +364,7 @@ mod tests {
     }
 
     fn key(request: &ChatRequest) -> CacheKey {
-        CacheKey::of("app", request)
+        CacheKey::of("app", "team", request)
     }
 
     fn with_parts(parts: &[&str]) -> ChatRequest {
@@ -544,14 +567,61 @@ mod tests {
                 panic!("{name} and {other} collide");
             }
         }
-        assert_ne!(CacheKey::of("other-app", &base()), base_key, "app");
+        assert_ne!(CacheKey::of("other-app", "team", &base()), base_key, "app");
     }
 
     #[test]
-    fn user_tags_and_unset_defaults_do_not_change_the_key() {
+    fn the_team_and_the_tags_change_the_key_and_the_scope_as_routing_may_differ() {
+        let scope = |team: &str, r: &ChatRequest| ScopeKey::of("app", team, r).unwrap().0;
+        let tagged = |tags: &[(&str, &str)]| {
+            let mut r = base();
+            r.tags = tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            r
+        };
+        // Another team: another key and another semantic scope.
+        assert_ne!(
+            CacheKey::of("app", "ops", &base()),
+            CacheKey::of("app", "legal", &base())
+        );
+        assert_ne!(scope("ops", &base()), scope("legal", &base()));
+        // Other tags (another value, another name, one more), likewise.
+        let eu = tagged(&[("region", "eu")]);
+        for other in [
+            base(),
+            tagged(&[("region", "us")]),
+            tagged(&[("residency", "eu")]),
+            tagged(&[("region", "eu"), ("task", "summarize")]),
+        ] {
+            assert_ne!(key(&eu), key(&other), "{:?}", other.tags);
+            assert_ne!(
+                scope("team", &eu),
+                scope("team", &other),
+                "{:?}",
+                other.tags
+            );
+        }
+        // The same team and tags: the same key, whatever order the map holds them in.
+        let mut a = tagged(&[("a", "1"), ("b", "2"), ("c", "3")]);
+        let mut b = tagged(&[("c", "3"), ("a", "1"), ("b", "2")]);
+        assert_eq!(key(&a), key(&b));
+        assert_eq!(scope("team", &a), scope("team", &b));
+        // Framed: a name/value boundary cannot move, nor can a tag pass for the team.
+        a.tags = [("ab".to_owned(), "c".to_owned())].into();
+        b.tags = [("a".to_owned(), "bc".to_owned())].into();
+        assert_ne!(key(&a), key(&b));
+        assert_ne!(
+            CacheKey::of("app", "", &tagged(&[("t", "")])),
+            CacheKey::of("app", "t", &base())
+        );
+    }
+
+    #[test]
+    fn user_and_unset_defaults_do_not_change_the_key() {
         let mut r = base();
         r.user = "u-42".into();
-        r.tags.insert("team".into(), "search".into());
         assert_eq!(key(&r), key(&base()));
         let mut r = base();
         r.response_format = Some(ResponseFormat::default());
@@ -572,7 +642,7 @@ mod tests {
 
     #[test]
     fn semantic_scope_changes_with_top_k_thinking_and_tool_errors() {
-        let scope = |r: &ChatRequest| ScopeKey::of("app", r).map(|(s, _)| s);
+        let scope = |r: &ChatRequest| ScopeKey::of("app", "team", r).map(|(s, _)| s);
         let base_scope = scope(&base());
         assert!(base_scope.is_some());
         let mut r = base();
@@ -624,7 +694,14 @@ mod tests {
         // App and model are framed too.
         let mut m = base();
         m.model = "bfast".into();
-        assert_ne!(CacheKey::of("app", &m), CacheKey::of("appb", &base()));
+        assert_ne!(
+            CacheKey::of("app", "team", &m),
+            CacheKey::of("appb", "team", &base())
+        );
+        assert_ne!(
+            CacheKey::of("app", "bteam", &base()),
+            CacheKey::of("appb", "team", &base())
+        );
     }
 
     fn json_object() -> impl Strategy<Value = Vec<(String, i64)>> {
@@ -682,13 +759,23 @@ mod tests {
         }
 
         #[test]
-        fn user_and_tags_never_change_the_key(
-            user in ".{0,20}", tags in proptest::collection::hash_map(".{0,8}", ".{0,8}", 0..4),
-        ) {
+        fn user_never_changes_the_key(user in ".{0,20}") {
             let mut r = base();
             r.user = user;
-            r.tags = tags;
             prop_assert_eq!(key(&r), key(&base()));
+        }
+
+        #[test]
+        fn different_tag_maps_never_collide(
+            a in proptest::collection::hash_map("[ab]{0,3}", "[ab]{0,3}", 0..4),
+            b in proptest::collection::hash_map("[ab]{0,3}", "[ab]{0,3}", 0..4),
+        ) {
+            let with = |tags: &HashMap<String, String>| {
+                let mut r = base();
+                r.tags = tags.clone();
+                r
+            };
+            prop_assert_eq!(a == b, key(&with(&a)) == key(&with(&b)));
         }
 
         #[test]

@@ -48,7 +48,10 @@ impl Running {
 
     async fn lookup(&mut self, app: &str, request: ChatRequest) -> LookupResponse {
         let lookup = LookupRequest {
-            scope: Some(Scope { app: app.into() }),
+            scope: Some(Scope {
+                app: app.into(),
+                ..Default::default()
+            }),
             request: Some(request),
         };
         self.client.lookup(lookup).await.unwrap().into_inner()
@@ -62,7 +65,10 @@ impl Running {
         ttl: u32,
     ) -> StoreResponse {
         let store = StoreRequest {
-            scope: Some(Scope { app: app.into() }),
+            scope: Some(Scope {
+                app: app.into(),
+                ..Default::default()
+            }),
             request: Some(request),
             response: Some(response),
             route: Some(route()),
@@ -138,10 +144,10 @@ async fn store_then_lookup_hits_and_scope_and_sampling_isolate() {
     assert!(stored.stored, "{}", stored.reason);
     assert!(stored.reason.is_empty());
 
-    let mut with_tags = request(0.2);
-    with_tags.user = "end-user-7".into();
-    with_tags.tags.insert("team".into(), "t1".into());
-    let hit = cache.lookup("search", with_tags).await;
+    // The end user does not take part in the key (tags and the team do: see below).
+    let mut with_user = request(0.2);
+    with_user.user = "end-user-7".into();
+    let hit = cache.lookup("search", with_user).await;
     assert!(hit.hit);
     assert_eq!(hit.key, miss.key);
     assert_eq!(hit.response, Some(response(FinishReason::Stop)));
@@ -204,7 +210,10 @@ async fn incomplete_answers_are_refused_with_a_reason() {
 async fn empty_app_or_model_is_invalid_argument() {
     let mut cache = Running::start().await;
     let store = StoreRequest {
-        scope: Some(Scope { app: String::new() }),
+        scope: Some(Scope {
+            app: String::new(),
+            ..Default::default()
+        }),
         request: Some(request(0.1)),
         response: Some(response(FinishReason::Stop)),
         ..Default::default()
@@ -223,7 +232,10 @@ async fn empty_app_or_model_is_invalid_argument() {
         ..request(0.1)
     };
     let lookup = LookupRequest {
-        scope: Some(Scope { app: "a".into() }),
+        scope: Some(Scope {
+            app: "a".into(),
+            ..Default::default()
+        }),
         request: Some(no_model),
     };
     let status = cache.client.lookup(lookup).await.unwrap_err();
@@ -261,6 +273,7 @@ async fn purge_removes_only_the_apps_entries_and_needs_an_app() {
         .purge(PurgeRequest {
             scope: Some(Scope {
                 app: "search".into(),
+                ..Default::default()
             }),
         })
         .await
@@ -319,4 +332,63 @@ async fn invalid_configuration_is_refused_at_build() {
         .unwrap()
         .to_string();
     assert!(error.contains("cache.default_ttl_secs"), "{error}");
+}
+
+#[tokio::test]
+async fn another_team_or_other_tags_never_share_an_answer() {
+    // The router routes on the team and on tags (a data-residency rule, say): the same prompt of
+    // another team, or with other tags, may be answered by another provider.
+    let mut cache = Running::start().await;
+    let scope = |team: &str| {
+        Some(Scope {
+            app: "app".into(),
+            team: team.into(),
+        })
+    };
+    let tagged = |tags: &[(&str, &str)]| {
+        let mut r = request(0.1);
+        r.tags = tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        r
+    };
+    let stored = cache
+        .client
+        .store(StoreRequest {
+            scope: scope("legal"),
+            request: Some(tagged(&[("region", "eu"), ("task", "chat")])),
+            response: Some(response(FinishReason::Stop)),
+            route: Some(route()),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.stored, "{}", stored.reason);
+    let hit = |team: &str, request: ChatRequest| {
+        let lookup = LookupRequest {
+            scope: scope(team),
+            request: Some(request),
+        };
+        let mut client = cache.client.clone();
+        async move { client.lookup(lookup).await.unwrap().into_inner().hit }
+    };
+    // The same team and tags (in any order): a hit.
+    assert!(hit("legal", tagged(&[("task", "chat"), ("region", "eu")])).await);
+    // Another team: a miss.
+    assert!(!hit("ops", tagged(&[("region", "eu"), ("task", "chat")])).await);
+    assert!(!hit("", tagged(&[("region", "eu"), ("task", "chat")])).await);
+    // Other tags: another value, one tag fewer, one more, none.
+    assert!(!hit("legal", tagged(&[("region", "us"), ("task", "chat")])).await);
+    assert!(!hit("legal", tagged(&[("region", "eu")])).await);
+    assert!(
+        !hit(
+            "legal",
+            tagged(&[("region", "eu"), ("task", "chat"), ("tier", "free")])
+        )
+        .await
+    );
+    assert!(!hit("legal", request(0.1)).await);
+    cache.stop().await;
 }

@@ -81,7 +81,10 @@ impl Replica {
         let found = self
             .client
             .lookup(LookupRequest {
-                scope: Some(Scope { app: app.into() }),
+                scope: Some(Scope {
+                    app: app.into(),
+                    ..Default::default()
+                }),
                 request: Some(request(question)),
             })
             .await
@@ -102,7 +105,10 @@ impl Replica {
         let stored = self
             .client
             .store(StoreRequest {
-                scope: Some(Scope { app: app.into() }),
+                scope: Some(Scope {
+                    app: app.into(),
+                    ..Default::default()
+                }),
                 request: Some(request(question)),
                 response: Some(response(question)),
                 route: None,
@@ -117,7 +123,10 @@ impl Replica {
     async fn purge(&mut self, app: &str) -> u64 {
         self.client
             .purge(PurgeRequest {
-                scope: Some(Scope { app: app.into() }),
+                scope: Some(Scope {
+                    app: app.into(),
+                    ..Default::default()
+                }),
             })
             .await
             .unwrap()
@@ -442,7 +451,10 @@ async fn a_paraphrase_hits_on_every_replica_and_a_purge_clears_every_semantic_in
         found.hit && found.r#match == switchboard_proto::cache::v1::MatchKind::Semantic as i32
     };
     let lookup = |app: &str, question: &str| LookupRequest {
-        scope: Some(Scope { app: app.into() }),
+        scope: Some(Scope {
+            app: app.into(),
+            ..Default::default()
+        }),
         request: Some(request(question)),
     };
     // The storing replica, then the other one once it has read the entry and its tag.

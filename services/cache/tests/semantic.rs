@@ -86,7 +86,10 @@ impl Running {
 
     async fn lookup(&mut self, app: &str, request: ChatRequest) -> LookupResponse {
         let lookup = LookupRequest {
-            scope: Some(Scope { app: app.into() }),
+            scope: Some(Scope {
+                app: app.into(),
+                ..Default::default()
+            }),
             request: Some(request),
         };
         self.client.lookup(lookup).await.unwrap().into_inner()
@@ -94,7 +97,10 @@ impl Running {
 
     async fn store(&mut self, app: &str, request: ChatRequest, answer: &str) {
         let store = StoreRequest {
-            scope: Some(Scope { app: app.into() }),
+            scope: Some(Scope {
+                app: app.into(),
+                ..Default::default()
+            }),
             request: Some(request),
             response: Some(response(answer)),
             route: None,

@@ -1325,9 +1325,7 @@ impl Pipeline {
             .cache
             .clone()
             .lookup(LookupRequest {
-                scope: Some(Scope {
-                    app: ctx.principal.app.clone(),
-                }),
+                scope: Some(cache_scope(ctx)),
                 request: Some(request),
             })
             .await;
@@ -1359,9 +1357,7 @@ impl Pipeline {
     ) {
         let mut cache = self.cache.clone();
         let store = StoreRequest {
-            scope: Some(Scope {
-                app: ctx.principal.app.clone(),
-            }),
+            scope: Some(cache_scope(ctx)),
             request: Some(request.clone()),
             response: Some(response.clone()),
             route: Some(route.clone()),
@@ -1652,6 +1648,16 @@ fn partial_route(
         ..Default::default()
     }];
     route
+}
+
+/// The cache scope of a request: its app and its team. The team, like the request's tags (in the
+/// request itself), is part of the cache key because the router may route on it: another team's
+/// identical request may be served by another provider, so it never shares a cached answer.
+fn cache_scope(ctx: &RequestContext) -> Scope {
+    Scope {
+        app: ctx.principal.app.clone(),
+        team: ctx.principal.team.clone(),
+    }
 }
 
 fn caller(ctx: &RequestContext) -> Caller {
@@ -2581,6 +2587,38 @@ mod tests {
         healthy.settle().await;
         assert_eq!(healthy.stores(), 2);
         assert!(!healthy.usage_events().iter().any(unchecked_tagged));
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_asked_with_the_team_and_every_tag_the_router_may_route_on() {
+        use stubs::*;
+        let harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        let mut principal = principal("ops");
+        principal.tags = Arc::from(vec![("region".to_owned(), "eu".to_owned())]);
+        let ctx = RequestContext::new(principal);
+        let mut asked = request();
+        asked.tags.insert("task".into(), "chat".into());
+        harness
+            .pipeline
+            .complete(&ctx, asked, CacheControl::default())
+            .await
+            .unwrap();
+        harness.settle().await;
+        let lookups = harness.cache.lookups.lock().unwrap().clone();
+        let stores = harness.cache.stores.lock().unwrap().clone();
+        assert_eq!((lookups.len(), stores.len()), (1, 1));
+        let expected_scope = Scope {
+            app: "app".into(),
+            team: "ops".into(),
+        };
+        assert_eq!(lookups[0].scope.as_ref(), Some(&expected_scope));
+        assert_eq!(stores[0].scope.as_ref(), Some(&expected_scope));
+        let expected_tags: HashMap<String, String> = [("region", "eu"), ("task", "chat")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
+        // The key's tags and the caller's, as the router gets them: the cache keys on both.
+        assert_eq!(lookups[0].request.as_ref().unwrap().tags, expected_tags);
+        assert_eq!(stores[0].request.as_ref().unwrap().tags, expected_tags);
     }
 
     #[test]

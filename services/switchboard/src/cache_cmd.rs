@@ -61,7 +61,10 @@ async fn purge(
         .map_err(|e| (69, format!("cannot reach the cache at {url}: {e}")))?;
     let purged = client
         .purge(PurgeRequest {
-            scope: Some(Scope { app: app.clone() }),
+            scope: Some(Scope {
+                app: app.clone(),
+                ..Default::default()
+            }),
         })
         .await
         .map_err(|status| (1, format!("the cache refused: {}", status.message())))?

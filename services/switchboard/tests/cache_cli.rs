@@ -69,7 +69,10 @@ async fn cache_purge_removes_one_apps_answers() {
     for (app, question) in [("billing", "q1"), ("billing", "q2"), ("search", "q1")] {
         let stored = client
             .store(StoreRequest {
-                scope: Some(Scope { app: app.into() }),
+                scope: Some(Scope {
+                    app: app.into(),
+                    ..Default::default()
+                }),
                 request: Some(request(question)),
                 response: Some(response()),
                 route: None,
@@ -99,7 +102,10 @@ async fn cache_purge_removes_one_apps_answers() {
     assert_eq!(stdout.trim(), "purged 2 cached answers of app billing");
     let hit = |app: &str, question: &str| {
         let lookup = LookupRequest {
-            scope: Some(Scope { app: app.into() }),
+            scope: Some(Scope {
+                app: app.into(),
+                ..Default::default()
+            }),
             request: Some(request(question)),
         };
         let mut client = client.clone();

@@ -142,8 +142,10 @@ async fn a_stream_with_a_split_placeholder_is_restored_and_cached_with_placehold
     for _ in 0..200 {
         let found = cache
             .lookup(LookupRequest {
+                // The gateway's cache scope: key-c's app and team.
                 scope: Some(Scope {
                     app: "app-c".into(),
+                    team: "team-3".into(),
                 }),
                 request: Some(chat("mail <EMAIL_ADDRESS_1> now")),
             })

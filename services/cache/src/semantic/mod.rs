@@ -130,11 +130,16 @@ impl Semantic {
     /// The entries that may answer `request`, best first: in its scope, at or above its route's
     /// threshold, and not near misses. Empty when the route does not opt in or the request has no
     /// final user text.
-    pub async fn find(&self, app: &str, request: &ChatRequest) -> Result<Vec<Match>, EmbedError> {
+    pub async fn find(
+        &self,
+        app: &str,
+        team: &str,
+        request: &ChatRequest,
+    ) -> Result<Vec<Match>, EmbedError> {
         let Some(route) = self.route(&request.model) else {
             return Ok(Vec::new());
         };
-        let Some((scope, text)) = ScopeKey::of(app, request) else {
+        let Some((scope, text)) = ScopeKey::of(app, team, request) else {
             return Ok(Vec::new());
         };
         let vector = self.embedder.embed(&text).await?;
@@ -168,12 +173,13 @@ impl Semantic {
     pub async fn tag(
         &self,
         app: &str,
+        team: &str,
         request: &ChatRequest,
     ) -> Result<Option<SemanticTag>, EmbedError> {
         if self.route(&request.model).is_none() {
             return Ok(None);
         }
-        let Some((scope, text)) = ScopeKey::of(app, request) else {
+        let Some((scope, text)) = ScopeKey::of(app, team, request) else {
             return Ok(None);
         };
         let vector = self.embedder.embed(&text).await?;
@@ -211,11 +217,12 @@ impl Semantic {
     pub async fn index_stored(
         &self,
         app: &str,
+        team: &str,
         request: &ChatRequest,
         key: CacheKey,
         ttl: Duration,
     ) -> Result<Option<SemanticTag>, EmbedError> {
-        let Some(tag) = self.tag(app, request).await? else {
+        let Some(tag) = self.tag(app, team, request).await? else {
             return Ok(None);
         };
         let expires_at = SystemTime::now()
