@@ -1009,6 +1009,8 @@ mod tests {
     fn a_rate_limit_refusal_says_when_to_retry_as_the_openai_face_does() {
         let error = GatewayError::RateLimited {
             scope: "key:k".into(),
+            limit: "requests_per_minute",
+            limit_value: 40,
             retry_after_secs: 7,
         };
         let response = error_response(&error, Some("req-1"));

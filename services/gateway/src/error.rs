@@ -71,9 +71,15 @@ pub enum GatewayError {
         resets_at: String,
     },
     /// A shared per-minute rate limit of the caller's key or app is reached.
-    #[error("rate limit of {scope} reached; retry after {retry_after_secs} s")]
+    #[error(
+        "rate limit of {scope} reached ({limit} = {limit_value}); retry after {retry_after_secs} s"
+    )]
     RateLimited {
         scope: String,
+        /// The limit that refused: `requests_per_minute` or `tokens_per_minute`.
+        limit: &'static str,
+        /// Its configured value.
+        limit_value: u64,
         retry_after_secs: u64,
     },
     /// Too many requests in flight at this gateway.
@@ -354,9 +360,13 @@ impl ServiceError for GatewayError {
             ]),
             GatewayError::RateLimited {
                 scope,
+                limit,
+                limit_value,
                 retry_after_secs,
             } => HashMap::from([
                 ("scope".to_owned(), scope.clone()),
+                ("limit".to_owned(), (*limit).to_owned()),
+                ("limit_value".to_owned(), limit_value.to_string()),
                 ("retry_after_secs".to_owned(), retry_after_secs.to_string()),
             ]),
             _ => HashMap::new(),
@@ -422,10 +432,15 @@ mod tests {
 
         let limited = GatewayError::RateLimited {
             scope: "key:k".into(),
+            limit: "tokens_per_minute",
+            limit_value: 5_000,
             retry_after_secs: 7,
         };
         let body = serde_json::to_value(limited.body()).unwrap();
         assert_eq!(body["error"]["type"], "rate_limit_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("key:k"), "{message}");
+        assert!(message.contains("tokens_per_minute = 5000"), "{message}");
         let status = tonic::Status::from(limited);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         use tonic_types::StatusExt;
@@ -433,10 +448,11 @@ mod tests {
             status.get_details_retry_info().unwrap().retry_delay,
             Some(std::time::Duration::from_secs(7))
         );
-        assert_eq!(
-            status.get_details_error_info().unwrap().reason,
-            "RATE_LIMITED"
-        );
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "RATE_LIMITED");
+        assert_eq!(info.metadata["limit"], "tokens_per_minute");
+        assert_eq!(info.metadata["limit_value"], "5000");
+        assert_eq!(info.metadata["scope"], "key:k");
     }
 
     #[test]

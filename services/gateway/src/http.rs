@@ -518,6 +518,8 @@ mod tests {
     fn a_rate_limit_refusal_carries_retry_after_and_the_request_id() {
         let limited = || GatewayError::RateLimited {
             scope: "key:k".into(),
+            limit: "requests_per_minute",
+            limit_value: 40,
             retry_after_secs: 7,
         };
         let response = error_with_id(limited(), "req-1");

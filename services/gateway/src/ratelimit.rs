@@ -121,12 +121,45 @@ impl Window {
 
 /// Admission outcome of one limiter.
 enum Admit {
-    Yes,
+    /// Admitted: this much was taken from the window's slice.
+    Yes(Taken),
     Ask,
-    No(Duration),
+    /// Refused until the window ends, by this limit.
+    No(Duration, Short),
+}
+
+/// What an admission took from a window (given back when another limit refuses the request).
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    ends: SystemTime,
+    requests: u64,
+    tokens: u64,
+}
+
+/// The limit that refused a request: its configuration name and value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Short {
+    limit: &'static str,
+    value: u64,
 }
 
 impl Limiter {
+    /// Which of this limiter's limits the window cannot cover for a request of `tokens`.
+    fn short(&self, window: &Window, tokens: u64) -> Short {
+        let tokens_short = self.tokens_per_minute > 0 && window.tokens < tokens;
+        if tokens_short && (self.requests_per_minute == 0 || window.requests > 0) {
+            Short {
+                limit: "tokens_per_minute",
+                value: self.tokens_per_minute,
+            }
+        } else {
+            Short {
+                limit: "requests_per_minute",
+                value: self.requests_per_minute,
+            }
+        }
+    }
+
     fn admit(&self, tokens: u64, now: SystemTime) -> Admit {
         let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
         if !window.current(now) {
@@ -138,19 +171,35 @@ impl Limiter {
         } else {
             0
         };
-        if window.requests >= need_requests && window.tokens >= need_tokens {
+        if let Some(ends) = window.ends
+            && window.requests >= need_requests
+            && window.tokens >= need_tokens
+        {
             window.requests -= need_requests;
             window.tokens -= need_tokens;
-            return Admit::Yes;
+            return Admit::Yes(Taken {
+                ends,
+                requests: need_requests,
+                tokens: need_tokens,
+            });
         }
         if window.exhausted {
             let wait = window
                 .ends
                 .and_then(|ends| ends.duration_since(now).ok())
                 .unwrap_or_default();
-            return Admit::No(wait);
+            return Admit::No(wait, self.short(&window, need_tokens));
         }
         Admit::Ask
+    }
+
+    /// Gives back what an admission took, while its window lasts.
+    fn refund(&self, taken: Taken) {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if window.ends == Some(taken.ends) {
+            window.requests += taken.requests;
+            window.tokens += taken.tokens;
+        }
     }
 
     /// Slice size: a twentieth of the limit, at least what this request needs.
@@ -221,33 +270,41 @@ impl RateLimits {
     }
 
     /// Admits one request of about `tokens` tokens for `principal`, or refuses it with a
-    /// rate-limit error carrying the time until the window ends.
+    /// rate-limit error naming the limit and carrying the time until the window ends. When the
+    /// app's limit refuses a request the key's admitted, the key's share is given back.
     pub async fn check(&self, principal: &Principal, tokens: u64) -> Result<(), GatewayError> {
-        for limiter in [
+        let limiters = [
             self.keys.get(&principal.key_id),
             self.apps.get(&principal.app),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            self.check_one(limiter, tokens).await?;
+        ];
+        let mut taken: Vec<(&Limiter, Taken)> = Vec::with_capacity(limiters.len());
+        for limiter in limiters.into_iter().flatten() {
+            match self.check_one(limiter, tokens).await {
+                Ok(took) => taken.push((limiter, took)),
+                Err(error) => {
+                    for (limiter, took) in taken {
+                        limiter.refund(took);
+                    }
+                    return Err(error);
+                }
+            }
         }
         Ok(())
     }
 
-    async fn check_one(&self, limiter: &Limiter, tokens: u64) -> Result<(), GatewayError> {
+    async fn check_one(&self, limiter: &Limiter, tokens: u64) -> Result<Taken, GatewayError> {
         // Each round either admits, refuses, or records a grant; three rounds bound a race with
         // the window's end.
         for _ in 0..3 {
             match limiter.admit(tokens, SystemTime::now()) {
-                Admit::Yes => return Ok(()),
-                Admit::No(wait) => return Err(limited(limiter, wait)),
+                Admit::Yes(taken) => return Ok(taken),
+                Admit::No(wait, short) => return Err(limited(limiter, short, wait)),
                 Admit::Ask => {}
             }
             let _one = limiter.refill.lock().await;
             match limiter.admit(tokens, SystemTime::now()) {
-                Admit::Yes => return Ok(()),
-                Admit::No(wait) => return Err(limited(limiter, wait)),
+                Admit::Yes(taken) => return Ok(taken),
+                Admit::No(wait, short) => return Err(limited(limiter, short, wait)),
                 Admit::Ask => {}
             }
             let (want_requests, want_tokens) = limiter.want(tokens);
@@ -295,15 +352,24 @@ impl RateLimits {
                 window.exhausted = true;
             }
         }
-        Err(limited(limiter, Duration::from_secs(1)))
+        let short = {
+            let window = limiter
+                .window
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            limiter.short(&window, tokens)
+        };
+        Err(limited(limiter, short, Duration::from_secs(1)))
     }
 }
 
-fn limited(limiter: &Limiter, wait: Duration) -> GatewayError {
+fn limited(limiter: &Limiter, short: Short, wait: Duration) -> GatewayError {
     // Whole seconds, rounded up, at least one.
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     GatewayError::RateLimited {
         scope: limiter.scope.clone(),
+        limit: short.limit,
+        limit_value: short.value,
         retry_after_secs: secs.max(1),
     }
 }
@@ -335,18 +401,30 @@ mod tests {
             tokens: 0,
             exhausted: false,
         };
-        assert!(matches!(limiter.admit(1, now), Admit::Yes));
+        assert!(matches!(limiter.admit(1, now), Admit::Yes(_)));
         assert!(matches!(limiter.admit(1, now), Admit::Ask));
         limiter.window.lock().unwrap().exhausted = true;
-        match limiter.admit(1, now + Duration::from_millis(500)) {
-            Admit::No(wait) => assert_eq!(wait, Duration::from_millis(39_500)),
+        let short = match limiter.admit(1, now + Duration::from_millis(500)) {
+            Admit::No(wait, short) => {
+                assert_eq!(wait, Duration::from_millis(39_500));
+                short
+            }
             _ => panic!("expected a refusal"),
-        }
-        let error = limited(&limiter, Duration::from_millis(39_500));
+        };
+        assert_eq!(
+            short,
+            Short {
+                limit: "requests_per_minute",
+                value: 40
+            }
+        );
+        let error = limited(&limiter, short, Duration::from_millis(39_500));
         assert!(matches!(
             error,
             GatewayError::RateLimited {
                 retry_after_secs: 40,
+                limit: "requests_per_minute",
+                limit_value: 40,
                 ..
             }
         ));
@@ -438,6 +516,64 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(limits.keys["k"].window.lock().unwrap().tokens, 700);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_limit_and_the_app_refusing_gives_the_keys_share_back() {
+        let limits = limits(&[
+            on_key(40, 0),
+            RateLimitConfig {
+                key: None,
+                app: Some("a".into()),
+                requests_per_minute: 10,
+                tokens_per_minute: 5_000,
+            },
+        ]);
+        let (key, app) = (&limits.keys["k"], &limits.apps["a"]);
+        // The key's slice has one request left; the app's window is used up.
+        fill(key, 1, 0);
+        fill(app, 0, 5_000);
+        let error = limits.check(&principal(), 10).await.unwrap_err();
+        match &error {
+            GatewayError::RateLimited {
+                scope,
+                limit,
+                limit_value,
+                ..
+            } => {
+                assert_eq!(scope, "app:a");
+                assert_eq!(*limit, "requests_per_minute");
+                assert_eq!(*limit_value, 10);
+            }
+            other => panic!("expected a rate limit, got {other:?}"),
+        }
+        let message = error.to_string();
+        assert!(message.contains("requests_per_minute = 10"), "{message}");
+        // The key's request came back: the app refused the request, the key did not.
+        assert_eq!(key.window.lock().unwrap().requests, 1);
+
+        // The app has requests but too few tokens: the token limit is named.
+        fill(app, 3, 50);
+        let error = limits.check(&principal(), 100).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                GatewayError::RateLimited {
+                    limit: "tokens_per_minute",
+                    limit_value: 5_000,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(key.window.lock().unwrap().requests, 1);
+
+        // Both admit: each takes its share.
+        fill(app, 3, 5_000);
+        limits.check(&principal(), 100).await.unwrap();
+        assert_eq!(key.window.lock().unwrap().requests, 0);
+        let window = app.window.lock().unwrap();
+        assert_eq!((window.requests, window.tokens), (2, 4_900));
     }
 
     #[test]
