@@ -12,7 +12,10 @@
 //!
 //! Extended thinking: `ChatRequest.thinking` is `thinking` (`enabled` with `budget_tokens`, or
 //! `disabled`; with no budget, an OpenAI-style `effort` picks it: low 1,024, medium 2,048, high
-//! 4,096). An assistant message's `thinking` blocks are sent back first in its turn,
+//! 4,096; never below Anthropic's minimum 1,024). Thinking counts within `max_tokens`, which must
+//! exceed the budget: without a client `max_tokens` it is the budget plus `default_max_tokens`;
+//! with one, the budget is clamped below it, and no thinking block is sent when that leaves less
+//! than 1,024. An assistant message's `thinking` blocks are sent back first in its turn,
 //! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
 //! in the turn after a tool call. A block with neither a signature nor redacted data is not sent:
 //! Anthropic could not verify it and would reject the request (it came from another provider,
@@ -213,10 +216,12 @@ pub fn to_anthropic_request(
             "Anthropic generates one choice per request",
         ));
     }
-    body.insert(
-        "max_tokens".into(),
-        json!(sampling.max_tokens.unwrap_or(default_max_tokens)),
+    let (max_tokens, thinking) = max_tokens_and_thinking(
+        sampling.max_tokens,
+        request.thinking.as_ref(),
+        default_max_tokens,
     );
+    body.insert("max_tokens".into(), json!(max_tokens));
     if !sampling.stop.is_empty() {
         body.insert("stop_sequences".into(), json!(sampling.stop));
     }
@@ -276,20 +281,54 @@ pub fn to_anthropic_request(
     if !request.user.is_empty() {
         body.insert("metadata".into(), json!({ "user_id": request.user }));
     }
-    if let Some(thinking) = &request.thinking {
-        body.insert(
-            "thinking".into(),
-            if thinking.enabled {
-                json!({ "type": "enabled", "budget_tokens": super::thinking_budget(thinking) })
-            } else {
-                json!({ "type": "disabled" })
-            },
-        );
+    if let Some(thinking) = thinking {
+        body.insert("thinking".into(), thinking);
     }
     if stream {
         body.insert("stream".into(), json!(true));
     }
     Ok(Value::Object(body))
+}
+
+/// Anthropic's smallest thinking budget (`budget_tokens` >= 1,024).
+const MIN_THINKING_BUDGET: u32 = 1024;
+
+/// `max_tokens` and the `thinking` block (if any) of a request that sets `max_tokens` (or not)
+/// and asks for `thinking`. Anthropic counts thinking within `max_tokens` and requires
+/// `max_tokens > budget_tokens >= 1,024`:
+/// - no `max_tokens` from the client: the budget (at least 1,024) plus `default_max_tokens`, so
+///   that the visible answer keeps the room it has without thinking;
+/// - the client's `max_tokens`: kept (it bounds what the client pays for), the budget clamped to
+///   `max_tokens - 1`; when that leaves less than 1,024 no thinking block is sent at all, since
+///   Anthropic would reject the request (400, and the route would stop) and the answer is worth
+///   more than its reasoning. Thinking off is sent as `disabled` whatever `max_tokens` is.
+fn max_tokens_and_thinking(
+    max_tokens: Option<u32>,
+    thinking: Option<&switchboard_proto::chat::v1::ThinkingConfig>,
+    default_max_tokens: u32,
+) -> (u32, Option<Value>) {
+    let Some(thinking) = thinking else {
+        return (max_tokens.unwrap_or(default_max_tokens), None);
+    };
+    if !thinking.enabled {
+        return (
+            max_tokens.unwrap_or(default_max_tokens),
+            Some(json!({ "type": "disabled" })),
+        );
+    }
+    let budget = super::thinking_budget(thinking).max(MIN_THINKING_BUDGET);
+    let enabled = |budget: u32| Some(json!({ "type": "enabled", "budget_tokens": budget }));
+    match max_tokens {
+        None => (budget.saturating_add(default_max_tokens), enabled(budget)),
+        Some(max) => {
+            let budget = budget.min(max.saturating_sub(1));
+            if budget >= MIN_THINKING_BUDGET {
+                (max, enabled(budget))
+            } else {
+                (max, None)
+            }
+        }
+    }
 }
 
 // === responses ===
@@ -698,6 +737,64 @@ mod tests {
             signature: signature.into(),
             redacted_data: redacted_data.into(),
         }
+    }
+
+    #[test]
+    fn max_tokens_always_exceeds_the_thinking_budget() {
+        use switchboard_proto::chat::v1::{SamplingParams, ThinkingConfig};
+        let ask = |max_tokens: Option<u32>, enabled: bool, budget_tokens: u32, effort: &str| {
+            let request = ChatRequest {
+                model: "route".into(),
+                messages: vec![Message::text(Role::User, "why")],
+                sampling: Some(SamplingParams {
+                    max_tokens,
+                    ..Default::default()
+                }),
+                thinking: Some(ThinkingConfig {
+                    enabled,
+                    budget_tokens,
+                    effort: effort.into(),
+                }),
+                ..Default::default()
+            };
+            // 4,096: the provider setting's default.
+            let body = to_anthropic_request("claude", &request, false, 4096).unwrap();
+            (
+                body["max_tokens"].as_u64().unwrap(),
+                body.get("thinking").cloned(),
+            )
+        };
+        let enabled = |budget: u32| Some(json!({ "type": "enabled", "budget_tokens": budget }));
+        // No client max_tokens: the budget plus the default, room for the visible answer.
+        assert_eq!(ask(None, true, 0, "high"), (4096 + 4096, enabled(4096)));
+        assert_eq!(ask(None, true, 0, "low"), (1024 + 4096, enabled(1024)));
+        assert_eq!(
+            ask(None, true, 10_000, ""),
+            (10_000 + 4096, enabled(10_000))
+        );
+        // Enabled without a budget or effort: Anthropic's minimum, not 0.
+        assert_eq!(ask(None, true, 0, ""), (1024 + 4096, enabled(1024)));
+        // The client's max_tokens stays; the budget is clamped below it.
+        assert_eq!(ask(Some(8192), true, 0, "high"), (8192, enabled(4096)));
+        assert_eq!(ask(Some(4096), true, 0, "high"), (4096, enabled(4095)));
+        assert_eq!(ask(Some(3000), true, 0, "high"), (3000, enabled(2999)));
+        assert_eq!(ask(Some(1025), true, 0, "medium"), (1025, enabled(1024)));
+        // Less than 1,024 left for thinking: no thinking block at all.
+        assert_eq!(ask(Some(1024), true, 0, "low"), (1024, None));
+        assert_eq!(ask(Some(500), true, 0, "high"), (500, None));
+        // Thinking off: disabled, max_tokens as asked (or the default).
+        let disabled = Some(json!({ "type": "disabled" }));
+        assert_eq!(ask(None, false, 0, "none"), (4096, disabled.clone()));
+        assert_eq!(ask(Some(100), false, 0, "none"), (100, disabled));
+        // No thinking asked: none sent.
+        let plain = ChatRequest {
+            model: "route".into(),
+            messages: vec![Message::text(Role::User, "why")],
+            ..Default::default()
+        };
+        let body = to_anthropic_request("claude", &plain, false, 4096).unwrap();
+        assert_eq!(body["max_tokens"], 4096);
+        assert!(body.get("thinking").is_none());
     }
 
     #[test]
