@@ -912,7 +912,9 @@ impl Budgets {
 }
 
 /// Takes `want` if available, else as much as is available when that is at least `need`.
-/// Returns the amount and the epoch of the lease it was taken from.
+/// Returns the amount and the epoch of the lease it was taken from. Nothing (a request with no
+/// priced target, e.g. an embedding on an unpriced model) is taken only while something is
+/// available: an exhausted hard budget refuses it too.
 fn try_take(slot: &Slot, want: i64, need: i64) -> Option<(i64, u64)> {
     let mut local = lock(&slot.local);
     if local.closed {
@@ -923,7 +925,7 @@ fn try_take(slot: &Slot, want: i64, need: i64) -> Option<(i64, u64)> {
     local.roll(now);
     let available = local.available(now);
     let take = want.min(available);
-    if take >= need && (take > 0 || want == 0) {
+    if take >= need && (take > 0 || (want == 0 && available > 0)) {
         return Some((take, local.hold(take)));
     }
     None
@@ -1464,6 +1466,44 @@ mod tests {
         let slot = catalog.by_id.get("b").unwrap();
         assert!(lock(&slot.local).retired.is_empty());
         assert_eq!(slot.limit(), 2_000_000);
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_hard_budget_refuses_requests_without_a_priced_target() {
+        let fake = fake::Fake::default();
+        fake.state().budgets = vec![fake::budget("b", "a", 1_000_000)];
+        let budgets = fake.budgets(enabled()).await;
+        let request = || ChatRequest {
+            model: "unpriced".into(),
+            messages: vec![Message::text(Role::User, "hello")],
+            ..Default::default()
+        };
+        // The ledger grants nothing: the budget is spent.
+        for chat in [false, true] {
+            let refused = budgets.reserve(&principal("a"), &mut request(), chat).await;
+            assert!(
+                matches!(&refused, Err(GatewayError::BudgetExceeded { budget_id, .. }) if budget_id == "b"),
+                "chat {chat}: {refused:?}"
+            );
+        }
+        assert_eq!(fake.state().acquired, 1, "the refusal is remembered");
+        // With room left, the same requests pass with a zero allowance (the router sends no
+        // unpriced target of a chat under a budget; an embedding settles at its price, none).
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "a", 1_000_000)];
+            state.grant = 100_000;
+        }
+        let budgets = fake.budgets(enabled()).await;
+        for chat in [false, true] {
+            let reservation = budgets
+                .reserve(&principal("a"), &mut request(), chat)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(reservation.allowance().allowance_usd_nanos, 0);
+        }
     }
 
     #[test]
