@@ -82,6 +82,18 @@ pub enum GatewayError {
         limit_value: u64,
         retry_after_secs: u64,
     },
+    /// The request is charged more tokens than the whole `tokens_per_minute` limit of the caller's
+    /// key or app: no window will ever admit it, so it is the request's fault, not a rate limit.
+    #[error(
+        "the request is charged {charge} tokens (prompt bound plus max_tokens × n), more than the \
+         whole tokens_per_minute limit of {scope} ({limit}): it can never be admitted; lower \
+         max_tokens or shorten the input"
+    )]
+    TokensExceedRateLimit {
+        scope: String,
+        limit: u64,
+        charge: u64,
+    },
     /// Too many requests in flight at this gateway.
     #[error("gateway overloaded: {limit} requests in flight; retry with backoff")]
     Overloaded { limit: usize },
@@ -219,6 +231,9 @@ impl GatewayError {
             GatewayError::KeyExpired { .. } => (code.openai_type(), "key_expired"),
             GatewayError::ModelNotFound { .. } => (code.openai_type(), "model_not_found"),
             GatewayError::UnknownUrl { .. } => (code.openai_type(), "unknown_url"),
+            GatewayError::TokensExceedRateLimit { .. } => {
+                (code.openai_type(), "tokens_exceed_rate_limit")
+            }
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
@@ -226,6 +241,7 @@ impl GatewayError {
             GatewayError::ModelNotAllowed { .. } | GatewayError::ModelNotFound { .. } => {
                 Some("model".to_owned())
             }
+            GatewayError::TokensExceedRateLimit { .. } => Some("max_tokens".to_owned()),
             GatewayError::Downstream { metadata, .. } => {
                 metadata.get("field").or(metadata.get("model")).cloned()
             }
@@ -282,7 +298,9 @@ impl ServiceError for GatewayError {
             GatewayError::MissingKey
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired { .. } => ErrorCode::Unauthenticated,
-            GatewayError::InvalidRequest { .. } => ErrorCode::InvalidArgument,
+            GatewayError::InvalidRequest { .. } | GatewayError::TokensExceedRateLimit { .. } => {
+                ErrorCode::InvalidArgument
+            }
             GatewayError::ModelNotFound { .. } | GatewayError::UnknownUrl { .. } => {
                 ErrorCode::NotFound
             }
@@ -369,6 +387,18 @@ impl ServiceError for GatewayError {
                 ("limit_value".to_owned(), limit_value.to_string()),
                 ("retry_after_secs".to_owned(), retry_after_secs.to_string()),
             ]),
+            GatewayError::TokensExceedRateLimit {
+                scope,
+                limit,
+                charge,
+            } => HashMap::from([
+                ("reason".to_owned(), "tokens_exceed_rate_limit".to_owned()),
+                ("field".to_owned(), "max_tokens".to_owned()),
+                ("scope".to_owned(), scope.clone()),
+                ("limit".to_owned(), "tokens_per_minute".to_owned()),
+                ("limit_value".to_owned(), limit.to_string()),
+                ("charge".to_owned(), charge.to_string()),
+            ]),
             _ => HashMap::new(),
         }
     }
@@ -453,6 +483,36 @@ mod tests {
         assert_eq!(info.metadata["limit"], "tokens_per_minute");
         assert_eq!(info.metadata["limit_value"], "5000");
         assert_eq!(info.metadata["scope"], "key:k");
+    }
+
+    #[test]
+    fn a_request_larger_than_a_whole_token_limit_is_invalid_not_rate_limited() {
+        let error = GatewayError::TokensExceedRateLimit {
+            scope: "app:a".into(),
+            limit: 1_000,
+            charge: 4_104,
+        };
+        assert_eq!(error.code().http_status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(error.retry_after_secs(), None);
+        let body = serde_json::to_value(error.body()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "tokens_exceed_rate_limit");
+        assert_eq!(body["error"]["param"], "max_tokens");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("4104 tokens"), "{message}");
+        assert!(
+            message.contains("tokens_per_minute limit of app:a (1000)"),
+            "{message}"
+        );
+        assert_eq!(error.anthropic_type(), "invalid_request_error");
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        use tonic_types::StatusExt;
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+        assert_eq!(info.metadata["limit"], "tokens_per_minute");
+        assert_eq!(info.metadata["limit_value"], "1000");
+        assert_eq!(info.metadata["charge"], "4104");
     }
 
     #[test]

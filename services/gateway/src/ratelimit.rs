@@ -41,7 +41,8 @@ pub struct RateLimitConfig {
     /// Tokens per minute (0: no token limit). A chat request is charged at admission what the
     /// budget estimate bounds it by: the prompt bound plus `max_tokens` × `n`, with
     /// `gateway.budgets.default_max_output_tokens` for a request without `max_tokens`; an
-    /// embeddings request its inputs' bytes.
+    /// embeddings request its inputs' bytes. A request charged more than this is refused as
+    /// invalid (400 `tokens_exceed_rate_limit`): no window could ever admit it.
     #[serde(default)]
     pub tokens_per_minute: u64,
 }
@@ -270,13 +271,24 @@ impl RateLimits {
     }
 
     /// Admits one request of about `tokens` tokens for `principal`, or refuses it with a
-    /// rate-limit error naming the limit and carrying the time until the window ends. When the
-    /// app's limit refuses a request the key's admitted, the key's share is given back.
+    /// rate-limit error naming the limit and carrying the time until the window ends. A request
+    /// charged more tokens than a whole `tokens_per_minute` limit can never be admitted: it is
+    /// refused as invalid (`TokensExceedRateLimit`), not told to retry. When the app's limit
+    /// refuses a request the key's admitted, the key's share is given back.
     pub async fn check(&self, principal: &Principal, tokens: u64) -> Result<(), GatewayError> {
         let limiters = [
             self.keys.get(&principal.key_id),
             self.apps.get(&principal.app),
         ];
+        for limiter in limiters.iter().flatten() {
+            if limiter.tokens_per_minute > 0 && tokens > limiter.tokens_per_minute {
+                return Err(GatewayError::TokensExceedRateLimit {
+                    scope: limiter.scope.clone(),
+                    limit: limiter.tokens_per_minute,
+                    charge: tokens,
+                });
+            }
+        }
         let mut taken: Vec<(&Limiter, Taken)> = Vec::with_capacity(limiters.len());
         for limiter in limiters.into_iter().flatten() {
             match self.check_one(limiter, tokens).await {
@@ -574,6 +586,36 @@ mod tests {
         assert_eq!(key.window.lock().unwrap().requests, 0);
         let window = app.window.lock().unwrap();
         assert_eq!((window.requests, window.tokens), (2, 4_900));
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_whole_token_limit_is_invalid_not_told_to_retry() {
+        let limits = limits(&[on_key(40, 1_000)]);
+        fill(&limits.keys["k"], 40, 1_000);
+        // The whole limit is admitted...
+        limits.check(&principal(), 1_000).await.unwrap();
+        // ...one token more never can be, in any window: a client error, without Retry-After,
+        // naming the limit and the charge; nothing is taken.
+        let error = limits.check(&principal(), 1_001).await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                GatewayError::TokensExceedRateLimit {
+                    scope,
+                    limit: 1_000,
+                    charge: 1_001,
+                } if scope == "key:k"
+            ),
+            "{error:?}"
+        );
+        use switchboard_status::ServiceError;
+        assert_eq!(error.code(), switchboard_status::ErrorCode::InvalidArgument);
+        assert_eq!(error.retry_after_secs(), None);
+        let message = error.to_string();
+        assert!(message.contains("1001 tokens"), "{message}");
+        assert!(message.contains("tokens_per_minute"), "{message}");
+        assert!(message.contains("(1000)"), "{message}");
+        assert_eq!(limits.keys["k"].window.lock().unwrap().requests, 39);
     }
 
     #[test]
