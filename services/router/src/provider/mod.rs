@@ -197,6 +197,9 @@ impl ProviderError {
                 retry_after,
             },
             401 | 403 => ProviderError::Authentication { status },
+            // Gemini answers a wrong or expired API key with 400 INVALID_ARGUMENT: the key's
+            // fault, not the request's (another key or target may serve).
+            400 if detail.is_invalid_key(&message) => ProviderError::Authentication { status },
             400 | 413 | 422 if detail.is_context_length(&message) => {
                 ProviderError::ContextLength { status, message }
             }
@@ -243,6 +246,8 @@ struct ErrorDetail {
     kind: Option<String>,
     /// Gemini `google.rpc.RetryInfo.retryDelay`.
     retry_delay: Option<Duration>,
+    /// Gemini `google.rpc.ErrorInfo.reason`s (`API_KEY_INVALID`, ...).
+    reasons: Vec<String>,
 }
 
 impl ErrorDetail {
@@ -262,13 +267,19 @@ impl ErrorDetail {
         .into_iter()
         .filter_map(&text)
         .collect();
-        let retry_delay = error
-            .get("details")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let details = || {
+            error
+                .get("details")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        };
+        let retry_delay = details()
             .filter_map(|detail| detail.get("retryDelay").and_then(Value::as_str))
             .find_map(|delay| parse_retry_after(delay.trim_end_matches('s')));
+        let reasons = details()
+            .filter_map(|detail| text(detail.get("reason")))
+            .collect();
         ErrorDetail {
             message: match error {
                 Value::String(message) => Some(message.clone()),
@@ -277,7 +288,19 @@ impl ErrorDetail {
             codes,
             kind: text(error.get("type")),
             retry_delay,
+            reasons,
         }
+    }
+
+    /// A Gemini (Google API) key that is wrong, unknown or expired: `ErrorInfo.reason`
+    /// `API_KEY_INVALID` / `API_KEY_EXPIRED`, or the message Google sends with them.
+    fn is_invalid_key(&self, message: &str) -> bool {
+        const PATTERNS: [&str; 3] = ["api key not valid", "api key not found", "api key expired"];
+        let message = message.to_ascii_lowercase();
+        self.reasons
+            .iter()
+            .any(|r| matches!(r.as_str(), "API_KEY_INVALID" | "API_KEY_EXPIRED"))
+            || PATTERNS.iter().any(|p| message.contains(p))
     }
 
     fn is_context_length(&self, message: &str) -> bool {
@@ -1004,6 +1027,52 @@ mod tests {
             br#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#,
         );
         assert_eq!(error.code(), "OVERLOADED");
+        // Gemini's wrong API key is a 400 INVALID_ARGUMENT: an authentication error (the next key
+        // or target, a cooldown for this key), not a bad request that stops the route.
+        let invalid_key = br#"{
+          "error": {
+            "code": 400,
+            "message": "API key not valid. Please pass a valid API key.",
+            "status": "INVALID_ARGUMENT",
+            "details": [
+              {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": { "service": "generativelanguage.googleapis.com" }
+              },
+              {
+                "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                "locale": "en-US",
+                "message": "API key not valid. Please pass a valid API key."
+              }
+            ]
+          }
+        }"#;
+        let error = ProviderError::from_status(400, None, invalid_key);
+        assert_eq!(error, ProviderError::Authentication { status: 400 });
+        assert_eq!(error.code(), "AUTHENTICATION_ERROR");
+        assert!(!error.is_retryable() && error.allows_fallback());
+        // The reason alone, or the message alone, is enough.
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"code":400,"message":"API Key not found. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#,
+        );
+        assert_eq!(error.code(), "AUTHENTICATION_ERROR");
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert_eq!(error.code(), "AUTHENTICATION_ERROR");
+        // Gemini's other INVALID_ARGUMENTs stay bad requests.
+        let error = ProviderError::from_status(
+            400,
+            None,
+            br#"{"error":{"code":400,"message":"Please use a valid role: user, model.","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert_eq!(error.code(), "BAD_REQUEST");
         // A plain 400 stays a bad request; plain bodies are kept as the message.
         let error = ProviderError::from_status(400, None, b"bad things");
         assert_eq!(
