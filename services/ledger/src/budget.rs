@@ -2,10 +2,10 @@
 //! hard budget impossible to overspend.
 //!
 //! Invariant, per budget and period, kept under the budget row's lock (`SELECT … FOR UPDATE`):
-//! `max(settled, recorded) + Σ open (granted − spent) ≤ limit`, where `settled` is what gateways
-//! reported spent on their leases, `recorded` what `usage_records` holds for the scope (the source
-//! of truth, trailing by the usage stream's delay) and an open lease counts its whole unspent
-//! grant. A lease that is not extended before `expires_at` is closed by the next operation on its
+//! `max(settled, recorded) + Σ open max(granted − spent, 0) ≤ limit`, where `settled` is what
+//! gateways reported spent on their leases, `recorded` what `usage_records` holds for the scope
+//! (the source of truth, trailing by the usage stream's delay) and an open lease counts its whole
+//! unspent grant (never less than nothing). A lease that is not extended before `expires_at` is closed by the next operation on its
 //! budget: from then on only its reported spend counts, so a crashed gateway's slice comes back.
 
 use std::collections::HashMap;
@@ -355,7 +355,8 @@ pub struct PeriodState {
     pub settled: i64,
     /// `usage_records` spend of the scope in the period.
     pub recorded: i64,
-    /// Σ open (granted − spent).
+    /// Σ open max(granted − spent, 0): a lease spent beyond its grant (its settled spend counts
+    /// in `settled`) does not cancel another lease's unspent grant.
     pub leased: i64,
     /// Open leases.
     pub open_leases: i64,
@@ -701,7 +702,7 @@ impl BudgetStore {
         let start = to_odt(bounds.start);
         let row = sqlx::query(
             "SELECT COALESCE(SUM(spent_usd_nanos), 0)::BIGINT AS settled, \
-                    COALESCE(SUM(granted_usd_nanos - spent_usd_nanos) \
+                    COALESCE(SUM(GREATEST(granted_usd_nanos - spent_usd_nanos, 0)) \
                              FILTER (WHERE closed_at IS NULL AND expires_at > $3), 0)::BIGINT AS leased, \
                     COUNT(*) FILTER (WHERE closed_at IS NULL AND expires_at > $3) AS open_leases \
              FROM budget_leases WHERE budget_id = $1 AND period_start = $2",
@@ -1347,6 +1348,43 @@ mod tests {
         assert_eq!(old_day.settled, 75);
         let (_, _, new_day) = store.status("d", after).await.unwrap();
         assert_eq!((new_day.settled, new_day.leased), (0, 100));
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn an_overspent_lease_does_not_cancel_another_leases_open_grant() {
+        let (store, pg) = store().await;
+        store
+            .create(hard("o", Period::Lifetime, "UTC", 100))
+            .await
+            .unwrap();
+        let now = ts("2026-11-26T10:00:00Z");
+        let a = store
+            .acquire("o", "a", 30, 1, 60_000, now)
+            .await
+            .unwrap()
+            .lease;
+        let b = store
+            .acquire("o", "b", 40, 1, 60_000, now)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!((a.granted, b.granted), (30, 40));
+        // A's holder spent 50 on its 30 (e.g. spend carried over from a replaced lease).
+        store
+            .extend(a.id, "a", 50, 0, 0, 60_000, now)
+            .await
+            .unwrap();
+        let (_, _, state) = store.status("o", now).await.unwrap();
+        // B may still spend its whole 40: 50 known + 40 outstanding.
+        assert_eq!((state.settled, state.leased), (50, 40));
+        assert_eq!(state.remaining(100), 10);
+        let c = store
+            .acquire("o", "c", 100, 1, 60_000, now)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(c.granted, 10);
         pg.drop_db().await;
     }
 
