@@ -159,6 +159,8 @@ struct Attempts {
     route: String,
     list: Vec<Attempt>,
     last_error: Option<ProviderError>,
+    /// Why the first target skipped as [`UNTRANSLATABLE_CODE`] could not take the request.
+    untranslatable: Option<TranslateError>,
 }
 
 impl Attempts {
@@ -167,7 +169,19 @@ impl Attempts {
             route: route.to_owned(),
             list: Vec::new(),
             last_error: None,
+            untranslatable: None,
         }
+    }
+
+    /// A target whose provider format cannot express the request (`n > 1` for Anthropic, ...):
+    /// skipped like a capability miss, another target may take it.
+    fn untranslatable(&mut self, target: &Target, error: TranslateError) {
+        let message = format!(
+            "skipped: `request.{}` {} (this provider's format)",
+            error.field, error.message
+        );
+        self.skipped(target, UNTRANSLATABLE_CODE, message);
+        self.untranslatable.get_or_insert(error);
     }
 
     fn failed(&mut self, deployment: &Deployment, started: Instant, error: ProviderError) {
@@ -246,7 +260,7 @@ impl Attempts {
             .unwrap_or_default()
     }
 
-    fn unavailable(self) -> RouterError {
+    fn unavailable(mut self) -> RouterError {
         Span::current().record("attempts", self.list.len());
         if self.list.iter().any(|a| a.error_code == BUDGET_CODE) {
             return RouterError::BudgetExceeded {
@@ -256,7 +270,16 @@ impl Attempts {
             };
         }
         let summary = summarize(&self.list);
-        let incapable = |a: &Attempt| CAPABILITY_CODES.contains(&a.error_code.as_str());
+        let incapable = |a: &Attempt| {
+            CAPABILITY_CODES.contains(&a.error_code.as_str()) || a.error_code == UNTRANSLATABLE_CODE
+        };
+        // No target could take the request and at least one could not express it: the request
+        // is invalid, as the first such target said.
+        if self.list.iter().all(incapable)
+            && let Some(error) = self.untranslatable.take()
+        {
+            return invalid(error);
+        }
         if !self.list.is_empty() && self.list.iter().all(incapable) {
             return RouterError::NoCapableTarget {
                 route: self.route,
@@ -795,10 +818,17 @@ impl Routes {
                 );
                 continue;
             }
-            let prepared = target.deployments[0]
-                .client
-                .prepare(&target.deployments[0].model, request, E::STREAM)
-                .map_err(invalid)?;
+            let prepared = match target.deployments[0].client.prepare(
+                &target.deployments[0].model,
+                request,
+                E::STREAM,
+            ) {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    attempts.untranslatable(target, error);
+                    continue;
+                }
+            };
             let mut excluded = 0u64;
             let mut retries = 0u32;
             let mut waits = 0u32;
@@ -957,6 +987,9 @@ fn fits(
     }
     Ok(())
 }
+
+/// Reason code of a target skipped because its provider's format cannot express the request.
+const UNTRANSLATABLE_CODE: &str = "UNSUPPORTED_REQUEST";
 
 /// Error code of an attempt whose provider found the prompt longer than its context window.
 const CONTEXT_LENGTH_CODE: &str = "CONTEXT_LENGTH_EXCEEDED";

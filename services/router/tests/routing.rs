@@ -5,8 +5,14 @@
 mod common;
 
 use common::{Mesh, attempts, chat, reason};
-use switchboard_proto::{chat::v1::Tool, router::v1::Caller};
-use switchboard_router::{KeyConfig, RouteConfig, RuleConfig, Strategy, TargetConfig};
+use switchboard_proto::{
+    chat::v1::{SamplingParams, Tool},
+    router::v1::Caller,
+};
+use switchboard_router::{
+    KeyConfig, ProviderConfig, ProviderKind, RouteConfig, RuleConfig, Strategy, TargetConfig,
+};
+use switchboard_status::status_metadata;
 use tonic::Code;
 
 fn keyed(alias: &str, rpm: u32) -> KeyConfig {
@@ -349,5 +355,72 @@ async fn each_key_is_sent_to_its_own_endpoint() {
     assert_eq!(mesh.fake("other").request_count("m"), 1);
     let sent = mesh.fake("other").requests();
     assert_eq!(sent[0].authorization.as_deref(), Some("Bearer sk-k2"));
+    mesh.shutdown().await;
+}
+
+/// A request one target's format cannot express (`n: 2` for Anthropic) skips that target with a
+/// stated reason and goes to the next; only when no target can take it is it invalid, with the
+/// first target's reason.
+#[tokio::test]
+async fn a_request_one_format_cannot_express_goes_to_the_next_target() {
+    let mesh = Mesh::start(&["fake"], |config| {
+        let root = config.providers["fake"]
+            .base_url
+            .trim_end_matches("/v1")
+            .to_owned();
+        config.providers.insert(
+            "claude".to_owned(),
+            ProviderConfig::of_kind(ProviderKind::Anthropic, root, Some("sk-claude")),
+        );
+        config.routes = vec![
+            RouteConfig::new(
+                "chat",
+                vec![
+                    TargetConfig::new("claude", "m"),
+                    TargetConfig::new("fake", "m"),
+                ],
+            ),
+            RouteConfig::new("claude-only", vec![TargetConfig::new("claude", "m")]),
+        ];
+    })
+    .await;
+    let two_choices = |route: &str| {
+        let mut request = chat(route, "hi");
+        request.sampling = Some(SamplingParams {
+            n: Some(2),
+            ..Default::default()
+        });
+        request
+    };
+    let info = mesh
+        .route(two_choices("chat"))
+        .await
+        .unwrap()
+        .route
+        .unwrap();
+    assert_eq!(
+        attempts(&info),
+        strings(&[("claude/m", "UNSUPPORTED_REQUEST", 0), ("fake/m", "", 200)])
+    );
+    assert!(
+        info.attempts[0].error_message.contains("sampling.n"),
+        "{}",
+        info.attempts[0].error_message
+    );
+    // Streamed alike.
+    let (chunks, info, error) = mesh.stream(two_choices("chat")).await.unwrap();
+    assert!(error.is_none(), "{error:?}");
+    assert!(!chunks.is_empty());
+    assert_eq!(info.unwrap().target, "fake/m");
+    // No target can take it: invalid, naming the field as the first target did.
+    let status = mesh.route(two_choices("claude-only")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_ARGUMENT");
+    assert_eq!(status_metadata(&status)["field"], "request.sampling.n");
+    assert!(
+        status.message().contains("Anthropic generates one choice"),
+        "{}",
+        status.message()
+    );
     mesh.shutdown().await;
 }
