@@ -42,6 +42,11 @@ use crate::{auth::Principal, error::GatewayError};
 const IMAGE_TOKENS: u32 = 3_000;
 /// Tokens assumed per message for roles and separators.
 const MESSAGE_OVERHEAD_TOKENS: u32 = 8;
+/// A request for a route the catalog does not know reloads the catalog (the route may be new),
+/// but at most once per this interval: a client sending made-up model names must not turn each
+/// request into ledger and router calls. Within it, such requests use the current catalog (a
+/// route added meanwhile is known at the next reload, at the latest after `refresh_ms`).
+const UNKNOWN_ROUTE_RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// `[gateway.budgets]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -122,6 +127,10 @@ struct Inner {
     catalog: RwLock<Arc<Catalog>>,
     /// One catalog reload at a time.
     reload: tokio::sync::Mutex<()>,
+    /// When the last catalog reload started (successful or not).
+    reloaded: Mutex<Option<Instant>>,
+    /// [`UNKNOWN_ROUTE_RELOAD_EVERY`] (tests lengthen it).
+    unknown_route_reload_every: Duration,
     /// Budgets gone from the catalog whose retired leases still wait for their final report.
     closed: Mutex<Vec<Arc<Slot>>>,
 }
@@ -449,6 +458,15 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
 impl Budgets {
     /// An enforcer talking to the ledger and the router over these channels.
     pub fn new(config: BudgetsConfig, ledger: TracedChannel, router: TracedChannel) -> Self {
+        Self::build(config, ledger, router, UNKNOWN_ROUTE_RELOAD_EVERY)
+    }
+
+    fn build(
+        config: BudgetsConfig,
+        ledger: TracedChannel,
+        router: TracedChannel,
+        unknown_route_reload_every: Duration,
+    ) -> Self {
         let holder = if config.holder.is_empty() {
             format!("gateway-{}", uuid::Uuid::now_v7())
         } else {
@@ -461,6 +479,8 @@ impl Budgets {
             holder,
             catalog: RwLock::new(Arc::new(Catalog::default())),
             reload: tokio::sync::Mutex::new(()),
+            reloaded: Mutex::new(None),
+            unknown_route_reload_every,
             closed: Mutex::new(Vec::new()),
         }))
     }
@@ -511,8 +531,8 @@ impl Budgets {
         let prices = match catalog.routes.get(&request.model) {
             Some(prices) => prices.clone(),
             None => {
-                // A route added since the last reload.
-                self.reload().await?;
+                // Perhaps a route added since the last reload.
+                self.reload_for_route().await?;
                 self.catalog()
                     .routes
                     .get(&request.model)
@@ -656,9 +676,36 @@ impl Budgets {
         Ok(())
     }
 
+    /// Reloads the catalog for a request whose route it does not know, unless a reload started
+    /// after the request asked or less than [`UNKNOWN_ROUTE_RELOAD_EVERY`] before.
+    async fn reload_for_route(&self) -> Result<(), GatewayError> {
+        let asked = Instant::now();
+        let _one = self.0.reload.lock().await;
+        let last = *self
+            .0
+            .reloaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|at| {
+            at >= asked || asked.duration_since(at) < self.0.unknown_route_reload_every
+        }) {
+            return Ok(());
+        }
+        self.reload_locked().await
+    }
+
     /// Re-reads budgets, route targets and prices; keeps the local state of known budgets.
     pub async fn reload(&self) -> Result<(), GatewayError> {
         let _one = self.0.reload.lock().await;
+        self.reload_locked().await
+    }
+
+    async fn reload_locked(&self) -> Result<(), GatewayError> {
+        *self
+            .0
+            .reloaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let budgets = self
             .0
             .ledger
@@ -1242,7 +1289,9 @@ mod tests {
                     std::future::pending(),
                 ));
                 let channel = || switchboard_grpc::channel(&url).unwrap();
-                Budgets::new(config, channel(), channel())
+                // No test depends on the unknown-route throttle's clock.
+                let every = Duration::from_secs(3_600);
+                Budgets::build(config, channel(), channel(), every)
             }
         }
 
@@ -1504,6 +1553,47 @@ mod tests {
                 .unwrap();
             assert_eq!(reservation.allowance().allowance_usd_nanos, 0);
         }
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_reload_the_catalog_at_most_once_per_interval() {
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "a", 1_000_000)];
+            state.grant = 100_000;
+        }
+        let budgets = fake.budgets(enabled()).await;
+        let reserve = |model: String| {
+            let budgets = budgets.clone();
+            async move {
+                let mut request = ChatRequest {
+                    model,
+                    messages: vec![Message::text(Role::User, "hello")],
+                    ..Default::default()
+                };
+                budgets
+                    .reserve(&principal("a"), &mut request, true)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        reserve("priced".into()).await;
+        assert_eq!(
+            fake.state().list_calls,
+            1,
+            "the first request loads the catalog"
+        );
+        // Made-up model names right after a reload use the catalog as it is.
+        for i in 0..5 {
+            reserve(format!("made-up-{i}")).await;
+        }
+        assert_eq!(fake.state().list_calls, 1);
+        // Once the interval has passed, one unknown route reloads it, and only one.
+        *budgets.0.reloaded.lock().unwrap() = None;
+        futures::future::join_all((0..5).map(|i| reserve(format!("new-{i}")))).await;
+        assert_eq!(fake.state().list_calls, 2);
     }
 
     #[test]
