@@ -17,9 +17,15 @@ use crate::{
     error::StartupError,
     grpc::CacheGrpc,
     replication::{ReplicationError, SharedStore},
-    semantic::Semantic,
-    store::{CacheStore, MemoryStore},
+    semantic::{SWEEP_INTERVAL, Semantic},
+    store::{CacheStore, EvictHook, MemoryStore},
 };
+
+/// Forgets, in the semantic index, every entry the store drops.
+fn evict_hook(semantic: &Arc<Semantic>) -> EvictHook {
+    let semantic = Arc::clone(semantic);
+    Arc::new(move |key| semantic.on_remove(key))
+}
 
 /// A built cache: listener bound, store ready (and, when shared, in sync with the stream).
 pub struct App {
@@ -44,8 +50,12 @@ impl App {
         if !config.shared {
             return Self::build_with_store(config, local).await;
         }
-        // The semantic layer first: the sync indexes the replicated semantic tags into it.
+        // The semantic layer first: the sync indexes the replicated semantic tags into it, and
+        // what the local index evicts leaves the semantic index from the first entry on.
         let semantic = Semantic::load(&config.semantic).await?;
+        if let Some(semantic) = &semantic {
+            local.on_evict(evict_hook(semantic));
+        }
         let shared = Arc::new(SharedStore::connect(&config, &nats, local).await?);
         if let Some(semantic) = &semantic {
             shared.attach_semantic(Arc::clone(semantic));
@@ -94,6 +104,14 @@ impl App {
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<App, StartupError> {
+        if let Some(semantic) = &semantic {
+            // Entries the store drops leave the semantic index; expired ones are swept from it
+            // (a scope nobody stores into again would otherwise keep them).
+            store.on_evict(evict_hook(semantic));
+            tasks.spawn(
+                Arc::clone(semantic).sweep_periodically(SWEEP_INTERVAL, cancel.child_token()),
+            );
+        }
         let cache = Arc::new(Cache::new(&config, store).with_semantic(semantic));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;

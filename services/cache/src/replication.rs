@@ -619,6 +619,11 @@ impl CacheStore for SharedStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.put_tag_shared(app, key, tag, expires_at).boxed()
     }
+
+    /// What the local index drops (evicted for room, expired): lookups only read it.
+    fn on_evict(&self, hook: crate::store::EvictHook) {
+        self.local.on_evict(hook);
+    }
 }
 
 #[cfg(test)]

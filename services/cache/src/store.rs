@@ -7,7 +7,7 @@ use std::{
 };
 
 use futures::future::{BoxFuture, FutureExt};
-use moka::{Expiry, sync::Cache};
+use moka::{Expiry, notification::RemovalCause, sync::Cache};
 use switchboard_proto::chat::v1::{ChatResponse, RouteInfo};
 
 use crate::{key::CacheKey, semantic::SemanticTag};
@@ -62,6 +62,11 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// Called with the key of every entry a store drops on its own (evicted for room, expired, or
+/// removed), so that an index over the store (the semantic one) forgets it too. Never called for
+/// an entry replaced under the same key (the key is still there).
+pub type EvictHook = Arc<dyn Fn(CacheKey) + Send + Sync>;
+
 /// A key-value store of entries with per-entry expiry. Expired entries are never returned.
 pub trait CacheStore: Send + Sync + 'static {
     /// The live entry under `key`, if any.
@@ -81,6 +86,9 @@ pub trait CacheStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         futures::future::ready(Ok(())).boxed()
     }
+    /// Calls `hook` with every key this store drops from now on (set once; later calls are
+    /// ignored). A no-op for a store that never drops entries on its own.
+    fn on_evict(&self, _hook: EvictHook) {}
 }
 
 /// Bounded in-memory store (moka; least-recently/frequently used entries are evicted beyond
@@ -88,6 +96,7 @@ pub trait CacheStore: Send + Sync + 'static {
 /// a shared store (`crate::replication`).
 pub struct MemoryStore {
     entries: Cache<CacheKey, Arc<Entry>>,
+    evicted: Arc<std::sync::OnceLock<EvictHook>>,
 }
 
 struct PerEntryTtl;
@@ -116,12 +125,29 @@ impl Expiry<CacheKey, Arc<Entry>> for PerEntryTtl {
 impl MemoryStore {
     /// A store holding at most `max_entries` entries.
     pub fn new(max_entries: u64) -> Self {
+        let evicted: Arc<std::sync::OnceLock<EvictHook>> = Arc::default();
+        let hook = Arc::clone(&evicted);
         MemoryStore {
             entries: Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
+                .eviction_listener(move |key: Arc<CacheKey>, _, cause| {
+                    // A replaced entry's key is still stored (with the new entry).
+                    if cause != RemovalCause::Replaced
+                        && let Some(hook) = hook.get()
+                    {
+                        hook(*key);
+                    }
+                })
                 .build(),
+            evicted,
         }
+    }
+
+    /// Runs moka's pending maintenance now (evictions beyond the bound, expirations), calling
+    /// the eviction hook for what it drops.
+    pub fn run_pending_tasks(&self) {
+        self.entries.run_pending_tasks();
     }
 }
 
@@ -171,6 +197,10 @@ impl CacheStore for MemoryStore {
 
     fn purge_app<'a>(&'a self, app: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         futures::future::ready(Ok(self.remove_app(app))).boxed()
+    }
+
+    fn on_evict(&self, hook: EvictHook) {
+        let _ = self.evicted.set(hook);
     }
 }
 

@@ -5,11 +5,18 @@
 //! near-miss guard needs. Replaced, removed and expired entries become tombstones that searches
 //! filter out; a scope is rebuilt from its live slots when tombstones outnumber them, and dropped
 //! when none is left. Searches never cross scopes: there is no global index.
+//!
+//! Memory stays bounded by what is live: a key whose slot dies (replaced, removed, pushed out of a
+//! full scope, expired) leaves the key map at once, and [`SemanticIndex::sweep`] (run every
+//! [`SWEEP_INTERVAL`] by the cache's background task, `sweep_periodically`) kills the expired
+//! slots of every scope, so a scope nobody stores into again (one multi-turn history) is dropped
+//! once its entries expire. Entries the store evicts leave the index through its eviction hook
+//! (`crate::store::EvictHook`).
 
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use hnsw_rs::{anndists::dist::Distance, hnsw::Hnsw};
@@ -29,6 +36,8 @@ const EF_SEARCH: usize = 64;
 const MIN_TOMBSTONES_TO_REBUILD: usize = 32;
 /// Every this many inserts into a scope, its expired slots are swept.
 const SWEEP_EVERY: usize = 64;
+/// How often every scope's expired slots are swept, and emptied scopes dropped.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A nearest neighbour of a query within one scope.
 #[derive(Debug, Clone)]
@@ -67,6 +76,9 @@ struct Scope {
     by_key: HashMap<CacheKey, usize>,
     live: usize,
     inserts: usize,
+    /// Keys whose slot was killed and that the key map may still point here (drained by every
+    /// operation that kills, [`SemanticIndex::forget`]).
+    orphans: Vec<CacheKey>,
 }
 
 fn graph(expected: usize) -> Hnsw<'static, f32, CosineDistance> {
@@ -88,6 +100,7 @@ impl Scope {
             by_key: HashMap::new(),
             live: 0,
             inserts: 0,
+            orphans: Vec::new(),
         }
     }
 
@@ -98,6 +111,7 @@ impl Scope {
             s.live = false;
             self.live -= 1;
             self.by_key.remove(&s.key);
+            self.orphans.push(s.key);
         }
     }
 
@@ -136,7 +150,8 @@ impl Scope {
         self.maybe_rebuild();
     }
 
-    fn sweep(&mut self, now: SystemTime) {
+    /// Kills the expired slots; returns how many.
+    fn sweep(&mut self, now: SystemTime) -> usize {
         let expired: Vec<usize> = self
             .slots
             .iter()
@@ -144,9 +159,10 @@ impl Scope {
             .filter(|(_, s)| s.live && s.expires_at <= now)
             .map(|(i, _)| i)
             .collect();
-        for slot in expired {
+        for &slot in &expired {
             self.kill(slot);
         }
+        expired.len()
     }
 
     fn maybe_rebuild(&mut self) {
@@ -190,6 +206,15 @@ impl Scope {
             })
             .collect()
     }
+}
+
+/// What one [`SemanticIndex::sweep`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Expired entries.
+    pub entries: usize,
+    /// Scopes dropped because nothing live was left in them.
+    pub scopes: usize,
 }
 
 /// Every scope's index.
@@ -241,7 +266,66 @@ impl SemanticIndex {
                     .or_insert_with(|| Arc::new(RwLock::new(Scope::new(app)))),
             )
         };
-        write(&index).insert(key, vector, features, expires_at, self.max_per_scope);
+        let orphans = {
+            let mut index = write(&index);
+            index.insert(key, vector, features, expires_at, self.max_per_scope);
+            std::mem::take(&mut index.orphans)
+        };
+        self.forget(scope, &index, orphans);
+    }
+
+    /// Drops from the key map the `orphans` (keys whose slot in `scope` was killed), unless the
+    /// key has been indexed again meanwhile (here or in another scope). Lock order everywhere:
+    /// the scope map, then the key map, then one scope.
+    fn forget(&self, scope: ScopeKey, index: &RwLock<Scope>, orphans: Vec<CacheKey>) {
+        if orphans.is_empty() {
+            return;
+        }
+        let mut keys = write(&self.keys);
+        let index = read(index);
+        for key in orphans {
+            if keys.get(&key) == Some(&scope) && !index.by_key.contains_key(&key) {
+                keys.remove(&key);
+            }
+        }
+    }
+
+    /// Kills every expired slot of every scope (`now`: the wall clock, or a later time in tests),
+    /// forgets their keys, and drops the scopes left empty; also drops any key whose scope is
+    /// gone. Run periodically ([`SWEEP_INTERVAL`]): without it a scope that no store touches
+    /// again would keep its expired entries forever.
+    pub fn sweep(&self, now: SystemTime) -> Swept {
+        let scopes: Vec<(ScopeKey, Arc<RwLock<Scope>>)> = read(&self.scopes)
+            .iter()
+            .map(|(key, index)| (*key, Arc::clone(index)))
+            .collect();
+        let mut swept = Swept::default();
+        let mut emptied = Vec::new();
+        for (scope, index) in scopes {
+            let (orphans, empty) = {
+                let mut index = write(&index);
+                swept.entries += index.sweep(now);
+                index.maybe_rebuild();
+                (std::mem::take(&mut index.orphans), index.live == 0)
+            };
+            self.forget(scope, &index, orphans);
+            if empty {
+                emptied.push(scope);
+            }
+        }
+        {
+            let mut scopes = write(&self.scopes);
+            let before = scopes.len();
+            for scope in emptied {
+                if scopes.get(&scope).is_some_and(|i| read(i).live == 0) {
+                    scopes.remove(&scope);
+                }
+            }
+            swept.scopes = before - scopes.len();
+            // A key whose scope was dropped (a race between a kill and a store) goes too.
+            write(&self.keys).retain(|_, scope| scopes.contains_key(scope));
+        }
+        swept
     }
 
     /// The `k` nearest live entries to `vector` in `scope`, most similar first.
@@ -266,14 +350,15 @@ impl SemanticIndex {
         let Some(index) = read(&self.scopes).get(&scope).cloned() else {
             return;
         };
-        let empty = {
+        let (orphans, empty) = {
             let mut index = write(&index);
             if let Some(&slot) = index.by_key.get(&key) {
                 index.kill(slot);
                 index.maybe_rebuild();
             }
-            index.live == 0
+            (std::mem::take(&mut index.orphans), index.live == 0)
         };
+        self.forget(scope, &index, orphans);
         if empty {
             self.drop_if_empty(scope);
         }
@@ -297,12 +382,17 @@ impl SemanticIndex {
                 return true;
             }
             removed += index.live;
-            for key in index.by_key.keys() {
+            for key in index.by_key.keys().chain(&index.orphans) {
                 keys.remove(key);
             }
             false
         });
         removed
+    }
+
+    /// How many keys the key map holds (each live entry once; dead ones never stay).
+    pub fn key_count(&self) -> usize {
+        read(&self.keys).len()
     }
 
     /// Live entries over every scope, and the number of scopes.
@@ -414,6 +504,182 @@ mod tests {
             key[..4].copy_from_slice(&199u32.to_le_bytes());
             CacheKey(key)
         }));
+    }
+
+    fn key_of(i: u32) -> CacheKey {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&i.to_le_bytes());
+        CacheKey(key)
+    }
+
+    fn scope_of(i: u32) -> ScopeKey {
+        let mut scope = [0u8; 32];
+        scope[..4].copy_from_slice(&i.to_le_bytes());
+        ScopeKey(scope)
+    }
+
+    #[test]
+    fn a_sweep_drops_expired_entries_their_keys_and_the_scopes_they_leave_empty() {
+        // One scope per multi-turn history, each stored into once: the per-scope sweep (every
+        // 64 inserts into a scope) never runs for them.
+        let index = SemanticIndex::new(100);
+        let now = SystemTime::now();
+        let soon = now + Duration::from_secs(60);
+        for i in 0..500u32 {
+            index.insert("app", scope_of(i), key_of(i), unit(i, 8), features(), soon);
+        }
+        // A long-lived scope, and a scope with one entry of each kind.
+        index.insert(
+            "app",
+            scope_of(1000),
+            key_of(1000),
+            unit(7, 8),
+            features(),
+            later(),
+        );
+        index.insert(
+            "app",
+            scope_of(1001),
+            key_of(1001),
+            unit(8, 8),
+            features(),
+            later(),
+        );
+        index.insert(
+            "app",
+            scope_of(1001),
+            key_of(1002),
+            unit(9, 8),
+            features(),
+            soon,
+        );
+        assert_eq!(index.len(), (503, 502));
+        assert_eq!(index.key_count(), 503);
+
+        // Nothing has expired yet: nothing goes.
+        assert_eq!(index.sweep(now), Swept::default());
+        assert_eq!(index.len(), (503, 502));
+
+        let swept = index.sweep(soon + Duration::from_secs(1));
+        assert_eq!(
+            swept,
+            Swept {
+                entries: 501,
+                scopes: 500
+            }
+        );
+        assert_eq!(index.len(), (2, 2));
+        assert_eq!(index.key_count(), 2);
+        assert_eq!(
+            index.search(scope_of(1001), &unit(8, 8), 5)[0].key,
+            key_of(1001)
+        );
+        assert!(index.search(scope_of(3), &unit(3, 8), 5).is_empty());
+        // A key swept away and stored again is indexed afresh.
+        index.insert(
+            "app",
+            scope_of(3),
+            key_of(3),
+            unit(3, 8),
+            features(),
+            later(),
+        );
+        assert_eq!(index.len(), (3, 3));
+        assert_eq!(index.key_count(), 3);
+    }
+
+    #[test]
+    fn keys_pushed_out_of_a_full_scope_or_replaced_leave_the_key_map() {
+        let index = SemanticIndex::new(10);
+        let scope = ScopeKey([7; 32]);
+        for i in 0..200u32 {
+            index.insert("app", scope, key_of(i), unit(i, 8), features(), later());
+        }
+        assert_eq!(index.len(), (10, 1));
+        assert_eq!(index.key_count(), 10, "one key per live entry");
+        // Moving a key to another scope and removing it leave nothing behind either.
+        index.insert(
+            "app",
+            ScopeKey([8; 32]),
+            key_of(199),
+            unit(1, 8),
+            features(),
+            later(),
+        );
+        assert_eq!(index.key_count(), 10);
+        index.remove(key_of(199));
+        assert_eq!(index.key_count(), 9);
+        assert_eq!(index.len(), (9, 1));
+    }
+
+    #[test]
+    fn entries_the_store_evicts_leave_the_index() {
+        use crate::store::{CacheStore, Entry, MemoryStore};
+        let index = Arc::new(SemanticIndex::new(1000));
+        let store = MemoryStore::new(5);
+        let forget = Arc::clone(&index);
+        store.on_evict(Arc::new(move |key| forget.remove(key)));
+        let entry = || Entry {
+            app: "app".into(),
+            response: Default::default(),
+            route: None,
+            inserted_at: SystemTime::now(),
+            ttl: Duration::from_secs(3600),
+        };
+        for i in 0..50u32 {
+            store.insert(key_of(i), entry());
+            index.insert(
+                "app",
+                scope_of(i),
+                key_of(i),
+                unit(i, 8),
+                features(),
+                later(),
+            );
+        }
+        store.run_pending_tasks();
+        let (live, scopes) = index.len();
+        assert!(
+            live <= 5 && scopes <= 5,
+            "{live} entries in {scopes} scopes"
+        );
+        assert_eq!(index.key_count(), live);
+        // Replacing an entry under the same key keeps its index entry.
+        let kept = (0..50u32)
+            .map(key_of)
+            .find(|key| store.get_now(key).is_some())
+            .unwrap();
+        store.insert(kept, entry());
+        store.run_pending_tasks();
+        assert_eq!(index.len().0, live);
+        // An explicit removal (a purge of the store) takes it out too.
+        store.remove_app("app");
+        store.run_pending_tasks();
+        assert_eq!(index.len(), (0, 0));
+        assert_eq!(index.key_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_sweep_runs_until_cancelled() {
+        let index = Arc::new(SemanticIndex::new(100));
+        let past = SystemTime::now() - Duration::from_secs(1);
+        for i in 0..100u32 {
+            index.insert("app", scope_of(i), key_of(i), unit(i, 8), features(), past);
+        }
+        assert_eq!(index.len(), (100, 100));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (index, cancel) = (Arc::clone(&index), cancel.clone());
+            async move { super::super::sweep_periodically(&index, SWEEP_INTERVAL, cancel).await }
+        });
+        tokio::task::yield_now().await;
+        // Not before its interval (the expired entries are only filtered out of searches).
+        assert_eq!(index.len(), (100, 100));
+        tokio::time::sleep(SWEEP_INTERVAL + Duration::from_millis(1)).await;
+        assert_eq!(index.len(), (0, 0));
+        assert_eq!(index.key_count(), 0);
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[test]

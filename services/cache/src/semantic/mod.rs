@@ -28,7 +28,7 @@ use switchboard_proto::chat::v1::ChatRequest;
 pub use self::{
     config::{RouteConfig, SemanticConfig},
     guard::{Features, NearMiss},
-    index::SemanticIndex,
+    index::{SWEEP_INTERVAL, SemanticIndex, Swept},
 };
 use crate::key::{CacheKey, ScopeKey};
 
@@ -212,6 +212,16 @@ impl Semantic {
         self.index.purge_app(app)
     }
 
+    /// Sweeps the index ([`SemanticIndex::sweep`]) every `every` until `cancel` fires: expired
+    /// entries leave, emptied scopes are dropped. The cache `App` owns this task.
+    pub async fn sweep_periodically(
+        self: Arc<Self>,
+        every: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        sweep_periodically(&self.index, every, cancel).await;
+    }
+
     /// Embeds and indexes `request`'s answer stored under `key` for `ttl`. Returns the tag (for a
     /// shared store to replicate) or `None` when the route does not opt in.
     pub async fn index_stored(
@@ -230,6 +240,35 @@ impl Semantic {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         self.on_insert(app, key, &tag, expires_at);
         Ok(Some(tag))
+    }
+}
+
+/// The loop of [`Semantic::sweep_periodically`], over any index.
+pub(crate) async fn sweep_periodically(
+    index: &SemanticIndex,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: nothing can have expired yet.
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let swept = index.sweep(SystemTime::now());
+        if swept != Swept::default() {
+            let (live, scopes) = index.len();
+            tracing::debug!(
+                expired = swept.entries,
+                scopes_dropped = swept.scopes,
+                live,
+                scopes,
+                "semantic index swept"
+            );
+        }
     }
 }
 
