@@ -761,9 +761,12 @@ impl Budgets {
                     if slot.hard() != hard || slot.limit() != budget.limit_usd_nanos {
                         // Changed: the lease taken under the old settings serves nothing more;
                         // what is in flight on it settles there and is reported below.
+                        // A refusal under the old settings does not hold either.
                         slot.hard.store(hard, Ordering::Relaxed);
                         slot.limit.store(budget.limit_usd_nanos, Ordering::Relaxed);
-                        lock(&slot.local).retire();
+                        let mut local = lock(&slot.local);
+                        local.retire();
+                        local.denied_until = None;
                     }
                     slot.clone()
                 }
@@ -1553,6 +1556,38 @@ mod tests {
                 .unwrap();
             assert_eq!(reservation.allowance().allowance_usd_nanos, 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_ends_a_refusal_under_the_old_one() {
+        let fake = fake::Fake::default();
+        fake.state().budgets = vec![fake::budget("b", "a", 1_000_000)];
+        let config = BudgetsConfig {
+            denied_backoff_ms: 3_600_000,
+            ..enabled()
+        };
+        let budgets = fake.budgets(config).await;
+        let reserve = || {
+            let mut request = ChatRequest {
+                model: "priced".into(),
+                messages: vec![Message::text(Role::User, "hello")],
+                ..Default::default()
+            };
+            let budgets = budgets.clone();
+            async move { budgets.reserve(&principal("a"), &mut request, true).await }
+        };
+        assert!(matches!(
+            reserve().await,
+            Err(GatewayError::BudgetExceeded { .. })
+        ));
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "a", 2_000_000)];
+            state.grant = 100_000;
+        }
+        budgets.reload().await.unwrap();
+        assert!(reserve().await.unwrap().is_some());
+        assert_eq!(fake.state().acquired, 2);
     }
 
     #[tokio::test]
