@@ -161,6 +161,11 @@ pub enum Fault {
     StreamCut { after_chunks: usize },
     /// Streaming only: the opening events and `after_chunks` more, then nothing, connection open.
     StreamStall { after_chunks: usize },
+    /// Streaming only: the stream's opening events alone (OpenAI/Azure: the role delta with empty
+    /// content, Azure's prompt filter results first; Anthropic: `message_start`, and with
+    /// thinking the thinking block's start and a `ping`; Gemini has none), then the connection
+    /// drops without the format's end. Nothing of the answer was sent.
+    OpeningThenCut,
     /// HTTP 200 with a JSON body cut in the middle (streaming: like [`Fault::MalformedSse`]).
     MalformedJson,
     /// Streaming only: after the opening events, an event whose data is not valid JSON; the stream
@@ -184,7 +189,10 @@ impl Fault {
     fn stream_only(&self) -> bool {
         matches!(
             self,
-            Fault::StreamCut { .. } | Fault::StreamStall { .. } | Fault::MalformedSse
+            Fault::StreamCut { .. }
+                | Fault::StreamStall { .. }
+                | Fault::OpeningThenCut
+                | Fault::MalformedSse
         )
     }
 }
@@ -657,6 +665,17 @@ fn streamed(plan: StreamPlan, fault: Option<&Fault>) -> Response {
         ),
         Some(Fault::StreamCut { after_chunks }) => (
             all[..cut_at(*after_chunks)]
+                .iter()
+                .cloned()
+                .map(Ok)
+                .chain(std::iter::once(Err(std::io::Error::other(
+                    "injected stream failure",
+                ))))
+                .collect(),
+            false,
+        ),
+        Some(Fault::OpeningThenCut) => (
+            all[..opening]
                 .iter()
                 .cloned()
                 .map(Ok)

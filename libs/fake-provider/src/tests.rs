@@ -285,6 +285,36 @@ async fn injected_failures_and_malformed_json() {
 }
 
 #[tokio::test]
+async fn a_stream_cut_after_its_opening_sends_no_answer() {
+    let fake = start().await;
+    fake.inject("m", Fault::OpeningThenCut, 1);
+    let mut request = body(json!([{ "role": "user", "content": "a b c" }]));
+    request["stream"] = json!(true);
+    let response = chat(&fake, request).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut received = Vec::new();
+    let mut stream = response.bytes_stream();
+    let mut failed = false;
+    while let Some(item) = futures::StreamExt::next(&mut stream).await {
+        match item {
+            Ok(bytes) => received.extend_from_slice(&bytes),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the body must end with an error");
+    let events = sse_data(&String::from_utf8(received).unwrap());
+    // The role delta with empty content, nothing of the answer, no end.
+    assert_eq!(events.len(), 1, "{events:?}");
+    let opening: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(opening["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(opening["choices"][0]["delta"]["content"], "");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn interrupted_stream_has_no_done() {
     let fake = start().await;
     fake.fail_stream_after("m", 2, 1);

@@ -186,7 +186,7 @@ impl Breaker {
         inner.failures = 0;
     }
 
-    /// Records a failure outside a permit (a stream that broke after its first chunk).
+    /// Records a failure outside a permit (a stream that broke after it committed).
     pub fn failure(&self, now: Instant, error: &ProviderError) {
         self.resolve(now, error, false);
     }

@@ -12,7 +12,8 @@ use switchboard_config::ConfigError;
 pub struct Config {
     /// gRPC listen address.
     pub grpc_addr: String,
-    /// Timeout of one attempt (for a stream: until the first chunk, and between chunks).
+    /// Timeout of one attempt (for a stream: until the first content-bearing chunk, and between
+    /// chunks).
     pub attempt_timeout_ms: u64,
     /// Extra tries of the same target on retryable errors.
     pub max_retries: u32,

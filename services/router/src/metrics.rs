@@ -58,7 +58,7 @@ impl Metrics {
         self.errors[index].fetch_add(1, Relaxed);
     }
 
-    /// An attempt took `elapsed` (for a stream: until its first chunk).
+    /// An attempt took `elapsed` (for a stream: until its first content-bearing chunk).
     pub fn latency(&self, elapsed: Duration) {
         let ms = elapsed.as_millis() as u64;
         let index = BOUNDS_MS

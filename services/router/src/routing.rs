@@ -780,8 +780,8 @@ impl Routes {
         let served = self
             .attempt_loop(&Streamed, request, caller, allowance, deadline)
             .await?;
-        let ((first, stream), served) = served.split();
-        forward(served, first, stream, tx, deadline).await
+        let ((opened, stream), served) = served.split();
+        forward(served, opened, stream, tx, deadline).await
     }
 
     /// The one retry/backoff/deadline/fallback loop shared by unary and streamed requests. Walks
@@ -1057,7 +1057,7 @@ trait Exchange: Sync {
     type Output: Send;
     /// Whether the request is prepared for streaming.
     const STREAM: bool;
-    /// One attempt, bounded by `timeout` (until the first chunk for a stream).
+    /// One attempt, bounded by `timeout` (until the first content-bearing chunk for a stream).
     fn call<'a>(
         &'a self,
         provider: &'a ProviderClient,
@@ -1082,48 +1082,83 @@ impl Exchange for Unary {
     }
 }
 
-/// A stream, opened until its first chunk.
+/// A stream, opened until its first content-bearing chunk.
 struct Streamed;
 
 impl Exchange for Streamed {
-    type Output = (ChatChunk, ChunkStream);
+    type Output = (Vec<ChatChunk>, ChunkStream);
     const STREAM: bool = true;
     fn call<'a>(
         &'a self,
         provider: &'a ProviderClient,
         prepared: &'a Prepared,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(ChatChunk, ChunkStream), ProviderError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(Vec<ChatChunk>, ChunkStream), ProviderError>> + Send + 'a
+    {
         open(provider, prepared, timeout)
     }
 }
 
-/// Opens a stream and waits for its first chunk: until then the attempt may still fail over.
+/// Whether a chunk carries something of the answer: text, a tool-call delta, reasoning, a stop
+/// sequence, a finish reason or the usage. Opening chunks (Anthropic's `message_start` role
+/// chunk, OpenAI's first delta `{"role":"assistant","content":""}`) do not.
+fn carries_content(chunk: &ChatChunk) -> bool {
+    chunk.usage.is_some()
+        || chunk.choices.iter().any(|choice| {
+            !choice.content.is_empty()
+                || !choice.tool_calls.is_empty()
+                || choice.finish_reason != 0
+                || !choice.stop_sequence.is_empty()
+                || choice.thinking.iter().any(|piece| {
+                    !piece.text.is_empty()
+                        || !piece.signature.is_empty()
+                        || !piece.redacted_data.is_empty()
+                })
+        })
+}
+
+/// Opens a stream and reads it up to its first content-bearing chunk, which commits the attempt:
+/// until then it may still fail over, and the content-less chunks before it are held back (and
+/// dropped if it fails). Returns the chunks read, that chunk last, and the rest of the stream.
 async fn open(
     provider: &ProviderClient,
     prepared: &Prepared,
     timeout: Duration,
-) -> Result<(ChatChunk, ChunkStream), ProviderError> {
+) -> Result<(Vec<ChatChunk>, ChunkStream), ProviderError> {
     let mut stream = provider.chat_stream(prepared, timeout).await?;
-    match stream.next().await {
-        Some(Ok(first)) => Ok((first, stream)),
-        Some(Err(error)) => Err(error),
-        None => Err(ProviderError::Protocol(
-            "stream finished without any chunk".to_owned(),
-        )),
+    let mut held = Vec::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                let commits = carries_content(&chunk);
+                held.push(chunk);
+                if commits {
+                    return Ok((held, stream));
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            // The format's proper end after opening chunks alone: an empty answer, served as is.
+            None if !held.is_empty() => return Ok((held, stream)),
+            None => {
+                return Err(ProviderError::Protocol(
+                    "stream finished without any chunk".to_owned(),
+                ));
+            }
+        }
     }
 }
 
-/// Forwards a started stream. After the first chunk there is no fallback any more.
+/// Forwards a started stream: the chunks `open` read, then the rest. After them there is no
+/// fallback any more.
 async fn forward(
     served: Served<'_, ()>,
-    first: ChatChunk,
+    opened: Vec<ChatChunk>,
     mut stream: ChunkStream,
     tx: &mpsc::Sender<StreamEvent>,
     deadline: Instant,
 ) -> Result<RouteInfo, RouterError> {
     let deployment = served.deployment;
-    let mut usage = first.usage;
+    let mut usage = None;
     let mut forwarded = 0usize;
     let route = served.attempts.route.clone();
     let attempts = served.attempts.list.len() + 1;
@@ -1139,10 +1174,15 @@ async fn forward(
         }),
         last_error,
     };
-    if tx.send(StreamEvent::Chunk(first)).await.is_err() {
-        return Err(interrupted(0, "client went away".to_owned()));
+    for chunk in opened {
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+        if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
+            return Err(interrupted(forwarded, "client went away".to_owned()));
+        }
+        forwarded += 1;
     }
-    forwarded += 1;
     loop {
         let next = match tokio::time::timeout_at(deadline, stream.next()).await {
             Ok(next) => next,

@@ -180,10 +180,20 @@ const CASES: &[Case] = &[
         Served(&[("primary/m", "PROTOCOL_ERROR", 0), ("backup/m", "", 200)]),
     ),
     case(
-        "a malformed SSE line after the first chunk ends the stream with an error",
+        "a malformed SSE line after the opening, before any content: the next target",
         Stream,
         &[(Fault::MalformedSse, 1)],
-        Broken(Code::Unavailable, "PROTOCOL_ERROR"),
+        Served(&[("primary/m", "PROTOCOL_ERROR", 0), ("backup/m", "", 200)]),
+    ),
+    case(
+        "a stream cut after its opening chunk, before any content, fails over",
+        Stream,
+        &[(Fault::OpeningThenCut, 2)],
+        Served(&[
+            ("primary/m", "STREAM_INTERRUPTED", 0),
+            ("primary/m", "STREAM_INTERRUPTED", 0),
+            ("backup/m", "", 200),
+        ]),
     ),
     case(
         "wrong content type: not retried, the next target",
@@ -466,5 +476,50 @@ async fn a_prompt_too_long_for_every_target_is_rejected_not_unavailable() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(reason(&status), "UPSTREAM_UNAVAILABLE");
+    mesh.shutdown().await;
+}
+
+/// A stream that broke after its opening chunk (the role delta with empty content) had sent
+/// nothing of the answer: the backup serves the whole stream, the broken attempt's held opening
+/// chunk is dropped (no splice), and the backup's own opening chunk comes first, in order.
+#[tokio::test]
+async fn a_stream_broken_after_its_opening_chunk_is_served_whole_by_the_backup() {
+    let mesh = Mesh::start(&["primary", "backup"], |config| {
+        config.max_retries = 0;
+        config.routes = vec![RouteConfig::new(
+            "chat",
+            vec![
+                TargetConfig::new("primary", M),
+                TargetConfig::new("backup", M),
+            ],
+        )];
+    })
+    .await;
+    mesh.fake("primary").inject(M, Fault::OpeningThenCut, 1);
+    let (chunks, info, error) = mesh.stream(chat("chat", "one two three")).await.unwrap();
+    assert!(error.is_none(), "{error:?}");
+    let info = info.unwrap();
+    assert_eq!(
+        attempts(&info),
+        vec![
+            ("primary/m".to_owned(), "STREAM_INTERRUPTED".to_owned(), 0),
+            ("backup/m".to_owned(), String::new(), 200),
+        ]
+    );
+    // One answer: every chunk from the backup's stream, its role delta first and only once.
+    let id = &chunks[0].id;
+    assert!(chunks.iter().all(|c| &c.id == id), "{chunks:?}");
+    let roles: Vec<usize> = chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.choices.iter().any(|d| d.role != 0))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(roles, [0]);
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter().map(|d| d.content.as_str()))
+        .collect();
+    assert_eq!(text, "echo: one two three");
     mesh.shutdown().await;
 }

@@ -395,6 +395,18 @@ async fn broken_streams_never_finish_cleanly_in_any_format() {
         assert!(info.is_none(), "{route}");
         assert!(finishes(&chunks).is_empty(), "{route}");
 
+        // Cut after the opening events alone (OpenAI's role delta, Anthropic's message_start):
+        // nothing of the answer was forwarded, the attempt failed before committing.
+        h.fake.inject(model, Fault::OpeningThenCut, 1);
+        let (chunks, info, error) = h.stream(chat(route, "one two three")).await;
+        assert!(chunks.is_empty(), "{route}: {chunks:?}");
+        assert!(info.is_none(), "{route}");
+        let error = error.unwrap();
+        assert!(
+            error.message().contains("STREAM_INTERRUPTED") && !error.message().contains("after"),
+            "{route}: {error:?}"
+        );
+
         // A malformed event mid-stream.
         h.fake.inject(model, Fault::MalformedSse, 1);
         let (_, info, error) = h.stream(chat(route, "one two three")).await;
