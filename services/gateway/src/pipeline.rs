@@ -305,9 +305,13 @@ impl Pipeline {
     }
 
     /// Admission against the caller's shared rate limits (no code runs without limits).
-    async fn check_rate(&self, ctx: &RequestContext, tokens: u64) -> Result<(), GatewayError> {
+    async fn check_rate(
+        &self,
+        ctx: &RequestContext,
+        charge: impl Into<crate::ratelimit::TokenCharge>,
+    ) -> Result<(), GatewayError> {
         match &self.rate_limits {
-            Some(limits) => limits.check(&ctx.principal, tokens).await,
+            Some(limits) => limits.check(&ctx.principal, charge).await,
             None => Ok(()),
         }
     }

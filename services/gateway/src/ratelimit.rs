@@ -41,8 +41,9 @@ pub struct RateLimitConfig {
     /// Tokens per minute (0: no token limit). A chat request is charged at admission what the
     /// budget estimate bounds it by: the prompt bound plus `max_tokens` × `n`, with
     /// `gateway.budgets.default_max_output_tokens` for a request without `max_tokens`; an
-    /// embeddings request its inputs' bytes. A request charged more than this is refused as
-    /// invalid (400 `tokens_exceed_rate_limit`): no window could ever admit it.
+    /// embeddings request its inputs' bytes. A request whose prompt and explicit `max_tokens` × `n`
+    /// are more than this is refused as invalid (400 `tokens_exceed_rate_limit`): no window could
+    /// ever admit it. Without `max_tokens` the charge is capped at this limit.
     #[serde(default)]
     pub tokens_per_minute: u64,
 }
@@ -76,6 +77,24 @@ pub fn validate(limits: &[RateLimitConfig]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A request's token charge at admission: `tokens`, the upper bound charged, and `floor`, the
+/// part the caller asked for (prompt and explicit `max_tokens`), which no limit may be below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCharge {
+    pub tokens: u64,
+    pub floor: u64,
+}
+
+impl From<u64> for TokenCharge {
+    /// A charge the caller asked for in full (an embedding's input).
+    fn from(tokens: u64) -> Self {
+        Self {
+            tokens,
+            floor: tokens,
+        }
+    }
 }
 
 /// The shared limits of this replica.
@@ -261,36 +280,54 @@ impl RateLimits {
 
     /// The tokens a chat request is charged at admission: the same upper bound as the budget
     /// estimate's (`budget::prompt_bound` plus `budget::output_bound`: `max_tokens`, or the
-    /// default, × `n`).
-    pub fn chat_tokens(&self, request: &ChatRequest) -> u64 {
-        u64::from(prompt_bound(request))
-            + u64::from(output_bound(
-                request.sampling.as_ref(),
-                self.default_max_output_tokens,
-            ))
+    /// default, × `n`). Only the prompt and an explicit `max_tokens` are the caller's own
+    /// demand (`floor`); the default output bound is ours, so it never makes a request
+    /// inadmissible by itself (see `check`).
+    pub fn chat_tokens(&self, request: &ChatRequest) -> TokenCharge {
+        let prompt = u64::from(prompt_bound(request));
+        let sampling = request.sampling.as_ref();
+        let tokens = prompt + u64::from(output_bound(sampling, self.default_max_output_tokens));
+        let floor = if sampling.is_some_and(|s| s.max_tokens.is_some()) {
+            tokens
+        } else {
+            prompt
+        };
+        TokenCharge { tokens, floor }
     }
 
-    /// Admits one request of about `tokens` tokens for `principal`, or refuses it with a
+    /// Admits one request of about `charge.tokens` tokens for `principal`, or refuses it with a
     /// rate-limit error naming the limit and carrying the time until the window ends. A request
-    /// charged more tokens than a whole `tokens_per_minute` limit can never be admitted: it is
-    /// refused as invalid (`TokensExceedRateLimit`), not told to retry. When the app's limit
-    /// refuses a request the key's admitted, the key's share is given back.
-    pub async fn check(&self, principal: &Principal, tokens: u64) -> Result<(), GatewayError> {
+    /// whose own demand (`charge.floor`) is more than a whole `tokens_per_minute` limit can never
+    /// be admitted: it is refused as invalid (`TokensExceedRateLimit`), not told to retry. A
+    /// charge above a limit only because of the default output bound is capped at that limit
+    /// (it takes a whole window, but it can be admitted). When the app's limit refuses a request
+    /// the key's admitted, the key's share is given back.
+    pub async fn check(
+        &self,
+        principal: &Principal,
+        charge: impl Into<TokenCharge>,
+    ) -> Result<(), GatewayError> {
+        let charge = charge.into();
         let limiters = [
             self.keys.get(&principal.key_id),
             self.apps.get(&principal.app),
         ];
         for limiter in limiters.iter().flatten() {
-            if limiter.tokens_per_minute > 0 && tokens > limiter.tokens_per_minute {
+            if limiter.tokens_per_minute > 0 && charge.floor > limiter.tokens_per_minute {
                 return Err(GatewayError::TokensExceedRateLimit {
                     scope: limiter.scope.clone(),
                     limit: limiter.tokens_per_minute,
-                    charge: tokens,
+                    charge: charge.floor,
                 });
             }
         }
         let mut taken: Vec<(&Limiter, Taken)> = Vec::with_capacity(limiters.len());
         for limiter in limiters.into_iter().flatten() {
+            let tokens = if limiter.tokens_per_minute > 0 {
+                charge.tokens.min(limiter.tokens_per_minute)
+            } else {
+                charge.tokens
+            };
             match self.check_one(limiter, tokens).await {
                 Ok(took) => taken.push((limiter, took)),
                 Err(error) => {
@@ -493,21 +530,35 @@ mod tests {
         };
         let prompt = u64::from(prompt_bound(&request));
         // No max_tokens: the default output bound (4096), not nothing.
-        assert_eq!(limits.chat_tokens(&request), prompt + 4_096);
+        assert_eq!(limits.chat_tokens(&request).tokens, prompt + 4_096);
+        assert_eq!(
+            limits.chat_tokens(&request).floor,
+            prompt,
+            "the default is not the caller's"
+        );
         request.sampling = Some(SamplingParams {
             n: Some(3),
             ..Default::default()
         });
-        assert_eq!(limits.chat_tokens(&request), prompt + 3 * 4_096);
+        assert_eq!(limits.chat_tokens(&request).tokens, prompt + 3 * 4_096);
         request.sampling = Some(SamplingParams {
             n: Some(3),
             max_tokens: Some(100),
             ..Default::default()
         });
-        assert_eq!(limits.chat_tokens(&request), prompt + 300);
+        assert_eq!(
+            limits.chat_tokens(&request),
+            TokenCharge {
+                tokens: prompt + 300,
+                floor: prompt + 300
+            }
+        );
         // The same bound the budget estimate reserves.
         let estimate = crate::budget::output_bound(request.sampling.as_ref(), 4_096);
-        assert_eq!(limits.chat_tokens(&request), prompt + u64::from(estimate));
+        assert_eq!(
+            limits.chat_tokens(&request).tokens,
+            prompt + u64::from(estimate)
+        );
 
         // What is left of the window covers the prompt and 1,000 tokens of answer: a request
         // that may answer with 4,096 is refused, one with max_tokens 100 × 3 is admitted.
@@ -528,6 +579,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(limits.keys["k"].window.lock().unwrap().tokens, 700);
+    }
+
+    #[tokio::test]
+    async fn a_limit_below_the_default_answer_bound_admits_requests_without_max_tokens() {
+        use switchboard_proto::chat::v1::{Message, Role, SamplingParams};
+        // 2,000 tokens a minute, below the default output bound (4,096).
+        let limits = limits(&[on_key(0, 2_000)]);
+        let mut request = ChatRequest {
+            model: "m".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            ..Default::default()
+        };
+        // Without max_tokens the default bound is capped at the limit: admitted, taking the
+        // whole window...
+        fill(&limits.keys["k"], 0, 2_000);
+        limits
+            .check(&principal(), limits.chat_tokens(&request))
+            .await
+            .unwrap();
+        assert_eq!(limits.keys["k"].window.lock().unwrap().tokens, 0);
+        // ...so the next one waits for the next window (a 429 with Retry-After, not a 400).
+        let error = limits
+            .check(&principal(), limits.chat_tokens(&request))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, GatewayError::RateLimited { .. }), "{error}");
+        // An explicit max_tokens beyond the limit is the caller's demand: never admissible.
+        request.sampling = Some(SamplingParams {
+            max_tokens: Some(3_000),
+            ..Default::default()
+        });
+        fill(&limits.keys["k"], 0, 2_000);
+        let error = limits
+            .check(&principal(), limits.chat_tokens(&request))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                GatewayError::TokensExceedRateLimit { limit: 2_000, .. }
+            ),
+            "{error}"
+        );
+        assert_eq!(limits.keys["k"].window.lock().unwrap().tokens, 2_000);
     }
 
     #[tokio::test]
