@@ -166,6 +166,10 @@ pub enum Fault {
     /// thinking the thinking block's start and a `ping`; Gemini has none), then the connection
     /// drops without the format's end. Nothing of the answer was sent.
     OpeningThenCut,
+    /// Streaming only: the opening events, then `count` SSE comments (`: keep-alive`), one every
+    /// `interval_ms`, and nothing of the answer; then the connection drops without the format's
+    /// end. A provider that keeps the connection alive but never answers.
+    KeepAlive { interval_ms: u64, count: usize },
     /// HTTP 200 with a JSON body cut in the middle (streaming: like [`Fault::MalformedSse`]).
     MalformedJson,
     /// Streaming only: after the opening events, an event whose data is not valid JSON; the stream
@@ -192,6 +196,7 @@ impl Fault {
             Fault::StreamCut { .. }
                 | Fault::StreamStall { .. }
                 | Fault::OpeningThenCut
+                | Fault::KeepAlive { .. }
                 | Fault::MalformedSse
         )
     }
@@ -658,6 +663,24 @@ fn streamed(plan: StreamPlan, fault: Option<&Fault>) -> Response {
     let opening = head.len();
     let all: Vec<Bytes> = head.into_iter().chain(body).chain(tail).collect();
     let cut_at = |after: usize| (opening + after).min(all.len().saturating_sub(1));
+    if let Some(Fault::KeepAlive { interval_ms, count }) = fault {
+        let (interval, count) = (Duration::from_millis(*interval_ms), *count);
+        let opening: Vec<Bytes> = all[..opening].to_vec();
+        let body = Body::from_stream(async_stream::stream! {
+            for frame in opening {
+                tokio::task::yield_now().await;
+                yield Ok::<Bytes, std::io::Error>(frame);
+            }
+            for _ in 0..count {
+                tokio::time::sleep(interval).await;
+                yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+            }
+            // Let the last comment leave before the connection drops.
+            tokio::task::yield_now().await;
+            yield Err(std::io::Error::other("injected stream failure"));
+        });
+        return with_type(StatusCode::OK, SSE, body);
+    }
     let (frames, stall): (Vec<Result<Bytes, std::io::Error>>, bool) = match fault {
         Some(Fault::StreamCut { after_chunks: 0 }) => (
             vec![Err(std::io::Error::other("injected stream failure"))],

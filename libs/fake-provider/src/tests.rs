@@ -315,6 +315,47 @@ async fn a_stream_cut_after_its_opening_sends_no_answer() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_stream_sends_comments_and_no_answer() {
+    let fake = start().await;
+    fake.inject(
+        "m",
+        Fault::KeepAlive {
+            interval_ms: 1,
+            count: 3,
+        },
+        1,
+    );
+    let mut request = body(json!([{ "role": "user", "content": "a b c" }]));
+    request["stream"] = json!(true);
+    let response = chat(&fake, request).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut received = Vec::new();
+    let mut stream = response.bytes_stream();
+    let mut failed = false;
+    while let Some(item) = futures::StreamExt::next(&mut stream).await {
+        match item {
+            Ok(bytes) => received.extend_from_slice(&bytes),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the body must end with an error");
+    let text = String::from_utf8(received).unwrap();
+    assert_eq!(text.matches(": keep-alive\n\n").count(), 3, "{text}");
+    // The opening role delta only: nothing of the answer, no end.
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|event| !event.is_empty() && !event.starts_with(':'))
+        .collect();
+    assert_eq!(events.len(), 1, "{text}");
+    assert!(events[0].starts_with("data: "), "{text}");
+    assert!(!text.contains("echo") && !text.contains("[DONE]"), "{text}");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn interrupted_stream_has_no_done() {
     let fake = start().await;
     fake.fail_stream_after("m", 2, 1);

@@ -1120,7 +1120,20 @@ fn carries_content(chunk: &ChatChunk) -> bool {
 /// Opens a stream and reads it up to its first content-bearing chunk, which commits the attempt:
 /// until then it may still fail over, and the content-less chunks before it are held back (and
 /// dropped if it fails). Returns the chunks read, that chunk last, and the rest of the stream.
+/// The whole of it is bounded by `timeout`: each read is too, but a provider that sends only
+/// keep-alives (SSE comments, Anthropic `ping`s, opening chunks) would otherwise never time out.
 async fn open(
+    provider: &ProviderClient,
+    prepared: &Prepared,
+    timeout: Duration,
+) -> Result<(Vec<ChatChunk>, ChunkStream), ProviderError> {
+    tokio::time::timeout(timeout, open_unbounded(provider, prepared, timeout))
+        .await
+        .unwrap_or(Err(ProviderError::Timeout))
+}
+
+/// [`open`] without its overall bound.
+async fn open_unbounded(
     provider: &ProviderClient,
     prepared: &Prepared,
     timeout: Duration,

@@ -153,6 +153,22 @@ const CASES: &[Case] = &[
         Served(&[("primary/m", "TIMEOUT", 0), ("primary/m", "", 200)]),
     ),
     case(
+        "a stream that only keeps its connection alive times out before its first chunk",
+        Stream,
+        &[(
+            Fault::KeepAlive {
+                interval_ms: 100,
+                count: 20,
+            },
+            2,
+        )],
+        Served(&[
+            ("primary/m", "TIMEOUT", 0),
+            ("primary/m", "TIMEOUT", 0),
+            ("backup/m", "", 200),
+        ]),
+    ),
+    case(
         "a stream that stalls after its first chunks ends with an error",
         Stream,
         &[(Fault::StreamStall { after_chunks: 1 }, 1)],
