@@ -560,6 +560,7 @@ impl Pipeline {
         };
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
+        let abandoned = Abandoned::arm(self, ctx, &request, cache_status, false);
         let routed = self
             .router
             .clone()
@@ -592,6 +593,7 @@ impl Pipeline {
                     }
                 }
             }
+            abandoned.disarm();
             return Err(error);
         }
         let routed = match routed {
@@ -603,6 +605,7 @@ impl Pipeline {
                     reservation.settle(0);
                 }
                 self.record_failure(ctx, &request, cache_status, &error, false);
+                abandoned.disarm();
                 return Err(error);
             }
         };
@@ -617,6 +620,7 @@ impl Pipeline {
             // The provider answered and was paid: the row carries its usage with the refusal.
             let usage = response.usage.unwrap_or_default();
             self.record_withheld(ctx, &request, route, usage, cache_status, &error);
+            abandoned.disarm();
             return Err(error);
         }
         // The cache stores the checked answer (placeholders), never the restored one, and nothing
@@ -635,6 +639,7 @@ impl Pipeline {
                 false,
             ),
         );
+        abandoned.disarm();
         response.id = ctx.response_id();
         Ok(Completed {
             response,
@@ -679,6 +684,7 @@ impl Pipeline {
         };
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
+        let abandoned = Abandoned::arm(self, ctx, &request, cache_status, true);
         let opened = self
             .router
             .clone()
@@ -691,18 +697,22 @@ impl Pipeline {
         let mut upstream = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                return Err(self
+                let error = self
                     .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
-                    .await);
+                    .await;
+                abandoned.disarm();
+                return Err(error);
             }
         };
         // Wait for the first message so that failures before the first token are real errors.
         let first = match upstream.message().await {
             Ok(first) => first,
             Err(status) => {
-                return Err(self
+                let error = self
                     .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
-                    .await);
+                    .await;
+                abandoned.disarm();
+                return Err(error);
             }
         };
         // An overlapped check must be in before the first chunk leaves. A refusal cancels the
@@ -719,8 +729,11 @@ impl Pipeline {
             if let Some(reservation) = reservation {
                 reservation.settle_route(&route);
             }
+            abandoned.disarm();
             return Err(error);
         }
+        // From here the pump owns the request's row (it records a client that goes away too).
+        abandoned.disarm();
         let pipeline = self.clone();
         let ctx = ctx.clone();
         let span = tracing::Span::current();
@@ -1576,6 +1589,65 @@ enum Lookup {
     Unavailable,
 }
 
+/// A request dropped while it is routed (its caller went away: an HTTP client that disconnects, a
+/// gRPC reset, a client timeout) still leaves its one usage row: `PARTIAL`, `CLIENT_DISCONNECTED`,
+/// the prompt's estimate and no provider (the router's call is cancelled with it, before it said
+/// which target was serving). Armed once the request may reach a provider; every path that ends
+/// the request itself disarms it, so only a dropped future records through it.
+struct Abandoned<'a> {
+    pipeline: &'a Pipeline,
+    ctx: &'a RequestContext,
+    request: &'a ChatRequest,
+    cache: CacheStatus,
+    streamed: bool,
+}
+
+impl<'a> Abandoned<'a> {
+    fn arm(
+        pipeline: &'a Pipeline,
+        ctx: &'a RequestContext,
+        request: &'a ChatRequest,
+        cache: CacheStatus,
+        streamed: bool,
+    ) -> Self {
+        Abandoned {
+            pipeline,
+            ctx,
+            request,
+            cache,
+            streamed,
+        }
+    }
+
+    /// The request ended on a path that records (or deliberately does not record) it.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        tracing::info!(request.id = %self.ctx.request_id, "caller went away before the answer");
+        let usage = Assembler::default().estimate_usage(self.request);
+        self.pipeline.record(
+            self.ctx,
+            self.request,
+            RecordArgs {
+                route: RouteInfo {
+                    route: self.request.model.clone(),
+                    ..Default::default()
+                },
+                usage,
+                saved_usage: None,
+                cache: self.cache,
+                status: RequestStatus::Partial,
+                error_code: "CLIENT_DISCONNECTED".to_owned(),
+                streamed: self.streamed,
+            },
+        );
+    }
+}
+
 struct RecordArgs {
     route: RouteInfo,
     usage: Usage,
@@ -2321,12 +2393,23 @@ mod tests {
             }
         }
 
+        /// Calls of route `hang` the router received (and never answers).
+        pub static HUNG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+        async fn hang_if_asked(request: Option<&ChatRequest>) {
+            if request.is_some_and(|r| r.model == "hang") {
+                HUNG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+        }
+
         #[tonic::async_trait]
         impl RouterService for Router {
             async fn route(
                 &self,
-                _request: Request<RouteRequest>,
+                request: Request<RouteRequest>,
             ) -> Result<Response<RouteResponse>, Status> {
+                hang_if_asked(request.get_ref().request.as_ref()).await;
                 Ok(Response::new(RouteResponse {
                     response: Some(ChatResponse {
                         model: "pm".into(),
@@ -2347,8 +2430,9 @@ mod tests {
 
             async fn route_stream(
                 &self,
-                _request: Request<RouteStreamRequest>,
+                request: Request<RouteStreamRequest>,
             ) -> Result<Response<Self::RouteStreamStream>, Status> {
+                hang_if_asked(request.get_ref().request.as_ref()).await;
                 let chunk = |content: &str, finish: FinishReason, usage: Option<Usage>| {
                     Ok(RouteStreamResponse {
                         event: Some(route_stream_response::Event::Chunk(ChatChunk {
@@ -2529,6 +2613,63 @@ mod tests {
         let events = unchecked.usage_events();
         assert_eq!(events.len(), 1);
         assert!(unchecked_tagged(&events[0]));
+    }
+
+    #[tokio::test]
+    async fn a_request_its_caller_abandons_while_it_is_routed_still_leaves_its_usage_row() {
+        use std::sync::atomic::Ordering;
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        for streamed in [false, true] {
+            let ctx = RequestContext::new(principal("t"));
+            let request_id = ctx.request_id.clone();
+            let mut hanging = request();
+            hanging.model = "hang".into();
+            let pipeline = harness.pipeline.clone();
+            let hung = HUNG.load(Ordering::SeqCst);
+            let call = tokio::spawn(async move {
+                if streamed {
+                    let _ = pipeline
+                        .stream(&ctx, hanging, CacheControl::default())
+                        .await;
+                } else {
+                    let _ = pipeline
+                        .complete(&ctx, hanging, CacheControl::default())
+                        .await;
+                }
+            });
+            // The router has the call (and never answers); then the caller goes away.
+            while HUNG.load(Ordering::SeqCst) == hung {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            call.abort();
+            assert!(call.await.unwrap_err().is_cancelled());
+            let events = harness.usage_events();
+            assert_eq!(
+                events.len(),
+                1,
+                "streamed {streamed}: one row for the abandoned request"
+            );
+            let event = &events[0];
+            assert_eq!(event.request_id, request_id);
+            assert_eq!(event.status, RequestStatus::Partial as i32);
+            assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+            assert_eq!(event.streamed, streamed);
+            assert!(
+                event.usage.unwrap().prompt_tokens > 0,
+                "the prompt's estimate"
+            );
+        }
+        // A request that ends by itself leaves exactly its own row, none from the guard.
+        let ctx = RequestContext::new(principal("t"));
+        harness
+            .pipeline
+            .complete(&ctx, request(), CacheControl::default())
+            .await
+            .unwrap();
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, RequestStatus::Ok as i32);
     }
 
     #[tokio::test]
