@@ -179,6 +179,22 @@ pub trait ServiceError: std::error::Error {
 /// the gateway tells it apart from a guard that is down (`cause = overloaded`).
 pub const GUARD_OVERLOADED: &str = "GUARD_OVERLOADED";
 
+/// Response metadata of the router's `RouteStream`: which deployment the stream committed to, sent
+/// with the response head (before the first chunk), so that a stream cut short before the router's
+/// final `RouteInfo` (the caller gone, a refusal) is still recorded against its provider and priced.
+pub mod serving {
+    /// Provider name from configuration.
+    pub const PROVIDER: &str = "switchboard-serving-provider";
+    /// The provider's model.
+    pub const MODEL: &str = "switchboard-serving-model";
+    /// The target (`provider/model`).
+    pub const TARGET: &str = "switchboard-serving-target";
+    /// Alias of the configured key (absent for the provider's own key).
+    pub const KEY_ALIAS: &str = "switchboard-serving-key-alias";
+    /// Attempts made, the serving one included.
+    pub const ATTEMPTS: &str = "switchboard-serving-attempts";
+}
+
 /// Converts a service error into a status with an `ErrorInfo` detail. `Internal` errors are logged
 /// here, once, and returned with a generic message.
 pub fn to_status(domain: &'static str, error: &dyn ServiceError) -> tonic::Status {

@@ -694,8 +694,8 @@ impl Pipeline {
                 allowance: reservation.as_ref().map(Reservation::allowance),
             })
             .await;
-        let mut upstream = match opened {
-            Ok(response) => response.into_inner(),
+        let (serving, mut upstream) = match opened {
+            Ok(response) => (Serving::of(response.metadata()), response.into_inner()),
             Err(status) => {
                 let error = self
                     .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
@@ -725,7 +725,14 @@ impl Pipeline {
             {
                 assembled.add(chunk);
             }
-            let route = self.record_partial(ctx, &request, cache_status, &assembled, Some(&error));
+            let route = self.record_partial(
+                ctx,
+                &request,
+                cache_status,
+                &assembled,
+                Some(&error),
+                serving.as_ref(),
+            );
             if let Some(reservation) = reservation {
                 reservation.settle_route(&route);
             }
@@ -748,6 +755,7 @@ impl Pipeline {
                         pseudonyms,
                         first,
                         upstream,
+                        serving,
                         tx,
                         reservation,
                     )
@@ -797,6 +805,7 @@ impl Pipeline {
         pseudonyms: Pseudonyms,
         first: Option<switchboard_proto::router::v1::RouteStreamResponse>,
         mut upstream: tonic::Streaming<switchboard_proto::router::v1::RouteStreamResponse>,
+        serving: Option<Serving>,
         tx: mpsc::Sender<StreamEvent>,
         reservation: Option<Reservation>,
     ) {
@@ -822,8 +831,14 @@ impl Pipeline {
                     message: "stream ended before completion".to_owned(),
                     metadata: Default::default(),
                 };
-                let route =
-                    self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                let route = self.record_partial(
+                    &ctx,
+                    &request,
+                    cache_status,
+                    &assembled,
+                    Some(&error),
+                    serving.as_ref(),
+                );
                 settle(&route);
                 let _ = tx.send(StreamEvent::Failed(error)).await;
                 return;
@@ -842,6 +857,7 @@ impl Pipeline {
                             cache_status,
                             &assembled,
                             Some(&error),
+                            serving.as_ref(),
                         );
                         settle(&route);
                         let _ = tx.send(StreamEvent::Failed(error)).await;
@@ -857,8 +873,14 @@ impl Pipeline {
                         // The client went away: stop reading upstream (dropping it cancels the call)
                         // and record what was consumed.
                         tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
-                        let route =
-                            self.record_partial(&ctx, &request, cache_status, &assembled, None);
+                        let route = self.record_partial(
+                            &ctx,
+                            &request,
+                            cache_status,
+                            &assembled,
+                            None,
+                            serving.as_ref(),
+                        );
                         settle(&route);
                         return;
                     }
@@ -883,6 +905,7 @@ impl Pipeline {
                                     cache_status,
                                     &assembled,
                                     Some(&error),
+                                    serving.as_ref(),
                                 );
                                 settle(&route);
                                 let _ = tx.send(StreamEvent::Failed(error)).await;
@@ -916,7 +939,27 @@ impl Pipeline {
                 }
                 None => {}
             }
-            next = match upstream.message().await {
+            // A caller that leaves while the provider is quiet (between chunks) is noticed at
+            // once, not at the next chunk: upstream is dropped (the call cancelled) and what was
+            // consumed recorded.
+            let message = tokio::select! {
+                biased;
+                message = upstream.message() => message,
+                () = tx.closed() => {
+                    tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
+                    let route = self.record_partial(
+                        &ctx,
+                        &request,
+                        cache_status,
+                        &assembled,
+                        None,
+                        serving.as_ref(),
+                    );
+                    settle(&route);
+                    return;
+                }
+            };
+            next = match message {
                 Ok(Some(message)) => Some(message),
                 Ok(None) => None,
                 Err(status) => {
@@ -932,8 +975,14 @@ impl Pipeline {
                         }
                         let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                     }
-                    let route =
-                        self.record_partial(&ctx, &request, cache_status, &assembled, Some(&error));
+                    let route = self.record_partial(
+                        &ctx,
+                        &request,
+                        cache_status,
+                        &assembled,
+                        Some(&error),
+                        serving.as_ref(),
+                    );
                     settle(&route);
                     let _ = tx.send(StreamEvent::Failed(error)).await;
                     return;
@@ -1497,12 +1546,13 @@ impl Pipeline {
         cache: CacheStatus,
         assembled: &Assembler,
         error: Option<&GatewayError>,
+        serving: Option<&Serving>,
     ) -> RouteInfo {
         use switchboard_status::ServiceError;
         let usage = assembled
             .usage
             .unwrap_or_else(|| assembled.estimate_usage(request));
-        let route = partial_route(request, assembled, error, usage);
+        let route = partial_route(request, assembled, error, usage, serving);
         self.record(
             ctx,
             request,
@@ -1692,38 +1742,90 @@ fn partial_route(
     assembled: &Assembler,
     error: Option<&GatewayError>,
     usage: Usage,
+    serving: Option<&Serving>,
 ) -> RouteInfo {
+    use switchboard_status::ServiceError;
     let mut route = RouteInfo {
         route: request.model.clone(),
         model: assembled.model.clone(),
         ..Default::default()
     };
-    let Some(GatewayError::Downstream { metadata, .. }) = error else {
-        return route;
+    // The router's own account of a cut (its error names the deployment) comes first; otherwise
+    // the deployment its response head named (the caller gone, a refusal, a missing route info).
+    let (source, error_code, error_message) = match error {
+        Some(GatewayError::Downstream { metadata, .. })
+            if metadata.contains_key("provider") && metadata.contains_key("model") =>
+        {
+            let get = |name: &str| metadata.get(name).cloned().unwrap_or_default();
+            let source = Serving {
+                provider: get("provider"),
+                model: get("model"),
+                target: get("target"),
+                key_alias: get("key_alias"),
+                attempts: metadata
+                    .get("attempts")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(1),
+            };
+            (source, "STREAM_INTERRUPTED".to_owned(), get("last_error"))
+        }
+        _ => {
+            let Some(serving) = serving else {
+                return route;
+            };
+            let code = error.map_or("CLIENT_DISCONNECTED", |e| e.code().as_str());
+            (serving.clone(), code.to_owned(), String::new())
+        }
     };
-    let (Some(provider), Some(model)) = (metadata.get("provider"), metadata.get("model")) else {
-        return route;
-    };
-    let get = |name: &str| metadata.get(name).cloned().unwrap_or_default();
-    route.provider.clone_from(provider);
-    route.model.clone_from(model);
-    route.target = get("target");
-    route.key_alias = get("key_alias");
-    route.attempt_count = metadata
-        .get("attempts")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
+    route.provider.clone_from(&source.provider);
+    route.model.clone_from(&source.model);
+    route.target.clone_from(&source.target);
+    route.key_alias.clone_from(&source.key_alias);
+    route.attempt_count = source.attempts;
     route.attempts = vec![switchboard_proto::chat::v1::Attempt {
-        target: route.target.clone(),
-        provider: provider.clone(),
-        model: model.clone(),
-        key_alias: route.key_alias.clone(),
-        error_code: "STREAM_INTERRUPTED".to_owned(),
-        error_message: get("last_error"),
+        target: source.target,
+        provider: source.provider,
+        model: source.model,
+        key_alias: source.key_alias,
+        error_code,
+        error_message,
         usage: Some(usage),
         ..Default::default()
     }];
     route
+}
+
+/// The deployment a stream committed to, as the router's response head names it
+/// (`switchboard_status::serving`): a stream cut short before the router's final route info (the
+/// caller gone, an answer refused, the route info missing) is recorded against it and priced.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Serving {
+    provider: String,
+    model: String,
+    target: String,
+    key_alias: String,
+    attempts: u32,
+}
+
+impl Serving {
+    fn of(metadata: &tonic::metadata::MetadataMap) -> Option<Serving> {
+        use switchboard_status::serving;
+        let get = |name: &str| {
+            metadata
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        Some(Serving {
+            provider: get(serving::PROVIDER)?,
+            model: get(serving::MODEL)?,
+            target: get(serving::TARGET).unwrap_or_default(),
+            key_alias: get(serving::KEY_ALIAS).unwrap_or_default(),
+            attempts: get(serving::ATTEMPTS)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1),
+        })
+    }
 }
 
 /// The cache scope of a request: its app and its team. The team, like the request's tags (in the
@@ -2127,7 +2229,7 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         };
-        let route = partial_route(&request(), &Assembler::default(), Some(&error), usage);
+        let route = partial_route(&request(), &Assembler::default(), Some(&error), usage, None);
         assert_eq!(
             (
                 route.provider.as_str(),
@@ -2141,7 +2243,7 @@ mod tests {
         assert_eq!(route.attempts[0].usage, Some(usage));
         assert_eq!(route.attempts[0].error_code, "STREAM_INTERRUPTED");
         // A client that went away: nothing known about the deployment.
-        let route = partial_route(&request(), &Assembler::default(), None, usage);
+        let route = partial_route(&request(), &Assembler::default(), None, usage, None);
         assert!(route.provider.is_empty() && route.attempts.is_empty());
     }
 
@@ -2425,8 +2527,9 @@ mod tests {
                 }))
             }
 
-            type RouteStreamStream =
-                futures::stream::Iter<std::vec::IntoIter<Result<RouteStreamResponse, Status>>>;
+            type RouteStreamStream = std::pin::Pin<
+                Box<dyn futures::Stream<Item = Result<RouteStreamResponse, Status>> + Send>,
+            >;
 
             async fn route_stream(
                 &self,
@@ -2448,6 +2551,8 @@ mod tests {
                         })),
                     })
                 };
+                let stalls =
+                    request.get_ref().request.as_ref().map(|r| r.model.as_str()) == Some("stall");
                 let events = vec![
                     chunk("Hello ", FinishReason::Unspecified, None),
                     chunk("there.", FinishReason::Unspecified, None),
@@ -2456,7 +2561,23 @@ mod tests {
                         event: Some(route_stream_response::Event::Route(route_info())),
                     }),
                 ];
-                Ok(Response::new(futures::stream::iter(events)))
+                // Route `stall`: two chunks, then nothing more (the caller will leave).
+                let events: Self::RouteStreamStream = if stalls {
+                    Box::pin(futures::StreamExt::chain(
+                        futures::stream::iter(events.into_iter().take(2)),
+                        futures::stream::pending(),
+                    ))
+                } else {
+                    Box::pin(futures::stream::iter(events))
+                };
+                // Like the router: the head names the deployment the stream committed to.
+                let mut response = Response::new(events);
+                let metadata = response.metadata_mut();
+                metadata.insert(switchboard_status::serving::PROVIDER, "p".parse().unwrap());
+                metadata.insert(switchboard_status::serving::MODEL, "pm".parse().unwrap());
+                metadata.insert(switchboard_status::serving::TARGET, "p/pm".parse().unwrap());
+                metadata.insert(switchboard_status::serving::ATTEMPTS, "2".parse().unwrap());
+                Ok(response)
             }
 
             async fn list_models(
@@ -2613,6 +2734,60 @@ mod tests {
         let events = unchecked.usage_events();
         assert_eq!(events.len(), 1);
         assert!(unchecked_tagged(&events[0]));
+    }
+
+    #[tokio::test]
+    async fn a_stream_its_caller_leaves_is_recorded_against_the_deployment_the_router_named() {
+        use stubs::*;
+        // No answer check: every chunk goes out as it comes (none held back).
+        let mut harness = Harness::start(GuardBehaviour {
+            check_answer: false,
+            ..GuardBehaviour::HEALTHY
+        })
+        .await;
+        let ctx = RequestContext::new(principal("t"));
+        let mut stalling = request();
+        stalling.model = "stall".into();
+        let mut handle = harness
+            .pipeline
+            .stream(&ctx, stalling, CacheControl::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            handle.events.recv().await,
+            Some(StreamEvent::Chunk(_))
+        ));
+        // The caller goes away after its first chunk, before the router's final route info.
+        drop(handle);
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1);
+        let event = &events[0];
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        let route = event.route.as_ref().unwrap();
+        // Priced like any served row: provider, model and the attempt's usage.
+        assert_eq!(
+            (
+                route.provider.as_str(),
+                route.model.as_str(),
+                route.target.as_str()
+            ),
+            ("p", "pm", "p/pm")
+        );
+        assert_eq!(route.attempt_count, 2);
+        assert_eq!(route.attempts.len(), 1);
+        let attempt = &route.attempts[0];
+        assert_eq!(
+            (attempt.provider.as_str(), attempt.model.as_str()),
+            ("p", "pm")
+        );
+        assert_eq!(attempt.error_code, "CLIENT_DISCONNECTED");
+        assert_eq!(attempt.usage, event.usage);
+        assert!(
+            attempt.usage.unwrap().completion_tokens > 0,
+            "what was streamed"
+        );
     }
 
     #[tokio::test]

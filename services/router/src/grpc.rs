@@ -16,7 +16,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::{error::RouterError, reload::Live, routing::StreamEvent};
+use crate::{
+    error::{RouterError, StreamSource},
+    reload::Live,
+    routing::StreamEvent,
+};
 
 const DOMAIN: &str = "router";
 
@@ -126,27 +130,42 @@ impl RouterService for RouterGrpc {
         // The response head waits for the first event (the first chunk, or the failure that ended
         // every attempt): head and first chunk then leave in one write, and a stream that never
         // started is answered with its status alone.
-        let first = rx.recv().await;
+        // The head also says which deployment the stream committed to (sent just before the
+        // first chunk), so a stream cut short later is still recorded against its provider.
+        let mut first = rx.recv().await;
+        let mut serving = None;
+        if let Some(StreamEvent::Serving(source)) = first {
+            serving = Some(source);
+            first = rx.recv().await;
+        }
         if let Some(StreamEvent::Failed(error)) = &first {
             return Err(status(error));
         }
         let events = futures::stream::iter(first)
             .chain(ReceiverStream::new(rx))
-            .map(move |event| match event {
-                StreamEvent::Chunk(mut chunk) => {
-                    if !request_id.is_empty() {
-                        chunk.id.clone_from(&request_id);
+            .filter_map(move |event| {
+                std::future::ready(match event {
+                    StreamEvent::Chunk(mut chunk) => {
+                        if !request_id.is_empty() {
+                            chunk.id.clone_from(&request_id);
+                        }
+                        Some(Ok(RouteStreamResponse {
+                            event: Some(Event::Chunk(chunk)),
+                        }))
                     }
-                    Ok(RouteStreamResponse {
-                        event: Some(Event::Chunk(chunk)),
-                    })
-                }
-                StreamEvent::Done(info) => Ok(RouteStreamResponse {
-                    event: Some(Event::Route(info)),
-                }),
-                StreamEvent::Failed(error) => Err(status(&error)),
+                    StreamEvent::Done(info) => Some(Ok(RouteStreamResponse {
+                        event: Some(Event::Route(info)),
+                    })),
+                    StreamEvent::Failed(error) => Some(Err(status(&error))),
+                    // Sent once, before the first chunk (taken above).
+                    StreamEvent::Serving(_) => None,
+                })
             });
-        Ok(Response::new(Box::pin(events)))
+        let mut response = Response::new(Box::pin(events) as Self::RouteStreamStream);
+        if let Some(source) = serving {
+            serving_metadata(response.metadata_mut(), &source);
+        }
+        Ok(response)
     }
 
     async fn embed(
@@ -176,5 +195,26 @@ impl RouterService for RouterGrpc {
             models: self.routes.load().models(),
             routes: self.routes.load().route_targets(),
         }))
+    }
+}
+
+/// The committed deployment in the response head (`switchboard_status::serving`); a value that
+/// cannot be a header (not visible ASCII) is left out.
+fn serving_metadata(metadata: &mut tonic::metadata::MetadataMap, source: &StreamSource) {
+    use switchboard_status::serving;
+    let attempts = source.attempts.to_string();
+    for (name, value) in [
+        (serving::PROVIDER, source.provider.as_str()),
+        (serving::MODEL, source.model.as_str()),
+        (serving::TARGET, source.target.as_str()),
+        (serving::KEY_ALIAS, source.key_alias.as_str()),
+        (serving::ATTEMPTS, attempts.as_str()),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        if let Ok(value) = tonic::metadata::MetadataValue::try_from(value) {
+            metadata.insert(name, value);
+        }
     }
 }

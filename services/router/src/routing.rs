@@ -152,6 +152,9 @@ pub enum StreamEvent {
     Done(RouteInfo),
     /// The stream failed; nothing follows.
     Failed(RouterError),
+    /// The stream committed to this deployment; sent once, before its first chunk (the response
+    /// head carries it: `switchboard_status::serving`).
+    Serving(StreamSource),
 }
 
 /// Attempts of one request so far.
@@ -1175,18 +1178,22 @@ async fn forward(
     let mut forwarded = 0usize;
     let route = served.attempts.route.clone();
     let attempts = served.attempts.list.len() + 1;
+    let source = || StreamSource {
+        target: deployment.target.clone(),
+        provider: deployment.provider.clone(),
+        model: deployment.model.clone(),
+        key_alias: deployment.key_alias.clone(),
+        attempts,
+    };
     let interrupted = |chunks: usize, last_error: String| RouterError::StreamInterrupted {
         route: route.clone(),
         chunks,
-        from: Box::new(StreamSource {
-            target: deployment.target.clone(),
-            provider: deployment.provider.clone(),
-            model: deployment.model.clone(),
-            key_alias: deployment.key_alias.clone(),
-            attempts,
-        }),
+        from: Box::new(source()),
         last_error,
     };
+    if tx.send(StreamEvent::Serving(source())).await.is_err() {
+        return Err(interrupted(forwarded, "client went away".to_owned()));
+    }
     for chunk in opened {
         if chunk.usage.is_some() {
             usage = chunk.usage;

@@ -488,6 +488,52 @@ async fn stream_failure_before_the_first_chunk_fails_over() {
 }
 
 #[tokio::test]
+async fn a_streams_head_names_the_deployment_it_committed_to() {
+    use switchboard_status::serving;
+    let h = Harness::start().await;
+    // The primary fails before its first chunk; the backup serves, after three attempts.
+    h.fake.fail_next(PRIMARY, 500, 2);
+    let response = h
+        .client
+        .clone()
+        .route_stream(RouteStreamRequest {
+            request: Some(chat("chat", "hi there")),
+            caller: Some(Caller {
+                request_id: "req-3".to_owned(),
+                ..Default::default()
+            }),
+            allowance: None,
+        })
+        .await
+        .unwrap();
+    let head = |name: &str| {
+        response
+            .metadata()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_owned())
+    };
+    assert_eq!(head(serving::PROVIDER).as_deref(), Some("backup"));
+    assert_eq!(head(serving::MODEL).as_deref(), Some(BACKUP));
+    assert_eq!(
+        head(serving::TARGET).as_deref(),
+        Some("backup/backup-model")
+    );
+    assert_eq!(head(serving::ATTEMPTS).as_deref(), Some("3"));
+    let mut stream = response.into_inner();
+    let mut routed = None;
+    while let Some(message) = stream.next().await {
+        if let Some(Event::Route(route)) = message.unwrap().event {
+            routed = Some(route);
+        }
+    }
+    // The same deployment the final route info names.
+    let routed = routed.unwrap();
+    assert_eq!(routed.target, "backup/backup-model");
+    assert_eq!(routed.attempt_count, 3);
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn stream_failure_after_the_first_chunk_ends_with_an_error() {
     let h = Harness::start().await;
     h.fake.fail_stream_after(PRIMARY, 2, 1);
