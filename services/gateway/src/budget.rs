@@ -303,6 +303,8 @@ fn lock(local: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
 pub struct Reservation {
     holds: Vec<Hold>,
     allowance: i64,
+    /// A hard budget applies: only then does the router get an allowance to keep within.
+    hard: bool,
     prompt_tokens: u32,
     max_output_tokens: u32,
     prices: Arc<[TargetPrice]>,
@@ -326,14 +328,15 @@ impl std::fmt::Debug for Reservation {
 }
 
 impl Reservation {
-    /// The allowance to send with the route request.
-    pub fn allowance(&self) -> SpendAllowance {
-        SpendAllowance {
+    /// The allowance to send with the route request; none when only soft budgets apply (they
+    /// alert, never block: the router may then send any target, priced or not).
+    pub fn allowance(&self) -> Option<SpendAllowance> {
+        self.hard.then(|| SpendAllowance {
             allowance_usd_nanos: self.allowance,
             prompt_tokens: self.prompt_tokens,
             max_output_tokens: self.max_output_tokens,
             prices: self.prices.to_vec(),
-        }
+        })
     }
 
     /// The cost of the attempts of `route` (each at its own target's price); an attempt with
@@ -556,10 +559,12 @@ impl Budgets {
         let need = estimates.min().unwrap_or(0);
         let mut holds: Vec<Hold> = Vec::with_capacity(slots.len());
         let mut allowance = want;
+        let mut hard = false;
         for slot in slots {
             match self.take(&slot, want, need).await {
                 Ok((held, epoch)) => {
                     if slot.hard() {
+                        hard = true;
                         allowance = allowance.min(held);
                     }
                     holds.push(Hold { slot, held, epoch });
@@ -583,6 +588,7 @@ impl Budgets {
         Ok(Some(Reservation {
             holds,
             allowance,
+            hard,
             prompt_tokens: prompt,
             max_output_tokens: max_output,
             prices,
@@ -1077,6 +1083,7 @@ mod tests {
                 })
                 .collect(),
             allowance,
+            hard: true,
             prompt_tokens: 0,
             max_output_tokens: 0,
             prices: Arc::from(prices),
@@ -1554,8 +1561,25 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(reservation.allowance().allowance_usd_nanos, 0);
+            assert_eq!(reservation.allowance().unwrap().allowance_usd_nanos, 0);
         }
+        // A soft budget alone sends the router no allowance (it never blocks, so any target,
+        // priced or not, may serve).
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            let mut soft = fake::budget("b", "a", 1_000_000);
+            soft.enforcement = BudgetEnforcement::Soft as i32;
+            state.budgets = vec![soft];
+            state.grant = 100_000;
+        }
+        let budgets = fake.budgets(enabled()).await;
+        let reservation = budgets
+            .reserve(&principal("a"), &mut request(), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reservation.allowance().is_none());
     }
 
     #[tokio::test]

@@ -188,8 +188,27 @@ impl GatewayError {
             GatewayError::RateLimited {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            // A provider's own rate limit, passed on by the router with its Retry-After.
+            GatewayError::Downstream {
+                code: ErrorCode::RateLimited,
+                metadata,
+                ..
+            } => metadata.get("retry_after_secs")?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// The router's refusal of a prompt too long for every target that could take it
+    /// (`UPSTREAM_REJECTED`, `cause = context_length_exceeded`).
+    fn context_length_exceeded(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Downstream {
+                code: ErrorCode::UpstreamRejected,
+                metadata,
+                ..
+            } if metadata.get("cause").map(String::as_str) == Some("context_length_exceeded")
+        )
     }
 
     /// Wraps a downstream status, keeping its code and `ErrorInfo` metadata.
@@ -234,6 +253,10 @@ impl GatewayError {
             GatewayError::TokensExceedRateLimit { .. } => {
                 (code.openai_type(), "tokens_exceed_rate_limit")
             }
+            // OpenAI's own code, which SDKs and agents look for to trim the conversation.
+            GatewayError::Downstream { .. } if self.context_length_exceeded() => {
+                (code.openai_type(), "context_length_exceeded")
+            }
             _ => (code.openai_type(), code.as_str()),
         };
         let param = match self {
@@ -242,6 +265,9 @@ impl GatewayError {
                 Some("model".to_owned())
             }
             GatewayError::TokensExceedRateLimit { .. } => Some("max_tokens".to_owned()),
+            GatewayError::Downstream { .. } if self.context_length_exceeded() => {
+                Some("messages".to_owned())
+            }
             GatewayError::Downstream { metadata, .. } => {
                 metadata.get("field").or(metadata.get("model")).cloned()
             }
@@ -437,6 +463,67 @@ mod tests {
         assert_eq!(
             error.code().http_status(),
             http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn a_prompt_too_long_for_every_target_gets_openais_context_length_code() {
+        let error = GatewayError::Downstream {
+            code: ErrorCode::UpstreamRejected,
+            message: "prompt too long".into(),
+            metadata: HashMap::from([("cause".to_owned(), "context_length_exceeded".to_owned())]),
+        };
+        assert_eq!(error.code().http_status(), http::StatusCode::BAD_REQUEST);
+        let body = serde_json::to_value(error.body()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert_eq!(body["error"]["param"], "messages");
+        // Another rejection keeps the generic code.
+        let other = GatewayError::Downstream {
+            code: ErrorCode::UpstreamRejected,
+            message: "bad parameter".into(),
+            metadata: HashMap::new(),
+        };
+        let body = serde_json::to_value(other.body()).unwrap();
+        assert_eq!(body["error"]["code"], "UPSTREAM_REJECTED");
+    }
+
+    #[test]
+    fn a_providers_rate_limit_passed_on_by_the_router_keeps_its_retry_after() {
+        use tonic_types::StatusExt;
+        let router = tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "every target of route `chat` that was tried is rate limited by its provider",
+            tonic_types::ErrorDetails::with_error_info(
+                "RATE_LIMITED",
+                "router",
+                HashMap::from([
+                    ("route".to_owned(), "chat".to_owned()),
+                    ("retry_after_secs".to_owned(), "12".to_owned()),
+                ]),
+            ),
+        );
+        let error = GatewayError::from_status("router", &router);
+        assert_eq!(error.retry_after_secs(), Some(12));
+        assert_eq!(
+            error.code().http_status(),
+            http::StatusCode::TOO_MANY_REQUESTS
+        );
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(std::time::Duration::from_secs(12))
+        );
+        // Without one from the provider, no Retry-After is made up.
+        let bare = tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "rate limited",
+            tonic_types::ErrorDetails::with_error_info("RATE_LIMITED", "router", HashMap::new()),
+        );
+        assert_eq!(
+            GatewayError::from_status("router", &bare).retry_after_secs(),
+            None
         );
     }
 

@@ -567,7 +567,7 @@ impl Pipeline {
             .route(RouteRequest {
                 request: Some(routed_request),
                 caller: Some(caller(ctx)),
-                allowance: reservation.as_ref().map(Reservation::allowance),
+                allowance: reservation.as_ref().and_then(Reservation::allowance),
             })
             .await;
         // An overlapped check must be in before anything of the answer is used.
@@ -691,7 +691,7 @@ impl Pipeline {
             .route_stream(RouteStreamRequest {
                 request: Some(routed_request),
                 caller: Some(caller(ctx)),
-                allowance: reservation.as_ref().map(Reservation::allowance),
+                allowance: reservation.as_ref().and_then(Reservation::allowance),
             })
             .await;
         let (serving, mut upstream) = match opened {

@@ -57,6 +57,18 @@ pub enum RouterError {
         attempts: usize,
         summary: String,
     },
+    /// Every target that was tried answered 429 (the others were passed over: keys at their
+    /// limits, capability, budget): the caller should slow down, not treat it as an outage.
+    #[error(
+        "every target of route `{route}` that was tried is rate limited by its provider: {summary}"
+    )]
+    ProviderRateLimited {
+        route: String,
+        attempts: usize,
+        summary: String,
+        /// The last provider's `Retry-After`, rounded up to whole seconds.
+        retry_after_secs: Option<u64>,
+    },
     /// The request's spend allowance (a budget, ADR 007) fits no remaining target's estimate;
     /// those targets were not sent.
     #[error(
@@ -131,9 +143,9 @@ impl ServiceError for RouterError {
                 ErrorCode::UpstreamUnavailable
             }
             RouterError::DeadlineExceeded { .. } => ErrorCode::Timeout,
-            RouterError::KeysExhausted { .. } | RouterError::BudgetExceeded { .. } => {
-                ErrorCode::RateLimited
-            }
+            RouterError::KeysExhausted { .. }
+            | RouterError::BudgetExceeded { .. }
+            | RouterError::ProviderRateLimited { .. } => ErrorCode::RateLimited,
         }
     }
 
@@ -190,6 +202,18 @@ impl ServiceError for RouterError {
             | RouterError::KeysExhausted {
                 route, attempts, ..
             } => vec![("route", route.clone()), ("attempts", attempts.to_string())],
+            RouterError::ProviderRateLimited {
+                route,
+                attempts,
+                retry_after_secs,
+                ..
+            } => {
+                let mut pairs = vec![("route", route.clone()), ("attempts", attempts.to_string())];
+                if let Some(secs) = retry_after_secs {
+                    pairs.push(("retry_after_secs", secs.to_string()));
+                }
+                pairs
+            }
             RouterError::BudgetExceeded {
                 route, attempts, ..
             } => vec![

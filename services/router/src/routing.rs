@@ -265,7 +265,16 @@ impl Attempts {
 
     fn unavailable(mut self) -> RouterError {
         Span::current().record("attempts", self.list.len());
-        if self.list.iter().any(|a| a.error_code == BUDGET_CODE) {
+        // The budget is the reason only when no target was actually tried: a target that was
+        // sent and failed (an outage) is the reason the request failed, even if the fallback
+        // after it was then too dear for what the budget had left.
+        let not_sent = |a: &Attempt| {
+            a.error_code == BUDGET_CODE
+                || a.error_code == UNTRANSLATABLE_CODE
+                || CAPABILITY_CODES.contains(&a.error_code.as_str())
+                || HELD_BACK_CODES.contains(&a.error_code.as_str())
+        };
+        if self.list.iter().any(|a| a.error_code == BUDGET_CODE) && self.list.iter().all(not_sent) {
             return RouterError::BudgetExceeded {
                 summary: summarize(&self.list),
                 attempts: self.list.len(),
@@ -316,6 +325,24 @@ impl Attempts {
                 route: self.route,
                 attempts: self.list.len(),
                 summary,
+            };
+        }
+        // Every target that was tried answered 429 (the rest were passed over): a rate limit
+        // to pass on with the provider's Retry-After, not an outage.
+        let rate_limited = |a: &Attempt| a.error_code == PROVIDER_RATE_LIMITED_CODE;
+        if self.list.iter().any(rate_limited)
+            && self.list.iter().all(|a| rate_limited(a) || not_sent(a))
+        {
+            let retry_after_secs = self
+                .last_error
+                .as_ref()
+                .and_then(ProviderError::retry_after)
+                .map(|wait| wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+            return RouterError::ProviderRateLimited {
+                route: self.route,
+                attempts: self.list.len(),
+                summary,
+                retry_after_secs,
             };
         }
         let last_error = self.last_error_text();
@@ -952,6 +979,9 @@ impl Routes {
 /// Reason code of a target not sent because its estimate does not fit the spend allowance.
 const BUDGET_CODE: &str = "BUDGET_EXCEEDED";
 
+/// Error code of an attempt the provider answered with 429 (`ProviderError::RateLimited`).
+const PROVIDER_RATE_LIMITED_CODE: &str = "RATE_LIMITED";
+
 /// Whether the next attempt at (`provider`, `model`) fits `allowance` after what the earlier attempts
 /// consumed (each priced at its own target's rates): its estimate (the prompt bound at the input
 /// rate plus the output bound at the output rate) must not exceed what is left. A target without a
@@ -1241,6 +1271,88 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_refusal_is_the_reason_only_when_no_target_was_tried() {
+        let attempt = |code: &str, http_status: u32| Attempt {
+            target: "p/m".into(),
+            provider: "p".into(),
+            model: "m".into(),
+            error_code: code.into(),
+            http_status,
+            ..Default::default()
+        };
+        let outcome = |list: Vec<Attempt>| {
+            let mut attempts = Attempts::new("chat");
+            attempts.list = list;
+            attempts.unavailable()
+        };
+        // The primary was down, the fallback too dear: an outage, not an exhausted budget.
+        let error = outcome(vec![
+            attempt("UPSTREAM_ERROR", 503),
+            attempt(BUDGET_CODE, 0),
+        ]);
+        assert!(
+            matches!(error, RouterError::UpstreamUnavailable { .. }),
+            "{error:?}"
+        );
+        // Nothing was sent: every target too dear (or unable to take it).
+        let error = outcome(vec![attempt(BUDGET_CODE, 0), attempt(BUDGET_CODE, 0)]);
+        assert!(
+            matches!(error, RouterError::BudgetExceeded { .. }),
+            "{error:?}"
+        );
+        let error = outcome(vec![
+            attempt("CONTEXT_WINDOW_TOO_SMALL", 0),
+            attempt(BUDGET_CODE, 0),
+        ]);
+        assert!(
+            matches!(error, RouterError::BudgetExceeded { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn targets_that_all_answered_429_are_a_rate_limit_with_the_providers_retry_after() {
+        let attempt = |code: &str, http_status: u32| Attempt {
+            target: "p/m".into(),
+            error_code: code.into(),
+            http_status,
+            ..Default::default()
+        };
+        let mut attempts = Attempts::new("chat");
+        attempts.list = vec![
+            attempt("RATE_LIMITED", 429),
+            attempt("KEY_COOLDOWN", 0),
+            attempt("RATE_LIMITED", 429),
+        ];
+        attempts.last_error = Some(ProviderError::RateLimited {
+            status: 429,
+            retry_after: Some(Duration::from_millis(2_500)),
+        });
+        let error = attempts.unavailable();
+        assert!(
+            matches!(
+                &error,
+                RouterError::ProviderRateLimited {
+                    retry_after_secs: Some(3),
+                    attempts: 3,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        use switchboard_status::ServiceError;
+        assert_eq!(error.code(), switchboard_status::ErrorCode::RateLimited);
+        assert_eq!(error.metadata()["retry_after_secs"], "3");
+        // One target down for another reason: an outage.
+        let mut attempts = Attempts::new("chat");
+        attempts.list = vec![attempt("RATE_LIMITED", 429), attempt("UPSTREAM_ERROR", 503)];
+        assert!(matches!(
+            attempts.unavailable(),
+            RouterError::UpstreamUnavailable { .. }
+        ));
+    }
 
     #[test]
     fn an_attempt_is_sent_only_when_its_estimate_fits_what_earlier_attempts_left() {

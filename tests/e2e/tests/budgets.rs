@@ -423,7 +423,9 @@ async fn a_crashed_replicas_lease_expires_and_the_budget_is_usable_again() -> an
 }
 
 /// The primary fails; the backup is so expensive that its estimate does not fit what is left of
-/// the budget: it is never sent, and the caller gets the budget error.
+/// the budget: it is never sent. The request failed because the primary was down (the budget had
+/// room for the primary), so the caller gets the outage, whose summary names the skipped backup,
+/// not a budget error that would say the budget is spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_whose_estimate_does_not_fit_is_not_sent() -> anyhow::Result<()> {
     // Primary estimate: (14 + 8) prompt tokens × 150 + 5 × 600 = 6,300 nano-USD; backup's is
@@ -452,8 +454,13 @@ async fn a_fallback_whose_estimate_does_not_fit_is_not_sent() -> anyhow::Result<
     mesh.primary.fail_next(MODEL, 500, 1);
     let client = reqwest::Client::new();
     let (status, _, body) = chat(&client, &mesh.gateways[0], "hello fallback", 5).await?;
-    assert_eq!(status, 429, "{body}");
-    assert_budget_error(&body, "app:app-a", "0.000020000 USD");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("backup/gpt-4o-mini BUDGET_EXCEEDED"),
+        "the skipped fallback is named: {message}"
+    );
     assert_eq!(
         mesh.primary.request_count(MODEL),
         1,
