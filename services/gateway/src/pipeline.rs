@@ -816,6 +816,18 @@ impl Pipeline {
                 reservation.settle_route(route);
             }
         };
+        // What a stream that ends short consumed (`None`: the caller left), recorded against the
+        // deployment the router named.
+        let partial = |assembled: &Assembler, error: Option<&GatewayError>| {
+            self.record_partial(
+                &ctx,
+                &request,
+                cache_status,
+                assembled,
+                error,
+                serving.as_ref(),
+            )
+        };
         let response_id = ctx.response_id();
         let mut assembled = Assembler::default();
         let mut restorer = pseudonyms.stream();
@@ -831,14 +843,7 @@ impl Pipeline {
                     message: "stream ended before completion".to_owned(),
                     metadata: Default::default(),
                 };
-                let route = self.record_partial(
-                    &ctx,
-                    &request,
-                    cache_status,
-                    &assembled,
-                    Some(&error),
-                    serving.as_ref(),
-                );
+                let route = partial(&assembled, Some(&error));
                 settle(&route);
                 let _ = tx.send(StreamEvent::Failed(error)).await;
                 return;
@@ -851,14 +856,7 @@ impl Pipeline {
                             .check_stream_chunk(&ctx, &request, hold, &mut chunk)
                             .await
                     {
-                        let route = self.record_partial(
-                            &ctx,
-                            &request,
-                            cache_status,
-                            &assembled,
-                            Some(&error),
-                            serving.as_ref(),
-                        );
+                        let route = partial(&assembled, Some(&error));
                         settle(&route);
                         let _ = tx.send(StreamEvent::Failed(error)).await;
                         return;
@@ -873,14 +871,7 @@ impl Pipeline {
                         // The client went away: stop reading upstream (dropping it cancels the call)
                         // and record what was consumed.
                         tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
-                        let route = self.record_partial(
-                            &ctx,
-                            &request,
-                            cache_status,
-                            &assembled,
-                            None,
-                            serving.as_ref(),
-                        );
+                        let route = partial(&assembled, None);
                         settle(&route);
                         return;
                     }
@@ -899,14 +890,7 @@ impl Pipeline {
                                 let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                             }
                             Err(error) => {
-                                let route = self.record_partial(
-                                    &ctx,
-                                    &request,
-                                    cache_status,
-                                    &assembled,
-                                    Some(&error),
-                                    serving.as_ref(),
-                                );
+                                let route = partial(&assembled, Some(&error));
                                 settle(&route);
                                 let _ = tx.send(StreamEvent::Failed(error)).await;
                                 return;
@@ -947,14 +931,7 @@ impl Pipeline {
                 message = upstream.message() => message,
                 () = tx.closed() => {
                     tracing::info!(request.id = %ctx.request_id, "client disconnected mid-stream");
-                    let route = self.record_partial(
-                        &ctx,
-                        &request,
-                        cache_status,
-                        &assembled,
-                        None,
-                        serving.as_ref(),
-                    );
+                    let route = partial(&assembled, None);
                     settle(&route);
                     return;
                 }
@@ -975,14 +952,7 @@ impl Pipeline {
                         }
                         let _ = tx.send(StreamEvent::Chunk(chunk)).await;
                     }
-                    let route = self.record_partial(
-                        &ctx,
-                        &request,
-                        cache_status,
-                        &assembled,
-                        Some(&error),
-                        serving.as_ref(),
-                    );
+                    let route = partial(&assembled, Some(&error));
                     settle(&route);
                     let _ = tx.send(StreamEvent::Failed(error)).await;
                     return;
