@@ -179,6 +179,10 @@ pub trait ServiceError: std::error::Error {
 /// the gateway tells it apart from a guard that is down (`cause = overloaded`).
 pub const GUARD_OVERLOADED: &str = "GUARD_OVERLOADED";
 
+/// `ErrorInfo.metadata.cause` of the router's refusal of a prompt too long for every target that
+/// could take it (reason `UPSTREAM_REJECTED`); the gateway answers it with OpenAI's own code.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
+
 /// Response metadata of the router's `RouteStream`: which deployment the stream committed to, sent
 /// with the response head (before the first chunk), so that a stream cut short before the router's
 /// final `RouteInfo` (the caller gone, a refusal) is still recorded against its provider and priced.

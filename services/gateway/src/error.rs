@@ -207,7 +207,8 @@ impl GatewayError {
                 code: ErrorCode::UpstreamRejected,
                 metadata,
                 ..
-            } if metadata.get("cause").map(String::as_str) == Some("context_length_exceeded")
+            } if metadata.get("cause").map(String::as_str)
+                == Some(switchboard_status::CONTEXT_LENGTH_EXCEEDED)
         )
     }
 

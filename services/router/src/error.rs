@@ -97,10 +97,6 @@ pub enum RouterError {
     },
 }
 
-/// `ErrorInfo.metadata.cause` of [`RouterError::ContextLengthExceeded`] (whose reason is
-/// `UPSTREAM_REJECTED`).
-pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
-
 /// A provider's rejection of a request: which deployment, its HTTP status and its message.
 #[derive(Debug, Default)]
 pub struct Rejection {
@@ -177,7 +173,10 @@ impl ServiceError for RouterError {
                 let mut pairs = vec![
                     ("route", route.clone()),
                     ("attempts", attempts.to_string()),
-                    ("cause", CONTEXT_LENGTH_EXCEEDED.to_owned()),
+                    (
+                        "cause",
+                        switchboard_status::CONTEXT_LENGTH_EXCEEDED.to_owned(),
+                    ),
                     ("target", last.target.clone()),
                     ("http_status", last.http_status.to_string()),
                 ];

@@ -268,12 +268,11 @@ impl Attempts {
         // The budget is the reason only when no target was actually tried: a target that was
         // sent and failed (an outage) is the reason the request failed, even if the fallback
         // after it was then too dear for what the budget had left.
-        let not_sent = |a: &Attempt| {
-            a.error_code == BUDGET_CODE
-                || a.error_code == UNTRANSLATABLE_CODE
-                || CAPABILITY_CODES.contains(&a.error_code.as_str())
-                || HELD_BACK_CODES.contains(&a.error_code.as_str())
+        let incapable = |a: &Attempt| {
+            CAPABILITY_CODES.contains(&a.error_code.as_str()) || a.error_code == UNTRANSLATABLE_CODE
         };
+        let held_back = |a: &Attempt| HELD_BACK_CODES.contains(&a.error_code.as_str());
+        let not_sent = |a: &Attempt| a.error_code == BUDGET_CODE || incapable(a) || held_back(a);
         if self.list.iter().any(|a| a.error_code == BUDGET_CODE) && self.list.iter().all(not_sent) {
             return RouterError::BudgetExceeded {
                 summary: summarize(&self.list),
@@ -282,9 +281,6 @@ impl Attempts {
             };
         }
         let summary = summarize(&self.list);
-        let incapable = |a: &Attempt| {
-            CAPABILITY_CODES.contains(&a.error_code.as_str()) || a.error_code == UNTRANSLATABLE_CODE
-        };
         // No target could take the request and at least one could not express it: the request
         // is invalid, as the first such target said.
         if self.list.iter().all(incapable)
@@ -319,7 +315,6 @@ impl Attempts {
         }
         // Every target was passed over locally because its keys are at their limits or cooling
         // down: nothing was sent, and the caller should slow down.
-        let held_back = |a: &Attempt| HELD_BACK_CODES.contains(&a.error_code.as_str());
         if !self.list.is_empty() && self.list.iter().all(held_back) {
             return RouterError::KeysExhausted {
                 route: self.route,
@@ -1224,24 +1219,20 @@ async fn forward(
     if tx.send(StreamEvent::Serving(source())).await.is_err() {
         return Err(interrupted(forwarded, "client went away".to_owned()));
     }
-    for chunk in opened {
-        if chunk.usage.is_some() {
-            usage = chunk.usage;
-        }
-        if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
-            return Err(interrupted(forwarded, "client went away".to_owned()));
-        }
-        forwarded += 1;
-    }
+    // The chunks `open` read go first, then the rest of the stream.
+    let mut opened = opened.into_iter();
     loop {
-        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                return Err(interrupted(
-                    forwarded,
-                    "TIMEOUT: deadline exceeded".to_owned(),
-                ));
-            }
+        let next = match opened.next() {
+            Some(chunk) => Some(Ok(chunk)),
+            None => match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    return Err(interrupted(
+                        forwarded,
+                        "TIMEOUT: deadline exceeded".to_owned(),
+                    ));
+                }
+            },
         };
         match next {
             Some(Ok(chunk)) => {
