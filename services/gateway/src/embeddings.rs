@@ -11,7 +11,7 @@ use axum::{
     Json,
     body::Body,
     extract::State,
-    http::{HeaderMap, HeaderValue},
+    http::HeaderMap,
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
@@ -274,9 +274,7 @@ async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
         }
         Err(error) => {
             let mut out = error.into_response();
-            if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
-                out.headers_mut().insert("x-switchboard-request-id", value);
-            }
+            http::put_request_id(out.headers_mut(), &ctx.request_id);
             out
         }
     }

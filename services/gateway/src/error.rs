@@ -198,6 +198,16 @@ impl GatewayError {
         }
     }
 
+    /// Whether retrying the same request soon cannot succeed although its HTTP status (429, 504)
+    /// makes the OpenAI and Anthropic SDKs retry it: an exhausted budget (until its reset) and an
+    /// `only-if-cached` miss. Said with `x-should-retry: false`, which both SDKs obey.
+    pub fn futile_to_retry(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BudgetExceeded { .. } | GatewayError::NotCached
+        )
+    }
+
     /// The router's refusal of a prompt too long for every target that could take it
     /// (`UPSTREAM_REJECTED`, `cause = context_length_exceeded`).
     fn context_length_exceeded(&self) -> bool {

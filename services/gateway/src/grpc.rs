@@ -49,20 +49,50 @@ fn control(cache: Option<pb::CacheControl>) -> CacheControl {
     }
 }
 
+/// Metadata that names the request (its usage row, logs and trace) on every answer and every
+/// error after authentication, as the HTTP API's header of the same name does.
+const REQUEST_ID: &str = "x-switchboard-request-id";
+
+/// Metadata with the cache's part in a streamed answer (`hit`, `miss`, `bypass`), as over HTTP.
+const CACHE: &str = "x-switchboard-cache";
+
 /// A new request context for an authenticated caller, with its ids recorded on the current span.
-fn begin(
-    principal: crate::auth::Principal,
-    chat: Option<switchboard_proto::chat::v1::ChatRequest>,
-) -> Result<(RequestContext, switchboard_proto::chat::v1::ChatRequest), GatewayError> {
-    let chat = chat.ok_or_else(|| GatewayError::InvalidRequest {
-        field: "request".to_owned(),
-        message: "must be set".to_owned(),
-    })?;
+fn begin(principal: crate::auth::Principal) -> RequestContext {
     let ctx = RequestContext::new(principal);
     tracing::Span::current()
         .record("request.id", ctx.request_id.as_str())
         .record("app.id", ctx.principal.app.as_str());
-    Ok((ctx, chat))
+    ctx
+}
+
+/// The chat request of a call (required).
+fn chat_of(
+    chat: Option<switchboard_proto::chat::v1::ChatRequest>,
+) -> Result<switchboard_proto::chat::v1::ChatRequest, GatewayError> {
+    chat.ok_or_else(|| GatewayError::InvalidRequest {
+        field: "request".to_owned(),
+        message: "must be set".to_owned(),
+    })
+}
+
+fn put(metadata: &mut tonic::metadata::MetadataMap, name: &'static str, value: &str) {
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(value) {
+        metadata.insert(name, value);
+    }
+}
+
+/// The status of `error`, naming request `request_id`.
+fn failed(error: GatewayError, request_id: &str) -> Status {
+    let mut status = Status::from(error);
+    put(status.metadata_mut(), REQUEST_ID, request_id);
+    status
+}
+
+/// `message` as the answer of request `request_id`.
+fn answer<T>(message: T, request_id: &str) -> Response<T> {
+    let mut response = Response::new(message);
+    put(response.metadata_mut(), REQUEST_ID, request_id);
+    response
 }
 
 type EventStream =
@@ -76,18 +106,24 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<pb::CreateChatCompletionResponse>, Status> {
         let principal = self.authenticate(&request)?;
         let inner = request.into_inner();
-        let (ctx, chat) = begin(principal, inner.request)?;
+        let ctx = begin(principal);
+        let id = ctx.request_id.as_str();
+        let chat = chat_of(inner.request).map_err(|e| failed(e, id))?;
         let done = self
             .shared
             .pipeline
             .complete(&ctx, chat, control(inner.cache))
-            .await?;
-        Ok(Response::new(pb::CreateChatCompletionResponse {
-            response: Some(done.response),
-            route: Some(done.route),
-            request_id: ctx.request_id,
-            cache: done.cache.proto() as i32,
-        }))
+            .await
+            .map_err(|e| failed(e, id))?;
+        Ok(answer(
+            pb::CreateChatCompletionResponse {
+                response: Some(done.response),
+                route: Some(done.route),
+                request_id: ctx.request_id.clone(),
+                cache: done.cache.proto() as i32,
+            },
+            id,
+        ))
     }
 
     type StreamChatCompletionStream = EventStream;
@@ -98,13 +134,17 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<Self::StreamChatCompletionStream>, Status> {
         let principal = self.authenticate(&request)?;
         let inner = request.into_inner();
-        let (ctx, chat) = begin(principal, inner.request)?;
+        let ctx = begin(principal);
+        let id = ctx.request_id.as_str();
+        let chat = chat_of(inner.request).map_err(|e| failed(e, id))?;
         let handle = self
             .shared
             .pipeline
             .stream(&ctx, chat, control(inner.cache))
-            .await?;
+            .await
+            .map_err(|e| failed(e, id))?;
         let cache = handle.cache.proto() as i32;
+        let cache_label = handle.cache.as_str();
         let request_id = ctx.request_id.clone();
         let mut events = handle.events;
         let stream = async_stream::stream! {
@@ -126,13 +166,15 @@ impl GatewayService for GatewayGrpc {
                         return;
                     }
                     StreamEvent::Failed(error) => {
-                        yield Err(Status::from(error));
+                        yield Err(failed(error, &request_id));
                         return;
                     }
                 }
             }
         };
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = answer(Box::pin(stream) as EventStream, id);
+        put(response.metadata_mut(), CACHE, cache_label);
+        Ok(response)
     }
 
     async fn create_embeddings(
@@ -141,10 +183,8 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<pb::CreateEmbeddingsResponse>, Status> {
         let principal = self.authenticate(&request)?;
         let inner = request.into_inner();
-        let ctx = RequestContext::new(principal);
-        tracing::Span::current()
-            .record("request.id", ctx.request_id.as_str())
-            .record("app.id", ctx.principal.app.as_str());
+        let ctx = begin(principal);
+        let id = ctx.request_id.as_str();
         let input = crate::embeddings::EmbedInput {
             model: inner.model,
             inputs: inner.inputs,
@@ -152,21 +192,29 @@ impl GatewayService for GatewayGrpc {
             user: inner.user,
             tags: inner.tags,
         };
-        let response = self.shared.pipeline.embed(&ctx, input).await?;
-        Ok(Response::new(pb::CreateEmbeddingsResponse {
-            embeddings: response
-                .embeddings
-                .into_iter()
-                .map(|e| pb::Embedding {
-                    index: e.index,
-                    values: e.values,
-                })
-                .collect(),
-            model: response.model,
-            usage: response.usage,
-            route: response.route,
-            request_id: ctx.request_id,
-        }))
+        let response = self
+            .shared
+            .pipeline
+            .embed(&ctx, input)
+            .await
+            .map_err(|e| failed(e, id))?;
+        Ok(answer(
+            pb::CreateEmbeddingsResponse {
+                embeddings: response
+                    .embeddings
+                    .into_iter()
+                    .map(|e| pb::Embedding {
+                        index: e.index,
+                        values: e.values,
+                    })
+                    .collect(),
+                model: response.model,
+                usage: response.usage,
+                route: response.route,
+                request_id: ctx.request_id.clone(),
+            },
+            id,
+        ))
     }
 
     async fn list_models(

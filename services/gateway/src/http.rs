@@ -55,8 +55,9 @@ impl IntoResponse for GatewayError {
 }
 
 /// The headers of an error response, the same on every face (OpenAI, Anthropic, embeddings):
-/// `Retry-After` when the error says when to retry (rate limits), and `x-switchboard-request-id`
-/// once the request has an id.
+/// `Retry-After` when the error says when to retry (rate limits), `x-should-retry: false` when
+/// retrying soon is futile (an exhausted budget, an `only-if-cached` miss: statuses the SDKs
+/// would otherwise retry), and the request id once the request has one.
 pub(crate) fn with_error_headers(
     mut response: Response,
     error: &GatewayError,
@@ -66,10 +67,24 @@ pub(crate) fn with_error_headers(
     if let Some(secs) = error.retry_after_secs() {
         headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        headers.insert("x-switchboard-request-id", value);
+    if error.futile_to_retry() {
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    if let Some(id) = request_id {
+        put_request_id(headers, id);
     }
     response
+}
+
+/// The request id under our header and under the names the SDKs read it from (OpenAI's
+/// `x-request-id`, exposed as `_request_id`; Anthropic's `request-id`), so a caller can quote it
+/// whichever client it uses.
+pub(crate) fn put_request_id(headers: &mut HeaderMap, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", value.clone());
+        headers.insert("request-id", value.clone());
+        headers.insert("x-switchboard-request-id", value);
+    }
 }
 
 pub(crate) fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
@@ -285,12 +300,12 @@ pub(crate) fn set_headers(
     cache: &str,
     route: Option<&switchboard_proto::chat::v1::RouteInfo>,
 ) {
+    put_request_id(headers, request_id);
     let mut put = |name: &'static str, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }
     };
-    put("x-switchboard-request-id", request_id);
     put("x-switchboard-cache", cache);
     if let Some(route) = route {
         put("x-switchboard-provider", &route.provider);
@@ -528,6 +543,41 @@ mod tests {
         assert_eq!(response.headers()["x-switchboard-request-id"], "req-1");
         let response = limited().into_response();
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "7");
+        // A rate limit is worth retrying after its Retry-After: the SDKs may.
+        assert!(response.headers().get("x-should-retry").is_none());
+    }
+
+    #[test]
+    fn refusals_a_retry_cannot_cure_tell_the_sdks_not_to_retry() {
+        let budget = GatewayError::BudgetExceeded {
+            budget_id: "b".into(),
+            scope: "team:t".into(),
+            limit_usd_nanos: 1,
+            resets_at: String::new(),
+        };
+        for (error, status) in [
+            (budget, http::StatusCode::TOO_MANY_REQUESTS),
+            (GatewayError::NotCached, http::StatusCode::GATEWAY_TIMEOUT),
+        ] {
+            let response = error_with_id(error, "req-2");
+            assert_eq!(response.status(), status);
+            assert_eq!(response.headers()["x-should-retry"], "false");
+        }
+        let overloaded = error_with_id(GatewayError::Overloaded { limit: 1 }, "req-3");
+        assert!(overloaded.headers().get("x-should-retry").is_none());
+    }
+
+    #[test]
+    fn the_request_id_is_where_each_sdk_reads_it() {
+        let response = error_with_id(GatewayError::NotCached, "req-4");
+        let mut answered = HeaderMap::new();
+        set_headers(&mut answered, "req-5", "miss", None);
+        for (headers, id) in [(response.headers(), "req-4"), (&answered, "req-5")] {
+            // Ours, OpenAI's (the SDK's `_request_id`) and Anthropic's (`_request_id` too).
+            for name in ["x-switchboard-request-id", "x-request-id", "request-id"] {
+                assert_eq!(headers[name], id, "{name}");
+            }
+        }
     }
 
     #[test]

@@ -162,8 +162,17 @@ async fn grpc_completion_and_cache_hit() {
     let first = gateway
         .create_chat_completion(authed(request.clone(), KEY_A))
         .await
+        .unwrap();
+    // The metadata names the request as its body does (and as the HTTP header does).
+    let named = first
+        .metadata()
+        .get("x-switchboard-request-id")
         .unwrap()
-        .into_inner();
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let first = first.into_inner();
+    assert_eq!(named, first.request_id);
     let answer = first.response.as_ref().unwrap();
     assert_eq!(
         answer.choices[0].message.as_ref().unwrap().joined_text(),
@@ -289,11 +298,12 @@ async fn grpc_stream_delivers_chunks_then_summary() {
         request: Some(chat("stream me five words please")),
         cache: None,
     };
-    let mut stream = gateway
+    let stream = gateway
         .stream_chat_completion(authed(request, KEY_A))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let head = stream.metadata().clone();
+    let mut stream = stream.into_inner();
     let mut text = String::new();
     let mut chunks = 0;
     let mut summary = None;
@@ -315,6 +325,12 @@ async fn grpc_stream_delivers_chunks_then_summary() {
     let usage = summary.usage.unwrap();
     assert!(usage.completion_tokens > 0);
     assert_eq!(summary.route.unwrap().provider, "primary");
+    // The response head names the request and the cache's part before the first chunk.
+    assert_eq!(
+        head.get("x-switchboard-request-id").unwrap().to_str().unwrap(),
+        summary.request_id
+    );
+    assert_eq!(head.get("x-switchboard-cache").unwrap(), "miss");
     let row = sandbox.wait_for_record(&summary.request_id).await.unwrap();
     assert!(row.streamed);
     assert_eq!(row.completion_tokens, usage.completion_tokens);
@@ -551,6 +567,18 @@ async fn bad_grpc_input_gets_typed_statuses_with_error_info() {
             .get_details_error_info()
             .unwrap_or_else(|| panic!("{name}: no ErrorInfo"));
         assert_eq!(info.reason, reason.as_str(), "{name}");
+        // A refusal after authentication names the request (for logs, traces and support);
+        // an unauthenticated call has none.
+        let id = status.metadata().get("x-switchboard-request-id");
+        if code == tonic::Code::Unauthenticated {
+            assert!(id.is_none(), "{name}");
+        } else {
+            assert!(
+                id.is_some_and(|id| !id.is_empty()),
+                "{name}: no request id in {:?}",
+                status.metadata()
+            );
+        }
     }
     assert!(sandbox.primary.requests().is_empty());
     sandbox.stop().await.unwrap();
