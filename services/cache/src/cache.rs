@@ -23,8 +23,21 @@ pub struct Hit {
     pub response: ChatResponse,
     /// The route that produced it.
     pub route: Option<RouteInfo>,
+    /// The guard policy the answer was checked under, as stored.
+    pub guard_policy: String,
     /// Time since it was stored.
     pub age: Duration,
+}
+
+/// What a store is asked to keep.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer {
+    /// The answer (`None`: refused as [`Refusal::MissingResponse`]).
+    pub response: Option<ChatResponse>,
+    /// The route that produced it.
+    pub route: Option<RouteInfo>,
+    /// The guard policy it was checked under (opaque; kept and returned with every hit).
+    pub guard_policy: String,
 }
 
 /// Why an answer was not stored: it is not a complete answer.
@@ -127,6 +140,7 @@ impl Cache {
                         age: entry.age(SystemTime::now()),
                         response: entry.response,
                         route: entry.route,
+                        guard_policy: entry.guard_policy,
                     };
                     return Ok(Some((hit, found.similarity)));
                 }
@@ -193,6 +207,7 @@ impl Cache {
             age: entry.age(SystemTime::now()),
             response: entry.response,
             route: entry.route,
+            guard_policy: entry.guard_policy,
         }))
     }
 
@@ -208,16 +223,20 @@ impl Cache {
         Ok(removed)
     }
 
-    /// Stores `response` of scope `app` under `key` if it is a complete answer. `ttl_seconds` 0
+    /// Stores `answer` of scope `app` under `key` if it is a complete answer. `ttl_seconds` 0
     /// means the default; anything above the maximum is clamped to it.
     pub async fn store(
         &self,
         app: &str,
         key: CacheKey,
-        response: Option<ChatResponse>,
-        route: Option<RouteInfo>,
+        answer: Answer,
         ttl_seconds: u32,
     ) -> Result<Stored, CacheError> {
+        let Answer {
+            response,
+            route,
+            guard_policy,
+        } = answer;
         let response = match response {
             None => return Ok(Stored::No(Refusal::MissingResponse)),
             Some(response) => response,
@@ -233,6 +252,7 @@ impl Cache {
                     app: app.to_owned(),
                     response,
                     route,
+                    guard_policy,
                     inserted_at: SystemTime::now(),
                     ttl,
                 },
@@ -401,7 +421,11 @@ mod tests {
         ));
 
         for (response, refusal) in cases {
-            let outcome = cache.store("a", key, response, None, 0).await.unwrap();
+            let answer = Answer {
+                response,
+                ..Answer::default()
+            };
+            let outcome = cache.store("a", key, answer, 0).await.unwrap();
             assert_eq!(outcome, Stored::No(refusal.clone()));
             assert!(!refusal.to_string().is_empty());
             assert!(cache.lookup(key).await.unwrap().is_none(), "{refusal}");
@@ -409,7 +433,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn complete_answers_are_stored_with_their_route() {
+    async fn complete_answers_are_stored_with_their_route_and_guard_policy() {
         let cache = cache();
         let key = Cache::key("a", "t", Some(&request())).unwrap();
         let route = RouteInfo {
@@ -418,10 +442,12 @@ mod tests {
             attempt_count: 1,
             ..Default::default()
         };
-        let outcome = cache
-            .store("a", key, Some(complete()), Some(route.clone()), 0)
-            .await
-            .unwrap();
+        let answer = Answer {
+            response: Some(complete()),
+            route: Some(route.clone()),
+            guard_policy: "9f8e7d6c5b4a/d3-h1-x".into(),
+        };
+        let outcome = cache.store("a", key, answer, 0).await.unwrap();
         assert_eq!(
             outcome,
             Stored::Yes {
@@ -431,5 +457,17 @@ mod tests {
         let hit = cache.lookup(key).await.unwrap().unwrap();
         assert_eq!(hit.response, complete());
         assert_eq!(hit.route, Some(route));
+        assert_eq!(hit.guard_policy, "9f8e7d6c5b4a/d3-h1-x");
+
+        // A newer answer checked under another policy replaces the entry, policy included (the
+        // policy is not part of the key).
+        let newer = Answer {
+            response: Some(complete()),
+            route: None,
+            guard_policy: "0a0b0c0d0e0f/d3-h1-x".into(),
+        };
+        cache.store("a", key, newer, 0).await.unwrap();
+        let hit = cache.lookup(key).await.unwrap().unwrap();
+        assert_eq!(hit.guard_policy, "0a0b0c0d0e0f/d3-h1-x");
     }
 }

@@ -8,7 +8,7 @@ use switchboard_proto::cache::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::cache::{Cache, Stored};
+use crate::cache::{Answer, Cache, Stored};
 
 /// Error domain of the cache's statuses.
 pub const DOMAIN: &str = "cache";
@@ -93,6 +93,7 @@ impl CacheService for CacheGrpc {
                     age_seconds: hit.age.as_secs(),
                     r#match: kind as i32,
                     similarity,
+                    guard_policy: hit.guard_policy,
                 }
             }
             None => {
@@ -129,8 +130,11 @@ impl CacheService for CacheGrpc {
             .store(
                 app_of(&request.scope),
                 key,
-                request.response,
-                request.route,
+                Answer {
+                    response: request.response,
+                    route: request.route,
+                    guard_policy: request.guard_policy,
+                },
                 request.ttl_seconds,
             )
             .await

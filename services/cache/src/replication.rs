@@ -77,6 +77,10 @@ pub struct WireEntry {
     /// When it stops being served, Unix milliseconds.
     #[prost(int64, tag = "6")]
     pub expires_at_unix_ms: i64,
+    /// The guard policy the answer was checked under (empty in entries written before it
+    /// existed: such an entry matches no checked request, see `LookupResponse.guard_policy`).
+    #[prost(string, tag = "7")]
+    pub guard_policy: String,
 }
 
 /// The semantic tag of an entry as it travels between replicas (protobuf).
@@ -240,6 +244,7 @@ impl WireEntry {
             route: entry.route.clone(),
             stored_at_unix_ms: unix_ms(entry.inserted_at),
             expires_at_unix_ms: unix_ms(entry.expires_at()),
+            guard_policy: entry.guard_policy.clone(),
         }
     }
 
@@ -254,6 +259,7 @@ impl WireEntry {
                 app: self.app,
                 response: self.response?,
                 route: self.route,
+                guard_policy: self.guard_policy,
                 inserted_at,
                 ttl,
             },
@@ -681,6 +687,7 @@ mod tests {
                 provider: "p".into(),
                 ..Default::default()
             }),
+            guard_policy: "9f8e7d6c5b4a/d3-h1-x".into(),
             inserted_at,
             ttl: Duration::from_secs(60),
         };
@@ -692,9 +699,49 @@ mod tests {
             .unwrap();
         assert_eq!(back_key, key);
         assert_eq!(back, entry);
+        assert_eq!(back.guard_policy, "9f8e7d6c5b4a/d3-h1-x");
         // A wrong key length is refused, not truncated.
         let mut bad = WireEntry::of(&key, &entry);
         bad.key.pop();
         assert!(bad.into_entry().is_none());
+    }
+
+    /// `WireEntry` as replicas wrote it before `guard_policy` (tag 7) existed.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct WireEntryV1 {
+        #[prost(string, tag = "1")]
+        app: String,
+        #[prost(bytes = "vec", tag = "2")]
+        key: Vec<u8>,
+        #[prost(message, optional, tag = "3")]
+        response: Option<ChatResponse>,
+        #[prost(message, optional, tag = "4")]
+        route: Option<RouteInfo>,
+        #[prost(int64, tag = "5")]
+        stored_at_unix_ms: i64,
+        #[prost(int64, tag = "6")]
+        expires_at_unix_ms: i64,
+    }
+
+    #[test]
+    fn an_entry_written_before_the_guard_policy_reads_with_none() {
+        let old = WireEntryV1 {
+            app: "a".into(),
+            key: vec![7; 32],
+            response: Some(ChatResponse {
+                id: "r".into(),
+                ..Default::default()
+            }),
+            route: None,
+            stored_at_unix_ms: 1_700_000_000_000,
+            expires_at_unix_ms: 1_700_000_060_000,
+        };
+        let (_, entry) = WireEntry::decode(old.encode_to_vec().as_slice())
+            .unwrap()
+            .into_entry()
+            .unwrap();
+        assert_eq!(entry.guard_policy, "");
+        assert_eq!(entry.response.id, "r");
+        assert_eq!(entry.ttl, Duration::from_secs(60));
     }
 }

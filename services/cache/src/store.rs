@@ -21,6 +21,9 @@ pub struct Entry {
     pub response: ChatResponse,
     /// The route that produced it.
     pub route: Option<RouteInfo>,
+    /// The guard policy the answer was checked under (opaque here; empty when none was given).
+    /// The caller compares it with the policy of the request it would serve.
+    pub guard_policy: String,
     /// When it was stored.
     pub inserted_at: SystemTime,
     /// How long it may be served.
@@ -217,6 +220,7 @@ mod tests {
                 ..Default::default()
             },
             route: None,
+            guard_policy: String::new(),
             inserted_at: SystemTime::now(),
             ttl,
         }

@@ -73,6 +73,7 @@ impl Running {
             response: Some(response),
             route: Some(route()),
             ttl_seconds: ttl,
+            guard_policy: GUARD_POLICY.into(),
         };
         self.client.store(store).await.unwrap().into_inner()
     }
@@ -84,6 +85,9 @@ impl Running {
         self.server.await.unwrap().unwrap();
     }
 }
+
+/// The guard policy every answer of these tests was checked under (opaque to the cache).
+const GUARD_POLICY: &str = "9f8e7d6c5b4a/d3-h1-x";
 
 fn request(temperature: f64) -> ChatRequest {
     ChatRequest {
@@ -136,6 +140,7 @@ async fn store_then_lookup_hits_and_scope_and_sampling_isolate() {
     let mut cache = Running::start().await;
     let miss = cache.lookup("search", request(0.2)).await;
     assert!(!miss.hit && miss.response.is_none() && miss.route.is_none());
+    assert!(miss.guard_policy.is_empty());
     assert_eq!(miss.key.len(), 64);
 
     let stored = cache
@@ -152,6 +157,8 @@ async fn store_then_lookup_hits_and_scope_and_sampling_isolate() {
     assert_eq!(hit.key, miss.key);
     assert_eq!(hit.response, Some(response(FinishReason::Stop)));
     assert_eq!(hit.route, Some(route()));
+    // The guard policy the answer was checked under comes back with it (the gateway compares it).
+    assert_eq!(hit.guard_policy, GUARD_POLICY);
     assert!(hit.age_seconds < 3600);
 
     let other_app = cache.lookup("billing", request(0.2)).await;
@@ -361,6 +368,7 @@ async fn another_team_or_other_tags_never_share_an_answer() {
             response: Some(response(FinishReason::Stop)),
             route: Some(route()),
             ttl_seconds: 0,
+            guard_policy: GUARD_POLICY.into(),
         })
         .await
         .unwrap()

@@ -97,6 +97,8 @@ impl Replica {
                 .unwrap()
                 .joined_text();
             assert_eq!(text, answer_to(question), "a hit serves the stored answer");
+            // The guard policy travels with the entry to every replica.
+            assert_eq!(found.guard_policy, policy_of(question));
         }
         found.hit
     }
@@ -113,6 +115,7 @@ impl Replica {
                 response: Some(response(question)),
                 route: None,
                 ttl_seconds,
+                guard_policy: policy_of(question),
             })
             .await
             .unwrap()
@@ -161,6 +164,11 @@ fn request(question: &str) -> ChatRequest {
         messages: vec![Message::text(Role::User, question)],
         ..Default::default()
     }
+}
+
+/// The guard policy the answer to `question` was checked under (a distinct value per question).
+fn policy_of(question: &str) -> String {
+    format!("policy of {question}/d1")
 }
 
 fn answer_to(question: &str) -> String {
@@ -321,6 +329,7 @@ async fn a_purge_reaches_readers_that_lag_behind_the_stream() {
             route: None,
             stored_at_unix_ms: expires_ms - 3_600_000,
             expires_at_unix_ms: expires_ms,
+            guard_policy: String::new(),
         };
         js.publish(subjects.entry("app3", &key), wire.encode_to_vec().into())
             .await
@@ -448,7 +457,11 @@ async fn a_paraphrase_hits_on_every_replica_and_a_purge_clears_every_semantic_in
     a.store("app2", stored, 0).await;
 
     let semantic_hit = |found: switchboard_proto::cache::v1::LookupResponse| {
-        found.hit && found.r#match == switchboard_proto::cache::v1::MatchKind::Semantic as i32
+        let semantic =
+            found.hit && found.r#match == switchboard_proto::cache::v1::MatchKind::Semantic as i32;
+        // The entry's guard policy travels with it: a semantic hit on any replica carries it.
+        assert!(!semantic || found.guard_policy == policy_of(stored));
+        semantic
     };
     let lookup = |app: &str, question: &str| LookupRequest {
         scope: Some(Scope {

@@ -105,6 +105,7 @@ impl Running {
             response: Some(response(answer)),
             route: None,
             ttl_seconds: 0,
+            guard_policy: GUARD_POLICY.into(),
         };
         let stored = self.client.store(store).await.unwrap().into_inner();
         assert!(stored.stored, "{}", stored.reason);
@@ -158,6 +159,8 @@ fn answer_of(found: &LookupResponse) -> String {
 
 const STORED: &str = "How do I reset my password?";
 const PARAPHRASE: &str = "How can I reset my password?";
+/// The guard policy every stored answer was checked under (opaque to the cache).
+const GUARD_POLICY: &str = "9f8e7d6c5b4a/d3-h1-x";
 
 #[tokio::test]
 async fn a_paraphrase_hits_within_its_scope_with_its_similarity() {
@@ -184,6 +187,9 @@ async fn a_paraphrase_hits_within_its_scope_with_its_similarity() {
         found.similarity
     );
     assert_eq!(answer_of(&found), "Click 'Forgot password'.");
+    // A semantic hit carries the guard policy of the entry it serves, as an exact one does.
+    assert_eq!(found.guard_policy, GUARD_POLICY);
+    assert_eq!(exact.guard_policy, GUARD_POLICY);
 
     let unrelated = cache
         .lookup(

@@ -77,6 +77,7 @@ async fn cache_purge_removes_one_apps_answers() {
                 response: Some(response()),
                 route: None,
                 ttl_seconds: 0,
+                guard_policy: String::new(),
             })
             .await
             .unwrap()

@@ -623,6 +623,7 @@ mod tests {
             app: "app".into(),
             response: Default::default(),
             route: None,
+            guard_policy: String::new(),
             inserted_at: SystemTime::now(),
             ttl: Duration::from_secs(3600),
         };
