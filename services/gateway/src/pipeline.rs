@@ -107,6 +107,10 @@ pub struct RequestContext {
     time: SystemTime,
     /// What the prompt check said about the rest of the request (set once, by the guard check).
     guard: std::sync::OnceLock<GuardVerdict>,
+    /// The guard policy that decided the prompt (`policy_version/detector_version`, set once, by
+    /// the guard check; unset while the check is out and when the guard did not answer): a cached
+    /// answer is served only when it was checked under this one, and a stored answer carries it.
+    guard_policy: std::sync::OnceLock<String>,
     /// Some of the answer went out without its CheckAnswer (the guard was unreachable, slow or
     /// overloaded and the route fails open). Shared by the clones of one request (a stream's pump
     /// holds one).
@@ -122,8 +126,19 @@ impl RequestContext {
             started: Instant::now(),
             time: SystemTime::now(),
             guard: std::sync::OnceLock::new(),
+            guard_policy: std::sync::OnceLock::new(),
             answer_unchecked: Arc::default(),
         }
+    }
+
+    /// Whether a cached answer checked under `stored` (its entry's guard policy) may be served to
+    /// this request: only when the guard has decided this prompt under that very policy. Before
+    /// the verdict (an overlapped check still out), without one (the guard unreachable on a
+    /// fail-open route), or for an entry stored without a policy, nothing matches.
+    fn checked_under(&self, stored: &str) -> bool {
+        self.guard_policy
+            .get()
+            .is_some_and(|current| current == stored)
     }
 
     /// What the guard decided about the request so far (the default before the prompt check):
@@ -492,12 +507,21 @@ impl Pipeline {
             if bypass && control.only_if_cached {
                 return Err(GatewayError::NotCached);
             }
-            let prepared = if bypass {
-                Prepared::Route(permit, CacheStatus::Bypass)
-            } else {
-                prepared_from_lookup(permit, self.lookup(ctx, request.clone()).await, control)?
-            };
-            return Ok((prepared, Pseudonyms::default(), Some(pending)));
+            if bypass {
+                let prepared = Prepared::Route(permit, CacheStatus::Bypass);
+                return Ok((prepared, Pseudonyms::default(), Some(pending)));
+            }
+            let looked_up = self.lookup(ctx, request.clone()).await;
+            if !matches!(looked_up, Lookup::Hit(_)) {
+                let prepared = prepared_from_lookup(ctx, permit, looked_up, control)?;
+                return Ok((prepared, Pseudonyms::default(), Some(pending)));
+            }
+            // A hit waits for the verdict (the answer is held until the check is in), and is
+            // served only if its answer was checked under the policy that decided this prompt;
+            // else the request is routed, its check already done.
+            self.finish_check(ctx, request, Some(pending)).await?;
+            let prepared = prepared_from_lookup(ctx, permit, looked_up, control)?;
+            return Ok((prepared, Pseudonyms::default(), None));
         }
         if bypass {
             let pseudonyms = match self.check_guard(ctx, request).await? {
@@ -528,7 +552,8 @@ impl Pipeline {
                 (self.lookup(ctx, request.clone()).await, pseudonyms)
             }
         };
-        let prepared = prepared_from_lookup(permit, looked_up, control)?;
+        // Compared with the verdict's policy only now that the verdict is in.
+        let prepared = prepared_from_lookup(ctx, permit, looked_up, control)?;
         Ok((prepared, pseudonyms, None))
     }
 
@@ -541,10 +566,14 @@ impl Pipeline {
     ) -> Result<Completed, GatewayError> {
         let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
         let (_permit, cache_status) = match prepared {
-            Prepared::Hit(permit, response, route) => {
+            Prepared::Hit(permit, cached) => {
                 drop(permit);
-                self.finish_check(ctx, &request, pending).await?;
-                let (mut response, route) = (*response, *route);
+                debug_assert!(pending.is_none(), "a hit is served only after its check");
+                let Cached {
+                    mut response,
+                    route,
+                    ..
+                } = *cached;
                 // The cache holds the placeholder version: restored with this request's mapping.
                 pseudonyms.restore_response(&mut response);
                 response.id = ctx.response_id();
@@ -659,10 +688,14 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel(64);
         let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
         let (permit, cache_status) = match prepared {
-            Prepared::Hit(permit, response, route) => {
+            Prepared::Hit(permit, cached) => {
                 drop(permit);
-                self.finish_check(ctx, &request, pending).await?;
-                let (mut response, route) = (*response, *route);
+                debug_assert!(pending.is_none(), "a hit is served only after its check");
+                let Cached {
+                    mut response,
+                    route,
+                    ..
+                } = *cached;
                 pseudonyms.restore_response(&mut response);
                 let usage = response.usage.unwrap_or_default();
                 for chunk in replay_chunks(&response, &ctx.response_id()) {
@@ -1058,6 +1091,10 @@ impl Pipeline {
             check_answer: checked.check_answer,
             unchecked: false,
         });
+        let _ = ctx.guard_policy.set(format!(
+            "{}/{}",
+            checked.policy_version, checked.detector_version
+        ));
         self.passthrough
             .learn(&ctx.principal.app, route, checked.prompt_passthrough);
         match Decision::try_from(checked.decision).unwrap_or(Decision::Unspecified) {
@@ -1369,10 +1406,11 @@ impl Pipeline {
             Ok(found) => {
                 let found = found.into_inner();
                 match (found.hit, found.response) {
-                    (true, Some(response)) => Lookup::Hit(
-                        Box::new(response),
-                        Box::new(found.route.unwrap_or_default()),
-                    ),
+                    (true, Some(response)) => Lookup::Hit(Box::new(Cached {
+                        response,
+                        route: found.route.unwrap_or_default(),
+                        guard_policy: found.guard_policy,
+                    })),
                     _ => Lookup::Miss,
                 }
             }
@@ -1398,6 +1436,8 @@ impl Pipeline {
             response: Some(response.clone()),
             route: Some(route.clone()),
             ttl_seconds: ttl,
+            // Only checked answers are stored: the policy that decided the prompt is known.
+            guard_policy: ctx.guard_policy.get().cloned().unwrap_or_default(),
         };
         self.tasks.spawn(
             async move {
@@ -1542,14 +1582,28 @@ impl Pipeline {
     }
 }
 
-/// What a cache lookup means for the request.
+/// What a cache lookup means for the request, once the guard's verdict on it is in: a hit is
+/// served only when its answer was checked under the policy that decided this prompt
+/// ([`RequestContext::checked_under`]); one checked under another policy (changed since, or
+/// other detectors) is a miss, and the new answer replaces it.
 fn prepared_from_lookup(
+    ctx: &RequestContext,
     permit: OwnedSemaphorePermit,
     looked_up: Lookup,
     control: CacheControl,
 ) -> Result<Prepared, GatewayError> {
+    let looked_up = match looked_up {
+        Lookup::Hit(cached) if !ctx.checked_under(&cached.guard_policy) => {
+            tracing::debug!(
+                request.id = %ctx.request_id,
+                "cached answer checked under another guard policy; not served"
+            );
+            Lookup::Miss
+        }
+        looked_up => looked_up,
+    };
     Ok(match looked_up {
-        Lookup::Hit(response, route) => Prepared::Hit(permit, response, route),
+        Lookup::Hit(cached) => Prepared::Hit(permit, cached),
         // RFC 9111 `only-if-cached`: a miss (or an unreachable cache) is an error, never a
         // provider call.
         Lookup::Miss | Lookup::Unavailable if control.only_if_cached => {
@@ -1574,8 +1628,8 @@ fn check_prompt_request(ctx: &RequestContext, request: &ChatRequest) -> CheckPro
 }
 
 enum Prepared {
-    /// Answered by the cache.
-    Hit(OwnedSemaphorePermit, Box<ChatResponse>, Box<RouteInfo>),
+    /// Answered by the cache (checked under the policy that decided this prompt).
+    Hit(OwnedSemaphorePermit, Box<Cached>),
     /// To be routed.
     Route(OwnedSemaphorePermit, CacheStatus),
 }
@@ -1604,9 +1658,17 @@ enum Guarded {
 }
 
 enum Lookup {
-    Hit(Box<ChatResponse>, Box<RouteInfo>),
+    Hit(Box<Cached>),
     Miss,
     Unavailable,
+}
+
+/// A cache hit as the cache returned it.
+struct Cached {
+    response: ChatResponse,
+    route: RouteInfo,
+    /// The guard policy its answer was checked under (`StoreRequest.guard_policy`).
+    guard_policy: String,
 }
 
 /// A request dropped while it is routed (its caller went away: an HTTP client that disconnects, a
