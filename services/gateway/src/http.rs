@@ -391,28 +391,112 @@ fn sse_events(
     }
 }
 
+/// Whether a request comes from an Anthropic client: Anthropic's SDKs send `anthropic-version` on
+/// every call. Such a caller gets Anthropic's shapes on the paths both APIs share (`/v1/models`)
+/// and Anthropic-shaped errors, so its SDK parses them.
+fn from_anthropic_client(headers: &HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+/// An error in the shape the caller's API uses, with the shared error headers.
+fn error_for(error: GatewayError, anthropic: bool) -> Response {
+    if anthropic {
+        let response = (error.code().http_status(), Json(error.anthropic_body())).into_response();
+        with_error_headers(response, &error, None)
+    } else {
+        error.into_response()
+    }
+}
+
+/// The caller of a models call: Anthropic clients may use `x-api-key`.
+fn models_caller(
+    shared: &Shared,
+    headers: &HeaderMap,
+    anthropic: bool,
+) -> Result<crate::auth::Principal, GatewayError> {
+    if anthropic {
+        let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        shared
+            .keys
+            .authenticate_api_key(x_api_key, authorization(headers))
+    } else {
+        shared.keys.authenticate(authorization(headers))
+    }
+}
+
+/// Anthropic's model object (`GET /v1/models` of the Messages API).
+#[derive(Debug, serde::Serialize)]
+struct AnthropicModel {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    display_name: String,
+    /// RFC 3339.
+    created_at: String,
+}
+
+impl From<switchboard_proto::chat::v1::Model> for AnthropicModel {
+    fn from(model: switchboard_proto::chat::v1::Model) -> Self {
+        let created_at = time::OffsetDateTime::from_unix_timestamp(model.created)
+            .ok()
+            .and_then(|at| {
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned());
+        AnthropicModel {
+            kind: "model",
+            display_name: model.id.clone(),
+            id: model.id,
+            created_at,
+        }
+    }
+}
+
+/// Anthropic's page of models (the whole list in one page).
+#[derive(Debug, serde::Serialize)]
+struct AnthropicModelList {
+    data: Vec<AnthropicModel>,
+    has_more: bool,
+    first_id: Option<String>,
+    last_id: Option<String>,
+}
+
+/// `GET /v1/models`: OpenAI's list, or Anthropic's page for an Anthropic client.
 async fn list_models(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     let span = request_span("GET /v1/models", &headers);
     async move {
-        let principal = match shared.keys.authenticate(authorization(&headers)) {
+        let anthropic = from_anthropic_client(&headers);
+        let principal = match models_caller(&shared, &headers, anthropic) {
             Ok(principal) => principal,
-            Err(error) => return error.into_response(),
+            Err(error) => return error_for(error, anthropic),
         };
         match shared.pipeline.list_models(&principal).await {
+            Ok(models) if anthropic => {
+                let data: Vec<AnthropicModel> = models.into_iter().map(Into::into).collect();
+                Json(AnthropicModelList {
+                    has_more: false,
+                    first_id: data.first().map(|m| m.id.clone()),
+                    last_id: data.last().map(|m| m.id.clone()),
+                    data,
+                })
+                .into_response()
+            }
             Ok(models) => Json(openai::ModelList {
                 object: "list",
                 data: models.into_iter().map(openai::ModelOut::from).collect(),
             })
             .into_response(),
-            Err(error) => error.into_response(),
+            Err(error) => error_for(error, anthropic),
         }
     }
     .instrument(span)
     .await
 }
 
-/// `GET /v1/models/{model}` (OpenAI's "retrieve model"): the model object, 404 `model_not_found`
-/// for a model the router does not serve, 403 `model_not_allowed` for one outside the key's list.
+/// `GET /v1/models/{model}` (OpenAI's "retrieve model", Anthropic's "get a model"): the model
+/// object, 404 `model_not_found` for a model the router does not serve, 403 `model_not_allowed`
+/// for one outside the key's list.
 async fn retrieve_model(
     State(shared): State<Shared>,
     Path(model): Path<String>,
@@ -420,35 +504,52 @@ async fn retrieve_model(
 ) -> Response {
     let span = request_span("GET /v1/models/{model}", &headers);
     async move {
-        let principal = match shared.keys.authenticate(authorization(&headers)) {
+        let anthropic = from_anthropic_client(&headers);
+        let principal = match models_caller(&shared, &headers, anthropic) {
             Ok(principal) => principal,
-            Err(error) => return error.into_response(),
+            Err(error) => return error_for(error, anthropic),
         };
         match shared.pipeline.get_model(&principal, &model).await {
+            Ok(model) if anthropic => Json(AnthropicModel::from(model)).into_response(),
             Ok(model) => Json(openai::ModelOut::from(model)).into_response(),
-            Err(error) => error.into_response(),
+            Err(error) => error_for(error, anthropic),
         }
     }
     .instrument(span)
     .await
 }
 
-/// Any path the gateway does not serve: an OpenAI-style 404 (`unknown_url`) instead of an empty
-/// body, so that a client with a wrong base URL sees what it called. The query string is left out
-/// (clients put keys there).
-async fn unknown_url(method: http::Method, uri: http::Uri) -> Response {
-    GatewayError::UnknownUrl {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-    }
-    .into_response()
+/// Whether a path the gateway does not serve was meant for Anthropic's API (its `/v1/messages/…`
+/// sub-resources such as `count_tokens` or `batches`, or any call of an Anthropic client).
+fn meant_for_anthropic(headers: &HeaderMap, uri: &http::Uri) -> bool {
+    from_anthropic_client(headers) || uri.path().starts_with("/v1/messages")
 }
 
-/// A known path with the wrong method: 405 with an OpenAI-style body (axum adds `Allow`).
-async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+/// Any path the gateway does not serve: a 404 (`unknown_url`) in the caller's API's shape instead
+/// of an empty body, so that a client with a wrong base URL sees what it called. The query string
+/// is left out (clients put keys there).
+async fn unknown_url(method: http::Method, uri: http::Uri, headers: HeaderMap) -> Response {
+    let error = GatewayError::UnknownUrl {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    };
+    error_for(error, meant_for_anthropic(&headers, &uri))
+}
+
+/// A known path with the wrong method: 405 with a body in the caller's API's shape (axum adds
+/// `Allow`).
+async fn method_not_allowed(method: http::Method, uri: http::Uri, headers: HeaderMap) -> Response {
+    let message = format!("method {method} is not allowed on {}", uri.path());
+    if meant_for_anthropic(&headers, &uri) {
+        let body = serde_json::json!({
+            "type": "error",
+            "error": { "type": "invalid_request_error", "message": message },
+        });
+        return (http::StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response();
+    }
     let body = openai::ErrorBody {
         error: openai::ErrorDetail {
-            message: format!("method {method} is not allowed on {}", uri.path()),
+            message,
             kind: "invalid_request_error",
             param: None,
             code: "method_not_allowed",

@@ -333,3 +333,73 @@ async fn a_stream_failing_mid_way_ends_with_an_error_event() {
     assert_eq!(requests_of_app_a(&sandbox).await, 1);
     sandbox.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn anthropic_clients_list_models_and_get_anthropic_errors_on_paths_we_do_not_serve() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let get = |path: &str, key: Option<&str>| {
+        let mut request = reqwest::Client::new()
+            .get(format!("{}{path}", sandbox.http_url))
+            .header("anthropic-version", "2023-06-01");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        request.send()
+    };
+    // `client.models.list()`: x-api-key, Anthropic's page shape.
+    let list = get("/v1/models", Some(KEY_A)).await.unwrap();
+    assert_eq!(list.status(), 200);
+    let page: Value = list.json().await.unwrap();
+    let data = page["data"].as_array().unwrap();
+    let model = data.iter().find(|m| m["id"] == MODEL).unwrap();
+    assert_eq!(model["type"], "model");
+    assert_eq!(model["display_name"], MODEL);
+    assert!(model["created_at"].as_str().unwrap().contains('T'), "{model}");
+    assert_eq!(page["has_more"], false);
+    assert_eq!(page["first_id"], data[0]["id"]);
+    assert_eq!(page["last_id"], data[data.len() - 1]["id"]);
+    // `client.models.retrieve(id)`.
+    let one: Value = get(&format!("/v1/models/{MODEL}"), Some(KEY_A))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["type"], "model");
+    assert_eq!(one["id"], MODEL);
+    // Errors in Anthropic's shape, which the SDK turns into its typed exceptions.
+    let anonymous = get("/v1/models", None).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let error: Value = anonymous.json().await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "authentication_error");
+    let missing = get("/v1/models/no-such-model", Some(KEY_A)).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "not_found_error");
+    // Messages API sub-resources the gateway does not serve (token counting, batches): a 404 an
+    // Anthropic client can read, even without the version header.
+    let count = reqwest::Client::new()
+        .post(format!("{}/v1/messages/count_tokens", sandbox.http_url))
+        .header("x-api-key", KEY_A)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count.status(), 404);
+    let error: Value = count.json().await.unwrap();
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["error"]["type"], "not_found_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/messages/count_tokens")
+    );
+    let wrong_method = get("/v1/messages", Some(KEY_A)).await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let error: Value = wrong_method.json().await.unwrap();
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    sandbox.stop().await.unwrap();
+}
