@@ -354,7 +354,10 @@ async fn anthropic_clients_list_models_and_get_anthropic_errors_on_paths_we_do_n
     let model = data.iter().find(|m| m["id"] == MODEL).unwrap();
     assert_eq!(model["type"], "model");
     assert_eq!(model["display_name"], MODEL);
-    assert!(model["created_at"].as_str().unwrap().contains('T'), "{model}");
+    assert!(
+        model["created_at"].as_str().unwrap().contains('T'),
+        "{model}"
+    );
     assert_eq!(page["has_more"], false);
     assert_eq!(page["first_id"], data[0]["id"]);
     assert_eq!(page["last_id"], data[data.len() - 1]["id"]);

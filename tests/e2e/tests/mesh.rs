@@ -327,7 +327,10 @@ async fn grpc_stream_delivers_chunks_then_summary() {
     assert_eq!(summary.route.unwrap().provider, "primary");
     // The response head names the request and the cache's part before the first chunk.
     assert_eq!(
-        head.get("x-switchboard-request-id").unwrap().to_str().unwrap(),
+        head.get("x-switchboard-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap(),
         summary.request_id
     );
     assert_eq!(head.get("x-switchboard-cache").unwrap(), "miss");
