@@ -25,6 +25,9 @@
 //! `signature_delta` become `ChoiceDelta.thinking` pieces (a redacted block arrives whole at its
 //! `content_block_start`).
 //!
+//! An assistant message's `refusal` (OpenAI's) is sent as a text block after its content, so that
+//! a refusal-only turn is not dropped.
+//!
 //! Stop reasons: `stop_sequence` is FINISH_REASON_STOP with the matched sequence in
 //! `Message.stop_sequence` (streams: `ChoiceDelta.stop_sequence` on the finishing delta).
 //!
@@ -161,6 +164,10 @@ pub fn to_anthropic_request(
                 let mut blocks: Vec<Value> =
                     message.thinking.iter().filter_map(thinking_block).collect();
                 blocks.extend(content_blocks(message, &field)?);
+                // A refusal (OpenAI's) is what the model said: it goes as text, not lost.
+                if !message.refusal.is_empty() {
+                    blocks.push(json!({ "type": "text", "text": message.refusal }));
+                }
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     blocks.push(json!({
                         "type": "tool_use", "id": call.id, "name": call.name,
@@ -855,6 +862,30 @@ mod tests {
         assert!(
             !text.contains("Weighing") && !text.contains("another provider"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn an_assistant_refusal_of_the_history_is_sent_as_text() {
+        let mut refusal = Message::text(Role::Assistant, "");
+        refusal.content.clear();
+        refusal.refusal = "I can't help with that.".into();
+        let request = ChatRequest {
+            messages: vec![
+                Message::text(Role::User, "Plan the heist."),
+                refusal,
+                Message::text(Role::User, "Please?"),
+            ],
+            ..Default::default()
+        };
+        let body = to_anthropic_request("claude", &request, false, 1024).unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([
+                { "role": "user", "content": [{ "type": "text", "text": "Plan the heist." }] },
+                { "role": "assistant", "content": [{ "type": "text", "text": "I can't help with that." }] },
+                { "role": "user", "content": [{ "type": "text", "text": "Please?" }] },
+            ])
         );
     }
 }

@@ -2,7 +2,8 @@
 //! `streamGenerateContent?alt=sse` wire format.
 //!
 //! Requests: system and developer messages become `systemInstruction`; assistant turns are role
-//! `model` (tool calls as `functionCall` parts); tool results are `functionResponse` parts of a
+//! `model` (tool calls as `functionCall` parts, an OpenAI `refusal` as a text part after the
+//! content); tool results are `functionResponse` parts of a
 //! user turn, named after the call they answer (found by `tool_call_id` among the earlier
 //! assistant tool calls, else the message's `name`), with the result as `response` (a JSON object
 //! result as is, other text as `{"content": text}`). A replayed `functionCall` part carries its
@@ -112,6 +113,10 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
             Ok(Role::User) => ("user", parts_of(message, &field)?),
             Ok(Role::Assistant) => {
                 let mut parts = parts_of(message, &field)?;
+                // A refusal (OpenAI's) is what the model said: it goes as text, not lost.
+                if !message.refusal.is_empty() {
+                    parts.push(json!({ "text": message.refusal }));
+                }
                 for (j, call) in message.tool_calls.iter().enumerate() {
                     let signature = if call.signature.is_empty() {
                         PLACEHOLDER_SIGNATURE
@@ -1124,5 +1129,29 @@ mod tests {
         ] {
             assert!(ask(off).get("generationConfig").is_none());
         }
+    }
+
+    #[test]
+    fn an_assistant_refusal_of_the_history_is_sent_as_text() {
+        let mut refusal = Message::text(Role::Assistant, "");
+        refusal.content.clear();
+        refusal.refusal = "I can't help with that.".into();
+        let body = to_gemini_request(&ChatRequest {
+            messages: vec![
+                Message::text(Role::User, "Plan the heist."),
+                refusal,
+                Message::text(Role::User, "Please?"),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            body["contents"],
+            json!([
+                { "role": "user", "parts": [{ "text": "Plan the heist." }] },
+                { "role": "model", "parts": [{ "text": "I can't help with that." }] },
+                { "role": "user", "parts": [{ "text": "Please?" }] },
+            ])
+        );
     }
 }

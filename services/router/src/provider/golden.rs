@@ -73,7 +73,7 @@ fn json_text(value: Option<&Value>) -> String {
 /// A `ChatRequest` from a compact JSON form close to OpenAI's: messages with `content` (string or
 /// parts `{"text"}` / `{"image_url": {"url", "detail"}}`), `tool_calls`
 /// (`{"id","name","arguments","signature"}`), `tool_call_id`, `tool_error`, `thinking`
-/// (`{"text","signature","redacted_data"}`); `thinking` (`{"enabled","budget_tokens"}`); `tools`
+/// (`{"text","signature","redacted_data"}`), `refusal`; `thinking` (`{"enabled","budget_tokens"}`); `tools`
 /// with `parameters` as JSON; `tool_choice` ("none", "auto", "required" or `{"function": name}`);
 /// `sampling`; `response_format` (`{"type", "schema_name", "schema", "strict"}`);
 /// `parallel_tool_calls`; `user`; `tags`.
@@ -134,6 +134,7 @@ pub(crate) fn request_from_json(value: &Value) -> ChatRequest {
                     })
                     .collect(),
                 stop_sequence: String::new(),
+                refusal: str_of(m, "refusal"),
             }
         })
         .collect();
@@ -267,6 +268,9 @@ pub(crate) fn response_json(response: &ChatResponse) -> Value {
             if !message.stop_sequence.is_empty() {
                 out["stop_sequence"] = json!(message.stop_sequence);
             }
+            if !message.refusal.is_empty() {
+                out["refusal"] = json!(message.refusal);
+            }
             json!({
                 "index": c.index,
                 "message": out,
@@ -294,6 +298,9 @@ pub(crate) fn chunk_json(chunk: &ChatChunk) -> Value {
             }
             if !d.content.is_empty() {
                 delta.insert("content".into(), json!(d.content));
+            }
+            if !d.refusal.is_empty() {
+                delta.insert("refusal".into(), json!(d.refusal));
             }
             if !d.tool_calls.is_empty() {
                 let calls: Vec<Value> = d

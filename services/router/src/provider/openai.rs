@@ -7,6 +7,11 @@
 //! same text twice: `reasoning_content` is taken, `reasoning` only when it is absent or empty; a
 //! `reasoning` that is not a string is ignored.
 //!
+//! Refusals: the answer's `message.refusal` (a string, `content` then `null`) is
+//! `Message.refusal`, and a stream's `delta.refusal` pieces are `ChoiceDelta.refusal`; an
+//! assistant message of the history with a refusal is sent with its `refusal` (next to its
+//! `content`, `""` when it has no text: OpenAI requires `content` unless there are tool calls).
+//!
 //! `SamplingParams.max_tokens` goes in the field the provider takes (see
 //! [`MaxTokensField`]): `max_completion_tokens` for OpenAI itself and Azure OpenAI (OpenAI's
 //! reasoning models reject `max_tokens`), `max_tokens` for OpenAI-compatible servers, which
@@ -164,6 +169,9 @@ pub fn to_openai_request(
         }
         if !message.tool_call_id.is_empty() {
             out.insert("tool_call_id".into(), json!(message.tool_call_id));
+        }
+        if !message.refusal.is_empty() {
+            out.insert("refusal".into(), json!(message.refusal));
         }
         messages.push(Value::Object(out));
     }
@@ -329,6 +337,8 @@ struct OaMessage {
     /// Reasoning text of OpenRouter and newer vLLM. Taken only as a string: the name is generic
     /// enough that a server may use it for something else.
     reasoning: Option<Value>,
+    /// The model's refusal (`null` when it did not refuse).
+    refusal: Option<String>,
 }
 
 impl OaMessage {
@@ -487,6 +497,7 @@ pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
                             ..Default::default()
                         }]
                     },
+                    refusal: message.refusal.unwrap_or_default(),
                     ..Default::default()
                 }),
                 finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
@@ -544,6 +555,7 @@ pub fn from_openai_chunk(data: &str) -> Result<ChatChunk, ParseError> {
                         ..Default::default()
                     }]
                 },
+                refusal: delta.refusal.unwrap_or_default(),
                 ..Default::default()
             }
         })
