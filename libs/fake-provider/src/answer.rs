@@ -8,7 +8,13 @@ pub(crate) enum Finish {
     Stop,
     Length,
     ContentFilter,
+    /// The model declined: the content is its refusal text (OpenAI `refusal`, Anthropic
+    /// `stop_reason: "refusal"`).
+    Refusal,
 }
+
+/// What the fake says when a prompt asks it to refuse.
+pub(crate) const REFUSAL: &str = "I'm sorry, I can't help with that.";
 
 /// One tool call the fake makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +75,19 @@ fn arguments_in(text: &str) -> String {
 /// - With tools declared and a last user text containing `call tool`: a call of the first tool
 ///   (`call every tool`: one call per tool), with the JSON object written in the text as arguments
 ///   (`{}` when there is none).
+/// - A last user text containing `please refuse`: the refusal [`REFUSAL`] (finish `Refusal`).
 /// - Otherwise `"echo: " + last user text`, cut to `max_tokens` words (finish `length`).
 pub(crate) fn answer(prompt: &Prompt) -> (Answer, u64, u64) {
+    if prompt.last_user.contains("please refuse") {
+        let content = REFUSAL.to_owned();
+        let completion = word_count(&content);
+        let finish = Finish::Refusal;
+        return (
+            Answer::Text { content, finish },
+            prompt.prompt_words,
+            completion,
+        );
+    }
     let every = prompt.last_user.contains("call every tool");
     if !prompt.tools.is_empty() && (every || prompt.last_user.contains("call tool")) {
         let arguments = arguments_in(&prompt.last_user);

@@ -329,7 +329,7 @@ fn stop_reason(answer: &Answer) -> &'static str {
             ..
         } => "max_tokens",
         Answer::Text {
-            finish: Finish::ContentFilter,
+            finish: Finish::ContentFilter | Finish::Refusal,
             ..
         } => "refusal",
         Answer::ToolCalls(_) => "tool_use",

@@ -125,7 +125,7 @@ fn usage(prompt: u64, completion: u64) -> Usage {
 fn finish_reason(answer: &Answer) -> FinishReason {
     match answer {
         Answer::Text {
-            finish: Finish::Stop,
+            finish: Finish::Stop | Finish::Refusal,
             ..
         } => FinishReason::Stop,
         Answer::Text {
@@ -138,6 +138,17 @@ fn finish_reason(answer: &Answer) -> FinishReason {
         } => FinishReason::ContentFilter,
         Answer::ToolCalls(_) => FinishReason::ToolCalls,
     }
+}
+
+/// Whether the answer is a refusal (its text goes in `refusal`, not in the content).
+fn refused(answer: &Answer) -> bool {
+    matches!(
+        answer,
+        Answer::Text {
+            finish: Finish::Refusal,
+            ..
+        }
+    )
 }
 
 fn text_of(answer: &Answer) -> Result<&str, Status> {
@@ -188,7 +199,16 @@ impl GatewayService for Echo {
             tokio::time::sleep(self.0.latency).await;
         }
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-        let message = Message::text(Role::Assistant, text_of(&answer)?);
+        let text = text_of(&answer)?;
+        let message = if refused(&answer) {
+            Message {
+                role: Role::Assistant as i32,
+                refusal: text.to_owned(),
+                ..Message::default()
+            }
+        } else {
+            Message::text(Role::Assistant, text)
+        };
         Ok(Response::new(CreateChatCompletionResponse {
             response: Some(ChatResponse {
                 id: id.clone(),
@@ -217,6 +237,7 @@ impl GatewayService for Echo {
             answered(request.metadata(), request.get_ref().request.as_ref())?;
         let pieces = split_pieces(text_of(&answer)?, self.0.stream_chunks);
         let finish = finish_reason(&answer) as i32;
+        let refusal = refused(&answer);
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
         let latency = self.0.latency;
         let model = prompt.model;
@@ -227,10 +248,16 @@ impl GatewayService for Echo {
             }
             let last = pieces.len().saturating_sub(1);
             for (i, piece) in pieces.into_iter().enumerate() {
+                let (content, refusal) = if refusal {
+                    (String::new(), piece)
+                } else {
+                    (piece, String::new())
+                };
                 let delta = ChoiceDelta {
                     index: 0,
                     role: if i == 0 { Role::Assistant as i32 } else { 0 },
-                    content: piece,
+                    content,
+                    refusal,
                     finish_reason: if i == last { finish } else { 0 },
                     ..ChoiceDelta::default()
                 };

@@ -14,6 +14,12 @@
 //! `tool_calls[].function.arguments` deltas, Anthropic `input_json_delta`s; Gemini sends a
 //! `functionCall` whole, as the real API does).
 //!
+//! Refusals: when the last user text contains `please refuse`, the model declines with
+//! `"I'm sorry, I can't help with that."`: OpenAI/Azure `message.refusal` with `content: null`
+//! (streamed: `delta.refusal` pieces), finish reason `stop`; Anthropic the text with
+//! `stop_reason: "refusal"`; Gemini the text (`STOP`); the gRPC gateway API `Message.refusal`
+//! (streamed: `ChoiceDelta.refusal`).
+//!
 //! # Endpoints
 //! - `POST /v1/chat/completions`: OpenAI chat completions, unary or SSE (`"stream": true`).
 //! - `POST /openai/deployments/{deployment}/chat/completions?api-version=…`: Azure OpenAI (the

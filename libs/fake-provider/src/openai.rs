@@ -140,6 +140,7 @@ fn finish_name(finish: Finish) -> &'static str {
         Finish::Stop => "stop",
         Finish::Length => "length",
         Finish::ContentFilter => "content_filter",
+        Finish::Refusal => "stop",
     }
 }
 
@@ -168,6 +169,13 @@ fn tool_calls_json(calls: &[crate::answer::Call]) -> Value {
 
 pub(crate) fn completion_json(ctx: &Ctx, answer: &Answer, prompt: u64, completion: u64) -> Value {
     let (message, finish_reason) = match answer {
+        Answer::Text {
+            content,
+            finish: Finish::Refusal,
+        } => (
+            json!({ "role": "assistant", "content": null, "refusal": content }),
+            "stop",
+        ),
         Answer::Text { content, finish } => (
             json!({ "role": "assistant", "content": content, "refusal": null }),
             finish_name(*finish),
@@ -200,7 +208,8 @@ fn frame(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
 
-/// The streamed answer: role chunk; content (or tool-call) pieces; finish, usage and `[DONE]`.
+/// The streamed answer: role chunk; content (refusal, or tool-call) pieces; finish, usage and
+/// `[DONE]`.
 pub(crate) fn stream_plan(
     ctx: &Ctx,
     answer: &Answer,
@@ -236,6 +245,20 @@ pub(crate) fn stream_plan(
     }
     let mut body = Vec::new();
     let finish_reason = match answer {
+        Answer::Text {
+            content,
+            finish: Finish::Refusal,
+        } => {
+            // As OpenAI streams a refusal: `refusal` pieces, `content` null.
+            head.push(chunk(
+                json!({ "role": "assistant", "content": null, "refusal": "" }),
+                Value::Null,
+            ));
+            for piece in split_pieces(content, pieces) {
+                body.push(chunk(json!({ "refusal": piece }), Value::Null));
+            }
+            "stop"
+        }
         Answer::Text { content, finish } => {
             head.push(chunk(
                 json!({ "role": "assistant", "content": "", "refusal": null }),

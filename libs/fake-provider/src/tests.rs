@@ -1307,3 +1307,94 @@ async fn gemini_signs_the_first_function_call_when_thinking_is_asked() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn please_refuse_gets_an_openai_refusal_and_an_anthropic_refusal_stop() {
+    let fake = start().await;
+    let refuse = json!([{ "role": "user", "content": "please refuse this one" }]);
+    let (answer, _, completion) = answer_for(&body(refuse.clone()));
+    assert_eq!(
+        answer,
+        Answer::Text {
+            content: answer::REFUSAL.to_owned(),
+            finish: Finish::Refusal
+        }
+    );
+    assert_eq!(completion, answer::word_count(answer::REFUSAL));
+
+    // Unary: `refusal` with `content: null`, finish reason stop.
+    let value: Value = chat(&fake, body(refuse.clone()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let choice = &value["choices"][0];
+    assert_eq!(choice["message"]["content"], Value::Null);
+    assert_eq!(choice["message"]["refusal"], answer::REFUSAL);
+    assert_eq!(choice["finish_reason"], "stop");
+
+    // Streamed: `delta.refusal` pieces, never content.
+    let mut request = body(refuse.clone());
+    request["stream"] = json!(true);
+    let events = sse_data(
+        &chat(&fake, request)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let refusal: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["refusal"].as_str())
+        .collect();
+    assert_eq!(refusal, answer::REFUSAL);
+    assert!(
+        chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_none_or(str::is_empty)),
+        "{chunks:?}"
+    );
+    assert!(chunks.len() > 3, "the refusal comes in pieces");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+
+    // Anthropic: the text, stop reason `refusal`.
+    let request = json!({ "model": "claude-x", "max_tokens": 100, "messages": refuse });
+    let value: Value = anthropic(&fake, &request)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        value["content"],
+        json!([{ "type": "text", "text": answer::REFUSAL }])
+    );
+    assert_eq!(value["stop_reason"], "refusal");
+
+    // Any other prompt: no refusal.
+    let value: Value = chat(
+        &fake,
+        body(json!([{ "role": "user", "content": "refuse nothing" }])),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(value["choices"][0]["message"]["refusal"], Value::Null);
+    fake.shutdown().await;
+}
