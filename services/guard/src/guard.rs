@@ -197,9 +197,10 @@ impl Guard {
         self.check_route(app, "", direction, messages)
     }
 
-    /// Checks the text parts and reasoning blocks of every message (all roles) under the policy of
-    /// `app` for `direction`, and, under the policy of `route`, scores prompt injection (prompts
-    /// only, text parts only) and matches denied topics in the messages that are not the
+    /// Checks the text parts, refusals and reasoning blocks of every message (all roles) under the
+    /// policy of `app` for `direction`, and, under the policy of `route`, scores prompt injection
+    /// (prompts only, text parts and refusals only: a refusal in the history is text the model
+    /// reads) and matches denied topics in the messages that are not the
     /// application's own instructions (system and developer messages are exempt). A rewritten
     /// reasoning block loses its signature. Other parts and fields are left as they are.
     pub fn check_route(
@@ -258,12 +259,15 @@ impl Guard {
                 .enumerate()
                 .filter(|(_, block)| !block.text.is_empty())
                 .map(|(k, block)| Ok((Slot::Thinking(k), &block.text)));
-            for item in parts.chain(thinking) {
+            // A refusal (OpenAI's) is the model's text like any other.
+            let refusal =
+                (!message.refusal.is_empty()).then_some(Ok((Slot::Refusal, &message.refusal)));
+            for item in parts.chain(refusal).chain(thinking) {
                 let (slot, text) = item?;
                 let view = Normalized::new(text);
                 if !instructions {
                     if let Some((threshold, _)) = injection
-                        && matches!(slot, Slot::Part(_))
+                        && matches!(slot, Slot::Part(_) | Slot::Refusal)
                     {
                         let score = self.detector.score(view.text()).score;
                         injection_score = injection_score.max(score);
@@ -306,6 +310,7 @@ impl Guard {
                             part.part = Some(Part::Text(rewritten));
                         }
                     }
+                    Slot::Refusal => message.refusal = rewritten,
                     Slot::Thinking(k) => {
                         if let Some(block) = message.thinking.get_mut(k) {
                             // Rewritten reasoning no longer matches the provider's signature: the
@@ -384,12 +389,14 @@ impl Guard {
 enum Slot {
     /// A content part (its index).
     Part(usize),
+    /// The message's refusal.
+    Refusal,
     /// A reasoning block (its index).
     Thinking(usize),
 }
 
-/// Every text part and reasoning text of `messages` (to avoid issuing a placeholder the caller
-/// already wrote).
+/// Every text part, refusal and reasoning text of `messages` (to avoid issuing a placeholder the
+/// caller already wrote).
 fn texts_of(messages: &[Message]) -> Vec<&str> {
     messages
         .iter()
@@ -400,6 +407,7 @@ fn texts_of(messages: &[Message]) -> Vec<&str> {
                     Some(Part::Text(text)) => Some(text.as_str()),
                     _ => None,
                 })
+                .chain(std::iter::once(m.refusal.as_str()).filter(|r| !r.is_empty()))
                 .chain(m.thinking.iter().map(|b| b.text.as_str()))
         })
         .collect()
@@ -500,6 +508,31 @@ mod tests {
 
         // The same value only in reasoning is enough to block under a blocking policy.
         let blocked = guard.check("billing", Direction::Prompt, &input).unwrap();
+        assert_eq!(blocked.decision, Decision::Block);
+        assert_eq!(blocked.blocked_entity_types(), vec!["EMAIL_ADDRESS"]);
+    }
+
+    #[test]
+    fn a_refusal_is_checked_like_the_models_text() {
+        let mut assistant = Message::text(Role::Assistant, "");
+        assistant.content.clear();
+        assistant.refusal = "I can't email ann@example.com for you.".into();
+        let input = vec![Message::text(Role::User, "hi"), assistant];
+        let guard = guard();
+
+        let outcome = guard.check("web", Direction::Answer, &input).unwrap();
+        assert_eq!(outcome.decision, Decision::Transform);
+        assert_eq!(
+            outcome.findings,
+            vec![Finding::entity("EMAIL_ADDRESS", 1, Action::Redact)]
+        );
+        assert_eq!(
+            outcome.messages[1].refusal,
+            "I can't email [EMAIL_ADDRESS] for you."
+        );
+        assert!(outcome.messages[1].content.is_empty());
+
+        let blocked = guard.check("billing", Direction::Answer, &input).unwrap();
         assert_eq!(blocked.decision, Decision::Block);
         assert_eq!(blocked.blocked_entity_types(), vec!["EMAIL_ADDRESS"]);
     }
