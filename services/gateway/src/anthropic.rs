@@ -19,7 +19,10 @@
 //!   shown in `tool_use.id` (answers and `content_block_start`), split again from `tool_use.id`
 //!   and `tool_result.tool_use_id` of the next turn.
 //! - Stop reasons: `end_turn`, `stop_sequence` (with the matched `stop_sequence`, when the provider
-//!   reported it), `max_tokens`, `tool_use`, `refusal` (content filter).
+//!   reported it), `max_tokens`, `tool_use`, `refusal` (content filter, or a refusal).
+//! - A refusal (`Message.refusal`, OpenAI's; Anthropic has no such field) is a text block carrying
+//!   the refusal text, after any other text, and the stop reason is `refusal`; streamed, its
+//!   pieces are `text_delta`s of the text block.
 //! - Usage: Anthropic's `input_tokens` excludes cache reads and writes, ours includes them.
 //! - Streams: the real event sequence (`message_start`, `content_block_start`, `ping`,
 //!   `content_block_delta` with `thinking_delta` / `signature_delta` / `text_delta` /
@@ -580,6 +583,7 @@ impl MessageOut {
         let message = choice.and_then(|c| c.message.as_ref());
         let mut content = Vec::new();
         let mut stop_sequence = None;
+        let mut refused = false;
         if let Some(message) = message {
             content.extend(message.thinking.iter().map(thinking_out));
             if !message.stop_sequence.is_empty() {
@@ -588,6 +592,13 @@ impl MessageOut {
             let text = message.joined_text();
             if !text.is_empty() {
                 content.push(BlockOut::Text { text });
+            }
+            // Anthropic has no refusal field: the refusal is what the model said.
+            if !message.refusal.is_empty() {
+                refused = true;
+                content.push(BlockOut::Text {
+                    text: message.refusal.clone(),
+                });
             }
             for call in &message.tool_calls {
                 content.push(BlockOut::ToolUse {
@@ -603,14 +614,18 @@ impl MessageOut {
             role: "assistant",
             model: response.model.clone(),
             content,
-            stop_reason: choice
-                .and_then(|c| {
-                    stop_reason_with(
-                        c.finish_reason,
-                        stop_sequence.as_deref().unwrap_or_default(),
-                    )
-                })
-                .or(Some("end_turn")),
+            stop_reason: if refused {
+                Some("refusal")
+            } else {
+                choice
+                    .and_then(|c| {
+                        stop_reason_with(
+                            c.finish_reason,
+                            stop_sequence.as_deref().unwrap_or_default(),
+                        )
+                    })
+                    .or(Some("end_turn"))
+            },
             stop_sequence,
             usage: usage_out(response.usage.as_ref()),
         }
@@ -643,6 +658,8 @@ struct Streamer {
     next_index: u32,
     finish: i32,
     stop_sequence: String,
+    /// The model refused (OpenAI `refusal` pieces came): the stop reason is `refusal`.
+    refused: bool,
 }
 
 impl Streamer {
@@ -655,6 +672,7 @@ impl Streamer {
             next_index: 0,
             finish: pb::FinishReason::Unspecified as i32,
             stop_sequence: String::new(),
+            refused: false,
         }
     }
 
@@ -738,7 +756,11 @@ impl Streamer {
                     ));
                 }
             }
-            if !choice.content.is_empty() {
+            // A refusal is what the model said: text, in the same text block as any content.
+            for text in [&choice.content, &choice.refusal] {
+                if text.is_empty() {
+                    continue;
+                }
                 let index = match self.open {
                     Some((Open::Text, index)) => index,
                     _ => self.open(Open::Text, json!({ "type": "text", "text": "" }), out),
@@ -746,8 +768,11 @@ impl Streamer {
                 out.push(event(
                     "content_block_delta",
                     &json!({ "type": "content_block_delta", "index": index,
-                             "delta": { "type": "text_delta", "text": choice.content } }),
+                             "delta": { "type": "text_delta", "text": text } }),
                 ));
+            }
+            if !choice.refusal.is_empty() {
+                self.refused = true;
             }
             for call in &choice.tool_calls {
                 let index = match self.open {
@@ -786,10 +811,15 @@ impl Streamer {
         self.start(model, out);
         self.close(out);
         self.ping(out);
+        let stop_reason = if self.refused {
+            "refusal"
+        } else {
+            stop_reason_with(self.finish, &self.stop_sequence).unwrap_or("end_turn")
+        };
         out.push(event(
             "message_delta",
             &json!({ "type": "message_delta",
-                     "delta": { "stop_reason": stop_reason_with(self.finish, &self.stop_sequence).unwrap_or("end_turn"),
+                     "delta": { "stop_reason": stop_reason,
                                 "stop_sequence": (!self.stop_sequence.is_empty()).then_some(&self.stop_sequence) },
                      "usage": usage_out(Some(usage)),
                      "switchboard": switchboard }),

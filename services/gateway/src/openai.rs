@@ -13,6 +13,10 @@
 //! finish reason `stop`. `reasoning_effort` (`none`, `minimal`, `low`, `medium`, `high`; anything
 //! else is a 400 naming the field) is `ChatRequest.thinking.effort`: passed to OpenAI as is, and a
 //! thinking budget for Anthropic and Gemini.
+//!
+//! Refusals (`Message.refusal`) are OpenAI's: the answer's `message.refusal` (`null` when the model
+//! did not refuse; `content` is then `null` when there is no text), stream deltas' `refusal`
+//! pieces, and an assistant message's `refusal` in the request's history.
 
 use std::collections::HashMap;
 
@@ -95,6 +99,9 @@ pub struct RequestMessage {
     pub tool_calls: Vec<RequestToolCall>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
+    /// An assistant message's refusal, as OpenAI answered it.
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +249,7 @@ impl ChatCompletionRequest {
                 name: message.name.unwrap_or_default(),
                 tool_calls,
                 tool_call_id,
+                refusal: message.refusal.unwrap_or_default(),
                 ..Default::default()
             });
         }
@@ -397,6 +405,8 @@ pub struct ChoiceOut {
 pub struct MessageOut {
     pub role: &'static str,
     pub content: Option<String>,
+    /// The model's refusal; `null` when it did not refuse (as OpenAI sends it).
+    pub refusal: Option<String>,
     /// The model's reasoning text (extension), when it returned any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -551,11 +561,14 @@ impl ChatCompletion {
                         index: choice.index,
                         message: MessageOut {
                             role: "assistant",
-                            content: if text.is_empty() && !message.tool_calls.is_empty() {
+                            content: if text.is_empty()
+                                && (!message.tool_calls.is_empty() || !message.refusal.is_empty())
+                            {
                                 None
                             } else {
                                 Some(text)
                             },
+                            refusal: (!message.refusal.is_empty()).then(|| message.refusal.clone()),
                             reasoning_content: reasoning(
                                 message.thinking.iter().map(|t| t.text.as_str()),
                             ),
@@ -597,6 +610,9 @@ pub struct DeltaOut {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The next piece of the model's refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
     /// The next piece of the model's reasoning text (extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -652,6 +668,7 @@ impl ChatCompletionChunk {
                         } else {
                             Some(choice.content.clone())
                         },
+                        refusal: (!choice.refusal.is_empty()).then(|| choice.refusal.clone()),
                         reasoning_content: reasoning(
                             choice.thinking.iter().map(|t| t.text.as_str()),
                         ),
@@ -842,6 +859,80 @@ mod tests {
         assert_eq!(json["choices"][0]["delta"]["role"], "assistant");
         assert!(json["choices"][0]["finish_reason"].is_null());
         assert!(json.get("usage").is_none());
+    }
+
+    #[test]
+    fn a_refusal_is_shown_as_openai_shows_it() {
+        let refusal = |text: &str| pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    refusal: text.into(),
+                    ..Default::default()
+                }),
+                finish_reason: pb::FinishReason::Stop as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = |response: &pb::ChatResponse| {
+            serde_json::to_value(ChatCompletion::from_proto(
+                response,
+                switchboard_info("r", "miss", None),
+            ))
+            .unwrap()
+        };
+        let refused = json(&refusal("I can't help with that."));
+        let message = &refused["choices"][0]["message"];
+        assert_eq!(message["refusal"], "I can't help with that.");
+        assert!(message["content"].is_null(), "{message}");
+        // No refusal: `"refusal": null`, as OpenAI sends it, and the text as content.
+        let answered = json(&pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message::text(pb::Role::Assistant, "hi")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let message = answered["choices"][0]["message"].as_object().unwrap();
+        assert!(message["refusal"].is_null(), "{message:?}");
+        assert_eq!(message["content"], "hi");
+
+        // Streamed: `refusal` pieces, absent from other deltas.
+        let chunk = |delta: pb::ChoiceDelta| {
+            serde_json::to_value(ChatCompletionChunk::from_proto(
+                &pb::ChatChunk {
+                    choices: vec![delta],
+                    ..Default::default()
+                },
+                "c",
+            ))
+            .unwrap()
+        };
+        let piece = chunk(pb::ChoiceDelta {
+            refusal: "I can't".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            piece["choices"][0]["delta"],
+            serde_json::json!({ "refusal": "I can't" })
+        );
+        let text = chunk(pb::ChoiceDelta {
+            content: "hi".into(),
+            ..Default::default()
+        });
+        assert!(text["choices"][0]["delta"].get("refusal").is_none());
+
+        // In the history: an assistant refusal is `Message.refusal`.
+        let request = parse(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"},
+                {"role":"assistant","content":null,"refusal":"I can't help with that."},
+                {"role":"user","content":"y"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.messages[1].refusal, "I can't help with that.");
+        assert!(request.messages[1].content.is_empty());
+        assert!(request.messages[0].refusal.is_empty());
     }
 
     #[test]
