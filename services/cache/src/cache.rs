@@ -54,6 +54,10 @@ pub enum Refusal {
     },
     /// A choice has no message.
     NoMessage { index: usize },
+    /// A choice calls tools: its answer depends on what the tools return, which the key does not
+    /// hold (also when it finished with `stop`, as OpenAI's does when `tool_choice` names the
+    /// function).
+    ToolCalls { index: usize },
     /// The response has no usage.
     MissingUsage,
 }
@@ -74,6 +78,7 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::NoMessage { index } => write!(f, "choice {index} has no message"),
+            Refusal::ToolCalls { index } => write!(f, "choice {index} calls tools"),
             Refusal::MissingUsage => f.write_str("response has no usage"),
         }
     }
@@ -284,8 +289,12 @@ fn check_complete(response: &ChatResponse) -> Result<(), Refusal> {
                 finish_reason,
             });
         }
-        if choice.message.is_none() {
-            return Err(Refusal::NoMessage { index });
+        match &choice.message {
+            None => return Err(Refusal::NoMessage { index }),
+            Some(message) if !message.tool_calls.is_empty() => {
+                return Err(Refusal::ToolCalls { index });
+            }
+            Some(_) => {}
         }
     }
     if response.usage.is_none() {
@@ -412,6 +421,17 @@ mod tests {
         let mut no_message = complete();
         no_message.choices[0].message = None;
         cases.push((Some(no_message), Refusal::NoMessage { index: 0 }));
+        // A forced tool call finishes with `stop` on OpenAI, and is still a tool call.
+        let mut calls = complete();
+        if let Some(message) = calls.choices[0].message.as_mut() {
+            message.tool_calls.push(switchboard_proto::chat::v1::ToolCall {
+                id: "call_1".into(),
+                name: "lookup".into(),
+                arguments_json: "{}".into(),
+                ..Default::default()
+            });
+        }
+        cases.push((Some(calls), Refusal::ToolCalls { index: 0 }));
         cases.push((
             Some(ChatResponse {
                 usage: None,

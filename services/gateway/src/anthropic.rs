@@ -937,7 +937,7 @@ async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
                     response.headers_mut(),
                     &ctx.request_id,
                     handle.cache.as_str(),
-                    None,
+                    handle.served_by.as_ref(),
                 );
                 response
             }

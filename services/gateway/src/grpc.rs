@@ -145,6 +145,7 @@ impl GatewayService for GatewayGrpc {
             .map_err(|e| failed(e, id))?;
         let cache = handle.cache.proto() as i32;
         let cache_label = handle.cache.as_str();
+        let served_by = handle.served_by;
         let request_id = ctx.request_id.clone();
         let mut events = handle.events;
         let stream = async_stream::stream! {
@@ -173,7 +174,22 @@ impl GatewayService for GatewayGrpc {
             }
         };
         let mut response = answer(Box::pin(stream) as EventStream, id);
-        put(response.metadata_mut(), CACHE, cache_label);
+        let metadata = response.metadata_mut();
+        put(metadata, CACHE, cache_label);
+        // Who serves, before the first chunk (as over HTTP); the summary repeats it with the
+        // attempts' details.
+        if let Some(route) = &served_by {
+            put(metadata, "x-switchboard-provider", &route.provider);
+            put(metadata, "x-switchboard-model", &route.model);
+            if !route.key_alias.is_empty() {
+                put(metadata, "x-switchboard-key-alias", &route.key_alias);
+            }
+            put(
+                metadata,
+                "x-switchboard-attempts",
+                &route.attempt_count.to_string(),
+            );
+        }
         Ok(response)
     }
 

@@ -256,11 +256,13 @@ async fn handle_chat(shared: Shared, headers: HeaderMap, body: Body) -> Response
                 let mut response = Sse::new(events)
                     .keep_alive(KeepAlive::default())
                     .into_response();
+                // Who serves is known before the first chunk (the router commits to a deployment
+                // before its response head): the same headers as a unary answer's.
                 set_headers(
                     response.headers_mut(),
                     &ctx.request_id,
                     handle.cache.as_str(),
-                    None,
+                    handle.served_by.as_ref(),
                 );
                 response
             }

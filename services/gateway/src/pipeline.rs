@@ -13,7 +13,7 @@ use switchboard_proto::{
     cache::v1::{LookupRequest, Scope, StoreRequest, cache_service_client::CacheServiceClient},
     chat::v1::{
         ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role,
-        RouteInfo, ThinkingBlock, ThinkingDelta, Usage,
+        RouteInfo, ThinkingBlock, ThinkingDelta, ToolCallDelta, Usage,
     },
     guard::v1::{
         CheckAnswerRequest, CheckPromptRequest, CheckPromptResponse, Decision,
@@ -195,6 +195,10 @@ pub enum StreamEvent {
 pub struct StreamHandle {
     /// Cache outcome.
     pub cache: CacheStatus,
+    /// Who serves it, known before its first chunk: the cached answer's route, or the deployment
+    /// the router committed to (provider, model, target, key alias, attempts so far; no attempt
+    /// list). `None` when the router did not say.
+    pub served_by: Option<RouteInfo>,
     /// Events, in order.
     pub events: Events,
 }
@@ -685,7 +689,6 @@ impl Pipeline {
         mut request: ChatRequest,
         control: CacheControl,
     ) -> Result<StreamHandle, GatewayError> {
-        let (tx, mut rx) = mpsc::channel(64);
         let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
         let (permit, cache_status) = match prepared {
             Prepared::Hit(permit, cached) => {
@@ -698,23 +701,28 @@ impl Pipeline {
                 } = *cached;
                 pseudonyms.restore_response(&mut response);
                 let usage = response.usage.unwrap_or_default();
-                for chunk in replay_chunks(&response, &ctx.response_id()) {
-                    let _ = tx.send(StreamEvent::Chunk(chunk)).await;
+                let chunks = replay_chunks(&response, &ctx.response_id());
+                // A replay is all there before anyone reads it: its channel holds every event
+                // (a bounded one would wait forever for the reader this function has not yet
+                // returned).
+                let (tx, rx) = mpsc::channel(chunks.len() + 1);
+                for chunk in chunks {
+                    let _ = tx.try_send(StreamEvent::Chunk(chunk));
                 }
-                let _ = tx
-                    .send(StreamEvent::Done {
-                        usage,
-                        route: route.clone(),
-                    })
-                    .await;
+                let _ = tx.try_send(StreamEvent::Done {
+                    usage,
+                    route: route.clone(),
+                });
                 self.record(ctx, &request, RecordArgs::hit(&route, usage, true));
                 return Ok(StreamHandle {
                     cache: CacheStatus::Hit,
+                    served_by: Some(route),
                     events: Events { first: None, rx },
                 });
             }
             Prepared::Route(permit, cache_status) => (permit, cache_status),
         };
+        let (tx, mut rx) = mpsc::channel(64);
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
         let abandoned = Abandoned::arm(self, ctx, &request, cache_status, true);
@@ -774,6 +782,7 @@ impl Pipeline {
         }
         // From here the pump owns the request's row (it records a client that goes away too).
         abandoned.disarm();
+        let served_by = serving.as_ref().map(|s| s.route_info(&request.model));
         let pipeline = self.clone();
         let ctx = ctx.clone();
         let span = tracing::Span::current();
@@ -800,6 +809,7 @@ impl Pipeline {
         let first = rx.recv().await;
         Ok(StreamHandle {
             cache: cache_status,
+            served_by,
             events: Events { first, rx },
         })
     }
@@ -1840,6 +1850,19 @@ struct Serving {
 }
 
 impl Serving {
+    /// As the caller sees it before the stream's end: who serves route `route`.
+    fn route_info(&self, route: &str) -> RouteInfo {
+        RouteInfo {
+            route: route.to_owned(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            target: self.target.clone(),
+            key_alias: self.key_alias.clone(),
+            attempt_count: self.attempts,
+            ..Default::default()
+        }
+    }
+
     fn of(metadata: &tonic::metadata::MetadataMap) -> Option<Serving> {
         use switchboard_status::serving;
         let get = |name: &str| {
@@ -2020,6 +2043,22 @@ fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
             chunks.push(chunk(ChoiceDelta {
                 index: choice.index,
                 content: piece.to_owned(),
+                ..Default::default()
+            }));
+        }
+        // Tool calls (an answer that finished with `stop` may carry them: OpenAI does when
+        // `tool_choice` names the function), each whole in one delta, as a provider's first
+        // delta of a call carries its id and name.
+        for (position, call) in message.into_iter().flat_map(|m| &m.tool_calls).enumerate() {
+            chunks.push(chunk(ChoiceDelta {
+                index: choice.index,
+                tool_calls: vec![ToolCallDelta {
+                    index: position as u32,
+                    id: call.id.clone(),
+                    name: call.name.clone(),
+                    arguments_delta: call.arguments_json.clone(),
+                    signature: call.signature.clone(),
+                }],
                 ..Default::default()
             }));
         }
@@ -2971,6 +3010,63 @@ mod tests {
         // The key's tags and the caller's, as the router gets them: the cache keys on both.
         assert_eq!(lookups[0].request.as_ref().unwrap().tags, expected_tags);
         assert_eq!(stores[0].request.as_ref().unwrap().tags, expected_tags);
+    }
+
+    #[test]
+    fn a_replayed_answer_keeps_its_tool_calls_before_its_finish() {
+        let mut message = Message::text(Role::Assistant, "looking it up");
+        message.tool_calls = vec![
+            switchboard_proto::chat::v1::ToolCall {
+                id: "call_1".into(),
+                name: "lookup".into(),
+                arguments_json: r#"{"q":1}"#.into(),
+                signature: String::new(),
+            },
+            switchboard_proto::chat::v1::ToolCall {
+                id: "call_2".into(),
+                name: "fetch".into(),
+                arguments_json: "{}".into(),
+                signature: "sig".into(),
+            },
+        ];
+        let response = ChatResponse {
+            model: "m".into(),
+            choices: vec![Choice {
+                index: 0,
+                message: Some(message),
+                finish_reason: FinishReason::Stop as i32,
+            }],
+            ..Default::default()
+        };
+        let chunks = replay_chunks(&response, "id");
+        let calls: Vec<&ToolCallDelta> = chunks
+            .iter()
+            .flat_map(|c| &c.choices)
+            .flat_map(|d| &d.tool_calls)
+            .collect();
+        assert_eq!(calls.len(), 2);
+        for (position, (call, (id, name, args, signature))) in calls
+            .iter()
+            .zip([
+                ("call_1", "lookup", r#"{"q":1}"#, ""),
+                ("call_2", "fetch", "{}", "sig"),
+            ])
+            .enumerate()
+        {
+            assert_eq!(call.index, position as u32);
+            assert_eq!(
+                (
+                    call.id.as_str(),
+                    call.name.as_str(),
+                    call.arguments_delta.as_str(),
+                    call.signature.as_str()
+                ),
+                (id, name, args, signature)
+            );
+        }
+        let last = &chunks.last().unwrap().choices[0];
+        assert_eq!(last.finish_reason, FinishReason::Stop as i32);
+        assert!(last.tool_calls.is_empty());
     }
 
     #[test]

@@ -120,6 +120,7 @@ async fn unary_message_streamed_message_and_errors() {
     let response = post(&sandbox, &streamed).await;
     assert_eq!(response.status(), 200);
     assert!(header(&response, "content-type").starts_with("text/event-stream"));
+    assert_eq!(header(&response, "x-switchboard-provider"), "primary");
     let stream_id = header(&response, "x-switchboard-request-id");
     let events = frames(&response.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();

@@ -243,6 +243,10 @@ async fn sse_stream_arrives_in_order_ends_with_done_and_is_recorded() {
     let response = post(&sandbox, Some(KEY_A), &request).await;
     assert_eq!(response.status(), 200);
     assert!(header(&response, "content-type").starts_with("text/event-stream"));
+    // Who serves is in the head, before the first chunk, as for a unary answer.
+    assert_eq!(header(&response, "x-switchboard-provider"), "primary");
+    assert_eq!(header(&response, "x-switchboard-attempts"), "1");
+    assert!(!header(&response, "x-switchboard-model").is_empty());
     let id = header(&response, "x-switchboard-request-id");
     let text = response.text().await.unwrap();
     let events: Vec<&str> = text
@@ -283,10 +287,57 @@ async fn sse_stream_arrives_in_order_ends_with_done_and_is_recorded() {
     request["stream_options"] = json!({"include_usage": false});
     let replay = post(&sandbox, Some(KEY_A), &request).await;
     assert_eq!(header(&replay, "x-switchboard-cache"), "hit");
+    assert_eq!(header(&replay, "x-switchboard-provider"), "primary");
     let text = replay.text().await.unwrap();
     assert!(!text.contains("\"usage\""));
     assert!(text.contains("echo: tell me a story about a lighthouse keeper"));
     assert!(text.trim_end().ends_with("data: [DONE]"));
+    sandbox.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_long_cached_answer_streams_back_whole() {
+    let sandbox = Sandbox::start().await.unwrap();
+    // An answer of ~6 KB: replayed in more pieces than the stream's buffer holds.
+    let prompt = "a long question that the model repeats back ".repeat(140);
+    let unary = post(&sandbox, Some(KEY_A), &body(&prompt)).await;
+    assert_eq!(unary.status(), 200);
+    assert_eq!(header(&unary, "x-switchboard-cache"), "miss");
+    let answer: Value = unary.json().await.unwrap();
+    let expected = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(expected.len() > 6_000, "{}", expected.len());
+    let mut request = body(&prompt);
+    request["stream"] = json!(true);
+    // A bound so that a hang fails the test instead of stalling the suite (not a speed limit).
+    let (cache, text) = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let replay = post(&sandbox, Some(KEY_A), &request).await;
+        (
+            header(&replay, "x-switchboard-cache"),
+            replay.text().await.unwrap(),
+        )
+    })
+    .await
+    .expect("the cached answer's stream never came");
+    assert_eq!(cache, "hit");
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    assert!(events.len() > 64, "{} events", events.len());
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, expected);
     sandbox.stop().await.unwrap();
 }
 
@@ -334,6 +385,8 @@ async fn grpc_stream_delivers_chunks_then_summary() {
         summary.request_id
     );
     assert_eq!(head.get("x-switchboard-cache").unwrap(), "miss");
+    assert_eq!(head.get("x-switchboard-provider").unwrap(), "primary");
+    assert_eq!(head.get("x-switchboard-attempts").unwrap(), "1");
     let row = sandbox.wait_for_record(&summary.request_id).await.unwrap();
     assert!(row.streamed);
     assert_eq!(row.completion_tokens, usage.completion_tokens);
