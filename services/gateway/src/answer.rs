@@ -410,6 +410,9 @@ fn is_safe_break(chars: &[(usize, char)], i: usize) -> bool {
 #[derive(Debug, Default)]
 pub struct StreamHold {
     pending: std::collections::BTreeMap<u32, String>,
+    /// A refusal per choice, held whole until its choice ends and then checked as one window
+    /// (refusals are short).
+    refusal: std::collections::BTreeMap<u32, String>,
     thinking: std::collections::BTreeMap<(u32, u32), String>,
     /// Reasoning blocks whose checked text differs from the provider's (their signature, which
     /// covers the original text, must not be passed on).
@@ -475,6 +478,24 @@ impl StreamHold {
     /// Everything still held, by choice index (end of stream).
     pub fn drain(&mut self) -> Vec<(u32, String)> {
         std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|(_, text)| !text.is_empty())
+            .collect()
+    }
+
+    /// Holds a piece of choice `index`'s refusal.
+    pub fn push_refusal(&mut self, index: u32, piece: &str) {
+        self.refusal.entry(index).or_default().push_str(piece);
+    }
+
+    /// Choice `index`'s whole refusal, when it has one (its choice ended).
+    pub fn take_refusal(&mut self, index: u32) -> Option<String> {
+        self.refusal.remove(&index).filter(|text| !text.is_empty())
+    }
+
+    /// Refusals still held, by choice (end of stream).
+    pub fn drain_refusals(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.refusal)
             .into_iter()
             .filter(|(_, text)| !text.is_empty())
             .collect()

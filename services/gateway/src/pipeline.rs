@@ -894,6 +894,7 @@ impl Pipeline {
             match message.event {
                 Some(route_stream_response::Event::Chunk(mut chunk)) => {
                     chunk.id = response_id.clone();
+                    assembled.received(&chunk);
                     if let Some(hold) = hold.as_mut()
                         && let Err(error) = self
                             .check_stream_chunk(&ctx, &request, hold, &mut chunk)
@@ -926,6 +927,7 @@ impl Pipeline {
                         match self.flush_hold(&ctx, &request, hold, &response_id).await {
                             Ok(None) => {}
                             Ok(Some(mut chunk)) => {
+                                assembled.stamp(&mut chunk);
                                 assembled.add(&chunk);
                                 if let Some(restorer) = restorer.as_mut() {
                                     restorer.chunk(&mut chunk);
@@ -958,7 +960,8 @@ impl Pipeline {
                         RecordArgs::served(&route, usage, cache_status, true),
                     );
                     settle(&route);
-                    if let Some(rest) = restorer.as_mut().and_then(|r| r.finish(&response_id)) {
+                    if let Some(mut rest) = restorer.as_mut().and_then(|r| r.finish(&response_id)) {
+                        assembled.stamp(&mut rest);
                         let _ = tx.send(StreamEvent::Chunk(rest)).await;
                     }
                     let _ = tx.send(StreamEvent::Done { usage, route }).await;
@@ -989,6 +992,7 @@ impl Pipeline {
                         && let Ok(Some(mut chunk)) =
                             self.flush_hold(&ctx, &request, hold, &response_id).await
                     {
+                        assembled.stamp(&mut chunk);
                         assembled.add(&chunk);
                         if let Some(restorer) = restorer.as_mut() {
                             restorer.chunk(&mut chunk);
@@ -1295,6 +1299,15 @@ impl Pipeline {
                     );
                 }
             }
+            if !delta.refusal.is_empty() {
+                hold.push_refusal(index, &std::mem::take(&mut delta.refusal));
+            }
+            if last && let Some(refusal) = hold.take_refusal(index) {
+                hold.windows += 1;
+                delta.refusal = self
+                    .check_window(ctx, request, refusal, hold.windows)
+                    .await?;
+            }
             if delta.content.is_empty() && !last {
                 continue;
             }
@@ -1345,7 +1358,8 @@ impl Pipeline {
     ) -> Result<Option<ChatChunk>, GatewayError> {
         let thinking = hold.drain_thinking();
         let rest = hold.drain();
-        if rest.is_empty() && thinking.is_empty() {
+        let refusals = hold.drain_refusals();
+        if rest.is_empty() && thinking.is_empty() && refusals.is_empty() {
             return Ok(None);
         }
         let mut chunk = ChatChunk {
@@ -1368,6 +1382,15 @@ impl Pipeline {
             chunk.choices.push(ChoiceDelta {
                 index,
                 content,
+                ..Default::default()
+            });
+        }
+        for (index, text) in refusals {
+            hold.windows += 1;
+            let refusal = self.check_window(ctx, request, text, hold.windows).await?;
+            chunk.choices.push(ChoiceDelta {
+                index,
+                refusal,
                 ..Default::default()
             });
         }
@@ -2046,6 +2069,13 @@ fn replay_chunks(response: &ChatResponse, id: &str) -> Vec<ChatChunk> {
                 ..Default::default()
             }));
         }
+        if let Some(refusal) = message.map(|m| &m.refusal).filter(|r| !r.is_empty()) {
+            chunks.push(chunk(ChoiceDelta {
+                index: choice.index,
+                refusal: refusal.clone(),
+                ..Default::default()
+            }));
+        }
         // Tool calls (an answer that finished with `stop` may carry them: OpenAI does when
         // `tool_choice` names the function), each whole in one delta, as a provider's first
         // delta of a call carries its id and name.
@@ -2083,11 +2113,37 @@ struct Assembler {
     thinking: BTreeMap<(u32, u32), ThinkingBlock>,
     stop_sequence: BTreeMap<u32, String>,
     finish: BTreeMap<u32, i32>,
+    /// The model's refusal per choice (OpenAI `refusal`).
+    refusal: BTreeMap<u32, String>,
     has_tool_calls: bool,
     usage: Option<Usage>,
+    /// Answer and reasoning bytes as the router sent them, before the answer check held any back
+    /// or blocked them: what the provider was paid for, even if the caller never saw it.
+    received_bytes: usize,
+    received_thinking_bytes: usize,
 }
 
 impl Assembler {
+    /// Gives a chunk the gateway made (released held-back text, restored placeholders) the
+    /// stream's model and creation time, as every provider chunk has.
+    fn stamp(&self, chunk: &mut ChatChunk) {
+        if chunk.model.is_empty() {
+            chunk.model.clone_from(&self.model);
+        }
+        if chunk.created == 0 {
+            chunk.created = self.created;
+        }
+    }
+
+    /// Counts a chunk as it came from the router (before the answer check).
+    fn received(&mut self, chunk: &ChatChunk) {
+        for choice in &chunk.choices {
+            self.received_bytes += choice.content.len() + choice.refusal.len();
+            self.received_thinking_bytes +=
+                choice.thinking.iter().map(|t| t.text.len()).sum::<usize>();
+        }
+    }
+
     fn add(&mut self, chunk: &ChatChunk) {
         if self.model.is_empty() {
             self.model = chunk.model.clone();
@@ -2100,6 +2156,12 @@ impl Assembler {
                 .push_str(&choice.content);
             if !choice.tool_calls.is_empty() {
                 self.has_tool_calls = true;
+            }
+            if !choice.refusal.is_empty() {
+                self.refusal
+                    .entry(choice.index)
+                    .or_default()
+                    .push_str(&choice.refusal);
             }
             for delta in &choice.thinking {
                 let block = self
@@ -2141,6 +2203,7 @@ impl Assembler {
                 .map(|(_, block)| block.clone())
                 .collect();
             message.stop_sequence = self.stop_sequence.get(index).cloned().unwrap_or_default();
+            message.refusal = self.refusal.get(index).cloned().unwrap_or_default();
             choices.push(Choice {
                 index: *index,
                 message: Some(message),
@@ -2157,12 +2220,20 @@ impl Assembler {
     }
 
     /// A local count when the provider reported no usage: about four characters per token
-    /// (reasoning text is output too).
+    /// (reasoning text and refusals are output too), of what the router sent, held back and
+    /// blocked text included.
     fn estimate_usage(&self, request: &ChatRequest) -> Usage {
         let prompt_chars: usize = request.messages.iter().map(|m| m.joined_text().len()).sum();
-        let thinking_chars: usize = self.thinking.values().map(|block| block.text.len()).sum();
-        let completion_chars: usize =
-            self.text.values().map(String::len).sum::<usize>() + thinking_chars;
+        let thinking_chars: usize = self
+            .thinking
+            .values()
+            .map(|block| block.text.len())
+            .sum::<usize>()
+            .max(self.received_thinking_bytes);
+        let completion_chars: usize = (self.text.values().map(String::len).sum::<usize>()
+            + self.refusal.values().map(String::len).sum::<usize>())
+        .max(self.received_bytes)
+            + thinking_chars;
         let prompt_tokens = prompt_chars.div_ceil(4) as u32;
         let completion_tokens = completion_chars.div_ceil(4) as u32;
         Usage {
@@ -3010,6 +3081,78 @@ mod tests {
         // The key's tags and the caller's, as the router gets them: the cache keys on both.
         assert_eq!(lookups[0].request.as_ref().unwrap().tags, expected_tags);
         assert_eq!(stores[0].request.as_ref().unwrap().tags, expected_tags);
+    }
+
+    #[test]
+    fn a_streamed_refusal_is_assembled_replayed_and_counted() {
+        let refusal = "I can't help with that.";
+        let chunk = |delta: ChoiceDelta| ChatChunk {
+            model: "gpt-x".into(),
+            created: 7,
+            choices: vec![delta],
+            ..Default::default()
+        };
+        let mut assembled = Assembler::default();
+        for piece in ["I can't ", "help with that."] {
+            let piece = chunk(ChoiceDelta {
+                refusal: piece.into(),
+                ..Default::default()
+            });
+            assembled.received(&piece);
+            assembled.add(&piece);
+        }
+        assembled.add(&chunk(ChoiceDelta {
+            finish_reason: FinishReason::Stop as i32,
+            ..Default::default()
+        }));
+        // Without usage from the provider, the refusal is output like any text.
+        assert_eq!(
+            assembled.estimate_usage(&request()).completion_tokens,
+            refusal.len().div_ceil(4) as u32
+        );
+        assembled.usage = Some(Usage::default());
+        let response = assembled.to_response(&RouteInfo::default()).unwrap();
+        let message = response.choices[0].message.as_ref().unwrap();
+        assert_eq!(message.refusal, refusal);
+        assert_eq!(message.joined_text(), "");
+        // Replayed from the cache as a stream, it is a refusal again.
+        let replayed: String = replay_chunks(&response, "id")
+            .iter()
+            .flat_map(|c| &c.choices)
+            .map(|d| d.refusal.as_str())
+            .collect();
+        assert_eq!(replayed, refusal);
+    }
+
+    #[test]
+    fn text_the_check_held_back_or_blocked_still_counts_as_output() {
+        let mut assembled = Assembler::default();
+        let raw = ChatChunk {
+            model: "gpt-x".into(),
+            created: 7,
+            choices: vec![ChoiceDelta {
+                content: "x".repeat(400),
+                thinking: vec![ThinkingDelta {
+                    text: "t".repeat(40),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assembled.received(&raw);
+        // The answer check held all of it back: the caller got an empty delta.
+        let mut sent = raw.clone();
+        sent.choices[0].content.clear();
+        sent.choices[0].thinking.clear();
+        assembled.add(&sent);
+        let usage = assembled.estimate_usage(&request());
+        assert_eq!(usage.completion_tokens, 110);
+        assert_eq!(usage.reasoning_tokens, 10);
+        // A chunk the gateway makes (released text) gets the stream's model and time.
+        let mut made = ChatChunk::default();
+        assembled.stamp(&mut made);
+        assert_eq!((made.model.as_str(), made.created), ("gpt-x", 7));
     }
 
     #[test]

@@ -51,6 +51,9 @@ impl Pseudonyms {
                     *text = restore(text, &self.text);
                 }
             }
+            if !message.refusal.is_empty() {
+                message.refusal = restore(&message.refusal, &self.text);
+            }
             for call in &mut message.tool_calls {
                 call.arguments_json = restore(&call.arguments_json, &self.json);
             }
@@ -62,6 +65,7 @@ impl Pseudonyms {
         (!self.is_empty()).then(|| StreamRestorer {
             pseudonyms: self.clone(),
             content: BTreeMap::new(),
+            refusal: BTreeMap::new(),
             arguments: BTreeMap::new(),
         })
     }
@@ -83,6 +87,7 @@ fn json_escaped(value: &str) -> String {
 pub struct StreamRestorer {
     pseudonyms: Pseudonyms,
     content: BTreeMap<u32, Restorer>,
+    refusal: BTreeMap<u32, Restorer>,
     arguments: BTreeMap<(u32, u32), Restorer>,
 }
 
@@ -97,6 +102,13 @@ impl StreamRestorer {
                 .entry(index)
                 .or_insert_with(|| Restorer::new(self.pseudonyms.text.clone()));
             choice.content = content.push(&choice.content);
+            if !choice.refusal.is_empty() || self.refusal.contains_key(&index) {
+                let refusal = self
+                    .refusal
+                    .entry(index)
+                    .or_insert_with(|| Restorer::new(self.pseudonyms.text.clone()));
+                choice.refusal = refusal.push(&choice.refusal);
+            }
             for call in &mut choice.tool_calls {
                 let arguments = self
                     .arguments
@@ -116,6 +128,7 @@ impl StreamRestorer {
             .content
             .keys()
             .copied()
+            .chain(self.refusal.keys().copied())
             .chain(self.arguments.keys().map(|(choice, _)| *choice))
             .collect();
         let mut choices: Vec<ChoiceDelta> = Vec::new();
@@ -128,7 +141,10 @@ impl StreamRestorer {
                 ..Default::default()
             };
             self.release(&mut choice);
-            if !choice.content.is_empty() || !choice.tool_calls.is_empty() {
+            if !choice.content.is_empty()
+                || !choice.refusal.is_empty()
+                || !choice.tool_calls.is_empty()
+            {
                 choices.push(choice);
             }
         }
@@ -144,6 +160,9 @@ impl StreamRestorer {
         let index = choice.index;
         if let Some(mut content) = self.content.remove(&index) {
             choice.content.push_str(&content.finish());
+        }
+        if let Some(mut refusal) = self.refusal.remove(&index) {
+            choice.refusal.push_str(&refusal.finish());
         }
         let calls: Vec<(u32, u32)> = self
             .arguments
@@ -228,6 +247,55 @@ mod tests {
             serde_json::from_str(&message.tool_calls[0].arguments_json).unwrap();
         assert_eq!(arguments["to"], "jane@example.com");
         assert_eq!(arguments["name"], "Jane \"JJ\" Doe");
+    }
+
+    #[test]
+    fn a_refusal_is_restored_unary_and_streamed() {
+        let message = Message {
+            refusal: "I will not write to <EMAIL_ADDRESS_1>.".into(),
+            ..Default::default()
+        };
+        let mut response = ChatResponse {
+            choices: vec![Choice {
+                message: Some(message),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        pseudonyms().restore_response(&mut response);
+        assert_eq!(
+            response.choices[0].message.as_ref().unwrap().refusal,
+            "I will not write to jane@example.com."
+        );
+        // Streamed: a placeholder split across refusal pieces, the last held until the finish
+        // or the end of the stream.
+        let refusal = |text: &str, finish: FinishReason| ChatChunk {
+            choices: vec![ChoiceDelta {
+                refusal: text.to_owned(),
+                finish_reason: finish as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for finish in [FinishReason::Stop, FinishReason::Unspecified] {
+            let mut restorer = pseudonyms().stream().unwrap();
+            let mut out = String::new();
+            for mut chunk in [
+                refusal("I will not write to <EMAIL_", FinishReason::Unspecified),
+                refusal("ADDRESS_1> or <NAME", FinishReason::Unspecified),
+                refusal("_1", finish),
+            ] {
+                restorer.chunk(&mut chunk);
+                out.push_str(&chunk.choices[0].refusal);
+            }
+            if let Some(rest) = restorer.finish("id") {
+                out.push_str(&rest.choices[0].refusal);
+            }
+            assert_eq!(
+                out, "I will not write to jane@example.com or <NAME_1",
+                "{finish:?}"
+            );
+        }
     }
 
     #[test]

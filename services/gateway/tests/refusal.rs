@@ -338,7 +338,17 @@ async fn an_openai_client_gets_the_refusal_unary_and_streamed() {
         .iter()
         .filter_map(|d| d.get("refusal").and_then(Value::as_str))
         .collect();
-    assert_eq!(pieces, PIECES, "{text}");
+    // With the answer check on, the refusal is held whole and checked as one window before
+    // it is sent (without it, its pieces would reach the caller unchecked).
+    assert_eq!(pieces.concat(), REFUSAL, "{text}");
+    let checked = gateway.seen.checked.lock().unwrap().clone();
+    assert!(
+        checked[1..]
+            .iter()
+            .flatten()
+            .any(|m| m.joined_text() == REFUSAL),
+        "the stream's refusal was not checked: {checked:?}"
+    );
     assert!(
         deltas
             .iter()
@@ -383,14 +393,13 @@ async fn an_anthropic_client_gets_the_refusal_as_text_with_stop_reason_refusal()
         .unwrap();
     let events = frames(&text);
     let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    // The refusal is checked whole (the answer check is on), so it comes as one text delta.
     assert_eq!(
         names,
         [
             "message_start",
             "content_block_start",
             "ping",
-            "content_block_delta",
-            "content_block_delta",
             "content_block_delta",
             "content_block_stop",
             "message_delta",
@@ -408,6 +417,6 @@ async fn an_anthropic_client_gets_the_refusal_as_text_with_stop_reason_refusal()
         .map(|(_, data)| data["delta"]["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(streamed_text, REFUSAL);
-    assert_eq!(events[7].1["delta"]["stop_reason"], "refusal", "{text}");
+    assert_eq!(events[5].1["delta"]["stop_reason"], "refusal", "{text}");
     gateway.stop().await;
 }
