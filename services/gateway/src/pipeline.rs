@@ -1966,10 +1966,11 @@ pub fn validate(request: &ChatRequest) -> Result<(), GatewayError> {
         {
             return Err(invalid("temperature", "must be between 0 and 2"));
         }
+        // 0 included, as OpenAI's and Anthropic's ranges are (greedy decoding in eval harnesses).
         if let Some(p) = sampling.top_p
-            && !(p > 0.0 && p <= 1.0)
+            && !(0.0..=1.0).contains(&p)
         {
-            return Err(invalid("top_p", "must be in (0, 1]"));
+            return Err(invalid("top_p", "must be between 0 and 1"));
         }
         if sampling.max_tokens == Some(0) {
             return Err(invalid("max_tokens", "must be at least 1"));
@@ -3081,6 +3082,27 @@ mod tests {
         // The key's tags and the caller's, as the router gets them: the cache keys on both.
         assert_eq!(lookups[0].request.as_ref().unwrap().tags, expected_tags);
         assert_eq!(stores[0].request.as_ref().unwrap().tags, expected_tags);
+    }
+
+    #[test]
+    fn top_p_takes_the_closed_unit_interval() {
+        let with = |top_p: f64| {
+            let mut request = request();
+            request.sampling = Some(switchboard_proto::chat::v1::SamplingParams {
+                top_p: Some(top_p),
+                ..Default::default()
+            });
+            validate(&request)
+        };
+        for ok in [0.0, 0.5, 1.0] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        for bad in [-0.1, 1.1, f64::NAN] {
+            assert!(
+                matches!(with(bad), Err(GatewayError::InvalidRequest { ref field, .. }) if field == "top_p"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
