@@ -106,7 +106,8 @@ impl EmbeddingsRequest {
         let token_arrays = || {
             invalid(
                 "input",
-                "token arrays are not supported; send a string or an array of strings",
+                "token arrays are not supported (the guard checks text): send a string or an \
+                 array of strings (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)",
             )
         };
         let inputs = match self.input {

@@ -117,7 +117,7 @@ impl Readiness {
                 name: "guard",
                 channel: channels.guard,
                 required: guard_required,
-                when_down: "routes that do not fail open are refused with 503 guard_unavailable; fail-open routes proceed unchecked (switchboard_guard_fail_open_total)",
+                when_down: "routes that do not fail open are refused with 503 guard_unavailable; fail-open routes proceed unchecked and never from the cache, whose answers were checked under a policy they cannot match (switchboard_guard_fail_open_total)",
             },
         ];
         if let Some(channel) = channels.cache {
