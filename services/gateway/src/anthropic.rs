@@ -31,6 +31,13 @@
 //!   attempts), `message_stop`). A stream that fails after it
 //!   started ends with an `error` event, never with `message_stop`.
 //! - Errors: `{"type":"error","error":{"type","message"}}` with the status of their code.
+//! - Clients: `null` in an optional field is the field absent. `mcp_servers`, `container` and
+//!   structured outputs (`output_format`, `output_config.format`) are refused by name rather than
+//!   dropped; hints such as `service_tier` are ignored. A provider error (Gemini
+//!   `MALFORMED_FUNCTION_CALL`) is `stop_reason: "max_tokens"`, and an answer without a reason
+//!   `tool_use` or `end_turn`, with the neutral reason in `switchboard.finish_detail` (see
+//!   `stop_reason_out`). `message_start` carries the prompt's `input_tokens` (estimated unless the
+//!   first chunk has the provider's count; exact in `message_delta`).
 
 use std::convert::Infallible;
 
@@ -55,14 +62,15 @@ use crate::{
     app::Shared,
     error::GatewayError,
     http,
-    openai::{SwitchboardInfo, switchboard_info},
+    openai::{SwitchboardInfo, finish_detail_str, null_as_default, switchboard_info},
     pipeline::{RequestContext, StreamEvent},
     tool_id,
 };
 
 // === request ===
 
-/// `POST /v1/messages` body. Unknown fields are ignored.
+/// `POST /v1/messages` body. Unknown fields are ignored, and `null` is an absent field, as
+/// Anthropic takes it (fields that are not `Option`s read it with [`null_as_default`]).
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
     pub model: String,
@@ -71,11 +79,11 @@ pub struct MessagesRequest {
     pub system: Option<InContent>,
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub tools: Vec<InTool>,
     #[serde(default)]
     pub tool_choice: Option<InToolChoice>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stop_sequences: Vec<String>,
     #[serde(default)]
     pub temperature: Option<f64>,
@@ -87,8 +95,17 @@ pub struct MessagesRequest {
     pub metadata: Option<InMetadata>,
     #[serde(default)]
     pub thinking: Option<InThinking>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
+    // Features Switchboard does not have, read only to refuse them: see `refuse_unsupported`.
+    #[serde(default)]
+    mcp_servers: Option<Value>,
+    #[serde(default)]
+    container: Option<Value>,
+    #[serde(default)]
+    output_format: Option<Value>,
+    #[serde(default)]
+    output_config: Option<Value>,
 }
 
 /// `thinking`: `{"type": "enabled", "budget_tokens": N}` or `{"type": "disabled"}`.
@@ -133,17 +150,17 @@ pub enum InBlock {
         tool_use_id: String,
         #[serde(default)]
         content: Option<InContent>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         is_error: bool,
     },
     Thinking {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         thinking: String,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         signature: String,
     },
     RedactedThinking {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         data: String,
     },
     #[serde(other)]
@@ -175,7 +192,7 @@ pub struct InToolChoice {
     pub kind: String,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub disable_parallel_tool_use: bool,
 }
 
@@ -242,8 +259,60 @@ fn unsupported(field: String) -> GatewayError {
 }
 
 impl MessagesRequest {
+    /// Refuses a parameter asking for what Switchboard cannot give rather than answering without
+    /// it, which would mislead the caller (400 `invalid_request_error` naming it, as server tools
+    /// are refused): MCP servers (`mcp_servers`: the model would answer without their tools), a
+    /// code-execution `container` (and its skills), structured outputs (`output_format`, beta, and
+    /// `output_config.format`: the answer would not be held to the schema). Neutral values
+    /// (`null`, `mcp_servers: []`) are accepted.
+    ///
+    /// Hints about how the provider serves, not what it answers, are ignored like unknown fields:
+    /// `service_tier`, `inference_geo`, `output_config.effort`, `context_management` (what the
+    /// provider may clear from a long context).
+    fn refuse_unsupported(&self) -> Result<(), GatewayError> {
+        let format = self
+            .output_config
+            .as_ref()
+            .and_then(|config| config.get("format"))
+            .filter(|format| !format.is_null());
+        let refused = [
+            (
+                "mcp_servers",
+                self.mcp_servers
+                    .as_ref()
+                    .is_some_and(|servers| servers.as_array().is_none_or(|s| !s.is_empty())),
+                "MCP servers are not supported; declare their tools in `tools`",
+            ),
+            (
+                "container",
+                self.container.is_some(),
+                "code-execution containers are not supported",
+            ),
+            (
+                "output_format",
+                self.output_format.is_some(),
+                "structured outputs are not supported",
+            ),
+            (
+                "output_config.format",
+                format.is_some(),
+                "structured outputs are not supported",
+            ),
+        ];
+        for (param, used, why) in refused {
+            if used {
+                return Err(invalid(
+                    param,
+                    format!("Switchboard does not support `{param}`: {why}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Translates to the provider-neutral request.
     pub fn into_proto(self) -> Result<pb::ChatRequest, GatewayError> {
+        self.refuse_unsupported()?;
         let max_tokens = self
             .max_tokens
             .ok_or_else(|| invalid("max_tokens", "Field required"))?;
@@ -460,9 +529,13 @@ pub struct MessageOut {
     pub role: &'static str,
     pub model: String,
     pub content: Vec<BlockOut>,
-    pub stop_reason: Option<&'static str>,
+    pub stop_reason: &'static str,
     pub stop_sequence: Option<String>,
     pub usage: UsageOut,
+    /// Extension, only when `stop_reason` is the closest of Anthropic's values rather than the
+    /// same: the neutral finish reason (`finish_detail`, see [`stop_reason_out`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchboard: Option<crate::openai::FinishDetail>,
 }
 
 #[derive(Debug, Serialize)]
@@ -508,12 +581,38 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// Anthropic's stop reason for a finish reason and the reported stop sequence (if any).
-pub fn stop_reason_with(reason: i32, stop_sequence: &str) -> Option<&'static str> {
-    if reason == pb::FinishReason::Stop as i32 && !stop_sequence.is_empty() {
-        return Some("stop_sequence");
+/// Anthropic's stop reason for an answer's finish reason, stop sequence (reported by the
+/// provider, or empty), whether it calls tools and whether the model refused; and whether it is
+/// only the closest value (the neutral reason then goes in `switchboard.finish_detail`).
+///
+/// - `Error` (the provider ended the answer before it was complete, for a reason of its own:
+///   Gemini `MALFORMED_FUNCTION_CALL`, `OTHER`, …) is `max_tokens`, Anthropic's value for an
+///   answer cut short: clients do not take it as finished, and the tool-use guidance for it is to
+///   retry, which is what a malformed call needs. `end_turn` would pass a broken (often empty)
+///   answer as complete; `refusal` would tell the user the request broke a usage policy (Claude
+///   Code says so) and that context should be reset.
+/// - `Unspecified` (no reason from the provider) is what the answer shows: `tool_use` when it calls
+///   tools (else they would not be run), `end_turn` otherwise.
+fn stop_reason_out(
+    reason: i32,
+    stop_sequence: &str,
+    calls_tools: bool,
+    refused: bool,
+) -> (&'static str, bool) {
+    if refused {
+        // Anthropic has no refusal field: the refusal is said, and the stop reason says so.
+        return ("refusal", false);
     }
-    stop_reason(reason)
+    match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Stop if !stop_sequence.is_empty() => ("stop_sequence", false),
+        pb::FinishReason::Stop => ("end_turn", false),
+        pb::FinishReason::Length => ("max_tokens", false),
+        pb::FinishReason::ToolCalls => ("tool_use", false),
+        pb::FinishReason::ContentFilter => ("refusal", false),
+        pb::FinishReason::Error => ("max_tokens", true),
+        pb::FinishReason::Unspecified if calls_tools => ("tool_use", true),
+        pb::FinishReason::Unspecified => ("end_turn", true),
+    }
 }
 
 /// The thinking block of a neutral one: `redacted_thinking` when it has redacted data.
@@ -527,17 +626,6 @@ fn thinking_out(block: &pb::ThinkingBlock) -> BlockOut {
         BlockOut::RedactedThinking {
             data: block.redacted_data.clone(),
         }
-    }
-}
-
-/// Anthropic's stop reason for a finish reason.
-pub fn stop_reason(reason: i32) -> Option<&'static str> {
-    match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
-        pb::FinishReason::Unspecified => None,
-        pb::FinishReason::Stop | pb::FinishReason::Error => Some("end_turn"),
-        pb::FinishReason::Length => Some("max_tokens"),
-        pb::FinishReason::ToolCalls => Some("tool_use"),
-        pb::FinishReason::ContentFilter => Some("refusal"),
     }
 }
 
@@ -608,26 +696,25 @@ impl MessageOut {
                 });
             }
         }
+        let finish = choice.map_or(pb::FinishReason::Unspecified as i32, |c| c.finish_reason);
+        let (stop_reason, closest) = stop_reason_out(
+            finish,
+            stop_sequence.as_deref().unwrap_or_default(),
+            message.is_some_and(|m| !m.tool_calls.is_empty()),
+            refused,
+        );
         MessageOut {
             id,
             kind: "message",
             role: "assistant",
             model: response.model.clone(),
             content,
-            stop_reason: if refused {
-                Some("refusal")
-            } else {
-                choice
-                    .and_then(|c| {
-                        stop_reason_with(
-                            c.finish_reason,
-                            stop_sequence.as_deref().unwrap_or_default(),
-                        )
-                    })
-                    .or(Some("end_turn"))
-            },
+            stop_reason,
             stop_sequence,
             usage: usage_out(response.usage.as_ref()),
+            switchboard: closest.then(|| crate::openai::FinishDetail {
+                finish_detail: finish_detail_str(finish),
+            }),
         }
     }
 }
@@ -651,6 +738,8 @@ enum Open {
 /// Turns pipeline stream events into Anthropic's event sequence.
 struct Streamer {
     id: String,
+    /// The prompt's tokens as estimated before the provider counted them (see [`Streamer::start`]).
+    prompt_estimate: u32,
     started: bool,
     pinged: bool,
     /// The open block and its Anthropic index.
@@ -660,12 +749,15 @@ struct Streamer {
     stop_sequence: String,
     /// The model refused (OpenAI `refusal` pieces came): the stop reason is `refusal`.
     refused: bool,
+    /// The answer calls tools (a `tool_use` block was opened).
+    calls_tools: bool,
 }
 
 impl Streamer {
-    fn new(id: String) -> Self {
+    fn new(id: String, prompt_estimate: u32) -> Self {
         Streamer {
             id,
+            prompt_estimate,
             started: false,
             pinged: false,
             open: None,
@@ -673,20 +765,38 @@ impl Streamer {
             finish: pb::FinishReason::Unspecified as i32,
             stop_sequence: String::new(),
             refused: false,
+            calls_tools: false,
         }
     }
 
-    fn start(&mut self, model: &str, out: &mut Vec<Event>) {
+    /// `message_start`, with the prompt's input tokens as Anthropic sends them there (clients such
+    /// as LangChain read input tokens only from it): the provider's count when the chunk that
+    /// starts the message carries usage (`usage`), else an estimate from the request's text
+    /// (`prompt_estimate`), since the provider's count usually comes at the end (OpenAI, Gemini,
+    /// and the router's Anthropic decoder, which reports `message_start` usage only with the
+    /// finish). The exact count is `message_delta`'s usage, which clients take over it.
+    fn start(&mut self, model: &str, usage: Option<&pb::Usage>, out: &mut Vec<Event>) {
         if self.started {
             return;
         }
         self.started = true;
+        let usage = match usage {
+            Some(usage) if usage.prompt_tokens > 0 => UsageOut {
+                // Output is counted in message_delta; counting it here too would add it twice.
+                output_tokens: 0,
+                ..usage_out(Some(usage))
+            },
+            _ => UsageOut {
+                input_tokens: self.prompt_estimate,
+                ..UsageOut::default()
+            },
+        };
         out.push(event(
             "message_start",
             &json!({ "type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "model": model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": UsageOut::default() } }),
+                "usage": usage } }),
         ));
     }
 
@@ -720,7 +830,7 @@ impl Streamer {
     }
 
     fn chunk(&mut self, chunk: &pb::ChatChunk, out: &mut Vec<Event>) {
-        self.start(&chunk.model, out);
+        self.start(&chunk.model, chunk.usage.as_ref(), out);
         // Anthropic has one choice per message.
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
             for piece in &choice.thinking {
@@ -775,6 +885,7 @@ impl Streamer {
                 self.refused = true;
             }
             for call in &choice.tool_calls {
+                self.calls_tools = true;
                 let index = match self.open {
                     Some((Open::Tool(open), index)) if open == call.index => index,
                     _ => self.open(
@@ -808,21 +919,26 @@ impl Streamer {
         switchboard: &SwitchboardInfo,
         out: &mut Vec<Event>,
     ) {
-        self.start(model, out);
+        self.start(model, Some(usage), out);
         self.close(out);
         self.ping(out);
-        let stop_reason = if self.refused {
-            "refusal"
-        } else {
-            stop_reason_with(self.finish, &self.stop_sequence).unwrap_or("end_turn")
-        };
+        let (stop_reason, closest) = stop_reason_out(
+            self.finish,
+            &self.stop_sequence,
+            self.calls_tools,
+            self.refused,
+        );
+        let mut switchboard = switchboard.clone();
+        if closest {
+            switchboard.finish_detail = Some(finish_detail_str(self.finish));
+        }
         out.push(event(
             "message_delta",
             &json!({ "type": "message_delta",
                      "delta": { "stop_reason": stop_reason,
                                 "stop_sequence": (!self.stop_sequence.is_empty()).then_some(&self.stop_sequence) },
                      "usage": usage_out(Some(usage)),
-                     "switchboard": switchboard }),
+                     "switchboard": &switchboard }),
         ));
         out.push(event("message_stop", &json!({ "type": "message_stop" })));
     }
@@ -843,9 +959,10 @@ fn sse_events(
     id: String,
     request_id: String,
     cache: &'static str,
+    prompt_estimate: u32,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
-        let mut streamer = Streamer::new(id);
+        let mut streamer = Streamer::new(id, prompt_estimate);
         let mut model = String::new();
         let mut out = Vec::new();
         while let Some(item) = events.recv().await {
@@ -876,6 +993,14 @@ fn sse_events(
         // The pipeline always ends with Done or Failed; anything else is not a clean finish.
         yield Ok(error_event(&GatewayError::Internal("stream ended without its end".to_owned())));
     }
+}
+
+/// The prompt's tokens before the provider counted them, for `message_start`: about four
+/// characters per token of the messages' text, the rule of the pipeline's usage estimate for
+/// answers without usage.
+fn estimate_prompt_tokens(request: &pb::ChatRequest) -> u32 {
+    let chars: usize = request.messages.iter().map(|m| m.joined_text().len()).sum();
+    u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
 // === handler ===
@@ -922,6 +1047,7 @@ async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
     let control = http::cache_control(&headers);
     let id = message_id(&ctx.request_id);
     if stream {
+        let prompt_estimate = estimate_prompt_tokens(&request);
         match shared.pipeline.stream(&ctx, request, control).await {
             Ok(handle) => {
                 let events = sse_events(
@@ -929,6 +1055,7 @@ async fn handle(shared: Shared, headers: HeaderMap, body: Body) -> Response {
                     id,
                     ctx.request_id.clone(),
                     handle.cache.as_str(),
+                    prompt_estimate,
                 );
                 let mut response = Sse::new(events)
                     .keep_alive(KeepAlive::default())
@@ -1144,7 +1271,10 @@ mod tests {
             (pb::FinishReason::Length, "max_tokens"),
             (pb::FinishReason::ContentFilter, "refusal"),
         ] {
-            assert_eq!(stop_reason(reason as i32), Some(name));
+            assert_eq!(
+                stop_reason_out(reason as i32, "", false, false),
+                (name, false)
+            );
         }
     }
 
@@ -1169,7 +1299,7 @@ mod tests {
 
     #[test]
     fn a_streams_message_delta_says_who_served_after_how_many_attempts() {
-        let mut streamer = Streamer::new("msg_1".into());
+        let mut streamer = Streamer::new("msg_1".into(), 0);
         let mut out = Vec::new();
         let route = pb::RouteInfo {
             provider: "openai".into(),
@@ -1201,7 +1331,7 @@ mod tests {
 
     #[test]
     fn stream_events_follow_anthropics_sequence() {
-        let mut streamer = Streamer::new("msg_1".into());
+        let mut streamer = Streamer::new("msg_1".into(), 0);
         let mut out = Vec::new();
         let delta = |content: &str, tool: Option<pb::ToolCallDelta>, finish: pb::FinishReason| {
             pb::ChatChunk {
@@ -1392,7 +1522,7 @@ mod tests {
 
     #[test]
     fn stream_carries_thinking_blocks_signatures_and_the_stop_sequence() {
-        let mut streamer = Streamer::new("msg_1".into());
+        let mut streamer = Streamer::new("msg_1".into(), 0);
         let mut out = Vec::new();
         let thinking = |index: u32, text: &str, signature: &str, redacted: &str| pb::ChatChunk {
             model: "m".into(),
@@ -1527,7 +1657,7 @@ mod tests {
         assert_eq!(request.messages[3].tool_call_id, "call_1");
 
         // Streamed: the content_block_start of the call shows the same id.
-        let mut streamer = Streamer::new("msg_1".into());
+        let mut streamer = Streamer::new("msg_1".into(), 0);
         let mut out = Vec::new();
         streamer.chunk(
             &pb::ChatChunk {
@@ -1556,6 +1686,233 @@ mod tests {
         assert_eq!(
             start["content_block"],
             json!({"type":"tool_use","id":shown,"name":"f","input":{}})
+        );
+    }
+
+    #[test]
+    fn null_is_an_absent_field() {
+        // What hand-built dicts and SDK defaults send: every optional field as `null`.
+        let request = parse(
+            r#"{"model":"m","max_tokens":16,"system":null,"tools":null,"tool_choice":null,
+              "stop_sequences":null,"temperature":null,"top_p":null,"top_k":null,
+              "metadata":null,"thinking":null,"stream":null,"service_tier":null,
+              "mcp_servers":null,"container":null,"output_format":null,"output_config":null,
+              "messages":[
+                {"role":"user","content":"weather?"},
+                {"role":"assistant","content":[
+                  {"type":"thinking","thinking":"hm","signature":null},
+                  {"type":"redacted_thinking","data":null},
+                  {"type":"tool_use","id":"toolu_1","name":"f","input":null}]},
+                {"role":"user","content":[
+                  {"type":"tool_result","tool_use_id":"toolu_1","content":null,"is_error":null},
+                  {"type":"text","text":"thanks"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.messages.len(), 4, "no system message");
+        assert!(request.tools.is_empty() && request.tool_choice.is_none());
+        assert!(request.thinking.is_none());
+        let sampling = request.sampling.unwrap();
+        assert!(sampling.stop.is_empty());
+        assert_eq!(sampling.temperature, None);
+        assert_eq!(request.user, "");
+        let assistant = &request.messages[1];
+        assert_eq!(assistant.thinking[0].signature, "");
+        assert_eq!(assistant.tool_calls[0].arguments_json, "{}");
+        assert!(!request.messages[2].tool_error);
+        let stream = http::parse_json::<MessagesRequest>(
+            br#"{"model":"m","max_tokens":1,"stream":null,"messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap();
+        assert!(!stream.stream);
+
+        // Inside objects too.
+        let request = parse(
+            r#"{"model":"m","max_tokens":16,"metadata":{"user_id":null},
+              "tools":[{"name":"f","description":null,"input_schema":{"type":"object"},"type":null}],
+              "tool_choice":{"type":"auto","disable_parallel_tool_use":null},
+              "thinking":{"type":"enabled","budget_tokens":1024},
+              "messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.tools[0].description, "");
+        assert_eq!(request.parallel_tool_calls, None);
+        assert_eq!(request.user, "");
+    }
+
+    #[test]
+    fn features_switchboard_lacks_are_refused_by_name_and_hints_ignored() {
+        let with = |extra: &str| {
+            parse(&format!(
+                r#"{{"model":"m","max_tokens":16,{extra},"messages":[{{"role":"user","content":"x"}}]}}"#
+            ))
+        };
+        for (extra, param) in [
+            (
+                r#""mcp_servers":[{"type":"url","url":"https://mcp.example/sse","name":"x"}]"#,
+                "mcp_servers",
+            ),
+            (r#""container":"container_011""#, "container"),
+            (
+                r#""output_format":{"type":"json_schema","schema":{"type":"object"}}"#,
+                "output_format",
+            ),
+            (
+                r#""output_config":{"format":{"type":"json_schema","schema":{"type":"object"}}}"#,
+                "output_config.format",
+            ),
+        ] {
+            match with(extra).unwrap_err() {
+                GatewayError::InvalidRequest { field, message } => {
+                    assert_eq!(field, param, "{extra}");
+                    assert!(
+                        message.contains("Switchboard does not support"),
+                        "{message}"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Neutral values and hints about serving pass.
+        for extra in [
+            r#""mcp_servers":[]"#,
+            r#""output_config":{"effort":"low","format":null}"#,
+            r#""service_tier":"auto""#,
+            r#""context_management":{"edits":[]}"#,
+        ] {
+            assert!(with(extra).is_ok(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn stop_reasons_are_anthropics_and_say_when_only_the_closest() {
+        let answer = |finish: pb::FinishReason, calls: bool| pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    content: vec![text_part("partial".into())],
+                    tool_calls: if calls {
+                        vec![pb::ToolCall {
+                            id: "c1".into(),
+                            name: "f".into(),
+                            arguments_json: "{}".into(),
+                            signature: String::new(),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Default::default()
+                }),
+                finish_reason: finish as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = |response: &pb::ChatResponse| {
+            serde_json::to_value(MessageOut::from_proto(response, "msg_1".into())).unwrap()
+        };
+        // A provider error (Gemini MALFORMED_FUNCTION_CALL) is not a finished turn.
+        let broken = json(&answer(pb::FinishReason::Error, false));
+        assert_eq!(broken["stop_reason"], "max_tokens");
+        assert_eq!(broken["switchboard"]["finish_detail"], "error");
+        // No reason: what the answer shows.
+        let calls = json(&answer(pb::FinishReason::Unspecified, true));
+        assert_eq!(calls["stop_reason"], "tool_use");
+        assert_eq!(calls["switchboard"]["finish_detail"], "unspecified");
+        let text = json(&answer(pb::FinishReason::Unspecified, false));
+        assert_eq!(text["stop_reason"], "end_turn");
+        // A standard reason has no detail.
+        let done = json(&answer(pb::FinishReason::Stop, false));
+        assert_eq!(done["stop_reason"], "end_turn");
+        assert!(done.get("switchboard").is_none(), "{done}");
+
+        // Streamed: the same in message_delta, the detail in its `switchboard` object.
+        let streamed = |finish: pb::FinishReason, calls: bool| {
+            let mut streamer = Streamer::new("msg_1".into(), 0);
+            let mut out = Vec::new();
+            streamer.chunk(
+                &pb::ChatChunk {
+                    model: "m".into(),
+                    choices: vec![pb::ChoiceDelta {
+                        content: "partial".into(),
+                        tool_calls: if calls {
+                            vec![pb::ToolCallDelta {
+                                index: 0,
+                                id: "c1".into(),
+                                name: "f".into(),
+                                arguments_delta: "{}".into(),
+                                signature: String::new(),
+                            }]
+                        } else {
+                            Vec::new()
+                        },
+                        finish_reason: finish as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                &mut out,
+            );
+            streamer.done("m", &pb::Usage::default(), &no_route(), &mut out);
+            out.iter()
+                .map(data_of)
+                .find(|d| d["type"] == "message_delta")
+                .unwrap()
+        };
+        let broken = streamed(pb::FinishReason::Error, false);
+        assert_eq!(broken["delta"]["stop_reason"], "max_tokens");
+        assert_eq!(broken["switchboard"]["finish_detail"], "error");
+        assert_eq!(broken["switchboard"]["request_id"], "req-1");
+        let calls = streamed(pb::FinishReason::Unspecified, true);
+        assert_eq!(calls["delta"]["stop_reason"], "tool_use");
+        assert_eq!(calls["switchboard"]["finish_detail"], "unspecified");
+        let done = streamed(pb::FinishReason::Stop, false);
+        assert_eq!(done["delta"]["stop_reason"], "end_turn");
+        assert!(done["switchboard"].get("finish_detail").is_none());
+    }
+
+    #[test]
+    fn message_start_carries_the_prompts_input_tokens() {
+        let request = parse(
+            r#"{"model":"m","max_tokens":16,"system":"be brief",
+              "messages":[{"role":"user","content":"hello world!"}]}"#,
+        )
+        .unwrap();
+        // 8 + 12 characters, four to a token.
+        assert_eq!(estimate_prompt_tokens(&request), 5);
+
+        let start_usage = |usage: Option<pb::Usage>| {
+            let mut streamer = Streamer::new("msg_1".into(), 5);
+            let mut out = Vec::new();
+            streamer.chunk(
+                &pb::ChatChunk {
+                    model: "m".into(),
+                    choices: vec![pb::ChoiceDelta {
+                        role: pb::Role::Assistant as i32,
+                        ..Default::default()
+                    }],
+                    usage,
+                    ..Default::default()
+                },
+                &mut out,
+            );
+            let start = data_of(&out[0]);
+            assert_eq!(start["type"], "message_start");
+            start["message"]["usage"].clone()
+        };
+        // The provider has not counted yet: the estimate.
+        assert_eq!(
+            start_usage(None),
+            json!({"input_tokens":5,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0})
+        );
+        // The first chunk carries the provider's count: that, as Anthropic counts input.
+        assert_eq!(
+            start_usage(Some(pb::Usage {
+                prompt_tokens: 100,
+                completion_tokens: 1,
+                cached_prompt_tokens: 30,
+                ..Default::default()
+            })),
+            json!({"input_tokens":70,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":30})
         );
     }
 }

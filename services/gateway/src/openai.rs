@@ -17,6 +17,15 @@
 //! Refusals (`Message.refusal`) are OpenAI's: the answer's `message.refusal` (`null` when the model
 //! did not refuse; `content` is then `null` when there is no text), stream deltas' `refusal`
 //! pieces, and an assistant message's `refusal` in the request's history.
+//!
+//! Clients: `null` in an optional field is the field absent, as OpenAI takes it (Python's
+//! `model_dump()` of an answer's message sends `"tool_calls": null`, `"audio": null`, …).
+//! Parameters asking for what Switchboard does not have (`logprobs`, `top_logprobs`, legacy
+//! `functions` / `function_call` and `role: "function"` messages, audio `modalities` / `audio`,
+//! `web_search_options`) are a 400 naming them, never silently dropped; their neutral values pass.
+//! `finish_reason` is always one of OpenAI's values (never `null` in an answer); one that is only
+//! the closest (a provider error is `length`) has the neutral reason in `switchboard.finish_detail`
+//! (see `finish_reason_out`).
 
 use std::collections::HashMap;
 
@@ -33,7 +42,7 @@ use crate::{error::GatewayError, tool_id};
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<RequestMessage>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub tools: Vec<RequestTool>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
@@ -66,13 +75,112 @@ pub struct ChatCompletionRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub metadata: Option<HashMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     /// Reasoning models: `none`, `minimal`, `low`, `medium` or `high`.
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    // Parameters asking for what Switchboard cannot give, read only to refuse them: see
+    // `refuse_unsupported`.
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    /// Legacy function calling (`tools` replaced it).
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    /// Audio output.
+    #[serde(default)]
+    modalities: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    /// Built-in web search of OpenAI's search models.
+    #[serde(default)]
+    web_search_options: Option<Value>,
+}
+
+impl ChatCompletionRequest {
+    /// Refuses a parameter asking for what Switchboard cannot give (400 `invalid_request_error`
+    /// naming it, like an unsupported tool type) rather than answering without it, which would
+    /// mislead the caller (asked for logprobs, got none). Neutral values (`null`, `logprobs:
+    /// false`, `top_logprobs: 0`, `modalities: ["text"]`, `functions: []`, `function_call:
+    /// "none"` or `"auto"`), which SDKs and hand-built dicts send as defaults, are accepted.
+    ///
+    /// Hints about how (not what) the provider answers are ignored, as unknown fields are:
+    /// `prediction` (predicted outputs only speed up an answer that is the same without them),
+    /// `service_tier`, `store`, `prompt_cache_key`, `safety_identifier`.
+    fn refuse_unsupported(&self) -> Result<(), GatewayError> {
+        // Whether the parameter is there with a value that is not neutral.
+        let used = |value: &Option<Value>, neutral: fn(&Value) -> bool| {
+            value.as_ref().is_some_and(|value| !neutral(value))
+        };
+        let refused = [
+            (
+                "logprobs",
+                used(&self.logprobs, |v| *v == Value::Bool(false)),
+                "log probabilities are not returned",
+            ),
+            (
+                "top_logprobs",
+                used(&self.top_logprobs, |v| v.as_u64() == Some(0)),
+                "log probabilities are not returned",
+            ),
+            (
+                "functions",
+                used(&self.functions, |v| v.as_array().is_some_and(Vec::is_empty)),
+                "legacy function calling is not supported; declare them in `tools`",
+            ),
+            (
+                "function_call",
+                used(&self.function_call, |v| {
+                    matches!(v.as_str(), Some("none" | "auto"))
+                }),
+                "legacy function calling is not supported; use `tool_choice`",
+            ),
+            (
+                "modalities",
+                used(&self.modalities, |v| {
+                    v.as_array()
+                        .is_some_and(|m| m.iter().all(|m| m.as_str() == Some("text")))
+                }),
+                "only text output is supported",
+            ),
+            (
+                "audio",
+                self.audio.is_some(),
+                "audio output is not supported",
+            ),
+            (
+                "web_search_options",
+                self.web_search_options.is_some(),
+                "built-in web search is not supported",
+            ),
+        ];
+        for (param, used, why) in refused {
+            if used {
+                return Err(invalid(
+                    param,
+                    format!("Switchboard does not support `{param}`: {why}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `null` is the field's default: OpenAI and Anthropic take an optional field sent as `null` as
+/// absent (`model_dump()` of an SDK's message sends `"tool_calls": null`). For fields that are not
+/// `Option`s (an `Option` reads `null` as `None` by itself), with `#[serde(default)]`.
+pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +192,7 @@ pub enum StopField {
 
 #[derive(Debug, Deserialize, Default)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub include_usage: bool,
 }
 
@@ -95,13 +203,19 @@ pub struct RequestMessage {
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub tool_calls: Vec<RequestToolCall>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
     /// An assistant message's refusal, as OpenAI answered it.
     #[serde(default)]
     pub refusal: Option<String>,
+    /// A legacy function call of an assistant message: refused unless `null`.
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    /// An assistant message's audio answer (by id): refused unless `null`.
+    #[serde(default)]
+    pub audio: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,7 +248,7 @@ pub struct RequestToolCall {
 #[derive(Debug, Deserialize)]
 pub struct FunctionCallIn {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub arguments: String,
 }
 
@@ -166,7 +280,7 @@ pub struct RequestResponseFormat {
 
 #[derive(Debug, Deserialize)]
 pub struct JsonSchemaIn {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub name: String,
     #[serde(default)]
     pub schema: Option<Value>,
@@ -188,6 +302,13 @@ fn role_from_str(role: &str, index: usize) -> Result<pb::Role, GatewayError> {
         "user" => pb::Role::User,
         "assistant" => pb::Role::Assistant,
         "tool" => pb::Role::Tool,
+        "function" => {
+            return Err(invalid(
+                &format!("messages[{index}].role"),
+                "Switchboard does not support legacy function messages (role `function`); \
+                 answer a tool call with a message of role `tool` and its `tool_call_id`",
+            ));
+        }
         other => {
             return Err(invalid(
                 &format!("messages[{index}].role"),
@@ -202,9 +323,25 @@ fn role_from_str(role: &str, index: usize) -> Result<pb::Role, GatewayError> {
 impl ChatCompletionRequest {
     /// Translates to the provider-neutral request.
     pub fn into_proto(self) -> Result<pb::ChatRequest, GatewayError> {
+        self.refuse_unsupported()?;
         let mut messages = Vec::with_capacity(self.messages.len());
         for (index, message) in self.messages.into_iter().enumerate() {
             let role = role_from_str(&message.role, index)?;
+            for (field, value, why) in [
+                (
+                    "function_call",
+                    &message.function_call,
+                    "legacy function calling is not supported; use `tool_calls`",
+                ),
+                ("audio", &message.audio, "audio answers are not supported"),
+            ] {
+                if value.is_some() {
+                    return Err(invalid(
+                        &format!("messages[{index}].{field}"),
+                        format!("Switchboard does not support `{field}`: {why}"),
+                    ));
+                }
+            }
             let content = match message.content {
                 None => Vec::new(),
                 Some(MessageContent::Text(text)) => vec![pb::ContentPart {
@@ -398,7 +535,8 @@ pub struct ChatCompletion {
 pub struct ChoiceOut {
     pub index: u32,
     pub message: MessageOut,
-    pub finish_reason: Option<&'static str>,
+    /// One of OpenAI's values, never `null` (see [`finish_reason_out`]).
+    pub finish_reason: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -447,7 +585,7 @@ pub struct CompletionDetails {
     pub reasoning_tokens: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SwitchboardInfo {
     pub request_id: String,
     pub cache: &'static str,
@@ -459,9 +597,13 @@ pub struct SwitchboardInfo {
     pub key_alias: String,
     pub attempts: u32,
     pub attempt_errors: Vec<AttemptOut>,
+    /// The neutral finish reason when the answer's `finish_reason` / `stop_reason` is the closest
+    /// standard value rather than the same (`error`, `unspecified`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_detail: Option<&'static str>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AttemptOut {
     pub target: String,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -470,14 +612,41 @@ pub struct AttemptOut {
     pub http_status: u32,
 }
 
-pub fn finish_reason_str(reason: i32) -> Option<&'static str> {
+/// The neutral finish reason's name, for `switchboard.finish_detail`.
+pub fn finish_detail_str(reason: i32) -> &'static str {
     match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
-        pb::FinishReason::Unspecified => None,
-        pb::FinishReason::Stop => Some("stop"),
-        pb::FinishReason::Length => Some("length"),
-        pb::FinishReason::ToolCalls => Some("tool_calls"),
-        pb::FinishReason::ContentFilter => Some("content_filter"),
-        pb::FinishReason::Error => Some("error"),
+        pb::FinishReason::Unspecified => "unspecified",
+        pb::FinishReason::Stop => "stop",
+        pb::FinishReason::Length => "length",
+        pb::FinishReason::ToolCalls => "tool_calls",
+        pb::FinishReason::ContentFilter => "content_filter",
+        pb::FinishReason::Error => "error",
+    }
+}
+
+/// OpenAI's `finish_reason` for a neutral one, and whether it is only the closest value (the
+/// original then goes in `switchboard.finish_detail`). OpenAI's values are `stop`, `length`,
+/// `tool_calls`, `content_filter` (and the legacy `function_call`); strict clients (async-openai,
+/// typed Java and .NET SDKs) fail on any other, and on `null` in a complete answer.
+///
+/// - `Error` (the provider ended the answer before it was complete, for a reason of its own:
+///   Gemini `MALFORMED_FUNCTION_CALL`, `OTHER`, …) is `length`, OpenAI's value for an incomplete
+///   answer: clients do not take the text as a finished answer, do not run tool calls (they look
+///   for `tool_calls`), and SDK helpers such as openai-python's `parse()` raise rather than parse
+///   it. `stop` would pass a broken answer as complete; `content_filter` would blame a content
+///   policy that did not act (and agents tell the user so).
+/// - `Unspecified` (the provider gave no reason) is `tool_calls` when the answer calls tools,
+///   else `stop`: what the answer shows. Only in complete answers: a stream's chunks before the
+///   end have no reason (`null`, as OpenAI's).
+fn finish_reason_out(reason: i32, calls_tools: bool) -> (&'static str, bool) {
+    match pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Stop => ("stop", false),
+        pb::FinishReason::Length => ("length", false),
+        pb::FinishReason::ToolCalls => ("tool_calls", false),
+        pb::FinishReason::ContentFilter => ("content_filter", false),
+        pb::FinishReason::Error => ("length", true),
+        pb::FinishReason::Unspecified if calls_tools => ("tool_calls", true),
+        pb::FinishReason::Unspecified => ("stop", true),
     }
 }
 
@@ -509,6 +678,7 @@ pub fn switchboard_info(
         served_model: route.model,
         target: route.target,
         key_alias: route.key_alias,
+        finish_detail: None,
         attempts: route.attempt_count,
         attempt_errors: route
             .attempts
@@ -545,7 +715,7 @@ fn reasoning<'a>(texts: impl Iterator<Item = &'a str>) -> Option<String> {
 }
 
 impl ChatCompletion {
-    pub fn from_proto(response: &pb::ChatResponse, info: SwitchboardInfo) -> Self {
+    pub fn from_proto(response: &pb::ChatResponse, mut info: SwitchboardInfo) -> Self {
         ChatCompletion {
             id: response.id.clone(),
             object: "chat.completion",
@@ -557,6 +727,13 @@ impl ChatCompletion {
                 .map(|choice| {
                     let message = choice.message.clone().unwrap_or_default();
                     let text = message.joined_text();
+                    let (finish_reason, closest) =
+                        finish_reason_out(choice.finish_reason, !message.tool_calls.is_empty());
+                    // One `switchboard` object per answer: the first choice's detail (the
+                    // faces' callers ask for one choice).
+                    if closest && info.finish_detail.is_none() {
+                        info.finish_detail = Some(finish_detail_str(choice.finish_reason));
+                    }
                     ChoiceOut {
                         index: choice.index,
                         message: MessageOut {
@@ -574,7 +751,7 @@ impl ChatCompletion {
                             ),
                             tool_calls: tool_calls_out(&message.tool_calls),
                         },
-                        finish_reason: finish_reason_str(choice.finish_reason),
+                        finish_reason,
                     }
                 })
                 .collect(),
@@ -595,6 +772,15 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChunkChoiceOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageOut>,
+    /// On the chunk whose `finish_reason` is only the closest of OpenAI's values: the neutral one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchboard: Option<FinishDetail>,
+}
+
+/// The `switchboard` extension of a stream chunk (the usage chunk's has who served as well).
+#[derive(Debug, Serialize)]
+pub struct FinishDetail {
+    pub finish_detail: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -651,6 +837,7 @@ fn role_str(role: i32) -> Option<&'static str> {
 impl ChatCompletionChunk {
     /// The content chunk (usage is sent separately, in its own chunk, as OpenAI does).
     pub fn from_proto(chunk: &pb::ChatChunk, id: &str) -> Self {
+        let mut switchboard = None;
         ChatCompletionChunk {
             id: id.to_owned(),
             object: "chat.completion.chunk",
@@ -687,10 +874,21 @@ impl ChatCompletionChunk {
                             })
                             .collect(),
                     },
-                    finish_reason: finish_reason_str(choice.finish_reason),
+                    // No reason: the choice goes on (or the stream ends without one).
+                    finish_reason: (choice.finish_reason != pb::FinishReason::Unspecified as i32)
+                        .then(|| {
+                            let (reason, closest) = finish_reason_out(choice.finish_reason, false);
+                            if closest {
+                                switchboard.get_or_insert(FinishDetail {
+                                    finish_detail: finish_detail_str(choice.finish_reason),
+                                });
+                            }
+                            reason
+                        }),
                 })
                 .collect(),
             usage: None,
+            switchboard,
         }
     }
 
@@ -703,6 +901,7 @@ impl ChatCompletionChunk {
             model: model.to_owned(),
             choices: Vec::new(),
             usage: Some(usage_out(Some(usage))),
+            switchboard: None,
         }
     }
 }
@@ -1136,5 +1335,212 @@ mod tests {
                 .get("id")
                 .is_none()
         );
+    }
+
+    fn parse_body(json: &str) -> Result<pb::ChatRequest, GatewayError> {
+        crate::http::parse_json::<ChatCompletionRequest>(json.as_bytes())?.into_proto()
+    }
+
+    #[test]
+    fn null_is_an_absent_field() {
+        // `messages.append(resp.choices[0].message.model_dump())`, then a hand-built dict with
+        // every optional parameter as `null`.
+        let request = parse_body(
+            r#"{"model":"m","messages":[
+                {"role":"system","content":"be brief","name":null},
+                {"role":"user","content":"weather?","name":null,"tool_calls":null,"tool_call_id":null},
+                {"role":"assistant","content":null,"refusal":null,"audio":null,"function_call":null,
+                 "annotations":null,"tool_calls":[{"id":"c1","type":"function",
+                   "function":{"name":"f","arguments":null}}]},
+                {"role":"tool","tool_call_id":"c1","content":"sunny"},
+                {"role":"assistant","content":"It is sunny.","refusal":null,"audio":null,
+                 "function_call":null,"tool_calls":null,"annotations":[]},
+                {"role":"user","content":"thanks"}],
+              "tools":null,"tool_choice":null,"response_format":null,"stream":null,
+              "stream_options":null,"stop":null,"n":null,"temperature":null,"top_p":null,
+              "top_k":null,"max_tokens":null,"max_completion_tokens":null,"presence_penalty":null,
+              "frequency_penalty":null,"seed":null,"parallel_tool_calls":null,"user":null,
+              "metadata":null,"reasoning_effort":null,"logprobs":null,"top_logprobs":null,
+              "functions":null,"function_call":null,"modalities":null,"audio":null,
+              "prediction":null,"web_search_options":null,"service_tier":null,"store":null}"#,
+        )
+        .unwrap();
+        assert_eq!(request.messages.len(), 6);
+        assert_eq!(request.messages[2].tool_calls[0].arguments_json, "");
+        assert!(request.messages[4].tool_calls.is_empty());
+        assert_eq!(request.messages[4].joined_text(), "It is sunny.");
+        assert!(request.tools.is_empty());
+        assert!(request.tool_choice.is_none() && request.response_format.is_none());
+        assert!(request.thinking.is_none());
+        let sampling = request.sampling.unwrap();
+        assert!(sampling.stop.is_empty());
+        assert_eq!((sampling.n, sampling.max_tokens), (None, None));
+
+        let parsed = crate::http::parse_json::<ChatCompletionRequest>(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":null,
+                "stream_options":{"include_usage":null}}"#,
+        )
+        .unwrap();
+        assert!(!parsed.stream);
+        assert!(!parsed.stream_options.unwrap().include_usage);
+        // Inside tools and response formats too.
+        let request = parse_body(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],
+              "tools":[{"type":"function","function":{"name":"f","description":null,
+                "parameters":null,"strict":null}}],
+              "response_format":{"type":"json_schema","json_schema":{"name":null,
+                "schema":{"type":"object"},"strict":null}}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.tools[0].description, "");
+        assert_eq!(request.response_format.unwrap().schema_name, "");
+    }
+
+    #[test]
+    fn features_switchboard_lacks_are_refused_by_name_and_neutral_values_accepted() {
+        let with = |extra: &str| {
+            parse_body(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
+            ))
+        };
+        for (extra, param) in [
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""logprobs":true,"top_logprobs":3"#, "logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+            (
+                r#""functions":[{"name":"f","parameters":{"type":"object"}}]"#,
+                "functions",
+            ),
+            (r#""function_call":{"name":"f"}"#, "function_call"),
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
+            (r#""web_search_options":{}"#, "web_search_options"),
+        ] {
+            let error = with(extra).unwrap_err();
+            let body = serde_json::to_value(error.body()).unwrap();
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{extra}");
+            assert_eq!(body["error"]["param"], param, "{extra}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("Switchboard does not support `{param}`")),
+                "{message}"
+            );
+        }
+        // Defaults that SDKs send, and hints that do not change the answer.
+        for extra in [
+            r#""logprobs":false"#,
+            r#""logprobs":false,"top_logprobs":0"#,
+            r#""modalities":["text"]"#,
+            r#""functions":[]"#,
+            r#""function_call":"none""#,
+            r#""function_call":"auto""#,
+            r#""prediction":{"type":"content","content":"old text"}"#,
+            r#""service_tier":"auto","store":false"#,
+        ] {
+            assert!(with(extra).is_ok(), "{extra}");
+        }
+
+        // Legacy function messages and calls in the history: a clear refusal.
+        let field_and_message = |messages: &str| match parse_body(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}},{messages}]}}"#
+        ))
+        .unwrap_err()
+        {
+            GatewayError::InvalidRequest { field, message } => (field, message),
+            other => panic!("unexpected {other:?}"),
+        };
+        let (field, message) =
+            field_and_message(r#"{"role":"function","name":"f","content":"42"}"#);
+        assert_eq!(field, "messages[1].role");
+        assert!(message.contains("legacy function messages"), "{message}");
+        assert!(message.contains("`tool`"), "{message}");
+        let (field, message) = field_and_message(
+            r#"{"role":"assistant","content":null,"function_call":{"name":"f","arguments":"{}"}}"#,
+        );
+        assert_eq!(field, "messages[1].function_call");
+        assert!(
+            message.contains("Switchboard does not support"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn finish_reasons_are_openais_values_and_never_null_in_an_answer() {
+        let answer = |finish: pb::FinishReason, calls: bool| pb::ChatResponse {
+            choices: vec![pb::Choice {
+                message: Some(pb::Message {
+                    role: pb::Role::Assistant as i32,
+                    content: vec![pb::ContentPart {
+                        part: Some(pb::content_part::Part::Text("partial".into())),
+                    }],
+                    tool_calls: if calls {
+                        vec![pb::ToolCall {
+                            id: "c1".into(),
+                            name: "f".into(),
+                            arguments_json: "{}".into(),
+                            signature: String::new(),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Default::default()
+                }),
+                finish_reason: finish as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = |response: &pb::ChatResponse| {
+            serde_json::to_value(ChatCompletion::from_proto(
+                response,
+                switchboard_info("r", "miss", None),
+            ))
+            .unwrap()
+        };
+        // A provider error (Gemini MALFORMED_FUNCTION_CALL): incomplete, and said so.
+        let broken = json(&answer(pb::FinishReason::Error, false));
+        assert_eq!(broken["choices"][0]["finish_reason"], "length");
+        assert_eq!(broken["switchboard"]["finish_detail"], "error");
+        assert_eq!(broken["switchboard"]["request_id"], "r");
+        // No reason: what the answer shows, never null.
+        let calls = json(&answer(pb::FinishReason::Unspecified, true));
+        assert_eq!(calls["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(calls["switchboard"]["finish_detail"], "unspecified");
+        let text = json(&answer(pb::FinishReason::Unspecified, false));
+        assert_eq!(text["choices"][0]["finish_reason"], "stop");
+        for (finish, name) in [
+            (pb::FinishReason::Stop, "stop"),
+            (pb::FinishReason::Length, "length"),
+            (pb::FinishReason::ToolCalls, "tool_calls"),
+            (pb::FinishReason::ContentFilter, "content_filter"),
+        ] {
+            let json = json(&answer(finish, false));
+            assert_eq!(json["choices"][0]["finish_reason"], name);
+            assert!(json["switchboard"].get("finish_detail").is_none(), "{json}");
+        }
+
+        // Streamed: the closest value on the finishing chunk with the detail; `null` before it.
+        let chunk = |finish: pb::FinishReason| {
+            serde_json::to_value(ChatCompletionChunk::from_proto(
+                &pb::ChatChunk {
+                    choices: vec![pb::ChoiceDelta {
+                        finish_reason: finish as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                "c",
+            ))
+            .unwrap()
+        };
+        let broken = chunk(pb::FinishReason::Error);
+        assert_eq!(broken["choices"][0]["finish_reason"], "length");
+        assert_eq!(broken["switchboard"]["finish_detail"], "error");
+        let going_on = chunk(pb::FinishReason::Unspecified);
+        assert!(going_on["choices"][0]["finish_reason"].is_null());
+        assert!(going_on.get("switchboard").is_none());
+        let done = chunk(pb::FinishReason::ToolCalls);
+        assert_eq!(done["choices"][0]["finish_reason"], "tool_calls");
+        assert!(done.get("switchboard").is_none());
     }
 }
