@@ -22,7 +22,8 @@
 //! `model_dump()` of an answer's message sends `"tool_calls": null`, `"audio": null`, …).
 //! Parameters asking for what Switchboard does not have (`logprobs`, `top_logprobs`, legacy
 //! `functions` / `function_call` and `role: "function"` messages, audio `modalities` / `audio`,
-//! `web_search_options`) are a 400 naming them, never silently dropped; their neutral values pass.
+//! `web_search_options`, a non-empty `logit_bias`) are a 400 naming them, never silently
+//! dropped; their neutral values pass.
 //! `finish_reason` is always one of OpenAI's values (never `null` in an answer); one that is only
 //! the closest (a provider error is `length`) has the neutral reason in `switchboard.finish_detail`
 //! (see `finish_reason_out`).
@@ -101,6 +102,9 @@ pub struct ChatCompletionRequest {
     /// Built-in web search of OpenAI's search models.
     #[serde(default)]
     web_search_options: Option<Value>,
+    /// Token biases: token ids of one tokenizer, which the proto does not carry to any provider.
+    #[serde(default)]
+    logit_bias: Option<Value>,
 }
 
 impl ChatCompletionRequest {
@@ -158,6 +162,13 @@ impl ChatCompletionRequest {
                 "web_search_options",
                 self.web_search_options.is_some(),
                 "built-in web search is not supported",
+            ),
+            (
+                "logit_bias",
+                used(&self.logit_bias, |v| {
+                    v.as_object().is_some_and(serde_json::Map::is_empty)
+                }),
+                "token biases are not passed to providers",
             ),
         ];
         for (param, used, why) in refused {
@@ -1415,6 +1426,7 @@ mod tests {
             (r#""modalities":["text","audio"]"#, "modalities"),
             (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
             (r#""web_search_options":{}"#, "web_search_options"),
+            (r#""logit_bias":{"50256":-100}"#, "logit_bias"),
         ] {
             let error = with(extra).unwrap_err();
             let body = serde_json::to_value(error.body()).unwrap();
@@ -1434,6 +1446,8 @@ mod tests {
             r#""functions":[]"#,
             r#""function_call":"none""#,
             r#""function_call":"auto""#,
+            r#""logit_bias":{}"#,
+            r#""logit_bias":null"#,
             r#""prediction":{"type":"content","content":"old text"}"#,
             r#""service_tier":"auto","store":false"#,
         ] {
