@@ -362,6 +362,7 @@ fn sse_events(
     async_stream::stream! {
         let mut model = String::new();
         let mut created = 0;
+        let mut finishes = Finishes::default();
         while let Some(event) = events.recv().await {
             match event {
                 StreamEvent::Chunk(chunk) => {
@@ -374,9 +375,15 @@ fn sse_events(
                     if chunk.choices.is_empty() {
                         continue;
                     }
+                    finishes.see(&chunk);
                     yield Ok(json_event(&ChatCompletionChunk::from_proto(&chunk, &response_id)));
                 }
                 StreamEvent::Done { usage, route } => {
+                    if let Some(mut last) = finishes.missing() {
+                        last.model.clone_from(&model);
+                        last.created = created;
+                        yield Ok(json_event(&ChatCompletionChunk::from_proto(&last, &response_id)));
+                    }
                     if include_usage {
                         let switchboard = openai::switchboard_info(&request_id, cache, Some(&route));
                         yield Ok(json_event(&usage_chunk(&response_id, &model, created, &usage, switchboard)));
@@ -390,6 +397,50 @@ fn sse_events(
                 }
             }
         }
+    }
+}
+
+/// Which choices of a stream said how they finished. A provider stream may end properly (`[DONE]`)
+/// without a finish reason for a choice (some OpenAI-compatible servers do); OpenAI's clients then
+/// never see one, so the stream's end gives it: `tool_calls` for a choice that called tools, else
+/// `stop`.
+#[derive(Default)]
+struct Finishes {
+    /// Choice index → (called tools, finished).
+    choices: std::collections::BTreeMap<u32, (bool, bool)>,
+}
+
+impl Finishes {
+    fn see(&mut self, chunk: &switchboard_proto::chat::v1::ChatChunk) {
+        for choice in &chunk.choices {
+            let seen = self.choices.entry(choice.index).or_default();
+            seen.0 |= !choice.tool_calls.is_empty();
+            seen.1 |= choice.finish_reason
+                != switchboard_proto::chat::v1::FinishReason::Unspecified as i32;
+        }
+    }
+
+    /// A chunk finishing every choice that did not say how it finished (none when all did).
+    fn missing(&self) -> Option<switchboard_proto::chat::v1::ChatChunk> {
+        use switchboard_proto::chat::v1::{ChatChunk, ChoiceDelta, FinishReason};
+        let choices: Vec<ChoiceDelta> = self
+            .choices
+            .iter()
+            .filter(|(_, (_, finished))| !finished)
+            .map(|(index, (called, _))| ChoiceDelta {
+                index: *index,
+                finish_reason: if *called {
+                    FinishReason::ToolCalls
+                } else {
+                    FinishReason::Stop
+                } as i32,
+                ..Default::default()
+            })
+            .collect();
+        (!choices.is_empty()).then(|| ChatChunk {
+            choices,
+            ..Default::default()
+        })
     }
 }
 
@@ -648,6 +699,53 @@ mod tests {
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "7");
         // A rate limit is worth retrying after its Retry-After: the SDKs may.
         assert!(response.headers().get("x-should-retry").is_none());
+    }
+
+    #[test]
+    fn a_choice_that_never_said_how_it_finished_is_finished_at_the_end() {
+        use switchboard_proto::chat::v1::{ChatChunk, ChoiceDelta, FinishReason, ToolCallDelta};
+        let chunk = |choices: Vec<ChoiceDelta>| ChatChunk {
+            choices,
+            ..Default::default()
+        };
+        let mut finishes = Finishes::default();
+        finishes.see(&chunk(vec![
+            ChoiceDelta {
+                index: 0,
+                content: "hi".into(),
+                ..Default::default()
+            },
+            ChoiceDelta {
+                index: 1,
+                tool_calls: vec![ToolCallDelta {
+                    id: "c".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ChoiceDelta {
+                index: 2,
+                content: "done".into(),
+                finish_reason: FinishReason::Length as i32,
+                ..Default::default()
+            },
+        ]));
+        let last = finishes.missing().unwrap();
+        let reasons: Vec<(u32, i32)> = last
+            .choices
+            .iter()
+            .map(|c| (c.index, c.finish_reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (0, FinishReason::Stop as i32),
+                (1, FinishReason::ToolCalls as i32)
+            ]
+        );
+        // Once every choice said it, nothing is added.
+        finishes.see(&last);
+        assert!(finishes.missing().is_none());
     }
 
     #[test]
