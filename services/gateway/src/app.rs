@@ -123,6 +123,8 @@ impl App {
                 config.budgets.clone(),
                 ledger.clone(),
                 switchboard_grpc::channel(&config.router_url)?,
+                // Beside the usage outbox: the replica's own durable state.
+                Some(std::path::Path::new(&config.outbox_dir).join("budget-catalog.pb")),
             )),
             _ => None,
         };

@@ -133,6 +133,20 @@ struct Inner {
     unknown_route_reload_every: Duration,
     /// Budgets gone from the catalog whose retired leases still wait for their final report.
     closed: Mutex<Vec<Arc<Slot>>>,
+    /// Where the last catalog read is kept, for a start while the ledger is down (`None`: not
+    /// kept).
+    catalog_file: Option<std::path::PathBuf>,
+}
+
+/// What a catalog is built from, as it is saved in the replica's catalog file (protobuf).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SavedCatalog {
+    #[prost(message, repeated, tag = "1")]
+    budgets: Vec<switchboard_proto::ledger::v1::Budget>,
+    #[prost(message, repeated, tag = "2")]
+    routes: Vec<switchboard_proto::router::v1::RouteTargets>,
+    #[prost(message, repeated, tag = "3")]
+    prices: Vec<TargetPrice>,
 }
 
 /// Budgets by scope, and the prices of each route's targets.
@@ -460,8 +474,21 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
 
 impl Budgets {
     /// An enforcer talking to the ledger and the router over these channels.
-    pub fn new(config: BudgetsConfig, ledger: TracedChannel, router: TracedChannel) -> Self {
-        Self::build(config, ledger, router, UNKNOWN_ROUTE_RELOAD_EVERY)
+    /// `catalog_file`: where the catalog read last is kept, to start from while the ledger is
+    /// unreachable.
+    pub fn new(
+        config: BudgetsConfig,
+        ledger: TracedChannel,
+        router: TracedChannel,
+        catalog_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        Self::build(
+            config,
+            ledger,
+            router,
+            UNKNOWN_ROUTE_RELOAD_EVERY,
+            catalog_file,
+        )
     }
 
     fn build(
@@ -469,6 +496,7 @@ impl Budgets {
         ledger: TracedChannel,
         router: TracedChannel,
         unknown_route_reload_every: Duration,
+        catalog_file: Option<std::path::PathBuf>,
     ) -> Self {
         let holder = if config.holder.is_empty() {
             format!("gateway-{}", uuid::Uuid::now_v7())
@@ -485,6 +513,7 @@ impl Budgets {
             reloaded: Mutex::new(None),
             unknown_route_reload_every,
             closed: Mutex::new(Vec::new()),
+            catalog_file,
         }))
     }
 
@@ -712,6 +741,31 @@ impl Budgets {
             .reloaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        let fetched = match self.fetch().await {
+            Ok(fetched) => {
+                self.save(&fetched);
+                fetched
+            }
+            // A replica starting while the ledger (or the router) is unreachable uses the catalog
+            // it saved last: callers without a budget are served, and hard budgets still fail
+            // closed, for want of a lease. The refresh replaces it once the ledger answers.
+            Err(error) if !self.catalog().loaded => match self.saved() {
+                Some(saved) => {
+                    tracing::warn!(
+                        error = %error,
+                        "budget catalog unreachable at start: using the one saved last"
+                    );
+                    saved
+                }
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        };
+        self.install(fetched).await
+    }
+
+    /// Budgets, route targets and their prices, from the ledger and the router.
+    async fn fetch(&self) -> Result<SavedCatalog, GatewayError> {
         let budgets = self
             .0
             .ledger
@@ -745,6 +799,47 @@ impl Budgets {
             .map_err(|_| GatewayError::DependencyDown { service: "ledger" })?
             .into_inner()
             .prices;
+        Ok(SavedCatalog {
+            budgets,
+            routes,
+            prices,
+        })
+    }
+
+    /// Keeps `catalog` in the replica's catalog file (written whole, then renamed), for a start
+    /// while the ledger is down. A failure is logged: the catalog in memory is what serves.
+    fn save(&self, catalog: &SavedCatalog) {
+        let Some(path) = &self.0.catalog_file else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            // Per replica, should two share the directory.
+            let partial = path.with_extension(format!("partial-{}", self.0.holder));
+            std::fs::write(&partial, prost::Message::encode_to_vec(catalog))?;
+            std::fs::rename(&partial, path)
+        };
+        if let Err(error) = write() {
+            tracing::warn!(%error, path = %path.display(), "budget catalog not saved");
+        }
+    }
+
+    /// The catalog saved last, if there is one that reads.
+    fn saved(&self) -> Option<SavedCatalog> {
+        let bytes = std::fs::read(self.0.catalog_file.as_ref()?).ok()?;
+        <SavedCatalog as prost::Message>::decode(bytes.as_slice()).ok()
+    }
+
+    /// Installs a catalog read from the ledger and the router (or saved); keeps the local state of
+    /// known budgets.
+    async fn install(&self, fetched: SavedCatalog) -> Result<(), GatewayError> {
+        let SavedCatalog {
+            budgets,
+            routes,
+            prices,
+        } = fetched;
         let previous = self.catalog();
         let mut catalog = Catalog {
             loaded: true,
@@ -1276,6 +1371,8 @@ mod tests {
             pub list_calls: u32,
             pub acquired: u32,
             pub released: Vec<(String, i64)>,
+            /// The ledger answers nothing (UNAVAILABLE).
+            pub down: bool,
         }
 
         #[derive(Clone, Default)]
@@ -1288,6 +1385,15 @@ mod tests {
 
             /// Serves the fake ledger and router; returns the enforcer talking to them.
             pub async fn budgets(&self, config: BudgetsConfig) -> Budgets {
+                self.budgets_saving(config, None).await
+            }
+
+            /// [`Fake::budgets`], keeping its catalog in `catalog_file`.
+            pub async fn budgets_saving(
+                &self,
+                config: BudgetsConfig,
+                catalog_file: Option<std::path::PathBuf>,
+            ) -> Budgets {
                 let listener = switchboard_grpc::bind("127.0.0.1:0").await.unwrap();
                 let url = switchboard_grpc::url_of(listener.local_addr().unwrap());
                 let routes = tonic::service::Routes::new(BudgetServiceServer::new(self.clone()))
@@ -1301,7 +1407,7 @@ mod tests {
                 let channel = || switchboard_grpc::channel(&url).unwrap();
                 // No test depends on the unknown-route throttle's clock.
                 let every = Duration::from_secs(3_600);
-                Budgets::build(config, channel(), channel(), every)
+                Budgets::build(config, channel(), channel(), every, catalog_file)
             }
         }
 
@@ -1355,6 +1461,9 @@ mod tests {
                 _: Request<pb::ListBudgetsRequest>,
             ) -> Result<Response<pb::ListBudgetsResponse>, Status> {
                 let mut state = self.state();
+                if state.down {
+                    return Err(Status::unavailable("ledger down"));
+                }
                 state.list_calls += 1;
                 Ok(Response::new(pb::ListBudgetsResponse {
                     budgets: state.budgets.clone(),
@@ -1371,6 +1480,9 @@ mod tests {
                 _: Request<pb::AcquireLeaseRequest>,
             ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
                 let mut state = self.state();
+                if state.down {
+                    return Err(Status::unavailable("ledger down"));
+                }
                 state.acquired += 1;
                 Ok(Response::new(pb::AcquireLeaseResponse {
                     lease: Some(lease(&mut state)),
@@ -1653,6 +1765,51 @@ mod tests {
         *budgets.0.reloaded.lock().unwrap() = None;
         futures::future::join_all((0..5).map(|i| reserve(format!("new-{i}")))).await;
         assert_eq!(fake.state().list_calls, 2);
+    }
+
+    #[tokio::test]
+    async fn a_replica_starting_while_the_ledger_is_down_uses_the_catalog_saved_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("catalog").join("budget-catalog.pb");
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "capped", 1_000_000)];
+            state.grant = 100_000;
+        }
+        let reserve = |budgets: Budgets, app: &'static str| async move {
+            let mut request = ChatRequest {
+                model: "priced".into(),
+                messages: vec![Message::text(Role::User, "hello")],
+                ..Default::default()
+            };
+            budgets.reserve(&principal(app), &mut request, true).await
+        };
+        // A replica reads the catalog and keeps it.
+        let first = fake.budgets_saving(enabled(), Some(file.clone())).await;
+        assert!(reserve(first, "capped").await.unwrap().is_some());
+        assert!(file.exists());
+        // The ledger goes down; a replica that starts now serves the callers the saved catalog
+        // gives no budget, and still refuses a hard-budgeted one (no lease can be had).
+        fake.state().down = true;
+        let second = fake.budgets_saving(enabled(), Some(file.clone())).await;
+        assert!(reserve(second.clone(), "free").await.unwrap().is_none());
+        assert!(matches!(
+            reserve(second, "capped").await,
+            Err(GatewayError::DependencyDown { service: "ledger" })
+        ));
+        // Without a saved catalog nobody's budgets are known: everyone is refused, as before.
+        let unsaved = fake
+            .budgets_saving(enabled(), Some(dir.path().join("none.pb")))
+            .await;
+        assert!(matches!(
+            reserve(unsaved, "free").await,
+            Err(GatewayError::DependencyDown { service: "ledger" })
+        ));
+        // A catalog file that does not read is no catalog.
+        std::fs::write(&file, b"\xff\xff not protobuf").unwrap();
+        let garbled = fake.budgets_saving(enabled(), Some(file)).await;
+        assert!(reserve(garbled, "free").await.is_err());
     }
 
     #[test]
