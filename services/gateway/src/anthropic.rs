@@ -12,7 +12,8 @@
 //!   an assistant turn are kept verbatim in `Message.thinking`, so an Anthropic target gets them
 //!   back unchanged; other block types and server tools are refused. `top_k` is
 //!   `SamplingParams.top_k`; `thinking` (`enabled` + `budget_tokens`, or `disabled`) is
-//!   `ChatRequest.thinking`.
+//!   `ChatRequest.thinking`; a tool's `strict` is `Tool.strict` (targets that enforce schemas,
+//!   OpenAI's, honour it).
 //! - Answers: thinking blocks first (as the provider sent them), then text, then `tool_use`.
 //! - A Gemini thought signature on a tool call (`ToolCall.signature`, not Anthropic's thinking
 //!   signatures above) rides in the id (`<id>__thought__<signature>`, see [`crate::tool_id`]):
@@ -184,6 +185,10 @@ pub struct InTool {
     /// Absent or `custom` for client tools; server tools (`web_search_…`) are refused.
     #[serde(rename = "type", default)]
     pub kind: Option<String>,
+    /// Structured outputs: calls must match `input_schema` exactly (kept as `Tool.strict`, which
+    /// providers that enforce schemas honour).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub strict: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -445,7 +450,7 @@ impl MessagesRequest {
                 name: tool.name,
                 description: tool.description.unwrap_or_default(),
                 parameters_json: schema.to_string(),
-                strict: false,
+                strict: tool.strict,
             });
         }
         let mut parallel_tool_calls = None;
@@ -1383,6 +1388,27 @@ mod tests {
         );
         let rendered = format!("{:?}", out[10]);
         assert!(rendered.contains("tool_use"), "{rendered}");
+    }
+
+    #[test]
+    fn a_strict_tool_stays_strict() {
+        let request = parse(
+            r#"{"model":"m","max_tokens":64,"messages":[{"role":"user","content":"hi"}],
+              "tools":[
+                {"name":"exact","input_schema":{"type":"object"},"strict":true},
+                {"name":"loose","input_schema":{"type":"object"},"strict":null},
+                {"name":"plain","input_schema":{"type":"object"}}]}"#,
+        )
+        .unwrap();
+        let strict: Vec<(&str, bool)> = request
+            .tools
+            .iter()
+            .map(|t| (t.name.as_str(), t.strict))
+            .collect();
+        assert_eq!(
+            strict,
+            [("exact", true), ("loose", false), ("plain", false)]
+        );
     }
 
     #[test]
