@@ -106,11 +106,11 @@ impl NatsConfig {
         format!("{}.audit.>", self.subject_prefix)
     }
 
-    /// Name of the audit stream: the subject prefix in upper case (other characters `_`) and
-    /// `_AUDIT`, so `SWITCHBOARD_AUDIT` for the default prefix and one stream per test prefix.
-    pub fn audit_stream(&self) -> String {
-        let base: String = self
-            .subject_prefix
+    /// The base of the stream names derived from the subject prefix: the prefix in upper case,
+    /// other characters than letters, digits, `-` and `_` as `_` (`SWITCHBOARD` for the default
+    /// prefix, `TEST_0A1B…` for `test.0a1b…`).
+    pub fn stream_base(&self) -> String {
+        self.subject_prefix
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -119,8 +119,19 @@ impl NatsConfig {
                     '_'
                 }
             })
-            .collect();
-        format!("{base}_AUDIT")
+            .collect()
+    }
+
+    /// Name of the audit stream: [`NatsConfig::stream_base`] and `_AUDIT`, so
+    /// `SWITCHBOARD_AUDIT` for the default prefix and one stream per test prefix.
+    pub fn audit_stream(&self) -> String {
+        format!("{}_AUDIT", self.stream_base())
+    }
+
+    /// Name of the cache's replication stream when the cache does not name one: the stream base
+    /// and `_CACHE` (`SWITCHBOARD_CACHE` for the default prefix).
+    pub fn cache_stream(&self) -> String {
+        format!("{}_CACHE", self.stream_base())
     }
 
     /// Creates the audit stream if needed and returns it (same de-duplication window and age

@@ -62,6 +62,42 @@ impl TestPg {
     }
 }
 
+/// The creation time of a test's or a bench run's stream, from its name: `TEST_` or `BENCH_`, then
+/// the namespace's UUIDv7 (32 hex digits, any case, whose first 12 are Unix milliseconds), then
+/// anything (`_AUDIT`, `_CACHE`). `None` for any other name.
+fn stream_created_ms(name: &str) -> Option<u64> {
+    let rest = name
+        .strip_prefix("TEST_")
+        .or_else(|| name.strip_prefix("BENCH_"))?;
+    let id = rest.get(..32)?;
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) || !matches!(rest.get(32..33), None | Some("_")) {
+        return None;
+    }
+    u64::from_str_radix(&id[..12], 16).ok()
+}
+
+/// Deletes the test and bench streams created more than `age` ago (best effort): a run that was
+/// killed or panicked before its cleanup leaves its streams, and JetStream reserves storage for
+/// each, so enough of them make every later stream creation fail.
+pub async fn delete_stale_streams(client: async_nats::Client, age: std::time::Duration) {
+    use tokio_stream::StreamExt;
+    let js = async_nats::jetstream::new(client);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let cutoff = now.saturating_sub(age.as_millis() as u64);
+    let mut names = js.stream_names();
+    let mut stale = Vec::new();
+    while let Some(Ok(name)) = names.next().await {
+        if stream_created_ms(&name).is_some_and(|at| at < cutoff) {
+            stale.push(name);
+        }
+    }
+    for name in stale {
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
 /// A NATS namespace for one test: a unique subject prefix and stream name.
 #[derive(Debug, Clone)]
 pub struct TestNats {
@@ -74,13 +110,19 @@ pub struct TestNats {
 }
 
 impl TestNats {
-    /// A fresh namespace; checks the server is reachable.
+    /// A fresh namespace; checks the server is reachable. The first one of a process also
+    /// deletes the streams that runs of more than an hour ago left behind (see
+    /// [`delete_stale_streams`]).
     pub async fn create() -> anyhow::Result<Self> {
         let url = nats_url();
         let id = uuid::Uuid::now_v7().simple().to_string();
-        async_nats::connect(&url)
+        let client = async_nats::connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("NATS at {url} is not reachable (CI starts it): {e}"))?;
+        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        SWEPT
+            .get_or_init(|| delete_stale_streams(client, std::time::Duration::from_secs(3_600)))
+            .await;
         Ok(TestNats {
             url,
             prefix: format!("test.{id}"),
@@ -99,14 +141,25 @@ impl TestNats {
         }
     }
 
-    /// Deletes the test's streams (best effort): the usage stream and the ones the services
-    /// derive from its name (`<stream>_AUDIT`, the guard's audit events; `<stream>_CACHE`, the
-    /// cache's replication log).
+    /// The names of every stream the services make in this namespace: the usage stream, and the
+    /// ones they derive from the subject prefix (the guard's audit events, the cache's
+    /// replication log).
+    pub fn streams(&self) -> [String; 3] {
+        let config = self.config();
+        [
+            self.stream.clone(),
+            config.audit_stream(),
+            config.cache_stream(),
+        ]
+    }
+
+    /// Deletes the test's streams (best effort; [`TestNats::streams`]). JetStream reserves
+    /// storage for every stream, so one left behind per test fills it over runs.
     pub async fn cleanup(&self) {
         if let Ok(client) = async_nats::connect(&self.url).await {
             let js = async_nats::jetstream::new(client);
-            for suffix in ["", "_AUDIT", "_CACHE"] {
-                let _ = js.delete_stream(format!("{}{suffix}", self.stream)).await;
+            for stream in self.streams() {
+                let _ = js.delete_stream(stream).await;
             }
         }
     }
@@ -176,6 +229,88 @@ mod port_tests {
             if low > 11_000 {
                 assert!(ports.iter().all(|p| *p < low), "{ports:?} not below {low}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod nats_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::TestNats;
+
+    #[test]
+    fn a_streams_creation_time_is_read_from_its_name() {
+        let id = "01a2278214557340bfe71ce927d8f8f2";
+        let at = Some(0x01a2_2782_1455);
+        assert_eq!(super::stream_created_ms(&format!("TEST_{id}")), at);
+        assert_eq!(
+            super::stream_created_ms(&format!("TEST_{}_AUDIT", id.to_uppercase())),
+            at
+        );
+        assert_eq!(super::stream_created_ms(&format!("BENCH_{id}_CACHE")), at);
+        for other in [
+            "SWITCHBOARD_USAGE",
+            "SWITCHBOARD_AUDIT",
+            "TEST_short",
+            "TEST_01a2278214557340bfe71ce927d8f8f2x",
+            "TEST_zza2278214557340bfe71ce927d8f8f2",
+        ] {
+            assert_eq!(super::stream_created_ms(other), None, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_older_than_the_age_are_deleted_and_others_kept() {
+        let nats = TestNats::create().await.unwrap();
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        // A namespace of two hours ago, and this test's own.
+        let old_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            - 2 * 3_600_000;
+        let old = format!("TEST_{old_ms:012x}70008000000000000000_AUDIT");
+        for (i, name) in [old.clone(), nats.stream.clone()].iter().enumerate() {
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("{}.stale.{i}", nats.prefix)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        super::delete_stale_streams(client, std::time::Duration::from_secs(3_600)).await;
+        assert!(js.get_stream(&old).await.is_err(), "{old} kept");
+        assert!(js.get_stream(&nats.stream).await.is_ok());
+        nats.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn cleanup_deletes_the_streams_the_services_derive_from_the_prefix() {
+        let nats = TestNats::create().await.unwrap();
+        let config = nats.config();
+        let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+        // The names the services create: the usage stream, the guard's audit stream and the
+        // cache's replication stream (both derived from the prefix, in upper case).
+        let made = [
+            nats.stream.clone(),
+            config.audit_stream(),
+            config.cache_stream(),
+        ];
+        for (i, name) in made.iter().enumerate() {
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("{}.cleanup.{i}", nats.prefix)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        nats.cleanup().await;
+        for name in made {
+            assert!(js.get_stream(&name).await.is_err(), "{name} left behind");
         }
     }
 }

@@ -158,18 +158,7 @@ pub fn stream_name(config: &Config, nats: &NatsConfig) -> String {
     if !config.stream.is_empty() {
         return config.stream.clone();
     }
-    let base: String = nats
-        .subject_prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{base}_CACHE")
+    nats.cache_stream()
 }
 
 /// The cache's subjects under one NATS prefix.

@@ -70,6 +70,8 @@ pub struct Mesh {
     pool: Option<sqlx::PgPool>,
     nats_url: String,
     stream: Option<String>,
+    /// The audit and cache streams of the run's prefix (deleted with the usage stream).
+    derived_streams: Vec<String>,
     config_path: Option<PathBuf>,
 }
 
@@ -281,6 +283,10 @@ impl Mesh {
         let prefix = format!("bench.{id}");
         let stream = format!("BENCH_{id}");
         self.stream = Some(stream.clone());
+        // The streams the services derive from the prefix (guard audit, cache replication): the
+        // prefix in upper case, as `switchboard_bus::NatsConfig::stream_base` makes it.
+        let base = prefix.to_ascii_uppercase().replace('.', "_");
+        self.derived_streams = vec![format!("{base}_AUDIT"), format!("{base}_CACHE")];
 
         // The in-process span counter.
         let (otlp_addr, counter, task) = otlp::spawn()?;
@@ -471,8 +477,10 @@ impl Mesh {
             && let Ok(client) = async_nats::connect(&self.nats_url).await
         {
             let js = async_nats::jetstream::new(client);
-            if let Err(e) = js.delete_stream(&stream).await {
-                eprintln!("could not delete stream {stream}: {e}");
+            for stream in std::iter::once(stream).chain(std::mem::take(&mut self.derived_streams)) {
+                if let Err(e) = js.delete_stream(&stream).await {
+                    eprintln!("could not delete stream {stream}: {e}");
+                }
             }
         }
         if let Some(path) = self.config_path.take() {
