@@ -424,12 +424,14 @@ mod tests {
         // A forced tool call finishes with `stop` on OpenAI, and is still a tool call.
         let mut calls = complete();
         if let Some(message) = calls.choices[0].message.as_mut() {
-            message.tool_calls.push(switchboard_proto::chat::v1::ToolCall {
-                id: "call_1".into(),
-                name: "lookup".into(),
-                arguments_json: "{}".into(),
-                ..Default::default()
-            });
+            message
+                .tool_calls
+                .push(switchboard_proto::chat::v1::ToolCall {
+                    id: "call_1".into(),
+                    name: "lookup".into(),
+                    arguments_json: "{}".into(),
+                    ..Default::default()
+                });
         }
         cases.push((Some(calls), Refusal::ToolCalls { index: 0 }));
         cases.push((
