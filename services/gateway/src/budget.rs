@@ -136,6 +136,8 @@ struct Inner {
     /// Where the last catalog read is kept, for a start while the ledger is down (`None`: not
     /// kept).
     catalog_file: Option<std::path::PathBuf>,
+    /// What this replica last wrote there.
+    catalog_written: Mutex<Option<Vec<u8>>>,
 }
 
 /// What a catalog is built from, as it is saved in the replica's catalog file (protobuf).
@@ -514,6 +516,7 @@ impl Budgets {
             unknown_route_reload_every,
             closed: Mutex::new(Vec::new()),
             catalog_file,
+            catalog_written: Mutex::new(None),
         }))
     }
 
@@ -812,17 +815,30 @@ impl Budgets {
         let Some(path) = &self.0.catalog_file else {
             return;
         };
+        let bytes = prost::Message::encode_to_vec(catalog);
+        // Every refresh reads the same catalog most of the time: written only when it changed.
+        let mut written = self
+            .0
+            .catalog_written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if written.as_deref() == Some(bytes.as_slice()) {
+            return;
+        }
         let write = || -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             // Per replica, should two share the directory.
             let partial = path.with_extension(format!("partial-{}", self.0.holder));
-            std::fs::write(&partial, prost::Message::encode_to_vec(catalog))?;
+            std::fs::write(&partial, &bytes)?;
             std::fs::rename(&partial, path)
         };
-        if let Err(error) = write() {
-            tracing::warn!(%error, path = %path.display(), "budget catalog not saved");
+        match write() {
+            Ok(()) => *written = Some(bytes),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "budget catalog not saved");
+            }
         }
     }
 

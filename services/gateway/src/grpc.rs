@@ -178,17 +178,8 @@ impl GatewayService for GatewayGrpc {
         put(metadata, CACHE, cache_label);
         // Who serves, before the first chunk (as over HTTP); the summary repeats it with the
         // attempts' details.
-        if let Some(route) = &served_by {
-            put(metadata, "x-switchboard-provider", &route.provider);
-            put(metadata, "x-switchboard-model", &route.model);
-            if !route.key_alias.is_empty() {
-                put(metadata, "x-switchboard-key-alias", &route.key_alias);
-            }
-            put(
-                metadata,
-                "x-switchboard-attempts",
-                &route.attempt_count.to_string(),
-            );
+        for (name, value) in served_by.iter().flat_map(crate::http::served_by) {
+            put(metadata, name, &value);
         }
         Ok(response)
     }

@@ -309,14 +309,24 @@ pub(crate) fn set_headers(
         }
     };
     put("x-switchboard-cache", cache);
-    if let Some(route) = route {
-        put("x-switchboard-provider", &route.provider);
-        put("x-switchboard-model", &route.model);
-        if !route.key_alias.is_empty() {
-            put("x-switchboard-key-alias", &route.key_alias);
-        }
-        put("x-switchboard-attempts", &route.attempt_count.to_string());
+    for (name, value) in route.into_iter().flat_map(served_by) {
+        put(name, &value);
     }
+}
+
+/// The headers (HTTP) or metadata (gRPC) that say who served: provider, model, the key alias when
+/// a configured key served (never the key), attempts.
+pub(crate) fn served_by(
+    route: &switchboard_proto::chat::v1::RouteInfo,
+) -> impl Iterator<Item = (&'static str, String)> + '_ {
+    [
+        ("x-switchboard-provider", route.provider.clone()),
+        ("x-switchboard-model", route.model.clone()),
+        ("x-switchboard-key-alias", route.key_alias.clone()),
+        ("x-switchboard-attempts", route.attempt_count.to_string()),
+    ]
+    .into_iter()
+    .filter(|(name, value)| *name != "x-switchboard-key-alias" || !value.is_empty())
 }
 
 fn json_event<T: serde::Serialize>(value: &T) -> Event {

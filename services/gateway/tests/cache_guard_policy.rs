@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -16,7 +18,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use switchboard_gateway::{App, Config, KeyConfig, hash_api_key};
+use switchboard_gateway::Config;
 use switchboard_proto::{
     cache::v1::{
         LookupRequest, LookupResponse, MatchKind, PurgeRequest, PurgeResponse, StoreRequest,
@@ -258,22 +260,13 @@ impl Mesh {
         let stop = CancellationToken::new();
         let policy = Arc::new(Mutex::new("policy-a".to_owned()));
         let (cache, router) = (Cache::default(), Router::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let until = stop.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(GuardServiceServer::new(Guard {
-                    policy: Arc::clone(&policy),
-                    passthrough,
-                }))
-                .add_service(CacheServiceServer::new(cache.clone()))
-                .add_service(RouterServiceServer::new(router.clone()))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move { until.cancelled().await },
-                ),
-        );
+        let routes = tonic::service::Routes::new(GuardServiceServer::new(Guard {
+            policy: Arc::clone(&policy),
+            passthrough,
+        }))
+        .add_service(CacheServiceServer::new(cache.clone()))
+        .add_service(RouterServiceServer::new(router.clone()));
+        let url = support::serve(routes, &stop).await;
 
         let nats = TestNats::create().await.unwrap();
         let nats_config = nats.config();
@@ -302,29 +295,11 @@ impl Mesh {
 
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
-            http_addr: "127.0.0.1:0".into(),
-            grpc_addr: "127.0.0.1:0".into(),
-            guard_url: url.clone(),
-            cache_url: url.clone(),
-            router_url: url,
-            outbox_dir: dir.path().join("outbox").display().to_string(),
             usage_linger_ms: 0,
-            keys: vec![KeyConfig {
-                id: "key-policy".into(),
-                sha256: hash_api_key(KEY),
-                app: APP.into(),
-                team: String::new(),
-                models: Vec::new(),
-                expires_at: None,
-                tags: Default::default(),
-            }],
-            ..Config::default()
+            ..support::config(&url, &dir.path().join("outbox"), KEY, APP)
         };
         config.guard.overlap_passthrough = true;
-        let app = App::build(config, nats_config).await.unwrap();
-        let http = format!("http://{}", app.http_addr());
-        let until = stop.clone();
-        tokio::spawn(app.run_until(async move { until.cancelled().await }));
+        let http = support::start(config, &nats, &stop).await;
         Mesh {
             http,
             client: reqwest::Client::new(),

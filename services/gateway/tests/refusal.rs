@@ -7,13 +7,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::{
     pin::Pin,
     sync::{Arc, Mutex},
 };
 
 use serde_json::{Value, json};
-use switchboard_gateway::{App, Config, KeyConfig, hash_api_key};
+use switchboard_gateway::Config;
 use switchboard_proto::{
     chat::v1::{
         ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, FinishReason, Message, Role,
@@ -199,56 +201,28 @@ struct Gateway {
     seen: Seen,
     stop: CancellationToken,
     nats: TestNats,
+    _outbox: tempfile::TempDir,
 }
 
 async fn gateway() -> Gateway {
     let seen = Seen::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
-    let until = stop.clone();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(GuardServiceServer::new(Guard(seen.clone())))
-            .add_service(RouterServiceServer::new(Router(seen.clone())))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move { until.cancelled().await },
-            ),
-    );
+    let routes = tonic::service::Routes::new(GuardServiceServer::new(Guard(seen.clone())))
+        .add_service(RouterServiceServer::new(Router(seen.clone())));
+    let url = support::serve(routes, &stop).await;
     let nats = TestNats::create().await.unwrap();
     let outbox = tempfile::tempdir().unwrap();
     let config = Config {
-        http_addr: "127.0.0.1:0".to_owned(),
-        grpc_addr: "127.0.0.1:0".to_owned(),
-        router_url: url.clone(),
-        guard_url: url.clone(),
-        cache_url: url,
         cache_enabled: false,
-        outbox_dir: outbox.path().to_string_lossy().into_owned(),
-        keys: vec![KeyConfig {
-            id: "key-refusal".into(),
-            sha256: hash_api_key(KEY),
-            app: "app-refusal".into(),
-            team: String::new(),
-            models: Vec::new(),
-            expires_at: None,
-            tags: Default::default(),
-        }],
-        ..Config::default()
+        ..support::config(&url, outbox.path(), KEY, "app-refusal")
     };
-    let app = App::build(config, nats.config()).await.unwrap();
-    let http = format!("http://{}", app.http_addr());
-    let until = stop.clone();
-    tokio::spawn(async move {
-        let _outbox = outbox;
-        app.run_until(async move { until.cancelled().await }).await
-    });
+    let http = support::start(config, &nats, &stop).await;
     Gateway {
         http,
         seen,
         stop,
         nats,
+        _outbox: outbox,
     }
 }
 

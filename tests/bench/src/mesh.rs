@@ -283,10 +283,12 @@ impl Mesh {
         let prefix = format!("bench.{id}");
         let stream = format!("BENCH_{id}");
         self.stream = Some(stream.clone());
-        // The streams the services derive from the prefix (guard audit, cache replication): the
-        // prefix in upper case, as `switchboard_bus::NatsConfig::stream_base` makes it.
-        let base = prefix.to_ascii_uppercase().replace('.', "_");
-        self.derived_streams = vec![format!("{base}_AUDIT"), format!("{base}_CACHE")];
+        // The streams the services derive from the prefix (guard audit, cache replication).
+        let nats = switchboard_bus::NatsConfig {
+            subject_prefix: prefix.clone(),
+            ..Default::default()
+        };
+        self.derived_streams = vec![nats.audit_stream(), nats.cache_stream()];
 
         // The in-process span counter.
         let (otlp_addr, counter, task) = otlp::spawn()?;
