@@ -4,18 +4,20 @@
 //! Invariant, per budget and period, kept under the budget row's lock (`SELECT … FOR UPDATE`):
 //! `max(settled, recorded) + Σ open max(granted − spent, 0) ≤ limit`, where `settled` is what
 //! gateways reported spent on their leases, `recorded` what `usage_records` holds for the scope
-//! (the source of truth, trailing by the usage stream's delay) and an open lease counts its whole
-//! unspent grant (never less than nothing). A lease that is not extended before `expires_at` is closed by the next operation on its
+//! (the source of truth, trailing by the usage stream's delay; read mostly from the rollups, which
+//! outlive retention) and an open lease counts its whole unspent grant (never less than nothing). A lease that is not extended before `expires_at` is closed by the next operation on its
 //! budget: from then on only its reported spend counts, so a crashed gateway's slice comes back.
 
 use std::collections::HashMap;
 
 use jiff::{Timestamp, ToSpan, Zoned, civil::Date, tz::TimeZone};
 use sha2::{Digest as _, Sha256};
-use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 use switchboard_status::{ErrorCode, ServiceError};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::spend;
 
 /// Request-path errors of `BudgetService`.
 #[derive(Debug, thiserror::Error)]
@@ -351,9 +353,10 @@ pub fn from_odt(odt: OffsetDateTime) -> Timestamp {
 /// A budget's current-period numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PeriodState {
-    /// Reported spend on every lease of the period.
+    /// Reported spend on every lease of the period (and, for the current period, on every lease
+    /// still open: see `BudgetStore::state`).
     pub settled: i64,
-    /// `usage_records` spend of the scope in the period.
+    /// `usage_records` spend of the scope in the period (rollups for whole UTC hours and days).
     pub recorded: i64,
     /// Σ open max(granted − spent, 0): a lease spent beyond its grant (its settled spend counts
     /// in `settled`) does not cancel another lease's unspent grant.
@@ -693,40 +696,47 @@ impl BudgetStore {
         Ok(())
     }
 
+    /// The numbers of `budget` in the period `bounds`.
+    ///
+    /// `settled` sums the spend reported on every lease whose period starts within the period
+    /// (leases are created within their period, so all of their spend falls in it). With
+    /// `current` (the period containing `now`), every lease still open counts as well, whatever
+    /// its period start: its unspent grant in `leased` and its spend in `settled`. Only a change
+    /// of the budget's period or time zone leaves such a lease (a lease's expiry is capped at the
+    /// end of its own period, so at a reset it is closed), and its holder may spend the whole
+    /// grant in the new period: counting it can only under-grant, until the lease is closed (its
+    /// next extend, its release or its expiry).
     async fn state(
         executor: &mut sqlx::PgConnection,
         budget: &Budget,
         bounds: PeriodBounds,
         now: OffsetDateTime,
+        current: bool,
     ) -> Result<PeriodState, BudgetError> {
         let start = to_odt(bounds.start);
+        let end = bounds.end.map(to_odt);
         let row = sqlx::query(
             "SELECT COALESCE(SUM(spent_usd_nanos), 0)::BIGINT AS settled, \
                     COALESCE(SUM(GREATEST(granted_usd_nanos - spent_usd_nanos, 0)) \
                              FILTER (WHERE closed_at IS NULL AND expires_at > $3), 0)::BIGINT AS leased, \
                     COUNT(*) FILTER (WHERE closed_at IS NULL AND expires_at > $3) AS open_leases \
-             FROM budget_leases WHERE budget_id = $1 AND period_start = $2",
+             FROM budget_leases WHERE budget_id = $1 \
+             AND ((period_start >= $2 AND ($4::TIMESTAMPTZ IS NULL OR period_start < $4)) \
+                  OR ($5 AND closed_at IS NULL AND expires_at > $3))",
         )
         .bind(&budget.id)
         .bind(start)
         .bind(now)
+        .bind(end)
+        .bind(current)
         .fetch_one(&mut *executor)
         .await?;
-        let end = bounds
-            .end
-            .map(to_odt)
-            .unwrap_or(now + time::Duration::days(1));
-        let recorded: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(cost_usd_nanos), 0)::BIGINT FROM usage_records \
-             WHERE time >= $1 AND time < $2 AND CASE $3 \
-                WHEN 'key' THEN key_id = $4 WHEN 'app' THEN app = $4 \
-                WHEN 'team' THEN team = $4 ELSE TRUE END",
+        let recorded = Self::recorded(
+            executor,
+            budget,
+            start,
+            end.unwrap_or(now + time::Duration::days(1)),
         )
-        .bind(start)
-        .bind(end)
-        .bind(budget.kind.as_str())
-        .bind(&budget.scope_id)
-        .fetch_one(&mut *executor)
         .await?;
         Ok(PeriodState {
             settled: row.try_get("settled")?,
@@ -734,6 +744,74 @@ impl BudgetStore {
             leased: row.try_get("leased")?,
             open_leases: row.try_get("open_leases")?,
         })
+    }
+
+    /// The recorded spend (`usage_records`) of the budget's scope in `[start, end)`, read as the
+    /// finance queries read it ([`spend::plan`]): whole UTC days from `usage_rollup_daily`, the
+    /// whole UTC hours around them from `usage_rollup_hourly`, raw rows only for the partial hours
+    /// at the two edges (a period starting at local midnight in a zone whose offset is not whole
+    /// hours). The rollups are updated in the transaction that inserts the rows, so they add up to
+    /// the same sum; and they are kept forever, while retention drops old months of raw rows: a
+    /// lifetime budget must not find its old spend gone. Nor does a long period scan its raw rows.
+    async fn recorded(
+        executor: &mut sqlx::PgConnection,
+        budget: &Budget,
+        start: OffsetDateTime,
+        end: OffsetDateTime,
+    ) -> Result<i64, BudgetError> {
+        let scope = vec![budget.scope_id.clone()];
+        let filter = match budget.kind {
+            ScopeKind::Key => spend::Filter {
+                key_ids: scope,
+                ..spend::Filter::default()
+            },
+            ScopeKind::App => spend::Filter {
+                apps: scope,
+                ..spend::Filter::default()
+            },
+            ScopeKind::Team => spend::Filter {
+                teams: scope,
+                ..spend::Filter::default()
+            },
+            ScopeKind::Org => spend::Filter::default(),
+        };
+        let plan = spend::plan(start, end, false, true);
+        let mut query = QueryBuilder::<Postgres>::new(
+            "SELECT COALESCE(SUM(cost), 0)::BIGINT AS recorded FROM (SELECT 0::BIGINT AS cost",
+        );
+        let rollups = plan
+            .daily
+            .iter()
+            .map(|range| ("usage_rollup_daily", range))
+            .chain(
+                plan.hourly
+                    .iter()
+                    .map(|range| ("usage_rollup_hourly", range)),
+            );
+        for (table, &(a, b)) in rollups {
+            query
+                .push(" UNION ALL SELECT SUM(cost_usd_nanos) FROM ")
+                .push(table)
+                .push(" WHERE bucket >= ")
+                .push_bind(a)
+                .push(" AND bucket < ")
+                .push_bind(b);
+            filter.push_conditions(&mut query, "route", false);
+        }
+        for &(a, b) in &plan.raw {
+            query
+                .push(" UNION ALL SELECT SUM(cost_usd_nanos) FROM usage_records WHERE time >= ")
+                .push_bind(a)
+                .push(" AND time < ")
+                .push_bind(b);
+            filter.push_conditions(&mut query, "requested_model", true);
+        }
+        query.push(") AS tiers");
+        Ok(query
+            .build()
+            .fetch_one(&mut *executor)
+            .await?
+            .try_get("recorded")?)
     }
 
     /// The live status of a budget's current period.
@@ -745,7 +823,7 @@ impl BudgetStore {
         let budget = self.get(id).await?;
         let bounds = budget.period_at(now);
         let mut conn = self.pool.acquire().await?;
-        let state = Self::state(&mut conn, &budget, bounds, to_odt(now)).await?;
+        let state = Self::state(&mut conn, &budget, bounds, to_odt(now), true).await?;
         Ok((budget, bounds, state))
     }
 
@@ -838,7 +916,7 @@ impl BudgetStore {
         let now_odt = to_odt(now);
         Self::reclaim(tx, &budget.id, now_odt).await?;
         let bounds = budget.period_at(now);
-        let state = Self::state(tx, &budget, bounds, now_odt).await?;
+        let state = Self::state(tx, &budget, bounds, now_odt, true).await?;
         let available = state.remaining(budget.limit);
         let granted = match budget.hard {
             true if available < minimum.max(1) => 0,
@@ -944,13 +1022,17 @@ impl BudgetStore {
         let (period_start, closed, granted) = Self::report(&mut tx, lease_id, spent, None).await?;
         if closed || period_start != to_odt(bounds.start) {
             Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
-            let outcome = self
+            let mut alerts =
+                Self::lease_period_alerts(&mut tx, &budget, period_start, bounds, now_odt).await?;
+            let mut outcome = self
                 .grant_new(&mut tx, budget, holder, requested, minimum, ttl_ms, now)
                 .await?;
             tx.commit().await?;
+            alerts.append(&mut outcome.alerts);
+            outcome.alerts = alerts;
             return Ok(outcome);
         }
-        let state = Self::state(&mut tx, &budget, bounds, now_odt).await?;
+        let state = Self::state(&mut tx, &budget, bounds, now_odt, true).await?;
         let available = state.remaining(budget.limit);
         let extra = match budget.hard {
             true if requested == 0 || available < minimum.max(1) => 0,
@@ -987,7 +1069,9 @@ impl BudgetStore {
         })
     }
 
-    /// Closes a lease with its final spend; alerts the spend may have crossed.
+    /// Closes a lease with its final spend; alerts the spend may have crossed, in the current
+    /// period and in the lease's own period when that one has ended (the gateway releases a lease
+    /// of the past period after the reset, with what the requests reserved before it settled).
     pub async fn release(
         &self,
         lease_id: Uuid,
@@ -998,12 +1082,38 @@ impl BudgetStore {
         let now_odt = to_odt(now);
         let mut tx = self.pool.begin().await?;
         let budget = Self::lock(&mut tx, &budget_id).await?;
-        Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
+        let (period_start, _, _) = Self::report(&mut tx, lease_id, spent, Some(now_odt)).await?;
         let bounds = budget.period_at(now);
-        let state = Self::state(&mut tx, &budget, bounds, now_odt).await?;
-        let alerts = Self::alerts(&mut tx, &budget, bounds, &state).await?;
+        let mut alerts =
+            Self::lease_period_alerts(&mut tx, &budget, period_start, bounds, now_odt).await?;
+        let state = Self::state(&mut tx, &budget, bounds, now_odt, true).await?;
+        alerts.extend(Self::alerts(&mut tx, &budget, bounds, &state).await?);
         tx.commit().await?;
         Ok(alerts)
+    }
+
+    /// The alerts of the period a lease belongs to, when it is not the `current` one: spend
+    /// reported on it after the reset counts in that period, whose thresholds nothing else checks
+    /// again (once each per period, as in the current one). None when the budget's period or time
+    /// zone changed since the lease was granted: its period start is then none of the budget's
+    /// periods (and the current period counts the lease while it is open, see `state`).
+    async fn lease_period_alerts(
+        tx: &mut Transaction<'_, Postgres>,
+        budget: &Budget,
+        period_start: OffsetDateTime,
+        current: PeriodBounds,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Alert>, BudgetError> {
+        let start = from_odt(period_start);
+        if start == current.start {
+            return Ok(Vec::new());
+        }
+        let bounds = budget.period_at(start);
+        if bounds.start != start {
+            return Ok(Vec::new());
+        }
+        let state = Self::state(tx, budget, bounds, now, false).await?;
+        Self::alerts(tx, budget, bounds, &state).await
     }
 
     /// Grants up to the wanted requests and tokens of `scope`'s current minute window, within its
@@ -1432,6 +1542,228 @@ mod tests {
             .unwrap();
         assert_ne!(late.lease.id, lease.id);
         assert_eq!(late.lease.granted, 0);
+        pg.drop_db().await;
+    }
+
+    /// A usage row of app `a` at `time` costing `cost`, recorded as the consumer records it (raw
+    /// row and rollups in one transaction).
+    async fn record_usage(repo: &crate::repo::Repository, time: &str, cost: i64) {
+        let time = to_odt(ts(time));
+        let event = switchboard_proto::ledger::v1::UsageEvent {
+            request_id: Uuid::now_v7().to_string(),
+            time: Some(crate::record::time_to_timestamp(time)),
+            app: "a".into(),
+            team: "t".into(),
+            key_id: "k".into(),
+            requested_model: "fast".into(),
+            ..Default::default()
+        };
+        let no_prices = crate::pricing::PriceBook::new(Vec::new());
+        let mut row = crate::record::price_event(event, time, &no_prices).unwrap();
+        row.cost_usd_nanos = Some(cost);
+        assert_eq!(repo.insert_batch(&[row]).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lifetime_budget_still_counts_spend_whose_raw_rows_retention_dropped() {
+        let (store, pg) = store().await;
+        let repo = crate::repo::Repository::connect(&pg.url, 2).await.unwrap();
+        store
+            .create(hard("life", Period::Lifetime, "UTC", 100))
+            .await
+            .unwrap();
+        // Spent before any lease (or by a replica that never reported it): known only from usage.
+        let partitions = crate::partitions::Partitions::new(repo.pool().clone(), 12);
+        partitions
+            .ensure_month(time::macros::date!(2025 - 01 - 15))
+            .await
+            .unwrap();
+        record_usage(&repo, "2025-01-15T10:30:00Z", 100).await;
+        let now = ts("2026-11-26T10:00:00Z");
+        let refused = store
+            .acquire("life", "h", 50, 1, 60_000, now)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(refused.granted, 0);
+        // Retention (12 months) drops January 2025's raw rows; its rollups stay.
+        let done = partitions.maintain(to_odt(now), 0).await.unwrap();
+        assert!(
+            done.dropped.contains(&"usage_records_p2025_01".to_owned()),
+            "{done:?}"
+        );
+        let (_, _, state) = store.status("life", now).await.unwrap();
+        assert_eq!(state.recorded, 100);
+        let again = store
+            .acquire("life", "h", 50, 1, 60_000, now)
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(again.granted, 0, "the dropped spend still counts");
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn recorded_spend_reads_rollups_and_raw_edges_in_the_budgets_zone() {
+        let (store, pg) = store().await;
+        let repo = crate::repo::Repository::connect(&pg.url, 2).await.unwrap();
+        // Kolkata is UTC+05:30: its days start at 18:30 UTC, inside a UTC hour.
+        store
+            .create(hard("in", Period::Day, "Asia/Kolkata", 1_000))
+            .await
+            .unwrap();
+        // The Kolkata day of 26 November is [25th 18:30Z, 26th 18:30Z).
+        for (time, cost) in [
+            ("2026-11-25T18:29:59Z", 1),       // the day before, same UTC hour
+            ("2026-11-25T18:30:00Z", 10),      // first instant
+            ("2026-11-25T23:10:00Z", 100),     // whole hours of the 25th (UTC)
+            ("2026-11-26T12:00:00Z", 1_000),   // the whole UTC hours of the 26th
+            ("2026-11-26T18:29:59Z", 10_000),  // last instant
+            ("2026-11-26T18:30:00Z", 100_000), // the next day
+        ] {
+            record_usage(&repo, time, cost).await;
+        }
+        let (_, bounds, state) = store
+            .status("in", ts("2026-11-26T10:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(bounds.start, ts("2026-11-25T18:30:00Z"));
+        assert_eq!(state.recorded, 11_110);
+        // Its week, [22nd 18:30Z, 29th 18:30Z), also reads whole UTC days (the daily rollup).
+        store
+            .create(hard("in-week", Period::Week, "Asia/Kolkata", 1_000))
+            .await
+            .unwrap();
+        record_usage(&repo, "2026-11-22T18:29:59Z", 1_000_000).await;
+        record_usage(&repo, "2026-11-29T18:29:59Z", 2_000_000).await;
+        record_usage(&repo, "2026-11-29T18:30:00Z", 4_000_000).await;
+        let (_, bounds, state) = store
+            .status("in-week", ts("2026-11-26T10:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(bounds.start, ts("2026-11-22T18:30:00Z"));
+        assert_eq!(state.recorded, 2_111_111);
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn changing_the_period_or_time_zone_keeps_the_open_leases_counted() {
+        let (store, pg) = store().await;
+        let now = ts("2026-11-26T10:00:00Z");
+        type Change = fn(Budget) -> Budget;
+        let changes: [(&str, Change); 3] = [
+            ("tokyo", |b| Budget {
+                time_zone: "Asia/Tokyo".into(),
+                ..b
+            }),
+            // New York's day started at 05:00 UTC: after the lease's period start.
+            ("new-york", |b| Budget {
+                time_zone: "America/New_York".into(),
+                ..b
+            }),
+            ("week", |b| Budget {
+                period: Period::Week,
+                ..b
+            }),
+        ];
+        for (id, change) in changes {
+            let budget = store
+                .create(hard(id, Period::Day, "UTC", 100))
+                .await
+                .unwrap();
+            let a = store
+                .acquire(id, "a", 100, 1, 60_000, now)
+                .await
+                .unwrap()
+                .lease;
+            assert_eq!(a.granted, 100);
+            store
+                .extend(a.id, "a", 40, 0, 0, 60_000, now)
+                .await
+                .unwrap();
+            store.update(change(budget)).await.unwrap();
+            let (_, _, state) = store.status(id, now).await.unwrap();
+            assert_eq!(
+                (state.settled, state.leased, state.open_leases),
+                (40, 60, 1),
+                "{id}"
+            );
+            let b = store
+                .acquire(id, "b", 100, 1, 60_000, now)
+                .await
+                .unwrap()
+                .lease;
+            assert_eq!(b.granted, 0, "{id}: A's slice is still out");
+        }
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_spend_released_after_the_reset_alerts_on_its_own_period() {
+        let (store, pg) = store().await;
+        let mut soft = hard("s", Period::Day, "UTC", 1_000);
+        soft.hard = false;
+        soft.thresholds = vec![100];
+        store.create(soft).await.unwrap();
+        let before = ts("2026-11-26T23:59:50Z");
+        let after = ts("2026-11-27T00:00:05Z");
+        let old_day = ts("2026-11-26T00:00:00Z");
+        let lease = store
+            .acquire("s", "h", 2_000, 1, 60_000, before)
+            .await
+            .unwrap()
+            .lease;
+        let alerts = store.release(lease.id, 1_500, after).await.unwrap();
+        let crossed: Vec<(u32, i64, Timestamp)> = alerts
+            .iter()
+            .map(|a| (a.threshold, a.spent, a.bounds.start))
+            .collect();
+        assert_eq!(crossed, vec![(100, 1_500, old_day)]);
+        assert_eq!(alerts[0].bounds.end, Some(ts("2026-11-27T00:00:00Z")));
+        let sent: Vec<(OffsetDateTime, i32)> =
+            sqlx::query_as("SELECT period_start, threshold_pct FROM budget_alerts_sent")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(sent, vec![(to_odt(old_day), 100)]);
+        // Once per period: a later (larger) report of the same period alerts nothing more.
+        assert!(
+            store
+                .release(lease.id, 1_600, after)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        pg.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn an_extend_after_the_reset_alerts_on_the_leases_own_period() {
+        let (store, pg) = store().await;
+        let mut soft = hard("s", Period::Day, "UTC", 1_000);
+        soft.hard = false;
+        soft.thresholds = vec![50, 100];
+        store.create(soft).await.unwrap();
+        let before = ts("2026-11-26T23:59:50Z");
+        let after = ts("2026-11-27T00:00:05Z");
+        let lease = store
+            .acquire("s", "h", 2_000, 1, 60_000, before)
+            .await
+            .unwrap()
+            .lease;
+        let outcome = store
+            .extend(lease.id, "h", 1_200, 100, 1, 60_000, after)
+            .await
+            .unwrap();
+        assert_ne!(outcome.lease.id, lease.id, "a lease of the new period");
+        assert_eq!(outcome.lease.bounds.start, ts("2026-11-27T00:00:00Z"));
+        let crossed: Vec<(u32, Timestamp)> = outcome
+            .alerts
+            .iter()
+            .map(|a| (a.threshold, a.bounds.start))
+            .collect();
+        let old_day = ts("2026-11-26T00:00:00Z");
+        assert_eq!(crossed, vec![(50, old_day), (100, old_day)]);
         pg.drop_db().await;
     }
 
