@@ -170,6 +170,10 @@ struct Slot {
     /// so that the next reservation leases under the new settings).
     hard: AtomicBool,
     limit: AtomicI64,
+    /// Period and time zone (`Budget.period`, `Budget.time_zone`): read only by the catalog
+    /// refresh, which retires the lease when they change (the lease belongs to a period the
+    /// budget no longer has).
+    calendar: Mutex<(i32, String)>,
     /// `app:<app>`, `key:<id>`, `team:<team>` or `org` (for errors).
     scope: String,
     local: Mutex<Local>,
@@ -178,11 +182,12 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(id: String, hard: bool, limit: i64, scope: String) -> Self {
+    fn new(id: String, hard: bool, limit: i64, calendar: (i32, String), scope: String) -> Self {
         Slot {
             id,
             hard: AtomicBool::new(hard),
             limit: AtomicI64::new(limit),
+            calendar: Mutex::new(calendar),
             scope,
             local: Mutex::new(Local::default()),
             refill: tokio::sync::Mutex::new(()),
@@ -873,12 +878,21 @@ impl Budgets {
             let scope = budget.scope.unwrap_or_default();
             let kind = BudgetScopeKind::try_from(scope.kind).unwrap_or_default();
             let hard = budget.enforcement == BudgetEnforcement::Hard as i32;
+            let calendar = (budget.period, budget.time_zone.clone());
             let slot = match previous.by_id.get(&budget.id) {
                 Some(slot) => {
-                    if slot.hard() != hard || slot.limit() != budget.limit_usd_nanos {
-                        // Changed: the lease taken under the old settings serves nothing more;
-                        // what is in flight on it settles there and is reported below.
-                        // A refusal under the old settings does not hold either.
+                    let moved = {
+                        let mut current =
+                            slot.calendar.lock().unwrap_or_else(PoisonError::into_inner);
+                        let moved = *current != calendar;
+                        *current = calendar;
+                        moved
+                    };
+                    if moved || slot.hard() != hard || slot.limit() != budget.limit_usd_nanos {
+                        // Changed: the lease taken under the old settings serves nothing more
+                        // (under a new period or time zone it belongs to a period the budget no
+                        // longer has); what is in flight on it settles there and is reported
+                        // below. A refusal under the old settings does not hold either.
                         slot.hard.store(hard, Ordering::Relaxed);
                         slot.limit.store(budget.limit_usd_nanos, Ordering::Relaxed);
                         let mut local = lock(&slot.local);
@@ -891,6 +905,7 @@ impl Budgets {
                     budget.id.clone(),
                     hard,
                     budget.limit_usd_nanos,
+                    calendar,
                     scope_label(kind, &scope.id),
                 )),
             };
@@ -1170,7 +1185,7 @@ mod tests {
     use switchboard_proto::chat::v1::{Attempt, ContentPart, ImageUrl, Message, Role, Usage};
 
     fn slot(granted: i64) -> Arc<Slot> {
-        let slot = Slot::new("b".into(), true, 1000, "app:a".into());
+        let slot = Slot::new("b".into(), true, 1000, (0, "UTC".into()), "app:a".into());
         *lock(&slot.local) = Local {
             lease: "l".into(),
             granted,
@@ -1653,6 +1668,51 @@ mod tests {
         let slot = catalog.by_id.get("b").unwrap();
         assert!(lock(&slot.local).retired.is_empty());
         assert_eq!(slot.limit(), 2_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_budget_whose_period_or_time_zone_changed_retires_its_lease() {
+        let fake = fake::Fake::default();
+        {
+            let mut state = fake.state();
+            state.budgets = vec![fake::budget("b", "a", 1_000_000)];
+            state.grant = 100_000;
+        }
+        let budgets = fake.budgets(enabled()).await;
+        let reserve = || async {
+            let mut request = ChatRequest {
+                model: "priced".into(),
+                messages: vec![Message::text(Role::User, "hello")],
+                ..Default::default()
+            };
+            budgets
+                .reserve(&principal("a"), &mut request, true)
+                .await
+                .unwrap()
+                .unwrap()
+                .settle(10);
+        };
+        reserve().await;
+        let changes: [fn(&mut switchboard_proto::ledger::v1::Budget); 2] = [
+            |b| b.time_zone = "Asia/Tokyo".into(),
+            |b| b.period = switchboard_proto::ledger::v1::BudgetPeriod::Week as i32,
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            change(&mut fake.state().budgets[0]);
+            budgets.reload().await.unwrap();
+            let lease = format!("lease-{}", i + 1);
+            assert_eq!(
+                fake.state().released.last(),
+                Some(&(lease, 10)),
+                "change {i}: the lease taken under the old period is given back"
+            );
+            // The next request leases under the new period.
+            reserve().await;
+            assert_eq!(fake.state().acquired, 2 + i as u32);
+        }
+        // Unchanged: the lease stays.
+        budgets.reload().await.unwrap();
+        assert_eq!(fake.state().released.len(), 2);
     }
 
     #[tokio::test]
