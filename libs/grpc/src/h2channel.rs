@@ -41,6 +41,20 @@ pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub(crate) const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 pub(crate) const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
+/// The largest message the mesh's internal servers (guard, cache, router) decode by default
+/// (`<service>.max_message_bytes`): what the gateway may send them at the largest
+/// `gateway.max_body_bytes` it accepts (32 MiB), see [`internal_message_limit`]. tonic's own
+/// default (4 MiB) would refuse requests the gateway has accepted.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The size of the largest message the gateway sends to (and accepts from) an internal hop when it
+/// accepts request bodies of `max_body_bytes`: twice the body limit (at least 4 MiB), headroom for
+/// what the gateway adds (ids, tags, a guard's rewritten prompt, a cached answer next to its
+/// request). Each hop's `max_message_bytes` must be at least this (`switchboard check-config`).
+pub fn internal_message_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes.max(4 * 1024 * 1024).saturating_mul(2)
+}
+
 const USER_AGENT: &str = concat!("switchboard-grpc/", env!("CARGO_PKG_VERSION"));
 
 /// A lazily connected HTTP/2 channel to one endpoint; clones share the connection.

@@ -10,7 +10,10 @@ mod service_main;
 
 pub use coalesce::CoalescedBody;
 pub use cork::Corked;
-pub use h2channel::{EndpointError, H2Body, H2Channel, parse_grpc_timeout};
+pub use h2channel::{
+    DEFAULT_MAX_MESSAGE_BYTES, EndpointError, H2Body, H2Channel, internal_message_limit,
+    parse_grpc_timeout,
+};
 
 use std::{future::Future, net::SocketAddr};
 

@@ -35,6 +35,8 @@ pub struct App {
     tasks: TaskTracker,
     cancel: CancellationToken,
     _stop_tasks_on_drop: DropGuard,
+    /// `cache.max_message_bytes`.
+    max_message_bytes: usize,
 }
 
 impl App {
@@ -122,6 +124,7 @@ impl App {
             tasks,
             _stop_tasks_on_drop: cancel.clone().drop_guard(),
             cancel,
+            max_message_bytes: config.max_message_bytes,
         })
     }
 
@@ -136,7 +139,10 @@ impl App {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "cache listening");
-        let routes = Routes::new(CacheServiceServer::new(CacheGrpc::new(self.cache)));
+        let routes = Routes::new(
+            CacheServiceServer::new(CacheGrpc::new(self.cache))
+                .max_decoding_message_size(self.max_message_bytes),
+        );
         let served =
             switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
         self.cancel.cancel();

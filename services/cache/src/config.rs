@@ -42,7 +42,13 @@ pub struct Config {
     pub publish_timeout_ms: u64,
     /// The semantic cache (`[cache.semantic]`, see `crate::semantic::config`).
     pub semantic: SemanticConfig,
+    /// Largest gRPC request message the server decodes (bytes; tonic's default is 4 MiB): at least
+    /// what the gateway sends, twice `gateway.max_body_bytes` (`switchboard check-config` checks).
+    pub max_message_bytes: usize,
 }
+
+/// The smallest `max_message_bytes` accepted (tonic's own default).
+const MIN_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -57,6 +63,7 @@ impl Default for Config {
             sync_timeout_secs: 30,
             publish_timeout_ms: 5000,
             semantic: SemanticConfig::default(),
+            max_message_bytes: switchboard_grpc::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -66,6 +73,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.grpc_addr.trim().is_empty() {
             return Err(ConfigError::invalid("cache.grpc_addr", "must not be empty"));
+        }
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::invalid(
+                "cache.max_message_bytes",
+                format!("must be at least {MIN_MESSAGE_BYTES} (4 MiB)"),
+            ));
         }
         if self.max_ttl_secs == 0 {
             return Err(ConfigError::invalid(

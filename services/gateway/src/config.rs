@@ -3,6 +3,11 @@
 use serde::Deserialize;
 use switchboard_config::ConfigError;
 
+/// The largest `gateway.max_body_bytes` (32 MiB, Anthropic's own request limit): what the internal
+/// hops accept by default ([`switchboard_grpc::DEFAULT_MAX_MESSAGE_BYTES`]) covers it with its
+/// headroom ([`switchboard_grpc::internal_message_limit`]).
+pub const MAX_BODY_BYTES_LIMIT: usize = 32 * 1024 * 1024;
+
 /// Gateway configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -17,7 +22,9 @@ pub struct Config {
     pub cache_url: String,
     /// The router's gRPC URL.
     pub router_url: String,
-    /// Largest accepted request body, bytes (HTTP body or gRPC message).
+    /// Largest accepted request body, bytes (HTTP body or gRPC message), at most
+    /// [`MAX_BODY_BYTES_LIMIT`]. The guard, cache and router must accept messages twice as large
+    /// (their `max_message_bytes`, 64 MiB by default; `switchboard check-config` checks).
     pub max_body_bytes: usize,
     /// Whether the response cache is used at all.
     pub cache_enabled: bool,
@@ -145,6 +152,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.max_body_bytes > MAX_BODY_BYTES_LIMIT {
+            return Err(ConfigError::invalid(
+                "gateway.max_body_bytes",
+                format!("must be at most {MAX_BODY_BYTES_LIMIT} (32 MiB)"),
+            ));
+        }
         if self.max_in_flight == 0 {
             return Err(ConfigError::invalid(
                 "gateway.max_in_flight",
@@ -249,6 +262,25 @@ impl Config {
 mod tests {
     use super::*;
     use switchboard_config::Source;
+
+    #[test]
+    fn the_largest_body_limit_fits_what_the_hops_accept_by_default() {
+        assert!(
+            switchboard_grpc::internal_message_limit(MAX_BODY_BYTES_LIMIT)
+                <= switchboard_grpc::DEFAULT_MAX_MESSAGE_BYTES
+        );
+        let largest = Config {
+            max_body_bytes: MAX_BODY_BYTES_LIMIT,
+            ..Config::default()
+        };
+        assert!(largest.validate().is_ok());
+        let over = Config {
+            max_body_bytes: MAX_BODY_BYTES_LIMIT + 1,
+            ..Config::default()
+        };
+        let error = over.validate().unwrap_err().to_string();
+        assert!(error.contains("gateway.max_body_bytes"), "{error}");
+    }
 
     #[test]
     fn a_model_pattern_with_an_inner_star_is_named() {

@@ -37,6 +37,17 @@ pub enum GatewayError {
     /// The body is larger than the configured limit.
     #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
+    /// An internal hop (guard, cache, router) refused a message of the request for its size: the
+    /// request is too large for the mesh, not a dependency that is down.
+    #[error(
+        "request too large for the {service}{}; send a smaller request",
+        limit.map(|l| format!(" (it accepts messages of up to {l} bytes)")).unwrap_or_default()
+    )]
+    HopPayloadTooLarge {
+        service: &'static str,
+        /// The hop's limit, when its refusal said.
+        limit: Option<usize>,
+    },
     /// The guard refused the prompt.
     #[error("request blocked by policy: prompt contains {entities}")]
     Blocked { entities: String },
@@ -165,6 +176,29 @@ impl std::fmt::Display for GuardDown {
     }
 }
 
+/// Whether a status message without `ErrorInfo` is a gRPC stack's refusal of a message for its
+/// size (tonic: "decoded message length too large"; grpc-go: "received message larger than max";
+/// grpc-java: "exceeds maximum size"), not a transport failure such as an h2 ENHANCE_YOUR_CALM
+/// reset (also RESOURCE_EXHAUSTED).
+fn refused_for_size(message: &str) -> bool {
+    [
+        "message length too large",
+        "larger than max",
+        "exceeds maximum size",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
+}
+
+/// The limit a size refusal names (tonic: "…, the limit is: N bytes").
+fn size_limit(message: &str) -> Option<usize> {
+    let (_, rest) = message.split_once("the limit is: ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Nano-USD as a decimal USD amount.
 fn usd(nanos: i64) -> String {
     let sign = if nanos < 0 { "-" } else { "" };
@@ -228,6 +262,9 @@ impl GatewayError {
         // Our services always attach an ErrorInfo. A status without one comes from the transport
         // (connection refused, h2 stream reset, overload), so it says nothing about the request:
         // the dependency is unavailable, whatever gRPC code the transport chose.
+        // The one exception is a message refused for its size by the hop's gRPC codec (tonic's
+        // OUT_OF_RANGE "decoded message length too large", or another stack's RESOURCE_EXHAUSTED):
+        // the request is too large, and the hop is up.
         if status.get_details_error_info().is_none() {
             return match status.code() {
                 tonic::Code::DeadlineExceeded => GatewayError::Downstream {
@@ -235,6 +272,16 @@ impl GatewayError {
                     message: format!("{service} did not answer in time"),
                     metadata: HashMap::new(),
                 },
+                tonic::Code::OutOfRange => GatewayError::HopPayloadTooLarge {
+                    service,
+                    limit: size_limit(status.message()),
+                },
+                tonic::Code::ResourceExhausted if refused_for_size(status.message()) => {
+                    GatewayError::HopPayloadTooLarge {
+                        service,
+                        limit: size_limit(status.message()),
+                    }
+                }
                 _ => GatewayError::DependencyDown { service },
             };
         }
@@ -341,7 +388,9 @@ impl ServiceError for GatewayError {
             GatewayError::ModelNotFound { .. } | GatewayError::UnknownUrl { .. } => {
                 ErrorCode::NotFound
             }
-            GatewayError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            GatewayError::PayloadTooLarge { .. } | GatewayError::HopPayloadTooLarge { .. } => {
+                ErrorCode::PayloadTooLarge
+            }
             GatewayError::Blocked { .. }
             | GatewayError::AnswerBlocked { .. }
             | GatewayError::ModelNotAllowed { .. } => ErrorCode::PermissionDenied,
@@ -386,6 +435,13 @@ impl ServiceError for GatewayError {
             ]),
             GatewayError::PayloadTooLarge { limit, .. } => {
                 HashMap::from([("limit".to_owned(), limit.to_string())])
+            }
+            GatewayError::HopPayloadTooLarge { service, limit } => {
+                let mut metadata = HashMap::from([("service".to_owned(), (*service).to_owned())]);
+                if let Some(limit) = limit {
+                    metadata.insert("limit".to_owned(), limit.to_string());
+                }
+                metadata
             }
             GatewayError::Downstream { metadata, .. } => metadata.clone(),
             GatewayError::DependencyDown { service } => {
@@ -681,6 +737,41 @@ mod tests {
         assert_eq!(
             GuardDown::of(&GatewayError::from_status("guard", &invalid)),
             None
+        );
+    }
+
+    #[test]
+    fn a_hop_that_refuses_a_message_for_its_size_is_payload_too_large_not_down() {
+        let refused = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5242960 bytes, the limit is: 4194304 bytes",
+        );
+        for service in ["guard", "cache", "router"] {
+            let error = GatewayError::from_status(service, &refused);
+            assert_eq!(error.code(), ErrorCode::PayloadTooLarge, "{service}");
+            assert_eq!(
+                error.code().http_status(),
+                http::StatusCode::PAYLOAD_TOO_LARGE
+            );
+            assert_eq!(error.metadata()["service"], service);
+            assert_eq!(error.metadata()["limit"], "4194304");
+            assert_eq!(error.anthropic_type(), "request_too_large");
+            // Not a guard that did not check: neither a fail-closed 503 nor a fail-open.
+            assert_eq!(GuardDown::of(&error), None);
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            use tonic_types::StatusExt;
+            assert_eq!(
+                status.get_details_error_info().unwrap().reason,
+                "PAYLOAD_TOO_LARGE"
+            );
+        }
+        // Another gRPC stack says it with RESOURCE_EXHAUSTED.
+        let go = tonic::Status::resource_exhausted(
+            "grpc: received message larger than max (9437219 vs. 4194304)",
+        );
+        assert_eq!(
+            GatewayError::from_status("guard", &go).code(),
+            ErrorCode::PayloadTooLarge
         );
     }
 

@@ -266,7 +266,8 @@ impl Pipeline {
         max_message_bytes: usize,
         max_in_flight: usize,
     ) -> Self {
-        let limit = max_message_bytes.max(4 * 1024 * 1024) * 2;
+        // What the hops accept (their `max_message_bytes`, checked against this by `check-config`).
+        let limit = switchboard_grpc::internal_message_limit(max_message_bytes);
         Pipeline {
             guard: GuardServiceClient::new(guard)
                 .max_decoding_message_size(limit)

@@ -33,6 +33,8 @@ pub struct App {
     guard: Arc<Guard>,
     audit: Option<Audit>,
     admission: Admission,
+    /// `guard.max_message_bytes`.
+    max_message_bytes: usize,
 }
 
 impl App {
@@ -77,6 +79,7 @@ impl App {
             guard,
             audit,
             admission,
+            max_message_bytes: config.max_message_bytes,
         })
     }
 
@@ -124,11 +127,12 @@ impl App {
             None => None,
         };
         tasks.close();
-        let routes = Routes::new(self.admission.wrap(GuardServiceServer::new(GuardGrpc::new(
-            self.guard,
-            sink,
-            self.admission.clone(),
-        ))));
+        let routes = Routes::new(
+            self.admission.wrap(
+                GuardServiceServer::new(GuardGrpc::new(self.guard, sink, self.admission.clone()))
+                    .max_decoding_message_size(self.max_message_bytes),
+            ),
+        );
         let served =
             switchboard_grpc::serve(self.listener, routes, &[SERVICE_NAME], shutdown).await;
         // The server (and its sink clones) is gone: the publisher drains what is queued.

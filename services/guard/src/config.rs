@@ -101,6 +101,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Admission of large checks (`[guard.admission]`, see [`crate::admission`]).
     pub admission: AdmissionConfig,
+    /// Largest gRPC request message the server decodes (bytes; tonic's default is 4 MiB): at least
+    /// what the gateway sends, twice `gateway.max_body_bytes` (`switchboard check-config` checks).
+    pub max_message_bytes: usize,
 }
 
 /// `[guard.mask]`.
@@ -182,6 +185,9 @@ pub struct AppPolicyConfig {
 /// The default injection threshold (see `docs/GUARD.md` for its measured rates).
 pub const DEFAULT_INJECTION_THRESHOLD: f64 = 0.5;
 
+/// The smallest `max_message_bytes` accepted (tonic's own default).
+const MIN_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -208,6 +214,7 @@ impl Default for Config {
             routes: BTreeMap::new(),
             audit: AuditConfig::default(),
             admission: AdmissionConfig::default(),
+            max_message_bytes: switchboard_grpc::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -219,6 +226,12 @@ impl Config {
             return Err(ConfigError::invalid("guard.grpc_addr", "must not be empty"));
         }
         self.admission.validate()?;
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::invalid(
+                "guard.max_message_bytes",
+                format!("must be at least {MIN_MESSAGE_BYTES} (4 MiB)"),
+            ));
+        }
         if !(4..=64).contains(&self.hash_length) {
             return Err(ConfigError::invalid(
                 "guard.hash_length",

@@ -53,6 +53,8 @@ pub struct App {
     service: RouterGrpc,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// `router.max_message_bytes`.
+    max_message_bytes: usize,
 }
 
 impl App {
@@ -89,6 +91,7 @@ impl App {
             service,
             tracker,
             cancel,
+            max_message_bytes: config.max_message_bytes,
         })
     }
 
@@ -126,6 +129,7 @@ impl App {
             metrics,
             live,
             watch,
+            max_message_bytes,
             ..
         } = self;
         if let Some(watch) = watch {
@@ -150,7 +154,9 @@ impl App {
                 }
             });
         }
-        let routes = GrpcRoutes::new(RouterServiceServer::new(service));
+        let routes = GrpcRoutes::new(
+            RouterServiceServer::new(service).max_decoding_message_size(max_message_bytes),
+        );
         let served = switchboard_grpc::serve(
             listener,
             routes,

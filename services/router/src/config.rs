@@ -37,7 +37,14 @@ pub struct Config {
     /// How often the configuration file's modification time is checked for a reload (SIGHUP
     /// always reloads); 0: never. Read at start only.
     pub config_poll_ms: u64,
+    /// Largest gRPC request message the server decodes (bytes; tonic's default is 4 MiB): at least
+    /// what the gateway sends, twice `gateway.max_body_bytes` (`switchboard check-config` checks).
+    /// Read at start only.
+    pub max_message_bytes: usize,
 }
+
+/// The smallest `max_message_bytes` accepted (tonic's own default).
+const MIN_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -54,6 +61,7 @@ impl Default for Config {
             breaker: BreakerConfig::default(),
             metrics_addr: None,
             config_poll_ms: 5_000,
+            max_message_bytes: switchboard_grpc::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -295,6 +303,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "router.request_timeout_ms",
                 "must be greater than 0",
+            ));
+        }
+        if self.max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::invalid(
+                "router.max_message_bytes",
+                format!("must be at least {MIN_MESSAGE_BYTES} (4 MiB)"),
             ));
         }
         for (name, provider) in &self.providers {

@@ -89,7 +89,40 @@ fn load(path: Option<&std::path::Path>) -> Result<Mesh, ConfigError> {
     mesh.cache.validate()?;
     mesh.router.validate()?;
     mesh.ledger.validate()?;
+    check_message_limits(&mesh)?;
     Ok(mesh)
+}
+
+/// Refuses a gateway that accepts requests larger than a hop behind it decodes: each of the
+/// guard, the cache (when enabled) and the router must take the gateway's largest message
+/// ([`switchboard_grpc::internal_message_limit`] of `gateway.max_body_bytes`), or such requests
+/// would fail inside the mesh.
+fn check_message_limits(mesh: &Mesh) -> Result<(), ConfigError> {
+    let needed = switchboard_grpc::internal_message_limit(mesh.gateway.max_body_bytes);
+    let hops = [
+        ("guard", mesh.guard.max_message_bytes, true),
+        (
+            "cache",
+            mesh.cache.max_message_bytes,
+            mesh.gateway.cache_enabled,
+        ),
+        ("router", mesh.router.max_message_bytes, true),
+    ];
+    match hops
+        .into_iter()
+        .find(|&(_, accepts, called)| called && accepts < needed)
+    {
+        Some((hop, accepts, _)) => Err(ConfigError::invalid(
+            "gateway.max_body_bytes",
+            format!(
+                "{} lets the gateway send messages of up to {needed} bytes (twice the body \
+                 limit, at least 8 MiB), but {hop}.max_message_bytes = {accepts}: raise \
+                 {hop}.max_message_bytes to at least {needed} or lower gateway.max_body_bytes",
+                mesh.gateway.max_body_bytes
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[tokio::main]
