@@ -102,32 +102,128 @@ pub async fn client(url: &str) -> Result<ClientChannel, GrpcError> {
     Ok(channel)
 }
 
-/// Serves `routes` on `listener` with health checking (every named service reported SERVING),
-/// server reflection over the Switchboard descriptor set, and one server span per RPC, until
-/// `shutdown` resolves; in-flight calls are then drained. Each connection's calls run in the
-/// connection's own task (ADR 010), with `TCP_NODELAY` and corked writes (ADR 008).
+/// Serves `routes` on `listener` with health checking (every named service reported SERVING
+/// until the server drains), server reflection over the Switchboard descriptor set, and one
+/// server span per RPC, until `shutdown` resolves; in-flight calls are then drained. Each
+/// connection's calls run in the connection's own task (ADR 010), with `TCP_NODELAY` and corked
+/// writes (ADR 008). A service whose health depends on more than being up uses
+/// [`serve_with_health`].
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     health_names: &[&str],
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    for name in health_names {
-        reporter
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    serve_with_health(listener, routes, Health::new(health_names), shutdown).await
+}
+
+/// [`serve`] with a [`Health`] the service keeps a clone of, to report what it can serve. When
+/// `shutdown` resolves, `health` turns NOT_SERVING for good (see [`Health::drain`]) before the
+/// server drains.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    routes: Routes,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GrpcError> {
+    health.publish().await;
+    let service = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.inner.reporter.clone()),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| GrpcError::Reflection(e.to_string()))?;
-    let routes = routes.add_service(health).add_service(reflection);
+    let routes = routes.add_service(service).add_service(reflection);
+    let shutdown = async move {
+        shutdown.await;
+        health.drain().await;
+    };
     h2server::serve(listener, routes, shutdown).await;
     Ok(())
+}
+
+/// What a server's `grpc.health.v1.Health` answers, for the server as a whole (service `""`)
+/// and every named service alike: SERVING while the service says it can serve
+/// ([`Health::set_serving`]) and it is not draining ([`Health::drain`]), else NOT_SERVING.
+/// Clones share the state.
+#[derive(Clone)]
+pub struct Health {
+    inner: std::sync::Arc<HealthInner>,
+}
+
+struct HealthInner {
+    reporter: tonic_health::server::HealthReporter,
+    names: Vec<String>,
+    serving: std::sync::atomic::AtomicBool,
+    draining: std::sync::atomic::AtomicBool,
+    /// Serialises publishing, so that the last state set is the one reported.
+    publish: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("names", &self.inner.names)
+            .field("serving", &self.is_serving())
+            .finish()
+    }
+}
+
+impl Health {
+    /// The health of a server of `names` (and `""`), SERVING to begin with.
+    pub fn new(names: &[&str]) -> Health {
+        Health {
+            inner: std::sync::Arc::new(HealthInner {
+                reporter: tonic_health::server::HealthReporter::new(),
+                names: names.iter().map(|name| (*name).to_owned()).collect(),
+                serving: std::sync::atomic::AtomicBool::new(true),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                publish: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Whether the service can serve (its dependencies allow it). Ignored once draining.
+    pub async fn set_serving(&self, serving: bool) {
+        let was = self
+            .inner
+            .serving
+            .swap(serving, std::sync::atomic::Ordering::SeqCst);
+        if was != serving {
+            self.publish().await;
+        }
+    }
+
+    /// NOT_SERVING from now on: the server is shutting down (called by [`serve_with_health`] when
+    /// its shutdown future resolves).
+    pub async fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.publish().await;
+    }
+
+    /// What the health service answers now: SERVING (true) or NOT_SERVING.
+    pub fn is_serving(&self) -> bool {
+        self.inner.serving.load(std::sync::atomic::Ordering::SeqCst)
+            && !self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn publish(&self) {
+        let _serialised = self.inner.publish.lock().await;
+        let status = if self.is_serving() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in self.inner.names.iter().map(String::as_str).chain([""]) {
+            self.inner.reporter.set_service_status(name, status).await;
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -204,6 +204,7 @@ impl App {
             watch,
         } = self;
         let max_body = shared.max_body_bytes;
+        let readiness = shared.readiness.clone();
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         let stopper = tokio::spawn(async move {
@@ -236,10 +237,13 @@ impl App {
             .max_decoding_message_size(max_body)
             .max_encoding_message_size(max_body.max(4 * 1024 * 1024) * 2);
         let grpc_cancel = cancel.clone();
-        let grpc_server = switchboard_grpc::serve(
+        // The gateway's gRPC health follows `/readyz` (`ready.rs`), NOT_SERVING once draining.
+        let health = switchboard_grpc::Health::new(&["switchboard.gateway.v1.GatewayService"]);
+        tasks.spawn(readiness.keep_health(health.clone(), cancel.clone()));
+        let grpc_server = switchboard_grpc::serve_with_health(
             grpc,
             tonic::service::Routes::new(grpc_service),
-            &["switchboard.gateway.v1.GatewayService"],
+            health,
             async move { grpc_cancel.cancelled().await },
         );
         let (http_result, grpc_result) = tokio::join!(http_server, grpc_server);

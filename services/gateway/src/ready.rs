@@ -6,6 +6,10 @@
 //! makes the gateway `unavailable` (HTTP 503), any other one down makes it `degraded` (HTTP 200,
 //! the degraded mode named in the report). A report is reused for [`REPORT_TTL`], so probes at any
 //! rate cost the dependencies at most one health call each per second.
+//!
+//! The gateway's own `grpc.health.v1` follows the same report ([`Readiness::keep_health`]):
+//! NOT_SERVING while it is `unavailable` (a `degraded` gateway still serves), and from the moment
+//! it starts draining.
 
 use std::{
     sync::Arc,
@@ -24,6 +28,8 @@ use switchboard_grpc::TracedChannel;
 pub const REPORT_TTL: Duration = Duration::from_secs(1);
 /// How long one health call may take before its dependency counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// How often the gateway's own gRPC health is brought in line with the report.
+pub const HEALTH_EVERY: Duration = REPORT_TTL;
 
 /// The gateway's readiness as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -157,6 +163,29 @@ impl Readiness {
         let report = self.probe().await;
         *last = Some((Instant::now(), report.clone()));
         report
+    }
+
+    /// Keeps `health` (the gateway's own `grpc.health.v1`) in line with the report until `cancel`:
+    /// SERVING unless the gateway is [`Status::Unavailable`]. The reports are the ones `/readyz`
+    /// serves (one probe round per [`REPORT_TTL`] between them).
+    pub async fn keep_health(
+        self,
+        health: switchboard_grpc::Health,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let report = tokio::select! {
+                report = self.report() => report,
+                () = cancel.cancelled() => return,
+            };
+            health
+                .set_serving(report.status != Status::Unavailable)
+                .await;
+            tokio::select! {
+                () = tokio::time::sleep(HEALTH_EVERY) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
     }
 
     async fn probe(&self) -> Report {

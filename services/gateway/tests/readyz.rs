@@ -50,14 +50,25 @@ impl Health {
 
 struct Gateway {
     http: String,
+    grpc: String,
     stop: CancellationToken,
     nats: TestNats,
 }
 
 async fn gateway(router: &str, guard: &str, cache: &str, guard_config: GuardConfig) -> Gateway {
+    gateway_with(router, guard, cache, guard_config, |_| {}).await
+}
+
+async fn gateway_with(
+    router: &str,
+    guard: &str,
+    cache: &str,
+    guard_config: GuardConfig,
+    adjust: impl FnOnce(&mut Config),
+) -> Gateway {
     let nats = TestNats::create().await.unwrap();
     let outbox = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         http_addr: "127.0.0.1:0".to_owned(),
         grpc_addr: "127.0.0.1:0".to_owned(),
         router_url: router.to_owned(),
@@ -67,15 +78,22 @@ async fn gateway(router: &str, guard: &str, cache: &str, guard_config: GuardConf
         guard: guard_config,
         ..Config::default()
     };
+    adjust(&mut config);
     let app = App::build(config, nats.config()).await.unwrap();
     let http = format!("http://{}", app.http_addr());
+    let grpc = format!("http://{}", app.grpc_addr());
     let stop = CancellationToken::new();
     let until = stop.clone();
     tokio::spawn(async move {
         let _outbox = outbox;
         app.run_until(async move { until.cancelled().await }).await
     });
-    Gateway { http, stop, nats }
+    Gateway {
+        http,
+        grpc,
+        stop,
+        nats,
+    }
 }
 
 impl Gateway {
@@ -109,6 +127,37 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("/readyz never reported {want}; last: {last:?}");
+    }
+
+    /// The gateway's own `grpc.health.v1` answer for `service`.
+    async fn grpc_health(&self, service: &str) -> i32 {
+        let channel = switchboard_grpc::client(&self.grpc).await.unwrap();
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
+    /// Polls until the gateway's gRPC health for the gateway service and for `""` is `want`.
+    async fn until_grpc(&self, want: ServingStatus) {
+        let mut last = None;
+        for _ in 0..100 {
+            let named = self
+                .grpc_health("switchboard.gateway.v1.GatewayService")
+                .await;
+            let whole = self.grpc_health("").await;
+            if named == want as i32 && whole == want as i32 {
+                return;
+            }
+            last = Some((named, whole));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gRPC health never reported {want:?}; last: {last:?}");
     }
 
     async fn stop(self) {
@@ -241,4 +290,50 @@ async fn with_fail_open_routes_a_missing_guard_only_degrades() {
     assert_eq!(state(&body, "guard"), "unreachable");
     assert_eq!(state(&body, "router"), "up");
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_health_follows_readiness_and_a_ledger_down_only_degrades() {
+    let (router, guard, cache, ledger) = (
+        Health::start().await,
+        Health::start().await,
+        Health::start().await,
+        Health::start().await,
+    );
+    let ledger_url = ledger.url.clone();
+    let gw = gateway_with(
+        &router.url,
+        &guard.url,
+        &cache.url,
+        GuardConfig::default(),
+        |config| {
+            config.ledger_url = ledger_url;
+            config.budgets.enabled = true;
+        },
+    )
+    .await;
+    gw.until("ready").await;
+    gw.until_grpc(ServingStatus::Serving).await;
+
+    // The router drains: /readyz says unavailable, and so does the gateway's gRPC health.
+    router.set(ServingStatus::NotServing).await;
+    let (code, _) = gw.until("unavailable").await;
+    assert_eq!(code, 503);
+    gw.until_grpc(ServingStatus::NotServing).await;
+
+    router.set(ServingStatus::Serving).await;
+    gw.until("ready").await;
+    gw.until_grpc(ServingStatus::Serving).await;
+
+    // The ledger is down: only budgets need it, so the gateway is degraded and still serving.
+    ledger.set(ServingStatus::NotServing).await;
+    let (code, body) = gw.until("degraded").await;
+    assert_eq!(code, 200);
+    assert_eq!(state(&body, "ledger"), "not_serving");
+    gw.until_grpc(ServingStatus::Serving).await;
+
+    gw.stop().await;
+    for health in [router, guard, cache, ledger] {
+        health.stop.cancel();
+    }
 }

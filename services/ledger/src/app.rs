@@ -43,6 +43,8 @@ pub struct App {
     config: Config,
     /// How often the configuration file is checked for a change (`ledger.config_poll_ms`).
     config_poll: Duration,
+    /// How often the database is checked for the gRPC health (`ledger.db_check_ms`).
+    db_check: Duration,
     /// Set by [`App::watch_config`].
     watch: Option<ConfigWatch>,
 }
@@ -135,6 +137,7 @@ impl App {
             ),
             audit: (audit, audit_pull),
             config_poll: Duration::from_millis(config.config_poll_ms),
+            db_check: Duration::from_millis(config.db_check_ms),
             config,
             watch: None,
         })
@@ -177,6 +180,7 @@ impl App {
             audit,
             config,
             watch,
+            db_check,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -234,14 +238,21 @@ impl App {
         ));
         tasks.spawn(consumer.run(pull, cancel.clone()));
         tasks.spawn(audit.0.run(audit.1, cancel.clone()));
+        let names = [SERVICE_NAME, crate::budget_grpc::BUDGET_SERVICE_NAME];
+        let health = switchboard_grpc::Health::new(&names);
+        tasks.spawn(crate::health::follow_database(
+            repo.pool().clone(),
+            health.clone(),
+            db_check,
+            cancel.clone(),
+        ));
         tasks.close();
 
         tracing::info!(grpc.addr = %local_addr, "ledger listening");
         let routes =
             tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())))
                 .add_service(budgets);
-        let names = [SERVICE_NAME, crate::budget_grpc::BUDGET_SERVICE_NAME];
-        let served = switchboard_grpc::serve(listener, routes, &names, shutdown).await;
+        let served = switchboard_grpc::serve_with_health(listener, routes, health, shutdown).await;
 
         cancel.cancel();
         tasks.wait().await;

@@ -42,6 +42,9 @@ pub struct Config {
     pub price_reload_secs: u64,
     /// Prometheus `/metrics` listen address (unpriced usage, price reloads); none when unset.
     pub metrics_addr: Option<String>,
+    /// How often the database is checked (`SELECT 1`) for the ledger's gRPC health (milliseconds):
+    /// NOT_SERVING while Postgres cannot be reached, so the gateways' `/readyz` sees the ledger down.
+    pub db_check_ms: u64,
     /// How often the configuration file's modification time is checked for a reload (milliseconds;
     /// SIGHUP always reloads); 0: only on SIGHUP. A reload applies `prices` and `budgets`; the
     /// other settings of `[ledger]`, this one included, take effect at the next start.
@@ -73,6 +76,7 @@ impl Default for Config {
             ack_wait_secs: 30,
             price_reload_secs: 30,
             metrics_addr: None,
+            db_check_ms: 5_000,
             config_poll_ms: 5_000,
             retention_months: 0,
             partitions_ahead: 3,
@@ -248,6 +252,12 @@ impl Config {
                 "must be between 1 and 86400 (seconds)",
             ));
         }
+        if !(100..=600_000).contains(&self.db_check_ms) {
+            return Err(ConfigError::invalid(
+                "ledger.db_check_ms",
+                "must be between 100 and 600000 (milliseconds)",
+            ));
+        }
         if self.config_poll_ms > 86_400_000 {
             return Err(ConfigError::invalid(
                 "ledger.config_poll_ms",
@@ -278,6 +288,7 @@ impl Config {
             ack_wait_secs,
             price_reload_secs,
             metrics_addr,
+            db_check_ms,
             config_poll_ms,
             retention_months,
             partitions_ahead,
@@ -301,6 +312,7 @@ impl Config {
                 *price_reload_secs != new.price_reload_secs,
             ),
             ("ledger.metrics_addr", *metrics_addr != new.metrics_addr),
+            ("ledger.db_check_ms", *db_check_ms != new.db_check_ms),
             (
                 "ledger.config_poll_ms",
                 *config_poll_ms != new.config_poll_ms,
@@ -611,6 +623,7 @@ mod tests {
             ("ack_wait_secs = 0", "ledger.ack_wait_secs"),
             ("price_reload_secs = 100000", "ledger.price_reload_secs"),
             ("metrics_addr = \"nope\"", "ledger.metrics_addr"),
+            ("db_check_ms = 0", "ledger.db_check_ms"),
             ("config_poll_ms = 100000000", "ledger.config_poll_ms"),
             ("retention_months = 5000", "ledger.retention_months"),
             ("partitions_ahead = 100", "ledger.partitions_ahead"),

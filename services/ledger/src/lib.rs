@@ -10,6 +10,7 @@ mod config_reload;
 mod consumer;
 mod error;
 mod grpc;
+mod health;
 mod litellm;
 mod metrics;
 mod money;
