@@ -88,8 +88,122 @@ fn parts_of(message: &Message, field: &str) -> Result<Vec<Value>, TranslateError
     content_values(message, field, |text| json!({ "text": text }), image_part)
 }
 
-/// The `generateContent` body for `request` (the model is in the URL). `tags` are never sent.
-pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError> {
+/// How tool parameter schemas are sent (see [`ToolSchemas::for_version`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolSchemas {
+    /// Whole, as JSON Schema, in `functionDeclarations[].parametersJsonSchema` (v1beta).
+    JsonSchema,
+    /// Converted to Gemini's OpenAPI 3.0 subset, in `functionDeclarations[].parameters`.
+    OpenApi,
+}
+
+impl ToolSchemas {
+    /// `parametersJsonSchema` for v1beta (the default) and any other version but `v1`: the field
+    /// takes full JSON Schema (`additionalProperties`, `const`, type arrays, `$schema`, ...), which
+    /// `parameters` rejects with a 400. The stable `v1` is not documented to have it: schemas go
+    /// there converted to the OpenAPI subset (see [`openapi_schema`]).
+    pub fn for_version(api_version: Option<&str>) -> Self {
+        if api_version.is_some_and(|v| v.eq_ignore_ascii_case("v1")) {
+            ToolSchemas::OpenApi
+        } else {
+            ToolSchemas::JsonSchema
+        }
+    }
+}
+
+/// Keywords of Gemini's `Schema` (a select subset of OpenAPI 3.0) that are kept as they are.
+const OPENAPI_KEYWORDS: [&str; 18] = [
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "maxItems",
+    "minItems",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "example",
+    "propertyOrdering",
+    "default",
+    "minimum",
+    "maximum",
+];
+
+/// A JSON Schema as Gemini's OpenAPI-subset `Schema`: keywords it does not know (`$schema`,
+/// `additionalProperties`, `$ref`/`$defs`, `not`, ...) are dropped, a type array becomes one type
+/// plus `nullable` (several types: `anyOf`), `const` an `enum` of one, `oneOf` `anyOf`;
+/// `properties`, `items` and `anyOf` are converted in turn.
+pub fn openapi_schema(schema: &Value) -> Value {
+    let Value::Object(schema) = schema else {
+        return schema.clone();
+    };
+    let mut out = Map::new();
+    for (key, value) in schema {
+        match key.as_str() {
+            "type" => match value {
+                Value::Array(types) => {
+                    let mut named: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
+                    if named.len() < types.len() {
+                        out.insert("nullable".into(), json!(true));
+                    }
+                    if named.len() == 1 {
+                        out.insert("type".into(), named.remove(0).clone());
+                    } else if named.len() > 1 {
+                        let any: Vec<Value> = named.iter().map(|t| json!({ "type": t })).collect();
+                        out.insert("anyOf".into(), Value::Array(any));
+                    }
+                }
+                other => {
+                    out.insert("type".into(), other.clone());
+                }
+            },
+            "const" => {
+                out.insert("enum".into(), json!([value]));
+            }
+            "properties" => {
+                if let Value::Object(properties) = value {
+                    let converted: Map<String, Value> = properties
+                        .iter()
+                        .map(|(name, property)| (name.clone(), openapi_schema(property)))
+                        .collect();
+                    out.insert("properties".into(), Value::Object(converted));
+                }
+            }
+            "items" => {
+                out.insert("items".into(), openapi_schema(value));
+            }
+            "anyOf" | "oneOf" => {
+                if let Value::Array(options) = value {
+                    let converted: Vec<Value> = options.iter().map(openapi_schema).collect();
+                    out.insert("anyOf".into(), Value::Array(converted));
+                }
+            }
+            known if OPENAPI_KEYWORDS.contains(&known) => {
+                out.insert(key.clone(), value.clone());
+            }
+            _ => {}
+        }
+    }
+    // `enum` with `null` among its values is how JSON Schema says nullable; OpenAPI wants strings.
+    if let Some(Value::Array(values)) = out.get_mut("enum")
+        && values.iter().any(Value::is_null)
+    {
+        values.retain(|v| !v.is_null());
+        out.insert("nullable".into(), json!(true));
+    }
+    Value::Object(out)
+}
+
+/// The `generateContent` body for `request` (the model is in the URL), tool parameter schemas
+/// sent as `schemas` says. `tags` are never sent.
+pub fn to_gemini_request(
+    request: &ChatRequest,
+    schemas: ToolSchemas,
+) -> Result<Value, TranslateError> {
     let mut body = Map::new();
     let system: Vec<Value> = request
         .messages
@@ -194,13 +308,18 @@ pub fn to_gemini_request(request: &ChatRequest) -> Result<Value, TranslateError>
                 out.insert("description".into(), json!(tool.description));
             }
             if !tool.parameters_json.trim().is_empty() {
-                out.insert(
-                    "parameters".into(),
-                    parse_json_text(
-                        &tool.parameters_json,
-                        &format!("tools[{i}].parameters_json"),
-                    )?,
-                );
+                let schema = parse_json_text(
+                    &tool.parameters_json,
+                    &format!("tools[{i}].parameters_json"),
+                )?;
+                match schemas {
+                    ToolSchemas::JsonSchema => {
+                        out.insert("parametersJsonSchema".into(), schema);
+                    }
+                    ToolSchemas::OpenApi => {
+                        out.insert("parameters".into(), openapi_schema(&schema));
+                    }
+                }
             }
             declarations.push(Value::Object(out));
         }
@@ -1035,10 +1154,13 @@ mod tests {
         let mut messages = vec![Message::text(Role::User, "Weather, then time?")];
         messages.extend(turn("get_weather"));
         messages.extend(turn("get_time"));
-        let body = to_gemini_request(&ChatRequest {
-            messages,
-            ..Default::default()
-        })
+        let body = to_gemini_request(
+            &ChatRequest {
+                messages,
+                ..Default::default()
+            },
+            ToolSchemas::JsonSchema,
+        )
         .unwrap();
         let responses: Vec<&Value> = body["contents"]
             .as_array()
@@ -1072,7 +1194,7 @@ mod tests {
             messages: vec![Message::text(Role::User, "Weather?"), assistant],
             ..Default::default()
         };
-        let body = to_gemini_request(&request).unwrap();
+        let body = to_gemini_request(&request, ToolSchemas::JsonSchema).unwrap();
         assert_eq!(
             body["contents"][1],
             json!({ "role": "model", "parts": [
@@ -1094,11 +1216,14 @@ mod tests {
     fn thinking_on_asks_gemini_for_thought_summaries_within_the_budget() {
         use switchboard_proto::chat::v1::ThinkingConfig;
         let ask = |thinking: Option<ThinkingConfig>| {
-            to_gemini_request(&ChatRequest {
-                messages: vec![Message::text(Role::User, "why")],
-                thinking,
-                ..Default::default()
-            })
+            to_gemini_request(
+                &ChatRequest {
+                    messages: vec![Message::text(Role::User, "why")],
+                    thinking,
+                    ..Default::default()
+                },
+                ToolSchemas::JsonSchema,
+            )
             .unwrap()
         };
         let on = ask(Some(ThinkingConfig {
@@ -1136,14 +1261,17 @@ mod tests {
         let mut refusal = Message::text(Role::Assistant, "");
         refusal.content.clear();
         refusal.refusal = "I can't help with that.".into();
-        let body = to_gemini_request(&ChatRequest {
-            messages: vec![
-                Message::text(Role::User, "Plan the heist."),
-                refusal,
-                Message::text(Role::User, "Please?"),
-            ],
-            ..Default::default()
-        })
+        let body = to_gemini_request(
+            &ChatRequest {
+                messages: vec![
+                    Message::text(Role::User, "Plan the heist."),
+                    refusal,
+                    Message::text(Role::User, "Please?"),
+                ],
+                ..Default::default()
+            },
+            ToolSchemas::JsonSchema,
+        )
         .unwrap();
         assert_eq!(
             body["contents"],
@@ -1152,6 +1280,65 @@ mod tests {
                 { "role": "model", "parts": [{ "text": "I can't help with that." }] },
                 { "role": "user", "parts": [{ "text": "Please?" }] },
             ])
+        );
+    }
+
+    #[test]
+    fn tool_schemas_go_whole_as_json_schema_except_to_v1_which_gets_the_openapi_subset() {
+        use switchboard_proto::chat::v1::Tool;
+        let schema = json!({
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {
+                "city": { "type": "string", "description": "the city" },
+                "unit": { "type": ["string", "null"], "enum": ["c", "f", null] },
+                "mode": { "const": "fast" },
+                "tags": { "type": "array", "items": { "type": "string", "minLength": 1 } },
+                "either": { "oneOf": [{ "type": "integer" }, { "type": "object",
+                    "properties": {}, "additionalProperties": false }] },
+                "many": { "type": ["integer", "string"] },
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": false,
+            "$defs": { "x": { "type": "string" } },
+        });
+        let request = ChatRequest {
+            messages: vec![Message::text(Role::User, "weather?")],
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                parameters_json: schema.to_string(),
+                strict: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for version in [None, Some("v1beta"), Some("v1alpha")] {
+            assert_eq!(ToolSchemas::for_version(version), ToolSchemas::JsonSchema);
+        }
+        let body = to_gemini_request(&request, ToolSchemas::JsonSchema).unwrap();
+        let declaration = &body["tools"][0]["functionDeclarations"][0];
+        assert_eq!(declaration["parametersJsonSchema"], schema);
+        assert!(declaration.get("parameters").is_none(), "{declaration}");
+
+        assert_eq!(ToolSchemas::for_version(Some("v1")), ToolSchemas::OpenApi);
+        let body = to_gemini_request(&request, ToolSchemas::OpenApi).unwrap();
+        let declaration = &body["tools"][0]["functionDeclarations"][0];
+        assert!(declaration.get("parametersJsonSchema").is_none());
+        assert_eq!(
+            declaration["parameters"],
+            json!({
+                "type": "object",
+                "properties": {
+                    "city": { "type": "string", "description": "the city" },
+                    "unit": { "type": "string", "nullable": true, "enum": ["c", "f"] },
+                    "mode": { "enum": ["fast"] },
+                    "tags": { "type": "array", "items": { "type": "string", "minLength": 1 } },
+                    "either": { "anyOf": [{ "type": "integer" },
+                        { "type": "object", "properties": {} }] },
+                    "many": { "anyOf": [{ "type": "integer" }, { "type": "string" }] },
+                },
+                "required": ["city", "unit"],
+            })
         );
     }
 }

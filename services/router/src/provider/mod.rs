@@ -527,7 +527,10 @@ impl ProviderClient {
             ProviderKind::Anthropic => {
                 anthropic::to_anthropic_request(model, request, stream, self.default_max_tokens)?
             }
-            ProviderKind::Gemini => gemini::to_gemini_request(request)?,
+            ProviderKind::Gemini => gemini::to_gemini_request(
+                request,
+                gemini::ToolSchemas::for_version(self.api_version.as_deref()),
+            )?,
         };
         let call_tag = if self.kind == ProviderKind::Gemini {
             gemini::call_tag(request)
@@ -893,7 +896,7 @@ mod tests {
             anthropic["thinking"],
             serde_json::json!({ "type": "enabled", "budget_tokens": 4096 })
         );
-        let gemini = gemini::to_gemini_request(&high).unwrap();
+        let gemini = gemini::to_gemini_request(&high, gemini::ToolSchemas::JsonSchema).unwrap();
         assert_eq!(
             gemini["generationConfig"]["thinkingConfig"],
             serde_json::json!({ "includeThoughts": true, "thinkingBudget": 4096 })
