@@ -242,7 +242,8 @@ impl App {
         tasks.spawn(readiness.keep_health(health.clone(), cancel.clone()));
         let grpc_server = switchboard_grpc::serve_with_health(
             grpc,
-            tonic::service::Routes::new(grpc_service),
+            // Over-size messages refused as HTTP's 413 is (typed, with a request id).
+            tonic::service::Routes::new(crate::grpc::SizeLimited::new(grpc_service, max_body)),
             health,
             async move { grpc_cancel.cancelled().await },
         );

@@ -1,6 +1,11 @@
 //! `switchboard.gateway.v1.GatewayService`: converts protobuf ↔ pipeline and errors ↔ statuses.
 
-use std::pin::Pin;
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use futures::Stream;
 use switchboard_proto::gateway::v1::{
@@ -93,6 +98,110 @@ fn answer<T>(message: T, request_id: &str) -> Response<T> {
     let mut response = Response::new(message);
     put(response.metadata_mut(), REQUEST_ID, request_id);
     response
+}
+
+/// The gateway's gRPC service, its over-size requests refused as HTTP's are (413 there):
+/// `INVALID_ARGUMENT` with `ErrorInfo` `PAYLOAD_TOO_LARGE`, `metadata.limit` and a request id.
+///
+/// tonic's codec refuses a message larger than `max_decoding_message_size` (`max_body_bytes`)
+/// from its length prefix, before anything is buffered or the handler runs, with a bare
+/// `OUT_OF_RANGE` (no details, no request id). That refusal is the only `OUT_OF_RANGE` the service
+/// answers without details (every [`GatewayError`] carries `ErrorInfo`, and none maps to
+/// `OUT_OF_RANGE`), so it is recognised on the response head and replaced. Other calls pay one
+/// header lookup; nothing is allocated.
+#[derive(Clone)]
+pub struct SizeLimited<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> SizeLimited<S> {
+    /// Wraps `inner`, whose decoding limit is `limit` bytes.
+    pub fn new(inner: S, limit: usize) -> Self {
+        SizeLimited { inner, limit }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for SizeLimited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for SizeLimited<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+    S::Future: Unpin,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Refused<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Refused {
+            inner: self.inner.call(request),
+            limit: self.limit,
+        }
+    }
+}
+
+/// The future of a [`SizeLimited`] call.
+pub struct Refused<F> {
+    inner: F,
+    limit: usize,
+}
+
+impl<F> Future for Refused<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let limit = self.limit;
+        Pin::new(&mut self.inner)
+            .poll(cx)
+            .map(|answered| answered.map(|response| typed_refusal(response, limit)))
+    }
+}
+
+/// `response`, or the typed refusal when it is the codec's refusal of an over-size message.
+fn typed_refusal(
+    response: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() == b"11");
+    if !out_of_range || headers.contains_key("grpc-status-details-bin") {
+        return response;
+    }
+    let size = headers
+        .get("grpc-message")
+        .and_then(|message| found_bytes(message.as_bytes()))
+        .unwrap_or(limit.saturating_add(1));
+    // No request context exists yet (the message was refused before the handler), but the answer
+    // names the refusal as every other error does, and the log line carries the same id.
+    let request_id = uuid::Uuid::now_v7().to_string();
+    tracing::Span::current().record("request.id", request_id.as_str());
+    tracing::info!(request.id = %request_id, size, limit, "gRPC request over max_body_bytes refused");
+    failed(GatewayError::PayloadTooLarge { size, limit }, &request_id).into_http()
+}
+
+/// The size tonic's refusal names ("…: found N bytes, …", its `grpc-message` percent-encoded).
+fn found_bytes(message: &[u8]) -> Option<usize> {
+    let message = std::str::from_utf8(message).ok()?;
+    let (_, rest) = message.split_once("found")?;
+    let rest = rest.trim_start_matches("%20").trim_start();
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 type EventStream =
@@ -231,5 +340,44 @@ impl GatewayService for GatewayGrpc {
         let principal = self.authenticate(&request)?;
         let models = self.shared.pipeline.list_models(&principal).await?;
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn the_codecs_size_refusal_becomes_the_typed_payload_too_large() {
+        let refusal = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 9437219 bytes, the limit is: 8388608 bytes",
+        )
+        .into_http::<tonic::body::Body>();
+        let typed = typed_refusal(refusal, 8_388_608);
+        let status = tonic::Status::from_header_map(typed.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "PAYLOAD_TOO_LARGE");
+        assert_eq!(info.metadata["limit"], "8388608");
+        assert!(status.message().contains("9437219 bytes"), "{status:?}");
+        assert!(typed.headers().contains_key(REQUEST_ID));
+
+        // Any other answer passes untouched, typed errors included.
+        let typed_error = Status::from(GatewayError::InvalidKey).into_http::<tonic::body::Body>();
+        let passed = typed_refusal(typed_error, 1);
+        assert_eq!(passed.headers()["grpc-status"], "16");
+        let ok = http::Response::new(tonic::body::Body::empty());
+        assert!(!typed_refusal(ok, 1).headers().contains_key("grpc-status"));
+    }
+
+    #[test]
+    fn the_refused_size_is_read_from_the_encoded_message() {
+        assert_eq!(
+            found_bytes(b"Error,%20decoded%20message%20length%20too%20large:%20found%209437219%20bytes,%20the%20limit%20is:%208388608%20bytes"),
+            Some(9_437_219)
+        );
+        assert_eq!(found_bytes(b"found 12 bytes"), Some(12));
+        assert_eq!(found_bytes(b"too large"), None);
     }
 }

@@ -1,7 +1,8 @@
 //! Message size limits across the mesh: a request the gateway accepts (up to a raised
 //! `gateway.max_body_bytes`) is also accepted by the guard, cache and router behind it, and a
 //! message a hop refuses for its size is a typed "payload too large", never a dependency that is
-//! down (a false `guard_unavailable` 503) nor a guard fail-open.
+//! down (a false `guard_unavailable` 503) nor a guard fail-open. An over-limit gRPC request to the
+//! gateway itself is refused the way HTTP's 413 is.
 //!
 //! The provider is a stand-in without a body limit (the fake provider's JSON extractor stops at
 //! 2 MB); guard, cache, router and gateway are the real services over real gRPC.
@@ -297,5 +298,38 @@ async fn a_message_over_a_hops_limit_is_payload_too_large_never_guard_unavailabl
     let text = response.text().await.unwrap();
     assert_eq!(status, reqwest::StatusCode::PAYLOAD_TOO_LARGE, "{text}");
     assert!(!text.contains("guard_unavailable"), "{text}");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_request_over_max_body_bytes_is_refused_like_http_413() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    let status = client
+        .create_chat_completion(request("big", 9 * MIB))
+        .await
+        .expect_err("over the gateway's limit");
+    let metadata = assert_payload_too_large(&status);
+    assert_eq!(
+        metadata.get("limit").map(String::as_str),
+        Some(MAX_BODY.to_string().as_str()),
+        "{status:?}"
+    );
+    assert!(
+        status.metadata().get("x-switchboard-request-id").is_some(),
+        "{status:?}"
+    );
+    // Streams are refused the same way.
+    let stream = client
+        .stream_chat_completion(authed(
+            switchboard_proto::gateway::v1::StreamChatCompletionRequest {
+                request: Some(chat("big", 9 * MIB)),
+                ..Default::default()
+            },
+            KEY,
+        ))
+        .await
+        .expect_err("over the gateway's limit");
+    assert_payload_too_large(&stream);
     mesh.stop().await;
 }

@@ -6,7 +6,8 @@
 //! wants tool results of one assistant turn in one user turn). `max_tokens` is required by
 //! Anthropic: the request's, else the provider's `default_max_tokens`. JSON mode has no Anthropic
 //! parameter: it is emulated by an instruction appended to `system` (with the schema for
-//! `JSON_SCHEMA`). `top_k` is sent as `top_k`. Not expressible and ignored: `seed`,
+//! `JSON_SCHEMA`). `top_k` is sent as `top_k`. With both `temperature` and `top_p` set, only
+//! `temperature` is sent (recent Claude models reject the pair). Not expressible and ignored: `seed`,
 //! `presence_penalty`, `frequency_penalty`, `Tool.strict`; `n > 1` is rejected. A tool message's
 //! `tool_error` is the `tool_result`'s `is_error: true`.
 //!
@@ -15,7 +16,10 @@
 //! 4,096; never below Anthropic's minimum 1,024). Thinking counts within `max_tokens`, which must
 //! exceed the budget: without a client `max_tokens` it is the budget plus `default_max_tokens`;
 //! with one, the budget is clamped below it, and no thinking block is sent when that leaves less
-//! than 1,024. An assistant message's `thinking` blocks are sent back first in its turn,
+//! than 1,024. Thinking is left out the same way where Anthropic would reject it: in a tool loop
+//! (the last user turn holds tool results) whose last assistant turn does not start with a signed
+//! thinking block, and when the budget comes from an effort (the OpenAI face) while `tool_choice`
+//! forces a tool. An assistant message's `thinking` blocks are sent back first in its turn,
 //! unchanged (`thinking` + `signature`, or `redacted_thinking` + `data`), as Anthropic requires
 //! in the turn after a tool call. A block with neither a signature nor redacted data is not sent:
 //! Anthropic could not verify it and would reject the request (it came from another provider,
@@ -210,6 +214,7 @@ pub fn to_anthropic_request(
             _ => turns.push((role, blocks)),
         }
     }
+    let thinking_fits_history = thinking_fits_history(&turns);
     let messages: Vec<Value> = turns
         .into_iter()
         .map(|(role, content)| json!({ "role": role, "content": content }))
@@ -223,10 +228,28 @@ pub fn to_anthropic_request(
             "Anthropic generates one choice per request",
         ));
     }
+    // Thinking is left out (as when `max_tokens` leaves no room for it) where Anthropic would
+    // reject it with a 400 that stops the route: in a tool loop whose last assistant turn does not
+    // start with a signed thinking block, and when thinking the adapter derived from an
+    // OpenAI-style effort meets a `tool_choice` that forces a tool (OpenAI takes that pair).
+    let forced_tool = request
+        .tool_choice
+        .as_ref()
+        .and_then(|c| c.choice.as_ref())
+        .is_some_and(|choice| match choice {
+            ToolChoiceKind::Mode(mode) => *mode == ToolChoiceMode::Required as i32,
+            ToolChoiceKind::FunctionName(_) => true,
+        });
+    let effort_derived = request
+        .thinking
+        .as_ref()
+        .is_some_and(|t| t.budget_tokens == 0 && !t.effort.is_empty());
+    let thinking_allowed = thinking_fits_history && !(forced_tool && effort_derived);
     let (max_tokens, thinking) = max_tokens_and_thinking(
         sampling.max_tokens,
         request.thinking.as_ref(),
         default_max_tokens,
+        thinking_allowed,
     );
     body.insert("max_tokens".into(), json!(max_tokens));
     if !sampling.stop.is_empty() {
@@ -235,7 +258,9 @@ pub fn to_anthropic_request(
     if let Some(temperature) = sampling.temperature {
         body.insert("temperature".into(), json!(temperature));
     }
-    if let Some(top_p) = sampling.top_p {
+    // Recent Claude models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) reject `temperature` and
+    // `top_p` together; OpenAI clients often send both (`top_p: 1`): temperature wins.
+    if let Some(top_p) = sampling.top_p.filter(|_| sampling.temperature.is_none()) {
         body.insert("top_p".into(), json!(top_p));
     }
     if let Some(top_k) = sampling.top_k {
@@ -297,6 +322,34 @@ pub fn to_anthropic_request(
     Ok(Value::Object(body))
 }
 
+/// Whether thinking may be on for these turns. With thinking enabled, Anthropic requires the
+/// last assistant turn of a tool loop (the conversation ends with a user turn holding
+/// `tool_result`s) to start with a `thinking` / `redacted_thinking` block, and answers 400
+/// otherwise. Such a turn has none when its call came through a format that cannot carry
+/// Anthropic's signed blocks (the OpenAI face) or from another provider (unsigned blocks are not
+/// sent back).
+fn thinking_fits_history(turns: &[(&'static str, Vec<Value>)]) -> bool {
+    let Some(((last_role, last), earlier)) = turns.split_last() else {
+        return true;
+    };
+    let in_tool_loop =
+        *last_role == "user" && last.iter().any(|block| block["type"] == "tool_result");
+    if !in_tool_loop {
+        return true;
+    }
+    earlier
+        .iter()
+        .rev()
+        .find(|(role, _)| *role == "assistant")
+        .and_then(|(_, blocks)| blocks.first())
+        .is_some_and(|first| {
+            matches!(
+                first["type"].as_str(),
+                Some("thinking" | "redacted_thinking")
+            )
+        })
+}
+
 /// Anthropic's smallest thinking budget (`budget_tokens` >= 1,024).
 const MIN_THINKING_BUDGET: u32 = 1024;
 
@@ -309,12 +362,16 @@ const MIN_THINKING_BUDGET: u32 = 1024;
 ///   `max_tokens - 1`; when that leaves less than 1,024 no thinking block is sent at all, since
 ///   Anthropic would reject the request (400, and the route would stop) and the answer is worth
 ///   more than its reasoning. Thinking off is sent as `disabled` whatever `max_tokens` is.
+///
+/// Thinking asked but not `allowed` (Anthropic would reject it with this request) is left out the
+/// same way, `max_tokens` as without thinking.
 fn max_tokens_and_thinking(
     max_tokens: Option<u32>,
     thinking: Option<&switchboard_proto::chat::v1::ThinkingConfig>,
     default_max_tokens: u32,
+    allowed: bool,
 ) -> (u32, Option<Value>) {
-    let Some(thinking) = thinking else {
+    let Some(thinking) = thinking.filter(|t| allowed || !t.enabled) else {
         return (max_tokens.unwrap_or(default_max_tokens), None);
     };
     if !thinking.enabled {
@@ -802,6 +859,156 @@ mod tests {
         let body = to_anthropic_request("claude", &plain, false, 4096).unwrap();
         assert_eq!(body["max_tokens"], 4096);
         assert!(body.get("thinking").is_none());
+    }
+
+    fn weather_tool() -> switchboard_proto::chat::v1::Tool {
+        switchboard_proto::chat::v1::Tool {
+            name: "get_weather".into(),
+            parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}}}"#.into(),
+            ..Default::default()
+        }
+    }
+
+    /// User question, assistant call (with `thinking` blocks), tool result, and then `then`.
+    fn tool_loop(thinking: Vec<ThinkingBlock>, then: Vec<Message>) -> ChatRequest {
+        use switchboard_proto::chat::v1::ThinkingConfig;
+        let mut assistant = Message::text(Role::Assistant, "");
+        assistant.content.clear();
+        assistant.thinking = thinking;
+        assistant.tool_calls = vec![ToolCall {
+            id: "toolu_1".into(),
+            name: "get_weather".into(),
+            arguments_json: r#"{"city":"Paris"}"#.into(),
+            signature: String::new(),
+        }];
+        let mut result = Message::text(Role::Tool, "18C");
+        result.tool_call_id = "toolu_1".into();
+        let mut messages = vec![
+            Message::text(Role::User, "Weather in Paris?"),
+            assistant,
+            result,
+        ];
+        messages.extend(then);
+        ChatRequest {
+            model: "route".into(),
+            messages,
+            tools: vec![weather_tool()],
+            thinking: Some(ThinkingConfig {
+                enabled: true,
+                effort: "high".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn thinking_is_left_out_of_a_tool_loop_whose_last_call_came_without_a_signed_block() {
+        // The call came through the OpenAI face, or from another provider: no signed block.
+        // Anthropic would answer 400 (the last assistant turn must start with thinking).
+        for thinking in [vec![], vec![block("from Gemini", "", "")]] {
+            let request = tool_loop(thinking, vec![]);
+            let body = to_anthropic_request("claude", &request, false, 4096).unwrap();
+            assert!(body.get("thinking").is_none(), "{body}");
+            // The answer keeps the room it has without thinking.
+            assert_eq!(body["max_tokens"], 4096);
+            assert_eq!(body["messages"][1]["content"][0]["type"], "tool_use");
+        }
+        // The same with the results followed by more user text, merged into their turn.
+        let request = tool_loop(vec![], vec![Message::text(Role::User, "Also Oslo?")]);
+        let body = to_anthropic_request("claude", &request, false, 4096).unwrap();
+        assert!(body.get("thinking").is_none(), "{body}");
+        // Signed (or redacted) thinking first in the turn: thinking stays on.
+        for signed in [block("hmm", "EqQB", ""), block("", "", "EmwK")] {
+            let request = tool_loop(vec![signed], vec![]);
+            let body = to_anthropic_request("claude", &request, false, 4096).unwrap();
+            assert_eq!(
+                body["thinking"],
+                json!({ "type": "enabled", "budget_tokens": 4096 })
+            );
+            assert_eq!(body["max_tokens"], 8192);
+        }
+        // A loop that is over (a new user question after the assistant's answer): thinking on.
+        let request = tool_loop(
+            vec![],
+            vec![
+                Message::text(Role::Assistant, "18C in Paris."),
+                Message::text(Role::User, "And tomorrow?"),
+            ],
+        );
+        let body = to_anthropic_request("claude", &request, false, 4096).unwrap();
+        assert_eq!(body["thinking"]["type"], "enabled");
+    }
+
+    #[test]
+    fn effort_derived_thinking_is_left_out_when_the_tool_choice_forces_a_tool() {
+        use switchboard_proto::chat::v1::{ThinkingConfig, ToolChoice};
+        let ask = |choice: ToolChoiceKind, budget_tokens: u32, effort: &str| ChatRequest {
+            model: "route".into(),
+            messages: vec![Message::text(Role::User, "Weather in Paris?")],
+            tools: vec![weather_tool()],
+            tool_choice: Some(ToolChoice {
+                choice: Some(choice),
+            }),
+            thinking: Some(ThinkingConfig {
+                enabled: true,
+                budget_tokens,
+                effort: effort.into(),
+            }),
+            ..Default::default()
+        };
+        let required = ToolChoiceKind::Mode(ToolChoiceMode::Required as i32);
+        let named = ToolChoiceKind::FunctionName("get_weather".into());
+        let auto = ToolChoiceKind::Mode(ToolChoiceMode::Auto as i32);
+        for (choice, expected) in [
+            (required.clone(), json!({ "type": "any" })),
+            (
+                named.clone(),
+                json!({ "type": "tool", "name": "get_weather" }),
+            ),
+        ] {
+            let body =
+                to_anthropic_request("claude", &ask(choice, 0, "medium"), false, 4096).unwrap();
+            assert!(body.get("thinking").is_none(), "{body}");
+            assert_eq!(body["tool_choice"], expected);
+            assert_eq!(body["max_tokens"], 4096);
+        }
+        // `auto` lets the model think.
+        let body = to_anthropic_request("claude", &ask(auto, 0, "medium"), false, 4096).unwrap();
+        assert_eq!(
+            body["thinking"],
+            json!({ "type": "enabled", "budget_tokens": 2048 })
+        );
+        // A budget the client set itself (Anthropic's own terms) is sent as asked.
+        let body = to_anthropic_request("claude", &ask(required, 2000, ""), false, 4096).unwrap();
+        assert_eq!(body["thinking"]["budget_tokens"], 2000);
+    }
+
+    #[test]
+    fn with_both_temperature_and_top_p_only_temperature_is_sent() {
+        use switchboard_proto::chat::v1::SamplingParams;
+        let ask = |temperature: Option<f64>, top_p: Option<f64>| {
+            let request = ChatRequest {
+                model: "route".into(),
+                messages: vec![Message::text(Role::User, "hi")],
+                sampling: Some(SamplingParams {
+                    temperature,
+                    top_p,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            to_anthropic_request("claude", &request, false, 1024).unwrap()
+        };
+        let both = ask(Some(0.2), Some(1.0));
+        assert_eq!(both["temperature"], 0.2);
+        assert!(both.get("top_p").is_none(), "{both}");
+        let top_p = ask(None, Some(0.9));
+        assert_eq!(top_p["top_p"], 0.9);
+        assert!(top_p.get("temperature").is_none());
+        let temperature = ask(Some(0.7), None);
+        assert_eq!(temperature["temperature"], 0.7);
+        assert!(temperature.get("top_p").is_none());
     }
 
     #[test]
