@@ -30,6 +30,11 @@ use crate::config::{MaxTokensField, ProviderConfig, ProviderKind};
 
 pub use openai::TranslateError;
 
+/// The first Azure OpenAI api-version that takes `stream_options` (earlier ones reject it).
+const AZURE_STREAM_OPTIONS_SINCE: &str = "2024-09-01-preview";
+/// The first Azure OpenAI api-version that takes the `developer` role.
+const AZURE_DEVELOPER_ROLE_SINCE: &str = "2024-12-01-preview";
+
 /// Largest error body read from a provider.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Longest provider error message kept.
@@ -371,7 +376,7 @@ pub trait StreamDecoder: Send {
 /// one (Gemini, [`gemini::call_tag`]).
 pub fn decoder(kind: ProviderKind, created: i64, call_tag: &str) -> Box<dyn StreamDecoder> {
     match kind {
-        ProviderKind::Openai | ProviderKind::Azure => Box::new(openai::OpenaiDecoder),
+        ProviderKind::Openai | ProviderKind::Azure => Box::new(openai::OpenaiDecoder::default()),
         ProviderKind::Anthropic => Box::new(anthropic::AnthropicDecoder::new(created)),
         ProviderKind::Gemini => Box::new(gemini::GeminiDecoder::new(created, call_tag)),
     }
@@ -493,16 +498,40 @@ impl ProviderClient {
     /// it as an extension; OpenAI itself (`api.openai.com`) and Azure OpenAI have no such parameter,
     /// and it is dropped for them.
     fn takes_top_k(&self) -> bool {
-        if self.kind != ProviderKind::Openai {
-            return false;
-        }
+        self.kind == ProviderKind::Openai && !self.is_openai_itself()
+    }
+
+    /// Whether the base URL is OpenAI's own API (`api.openai.com`).
+    fn is_openai_itself(&self) -> bool {
         let host = self
             .base
             .as_ref()
             .ok()
             .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
             .unwrap_or_default();
-        host != "api.openai.com"
+        host == "api.openai.com"
+    }
+
+    /// Whether this is Azure OpenAI with a dated api-version before `since` (dated versions,
+    /// `2024-06-01` or `2024-08-01-preview`, compare as text; others, `v1`, `preview`, `latest`,
+    /// are recent).
+    fn azure_version_before(&self, since: &str) -> bool {
+        let version = self.api_version.as_deref().unwrap_or_default();
+        self.kind == ProviderKind::Azure
+            && version.starts_with(|c: char| c.is_ascii_digit())
+            && version < since
+    }
+
+    /// Whether chat requests may carry the `developer` role: OpenAI itself (`api.openai.com`) and
+    /// Azure api-versions from 2024-12-01-preview. OpenAI-compatible servers (DeepSeek, DeepInfra,
+    /// vLLM, ...) and older Azure api-versions reject it (400/422); they get `system`, which is
+    /// what the role means to providers that lack it.
+    fn takes_developer_role(&self) -> bool {
+        match self.kind {
+            ProviderKind::Openai => self.is_openai_itself(),
+            ProviderKind::Azure => !self.azure_version_before(AZURE_DEVELOPER_ROLE_SINCE),
+            _ => false,
+        }
     }
 
     /// Translates `request` for provider model `model` (for Azure: the deployment).
@@ -516,11 +545,24 @@ impl ProviderClient {
             ProviderKind::Openai | ProviderKind::Azure => {
                 let mut body =
                     openai::to_openai_request(model, request, stream, self.max_tokens_field)?;
-                if let Some(top_k) = request.sampling.as_ref().and_then(|s| s.top_k)
-                    && self.takes_top_k()
-                    && let Some(body) = body.as_object_mut()
-                {
-                    body.insert("top_k".into(), Value::from(top_k));
+                if let Some(body) = body.as_object_mut() {
+                    if let Some(top_k) = request.sampling.as_ref().and_then(|s| s.top_k)
+                        && self.takes_top_k()
+                    {
+                        body.insert("top_k".into(), Value::from(top_k));
+                    }
+                    if !self.takes_developer_role()
+                        && let Some(Value::Array(messages)) = body.get_mut("messages")
+                    {
+                        for message in messages {
+                            if message["role"] == "developer" {
+                                message["role"] = Value::from("system");
+                            }
+                        }
+                    }
+                    if self.azure_version_before(AZURE_STREAM_OPTIONS_SINCE) {
+                        body.remove("stream_options");
+                    }
                 }
                 body
             }

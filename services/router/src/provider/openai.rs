@@ -27,6 +27,15 @@
 //! `SamplingParams.top_k` — except to OpenAI-compatible servers (vLLM, Ollama, ...), which take
 //! `top_k` as an extension: the provider client adds it for an `openai` provider whose `base_url`
 //! is not OpenAI's own (see `ProviderClient::prepare`). It is never an error.
+//!
+//! Per endpoint (`ProviderClient::prepare`): a `developer` message goes as `developer` only to
+//! OpenAI itself and to Azure api-versions from 2024-12-01-preview; OpenAI-compatible servers
+//! (DeepSeek, DeepInfra, vLLM, ...) and older Azure api-versions reject that role, and get
+//! `system`. `stream_options` (usage at the end of a stream) is not sent to Azure api-versions
+//! before 2024-09-01-preview, which reject it: those streams carry no usage.
+//!
+//! Finish reasons: `"stop"` on a choice with tool calls (OpenAI's answer to a named tool choice,
+//! unary and streamed) is `FINISH_REASON_TOOL_CALLS`, as for Gemini.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -400,6 +409,17 @@ fn usage(usage: Option<OaUsage>) -> Option<Usage> {
     })
 }
 
+/// A choice that called tools finished for them: OpenAI ends a named `tool_choice`'s call with
+/// `"stop"` (unary and streamed), which is `FINISH_REASON_TOOL_CALLS` here, as Gemini's `STOP`
+/// with function calls is.
+fn with_calls(reason: FinishReason, calls: bool) -> FinishReason {
+    if calls && reason == FinishReason::Stop {
+        FinishReason::ToolCalls
+    } else {
+        reason
+    }
+}
+
 /// Maps an OpenAI finish reason.
 pub fn finish_reason(reason: Option<&str>) -> FinishReason {
     match reason {
@@ -470,25 +490,30 @@ pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
         .map(|choice| {
             let mut message = choice.message.unwrap_or_default();
             let reasoning = message.take_reasoning();
+            let tool_calls: Vec<ToolCall> = message
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .map(|call| {
+                    let function = call.function.unwrap_or_default();
+                    ToolCall {
+                        id: call.id.unwrap_or_default(),
+                        name: function.name.unwrap_or_default(),
+                        arguments_json: function.arguments.unwrap_or_default(),
+                        signature: String::new(),
+                    }
+                })
+                .collect();
+            let finish = with_calls(
+                finish_reason(choice.finish_reason.as_deref()),
+                !tool_calls.is_empty(),
+            );
             Choice {
                 index: choice.index,
                 message: Some(Message {
                     role: role(message.role.as_deref().or(Some("assistant"))) as i32,
                     content: content_parts(message.content.as_ref()),
-                    tool_calls: message
-                        .tool_calls
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|call| {
-                            let function = call.function.unwrap_or_default();
-                            ToolCall {
-                                id: call.id.unwrap_or_default(),
-                                name: function.name.unwrap_or_default(),
-                                arguments_json: function.arguments.unwrap_or_default(),
-                                signature: String::new(),
-                            }
-                        })
-                        .collect(),
+                    tool_calls,
                     thinking: if reasoning.is_empty() {
                         Vec::new()
                     } else {
@@ -500,7 +525,7 @@ pub fn from_openai_response(body: &[u8]) -> Result<ChatResponse, ParseError> {
                     refusal: message.refusal.unwrap_or_default(),
                     ..Default::default()
                 }),
-                finish_reason: finish_reason(choice.finish_reason.as_deref()) as i32,
+                finish_reason: finish as i32,
             }
         })
         .collect();
@@ -588,9 +613,13 @@ fn provider_error(body: &[u8], error: ParseError) -> ProviderError {
 
 /// Decodes OpenAI (and Azure OpenAI) chat-completion streams: one `chat.completion.chunk` per
 /// event, ended by `data: [DONE]`. Chunks with neither choices nor usage (Azure's opening
-/// `prompt_filter_results`) are skipped; an `{"error":…}` event is mapped to the taxonomy.
+/// `prompt_filter_results`) are skipped; an `{"error":…}` event is mapped to the taxonomy. A
+/// choice that streamed tool-call deltas and finishes with `"stop"` finishes with tool calls.
 #[derive(Debug, Default)]
-pub struct OpenaiDecoder;
+pub struct OpenaiDecoder {
+    /// Indexes of the choices that streamed tool-call deltas so far.
+    calling: std::collections::BTreeSet<u32>,
+}
 
 impl StreamDecoder for OpenaiDecoder {
     fn event(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
@@ -601,7 +630,16 @@ impl StreamDecoder for OpenaiDecoder {
                 done: true,
             });
         }
-        let chunk = from_openai_chunk(data).map_err(|e| provider_error(data.as_bytes(), e))?;
+        let mut chunk = from_openai_chunk(data).map_err(|e| provider_error(data.as_bytes(), e))?;
+        for choice in &mut chunk.choices {
+            if !choice.tool_calls.is_empty() {
+                self.calling.insert(choice.index);
+            }
+            if let Ok(reason) = FinishReason::try_from(choice.finish_reason) {
+                choice.finish_reason =
+                    with_calls(reason, self.calling.contains(&choice.index)) as i32;
+            }
+        }
         let chunks = if chunk.choices.is_empty() && chunk.usage.is_none() {
             Vec::new()
         } else {
@@ -889,7 +927,7 @@ mod tests {
             event: String::new(),
             data: data.to_owned(),
         };
-        let mut decoder = OpenaiDecoder;
+        let mut decoder = OpenaiDecoder::default();
         // An error event mid-stream, alone or with fields that do not fit a chunk's shape.
         for data in [
             r#"{"error":{"message":"Overloaded","type":"overloaded_error"}}"#,
@@ -940,6 +978,65 @@ mod tests {
                 .unwrap()
                 .joined_text(),
             "x"
+        );
+    }
+
+    #[test]
+    fn a_stop_with_tool_calls_is_a_tool_calls_finish() {
+        // OpenAI finishes a named tool choice's call with "stop" (unary and streamed).
+        let body = br#"{"id":"c","model":"gpt-4o","created":1,"choices":[{"index":0,"finish_reason":"stop",
+            "message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+            "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]}}]}"#;
+        let response = parse_response(body).unwrap();
+        assert_eq!(
+            response.choices[0].finish_reason,
+            FinishReason::ToolCalls as i32
+        );
+        // Without calls, a stop is a stop.
+        let text = br#"{"id":"c","model":"gpt-4o","created":1,"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"hi","tool_calls":[]}}]}"#;
+        assert_eq!(
+            parse_response(text).unwrap().choices[0].finish_reason,
+            FinishReason::Stop as i32
+        );
+
+        let event = |data: &str| SseEvent {
+            event: String::new(),
+            data: data.to_owned(),
+        };
+        let finishes = |events: &[&str]| {
+            let mut decoder = OpenaiDecoder::default();
+            events
+                .iter()
+                .flat_map(|data| decoder.event(&event(data)).unwrap().chunks)
+                .flat_map(|chunk| chunk.choices)
+                .filter(|choice| choice.finish_reason != 0)
+                .map(|choice| (choice.index, choice.finish_reason))
+                .collect::<Vec<_>>()
+        };
+        let call = |index: u32| {
+            format!(
+                r#"{{"id":"c","model":"m","choices":[{{"index":{index},"delta":{{"tool_calls":[{{"index":0,"id":"call_{index}","type":"function","function":{{"name":"f","arguments":"{{}}"}}}}]}},"finish_reason":null}}]}}"#
+            )
+        };
+        let stop = |index: u32| {
+            format!(
+                r#"{{"id":"c","model":"m","choices":[{{"index":{index},"delta":{{}},"finish_reason":"stop"}}]}}"#
+            )
+        };
+        let text = r#"{"id":"c","model":"m","choices":[{"index":1,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+        // Choice 0 called a tool, choice 1 answered text: only choice 0's stop becomes tool_calls.
+        assert_eq!(
+            finishes(&[&call(0), text, &stop(0), &stop(1)]),
+            vec![
+                (0, FinishReason::ToolCalls as i32),
+                (1, FinishReason::Stop as i32)
+            ]
+        );
+        // A stop in the same chunk as the call.
+        let together = r#"{"id":"c","model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_0","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}]}"#;
+        assert_eq!(
+            finishes(&[together]),
+            vec![(0, FinishReason::ToolCalls as i32)]
         );
     }
 
