@@ -205,6 +205,10 @@ impl ProviderError {
             // Gemini answers a wrong or expired API key with 400 INVALID_ARGUMENT: the key's
             // fault, not the request's (another key or target may serve).
             400 if detail.is_invalid_key(&message) => ProviderError::Authentication { status },
+            // The key's account cannot pay (Anthropic: credit balance too low, a spend limit
+            // reached; Gemini: FAILED_PRECONDITION for billing, the free tier or the region): not
+            // the request's fault either; the key cools down, another key or target serves.
+            400 if detail.is_account_unusable(&message) => ProviderError::Authentication { status },
             400 | 413 | 422 if detail.is_context_length(&message) => {
                 ProviderError::ContextLength { status, message }
             }
@@ -306,6 +310,23 @@ impl ErrorDetail {
             .iter()
             .any(|r| matches!(r.as_str(), "API_KEY_INVALID" | "API_KEY_EXPIRED"))
             || PATTERNS.iter().any(|p| message.contains(p))
+    }
+
+    /// An account that cannot be used as it is, whatever the request: Anthropic's 400
+    /// `invalid_request_error` "Your credit balance is too low …" and "You have reached your
+    /// specified (workspace) API usage limits …", Gemini's 400 `FAILED_PRECONDITION` about billing,
+    /// the free tier or the caller's location.
+    fn is_account_unusable(&self, message: &str) -> bool {
+        let message = message.to_ascii_lowercase();
+        let anthropic = self.kind.as_deref() == Some("invalid_request_error")
+            && (message.contains("credit balance is too low")
+                || (message.contains("reached your specified")
+                    && message.contains("api usage limits")));
+        let gemini = self.codes.iter().any(|c| c == "FAILED_PRECONDITION")
+            && ["billing", "free tier", "location is not supported"]
+                .iter()
+                .any(|p| message.contains(p));
+        anthropic || gemini
     }
 
     fn is_context_length(&self, message: &str) -> bool {
@@ -1005,6 +1026,40 @@ mod tests {
             None
         );
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn an_account_that_cannot_pay_is_the_keys_fault_not_the_requests() {
+        // The key's account is out of credit, over its spend limit or without billing: another
+        // key or target may serve (key cooldown, fallback), unlike a bad request.
+        for body in [
+            &br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#[..],
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"You have reached your specified API usage limits. You will regain access on 2025-07-01 at 00:00 UTC."}}"#,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"You have reached your specified workspace API usage limits. You will regain access on 2025-07-01 at 00:00 UTC."}}"#,
+            br#"{"error":{"code":400,"message":"Gemini API free tier is not available in your country. Please enable billing on your project in Google AI Studio.","status":"FAILED_PRECONDITION"}}"#,
+            br#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#,
+        ] {
+            let text = String::from_utf8_lossy(body);
+            let error = ProviderError::from_status(400, None, body);
+            assert_eq!(error, ProviderError::Authentication { status: 400 }, "{text}");
+            assert!(error.allows_fallback() && !error.is_retryable(), "{text}");
+            // The same sent as an error event (a 200 answer or a stream).
+            let value: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(
+                ProviderError::from_error_value(&value).code(),
+                "AUTHENTICATION_ERROR",
+                "{text}"
+            );
+        }
+        // Narrow: other invalid requests and other FAILED_PRECONDITIONs stay bad requests.
+        for body in [
+            &br#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: roles must alternate"}}"#[..],
+            br#"{"error":{"code":400,"message":"Precondition check failed.","status":"FAILED_PRECONDITION"}}"#,
+            br#"{"error":{"message":"Invalid value for 'billing_details'.","type":"invalid_request_error"}}"#,
+        ] {
+            let error = ProviderError::from_status(400, None, body);
+            assert_eq!(error.code(), "BAD_REQUEST", "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]
