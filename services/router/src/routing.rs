@@ -1127,13 +1127,14 @@ impl Exchange for Streamed {
     }
 }
 
-/// Whether a chunk carries something of the answer: text, a tool-call delta, reasoning, a stop
-/// sequence, a finish reason or the usage. Opening chunks (Anthropic's `message_start` role
+/// Whether a chunk carries something of the answer: text, a refusal, a tool-call delta,
+/// reasoning, a stop sequence, a finish reason or the usage. Opening chunks (Anthropic's `message_start` role
 /// chunk, OpenAI's first delta `{"role":"assistant","content":""}`) do not.
 fn carries_content(chunk: &ChatChunk) -> bool {
     chunk.usage.is_some()
         || chunk.choices.iter().any(|choice| {
             !choice.content.is_empty()
+                || !choice.refusal.is_empty()
                 || !choice.tool_calls.is_empty()
                 || choice.finish_reason != 0
                 || !choice.stop_sequence.is_empty()
@@ -1262,6 +1263,25 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_piece_carries_content() {
+        use switchboard_proto::chat::v1::{ChoiceDelta, Role};
+        let chunk = |delta: ChoiceDelta| ChatChunk {
+            choices: vec![delta],
+            ..Default::default()
+        };
+        let opening = ChoiceDelta {
+            role: Role::Assistant as i32,
+            ..Default::default()
+        };
+        assert!(!carries_content(&chunk(opening)));
+        let refusal = ChoiceDelta {
+            refusal: "I can't".into(),
+            ..Default::default()
+        };
+        assert!(carries_content(&chunk(refusal)));
+    }
 
     #[test]
     fn a_budget_refusal_is_the_reason_only_when_no_target_was_tried() {
