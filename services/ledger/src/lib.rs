@@ -39,7 +39,7 @@ pub mod internals {
         },
         partitions::{ANALYZE_FIRST_ROWS, Maintenance, Partitions, analyze_due, month_start},
         pricing::{ANY_PROVIDER, Price, PriceBook, PriceSource},
-        record::{Rejected, UsageRow, price_event},
+        record::{AttemptUsage, Rejected, UsageRow, price_event},
         repo::{ImportMeta, RepoError, Repository, Spend, Unpriced},
         spend::{
             Dimension, Filter, Group, Measures, Plan, Source, SpendAnswer, SpendQuery,

@@ -9,9 +9,10 @@ use uuid::Uuid;
 
 use crate::{
     litellm::{self, FileError, Note},
-    money::{Pricing, Tokens},
+    money::Tokens,
     pricing::{Price, PriceBook, PriceSource},
-    repo::{Repository, insert_price, price_columns, price_of_row},
+    record::{known_earlier_attempts, request_cost},
+    repo::{Repository, decode_earlier_attempts, insert_price, price_columns, price_of_row},
 };
 
 /// Why an import or a re-pricing failed as a whole.
@@ -213,7 +214,8 @@ pub struct Reprice {
     pub since: OffsetDateTime,
     /// Exclusive end.
     pub until: OffsetDateTime,
-    /// Only rows of this served model (`model` or `provider/model`).
+    /// Only rows that used this model (`model` or `provider/model`): served it, or spent tokens
+    /// on it in an earlier attempt.
     pub model: Option<String>,
     /// Why (recorded in the audit row).
     pub reason: String,
@@ -228,6 +230,10 @@ pub struct RepriceReport {
     pub rows_examined: i64,
     /// Rows whose cost changed.
     pub rows_changed: i64,
+    /// Rows left as recorded because they cannot be re-priced: more than one attempt, recorded
+    /// before the earlier attempts' usage was kept on the row (their cost includes those attempts,
+    /// whose tokens are unknown). Counted in the totals below with their recorded cost.
+    pub rows_skipped: i64,
     /// Sum of the priced rows' cost before, nano-USD.
     pub old_total_usd_nanos: i128,
     /// After.
@@ -242,21 +248,14 @@ pub struct RepriceReport {
 
 const PAGE: i64 = 5_000;
 
-/// The cost of a row at `pricing` (same rules as recording: nothing consumed costs 0, priced or
-/// not; no price means NULL, never 0).
-pub(crate) fn cost_of(tokens: Tokens, pricing: Option<Pricing>) -> Option<i64> {
-    match pricing {
-        Some(pricing) => pricing.cost(tokens).ok(),
-        None if tokens.is_zero() => Some(0),
-        None => None,
-    }
-}
-
 /// Re-prices the rows of `[since, until)` with the prices recorded now (configured prices
 /// first, then imported), in one transaction: every changed row's cost is updated, and an audit
-/// row (who, when, the period, the model filter, the reason, rows examined and changed, old and
-/// new totals and unpriced counts) plus one `reprice_changes` row per changed row (old and new
-/// cost) are written. Cache hits keep their cost of 0.
+/// row (who, when, the period, the model filter, the reason, rows examined, changed and skipped,
+/// old and new totals and unpriced counts) plus one `reprice_changes` row per changed row (old
+/// and new cost) are written. A row is priced as recording prices it ([`request_cost`]): the
+/// serving attempt and every earlier attempt that consumed tokens, each at its own price. Cache
+/// hits keep their cost of 0. A row with more than one attempt whose earlier attempts' usage is
+/// unknown (recorded before it was kept) keeps its recorded cost and is counted in `rows_skipped`.
 pub async fn reprice(
     repo: &Repository,
     request: &Reprice,
@@ -284,10 +283,13 @@ pub async fn reprice(
     loop {
         let rows = sqlx::query(
             "SELECT request_id, time, provider, model, prompt_tokens, cached_prompt_tokens, \
-             cache_write_tokens, completion_tokens, reasoning_tokens, cost_usd_nanos, cache \
+             cache_write_tokens, completion_tokens, reasoning_tokens, cost_usd_nanos, cache, attempts, \
+             earlier_attempts::text AS earlier_attempts \
              FROM usage_records \
              WHERE time >= $1 AND time < $2 \
-               AND ($3::text IS NULL OR model = $3 OR provider || '/' || model = $3) \
+               AND ($3::text IS NULL OR model = $3 OR provider || '/' || model = $3 \
+                 OR EXISTS (SELECT 1 FROM jsonb_array_elements(earlier_attempts) a \
+                   WHERE a->>'model' = $3 OR (a->>'provider') || '/' || (a->>'model') = $3)) \
                AND ($4::timestamptz IS NULL OR (time, request_id) > ($4, $5)) \
              ORDER BY time, request_id LIMIT $6 FOR UPDATE",
         )
@@ -317,9 +319,25 @@ pub async fn reprice(
             let new = if cache == "hit" {
                 old
             } else {
-                let provider: String = row.try_get("provider")?;
-                let served: String = row.try_get("model")?;
-                cost_of(tokens, book.lookup(&provider, &served, time))
+                let attempts = u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0);
+                let stored =
+                    decode_earlier_attempts(row.try_get::<Option<&str>, _>("earlier_attempts")?);
+                // An unreadable value is as unknown as a missing one: left as recorded, never guessed.
+                let earlier = match &stored {
+                    Ok(stored) => known_earlier_attempts(attempts, stored.as_deref()),
+                    Err(_) => None,
+                };
+                match earlier {
+                    None => {
+                        report.rows_skipped += 1;
+                        old
+                    }
+                    Some(earlier) => {
+                        let provider: String = row.try_get("provider")?;
+                        let served: String = row.try_get("model")?;
+                        request_cost(&provider, &served, tokens, earlier, time, &book).ok()
+                    }
+                }
             };
             match old {
                 Some(cost) => report.old_total_usd_nanos += i128::from(cost),
@@ -344,8 +362,8 @@ pub async fn reprice(
     }
     let audit_id: i64 = sqlx::query_scalar(
         "INSERT INTO reprice_audits (requested_by, since, until, model, reason, rows_examined, rows_changed, \
-         old_total_usd_nanos, new_total_usd_nanos, old_unpriced, new_unpriced) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9::numeric, $10, $11) RETURNING id",
+         old_total_usd_nanos, new_total_usd_nanos, old_unpriced, new_unpriced, rows_skipped) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9::numeric, $10, $11, $12) RETURNING id",
     )
     .bind(&actor.0)
     .bind(request.since)
@@ -358,6 +376,7 @@ pub async fn reprice(
     .bind(report.new_total_usd_nanos.to_string())
     .bind(report.old_unpriced)
     .bind(report.new_unpriced)
+    .bind(report.rows_skipped)
     .fetch_one(&mut *tx)
     .await?;
     for chunk in changes.chunks(PAGE as usize) {
@@ -395,6 +414,7 @@ pub async fn reprice(
         audit.id = audit_id,
         rows.examined = report.rows_examined,
         rows.changed = report.rows_changed,
+        rows.skipped = report.rows_skipped,
         "period re-priced"
     );
     Ok(report)

@@ -32,6 +32,12 @@ pub struct UsageRow {
     pub attempts: u32,
     /// Tokens of the serving attempt.
     pub tokens: Tokens,
+    /// The attempts before the serving one that consumed tokens (a stream cut short, then a retry
+    /// or fallback), each priced at its own provider and model and included in `cost_usd_nanos`.
+    /// Written whenever `attempts > 1` (an empty list when none consumed tokens); `None` for a
+    /// single attempt, and for a row recorded before they were kept (see
+    /// [`UsageRow::known_earlier_attempts`]).
+    pub earlier_attempts: Option<Vec<AttemptUsage>>,
     /// Cost in nano-USD; `None` when the model has no known price.
     pub cost_usd_nanos: Option<i64>,
     /// Saved by a cache hit, nano-USD.
@@ -50,6 +56,86 @@ pub struct UsageRow {
     pub trace_id: String,
     /// Caller tags.
     pub tags: BTreeMap<String, String>,
+}
+
+impl UsageRow {
+    /// The earlier attempts that consumed tokens, when known: `None` for a row with more than one
+    /// attempt recorded before they were kept on the row (its cost includes them, but what they
+    /// consumed is lost, so it cannot be re-priced).
+    pub fn known_earlier_attempts(&self) -> Option<&[AttemptUsage]> {
+        known_earlier_attempts(self.attempts, self.earlier_attempts.as_deref())
+    }
+}
+
+/// [`UsageRow::known_earlier_attempts`] from the stored `attempts` and `earlier_attempts`.
+pub(crate) fn known_earlier_attempts(
+    attempts: u32,
+    earlier: Option<&[AttemptUsage]>,
+) -> Option<&[AttemptUsage]> {
+    match earlier {
+        Some(earlier) => Some(earlier),
+        None if attempts <= 1 => Some(&[]),
+        None => None,
+    }
+}
+
+/// What one attempt consumed, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptUsage {
+    /// The attempt's provider.
+    pub provider: String,
+    /// The attempt's provider model.
+    pub model: String,
+    /// Its tokens.
+    pub tokens: Tokens,
+}
+
+/// Why a request has no cost (it is recorded unpriced: NULL, never 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NoCost {
+    /// An attempt consumed tokens on a model without a price.
+    NoPrice {
+        /// Whether it is an earlier attempt (else the serving one).
+        earlier: bool,
+        provider: String,
+        model: String,
+    },
+    /// The cost does not fit in an i64 of nano-USD.
+    Overflow,
+}
+
+/// The cost of a request that was not served from our cache: the serving attempt's `tokens` on
+/// `provider`/`model`, plus each earlier attempt that consumed tokens, each at its own provider's
+/// and model's price in effect at `at`. The one pricing rule of recording and of re-pricing:
+/// nothing consumed costs 0, priced or not; any consumed token without a price makes the whole
+/// request unpriced, never cheaper.
+pub(crate) fn request_cost(
+    provider: &str,
+    model: &str,
+    tokens: Tokens,
+    earlier: &[AttemptUsage],
+    at: OffsetDateTime,
+    prices: &PriceBook,
+) -> Result<i64, NoCost> {
+    let attempt_cost = |provider: &str, model: &str, tokens: Tokens, earlier: bool| {
+        if tokens.is_zero() {
+            return Ok(0);
+        }
+        let pricing = prices
+            .lookup(provider, model, at)
+            .ok_or_else(|| NoCost::NoPrice {
+                earlier,
+                provider: provider.to_owned(),
+                model: model.to_owned(),
+            })?;
+        pricing.cost(tokens).map_err(|_| NoCost::Overflow)
+    };
+    let mut total = attempt_cost(provider, model, tokens, false)?;
+    for attempt in earlier {
+        let cost = attempt_cost(&attempt.provider, &attempt.model, attempt.tokens, true)?;
+        total = total.checked_add(cost).ok_or(NoCost::Overflow)?;
+    }
+    Ok(total)
 }
 
 /// Why an event cannot become a row (the message is terminated, never retried).
@@ -138,31 +224,21 @@ pub fn time_to_timestamp(time: OffsetDateTime) -> switchboard_proto::Timestamp {
     }
 }
 
-/// The cost of the attempts before the last one that consumed tokens (a retry or fallback after
-/// an attempt that was cut short): each at its own provider's and model's price. The last
-/// attempt's tokens are the event's `usage`. `Err((provider, model))` when one has no price.
-fn earlier_attempts_cost(
-    route: &switchboard_proto::chat::v1::RouteInfo,
-    at: OffsetDateTime,
-    prices: &PriceBook,
-) -> Result<i64, (String, String)> {
+/// The attempts before the last one (the serving attempt, whose tokens are the event's `usage`)
+/// that consumed tokens.
+fn earlier_attempts(route: &switchboard_proto::chat::v1::RouteInfo) -> Vec<AttemptUsage> {
     let Some((_, earlier)) = route.attempts.split_last() else {
-        return Ok(0);
+        return Vec::new();
     };
-    let mut total = 0i64;
-    for attempt in earlier {
-        let tokens = tokens_of(attempt.usage.as_ref());
-        if tokens.is_zero() {
-            continue;
-        }
-        let unpriced = || (attempt.provider.clone(), attempt.model.clone());
-        let pricing = prices
-            .lookup(&attempt.provider, &attempt.model, at)
-            .ok_or_else(unpriced)?;
-        let cost = pricing.cost(tokens).map_err(|_| unpriced())?;
-        total = total.checked_add(cost).ok_or_else(unpriced)?;
-    }
-    Ok(total)
+    earlier
+        .iter()
+        .map(|attempt| AttemptUsage {
+            provider: clean(attempt.provider.clone()),
+            model: clean(attempt.model.clone()),
+            tokens: tokens_of(attempt.usage.as_ref()),
+        })
+        .filter(|attempt| !attempt.tokens.is_zero())
+        .collect()
 }
 
 /// The time embedded in a UUIDv7 (Unix milliseconds).
@@ -203,7 +279,10 @@ pub fn price_event(
     let tokens = tokens_of(event.usage.as_ref());
     let cache = CacheOutcome::try_from(event.cache).unwrap_or(CacheOutcome::Unspecified);
     let status = RequestStatus::try_from(event.status).unwrap_or(RequestStatus::Unspecified);
-    let pricing = prices.lookup(&route.provider, &route.model, time);
+    let earlier = earlier_attempts(&route);
+    let provider = clean(route.provider);
+    let model = clean(route.model);
+    let pricing = prices.lookup(&provider, &model, time);
 
     let (cost_usd_nanos, saved_usd_nanos) = if cache == CacheOutcome::Hit {
         // Served from our cache: nothing paid. What it saved is the cached answer's usage at today's rates.
@@ -216,7 +295,7 @@ pub fn price_event(
             None => {
                 if !saved_tokens.is_zero() {
                     tracing::warn!(
-                        request.id = %request_id, provider = %route.provider, model = %route.model,
+                        request.id = %request_id, %provider, %model,
                         "no price for model; cache hit recorded without saved cost"
                     );
                 }
@@ -225,36 +304,34 @@ pub fn price_event(
         };
         (Some(0), saved)
     } else {
-        let serving = match pricing {
-            Some(pricing) => match pricing.cost(tokens) {
-                Ok(cost) => Some(cost),
-                Err(error) => {
-                    tracing::error!(request.id = %request_id, %error, "cost overflow; recorded as unpriced");
-                    None
-                }
-            },
-            // Nothing consumed costs nothing, priced or not (e.g. a request that failed before any provider answered).
-            None if tokens.is_zero() => Some(0),
-            None => {
+        let cost = match request_cost(&provider, &model, tokens, &earlier, time, prices) {
+            Ok(cost) => Some(cost),
+            Err(NoCost::NoPrice {
+                earlier: false,
+                provider,
+                model,
+            }) => {
                 tracing::warn!(
-                    request.id = %request_id, provider = %route.provider, model = %route.model,
+                    request.id = %request_id, %provider, %model,
                     "no price for model; recorded as unpriced"
                 );
                 None
             }
-        };
-        let earlier = earlier_attempts_cost(&route, time, prices).map_err(|(provider, model)| {
-            tracing::warn!(
-                request.id = %request_id, %provider, %model,
-                "no price for the model of a failed attempt that consumed tokens; recorded as unpriced"
-            );
-        });
-        let cost = match (serving, earlier) {
-            (Some(serving), Ok(earlier)) => serving.checked_add(earlier).or_else(|| {
+            Err(NoCost::NoPrice {
+                earlier: true,
+                provider,
+                model,
+            }) => {
+                tracing::warn!(
+                    request.id = %request_id, %provider, %model,
+                    "no price for the model of a failed attempt that consumed tokens; recorded as unpriced"
+                );
+                None
+            }
+            Err(NoCost::Overflow) => {
                 tracing::error!(request.id = %request_id, "cost overflow; recorded as unpriced");
                 None
-            }),
-            _ => None,
+            }
         };
         (cost, 0)
     };
@@ -266,10 +343,11 @@ pub fn price_event(
         team: clean(event.team),
         key_id: clean(event.key_id),
         requested_model: clean(event.requested_model),
-        provider: clean(route.provider),
-        model: clean(route.model),
+        provider,
+        model,
         attempts,
         tokens,
+        earlier_attempts: (attempts > 1 || !earlier.is_empty()).then_some(earlier),
         cost_usd_nanos,
         saved_usd_nanos,
         cache,
@@ -350,6 +428,7 @@ pub(crate) mod tests {
     fn priced_miss() {
         let row = price_event(event(ID, "gpt-4o-mini"), now(), &book()).unwrap();
         assert_eq!(row.cost_usd_nanos, Some(435_000));
+        assert_eq!(row.earlier_attempts, None);
         assert_eq!(row.saved_usd_nanos, 0);
         assert_eq!(
             row.tokens,
@@ -396,10 +475,52 @@ pub(crate) mod tests {
         // 435_000 served + 1000 x 150 + 100 x 600 for the cut attempt.
         assert_eq!(row.cost_usd_nanos, Some(435_000 + 150_000 + 60_000));
         assert_eq!(row.attempts, 2);
+        // The cut attempt's usage stays on the row, so that a re-pricing prices it again.
+        let cut = AttemptUsage {
+            provider: "primary".into(),
+            model: "gpt-4o-mini".into(),
+            tokens: Tokens {
+                prompt: 1000,
+                completion: 100,
+                ..Default::default()
+            },
+        };
+        assert_eq!(row.earlier_attempts, Some(vec![cut.clone()]));
+        assert_eq!(row.known_earlier_attempts(), Some(&[cut][..]));
+        assert_eq!(
+            request_cost(
+                &row.provider,
+                &row.model,
+                row.tokens,
+                row.known_earlier_attempts().unwrap(),
+                row.time,
+                &book()
+            ),
+            Ok(645_000)
+        );
         // A cut attempt on a model without a price makes the row unpriced, never cheaper.
         e.route.as_mut().unwrap().attempts[0].model = "mystery".into();
-        let row = price_event(e, now(), &book()).unwrap();
+        let row = price_event(e.clone(), now(), &book()).unwrap();
         assert_eq!(row.cost_usd_nanos, None);
+        assert_eq!(
+            row.earlier_attempts.as_ref().map(|a| a[0].model.as_str()),
+            Some("mystery")
+        );
+        // A fallback after an attempt that consumed nothing: an empty list, known.
+        e.route.as_mut().unwrap().attempts[0].usage = None;
+        let row = price_event(e, now(), &book()).unwrap();
+        assert_eq!(row.cost_usd_nanos, Some(435_000));
+        assert_eq!(row.earlier_attempts, Some(vec![]));
+    }
+
+    #[test]
+    fn earlier_attempts_are_unknown_only_for_several_attempts_without_a_list() {
+        let row = price_event(event(ID, "gpt-4o-mini"), now(), &book()).unwrap();
+        assert_eq!(row.earlier_attempts, None);
+        assert_eq!(row.known_earlier_attempts(), Some(&[][..]));
+        // A row recorded before the list was kept.
+        let legacy = UsageRow { attempts: 2, ..row };
+        assert_eq!(legacy.known_earlier_attempts(), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::{
     money::{Rate, Rates, Tier, Tokens},
     pricing::{Price, PriceBook, PriceSource},
-    record::{UsageRow, cache_from_str, cache_str, status_from_str, status_str},
+    record::{AttemptUsage, UsageRow, cache_from_str, cache_str, status_from_str, status_str},
 };
 
 /// The columns of a usage row, in [`usage_row_of`]'s names.
@@ -23,8 +23,62 @@ macro_rules! usage_columns {
         "request_id, time, app, team, key_id, requested_model, provider, model, attempts, \
          prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, \
          cost_usd_nanos, saved_usd_nanos, cache, status, error_code, streamed, latency_ms, trace_id, \
-         tags::text AS tags"
+         tags::text AS tags, earlier_attempts::text AS earlier_attempts"
     };
+}
+
+/// `usage_records.earlier_attempts`: one JSON object per earlier attempt that consumed tokens.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAttempt {
+    provider: String,
+    model: String,
+    prompt_tokens: u32,
+    cached_prompt_tokens: u32,
+    cache_write_tokens: u32,
+    completion_tokens: u32,
+    reasoning_tokens: u32,
+}
+
+/// The JSON text of `usage_records.earlier_attempts` (`None`: NULL).
+pub(crate) fn encode_earlier_attempts(attempts: Option<&[AttemptUsage]>) -> Option<String> {
+    let stored: Vec<StoredAttempt> = attempts?
+        .iter()
+        .map(|a| StoredAttempt {
+            provider: a.provider.clone(),
+            model: a.model.clone(),
+            prompt_tokens: a.tokens.prompt,
+            cached_prompt_tokens: a.tokens.cached_prompt,
+            cache_write_tokens: a.tokens.cache_write,
+            completion_tokens: a.tokens.completion,
+            reasoning_tokens: a.tokens.reasoning,
+        })
+        .collect();
+    // Strings and integers only: serialising cannot fail (were it to, NULL: unknown, never re-priced).
+    serde_json::to_string(&stored).ok()
+}
+
+/// Decodes `usage_records.earlier_attempts` as text (`None`: NULL).
+pub(crate) fn decode_earlier_attempts(
+    text: Option<&str>,
+) -> Result<Option<Vec<AttemptUsage>>, serde_json::Error> {
+    let Some(text) = text else { return Ok(None) };
+    let stored: Vec<StoredAttempt> = serde_json::from_str(text)?;
+    Ok(Some(
+        stored
+            .into_iter()
+            .map(|a| AttemptUsage {
+                provider: a.provider,
+                model: a.model,
+                tokens: Tokens {
+                    prompt: a.prompt_tokens,
+                    cached_prompt: a.cached_prompt_tokens,
+                    cache_write: a.cache_write_tokens,
+                    completion: a.completion_tokens,
+                    reasoning: a.reasoning_tokens,
+                },
+            })
+            .collect(),
+    ))
 }
 
 /// Repository errors.
@@ -355,6 +409,13 @@ impl Repository {
 fn usage_row_of(row: &sqlx::postgres::PgRow) -> Result<UsageRow, sqlx::Error> {
     let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let tags: String = row.try_get("tags")?;
+    let earlier_attempts = decode_earlier_attempts(
+        row.try_get::<Option<&str>, _>("earlier_attempts")?,
+    )
+    .map_err(|e| sqlx::Error::ColumnDecode {
+        index: "earlier_attempts".to_owned(),
+        source: Box::new(e),
+    })?;
     Ok(UsageRow {
         request_id: row.try_get("request_id")?,
         time: row.try_get("time")?,
@@ -372,6 +433,7 @@ fn usage_row_of(row: &sqlx::postgres::PgRow) -> Result<UsageRow, sqlx::Error> {
             completion: u32_of(row.try_get("completion_tokens")?),
             reasoning: u32_of(row.try_get("reasoning_tokens")?),
         },
+        earlier_attempts,
         cost_usd_nanos: row.try_get("cost_usd_nanos")?,
         saved_usd_nanos: row.try_get("saved_usd_nanos")?,
         cache: cache_from_str(row.try_get::<&str, _>("cache")?),
@@ -443,6 +505,7 @@ async fn insert_new_rows(
     let mut latency = Vec::with_capacity(n);
     let mut trace_id = Vec::with_capacity(n);
     let mut tags = Vec::with_capacity(n);
+    let mut earlier_attempts = Vec::with_capacity(n);
     for row in rows {
         request_id.push(row.request_id);
         time.push(row.time);
@@ -467,6 +530,7 @@ async fn insert_new_rows(
         latency.push(i64::try_from(row.latency_ms).unwrap_or(i64::MAX));
         trace_id.push(row.trace_id.as_str());
         tags.push(serde_json::to_string(&row.tags).unwrap_or_else(|_| "{}".to_owned()));
+        earlier_attempts.push(encode_earlier_attempts(row.earlier_attempts.as_deref()));
     }
     sqlx::query_scalar(INSERT_NEW_ROWS)
         .bind(request_id)
@@ -492,6 +556,7 @@ async fn insert_new_rows(
         .bind(tags)
         .bind(cache_write)
         .bind(reasoning)
+        .bind(earlier_attempts)
         .fetch_all(conn)
         .await
 }
@@ -758,16 +823,17 @@ const INSERT_NEW_ROWS: &str = "WITH input AS ( \
        SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
          $15::text[], $16::text[], $17::text[], $18::bool[], $19::int8[], $20::text[], $21::text[], $22::int8[], \
-         $23::int8[]) \
+         $23::int8[], $24::text[]) \
          AS t(request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
          completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-         streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens)) \
+         streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens, earlier_attempts)) \
      INSERT INTO usage_records (request_id, time, app, team, key_id, requested_model, provider, model, \
        attempts, prompt_tokens, completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, \
-       cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens) \
+       cache, status, error_code, streamed, latency_ms, trace_id, tags, cache_write_tokens, reasoning_tokens, \
+       earlier_attempts) \
      SELECT request_id, time, app, team, key_id, requested_model, provider, model, attempts, prompt_tokens, \
        completion_tokens, cached_prompt_tokens, cost_usd_nanos, saved_usd_nanos, cache, status, error_code, \
-       streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens \
+       streamed, latency_ms, trace_id, tags::jsonb, cache_write_tokens, reasoning_tokens, earlier_attempts::jsonb \
      FROM input t \
      WHERE (SELECT 1 FROM usage_records u WHERE u.request_id = t.request_id \
        AND u.time >= t.time - INTERVAL '7 days' AND u.time <= t.time + INTERVAL '7 days' LIMIT 1) IS NULL \

@@ -110,6 +110,7 @@ fn row(
             completion: 200,
             reasoning: 20,
         },
+        earlier_attempts: None,
         cost_usd_nanos: cost,
         saved_usd_nanos: 0,
         cache: CacheOutcome::Miss,

@@ -14,7 +14,7 @@ use switchboard_ledger::{
 };
 use switchboard_proto::{
     Timestamp,
-    chat::v1::{RouteInfo, Usage},
+    chat::v1::{Attempt, RouteInfo, Usage},
     ledger::v1::{
         CacheOutcome, GetUsageRecordRequest, ListUnpricedRequest, RequestStatus,
         ledger_service_client::LedgerServiceClient,
@@ -529,6 +529,344 @@ async fn reprice_is_explicit_and_audited() {
         ..request
     };
     assert!(prices::reprice(&repo, &backwards, &actor()).await.is_err());
+    pg.drop_db().await;
+}
+
+/// gpt-4o-mini at 0.15 / 0.075 (cached) / 0.60 USD per million tokens, for every provider.
+fn gpt_4o_mini() -> Price {
+    Price::configured(
+        "*",
+        "gpt-4o-mini",
+        date!(2024 - 01 - 01),
+        Rates::flat(Rate(150_000_000), Rate(75_000_000), Rate(600_000_000)),
+    )
+}
+
+/// A stream on `primary/<cut_model>` cut after 1000 prompt and 100 completion tokens
+/// (STREAM_INTERRUPTED), then `openai/gpt-4o-mini` served 1000 in (200 cached) / 500 out: the
+/// event of `record::tests::a_failed_attempt_that_consumed_tokens_is_billed_with_the_serving_one`.
+fn cut_then_served(request_id: &str, cut_model: &str, at: OffsetDateTime) -> UsageEvent {
+    let served = Usage {
+        prompt_tokens: 1000,
+        completion_tokens: 500,
+        total_tokens: 1500,
+        cached_prompt_tokens: 200,
+        ..Default::default()
+    };
+    let mut event = usage_event(request_id, "openai", "gpt-4o-mini", served, at);
+    let route = event.route.as_mut().unwrap();
+    route.attempt_count = 2;
+    route.attempts = vec![
+        Attempt {
+            target: format!("primary/{cut_model}"),
+            provider: "primary".into(),
+            model: cut_model.into(),
+            error_code: "STREAM_INTERRUPTED".into(),
+            usage: Some(Usage {
+                prompt_tokens: 1000,
+                completion_tokens: 100,
+                total_tokens: 1100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Attempt {
+            target: "openai/gpt-4o-mini".into(),
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            usage: Some(served),
+            ..Default::default()
+        },
+    ];
+    event
+}
+
+/// (Σ cost, Σ unpriced) of the hourly and of the daily rollups.
+async fn rollup_totals(repo: &Repository) -> [(i64, i64); 2] {
+    let mut totals = [(0, 0); 2];
+    for (total, sql) in totals.iter_mut().zip([
+        "SELECT COALESCE(SUM(cost_usd_nanos), 0)::BIGINT, COALESCE(SUM(unpriced_requests), 0)::BIGINT \
+         FROM usage_rollup_hourly",
+        "SELECT COALESCE(SUM(cost_usd_nanos), 0)::BIGINT, COALESCE(SUM(unpriced_requests), 0)::BIGINT \
+         FROM usage_rollup_daily",
+    ]) {
+        *total = sqlx::query_as(sql).fetch_one(repo.pool()).await.unwrap();
+    }
+    totals
+}
+
+fn whole_day(at: OffsetDateTime) -> Reprice {
+    Reprice {
+        since: at - Duration::from_secs(3_600),
+        until: at + Duration::from_secs(86_400),
+        model: None,
+        reason: "test".into(),
+        dry_run: false,
+    }
+}
+
+const CUT_PRICED: &str = "0195f0e2-7f4c-7000-8000-0000000000d1";
+const CUT_UNPRICED: &str = "0195f0e2-7f4c-7000-8000-0000000000d2";
+
+/// Records the two requests whose first attempt was cut after using tokens: one on a priced
+/// model (645_000 = 435_000 served + 210_000 cut), one on a model without a price (unpriced).
+async fn record_cut_attempts(repo: &Repository, at: OffsetDateTime) {
+    repo.sync_prices(&[gpt_4o_mini()]).await.unwrap();
+    let book = repo.load_prices().await.unwrap();
+    let rows = [
+        cut_then_served(CUT_PRICED, "gpt-4o-mini", at),
+        cut_then_served(CUT_UNPRICED, "mystery", at),
+    ]
+    .map(|e| price_event(e, at, &book).unwrap());
+    assert_eq!(rows[0].cost_usd_nanos, Some(645_000));
+    assert_eq!(rows[1].cost_usd_nanos, None);
+    assert_eq!(repo.insert_batch(&rows).await.unwrap(), 2);
+    assert_eq!(rollup_totals(repo).await, [(645_000, 1); 2]);
+}
+
+async fn cost_of_row(repo: &Repository, id: &str) -> Option<i64> {
+    let id = uuid::Uuid::parse_str(id).unwrap();
+    repo.get(id).await.unwrap().unwrap().cost_usd_nanos
+}
+
+/// Re-pricing without a price change changes nothing: the cost of an earlier attempt that used
+/// tokens stays in the row (and its rollups), and an earlier attempt without a price keeps the
+/// row unpriced (never $0 for those tokens).
+#[tokio::test]
+async fn reprice_without_a_price_change_keeps_the_cost_of_earlier_attempts() {
+    let (repo, pg) = repo().await;
+    let at = datetime!(2025-11-10 12:00 UTC);
+    record_cut_attempts(&repo, at).await;
+
+    let dry = prices::reprice(
+        &repo,
+        &Reprice {
+            dry_run: true,
+            ..whole_day(at)
+        },
+        &actor(),
+    )
+    .await
+    .unwrap();
+    let done = prices::reprice(&repo, &whole_day(at), &actor())
+        .await
+        .unwrap();
+    for report in [&dry, &done] {
+        assert_eq!(
+            (
+                report.rows_examined,
+                report.rows_changed,
+                report.old_total_usd_nanos,
+                report.new_total_usd_nanos,
+                report.old_unpriced,
+                report.new_unpriced,
+            ),
+            (2, 0, 645_000, 645_000, 1, 1),
+            "{report:?}"
+        );
+    }
+    assert_eq!(cost_of_row(&repo, CUT_PRICED).await, Some(645_000));
+    assert_eq!(cost_of_row(&repo, CUT_UNPRICED).await, None);
+    assert_eq!(rollup_totals(&repo).await, [(645_000, 1); 2]);
+    assert_eq!(count(&repo, "reprice_changes").await, 0);
+    pg.drop_db().await;
+}
+
+/// A new price for the earlier attempt's provider and model re-prices that attempt too, by the
+/// same rule as recording; a price for the model that made a row unpriced prices it.
+#[tokio::test]
+async fn a_price_change_reprices_the_earlier_attempts_too() {
+    let (repo, pg) = repo().await;
+    let at = datetime!(2025-11-10 12:00 UTC);
+    record_cut_attempts(&repo, at).await;
+
+    // `primary` gets its own, doubled price for gpt-4o-mini; `mystery` gets 1 USD/M for everything.
+    repo.sync_prices(&[
+        Price::configured(
+            "primary",
+            "gpt-4o-mini",
+            date!(2024 - 01 - 01),
+            Rates::flat(Rate(300_000_000), Rate(150_000_000), Rate(1_200_000_000)),
+        ),
+        Price::configured(
+            "*",
+            "mystery",
+            date!(2024 - 01 - 01),
+            Rates::flat(
+                Rate(1_000_000_000),
+                Rate(1_000_000_000),
+                Rate(1_000_000_000),
+            ),
+        ),
+    ])
+    .await
+    .unwrap();
+    // What recording the same events now would store: reprice must agree with it.
+    let book = repo.load_prices().await.unwrap();
+    let recorded_now = [
+        cut_then_served(CUT_PRICED, "gpt-4o-mini", at),
+        cut_then_served(CUT_UNPRICED, "mystery", at),
+    ]
+    .map(|e| price_event(e, at, &book).unwrap().cost_usd_nanos);
+    // 435_000 served + 1000 x 300 + 100 x 1200; 435_000 served + 1100 x 1000.
+    assert_eq!(recorded_now, [Some(855_000), Some(1_535_000)]);
+
+    // `--model` selects the rows that used the model, in an earlier attempt too (both rows
+    // serve openai/gpt-4o-mini).
+    let only = |model: &str| Reprice {
+        model: Some(model.to_owned()),
+        ..whole_day(at)
+    };
+    let mystery = prices::reprice(&repo, &only("mystery"), &actor())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            mystery.rows_examined,
+            mystery.rows_changed,
+            mystery.old_unpriced,
+            mystery.new_unpriced,
+            mystery.new_total_usd_nanos,
+        ),
+        (1, 1, 1, 0, 1_535_000),
+        "{mystery:?}"
+    );
+    assert_eq!(cost_of_row(&repo, CUT_UNPRICED).await, Some(1_535_000));
+    assert_eq!(cost_of_row(&repo, CUT_PRICED).await, Some(645_000));
+    let primary = prices::reprice(&repo, &only("primary/gpt-4o-mini"), &actor())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            primary.rows_examined,
+            primary.rows_changed,
+            primary.old_total_usd_nanos,
+            primary.new_total_usd_nanos,
+        ),
+        (1, 1, 645_000, 855_000),
+        "{primary:?}"
+    );
+    assert_eq!(cost_of_row(&repo, CUT_PRICED).await, Some(855_000));
+    assert_eq!(rollup_totals(&repo).await, [(855_000 + 1_535_000, 0); 2]);
+    let changes: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT old_cost_usd_nanos, new_cost_usd_nanos FROM reprice_changes ORDER BY audit_id",
+    )
+    .fetch_all(repo.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        changes,
+        [(None, Some(1_535_000)), (Some(645_000), Some(855_000))]
+    );
+    // The whole period now: nothing left to change.
+    let again = prices::reprice(&repo, &whole_day(at), &actor())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            again.rows_examined,
+            again.rows_changed,
+            again.rows_skipped,
+            again.new_total_usd_nanos,
+            again.new_unpriced
+        ),
+        (2, 0, 0, 855_000 + 1_535_000, 0)
+    );
+    pg.drop_db().await;
+}
+
+/// A row with several attempts recorded before the earlier attempts' usage was kept (the column
+/// is NULL) cannot be re-priced: its cost includes attempts whose tokens are unknown. It keeps its
+/// recorded cost (or stays unpriced), and the re-pricing counts it as skipped, in its report and
+/// its audit row. Rows with a single attempt are re-priced as always.
+#[tokio::test]
+async fn rows_with_unknown_earlier_attempts_are_left_as_recorded_and_counted() {
+    let (repo, pg) = repo().await;
+    let at = datetime!(2025-11-10 12:00 UTC);
+    repo.sync_prices(&[gpt_4o_mini()]).await.unwrap();
+    let book = repo.load_prices().await.unwrap();
+    let ids = [
+        "0195f0e2-7f4c-7000-8000-0000000000e1",
+        "0195f0e2-7f4c-7000-8000-0000000000e2",
+        "0195f0e2-7f4c-7000-8000-0000000000e3",
+    ];
+    let mut rows = [
+        cut_then_served(ids[0], "gpt-4o-mini", at),
+        cut_then_served(ids[1], "mystery", at),
+        usage_event(
+            ids[2],
+            "openai",
+            "gpt-4o-mini",
+            Usage {
+                prompt_tokens: 1000,
+                completion_tokens: 500,
+                total_tokens: 1500,
+                cached_prompt_tokens: 200,
+                ..Default::default()
+            },
+            at,
+        ),
+    ]
+    .map(|e| price_event(e, at, &book).unwrap());
+    // As recorded before the column existed.
+    for row in &mut rows[..2] {
+        row.earlier_attempts = None;
+    }
+    repo.insert_batch(&rows).await.unwrap();
+    assert_eq!(
+        rows.each_ref().map(|r| r.cost_usd_nanos),
+        [Some(645_000), None, Some(435_000)]
+    );
+
+    // gpt-4o-mini doubles from 2025-11-01.
+    repo.sync_prices(&[Price::configured(
+        "*",
+        "gpt-4o-mini",
+        date!(2025 - 11 - 01),
+        Rates::flat(Rate(300_000_000), Rate(150_000_000), Rate(1_200_000_000)),
+    )])
+    .await
+    .unwrap();
+    let dry = prices::reprice(
+        &repo,
+        &Reprice {
+            dry_run: true,
+            ..whole_day(at)
+        },
+        &actor(),
+    )
+    .await
+    .unwrap();
+    let done = prices::reprice(&repo, &whole_day(at), &actor())
+        .await
+        .unwrap();
+    for report in [&dry, &done] {
+        assert_eq!(
+            (
+                report.rows_examined,
+                report.rows_changed,
+                report.rows_skipped,
+                report.old_total_usd_nanos,
+                report.new_total_usd_nanos,
+                report.old_unpriced,
+                report.new_unpriced,
+            ),
+            (3, 1, 2, 645_000 + 435_000, 645_000 + 870_000, 1, 1),
+            "{report:?}"
+        );
+    }
+    assert_eq!(cost_of_row(&repo, ids[0]).await, Some(645_000));
+    assert_eq!(cost_of_row(&repo, ids[1]).await, None);
+    assert_eq!(cost_of_row(&repo, ids[2]).await, Some(870_000));
+    assert_eq!(rollup_totals(&repo).await, [(645_000 + 870_000, 1); 2]);
+    let audit: (i64, i64, i64) = sqlx::query_as(
+        "SELECT rows_examined, rows_changed, rows_skipped FROM reprice_audits WHERE id = $1",
+    )
+    .bind(done.audit_id.unwrap())
+    .fetch_one(repo.pool())
+    .await
+    .unwrap();
+    assert_eq!(audit, (3, 1, 2));
     pg.drop_db().await;
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use sqlx::Row as _;
 use switchboard_ledger::{
     internals::{
-        Dimension, Filter, Partitions, Rate, Rates, Repository, Source, SpendQuery, Tokens,
-        UsageRow, query_spend,
+        AttemptUsage, Dimension, Filter, Partitions, Rate, Rates, Repository, Source, SpendQuery,
+        Tokens, UsageRow, query_spend,
     },
     prices::{self, Actor, Reprice},
 };
@@ -42,6 +42,7 @@ fn row(time: OffsetDateTime, app: &str, model: &str, cost: Option<i64>) -> Usage
             completion: 50,
             reasoning: 7,
         },
+        earlier_attempts: None,
         cost_usd_nanos: cost,
         saved_usd_nanos: 0,
         cache: CacheOutcome::Miss,
@@ -182,7 +183,18 @@ async fn rows_land_in_their_monthly_partition_and_late_months_leave_the_default(
     );
 
     // A month without a partition goes to the default one; creating the month moves its rows.
-    let march = row(datetime!(2026-03-10 08:00 UTC), "a", "m", Some(1));
+    // (With an earlier attempt's usage: the moved row keeps every column.)
+    let mut march = row(datetime!(2026-03-10 08:00 UTC), "a", "m", Some(1));
+    march.attempts = 2;
+    march.earlier_attempts = Some(vec![AttemptUsage {
+        provider: "primary".into(),
+        model: "m".into(),
+        tokens: Tokens {
+            prompt: 10,
+            completion: 3,
+            ..Tokens::default()
+        },
+    }]);
     repo.insert_batch(std::slice::from_ref(&march))
         .await
         .unwrap();
@@ -200,6 +212,7 @@ async fn rows_land_in_their_monthly_partition_and_late_months_leave_the_default(
         partition_of(&repo, march.request_id).await,
         "usage_records_p2026_03"
     );
+    assert_eq!(repo.get(march.request_id).await.unwrap(), Some(march));
     assert_eq!(
         scalar(&repo, "SELECT COUNT(*) FROM usage_records_default").await,
         0
@@ -312,6 +325,24 @@ fn random_row(rng: &mut Rng) -> UsageRow {
         completion: u32::try_from(rng.below(2_000)).unwrap() + 10,
         reasoning: u32::try_from(rng.below(10)).unwrap(),
     };
+    // Some requests fell back after an attempt that used tokens (priced again by a re-pricing);
+    // a few were recorded before that usage was kept (left as recorded by a re-pricing).
+    match rng.below(10) {
+        0 | 1 => {
+            row.attempts = 2;
+            row.earlier_attempts = Some(vec![AttemptUsage {
+                provider: rng.pick(&["openai", "azure"]).into(),
+                model: rng.pick(&["gpt-4o", "claude"]).into(),
+                tokens: Tokens {
+                    prompt: u32::try_from(rng.below(1_000)).unwrap() + 1,
+                    completion: u32::try_from(rng.below(100)).unwrap(),
+                    ..Tokens::default()
+                },
+            }]);
+        }
+        2 => row.attempts = 3,
+        _ => {}
+    }
     if rng.below(10) == 0 {
         row.status = RequestStatus::Error;
     }
@@ -388,6 +419,7 @@ async fn rollups_equal_a_group_by_over_raw_rows_after_random_mixed_batches_and_a
     .await
     .unwrap();
     assert!(report.rows_changed > 50, "{report:?}");
+    assert!(report.rows_skipped > 5, "{report:?}");
     assert_eq!(
         rollup_mismatches(&repo, "usage_rollup_hourly", "hour").await,
         0

@@ -47,8 +47,11 @@ pub enum PricesCommand {
         #[command(flatten)]
         database: Database,
     },
-    /// Re-price the usage rows of [since, until) with the prices recorded now; writes an audit
-    /// row (who, when, what, old and new totals) and the old and new cost of every changed row.
+    /// Re-price the usage rows of [since, until) with the prices recorded now, every attempt
+    /// that used tokens at its own price (as recording does); writes an audit row (who, when,
+    /// what, old and new totals, rows skipped) and the old and new cost of every changed row.
+    /// Rows with several attempts recorded before their earlier attempts' usage was kept are left
+    /// as recorded and counted as skipped.
     Reprice {
         /// Inclusive start: RFC 3339 time or YYYY-MM-DD (midnight UTC).
         #[arg(long)]
@@ -56,7 +59,8 @@ pub enum PricesCommand {
         /// Exclusive end: RFC 3339 time or YYYY-MM-DD (midnight UTC).
         #[arg(long)]
         until: String,
-        /// Only rows served by this model (`model` or `provider/model`).
+        /// Only rows that used this model (`model` or `provider/model`): served by it, or with
+        /// an earlier attempt on it.
         #[arg(long)]
         model: Option<String>,
         /// Why, recorded in the audit row.
@@ -200,7 +204,25 @@ async fn execute(command: PricesCommand) -> Result<(), Failure> {
                     .map(|id| format!(" (reprice_audits.id {id})"))
                     .unwrap_or_else(|| " (dry run: nothing written)".to_owned()),
             );
+            if report.rows_skipped > 0 {
+                println!(
+                    "left as recorded: {} rows with more than one attempt, recorded before the \
+                     usage of their earlier attempts was kept, so they cannot be re-priced (their \
+                     recorded cost, or unpriced status, is kept and counted in both totals; list \
+                     them with: SELECT * FROM v_usage WHERE attempts > 1 AND earlier_attempts IS \
+                     NULL AND time >= '{}' AND time < '{}')",
+                    report.rows_skipped,
+                    sql_time(request.since),
+                    sql_time(request.until),
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// A time as an RFC 3339 SQL literal's text.
+fn sql_time(time: time::OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| time.to_string())
 }

@@ -4,7 +4,10 @@
 
 use std::process::{Command, Output};
 
+use switchboard_ledger::internals::{Repository, Tokens, UsageRow};
+use switchboard_proto::ledger::v1::{CacheOutcome, RequestStatus};
 use switchboard_testkit::TestPg;
+use time::macros::datetime;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -89,6 +92,54 @@ async fn import_and_reprice_from_the_command_line() {
         shown.contains("changed 0 of 0 rows") && shown.contains("reprice_audits.id"),
         "{shown}"
     );
+    assert!(!shown.contains("left as recorded"), "{shown}");
+
+    // A fallback recorded before the earlier attempts' usage was kept: left as recorded, and said so.
+    let repo = Repository::connect(&pg.url, 2).await.unwrap();
+    let legacy = UsageRow {
+        request_id: uuid::Uuid::now_v7(),
+        time: datetime!(2025-11-10 12:00 UTC),
+        app: "billing".into(),
+        team: "finance".into(),
+        key_id: "k1".into(),
+        requested_model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        attempts: 2,
+        tokens: Tokens {
+            prompt: 1_000,
+            completion: 500,
+            ..Tokens::default()
+        },
+        earlier_attempts: None,
+        cost_usd_nanos: Some(645_000),
+        saved_usd_nanos: 0,
+        cache: CacheOutcome::Miss,
+        status: RequestStatus::Ok,
+        error_code: String::new(),
+        streamed: false,
+        latency_ms: 5,
+        trace_id: String::new(),
+        tags: Default::default(),
+    };
+    repo.insert_batch(std::slice::from_ref(&legacy))
+        .await
+        .unwrap();
+    let done = run(&reprice);
+    let shown = text(&done);
+    assert!(done.status.success(), "{shown}");
+    assert!(
+        shown.contains("changed 0 of 1 rows; total 645000 -> 645000 nano-USD")
+            && shown.contains("left as recorded: 1 rows with more than one attempt")
+            && shown.contains(
+                "WHERE attempts > 1 AND earlier_attempts IS NULL AND time >= '2025-11-01T00:00:00Z' \
+                 AND time < '2025-12-01T00:00:00Z'"
+            ),
+        "{shown}"
+    );
+    let cost = repo.get(legacy.request_id).await.unwrap().unwrap();
+    assert_eq!(cost.cost_usd_nanos, Some(645_000));
+    repo.pool().close().await;
 
     // Bad arguments name themselves and exit 64; an unreadable file exits 66; a file that is not a
     // price map exits 65.

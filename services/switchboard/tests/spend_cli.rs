@@ -31,6 +31,7 @@ fn row(time: OffsetDateTime, team: &str, model: &str, cost: Option<i64>) -> Usag
             completion: 100,
             ..Tokens::default()
         },
+        earlier_attempts: None,
         cost_usd_nanos: cost,
         saved_usd_nanos: 0,
         cache: CacheOutcome::Miss,
