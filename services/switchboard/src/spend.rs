@@ -277,10 +277,15 @@ pub fn usd(nanos: i64) -> String {
     format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
 }
 
+/// RFC 3339 in UTC, with the fraction of a second when it is not zero (`2026-11-01T09:00:00Z`,
+/// `2026-11-01T09:00:00.123456Z`): a row's time is part of its key, so it is shown exactly.
 fn time_text(ts: Option<&Timestamp>) -> String {
-    ts.and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
+    ts.and_then(|t| {
+        let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+        OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+    })
+    .and_then(|t| t.format(&Rfc3339).ok())
+    .unwrap_or_default()
 }
 
 fn key_of(group: &SpendGroup, column: Column) -> String {
@@ -645,6 +650,18 @@ async fn usage(command: UsageCommand) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_keep_their_fraction_of_a_second() {
+        let at = |seconds: i64, nanos: i32| time_text(Some(&Timestamp { seconds, nanos }));
+        // 2026-11-01T09:00:00Z
+        let nine = 1_793_523_600;
+        assert_eq!(at(nine, 0), "2026-11-01T09:00:00Z");
+        assert_eq!(at(nine, 123_456_000), "2026-11-01T09:00:00.123456Z");
+        assert_eq!(at(nine, 1), "2026-11-01T09:00:00.000000001Z");
+        assert_eq!(at(nine, 999_999_999), "2026-11-01T09:00:00.999999999Z");
+        assert_eq!(time_text(None), "");
+    }
 
     #[test]
     fn usd_is_exact() {

@@ -95,7 +95,7 @@ async fn spend_and_export_from_the_command_line() {
             Some(1_500_000_000),
         ),
         row(
-            datetime!(2026-11-03 10:30 UTC),
+            datetime!(2026-11-03 10:30:00.123456 UTC),
             "finance",
             "gpt-4o-mini",
             Some(250_000_001),
@@ -206,6 +206,12 @@ async fn spend_and_export_from_the_command_line() {
         lines[1]
     );
     assert!(lines[4].contains(",mystery,"));
+    // Times keep their fraction of a second (the row's key is (request id, time)).
+    assert!(
+        lines[2].contains(",2026-11-03T10:30:00.123456Z,billing,finance,"),
+        "{}",
+        lines[2]
+    );
     let jsonl = stdout(&run(base(&["usage", "export", "--format", "jsonl"])).await);
     let rows: Vec<serde_json::Value> = jsonl
         .lines()
@@ -214,6 +220,27 @@ async fn spend_and_export_from_the_command_line() {
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[3]["cost_usd"], serde_json::Value::Null);
     assert_eq!(rows[0]["tags"]["env"], "prod, eu");
+    assert_eq!(rows[1]["time"], "2026-11-03T10:30:00.123456Z");
+
+    // The JSON's since and until are the instants queried, fractions included.
+    let json = stdout(
+        &run(vec![
+            "spend".into(),
+            "--format".into(),
+            "json".into(),
+            "--since".into(),
+            "2026-11-03T10:30:00.123456Z".into(),
+            "--until".into(),
+            "2026-11-03T10:30:00.5Z".into(),
+            "--ledger".into(),
+            ledger.clone(),
+        ])
+        .await,
+    );
+    let document: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(document["since"], "2026-11-03T10:30:00.123456Z");
+    assert_eq!(document["until"], "2026-11-03T10:30:00.5Z");
+    assert_eq!(document["total"]["requests"], 1);
 
     // Bad arguments: exit 64 with the reason.
     let bad = run(base(&["spend", "--by", "teams"])).await;
