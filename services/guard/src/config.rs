@@ -274,6 +274,52 @@ mod tests {
     }
 
     #[test]
+    fn a_digits_only_hash_secret_from_the_environment_is_a_string_and_never_echoed() {
+        let env = std::collections::HashMap::from([
+            (
+                "SWITCHBOARD__GUARD__HASH_SECRET".to_owned(),
+                "1234567890123456".to_owned(),
+            ),
+            (
+                "SWITCHBOARD__GUARD__DEFAULT_ACTION".to_owned(),
+                "hash".to_owned(),
+            ),
+        ]);
+        let source = Source::from_parts("", None, &env).unwrap();
+        let config: Config = source.section("guard").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.hash_secret.unwrap().expose(),
+            b"1234567890123456".as_slice()
+        );
+        // Even what is not a string at all is taken as the text.
+        let env = std::collections::HashMap::from([(
+            "SWITCHBOARD__GUARD__HASH_SECRET".to_owned(),
+            "[1234567890123456]".to_owned(),
+        )]);
+        let config: Config = Source::from_parts("", None, &env)
+            .unwrap()
+            .section("guard")
+            .unwrap();
+        assert_eq!(
+            config.hash_secret.unwrap().expose(),
+            b"[1234567890123456]".as_slice()
+        );
+        // A wrong value from the environment names the variable, not the value.
+        let env = std::collections::HashMap::from([(
+            "SWITCHBOARD__GUARD__HASH_LENGTH".to_owned(),
+            "x1234567890123456".to_owned(),
+        )]);
+        let error = Source::from_parts("", None, &env)
+            .unwrap()
+            .section::<Config>("guard")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("SWITCHBOARD__GUARD__HASH_LENGTH"), "{error}");
+        assert!(!error.contains("1234567890123456"), "{error}");
+    }
+
+    #[test]
     fn defaults_are_safe_and_valid() {
         let config = parse("").unwrap();
         assert_eq!(config, Config::default());
