@@ -61,9 +61,25 @@ const REQUEST_ID: &str = "x-switchboard-request-id";
 /// Metadata with the cache's part in a streamed answer (`hit`, `miss`, `bypass`), as over HTTP.
 const CACHE: &str = "x-switchboard-cache";
 
-/// A new request context for an authenticated caller, with its ids recorded on the current span.
-fn begin(principal: crate::auth::Principal) -> RequestContext {
-    let ctx = RequestContext::new(principal);
+/// Of a caller's deadline, what the gateway keeps for itself (its answer after the router's):
+/// a twentieth, at most this.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// When the caller of `request` stops waiting (its `grpc-timeout`, less the gateway's margin);
+/// `None` without one. One header lookup when there is none.
+fn deadline_of<T>(request: &Request<T>) -> Option<std::time::Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let timeout = switchboard_grpc::parse_grpc_timeout(value)?;
+    std::time::Instant::now().checked_add(timeout - (timeout / 20).min(DEADLINE_MARGIN))
+}
+
+/// A new request context for an authenticated caller (bounded by its deadline), with its ids
+/// recorded on the current span.
+fn begin(
+    principal: crate::auth::Principal,
+    deadline: Option<std::time::Instant>,
+) -> RequestContext {
+    let ctx = RequestContext::new(principal).with_deadline(deadline);
     tracing::Span::current()
         .record("request.id", ctx.request_id.as_str())
         .record("app.id", ctx.principal.app.as_str());
@@ -214,8 +230,9 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::CreateChatCompletionRequest>,
     ) -> Result<Response<pb::CreateChatCompletionResponse>, Status> {
         let principal = self.authenticate(&request)?;
+        let deadline = deadline_of(&request);
         let inner = request.into_inner();
-        let ctx = begin(principal);
+        let ctx = begin(principal, deadline);
         let id = ctx.request_id.as_str();
         let chat = chat_of(inner.request).map_err(|e| failed(e, id))?;
         let done = self
@@ -242,8 +259,9 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::StreamChatCompletionRequest>,
     ) -> Result<Response<Self::StreamChatCompletionStream>, Status> {
         let principal = self.authenticate(&request)?;
+        let deadline = deadline_of(&request);
         let inner = request.into_inner();
-        let ctx = begin(principal);
+        let ctx = begin(principal, deadline);
         let id = ctx.request_id.as_str();
         let chat = chat_of(inner.request).map_err(|e| failed(e, id))?;
         let handle = self
@@ -298,8 +316,9 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::CreateEmbeddingsRequest>,
     ) -> Result<Response<pb::CreateEmbeddingsResponse>, Status> {
         let principal = self.authenticate(&request)?;
+        let deadline = deadline_of(&request);
         let inner = request.into_inner();
-        let ctx = begin(principal);
+        let ctx = begin(principal, deadline);
         let id = ctx.request_id.as_str();
         let input = crate::embeddings::EmbedInput {
             model: inner.model,
@@ -369,6 +388,23 @@ mod tests {
         assert_eq!(passed.headers()["grpc-status"], "16");
         let ok = http::Response::new(tonic::body::Body::empty());
         assert!(!typed_refusal(ok, 1).headers().contains_key("grpc-status"));
+    }
+
+    #[test]
+    fn a_callers_deadline_is_read_from_grpc_timeout() {
+        let now = std::time::Instant::now();
+        assert_eq!(deadline_of(&Request::new(())), None);
+        let mut request = Request::new(());
+        request.set_timeout(std::time::Duration::from_secs(2));
+        let deadline = deadline_of(&request).unwrap();
+        // Less the gateway's margin (25 ms of 2 s).
+        assert!(deadline > now + std::time::Duration::from_millis(1_900));
+        assert!(deadline < std::time::Instant::now() + std::time::Duration::from_millis(1_976));
+        // The largest value the header can hold is no deadline to speak of, not a panic.
+        let mut far = Request::new(());
+        far.metadata_mut()
+            .insert("grpc-timeout", "99999999H".parse().unwrap());
+        let _ = deadline_of(&far);
     }
 
     #[test]

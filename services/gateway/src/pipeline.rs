@@ -115,6 +115,9 @@ pub struct RequestContext {
     /// overloaded and the route fails open). Shared by the clones of one request (a stream's pump
     /// holds one).
     answer_unchecked: Arc<std::sync::atomic::AtomicBool>,
+    /// When the caller stops waiting (a gRPC caller's `grpc-timeout`): what is left of it bounds
+    /// the router, guard and cache calls. `None`: no deadline, and no work for one.
+    deadline: Option<Instant>,
 }
 
 impl RequestContext {
@@ -128,7 +131,30 @@ impl RequestContext {
             guard: std::sync::OnceLock::new(),
             guard_policy: std::sync::OnceLock::new(),
             answer_unchecked: Arc::default(),
+            deadline: None,
         }
+    }
+
+    /// The request with the caller's deadline (`None`: none).
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// `message` as a downstream call, its `grpc-timeout` what is left of the caller's deadline
+    /// (none without one; zero once it has passed).
+    fn bounded<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(deadline) = self.deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        request
+    }
+
+    /// Whether the caller's deadline has passed.
+    fn expired(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| deadline <= Instant::now())
     }
 
     /// Whether a cached answer checked under `stored` (its entry's guard policy) may be served to
@@ -447,17 +473,18 @@ impl Pipeline {
             .iter()
             .map(Message::joined_text)
             .collect();
-        let routed = self
-            .router
-            .clone()
-            .embed(switchboard_proto::router::v1::EmbedRequest {
-                model: request.model.clone(),
-                inputs,
-                dimensions: input.dimensions,
-                user: input.user,
-                caller: Some(caller(ctx)),
-            })
-            .await;
+        let embed = switchboard_proto::router::v1::EmbedRequest {
+            model: request.model.clone(),
+            inputs,
+            dimensions: input.dimensions,
+            user: input.user,
+            caller: Some(caller(ctx)),
+        };
+        let routed = if ctx.expired() {
+            Err(deadline_passed())
+        } else {
+            self.router.clone().embed(ctx.bounded(embed)).await
+        };
         match routed {
             Ok(response) => {
                 let response = response.into_inner();
@@ -595,15 +622,18 @@ impl Pipeline {
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
         let abandoned = Abandoned::arm(self, ctx, &request, cache_status, false);
-        let routed = self
-            .router
-            .clone()
-            .route(RouteRequest {
-                request: Some(routed_request),
-                caller: Some(caller(ctx)),
-                allowance: reservation.as_ref().and_then(Reservation::allowance),
-            })
-            .await;
+        let route = RouteRequest {
+            request: Some(routed_request),
+            caller: Some(caller(ctx)),
+            allowance: reservation.as_ref().and_then(Reservation::allowance),
+        };
+        // The router gets what is left of the caller's deadline: past it, it answers TIMEOUT
+        // with the attempts it made, before the caller gives up.
+        let routed = if ctx.expired() {
+            Err(deadline_passed())
+        } else {
+            self.router.clone().route(ctx.bounded(route)).await
+        };
         // An overlapped check must be in before anything of the answer is used.
         if let Err(error) = self.finish_check(ctx, &request, pending).await {
             match &routed {
@@ -727,15 +757,16 @@ impl Pipeline {
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
         let abandoned = Abandoned::arm(self, ctx, &request, cache_status, true);
-        let opened = self
-            .router
-            .clone()
-            .route_stream(RouteStreamRequest {
-                request: Some(routed_request),
-                caller: Some(caller(ctx)),
-                allowance: reservation.as_ref().and_then(Reservation::allowance),
-            })
-            .await;
+        let route = RouteStreamRequest {
+            request: Some(routed_request),
+            caller: Some(caller(ctx)),
+            allowance: reservation.as_ref().and_then(Reservation::allowance),
+        };
+        let opened = if ctx.expired() {
+            Err(deadline_passed())
+        } else {
+            self.router.clone().route_stream(ctx.bounded(route)).await
+        };
         let (serving, mut upstream) = match opened {
             Ok(response) => (Serving::of(response.metadata()), response.into_inner()),
             Err(status) => {
@@ -1017,7 +1048,7 @@ impl Pipeline {
         let checked = self
             .guard
             .clone()
-            .check_prompt(check_prompt_request(ctx, request))
+            .check_prompt(ctx.bounded(check_prompt_request(ctx, request)))
             .await
             .map(tonic::Response::into_inner);
         let (guarded, messages) = self.guard_outcome(ctx, &request.model, checked)?;
@@ -1032,7 +1063,7 @@ impl Pipeline {
     fn start_check(&self, ctx: &RequestContext, request: &ChatRequest) -> PendingCheck {
         self.passthrough.overlapped();
         let mut guard = self.guard.clone();
-        let check = check_prompt_request(ctx, request);
+        let check = ctx.bounded(check_prompt_request(ctx, request));
         PendingCheck(tokio::spawn(
             async move {
                 guard
@@ -1155,6 +1186,15 @@ impl Pipeline {
         let Some(cause) = GuardDown::of(&error) else {
             return Some(error);
         };
+        // The caller's own deadline ran out during the check: the request timed out; the guard
+        // is not down (no fail-closed 503, no unchecked fail-open).
+        if cause == GuardDown::TimedOut && ctx.expired() {
+            return Some(GatewayError::Downstream {
+                code: ErrorCode::Timeout,
+                message: "the request's deadline passed while the guard checked it".to_owned(),
+                metadata: HashMap::from([("service".to_owned(), "guard".to_owned())]),
+            });
+        }
         if self.guard_failure.fails_open(&crate::answer::Unchecked {
             request_id: &ctx.request_id,
             app: &ctx.principal.app,
@@ -1223,14 +1263,14 @@ impl Pipeline {
         let checked = self
             .guard
             .clone()
-            .check_answer(CheckAnswerRequest {
+            .check_answer(ctx.bounded(CheckAnswerRequest {
                 request_id: ctx.request_id.clone(),
                 app: ctx.principal.app.clone(),
                 team: ctx.principal.team.clone(),
                 messages,
                 route: request.model.clone(),
                 sequence,
-            })
+            }))
             .await;
         match checked {
             Ok(checked) => Ok(Some(checked.into_inner())),
@@ -1431,10 +1471,10 @@ impl Pipeline {
         let looked_up = self
             .cache
             .clone()
-            .lookup(LookupRequest {
+            .lookup(ctx.bounded(LookupRequest {
                 scope: Some(cache_scope(ctx)),
                 request: Some(request),
-            })
+            }))
             .await;
         match looked_up {
             Ok(found) => {
@@ -1915,6 +1955,12 @@ fn cache_scope(ctx: &RequestContext) -> Scope {
         app: ctx.principal.app.clone(),
         team: ctx.principal.team.clone(),
     }
+}
+
+/// A router call not made because the caller's deadline had passed: as a router past it would
+/// fail.
+fn deadline_passed() -> tonic::Status {
+    tonic::Status::deadline_exceeded("the caller's deadline passed before the request was routed")
 }
 
 fn caller(ctx: &RequestContext) -> Caller {
