@@ -357,8 +357,16 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let principal = self.authenticate(&request)?;
-        let models = self.shared.pipeline.list_models(&principal).await?;
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        // Named like every other answer after authentication (no usage row: nothing is routed).
+        let ctx = begin(principal, None);
+        let id = ctx.request_id.as_str();
+        let models = self
+            .shared
+            .pipeline
+            .list_models(&ctx.principal)
+            .await
+            .map_err(|e| failed(e, id))?;
+        Ok(answer(pb::ListModelsResponse { models }, id))
     }
 }
 
