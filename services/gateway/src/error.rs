@@ -294,6 +294,7 @@ impl GatewayError {
 
     /// The OpenAI-style body for this error.
     pub fn body(&self) -> ErrorBody {
+        crate::metrics::refused(crate::metrics::Face::OpenAi, self);
         let code = self.code();
         let message = if code == ErrorCode::Internal {
             "internal error".to_owned()
@@ -361,6 +362,7 @@ impl GatewayError {
 
     /// Anthropic's error body: `{"type":"error","error":{"type","message"}}`.
     pub fn anthropic_body(&self) -> crate::anthropic::ErrorBody {
+        crate::metrics::refused(crate::metrics::Face::Anthropic, self);
         let message = if self.code() == ErrorCode::Internal {
             "internal error".to_owned()
         } else {
@@ -495,10 +497,34 @@ impl ServiceError for GatewayError {
             _ => HashMap::new(),
         }
     }
+
+    /// The invalid field of an `INVALID_ARGUMENT`, as a `google.rpc.BadRequest` violation next to
+    /// `ErrorInfo` (whose `metadata.field` names it too): the gateway's own validation, a request
+    /// charged more than a whole token limit (`max_tokens`), and a hop's refusal naming a field.
+    fn field_violations(&self) -> Vec<(String, String)> {
+        match self {
+            GatewayError::InvalidRequest { field, message } => {
+                vec![(field.clone(), message.clone())]
+            }
+            GatewayError::TokensExceedRateLimit { .. } => {
+                vec![("max_tokens".to_owned(), self.to_string())]
+            }
+            GatewayError::Downstream {
+                code: ErrorCode::InvalidArgument,
+                message,
+                metadata,
+            } => metadata
+                .get("field")
+                .map(|field| vec![(field.clone(), message.clone())])
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl From<GatewayError> for tonic::Status {
     fn from(error: GatewayError) -> Self {
+        crate::metrics::refused(crate::metrics::Face::Grpc, &error);
         if let Some(secs) = error.retry_after_secs() {
             // RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo.
             let mut details = tonic_types::ErrorDetails::with_error_info(
@@ -773,6 +799,55 @@ mod tests {
             GatewayError::from_status("guard", &go).code(),
             ErrorCode::PayloadTooLarge
         );
+    }
+
+    #[test]
+    fn invalid_arguments_name_their_field_in_a_bad_request() {
+        use tonic_types::StatusExt;
+        let cases = [
+            (
+                GatewayError::InvalidRequest {
+                    field: "messages[0].role".into(),
+                    message: "must be set".into(),
+                },
+                "messages[0].role",
+            ),
+            (
+                GatewayError::TokensExceedRateLimit {
+                    scope: "app:a".into(),
+                    limit: 1_000,
+                    charge: 4_104,
+                },
+                "max_tokens",
+            ),
+            (
+                GatewayError::from_status(
+                    "router",
+                    &switchboard_status::status(
+                        ErrorCode::InvalidArgument,
+                        "router",
+                        "invalid `request.tools[0]`",
+                        HashMap::from([("field".to_owned(), "request.tools[0]".to_owned())]),
+                    ),
+                ),
+                "request.tools[0]",
+            ),
+        ];
+        for (error, field) in cases {
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                status.get_details_error_info().unwrap().reason,
+                "INVALID_ARGUMENT"
+            );
+            let bad = status.get_details_bad_request().unwrap();
+            assert_eq!(bad.field_violations.len(), 1);
+            assert_eq!(bad.field_violations[0].field, field);
+            assert!(!bad.field_violations[0].description.is_empty());
+        }
+        // Other errors carry none.
+        let status = tonic::Status::from(GatewayError::InvalidKey);
+        assert!(status.get_details_bad_request().is_none());
     }
 
     #[test]
