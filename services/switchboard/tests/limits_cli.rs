@@ -1,6 +1,8 @@
 //! `switchboard check-config` refuses a gateway that accepts requests larger than a hop behind it
 //! decodes (each hop's `max_message_bytes` against `gateway.max_body_bytes`).
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
