@@ -678,6 +678,8 @@ async fn metrics(State(shared): State<Shared>) -> String {
         "# TYPE switchboard_ready gauge\nswitchboard_ready {}",
         u8::from(report.status != crate::ready::Status::Unavailable)
     );
+    // Served requests, latency, cache outcomes and refusals (`metrics.rs`).
+    crate::metrics::render(&mut out);
     out
 }
 

@@ -12,6 +12,7 @@ mod embeddings;
 mod error;
 mod grpc;
 mod http;
+mod metrics;
 mod openai;
 mod outbox;
 mod overlap;

@@ -49,7 +49,7 @@ struct Queued {
     parent: opentelemetry::Context,
 }
 
-/// The request path's handle: queue an event.
+/// The request path's handle: queue an event (and count it in `/metrics`, `metrics.rs`).
 #[derive(Clone)]
 pub struct UsageSink {
     tx: mpsc::Sender<Queued>,
@@ -59,6 +59,7 @@ pub struct UsageSink {
 impl UsageSink {
     /// Queues `event`; the ledger's span will be parented to the current (request) span.
     pub fn record(&self, event: UsageEvent) {
+        crate::metrics::served(&event);
         let parent = tracing::Span::current().context();
         let request_id = event.request_id.clone();
         if self.tx.try_send(Queued { event, parent }).is_err() {

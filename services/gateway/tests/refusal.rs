@@ -394,3 +394,46 @@ async fn an_anthropic_client_gets_the_refusal_as_text_with_stop_reason_refusal()
     assert_eq!(events[5].1["delta"]["stop_reason"], "refusal", "{text}");
     gateway.stop().await;
 }
+
+/// `value` of one series in a `/metrics` text (0 when absent).
+fn series(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_count_a_served_request_and_a_refusal() {
+    let gateway = gateway().await;
+    let metrics = || async {
+        reqwest::get(format!("{}/metrics", gateway.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let served = "switchboard_gateway_requests_total{kind=\"unary\",status=\"ok\"}";
+    let bypass = "switchboard_gateway_cache_total{outcome=\"bypass\"}";
+    let latency = "switchboard_gateway_request_duration_seconds_count{kind=\"unary\"}";
+    let refused = "switchboard_gateway_refusals_total{face=\"openai\",reason=\"invalid_key\",code=\"UNAUTHENTICATED\"}";
+    let before = metrics().await;
+    let request = json!({ "model": "gpt", "messages": [{ "role": "user", "content": "Hi" }] });
+    gateway.post("/v1/chat/completions", &request).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gateway.http))
+        .bearer_auth("sk-not-a-key")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let after = metrics().await;
+    for name in [served, bypass, latency, refused] {
+        assert!(
+            series(&after, name) > series(&before, name),
+            "{name} did not move:\n{after}"
+        );
+    }
+    gateway.stop().await;
+}
