@@ -15,15 +15,41 @@ wait_port() {
   return 1
 }
 
+# Trust auth for TCP from this machine (127.0.0.1 and ::1), ahead of the packaged rules (the first
+# matching line wins; Debian's own asks for a password, scram-sha-256). Idempotent: the marker line
+# says it is done.
+TRUST_MARKER="# switchboard scripts/dev-services.sh: trust auth for local TCP"
+trust_local_tcp() {
+  local hba=$1
+  if grep -qF "$TRUST_MARKER" "$hba"; then return 0; fi
+  local new
+  new=$(printf '%s\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n\n' "$TRUST_MARKER"; cat "$hba")
+  # Written into the same file: its owner and mode stay.
+  printf '%s\n' "$new" >"$hba"
+}
+
 if port_open 5432; then
+  # A running server is left as it is, configuration included.
   echo "postgres: up"
 else
+  installed_here=false
   if ! ls /etc/postgresql >/dev/null 2>&1; then
     echo "postgres: not installed; installing from Debian packages"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    installed_here=true
   fi
-  echo "postgres: starting"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  cluster="$(ls /etc/postgresql | head -n1)"
+  if [ "$installed_here" = true ]; then
+    echo "postgres: trust auth for 127.0.0.1 and ::1"
+    trust_local_tcp "/etc/postgresql/$cluster/main/pg_hba.conf"
+  fi
+  if port_open 5432; then
+    # The package started the cluster itself: it reads pg_hba.conf again.
+    pg_ctlcluster --skip-systemctl-redirect "$cluster" main reload
+  else
+    echo "postgres: starting"
+    pg_ctlcluster --skip-systemctl-redirect "$cluster" main start
+  fi
   wait_port 5432 postgres
 fi
 
