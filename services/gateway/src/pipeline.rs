@@ -999,7 +999,8 @@ impl Pipeline {
                     let _ = tx.send(StreamEvent::Done { usage, route }).await;
                     return;
                 }
-                None => {}
+                // The router's account of a stream it cut, before its error status (not used yet).
+                Some(route_stream_response::Event::Interrupted(_)) | None => {}
             }
             // A caller that leaves while the provider is quiet (between chunks) is noticed at
             // once, not at the next chunk: upstream is dropped (the call cancelled) and what was

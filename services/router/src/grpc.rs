@@ -156,6 +156,9 @@ impl RouterService for RouterGrpc {
                     StreamEvent::Done(info) => Some(Ok(RouteStreamResponse {
                         event: Some(Event::Route(info)),
                     })),
+                    StreamEvent::Interrupted(info) => Some(Ok(RouteStreamResponse {
+                        event: Some(Event::Interrupted(info)),
+                    })),
                     StreamEvent::Failed(error) => Some(Err(status(&error))),
                     // Sent once, before the first chunk (taken above).
                     StreamEvent::Serving(_) => None,

@@ -155,6 +155,10 @@ pub enum StreamEvent {
     /// The stream committed to this deployment; sent once, before its first chunk (the response
     /// head carries it: `switchboard_status::serving`).
     Serving(StreamSource),
+    /// The stream broke after its first chunk: every attempt, the cut one last with the usage its
+    /// provider reported before the cut (so that the caller can bill it); sent just before the
+    /// [`StreamEvent::Failed`] that ends the stream.
+    Interrupted(RouteInfo),
 }
 
 /// Attempts of one request so far.
@@ -187,7 +191,14 @@ impl Attempts {
         self.untranslatable.get_or_insert(error);
     }
 
-    fn failed(&mut self, deployment: &Deployment, started: Instant, error: ProviderError) {
+    /// A failed try; `usage`: what its provider reported it consumed before failing.
+    fn failed(
+        &mut self,
+        deployment: &Deployment,
+        started: Instant,
+        error: ProviderError,
+        usage: Option<Usage>,
+    ) {
         tracing::info!(
             target = %deployment.label,
             error.code = error.code(),
@@ -202,7 +213,7 @@ impl Attempts {
             error_message: error.to_string(),
             http_status: u32::from(error.http_status()),
             duration_ms: started.elapsed().as_millis() as u64,
-            usage: None,
+            usage,
             key_alias: deployment.key_alias.clone(),
         });
         self.last_error = Some(error);
@@ -225,18 +236,38 @@ impl Attempts {
         });
     }
 
-    fn served(
+    fn served(self, deployment: &Deployment, started: Instant, usage: Option<Usage>) -> RouteInfo {
+        self.last(deployment, started, usage, (String::new(), String::new()))
+    }
+
+    /// The attempts of a stream cut after its first chunk, the cut one last with `usage`, what
+    /// its provider reported before the cut (`last_error`: why it broke).
+    fn cut(
+        self,
+        deployment: &Deployment,
+        started: Instant,
+        usage: Option<Usage>,
+        last_error: String,
+    ) -> RouteInfo {
+        let code = ProviderError::Interrupted(String::new()).code().to_owned();
+        self.last(deployment, started, usage, (code, last_error))
+    }
+
+    /// Every attempt, the last one on `deployment` (which answered, then served or broke off:
+    /// `outcome` is its error code and message, empty when it served).
+    fn last(
         mut self,
         deployment: &Deployment,
         started: Instant,
         usage: Option<Usage>,
+        (error_code, error_message): (String, String),
     ) -> RouteInfo {
         self.list.push(Attempt {
             target: deployment.target.clone(),
             provider: deployment.provider.clone(),
             model: deployment.model.clone(),
-            error_code: String::new(),
-            error_message: String::new(),
+            error_code,
+            error_message,
             http_status: 200,
             duration_ms: started.elapsed().as_millis() as u64,
             usage,
@@ -922,7 +953,7 @@ impl Routes {
                 let result = exchange.call(&deployment.client, &prepared, timeout).await;
                 let elapsed = started.elapsed();
                 deployment.metrics.latency(elapsed);
-                let error = match result {
+                let (error, consumed) = match result {
                     Ok(output) => {
                         target.stats.observe(elapsed);
                         permit.finish(Instant::now(), Ok(()));
@@ -935,7 +966,7 @@ impl Routes {
                             _in_flight: in_flight,
                         });
                     }
-                    Err(error) => error,
+                    Err(Failure { error, usage }) => (error, usage),
                 };
                 drop(in_flight);
                 if error == ProviderError::Timeout {
@@ -949,7 +980,7 @@ impl Routes {
                 if error.code() == CONTEXT_LENGTH_CODE {
                     too_long_for = too_long_for.max(target.caps.context_window);
                 }
-                attempts.failed(deployment, started, error);
+                attempts.failed(deployment, started, error, consumed);
                 if deadline_hit {
                     return Err(attempts.deadline_exceeded());
                 }
@@ -1079,6 +1110,20 @@ impl<'a, T> Served<'a, T> {
     }
 }
 
+/// A failed try: the provider's error, and the usage the provider reported before it (a stream
+/// that broke before its first content-bearing chunk, after Anthropic's `message_start` or a
+/// Gemini `usageMetadata`: the prompt was read, and is billed with the attempt).
+struct Failure {
+    error: ProviderError,
+    usage: Option<Usage>,
+}
+
+impl From<ProviderError> for Failure {
+    fn from(error: ProviderError) -> Self {
+        Failure { error, usage: None }
+    }
+}
+
 /// One kind of provider call the attempt loop can make.
 trait Exchange: Sync {
     /// What a successful call yields.
@@ -1091,7 +1136,7 @@ trait Exchange: Sync {
         provider: &'a ProviderClient,
         prepared: &'a Prepared,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Self::Output, ProviderError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Self::Output, Failure>> + Send + 'a;
 }
 
 /// A unary chat completion.
@@ -1100,13 +1145,13 @@ struct Unary;
 impl Exchange for Unary {
     type Output = ChatResponse;
     const STREAM: bool = false;
-    fn call<'a>(
+    async fn call<'a>(
         &'a self,
         provider: &'a ProviderClient,
         prepared: &'a Prepared,
         timeout: Duration,
-    ) -> impl Future<Output = Result<ChatResponse, ProviderError>> + Send + 'a {
-        provider.chat(prepared, timeout)
+    ) -> Result<ChatResponse, Failure> {
+        Ok(provider.chat(prepared, timeout).await?)
     }
 }
 
@@ -1121,8 +1166,7 @@ impl Exchange for Streamed {
         provider: &'a ProviderClient,
         prepared: &'a Prepared,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(Vec<ChatChunk>, ChunkStream), ProviderError>> + Send + 'a
-    {
+    ) -> impl Future<Output = Result<(Vec<ChatChunk>, ChunkStream), Failure>> + Send + 'a {
         open(provider, prepared, timeout)
     }
 }
@@ -1151,26 +1195,22 @@ fn carries_content(chunk: &ChatChunk) -> bool {
 /// dropped if it fails). Returns the chunks read, that chunk last, and the rest of the stream.
 /// The whole of it is bounded by `timeout`: each read is too, but a provider that sends only
 /// keep-alives (SSE comments, Anthropic `ping`s, opening chunks) would otherwise never time out.
+/// A failure carries the usage the provider reported before it.
 async fn open(
     provider: &ProviderClient,
     prepared: &Prepared,
     timeout: Duration,
-) -> Result<(Vec<ChatChunk>, ChunkStream), ProviderError> {
-    tokio::time::timeout(timeout, open_unbounded(provider, prepared, timeout))
+) -> Result<(Vec<ChatChunk>, ChunkStream), Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = tokio::time::timeout_at(deadline, provider.chat_stream(prepared, timeout))
         .await
-        .unwrap_or(Err(ProviderError::Timeout))
-}
-
-/// [`open`] without its overall bound.
-async fn open_unbounded(
-    provider: &ProviderClient,
-    prepared: &Prepared,
-    timeout: Duration,
-) -> Result<(Vec<ChatChunk>, ChunkStream), ProviderError> {
-    let mut stream = provider.chat_stream(prepared, timeout).await?;
+        .unwrap_or(Err(ProviderError::Timeout))?;
     let mut held = Vec::new();
     loop {
-        match stream.next().await {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or(Some(Err(ProviderError::Timeout)));
+        match next {
             Some(Ok(chunk)) => {
                 let commits = carries_content(&chunk);
                 held.push(chunk);
@@ -1178,20 +1218,26 @@ async fn open_unbounded(
                     return Ok((held, stream));
                 }
             }
-            Some(Err(error)) => return Err(error),
+            Some(Err(error)) => {
+                let usage = stream.reported();
+                return Err(Failure { error, usage });
+            }
             // The format's proper end after opening chunks alone: an empty answer, served as is.
             None if !held.is_empty() => return Ok((held, stream)),
             None => {
                 return Err(ProviderError::Protocol(
                     "stream finished without any chunk".to_owned(),
-                ));
+                )
+                .into());
             }
         }
     }
 }
 
 /// Forwards a started stream: the chunks `open` read, then the rest. After them there is no
-/// fallback any more.
+/// fallback any more: a stream that breaks ends with the attempts so far
+/// ([`StreamEvent::Interrupted`], the cut one with the usage its provider reported), then
+/// [`RouterError::StreamInterrupted`].
 async fn forward(
     served: Served<'_, ()>,
     opened: Vec<ChatChunk>,
@@ -1222,17 +1268,12 @@ async fn forward(
     }
     // The chunks `open` read go first, then the rest of the stream.
     let mut opened = opened.into_iter();
-    loop {
+    let last_error = loop {
         let next = match opened.next() {
             Some(chunk) => Some(Ok(chunk)),
             None => match tokio::time::timeout_at(deadline, stream.next()).await {
                 Ok(next) => next,
-                Err(_) => {
-                    return Err(interrupted(
-                        forwarded,
-                        "TIMEOUT: deadline exceeded".to_owned(),
-                    ));
-                }
+                Err(_) => break "TIMEOUT: deadline exceeded".to_owned(),
             },
         };
         match next {
@@ -1249,7 +1290,7 @@ async fn forward(
                 tracing::warn!(target = %deployment.label, error.code = error.code(), chunks = forwarded, "stream interrupted");
                 deployment.metrics.error(error.code());
                 deployment.breaker.failure(Instant::now(), &error);
-                return Err(interrupted(forwarded, format!("{}: {error}", error.code())));
+                break format!("{}: {error}", error.code());
             }
             None => {
                 served.settle(usage.as_ref());
@@ -1257,7 +1298,17 @@ async fn forward(
                 return Ok(served.attempts.served(deployment, started, usage));
             }
         }
-    }
+    };
+    let error = interrupted(forwarded, last_error.clone());
+    // What the provider reported before the cut (its prompt's counts at least), else the usage
+    // of a chunk: the caller bills it, with what it saw streamed.
+    let reported = stream.reported().or(usage);
+    let started = served.started;
+    let info = served
+        .attempts
+        .cut(deployment, started, reported, last_error);
+    let _ = tx.send(StreamEvent::Interrupted(info)).await;
+    Err(error)
 }
 
 #[cfg(test)]

@@ -144,6 +144,8 @@ impl Harness {
                         chunks.push(chunk);
                     }
                     Event::Route(route) => info = Some(route),
+                    // A cut's account of its attempts (tests/cut_usage.rs).
+                    Event::Interrupted(_) => {}
                 },
                 Err(status) => {
                     error = Some(status);

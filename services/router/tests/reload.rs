@@ -184,6 +184,7 @@ async fn a_stream_in_flight_finishes_on_the_table_it_started_on() {
                     }
                 }
                 Event::Route(route) => info = Some(route),
+                Event::Interrupted(_) => {}
             }
         }
         (text, info)

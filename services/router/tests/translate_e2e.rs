@@ -149,6 +149,8 @@ targets = [{{ provider = "claude", model = "m-small" }}, {{ provider = "gem", mo
                 Ok(message) => match message.event.unwrap() {
                     Event::Chunk(chunk) => chunks.push(chunk),
                     Event::Route(route) => info = Some(route),
+                    // A cut's account of its attempts (tests/cut_usage.rs).
+                    Event::Interrupted(_) => {}
                 },
                 Err(status) => {
                     error = Some(status);

@@ -787,6 +787,19 @@ impl StreamDecoder for AnthropicDecoder {
             "stream ended without message_stop".to_owned(),
         ))
     }
+
+    /// `message_start`'s counts (input, cache reads and writes: final from the start), updated by
+    /// `message_delta`'s.
+    fn reported_usage(&self) -> Option<Usage> {
+        let usage = self.usage;
+        let reported = usage
+            .input_tokens
+            .or(usage.output_tokens)
+            .or(usage.cache_creation_input_tokens)
+            .or(usage.cache_read_input_tokens)
+            .is_some();
+        reported.then(|| usage.to_usage())
+    }
 }
 
 #[cfg(test)]

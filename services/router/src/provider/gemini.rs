@@ -867,6 +867,12 @@ impl StreamDecoder for GeminiDecoder {
             .into_iter()
             .collect())
     }
+
+    /// The latest `usageMetadata` (every event carries one: the prompt's counts, the output's
+    /// so far).
+    fn reported_usage(&self) -> Option<Usage> {
+        self.usage.map(GmUsage::to_usage)
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod sse;
 
 use std::{
     pin::Pin,
+    task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -372,7 +373,43 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// A stream of translated chunks; ends after the format's proper end, or with an error item.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, ProviderError>> + Send>>;
+/// [`ChunkStream::reported`] is the usage the provider reported so far, which a chunk carries
+/// only at the end: what a stream cut now consumed, as far as the provider said.
+pub struct ChunkStream {
+    reads: Pin<Box<dyn Stream<Item = Read> + Send>>,
+    reported: Option<Usage>,
+}
+
+/// What the reading task of a [`ChunkStream`] produces.
+enum Read {
+    Item(Result<ChatChunk, ProviderError>),
+    /// The decoder's usage changed ([`StreamDecoder::reported_usage`]).
+    Reported(Usage),
+}
+
+impl ChunkStream {
+    /// The usage the provider reported so far (normalised as a chunk's), `None` when it reported
+    /// none yet: Anthropic's `message_start` (and `message_delta`), Gemini's latest
+    /// `usageMetadata`; OpenAI-format streams report theirs only in a chunk at their end.
+    pub fn reported(&self) -> Option<Usage> {
+        self.reported
+    }
+}
+
+impl Stream for ChunkStream {
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match self.reads.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Read::Reported(usage))) => self.reported = Some(usage),
+                Poll::Ready(Some(Read::Item(item))) => return Poll::Ready(Some(item)),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// What a [`StreamDecoder`] made of one event.
 #[derive(Debug, Default, PartialEq)]
@@ -391,6 +428,12 @@ pub trait StreamDecoder: Send {
     /// The body ended (between events) before [`Decoded::done`]: the last chunks when that is this
     /// format's proper end, else [`ProviderError::Interrupted`].
     fn end_of_body(&mut self) -> Result<Vec<ChatChunk>, ProviderError>;
+
+    /// The usage the provider reported so far, normalised, even when no chunk carried it yet
+    /// (what a stream cut now consumed, as far as the provider said); `None` when it reported none.
+    fn reported_usage(&self) -> Option<Usage> {
+        None
+    }
 }
 
 /// The decoder of `kind`'s streams; `call_tag` goes in the ids of calls a format sends without
@@ -817,13 +860,14 @@ impl ProviderClient {
             let mut parser = sse::SseParser::new();
             let mut model = String::new();
             let mut usage: Option<Usage> = None;
+            let mut reported: Option<Usage> = None;
             loop {
                 let read = match tokio::time::timeout(timeout, body.next()).await {
                     Ok(read) => read,
                     Err(_) => {
                         let error = ProviderError::Timeout;
                         record_outcome(&span, &Err(&error));
-                        yield Err(error);
+                        yield Read::Item(Err(error));
                         return;
                     }
                 };
@@ -861,6 +905,14 @@ impl ProviderClient {
                         Err(error) => (Vec::new(), Err(error)),
                     },
                 };
+                // Before the chunks of this read: a consumer that stops at one of them, or at the
+                // error after them, knows what the provider had reported by then.
+                if let Some(now) = decoder.reported_usage()
+                    && reported != Some(now)
+                {
+                    reported = Some(now);
+                    yield Read::Reported(now);
+                }
                 for chunk in decoded {
                     if model.is_empty() {
                         model.clone_from(&chunk.model);
@@ -868,7 +920,7 @@ impl ProviderClient {
                     if chunk.usage.is_some() {
                         usage = chunk.usage;
                     }
-                    yield Ok(chunk);
+                    yield Read::Item(Ok(chunk));
                 }
                 match done {
                     Ok(false) => {}
@@ -878,13 +930,16 @@ impl ProviderClient {
                     }
                     Err(error) => {
                         record_outcome(&span, &Err(&error));
-                        yield Err(error);
+                        yield Read::Item(Err(error));
                         return;
                     }
                 }
             }
         };
-        Ok(Box::pin(stream))
+        Ok(ChunkStream {
+            reads: Box::pin(stream),
+            reported: None,
+        })
     }
 }
 

@@ -119,6 +119,8 @@ impl Mesh {
                         chunks.push(chunk);
                     }
                     Event::Route(route) => info = Some(route),
+                    // A cut's account of its attempts (tests/cut_usage.rs).
+                    Event::Interrupted(_) => {}
                 },
                 Err(status) => {
                     error = Some(status);
