@@ -974,9 +974,7 @@ impl Pipeline {
                             }
                         }
                     }
-                    let usage = assembled
-                        .usage
-                        .unwrap_or_else(|| assembled.estimate_usage(&request));
+                    let usage = assembled.consumed(&request);
                     // As for unary answers: nothing the guard did not check (prompt or any
                     // window of the answer) is cached.
                     if self.cache_enabled
@@ -999,8 +997,12 @@ impl Pipeline {
                     let _ = tx.send(StreamEvent::Done { usage, route }).await;
                     return;
                 }
-                // The router's account of a stream it cut, before its error status (not used yet).
-                Some(route_stream_response::Event::Interrupted(_)) | None => {}
+                // The router cut the stream: its account of the attempts comes just before the
+                // error status, and bills the row (`Assembler::consumed`).
+                Some(route_stream_response::Event::Interrupted(route)) => {
+                    assembled.cut = Some(route);
+                }
+                None => {}
             }
             // A caller that leaves while the provider is quiet (between chunks) is noticed at
             // once, not at the next chunk: upstream is dropped (the call cancelled) and what was
@@ -1634,9 +1636,7 @@ impl Pipeline {
         serving: Option<&Serving>,
     ) -> RouteInfo {
         use switchboard_status::ServiceError;
-        let usage = assembled
-            .usage
-            .unwrap_or_else(|| assembled.estimate_usage(request));
+        let usage = assembled.consumed(request);
         let route = partial_route(request, assembled, error, usage, serving);
         self.record(
             ctx,
@@ -1841,9 +1841,11 @@ impl RecordArgs {
     }
 }
 
-/// The route of a stream cut short. When the router named the deployment that was streaming (the
-/// metadata of its interrupted-stream error), the route names it and lists the cut attempt with
-/// what it consumed, so that the ledger prices those tokens at that deployment's rates.
+/// The route of a stream cut short, with `usage` (what the stream consumed) on its cut attempt, so
+/// that the ledger prices those tokens at that deployment's rates. A stream the router cut comes
+/// with the router's account of its attempts (earlier ones with what they consumed); otherwise the
+/// route names the deployment the router named (the metadata of its interrupted-stream error, or
+/// its response head) and lists the cut attempt alone.
 fn partial_route(
     request: &ChatRequest,
     assembled: &Assembler,
@@ -1852,6 +1854,13 @@ fn partial_route(
     serving: Option<&Serving>,
 ) -> RouteInfo {
     use switchboard_status::ServiceError;
+    if let Some(cut) = assembled.cut.as_ref().filter(|r| !r.attempts.is_empty()) {
+        let mut route = cut.clone();
+        if let Some(attempt) = route.attempts.last_mut() {
+            attempt.usage = Some(usage);
+        }
+        return route;
+    }
     let mut route = RouteInfo {
         route: request.model.clone(),
         model: assembled.model.clone(),
@@ -2165,7 +2174,11 @@ struct Assembler {
     /// The model's refusal per choice (OpenAI `refusal`).
     refusal: BTreeMap<u32, String>,
     has_tool_calls: bool,
+    /// The provider's usage, when a chunk carried it (its count at the end).
     usage: Option<Usage>,
+    /// The router's account of a stream it cut (`RouteStreamResponse.interrupted`): every
+    /// attempt, the cut one last with what its provider reported before the cut.
+    cut: Option<RouteInfo>,
     /// Answer and reasoning bytes as the router sent them, before the answer check held any back
     /// or blocked them: what the provider was paid for, even if the caller never saw it.
     received_bytes: usize,
@@ -2266,6 +2279,40 @@ impl Assembler {
             usage: self.usage,
             created: self.created,
         })
+    }
+
+    /// What the stream consumed, by one rule for every row of a stream: the provider's usage when
+    /// a chunk carried it; for a stream the router cut, what its provider had reported (the
+    /// prompt's counts, cache reads and writes included, are final from the start; the output's
+    /// were partial) with, on the output side, the local estimate of what was streamed where it is
+    /// larger; without any report, the local estimate ([`Assembler::estimate_usage`]).
+    fn consumed(&self, request: &ChatRequest) -> Usage {
+        if let Some(usage) = self.usage {
+            return usage;
+        }
+        let estimate = self.estimate_usage(request);
+        let reported = self
+            .cut
+            .as_ref()
+            .and_then(|route| route.attempts.last())
+            .and_then(|attempt| attempt.usage);
+        let Some(reported) = reported else {
+            return estimate;
+        };
+        let prompt = if reported.prompt_tokens > 0 {
+            reported
+        } else {
+            estimate
+        };
+        let completion_tokens = reported.completion_tokens.max(estimate.completion_tokens);
+        Usage {
+            prompt_tokens: prompt.prompt_tokens,
+            cached_prompt_tokens: prompt.cached_prompt_tokens,
+            cache_write_tokens: prompt.cache_write_tokens,
+            completion_tokens,
+            reasoning_tokens: reported.reasoning_tokens.max(estimate.reasoning_tokens),
+            total_tokens: prompt.prompt_tokens.saturating_add(completion_tokens),
+        }
     }
 
     /// A local count when the provider reported no usage: about four characters per token
@@ -2439,6 +2486,79 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_stream_counts_the_prompt_its_provider_reported_and_the_larger_output_count() {
+        let streamed = |text: &str| {
+            let mut assembled = Assembler::default();
+            assembled.add(&ChatChunk {
+                choices: vec![ChoiceDelta {
+                    content: text.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            assembled
+        };
+        let cut_with = |assembled: &mut Assembler, usage: Usage| {
+            assembled.cut = Some(RouteInfo {
+                attempts: vec![switchboard_proto::chat::v1::Attempt {
+                    error_code: "STREAM_INTERRUPTED".into(),
+                    usage: Some(usage),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        };
+        // 40 characters streamed: 10 tokens locally. Gemini said 900 prompt tokens (600 of them
+        // cached) and 25 output tokens (5 of them reasoning) so far: its counts win.
+        let mut assembled = streamed(&"x".repeat(40));
+        cut_with(
+            &mut assembled,
+            Usage {
+                prompt_tokens: 900,
+                cached_prompt_tokens: 600,
+                completion_tokens: 25,
+                reasoning_tokens: 5,
+                total_tokens: 925,
+                ..Default::default()
+            },
+        );
+        let usage = assembled.consumed(&request());
+        assert_eq!(
+            (usage.prompt_tokens, usage.cached_prompt_tokens),
+            (900, 600)
+        );
+        assert_eq!((usage.completion_tokens, usage.reasoning_tokens), (25, 5));
+        assert_eq!(usage.total_tokens, 925);
+        // A report without the prompt: the prompt's estimate, the larger output count.
+        let mut assembled = streamed(&"x".repeat(40));
+        cut_with(
+            &mut assembled,
+            Usage {
+                completion_tokens: 4,
+                total_tokens: 4,
+                ..Default::default()
+            },
+        );
+        let estimate = assembled.estimate_usage(&request());
+        assert_eq!(assembled.consumed(&request()), estimate);
+        // The provider's final usage, when a chunk carried it, stands as it is.
+        let mut assembled = streamed("ab");
+        let last = Usage {
+            prompt_tokens: 7,
+            completion_tokens: 1,
+            total_tokens: 8,
+            ..Default::default()
+        };
+        assembled.usage = Some(last);
+        cut_with(&mut assembled, Usage::default());
+        assert_eq!(assembled.consumed(&request()), last);
+        // A route info for the row: the router's attempts, the cut one with what was consumed.
+        let route = partial_route(&request(), &assembled, None, last, None);
+        assert_eq!(route.attempts.len(), 1);
+        assert_eq!(route.attempts[0].usage, Some(last));
+    }
+
+    #[test]
     fn replay_has_the_shape_of_a_stream() {
         let response = ChatResponse {
             model: "m".into(),
@@ -2555,6 +2675,8 @@ mod tests {
     /// pipeline over them.
     mod stubs {
         use std::sync::Mutex;
+
+        use switchboard_proto::chat::v1::Attempt;
 
         use switchboard_proto::{
             cache::v1::{
@@ -2686,6 +2808,79 @@ mod tests {
             }
         }
 
+        /// What the provider reported before the stream of route `cut` broke (Anthropic's
+        /// `message_start` of a prompt that wrote 50,000 tokens to the cache).
+        pub const CUT_REPORTED: Usage = Usage {
+            prompt_tokens: 50_012,
+            completion_tokens: 1,
+            total_tokens: 50_013,
+            cached_prompt_tokens: 0,
+            reasoning_tokens: 0,
+            cache_write_tokens: 50_000,
+        };
+
+        /// What an earlier attempt of route `cut` consumed before it failed (before its first
+        /// chunk, after its provider reported its prompt).
+        pub const EARLIER_REPORTED: Usage = Usage {
+            prompt_tokens: 40,
+            completion_tokens: 0,
+            total_tokens: 40,
+            cached_prompt_tokens: 0,
+            reasoning_tokens: 0,
+            cache_write_tokens: 0,
+        };
+
+        /// How the router ends a stream cut after its first chunks: its account of the attempts
+        /// (the cut one last, with what its provider reported), then the error status.
+        fn cut_stream() -> Vec<Result<RouteStreamResponse, Status>> {
+            let attempt = |provider: &str, code: &str, usage: Usage| Attempt {
+                target: format!("{provider}/pm"),
+                provider: provider.into(),
+                model: "pm".into(),
+                error_code: code.into(),
+                usage: Some(usage),
+                ..Default::default()
+            };
+            let info = RouteInfo {
+                route: "cut".into(),
+                provider: "q".into(),
+                model: "pm".into(),
+                target: "q/pm".into(),
+                attempt_count: 2,
+                attempts: vec![
+                    attempt("p", "OVERLOADED", EARLIER_REPORTED),
+                    attempt("q", "STREAM_INTERRUPTED", CUT_REPORTED),
+                ],
+                ..Default::default()
+            };
+            let metadata = [
+                ("route", "cut"),
+                ("chunks", "2"),
+                ("target", "q/pm"),
+                ("provider", "q"),
+                ("model", "pm"),
+                ("attempts", "2"),
+                (
+                    "last_error",
+                    "STREAM_INTERRUPTED: stream ended without message_stop",
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            vec![
+                Ok(RouteStreamResponse {
+                    event: Some(route_stream_response::Event::Interrupted(info)),
+                }),
+                Err(switchboard_status::status(
+                    ErrorCode::UpstreamUnavailable,
+                    "router",
+                    "stream interrupted after 2 chunks",
+                    metadata,
+                )),
+            ]
+        }
+
         /// Calls of route `hang` the router received (and never answers).
         pub static HUNG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -2742,8 +2937,19 @@ mod tests {
                         })),
                     })
                 };
-                let stalls =
-                    request.get_ref().request.as_ref().map(|r| r.model.as_str()) == Some("stall");
+                let model = request.get_ref().request.as_ref().map(|r| r.model.clone());
+                let stalls = model.as_deref() == Some("stall");
+                // Route `cut`: two chunks, then the provider's stream breaks (see `cut_stream`).
+                if model.as_deref() == Some("cut") {
+                    let events = vec![
+                        chunk("Hello ", FinishReason::Unspecified, None),
+                        chunk("there.", FinishReason::Unspecified, None),
+                    ];
+                    let events: Self::RouteStreamStream = Box::pin(futures::stream::iter(
+                        events.into_iter().chain(cut_stream()),
+                    ));
+                    return Ok(Response::new(events));
+                }
                 let events = vec![
                     chunk("Hello ", FinishReason::Unspecified, None),
                     chunk("there.", FinishReason::Unspecified, None),
@@ -2979,6 +3185,83 @@ mod tests {
             attempt.usage.unwrap().completion_tokens > 0,
             "what was streamed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_upstream_is_billed_the_prompt_its_provider_reported() {
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour {
+            check_answer: false,
+            ..GuardBehaviour::HEALTHY
+        })
+        .await;
+        let ctx = RequestContext::new(principal("t"));
+        let mut cut = request();
+        cut.model = "cut".into();
+        let mut handle = harness
+            .pipeline
+            .stream(&ctx, cut.clone(), CacheControl::default())
+            .await
+            .unwrap();
+        let mut failed = None;
+        while let Some(event) = handle.events.recv().await {
+            if let StreamEvent::Failed(error) = event {
+                failed = Some(error);
+            }
+        }
+        assert!(failed.is_some(), "the cut reaches the caller as an error");
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1);
+        let event = &events[0];
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "UPSTREAM_UNAVAILABLE");
+        // The prompt side as the provider reported it (its cache write included), not the
+        // prompt's text estimate; the output side as streamed ("Hello there.": 3 tokens locally,
+        // more than the provider's 1 so far).
+        let usage = event.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cache_write_tokens,
+                usage.cached_prompt_tokens
+            ),
+            (50_012, 50_000, 0)
+        );
+        let streamed = {
+            let mut assembled = Assembler::default();
+            for text in ["Hello ", "there."] {
+                let chunk = ChatChunk {
+                    choices: vec![ChoiceDelta {
+                        content: text.into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                assembled.received(&chunk);
+                assembled.add(&chunk);
+            }
+            assembled.estimate_usage(&cut)
+        };
+        assert_eq!(usage.completion_tokens, streamed.completion_tokens);
+        assert!(usage.completion_tokens > CUT_REPORTED.completion_tokens);
+        assert_eq!(
+            usage.total_tokens,
+            usage.prompt_tokens + usage.completion_tokens
+        );
+        // Every attempt the router listed: the earlier one with what it consumed, the cut one
+        // (against the deployment that was streaming) with the row's usage.
+        let route = event.route.as_ref().unwrap();
+        assert_eq!(
+            (route.provider.as_str(), route.target.as_str()),
+            ("q", "q/pm")
+        );
+        assert_eq!(route.attempt_count, 2);
+        assert_eq!(route.attempts.len(), 2);
+        assert_eq!(route.attempts[0].usage, Some(EARLIER_REPORTED));
+        let attempt = &route.attempts[1];
+        assert_eq!(attempt.error_code, "STREAM_INTERRUPTED");
+        assert_eq!(attempt.usage, event.usage);
     }
 
     #[tokio::test]
