@@ -6,6 +6,7 @@ mod coalesce;
 mod cork;
 mod h2channel;
 mod h2server;
+pub mod metrics;
 mod service_main;
 
 pub use coalesce::CoalescedBody;
@@ -14,6 +15,7 @@ pub use h2channel::{
     DEFAULT_MAX_MESSAGE_BYTES, EndpointError, H2Body, H2Channel, internal_message_limit,
     parse_grpc_timeout,
 };
+pub use metrics::{MetricsBindError, MetricsEndpoint};
 
 use std::{future::Future, net::SocketAddr};
 

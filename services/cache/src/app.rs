@@ -3,6 +3,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_bus::NatsConfig;
+use switchboard_grpc::MetricsEndpoint;
 use switchboard_proto::cache::v1::cache_service_server::{CacheServiceServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio_util::{
@@ -16,6 +17,7 @@ use crate::{
     config::Config,
     error::StartupError,
     grpc::CacheGrpc,
+    metrics::Metrics,
     replication::{ReplicationError, SharedStore},
     semantic::{SWEEP_INTERVAL, Semantic},
     store::{CacheStore, EvictHook, MemoryStore},
@@ -37,6 +39,9 @@ pub struct App {
     _stop_tasks_on_drop: DropGuard,
     /// `cache.max_message_bytes`.
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
+    /// `/metrics` (`cache.metrics_addr`), bound.
+    metrics_endpoint: Option<MetricsEndpoint>,
 }
 
 impl App {
@@ -117,6 +122,8 @@ impl App {
         let cache = Arc::new(Cache::new(&config, store).with_semantic(semantic));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;
+        let metrics_endpoint =
+            MetricsEndpoint::bind_configured("cache", config.metrics_addr.as_deref()).await?;
         Ok(App {
             listener,
             local_addr,
@@ -125,6 +132,8 @@ impl App {
             _stop_tasks_on_drop: cancel.clone().drop_guard(),
             cancel,
             max_message_bytes: config.max_message_bytes,
+            metrics: Arc::default(),
+            metrics_endpoint,
         })
     }
 
@@ -133,14 +142,28 @@ impl App {
         self.local_addr
     }
 
+    /// The bound `/metrics` address, when `cache.metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint
+            .as_ref()
+            .map(MetricsEndpoint::local_addr)
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight calls and stops the sync task.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "cache listening");
+        if let Some(endpoint) = self.metrics_endpoint {
+            let metrics = self.metrics.clone();
+            let cache = self.cache.clone();
+            let render = move || metrics.render(&cache.store_stats());
+            self.tasks
+                .spawn(endpoint.serve(render, self.cancel.clone().cancelled_owned()));
+        }
         let routes = Routes::new(
-            CacheServiceServer::new(CacheGrpc::new(self.cache))
+            CacheServiceServer::new(CacheGrpc::new(self.cache, self.metrics))
                 .max_decoding_message_size(self.max_message_bytes),
         );
         let served =

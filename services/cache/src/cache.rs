@@ -205,6 +205,11 @@ impl Cache {
         Ok(CacheKey::of(app, team, request))
     }
 
+    /// The store's figures for `/metrics`.
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        self.store.stats()
+    }
+
     /// Looks `key` up.
     pub async fn lookup(&self, key: CacheKey) -> Result<Option<Hit>, CacheError> {
         let entry = self.store.get(key).await?;

@@ -10,6 +10,7 @@ use crate::semantic::SemanticConfig;
 /// ```toml
 /// [cache]
 /// grpc_addr = "127.0.0.1:50053"
+/// metrics_addr = "127.0.0.1:9467" # Prometheus /metrics (unset: not served)
 /// default_ttl_secs = 3600   # used when a Store asks for ttl_seconds = 0
 /// max_ttl_secs = 86400      # longer requested TTLs are clamped to this
 /// max_entries = 100000      # bound of the in-memory store (each replica's local index)
@@ -24,6 +25,9 @@ use crate::semantic::SemanticConfig;
 pub struct Config {
     /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
     pub grpc_addr: String,
+    /// Address of the Prometheus `/metrics` HTTP endpoint (lookups by outcome, stores, entries,
+    /// evictions, replication); unset: not served.
+    pub metrics_addr: Option<String>,
     /// TTL of entries stored with `ttl_seconds = 0`.
     pub default_ttl_secs: u64,
     /// Upper bound of any entry's TTL.
@@ -54,6 +58,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             grpc_addr: "127.0.0.1:50053".to_owned(),
+            metrics_addr: None,
             default_ttl_secs: 3600,
             max_ttl_secs: 86_400,
             max_entries: 100_000,
@@ -73,6 +78,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.grpc_addr.trim().is_empty() {
             return Err(ConfigError::invalid("cache.grpc_addr", "must not be empty"));
+        }
+        if let Some(addr) = &self.metrics_addr {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError::invalid("cache.metrics_addr", format!("not a socket address: {e}"))
+            })?;
         }
         if self.max_message_bytes < MIN_MESSAGE_BYTES {
             return Err(ConfigError::invalid(
@@ -168,6 +178,7 @@ mod tests {
             ("[cache]\nmax_ttl_secs = 0\n", "cache.max_ttl_secs"),
             ("[cache]\nmax_entries = 0\n", "cache.max_entries"),
             ("[cache]\ngrpc_addr = \" \"\n", "cache.grpc_addr"),
+            ("[cache]\nmetrics_addr = \"nope\"\n", "cache.metrics_addr"),
             ("[cache]\nmax_entries = -1\n", "cache.max_entries"),
             ("[cache]\nttl = 5\n", "cache"),
             ("[cache]\nstream = \"a.b\"\n", "cache.stream"),

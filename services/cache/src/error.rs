@@ -44,6 +44,9 @@ pub enum StartupError {
     /// The gRPC server could not bind or failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The `/metrics` address cannot be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] switchboard_grpc::MetricsBindError),
     /// The listener's address is unavailable.
     #[error("cannot read the listener address: {0}")]
     Io(#[from] std::io::Error),

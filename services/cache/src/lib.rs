@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod grpc;
 pub mod key;
+mod metrics;
 pub mod replication;
 pub mod semantic;
 pub mod store;

@@ -30,7 +30,10 @@
 //! nothing (its gRPC port, health included, is not yet served) until it is in sync.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -53,7 +56,7 @@ use crate::{
     config::Config,
     key::{CacheKey, ScopeKey},
     semantic::{Semantic, SemanticTag},
-    store::{CacheStore, Entry, MemoryStore, StoreError},
+    store::{CacheStore, Entry, MemoryStore, ReplicationSnapshot, StoreError, StoreStats},
 };
 
 /// An entry as it travels between replicas (protobuf).
@@ -273,6 +276,31 @@ pub struct SharedStore {
     subjects: Subjects,
     timeout: Duration,
     semantic: OnceLock<Arc<Semantic>>,
+    stats: ReplicationStats,
+}
+
+/// The sync's counters (`/metrics`, see [`ReplicationSnapshot`]).
+#[derive(Debug, Default)]
+struct ReplicationStats {
+    entries: AtomicU64,
+    tags: AtomicU64,
+    purges: AtomicU64,
+    skipped: AtomicU64,
+    pending: AtomicU64,
+    restarts: AtomicU64,
+}
+
+impl ReplicationStats {
+    fn snapshot(&self) -> ReplicationSnapshot {
+        ReplicationSnapshot {
+            entries: self.entries.load(Relaxed),
+            tags: self.tags.load(Relaxed),
+            purges: self.purges.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            pending: self.pending.load(Relaxed),
+            restarts: self.restarts.load(Relaxed),
+        }
+    }
 }
 
 impl SharedStore {
@@ -326,6 +354,7 @@ impl SharedStore {
             subjects,
             timeout: Duration::from_millis(config.publish_timeout_ms),
             semantic: OnceLock::new(),
+            stats: ReplicationStats::default(),
         })
     }
 
@@ -350,6 +379,7 @@ impl SharedStore {
                 outcome = self.consume(&ready) => outcome,
             };
             if let Err(error) = outcome {
+                self.stats.restarts.fetch_add(1, Relaxed);
                 tracing::warn!(stream = %self.stream_name, %error, "cache sync interrupted; restarting");
             }
             tokio::select! {
@@ -385,27 +415,50 @@ impl SharedStore {
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| e.to_string())?;
             self.apply(&message);
-            if let Ok(info) = message.info()
-                && (info.pending == 0 || info.stream_sequence >= last_at_start)
-            {
-                ready.send_replace(true);
+            if let Ok(info) = message.info() {
+                self.stats.pending.store(info.pending, Relaxed);
+                if info.pending == 0 || info.stream_sequence >= last_at_start {
+                    ready.send_replace(true);
+                }
             }
         }
         Err("consumer ended".to_owned())
     }
 
-    /// Applies one message of the stream to the local index.
+    /// Applies one message of the stream to the local index (and counts it).
     fn apply(&self, message: &jetstream::Message) {
+        let counter = if self.apply_message(message) {
+            match self.subjects.kind(message.subject.as_str()) {
+                Some("entry") => &self.stats.entries,
+                Some("tag") => &self.stats.tags,
+                _ => &self.stats.purges,
+            }
+        } else {
+            &self.stats.skipped
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Applies one message of the stream to the local index; false: skipped (malformed,
+    /// undecodable, or of an unknown kind).
+    fn apply_message(&self, message: &jetstream::Message) -> bool {
         match self.subjects.kind(message.subject.as_str()) {
             Some("entry") => match WireEntry::decode(message.payload.as_ref()) {
                 Ok(wire) => match wire.into_entry() {
                     // `insert` drops an entry that has already expired (and any older copy).
                     Some((key, entry)) => {
                         self.local.insert(key, entry);
+                        true
                     }
-                    None => tracing::warn!("malformed shared cache entry skipped"),
+                    None => {
+                        tracing::warn!("malformed shared cache entry skipped");
+                        false
+                    }
                 },
-                Err(error) => tracing::warn!(%error, "undecodable shared cache entry skipped"),
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable shared cache entry skipped");
+                    false
+                }
             },
             Some("tag") => match WireTag::decode(message.payload.as_ref()).map(WireTag::into_tag) {
                 Ok(Some((app, key, tag, expires_at))) => {
@@ -414,9 +467,16 @@ impl SharedStore {
                     {
                         semantic.on_insert(&app, key, &tag, expires_at);
                     }
+                    true
                 }
-                Ok(None) => tracing::warn!("malformed semantic tag skipped"),
-                Err(error) => tracing::warn!(%error, "undecodable semantic tag skipped"),
+                Ok(None) => {
+                    tracing::warn!("malformed semantic tag skipped");
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable semantic tag skipped");
+                    false
+                }
             },
             Some("purge") => match WirePurge::decode(message.payload.as_ref()) {
                 Ok(notice) => {
@@ -425,10 +485,17 @@ impl SharedStore {
                         semantic.on_purge(&notice.app);
                     }
                     tracing::info!(app.id = %notice.app, removed, "cache purge notice applied");
+                    true
                 }
-                Err(error) => tracing::warn!(%error, "undecodable cache purge notice skipped"),
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable cache purge notice skipped");
+                    false
+                }
             },
-            _ => tracing::debug!("unknown cache subject skipped"),
+            _ => {
+                tracing::debug!("unknown cache subject skipped");
+                false
+            }
         }
     }
 
@@ -618,6 +685,14 @@ impl CacheStore for SharedStore {
     /// What the local index drops (evicted for room, expired): lookups only read it.
     fn on_evict(&self, hook: crate::store::EvictHook) {
         self.local.on_evict(hook);
+    }
+
+    /// The local index's figures and the sync's.
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            replication: Some(self.stats.snapshot()),
+            ..self.local.local_stats()
+        }
     }
 }
 

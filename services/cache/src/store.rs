@@ -2,7 +2,10 @@
 //! index); [`MemoryStore`] is the bounded in-process one.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -70,6 +73,36 @@ pub enum StoreError {
 /// an entry replaced under the same key (the key is still there).
 pub type EvictHook = Arc<dyn Fn(CacheKey) + Send + Sync>;
 
+/// What a store reports on `/metrics` (read at scrape time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Entries held (approximate for the bounded in-memory store).
+    pub entries: u64,
+    /// Entries dropped for room (beyond `max_entries`).
+    pub evicted_size: u64,
+    /// Entries dropped at their expiry.
+    pub expired: u64,
+    /// A shared store's replication (`None`: not shared).
+    pub replication: Option<ReplicationSnapshot>,
+}
+
+/// A shared store's replication figures (see `crate::replication`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationSnapshot {
+    /// Entries applied from the stream (this replica's own included).
+    pub entries: u64,
+    /// Semantic tags applied.
+    pub tags: u64,
+    /// Purge notices applied.
+    pub purges: u64,
+    /// Messages skipped (malformed, undecodable, unknown subject).
+    pub skipped: u64,
+    /// Messages not yet applied, as of the last one applied.
+    pub pending: u64,
+    /// Times the sync consumer failed and started over.
+    pub restarts: u64,
+}
+
 /// A key-value store of entries with per-entry expiry. Expired entries are never returned.
 pub trait CacheStore: Send + Sync + 'static {
     /// The live entry under `key`, if any.
@@ -92,6 +125,10 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Calls `hook` with every key this store drops from now on (set once; later calls are
     /// ignored). A no-op for a store that never drops entries on its own.
     fn on_evict(&self, _hook: EvictHook) {}
+    /// Its figures for `/metrics` (all zero unless the store keeps them).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 }
 
 /// Bounded in-memory store (moka; least-recently/frequently used entries are evicted beyond
@@ -100,6 +137,8 @@ pub trait CacheStore: Send + Sync + 'static {
 pub struct MemoryStore {
     entries: Cache<CacheKey, Arc<Entry>>,
     evicted: Arc<std::sync::OnceLock<EvictHook>>,
+    /// Entries dropped for room, and at their expiry (counted by moka's eviction listener).
+    dropped: Arc<[AtomicU64; 2]>,
 }
 
 struct PerEntryTtl;
@@ -130,11 +169,18 @@ impl MemoryStore {
     pub fn new(max_entries: u64) -> Self {
         let evicted: Arc<std::sync::OnceLock<EvictHook>> = Arc::default();
         let hook = Arc::clone(&evicted);
+        let dropped: Arc<[AtomicU64; 2]> = Arc::default();
+        let counted = Arc::clone(&dropped);
         MemoryStore {
             entries: Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(PerEntryTtl)
                 .eviction_listener(move |key: Arc<CacheKey>, _, cause| {
+                    match cause {
+                        RemovalCause::Size => counted[0].fetch_add(1, Ordering::Relaxed),
+                        RemovalCause::Expired => counted[1].fetch_add(1, Ordering::Relaxed),
+                        RemovalCause::Explicit | RemovalCause::Replaced => 0,
+                    };
                     // A replaced entry's key is still stored (with the new entry).
                     if cause != RemovalCause::Replaced
                         && let Some(hook) = hook.get()
@@ -144,6 +190,19 @@ impl MemoryStore {
                 })
                 .build(),
             evicted,
+            dropped,
+        }
+    }
+
+    /// Entries held and dropped so far. Runs moka's pending maintenance first (at scrape time,
+    /// not on the request path), so that the count includes the latest inserts.
+    pub fn local_stats(&self) -> StoreStats {
+        self.entries.run_pending_tasks();
+        StoreStats {
+            entries: self.entries.entry_count(),
+            evicted_size: self.dropped[0].load(Ordering::Relaxed),
+            expired: self.dropped[1].load(Ordering::Relaxed),
+            replication: None,
         }
     }
 
@@ -204,6 +263,10 @@ impl CacheStore for MemoryStore {
 
     fn on_evict(&self, hook: EvictHook) {
         let _ = self.evicted.set(hook);
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.local_stats()
     }
 }
 
@@ -284,5 +347,10 @@ mod tests {
             "{}",
             store.entries.entry_count()
         );
+        // What `/metrics` shows: what is held, and what was dropped for room.
+        let stats = store.stats();
+        assert_eq!(stats.entries, store.entries.entry_count());
+        assert_eq!(stats.entries + stats.evicted_size, 50, "{stats:?}");
+        assert_eq!(stats.expired, 0);
     }
 }

@@ -678,7 +678,16 @@ async fn metrics(State(shared): State<Shared>) -> String {
         "# TYPE switchboard_ready gauge\nswitchboard_ready {}",
         u8::from(report.status != crate::ready::Status::Unavailable)
     );
-    // Served requests, latency, cache outcomes and refusals (`metrics.rs`).
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_gateway_in_flight Requests being served (admitted under gateway.max_in_flight).\n\
+         # TYPE switchboard_gateway_in_flight gauge\nswitchboard_gateway_in_flight {}\n\
+         # HELP switchboard_gateway_max_in_flight gateway.max_in_flight: beyond it a request is refused (overloaded).\n\
+         # TYPE switchboard_gateway_max_in_flight gauge\nswitchboard_gateway_max_in_flight {}",
+        shared.pipeline.in_flight(),
+        shared.pipeline.max_in_flight(),
+    );
+    // Served requests, latency, time to first token, cache outcomes and refusals (`metrics.rs`).
     crate::metrics::render(&mut out);
     out
 }

@@ -1,6 +1,6 @@
 //! The gateway's request metrics on `GET /metrics`: what was served and what was refused.
 //!
-//! Two recording points, a few relaxed atomic adds each, no lock and no allocation:
+//! Three recording points, a few relaxed atomic adds each, no lock and no allocation:
 //! - every usage event ([`served`], `usage.rs`: one per served request) counts the request by
 //!   kind (unary or stream) and status (ok, error, partial), its latency in a histogram, and the
 //!   cache's outcome (hit, miss, bypass);
@@ -8,6 +8,9 @@
 //!   or the gRPC status) counts the refusal by face (`openai` — also the embeddings and models
 //!   endpoints —, `anthropic`, `grpc`), reason (the error's kind: `budget_exceeded`,
 //!   `rate_limited`, `overloaded`, …) and code (the error taxonomy's).
+//!
+//! - every stream's first chunk handed to the client ([`first_token`], `pipeline.rs`) observes the
+//!   time to first token, by source (provider or cache).
 //!
 //! Labels are bounded: fixed names only, never a request id, a prompt, a key or a model string a
 //! caller sent. The counters belong to the process (one gateway per process).
@@ -135,6 +138,27 @@ impl Histogram {
         self.buckets[bucket].fetch_add(1, Relaxed);
         self.sum_ms.fetch_add(ms, Relaxed);
     }
+
+    /// The series `name_bucket`, `name_sum`, `name_count` with one label (`label="value"`).
+    fn render(&self, out: &mut String, name: &str, label: &str, value: &str) {
+        let mut cumulative = 0;
+        for (i, count) in self.buckets.iter().enumerate() {
+            cumulative += count.load(Relaxed);
+            let le = BUCKETS_MS
+                .get(i)
+                .map(|ms| format!("{}", *ms as f64 / 1000.0))
+                .unwrap_or_else(|| "+Inf".to_owned());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{label}=\"{value}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{label}=\"{value}\"}} {}\n{name}_count{{{label}=\"{value}\"}} {cumulative}",
+            self.sum_ms.load(Relaxed) as f64 / 1000.0
+        );
+    }
 }
 
 struct Metrics {
@@ -146,7 +170,20 @@ struct Metrics {
     cache: [AtomicU64; CACHE.len()],
     /// [face][reason][code] (the last code slot: a code not in [`CODES`]).
     refusals: [[[AtomicU64; CODES.len() + 1]; REASONS.len()]; FACES.len()],
+    /// [source] of a stream's first chunk: a provider (live) or the cache (a replay).
+    first_token: [Histogram; SOURCES.len()],
 }
+
+/// Where a stream's first chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A provider, through the router.
+    Provider = 0,
+    /// A cached answer, replayed.
+    Cache = 1,
+}
+
+const SOURCES: [&str; 2] = ["provider", "cache"];
 
 static METRICS: Metrics = Metrics {
     requests: [const { [const { AtomicU64::new(0) }; STATUSES.len()] }; KINDS.len()],
@@ -154,6 +191,7 @@ static METRICS: Metrics = Metrics {
     cache: [const { AtomicU64::new(0) }; CACHE.len()],
     refusals: [const { [const { [const { AtomicU64::new(0) }; CODES.len() + 1] }; REASONS.len()] };
         FACES.len()],
+    first_token: [const { Histogram::new() }; SOURCES.len()],
 };
 
 /// A served request's usage event (`usage.rs`).
@@ -171,6 +209,13 @@ pub fn served(event: &UsageEvent) {
     {
         METRICS.cache[cache].fetch_add(1, Relaxed);
     }
+}
+
+/// A stream's first chunk went to the client `elapsed` after the request arrived (`pipeline.rs`,
+/// once per stream).
+pub fn first_token(source: Source, elapsed: std::time::Duration) {
+    METRICS.first_token[source as usize]
+        .observe(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
 }
 
 /// An error answer on `face` (`error.rs`).
@@ -198,23 +243,23 @@ pub fn render(out: &mut String) {
          # TYPE switchboard_gateway_request_duration_seconds histogram\n",
     );
     for (kind, histogram) in KINDS.iter().zip(&METRICS.latency) {
-        let mut cumulative = 0;
-        for (i, count) in histogram.buckets.iter().enumerate() {
-            cumulative += count.load(Relaxed);
-            let le = BUCKETS_MS
-                .get(i)
-                .map(|ms| format!("{}", *ms as f64 / 1000.0))
-                .unwrap_or_else(|| "+Inf".to_owned());
-            let _ = writeln!(
-                out,
-                "switchboard_gateway_request_duration_seconds_bucket{{kind=\"{kind}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
+        histogram.render(
             out,
-            "switchboard_gateway_request_duration_seconds_sum{{kind=\"{kind}\"}} {}\n\
-             switchboard_gateway_request_duration_seconds_count{{kind=\"{kind}\"}} {cumulative}",
-            histogram.sum_ms.load(Relaxed) as f64 / 1000.0
+            "switchboard_gateway_request_duration_seconds",
+            "kind",
+            kind,
+        );
+    }
+    out.push_str(
+        "# HELP switchboard_gateway_time_to_first_token_seconds Streams: from the request's arrival to its first chunk handed to the client, by source (provider, cache).\n\
+         # TYPE switchboard_gateway_time_to_first_token_seconds histogram\n",
+    );
+    for (source, histogram) in SOURCES.iter().zip(&METRICS.first_token) {
+        histogram.render(
+            out,
+            "switchboard_gateway_time_to_first_token_seconds",
+            "source",
+            source,
         );
     }
     out.push_str(
@@ -279,9 +324,12 @@ mod tests {
                 resets_at: String::new(),
             },
         );
+        first_token(Source::Provider, std::time::Duration::from_millis(70));
         let mut after = String::new();
         render(&mut after);
         for series in [
+            "switchboard_gateway_time_to_first_token_seconds_bucket{source=\"provider\",le=\"0.1\"}",
+            "switchboard_gateway_time_to_first_token_seconds_count{source=\"provider\"}",
             "switchboard_gateway_requests_total{kind=\"stream\",status=\"ok\"}",
             "switchboard_gateway_cache_total{outcome=\"hit\"}",
             "switchboard_gateway_request_duration_seconds_bucket{kind=\"stream\",le=\"0.05\"}",

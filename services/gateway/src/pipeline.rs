@@ -235,15 +235,38 @@ pub struct StreamHandle {
 pub struct Events {
     first: Option<StreamEvent>,
     rx: mpsc::Receiver<StreamEvent>,
+    /// Until the first event is taken: where the stream comes from and when its request arrived
+    /// (the time to first token, `metrics.rs`, observed once per stream).
+    first_token: Option<(crate::metrics::Source, Instant)>,
 }
 
 impl Events {
-    /// The next event; `None` once the stream is over.
+    fn new(
+        first: Option<StreamEvent>,
+        rx: mpsc::Receiver<StreamEvent>,
+        source: crate::metrics::Source,
+        started: Instant,
+    ) -> Self {
+        Events {
+            first,
+            rx,
+            first_token: Some((source, started)),
+        }
+    }
+
+    /// The next event; `None` once the stream is over. The front end hands a chunk to its client
+    /// as soon as it has it: the first one observes the time to first token.
     pub async fn recv(&mut self) -> Option<StreamEvent> {
-        match self.first.take() {
+        let event = match self.first.take() {
             Some(event) => Some(event),
             None => self.rx.recv().await,
+        };
+        if let Some((source, started)) = self.first_token.take()
+            && matches!(event, Some(StreamEvent::Chunk(_)))
+        {
+            crate::metrics::first_token(source, started.elapsed());
         }
+        event
     }
 }
 
@@ -397,6 +420,18 @@ impl Pipeline {
             .map_err(|_| GatewayError::Overloaded {
                 limit: self.max_in_flight,
             })
+    }
+
+    /// Requests being served now (admitted, permit not yet given back): `max_in_flight` less the
+    /// admission semaphore's free permits, read at scrape time.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits())
+    }
+
+    /// `gateway.max_in_flight`.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
     }
 
     /// The usage sink (for stats).
@@ -748,7 +783,7 @@ impl Pipeline {
                 return Ok(StreamHandle {
                     cache: CacheStatus::Hit,
                     served_by: Some(route),
-                    events: Events { first: None, rx },
+                    events: Events::new(None, rx, crate::metrics::Source::Cache, ctx.started),
                 });
             }
             Prepared::Route(permit, cache_status) => (permit, cache_status),
@@ -815,6 +850,7 @@ impl Pipeline {
         // From here the pump owns the request's row (it records a client that goes away too).
         abandoned.disarm();
         let served_by = serving.as_ref().map(|s| s.route_info(&request.model));
+        let started = ctx.started;
         let pipeline = self.clone();
         let ctx = ctx.clone();
         let span = tracing::Span::current();
@@ -842,7 +878,7 @@ impl Pipeline {
         Ok(StreamHandle {
             cache: cache_status,
             served_by,
-            events: Events { first, rx },
+            events: Events::new(first, rx, crate::metrics::Source::Provider, started),
         })
     }
 

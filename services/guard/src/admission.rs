@@ -82,8 +82,12 @@ impl AdmissionConfig {
 pub struct AdmissionStats {
     /// Calls admitted.
     pub admitted: AtomicU64,
-    /// Calls refused (overload).
+    /// Calls refused (overload): the two below together.
     pub refused: AtomicU64,
+    /// Calls refused at once, `max_in_flight` being in flight.
+    pub refused_in_flight: AtomicU64,
+    /// Calls refused unchecked, having waited longer than `max_wait_ms` for their turn.
+    pub refused_waited: AtomicU64,
 }
 
 /// The shared admission state.
@@ -126,6 +130,11 @@ impl Admission {
         &self.stats
     }
 
+    /// Calls received and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// A slot for one more call, or [`GuardError::Overloaded`] when `max_in_flight` are in flight.
     pub fn enter(&self) -> Result<Slot, GuardError> {
         let max = self.max_in_flight;
@@ -142,6 +151,7 @@ impl Admission {
             }
             Err(in_flight) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.refused_in_flight.fetch_add(1, Ordering::Relaxed);
                 self.warn_overloaded(in_flight);
                 Err(GuardError::Overloaded { in_flight })
             }
@@ -158,6 +168,7 @@ impl Admission {
             return Ok(());
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.stats.refused_waited.fetch_add(1, Ordering::Relaxed);
         let waited_ms = self
             .max_wait
             .map(|max| (max + (now - *deadline)).as_millis() as u64)
@@ -264,6 +275,7 @@ mod tests {
         let stats = admission.stats();
         assert_eq!(stats.admitted.load(Ordering::Relaxed), 3);
         assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.refused_in_flight.load(Ordering::Relaxed), 1);
         assert_eq!(
             admission.in_flight.load(Ordering::Relaxed),
             0,
@@ -290,6 +302,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(admission.stats().refused.load(Ordering::Relaxed), 1);
+        assert_eq!(admission.stats().refused_waited.load(Ordering::Relaxed), 1);
     }
 
     #[test]

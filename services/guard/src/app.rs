@@ -3,6 +3,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_bus::NatsConfig;
+use switchboard_grpc::MetricsEndpoint;
 use switchboard_proto::guard::v1::guard_service_server::{GuardServiceServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -15,6 +16,7 @@ use crate::{
     error::StartupError,
     grpc::GuardGrpc,
     guard::Guard,
+    metrics::Metrics,
 };
 
 /// The audit trail's publisher side, set up at build time.
@@ -35,6 +37,9 @@ pub struct App {
     admission: Admission,
     /// `guard.max_message_bytes`.
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
+    /// `/metrics` (`guard.metrics_addr`), bound.
+    metrics_endpoint: Option<MetricsEndpoint>,
 }
 
 impl App {
@@ -73,6 +78,8 @@ impl App {
         };
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr()?;
+        let metrics_endpoint =
+            MetricsEndpoint::bind_configured("guard", config.metrics_addr.as_deref()).await?;
         Ok(App {
             listener,
             local_addr,
@@ -80,12 +87,21 @@ impl App {
             audit,
             admission,
             max_message_bytes: config.max_message_bytes,
+            metrics: Arc::default(),
+            metrics_endpoint,
         })
     }
 
     /// The address the gRPC server is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound `/metrics` address, when `guard.metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_endpoint
+            .as_ref()
+            .map(MetricsEndpoint::local_addr)
     }
 
     /// The audit counters (queued, published, dropped, failed), when the audit trail is on.
@@ -126,11 +142,23 @@ impl App {
             }
             None => None,
         };
+        if let Some(endpoint) = self.metrics_endpoint {
+            let metrics = self.metrics.clone();
+            let audit = sink.as_ref().map(|sink| sink.stats().clone());
+            let admission = self.admission.clone();
+            let render = move || metrics.render(audit.as_deref(), &admission);
+            tasks.spawn(endpoint.serve(render, cancel.clone().cancelled_owned()));
+        }
         tasks.close();
         let routes = Routes::new(
             self.admission.wrap(
-                GuardServiceServer::new(GuardGrpc::new(self.guard, sink, self.admission.clone()))
-                    .max_decoding_message_size(self.max_message_bytes),
+                GuardServiceServer::new(GuardGrpc::new(
+                    self.guard,
+                    sink,
+                    self.admission.clone(),
+                    self.metrics,
+                ))
+                .max_decoding_message_size(self.max_message_bytes),
             ),
         );
         let served =

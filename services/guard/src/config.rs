@@ -19,6 +19,7 @@ use crate::{
 /// ```toml
 /// [guard]
 /// grpc_addr = "127.0.0.1:50052"
+/// metrics_addr = "127.0.0.1:9466"    # Prometheus /metrics (unset: not served)
 /// default_action = "redact"          # allow | redact | mask | hash | pseudonymize | block
 /// entities = ["EMAIL_ADDRESS", "CREDIT_CARD"]
 /// actions = { CREDIT_CARD = "mask" } # per entity type (prompts and answers)
@@ -57,6 +58,9 @@ use crate::{
 pub struct Config {
     /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
     pub grpc_addr: String,
+    /// Address of the Prometheus `/metrics` HTTP endpoint (checks by decision, findings, audit
+    /// events published and dropped, overload sheds); unset: not served.
+    pub metrics_addr: Option<String>,
     /// Action for apps without an override.
     pub default_action: String,
     /// Entity types checked for apps without an override.
@@ -192,6 +196,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             grpc_addr: "127.0.0.1:50052".to_owned(),
+            metrics_addr: None,
             default_action: "redact".to_owned(),
             entities: vec!["EMAIL_ADDRESS".to_owned(), "CREDIT_CARD".to_owned()],
             actions: BTreeMap::new(),
@@ -224,6 +229,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.grpc_addr.trim().is_empty() {
             return Err(ConfigError::invalid("guard.grpc_addr", "must not be empty"));
+        }
+        if let Some(addr) = &self.metrics_addr {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                ConfigError::invalid("guard.metrics_addr", format!("not a socket address: {e}"))
+            })?;
         }
         self.admission.validate()?;
         if self.max_message_bytes < MIN_MESSAGE_BYTES {
@@ -379,6 +389,7 @@ mod tests {
                 "guard.apps.billing",
             ),
             ("[guard]\ngrpc_addr = \"\"\n", "guard.grpc_addr"),
+            ("[guard]\nmetrics_addr = \"nope\"\n", "guard.metrics_addr"),
             (
                 "[guard]\nactions = { CREDIT_CARD = \"shred\" }\n",
                 "guard.actions.CREDIT_CARD",

@@ -57,6 +57,9 @@ pub enum StartupError {
     /// The gRPC server could not bind or failed.
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
+    /// The `/metrics` address cannot be bound.
+    #[error(transparent)]
+    MetricsBind(#[from] switchboard_grpc::MetricsBindError),
     /// NATS (the audit trail) cannot be set up.
     #[error(transparent)]
     Bus(#[from] switchboard_bus::BusError),

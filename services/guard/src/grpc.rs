@@ -16,6 +16,7 @@ use crate::{
     admission::{Admission, Deadline},
     audit::{AuditSink, Subject},
     guard::{Decision, Guard},
+    metrics::Metrics,
     policy::Direction,
 };
 
@@ -27,16 +28,24 @@ pub struct GuardGrpc {
     guard: Arc<Guard>,
     audit: Option<AuditSink>,
     admission: Admission,
+    metrics: Arc<Metrics>,
 }
 
 impl GuardGrpc {
     /// Serves `guard`; every audited decision goes to `audit` when set; a call that waited past
-    /// its admission deadline is refused (see [`crate::admission`]).
-    pub fn new(guard: Arc<Guard>, audit: Option<AuditSink>, admission: Admission) -> Self {
+    /// its admission deadline is refused (see [`crate::admission`]); every check is counted in
+    /// `metrics`.
+    pub fn new(
+        guard: Arc<Guard>,
+        audit: Option<AuditSink>,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         GuardGrpc {
             guard,
             audit,
             admission,
+            metrics,
         }
     }
 
@@ -66,7 +75,11 @@ impl GuardGrpc {
         let outcome = self
             .guard
             .check_route(app, route, direction, messages)
-            .map_err(|error| switchboard_status::to_status(DOMAIN, &error))?;
+            .map_err(|error| {
+                self.metrics.failed(direction);
+                switchboard_status::to_status(DOMAIN, &error)
+            })?;
+        self.metrics.checked(direction, &outcome);
         if let Some(audit) = &self.audit {
             audit.record(subject, &outcome);
         }

@@ -19,6 +19,7 @@ pub mod eval;
 mod grpc;
 mod guard;
 pub mod injection;
+mod metrics;
 pub mod normalize;
 mod policy;
 pub mod pseudonym;

@@ -4,7 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use switchboard_bus::NatsConfig;
-use switchboard_grpc::{ConfigFile, ConfigWatch};
+use switchboard_grpc::{ConfigFile, ConfigWatch, MetricsEndpoint};
 use switchboard_proto::ledger::v1::ledger_service_server::LedgerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -31,8 +31,7 @@ pub struct App {
     repo: Repository,
     consumer: UsageConsumer,
     pull: PullConsumer,
-    metrics_listener: Option<TcpListener>,
-    metrics_addr: Option<SocketAddr>,
+    metrics_endpoint: Option<MetricsEndpoint>,
     reload: Option<(Duration, Fingerprint)>,
     partitions: Arc<Partitions>,
     /// Partition maintenance: every, months ahead.
@@ -97,19 +96,8 @@ impl App {
 
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
-        let (metrics_listener, metrics_addr) = match &config.metrics_addr {
-            None => (None, None),
-            Some(addr) => {
-                let bind_error = |source| StartupError::MetricsBind {
-                    addr: addr.clone(),
-                    source,
-                };
-                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-                let bound = listener.local_addr().map_err(bind_error)?;
-                tracing::info!(metrics.addr = %bound, "ledger metrics endpoint bound");
-                (Some(listener), Some(bound))
-            }
-        };
+        let metrics_endpoint =
+            MetricsEndpoint::bind_configured("ledger", config.metrics_addr.as_deref()).await?;
         let consumer = UsageConsumer {
             js,
             nats,
@@ -127,8 +115,7 @@ impl App {
             repo,
             consumer,
             pull,
-            metrics_listener,
-            metrics_addr,
+            metrics_endpoint,
             reload,
             partitions,
             maintenance: (
@@ -159,7 +146,9 @@ impl App {
 
     /// The bound `/metrics` address, when `metrics_addr` is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_addr
+        self.metrics_endpoint
+            .as_ref()
+            .map(MetricsEndpoint::local_addr)
     }
 
     /// Serves gRPC and consumes usage events until `shutdown` resolves.
@@ -173,7 +162,7 @@ impl App {
             repo,
             consumer,
             pull,
-            metrics_listener,
+            metrics_endpoint,
             reload,
             partitions,
             maintenance,
@@ -205,24 +194,9 @@ impl App {
             );
             tasks.spawn(crate::config_reload::watch(watch, reloader, cancel.clone()));
         }
-        if let Some(listener) = metrics_listener {
+        if let Some(endpoint) = metrics_endpoint {
             let metrics = metrics.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let metrics = metrics.clone();
-                    async move { metrics.render() }
-                }),
-            );
-            let stop = cancel.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "ledger metrics endpoint failed");
-                }
-            });
+            tasks.spawn(endpoint.serve(move || metrics.render(), cancel.clone().cancelled_owned()));
         }
         let budgets = crate::budget_grpc::server(
             repo.pool().clone(),

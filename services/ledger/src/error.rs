@@ -122,12 +122,8 @@ pub enum StartupError {
     #[error(transparent)]
     Grpc(#[from] switchboard_grpc::GrpcError),
     /// The `/metrics` listener could not be bound.
-    #[error("cannot bind the metrics endpoint on {addr}: {source}")]
-    MetricsBind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    MetricsBind(#[from] switchboard_grpc::MetricsBindError),
     /// The listener's address is unknown.
     #[error("cannot read the gRPC listener address: {0}")]
     LocalAddr(#[source] std::io::Error),

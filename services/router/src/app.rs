@@ -3,7 +3,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_config::ConfigError;
-use switchboard_grpc::{ConfigFile, ConfigWatch, GrpcError};
+use switchboard_grpc::{ConfigFile, ConfigWatch, GrpcError, MetricsBindError, MetricsEndpoint};
 use switchboard_proto::router::v1::router_service_server::RouterServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -35,18 +35,15 @@ pub enum StartupError {
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
     /// The metrics address cannot be bound.
-    #[error("cannot bind the metrics address {addr}: {source}")]
-    MetricsBind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    MetricsBind(#[from] MetricsBindError),
 }
 
 /// A built router, bound and ready to serve.
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
-    metrics: Option<(TcpListener, SocketAddr)>,
+    metrics: Option<MetricsEndpoint>,
     live: Arc<Live>,
     config_poll: Duration,
     watch: Option<ConfigWatch>,
@@ -64,19 +61,8 @@ impl App {
         let live = Arc::new(Live::new(Routes::new(&config)?, &config));
         let listener = switchboard_grpc::bind(&config.grpc_addr).await?;
         let local_addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
-        let metrics = match &config.metrics_addr {
-            None => None,
-            Some(addr) => {
-                let bind_error = |source| StartupError::MetricsBind {
-                    addr: addr.clone(),
-                    source,
-                };
-                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-                let bound = listener.local_addr().map_err(bind_error)?;
-                tracing::info!(metrics.addr = %bound, "router metrics endpoint bound");
-                Some((listener, bound))
-            }
-        };
+        let metrics =
+            MetricsEndpoint::bind_configured("router", config.metrics_addr.as_deref()).await?;
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let service = RouterGrpc::new(live.clone(), tracker.clone(), cancel.clone());
@@ -113,7 +99,7 @@ impl App {
 
     /// The bound `/metrics` address, when `metrics_addr` is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().map(|(_, addr)| *addr)
+        self.metrics.as_ref().map(MetricsEndpoint::local_addr)
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and stops stream producers.
@@ -136,23 +122,9 @@ impl App {
             let reloader = Reloader::new(live.clone());
             tracker.spawn(crate::reload::watch(watch, reloader, cancel.clone()));
         }
-        if let Some((metrics_listener, _)) = metrics {
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let table = live.load();
-                    async move { crate::metrics::render(table.deployments()) }
-                }),
-            );
-            let stop = cancel.clone();
-            tracker.spawn(async move {
-                let served = axum::serve(metrics_listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "router metrics endpoint failed");
-                }
-            });
+        if let Some(endpoint) = metrics {
+            let render = move || crate::metrics::render(live.load().deployments());
+            tracker.spawn(endpoint.serve(render, cancel.clone().cancelled_owned()));
         }
         let routes = GrpcRoutes::new(
             RouterServiceServer::new(service).max_decoding_message_size(max_message_bytes),
