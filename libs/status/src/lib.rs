@@ -60,6 +60,9 @@ impl ErrorCode {
         }
     }
 
+    /// Every code, in declaration order (bounded label values, for example).
+    pub const ALL: [ErrorCode; 12] = ALL;
+
     /// Parses a stable name.
     pub fn parse(name: &str) -> Option<Self> {
         ALL.iter().copied().find(|code| code.as_str() == name)
