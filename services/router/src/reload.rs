@@ -18,9 +18,11 @@ pub(crate) struct Live {
     current: RwLock<Arc<Routes>>,
     /// Serialises reloads (held while a table is built, never across an await).
     reloading: Mutex<()>,
-    /// Listen addresses the process was started with (a reload cannot move them).
+    /// Listen addresses the process was started with (a reload cannot move them), and its
+    /// server's message limit (fixed when the server was built).
     grpc_addr: String,
     metrics_addr: Option<String>,
+    max_message_bytes: usize,
 }
 
 impl Live {
@@ -30,6 +32,7 @@ impl Live {
             reloading: Mutex::new(()),
             grpc_addr: config.grpc_addr.clone(),
             metrics_addr: config.metrics_addr.clone(),
+            max_message_bytes: config.max_message_bytes,
         }
     }
 
@@ -92,6 +95,9 @@ impl Reloader {
         }
         if config.metrics_addr != self.live.metrics_addr {
             tracing::warn!("router.metrics_addr changed; it takes effect after a restart");
+        }
+        if config.max_message_bytes != self.live.max_message_bytes {
+            tracing::warn!("router.max_message_bytes changed; it takes effect after a restart");
         }
         let previous = self.live.load();
         let routes = Arc::new(Routes::rebuild(&config, &previous)?);
