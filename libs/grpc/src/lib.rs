@@ -15,7 +15,7 @@ pub use h2channel::{
     DEFAULT_MAX_MESSAGE_BYTES, EndpointError, H2Body, H2Channel, internal_message_limit,
     parse_grpc_timeout,
 };
-pub use metrics::{MetricsBindError, MetricsEndpoint};
+pub use metrics::{Histogram, MetricsBindError, MetricsEndpoint};
 
 use std::{future::Future, net::SocketAddr};
 

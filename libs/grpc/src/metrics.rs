@@ -3,9 +3,82 @@
 //! the text the service renders at scrape time. Nothing is rendered between scrapes: the request
 //! path only bumps the service's atomics.
 
-use std::{future::Future, net::SocketAddr};
+use std::{
+    fmt::Write as _,
+    future::Future,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
 
 use tokio::net::TcpListener;
+
+/// A latency histogram in relaxed atomics: one count per bucket of `N` upper bounds in
+/// milliseconds (`+Inf` after them), and the sum in microseconds. The bounds are the caller's
+/// constant, passed to [`observe`](Self::observe) and [`render`](Self::render) (so that the
+/// histogram stays `const`-constructible and `Default`).
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    /// Per bucket, not cumulative (summed when rendered).
+    buckets: [AtomicU64; N],
+    /// Beyond the last bound.
+    over: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    /// An empty histogram.
+    pub const fn new() -> Self {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; N],
+            over: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one observation of `elapsed` in the first bucket whose bound it does not exceed.
+    pub fn observe(&self, bounds_ms: &[u64; N], elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let index = bounds_ms.partition_point(|bound| bound.saturating_mul(1_000) < us);
+        self.buckets
+            .get(index)
+            .unwrap_or(&self.over)
+            .fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Observations in bucket `index` alone (`N`: beyond the last bound).
+    pub fn bucket(&self, index: usize) -> u64 {
+        self.buckets.get(index).unwrap_or(&self.over).load(Relaxed)
+    }
+
+    /// Appends the series `name_bucket`, `name_sum` and `name_count` with `labels` (already
+    /// formatted: `kind="unary"`, or several separated by commas).
+    pub fn render(&self, out: &mut String, bounds_ms: &[u64; N], name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, count) in bounds_ms.iter().zip(&self.buckets) {
+            cumulative += count.load(Relaxed);
+            let le = *bound as f64 / 1000.0;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.over.load(Relaxed);
+        let sum_us = self.sum_us.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}\n\
+             {name}_sum{{{labels}}} {}.{:06}\n\
+             {name}_count{{{labels}}} {cumulative}",
+            sum_us / 1_000_000,
+            sum_us % 1_000_000
+        );
+    }
+}
 
 /// The content type of the Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -121,6 +194,34 @@ pub fn sample(text: &str, series: &str) -> f64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_buckets_by_its_bounds_and_sums_microseconds() {
+        const BOUNDS: [u64; 2] = [5, 10];
+        let histogram = Histogram::<2>::new();
+        histogram.observe(&BOUNDS, Duration::from_micros(400));
+        histogram.observe(&BOUNDS, Duration::from_millis(5));
+        histogram.observe(&BOUNDS, Duration::from_micros(5_001));
+        histogram.observe(&BOUNDS, Duration::from_secs(1));
+        assert_eq!(
+            [
+                histogram.bucket(0),
+                histogram.bucket(1),
+                histogram.bucket(2)
+            ],
+            [2, 1, 1]
+        );
+        let mut text = String::new();
+        histogram.render(&mut text, &BOUNDS, "t_seconds", "k=\"v\"");
+        assert_eq!(
+            text,
+            "t_seconds_bucket{k=\"v\",le=\"0.005\"} 2\n\
+             t_seconds_bucket{k=\"v\",le=\"0.01\"} 3\n\
+             t_seconds_bucket{k=\"v\",le=\"+Inf\"} 4\n\
+             t_seconds_sum{k=\"v\"} 1.010401\n\
+             t_seconds_count{k=\"v\"} 4\n"
+        );
+    }
 
     #[tokio::test]
     async fn serves_what_render_returns_until_shutdown() {

@@ -106,47 +106,7 @@ const BUCKETS_MS: [u64; 14] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000,
 ];
 
-struct Histogram {
-    /// Per bucket, not cumulative (summed when rendered), then +Inf.
-    buckets: [AtomicU64; BUCKETS_MS.len() + 1],
-    sum_ms: AtomicU64,
-}
-
-impl Histogram {
-    const fn new() -> Self {
-        Histogram {
-            buckets: [const { AtomicU64::new(0) }; BUCKETS_MS.len() + 1],
-            sum_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn observe(&self, ms: u64) {
-        let bucket = BUCKETS_MS.partition_point(|bound| *bound < ms);
-        self.buckets[bucket].fetch_add(1, Relaxed);
-        self.sum_ms.fetch_add(ms, Relaxed);
-    }
-
-    /// The series `name_bucket`, `name_sum`, `name_count` with one label (`label="value"`).
-    fn render(&self, out: &mut String, name: &str, label: &str, value: &str) {
-        let mut cumulative = 0;
-        for (i, count) in self.buckets.iter().enumerate() {
-            cumulative += count.load(Relaxed);
-            let le = BUCKETS_MS
-                .get(i)
-                .map(|ms| format!("{}", *ms as f64 / 1000.0))
-                .unwrap_or_else(|| "+Inf".to_owned());
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{label}=\"{value}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{label}=\"{value}\"}} {}\n{name}_count{{{label}=\"{value}\"}} {cumulative}",
-            self.sum_ms.load(Relaxed) as f64 / 1000.0
-        );
-    }
-}
+type Histogram = switchboard_grpc::Histogram<{ BUCKETS_MS.len() }>;
 
 struct Metrics {
     /// [kind][status]
@@ -189,7 +149,10 @@ pub fn served(event: &UsageEvent) {
         .filter(|s| *s < STATUSES.len())
         .unwrap_or(2);
     METRICS.requests[kind][status].fetch_add(1, Relaxed);
-    METRICS.latency[kind].observe(event.latency_ms);
+    METRICS.latency[kind].observe(
+        &BUCKETS_MS,
+        std::time::Duration::from_millis(event.latency_ms),
+    );
     if let Some(cache) = usize::try_from(event.cache)
         .ok()
         .filter(|c| (1..CACHE.len()).contains(c))
@@ -201,8 +164,7 @@ pub fn served(event: &UsageEvent) {
 /// A stream's first chunk went to the client `elapsed` after the request arrived (`pipeline.rs`,
 /// once per stream).
 pub fn first_token(source: Source, elapsed: std::time::Duration) {
-    METRICS.first_token[source as usize]
-        .observe(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    METRICS.first_token[source as usize].observe(&BUCKETS_MS, elapsed);
 }
 
 /// An error answer on `face` (`error.rs`).
@@ -232,9 +194,9 @@ pub fn render(out: &mut String) {
     for (kind, histogram) in KINDS.iter().zip(&METRICS.latency) {
         histogram.render(
             out,
+            &BUCKETS_MS,
             "switchboard_gateway_request_duration_seconds",
-            "kind",
-            kind,
+            &format!("kind=\"{kind}\""),
         );
     }
     out.push_str(
@@ -244,9 +206,9 @@ pub fn render(out: &mut String) {
     for (source, histogram) in SOURCES.iter().zip(&METRICS.first_token) {
         histogram.render(
             out,
+            &BUCKETS_MS,
             "switchboard_gateway_time_to_first_token_seconds",
-            "source",
-            source,
+            &format!("source=\"{source}\""),
         );
     }
     out.push_str(

@@ -38,9 +38,7 @@ const BOUNDS_MS: [u64; 10] = [
 pub struct Metrics {
     requests: AtomicU64,
     errors: [AtomicU64; CLASSES.len()],
-    buckets: [AtomicU64; BOUNDS_MS.len() + 1],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    latency: switchboard_grpc::Histogram<{ BOUNDS_MS.len() }>,
 }
 
 impl Metrics {
@@ -60,15 +58,7 @@ impl Metrics {
 
     /// An attempt took `elapsed` (for a stream: until its first content-bearing chunk).
     pub fn latency(&self, elapsed: Duration) {
-        let ms = elapsed.as_millis() as u64;
-        let index = BOUNDS_MS
-            .iter()
-            .position(|bound| ms <= *bound)
-            .unwrap_or(BOUNDS_MS.len());
-        self.buckets[index].fetch_add(1, Relaxed);
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_us
-            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.latency.observe(&BOUNDS_MS, elapsed);
     }
 
     /// Requests sent so far.
@@ -126,30 +116,11 @@ pub fn render<'a>(deployments: impl Iterator<Item = &'a Deployment> + Clone) -> 
     out.push_str("# HELP switchboard_router_attempt_duration_seconds Provider attempt latency (streams: to the first chunk).\n");
     out.push_str("# TYPE switchboard_router_attempt_duration_seconds histogram\n");
     for d in deployments.clone() {
-        let labels = labels(d);
-        let mut cumulative = 0;
-        for (i, bucket) in d.metrics.buckets.iter().enumerate() {
-            cumulative += bucket.load(Relaxed);
-            let le = BOUNDS_MS
-                .get(i)
-                .map(|ms| format!("{}", *ms as f64 / 1000.0))
-                .unwrap_or_else(|| "+Inf".to_owned());
-            let _ = writeln!(
-                out,
-                "switchboard_router_attempt_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let sum_us = d.metrics.latency_sum_us.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "switchboard_router_attempt_duration_seconds_sum{{{labels}}} {}.{:06}",
-            sum_us / 1_000_000,
-            sum_us % 1_000_000
-        );
-        let _ = writeln!(
-            out,
-            "switchboard_router_attempt_duration_seconds_count{{{labels}}} {}",
-            d.metrics.latency_count.load(Relaxed)
+        d.metrics.latency.render(
+            &mut out,
+            &BOUNDS_MS,
+            "switchboard_router_attempt_duration_seconds",
+            &labels(d),
         );
     }
     out.push_str(
@@ -192,8 +163,8 @@ mod tests {
         assert_eq!(metrics.requests(), 1);
         assert_eq!(metrics.errors[2].load(Relaxed), 1);
         assert_eq!(metrics.errors[CLASSES.len() - 1].load(Relaxed), 1);
-        assert_eq!(metrics.buckets[1].load(Relaxed), 1);
-        assert_eq!(metrics.buckets[BOUNDS_MS.len()].load(Relaxed), 1);
+        assert_eq!(metrics.latency.bucket(1), 1);
+        assert_eq!(metrics.latency.bucket(BOUNDS_MS.len()), 1);
         assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
     }
 }
