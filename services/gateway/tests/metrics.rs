@@ -11,6 +11,7 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::StreamExt as _;
 use serde_json::json;
+use support::{metrics, series};
 use switchboard_gateway::Config;
 use switchboard_proto::{
     chat::v1::{ChatChunk, ChoiceDelta, FinishReason, Role, RouteInfo, Usage},
@@ -145,22 +146,6 @@ impl RouterService for Router {
     ) -> Result<Response<EmbedResponse>, Status> {
         Err(Status::unimplemented("embed"))
     }
-}
-
-/// `value` of one series in a `/metrics` text (0 when absent).
-fn series(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0, |v| v.parse().unwrap())
-}
-
-async fn metrics(http: &str) -> String {
-    reqwest::get(format!("{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

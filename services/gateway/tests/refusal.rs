@@ -395,24 +395,10 @@ async fn an_anthropic_client_gets_the_refusal_as_text_with_stop_reason_refusal()
     gateway.stop().await;
 }
 
-/// `value` of one series in a `/metrics` text (0 when absent).
-fn series(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0, |v| v.parse().unwrap())
-}
-
 #[tokio::test]
 async fn metrics_count_a_served_request_and_a_refusal() {
     let gateway = gateway().await;
-    let metrics = || async {
-        reqwest::get(format!("{}/metrics", gateway.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || support::metrics(&gateway.http);
     let served = "switchboard_gateway_requests_total{kind=\"unary\",status=\"ok\"}";
     let bypass = "switchboard_gateway_cache_total{outcome=\"bypass\"}";
     let latency = "switchboard_gateway_request_duration_seconds_count{kind=\"unary\"}";
@@ -431,7 +417,7 @@ async fn metrics_count_a_served_request_and_a_refusal() {
     let after = metrics().await;
     for name in [served, bypass, latency, refused] {
         assert!(
-            series(&after, name) > series(&before, name),
+            support::series(&after, name) > support::series(&before, name),
             "{name} did not move:\n{after}"
         );
     }

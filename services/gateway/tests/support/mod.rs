@@ -54,3 +54,20 @@ pub async fn start(config: Config, nats: &TestNats, stop: &CancellationToken) ->
     tokio::spawn(app.run_until(async move { until.cancelled().await }));
     http
 }
+
+/// The gateway's `/metrics` text (`http`: its HTTP base URL).
+pub async fn metrics(http: &str) -> String {
+    reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one series in a `/metrics` text (0 when absent).
+pub fn series(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0, |v| v.parse().unwrap())
+}
