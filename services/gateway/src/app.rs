@@ -234,6 +234,9 @@ impl App {
         let http_server = axum::serve(http, crate::http::router(shared.clone()))
             .with_graceful_shutdown(async move { http_cancel.cancelled().await });
         let grpc_service = GatewayServiceServer::new(GatewayGrpc::new(shared))
+            // Stubs that compress their requests (grpc-java, grpc-go, grpcio with gzip on) are
+            // served; the size limit applies to the decompressed message.
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(max_body)
             .max_encoding_message_size(max_body.max(4 * 1024 * 1024) * 2);
         let grpc_cancel = cancel.clone();

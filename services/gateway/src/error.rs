@@ -34,9 +34,13 @@ pub enum GatewayError {
     /// The body is not valid JSON or not a valid request.
     #[error("invalid request at `{field}`: {message}")]
     InvalidRequest { field: String, message: String },
-    /// The body is larger than the configured limit.
-    #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
-    PayloadTooLarge { size: usize, limit: usize },
+    /// The body is larger than the configured limit (its size, when known before reading it: a
+    /// chunked body or a compressed gRPC message is stopped at the limit).
+    #[error(
+        "request body {}exceeds the limit of {limit} bytes",
+        size.map(|s| format!("of {s} bytes ")).unwrap_or_default()
+    )]
+    PayloadTooLarge { size: Option<usize>, limit: usize },
     /// An internal hop (guard, cache, router) refused a message of the request for its size: the
     /// request is too large for the mesh, not a dependency that is down.
     #[error(

@@ -120,11 +120,12 @@ fn answer<T>(message: T, request_id: &str) -> Response<T> {
 /// `INVALID_ARGUMENT` with `ErrorInfo` `PAYLOAD_TOO_LARGE`, `metadata.limit` and a request id.
 ///
 /// tonic's codec refuses a message larger than `max_decoding_message_size` (`max_body_bytes`)
-/// from its length prefix, before anything is buffered or the handler runs, with a bare
-/// `OUT_OF_RANGE` (no details, no request id). That refusal is the only `OUT_OF_RANGE` the service
-/// answers without details (every [`GatewayError`] carries `ErrorInfo`, and none maps to
-/// `OUT_OF_RANGE`), so it is recognised on the response head and replaced. Other calls pay one
-/// header lookup; nothing is allocated.
+/// before the handler runs, with a bare status (no details, no request id): `OUT_OF_RANGE` from
+/// the length prefix of a plain message, before anything is buffered, and `RESOURCE_EXHAUSTED`
+/// ("size limit … exceeded while decompressing") for a gzip-compressed one whose decompressed
+/// size passes the limit (it stops decompressing there). Every [`GatewayError`] carries
+/// `ErrorInfo`, and none maps to `OUT_OF_RANGE`, so these refusals are recognised on the response
+/// head and replaced. Other calls pay one header lookup; nothing is allocated.
 #[derive(Clone)]
 pub struct SizeLimited<S> {
     inner: S,
@@ -193,16 +194,23 @@ fn typed_refusal(
     limit: usize,
 ) -> http::Response<tonic::body::Body> {
     let headers = response.headers();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|status| status.as_bytes() == b"11");
-    if !out_of_range || headers.contains_key("grpc-status-details-bin") {
+    let Some(code) = headers.get("grpc-status") else {
+        return response;
+    };
+    if headers.contains_key("grpc-status-details-bin") {
         return response;
     }
-    let size = headers
+    let message = headers
         .get("grpc-message")
-        .and_then(|message| found_bytes(message.as_bytes()))
-        .unwrap_or(limit.saturating_add(1));
+        .map(|message| message.as_bytes())
+        .unwrap_or_default();
+    let size = match code.as_bytes() {
+        // The length prefix named the size.
+        b"11" => found_bytes(message),
+        // Decompression stopped at the limit: the size is not known.
+        b"8" if is_decompression_refusal(message) => None,
+        _ => return response,
+    };
     // No request context exists yet (the message was refused before the handler), but the answer
     // names the refusal as every other error does, and the log line carries the same id.
     let request_id = uuid::Uuid::now_v7().to_string();
@@ -211,12 +219,43 @@ fn typed_refusal(
     failed(GatewayError::PayloadTooLarge { size, limit }, &request_id).into_http()
 }
 
+/// Whether tonic's `grpc-message` (percent-encoded) is its refusal of a compressed message that
+/// decompresses past the limit ("Error decompressing: size limit, of N bytes, exceeded while
+/// decompressing message").
+fn is_decompression_refusal(message: &[u8]) -> bool {
+    let decoded = percent_decoded(message);
+    decoded.contains("size limit") && decoded.contains("decompressing")
+}
+
+/// `message` with its `%XX` escapes (as gRPC encodes `grpc-message`) decoded.
+fn percent_decoded(message: &[u8]) -> String {
+    let mut out = Vec::with_capacity(message.len());
+    let mut i = 0;
+    while i < message.len() {
+        if message[i] == b'%'
+            && let Some(byte) = message
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(message[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The size tonic's refusal names ("…: found N bytes, …", its `grpc-message` percent-encoded).
 fn found_bytes(message: &[u8]) -> Option<usize> {
-    let message = std::str::from_utf8(message).ok()?;
+    let message = percent_decoded(message);
     let (_, rest) = message.split_once("found")?;
-    let rest = rest.trim_start_matches("%20").trim_start();
-    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    let digits = rest
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?;
     digits.parse().ok()
 }
 
@@ -389,6 +428,26 @@ mod tests {
         assert_eq!(info.metadata["limit"], "8388608");
         assert!(status.message().contains("9437219 bytes"), "{status:?}");
         assert!(typed.headers().contains_key(REQUEST_ID));
+
+        // A gzip-compressed message stopped while decompressing: typed, its size unknown.
+        let refusal = tonic::Status::resource_exhausted(
+            "Error decompressing: size limit, of 8388608 bytes, exceeded while decompressing message",
+        )
+        .into_http::<tonic::body::Body>();
+        let status =
+            tonic::Status::from_header_map(typed_refusal(refusal, 8_388_608).headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "PAYLOAD_TOO_LARGE"
+        );
+        assert_eq!(
+            status.message(),
+            "request body exceeds the limit of 8388608 bytes"
+        );
+        // Other RESOURCE_EXHAUSTED answers without details pass untouched.
+        let other = tonic::Status::resource_exhausted("too many streams").into_http();
+        assert_eq!(typed_refusal(other, 1).headers()["grpc-status"], "8");
 
         // Any other answer passes untouched, typed errors included.
         let typed_error = Status::from(GatewayError::InvalidKey).into_http::<tonic::body::Body>();

@@ -173,16 +173,13 @@ pub(crate) async fn read_body(
         && length > limit
     {
         return Err(GatewayError::PayloadTooLarge {
-            size: length,
+            size: Some(length),
             limit,
         });
     }
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| GatewayError::PayloadTooLarge {
-            size: limit + 1,
-            limit,
-        })
+        .map_err(|_| GatewayError::PayloadTooLarge { size: None, limit })
 }
 
 /// Parses a JSON body; errors name the offending field by its path.

@@ -223,9 +223,12 @@ impl App {
         tasks.close();
 
         tracing::info!(grpc.addr = %local_addr, "ledger listening");
-        let routes =
-            tonic::service::Routes::new(LedgerServiceServer::new(LedgerApi::new(repo.clone())))
-                .add_service(budgets);
+        let routes = tonic::service::Routes::new(
+            // Finance's stubs may compress their requests.
+            LedgerServiceServer::new(LedgerApi::new(repo.clone()))
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
+        .add_service(budgets);
         let served = switchboard_grpc::serve_with_health(listener, routes, health, shutdown).await;
 
         cancel.cancel();

@@ -335,6 +335,20 @@ async fn records_published_events_and_reports_spend() {
     assert_eq!(record.status, RequestStatus::Ok as i32);
     assert!(record.streamed);
     assert_eq!(record.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    // Finance's stubs may compress their requests (gzip): served the same.
+    let compressed = app
+        .client
+        .clone()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .get_usage_record(GetUsageRecordRequest {
+            request_id: mini.request_id.clone(),
+        })
+        .await
+        .expect("a gzip-compressed request is served")
+        .into_inner()
+        .record
+        .expect("record");
+    assert_eq!(compressed, record);
 
     assert_eq!(
         app.wait_record(&four_o.request_id).await.cost_usd_nanos,

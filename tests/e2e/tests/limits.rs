@@ -333,3 +333,40 @@ async fn a_grpc_request_over_max_body_bytes_is_refused_like_http_413() {
     assert_payload_too_large(&stream);
     mesh.stop().await;
 }
+
+/// A stub that compresses its requests (grpc-java, grpc-go or grpcio with gzip on) is served, and
+/// the body limit applies to the decompressed message: a request that compresses far under the
+/// limit but decompresses over it is the same typed refusal (a compression bomb is stopped at the
+/// limit, never decompressed whole).
+#[tokio::test(flavor = "multi_thread")]
+async fn gzip_compressed_grpc_requests_are_served_and_limited_by_their_decompressed_size() {
+    use tonic::codec::CompressionEncoding;
+    let mesh = Mesh::start().await;
+    let mut client = mesh
+        .client()
+        .await
+        .send_compressed(CompressionEncoding::Gzip);
+    let served = client
+        .create_chat_completion(request("big", 64 * 1024))
+        .await
+        .unwrap_or_else(|status| panic!("compressed request refused: {status:?}"))
+        .into_inner();
+    assert_eq!(served.route.unwrap().provider, "stub");
+
+    // 9 MiB of one letter compresses to a few KiB; decompressed it is over the 8 MiB limit.
+    let status = client
+        .create_chat_completion(request("big", 9 * MIB))
+        .await
+        .expect_err("over the gateway's limit once decompressed");
+    let metadata = assert_payload_too_large(&status);
+    assert_eq!(
+        metadata.get("limit").map(String::as_str),
+        Some(MAX_BODY.to_string().as_str()),
+        "{status:?}"
+    );
+    assert!(
+        status.metadata().get("x-switchboard-request-id").is_some(),
+        "{status:?}"
+    );
+    mesh.stop().await;
+}
