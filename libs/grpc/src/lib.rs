@@ -175,11 +175,22 @@ impl std::fmt::Debug for Health {
 impl Health {
     /// The health of a server of `names` (and `""`), SERVING to begin with.
     pub fn new(names: &[&str]) -> Health {
+        Health::with_state(names, true)
+    }
+
+    /// The health of a server of `names` (and `""`), NOT_SERVING until the service first says it
+    /// can serve ([`Health::set_serving`]): for a service whose first check of its dependencies
+    /// takes time, so that a load balancer never sends it calls it cannot serve while it starts.
+    pub fn starting(names: &[&str]) -> Health {
+        Health::with_state(names, false)
+    }
+
+    fn with_state(names: &[&str], serving: bool) -> Health {
         Health {
             inner: std::sync::Arc::new(HealthInner {
                 reporter: tonic_health::server::HealthReporter::new(),
                 names: names.iter().map(|name| (*name).to_owned()).collect(),
-                serving: std::sync::atomic::AtomicBool::new(true),
+                serving: std::sync::atomic::AtomicBool::new(serving),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 publish: tokio::sync::Mutex::new(()),
             }),

@@ -240,8 +240,10 @@ impl App {
             .max_decoding_message_size(max_body)
             .max_encoding_message_size(max_body.max(4 * 1024 * 1024) * 2);
         let grpc_cancel = cancel.clone();
-        // The gateway's gRPC health follows `/readyz` (`ready.rs`), NOT_SERVING once draining.
-        let health = switchboard_grpc::Health::new(&["switchboard.gateway.v1.GatewayService"]);
+        // The gateway's gRPC health follows `/readyz` (`ready.rs`): NOT_SERVING until its first
+        // report (up to a probe timeout when a dependency hangs), then while unavailable, and once
+        // draining.
+        let health = switchboard_grpc::Health::starting(&["switchboard.gateway.v1.GatewayService"]);
         tasks.spawn(readiness.keep_health(health.clone(), cancel.clone()));
         let grpc_server = switchboard_grpc::serve_with_health(
             grpc,

@@ -277,6 +277,33 @@ async fn a_router_that_cannot_be_reached_makes_the_gateway_unavailable() {
     gw.stop().await;
 }
 
+/// A starting gateway answers NOT_SERVING until its first readiness report: here the router
+/// accepts connections and never answers, so that report waits a whole probe timeout, and a load
+/// balancer asking meanwhile must not be told the gateway can serve.
+#[tokio::test]
+async fn grpc_health_is_not_serving_until_the_first_readiness_report() {
+    let (guard, cache) = (Health::start().await, Health::start().await);
+    // Accepts TCP connections (the kernel's backlog) and never speaks HTTP/2.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}", hanging.local_addr().unwrap());
+    let gw = gateway(&hanging_url, &guard.url, &cache.url, GuardConfig::default()).await;
+    // Asked at once, within the router probe's 800 ms timeout: no report exists yet. (Were the
+    // machine so slow that the report came first, it too says NOT_SERVING: never a false failure.)
+    let named = gw
+        .grpc_health("switchboard.gateway.v1.GatewayService")
+        .await;
+    let whole = gw.grpc_health("").await;
+    assert_eq!(named, ServingStatus::NotServing as i32);
+    assert_eq!(whole, ServingStatus::NotServing as i32);
+    // The report, when it comes, says why.
+    let (code, body) = gw.until("unavailable").await;
+    assert_eq!(code, 503);
+    assert_eq!(state(&body, "router"), "unreachable");
+    gw.until_grpc(ServingStatus::NotServing).await;
+    drop(hanging);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn with_fail_open_routes_a_missing_guard_only_degrades() {
     let (router, cache) = (Health::start().await, Health::start().await);
