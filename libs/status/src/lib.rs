@@ -200,6 +200,13 @@ pub mod serving {
     pub const KEY_ALIAS: &str = "switchboard-serving-key-alias";
     /// Attempts made, the serving one included.
     pub const ATTEMPTS: &str = "switchboard-serving-attempts";
+    /// What the attempts consumed by the first chunk, as their providers reported it: a
+    /// `switchboard.chat.v1.RouteInfo` (protobuf, binary metadata) whose attempts are the failed
+    /// ones (with the usage reported before they failed) and the serving one last (with the usage
+    /// its provider reported before its first chunk: Anthropic's `message_start`, Gemini's
+    /// `usageMetadata`). Sent only when some attempt has such a report; a caller that stops
+    /// reading before the stream's end bills from it instead of an estimate.
+    pub const CONSUMED: &str = "switchboard-serving-consumed-bin";
 }
 
 /// Converts a service error into a status with an `ErrorInfo` detail. `Internal` errors are logged

@@ -827,7 +827,10 @@ impl Pipeline {
         // router's stream (dropped here) and records what the provider was paid for so far.
         if let Err(error) = self.finish_check(ctx, &request, pending).await {
             drop(upstream);
-            let mut assembled = Assembler::default();
+            let mut assembled = Assembler {
+                reported: serving.as_ref().and_then(Serving::reported),
+                ..Assembler::default()
+            };
             if let Some(route_stream_response::Event::Chunk(chunk)) =
                 first.as_ref().and_then(|m| m.event.as_ref())
             {
@@ -940,7 +943,10 @@ impl Pipeline {
             )
         };
         let response_id = ctx.response_id();
-        let mut assembled = Assembler::default();
+        let mut assembled = Assembler {
+            reported: serving.as_ref().and_then(Serving::reported),
+            ..Assembler::default()
+        };
         let mut restorer = pseudonyms.stream();
         drop(pseudonyms);
         // Answer checking of a stream: text is held back and checked in windows (see `answer`).
@@ -1918,6 +1924,7 @@ fn partial_route(
                     .get("attempts")
                     .and_then(|a| a.parse().ok())
                     .unwrap_or(1),
+                consumed: None,
             };
             (source, "STREAM_INTERRUPTED".to_owned(), get("last_error"))
         }
@@ -1926,6 +1933,16 @@ fn partial_route(
                 return route;
             };
             let code = error.map_or("CLIENT_DISCONNECTED", |e| e.code().as_str());
+            // The router's account by the first chunk: the failed attempts (billed what their
+            // providers reported), the serving one last.
+            if let Some(mut consumed) = serving.consumed.clone() {
+                if let Some(attempt) = consumed.attempts.last_mut() {
+                    code.clone_into(&mut attempt.error_code);
+                    attempt.usage = Some(usage);
+                }
+                consumed.attempt_count = consumed.attempt_count.max(serving.attempts);
+                return consumed;
+            }
             (serving.clone(), code.to_owned(), String::new())
         }
     };
@@ -1957,6 +1974,10 @@ struct Serving {
     target: String,
     key_alias: String,
     attempts: u32,
+    /// What the attempts consumed by the first chunk, as their providers reported it
+    /// (`switchboard_status::serving::CONSUMED`): the failed attempts, then the serving one with
+    /// the usage its provider reported before its first chunk. `None` when none reported any.
+    consumed: Option<RouteInfo>,
 }
 
 impl Serving {
@@ -1989,7 +2010,21 @@ impl Serving {
             attempts: get(serving::ATTEMPTS)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1),
+            // An account that cannot be read is left out: the stream bills as before it existed.
+            consumed: metadata
+                .get_bin(serving::CONSUMED)
+                .and_then(|value| value.to_bytes().ok())
+                .and_then(|bytes| <RouteInfo as prost::Message>::decode(bytes).ok())
+                .filter(|route| !route.attempts.is_empty()),
         })
+    }
+
+    /// The usage the serving attempt's provider reported before its first chunk.
+    fn reported(&self) -> Option<Usage> {
+        self.consumed
+            .as_ref()
+            .and_then(|route| route.attempts.last())
+            .and_then(|attempt| attempt.usage)
     }
 }
 
@@ -2215,6 +2250,10 @@ struct Assembler {
     /// The router's account of a stream it cut (`RouteStreamResponse.interrupted`): every
     /// attempt, the cut one last with what its provider reported before the cut.
     cut: Option<RouteInfo>,
+    /// What the serving attempt's provider reported before the first chunk (the response head's
+    /// account, [`Serving::reported`]): bills a stream that ends short without the router's
+    /// account of a cut (the caller gone, an answer refused).
+    reported: Option<Usage>,
     /// Answer and reasoning bytes as the router sent them, before the answer check held any back
     /// or blocked them: what the provider was paid for, even if the caller never saw it.
     received_bytes: usize,
@@ -2331,7 +2370,8 @@ impl Assembler {
             .cut
             .as_ref()
             .and_then(|route| route.attempts.last())
-            .and_then(|attempt| attempt.usage);
+            .and_then(|attempt| attempt.usage)
+            .or(self.reported);
         let Some(reported) = reported else {
             return estimate;
         };
@@ -2974,7 +3014,10 @@ mod tests {
                     })
                 };
                 let model = request.get_ref().request.as_ref().map(|r| r.model.clone());
-                let stalls = model.as_deref() == Some("stall");
+                // Route `stall-reported`: as `stall`, its head carrying what the providers
+                // reported by the first chunk (an earlier attempt's prompt, the serving one's).
+                let reports = model.as_deref() == Some("stall-reported");
+                let stalls = model.as_deref() == Some("stall") || reports;
                 // Route `cut`: two chunks, then the provider's stream breaks (see `cut_stream`).
                 if model.as_deref() == Some("cut") {
                     let events = vec![
@@ -3010,6 +3053,34 @@ mod tests {
                 metadata.insert(switchboard_status::serving::MODEL, "pm".parse().unwrap());
                 metadata.insert(switchboard_status::serving::TARGET, "p/pm".parse().unwrap());
                 metadata.insert(switchboard_status::serving::ATTEMPTS, "2".parse().unwrap());
+                if reports {
+                    let attempt = |provider: &str, code: &str, usage: Usage| Attempt {
+                        target: format!("{provider}/pm"),
+                        provider: provider.into(),
+                        model: "pm".into(),
+                        error_code: code.into(),
+                        usage: Some(usage),
+                        ..Default::default()
+                    };
+                    let consumed = RouteInfo {
+                        route: "stall-reported".into(),
+                        provider: "p".into(),
+                        model: "pm".into(),
+                        target: "p/pm".into(),
+                        attempt_count: 2,
+                        attempts: vec![
+                            attempt("o", "OVERLOADED", EARLIER_REPORTED),
+                            attempt("p", "", CUT_REPORTED),
+                        ],
+                        ..Default::default()
+                    };
+                    metadata.insert_bin(
+                        switchboard_status::serving::CONSUMED,
+                        tonic::metadata::MetadataValue::from_bytes(&prost::Message::encode_to_vec(
+                            &consumed,
+                        )),
+                    );
+                }
                 Ok(response)
             }
 
@@ -3220,6 +3291,66 @@ mod tests {
         assert!(
             attempt.usage.unwrap().completion_tokens > 0,
             "what was streamed"
+        );
+    }
+
+    /// A caller that leaves mid-stream does not lose what the providers reported before the
+    /// first chunk (the router's response head): the serving attempt's prompt counts (a 50,000-
+    /// token cache write, not the prompt text's estimate) and an earlier attempt's.
+    #[tokio::test]
+    async fn a_stream_its_caller_leaves_is_billed_what_the_providers_reported_by_its_first_chunk() {
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour {
+            check_answer: false,
+            ..GuardBehaviour::HEALTHY
+        })
+        .await;
+        let ctx = RequestContext::new(principal("t"));
+        let mut stalling = request();
+        stalling.model = "stall-reported".into();
+        let mut handle = harness
+            .pipeline
+            .stream(&ctx, stalling, CacheControl::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            handle.events.recv().await,
+            Some(StreamEvent::Chunk(_))
+        ));
+        drop(handle);
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1);
+        let event = &events[0];
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        let usage = event.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cache_write_tokens,
+                usage.cached_prompt_tokens
+            ),
+            (50_012, 50_000, 0),
+            "the prompt as its provider reported it"
+        );
+        // The output: what was streamed ("Hello " or "Hello there.", as far as the gateway read
+        // before the caller left: 2 or 3 tokens locally) over the provider's 1 so far.
+        assert!((2..=3).contains(&usage.completion_tokens), "{usage:?}");
+        let route = event.route.as_ref().unwrap();
+        assert_eq!(route.target, "p/pm");
+        assert_eq!(route.attempt_count, 2);
+        let attempts: Vec<_> = route
+            .attempts
+            .iter()
+            .map(|a| (a.target.as_str(), a.error_code.as_str(), a.usage))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![
+                ("o/pm", "OVERLOADED", Some(EARLIER_REPORTED)),
+                ("p/pm", "CLIENT_DISCONNECTED", Some(usage)),
+            ]
         );
     }
 

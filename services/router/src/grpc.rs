@@ -4,6 +4,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use switchboard_grpc::parse_grpc_timeout;
+use switchboard_proto::chat::v1::RouteInfo;
 use switchboard_proto::router::v1::{
     EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, RouteRequest,
     RouteResponse, RouteStreamRequest, RouteStreamResponse, route_stream_response::Event,
@@ -134,8 +135,8 @@ impl RouterService for RouterGrpc {
         // first chunk), so a stream cut short later is still recorded against its provider.
         let mut first = rx.recv().await;
         let mut serving = None;
-        if let Some(StreamEvent::Serving(source)) = first {
-            serving = Some(source);
+        if let Some(StreamEvent::Serving { source, consumed }) = first {
+            serving = Some((source, consumed));
             first = rx.recv().await;
         }
         if let Some(StreamEvent::Failed(error)) = &first {
@@ -161,12 +162,12 @@ impl RouterService for RouterGrpc {
                     })),
                     StreamEvent::Failed(error) => Some(Err(status(&error))),
                     // Sent once, before the first chunk (taken above).
-                    StreamEvent::Serving(_) => None,
+                    StreamEvent::Serving { .. } => None,
                 })
             });
         let mut response = Response::new(Box::pin(events) as Self::RouteStreamStream);
-        if let Some(source) = serving {
-            serving_metadata(response.metadata_mut(), &source);
+        if let Some((source, consumed)) = serving {
+            serving_metadata(response.metadata_mut(), &source, consumed.as_ref());
         }
         Ok(response)
     }
@@ -203,8 +204,19 @@ impl RouterService for RouterGrpc {
 
 /// The committed deployment in the response head (`switchboard_status::serving`); a value that
 /// cannot be a header (not visible ASCII) is left out.
-fn serving_metadata(metadata: &mut tonic::metadata::MetadataMap, source: &StreamSource) {
+fn serving_metadata(
+    metadata: &mut tonic::metadata::MetadataMap,
+    source: &StreamSource,
+    consumed: Option<&RouteInfo>,
+) {
     use switchboard_status::serving;
+    if let Some(consumed) = consumed {
+        let encoded = prost::Message::encode_to_vec(consumed);
+        metadata.insert_bin(
+            serving::CONSUMED,
+            tonic::metadata::MetadataValue::from_bytes(&encoded),
+        );
+    }
     let attempts = source.attempts.to_string();
     for (name, value) in [
         (serving::PROVIDER, source.provider.as_str()),

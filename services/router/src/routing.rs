@@ -153,8 +153,13 @@ pub enum StreamEvent {
     /// The stream failed; nothing follows.
     Failed(RouterError),
     /// The stream committed to this deployment; sent once, before its first chunk (the response
-    /// head carries it: `switchboard_status::serving`).
-    Serving(StreamSource),
+    /// head carries it: `switchboard_status::serving`). `consumed`: what the attempts so far
+    /// consumed as their providers reported it by then (see [`Attempts::so_far`]), when any did,
+    /// so that a caller that stops reading (or is stopped) before the end bills it.
+    Serving {
+        source: StreamSource,
+        consumed: Option<RouteInfo>,
+    },
     /// The stream broke after its first chunk: every attempt, the cut one last with the usage its
     /// provider reported before the cut (so that the caller can bill it); sent just before the
     /// [`StreamEvent::Failed`] that ends the stream.
@@ -168,6 +173,40 @@ struct Attempts {
     last_error: Option<ProviderError>,
     /// Why the first target skipped as [`UNTRANSLATABLE_CODE`] could not take the request.
     untranslatable: Option<TranslateError>,
+}
+
+/// The attempt on `deployment`, which answered (`outcome`: its error code and message, empty when
+/// it served or still serves).
+fn answered(
+    deployment: &Deployment,
+    started: Instant,
+    usage: Option<Usage>,
+    (error_code, error_message): (String, String),
+) -> Attempt {
+    Attempt {
+        target: deployment.target.clone(),
+        provider: deployment.provider.clone(),
+        model: deployment.model.clone(),
+        error_code,
+        error_message,
+        http_status: 200,
+        duration_ms: started.elapsed().as_millis() as u64,
+        usage,
+        key_alias: deployment.key_alias.clone(),
+    }
+}
+
+/// Route `route`'s account: `attempts`, the last on `deployment`.
+fn route_info(route: String, deployment: &Deployment, attempts: Vec<Attempt>) -> RouteInfo {
+    RouteInfo {
+        route,
+        provider: deployment.provider.clone(),
+        model: deployment.model.clone(),
+        target: deployment.target.clone(),
+        attempt_count: attempts.len() as u32,
+        attempts,
+        key_alias: deployment.key_alias.clone(),
+    }
 }
 
 impl Attempts {
@@ -262,29 +301,40 @@ impl Attempts {
         usage: Option<Usage>,
         (error_code, error_message): (String, String),
     ) -> RouteInfo {
-        self.list.push(Attempt {
-            target: deployment.target.clone(),
-            provider: deployment.provider.clone(),
-            model: deployment.model.clone(),
-            error_code,
-            error_message,
-            http_status: 200,
-            duration_ms: started.elapsed().as_millis() as u64,
+        self.list.push(answered(
+            deployment,
+            started,
             usage,
-            key_alias: deployment.key_alias.clone(),
-        });
+            (error_code, error_message),
+        ));
         let span = Span::current();
         span.record("target", deployment.label.as_str());
         span.record("attempts", self.list.len());
-        RouteInfo {
-            route: self.route,
-            provider: deployment.provider.clone(),
-            model: deployment.model.clone(),
-            target: deployment.target.clone(),
-            attempt_count: self.list.len() as u32,
-            attempts: self.list,
-            key_alias: deployment.key_alias.clone(),
+        route_info(self.route, deployment, self.list)
+    }
+
+    /// What a stream committing to `deployment` consumed so far, as the providers reported it:
+    /// every attempt, the serving one last with `reported` (its provider's usage before its first
+    /// chunk: Anthropic's `message_start`, Gemini's `usageMetadata`; the prompt's counts are
+    /// final, the output's partial). `None` when no attempt has a report (OpenAI-format streams
+    /// report at their end only): the caller estimates, as before.
+    fn so_far(
+        &self,
+        deployment: &Deployment,
+        started: Instant,
+        reported: Option<Usage>,
+    ) -> Option<RouteInfo> {
+        if reported.is_none() && self.list.iter().all(|a| a.usage.is_none()) {
+            return None;
         }
+        let mut list = self.list.clone();
+        list.push(answered(
+            deployment,
+            started,
+            reported,
+            (String::new(), String::new()),
+        ));
+        Some(route_info(self.route.clone(), deployment, list))
     }
 
     fn last_error_text(&self) -> String {
@@ -1263,7 +1313,16 @@ async fn forward(
         from: Box::new(source()),
         last_error,
     };
-    if tx.send(StreamEvent::Serving(source())).await.is_err() {
+    // The head names the deployment and, when a provider reported usage by now, what the
+    // attempts consumed so far (Anthropic's `message_start` came before the first chunk).
+    let consumed = served
+        .attempts
+        .so_far(deployment, served.started, stream.reported());
+    let serving = StreamEvent::Serving {
+        source: source(),
+        consumed,
+    };
+    if tx.send(serving).await.is_err() {
         return Err(interrupted(forwarded, "client went away".to_owned()));
     }
     // The chunks `open` read go first, then the rest of the stream.

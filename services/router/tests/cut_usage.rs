@@ -251,3 +251,92 @@ async fn an_attempt_that_failed_after_message_start_is_billed_with_its_prompt_us
     );
     mesh.shutdown().await;
 }
+
+/// OpenAI: a whole answer, its usage only in the last chunk.
+const OPENAI_WHOLE: &str = concat!(
+    r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-x","choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null}]}"#,
+    "\n\n",
+    r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-x","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#,
+    "\n\n",
+    "data: [DONE]\n\n",
+);
+
+/// The account of what the attempts consumed by the first chunk, from a stream's response head
+/// (`switchboard_status::serving::CONSUMED`), if it has one.
+async fn consumed_at_head(mesh: &Mesh) -> Option<RouteInfo> {
+    let response = mesh
+        .client
+        .clone()
+        .route_stream(RouteStreamRequest {
+            request: Some(chat("chat", "say hello")),
+            caller: None,
+            allowance: None,
+        })
+        .await
+        .unwrap();
+    let value = response
+        .metadata()
+        .get_bin(switchboard_status::serving::CONSUMED)?;
+    let bytes = value.to_bytes().expect("binary metadata");
+    Some(prost::Message::decode(bytes).expect("a RouteInfo"))
+}
+
+/// A caller that stops reading before the end (the client gone, an answer refused) has no
+/// `interrupted` account: the response head already says what the providers reported.
+#[tokio::test]
+async fn the_response_head_carries_what_the_providers_reported_by_the_first_chunk() {
+    // A fallback after an attempt that failed once its provider had reported the prompt.
+    let mesh = mesh(&[
+        (
+            "claude",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_OVERLOADED).await,
+        ),
+        (
+            "backup",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_WHOLE).await,
+        ),
+    ])
+    .await;
+    let consumed = consumed_at_head(&mesh)
+        .await
+        .expect("an account in the head");
+    assert_eq!(consumed.target, "backup/model");
+    assert_eq!(consumed.attempt_count, 2);
+    let attempts: Vec<_> = consumed
+        .attempts
+        .iter()
+        .map(|a| (a.target.as_str(), a.error_code.as_str()))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![("claude/model", "OVERLOADED"), ("backup/model", "")]
+    );
+    assert_eq!(consumed.attempts[0].usage, Some(ANTHROPIC_REPORTED));
+    // The serving attempt: its `message_start` prompt, and the output as far as the provider
+    // had counted it when the first chunk was read (this script's whole body comes in one read,
+    // so its final `message_delta` count may be in).
+    let serving = consumed.attempts[1]
+        .usage
+        .expect("the serving attempt's report");
+    assert_eq!(
+        (
+            serving.prompt_tokens,
+            serving.cached_prompt_tokens,
+            serving.cache_write_tokens
+        ),
+        (7, 0, 0)
+    );
+    assert!((1..=2).contains(&serving.completion_tokens), "{serving:?}");
+    mesh.shutdown().await;
+
+    // A format that reports at its end only: no account, nothing added to the head.
+    let mesh = mesh_of_openai().await;
+    assert_eq!(consumed_at_head(&mesh).await, None);
+    mesh.shutdown().await;
+}
+
+async fn mesh_of_openai() -> Mesh {
+    mesh(&[("gpt", ProviderKind::Openai, scripted(OPENAI_WHOLE).await)]).await
+}
