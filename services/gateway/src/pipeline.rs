@@ -632,7 +632,7 @@ impl Pipeline {
         control: CacheControl,
     ) -> Result<Completed, GatewayError> {
         let (prepared, pseudonyms, pending) = self.prepare(ctx, &mut request, control).await?;
-        let (_permit, cache_status) = match prepared {
+        let (permit, cache_status) = match prepared {
             Prepared::Hit(permit, cached) => {
                 drop(permit);
                 debug_assert!(pending.is_none(), "a hit is served only after its check");
@@ -656,7 +656,56 @@ impl Pipeline {
         };
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
-        let abandoned = Abandoned::arm(self, ctx, &request, cache_status, false);
+        // From here the request reaches a provider. It runs to its end in its own task: a caller
+        // that goes away (an HTTP client that disconnects, a gRPC reset) does not cancel it, so
+        // the provider's answer, which is paid for whether or not anyone reads it, is recorded
+        // with its real usage and the target that served, priced, and the budget settled with its
+        // real cost (the call is still bounded by the caller's deadline and `request_timeout_ms`).
+        let (answered, answer) = tokio::sync::oneshot::channel();
+        let pipeline = self.clone();
+        let owned = ctx.clone();
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            async move {
+                let unary = Unary {
+                    request,
+                    routed_request,
+                    control,
+                    cache_status,
+                    pseudonyms,
+                    pending,
+                    reservation,
+                };
+                let completed = pipeline.route_unary(&owned, unary, &answered).await;
+                drop(permit);
+                let _ = answered.send(completed);
+            }
+            .instrument(span),
+        );
+        answer.await.unwrap_or_else(|_| {
+            Err(GatewayError::Internal(
+                "the request's task ended".to_owned(),
+            ))
+        })
+    }
+
+    /// The part of a unary completion that reaches a provider (see [`Pipeline::complete`]);
+    /// `answered` tells whether the caller is still waiting.
+    async fn route_unary(
+        &self,
+        ctx: &RequestContext,
+        unary: Unary,
+        answered: &tokio::sync::oneshot::Sender<Result<Completed, GatewayError>>,
+    ) -> Result<Completed, GatewayError> {
+        let Unary {
+            request,
+            routed_request,
+            control,
+            cache_status,
+            pseudonyms,
+            pending,
+            reservation,
+        } = unary;
         let route = RouteRequest {
             request: Some(routed_request),
             caller: Some(caller(ctx)),
@@ -692,7 +741,6 @@ impl Pipeline {
                     }
                 }
             }
-            abandoned.disarm();
             return Err(error);
         }
         let routed = match routed {
@@ -704,7 +752,6 @@ impl Pipeline {
                     reservation.settle(0);
                 }
                 self.record_failure(ctx, &request, cache_status, &error, false);
-                abandoned.disarm();
                 return Err(error);
             }
         };
@@ -719,7 +766,6 @@ impl Pipeline {
             // The provider answered and was paid: the row carries its usage with the refusal.
             let usage = response.usage.unwrap_or_default();
             self.record_withheld(ctx, &request, route, usage, cache_status, &error);
-            abandoned.disarm();
             return Err(error);
         }
         // The cache stores the checked answer (placeholders), never the restored one, and nothing
@@ -728,17 +774,19 @@ impl Pipeline {
             self.store(ctx, &request, &response, &route, control.ttl_seconds);
         }
         pseudonyms.restore_response(&mut response);
-        self.record(
-            ctx,
-            &request,
-            RecordArgs::served(
-                &route,
-                response.usage.unwrap_or_default(),
-                cache_status,
-                false,
-            ),
+        let mut served = RecordArgs::served(
+            &route,
+            response.usage.unwrap_or_default(),
+            cache_status,
+            false,
         );
-        abandoned.disarm();
+        if answered.is_closed() {
+            // Answered after its caller left: paid for, never delivered.
+            tracing::info!(request.id = %ctx.request_id, "caller went away before the answer");
+            served.status = RequestStatus::Partial;
+            "CLIENT_DISCONNECTED".clone_into(&mut served.error_code);
+        }
+        self.record(ctx, &request, served);
         response.id = ctx.response_id();
         Ok(Completed {
             response,
@@ -791,7 +839,7 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel(64);
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
-        let abandoned = Abandoned::arm(self, ctx, &request, cache_status, true);
+        let abandoned = Abandoned::arm(self, ctx, &request, cache_status);
         let route = RouteStreamRequest {
             request: Some(routed_request),
             caller: Some(caller(ctx)),
@@ -1788,17 +1836,17 @@ struct Cached {
     guard_policy: String,
 }
 
-/// A request dropped while it is routed (its caller went away: an HTTP client that disconnects, a
-/// gRPC reset, a client timeout) still leaves its one usage row: `PARTIAL`, `CLIENT_DISCONNECTED`,
-/// the prompt's estimate and no provider (the router's call is cancelled with it, before it said
-/// which target was serving). Armed once the request may reach a provider; every path that ends
-/// the request itself disarms it, so only a dropped future records through it.
+/// A stream dropped before its first chunk (its caller went away: an HTTP client that
+/// disconnects, a gRPC reset, a client timeout) still leaves its one usage row: `PARTIAL`,
+/// `CLIENT_DISCONNECTED`, the prompt's estimate and no provider (the router's call is cancelled
+/// with it, before it said which target was serving). Armed once the request may reach a
+/// provider; every path that ends the request itself disarms it, so only a dropped future records
+/// through it. (A unary request is not cancelled with its caller: [`Pipeline::complete`].)
 struct Abandoned<'a> {
     pipeline: &'a Pipeline,
     ctx: &'a RequestContext,
     request: &'a ChatRequest,
     cache: CacheStatus,
-    streamed: bool,
 }
 
 impl<'a> Abandoned<'a> {
@@ -1807,14 +1855,12 @@ impl<'a> Abandoned<'a> {
         ctx: &'a RequestContext,
         request: &'a ChatRequest,
         cache: CacheStatus,
-        streamed: bool,
     ) -> Self {
         Abandoned {
             pipeline,
             ctx,
             request,
             cache,
-            streamed,
         }
     }
 
@@ -1841,10 +1887,23 @@ impl Drop for Abandoned<'_> {
                 cache: self.cache,
                 status: RequestStatus::Partial,
                 error_code: "CLIENT_DISCONNECTED".to_owned(),
-                streamed: self.streamed,
+                streamed: true,
             },
         );
     }
+}
+
+/// What the provider-bound part of a unary completion takes ([`Pipeline::route_unary`]).
+struct Unary {
+    /// The request as the guard left it (placeholders; what is recorded and cached).
+    request: ChatRequest,
+    /// The request as routed (its output bound set by the budget reservation).
+    routed_request: ChatRequest,
+    control: CacheControl,
+    cache_status: CacheStatus,
+    pseudonyms: Pseudonyms,
+    pending: Option<PendingCheck>,
+    reservation: Option<Reservation>,
 }
 
 struct RecordArgs {
@@ -2960,10 +3019,20 @@ mod tests {
         /// Calls of route `hang` the router received (and never answers).
         pub static HUNG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+        /// Calls of route `held` the router received (answered once [`RELEASE`] lets one go).
+        pub static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        /// Lets one held call of route `held` answer.
+        pub static RELEASE: std::sync::LazyLock<tokio::sync::Notify> =
+            std::sync::LazyLock::new(tokio::sync::Notify::new);
+
         async fn hang_if_asked(request: Option<&ChatRequest>) {
             if request.is_some_and(|r| r.model == "hang") {
                 HUNG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::future::pending::<()>().await;
+            }
+            if request.is_some_and(|r| r.model == "held") {
+                HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                RELEASE.notified().await;
             }
         }
 
@@ -3432,50 +3501,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_its_caller_abandons_while_it_is_routed_still_leaves_its_usage_row() {
+    async fn a_stream_its_caller_abandons_before_its_first_chunk_still_leaves_its_usage_row() {
         use std::sync::atomic::Ordering;
         use stubs::*;
         let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
-        for streamed in [false, true] {
-            let ctx = RequestContext::new(principal("t"));
-            let request_id = ctx.request_id.clone();
-            let mut hanging = request();
-            hanging.model = "hang".into();
-            let pipeline = harness.pipeline.clone();
-            let hung = HUNG.load(Ordering::SeqCst);
-            let call = tokio::spawn(async move {
-                if streamed {
-                    let _ = pipeline
-                        .stream(&ctx, hanging, CacheControl::default())
-                        .await;
-                } else {
-                    let _ = pipeline
-                        .complete(&ctx, hanging, CacheControl::default())
-                        .await;
-                }
-            });
-            // The router has the call (and never answers); then the caller goes away.
-            while HUNG.load(Ordering::SeqCst) == hung {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            call.abort();
-            assert!(call.await.unwrap_err().is_cancelled());
-            let events = harness.usage_events();
-            assert_eq!(
-                events.len(),
-                1,
-                "streamed {streamed}: one row for the abandoned request"
-            );
-            let event = &events[0];
-            assert_eq!(event.request_id, request_id);
-            assert_eq!(event.status, RequestStatus::Partial as i32);
-            assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
-            assert_eq!(event.streamed, streamed);
-            assert!(
-                event.usage.unwrap().prompt_tokens > 0,
-                "the prompt's estimate"
-            );
+        let ctx = RequestContext::new(principal("t"));
+        let request_id = ctx.request_id.clone();
+        let mut hanging = request();
+        hanging.model = "hang".into();
+        let pipeline = harness.pipeline.clone();
+        let hung = HUNG.load(Ordering::SeqCst);
+        let call = tokio::spawn(async move {
+            let _ = pipeline
+                .stream(&ctx, hanging, CacheControl::default())
+                .await;
+        });
+        // The router has the call (and never answers); then the caller goes away.
+        while HUNG.load(Ordering::SeqCst) == hung {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1, "one row for the abandoned stream");
+        let event = &events[0];
+        assert_eq!(event.request_id, request_id);
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        assert!(event.streamed);
+        assert!(
+            event.usage.unwrap().prompt_tokens > 0,
+            "the prompt's estimate"
+        );
         // A request that ends by itself leaves exactly its own row, none from the guard.
         let ctx = RequestContext::new(principal("t"));
         harness
@@ -3486,6 +3543,53 @@ mod tests {
         let events = harness.usage_events();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].status, RequestStatus::Ok as i32);
+    }
+
+    /// A unary request is not cancelled with its caller: the provider's answer (paid for whether
+    /// or not anyone reads it) comes back and its row is exact: the target that served, the
+    /// provider's usage, priced like any other; `PARTIAL` / `CLIENT_DISCONNECTED` says it was
+    /// never delivered.
+    #[tokio::test]
+    async fn a_unary_request_its_caller_abandons_is_recorded_with_the_answers_real_usage() {
+        use std::sync::atomic::Ordering;
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        let ctx = RequestContext::new(principal("t"));
+        let request_id = ctx.request_id.clone();
+        let mut held = request();
+        held.model = "held".into();
+        let pipeline = harness.pipeline.clone();
+        let before = HELD.load(Ordering::SeqCst);
+        let call = tokio::spawn(async move {
+            let _ = pipeline.complete(&ctx, held, CacheControl::default()).await;
+        });
+        while HELD.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The caller goes away while the router has the call; then the provider answers.
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        RELEASE.notify_one();
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1, "one row for the abandoned request");
+        let event = &events[0];
+        assert_eq!(event.request_id, request_id);
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        assert!(!event.streamed);
+        // The stand-in provider's usage (3 + 3), not an estimate of the prompt.
+        assert_eq!(
+            event.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((3, 3)),
+            "the provider's usage, not an estimate"
+        );
+        let route = event.route.as_ref().unwrap();
+        assert_eq!(
+            (route.provider.as_str(), route.model.as_str()),
+            ("p", "pm"),
+            "priced against the target that served"
+        );
     }
 
     #[tokio::test]
