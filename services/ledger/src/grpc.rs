@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::{
     error::{DOMAIN, LedgerError},
     record::{UsageRow, time_to_timestamp, timestamp_to_time},
-    repo::Repository,
+    repo::{RepoError, Repository},
     spend::{Dimension, Filter, Group, Measures, Source, SpendQuery},
 };
 
@@ -230,15 +230,23 @@ enum Cursor {
 }
 
 impl LedgerApi {
+    /// `ListUnpriced`: the (provider, model) pairs that lack a price among the unpriced rows of
+    /// the period, each with the rows that used it (see [`crate::unpriced`]).
     async fn unpriced(
         &self,
         request: ListUnpricedRequest,
     ) -> Result<ListUnpricedResponse, LedgerError> {
         let (start, end) = time_range(request.start.as_ref(), request.end.as_ref())?;
         let app = Some(request.app.as_str()).filter(|app| !app.is_empty());
+        // The prices recorded now, as `switchboard prices reprice` reads them: a pair listed here is
+        // one that a re-pricing would still find without a price.
+        let prices = self.repo.load_prices().await.map_err(|error| match error {
+            RepoError::Database(error) => LedgerError::from(error),
+            other => LedgerError::Internal(other.to_string()),
+        })?;
         let models = self
             .repo
-            .unpriced(start, end, app)
+            .unpriced(start, end, app, &prices)
             .await?
             .into_iter()
             .map(|u| UnpricedModel {

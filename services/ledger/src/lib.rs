@@ -21,6 +21,7 @@ mod record;
 mod reload;
 mod repo;
 mod spend;
+mod unpriced;
 
 pub use app::{App, SERVICE_NAME};
 pub use config::{BudgetConfig, Config, PriceConfig};

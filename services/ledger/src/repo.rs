@@ -128,18 +128,20 @@ pub struct Spend {
     pub unpriced_requests: i64,
 }
 
-/// Unpriced usage of one served model: rows recorded with tokens but no known price.
+/// Unpriced usage of one (provider, model) pair without a price: the unpriced rows that consumed
+/// tokens on it, in the serving attempt or an earlier one (see [`crate::unpriced`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unpriced {
-    /// Serving provider.
+    /// The provider of the model without a price (the serving provider of a row where no such
+    /// model can be named).
     pub provider: String,
-    /// Serving provider model.
+    /// The model without a price (the serving model of a row where none can be named).
     pub model: String,
-    /// Unpriced rows.
+    /// Unpriced rows that used it.
     pub requests: i64,
-    /// Their input tokens.
+    /// Their input tokens on it (the serving attempt's, or the earlier attempt's).
     pub prompt_tokens: i64,
-    /// Their output tokens.
+    /// Their output tokens on it.
     pub completion_tokens: i64,
     /// The first one's time.
     pub first_seen: OffsetDateTime,
@@ -363,40 +365,19 @@ impl Repository {
         Ok(spend)
     }
 
-    /// Unpriced rows in `[start, end)` grouped by (provider, model), most requests first.
+    /// The (provider, model) pairs without a price among the unpriced rows of `[start, end)` (of
+    /// `app` when set), at the prices of `prices`: most requests first, then by provider and model.
+    /// An unpriced row counts under each of its pairs that consumed tokens and has no price at the
+    /// row's time (its serving pair, an earlier attempt's), or under its serving pair when none
+    /// can be named (see [`crate::unpriced`]).
     pub async fn unpriced(
         &self,
         start: OffsetDateTime,
         end: OffsetDateTime,
         app: Option<&str>,
+        prices: &PriceBook,
     ) -> Result<Vec<Unpriced>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT provider, model, COUNT(*)::BIGINT AS requests, \
-               COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens, \
-               COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens, \
-               MIN(time) AS first_seen, MAX(time) AS last_seen \
-             FROM usage_records \
-             WHERE cost_usd_nanos IS NULL AND time >= $1 AND time < $2 AND ($3::text IS NULL OR app = $3) \
-             GROUP BY provider, model ORDER BY requests DESC, provider, model",
-        )
-        .bind(start)
-        .bind(end)
-        .bind(app)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(Unpriced {
-                    provider: row.try_get("provider")?,
-                    model: row.try_get("model")?,
-                    requests: row.try_get("requests")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    first_seen: row.try_get("first_seen")?,
-                    last_seen: row.try_get("last_seen")?,
-                })
-            })
-            .collect()
+        crate::unpriced::list(&self.pool, start, end, app, prices).await
     }
 
     /// The pool (health checks, tests).

@@ -411,7 +411,7 @@ async fn reprice_is_explicit_and_audited() {
     assert!(rows.iter().all(|r| r.cost_usd_nanos.is_none()));
     repo.insert_batch(&rows).await.unwrap();
     let unpriced = repo
-        .unpriced(at, at + Duration::from_secs(10 * 86_400), None)
+        .unpriced(at, at + Duration::from_secs(10 * 86_400), None, &empty)
         .await
         .unwrap();
     assert_eq!(
