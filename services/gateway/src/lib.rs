@@ -8,6 +8,7 @@ mod app;
 mod auth;
 mod budget;
 mod config;
+mod detach;
 mod embeddings;
 mod error;
 mod grpc;

@@ -34,6 +34,7 @@ use crate::{
     answer::{GuardFailure, GuardVerdict, StreamHold, UNCHECKED_TAG},
     auth::Principal,
     budget::{Budgets, Reservation},
+    detach::{Abandoned, Detachable},
     error::{GatewayError, GuardDown},
     ratelimit::RateLimits,
     restore::Pseudonyms,
@@ -480,7 +481,7 @@ impl Pipeline {
         ctx: &RequestContext,
         input: crate::embeddings::EmbedInput,
     ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
-        let _permit = self.admit()?;
+        let permit = self.admit()?;
         input.validate()?;
         ctx.principal.check_model(&input.model)?;
         let tokens: usize = input.inputs.iter().map(String::len).sum();
@@ -515,6 +516,34 @@ impl Pipeline {
             user: input.user,
             caller: Some(caller(ctx)),
         };
+        // As a unary completion (`complete`): from here it runs to its end, so a caller that goes
+        // away still leaves the row of what the provider was paid for.
+        let pipeline = self.clone();
+        let ctx = ctx.clone();
+        let span = tracing::Span::current();
+        Detachable::new(&self.tasks, move |abandoned| {
+            async move {
+                let embedded = pipeline
+                    .route_embed(&ctx, &request, embed, reservation, &abandoned)
+                    .await;
+                drop(permit);
+                embedded
+            }
+            .instrument(span)
+        })
+        .await
+    }
+
+    /// The router's part of [`Pipeline::embed`], and its row; `abandoned` tells whether its
+    /// caller went away.
+    async fn route_embed(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        embed: switchboard_proto::router::v1::EmbedRequest,
+        reservation: Option<Reservation>,
+        abandoned: &Abandoned,
+    ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
         let routed = if ctx.expired() {
             Err(deadline_passed())
         } else {
@@ -529,11 +558,13 @@ impl Pipeline {
                 if let Some(reservation) = reservation {
                     reservation.settle_usage(&route.provider, &route.model, &usage);
                 }
-                self.record(
-                    ctx,
-                    &request,
-                    RecordArgs::served(route, usage, CacheStatus::Bypass, false),
-                );
+                let mut served = RecordArgs::served(route, usage, CacheStatus::Bypass, false);
+                if abandoned.is_set() {
+                    tracing::info!(request.id = %ctx.request_id, "caller went away before the answer");
+                    served.status = RequestStatus::Partial;
+                    "CLIENT_DISCONNECTED".clone_into(&mut served.error_code);
+                }
+                self.record(ctx, request, served);
                 Ok(response)
             }
             Err(status) => {
@@ -541,7 +572,7 @@ impl Pipeline {
                 if let Some(reservation) = reservation {
                     reservation.settle(0);
                 }
-                self.record_failure(ctx, &request, CacheStatus::Bypass, &error, false);
+                self.record_failure(ctx, request, CacheStatus::Bypass, &error, false);
                 Err(error)
             }
         }
@@ -656,16 +687,15 @@ impl Pipeline {
         };
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
-        // From here the request reaches a provider. It runs to its end in its own task: a caller
-        // that goes away (an HTTP client that disconnects, a gRPC reset) does not cancel it, so
-        // the provider's answer, which is paid for whether or not anyone reads it, is recorded
+        // From here the request reaches a provider, and it runs to its end: a caller that goes
+        // away (an HTTP client that disconnects, a gRPC reset) does not cancel it (`detach.rs`),
+        // so the provider's answer, which is paid for whether or not anyone reads it, is recorded
         // with its real usage and the target that served, priced, and the budget settled with its
         // real cost (the call is still bounded by the caller's deadline and `request_timeout_ms`).
-        let (answered, answer) = tokio::sync::oneshot::channel();
         let pipeline = self.clone();
-        let owned = ctx.clone();
+        let ctx = ctx.clone();
         let span = tracing::Span::current();
-        self.tasks.spawn(
+        Detachable::new(&self.tasks, move |abandoned| {
             async move {
                 let unary = Unary {
                     request,
@@ -676,26 +706,22 @@ impl Pipeline {
                     pending,
                     reservation,
                 };
-                let completed = pipeline.route_unary(&owned, unary, &answered).await;
+                let completed = pipeline.route_unary(&ctx, unary, &abandoned).await;
                 drop(permit);
-                let _ = answered.send(completed);
+                completed
             }
-            .instrument(span),
-        );
-        answer.await.unwrap_or_else(|_| {
-            Err(GatewayError::Internal(
-                "the request's task ended".to_owned(),
-            ))
+            .instrument(span)
         })
+        .await
     }
 
     /// The part of a unary completion that reaches a provider (see [`Pipeline::complete`]);
-    /// `answered` tells whether the caller is still waiting.
+    /// `abandoned` tells whether its caller went away.
     async fn route_unary(
         &self,
         ctx: &RequestContext,
         unary: Unary,
-        answered: &tokio::sync::oneshot::Sender<Result<Completed, GatewayError>>,
+        abandoned: &Abandoned,
     ) -> Result<Completed, GatewayError> {
         let Unary {
             request,
@@ -780,7 +806,7 @@ impl Pipeline {
             cache_status,
             false,
         );
-        if answered.is_closed() {
+        if abandoned.is_set() {
             // Answered after its caller left: paid for, never delivered.
             tracing::info!(request.id = %ctx.request_id, "caller went away before the answer");
             served.status = RequestStatus::Partial;
@@ -839,7 +865,7 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel(64);
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
-        let abandoned = Abandoned::arm(self, ctx, &request, cache_status);
+        let abandoned = AbandonedStream::arm(self, ctx, &request, cache_status);
         let route = RouteStreamRequest {
             request: Some(routed_request),
             caller: Some(caller(ctx)),
@@ -1842,21 +1868,21 @@ struct Cached {
 /// with it, before it said which target was serving). Armed once the request may reach a
 /// provider; every path that ends the request itself disarms it, so only a dropped future records
 /// through it. (A unary request is not cancelled with its caller: [`Pipeline::complete`].)
-struct Abandoned<'a> {
+struct AbandonedStream<'a> {
     pipeline: &'a Pipeline,
     ctx: &'a RequestContext,
     request: &'a ChatRequest,
     cache: CacheStatus,
 }
 
-impl<'a> Abandoned<'a> {
+impl<'a> AbandonedStream<'a> {
     fn arm(
         pipeline: &'a Pipeline,
         ctx: &'a RequestContext,
         request: &'a ChatRequest,
         cache: CacheStatus,
     ) -> Self {
-        Abandoned {
+        AbandonedStream {
             pipeline,
             ctx,
             request,
@@ -1870,7 +1896,7 @@ impl<'a> Abandoned<'a> {
     }
 }
 
-impl Drop for Abandoned<'_> {
+impl Drop for AbandonedStream<'_> {
     fn drop(&mut self) {
         tracing::info!(request.id = %self.ctx.request_id, "caller went away before the answer");
         let usage = Assembler::default().estimate_usage(self.request);
@@ -3162,9 +3188,24 @@ mod tests {
 
             async fn embed(
                 &self,
-                _request: Request<EmbedRequest>,
+                request: Request<EmbedRequest>,
             ) -> Result<Response<EmbedResponse>, Status> {
-                Err(Status::unimplemented("embed"))
+                // Route `held`: answered once `RELEASE` lets it go.
+                if request.get_ref().model != "held" {
+                    return Err(Status::unimplemented("embed"));
+                }
+                HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                RELEASE.notified().await;
+                Ok(Response::new(EmbedResponse {
+                    model: "pm".into(),
+                    usage: Some(Usage {
+                        prompt_tokens: 5,
+                        total_tokens: 5,
+                        ..Default::default()
+                    }),
+                    route: Some(route_info()),
+                    ..Default::default()
+                }))
             }
         }
 
@@ -3590,6 +3631,45 @@ mod tests {
             ("p", "pm"),
             "priced against the target that served"
         );
+    }
+
+    /// An embedding request whose caller goes away while the router has it still leaves its
+    /// row, with the provider's usage (it left none at all).
+    #[tokio::test]
+    async fn an_embedding_request_its_caller_abandons_is_recorded_with_its_real_usage() {
+        use std::sync::atomic::Ordering;
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        let ctx = RequestContext::new(principal("t"));
+        let request_id = ctx.request_id.clone();
+        let pipeline = harness.pipeline.clone();
+        let before = HELD.load(Ordering::SeqCst);
+        let call = tokio::spawn(async move {
+            let input = crate::embeddings::EmbedInput {
+                model: "held".into(),
+                inputs: vec!["hello".into()],
+                dimensions: None,
+                user: String::new(),
+                tags: HashMap::new(),
+            };
+            let _ = pipeline.embed(&ctx, input).await;
+        });
+        while HELD.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        RELEASE.notify_one();
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 1, "one row for the abandoned request");
+        let event = &events[0];
+        assert_eq!(event.request_id, request_id);
+        assert_eq!(event.status, RequestStatus::Partial as i32);
+        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        assert_eq!(event.usage.map(|u| u.prompt_tokens), Some(5));
+        let route = event.route.as_ref().unwrap();
+        assert_eq!((route.provider.as_str(), route.model.as_str()), ("p", "pm"));
     }
 
     #[tokio::test]
