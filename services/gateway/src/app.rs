@@ -146,7 +146,8 @@ impl App {
         ))
         .with_passthrough(crate::overlap::Passthrough::new(
             config.guard.overlap_passthrough.then_some(guard_transport),
-        ));
+        ))
+        .with_abandoned(config.abandoned_requests);
         let shared = Shared {
             keys: KeyStore::new(&config.keys),
             pipeline,

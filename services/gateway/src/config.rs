@@ -56,6 +56,25 @@ pub struct Config {
     /// How often the configuration file is checked for a change, milliseconds (0: only SIGHUP).
     /// A reload replaces `keys`; other changes take effect after a restart.
     pub config_poll_ms: u64,
+    /// What a unary request (chat or embeddings) whose caller goes away does once it reached the
+    /// router: `finish` (the default) or `cancel`.
+    pub abandoned_requests: AbandonedRequests,
+}
+
+/// `gateway.abandoned_requests`: what a unary request whose caller went away (a disconnect, a
+/// gRPC reset) does once it reached the router. Streams always stop with their caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbandonedRequests {
+    /// It runs to its end: the provider's answer, paid for whether or not anyone reads it, is
+    /// recorded exactly (its usage, the target that served, priced; `PARTIAL` /
+    /// `CLIENT_DISCONNECTED`), and the budget settles at its real cost.
+    #[default]
+    Finish,
+    /// The router's call is cancelled with it, which stops a provider that notices (a self-hosted
+    /// server frees its GPU); its row is the prompt's estimate with no provider, unpriced, and the
+    /// budget keeps the whole reservation.
+    Cancel,
 }
 
 /// One virtual API key. Only its SHA-256 is configured (`switchboard hash-key <key>` prints it).
@@ -125,6 +144,7 @@ impl Default for Config {
             rate_limits: Vec::new(),
             guard: crate::answer::GuardConfig::default(),
             config_poll_ms: 5_000,
+            abandoned_requests: AbandonedRequests::Finish,
         }
     }
 }
@@ -280,6 +300,29 @@ mod tests {
         };
         let error = over.validate().unwrap_err().to_string();
         assert!(error.contains("gateway.max_body_bytes"), "{error}");
+    }
+
+    #[test]
+    fn abandoned_requests_finish_by_default_and_cancel_when_asked() {
+        let parse = |toml: &str| {
+            Source::from_toml(toml)
+                .unwrap()
+                .section::<Config>("gateway")
+        };
+        assert_eq!(
+            parse("[gateway]\n").unwrap().abandoned_requests,
+            AbandonedRequests::Finish
+        );
+        assert_eq!(
+            parse("[gateway]\nabandoned_requests = \"cancel\"\n")
+                .unwrap()
+                .abandoned_requests,
+            AbandonedRequests::Cancel
+        );
+        let error = parse("[gateway]\nabandoned_requests = \"stop\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("abandoned_requests"), "{error}");
     }
 
     #[test]

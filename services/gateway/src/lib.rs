@@ -28,6 +28,6 @@ mod usage;
 pub use answer::GuardConfig;
 pub use app::{App, StartupError, hash_api_key};
 pub use budget::BudgetsConfig;
-pub use config::{Config, KeyConfig};
+pub use config::{AbandonedRequests, Config, KeyConfig};
 pub use outbox::OutboxError;
 pub use ratelimit::RateLimitConfig;

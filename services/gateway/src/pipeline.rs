@@ -290,6 +290,9 @@ pub struct Pipeline {
     guard_failure: GuardFailure,
     /// Apps and routes whose prompts go to the router while the guard checks them (ADR 011).
     passthrough: Arc<crate::overlap::Passthrough>,
+    /// Whether a unary request whose caller went away runs to its end (`detach.rs`) or is
+    /// cancelled with it (`gateway.abandoned_requests`).
+    abandoned: crate::config::AbandonedRequests,
 }
 
 /// Channels to the services the pipeline calls.
@@ -337,7 +340,14 @@ impl Pipeline {
             rate_limits: None,
             guard_failure: GuardFailure::default(),
             passthrough: Arc::default(),
+            abandoned: crate::config::AbandonedRequests::Finish,
         }
+    }
+
+    /// What a unary request whose caller went away does (`gateway.abandoned_requests`).
+    pub fn with_abandoned(mut self, abandoned: crate::config::AbandonedRequests) -> Self {
+        self.abandoned = abandoned;
+        self
     }
 
     /// Lets prompts of pass-through guard policies go to the router while they are checked
@@ -505,6 +515,8 @@ impl Pipeline {
             ));
         }
         let reservation = self.reserve(ctx, &mut request, false).await?;
+        // Taken while the request still has its inputs (the prompt's estimate).
+        let cancel = self.unanswered(ctx, &request, CacheStatus::Bypass);
         let inputs = std::mem::take(&mut request.messages)
             .iter()
             .map(Message::joined_text)
@@ -519,19 +531,38 @@ impl Pipeline {
         // As a unary completion (`complete`): from here it runs to its end, so a caller that goes
         // away still leaves the row of what the provider was paid for.
         let pipeline = self.clone();
-        let ctx = ctx.clone();
+        let owned = ctx.clone();
         let span = tracing::Span::current();
-        Detachable::new(&self.tasks, move |abandoned| {
+        let tail = move |abandoned| {
             async move {
                 let embedded = pipeline
-                    .route_embed(&ctx, &request, embed, reservation, &abandoned)
+                    .route_embed(&owned, &request, embed, reservation, &abandoned)
                     .await;
                 drop(permit);
                 embedded
             }
             .instrument(span)
+        };
+        match cancel {
+            None => Detachable::new(&self.tasks, tail).await,
+            Some(cancel) => cancel.run(tail(Abandoned::default())).await,
+        }
+    }
+
+    /// With `abandoned_requests = "cancel"`, what records a unary request dropped with its caller
+    /// (the prompt's estimate); `None` when such requests run to their end.
+    fn unanswered(
+        &self,
+        ctx: &RequestContext,
+        request: &ChatRequest,
+        cache: CacheStatus,
+    ) -> Option<Cancelled> {
+        (self.abandoned == crate::config::AbandonedRequests::Cancel).then(|| Cancelled {
+            pipeline: self.clone(),
+            ctx: ctx.clone(),
+            request: request.clone(),
+            cache,
         })
-        .await
     }
 
     /// The router's part of [`Pipeline::embed`], and its row; `abandoned` tells whether its
@@ -692,10 +723,12 @@ impl Pipeline {
         // so the provider's answer, which is paid for whether or not anyone reads it, is recorded
         // with its real usage and the target that served, priced, and the budget settled with its
         // real cost (the call is still bounded by the caller's deadline and `request_timeout_ms`).
+        // `abandoned_requests = "cancel"`: dropped with its caller, the prompt's estimate recorded.
+        let cancel = self.unanswered(ctx, &request, cache_status);
         let pipeline = self.clone();
-        let ctx = ctx.clone();
+        let owned = ctx.clone();
         let span = tracing::Span::current();
-        Detachable::new(&self.tasks, move |abandoned| {
+        let tail = move |abandoned| {
             async move {
                 let unary = Unary {
                     request,
@@ -706,13 +739,16 @@ impl Pipeline {
                     pending,
                     reservation,
                 };
-                let completed = pipeline.route_unary(&ctx, unary, &abandoned).await;
+                let completed = pipeline.route_unary(&owned, unary, &abandoned).await;
                 drop(permit);
                 completed
             }
             .instrument(span)
-        })
-        .await
+        };
+        match cancel {
+            None => Detachable::new(&self.tasks, tail).await,
+            Some(cancel) => cancel.run(tail(Abandoned::default())).await,
+        }
     }
 
     /// The part of a unary completion that reaches a provider (see [`Pipeline::complete`]);
@@ -1873,6 +1909,8 @@ struct AbandonedStream<'a> {
     ctx: &'a RequestContext,
     request: &'a ChatRequest,
     cache: CacheStatus,
+    /// False for a unary request cancelled with its caller ([`Cancelled`]).
+    streamed: bool,
 }
 
 impl<'a> AbandonedStream<'a> {
@@ -1887,7 +1925,14 @@ impl<'a> AbandonedStream<'a> {
             ctx,
             request,
             cache,
+            streamed: true,
         }
+    }
+
+    /// The same for a unary request ([`Cancelled`]).
+    fn unary(mut self) -> Self {
+        self.streamed = false;
+        self
     }
 
     /// The request ended on a path that records (or deliberately does not record) it.
@@ -1913,7 +1958,7 @@ impl Drop for AbandonedStream<'_> {
                 cache: self.cache,
                 status: RequestStatus::Partial,
                 error_code: "CLIENT_DISCONNECTED".to_owned(),
-                streamed: true,
+                streamed: self.streamed,
             },
         );
     }
@@ -1930,6 +1975,26 @@ struct Unary {
     pseudonyms: Pseudonyms,
     pending: Option<PendingCheck>,
     reservation: Option<Reservation>,
+}
+
+/// A unary request that is cancelled with its caller (`abandoned_requests = "cancel"`): its tail is
+/// awaited in place, and if it is dropped unfinished the request's row is the prompt's estimate,
+/// as a stream dropped before its first chunk ([`AbandonedStream`]).
+struct Cancelled {
+    pipeline: Pipeline,
+    ctx: RequestContext,
+    request: ChatRequest,
+    cache: CacheStatus,
+}
+
+impl Cancelled {
+    async fn run<T>(self, tail: impl std::future::Future<Output = T>) -> T {
+        let guard =
+            AbandonedStream::arm(&self.pipeline, &self.ctx, &self.request, self.cache).unary();
+        let output = tail.await;
+        guard.disarm();
+        output
+    }
 }
 
 struct RecordArgs {
@@ -3631,6 +3696,68 @@ mod tests {
             ("p", "pm"),
             "priced against the target that served"
         );
+    }
+
+    /// With `abandoned_requests = "cancel"` a unary request is dropped with its caller (the
+    /// router's call cancelled, so a self-hosted provider stops): its row is the prompt's
+    /// estimate, no provider, as before requests ran to their end; embeddings too.
+    #[tokio::test]
+    async fn with_abandoned_requests_cancel_a_unary_request_stops_with_its_caller() {
+        use std::sync::atomic::Ordering;
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        harness.pipeline = harness
+            .pipeline
+            .clone()
+            .with_abandoned(crate::config::AbandonedRequests::Cancel);
+        for embedding in [false, true] {
+            let ctx = RequestContext::new(principal("t"));
+            let request_id = ctx.request_id.clone();
+            let pipeline = harness.pipeline.clone();
+            let before = (HUNG.load(Ordering::SeqCst), HELD.load(Ordering::SeqCst));
+            let call = tokio::spawn(async move {
+                if embedding {
+                    let input = crate::embeddings::EmbedInput {
+                        model: "held".into(),
+                        inputs: vec!["hello".into()],
+                        dimensions: None,
+                        user: String::new(),
+                        tags: HashMap::new(),
+                    };
+                    let _ = pipeline.embed(&ctx, input).await;
+                } else {
+                    let mut hanging = request();
+                    hanging.model = "hang".into();
+                    let _ = pipeline
+                        .complete(&ctx, hanging, CacheControl::default())
+                        .await;
+                }
+            });
+            while (HUNG.load(Ordering::SeqCst), HELD.load(Ordering::SeqCst)) == before {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            call.abort();
+            assert!(call.await.unwrap_err().is_cancelled());
+            // Nothing runs on: the row is there at once.
+            let events = harness.usage_events();
+            assert_eq!(events.len(), 1, "embedding {embedding}: one row");
+            let event = &events[0];
+            assert_eq!(event.request_id, request_id);
+            assert_eq!(event.status, RequestStatus::Partial as i32);
+            assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+            assert!(!event.streamed);
+            assert!(
+                event.usage.unwrap().prompt_tokens > 0,
+                "the prompt's estimate"
+            );
+            assert_eq!(
+                event.route.as_ref().map(|r| r.provider.as_str()),
+                Some(""),
+                "no provider: the router never said"
+            );
+        }
+        harness.settle().await;
+        assert!(harness.usage_events().is_empty(), "nothing finished later");
     }
 
     /// An embedding request whose caller goes away while the router has it still leaves its
