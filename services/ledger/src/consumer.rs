@@ -336,13 +336,21 @@ impl UsageConsumer {
         }
     }
 
-    /// Counts the rows this commit inserted, unpriced ones by model (a redelivered row that was
-    /// already recorded is not counted again).
+    /// Counts the rows this commit inserted, unpriced ones under each model that has no price (an
+    /// earlier attempt's that consumed tokens, not only the serving one: the rule of
+    /// `ListUnpriced`, [`crate::unpriced::pairs_of_unpriced_row`]); a redelivered row that was
+    /// already recorded is not counted again.
     fn count(&self, rows: &[UsageRow], inserted: &[uuid::Uuid]) {
         let inserted: std::collections::HashSet<&uuid::Uuid> = inserted.iter().collect();
+        let prices = self.prices.current();
         for row in rows.iter().filter(|row| inserted.contains(&row.request_id)) {
-            self.metrics
-                .recorded(&row.provider, &row.model, row.cost_usd_nanos.is_none());
+            self.metrics.recorded();
+            if row.cost_usd_nanos.is_some() {
+                continue;
+            }
+            for (provider, model) in crate::unpriced::pairs_of_unpriced_row(row, &prices) {
+                self.metrics.unpriced_row(provider, model);
+            }
         }
     }
 

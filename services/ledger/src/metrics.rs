@@ -22,18 +22,21 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A committed row; `unpriced` when it has no cost.
-    pub fn recorded(&self, provider: &str, model: &str, unpriced: bool) {
+    /// A committed row.
+    pub fn recorded(&self) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
-        if unpriced {
-            let mut counts = self
-                .unpriced
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *counts
-                .entry((provider.to_owned(), model.to_owned()))
-                .or_default() += 1;
-        }
+    }
+
+    /// A committed row without a cost because (provider, model) has no price (a row can lack
+    /// several: it counts under each).
+    pub fn unpriced_row(&self, provider: &str, model: &str) {
+        let mut counts = self
+            .unpriced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counts
+            .entry((provider.to_owned(), model.to_owned()))
+            .or_default() += 1;
     }
 
     /// Unpriced rows committed for (provider, model) since start.
@@ -85,7 +88,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP switchboard_ledger_unpriced_rows_total Usage rows committed with tokens but no known price (cost NULL), by served provider and model.\n\
+            "# HELP switchboard_ledger_unpriced_rows_total Usage rows committed with tokens but no known price (cost NULL), by the provider and model without a price (the serving attempt's or an earlier attempt's that consumed tokens; a row lacking several counts under each).\n\
              # TYPE switchboard_ledger_unpriced_rows_total counter"
         );
         {
@@ -146,9 +149,11 @@ mod tests {
     #[test]
     fn unpriced_rows_are_counted_by_model() {
         let metrics = Metrics::default();
-        metrics.recorded("openai", "gpt-4o-mini", false);
-        metrics.recorded("openai", "mystery\"x", true);
-        metrics.recorded("openai", "mystery\"x", true);
+        metrics.recorded();
+        metrics.recorded();
+        metrics.unpriced_row("openai", "mystery\"x");
+        metrics.recorded();
+        metrics.unpriced_row("openai", "mystery\"x");
         metrics.prices_loaded(3);
         let text = metrics.render();
         assert!(

@@ -120,6 +120,46 @@ struct Group {
     last_seen: OffsetDateTime,
 }
 
+/// The pairs of one unpriced row that consumed tokens and have no price in `prices` at `at`: the
+/// serving pair (when `serving_used`), then each earlier attempt's, each once. Empty when none can
+/// be named (the caller counts the row under its serving pair). The one rule of `ListUnpriced` and
+/// of the `switchboard_ledger_unpriced_rows_total` metric.
+pub(crate) fn missing_pairs<'a>(
+    serving: (&'a str, &'a str),
+    serving_used: bool,
+    earlier: &'a [AttemptUsage],
+    at: OffsetDateTime,
+    prices: &PriceBook,
+) -> Vec<(&'a str, &'a str)> {
+    let priced = |(provider, model): (&str, &str)| prices.lookup(provider, model, at).is_some();
+    let mut missing = Vec::new();
+    if serving_used && !priced(serving) {
+        missing.push(serving);
+    }
+    for attempt in earlier {
+        let pair = (attempt.provider.as_str(), attempt.model.as_str());
+        if !attempt.tokens.is_zero() && !missing.contains(&pair) && !priced(pair) {
+            missing.push(pair);
+        }
+    }
+    missing
+}
+
+/// The pairs an unpriced `row` is counted under: [`missing_pairs`], or its serving pair when none
+/// can be named (the `switchboard_ledger_unpriced_rows_total` metric's labels).
+pub(crate) fn pairs_of_unpriced_row<'a>(
+    row: &'a crate::record::UsageRow,
+    prices: &PriceBook,
+) -> Vec<(&'a str, &'a str)> {
+    let serving = (row.provider.as_str(), row.model.as_str());
+    let earlier = row.earlier_attempts.as_deref().unwrap_or_default();
+    let mut pairs = missing_pairs(serving, !row.tokens.is_zero(), earlier, row.time, prices);
+    if pairs.is_empty() {
+        pairs.push(serving);
+    }
+    pairs
+}
+
 /// The listing being built, one entry per pair.
 #[derive(Debug, Default)]
 struct Tally(HashMap<(String, String), Unpriced>);
@@ -132,24 +172,28 @@ impl Tally {
         let mut missing: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
         if let Some(earlier) = &group.earlier {
             // Every row of the group is on the same UTC day: any of their times looks up the same price.
-            let at = group.first_seen;
-            let priced = |provider: &str, model: &str| prices.lookup(provider, model, at).is_some();
-            if group.serving_used == Some(true) && !priced(&group.provider, &group.model) {
-                missing.insert(
-                    (&group.provider, &group.model),
-                    (group.prompt_tokens, group.completion_tokens),
-                );
-            }
-            for attempt in earlier {
-                if attempt.tokens.is_zero() || priced(&attempt.provider, &attempt.model) {
-                    continue;
+            let serving = (group.provider.as_str(), group.model.as_str());
+            let pairs = missing_pairs(
+                serving,
+                group.serving_used == Some(true),
+                earlier,
+                group.first_seen,
+                prices,
+            );
+            let times = |tokens: u32| i64::from(tokens).saturating_mul(group.requests);
+            for pair in pairs {
+                let tokens = missing.entry(pair).or_default();
+                if pair == serving && group.serving_used == Some(true) {
+                    tokens.0 = tokens.0.saturating_add(group.prompt_tokens);
+                    tokens.1 = tokens.1.saturating_add(group.completion_tokens);
                 }
-                let times = |tokens: u32| i64::from(tokens).saturating_mul(group.requests);
-                let tokens = missing
-                    .entry((&attempt.provider, &attempt.model))
-                    .or_default();
-                tokens.0 = tokens.0.saturating_add(times(attempt.tokens.prompt));
-                tokens.1 = tokens.1.saturating_add(times(attempt.tokens.completion));
+                for attempt in earlier
+                    .iter()
+                    .filter(|a| (a.provider.as_str(), a.model.as_str()) == pair)
+                {
+                    tokens.0 = tokens.0.saturating_add(times(attempt.tokens.prompt));
+                    tokens.1 = tokens.1.saturating_add(times(attempt.tokens.completion));
+                }
             }
         }
         if missing.is_empty() {
@@ -233,6 +277,63 @@ mod tests {
             first_seen: datetime!(2025-03-01 10:00 UTC),
             last_seen: datetime!(2025-03-01 11:00 UTC),
         }
+    }
+
+    /// The metric's labels: an unpriced row counts under the model without a price (here an
+    /// earlier attempt's), not under its priced serving model; a row whose serving model has no
+    /// price counts under it.
+    #[test]
+    fn an_unpriced_row_is_counted_under_the_model_without_a_price() {
+        use switchboard_proto::chat::v1::{Attempt, RouteInfo, Usage};
+        let usage = |prompt: u32| Usage {
+            prompt_tokens: prompt,
+            completion_tokens: 5,
+            total_tokens: prompt + 5,
+            ..Usage::default()
+        };
+        let event = |serving: &str, earlier: &str| switchboard_bus::UsageEvent {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            route: Some(RouteInfo {
+                provider: "openai".into(),
+                model: serving.into(),
+                attempt_count: 2,
+                attempts: vec![
+                    Attempt {
+                        provider: "openai".into(),
+                        model: earlier.into(),
+                        usage: Some(usage(40)),
+                        ..Attempt::default()
+                    },
+                    Attempt {
+                        provider: "openai".into(),
+                        model: serving.into(),
+                        ..Attempt::default()
+                    },
+                ],
+                ..RouteInfo::default()
+            }),
+            usage: Some(usage(100)),
+            ..switchboard_bus::UsageEvent::default()
+        };
+        let at = datetime!(2025-03-01 10:00 UTC);
+        let book = book();
+        let row = crate::record::price_event(event("priced", "mystery"), at, &book).unwrap();
+        assert_eq!(row.cost_usd_nanos, None);
+        assert_eq!(
+            pairs_of_unpriced_row(&row, &book),
+            vec![("openai", "mystery")]
+        );
+        let row = crate::record::price_event(event("mystery", "priced"), at, &book).unwrap();
+        assert_eq!(
+            pairs_of_unpriced_row(&row, &book),
+            vec![("openai", "mystery")]
+        );
+        // Both without a price: counted under each.
+        let row = crate::record::price_event(event("mystery", "other"), at, &book).unwrap();
+        assert_eq!(
+            pairs_of_unpriced_row(&row, &book),
+            vec![("openai", "mystery"), ("openai", "other")]
+        );
     }
 
     fn listed(tally: Tally) -> Vec<(String, String, i64, i64, i64)> {
