@@ -3415,10 +3415,11 @@ mod tests {
         assert!(unchecked_tagged(&events[0]));
     }
 
-    #[tokio::test]
-    async fn a_stream_its_caller_leaves_is_recorded_against_the_deployment_the_router_named() {
+    /// The row of a stream of route `model` (a stand-in that sends two chunks, then nothing)
+    /// whose caller goes away after its first chunk, before the router's final route info; no
+    /// answer check, so every chunk goes out as it comes.
+    async fn left_after_its_first_chunk(model: &str) -> UsageEvent {
         use stubs::*;
-        // No answer check: every chunk goes out as it comes (none held back).
         let mut harness = Harness::start(GuardBehaviour {
             check_answer: false,
             ..GuardBehaviour::HEALTHY
@@ -3426,7 +3427,7 @@ mod tests {
         .await;
         let ctx = RequestContext::new(principal("t"));
         let mut stalling = request();
-        stalling.model = "stall".into();
+        stalling.model = model.into();
         let mut handle = harness
             .pipeline
             .stream(&ctx, stalling, CacheControl::default())
@@ -3436,14 +3437,14 @@ mod tests {
             handle.events.recv().await,
             Some(StreamEvent::Chunk(_))
         ));
-        // The caller goes away after its first chunk, before the router's final route info.
         drop(handle);
         harness.settle().await;
-        let events = harness.usage_events();
-        assert_eq!(events.len(), 1);
-        let event = &events[0];
-        assert_eq!(event.status, RequestStatus::Partial as i32);
-        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        the_abandoned_row(&mut harness, &ctx.request_id)
+    }
+
+    #[tokio::test]
+    async fn a_stream_its_caller_leaves_is_recorded_against_the_deployment_the_router_named() {
+        let event = left_after_its_first_chunk("stall").await;
         let route = event.route.as_ref().unwrap();
         // Priced like any served row: provider, model and the attempt's usage.
         assert_eq!(
@@ -3475,30 +3476,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_its_caller_leaves_is_billed_what_the_providers_reported_by_its_first_chunk() {
         use stubs::*;
-        let mut harness = Harness::start(GuardBehaviour {
-            check_answer: false,
-            ..GuardBehaviour::HEALTHY
-        })
-        .await;
-        let ctx = RequestContext::new(principal("t"));
-        let mut stalling = request();
-        stalling.model = "stall-reported".into();
-        let mut handle = harness
-            .pipeline
-            .stream(&ctx, stalling, CacheControl::default())
-            .await
-            .unwrap();
-        assert!(matches!(
-            handle.events.recv().await,
-            Some(StreamEvent::Chunk(_))
-        ));
-        drop(handle);
-        harness.settle().await;
-        let events = harness.usage_events();
-        assert_eq!(events.len(), 1);
-        let event = &events[0];
-        assert_eq!(event.status, RequestStatus::Partial as i32);
-        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        let event = left_after_its_first_chunk("stall-reported").await;
         let usage = event.usage.unwrap();
         assert_eq!(
             (
@@ -3606,34 +3584,84 @@ mod tests {
         assert_eq!(attempt.usage, event.usage);
     }
 
-    #[tokio::test]
-    async fn a_stream_its_caller_abandons_before_its_first_chunk_still_leaves_its_usage_row() {
+    /// A pipeline call of the abandonment tests.
+    enum Call {
+        Stream(ChatRequest),
+        Complete(ChatRequest),
+        /// An embedding of route `held`.
+        Embed,
+    }
+
+    /// Starts `call` as a new request and, once the router has it (its stand-in counted it in
+    /// `routed`), abandons it as a caller that goes away would; returns its request id.
+    async fn abandon_while_routed(
+        pipeline: &Pipeline,
+        call: Call,
+        routed: &std::sync::atomic::AtomicUsize,
+    ) -> String {
         use std::sync::atomic::Ordering;
-        use stubs::*;
-        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
-        let ctx = RequestContext::new(principal("t"));
+        let ctx = RequestContext::new(stubs::principal("t"));
         let request_id = ctx.request_id.clone();
-        let mut hanging = request();
-        hanging.model = "hang".into();
-        let pipeline = harness.pipeline.clone();
-        let hung = HUNG.load(Ordering::SeqCst);
-        let call = tokio::spawn(async move {
-            let _ = pipeline
-                .stream(&ctx, hanging, CacheControl::default())
-                .await;
+        let pipeline = pipeline.clone();
+        let before = routed.load(Ordering::SeqCst);
+        let caller = tokio::spawn(async move {
+            match call {
+                Call::Stream(request) => {
+                    let _ = pipeline
+                        .stream(&ctx, request, CacheControl::default())
+                        .await;
+                }
+                Call::Complete(request) => {
+                    let _ = pipeline
+                        .complete(&ctx, request, CacheControl::default())
+                        .await;
+                }
+                Call::Embed => {
+                    let input = crate::embeddings::EmbedInput {
+                        model: "held".into(),
+                        inputs: vec!["hello".into()],
+                        dimensions: None,
+                        user: String::new(),
+                        tags: HashMap::new(),
+                    };
+                    let _ = pipeline.embed(&ctx, input).await;
+                }
+            }
         });
-        // The router has the call (and never answers); then the caller goes away.
-        while HUNG.load(Ordering::SeqCst) == hung {
+        while routed.load(Ordering::SeqCst) == before {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        call.abort();
-        assert!(call.await.unwrap_err().is_cancelled());
-        let events = harness.usage_events();
-        assert_eq!(events.len(), 1, "one row for the abandoned stream");
-        let event = &events[0];
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        request_id
+    }
+
+    /// The one usage event recorded so far, which must be request `request_id`'s, abandoned by its
+    /// caller (`PARTIAL`, `CLIENT_DISCONNECTED`).
+    fn the_abandoned_row(harness: &mut stubs::Harness, request_id: &str) -> UsageEvent {
+        let mut events = harness.usage_events();
+        assert_eq!(events.len(), 1, "one row for the abandoned request");
+        let event = events.remove(0);
         assert_eq!(event.request_id, request_id);
         assert_eq!(event.status, RequestStatus::Partial as i32);
         assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+        event
+    }
+
+    fn model(name: &str) -> ChatRequest {
+        ChatRequest {
+            model: name.into(),
+            ..request()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_its_caller_abandons_before_its_first_chunk_still_leaves_its_usage_row() {
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        // The router has the call (and never answers); then the caller goes away.
+        let id = abandon_while_routed(&harness.pipeline, Call::Stream(model("hang")), &HUNG).await;
+        let event = the_abandoned_row(&mut harness, &id);
         assert!(event.streamed);
         assert!(
             event.usage.unwrap().prompt_tokens > 0,
@@ -3654,48 +3682,34 @@ mod tests {
     /// A unary request is not cancelled with its caller: the provider's answer (paid for whether
     /// or not anyone reads it) comes back and its row is exact: the target that served, the
     /// provider's usage, priced like any other; `PARTIAL` / `CLIENT_DISCONNECTED` says it was
-    /// never delivered.
+    /// never delivered. An embedding request too (it left no row at all).
     #[tokio::test]
     async fn a_unary_request_its_caller_abandons_is_recorded_with_the_answers_real_usage() {
-        use std::sync::atomic::Ordering;
         use stubs::*;
         let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
-        let ctx = RequestContext::new(principal("t"));
-        let request_id = ctx.request_id.clone();
-        let mut held = request();
-        held.model = "held".into();
-        let pipeline = harness.pipeline.clone();
-        let before = HELD.load(Ordering::SeqCst);
-        let call = tokio::spawn(async move {
-            let _ = pipeline.complete(&ctx, held, CacheControl::default()).await;
-        });
-        while HELD.load(Ordering::SeqCst) == before {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        for (call, usage) in [
+            // The stand-in provider's usage: 3 + 3 for chat, 5 for an embedding.
+            (Call::Complete(model("held")), (3, 3)),
+            (Call::Embed, (5, 0)),
+        ] {
+            let id = abandon_while_routed(&harness.pipeline, call, &HELD).await;
+            // The caller went away while the router had the call; then the provider answers.
+            RELEASE.notify_one();
+            harness.settle().await;
+            let event = the_abandoned_row(&mut harness, &id);
+            assert!(!event.streamed);
+            assert_eq!(
+                event.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+                Some(usage),
+                "the provider's usage, not an estimate"
+            );
+            let route = event.route.as_ref().unwrap();
+            assert_eq!(
+                (route.provider.as_str(), route.model.as_str()),
+                ("p", "pm"),
+                "priced against the target that served"
+            );
         }
-        // The caller goes away while the router has the call; then the provider answers.
-        call.abort();
-        assert!(call.await.unwrap_err().is_cancelled());
-        RELEASE.notify_one();
-        harness.settle().await;
-        let events = harness.usage_events();
-        assert_eq!(events.len(), 1, "one row for the abandoned request");
-        let event = &events[0];
-        assert_eq!(event.request_id, request_id);
-        assert_eq!(event.status, RequestStatus::Partial as i32);
-        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
-        assert!(!event.streamed);
-        // The stand-in provider's usage (3 + 3), not an estimate of the prompt.
-        assert_eq!(
-            event.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-            Some((3, 3)),
-            "the provider's usage, not an estimate"
-        );
-        let route = event.route.as_ref().unwrap();
-        assert_eq!(
-            (route.provider.as_str(), route.model.as_str()),
-            ("p", "pm"),
-            "priced against the target that served"
-        );
     }
 
     /// With `abandoned_requests = "cancel"` a unary request is dropped with its caller (the
@@ -3703,48 +3717,16 @@ mod tests {
     /// estimate, no provider, as before requests ran to their end; embeddings too.
     #[tokio::test]
     async fn with_abandoned_requests_cancel_a_unary_request_stops_with_its_caller() {
-        use std::sync::atomic::Ordering;
         use stubs::*;
         let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
         harness.pipeline = harness
             .pipeline
             .clone()
             .with_abandoned(crate::config::AbandonedRequests::Cancel);
-        for embedding in [false, true] {
-            let ctx = RequestContext::new(principal("t"));
-            let request_id = ctx.request_id.clone();
-            let pipeline = harness.pipeline.clone();
-            let before = (HUNG.load(Ordering::SeqCst), HELD.load(Ordering::SeqCst));
-            let call = tokio::spawn(async move {
-                if embedding {
-                    let input = crate::embeddings::EmbedInput {
-                        model: "held".into(),
-                        inputs: vec!["hello".into()],
-                        dimensions: None,
-                        user: String::new(),
-                        tags: HashMap::new(),
-                    };
-                    let _ = pipeline.embed(&ctx, input).await;
-                } else {
-                    let mut hanging = request();
-                    hanging.model = "hang".into();
-                    let _ = pipeline
-                        .complete(&ctx, hanging, CacheControl::default())
-                        .await;
-                }
-            });
-            while (HUNG.load(Ordering::SeqCst), HELD.load(Ordering::SeqCst)) == before {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            call.abort();
-            assert!(call.await.unwrap_err().is_cancelled());
+        for (call, routed) in [(Call::Complete(model("hang")), &HUNG), (Call::Embed, &HELD)] {
+            let id = abandon_while_routed(&harness.pipeline, call, routed).await;
             // Nothing runs on: the row is there at once.
-            let events = harness.usage_events();
-            assert_eq!(events.len(), 1, "embedding {embedding}: one row");
-            let event = &events[0];
-            assert_eq!(event.request_id, request_id);
-            assert_eq!(event.status, RequestStatus::Partial as i32);
-            assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
+            let event = the_abandoned_row(&mut harness, &id);
             assert!(!event.streamed);
             assert!(
                 event.usage.unwrap().prompt_tokens > 0,
@@ -3758,45 +3740,6 @@ mod tests {
         }
         harness.settle().await;
         assert!(harness.usage_events().is_empty(), "nothing finished later");
-    }
-
-    /// An embedding request whose caller goes away while the router has it still leaves its
-    /// row, with the provider's usage (it left none at all).
-    #[tokio::test]
-    async fn an_embedding_request_its_caller_abandons_is_recorded_with_its_real_usage() {
-        use std::sync::atomic::Ordering;
-        use stubs::*;
-        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
-        let ctx = RequestContext::new(principal("t"));
-        let request_id = ctx.request_id.clone();
-        let pipeline = harness.pipeline.clone();
-        let before = HELD.load(Ordering::SeqCst);
-        let call = tokio::spawn(async move {
-            let input = crate::embeddings::EmbedInput {
-                model: "held".into(),
-                inputs: vec!["hello".into()],
-                dimensions: None,
-                user: String::new(),
-                tags: HashMap::new(),
-            };
-            let _ = pipeline.embed(&ctx, input).await;
-        });
-        while HELD.load(Ordering::SeqCst) == before {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        call.abort();
-        assert!(call.await.unwrap_err().is_cancelled());
-        RELEASE.notify_one();
-        harness.settle().await;
-        let events = harness.usage_events();
-        assert_eq!(events.len(), 1, "one row for the abandoned request");
-        let event = &events[0];
-        assert_eq!(event.request_id, request_id);
-        assert_eq!(event.status, RequestStatus::Partial as i32);
-        assert_eq!(event.error_code, "CLIENT_DISCONNECTED");
-        assert_eq!(event.usage.map(|u| u.prompt_tokens), Some(5));
-        let route = event.route.as_ref().unwrap();
-        assert_eq!((route.provider.as_str(), route.model.as_str()), ("p", "pm"));
     }
 
     #[tokio::test]
