@@ -72,9 +72,16 @@ impl<T: Send + 'static> Drop for Detachable<T> {
     fn drop(&mut self) {
         if let Some(future) = self.future.take() {
             self.abandoned.0.store(true, Ordering::Release);
-            self.tasks.spawn(async move {
-                let _ = future.await;
-            });
+            // Dropped outside a runtime (only while a runtime itself is torn down) there is
+            // nowhere to finish it: it is dropped, as a request cut by a crash would be.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                self.tasks.spawn_on(
+                    async move {
+                        let _ = future.await;
+                    },
+                    &runtime,
+                );
+            }
         }
     }
 }
