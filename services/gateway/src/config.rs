@@ -56,19 +56,22 @@ pub struct Config {
     /// How often the configuration file is checked for a change, milliseconds (0: only SIGHUP).
     /// A reload replaces `keys`; other changes take effect after a restart.
     pub config_poll_ms: u64,
-    /// What a unary request (chat or embeddings) whose caller goes away does once it reached the
-    /// router: `finish` (the default) or `cancel`.
+    /// What a request whose caller goes away does once it reached the router: `finish` (the
+    /// default) or `cancel`.
     pub abandoned_requests: AbandonedRequests,
 }
 
-/// `gateway.abandoned_requests`: what a unary request whose caller went away (a disconnect, a
-/// gRPC reset) does once it reached the router. Streams always stop with their caller.
+/// `gateway.abandoned_requests`: what a request whose caller went away (a disconnect, a gRPC
+/// reset) does once it reached the router. A stream already started always stops with its caller
+/// (its row is what it consumed so far).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AbandonedRequests {
-    /// It runs to its end: the provider's answer, paid for whether or not anyone reads it, is
-    /// recorded exactly (its usage, the target that served, priced; `PARTIAL` /
-    /// `CLIENT_DISCONNECTED`), and the budget settles at its real cost.
+    /// A unary request (chat, embeddings) runs to its end: the provider's answer, paid for whether
+    /// or not anyone reads it, is recorded exactly (its usage, the target that served, priced;
+    /// `PARTIAL` / `CLIENT_DISCONNECTED`), and the budget settles at its real cost. A stream not
+    /// yet started is opened to its first chunk, whose head names the deployment to price it at,
+    /// then cancelled.
     #[default]
     Finish,
     /// The router's call is cancelled with it, which stops a provider that notices (a self-hosted

@@ -562,6 +562,7 @@ impl Pipeline {
             ctx: ctx.clone(),
             request: request.clone(),
             cache,
+            streamed: false,
         })
     }
 
@@ -901,67 +902,35 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel(64);
         let mut routed_request = request.clone();
         let reservation = self.reserve(ctx, &mut routed_request, true).await?;
-        let abandoned = AbandonedStream::arm(self, ctx, &request, cache_status);
-        let route = RouteStreamRequest {
-            request: Some(routed_request),
-            caller: Some(caller(ctx)),
-            allowance: reservation.as_ref().and_then(Reservation::allowance),
+        // Opened up to its first message. A caller that goes away meanwhile does not cancel it
+        // (`detach.rs`): it is opened to its first chunk, which names who serves and what the
+        // providers reported, recorded and priced, then cancelled. With
+        // `abandoned_requests = "cancel"` it is cancelled at once, the prompt's estimate recorded.
+        let cancel = self.unanswered(ctx, &request, cache_status);
+        let opening = Opening {
+            request,
+            routed_request,
+            cache_status,
+            pending,
+            reservation,
         };
-        let opened = if ctx.expired() {
-            Err(deadline_passed())
-        } else {
-            self.router.clone().route_stream(ctx.bounded(route)).await
+        let pipeline = self.clone();
+        let owned = ctx.clone();
+        let span = tracing::Span::current();
+        let open = move |abandoned| {
+            async move { pipeline.open_stream(&owned, opening, &abandoned).await }.instrument(span)
         };
-        let (serving, mut upstream) = match opened {
-            Ok(response) => (Serving::of(response.metadata()), response.into_inner()),
-            Err(status) => {
-                let error = self
-                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
-                    .await;
-                abandoned.disarm();
-                return Err(error);
-            }
-        };
-        // Wait for the first message so that failures before the first token are real errors.
-        let first = match upstream.message().await {
-            Ok(first) => first,
-            Err(status) => {
-                let error = self
-                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
-                    .await;
-                abandoned.disarm();
-                return Err(error);
-            }
-        };
-        // An overlapped check must be in before the first chunk leaves. A refusal cancels the
-        // router's stream (dropped here) and records what the provider was paid for so far.
-        if let Err(error) = self.finish_check(ctx, &request, pending).await {
-            drop(upstream);
-            let mut assembled = Assembler {
-                reported: serving.as_ref().and_then(Serving::reported),
-                ..Assembler::default()
-            };
-            if let Some(route_stream_response::Event::Chunk(chunk)) =
-                first.as_ref().and_then(|m| m.event.as_ref())
-            {
-                assembled.add(chunk);
-            }
-            let route = self.record_partial(
-                ctx,
-                &request,
-                cache_status,
-                &assembled,
-                Some(&error),
-                serving.as_ref(),
-            );
-            if let Some(reservation) = reservation {
-                reservation.settle_route(&route);
-            }
-            abandoned.disarm();
-            return Err(error);
-        }
+        let Opened {
+            request,
+            serving,
+            upstream,
+            first,
+            reservation,
+        } = match cancel {
+            None => Detachable::new(&self.tasks, open).await,
+            Some(cancel) => cancel.streamed().run(open(Abandoned::default())).await,
+        }?;
         // From here the pump owns the request's row (it records a client that goes away too).
-        abandoned.disarm();
         let served_by = serving.as_ref().map(|s| s.route_info(&request.model));
         let started = ctx.started;
         let pipeline = self.clone();
@@ -992,6 +961,93 @@ impl Pipeline {
             cache: cache_status,
             served_by,
             events: Events::new(first, rx, crate::metrics::Source::Provider, started),
+        })
+    }
+
+    /// A stream opened up to its first message (see [`Pipeline::stream`]): the router's call,
+    /// its response head (who serves, what the providers reported) and first message, and the
+    /// overlapped prompt check. Its failures are recorded here. When its caller went away
+    /// meanwhile (`abandoned`), the row is recorded here too, against the deployment the head
+    /// named, and the router's call is cancelled.
+    async fn open_stream(
+        &self,
+        ctx: &RequestContext,
+        opening: Opening,
+        abandoned: &Abandoned,
+    ) -> Result<Opened, GatewayError> {
+        let Opening {
+            request,
+            routed_request,
+            cache_status,
+            pending,
+            reservation,
+        } = opening;
+        let route = RouteStreamRequest {
+            request: Some(routed_request),
+            caller: Some(caller(ctx)),
+            allowance: reservation.as_ref().and_then(Reservation::allowance),
+        };
+        let opened = if ctx.expired() {
+            Err(deadline_passed())
+        } else {
+            self.router.clone().route_stream(ctx.bounded(route)).await
+        };
+        let (serving, mut upstream) = match opened {
+            Ok(response) => (Serving::of(response.metadata()), response.into_inner()),
+            Err(status) => {
+                return Err(self
+                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
+                    .await);
+            }
+        };
+        // Wait for the first message so that failures before the first token are real errors.
+        let first = match upstream.message().await {
+            Ok(first) => first,
+            Err(status) => {
+                return Err(self
+                    .stream_failed(ctx, &request, cache_status, &status, reservation, pending)
+                    .await);
+            }
+        };
+        // An overlapped check must be in before the first chunk leaves. A refusal cancels the
+        // router's stream (dropped here) and records what the provider was paid for so far.
+        let checked = self.finish_check(ctx, &request, pending).await;
+        if checked.is_err() || abandoned.is_set() {
+            drop(upstream);
+            let mut assembled = Assembler {
+                reported: serving.as_ref().and_then(Serving::reported),
+                ..Assembler::default()
+            };
+            if let Some(route_stream_response::Event::Chunk(chunk)) =
+                first.as_ref().and_then(|m| m.event.as_ref())
+            {
+                assembled.add(chunk);
+            }
+            let error = checked.err();
+            if error.is_none() {
+                tracing::info!(request.id = %ctx.request_id, "caller went away before the first chunk");
+            }
+            let route = self.record_partial(
+                ctx,
+                &request,
+                cache_status,
+                &assembled,
+                error.as_ref(),
+                serving.as_ref(),
+            );
+            if let Some(reservation) = reservation {
+                reservation.settle_route(&route);
+            }
+            return Err(
+                error.unwrap_or_else(|| GatewayError::Internal("the caller went away".to_owned()))
+            );
+        }
+        Ok(Opened {
+            request,
+            serving,
+            upstream,
+            first,
+            reservation,
         })
     }
 
@@ -1898,12 +1954,12 @@ struct Cached {
     guard_policy: String,
 }
 
-/// A stream dropped before its first chunk (its caller went away: an HTTP client that
-/// disconnects, a gRPC reset, a client timeout) still leaves its one usage row: `PARTIAL`,
-/// `CLIENT_DISCONNECTED`, the prompt's estimate and no provider (the router's call is cancelled
-/// with it, before it said which target was serving). Armed once the request may reach a
-/// provider; every path that ends the request itself disarms it, so only a dropped future records
-/// through it. (A unary request is not cancelled with its caller: [`Pipeline::complete`].)
+/// With `abandoned_requests = "cancel"`, a request dropped while it is routed (its caller went
+/// away: an HTTP client that disconnects, a gRPC reset, a client timeout) still leaves its one
+/// usage row: `PARTIAL`, `CLIENT_DISCONNECTED`, the prompt's estimate and no provider (the
+/// router's call is cancelled with it, before it said which target was serving). Armed once the
+/// request may reach a provider ([`Cancelled`]); disarmed when the request ends by itself, so only
+/// a dropped future records through it. (By default nothing is cancelled: `detach.rs`.)
 struct AbandonedStream<'a> {
     pipeline: &'a Pipeline,
     ctx: &'a RequestContext,
@@ -1977,6 +2033,24 @@ struct Unary {
     reservation: Option<Reservation>,
 }
 
+/// What [`Pipeline::open_stream`] takes.
+struct Opening {
+    request: ChatRequest,
+    routed_request: ChatRequest,
+    cache_status: CacheStatus,
+    pending: Option<PendingCheck>,
+    reservation: Option<Reservation>,
+}
+
+/// A stream opened up to its first message, for the pump.
+struct Opened {
+    request: ChatRequest,
+    serving: Option<Serving>,
+    upstream: tonic::Streaming<switchboard_proto::router::v1::RouteStreamResponse>,
+    first: Option<switchboard_proto::router::v1::RouteStreamResponse>,
+    reservation: Option<Reservation>,
+}
+
 /// A unary request that is cancelled with its caller (`abandoned_requests = "cancel"`): its tail is
 /// awaited in place, and if it is dropped unfinished the request's row is the prompt's estimate,
 /// as a stream dropped before its first chunk ([`AbandonedStream`]).
@@ -1985,12 +2059,21 @@ struct Cancelled {
     ctx: RequestContext,
     request: ChatRequest,
     cache: CacheStatus,
+    streamed: bool,
 }
 
 impl Cancelled {
+    /// The same for a stream before its first chunk.
+    fn streamed(mut self) -> Self {
+        self.streamed = true;
+        self
+    }
+
     async fn run<T>(self, tail: impl std::future::Future<Output = T>) -> T {
-        let guard =
-            AbandonedStream::arm(&self.pipeline, &self.ctx, &self.request, self.cache).unary();
+        let mut guard = AbandonedStream::arm(&self.pipeline, &self.ctx, &self.request, self.cache);
+        if !self.streamed {
+            guard = guard.unary();
+        }
         let output = tail.await;
         guard.disarm();
         output
@@ -3655,17 +3738,33 @@ mod tests {
         }
     }
 
+    /// A stream whose caller goes away before its first chunk is opened to that chunk, whose
+    /// head names who serves: its row is priced against that deployment, and the router's call is
+    /// then cancelled.
     #[tokio::test]
-    async fn a_stream_its_caller_abandons_before_its_first_chunk_still_leaves_its_usage_row() {
+    async fn a_stream_its_caller_abandons_before_its_first_chunk_is_recorded_against_who_served() {
         use stubs::*;
         let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
-        // The router has the call (and never answers); then the caller goes away.
-        let id = abandon_while_routed(&harness.pipeline, Call::Stream(model("hang")), &HUNG).await;
+        let id = abandon_while_routed(&harness.pipeline, Call::Stream(model("held")), &HELD).await;
+        // The caller went away while the router had the call; then the stream starts.
+        RELEASE.notify_one();
+        harness.settle().await;
         let event = the_abandoned_row(&mut harness, &id);
         assert!(event.streamed);
+        let route = event.route.as_ref().unwrap();
+        assert_eq!(
+            (
+                route.provider.as_str(),
+                route.model.as_str(),
+                route.target.as_str()
+            ),
+            ("p", "pm", "p/pm"),
+            "priced against the deployment the head named"
+        );
+        let usage = event.usage.unwrap();
         assert!(
-            event.usage.unwrap().prompt_tokens > 0,
-            "the prompt's estimate"
+            usage.prompt_tokens > 0 && usage.completion_tokens > 0,
+            "{usage:?}"
         );
         // A request that ends by itself leaves exactly its own row, none from the guard.
         let ctx = RequestContext::new(principal("t"));
@@ -3712,9 +3811,9 @@ mod tests {
         }
     }
 
-    /// With `abandoned_requests = "cancel"` a unary request is dropped with its caller (the
-    /// router's call cancelled, so a self-hosted provider stops): its row is the prompt's
-    /// estimate, no provider, as before requests ran to their end; embeddings too.
+    /// With `abandoned_requests = "cancel"` a request is dropped with its caller (the router's
+    /// call cancelled, so a self-hosted provider stops): its row is the prompt's estimate, no
+    /// provider, as before requests ran to their end; embeddings and streams too.
     #[tokio::test]
     async fn with_abandoned_requests_cancel_a_unary_request_stops_with_its_caller() {
         use stubs::*;
@@ -3723,11 +3822,15 @@ mod tests {
             .pipeline
             .clone()
             .with_abandoned(crate::config::AbandonedRequests::Cancel);
-        for (call, routed) in [(Call::Complete(model("hang")), &HUNG), (Call::Embed, &HELD)] {
+        for (call, routed, streamed) in [
+            (Call::Complete(model("hang")), &HUNG, false),
+            (Call::Embed, &HELD, false),
+            (Call::Stream(model("hang")), &HUNG, true),
+        ] {
             let id = abandon_while_routed(&harness.pipeline, call, routed).await;
             // Nothing runs on: the row is there at once.
             let event = the_abandoned_row(&mut harness, &id);
-            assert!(!event.streamed);
+            assert_eq!(event.streamed, streamed);
             assert!(
                 event.usage.unwrap().prompt_tokens > 0,
                 "the prompt's estimate"
