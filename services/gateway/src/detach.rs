@@ -20,6 +20,7 @@ use std::{
 };
 
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Whether the caller of a [`Detachable`] went away (it was dropped before it finished).
 #[derive(Debug, Clone, Default)]
@@ -37,6 +38,9 @@ pub struct Detachable<T: Send + 'static> {
     future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
     tasks: TaskTracker,
     abandoned: Abandoned,
+    /// The span it was made in: it is polled inside it where it is awaited, and it finishes
+    /// inside it once detached (instrumented only then, so the request path pays nothing).
+    span: tracing::Span,
 }
 
 impl<T: Send + 'static> Detachable<T> {
@@ -50,6 +54,7 @@ impl<T: Send + 'static> Detachable<T> {
             future: Some(Box::pin(make(abandoned.clone()))),
             tasks: tasks.clone(),
             abandoned,
+            span: tracing::Span::current(),
         }
     }
 }
@@ -75,10 +80,12 @@ impl<T: Send + 'static> Drop for Detachable<T> {
             // Dropped outside a runtime (only while a runtime itself is torn down) there is
             // nowhere to finish it: it is dropped, as a request cut by a crash would be.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let span = std::mem::replace(&mut self.span, tracing::Span::none());
                 self.tasks.spawn_on(
                     async move {
                         let _ = future.await;
-                    },
+                    }
+                    .instrument(span),
                     &runtime,
                 );
             }

@@ -532,16 +532,12 @@ impl Pipeline {
         // away still leaves the row of what the provider was paid for.
         let pipeline = self.clone();
         let owned = ctx.clone();
-        let span = tracing::Span::current();
-        let tail = move |abandoned| {
-            async move {
-                let embedded = pipeline
-                    .route_embed(&owned, &request, embed, reservation, &abandoned)
-                    .await;
-                drop(permit);
-                embedded
-            }
-            .instrument(span)
+        let tail = move |abandoned| async move {
+            let embedded = pipeline
+                .route_embed(&owned, &request, embed, reservation, &abandoned)
+                .await;
+            drop(permit);
+            embedded
         };
         match cancel {
             None => Detachable::new(&self.tasks, tail).await,
@@ -728,23 +724,19 @@ impl Pipeline {
         let cancel = self.unanswered(ctx, &request, cache_status);
         let pipeline = self.clone();
         let owned = ctx.clone();
-        let span = tracing::Span::current();
-        let tail = move |abandoned| {
-            async move {
-                let unary = Unary {
-                    request,
-                    routed_request,
-                    control,
-                    cache_status,
-                    pseudonyms,
-                    pending,
-                    reservation,
-                };
-                let completed = pipeline.route_unary(&owned, unary, &abandoned).await;
-                drop(permit);
-                completed
-            }
-            .instrument(span)
+        let tail = move |abandoned| async move {
+            let unary = Unary {
+                request,
+                routed_request,
+                control,
+                cache_status,
+                pseudonyms,
+                pending,
+                reservation,
+            };
+            let completed = pipeline.route_unary(&owned, unary, &abandoned).await;
+            drop(permit);
+            completed
         };
         match cancel {
             None => Detachable::new(&self.tasks, tail).await,
@@ -916,10 +908,8 @@ impl Pipeline {
         };
         let pipeline = self.clone();
         let owned = ctx.clone();
-        let span = tracing::Span::current();
-        let open = move |abandoned| {
-            async move { pipeline.open_stream(&owned, opening, &abandoned).await }.instrument(span)
-        };
+        let open =
+            move |abandoned| async move { pipeline.open_stream(&owned, opening, &abandoned).await };
         let Opened {
             request,
             serving,
