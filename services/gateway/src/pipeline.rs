@@ -3129,9 +3129,10 @@ mod tests {
             cache_write_tokens: 0,
         };
 
-        /// How the router ends a stream cut after its first chunks: its account of the attempts
-        /// (the cut one last, with what its provider reported), then the error status.
-        fn cut_stream() -> Vec<Result<RouteStreamResponse, Status>> {
+        /// Route `route`'s account of two attempts on model `pm`: one on provider `earlier` that
+        /// failed (`OVERLOADED`) after its provider reported [`EARLIER_REPORTED`], then one on
+        /// `last` (its error code `code`) whose provider reported [`CUT_REPORTED`].
+        fn two_attempts(route: &str, earlier: &str, (last, code): (&str, &str)) -> RouteInfo {
             let attempt = |provider: &str, code: &str, usage: Usage| Attempt {
                 target: format!("{provider}/pm"),
                 provider: provider.into(),
@@ -3140,18 +3141,24 @@ mod tests {
                 usage: Some(usage),
                 ..Default::default()
             };
-            let info = RouteInfo {
-                route: "cut".into(),
-                provider: "q".into(),
+            RouteInfo {
+                route: route.into(),
+                provider: last.into(),
                 model: "pm".into(),
-                target: "q/pm".into(),
+                target: format!("{last}/pm"),
                 attempt_count: 2,
                 attempts: vec![
-                    attempt("p", "OVERLOADED", EARLIER_REPORTED),
-                    attempt("q", "STREAM_INTERRUPTED", CUT_REPORTED),
+                    attempt(earlier, "OVERLOADED", EARLIER_REPORTED),
+                    attempt(last, code, CUT_REPORTED),
                 ],
                 ..Default::default()
-            };
+            }
+        }
+
+        /// How the router ends a stream cut after its first chunks: its account of the attempts
+        /// (the cut one last, with what its provider reported), then the error status.
+        fn cut_stream() -> Vec<Result<RouteStreamResponse, Status>> {
+            let info = two_attempts("cut", "p", ("q", "STREAM_INTERRUPTED"));
             let metadata = [
                 ("route", "cut"),
                 ("chunks", "2"),
@@ -3287,26 +3294,7 @@ mod tests {
                 metadata.insert(switchboard_status::serving::TARGET, "p/pm".parse().unwrap());
                 metadata.insert(switchboard_status::serving::ATTEMPTS, "2".parse().unwrap());
                 if reports {
-                    let attempt = |provider: &str, code: &str, usage: Usage| Attempt {
-                        target: format!("{provider}/pm"),
-                        provider: provider.into(),
-                        model: "pm".into(),
-                        error_code: code.into(),
-                        usage: Some(usage),
-                        ..Default::default()
-                    };
-                    let consumed = RouteInfo {
-                        route: "stall-reported".into(),
-                        provider: "p".into(),
-                        model: "pm".into(),
-                        target: "p/pm".into(),
-                        attempt_count: 2,
-                        attempts: vec![
-                            attempt("o", "OVERLOADED", EARLIER_REPORTED),
-                            attempt("p", "", CUT_REPORTED),
-                        ],
-                        ..Default::default()
-                    };
+                    let consumed = two_attempts("stall-reported", "o", ("p", ""));
                     metadata.insert_bin(
                         switchboard_status::serving::CONSUMED,
                         tonic::metadata::MetadataValue::from_bytes(&prost::Message::encode_to_vec(
