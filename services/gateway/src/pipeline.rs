@@ -539,6 +539,21 @@ impl Pipeline {
             drop(permit);
             embedded
         };
+        self.to_the_end(cancel, tail).await
+    }
+
+    /// Awaits the future `tail` makes: finished even if its caller goes away (`detach.rs`), or,
+    /// with `cancel` (`abandoned_requests = "cancel"`), dropped with its caller and recorded as
+    /// an estimate.
+    async fn to_the_end<T, F>(
+        &self,
+        cancel: Option<Cancelled>,
+        tail: impl FnOnce(Abandoned) -> F,
+    ) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
         match cancel {
             None => Detachable::new(&self.tasks, tail).await,
             Some(cancel) => cancel.run(tail(Abandoned::default())).await,
@@ -738,10 +753,7 @@ impl Pipeline {
             drop(permit);
             completed
         };
-        match cancel {
-            None => Detachable::new(&self.tasks, tail).await,
-            Some(cancel) => cancel.run(tail(Abandoned::default())).await,
-        }
+        self.to_the_end(cancel, tail).await
     }
 
     /// The part of a unary completion that reaches a provider (see [`Pipeline::complete`]);
@@ -916,10 +928,9 @@ impl Pipeline {
             upstream,
             first,
             reservation,
-        } = match cancel {
-            None => Detachable::new(&self.tasks, open).await,
-            Some(cancel) => cancel.streamed().run(open(Abandoned::default())).await,
-        }?;
+        } = self
+            .to_the_end(cancel.map(Cancelled::streamed), open)
+            .await?;
         // From here the pump owns the request's row (it records a client that goes away too).
         let served_by = serving.as_ref().map(|s| s.route_info(&request.model));
         let started = ctx.started;
