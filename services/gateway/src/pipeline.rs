@@ -920,15 +920,22 @@ impl Pipeline {
         };
         let pipeline = self.clone();
         let owned = ctx.clone();
-        let open =
-            move |abandoned| async move { pipeline.open_stream(&owned, opening, &abandoned).await };
-        let Opened {
-            request,
-            serving,
-            upstream,
-            first,
-            reservation,
-        } = self
+        // The context comes back with the opening: an overlapped prompt check's verdict and
+        // policy (ADR 011) were set on it, and the pump needs them (answer check, cache store).
+        let open = move |abandoned| async move {
+            let opened = pipeline.open_stream(&owned, opening, &abandoned).await;
+            opened.map(|opened| (opened, owned))
+        };
+        let (
+            Opened {
+                request,
+                serving,
+                upstream,
+                first,
+                reservation,
+            },
+            ctx,
+        ) = self
             .to_the_end(cancel.map(Cancelled::streamed), open)
             .await?;
         // From here the pump owns the request's row (it records a client that goes away too).

@@ -497,3 +497,27 @@ async fn an_overlapped_check_decides_whether_a_cached_unary_answer_is_served() {
 async fn an_overlapped_check_decides_whether_a_cached_streamed_answer_is_served() {
     answers_follow_the_guard_policy(true, true).await;
 }
+
+/// A stream routed while its check is out (ADR 011) and not looked up first (`refresh`) gets the
+/// check's verdict for the rest of its way: its answer is stored under the policy it was checked
+/// under (the verdict lived on the opening's copy of the request's context, and the pump, which
+/// stores the answer and checks it, did not see it).
+#[tokio::test]
+async fn an_overlapped_streams_answer_is_stored_under_the_policy_it_was_checked_under() {
+    let mut mesh = Mesh::start(true).await;
+    // The first check teaches the gateway that this policy passes prompts through.
+    assert_eq!(mesh.ask(true, None).await.unwrap().1, "answer 1");
+    assert_eq!(mesh.stored(1).await, policy("policy-a"));
+    assert_eq!(mesh.next_usage().await, CacheOutcome::Miss);
+    mesh.set_policy("policy-b");
+    let overlapped = mesh.overlapped().await;
+    let (_, text) = mesh.ask(true, Some("refresh")).await.unwrap();
+    assert_eq!(text, "answer 2");
+    assert_eq!(
+        mesh.overlapped().await,
+        overlapped + 1,
+        "the check was overlapped"
+    );
+    assert_eq!(mesh.stored(2).await, policy("policy-b"));
+    mesh.stop().await;
+}
