@@ -103,6 +103,33 @@ async fn mesh(targets: &[(&str, ProviderKind, String)]) -> Mesh {
     .await
 }
 
+/// Route `chat` over Anthropic `claude`, which fails with `overloaded_error` after its
+/// `message_start`, then Anthropic `backup`, which answers whole.
+async fn fallback_mesh() -> Mesh {
+    mesh(&[
+        (
+            "claude",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_OVERLOADED).await,
+        ),
+        (
+            "backup",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_WHOLE).await,
+        ),
+    ])
+    .await
+}
+
+/// A stream of route `chat`.
+fn say_hello() -> RouteStreamRequest {
+    RouteStreamRequest {
+        request: Some(chat("chat", "say hello")),
+        caller: None,
+        allowance: None,
+    }
+}
+
 /// What a stream delivered: its chunks, its route info (a clean finish), the route info of a cut,
 /// and the status that ended it.
 #[derive(Default)]
@@ -118,11 +145,7 @@ async fn stream(mesh: &Mesh) -> Streamed {
     let mut stream = mesh
         .client
         .clone()
-        .route_stream(RouteStreamRequest {
-            request: Some(chat("chat", "say hello")),
-            caller: None,
-            allowance: None,
-        })
+        .route_stream(say_hello())
         .await
         .unwrap()
         .into_inner();
@@ -218,19 +241,7 @@ async fn a_gemini_stream_cut_after_its_first_chunk_carries_its_last_usage_metada
 
 #[tokio::test]
 async fn an_attempt_that_failed_after_message_start_is_billed_with_its_prompt_usage() {
-    let mesh = mesh(&[
-        (
-            "claude",
-            ProviderKind::Anthropic,
-            scripted(ANTHROPIC_OVERLOADED).await,
-        ),
-        (
-            "backup",
-            ProviderKind::Anthropic,
-            scripted(ANTHROPIC_WHOLE).await,
-        ),
-    ])
-    .await;
+    let mesh = fallback_mesh().await;
     let out = stream(&mesh).await;
     assert!(out.error.is_none(), "{:?}", out.error);
     assert_eq!(text(&out.chunks), "Hello");
@@ -264,16 +275,7 @@ const OPENAI_WHOLE: &str = concat!(
 /// The account of what the attempts consumed by the first chunk, from a stream's response head
 /// (`switchboard_status::serving::CONSUMED`), if it has one.
 async fn consumed_at_head(mesh: &Mesh) -> Option<RouteInfo> {
-    let response = mesh
-        .client
-        .clone()
-        .route_stream(RouteStreamRequest {
-            request: Some(chat("chat", "say hello")),
-            caller: None,
-            allowance: None,
-        })
-        .await
-        .unwrap();
+    let response = mesh.client.clone().route_stream(say_hello()).await.unwrap();
     let value = response
         .metadata()
         .get_bin(switchboard_status::serving::CONSUMED)?;
@@ -286,19 +288,7 @@ async fn consumed_at_head(mesh: &Mesh) -> Option<RouteInfo> {
 #[tokio::test]
 async fn the_response_head_carries_what_the_providers_reported_by_the_first_chunk() {
     // A fallback after an attempt that failed once its provider had reported the prompt.
-    let mesh = mesh(&[
-        (
-            "claude",
-            ProviderKind::Anthropic,
-            scripted(ANTHROPIC_OVERLOADED).await,
-        ),
-        (
-            "backup",
-            ProviderKind::Anthropic,
-            scripted(ANTHROPIC_WHOLE).await,
-        ),
-    ])
-    .await;
+    let mesh = fallback_mesh().await;
     let consumed = consumed_at_head(&mesh)
         .await
         .expect("an account in the head");

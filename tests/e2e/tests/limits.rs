@@ -223,6 +223,21 @@ fn assert_payload_too_large(status: &tonic::Status) -> std::collections::HashMap
     info.metadata
 }
 
+/// The gateway's own refusal of a request over its `max_body_bytes`: payload too large, naming
+/// the limit, with a request id.
+fn assert_over_max_body(status: &tonic::Status) {
+    let metadata = assert_payload_too_large(status);
+    assert_eq!(
+        metadata.get("limit").map(String::as_str),
+        Some(MAX_BODY.to_string().as_str()),
+        "{status:?}"
+    );
+    assert!(
+        status.metadata().get("x-switchboard-request-id").is_some(),
+        "{status:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_between_4_mib_and_a_raised_body_limit_is_served_over_grpc_and_http() {
     let mesh = Mesh::start().await;
@@ -309,16 +324,7 @@ async fn a_grpc_request_over_max_body_bytes_is_refused_like_http_413() {
         .create_chat_completion(request("big", 9 * MIB))
         .await
         .expect_err("over the gateway's limit");
-    let metadata = assert_payload_too_large(&status);
-    assert_eq!(
-        metadata.get("limit").map(String::as_str),
-        Some(MAX_BODY.to_string().as_str()),
-        "{status:?}"
-    );
-    assert!(
-        status.metadata().get("x-switchboard-request-id").is_some(),
-        "{status:?}"
-    );
+    assert_over_max_body(&status);
     // Streams are refused the same way.
     let stream = client
         .stream_chat_completion(authed(
@@ -358,15 +364,6 @@ async fn gzip_compressed_grpc_requests_are_served_and_limited_by_their_decompres
         .create_chat_completion(request("big", 9 * MIB))
         .await
         .expect_err("over the gateway's limit once decompressed");
-    let metadata = assert_payload_too_large(&status);
-    assert_eq!(
-        metadata.get("limit").map(String::as_str),
-        Some(MAX_BODY.to_string().as_str()),
-        "{status:?}"
-    );
-    assert!(
-        status.metadata().get("x-switchboard-request-id").is_some(),
-        "{status:?}"
-    );
+    assert_over_max_body(&status);
     mesh.stop().await;
 }
