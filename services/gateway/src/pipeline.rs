@@ -97,6 +97,20 @@ impl CacheStatus {
     }
 }
 
+/// What the guard decided about one request, shared by the clones of its [`RequestContext`].
+#[derive(Debug, Default)]
+struct Checks {
+    /// What the prompt check said about the rest of the request (set once, by the guard check).
+    verdict: std::sync::OnceLock<GuardVerdict>,
+    /// The guard policy that decided the prompt (`policy_version/detector_version`, set once, by
+    /// the guard check; unset while the check is out and when the guard did not answer): a cached
+    /// answer is served only when it was checked under this one, and a stored answer carries it.
+    policy: std::sync::OnceLock<String>,
+    /// Some of the answer went out without its CheckAnswer (the guard was unreachable, slow or
+    /// overloaded and the route fails open).
+    answer_unchecked: std::sync::atomic::AtomicBool,
+}
+
 /// One request's identity.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
@@ -106,16 +120,10 @@ pub struct RequestContext {
     pub principal: Principal,
     started: Instant,
     time: SystemTime,
-    /// What the prompt check said about the rest of the request (set once, by the guard check).
-    guard: std::sync::OnceLock<GuardVerdict>,
-    /// The guard policy that decided the prompt (`policy_version/detector_version`, set once, by
-    /// the guard check; unset while the check is out and when the guard did not answer): a cached
-    /// answer is served only when it was checked under this one, and a stored answer carries it.
-    guard_policy: std::sync::OnceLock<String>,
-    /// Some of the answer went out without its CheckAnswer (the guard was unreachable, slow or
-    /// overloaded and the route fails open). Shared by the clones of one request (a stream's pump
-    /// holds one).
-    answer_unchecked: Arc<std::sync::atomic::AtomicBool>,
+    /// What the guard decided about the request: one record shared by every clone of the
+    /// context (a detached tail, a stream's opening and its pump), so a verdict set on one is
+    /// seen by all.
+    checks: Arc<Checks>,
     /// When the caller stops waiting (a gRPC caller's `grpc-timeout`): what is left of it bounds
     /// the router, guard and cache calls. `None`: no deadline, and no work for one.
     deadline: Option<Instant>,
@@ -129,9 +137,7 @@ impl RequestContext {
             principal,
             started: Instant::now(),
             time: SystemTime::now(),
-            guard: std::sync::OnceLock::new(),
-            guard_policy: std::sync::OnceLock::new(),
-            answer_unchecked: Arc::default(),
+            checks: Arc::default(),
             deadline: None,
         }
     }
@@ -163,7 +169,8 @@ impl RequestContext {
     /// the verdict (an overlapped check still out), without one (the guard unreachable on a
     /// fail-open route), or for an entry stored without a policy, nothing matches.
     fn checked_under(&self, stored: &str) -> bool {
-        self.guard_policy
+        self.checks
+            .policy
             .get()
             .is_some_and(|current| current == stored)
     }
@@ -171,8 +178,9 @@ impl RequestContext {
     /// What the guard decided about the request so far (the default before the prompt check):
     /// `unchecked` once the prompt, or any part of the answer, went through without a check.
     pub fn guard_verdict(&self) -> GuardVerdict {
-        let mut verdict = self.guard.get().copied().unwrap_or_default();
+        let mut verdict = self.checks.verdict.get().copied().unwrap_or_default();
         verdict.unchecked |= self
+            .checks
             .answer_unchecked
             .load(std::sync::atomic::Ordering::Relaxed);
         verdict
@@ -181,7 +189,8 @@ impl RequestContext {
     /// Notes that (part of) the answer was delivered without its check (a fail-open route whose
     /// CheckAnswer failed): it is then neither cached nor recorded as checked.
     fn mark_answer_unchecked(&self) {
-        self.answer_unchecked
+        self.checks
+            .answer_unchecked
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -612,10 +621,9 @@ impl Pipeline {
             }
             Err(status) => {
                 let error = GatewayError::from_status("router", &status);
-                if let Some(reservation) = reservation {
-                    reservation.settle(0);
-                }
-                self.record_failure(ctx, request, CacheStatus::Bypass, &error, false);
+                let consumed = consumed_in(status.metadata());
+                settle_unserved(reservation, consumed.as_ref());
+                self.record_failure(ctx, request, CacheStatus::Bypass, &error, false, consumed);
                 Err(error)
             }
         }
@@ -814,11 +822,10 @@ impl Pipeline {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = self.budget_error(ctx, GatewayError::from_status("router", &status));
-                if let Some(reservation) = reservation {
-                    // Failed attempts are recorded without usage: nothing was spent.
-                    reservation.settle(0);
-                }
-                self.record_failure(ctx, &request, cache_status, &error, false);
+                // Failed attempts cost what their providers reported they consumed, if anything.
+                let consumed = consumed_in(status.metadata());
+                settle_unserved(reservation, consumed.as_ref());
+                self.record_failure(ctx, &request, cache_status, &error, false, consumed);
                 return Err(error);
             }
         };
@@ -920,22 +927,17 @@ impl Pipeline {
         };
         let pipeline = self.clone();
         let owned = ctx.clone();
-        // The context comes back with the opening: an overlapped prompt check's verdict and
-        // policy (ADR 011) were set on it, and the pump needs them (answer check, cache store).
-        let open = move |abandoned| async move {
-            let opened = pipeline.open_stream(&owned, opening, &abandoned).await;
-            opened.map(|opened| (opened, owned))
-        };
-        let (
-            Opened {
-                request,
-                serving,
-                upstream,
-                first,
-                reservation,
-            },
-            ctx,
-        ) = self
+        // An overlapped prompt check's verdict and policy (ADR 011), set on `owned` while the
+        // stream opens, are the pump's too: the clones of a context share them.
+        let open =
+            move |abandoned| async move { pipeline.open_stream(&owned, opening, &abandoned).await };
+        let Opened {
+            request,
+            serving,
+            upstream,
+            first,
+            reservation,
+        } = self
             .to_the_end(cancel.map(Cancelled::streamed), open)
             .await?;
         // From here the pump owns the request's row (it records a client that goes away too).
@@ -1072,14 +1074,13 @@ impl Pipeline {
         pending: Option<PendingCheck>,
     ) -> GatewayError {
         let error = self.budget_error(ctx, GatewayError::from_status("router", status));
-        if let Some(reservation) = reservation {
-            reservation.settle(0);
-        }
+        let consumed = consumed_in(status.metadata());
+        settle_unserved(reservation, consumed.as_ref());
         let error = match self.finish_check(ctx, request, pending).await {
             Ok(()) => error,
             Err(refused) => refused,
         };
-        self.record_failure(ctx, request, cache_status, &error, true);
+        self.record_failure(ctx, request, cache_status, &error, true, consumed);
         error
     }
 
@@ -1344,7 +1345,7 @@ impl Pipeline {
             Ok(checked) => checked,
             Err(None) => {
                 // The route fails open: nothing was checked, and the usage event says so.
-                let _ = ctx.guard.set(GuardVerdict {
+                let _ = ctx.checks.verdict.set(GuardVerdict {
                     check_answer: false,
                     unchecked: true,
                 });
@@ -1352,11 +1353,11 @@ impl Pipeline {
             }
             Err(Some(error)) => return Err(error),
         };
-        let _ = ctx.guard.set(GuardVerdict {
+        let _ = ctx.checks.verdict.set(GuardVerdict {
             check_answer: checked.check_answer,
             unchecked: false,
         });
-        let _ = ctx.guard_policy.set(format!(
+        let _ = ctx.checks.policy.set(format!(
             "{}/{}",
             checked.policy_version, checked.detector_version
         ));
@@ -1730,7 +1731,7 @@ impl Pipeline {
             route: Some(route.clone()),
             ttl_seconds: ttl,
             // Only checked answers are stored: the policy that decided the prompt is known.
-            guard_policy: ctx.guard_policy.get().cloned().unwrap_or_default(),
+            guard_policy: ctx.checks.policy.get().cloned().unwrap_or_default(),
         };
         self.tasks.spawn(
             async move {
@@ -1770,7 +1771,9 @@ impl Pipeline {
         self.usage.record(event);
     }
 
-    /// A request that failed at the router: recorded only when a provider was tried.
+    /// A request that failed at the router: recorded when a provider was tried, and whenever its
+    /// attempts consumed something (`consumed`, the router's account: each attempt billed what its
+    /// provider reported, the last one's deployment named as the row's).
     fn record_failure(
         &self,
         ctx: &RequestContext,
@@ -1778,33 +1781,50 @@ impl Pipeline {
         cache: CacheStatus,
         error: &GatewayError,
         streamed: bool,
+        consumed: Option<RouteInfo>,
     ) {
         use switchboard_status::ServiceError;
         let code = error.code();
-        if !matches!(
-            code,
-            ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamRejected | ErrorCode::Timeout
-        ) {
+        if consumed.is_none()
+            && !matches!(
+                code,
+                ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamRejected | ErrorCode::Timeout
+            )
+        {
             return;
         }
-        let attempts = match error {
-            GatewayError::Downstream { metadata, .. } => metadata
-                .get("attempts")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(0),
-            _ => 0,
-        };
-        let route = RouteInfo {
-            route: request.model.clone(),
-            attempt_count: attempts,
-            ..Default::default()
+        let (route, usage) = match consumed {
+            Some(mut route) => {
+                request.model.clone_into(&mut route.route);
+                let usage = route
+                    .attempts
+                    .last()
+                    .and_then(|attempt| attempt.usage)
+                    .unwrap_or_default();
+                (route, usage)
+            }
+            None => {
+                let attempts = match error {
+                    GatewayError::Downstream { metadata, .. } => metadata
+                        .get("attempts")
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                let route = RouteInfo {
+                    route: request.model.clone(),
+                    attempt_count: attempts,
+                    ..Default::default()
+                };
+                (route, Usage::default())
+            }
         };
         self.record(
             ctx,
             request,
             RecordArgs {
                 route,
-                usage: Usage::default(),
+                usage,
                 saved_usage: None,
                 cache,
                 status: RequestStatus::Error,
@@ -2251,12 +2271,7 @@ impl Serving {
             attempts: get(serving::ATTEMPTS)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1),
-            // An account that cannot be read is left out: the stream bills as before it existed.
-            consumed: metadata
-                .get_bin(serving::CONSUMED)
-                .and_then(|value| value.to_bytes().ok())
-                .and_then(|bytes| <RouteInfo as prost::Message>::decode(bytes).ok())
-                .filter(|route| !route.attempts.is_empty()),
+            consumed: consumed_in(metadata),
         })
     }
 
@@ -2266,6 +2281,27 @@ impl Serving {
             .as_ref()
             .and_then(|route| route.attempts.last())
             .and_then(|attempt| attempt.usage)
+    }
+}
+
+/// The router's account of what a request's attempts consumed (`serving::CONSUMED`), in a
+/// stream's response head or an error's status. One that cannot be read is left out: the request
+/// bills as before the account existed.
+fn consumed_in(metadata: &tonic::metadata::MetadataMap) -> Option<RouteInfo> {
+    metadata
+        .get_bin(switchboard_status::serving::CONSUMED)
+        .and_then(|value| value.to_bytes().ok())
+        .and_then(|bytes| <RouteInfo as prost::Message>::decode(bytes).ok())
+        .filter(|route| !route.attempts.is_empty())
+}
+
+/// Settles the reservation of a request no attempt served: what its attempts consumed (nothing
+/// when they reported nothing).
+fn settle_unserved(reservation: Option<Reservation>, consumed: Option<&RouteInfo>) {
+    match (reservation, consumed) {
+        (Some(reservation), Some(route)) => reservation.settle_route(route),
+        (Some(reservation), None) => reservation.settle(0),
+        (None, _) => {}
     }
 }
 
@@ -3205,6 +3241,28 @@ mod tests {
             ]
         }
 
+        /// How the router refuses a request no attempt served after both attempts' providers
+        /// reported usage (route `unserved`): its status carries their account.
+        fn unserved() -> Status {
+            let mut status = switchboard_status::status(
+                ErrorCode::UpstreamUnavailable,
+                "router",
+                "all 2 attempts for route `unserved` failed",
+                [("route", "unserved"), ("attempts", "2")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            );
+            let consumed = two_attempts("unserved", "o", ("p", "OVERLOADED"));
+            status.metadata_mut().insert_bin(
+                switchboard_status::serving::CONSUMED,
+                tonic::metadata::MetadataValue::from_bytes(&prost::Message::encode_to_vec(
+                    &consumed,
+                )),
+            );
+            status
+        }
+
         /// Calls of route `hang` the router received (and never answers).
         pub static HUNG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -3232,6 +3290,10 @@ mod tests {
                 request: Request<RouteRequest>,
             ) -> Result<Response<RouteResponse>, Status> {
                 hang_if_asked(request.get_ref().request.as_ref()).await;
+                if request.get_ref().request.as_ref().map(|r| r.model.as_str()) == Some("unserved")
+                {
+                    return Err(unserved());
+                }
                 Ok(Response::new(RouteResponse {
                     response: Some(ChatResponse {
                         model: "pm".into(),
@@ -3272,6 +3334,9 @@ mod tests {
                     })
                 };
                 let model = request.get_ref().request.as_ref().map(|r| r.model.clone());
+                if model.as_deref() == Some("unserved") {
+                    return Err(unserved());
+                }
                 // Route `stall-reported`: as `stall`, its head carrying what the providers
                 // reported by the first chunk (an earlier attempt's prompt, the serving one's).
                 let reports = model.as_deref() == Some("stall-reported");
@@ -3584,6 +3649,70 @@ mod tests {
                 ("p/pm", "CLIENT_DISCONNECTED", Some(usage)),
             ]
         );
+    }
+
+    /// A request no attempt served, whose attempts' providers reported what they consumed (an
+    /// Anthropic stream's `message_start` before an overloaded error), is billed that: its row
+    /// lists every attempt with its usage, the last one's deployment named, unary or streamed.
+    #[tokio::test]
+    async fn a_request_no_attempt_served_is_billed_what_its_attempts_reported() {
+        use stubs::*;
+        let mut harness = Harness::start(GuardBehaviour::HEALTHY).await;
+        let mut unserved = request();
+        unserved.model = "unserved".into();
+        let ctx = RequestContext::new(principal("t"));
+        let error = harness
+            .pipeline
+            .complete(&ctx, unserved.clone(), CacheControl::default())
+            .await
+            .expect_err("no attempt served");
+        assert_eq!(
+            switchboard_status::ServiceError::code(&error),
+            ErrorCode::UpstreamUnavailable
+        );
+        let ctx = RequestContext::new(principal("t"));
+        let Err(error) = harness
+            .pipeline
+            .stream(&ctx, unserved, CacheControl::default())
+            .await
+        else {
+            panic!("no attempt served the stream");
+        };
+        assert_eq!(
+            switchboard_status::ServiceError::code(&error),
+            ErrorCode::UpstreamUnavailable
+        );
+        harness.settle().await;
+        let events = harness.usage_events();
+        assert_eq!(events.len(), 2);
+        for (event, streamed) in events.iter().zip([false, true]) {
+            assert_eq!(event.streamed, streamed);
+            assert_eq!(event.status, RequestStatus::Error as i32);
+            assert_eq!(event.error_code, "UPSTREAM_UNAVAILABLE");
+            assert_eq!(event.usage, Some(CUT_REPORTED), "the last attempt's report");
+            let route = event.route.as_ref().unwrap();
+            assert_eq!(
+                (
+                    route.route.as_str(),
+                    route.provider.as_str(),
+                    route.model.as_str(),
+                    route.attempt_count
+                ),
+                ("unserved", "p", "pm", 2)
+            );
+            let attempts: Vec<_> = route
+                .attempts
+                .iter()
+                .map(|a| (a.target.as_str(), a.usage))
+                .collect();
+            assert_eq!(
+                attempts,
+                vec![
+                    ("o/pm", Some(EARLIER_REPORTED)),
+                    ("p/pm", Some(CUT_REPORTED))
+                ]
+            );
+        }
     }
 
     #[tokio::test]

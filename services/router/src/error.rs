@@ -97,6 +97,27 @@ pub enum RouterError {
     },
 }
 
+/// A request no attempt served: why, and what its attempts consumed as their providers reported
+/// it, when any did (an Anthropic stream's `message_start` before the failure that ended it), so
+/// that the caller bills it: every attempt, the last one's deployment named as the route's. Sent
+/// to the caller in the status's `switchboard_status::serving::CONSUMED` metadata.
+#[derive(Debug)]
+pub struct Unserved {
+    /// Why.
+    pub error: RouterError,
+    /// The attempts, when one reported usage.
+    pub consumed: Option<Box<switchboard_proto::chat::v1::RouteInfo>>,
+}
+
+impl From<RouterError> for Unserved {
+    fn from(error: RouterError) -> Self {
+        Unserved {
+            error,
+            consumed: None,
+        }
+    }
+}
+
 /// A provider's rejection of a request: which deployment, its HTTP status and its message.
 #[derive(Debug, Default)]
 pub struct Rejection {

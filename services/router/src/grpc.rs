@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
 use crate::{
-    error::{RouterError, StreamSource},
+    error::{RouterError, StreamSource, Unserved},
     reload::Live,
     routing::StreamEvent,
 };
@@ -60,6 +60,20 @@ fn status(error: &RouterError) -> Status {
     to_status(DOMAIN, error)
 }
 
+/// The status of a request no attempt served, with what its attempts consumed when a provider
+/// reported usage (`switchboard_status::serving::CONSUMED`, as in a stream's response head).
+fn unserved(unserved: &Unserved) -> Status {
+    let mut status = status(&unserved.error);
+    if let Some(consumed) = &unserved.consumed {
+        let encoded = prost::Message::encode_to_vec(consumed.as_ref());
+        status.metadata_mut().insert_bin(
+            switchboard_status::serving::CONSUMED,
+            tonic::metadata::MetadataValue::from_bytes(&encoded),
+        );
+    }
+    status
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<RouteStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -86,7 +100,7 @@ impl RouterService for RouterGrpc {
         let (mut response, route) = routes
             .route(&request, &caller, allowance.as_ref(), deadline)
             .await
-            .map_err(|e| status(&e))?;
+            .map_err(|e| unserved(&e))?;
         if !caller.request_id.is_empty() {
             response.id = caller.request_id;
         }
@@ -140,7 +154,7 @@ impl RouterService for RouterGrpc {
             first = rx.recv().await;
         }
         if let Some(StreamEvent::Failed(error)) = &first {
-            return Err(status(error));
+            return Err(unserved(error));
         }
         let events = futures::stream::iter(first)
             .chain(ReceiverStream::new(rx))
@@ -160,7 +174,7 @@ impl RouterService for RouterGrpc {
                     StreamEvent::Interrupted(info) => Some(Ok(RouteStreamResponse {
                         event: Some(Event::Interrupted(info)),
                     })),
-                    StreamEvent::Failed(error) => Some(Err(status(&error))),
+                    StreamEvent::Failed(error) => Some(Err(unserved(&error))),
                     // Sent once, before the first chunk (taken above).
                     StreamEvent::Serving { .. } => None,
                 })

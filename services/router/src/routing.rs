@@ -23,7 +23,7 @@ use crate::{
     balance::{Budget, Deployment, InFlight, Pick, pick},
     breaker::Breaker,
     config::Config,
-    error::{Rejection, RouterError, StreamSource},
+    error::{Rejection, RouterError, StreamSource, Unserved},
     provider::{ChunkStream, Prepared, ProviderClient, ProviderError, TranslateError},
     route_config::Strategy,
     strategy::{Candidate, Capabilities, Needs, Rule, TargetStats, order},
@@ -150,8 +150,9 @@ pub enum StreamEvent {
     Chunk(ChatChunk),
     /// The stream finished; sent after the last chunk.
     Done(RouteInfo),
-    /// The stream failed; nothing follows.
-    Failed(RouterError),
+    /// The stream failed; nothing follows. Before its first chunk, with what its attempts
+    /// consumed as their providers reported it.
+    Failed(Unserved),
     /// The stream committed to this deployment; sent once, before its first chunk (the response
     /// head carries it: `switchboard_status::serving`). `consumed`: what the attempts so far
     /// consumed as their providers reported it by then (see [`Attempts::so_far`]), when any did,
@@ -335,6 +336,33 @@ impl Attempts {
             (String::new(), String::new()),
         ));
         Some(route_info(self.route.clone(), deployment, list))
+    }
+
+    /// What the attempts so far consumed, as their providers reported it: every attempt, the
+    /// route named after the last one's deployment; `None` when none reported usage.
+    fn consumed(&self) -> Option<RouteInfo> {
+        if self.list.iter().all(|a| a.usage.is_none()) {
+            return None;
+        }
+        let last = self.list.last()?;
+        Some(RouteInfo {
+            route: self.route.clone(),
+            provider: last.provider.clone(),
+            model: last.model.clone(),
+            target: last.target.clone(),
+            attempt_count: self.list.len() as u32,
+            attempts: self.list.clone(),
+            key_alias: last.key_alias.clone(),
+        })
+    }
+
+    /// The request ends unserved: `why` it did, and what its attempts consumed.
+    fn ended(self, why: impl FnOnce(Self) -> RouterError) -> Unserved {
+        let consumed = self.consumed().map(Box::new);
+        Unserved {
+            error: why(self),
+            consumed,
+        }
     }
 
     fn last_error_text(&self) -> String {
@@ -832,7 +860,7 @@ impl Routes {
         caller: &Caller,
         allowance: Option<&SpendAllowance>,
         deadline: Instant,
-    ) -> Result<(ChatResponse, RouteInfo), RouterError> {
+    ) -> Result<(ChatResponse, RouteInfo), Unserved> {
         let served = self
             .attempt_loop(&Unary, request, caller, allowance, deadline)
             .await?;
@@ -866,7 +894,8 @@ impl Routes {
                 chunks: 0,
                 from: Box::default(),
                 last_error: "router shutting down".to_owned(),
-            }),
+            }
+            .into()),
         };
         let event = match outcome {
             Ok(info) => StreamEvent::Done(info),
@@ -882,12 +911,12 @@ impl Routes {
         allowance: Option<&SpendAllowance>,
         deadline: Instant,
         tx: &mpsc::Sender<StreamEvent>,
-    ) -> Result<RouteInfo, RouterError> {
+    ) -> Result<RouteInfo, Unserved> {
         let served = self
             .attempt_loop(&Streamed, request, caller, allowance, deadline)
             .await?;
         let ((opened, stream), served) = served.split();
-        forward(served, opened, stream, tx, deadline).await
+        Ok(forward(served, opened, stream, tx, deadline).await?)
     }
 
     /// The one retry/backoff/deadline/fallback loop shared by unary and streamed requests. Walks
@@ -901,7 +930,7 @@ impl Routes {
         caller: &Caller,
         allowance: Option<&SpendAllowance>,
         deadline: Instant,
-    ) -> Result<Served<'a, E::Output>, RouterError> {
+    ) -> Result<Served<'a, E::Output>, Unserved> {
         let route = self.route_of(request)?;
         let needs = Needs::of(request);
         let budget_tokens = needs.budget_tokens();
@@ -945,7 +974,7 @@ impl Routes {
                     && !matches!(error, ProviderError::RateLimited { .. })
                     && !self.backoff(retries, error, deadline).await
                 {
-                    return Err(attempts.deadline_exceeded());
+                    return Err(attempts.ended(Attempts::deadline_exceeded));
                 }
                 // Every attempt, fallbacks and retries included, must fit the spend allowance.
                 if let Some(allowance) = allowance
@@ -993,7 +1022,7 @@ impl Routes {
                     }
                 };
                 let Some((timeout, capped)) = self.attempt_timeout(deadline) else {
-                    return Err(attempts.deadline_exceeded());
+                    return Err(attempts.ended(Attempts::deadline_exceeded));
                 };
                 tried = true;
                 let deployment = &*target.deployments[key];
@@ -1032,10 +1061,10 @@ impl Routes {
                 }
                 attempts.failed(deployment, started, error, consumed);
                 if deadline_hit {
-                    return Err(attempts.deadline_exceeded());
+                    return Err(attempts.ended(Attempts::deadline_exceeded));
                 }
                 match next {
-                    Next::Stop(error) => return Err(error),
+                    Next::Stop(error) => return Err(attempts.ended(|_| error)),
                     // Never the same key again; another key of this target may serve.
                     Next::Fallback if authentication && key < 64 => excluded |= 1 << key,
                     Next::Fallback => break,
@@ -1048,7 +1077,7 @@ impl Routes {
                 }
             }
         }
-        Err(attempts.unavailable())
+        Err(attempts.ended(Attempts::unavailable))
     }
 }
 

@@ -330,3 +330,72 @@ async fn the_response_head_carries_what_the_providers_reported_by_the_first_chun
 async fn mesh_of_openai() -> Mesh {
     mesh(&[("gpt", ProviderKind::Openai, scripted(OPENAI_WHOLE).await)]).await
 }
+
+/// A stream that no attempt served, after a provider reported what it consumed: the status that
+/// refuses it carries the account, so that the caller bills it; a failure no provider reported
+/// anything for carries none.
+#[tokio::test]
+async fn a_stream_no_attempt_served_carries_what_its_attempts_reported_in_its_status() {
+    let mesh = mesh(&[
+        (
+            "claude",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_OVERLOADED).await,
+        ),
+        (
+            "again",
+            ProviderKind::Anthropic,
+            scripted(ANTHROPIC_OVERLOADED).await,
+        ),
+    ])
+    .await;
+    let status = mesh
+        .client
+        .clone()
+        .route_stream(say_hello())
+        .await
+        .expect_err("every attempt failed");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let account = status
+        .metadata()
+        .get_bin(switchboard_status::serving::CONSUMED)
+        .expect("the attempts' account in the status");
+    let consumed: RouteInfo = prost::Message::decode(account.to_bytes().unwrap()).unwrap();
+    assert_eq!(
+        (consumed.target.as_str(), consumed.attempt_count),
+        ("again/model", 2)
+    );
+    let attempts: Vec<_> = consumed
+        .attempts
+        .iter()
+        .map(|a| (a.target.as_str(), a.error_code.as_str(), a.usage))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![
+            ("claude/model", "OVERLOADED", Some(ANTHROPIC_REPORTED)),
+            ("again/model", "OVERLOADED", Some(ANTHROPIC_REPORTED)),
+        ]
+    );
+    mesh.shutdown().await;
+
+    // Nothing reported (a provider that refused before any event): no account.
+    let mesh = mesh_of_openai().await;
+    let status = mesh
+        .client
+        .clone()
+        .route_stream(RouteStreamRequest {
+            request: Some(chat("no-such-route", "say hello")),
+            caller: None,
+            allowance: None,
+        })
+        .await
+        .expect_err("no such route");
+    assert!(
+        status
+            .metadata()
+            .get_bin(switchboard_status::serving::CONSUMED)
+            .is_none()
+    );
+    mesh.shutdown().await;
+}
