@@ -57,6 +57,11 @@ struct Args {
     /// quicker A/B comparison at the budget's rate). The max-rate search is not affected.
     #[arg(long, value_delimiter = ',')]
     rate: Vec<f64>,
+    /// Run each selected scenario once at this rate instead of its own rates (with its first
+    /// run's connections), for measurements away from the budget's rates (the instruction counts
+    /// of `scripts/instructions.sh`, at rates a process under valgrind keeps up with).
+    #[arg(long, conflicts_with = "rate")]
+    at_rate: Option<f64>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -825,6 +830,19 @@ async fn interrupted() {
     }
 }
 
+/// Replaces each rate scenario's runs by one at `rate` (with its first run's connections).
+fn at_rate(mut scenarios: Vec<Scenario>, rate: Option<f64>) -> Vec<Scenario> {
+    if let Some(rate) = rate {
+        for s in &mut scenarios {
+            if let Some(&(_, connections)) = s.runs.first() {
+                s.runs = vec![(rate, connections)];
+            }
+        }
+        scenarios.retain(|s| !s.max_rate);
+    }
+    scenarios
+}
+
 /// Drops the runs whose rate is not in `rates` (all kept when `rates` is empty).
 fn keep_rates(mut scenarios: Vec<Scenario>, rates: &[f64]) -> Vec<Scenario> {
     if !rates.is_empty() {
@@ -890,7 +908,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let selected = match select(&all, &args.scenario) {
-        Ok(s) => keep_rates(s, &args.rate),
+        Ok(s) => at_rate(keep_rates(s, &args.rate), args.at_rate),
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(64);
@@ -977,6 +995,19 @@ async fn main() -> ExitCode {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn at_rate_runs_each_scenario_once_at_that_rate() {
+        let all = scenarios();
+        let kept = at_rate(all.clone(), Some(40.0));
+        assert!(kept.iter().all(|s| !s.max_rate), "no max-rate search");
+        assert_eq!(kept.len(), all.iter().filter(|s| !s.max_rate).count());
+        for s in &kept {
+            let first = all.iter().find(|a| a.name == s.name).unwrap().runs[0];
+            assert_eq!(s.runs, vec![(40.0, first.1)], "{}", s.name);
+        }
+        assert_eq!(at_rate(all.clone(), None).len(), all.len());
+    }
 
     #[test]
     fn a_rate_filter_keeps_only_those_runs_and_the_max_rate_search() {
