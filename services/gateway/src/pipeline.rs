@@ -494,8 +494,16 @@ impl Pipeline {
 
     /// Embeddings: admission, validation, the guard over the inputs (one user message each: block
     /// and redact apply as for prompts), the router's `Embed` (never cached), and one usage event
-    /// (prompt tokens only).
+    /// (prompt tokens only). Its state lives on the heap (see [`Pipeline::complete`]).
     pub async fn embed(
+        &self,
+        ctx: &RequestContext,
+        input: crate::embeddings::EmbedInput,
+    ) -> Result<switchboard_proto::router::v1::EmbedResponse, GatewayError> {
+        Box::pin(self.embedding(ctx, input)).await
+    }
+
+    async fn embedding(
         &self,
         ctx: &RequestContext,
         input: crate::embeddings::EmbedInput,
@@ -565,7 +573,7 @@ impl Pipeline {
     {
         match cancel {
             None => Detachable::new(&self.tasks, tail).await,
-            Some(cancel) => cancel.run(tail(Abandoned::default())).await,
+            Some(cancel) => cancel.run(Box::pin(tail(Abandoned::default()))).await,
         }
     }
 
@@ -707,7 +715,20 @@ impl Pipeline {
     }
 
     /// A unary completion.
+    ///
+    /// Its state lives on the heap: a request's whole future (guard, cache, router, recording)
+    /// is kilobytes, and each layer that awaits it by value (the handler, its span, axum's and
+    /// tonic's boxes) would otherwise copy all of it (instruction counts, docs/BENCHMARKS.md).
     pub async fn complete(
+        &self,
+        ctx: &RequestContext,
+        request: ChatRequest,
+        control: CacheControl,
+    ) -> Result<Completed, GatewayError> {
+        Box::pin(self.completion(ctx, request, control)).await
+    }
+
+    async fn completion(
         &self,
         ctx: &RequestContext,
         mut request: ChatRequest,
@@ -871,7 +892,17 @@ impl Pipeline {
 
     /// A streamed completion. Errors before the first chunk are returned here (so HTTP can answer
     /// with a proper status); later ones arrive as [`StreamEvent::Failed`].
+    /// Its state lives on the heap (see [`Pipeline::complete`]).
     pub async fn stream(
+        &self,
+        ctx: &RequestContext,
+        request: ChatRequest,
+        control: CacheControl,
+    ) -> Result<StreamHandle, GatewayError> {
+        Box::pin(self.streaming(ctx, request, control)).await
+    }
+
+    async fn streaming(
         &self,
         ctx: &RequestContext,
         mut request: ChatRequest,
