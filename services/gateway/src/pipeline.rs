@@ -977,22 +977,23 @@ impl Pipeline {
         let pipeline = self.clone();
         let ctx = ctx.clone();
         let span = tracing::Span::current();
+        // On the heap, made once: a task's future is moved several times as it is spawned, and
+        // the pump's is kilobytes (`Pipeline::complete`).
+        let pump = Box::pin(pipeline.pump(
+            ctx,
+            request,
+            control,
+            cache_status,
+            pseudonyms,
+            first,
+            upstream,
+            serving,
+            tx,
+            reservation,
+        ));
         self.tasks.spawn(
             async move {
-                pipeline
-                    .pump(
-                        ctx,
-                        request,
-                        control,
-                        cache_status,
-                        pseudonyms,
-                        first,
-                        upstream,
-                        serving,
-                        tx,
-                        reservation,
-                    )
-                    .await;
+                pump.await;
                 drop(permit);
             }
             .instrument(span),
