@@ -22,7 +22,7 @@ use opentelemetry_sdk::{
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
 };
 use serde::Deserialize;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::{MetadataKey, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -172,34 +172,59 @@ pub fn install_propagator() {
 
 // === gRPC: client side ===
 
-struct MetadataInjector<'a>(&'a mut MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(&value),
-        ) {
-            self.0.insert(key, value);
-        }
-    }
-}
-
 /// tonic client interceptor that writes the current span's W3C context into the request metadata.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TracePropagation;
 
 impl tonic::service::Interceptor for TracePropagation {
+    /// Writes what the W3C propagator writes (the one every service installs), without its
+    /// string formatting and header-name parsing on every internal call: `traceparent`, and
+    /// `tracestate` when there is one.
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
         let cx = tracing::Span::current().context();
-        global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
-        });
+        let span = cx.span();
+        let context = span.span_context();
+        if let Some(value) = traceparent(context)
+            .as_ref()
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
+            .and_then(|text| MetadataValue::try_from(text).ok())
+        {
+            let metadata = request.metadata_mut();
+            metadata.insert(MetadataKey::from_static("traceparent"), value);
+            let state = context.trace_state().header();
+            if !state.is_empty()
+                && let Ok(value) = MetadataValue::try_from(state.as_str())
+            {
+                metadata.insert(MetadataKey::from_static("tracestate"), value);
+            }
+        }
         Ok(request)
     }
+}
+
+/// The W3C `traceparent` of `context` (`00-<trace id>-<span id>-<flags>`, only the sampled flag
+/// kept, as `TraceContextPropagator` writes it); `None` for an invalid context.
+fn traceparent(context: &opentelemetry::trace::SpanContext) -> Option<[u8; 55]> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    fn hex(out: &mut [u8], bytes: &[u8]) {
+        for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
+        }
+    }
+    if !context.is_valid() {
+        return None;
+    }
+    let mut out = [b'-'; 55];
+    out[..2].copy_from_slice(b"00");
+    hex(&mut out[3..35], &context.trace_id().to_bytes());
+    hex(&mut out[36..52], &context.span_id().to_bytes());
+    let flags = context.trace_flags() & opentelemetry::trace::TraceFlags::SAMPLED;
+    hex(&mut out[53..55], &[flags.to_u8()]);
+    Some(out)
 }
 
 // === gRPC / HTTP: server side ===
@@ -321,5 +346,87 @@ pub fn current_trace_id() -> String {
         span_context.trace_id().to_string()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use opentelemetry::{
+        propagation::TextMapPropagator,
+        trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState},
+    };
+
+    use super::*;
+
+    /// What the SDK's W3C propagator writes for `context`.
+    fn by_the_propagator(context: &SpanContext) -> HashMap<String, String> {
+        let cx = opentelemetry::Context::new().with_remote_span_context(context.clone());
+        let mut fields = HashMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut fields);
+        fields
+    }
+
+    use std::collections::HashMap;
+
+    #[test]
+    fn traceparent_is_what_the_w3c_propagator_writes() {
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let span_id = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+        for flags in [
+            TraceFlags::SAMPLED,
+            TraceFlags::default(),
+            TraceFlags::new(0xff),
+        ] {
+            let context = SpanContext::new(trace_id, span_id, flags, true, TraceState::NONE);
+            let ours = traceparent(&context).unwrap();
+            assert_eq!(
+                std::str::from_utf8(&ours).unwrap(),
+                by_the_propagator(&context)["traceparent"],
+                "{flags:?}"
+            );
+        }
+        assert_eq!(traceparent(&SpanContext::empty_context()), None);
+    }
+
+    #[test]
+    fn the_interceptor_writes_traceparent_and_a_tracestate_only_when_there_is_one() {
+        use tonic::service::Interceptor as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer());
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let span_id = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+        let vendor = TraceState::from_key_value([("vendor", "value")]).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            for (state, header) in [(TraceState::NONE, ""), (vendor, "vendor=value")] {
+                let parent = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, true, state);
+                let span = tracing::info_span!("call");
+                let _ = span.set_parent(
+                    opentelemetry::Context::new().with_remote_span_context(parent.clone()),
+                );
+                let _entered = span.enter();
+                let context = tracing::Span::current()
+                    .context()
+                    .span()
+                    .span_context()
+                    .clone();
+                assert_eq!(context.trace_id(), trace_id, "the request's trace");
+                let expected = by_the_propagator(&context);
+                assert_eq!(expected["tracestate"], header, "the parent's trace state");
+                let request = TracePropagation.call(tonic::Request::new(())).unwrap();
+                let metadata = request.metadata();
+                assert_eq!(
+                    metadata.get("traceparent").unwrap().to_str().unwrap(),
+                    expected["traceparent"]
+                );
+                match expected.get("tracestate").filter(|s| !s.is_empty()) {
+                    Some(state) => {
+                        assert_eq!(metadata.get("tracestate").unwrap().to_str().unwrap(), state)
+                    }
+                    None => assert!(metadata.get("tracestate").is_none()),
+                }
+            }
+        });
     }
 }
