@@ -187,10 +187,8 @@ impl tonic::service::Interceptor for TracePropagation {
         let cx = tracing::Span::current().context();
         let span = cx.span();
         let context = span.span_context();
-        if let Some(value) = traceparent(context)
-            .as_ref()
-            .and_then(|bytes| std::str::from_utf8(bytes).ok())
-            .and_then(|text| MetadataValue::try_from(text).ok())
+        if let Some(value) =
+            traceparent(context).and_then(|bytes| MetadataValue::try_from(&bytes[..]).ok())
         {
             let metadata = request.metadata_mut();
             metadata.insert(MetadataKey::from_static("traceparent"), value);

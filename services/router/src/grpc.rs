@@ -65,13 +65,18 @@ fn status(error: &RouterError) -> Status {
 fn unserved(unserved: &Unserved) -> Status {
     let mut status = status(&unserved.error);
     if let Some(consumed) = &unserved.consumed {
-        let encoded = prost::Message::encode_to_vec(consumed.as_ref());
-        status.metadata_mut().insert_bin(
-            switchboard_status::serving::CONSUMED,
-            tonic::metadata::MetadataValue::from_bytes(&encoded),
-        );
+        insert_consumed(status.metadata_mut(), consumed);
     }
     status
+}
+
+/// `consumed`, the attempts' account, as `switchboard_status::serving::CONSUMED`.
+fn insert_consumed(metadata: &mut tonic::metadata::MetadataMap, consumed: &RouteInfo) {
+    let encoded = prost::Message::encode_to_vec(consumed);
+    metadata.insert_bin(
+        switchboard_status::serving::CONSUMED,
+        tonic::metadata::MetadataValue::from_bytes(&encoded),
+    );
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<RouteStreamResponse, Status>> + Send>>;
@@ -225,11 +230,7 @@ fn serving_metadata(
 ) {
     use switchboard_status::serving;
     if let Some(consumed) = consumed {
-        let encoded = prost::Message::encode_to_vec(consumed);
-        metadata.insert_bin(
-            serving::CONSUMED,
-            tonic::metadata::MetadataValue::from_bytes(&encoded),
-        );
+        insert_consumed(metadata, consumed);
     }
     let attempts = source.attempts.to_string();
     for (name, value) in [
