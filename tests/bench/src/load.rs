@@ -90,6 +90,9 @@ pub struct RunSpec {
 pub struct CpuDelta {
     pub name: String,
     pub seconds: f64,
+    /// Context switches and read/write system calls over the period (`procfs::KernelCounts`);
+    /// `None` where /proc could not tell.
+    pub kernel: Option<procfs::KernelCounts>,
 }
 
 /// Everything a run measured.
@@ -326,12 +329,15 @@ async fn grpc_request(
     }
 }
 
-fn cpu_snapshot(pids: &[(String, u32)]) -> Vec<(String, Option<u64>)> {
-    let mut out: Vec<(String, Option<u64>)> = pids
+type Snapshot = (Option<u64>, Option<procfs::KernelCounts>);
+
+fn cpu_snapshot(pids: &[(String, u32)]) -> Vec<(String, Snapshot)> {
+    let of = |pid: &str| (procfs::cpu_ticks(pid), procfs::kernel_counts(pid));
+    let mut out: Vec<(String, Snapshot)> = pids
         .iter()
-        .map(|(name, pid)| (name.clone(), procfs::cpu_ticks(&pid.to_string())))
+        .map(|(name, pid)| (name.clone(), of(&pid.to_string())))
         .collect();
-    out.push(("bench".to_owned(), procfs::cpu_ticks("self")));
+    out.push(("bench".to_owned(), of("self")));
     out
 }
 
@@ -560,9 +566,16 @@ pub async fn run(
         .zip(cpu_after.iter())
         .map(|((name, before), (_, after))| CpuDelta {
             name: name.clone(),
-            seconds: match (before, after) {
-                (Some(b), Some(a)) => a.saturating_sub(*b) as f64 / clk,
+            seconds: match (before.0, after.0) {
+                (Some(b), Some(a)) => a.saturating_sub(b) as f64 / clk,
                 _ => f64::NAN,
+            },
+            kernel: match (before.1, after.1) {
+                (Some(b), Some(a)) => Some(procfs::KernelCounts {
+                    switches: a.switches.saturating_sub(b.switches),
+                    io_calls: a.io_calls.saturating_sub(b.io_calls),
+                }),
+                _ => None,
             },
         })
         .collect();

@@ -44,6 +44,61 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// What a process asked of the kernel, counted by it: context switches of all its live threads
+/// (voluntary: it waited, for a socket or a lock or a timer; involuntary: it was preempted) and
+/// read- and write-type system calls (`syscr` + `syscw` of `/proc/<pid>/io`: `read`, `readv`,
+/// `write`, `writev`…, which is how tokio moves socket bytes; not `epoll_wait`, `futex` or
+/// `sendmsg`). Unlike CPU seconds they do not depend on the machine's speed: a wake-up or a hop
+/// added to the request path shows in them on any machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    pub switches: u64,
+    pub io_calls: u64,
+}
+
+/// The [`KernelCounts`] of process `pid` ("self" is this process). Threads that ended take their
+/// switches with them (tokio's blocking threads, idle for 10 s): per-request figures read over a
+/// run of seconds are not affected by a few of them.
+pub fn kernel_counts(pid: &str) -> Option<KernelCounts> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
+            switches += parse_switches(&status);
+        }
+    }
+    Some(KernelCounts {
+        switches,
+        io_calls: parse_io_calls(&io)?,
+    })
+}
+
+/// voluntary + nonvoluntary context switches of one thread's `status`.
+pub fn parse_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `syscr` + `syscw` of a process's `io`.
+pub fn parse_io_calls(io: &str) -> Option<u64> {
+    let field = |name: &str| {
+        io.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some(field("syscr:")? + field("syscw:")?)
+}
+
 /// The machine's (total, idle) CPU time from the first line of /proc/stat, in clock ticks (idle
 /// includes iowait).
 pub fn machine_ticks() -> Option<(u64, u64)> {
@@ -147,5 +202,23 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some(290));
         assert!(cpu_ticks("self").is_some());
         assert!(memory_kb("self").is_some());
+    }
+
+    #[test]
+    fn kernel_counts_sum_both_switch_kinds_and_both_call_kinds() {
+        let status =
+            "Name:\tgateway\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), 127);
+        assert_eq!(parse_switches("Name:\tx\n"), 0);
+        let io = "rchar: 6976\nwchar: 10\nsyscr: 12\nsyscw: 3\nread_bytes: 0\n";
+        assert_eq!(parse_io_calls(io), Some(15));
+        assert_eq!(parse_io_calls("rchar: 1\n"), None);
+        // This process: reading a file is a read call, and this thread has been switched out
+        // at least once by now (it waited for the file system or was scheduled in).
+        let before = kernel_counts("self").unwrap();
+        let _ = std::fs::read_to_string("/proc/self/status").unwrap();
+        let after = kernel_counts("self").unwrap();
+        assert!(after.io_calls > before.io_calls, "{before:?} {after:?}");
+        assert!(after.switches >= before.switches, "{before:?} {after:?}");
     }
 }

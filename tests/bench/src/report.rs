@@ -48,6 +48,10 @@ pub struct RunReport {
     pub ttft_overhead: Option<Overhead>,
     pub cpu_seconds: BTreeMap<String, f64>,
     pub cpu_seconds_per_request: BTreeMap<String, f64>,
+    /// Context switches (all threads) per measured request, by process: its wake-ups.
+    pub switches_per_request: BTreeMap<String, f64>,
+    /// read/write-type system calls per measured request, by process.
+    pub io_calls_per_request: BTreeMap<String, f64>,
     pub error_samples: Vec<String>,
     /// Max-rate steps only.
     pub sustained: Option<bool>,
@@ -84,9 +88,22 @@ impl RunReport {
         let requests = r.measured_ok + r.measured_errors;
         // Summed by name: Postgres runs one process per connection.
         let mut cpu_seconds: BTreeMap<String, f64> = BTreeMap::new();
+        let mut switches: BTreeMap<String, f64> = BTreeMap::new();
+        let mut io_calls: BTreeMap<String, f64> = BTreeMap::new();
         for c in &r.cpu {
             *cpu_seconds.entry(c.name.clone()).or_default() += c.seconds;
+            if let Some(k) = c.kernel {
+                *switches.entry(c.name.clone()).or_default() += k.switches as f64;
+                *io_calls.entry(c.name.clone()).or_default() += k.io_calls as f64;
+            }
         }
+        let per_request = |totals: BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+            totals
+                .into_iter()
+                .filter(|_| requests > 0)
+                .map(|(k, v)| (k, v / requests as f64))
+                .collect()
+        };
         let cpu_seconds_per_request = cpu_seconds
             .iter()
             .map(|(k, v)| {
@@ -119,6 +136,8 @@ impl RunReport {
             ttft_overhead: None,
             cpu_seconds,
             cpu_seconds_per_request,
+            switches_per_request: per_request(switches),
+            io_calls_per_request: per_request(io_calls),
             error_samples: r.error_samples.clone(),
             sustained: None,
             spans: BTreeMap::new(),
@@ -542,6 +561,39 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
 
     let _ = writeln!(
         out,
+        "\nKernel work per request (context switches of all threads / read+write system calls, \
+         per measured request, by process: wake-ups and socket operations, which do not depend \
+         on the machine's speed)"
+    );
+    let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
+    for p in PROCS.iter().chain(&SHARED) {
+        let _ = write!(header, " {:>11}", short(p));
+    }
+    let _ = writeln!(out, "{header}");
+    for report in reports {
+        for run in &report.runs {
+            let mut line = format!(
+                "{:<18} {:>6.0} {:>5}",
+                run.scenario, run.target_rps, run.connections
+            );
+            for p in PROCS.iter().chain(&SHARED) {
+                let cell = match (
+                    run.switches_per_request.get(*p),
+                    run.io_calls_per_request.get(*p),
+                ) {
+                    (Some(s), Some(c)) if s.is_finite() && c.is_finite() => {
+                        format!("{s:.1}/{c:.1}")
+                    }
+                    _ => "-".into(),
+                };
+                let _ = write!(line, " {cell:>11}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    let _ = writeln!(
+        out,
         "\nSpan durations (ms p50 / p99 of the services' own spans during the run, warm-up included)"
     );
     for report in reports {
@@ -643,6 +695,7 @@ fn short(p: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -667,6 +720,53 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("40 % busy"), "{line}");
+    }
+
+    #[test]
+    fn kernel_work_is_summed_by_process_name_and_divided_by_the_measured_requests() {
+        use crate::{load::CpuDelta, procfs::KernelCounts};
+        let delta = |name: &str, switches, io_calls| CpuDelta {
+            name: name.to_owned(),
+            seconds: 0.5,
+            kernel: Some(KernelCounts { switches, io_calls }),
+        };
+        let result = RunResult {
+            sent: 120,
+            ok_total: 120,
+            ambiguous_total: 0,
+            errors_total: 0,
+            measured_ok: 95,
+            measured_errors: 5,
+            latency: stats::new_histogram().unwrap(),
+            ttft: stats::new_histogram().unwrap(),
+            achieved_rps: 100.0,
+            cache_hits: 0,
+            error_samples: Vec::new(),
+            cpu: vec![
+                delta("gateway", 250, 110),
+                // Postgres runs one process per connection: summed.
+                delta("postgres", 20, 4),
+                delta("postgres", 10, 6),
+                CpuDelta {
+                    name: "router".to_owned(),
+                    seconds: 0.1,
+                    kernel: None,
+                },
+            ],
+            dispatch_lateness: None,
+        };
+        let run = RunReport::from_result("gateway-http-1k", "http", 100.0, 100, &result);
+        assert_eq!(run.switches_per_request.get("gateway"), Some(&2.5));
+        assert_eq!(run.io_calls_per_request.get("gateway"), Some(&1.1));
+        assert_eq!(run.switches_per_request.get("postgres"), Some(&0.3));
+        assert_eq!(run.io_calls_per_request.get("postgres"), Some(&0.1));
+        // No reading is no figure, not zero.
+        assert_eq!(run.switches_per_request.get("router"), None);
+        let mut scenario = ScenarioReport::new("gateway-http-1k", "http", Some("direct-http-1k"));
+        scenario.runs.push(run);
+        let table = tables(&[scenario], &[]);
+        assert!(table.contains("Kernel work per request"), "{table}");
+        assert!(table.contains("2.5/1.1"), "{table}");
     }
 
     #[test]
