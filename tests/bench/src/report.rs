@@ -531,66 +531,33 @@ pub fn tables(reports: &[ScenarioReport], budget: &[BudgetLine]) -> String {
         );
     }
 
-    let _ = writeln!(
-        out,
-        "\nCPU per request (µs of CPU time per measured request, by process)"
+    per_process_table(
+        &mut out,
+        "CPU per request (µs of CPU time per measured request, by process)",
+        9,
+        reports,
+        |run, p| {
+            run.cpu_seconds_per_request
+                .get(p)
+                .filter(|v| v.is_finite())
+                .map_or("-".into(), |v| format!("{:.1}", v * 1e6))
+        },
     );
-    let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
-    for p in PROCS.iter().chain(&SHARED) {
-        let _ = write!(header, " {:>9}", short(p));
-    }
-    let _ = writeln!(out, "{header}");
-    for report in reports {
-        for run in &report.runs {
-            let mut line = format!(
-                "{:<18} {:>6.0} {:>5}",
-                run.scenario, run.target_rps, run.connections
-            );
-            for p in PROCS.iter().chain(&SHARED) {
-                let v = run.cpu_seconds_per_request.get(*p).copied();
-                let _ = write!(
-                    line,
-                    " {:>9}",
-                    v.filter(|v| v.is_finite())
-                        .map_or("-".into(), |v| format!("{:.1}", v * 1e6))
-                );
-            }
-            let _ = writeln!(out, "{line}");
-        }
-    }
-
-    let _ = writeln!(
-        out,
-        "\nKernel work per request (context switches of all threads / read+write system calls, \
+    per_process_table(
+        &mut out,
+        "Kernel work per request (context switches of all threads / read+write system calls, \
          per measured request, by process: wake-ups and socket operations, which do not depend \
-         on the machine's speed)"
+         on the machine's speed)",
+        11,
+        reports,
+        |run, p| match (
+            run.switches_per_request.get(p),
+            run.io_calls_per_request.get(p),
+        ) {
+            (Some(s), Some(c)) if s.is_finite() && c.is_finite() => format!("{s:.1}/{c:.1}"),
+            _ => "-".into(),
+        },
     );
-    let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
-    for p in PROCS.iter().chain(&SHARED) {
-        let _ = write!(header, " {:>11}", short(p));
-    }
-    let _ = writeln!(out, "{header}");
-    for report in reports {
-        for run in &report.runs {
-            let mut line = format!(
-                "{:<18} {:>6.0} {:>5}",
-                run.scenario, run.target_rps, run.connections
-            );
-            for p in PROCS.iter().chain(&SHARED) {
-                let cell = match (
-                    run.switches_per_request.get(*p),
-                    run.io_calls_per_request.get(*p),
-                ) {
-                    (Some(s), Some(c)) if s.is_finite() && c.is_finite() => {
-                        format!("{s:.1}/{c:.1}")
-                    }
-                    _ => "-".into(),
-                };
-                let _ = write!(line, " {cell:>11}");
-            }
-            let _ = writeln!(out, "{line}");
-        }
-    }
 
     let _ = writeln!(
         out,
@@ -690,6 +657,34 @@ fn short(p: &str) -> &str {
         "fake-provider" => "fake",
         "nats-server" => "nats",
         other => other,
+    }
+}
+
+/// A table of one figure per run and process (the services, then the shared servers).
+fn per_process_table(
+    out: &mut String,
+    title: &str,
+    width: usize,
+    reports: &[ScenarioReport],
+    cell: impl Fn(&RunReport, &str) -> String,
+) {
+    let _ = writeln!(out, "\n{title}");
+    let mut header = format!("{:<18} {:>6} {:>5}", "scenario", "rate", "conn");
+    for p in PROCS.iter().chain(&SHARED) {
+        let _ = write!(header, " {:>width$}", short(p));
+    }
+    let _ = writeln!(out, "{header}");
+    for report in reports {
+        for run in &report.runs {
+            let mut line = format!(
+                "{:<18} {:>6.0} {:>5}",
+                run.scenario, run.target_rps, run.connections
+            );
+            for p in PROCS.iter().chain(&SHARED) {
+                let _ = write!(line, " {:>width$}", cell(run, p));
+            }
+            let _ = writeln!(out, "{line}");
+        }
     }
 }
 
