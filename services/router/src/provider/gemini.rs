@@ -522,7 +522,21 @@ pub fn finish_reason(reason: Option<&str>, calls: bool) -> FinishReason {
 /// One response (or stream event), parsed once into its type; only a body that is an error object,
 /// or that fails the typed parse, is looked at again as generic JSON.
 fn parse(data: &[u8]) -> Result<GmResponse, ProviderError> {
-    let response: GmResponse = match serde_json::from_slice(data) {
+    checked(data, serde_json::from_slice(data))
+}
+
+/// [`parse`] of a stream event, text already known to be UTF-8: `from_str` skips the check
+/// `from_slice` makes on every key and string.
+fn parse_text(data: &str) -> Result<GmResponse, ProviderError> {
+    checked(data.as_bytes(), serde_json::from_str(data))
+}
+
+/// `parsed` (the typed parse of `data`), or the error `data` holds.
+fn checked(
+    data: &[u8],
+    parsed: serde_json::Result<GmResponse>,
+) -> Result<GmResponse, ProviderError> {
+    let response: GmResponse = match parsed {
         Ok(response) => response,
         Err(error) => {
             return Err(match serde_json::from_slice::<Value>(data) {
@@ -762,7 +776,7 @@ impl GeminiDecoder {
 
 impl StreamDecoder for GeminiDecoder {
     fn event(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
-        let response = parse(event.data.as_bytes())?;
+        let response = parse_text(&event.data)?;
         if self.id.is_empty() {
             self.id = response.response_id.clone();
         }
