@@ -48,8 +48,9 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 /// (voluntary: it waited, for a socket or a lock or a timer; involuntary: it was preempted) and
 /// read- and write-type system calls (`syscr` + `syscw` of `/proc/<pid>/io`: `read`, `readv`,
 /// `write`, `writev`…, which is how tokio moves socket bytes; not `epoll_wait`, `futex` or
-/// `sendmsg`). Unlike CPU seconds they do not depend on the machine's speed: a wake-up or a hop
-/// added to the request path shows in them on any machine.
+/// `sendmsg`). Unlike CPU seconds they hardly depend on the machine's speed (they do on the load:
+/// compare them at one rate): a wake-up or a hop added to the request path shows in them on any
+/// machine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCounts {
     pub switches: u64,
@@ -213,8 +214,8 @@ mod tests {
         let io = "rchar: 6976\nwchar: 10\nsyscr: 12\nsyscw: 3\nread_bytes: 0\n";
         assert_eq!(parse_io_calls(io), Some(15));
         assert_eq!(parse_io_calls("rchar: 1\n"), None);
-        // This process: reading a file is a read call, and this thread has been switched out
-        // at least once by now (it waited for the file system or was scheduled in).
+        // This process: reading a file is a read call (so is reading the counts themselves);
+        // switches only ever add up.
         let before = kernel_counts("self").unwrap();
         let _ = std::fs::read_to_string("/proc/self/status").unwrap();
         let after = kernel_counts("self").unwrap();
