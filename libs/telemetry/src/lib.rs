@@ -357,6 +357,7 @@ mod tests {
     };
 
     use super::*;
+    use std::collections::HashMap;
 
     /// What the SDK's W3C propagator writes for `context`.
     fn by_the_propagator(context: &SpanContext) -> HashMap<String, String> {
@@ -365,8 +366,6 @@ mod tests {
         TraceContextPropagator::new().inject_context(&cx, &mut fields);
         fields
     }
-
-    use std::collections::HashMap;
 
     #[test]
     fn traceparent_is_what_the_w3c_propagator_writes() {
